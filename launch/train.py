@@ -1,0 +1,54 @@
+#!/usr/bin/env python
+"""Train (or recover) a model: `deepspeed launch/train.py --config configs/x.yaml [key.sub=value ...]`.
+
+Also runs under torchrun, or as a plain single process for debugging. The deepspeed launcher adds
+`--local_rank`; ranks are read from the environment either way.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+from kvforge.trainer.config import ConfigError, load_config, parse_cli_overrides, resolve_deepspeed, to_dict
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config (see configs/)")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="resolve everything (config, DeepSpeed `auto` values) without training")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    args = parser.parse_args(argv)
+
+    try:
+        cfg = load_config(args.config, parse_cli_overrides(args.overrides))
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+    if args.print_config or args.dry_run:
+        from omegaconf import OmegaConf
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        resolved = to_dict(cfg)
+        if args.dry_run:
+            resolved["deepspeed"]["resolved"] = resolve_deepspeed(cfg, world)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(OmegaConf.to_yaml(resolved))
+        return 0
+
+    from kvforge.trainer.train import train
+
+    result = train(cfg)
+    if result.eval is not None and int(os.environ.get("RANK", "0")) == 0:
+        summary = {"run_dir": str(result.run_dir), "step": result.final_step, "eval": result.eval,
+                   "hf_model": str(result.hf_dir) if result.hf_dir else None, "wandb": result.wandb_location}
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,419 @@
+"""The typed config tree: dataclass defaults <- YAML file <- `key.sub=value` overrides.
+
+Every problem is reported before any model is loaded, as a `ConfigError` naming the key path, the bad
+value and what is allowed ("did you mean ..." for misspelt keys). The resolved config is written next
+to the run, so a run can always be reproduced from its own directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Optional, get_type_hints
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A config problem found before anything expensive happens."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "kvforge"
+    output_dir: str = "runs/${run.name}"
+    seed: int = 1234
+
+
+@dataclass
+class ModelConfig:
+    # A hub id, a local Hugging Face directory, a .gguf file, or the embedded default.
+    name: str = "smollm2-135m-instruct"
+    gguf_file: Optional[str] = None
+    # `random` builds the architecture of `name` (with `config` overrides) with random weights.
+    init: str = "pretrained"
+    config: dict[str, Any] = field(default_factory=dict)
+    # dtype the weights are loaded in; training precision is `training.precision`.
+    dtype: str = "float32"
+    tokenizer: Optional[str] = None
+
+
+@dataclass
+class DataConfig:
+    # python-docs | stdlib-docstrings | a local file/folder | a Hugging Face dataset name.
+    source: str = "python-docs"
+    text_field: str = "text"
+    split: str = "train"
+    config_name: Optional[str] = None
+    seq_len: int = 512
+    eval_fraction: float = 0.05
+    max_documents: Optional[int] = None
+    cache_dir: Optional[str] = None
+
+
+@dataclass
+class TrainingConfig:
+    max_steps: int = 100
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    schedule: str = "cosine"
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    precision: str = "bf16"
+    gradient_checkpointing: bool = False
+    eval_every: int = 50
+    eval_batches: int = 8
+    log_every: int = 1
+
+
+@dataclass
+class DeepSpeedConfig:
+    # An inline DeepSpeed config (dict) or the path to a JSON file. Values set to "auto" are filled
+    # from `training`, so the two can never disagree. None means the built-in default below.
+    config: Any = None
+    # Shortcuts that override the DeepSpeed config when set.
+    zero_stage: Optional[int] = None
+    offload_optimizer: bool = False
+    offload_param: bool = False
+
+
+@dataclass
+class LoggingConfig:
+    # auto: online when WANDB_API_KEY is set (or `wandb login` was run), offline otherwise.
+    wandb: str = "auto"
+    project: str = "kvforge"
+    entity: Optional[str] = None
+
+
+@dataclass
+class CheckpointConfig:
+    save_every: int = 50
+    keep_last: int = 2
+    # auto: continue from the newest complete checkpoint in the run directory if there is one;
+    # never: start fresh (refuses to overwrite an existing run's checkpoints); or a checkpoint path.
+    resume: str = "auto"
+    # Write a consolidated Hugging Face model directory (safetensors) when the run finishes.
+    export_hf: bool = True
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 4
+    # Evaluate before the first step too, so a run's log shows where it started.
+    at_start: bool = True
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # The per-layer compression spec (see docs/ARCHITECTURE.md); empty = train the model as it is.
+    compression: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+CHOICES = {
+    "model.init": ("pretrained", "random"),
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "training.schedule": ("cosine", "linear", "constant"),
+    "training.precision": ("bf16", "fp16", "fp32"),
+    "logging.wandb": ("auto", "online", "offline", "disabled"),
+}
+ZERO_STAGES = (0, 1, 2, 3)
+
+# The built-in DeepSpeed config: every batch/optimisation number comes from `training`.
+DEFAULT_DEEPSPEED = {
+    "train_micro_batch_size_per_gpu": "auto",
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "bf16": {"enabled": "auto"},
+    "fp16": {"enabled": "auto"},
+    "zero_optimization": {"stage": 0},
+    "steps_per_print": 10**9,
+    "wall_clock_breakdown": False,
+}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: list[str] = ()) -> Config:
+    """Defaults <- YAML at `path` <- dotlist `overrides`; validated; returns a plain `Config`.
+
+    Raises:
+        ConfigError: for an unreadable file, an unknown key, a wrong type, an out-of-range value or
+            an impossible combination.
+    """
+    layers = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            file_cfg = OmegaConf.load(path)
+        except Exception as e:  # yaml errors come in many types
+            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+        if not isinstance(file_cfg, DictConfig):
+            raise ConfigError(f"config file '{path}' must hold a mapping at the top, got {type(file_cfg).__name__}")
+        _check_keys(OmegaConf.to_container(file_cfg), Config, "", source=f"in {path}")
+        layers.append(file_cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like key.sub=value")
+        try:
+            dot_cfg = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"override '{item}' could not be parsed: {e}") from None
+        _check_keys(OmegaConf.to_container(dot_cfg), Config, "", source=f"in override '{item}'")
+        layers.append(dot_cfg)
+
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = OmegaConf.merge(schema, *layers)
+        resolved = OmegaConf.to_container(merged, resolve=True, throw_on_missing=True)
+    except OmegaConfBaseException as e:
+        raise ConfigError(_explain_omegaconf_error(e)) from None
+    cfg = _build(Config, resolved)
+    validate(cfg)
+    return cfg
+
+
+def _check_keys(user: Any, schema: type, prefix: str, source: str) -> None:
+    """Unknown keys are errors, with the closest known key suggested."""
+    if not isinstance(user, dict):
+        return
+    hints = get_type_hints(schema)
+    known = [f.name for f in fields(schema)]
+    for key, value in user.items():
+        path = f"{prefix}{key}"
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(known)}"
+            raise ConfigError(f"unknown config key '{path}' {source}{hint}")
+        sub = hints[key]
+        if is_dataclass(sub):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{path}' {source} must be a section (mapping), got {value!r}")
+            _check_keys(value, sub, path + ".", source)
+
+
+def _explain_omegaconf_error(e: OmegaConfBaseException) -> str:
+    key = getattr(e, "full_key", None) or "?"
+    msg = str(e).split("\n")[0]
+    if "could not be converted" in msg or "Value '" in msg:
+        return f"config key '{key}': {msg}"
+    if "Missing mandatory value" in msg:
+        return f"config key '{key}' is required but was not set"
+    return f"config key '{key}': {msg}"
+
+
+def _build(cls: type, values: dict) -> Any:
+    hints = get_type_hints(cls)
+    kwargs = {}
+    for f in fields(cls):
+        v = values[f.name]
+        kwargs[f.name] = _build(hints[f.name], v) if is_dataclass(hints[f.name]) else v
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def save_resolved(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (atomically: a half-written config is never read back)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Validation: values, ranges and combinations
+
+
+def _fail(key: str, value: Any, expected: str) -> None:
+    raise ConfigError(f"config key '{key}' = {value!r}: expected {expected}")
+
+
+def validate(cfg: Config) -> None:
+    """Range and combination checks; raises ConfigError naming the key, the value and what is allowed."""
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), allowed, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            _fail(key, value, f"one of {', '.join(allowed)}{hint}")
+
+    t = cfg.training
+    positive = {
+        "training.max_steps": t.max_steps,
+        "training.micro_batch_size": t.micro_batch_size,
+        "training.grad_accum": t.grad_accum,
+        "training.log_every": t.log_every,
+        "training.eval_batches": t.eval_batches,
+        "data.seq_len": cfg.data.seq_len,
+        "eval.batch_size": cfg.eval.batch_size,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            _fail(key, value, "a positive integer")
+    for key, value in {"training.eval_every": t.eval_every, "checkpoint.save_every": cfg.checkpoint.save_every,
+                       "training.warmup_steps": t.warmup_steps}.items():
+        if value < 0:
+            _fail(key, value, "an integer >= 0 (0 disables it)")
+    if not (t.lr > 0 and math.isfinite(t.lr)):
+        _fail("training.lr", t.lr, "a positive finite learning rate")
+    if not 0 <= t.min_lr_ratio <= 1:
+        _fail("training.min_lr_ratio", t.min_lr_ratio, "a fraction in [0, 1]")
+    for key, value in {"training.beta1": t.beta1, "training.beta2": t.beta2}.items():
+        if not 0 <= value < 1:
+            _fail(key, value, "a number in [0, 1)")
+    if t.grad_clip < 0:
+        _fail("training.grad_clip", t.grad_clip, "a number >= 0 (0 disables clipping)")
+    if t.weight_decay < 0:
+        _fail("training.weight_decay", t.weight_decay, "a number >= 0")
+    if t.warmup_steps > t.max_steps:
+        _fail("training.warmup_steps", t.warmup_steps, f"at most training.max_steps ({t.max_steps})")
+    if not 0 < cfg.data.eval_fraction < 1:
+        _fail("data.eval_fraction", cfg.data.eval_fraction, "a fraction strictly between 0 and 1")
+    if cfg.data.max_documents is not None and cfg.data.max_documents < 2:
+        _fail("data.max_documents", cfg.data.max_documents, "at least 2 (one for train, one for eval) or null")
+    if not cfg.model.name:
+        _fail("model.name", cfg.model.name, "a hub id, a local directory, a .gguf file or 'smollm2-135m-instruct'")
+    if not isinstance(cfg.model.config, dict):
+        _fail("model.config", cfg.model.config, "a mapping of model config overrides")
+    if cfg.model.config and cfg.model.init == "pretrained":
+        raise ConfigError(
+            "config key 'model.config' overrides the architecture, which only makes sense with model.init=random "
+            f"(got model.init='pretrained' and model.config={cfg.model.config!r})"
+        )
+    # The data source must exist when it is a path; hub names are checked when the data is loaded.
+    src = cfg.data.source
+    if not src:
+        _fail("data.source", src, "python-docs, stdlib-docstrings, a local file/folder or a dataset name")
+    if _looks_like_path(src) and not Path(src).expanduser().exists():
+        raise ConfigError(f"config key 'data.source' = {src!r}: the path does not exist")
+    if _looks_like_path(cfg.model.name) and not Path(cfg.model.name).expanduser().exists():
+        raise ConfigError(f"config key 'model.name' = {cfg.model.name!r}: the path does not exist")
+    resolve_deepspeed(cfg, world_size=1)  # raises for an invalid DeepSpeed section
+
+
+def _looks_like_path(s: str) -> bool:
+    return s.startswith(("/", "./", "../", "~")) or s.endswith((".gguf", ".jsonl", ".json", ".txt", ".parquet"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# DeepSpeed: one config, with "auto" filled from `training`
+
+
+def resolve_deepspeed(cfg: Config, world_size: int) -> dict:
+    """The DeepSpeed config dict with every "auto" filled from `cfg.training`.
+
+    Raises:
+        ConfigError: unreadable JSON, an unsupported ZeRO stage, or a value that contradicts `training`.
+    """
+    d = cfg.deepspeed
+    if d.config is None:
+        ds = json.loads(json.dumps(DEFAULT_DEEPSPEED))
+    elif isinstance(d.config, str):
+        p = Path(d.config).expanduser()
+        if not p.is_file():
+            raise ConfigError(f"config key 'deepspeed.config' = {d.config!r}: the JSON file does not exist")
+        try:
+            ds = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config key 'deepspeed.config' = {d.config!r}: not valid JSON ({e})") from None
+    elif isinstance(d.config, dict):
+        ds = json.loads(json.dumps(d.config))
+    else:
+        _fail("deepspeed.config", d.config, "a mapping (inline DeepSpeed config) or the path to a JSON file")
+
+    t = cfg.training
+    zero = ds.setdefault("zero_optimization", {})
+    if d.zero_stage is not None:
+        zero["stage"] = d.zero_stage
+    stage = zero.setdefault("stage", 0)
+    if stage not in ZERO_STAGES:
+        key = "deepspeed.zero_stage" if d.zero_stage is not None else "deepspeed.config.zero_optimization.stage"
+        _fail(key, stage, "a ZeRO stage in 0, 1, 2, 3")
+    if d.offload_optimizer:
+        if stage == 0:
+            _fail("deepspeed.offload_optimizer", True, "ZeRO stage >= 1 (optimizer offload needs ZeRO)")
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    if d.offload_param:
+        if stage != 3:
+            _fail("deepspeed.offload_param", True, "ZeRO stage 3 (parameter offload needs stage 3)")
+        zero["offload_param"] = {"device": "cpu", "pin_memory": False}
+    if stage == 3:
+        zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
+
+    precision = t.precision
+    expected = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": t.grad_clip,
+    }
+    for key, value in expected.items():
+        ds[key] = _fill_auto(ds, key, value, f"training ({value})")
+    if "train_batch_size" in ds:
+        ds["train_batch_size"] = _fill_auto(ds, "train_batch_size", t.micro_batch_size * t.grad_accum * world_size,
+                                            "micro_batch_size x grad_accum x world_size")
+    for name, on in (("bf16", precision == "bf16"), ("fp16", precision == "fp16")):
+        section = ds.setdefault(name, {})
+        section["enabled"] = _fill_auto(section, "enabled", on, f"training.precision ({precision})",
+                                        key_path=f"deepspeed.config.{name}.enabled")
+    if "optimizer" in ds:
+        params = ds["optimizer"].setdefault("params", {})
+        for key, value in {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": t.eps,
+                           "weight_decay": t.weight_decay}.items():
+            params[key] = _fill_auto(params, key, value, f"training ({value})",
+                                     key_path=f"deepspeed.config.optimizer.params.{key}")
+    if "scheduler" in ds:
+        raise ConfigError("config key 'deepspeed.config.scheduler' is not used: the learning-rate schedule comes "
+                          "from training.schedule / warmup_steps / min_lr_ratio; remove the scheduler section")
+    return ds
+
+
+def _fill_auto(section: dict, key: str, value: Any, source: str, key_path: Optional[str] = None) -> Any:
+    current = section.get(key, "auto")
+    if current == "auto":
+        return value
+    if current != value:
+        raise ConfigError(
+            f"config key '{key_path or 'deepspeed.config.' + key}' = {current!r} contradicts {source}: "
+            f"set it to \"auto\" (or to {value!r})"
+        )
+    return current
+
+
+def parse_cli_overrides(items: list[str]) -> list[str]:
+    """Accept `key=value` and `--key=value` forms on the command line."""
+    return [item[2:] if item.startswith("--") else item for item in items]
+
+
+__all__ = [
+    "Config", "ConfigError", "load_config", "validate", "resolve_deepspeed", "save_resolved", "to_dict",
+    "parse_cli_overrides", "RunConfig", "ModelConfig", "DataConfig", "TrainingConfig", "DeepSpeedConfig",
+    "LoggingConfig", "CheckpointConfig", "EvalConfig",
+]

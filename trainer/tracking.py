@@ -1,0 +1,73 @@
+"""Weights & Biases on rank 0: online with a key, offline without one, disabled on request.
+
+A resumed run continues the same W&B run: its id is kept in the run directory and in every
+checkpoint's trainer state, and `wandb.init(id=..., resume="allow")` picks it up.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any, Optional
+
+RUN_ID_FILE = "wandb_run_id.txt"
+
+
+def wandb_mode(requested: str) -> str:
+    """auto -> online when a key is available, else offline (never prompts, never blocks on a login)."""
+    if requested != "auto":
+        return requested
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled", "online"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path.home() / ".netrc"
+    if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return "online"
+    return "offline"
+
+
+class RunLogger:
+    """Logs metrics to W&B (rank 0 only) and echoes the important ones to the progress bar."""
+
+    def __init__(self, *, mode: str, project: str, entity: Optional[str], name: str, run_dir: Path,
+                 config: dict, run_id: Optional[str], rank: int):
+        self.rank = rank
+        self.run = None
+        self.run_id = run_id
+        self.mode = wandb_mode(mode)
+        if rank != 0 or self.mode == "disabled":
+            return
+        import wandb
+
+        id_file = run_dir / RUN_ID_FILE
+        if self.run_id is None and id_file.is_file():
+            self.run_id = id_file.read_text().strip() or None
+        if self.run_id is None:
+            self.run_id = uuid.uuid4().hex[:12]
+        id_file.parent.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(self.run_id)
+        self.run = wandb.init(
+            project=project, entity=entity, name=name, id=self.run_id, resume="allow",
+            dir=str(run_dir), mode=self.mode, config=config,
+            settings=wandb.Settings(console="off", x_disable_stats=True),
+        )
+
+    @property
+    def location(self) -> Optional[str]:
+        """Where to find the run: its URL online, its local directory offline."""
+        if self.run is None:
+            return None
+        if self.mode == "online":
+            return self.run.url
+        return str(Path(self.run.dir).parent)
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None

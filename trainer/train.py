@@ -1,0 +1,368 @@
+"""The training loop: one file, read top to bottom.
+
+    config -> ranks -> model (+ compression) -> packed data -> DeepSpeed engine -> resume?
+      -> for step: lr(step); grad_accum x (micro batch -> loss -> backward); engine.step()
+         log / eval / checkpoint
+      -> final checkpoint -> consolidated Hugging Face directory -> final eval
+
+Ranks come from the environment (the deepspeed launcher, torchrun, or none: a single process).
+The data position is the optimizer step, so a resumed run reads exactly the batches the
+uninterrupted run would have read (trainer/data.py), and its RNG comes from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt
+from .config import Config, resolve_deepspeed, save_resolved, to_dict
+from .tracking import RunLogger
+
+# bf16 dense peak of the GPUs we know, for an MFU estimate; elsewhere MFU is not logged.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    final_step: int
+    losses: dict[int, float]          # optimizer step -> mean train loss (all ranks, all micro batches)
+    eval: Optional[dict]
+    hf_dir: Optional[Path]
+    wandb_location: Optional[str]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ranks
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """Rank, world size and device from the environment; a lone process becomes a world of one."""
+    import deepspeed
+
+    for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                         ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
+        os.environ.setdefault(key, default)
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if torch.cuda.is_available():
+        local = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    return rank, world, device
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _all_mean(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pieces of the loop
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    """Linear warmup, then cosine / linear decay to lr * min_lr_ratio at max_steps (or constant)."""
+    t = cfg.training
+    if t.warmup_steps and step < t.warmup_steps:
+        return t.lr * (step + 1) / t.warmup_steps
+    if t.schedule == "constant":
+        return t.lr
+    progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    shape = 0.5 * (1 + math.cos(math.pi * progress)) if t.schedule == "cosine" else 1 - progress
+    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * shape)
+
+
+def config_fingerprint(cfg: Config) -> str:
+    """What must not change across a resume: the model, the data and the compression spec."""
+    d = to_dict(cfg)
+    keep = {"model": d["model"], "data": d["data"], "compression": d["compression"],
+            "micro_batch_size": d["training"]["micro_batch_size"], "grad_accum": d["training"]["grad_accum"]}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on norms, biases and embeddings (the usual GPT recipe)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "embed" in name or "norm" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def flops_per_token(model: torch.nn.Module, cfg: Config) -> float:
+    """6N for the weights plus the attention scores (PaLM's estimate), for MFU."""
+    n = sum(p.numel() for p in model.parameters())
+    mc = model.config
+    head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+    return 6 * n + 12 * mc.num_hidden_layers * mc.num_attention_heads * head_dim * cfg.data.seq_len
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def build_model(cfg: Config, ds_config: dict, rank: int):
+    """The model and tokenizer. Under ZeRO-3 the parameters are partitioned as they are loaded."""
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from kvforge.models.loading import load_pretrained
+
+    # Keep the HfDeepSpeedConfig object alive while loading: transformers then builds the model under
+    # deepspeed.zero.Init, so no rank ever holds the full set of parameters.
+    zero3 = ds_config["zero_optimization"]["stage"] == 3
+    hf_ds = HfDeepSpeedConfig(ds_config) if zero3 else None
+    torch.manual_seed(cfg.run.seed)  # random init is identical on every rank
+    model, tokenizer = load_pretrained(
+        cfg.model.name, gguf_file=cfg.model.gguf_file, dtype=cfg.model.dtype, init=cfg.model.init,
+        config_overrides=dict(cfg.model.config) or None, tokenizer_name=cfg.model.tokenizer,
+    )
+    del hf_ds
+    if cfg.compression:
+        raise NotImplementedError("compression in the training config is wired by the surgery work")
+    return model, tokenizer
+
+
+def build_data(cfg: Config, tokenizer, model, rank: int):
+    """Rank 0 tokenizes and fills the cache first; the other ranks then read it."""
+    from kvforge.models.loading import document_separator_id
+
+    from .data import build_packed_datasets
+
+    sep = document_separator_id(tokenizer, model.config)
+    data_cfg = _DataView(cfg)
+    if rank == 0:
+        packed = build_packed_datasets(data_cfg, tokenizer, sep)
+    dist.barrier()
+    if rank != 0:
+        packed = build_packed_datasets(data_cfg, tokenizer, sep)
+    return packed
+
+
+class _DataView:
+    """The data section plus the run seed, as trainer/data.py reads it."""
+
+    def __init__(self, cfg: Config):
+        self.__dict__.update(vars(cfg.data))
+        self.seed = cfg.run.seed
+
+
+def evaluate(engine, rows: torch.Tensor, cfg: Config, rank: int, world: int, device) -> dict:
+    """Perplexity on this rank's equal share of the eval rows, summed over ranks."""
+    from .evaluation import evaluate_perplexity
+
+    per_rank = min(len(rows) // world, cfg.training.eval_batches * cfg.eval.batch_size)
+    if per_rank == 0:
+        raise ValueError(f"the eval split has {len(rows)} sequences, fewer than the {world} ranks: raise "
+                         "data.eval_fraction or lower data.seq_len")
+    shard = rows[rank * per_rank:(rank + 1) * per_rank]  # equal counts: ZeRO-3 needs every rank in each forward
+    engine.eval()
+    result = evaluate_perplexity(engine.module, shard, cfg.eval.batch_size, device, distributed=world > 1)
+    engine.train()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg: Config) -> TrainResult:
+    import deepspeed
+    from tqdm.auto import tqdm
+
+    from .data import micro_batch
+
+    rank, world, device = init_distributed()
+    run_dir = Path(cfg.run.output_dir).expanduser()
+    ckpt_root = run_dir / "checkpoints"
+    t = cfg.training
+    ds_config = resolve_deepspeed(cfg, world)
+    log = print if rank == 0 else (lambda *a, **k: None)
+
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        removed = ckpt.remove_incomplete(ckpt_root)
+        if removed:
+            log(f"removed incomplete checkpoints left by an interrupted save: {removed}")
+        save_resolved(cfg, run_dir / "config.yaml")
+        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
+    dist.barrier()
+
+    # Which checkpoint (if any) this run continues from, decided before anything is built.
+    resume_from = None
+    if cfg.checkpoint.resume == "auto":
+        resume_from = ckpt.find_resumable(ckpt_root, log=log)
+    elif cfg.checkpoint.resume != "never":
+        resume_from = Path(cfg.checkpoint.resume).expanduser()
+        ckpt.verify(resume_from)
+    elif ckpt.complete_checkpoints(ckpt_root):
+        raise ckpt.CheckpointError(f"{ckpt_root} already holds checkpoints and checkpoint.resume=never: "
+                                   "choose a new run.output_dir or use checkpoint.resume=auto")
+
+    model, tokenizer = build_model(cfg, ds_config, rank)
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    packed = build_data(cfg, tokenizer, model, rank)
+    tokens_per_step = t.micro_batch_size * cfg.data.seq_len * t.grad_accum * world
+    log(f"data: {packed.stats}")
+
+    optimizer = None
+    if "optimizer" not in ds_config:
+        optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
+                                      eps=t.eps, fused=device.type == "cuda")
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                           model_parameters=None if optimizer else model.parameters())
+
+    fingerprint = config_fingerprint(cfg)
+    step, tokens_seen, wandb_id = 0, 0, None
+    if resume_from is not None:
+        state = ckpt.load(engine, resume_from, world_size=world, config_fingerprint=fingerprint)
+        step, tokens_seen, wandb_id = state.step, state.tokens_seen, state.wandb_run_id
+        log(f"resumed from {resume_from} at step {step}")
+
+    logger = RunLogger(mode=cfg.logging.wandb, project=cfg.logging.project, entity=cfg.logging.entity,
+                       name=cfg.run.name, run_dir=run_dir, config=to_dict(cfg) | {"deepspeed_resolved": ds_config},
+                       run_id=wandb_id, rank=rank)
+    flops_tok = flops_per_token(engine.module, cfg)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), None)
+
+    last_eval = None
+    if cfg.eval.at_start and step == 0:
+        last_eval = evaluate(engine, packed.eval, cfg, rank, world, device)
+        logger.log({"eval/loss": last_eval["loss"], "eval/perplexity": last_eval["perplexity"]}, step=0)
+        log(f"step 0: eval loss {last_eval['loss']:.4f} perplexity {last_eval['perplexity']:.2f}")
+
+    losses: dict[int, float] = {}
+    bar = tqdm(total=t.max_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
+    engine.train()
+    while step < t.max_steps:
+        started = time.perf_counter()
+        lr = lr_at(step, cfg)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = 0.0
+        for micro in range(t.grad_accum):
+            input_ids = micro_batch(packed.train, step * t.grad_accum + micro, rank, world,
+                                    t.micro_batch_size, cfg.run.seed).to(device)
+            loss = engine(input_ids=input_ids, labels=input_ids).loss
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.item()
+        step += 1
+        tokens_seen += tokens_per_step
+        elapsed = time.perf_counter() - started
+
+        loss_mean = _all_mean(loss_sum / t.grad_accum, device)
+        losses[step] = loss_mean
+        grad_norm = engine.get_global_grad_norm()
+        tok_s = tokens_per_step / elapsed
+        if step % t.log_every == 0 or step == t.max_steps:
+            metrics = {"train/loss": loss_mean, "train/lr": lr, "train/tokens_per_s": tok_s,
+                       "train/tokens_seen": tokens_seen, "train/peak_memory_gib": peak_memory_gib(device)}
+            if grad_norm is not None:
+                metrics["train/grad_norm"] = float(grad_norm)
+            if peak:
+                metrics["train/mfu"] = flops_tok * tok_s / (peak * world)
+            logger.log(metrics, step=step)
+        bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+        bar.update(1)
+
+        if t.eval_every and step % t.eval_every == 0 and step != t.max_steps:
+            last_eval = evaluate(engine, packed.eval, cfg, rank, world, device)
+            logger.log({"eval/loss": last_eval["loss"], "eval/perplexity": last_eval["perplexity"]}, step=step)
+        save_now = cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0
+        if save_now or step == t.max_steps:
+            state = ckpt.TrainerState(step=step, tokens_seen=tokens_seen, world_size=world,
+                                      wandb_run_id=logger.run_id, config_fingerprint=fingerprint,
+                                      metrics={"train/loss": loss_mean})
+            ckpt.save(engine, ckpt_root, state, cfg.checkpoint.keep_last)
+    bar.close()
+
+    last_eval = evaluate(engine, packed.eval, cfg, rank, world, device)
+    logger.log({"eval/loss": last_eval["loss"], "eval/perplexity": last_eval["perplexity"]}, step=step)
+    log(f"step {step}: eval loss {last_eval['loss']:.4f} perplexity {last_eval['perplexity']:.2f}")
+
+    hf_dir = None
+    if cfg.checkpoint.export_hf:
+        hf_dir = run_dir / "hf_model"
+        export_hf_model(engine, tokenizer, ckpt_root / ckpt.step_dir_name(step), hf_dir, rank, ds_config)
+        log(f"model directory: {hf_dir}")
+    location = logger.location
+    if location:
+        log(f"W&B run ({logger.mode}): {location}")
+    logger.finish()
+    dist.barrier()
+    return TrainResult(run_dir=run_dir, final_step=step, losses=losses, eval=last_eval, hf_dir=hf_dir,
+                       wandb_location=location)
+
+
+def export_hf_model(engine, tokenizer, ckpt_dir: Path, out_dir: Path, rank: int, ds_config: dict) -> None:
+    """A consolidated Hugging Face directory (safetensors) from any ZeRO stage, written atomically.
+
+    ZeRO 1-3 keep the fp32 master weights partitioned in the optimizer state, so they are rebuilt from
+    the checkpoint that was just written; without ZeRO the module holds the full weights already.
+    """
+    import shutil
+
+    stage = ds_config["zero_optimization"]["stage"]
+    if rank == 0:
+        module = engine.module
+        if stage == 0:
+            state_dict = {k: v.detach().float().cpu() for k, v in module.state_dict().items()}
+        else:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            state_dict = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+        dtype = module.config.dtype if isinstance(module.config.dtype, torch.dtype) else torch.float32
+        state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
+        tmp = out_dir.with_name(out_dir.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        with _with_cache_enabled(module):
+            module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.rename(tmp, out_dir)
+    dist.barrier()
+
+
+@contextlib.contextmanager
+def _with_cache_enabled(module):
+    """save_pretrained reads `config.use_cache`; the trained model had it off, the exported one wants it on."""
+    module.config.use_cache = True
+    try:
+        yield
+    finally:
+        module.config.use_cache = False
