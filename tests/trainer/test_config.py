@@ -1,0 +1,113 @@
+"""The config tree: merging, `auto` resolution, and an error that names the key for every bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvforge.trainer.config import ConfigError, load_config, resolve_deepspeed
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_validates(path):
+    cfg = load_config(path)
+    ds = resolve_deepspeed(cfg, world_size=2)
+    assert "auto" not in json.dumps(ds)
+
+
+def test_file_then_overrides_win():
+    cfg = load_config(REPO / "configs/tiny-llama.yaml", ["training.lr=0.5", "run.name=x", "model.config.hidden_size=32"])
+    assert cfg.training.lr == 0.5
+    assert cfg.model.config["hidden_size"] == 32
+    assert cfg.model.config["num_hidden_layers"] == 2  # the file's other overrides survive
+    assert cfg.run.output_dir == "runs/tiny-llama"  # set in the file, so the interpolation is not used
+
+
+def test_output_dir_follows_run_name_by_default():
+    assert load_config(None, ["run.name=abc"]).run.output_dir == "runs/abc"
+
+
+def test_auto_values_come_from_training():
+    cfg = load_config(None, ["training.micro_batch_size=3", "training.grad_accum=5", "training.grad_clip=0.5",
+                             "training.precision=bf16", "deepspeed.zero_stage=3"])
+    ds = resolve_deepspeed(cfg, world_size=2)
+    assert ds["train_micro_batch_size_per_gpu"] == 3
+    assert ds["gradient_accumulation_steps"] == 5
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
+    assert ds["zero_optimization"]["stage"] == 3
+
+
+def test_deepspeed_json_file_with_auto_and_optimizer(tmp_path):
+    f = tmp_path / "ds.json"
+    f.write_text(json.dumps({"train_batch_size": "auto", "zero_optimization": {"stage": 1},
+                             "optimizer": {"type": "AdamW", "params": {"lr": "auto", "betas": "auto"}}}))
+    cfg = load_config(None, [f"deepspeed.config={f}", "training.lr=0.001", "training.micro_batch_size=2",
+                             "training.grad_accum=3"])
+    ds = resolve_deepspeed(cfg, world_size=4)
+    assert ds["train_batch_size"] == 24
+    assert ds["optimizer"]["params"]["lr"] == 0.001
+    assert ds["optimizer"]["params"]["betas"] == [0.9, 0.95]
+    assert ds["zero_optimization"]["stage"] == 1
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["training.lrr=1"], "unknown config key 'training.lrr' in override 'training.lrr=1'; did you mean 'training.lr'?"),
+    (["trainig.max_steps=1"], "did you mean 'training'?"),
+    (["training.max_steps=abc"], "config key 'training.max_steps': Value 'abc'"),
+    (["training.max_steps=0"], "config key 'training.max_steps' = 0: expected a positive integer"),
+    (["model.name=/does/not/exist"], "config key 'model.name' = '/does/not/exist': the path does not exist"),
+    (["data.source=/no/such/corpus"], "config key 'data.source' = '/no/such/corpus': the path does not exist"),
+    (["deepspeed.zero_stage=5"], "config key 'deepspeed.zero_stage' = 5: expected a ZeRO stage in 0, 1, 2, 3"),
+    (["training.precision=bf61"], "expected one of bf16, fp16, fp32 (did you mean 'bf16'?)"),
+    (["training.schedule=cosin"], "did you mean 'cosine'?"),
+    (["data.eval_fraction=1.5"], "config key 'data.eval_fraction' = 1.5"),
+    (["training.warmup_steps=500", "training.max_steps=10"], "at most training.max_steps (10)"),
+    (["deepspeed.offload_param=true", "deepspeed.zero_stage=2"], "needs stage 3"),
+    (["model.config.hidden_size=8"], "only makes sense with model.init=random"),
+    (["training"], "must look like key.sub=value"),
+])
+def test_bad_overrides_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+
+
+def test_deepspeed_value_contradicting_training(tmp_path):
+    f = tmp_path / "ds.json"
+    f.write_text(json.dumps({"train_micro_batch_size_per_gpu": 8}))
+    with pytest.raises(ConfigError, match=r"train_micro_batch_size_per_gpu' = 8 contradicts training \(4\)"):
+        load_config(None, [f"deepspeed.config={f}"])
+
+
+def test_bad_yaml_files(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("training:\n  max_stepz: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'training.max_stepz' in .*did you mean 'training.max_steps'"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    section = tmp_path / "section.yaml"
+    section.write_text("training: 3\n")
+    with pytest.raises(ConfigError, match="'training' in .* must be a section"):
+        load_config(section)
+
+
+def test_launcher_reports_config_errors_without_a_traceback():
+    proc = subprocess.run([sys.executable, str(REPO / "launch/train.py"), "--config", str(REPO / "configs/tiny-llama.yaml"),
+                           "deepspeed.zero_stage=5"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2
+    assert "config error: config key 'deepspeed.zero_stage' = 5" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_dry_run_prints_resolved_deepspeed():
+    proc = subprocess.run([sys.executable, str(REPO / "launch/train.py"), "--config", str(REPO / "configs/tiny-llama.yaml"),
+                           "--dry-run", "training.micro_batch_size=7"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "train_micro_batch_size_per_gpu: 7" in proc.stdout
