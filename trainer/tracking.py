@@ -1,11 +1,15 @@
 """Weights & Biases on rank 0: online with a key, offline without one, disabled on request.
 
+Every logged record is also appended to `<run_dir>/metrics.jsonl`, so a run's numbers can be read
+without W&B (the tests read it; so can a shell).
+
 A resumed run continues the same W&B run: its id is kept in the run directory and in every
 checkpoint's trainer state, and `wandb.init(id=..., resume="allow")` picks it up.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from pathlib import Path
@@ -29,12 +33,13 @@ def wandb_mode(requested: str) -> str:
 
 
 class RunLogger:
-    """Logs metrics to W&B (rank 0 only) and echoes the important ones to the progress bar."""
+    """Logs metrics to W&B and to metrics.jsonl, on rank 0 only."""
 
     def __init__(self, *, mode: str, project: str, entity: Optional[str], name: str, run_dir: Path,
                  config: dict, run_id: Optional[str], rank: int):
         self.rank = rank
         self.run = None
+        self.metrics_file = run_dir / "metrics.jsonl"
         self.run_id = run_id
         self.mode = wandb_mode(mode)
         if rank != 0 or self.mode == "disabled":
@@ -64,6 +69,10 @@ class RunLogger:
         return str(Path(self.run.dir).parent)
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
+        if self.rank != 0:
+            return
+        with open(self.metrics_file, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.run is not None:
             self.run.log(metrics, step=step)
 

@@ -206,6 +206,7 @@ def train(cfg: Config) -> TrainResult:
     ckpt_root = run_dir / "checkpoints"
     t = cfg.training
     ds_config = resolve_deepspeed(cfg, world)
+    zero_stage = ds_config["zero_optimization"]["stage"]
     log = print if rank == 0 else (lambda *a, **k: None)
 
     if rank == 0:
@@ -271,12 +272,16 @@ def train(cfg: Config) -> TrainResult:
         lr = lr_at(step, cfg)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
-        loss_sum = 0.0
+        loss_sum, grad_norm = 0.0, None
         for micro in range(t.grad_accum):
             input_ids = micro_batch(packed.train, step * t.grad_accum + micro, rank, world,
                                     t.micro_batch_size, cfg.run.seed).to(device)
             loss = engine(input_ids=input_ids, labels=input_ids).loss
             engine.backward(loss)
+            if zero_stage == 0 and micro == t.grad_accum - 1:
+                # Without ZeRO (fp32), DeepSpeed reports no norm; the full gradients are right here.
+                grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+                grad_norm = torch.nn.utils.get_total_norm(grads).item() if grads else None
             engine.step()
             loss_sum += loss.item()
         step += 1
@@ -285,13 +290,15 @@ def train(cfg: Config) -> TrainResult:
 
         loss_mean = _all_mean(loss_sum / t.grad_accum, device)
         losses[step] = loss_mean
-        grad_norm = engine.get_global_grad_norm()
+        reported = engine.get_global_grad_norm()
+        if reported is not None:
+            grad_norm = float(reported)
         tok_s = tokens_per_step / elapsed
         if step % t.log_every == 0 or step == t.max_steps:
             metrics = {"train/loss": loss_mean, "train/lr": lr, "train/tokens_per_s": tok_s,
                        "train/tokens_seen": tokens_seen, "train/peak_memory_gib": peak_memory_gib(device)}
             if grad_norm is not None:
-                metrics["train/grad_norm"] = float(grad_norm)
+                metrics["train/grad_norm"] = grad_norm
             if peak:
                 metrics["train/mfu"] = flops_tok * tok_s / (peak * world)
             logger.log(metrics, step=step)
