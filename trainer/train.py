@@ -18,6 +18,7 @@ import json
 import math
 import os
 import resource
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,32 @@ def _all_mean(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.item() / dist.get_world_size()
+
+
+class Preemption:
+    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and returns.
+
+    The ranks agree through an all-reduce, so every rank saves at the same step even when the
+    signal reached only one of them (schedulers signal the whole job; a user may signal one pid).
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self, device: torch.device) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -265,6 +292,7 @@ def train(cfg: Config) -> TrainResult:
         log(f"step 0: eval loss {last_eval['loss']:.4f} perplexity {last_eval['perplexity']:.2f}")
 
     losses: dict[int, float] = {}
+    preemption, preempted = Preemption(), False
     bar = tqdm(total=t.max_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
     engine.train()
     while step < t.max_steps:
@@ -308,13 +336,24 @@ def train(cfg: Config) -> TrainResult:
         if t.eval_every and step % t.eval_every == 0 and step != t.max_steps:
             last_eval = evaluate(engine, packed.eval, cfg, rank, world, device)
             logger.log({"eval/loss": last_eval["loss"], "eval/perplexity": last_eval["perplexity"]}, step=step)
+        preempted = preemption.agreed(device)
         save_now = cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0
-        if save_now or step == t.max_steps:
+        if save_now or preempted or step == t.max_steps:
             state = ckpt.TrainerState(step=step, tokens_seen=tokens_seen, world_size=world,
                                       wandb_run_id=logger.run_id, config_fingerprint=fingerprint,
                                       metrics={"train/loss": loss_mean})
             ckpt.save(engine, ckpt_root, state, cfg.checkpoint.keep_last)
+        if preempted:
+            log(f"preempted: checkpoint saved at step {step}; continue with checkpoint.resume=auto")
+            break
     bar.close()
+    preemption.restore()
+    if preempted and step < t.max_steps:
+        location = logger.location
+        logger.finish()
+        dist.barrier()
+        return TrainResult(run_dir=run_dir, final_step=step, losses=losses, eval=None, hf_dir=None,
+                           wandb_location=location)
 
     last_eval = evaluate(engine, packed.eval, cfg, rank, world, device)
     logger.log({"eval/loss": last_eval["loss"], "eval/perplexity": last_eval["perplexity"]}, step=step)
