@@ -1,0 +1,1136 @@
+"""KVForge: a Llama-family causal LM whose attention layers and KV cache follow a per-layer compression spec.
+
+This file ships beside exported weights and loads with plain `transformers` (trust_remote_code): it imports
+only torch, transformers and its config (later also the kernel dispatch, behind `attention_function`).
+
+Shape legend (suffixes in comments):
+    B batch, T new tokens (queries) in this forward, S attendable key slots (cached + new), E hidden size,
+    H query heads, K kv heads of the cache being read, G = H // K query heads per kv head, D head_dim,
+    Dr / Dn rotary / non-rotary dims per kv head (partial RoPE), R latent rank.
+
+How a forward step flows:
+    KVForgeModel computes, once per *slot layout* (global, or one (window, sinks) ring), a `SlotPlan`: which
+    token every attendable key slot holds, the boolean mask, and where the new tokens are written. Each
+    attention layer projects what its spec caches, writes it into its `LayerStorage` (if a cache is in use)
+    and attends over the slots through ONE function per cache representation (`attention_function`), the
+    seam where Triton kernels plug in. Cross-layer sharing (kv_from, probs_from) goes through a per-forward
+    `LayerHandoff`, the same with or without a cache, so training and generation run the same code.
+
+Token index vs position: masks use each token's index among its row's *real* tokens (padding excluded), so
+windows and sinks count real tokens whatever the padding; RoPE uses position_ids exactly as given (as Llama).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
+from transformers.utils import logging
+
+from .configuration_kvforge import KVForgeConfig, LayerSpec
+
+try:  # transformers' init helpers skip tensors already loaded from a checkpoint
+    from transformers import initialization as hf_init
+except ImportError:  # pragma: no cover - older transformers 5.x
+    hf_init = None
+
+logger = logging.get_logger(__name__)
+
+
+# ================================================================================================
+# Llama building blocks
+# ================================================================================================
+
+
+class KVForgeRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class KVForgeRotaryEmbedding(nn.Module):
+    """Llama's rotary embedding (rope_parameters incl. scaled types); cos/sin for any [B, L] positions."""
+
+    def __init__(self, config: KVForgeConfig):
+        super().__init__()
+        self.max_seq_len_cached = config.max_position_embeddings
+        self.original_max_seq_len = config.max_position_embeddings
+        self.config = config
+        self.rope_type = config.rope_parameters["rope_type"]
+        rope_init_fn: Callable = self.compute_default_rope_parameters
+        if self.rope_type != "default":
+            rope_init_fn = ROPE_INIT_FUNCTIONS[self.rope_type]
+        inv_freq, self.attention_scaling = rope_init_fn(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("original_inv_freq", inv_freq.clone(), persistent=False)
+
+    @staticmethod
+    def compute_default_rope_parameters(config: KVForgeConfig, device=None, **kwargs) -> tuple[torch.Tensor, float]:
+        base = config.rope_parameters["rope_theta"]
+        dim = config.head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
+        return inv_freq, 1.0
+
+    @torch.no_grad()
+    @dynamic_rope_update
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x only gives dtype/device; position_ids [B, L] -> cos, sin [B, L, D] in x.dtype."""
+        inv_freq = self.inv_freq[None, :, None].float().expand(position_ids.shape[0], -1, 1).to(x.device)
+        positions = position_ids[:, None, :].float()
+        device_type = x.device.type if x.device.type != "mps" else "cpu"
+        with torch.autocast(device_type=device_type, enabled=False):  # rotary angles in fp32 always
+            freqs = (inv_freq @ positions).transpose(1, 2)  # [B, L, D/2]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            cos = emb.cos() * self.attention_scaling
+            sin = emb.sin() * self.attention_scaling
+        return cos.to(x.dtype), sin.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates x [..., L, D'] by cos/sin broadcastable to it (frequency pair i = dims (i, i + D'/2))."""
+    return x * cos + rotate_half(x) * sin
+
+
+class KVForgeMLP(nn.Module):
+    def __init__(self, config: KVForgeConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ================================================================================================
+# Slot layouts: which token each cache slot holds, and the mask
+# ================================================================================================
+
+
+def visibility_mask(query_index: torch.Tensor, key_index: torch.Tensor, window: int | None, sinks: int) -> torch.Tensor:
+    """Which keys each query may attend to.
+
+    query_index [B, T], key_index [B, S]: index of the token among its row's real tokens, -1 for padding or
+    an empty slot. The new tokens are always the last T key slots. Returns bool [B, 1, 1, T, S].
+
+    A real query sees real keys that are not later than itself and, for a window layer, lie within the last
+    `window` tokens (itself included) or among the first `sinks` tokens. A padded query sees only itself, so
+    no softmax row is empty (its output is never used).
+    """
+    q = query_index[:, :, None]
+    k = key_index[:, None, :]
+    visible = (k >= 0) & (k <= q)
+    if window is not None:
+        visible &= (q - k < window) | (k < sinks)
+    num_new = query_index.shape[1]
+    own_slot = torch.diag_embed(query_index < 0)  # [B, T, T]
+    visible[:, :, -num_new:] |= own_slot
+    return visible[:, None, None]
+
+
+@dataclass
+class SlotPlan:
+    """One forward step of one slot layout: what the attendable key slots hold and where new tokens go.
+
+    Attendable slots = the layout's cached slots followed by the T new tokens (so a window layer attends over
+    at most window + sinks + T slots, a global layer over all tokens so far).
+    """
+
+    window: int | None
+    sinks: int
+    query_index: torch.Tensor  # [B, T]
+    key_index: torch.Tensor  # [B, S]
+    key_positions: torch.Tensor  # [B, S] RoPE positions of the attendable slots
+    mask: torch.Tensor  # [B, 1, 1, T, S] bool
+    cached_slots: int = 0  # the first `cached_slots` attendable slots come from the cache
+    # global layout: the new tokens go to slots [start, start + T) of storage with `capacity` slots
+    start: int = 0
+    capacity: int = 0
+    # ring layout: new token (write_batch[n], write_token[n]) goes to slot write_slot[n]
+    write_batch: torch.Tensor | None = None
+    write_token: torch.Tensor | None = None
+    write_slot: torch.Tensor | None = None
+    rotary: Callable | None = None  # positions [B, S] -> (cos, sin) [B, S, D]
+    _key_rotary: tuple | None = field(default=None, repr=False)
+
+    @property
+    def is_ring(self) -> bool:
+        return self.window is not None
+
+    def key_rotary(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, S, D] at the attendable keys' positions (for keys rotated at attention time)."""
+        if self._key_rotary is None:
+            self._key_rotary = self.rotary(self.key_positions)
+        return self._key_rotary
+
+
+class SlotLayout:
+    """Slot bookkeeping shared by every layer that caches the same way.
+
+    Global layout: slot = the token's column in the sequence (left padding included); storage grows in
+    chunks (or is sized once from generate()'s max length). Ring layout (window W, sinks): W + sinks slots;
+    real token n goes to slot n if n < sinks else sinks + (n - sinks) % W, so each row keeps its own sinks
+    and last W tokens whatever its padding. token_index / positions record what each slot holds.
+    """
+
+    GROWTH_CHUNK = 256
+
+    def __init__(self, window: int | None, sinks: int, max_cache_len: int | None = None):
+        self.window, self.sinks = window, sinks
+        self.max_cache_len = max_cache_len
+        self.token_index: torch.Tensor | None = None  # [B, C] long, -1 = empty slot or padding
+        self.positions: torch.Tensor | None = None  # [B, C] long
+        self.length = 0  # global: slots written so far (== cache sequence length)
+
+    @property
+    def is_ring(self) -> bool:
+        return self.window is not None
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.token_index is None else self.token_index.shape[1]
+
+    def plan(self, query_index: torch.Tensor, query_positions: torch.Tensor) -> SlotPlan:
+        """The step that writes T new tokens (does not change the layout; `commit` does)."""
+        batch, num_new = query_index.shape
+        if self.token_index is not None and self.token_index.shape[0] != batch:
+            raise ValueError(
+                f"the cache holds batch size {self.token_index.shape[0]} but this forward has batch size {batch}; "
+                f"start a new KVForgeCache for a new batch"
+            )
+        if not self.is_ring:
+            start = self.length
+            needed = start + num_new
+            capacity = self.capacity
+            if needed > capacity:
+                if capacity == 0 and self.max_cache_len is not None:
+                    capacity = max(needed, self.max_cache_len)
+                else:
+                    capacity = math.ceil(needed / self.GROWTH_CHUNK) * self.GROWTH_CHUNK
+            old_index = self.token_index[:, :start] if self.token_index is not None else query_index[:, :0]
+            old_positions = self.positions[:, :start] if self.positions is not None else query_positions[:, :0]
+            key_index = torch.cat([old_index, query_index], dim=1)
+            key_positions = torch.cat([old_positions, query_positions], dim=1)
+            return SlotPlan(None, 0, query_index, key_index, key_positions,
+                            visibility_mask(query_index, key_index, None, 0), cached_slots=start, start=start,
+                            capacity=capacity)
+
+        window, sinks = self.window, self.sinks
+        full = window + sinks
+        capacity = self.capacity or (min(full, self.max_cache_len) if self.max_cache_len else full)
+        valid = query_index >= 0
+        row_last = query_index.max(dim=1, keepdim=True).values  # [B, 1]
+        # Future queries come after row_last, so only sinks and the last W tokens can ever be seen again.
+        keep = valid & ((query_index < sinks) | (query_index > row_last - window))
+        slot = torch.where(query_index < sinks, query_index, sinks + (query_index - sinks).remainder(window))
+        write_batch, write_token = keep.nonzero(as_tuple=True)
+        write_slot = slot[write_batch, write_token]
+        if write_slot.numel() and int(write_slot.max()) >= capacity:
+            capacity = full  # the max_cache_len hint was exceeded
+        if self.token_index is not None:
+            key_index = torch.cat([self.token_index, query_index], dim=1)
+            key_positions = torch.cat([self.positions, query_positions], dim=1)
+        else:
+            key_index, key_positions = query_index, query_positions
+        return SlotPlan(window, sinks, query_index, key_index, key_positions,
+                        visibility_mask(query_index, key_index, window, sinks), cached_slots=self.capacity,
+                        capacity=capacity,
+                        write_batch=write_batch, write_token=write_token, write_slot=write_slot)
+
+    def commit(self, plan: SlotPlan, query_positions: torch.Tensor) -> None:
+        self.token_index = _grow_slots(self.token_index, plan.capacity, 1, plan.query_index, fill=-1)
+        self.positions = _grow_slots(self.positions, plan.capacity, 1, query_positions, fill=0)
+        _write_slots(self.token_index, 1, plan, plan.query_index)
+        _write_slots(self.positions, 1, plan, query_positions)
+        if not self.is_ring:
+            self.length = plan.start + plan.query_index.shape[1]
+
+    def select_batch(self, indices: torch.Tensor) -> None:
+        if self.token_index is not None:
+            self.token_index = self.token_index[indices]
+            self.positions = self.positions[indices]
+
+    def crop(self, length: int) -> None:
+        if self.is_ring:
+            raise ValueError(
+                f"cannot crop a window layer's cache (window={self.window}): its ring buffer has already evicted "
+                f"tokens that cropping would need back"
+            )
+        self.length = min(self.length, length)
+        if self.token_index is not None:
+            self.token_index[:, self.length:] = -1
+
+
+def _grow_slots(tensor: torch.Tensor | None, capacity: int, slot_dim: int, like: torch.Tensor,
+                fill: float = 0) -> torch.Tensor:
+    """`tensor` with at least `capacity` slots along slot_dim (old content kept); allocated like `like`
+    (batch, trailing dims, dtype, device) on first use. Fresh slots hold `fill` (never NaN garbage: a masked
+    slot still enters probs @ V as 0 * value)."""
+    if tensor is not None and tensor.shape[slot_dim] >= capacity:
+        return tensor
+    shape = list(like.shape)
+    shape[slot_dim] = capacity
+    grown = torch.full(shape, fill, dtype=like.dtype, device=like.device)
+    if tensor is not None:
+        grown.narrow(slot_dim, 0, tensor.shape[slot_dim]).copy_(tensor)
+    return grown
+
+
+def _write_slots(storage: torch.Tensor, slot_dim: int, plan: SlotPlan, new: torch.Tensor) -> None:
+    """Writes the new tokens' entries (new has T along slot_dim) into their slots."""
+    if not plan.is_ring:
+        storage.narrow(slot_dim, plan.start, new.shape[slot_dim]).copy_(new)
+        return
+    # Advanced indexing on a view writes through to the storage.
+    storage.movedim(slot_dim, 1)[plan.write_batch, plan.write_slot] = new.movedim(slot_dim, 1)[
+        plan.write_batch, plan.write_token]
+
+
+# ================================================================================================
+# The cache
+# ================================================================================================
+
+
+def cached_tensor_shapes(layer: LayerSpec, config: KVForgeConfig) -> dict[str, tuple[int, tuple[int, ...]]]:
+    """name -> (slot_dim, shape with the slot dim as 0 and batch as 0) of what one layer caches."""
+    heads = layer.num_kv_heads if layer.kv_proj == "merged_heads" else config.num_key_value_heads
+    head_dim = config.head_dim
+    rep = layer.representation
+    if rep == "kv":
+        return {"key": (2, (0, heads, 0, head_dim)), "value": (2, (0, heads, 0, head_dim))}
+    if rep == "pre_rope_latent":
+        return {"k_latent": (1, (0, 0, layer.k_rank)), "v_latent": (1, (0, 0, layer.v_rank))}
+    if rep == "partial":
+        return {"kv_latent": (1, (0, 0, layer.kv_rank)),
+                "k_rope": (2, (0, config.num_key_value_heads, 0, layer.rope_dims))}
+    if rep == "v":
+        return {"value": (2, (0, heads, 0, head_dim))}
+    if rep == "v_latent":
+        return {"v_latent": (1, (0, 0, layer.v_rank))}
+    return {}  # kv_from consumer: reads its producer's cache
+
+
+class LayerStorage:
+    """One layer's cached tensors, each with a slot (token) axis laid out by the layer's SlotLayout.
+
+    Holds only what the spec needs (see `cached_tensor_shapes`); a kv_from consumer holds nothing.
+    PyramidKV seam: selecting tokens after prefill means gathering these tensors along the slot axis and
+    giving the layer its own SlotLayout (per-(batch, kv-head) selection would make token_index [B, K, C]);
+    everything that reads slots goes through SlotPlan, so that is the only place it needs to change.
+    """
+
+    def __init__(self, layout: SlotLayout, slot_dims: dict[str, int]):
+        self.layout = layout
+        self.slot_dims = slot_dims
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def update(self, plan: SlotPlan, new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Writes the new tokens' entries and returns every attendable slot (cached, then new)."""
+        attendable = {}
+        for name, value in new.items():
+            slot_dim = self.slot_dims[name]
+            stored = _grow_slots(self.tensors.get(name), plan.capacity, slot_dim, value)
+            self.tensors[name] = stored
+            if plan.is_ring:
+                # Read before writing: the ring may evict tokens that this step's queries still see.
+                cached = stored.narrow(slot_dim, 0, plan.cached_slots)
+                attendable[name] = torch.cat([cached, value], dim=slot_dim)
+                _write_slots(stored, slot_dim, plan, value)
+            else:
+                _write_slots(stored, slot_dim, plan, value)
+                attendable[name] = stored.narrow(slot_dim, 0, plan.start + value.shape[slot_dim])
+        return attendable
+
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+    def select_batch(self, indices: torch.Tensor) -> None:
+        self.tensors = {name: t[indices] for name, t in self.tensors.items()}
+
+    def crop(self, length: int) -> None:
+        for name, t in self.tensors.items():
+            t.narrow(self.slot_dims[name], length, t.shape[self.slot_dims[name]] - length).zero_()
+
+
+class KVForgeCache(Cache):
+    """The compressed KV cache: per layer only what its LayerSpec needs (see docs/ARCHITECTURE.md).
+
+    dense / merged_heads: key, value [B, K, C, D]; low_rank pre_rope_latent: k_latent [B, C, Rk], v_latent
+    [B, C, Rv]; low_rank partial: kv_latent [B, C, R] + k_rope [B, K, C, Dr] (rotated); probs_from: values
+    only; kv_from: nothing. C = slot capacity: window + sinks for window layers (a ring), the sequence so far
+    for global layers. Global layers are sized once from generate()'s max length when known (so after a full
+    generate() the capacity is exactly the tokens held), else grown in chunks of SlotLayout.GROWTH_CHUNK.
+    GQA heads are never expanded to query heads here.
+
+    Written only by KVForgeModel / KVForgeAttention (Cache.update(key, value) does not apply).
+    """
+
+    def __init__(self, config: KVForgeConfig, max_cache_len: int | None = None):
+        spec = config.compression_spec
+        if spec.pyramid is not None:
+            raise NotImplementedError(
+                "compression.inference.pyramid is set but the cache does not apply PyramidKV token selection yet; "
+                "remove inference.pyramid to generate with the full cache"
+            )
+        self.layouts: dict[tuple, SlotLayout] = {}
+        storages = []
+        for layer in spec.layers:
+            if layer.layout not in self.layouts:
+                self.layouts[layer.layout] = SlotLayout(*layer.layout, max_cache_len=max_cache_len)
+            shapes = cached_tensor_shapes(layer, config)
+            storages.append(LayerStorage(self.layouts[layer.layout], {n: d for n, (d, _) in shapes.items()}))
+        super().__init__(layers=storages)
+        self.layer_specs = spec.layers
+        self._seq_length = 0
+        self.valid_counts: torch.Tensor | None = None  # [B] real (non-padding) tokens seen per row
+
+    # ---- written by KVForgeModel -------------------------------------------------------------------
+    def query_index(self, new_valid: torch.Tensor) -> torch.Tensor:
+        """Index among each row's real tokens of the T new tokens (new_valid [B, T] bool); -1 for padding."""
+        seen = self.valid_counts if self.valid_counts is not None else new_valid.new_zeros(new_valid.shape[0], dtype=torch.long)
+        if seen.shape[0] != new_valid.shape[0]:
+            raise ValueError(
+                f"the cache holds batch size {seen.shape[0]} but this forward has batch size {new_valid.shape[0]}"
+            )
+        return _token_index(new_valid, seen)
+
+    def commit(self, plans: dict[tuple, SlotPlan], new_valid: torch.Tensor, query_positions: torch.Tensor) -> None:
+        for key, plan in plans.items():
+            self.layouts[key].commit(plan, query_positions)
+        counts = new_valid.sum(dim=1)
+        self.valid_counts = counts if self.valid_counts is None else self.valid_counts + counts
+        self._seq_length += new_valid.shape[1]
+
+    # ---- measurements ------------------------------------------------------------------------------
+    def cache_bytes(self) -> int:
+        """Bytes of the K/V tensors actually allocated (slot capacity, not just tokens written)."""
+        return sum(storage.num_bytes() for storage in self.layers)
+
+    def metadata_bytes(self) -> int:
+        """Bytes of the slot bookkeeping (token index and position per slot, shared by a layout's layers)."""
+        total = sum(t.numel() * t.element_size() for layout in self.layouts.values()
+                    for t in (layout.token_index, layout.positions) if t is not None)
+        return total + (self.valid_counts.numel() * 8 if self.valid_counts is not None else 0)
+
+    def kv_bytes_per_token(self) -> float:
+        """cache_bytes() / (batch x sequence positions held, left padding included)."""
+        if self._seq_length == 0:
+            raise ValueError("the cache is empty: run a forward pass or generate() first")
+        return self.cache_bytes() / (self.batch_size * self._seq_length)
+
+    def named_tensors(self):
+        """(layer_idx, name, tensor) for every allocated cache tensor."""
+        for idx, storage in enumerate(self.layers):
+            for name, tensor in storage.tensors.items():
+                yield idx, name, tensor
+
+    # ---- Cache API used by generate() ----------------------------------------------------------------
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        raise TypeError(
+            "KVForgeCache is written by KVForgeAttention through its layer storages; Cache.update(key, value) does "
+            "not apply to compressed layers"
+        )
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Sequence positions processed so far (same for every layer; window layers keep fewer slots)."""
+        return self._seq_length
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int) -> tuple[int, int]:
+        layout = self.layers[layer_idx].layout
+        return (layout.capacity if layout.is_ring else self._seq_length) + query_length, 0
+
+    @property
+    def batch_size(self) -> int:
+        return -1 if self.valid_counts is None else self.valid_counts.shape[0]
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.valid_counts is not None
+
+    @property
+    def is_croppable(self) -> bool:
+        return not any(layout.is_ring for layout in self.layouts.values())
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [layer.is_window for layer in self.layer_specs]
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False] * len(self.layers)
+
+    def reset(self) -> None:
+        for storage in self.layers:
+            storage.tensors = {}
+        for key, layout in list(self.layouts.items()):
+            fresh = SlotLayout(layout.window, layout.sinks, layout.max_cache_len)
+            layout.__dict__.update(fresh.__dict__)
+        self._seq_length = 0
+        self.valid_counts = None
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        for storage in self.layers:
+            storage.select_batch(indices)
+        for layout in self.layouts.values():
+            layout.select_batch(indices)
+        if self.valid_counts is not None:
+            self.valid_counts = self.valid_counts[indices]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.valid_counts is not None:
+            self.batch_select_indices(
+                torch.arange(self.valid_counts.shape[0], device=self.valid_counts.device).repeat_interleave(repeats))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drops the last -tokens_to_remove positions (a positive value is the length to keep, as in
+        DynamicCache); global layouts only."""
+        keep = self._seq_length + tokens_to_remove if tokens_to_remove <= 0 else min(tokens_to_remove, self._seq_length)
+        if keep == self._seq_length:
+            return
+        for layout in self.layouts.values():
+            layout.crop(keep)
+        for storage in self.layers:
+            storage.crop(keep)
+        if self.valid_counts is not None:
+            self.valid_counts = (self.layouts[(None, 0)].token_index[:, :keep] >= 0).sum(dim=1)
+        self._seq_length = keep
+
+    def early_initialization(self, *args, **kwargs):
+        raise NotImplementedError("KVForgeCache allocates on the first forward (its layers differ in shape)")
+
+    def __repr__(self) -> str:
+        return f"KVForgeCache(layers={len(self.layers)}, seq_length={self._seq_length}, bytes={self.cache_bytes()})"
+
+
+def _token_index(new_valid: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+    index = seen[:, None] + new_valid.long().cumsum(dim=1) - 1
+    return index.masked_fill(~new_valid, -1)
+
+
+# ================================================================================================
+# Attention, one function per cache representation (the seam for Triton kernels)
+# ================================================================================================
+
+
+def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # finfo.min instead of -inf: a row can never be all masked (visibility_mask), but stay finite regardless.
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+
+
+def _scores(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """query [B, K, G, T, d] . key [B, K, S, d] -> [B, K, G, T, S], without expanding key to G heads."""
+    batch, heads, group, length, dim = query.shape
+    return torch.matmul(query.reshape(batch, heads, group * length, dim), key.transpose(-1, -2)).view(
+        batch, heads, group, length, -1)
+
+
+def _weighted_values(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """probs [B, K, G, T, S] @ value [B, K, S, Dv] -> [B, K, G, T, Dv]."""
+    batch, heads, group, length, slots = probs.shape
+    return torch.matmul(probs.reshape(batch, heads, group * length, slots), value).view(batch, heads, group, length, -1)
+
+
+def _values_from_latent(probs: torch.Tensor, latent: torch.Tensor, up_weight: torch.Tensor) -> torch.Tensor:
+    """Absorbed value up-projection: sum_s p_s (U_k c_s) = U_k (sum_s p_s c_s), exact.
+
+    probs [B, K, G, T, S], latent [B, S, R], up_weight [K * Dv, R] -> [B, K, G, T, Dv]. Attending over the
+    R-dim latent and up-projecting once per query costs O(H T S R + H T R Dv) instead of O(S R K Dv).
+    """
+    batch, heads, group, length, slots = probs.shape
+    mixed = torch.matmul(probs.reshape(batch, heads * group * length, slots), latent)  # [B, K*G*T, R]
+    mixed = mixed.view(batch, heads, group * length, -1)
+    up = up_weight.view(heads, -1, up_weight.shape[-1])  # [K, Dv, R]
+    return torch.matmul(mixed, up.transpose(-1, -2)).view(batch, heads, group, length, -1)
+
+
+def _dropout(probs: torch.Tensor, dropout: float) -> torch.Tensor:
+    return F.dropout(probs, p=dropout, training=True) if dropout > 0 else probs
+
+
+def kv_attention(query, key, value, mask, scaling, *, need_probs=False, dropout=0.0, use_sdpa=False):
+    """Dense / merged-heads cache.
+
+    query [B, K, G, T, D] (rotated); key, value [B, K, S, D] (keys rotated); mask [B, 1, 1, T, S].
+    Returns out [B, K, G, T, D] and probs [B, K, G, T, S] (pre-dropout; None unless need_probs).
+    """
+    batch, heads, group, length, dim = query.shape
+    if use_sdpa and not need_probs:
+        out = F.scaled_dot_product_attention(
+            query.reshape(batch, heads * group, length, dim), key, value, attn_mask=mask[:, 0],
+            dropout_p=dropout, scale=scaling, enable_gqa=True)
+        return out.view(batch, heads, group, length, -1), None
+    probs = _masked_softmax(_scores(query, key) * scaling, mask, query.dtype)
+    return _weighted_values(_dropout(probs, dropout), value), (probs if need_probs else None)
+
+
+def pre_rope_latent_attention(query, k_latent, v_latent, k_up, v_up, key_cos, key_sin, mask, scaling, *,
+                              need_probs=False, dropout=0.0, use_sdpa=False):
+    """Low-rank cache with RoPE after the up-projection (Eigen Attention style).
+
+    query [B, K, G, T, D] (rotated); k_latent [B, S, Rk], v_latent [B, S, Rv]; k_up [K*D, Rk], v_up [K*D, Rv]
+    (weights); key_cos / key_sin [B, S, D] at the keys' positions. Keys are rebuilt and rotated here because
+    RoPE between q and k_up cannot be folded into the query. With one query token (decode) the value
+    up-projection is absorbed (`_values_from_latent`).
+    """
+    batch, heads, group, length, dim = query.shape
+    slots = k_latent.shape[1]
+    key = F.linear(k_latent, k_up).view(batch, slots, heads, dim).transpose(1, 2)  # [B, K, S, D]
+    key = apply_rotary(key, key_cos[:, None], key_sin[:, None])
+    if length > 1:
+        value = F.linear(v_latent, v_up).view(batch, slots, heads, -1).transpose(1, 2)  # [B, K, S, D]
+        return kv_attention(query, key, value, mask, scaling, need_probs=need_probs, dropout=dropout, use_sdpa=use_sdpa)
+    probs = _masked_softmax(_scores(query, key) * scaling, mask, query.dtype)
+    return _values_from_latent(_dropout(probs, dropout), v_latent, v_up), (probs if need_probs else None)
+
+
+def partial_rope_attention(query_rope, query_nope, k_rope, kv_latent, k_up, v_up, mask, scaling, *,
+                           need_probs=False, dropout=0.0, absorb=None):
+    """Partial-RoPE joint-latent cache (MHA2MLA).
+
+    query_rope [B, K, G, T, Dr] (rotated), query_nope [B, K, G, T, Dn]; k_rope [B, K, S, Dr] (rotated, cached
+    as is); kv_latent [B, S, R]; k_up [K*Dn, R], v_up [K*D, R]. score = q_rope . k_rope + q_nope . (U_k c).
+    Absorbed form (default for one query token): fold U_k into the query, attend over the latent, then apply
+    U_v once -- exact, and the keys' non-rotary part is never materialized.
+    """
+    batch, heads, group, length, _ = query_rope.shape
+    slots = kv_latent.shape[1]
+    absorb = (length == 1) if absorb is None else absorb
+    scores = _scores(query_rope, k_rope)
+    if absorb:
+        up_k = k_up.view(heads, -1, k_up.shape[-1])  # [K, Dn, R]
+        query_latent = torch.matmul(query_nope.reshape(batch, heads, group * length, -1), up_k)  # [B, K, G*T, R]
+        scores = scores + torch.matmul(
+            query_latent.reshape(batch, heads * group * length, -1), kv_latent.transpose(1, 2)
+        ).view(batch, heads, group, length, slots)
+    else:
+        k_nope = F.linear(kv_latent, k_up).view(batch, slots, heads, -1).transpose(1, 2)  # [B, K, S, Dn]
+        scores = scores + _scores(query_nope, k_nope)
+    probs = _masked_softmax(scores * scaling, mask, query_rope.dtype)
+    dropped = _dropout(probs, dropout)
+    if absorb:
+        out = _values_from_latent(dropped, kv_latent, v_up)
+    else:
+        value = F.linear(kv_latent, v_up).view(batch, slots, heads, -1).transpose(1, 2)  # [B, K, S, D]
+        out = _weighted_values(dropped, value)
+    return out, (probs if need_probs else None)
+
+
+def shared_probs_attention(probs, value=None, v_latent=None, v_up=None, *, dropout=0.0):
+    """probs_from consumer: another layer's probabilities [B, Kv, Gv, T, S] over this layer's values, either
+    value [B, Kv, S, D] or v_latent [B, S, Rv] with v_up [Kv*D, Rv]. No q, no k, no QK product."""
+    probs = _dropout(probs, dropout)
+    if value is not None:
+        return _weighted_values(probs, value), None
+    return _values_from_latent(probs, v_latent, v_up), None
+
+
+ATTENTION_FUNCTIONS: dict[str, Callable] = {
+    "kv": kv_attention,
+    "pre_rope_latent": pre_rope_latent_attention,
+    "partial": partial_rope_attention,
+    "shared_probs": shared_probs_attention,
+}
+
+
+def attention_function(representation: str) -> Callable:
+    """The attention implementation for a cache representation: the one seam where fused kernels plug in.
+
+    Today: the PyTorch reference above. The kernel dispatch (kernels/, copied flat beside this file on
+    export) will be consulted here and may return a Triton kernel with the same signature for the current
+    device, falling back to these references (which its tests hold it equal to).
+    """
+    return ATTENTION_FUNCTIONS[representation]
+
+
+# ================================================================================================
+# Attention module
+# ================================================================================================
+
+
+@dataclass
+class SharedKV:
+    """A producer's attendable cache for this step, as kv_from consumers read it."""
+
+    representation: str  # "kv" | "pre_rope_latent" | "partial"
+    tensors: dict[str, torch.Tensor]
+    producer: "KVForgeAttention"  # gives up-projections / rope_index / kv head count
+
+
+@dataclass
+class LayerHandoff:
+    """What producers hand to consumers within one forward (with or without a cache)."""
+
+    kv: dict[int, SharedKV] = field(default_factory=dict)
+    probs: dict[int, torch.Tensor] = field(default_factory=dict)  # [B, H, T, S]
+
+
+def partial_rope_dims(rope_index: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """rope_index [K, Dr/2] (frequency pairs kept rotary per kv head) -> head dims [K, Dr] and [K, Dn].
+
+    Pair i is dims (i, i + D/2). Rotary dims are laid out [pairs..., pairs + D/2...] (so rotate_half works
+    on them, and k_rope outputs them in this order); non-rotary dims likewise in ascending pair order (k_up
+    outputs them in this order).
+    """
+    half = head_dim // 2
+    heads = rope_index.shape[0]
+    is_rope = torch.zeros(heads, half, dtype=torch.bool, device=rope_index.device)
+    is_rope.scatter_(1, rope_index, True)
+    nope_pairs = torch.arange(half, device=rope_index.device).expand(heads, half)[~is_rope].view(heads, -1)
+    rope_dims = torch.cat([rope_index, rope_index + half], dim=1)
+    nope_dims = torch.cat([nope_pairs, nope_pairs + half], dim=1)
+    return rope_dims, nope_dims
+
+
+def _gather_dims(x: torch.Tensor, dims: torch.Tensor) -> torch.Tensor:
+    """x [B, K, ..., D], dims [K, d] -> [B, K, ..., d] (per-kv-head choice of head dims)."""
+    index = dims.view(1, dims.shape[0], *([1] * (x.dim() - 3)), dims.shape[1]).expand(*x.shape[:-1], dims.shape[1])
+    return torch.gather(x, -1, index)
+
+
+class KVForgeAttention(nn.Module):
+    """One layer's attention, with exactly the submodules its LayerSpec needs (docs/ARCHITECTURE.md):
+
+        dense / merged_heads(m)   q_proj, k_proj, v_proj, o_proj          (k/v with m heads when merged)
+        low_rank pre_rope_latent  q_proj, k_down, k_up, v_down, v_up, o_proj
+        low_rank partial(Dr)      q_proj, kv_down, k_up, v_up, k_rope, o_proj; buffer rope_index [K, Dr/2]
+        kv_from=j                 q_proj, o_proj
+        probs_from=j              v_proj (or v_down, v_up), o_proj
+
+    Down-projections carry the original k/v bias (attention_bias); up-projections have none.
+    """
+
+    def __init__(self, config: KVForgeConfig, layer_idx: int, spec=None):
+        super().__init__()
+        spec = spec if spec is not None else config.compression_spec
+        layer = spec.layers[layer_idx]
+        self.config = config
+        self.layer_idx = layer_idx
+        self.layer_spec = layer
+        self.representation = layer.representation
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.scaling = self.head_dim ** -0.5
+        self.attention_dropout = config.attention_dropout
+        # Whether later layers read this layer's K/V or probabilities (set by KVForgeModel).
+        self.shares_kv = any(other.kv_from == layer_idx for other in spec.layers)
+        self.shares_probs = any(other.probs_from == layer_idx for other in spec.layers)
+
+        hidden, heads, dim = config.hidden_size, self.num_heads, self.head_dim
+        original_kv_heads = config.num_key_value_heads
+        bias = config.attention_bias
+        own_heads = layer.num_kv_heads if layer.kv_proj == "merged_heads" else original_kv_heads
+        source = spec.layers[layer.kv_from] if layer.kv_from is not None else layer
+        # Heads of the K/V this layer attends over (its own, or its producer's); for probs_from, of its values.
+        self.num_kv_heads = source.num_kv_heads if source.kv_proj == "merged_heads" else original_kv_heads
+
+        rep = self.representation
+        if layer.probs_from is None:
+            self.q_proj = nn.Linear(hidden, heads * dim, bias=bias)
+        if rep == "kv":
+            self.k_proj = nn.Linear(hidden, own_heads * dim, bias=bias)
+            self.v_proj = nn.Linear(hidden, own_heads * dim, bias=bias)
+        elif rep == "pre_rope_latent":
+            self.k_down = nn.Linear(hidden, layer.k_rank, bias=bias)
+            self.k_up = nn.Linear(layer.k_rank, original_kv_heads * dim, bias=False)
+            self.v_down = nn.Linear(hidden, layer.v_rank, bias=bias)
+            self.v_up = nn.Linear(layer.v_rank, original_kv_heads * dim, bias=False)
+        elif rep == "partial":
+            rope_dims = layer.rope_dims
+            self.kv_down = nn.Linear(hidden, layer.kv_rank, bias=bias)
+            self.k_up = nn.Linear(layer.kv_rank, original_kv_heads * (dim - rope_dims), bias=False)
+            self.v_up = nn.Linear(layer.kv_rank, original_kv_heads * dim, bias=False)
+            self.k_rope = nn.Linear(hidden, original_kv_heads * rope_dims, bias=bias)
+            self.register_buffer("rope_index", self.default_rope_index(original_kv_heads, rope_dims))
+        elif rep == "v":
+            self.v_proj = nn.Linear(hidden, own_heads * dim, bias=bias)
+        elif rep == "v_latent":
+            self.v_down = nn.Linear(hidden, layer.v_rank, bias=bias)
+            self.v_up = nn.Linear(layer.v_rank, original_kv_heads * dim, bias=False)
+        self.o_proj = nn.Linear(heads * dim, hidden, bias=config.attention_output_bias)
+
+    @staticmethod
+    def default_rope_index(num_kv_heads: int, rope_dims: int) -> torch.Tensor:
+        """Before surgery picks them: the rope_dims/2 highest-frequency pairs stay rotary in every head."""
+        return torch.arange(rope_dims // 2).expand(num_kv_heads, -1).clone()
+
+    # ---- what this layer caches for the new tokens ---------------------------------------------------
+    def _new_cache_entries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> dict[str, torch.Tensor]:
+        batch, length, _ = x.shape
+        rep = self.representation
+        if rep == "kv":
+            key = self.k_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)  # [B, K, T, D]
+            value = self.v_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
+            return {"key": apply_rotary(key, cos[:, None], sin[:, None]), "value": value}
+        if rep == "pre_rope_latent":
+            return {"k_latent": self.k_down(x), "v_latent": self.v_down(x)}  # [B, T, Rk], [B, T, Rv]
+        if rep == "partial":
+            rope_dims, _ = partial_rope_dims(self.rope_index, self.head_dim)
+            k_rope = self.k_rope(x).view(batch, length, -1, rope_dims.shape[1]).transpose(1, 2)  # [B, K, T, Dr]
+            heads = k_rope.shape[1]
+            cos_r = _gather_dims(cos[:, None].expand(-1, heads, -1, -1), rope_dims)  # [B, K, T, Dr]
+            sin_r = _gather_dims(sin[:, None].expand(-1, heads, -1, -1), rope_dims)
+            return {"kv_latent": self.kv_down(x), "k_rope": apply_rotary(k_rope, cos_r, sin_r)}
+        if rep == "v":
+            return {"value": self.v_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)}
+        if rep == "v_latent":
+            return {"v_latent": self.v_down(x)}
+        raise AssertionError(rep)
+
+    # ---- attention over a producer's cache (own or shared) -------------------------------------------
+    def _attend(self, shared: SharedKV, query: torch.Tensor, cos, sin, plan: SlotPlan, need_probs: bool, dropout: float):
+        """query [B, H, T, D] unrotated -> out [B, K, G, T, D], probs [B, K, G, T, S] | None."""
+        producer = shared.producer
+        batch, heads, length, dim = query.shape
+        kv_heads = producer.num_kv_heads
+        query = query.view(batch, kv_heads, heads // kv_heads, length, dim)  # head h reads kv head h // G
+        rotated = apply_rotary(query, cos[:, None, None], sin[:, None, None])
+        attend = attention_function(shared.representation)
+        t = shared.tensors
+        use_sdpa = self.config._attn_implementation == "sdpa"
+        if shared.representation == "kv":
+            return attend(rotated, t["key"], t["value"], plan.mask, self.scaling, need_probs=need_probs,
+                          dropout=dropout, use_sdpa=use_sdpa)
+        if shared.representation == "pre_rope_latent":
+            key_cos, key_sin = plan.key_rotary()
+            return attend(rotated, t["k_latent"], t["v_latent"], producer.k_up.weight, producer.v_up.weight,
+                          key_cos, key_sin, plan.mask, self.scaling, need_probs=need_probs, dropout=dropout,
+                          use_sdpa=use_sdpa)
+        if shared.representation == "partial":
+            rope_dims, nope_dims = partial_rope_dims(producer.rope_index, dim)
+            return attend(_gather_dims(rotated, rope_dims), _gather_dims(query, nope_dims), t["k_rope"],
+                          t["kv_latent"], producer.k_up.weight, producer.v_up.weight, plan.mask, self.scaling,
+                          need_probs=need_probs, dropout=dropout)
+        raise AssertionError(shared.representation)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,  # [B, T, E]
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],  # cos, sin [B, T, D]
+        plan: SlotPlan,
+        storage: LayerStorage | None,
+        handoff: LayerHandoff,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch, length, _ = hidden_states.shape
+        cos, sin = position_embeddings
+        layer = self.layer_spec
+        dropout = self.attention_dropout if self.training else 0.0
+        need_probs = self.shares_probs or output_attentions
+
+        if layer.probs_from is not None:
+            probs = handoff.probs[layer.probs_from]  # [B, H, T, S]
+            values = self._new_cache_entries(hidden_states, cos, sin)
+            if storage is not None:
+                values = storage.update(plan, values)
+            kv_heads = self.num_kv_heads
+            grouped = probs.view(batch, kv_heads, self.num_heads // kv_heads, length, -1)
+            attend = attention_function("shared_probs")
+            if self.representation == "v":
+                out, _ = attend(grouped, value=values["value"], dropout=dropout)
+            else:
+                out, _ = attend(grouped, v_latent=values["v_latent"], v_up=self.v_up.weight, dropout=dropout)
+            probs = None
+        else:
+            query = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+            if layer.kv_from is not None:
+                shared = handoff.kv[layer.kv_from]
+            else:
+                entries = self._new_cache_entries(hidden_states, cos, sin)
+                if storage is not None:
+                    entries = storage.update(plan, entries)
+                shared = SharedKV(self.representation, entries, self)
+                if self.shares_kv:
+                    handoff.kv[self.layer_idx] = shared
+            out, probs = self._attend(shared, query, cos, sin, plan, need_probs, dropout)
+            if probs is not None:
+                probs = probs.reshape(batch, self.num_heads, length, -1)  # [B, H, T, S]
+                if self.shares_probs:
+                    handoff.probs[self.layer_idx] = probs
+
+        out = out.reshape(batch, self.num_heads, length, self.head_dim).transpose(1, 2).reshape(batch, length, -1)
+        return self.o_proj(out), (probs if output_attentions else None)
+
+
+# ================================================================================================
+# Decoder
+# ================================================================================================
+
+
+class KVForgeDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: KVForgeConfig, layer_idx: int, spec=None):
+        super().__init__()
+        self.self_attn = KVForgeAttention(config, layer_idx, spec)
+        self.mlp = KVForgeMLP(config)
+        self.input_layernorm = KVForgeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = KVForgeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, position_embeddings, plan, storage, handoff, output_attentions=False):
+        residual = hidden_states
+        attn_out, probs = self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings=position_embeddings, plan=plan,
+            storage=storage, handoff=handoff, output_attentions=output_attentions)
+        hidden_states = residual + attn_out
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states, probs
+
+
+class KVForgePreTrainedModel(PreTrainedModel):
+    config_class = KVForgeConfig
+    config: KVForgeConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["KVForgeDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _can_compile_fullgraph = False
+    _supports_attention_backend = False
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, KVForgeAttention) and hasattr(module, "rope_index"):
+            default = module.default_rope_index(*module.rope_index.shape[:1], 2 * module.rope_index.shape[1])
+            default = default.to(module.rope_index.device)
+            if hf_init is not None:
+                hf_init.copy_(module.rope_index, default)
+            else:
+                with torch.no_grad():
+                    module.rope_index.copy_(default)
+
+
+class KVForgeModel(KVForgePreTrainedModel):
+    def __init__(self, config: KVForgeConfig):
+        super().__init__(config)
+        spec = config.compression_spec
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [KVForgeDecoderLayer(config, i, spec) for i in range(config.num_hidden_layers)])
+        self.norm = KVForgeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = KVForgeRotaryEmbedding(config)
+        self.layouts = [layer.layout for layer in spec.layers]
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: KVForgeCache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast | tuple:
+        """attention_mask: 2D [B, past + T], 1 = real token, 0 = padding (left padding for batched generation).
+
+        Raises ValueError for a missing/duplicated input or a mask of the wrong shape, TypeError for a cache
+        that is not a KVForgeCache.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_hidden_states = (output_hidden_states if output_hidden_states is not None
+                                else self.config.output_hidden_states)
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        use_cache = use_cache if use_cache is not None else self.config.use_cache
+        if self.gradient_checkpointing and self.training and use_cache:
+            logger.warning_once("use_cache=True is incompatible with gradient checkpointing; setting use_cache=False")
+            use_cache = False
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch, length, _ = inputs_embeds.shape
+
+        if past_key_values is not None and not isinstance(past_key_values, KVForgeCache):
+            raise TypeError(
+                f"KVForge layers need a KVForgeCache, got {type(past_key_values).__name__}; pass none and one is "
+                f"created (generate() does this), or pass KVForgeCache(model.config)"
+            )
+        if use_cache and past_key_values is None:
+            past_key_values = KVForgeCache(self.config)
+        cache = past_key_values
+        past_length = cache.get_seq_length() if cache is not None else 0
+
+        device = inputs_embeds.device
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, past_length + length, dtype=torch.long, device=device)
+        if attention_mask.dim() != 2 or attention_mask.shape != (batch, past_length + length):
+            raise ValueError(
+                f"attention_mask must be 2D [batch, past + new] = [{batch}, {past_length + length}] (1 = token, "
+                f"0 = padding), got shape {tuple(attention_mask.shape)}"
+            )
+        new_valid = attention_mask[:, past_length:].bool()  # [B, T]
+        if cache is not None:
+            query_index = cache.query_index(new_valid)
+        else:
+            query_index = _token_index(new_valid, new_valid.new_zeros(batch, dtype=torch.long))
+        if position_ids is None:  # as Llama: positions count columns, padding included
+            position_ids = torch.arange(past_length, past_length + length, device=device)[None].expand(batch, -1)
+        position_ids = position_ids.expand(batch, -1)
+
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)  # cos, sin [B, T, D]
+
+        def rotary(positions):
+            return self.rotary_emb(inputs_embeds, positions)
+
+        plans: dict[tuple, SlotPlan] = {}
+        for layout in dict.fromkeys(self.layouts):
+            source = cache.layouts[layout] if cache is not None else SlotLayout(*layout)
+            plans[layout] = source.plan(query_index, position_ids)
+            plans[layout].rotary = rotary
+
+        handoff = LayerHandoff()
+        hidden_states = inputs_embeds
+        all_hidden, all_attentions = [], []
+        for idx, decoder_layer in enumerate(self.layers):
+            if output_hidden_states:
+                all_hidden.append(hidden_states)
+            hidden_states, probs = decoder_layer(
+                hidden_states,
+                position_embeddings=position_embeddings,
+                plan=plans[self.layouts[idx]],
+                storage=cache.layers[idx] if cache is not None else None,
+                handoff=handoff,
+                output_attentions=output_attentions,
+            )
+            if output_attentions:
+                all_attentions.append(probs)
+        if cache is not None:
+            cache.commit(plans, new_valid, position_ids)
+
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden.append(hidden_states)
+        output = BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            past_key_values=cache if use_cache else None,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_attentions) if output_attentions else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class KVForgeForCausalLM(KVForgePreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: KVForgeConfig):
+        super().__init__(config)
+        self.model = KVForgeModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: KVForgeCache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        output = CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode=None,
+                                      batch_size=None, max_cache_length=None, *args, **kwargs):
+        """generate() gets a KVForgeCache, sized from the generation's max length (transformers would make
+        a DynamicCache, which cannot hold compressed layers)."""
+        cache = model_kwargs.get("past_key_values")
+        if cache is not None:
+            if not isinstance(cache, KVForgeCache):
+                raise TypeError(
+                    f"past_key_values must be a KVForgeCache, got {type(cache).__name__}; omit it and generate() "
+                    f"creates one"
+                )
+            cache._is_user_defined = True
+            return
+        if generation_config.use_cache is False:
+            return
+        if generation_config.cache_implementation not in (None, "dynamic"):
+            raise ValueError(
+                f"cache_implementation={generation_config.cache_implementation!r} is not supported: KVForge models "
+                f"generate with their own KVForgeCache; leave cache_implementation unset"
+            )
+        model_kwargs["past_key_values"] = KVForgeCache(self.config, max_cache_len=max_cache_length)
+
+
+__all__ = [
+    "KVForgeCache",
+    "KVForgeForCausalLM",
+    "KVForgeModel",
+    "KVForgePreTrainedModel",
+    "KVForgeAttention",
+    "attention_function",
+]
+
+KVForgeForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+if __name__.startswith("kvforge."):
+    # Inside the package AutoModelForCausalLM resolves "kvforge" without trust_remote_code; an exported copy
+    # loaded as remote code leaves the global registry alone.
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.register(KVForgeConfig, KVForgeForCausalLM, exist_ok=True)
