@@ -185,22 +185,14 @@ def build_data(cfg: Config, tokenizer, model, rank: int):
 
     from .data import build_packed_datasets
 
+    # The train/eval split does not depend on run.seed, so runs with different seeds share one eval set.
     sep = document_separator_id(tokenizer, model.config)
-    data_cfg = _DataView(cfg)
     if rank == 0:
-        packed = build_packed_datasets(data_cfg, tokenizer, sep)
+        packed = build_packed_datasets(cfg.data, tokenizer, sep)
     dist.barrier()
     if rank != 0:
-        packed = build_packed_datasets(data_cfg, tokenizer, sep)
+        packed = build_packed_datasets(cfg.data, tokenizer, sep, show_progress=False)
     return packed
-
-
-class _DataView:
-    """The data section plus the run seed, as trainer/data.py reads it."""
-
-    def __init__(self, cfg: Config):
-        self.__dict__.update(vars(cfg.data))
-        self.seed = cfg.run.seed
 
 
 def evaluate(engine, rows: torch.Tensor, cfg: Config, rank: int, world: int, device) -> dict:
