@@ -1,0 +1,233 @@
+"""Low-rank KV from calibration statistics: Eigen Attention / Palu latents and MLA-style partial RoPE.
+
+Both variants cache a short latent per token instead of the n_kv * d keys and values, and both are PCA of
+the projection outputs over the calibration tokens (see `linalg.factorize` for the bias/mean algebra).
+
+pre_rope_latent (Eigen Attention arXiv 2408.05646, Palu arXiv 2407.21118)
+    k_lat = k_down x  [k_rank]      v_lat = v_down x  [v_rank]          cached: k_rank + v_rank
+    k = k_up k_lat, rotated by RoPE at attention time; v = v_up v_lat.
+    K is factorised uncentred (a pre-RoPE constant cannot be dropped, see `factorize`); V is centred and
+    its mean restored through v_up's bias when the attention module has one, uncentred otherwise.
+
+partial (MHA2MLA arXiv 2502.14837, TransMLA)
+    Per KV head keep p of the d/2 rotary frequency pairs (d_rope = 2p dims: f and f + d/2 for each kept f)
+    as ordinary RoPE'd keys (`k_rope`, cached as is); the other d - d_rope "nope" key dims of all heads and
+    all value dims share one latent:
+        c = kv_down x [kv_rank];  k_nope = k_up c;  v = v_up c               cached: kv_rank + n_kv d_rope
+    The nope dims carry no position, so at decode k_up folds into the queries (q_nope^T k_up) and v_up into
+    o_proj: attention runs on the latent directly, as in MLA. The joint PCA is of [k_nope; v]. Where kv_down
+    has a bias the keys' mean is subtracted and not restored (a constant on the non-rotary key dims shifts
+    every logit of a query equally, and softmax ignores it), so no rank is spent on it; the values' mean is
+    restored when v_up has a bias to carry it. Without those biases the PCA is uncentred (still optimal for
+    a bias-free latent).
+
+    Which pairs stay rotary (`select_rope_pairs`):
+      "norm"    MHA2MLA's 2-norm criterion: by ||q_f|| ||k_f|| summed over the KV head's query heads,
+                the Cauchy-Schwarz bound on the pair's contribution to the logits (norms are root mean
+                squares over the calibration tokens, rotation invariant, so read from pre-RoPE moments);
+      "high"    the p highest frequencies (f = 0..p-1);  "low" the p lowest;
+      "uniform" p pairs evenly spaced over the spectrum.
+
+Weighting (`balance`) of the PCA, so that the directions kept are the ones attention needs:
+    "none"       plain PCA of the outputs;
+    "trace"      (joint latent only) scale keys and values to the same total energy before the PCA;
+    "attention"  weight each key pair by the root-mean-square of the queries that read it (summed over the
+                 KV head's query heads, over sqrt(d): the logit error is q . dk / sqrt(d)) and each value dim
+                 by the norm of the o_proj columns that read it (the output error is O dv).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from .linalg import Factorization, factorize, pair_energy
+
+ROPE_PAIR_CRITERIA = ("norm", "high", "low", "uniform")
+BALANCES = ("none", "trace", "attention")
+
+
+def select_rope_pairs(
+    q_pair_energy: torch.Tensor, k_pair_energy: torch.Tensor, num_pairs: int, criterion: str = "norm",
+) -> torch.Tensor:
+    """[n_kv, p] long: the frequency pairs each KV head keeps rotary, ascending.
+
+    Args:
+        q_pair_energy: [n_q, d/2] mean squared norm of each query pair (see `linalg.pair_energy`).
+        k_pair_energy: [n_kv, d/2] the same for keys.
+        num_pairs: p = d_rope / 2, in [1, d/2].
+        criterion: one of ROPE_PAIR_CRITERIA.
+
+    Raises:
+        ValueError: a bad criterion, p out of range, or energies of mismatched shapes.
+    """
+    n_q, half = q_pair_energy.shape
+    n_kv = k_pair_energy.shape[0]
+    if criterion not in ROPE_PAIR_CRITERIA:
+        raise ValueError(f"rope pair criterion must be one of {ROPE_PAIR_CRITERIA}, got {criterion!r}")
+    if k_pair_energy.shape[1] != half or n_q % n_kv:
+        raise ValueError(f"query energies {tuple(q_pair_energy.shape)} and key energies {tuple(k_pair_energy.shape)} "
+                         "must share d/2 and have n_kv dividing n_q")
+    if not 1 <= num_pairs <= half:
+        raise ValueError(f"rope_dims must be an even number in [2, {2 * half}] (head_dim), got {2 * num_pairs}")
+    if criterion == "high":
+        return torch.arange(num_pairs).expand(n_kv, num_pairs).clone()
+    if criterion == "low":
+        return torch.arange(half - num_pairs, half).expand(n_kv, num_pairs).clone()
+    if criterion == "uniform":
+        step = half / num_pairs
+        return torch.tensor([int(i * step) for i in range(num_pairs)]).expand(n_kv, num_pairs).clone()
+    q_norm = q_pair_energy.to(torch.float64).clamp_min(0).sqrt().reshape(n_kv, n_q // n_kv, half).sum(1)
+    score = q_norm * k_pair_energy.to(torch.float64).clamp_min(0).sqrt()             # [n_kv, d/2]
+    # Stable sort so ties (e.g. all-zero test weights) pick the lower (faster) frequency, deterministically.
+    order = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :num_pairs]
+    return order.sort(dim=1).values
+
+
+def rope_dim_index(pairs: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[n_kv, 2p] long: the head dims of the kept pairs, first halves then second halves
+    ([f_1..f_p, f_1 + d/2..f_p + d/2]), so the kept sub-vector keeps the rotate_half layout. This is the order
+    in which modeling_kvforge.partial_rope_dims reads k_rope's outputs; the non-rotary dims follow in ascending
+    order (k_up's outputs), which for ascending pairs is `nope_dim_index`."""
+    return torch.cat([pairs, pairs + head_dim // 2], dim=1)
+
+
+def nope_dim_index(rope_index: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[n_kv, d - 2p] long: the head dims not in `rope_index`, ascending."""
+    keep = torch.ones(rope_index.shape[0], head_dim, dtype=torch.bool)
+    keep.scatter_(1, rope_index, False)
+    return torch.stack([torch.nonzero(row).flatten() for row in keep])
+
+
+def flat_rows(dim_index: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """[n_kv * k] long: rows of a [n_kv * d, ...] projection picked per head by dim_index [n_kv, k]."""
+    heads = torch.arange(dim_index.shape[0])[:, None]
+    return (heads * head_dim + dim_index).flatten()
+
+
+def key_pair_scale(q_pair_energy: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[n_kv, d] scale for the key dims: sqrt(sum over the KV head's query heads of E|q_f|^2 / d).
+
+    The same weight for both dims of a pair, so weighting commutes with RoPE."""
+    n_q, half = q_pair_energy.shape
+    d = 2 * half
+    energy = q_pair_energy.to(torch.float64).reshape(num_kv_heads, n_q // num_kv_heads, half).sum(1) / d
+    scale = energy.clamp_min(0).sqrt()
+    scale = scale.clamp_min(scale.max() * 1e-6 + 1e-30)  # a dead pair still needs a finite inverse
+    return torch.cat([scale, scale], dim=1)
+
+
+def value_dim_scale(o_weight: torch.Tensor, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """[n_kv, d] scale for the value dims: the norm of the o_proj columns that read each dim, over the
+    KV head's query heads (o_weight: [H, n_q d])."""
+    n_q = o_weight.shape[1] // head_dim
+    col = o_weight.to(torch.float64).pow(2).sum(0).reshape(num_kv_heads, n_q // num_kv_heads, head_dim).sum(1)
+    scale = col.sqrt()
+    return scale.clamp_min(scale.max() * 1e-6 + 1e-30)
+
+
+@dataclass
+class PartialRopeFactors:
+    """The parameters of a partial-RoPE layer (names as in docs/ARCHITECTURE.md)."""
+
+    k_rope_weight: torch.Tensor            # [n_kv * d_rope, H]
+    k_rope_bias: Optional[torch.Tensor]
+    latent: Factorization                  # down: kv_down; up rows [:n_kv*(d-d_rope)] = k_up, rest = v_up
+    rope_pairs: torch.Tensor               # [n_kv, d_rope / 2] frequency pairs kept rotary (the `rope_index` buffer)
+    nope_rows: int                         # n_kv * (d - d_rope)
+
+    @property
+    def k_up_weight(self) -> torch.Tensor:
+        return self.latent.up_weight[:self.nope_rows]
+
+    @property
+    def v_up_weight(self) -> torch.Tensor:
+        return self.latent.up_weight[self.nope_rows:]
+
+    @property
+    def v_up_bias(self) -> Optional[torch.Tensor]:
+        return None if self.latent.up_bias is None else self.latent.up_bias[self.nope_rows:]
+
+
+def partial_rope_factors(
+    *,
+    k_weight: torch.Tensor, k_bias: Optional[torch.Tensor],
+    v_weight: torch.Tensor, v_bias: Optional[torch.Tensor],
+    kv_second_moment: torch.Tensor, kv_mean: torch.Tensor,
+    q_pair_energy: torch.Tensor, num_kv_heads: int, head_dim: int,
+    rope_dims: int, kv_rank: int, criterion: str = "norm",
+    restore_value_mean: bool = False, drop_key_mean: bool = False, balance: str = "none",
+    o_weight: Optional[torch.Tensor] = None,
+) -> PartialRopeFactors:
+    """Split keys into rotary dims and a joint [k_nope; v] latent of rank kv_rank.
+
+    Args:
+        kv_second_moment / kv_mean: moments of the concatenated pre-RoPE [k; v] ([2 n_kv d]).
+        q_pair_energy: [n_q, d/2] query pair energies (for the "norm" criterion and "attention" balance).
+        restore_value_mean: centre the values and give v_up a bias (needs the module to have one).
+        drop_key_mean: subtract the non-rotary keys' mean before the PCA and never add it back (exact up to
+            a per-query logit shift; needs a bias on kv_down to subtract it).
+        o_weight: [H, n_q d], needed for balance="attention".
+
+    Raises:
+        ValueError: bad rope_dims, rank, criterion or balance.
+    """
+    if balance not in BALANCES:
+        raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}")
+    if rope_dims % 2:
+        raise ValueError(f"rope_dims must be even (whole rotate_half pairs), got {rope_dims}")
+    n_k = num_kv_heads * head_dim
+    k_second = kv_second_moment[:n_k, :n_k]
+    pairs = select_rope_pairs(q_pair_energy, pair_energy(k_second, num_kv_heads, head_dim), rope_dims // 2, criterion)
+    rope_index = rope_dim_index(pairs, head_dim)
+    rope_rows = flat_rows(rope_index, head_dim)
+    nope_rows = flat_rows(nope_dim_index(rope_index, head_dim), head_dim)
+    # Joint output y = [k_nope; v]: its moments are a sub-block of the [k; v] moments.
+    joint_rows = torch.cat([nope_rows, n_k + torch.arange(num_kv_heads * head_dim)])
+    second = kv_second_moment[joint_rows][:, joint_rows]
+    mean = kv_mean[joint_rows]
+    weight = torch.cat([k_weight[nope_rows], v_weight])
+    bias = None
+    if k_bias is not None or v_bias is not None:
+        bias = torch.cat([k_bias[nope_rows] if k_bias is not None else torch.zeros(len(nope_rows), dtype=k_weight.dtype),
+                          v_bias if v_bias is not None else torch.zeros(v_weight.shape[0], dtype=v_weight.dtype)])
+    n_nope = len(nope_rows)
+    offset = mean.clone()
+    if not drop_key_mean:
+        offset[:n_nope] = 0.0
+    if not restore_value_mean:
+        offset[n_nope:] = 0.0
+    if not (drop_key_mean or restore_value_mean):
+        offset = None
+    scale = None
+    if balance == "trace":
+        energy_k = float(torch.diagonal(second)[:n_nope].sum() - (mean[:n_nope] ** 2).sum() * drop_key_mean)
+        energy_v = float(torch.diagonal(second)[n_nope:].sum())
+        ratio = math.sqrt(energy_v / energy_k) if energy_k > 0 and energy_v > 0 else 1.0
+        scale = torch.cat([torch.full((n_nope,), ratio, dtype=torch.float64), torch.ones(weight.shape[0] - n_nope, dtype=torch.float64)])
+    elif balance == "attention":
+        if o_weight is None:
+            raise ValueError("balance='attention' needs o_weight")
+        k_scale = key_pair_scale(q_pair_energy, num_kv_heads).flatten()[nope_rows]
+        scale = torch.cat([k_scale, value_dim_scale(o_weight, num_kv_heads, head_dim).flatten()])
+    latent = factorize(weight, bias, second, mean, kv_rank, offset=offset, restore_offset=False, scale=scale)
+    if restore_value_mean:
+        # Only the values' part of the offset comes back; the keys' part is dropped (softmax shift).
+        latent.up_bias = torch.cat([torch.zeros(n_nope, dtype=torch.float64), mean[n_nope:].to(torch.float64)]).to(weight.dtype)
+    return PartialRopeFactors(
+        k_rope_weight=k_weight[rope_rows].clone(),
+        k_rope_bias=None if k_bias is None else k_bias[rope_rows].clone(),
+        latent=latent, rope_pairs=pairs, nope_rows=n_nope,
+    )
+
+
+def pre_rope_factors(
+    *, weight: torch.Tensor, bias: Optional[torch.Tensor], second_moment: torch.Tensor, mean: torch.Tensor,
+    rank: int, restore_mean: bool, scale: Optional[torch.Tensor] = None,
+) -> Factorization:
+    """One projection (k or v) as down/up of rank `rank`; keys must use restore_mean=False (uncentred)."""
+    return factorize(weight, bias, second_moment, mean, rank,
+                     offset=mean if restore_mean else None, restore_offset=restore_mean, scale=scale)
