@@ -1,0 +1,330 @@
+"""Named compression layouts as data: functions of the layer count that return a CompressionSpec.
+
+Every preset builds the per-layer list of `LayerSpec` fields (docs/ARCHITECTURE.md) and hands it to
+`CompressionSpec`, whose validation names the layer and field of anything wrong. Presets only describe
+*what* the compressed model looks like; how the new weights are initialised (averaging shared K/V
+projections, spending a rank budget greedily by calibration error, choosing shared-attention spans from
+attention maps) is `surgery.SurgerySettings`.
+
+MixAttention (Rajput et al. 2024, arXiv 2409.15012). The paper studies 24-layer models in which most
+layers use sliding-window attention, a few use global ("standard") attention, and KV caches are shared
+across layers. Its variants, in its words and with the layer indices we use for 24 layers (G = global,
+W = window; "x <- j" reads layer j's cache):
+  * MA            the first layer is global with its own cache; the other global layers (middle, last) reuse
+                  it; window layers share caches in small groups.            G at 0, 12 <- 0, 23 <- 0
+  * MA-EndSlide   as MA, but the last layer is a window layer.               G at 0, 12 <- 0
+  * MA-Offset     as MA, but the first global layer (the one computing the shared cache) is moved deeper,
+                  so that cache comes from a layer that has already mixed local context.
+                                                                              G at 4, 12 <- 4, 23 <- 4
+  * MA-Pairs      global layers come in pairs, each pair sharing one cache, so two global caches exist,
+                  the second computed deep in the network.                   G at 4, 12 <- 4; 16, 23 <- 16
+  The paper gives these layouts as 24-layer diagrams; the exact indices above are our reading of them
+  (the paper does not state a rule for other depths). For N layers we scale the 24-layer index x to
+  round(x * (N - 1) / 23). Window layers between global ones share one cache per run of
+  `window_group` (default 2: the paper's and Character.AI's "2-3 adjacent layers"); the first layer of a
+  run computes it. The paper's window is 1024 tokens (a parameter here).
+  * standard      every layer global, nothing shared: the paper's baseline (the original model).
+
+Character.AI ("Optimizing AI Inference at Character.AI", 2024): one global layer in every 6 (the first
+of each block of 6), the others local with a 1024-token window; KV caches are tied between adjacent local
+layers (groups of `local_group`, 2-3) and across global layers (every global layer reads the first one's).
+
+Low-rank budgets: `low_rank` gives every layer a low-rank K/V at a uniform rank chosen so the cache is
+`budget` of the dense one; surgery then (by default) redistributes the same total across layers and
+between K and V greedily by calibration error (surgery.SurgerySettings.rank_allocation).
+
+Free-form layouts: `layout("G W W<1 W ...")` or `custom([...])` with one dict of LayerSpec fields per layer.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+from typing import Any, Callable, Optional
+
+PAPER_LAYERS = 24  # the depth of the MixAttention paper's models, whose layouts the MA presets scale
+
+
+class PresetError(ValueError):
+    """An unknown preset, a bad argument to one, or a layout that cannot be built for this depth."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def global_layer(kv_from: Optional[int] = None) -> dict[str, Any]:
+    return {"attention": "global", "kv_from": kv_from}
+
+
+def window_layer(window: int, sinks: int = 0, kv_from: Optional[int] = None) -> dict[str, Any]:
+    return {"attention": "window", "window": window, "sinks": sinks, "kv_from": kv_from}
+
+
+def _spec(layers: list[dict[str, Any]]) -> Any:
+    """The CompressionSpec of a per-layer field list (parsed; validated against a model by `build_preset`)."""
+    from .configuration_kvforge import CompressionSpec, CompressionSpecError
+
+    try:
+        return CompressionSpec.from_dict({"layers": layers})
+    except CompressionSpecError as e:
+        raise PresetError(str(e)) from None
+
+
+def _scaled(index_24: int, num_layers: int) -> int:
+    return round(index_24 * (num_layers - 1) / (PAPER_LAYERS - 1))
+
+
+def _check_depth(num_layers: Any, minimum: int, preset: str) -> None:
+    if isinstance(num_layers, bool) or not isinstance(num_layers, int) or num_layers < minimum:
+        raise PresetError(f"preset {preset!r} needs num_layers >= {minimum} (an integer), got {num_layers!r}")
+
+
+def _check_window(window: Any, sinks: Any, preset: str) -> None:
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise PresetError(f"preset {preset!r}: window must be a positive integer, got {window!r}")
+    if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
+        raise PresetError(f"preset {preset!r}: sinks must be a non-negative integer, got {sinks!r}")
+
+
+def mix_layout(num_layers: int, global_groups: list[list[int]], *, window: int, sinks: int = 0,
+               window_group: int = 2, preset: str = "mix_layout") -> list[dict[str, Any]]:
+    """Window layers everywhere except the global layers; each global group shares its first layer's cache;
+    runs of consecutive window layers share one cache per `window_group` layers (1: no sharing).
+
+    Args:
+        global_groups: lists of global layer indices; the first of each list computes the cache.
+    """
+    _check_window(window, sinks, preset)
+    if isinstance(window_group, bool) or not isinstance(window_group, int) or window_group < 1:
+        raise PresetError(f"preset {preset!r}: window_group must be a positive integer, got {window_group!r}")
+    layers: list[Optional[dict[str, Any]]] = [None] * num_layers
+    for group in global_groups:
+        group = sorted(set(group))
+        for position, index in enumerate(group):
+            if not 0 <= index < num_layers:
+                raise PresetError(f"preset {preset!r}: global layer {index} is outside 0..{num_layers - 1}")
+            if layers[index] is not None:
+                raise PresetError(f"preset {preset!r}: layer {index} appears in two global groups for {num_layers} layers")
+            layers[index] = global_layer(None if position == 0 else group[0])
+    run_start, run_length = None, 0
+    for index in range(num_layers):
+        if layers[index] is not None:
+            run_start, run_length = None, 0
+            continue
+        if run_start is None or run_length == window_group:
+            run_start, run_length = index, 0
+        layers[index] = window_layer(window, sinks, None if index == run_start else run_start)
+        run_length += 1
+    return layers  # type: ignore[return-value]
+
+
+def _scaled_groups(groups_24: list[list[int]], num_layers: int, preset: str) -> list[list[int]]:
+    groups = [sorted({_scaled(x, num_layers) for x in g}) for g in groups_24]
+    flat = [i for g in groups for i in g]
+    if len(flat) != len(set(flat)) or sum(map(len, groups)) != sum(map(len, groups_24)):
+        raise PresetError(f"preset {preset!r} places {sum(map(len, groups_24))} global layers and cannot fit them "
+                          f"apart in {num_layers} layers; use more layers or a `layout` string")
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------------
+# Presets: every one takes num_layers first and returns a CompressionSpec.
+
+
+def standard(num_layers: int) -> Any:
+    """Every layer global with its own dense K/V: the uncompressed model (MixAttention's baseline)."""
+    _check_depth(num_layers, 1, "standard")
+    return _spec([global_layer() for _ in range(num_layers)])
+
+
+def mixattention_ma(num_layers: int, window: int = 1024, sinks: int = 0, window_group: int = 2) -> Any:
+    """MixAttention "MA": global at layers 0, 12, 23 of 24 (scaled), all reading layer 0's cache."""
+    _check_depth(num_layers, 3, "mixattention-ma")
+    groups = _scaled_groups([[0, 12, 23]], num_layers, "mixattention-ma")
+    return _spec(mix_layout(num_layers, groups, window=window, sinks=sinks, window_group=window_group, preset="mixattention-ma"))
+
+
+def mixattention_endslide(num_layers: int, window: int = 1024, sinks: int = 0, window_group: int = 2) -> Any:
+    """MixAttention "MA-EndSlide": MA with the last layer a window layer (global at 0, 12 <- 0 of 24)."""
+    _check_depth(num_layers, 3, "mixattention-endslide")
+    groups = _scaled_groups([[0, 12]], num_layers, "mixattention-endslide")
+    return _spec(mix_layout(num_layers, groups, window=window, sinks=sinks, window_group=window_group, preset="mixattention-endslide"))
+
+
+def mixattention_offset(num_layers: int, window: int = 1024, sinks: int = 0, window_group: int = 2) -> Any:
+    """MixAttention "MA-Offset": the shared global cache computed deeper (global at 4, 12 <- 4, 23 <- 4 of 24)."""
+    _check_depth(num_layers, 4, "mixattention-offset")
+    groups = _scaled_groups([[4, 12, 23]], num_layers, "mixattention-offset")
+    return _spec(mix_layout(num_layers, groups, window=window, sinks=sinks, window_group=window_group, preset="mixattention-offset"))
+
+
+def mixattention_pairs(num_layers: int, window: int = 1024, sinks: int = 0, window_group: int = 2) -> Any:
+    """MixAttention "MA-Pairs": two global caches, each shared by a pair (4, 12 <- 4; 16, 23 <- 16 of 24)."""
+    _check_depth(num_layers, 5, "mixattention-pairs")
+    groups = _scaled_groups([[4, 12], [16, 23]], num_layers, "mixattention-pairs")
+    return _spec(mix_layout(num_layers, groups, window=window, sinks=sinks, window_group=window_group, preset="mixattention-pairs"))
+
+
+def character_ai(num_layers: int, window: int = 1024, sinks: int = 0, period: int = 6, local_group: int = 2) -> Any:
+    """Character.AI: the first layer of every `period` is global (all global layers read the first one's
+    cache); the others are local window layers sharing caches in groups of `local_group`."""
+    _check_depth(num_layers, 1, "character-ai")
+    if isinstance(period, bool) or not isinstance(period, int) or period < 1:
+        raise PresetError(f"preset 'character-ai': period must be a positive integer, got {period!r}")
+    groups = [list(range(0, num_layers, period))]
+    return _spec(mix_layout(num_layers, groups, window=window, sinks=sinks, window_group=local_group, preset="character-ai"))
+
+
+def sliding_window(num_layers: int, window: int = 1024, sinks: int = 0, global_every: int = 0) -> Any:
+    """Window attention in every layer (every `global_every`-th layer, from 0, global if > 0); nothing shared."""
+    _check_depth(num_layers, 1, "sliding-window")
+    _check_window(window, sinks, "sliding-window")
+    layers = [global_layer() if global_every and i % global_every == 0 else window_layer(window, sinks)
+              for i in range(num_layers)]
+    return _spec(layers)
+
+
+def low_rank(num_layers: int, num_kv_heads: int, head_dim: int, budget: float = 0.5,
+             rope: str = "pre_rope_latent", rope_dims: int = 16) -> Any:
+    """Every layer low-rank at a uniform rank so the cache is `budget` (a fraction) of the dense one.
+
+    pre_rope_latent: k_rank = v_rank = budget * n_kv * d. partial: n_kv * rope_dims rotary dims cached as
+    they are, and a joint latent of rank budget * 2 n_kv d - n_kv rope_dims.
+
+    Raises:
+        PresetError: a budget outside (0, 1] or one too small for the rotary dims.
+    """
+    _check_depth(num_layers, 1, "low-rank")
+    if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not 0 < budget <= 1:
+        raise PresetError(f"preset 'low-rank': budget must be a fraction in (0, 1] of the dense cache, got {budget!r}")
+    dense = 2 * num_kv_heads * head_dim
+    if rope == "pre_rope_latent":
+        rank = max(1, math.floor(budget * dense / 2))
+        layer = {"kv_proj": "low_rank", "rope": rope, "k_rank": rank, "v_rank": rank}
+    elif rope == "partial":
+        kv_rank = math.floor(budget * dense) - num_kv_heads * rope_dims
+        if kv_rank < 1:
+            raise PresetError(f"preset 'low-rank': a budget of {budget} ({math.floor(budget * dense)} elements per layer) "
+                              f"leaves no room for a latent beside {num_kv_heads} x {rope_dims} rotary dims; "
+                              "lower rope_dims or raise the budget")
+        layer = {"kv_proj": "low_rank", "rope": rope, "rope_dims": rope_dims, "kv_rank": kv_rank}
+    else:
+        raise PresetError(f"preset 'low-rank': rope must be 'pre_rope_latent' or 'partial', got {rope!r}")
+    return _spec([{**global_layer(), **layer} for _ in range(num_layers)])
+
+
+def merged_heads(num_layers: int, num_kv_heads: int) -> Any:
+    """Every layer's KV heads merged to `num_kv_heads` (must divide num_attention_heads; checked by the spec)."""
+    _check_depth(num_layers, 1, "merged-heads")
+    return _spec([{**global_layer(), "kv_proj": "merged_heads", "num_kv_heads": num_kv_heads} for _ in range(num_layers)])
+
+
+def shared_attention(num_layers: int, spans: list[list[int]]) -> Any:
+    """Named spans [first, last]: layers first+1..last reuse layer `first`'s attention probabilities."""
+    _check_depth(num_layers, 2, "shared-attention")
+    layers = [global_layer() for _ in range(num_layers)]
+    for span in spans:
+        if not (isinstance(span, (list, tuple)) and len(span) == 2 and all(isinstance(i, int) for i in span)
+                and 0 <= span[0] < span[1] < num_layers):
+            raise PresetError(f"preset 'shared-attention': each span must be [first, last] with "
+                              f"0 <= first < last < {num_layers}, got {span!r}")
+        for i in range(span[0] + 1, span[1] + 1):
+            if layers[i].get("probs_from") is not None:
+                raise PresetError(f"preset 'shared-attention': layer {i} is in two spans ({spans})")
+            layers[i]["probs_from"] = span[0]
+    return _spec(layers)
+
+
+_TOKEN = re.compile(r"^(?P<kind>[GW])(?:<(?P<src>\d+))?$")
+
+
+def layout(num_layers: int, text: str, window: int = 1024, sinks: int = 0) -> Any:
+    """A layout string, one token per layer: "G" global, "W" window, "<j" reads layer j's cache.
+
+    Example (6 layers): "G W W<1 G<0 W W<4".
+
+    Raises:
+        PresetError: a token that is not G/W[<j], or a token count other than num_layers.
+    """
+    tokens = text.split()
+    if len(tokens) != num_layers:
+        raise PresetError(f"layout has {len(tokens)} tokens but the model has {num_layers} layers: {text!r}")
+    layers = []
+    for i, token in enumerate(tokens):
+        match = _TOKEN.match(token)
+        if not match:
+            raise PresetError(f"layout token {i} is {token!r}; expected G or W, optionally followed by <j "
+                              "(read layer j's cache), e.g. 'W<3'")
+        src = None if match["src"] is None else int(match["src"])
+        layers.append(global_layer(src) if match["kind"] == "G" else window_layer(window, sinks, src))
+    return _spec(layers)
+
+
+def custom(num_layers: int, layers: list[dict[str, Any]]) -> Any:
+    """A free-form list of LayerSpec field dicts, one per layer (validated by CompressionSpec)."""
+    if not isinstance(layers, list) or len(layers) != num_layers:
+        raise PresetError(f"custom layers must be a list of {num_layers} dicts (one per layer), got "
+                          f"{len(layers) if isinstance(layers, list) else type(layers).__name__}")
+    return _spec([dict(layer) for layer in layers])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Registry
+
+
+PRESETS: dict[str, Callable[..., Any]] = {
+    "standard": standard,
+    "mixattention-ma": mixattention_ma,
+    "mixattention-endslide": mixattention_endslide,
+    "mixattention-offset": mixattention_offset,
+    "mixattention-pairs": mixattention_pairs,
+    "character-ai": character_ai,
+    "sliding-window": sliding_window,
+    "low-rank": low_rank,
+    "merged-heads": merged_heads,
+    "shared-attention": shared_attention,
+    "layout": layout,
+    "custom": custom,
+}
+
+# Arguments that come from the model's config rather than from the user.
+MODEL_ARGUMENTS = {"num_layers": "num_hidden_layers", "num_kv_heads": "num_key_value_heads", "head_dim": "head_dim"}
+
+
+def preset_names() -> list[str]:
+    return sorted(PRESETS)
+
+
+def build_preset(name: str, model_config: Any, **arguments: Any) -> Any:
+    """Call preset `name` with the model's depth/heads filled in from `model_config` and `arguments`.
+
+    Raises:
+        PresetError: an unknown preset (with the closest names) or an argument it does not take.
+    """
+    if name not in PRESETS:
+        import difflib
+
+        close = difflib.get_close_matches(name, PRESETS, n=3)
+        hint = f"; did you mean {close}?" if close else ""
+        raise PresetError(f"unknown preset {name!r}{hint} Known presets: {preset_names()}")
+    fn = PRESETS[name]
+    params = inspect.signature(fn).parameters
+    unknown = sorted(set(arguments) - set(params))
+    if unknown:
+        accepted = [p for p in params if p not in MODEL_ARGUMENTS]
+        raise PresetError(f"preset {name!r} takes no argument(s) {unknown}; it accepts {accepted}")
+    call = dict(arguments)
+    for param, attr in MODEL_ARGUMENTS.items():
+        if param in params and param not in call:
+            value = getattr(model_config, attr, None)
+            if value is None and attr == "head_dim":
+                value = model_config.hidden_size // model_config.num_attention_heads
+            call[param] = value
+    spec = fn(**call)
+    from .surgery import Geometry
+
+    g = Geometry.of(model_config)
+    spec.validate(g.num_layers, g.num_heads, g.num_kv_heads, g.head_dim)
+    return spec

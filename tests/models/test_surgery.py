@@ -1,0 +1,379 @@
+"""Surgery: each method is exact where it should be (full rank, nothing shared, heads unchanged, redundant
+heads), lossy where it must be, leaves every other weight bit-identical, and rejects bad input loudly."""
+
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from kvforge.models.calibration import CalibrationError, collect_statistics
+from kvforge.models.configuration_kvforge import CompressionSpecError
+from kvforge.models.modeling_kvforge import partial_rope_dims
+from kvforge.models.surgery import (
+    SurgeryError, SurgerySettings, build_compressed_model, compress, measure_generate_kv_bytes, parse_compression,
+)
+from kvforge.models.surgery.head_merging import head_groups
+from kvforge.models.surgery.linalg import discarded_energy, factorize, rank_for_energy, scale_pairs
+from kvforge.models.surgery.low_rank import nope_dim_index, rope_dim_index, select_rope_pairs
+from kvforge.models.surgery.rank_allocation import BudgetError, RankCandidate, allocate_ranks
+from kvforge.models.surgery.shared_attention import spans_by_count, spans_by_threshold
+
+LAYERS, HEADS, KV_HEADS, HEAD_DIM, HIDDEN = 4, 6, 3, 8, 48
+KV_DIMS = KV_HEADS * HEAD_DIM
+QUIET = {"show_progress": False}
+
+
+def tiny(kind: str = "llama", seed: int = 0, layers: int = LAYERS):
+    torch.manual_seed(seed)
+    config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if kind == "llama" else (Qwen2Config, Qwen2ForCausalLM)
+    config = config_cls(vocab_size=128, hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=layers,
+                        num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
+                        max_position_embeddings=256, tie_word_embeddings=False)
+    model = model_cls(config).eval()
+    if kind == "qwen2":  # Qwen2 initialises biases to zero; make them matter
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    return model
+
+
+def rows(n: int = 8, length: int = 32, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 128, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def logits_error(model, spec_layers, settings=None, calibration=None) -> float:
+    data = calibration if calibration is not None else rows()
+    result = compress(model, {"layers": spec_layers}, data, settings={**QUIET, **(settings or {})})
+    with torch.no_grad():
+        return (result.model(rows(2, 40, seed=7)).logits - model(rows(2, 40, seed=7)).logits).abs().max().item()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Identity: each method at its no-op setting reproduces the original model
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("name,layer,settings", [
+    ("dense", {}, None),
+    ("window >= sequence", {"attention": "window", "window": 64}, None),
+    ("window >= sequence with sinks", {"attention": "window", "window": 40, "sinks": 4}, None),
+    ("merged heads unchanged", {"kv_proj": "merged_heads", "num_kv_heads": KV_HEADS}, None),
+    ("low rank full rank", {"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": KV_DIMS, "v_rank": KV_DIMS}, None),
+    ("low rank full rank, attention-weighted", {"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": KV_DIMS,
+                                                "v_rank": KV_DIMS}, {"balance": "attention"}),
+    ("partial rope, all dims rotary, full rank", {"kv_proj": "low_rank", "rope": "partial", "rope_dims": HEAD_DIM,
+                                                  "kv_rank": KV_DIMS}, None),
+    ("no kv sharing, average init", {}, {"kv_sharing_init": "average"}),
+])
+def test_identity_settings_reproduce_the_original_logits(kind, name, layer, settings):
+    model = tiny(kind)
+    assert logits_error(model, [layer] * LAYERS, settings) < 1e-4, name
+
+
+def test_partial_rope_at_full_rank_is_exact_up_to_the_removed_rotation():
+    # Full joint rank loses nothing to the latent, so what changes is only that the non-rotary dims no longer
+    # rotate: the same model with rope_dims = head_dim is exact (above), fewer rotary dims is not.
+    model = tiny()
+    full = {"kv_proj": "low_rank", "rope": "partial", "rope_dims": 2, "kv_rank": KV_HEADS * (HEAD_DIM - 2) + KV_DIMS}
+    assert logits_error(model, [full] * LAYERS) > 1e-4
+
+
+# ---------------------------------------------------------------------------------------------------
+# Head merging
+
+
+def redundant_heads(model):
+    """Make every layer's KV heads redundant: key head h = head 0 scaled-rotated per frequency pair (a
+    complex scale), value head h = a linear map of head 0. Merging them into one head is then lossless."""
+    half = HEAD_DIM // 2
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            k, v = layer.self_attn.k_proj, layer.self_attn.v_proj
+            for h in range(1, KV_HEADS):
+                rows_h = slice(h * HEAD_DIM, (h + 1) * HEAD_DIM)
+                c = torch.complex(torch.randn(half, generator=g, dtype=torch.float64),
+                                  torch.randn(half, generator=g, dtype=torch.float64))
+                re, im = scale_pairs(k.weight[:half], k.weight[half:HEAD_DIM], c)
+                k.weight[rows_h] = torch.cat([re, im]).float()
+                if k.bias is not None:
+                    re_b, im_b = scale_pairs(k.bias[:half], k.bias[half:HEAD_DIM], c)
+                    k.bias[rows_h] = torch.cat([re_b, im_b]).float()
+                mix = torch.randn(HEAD_DIM, HEAD_DIM, generator=g)
+                v.weight[rows_h] = mix @ v.weight[:HEAD_DIM]
+                if v.bias is not None:
+                    v.bias[rows_h] = mix @ v.bias[:HEAD_DIM]
+    return model
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_merging_exactly_redundant_heads_is_lossless(kind):
+    model = redundant_heads(tiny(kind))
+    merged = {"kv_proj": "merged_heads", "num_kv_heads": 1}
+    assert logits_error(model, [merged] * LAYERS) < 1e-4
+
+
+def test_merging_real_heads_is_lossy_and_yields_an_ordinary_gqa_layer():
+    model = tiny()
+    result = compress(model, {"layers": [{"kv_proj": "merged_heads", "num_kv_heads": 1}] * LAYERS}, rows(), settings=QUIET)
+    attn = result.model.model.layers[0].self_attn
+    assert attn.k_proj.weight.shape == (HEAD_DIM, HIDDEN) and attn.v_proj.weight.shape == (HEAD_DIM, HIDDEN)
+    assert attn.q_proj.weight.shape == (HEADS * HEAD_DIM, HIDDEN)
+    assert logits_error(model, [{"kv_proj": "merged_heads", "num_kv_heads": 1}] * LAYERS) > 1e-3
+
+
+def test_kv_from_consumers_of_a_merged_producer_get_the_fold_too():
+    # With redundant heads, merging the producer must not change what its kv_from consumer computes.
+    model = redundant_heads(tiny())
+    shared = [{}, {"kv_from": 0}, {}, {"kv_from": 2}]
+    merged = [{"kv_proj": "merged_heads", "num_kv_heads": 1}, {"kv_from": 0}, {}, {"kv_from": 2}]
+    probe = rows(2, 40, seed=7)
+    with torch.no_grad():
+        a = compress(model, {"layers": shared}, rows(), settings=QUIET).model(probe).logits
+        b = compress(model, {"layers": merged}, rows(), settings=QUIET).model(probe).logits
+    assert (a - b).abs().max().item() < 1e-4
+
+
+def test_head_groups_cover_every_query_head_consistently():
+    groups = head_groups(12, 6, 4)  # m does not divide n_kv: new heads summarise overlapping old heads
+    assert groups.members == ((0, 1), (1, 2), (3, 4), (4, 5))
+    for q in range(12):
+        assert groups.old_of_query[q] in groups.members[groups.new_of_query[q]]
+    with pytest.raises(ValueError, match="must divide num_attention_heads=9"):
+        head_groups(9, 3, 2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Untouched weights
+
+
+def test_weights_outside_attention_are_bit_identical_after_lossy_surgery():
+    model = tiny("qwen2")
+    spec = [{"kv_proj": "merged_heads", "num_kv_heads": 1},
+            {"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 5, "v_rank": 7},
+            {"kv_proj": "low_rank", "rope": "partial", "rope_dims": 2, "kv_rank": 9},
+            {"kv_from": 2}]
+    compressed = compress(model, {"layers": spec}, rows(), settings=QUIET).model
+    before, after = model.state_dict(), compressed.state_dict()
+    untouched = [k for k in before if ".self_attn." not in k]
+    assert untouched and all(k in after for k in untouched)
+    for key in untouched:
+        assert torch.equal(before[key], after[key]), key
+
+
+# ---------------------------------------------------------------------------------------------------
+# Low rank
+
+
+def test_reconstruction_error_falls_monotonically_with_rank_and_equals_discarded_energy():
+    model = tiny("qwen2")
+    data = rows(16, 32)
+    stats = collect_statistics(model, data, show_progress=False)
+    k_proj = model.model.layers[1].self_attn.k_proj
+    captured = []
+    handle = k_proj.register_forward_hook(lambda m, a, out: captured.append(out.detach().reshape(-1, KV_DIMS)))
+    with torch.no_grad():
+        model(data)
+    handle.remove()
+    y = torch.cat(captured).double()                         # [N, d] the actual k_proj outputs
+    second, mean = stats.output_moments(1, k_proj.weight, k_proj.bias)
+    errors = []
+    for rank in range(1, KV_DIMS + 1):
+        f = factorize(k_proj.weight, k_proj.bias, second, mean, rank)
+        # Uncentred PCA, no offsets: the rebuilt output is U U^T y.
+        u = f.up_weight.double()
+        error = (y - y @ u @ u.T).pow(2).sum(1).mean().item()
+        assert error == pytest.approx(float(f.eigenvalues[rank:].sum()), rel=1e-4, abs=1e-6)
+        errors.append(error)
+    assert all(a >= b - 1e-9 for a, b in zip(errors, errors[1:]))
+    assert errors[-1] < 1e-8 and errors[0] > errors[-1]
+
+
+def test_factorize_with_offsets_and_scale_is_exact_at_full_rank():
+    g = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(6, 10, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    x = torch.randn(500, 10, generator=g, dtype=torch.float64) + 2.0
+    y = x @ weight.T + bias
+    second, mean = y.T @ y / len(y), y.mean(0)
+    for kwargs in ({}, {"offset": mean, "restore_offset": True}, {"scale": torch.rand(6, generator=g, dtype=torch.float64) + 0.1}):
+        f = factorize(weight, bias, second, mean, 6, **kwargs)
+        latent = x @ f.down_weight.T + (f.down_bias if f.down_bias is not None else 0)
+        rebuilt = latent @ f.up_weight.T + (f.up_bias if f.up_bias is not None else 0)
+        assert torch.allclose(rebuilt, y, atol=1e-8), kwargs
+    # A centred rank-r fit is never worse than the uncentred one.
+    centred = factorize(weight, bias, second, mean, 2, offset=mean, restore_offset=True)
+    plain = factorize(weight, bias, second, mean, 2)
+    assert centred.eigenvalues[2:].sum() <= plain.eigenvalues[2:].sum() + 1e-9
+
+
+def test_rank_for_energy():
+    spectrum = torch.tensor([8.0, 4.0, 2.0, 1.0, 1.0])
+    assert rank_for_energy(spectrum, 0.5) == 1
+    assert rank_for_energy(spectrum, 0.75) == 2
+    assert rank_for_energy(spectrum, 1.0) == 5
+    assert discarded_energy(spectrum, 2) == pytest.approx(4 / 16)
+    with pytest.raises(ValueError, match=r"in \(0, 1\]"):
+        rank_for_energy(spectrum, 1.5)
+
+
+def test_rope_pair_selection_and_layout_match_the_modeling_code():
+    q_energy = torch.ones(HEADS, HEAD_DIM // 2)
+    k_energy = torch.tensor([[1.0, 9.0, 4.0, 0.1], [5.0, 0.1, 0.1, 6.0], [0.1, 0.1, 3.0, 2.0]])
+    pairs = select_rope_pairs(q_energy, k_energy, 2, "norm")
+    assert pairs.tolist() == [[1, 2], [0, 3], [2, 3]]
+    assert select_rope_pairs(q_energy, k_energy, 2, "high").tolist() == [[0, 1]] * 3
+    assert select_rope_pairs(q_energy, k_energy, 2, "low").tolist() == [[2, 3]] * 3
+    assert select_rope_pairs(q_energy, k_energy, 2, "uniform").tolist() == [[0, 2]] * 3
+    rope, nope = partial_rope_dims(pairs, HEAD_DIM)
+    assert torch.equal(rope, rope_dim_index(pairs, HEAD_DIM))
+    assert torch.equal(nope, nope_dim_index(rope, HEAD_DIM))
+    with pytest.raises(ValueError, match="rope pair criterion"):
+        select_rope_pairs(q_energy, k_energy, 2, "random")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Rank allocation under a budget
+
+
+def test_greedy_allocation_spends_the_budget_exactly_on_the_largest_weighted_eigenvalues():
+    spectra = {"a": torch.tensor([10.0, 5.0, 1.0, 0.5]), "b": torch.tensor([6.0, 4.0, 3.0, 2.0]),
+               "c": torch.tensor([1.0, 1.0, 1.0, 1.0])}
+    candidates = [RankCandidate(k, s, min_rank=1) for k, s in spectra.items()]
+    for budget in range(3, 13):
+        ranks = allocate_ranks(candidates, budget, normalization="absolute")
+        assert sum(ranks.values()) == budget
+    assert allocate_ranks(candidates, 5, normalization="absolute") == {"a": 2, "b": 2, "c": 1}
+    with pytest.raises(BudgetError, match="minimum ranks alone cost 3"):
+        allocate_ranks(candidates, 2)
+
+
+def test_greedy_budget_fraction_through_compress_is_met_exactly():
+    model = tiny()
+    spec = [{"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 12, "v_rank": 12}] * LAYERS
+    original = LAYERS * 2 * KV_DIMS * 2  # bf16 bytes per token
+    for fraction in (0.5, 0.25, 0.125):
+        result = compress(model, {"layers": spec}, rows(),
+                          settings={**QUIET, "rank_allocation": "greedy", "budget_fraction": fraction})
+        assert result.report["spec_kv_bytes_per_token"] == original * fraction
+    # The default greedy budget is the spec's own total: ranks move, the total does not.
+    result = compress(model, {"layers": spec}, rows(), settings={**QUIET, "rank_allocation": "greedy"})
+    assert sum(l.k_rank + l.v_rank for l in result.spec.layers) == LAYERS * 24
+
+
+def test_budget_below_the_fixed_part_of_the_cache_is_a_clear_error():
+    model = tiny()
+    spec = [{}] * 2 + [{"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 12, "v_rank": 12}] * 2
+    with pytest.raises(SurgeryError, match="leaves .* elements/token for low-rank latents"):
+        compress(model, {"layers": spec}, rows(), settings={**QUIET, "rank_allocation": "greedy", "budget_fraction": 0.25})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shared attention and KV sharing
+
+
+def test_span_selection_by_threshold_and_count():
+    divergence = torch.full((5, 5), math.nan)
+    values = {(1, 0): 0.1, (2, 0): 0.5, (2, 1): 0.05, (3, 0): 0.9, (3, 1): 0.4, (3, 2): 0.2,
+              (4, 0): 0.9, (4, 1): 0.9, (4, 2): 0.9, (4, 3): 0.01}
+    for (i, j), v in values.items():
+        divergence[i, j] = v
+    assert spans_by_threshold(divergence, 0.3) == [None, 0, None, 2, None]
+    # Cheapest join first (4 <- 3 at 0.01), then 2 <- 1 (0.05); 3 may not join since 4 now reads it.
+    assert spans_by_count(divergence, 2) == [None, None, 1, None, 3]
+    with pytest.raises(ValueError, match="count must be an integer"):
+        spans_by_count(divergence, 5)
+
+
+def test_shared_attention_from_calibration_maps_and_named_spans():
+    model = tiny()
+    result = compress(model, {"layers": [{}] * LAYERS}, rows(4, 24),
+                      settings={**QUIET, "shared_attention": {"count": 2}, "attention_rows": 2})
+    consumers = [l.probs_from for l in result.spec.layers]
+    assert sum(p is not None for p in consumers) == 2
+    assert result.statistics.attention_divergence.shape == (LAYERS, LAYERS)
+    attn = result.model.model.layers[[i for i, p in enumerate(consumers) if p is not None][0]].self_attn
+    assert not hasattr(attn, "q_proj") and not hasattr(attn, "k_proj") and hasattr(attn, "v_proj")
+
+
+def test_kv_sharing_average_init_averages_the_group_into_the_producer():
+    model = tiny()
+    result = compress(model, {"layers": [{}, {"kv_from": 0}, {"kv_from": 0}, {}]}, None,
+                      settings={**QUIET, "kv_sharing_init": "average"})
+    expected = torch.stack([model.model.layers[i].self_attn.k_proj.weight for i in range(3)]).mean(0)
+    assert torch.allclose(result.model.model.layers[0].self_attn.k_proj.weight, expected, atol=1e-7)
+    assert not hasattr(result.model.model.layers[1].self_attn, "k_proj")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Calibration
+
+
+def test_calibration_moments_match_the_projection_outputs():
+    model = tiny("qwen2")
+    data = rows(4, 16)
+    stats = collect_statistics(model, data, batch_size=3, show_progress=False)
+    v_proj = model.model.layers[2].self_attn.v_proj
+    captured = []
+    handle = v_proj.register_forward_hook(lambda m, a, out: captured.append(out.detach().reshape(-1, KV_DIMS)))
+    with torch.no_grad():
+        model(data)
+    handle.remove()
+    y = torch.cat(captured).double()
+    second, mean = stats.output_moments(2, v_proj.weight, v_proj.bias)
+    assert stats.tokens == 64
+    assert torch.allclose(second, y.T @ y / len(y), atol=1e-5)
+    assert torch.allclose(mean, y.mean(0), atol=1e-6)
+
+
+def test_calibration_rejects_bad_rows():
+    model = tiny()
+    with pytest.raises(CalibrationError, match="outside the vocabulary"):
+        collect_statistics(model, torch.full((2, 8), 500), show_progress=False)
+    with pytest.raises(CalibrationError, match="integer token ids"):
+        collect_statistics(model, torch.zeros(2, 8), show_progress=False)
+    with pytest.raises(CalibrationError, match=r"\[N >= 1, seq_len >= 2\]"):
+        collect_statistics(model, torch.zeros(8, dtype=torch.long), show_progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Entry points and errors
+
+
+def test_build_compressed_model_accepts_preset_names_and_config_sections():
+    model = tiny(layers=6)
+    compressed = build_compressed_model(model, "character-ai", None)
+    assert [l.attention for l in compressed.config.compression_spec.layers] == ["global"] + ["window"] * 5
+    section = {"preset": "low-rank", "arguments": {"budget": 0.5}, "surgery": {"rank_allocation": "greedy", **QUIET}}
+    compressed = build_compressed_model(model, section, rows())
+    assert compressed.config.kv_cache_bytes_per_token("bfloat16") == 0.5 * 6 * 2 * KV_DIMS * 2
+
+
+def test_compress_errors_name_the_problem():
+    model = tiny()
+    low = [{"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 4, "v_rank": 4}] * LAYERS
+    with pytest.raises(SurgeryError, match="pass calibration_rows"):
+        compress(model, {"layers": low}, None, settings=QUIET)
+    with pytest.raises(SurgeryError, match="did you mean 'kv_sharing_init'"):
+        SurgerySettings.from_dict({"kv_share_init": "average"})
+    with pytest.raises(SurgeryError, match="needs surgery.rank_allocation='greedy'"):
+        SurgerySettings.from_dict({"budget_fraction": 0.5})
+    with pytest.raises(CompressionSpecError, match=r"compression.layers\[1\].kv_from=3 must name an earlier layer"):
+        compress(model, {"layers": [{}, {"kv_from": 3}, {}, {}]}, None, settings=QUIET)
+    with pytest.raises(SurgeryError, match="exactly one of `preset`"):
+        parse_compression({"preset": "standard", "layers": []}, model.config)
+    with pytest.raises(SurgeryError, match="did you mean 'arguments'"):
+        parse_compression({"preset": "standard", "argument": {}}, model.config)
+
+
+def test_generate_kv_bytes_are_measured_from_the_cache_and_match_the_spec():
+    model = tiny()
+    spec = [{"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 5, "v_rank": 7},
+            {"kv_from": 0}, {"kv_proj": "merged_heads", "num_kv_heads": 1}, {"probs_from": 2}]
+    result = compress(model, {"layers": spec}, rows(), settings=QUIET)
+    measured = measure_generate_kv_bytes(result.model, rows(1, 20), max_new_tokens=4)
+    per_token_elements = [12, 0, 2 * HEAD_DIM, KV_DIMS]
+    assert measured["tokens"] == 23  # the last generated token is never fed back
+    assert measured["per_layer_bytes"] == [e * 23 * 4 for e in per_token_elements]  # fp32 model
+    assert measured["bytes_per_token"] == result.model.config.kv_cache_bytes_per_token("float32", num_tokens=23)
