@@ -23,6 +23,7 @@ windows and sinks count real tokens whatever the padding; RoPE uses position_ids
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -568,17 +569,22 @@ def _weighted_values(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return torch.matmul(probs.reshape(batch, heads, group * length, slots), value).view(batch, heads, group, length, -1)
 
 
-def _values_from_latent(probs: torch.Tensor, latent: torch.Tensor, up_weight: torch.Tensor) -> torch.Tensor:
-    """Absorbed value up-projection: sum_s p_s (U_k c_s) = U_k (sum_s p_s c_s), exact.
+def _values_from_latent(probs: torch.Tensor, latent: torch.Tensor, up_weight: torch.Tensor,
+                        up_bias: torch.Tensor | None) -> torch.Tensor:
+    """Absorbed value up-projection: sum_s p_s (U c_s + b) = U (sum_s p_s c_s) + b sum_s p_s, exact.
 
-    probs [B, K, G, T, S], latent [B, S, R], up_weight [K * Dv, R] -> [B, K, G, T, Dv]. Attending over the
-    R-dim latent and up-projecting once per query costs O(H T S R + H T R Dv) instead of O(S R K Dv).
+    probs [B, K, G, T, S], latent [B, S, R], up_weight [K * Dv, R], up_bias [K * Dv] -> [B, K, G, T, Dv].
+    Attending over the R-dim latent and up-projecting once per query costs O(H T S R + H T R Dv) instead
+    of O(S R K Dv) for rebuilding the values.
     """
     batch, heads, group, length, slots = probs.shape
     mixed = torch.matmul(probs.reshape(batch, heads * group * length, slots), latent)  # [B, K*G*T, R]
     mixed = mixed.view(batch, heads, group * length, -1)
     up = up_weight.view(heads, -1, up_weight.shape[-1])  # [K, Dv, R]
-    return torch.matmul(mixed, up.transpose(-1, -2)).view(batch, heads, group, length, -1)
+    out = torch.matmul(mixed, up.transpose(-1, -2)).view(batch, heads, group, length, -1)
+    if up_bias is not None:  # sum_s p_s is 1 except under dropout
+        out = out + up_bias.view(heads, 1, 1, -1) * probs.sum(dim=-1, keepdim=True)
+    return out
 
 
 def _dropout(probs: torch.Tensor, dropout: float) -> torch.Tensor:
@@ -601,12 +607,12 @@ def kv_attention(query, key, value, mask, scaling, *, need_probs=False, dropout=
     return _weighted_values(_dropout(probs, dropout), value), (probs if need_probs else None)
 
 
-def pre_rope_latent_attention(query, k_latent, v_latent, k_up, v_up, key_cos, key_sin, mask, scaling, *,
-                              need_probs=False, dropout=0.0, use_sdpa=False):
+def pre_rope_latent_attention(query, k_latent, v_latent, k_up, v_up, v_up_bias, key_cos, key_sin, mask, scaling,
+                              *, need_probs=False, dropout=0.0, use_sdpa=False):
     """Low-rank cache with RoPE after the up-projection (Eigen Attention style).
 
     query [B, K, G, T, D] (rotated); k_latent [B, S, Rk], v_latent [B, S, Rv]; k_up [K*D, Rk], v_up [K*D, Rv]
-    (weights); key_cos / key_sin [B, S, D] at the keys' positions. Keys are rebuilt and rotated here because
+    (weights), v_up_bias [K*D] | None; key_cos / key_sin [B, S, D] at the keys' positions. Keys are rebuilt and rotated here because
     RoPE between q and k_up cannot be folded into the query. With one query token (decode) the value
     up-projection is absorbed (`_values_from_latent`).
     """
@@ -615,18 +621,18 @@ def pre_rope_latent_attention(query, k_latent, v_latent, k_up, v_up, key_cos, ke
     key = F.linear(k_latent, k_up).view(batch, slots, heads, dim).transpose(1, 2)  # [B, K, S, D]
     key = apply_rotary(key, key_cos[:, None], key_sin[:, None])
     if length > 1:
-        value = F.linear(v_latent, v_up).view(batch, slots, heads, -1).transpose(1, 2)  # [B, K, S, D]
+        value = F.linear(v_latent, v_up, v_up_bias).view(batch, slots, heads, -1).transpose(1, 2)  # [B, K, S, D]
         return kv_attention(query, key, value, mask, scaling, need_probs=need_probs, dropout=dropout, use_sdpa=use_sdpa)
     probs = _masked_softmax(_scores(query, key) * scaling, mask, query.dtype)
-    return _values_from_latent(_dropout(probs, dropout), v_latent, v_up), (probs if need_probs else None)
+    return _values_from_latent(_dropout(probs, dropout), v_latent, v_up, v_up_bias), (probs if need_probs else None)
 
 
-def partial_rope_attention(query_rope, query_nope, k_rope, kv_latent, k_up, v_up, mask, scaling, *,
+def partial_rope_attention(query_rope, query_nope, k_rope, kv_latent, k_up, v_up, v_up_bias, mask, scaling, *,
                            need_probs=False, dropout=0.0, absorb=None):
     """Partial-RoPE joint-latent cache (MHA2MLA).
 
     query_rope [B, K, G, T, Dr] (rotated), query_nope [B, K, G, T, Dn]; k_rope [B, K, S, Dr] (rotated, cached
-    as is); kv_latent [B, S, R]; k_up [K*Dn, R], v_up [K*D, R]. score = q_rope . k_rope + q_nope . (U_k c).
+    as is); kv_latent [B, S, R]; k_up [K*Dn, R], v_up [K*D, R], v_up_bias [K*D] | None. score = q_rope . k_rope + q_nope . (U_k c).
     Absorbed form (default for one query token): fold U_k into the query, attend over the latent, then apply
     U_v once -- exact, and the keys' non-rotary part is never materialized.
     """
@@ -646,20 +652,20 @@ def partial_rope_attention(query_rope, query_nope, k_rope, kv_latent, k_up, v_up
     probs = _masked_softmax(scores * scaling, mask, query_rope.dtype)
     dropped = _dropout(probs, dropout)
     if absorb:
-        out = _values_from_latent(dropped, kv_latent, v_up)
+        out = _values_from_latent(dropped, kv_latent, v_up, v_up_bias)
     else:
-        value = F.linear(kv_latent, v_up).view(batch, slots, heads, -1).transpose(1, 2)  # [B, K, S, D]
+        value = F.linear(kv_latent, v_up, v_up_bias).view(batch, slots, heads, -1).transpose(1, 2)  # [B, K, S, D]
         out = _weighted_values(dropped, value)
     return out, (probs if need_probs else None)
 
 
-def shared_probs_attention(probs, value=None, v_latent=None, v_up=None, *, dropout=0.0):
+def shared_probs_attention(probs, value=None, v_latent=None, v_up=None, v_up_bias=None, *, dropout=0.0):
     """probs_from consumer: another layer's probabilities [B, Kv, Gv, T, S] over this layer's values, either
-    value [B, Kv, S, D] or v_latent [B, S, Rv] with v_up [Kv*D, Rv]. No q, no k, no QK product."""
+    value [B, Kv, S, D] or v_latent [B, S, Rv] with v_up [Kv*D, Rv] (+ bias). No q, no k, no QK product."""
     probs = _dropout(probs, dropout)
     if value is not None:
         return _weighted_values(probs, value), None
-    return _values_from_latent(probs, v_latent, v_up), None
+    return _values_from_latent(probs, v_latent, v_up, v_up_bias), None
 
 
 ATTENTION_FUNCTIONS: dict[str, Callable] = {
@@ -734,7 +740,10 @@ class KVForgeAttention(nn.Module):
         kv_from=j                 q_proj, o_proj
         probs_from=j              v_proj (or v_down, v_up), o_proj
 
-    Down-projections carry the original k/v bias (attention_bias); up-projections have none.
+    Down-projections carry the original k/v bias (attention_bias). v_up always has a bias: the values' mean,
+    so the surgery's PCA can be centred (softmax weights sum to 1, so the mean passes through attention
+    exactly). k_up has none: a constant on pre-RoPE keys would be rotated per position (surgery factorises
+    keys uncentred), and on partial-RoPE non-rotary keys it shifts a query's logits equally (softmax ignores it).
     """
 
     def __init__(self, config: KVForgeConfig, layer_idx: int, spec=None):
@@ -771,19 +780,21 @@ class KVForgeAttention(nn.Module):
             self.k_down = nn.Linear(hidden, layer.k_rank, bias=bias)
             self.k_up = nn.Linear(layer.k_rank, original_kv_heads * dim, bias=False)
             self.v_down = nn.Linear(hidden, layer.v_rank, bias=bias)
-            self.v_up = nn.Linear(layer.v_rank, original_kv_heads * dim, bias=False)
+            self.v_up = nn.Linear(layer.v_rank, original_kv_heads * dim, bias=True)
         elif rep == "partial":
             rope_dims = layer.rope_dims
             self.kv_down = nn.Linear(hidden, layer.kv_rank, bias=bias)
-            self.k_up = nn.Linear(layer.kv_rank, original_kv_heads * (dim - rope_dims), bias=False)
-            self.v_up = nn.Linear(layer.kv_rank, original_kv_heads * dim, bias=False)
+            with warnings.catch_warnings():  # all dims rotary leaves k_up empty; torch warns on initializing it
+                warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+                self.k_up = nn.Linear(layer.kv_rank, original_kv_heads * (dim - rope_dims), bias=False)
+            self.v_up = nn.Linear(layer.kv_rank, original_kv_heads * dim, bias=True)
             self.k_rope = nn.Linear(hidden, original_kv_heads * rope_dims, bias=bias)
             self.register_buffer("rope_index", self.default_rope_index(original_kv_heads, rope_dims))
         elif rep == "v":
             self.v_proj = nn.Linear(hidden, own_heads * dim, bias=bias)
         elif rep == "v_latent":
             self.v_down = nn.Linear(hidden, layer.v_rank, bias=bias)
-            self.v_up = nn.Linear(layer.v_rank, original_kv_heads * dim, bias=False)
+            self.v_up = nn.Linear(layer.v_rank, original_kv_heads * dim, bias=True)
         self.o_proj = nn.Linear(heads * dim, hidden, bias=config.attention_output_bias)
 
     @staticmethod
@@ -831,12 +842,13 @@ class KVForgeAttention(nn.Module):
         if shared.representation == "pre_rope_latent":
             key_cos, key_sin = plan.key_rotary()
             return attend(rotated, t["k_latent"], t["v_latent"], producer.k_up.weight, producer.v_up.weight,
-                          key_cos, key_sin, plan.mask, self.scaling, need_probs=need_probs, dropout=dropout,
+                          producer.v_up.bias, key_cos, key_sin, plan.mask, self.scaling, need_probs=need_probs, dropout=dropout,
                           use_sdpa=use_sdpa)
         if shared.representation == "partial":
             rope_dims, nope_dims = partial_rope_dims(producer.rope_index, dim)
             return attend(_gather_dims(rotated, rope_dims), _gather_dims(query, nope_dims), t["k_rope"],
-                          t["kv_latent"], producer.k_up.weight, producer.v_up.weight, plan.mask, self.scaling,
+                          t["kv_latent"], producer.k_up.weight, producer.v_up.weight, producer.v_up.bias, plan.mask,
+                          self.scaling,
                           need_probs=need_probs, dropout=dropout)
         raise AssertionError(shared.representation)
 
@@ -866,7 +878,8 @@ class KVForgeAttention(nn.Module):
             if self.representation == "v":
                 out, _ = attend(grouped, value=values["value"], dropout=dropout)
             else:
-                out, _ = attend(grouped, v_latent=values["v_latent"], v_up=self.v_up.weight, dropout=dropout)
+                out, _ = attend(grouped, v_latent=values["v_latent"], v_up=self.v_up.weight, v_up_bias=self.v_up.bias,
+                                dropout=dropout)
             probs = None
         else:
             query = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)

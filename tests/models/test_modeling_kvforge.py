@@ -22,6 +22,15 @@ HEADS, KV_HEADS, HEAD_DIM = 4, 2, 16
 TOL = 1e-4
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_cpu_thread():
+    # Tiny matmuls gain nothing from threads, and on a shared 2-core machine they fight other processes.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_base(kind: str = "llama", **overrides):
     torch.manual_seed(0)
     fields = {**TINY, **overrides}
@@ -229,10 +238,12 @@ def test_absorbed_partial_attention_equals_expanded():
     q_rope, q_nope = torch.randn(batch, kv_heads, group, length, rope), torch.randn(batch, kv_heads, group, length, nope)
     k_rope, latent = torch.randn(batch, kv_heads, slots, rope), torch.randn(batch, slots, rank)
     k_up, v_up = torch.randn(kv_heads * nope, rank), torch.randn(kv_heads * HEAD_DIM, rank)
+    v_up_bias = torch.randn(kv_heads * HEAD_DIM)
     mask = torch.rand(batch, 1, 1, length, slots) > 0.3
     mask[..., 0] = True
-    expanded = partial_rope_attention(q_rope, q_nope, k_rope, latent, k_up, v_up, mask, 0.25, need_probs=True, absorb=False)
-    absorbed = partial_rope_attention(q_rope, q_nope, k_rope, latent, k_up, v_up, mask, 0.25, need_probs=True, absorb=True)
+    args = (q_rope, q_nope, k_rope, latent, k_up, v_up, v_up_bias, mask, 0.25)
+    expanded = partial_rope_attention(*args, need_probs=True, absorb=False)
+    absorbed = partial_rope_attention(*args, need_probs=True, absorb=True)
     torch.testing.assert_close(absorbed[0], expanded[0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(absorbed[1], expanded[1], atol=1e-5, rtol=1e-5)
 
@@ -263,6 +274,7 @@ COMBINED = [
     {"attention": "window", "window": 3, "kv_proj": "merged_heads", "num_kv_heads": 1},
 ]
 METHODS["combined"] = COMBINED
+METHODS["combined_with_bias"] = COMBINED  # built with attention_bias (Qwen2-like k/v down-projection biases)
 
 
 def build(layers, attn_implementation="sdpa", seed=0, **overrides) -> KVForgeForCausalLM:
@@ -272,8 +284,11 @@ def build(layers, attn_implementation="sdpa", seed=0, **overrides) -> KVForgeFor
                            compression={"layers": layers})
     model = KVForgeForCausalLM(config).eval()
     model.set_attn_implementation(attn_implementation)
-    with torch.no_grad():  # partial layers: a per-head, non-contiguous rotary choice
-        for module in model.modules():
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # init zeroes biases; make them matter
+            if name.endswith("bias"):
+                param.normal_(0, 0.1)
+        for module in model.modules():  # partial layers: a per-head, non-contiguous rotary choice
             if hasattr(module, "rope_index"):
                 pairs = module.rope_index.shape[1]
                 module.rope_index.copy_(torch.stack([torch.randperm(HEAD_DIM // 2)[:pairs].sort().values
@@ -296,7 +311,8 @@ def uncached_logits(model, sequences, mask, prompt_width, steps):
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_cached_greedy_generate_matches_uncached_forwards(method):
-    model = build(METHODS[method], attn_implementation="eager" if method == "combined" else "sdpa")
+    model = build(METHODS[method], attn_implementation="eager" if method == "combined" else "sdpa",
+                  attention_bias=method == "combined_with_bias")
     ids, mask = padded_batch()
     new_tokens = 12  # 7-token prompt + 12 > window + sinks
     with torch.no_grad():
