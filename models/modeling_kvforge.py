@@ -569,21 +569,24 @@ def _weighted_values(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     return torch.matmul(probs.reshape(batch, heads, group * length, slots), value).view(batch, heads, group, length, -1)
 
 
-def _values_from_latent(probs: torch.Tensor, latent: torch.Tensor, up_weight: torch.Tensor,
-                        up_bias: torch.Tensor | None) -> torch.Tensor:
-    """Absorbed value up-projection: sum_s p_s (U c_s + b) = U (sum_s p_s c_s) + b sum_s p_s, exact.
+def _latent_values(probs: torch.Tensor, latent: torch.Tensor, up: nn.Linear, absorb: bool) -> torch.Tensor:
+    """sum_s p_s (U c_s + b) for probs [B, K, G, T, S], latent [B, S, R], up: R -> K * Dv; -> [B, K, G, T, Dv].
 
-    probs [B, K, G, T, S], latent [B, S, R], up_weight [K * Dv, R], up_bias [K * Dv] -> [B, K, G, T, Dv].
-    Attending over the R-dim latent and up-projecting once per query costs O(H T S R + H T R Dv) instead
-    of O(S R K Dv) for rebuilding the values.
+    absorb=False rebuilds the values (`up` is called as a module, so ZeRO-3 gathers its weight; training
+    takes this path). absorb=True attends over the latent and up-projects once per query, exact since
+    sum_s p_s (U c_s + b) = U (sum_s p_s c_s) + b sum_s p_s: O(H T S R + H T R Dv) instead of O(S R K Dv),
+    the decode form (reads up.weight directly).
     """
     batch, heads, group, length, slots = probs.shape
+    if not absorb:
+        value = up(latent).view(batch, slots, heads, -1).transpose(1, 2)  # [B, K, S, Dv]
+        return _weighted_values(probs, value)
     mixed = torch.matmul(probs.reshape(batch, heads * group * length, slots), latent)  # [B, K*G*T, R]
     mixed = mixed.view(batch, heads, group * length, -1)
-    up = up_weight.view(heads, -1, up_weight.shape[-1])  # [K, Dv, R]
-    out = torch.matmul(mixed, up.transpose(-1, -2)).view(batch, heads, group, length, -1)
-    if up_bias is not None:  # sum_s p_s is 1 except under dropout
-        out = out + up_bias.view(heads, 1, 1, -1) * probs.sum(dim=-1, keepdim=True)
+    weight = up.weight.view(heads, -1, up.weight.shape[-1])  # [K, Dv, R]
+    out = torch.matmul(mixed, weight.transpose(-1, -2)).view(batch, heads, group, length, -1)
+    if up.bias is not None:  # sum_s p_s is 1 except under dropout
+        out = out + up.bias.view(heads, 1, 1, -1) * probs.sum(dim=-1, keepdim=True)
     return out
 
 
@@ -607,65 +610,63 @@ def kv_attention(query, key, value, mask, scaling, *, need_probs=False, dropout=
     return _weighted_values(_dropout(probs, dropout), value), (probs if need_probs else None)
 
 
-def pre_rope_latent_attention(query, k_latent, v_latent, k_up, v_up, v_up_bias, key_cos, key_sin, mask, scaling,
-                              *, need_probs=False, dropout=0.0, use_sdpa=False):
+def pre_rope_latent_attention(query, k_latent, v_latent, k_up, v_up, key_cos, key_sin, mask, scaling, *,
+                              need_probs=False, dropout=0.0, use_sdpa=False, absorb=None):
     """Low-rank cache with RoPE after the up-projection (Eigen Attention style).
 
-    query [B, K, G, T, D] (rotated); k_latent [B, S, Rk], v_latent [B, S, Rv]; k_up [K*D, Rk], v_up [K*D, Rv]
-    (weights), v_up_bias [K*D] | None; key_cos / key_sin [B, S, D] at the keys' positions. Keys are rebuilt and rotated here because
-    RoPE between q and k_up cannot be folded into the query. With one query token (decode) the value
-    up-projection is absorbed (`_values_from_latent`).
+    query [B, K, G, T, D] (rotated); k_latent [B, S, Rk], v_latent [B, S, Rv]; k_up: Rk -> K*D and
+    v_up: Rv -> K*D (the producer's nn.Linear modules); key_cos / key_sin [B, S, D] at the keys' positions.
+    Keys are rebuilt and rotated here: RoPE sits between q and k_up, so k_up cannot fold into the query.
+    The value up-projection is absorbed (`_latent_values`) by default for one query token (decode).
     """
     batch, heads, group, length, dim = query.shape
     slots = k_latent.shape[1]
-    key = F.linear(k_latent, k_up).view(batch, slots, heads, dim).transpose(1, 2)  # [B, K, S, D]
+    absorb = (length == 1) if absorb is None else absorb
+    key = k_up(k_latent).view(batch, slots, heads, dim).transpose(1, 2)  # [B, K, S, D]
     key = apply_rotary(key, key_cos[:, None], key_sin[:, None])
-    if length > 1:
-        value = F.linear(v_latent, v_up, v_up_bias).view(batch, slots, heads, -1).transpose(1, 2)  # [B, K, S, D]
+    if not absorb:
+        value = v_up(v_latent).view(batch, slots, heads, -1).transpose(1, 2)  # [B, K, S, D]
         return kv_attention(query, key, value, mask, scaling, need_probs=need_probs, dropout=dropout, use_sdpa=use_sdpa)
     probs = _masked_softmax(_scores(query, key) * scaling, mask, query.dtype)
-    return _values_from_latent(_dropout(probs, dropout), v_latent, v_up, v_up_bias), (probs if need_probs else None)
+    return _latent_values(_dropout(probs, dropout), v_latent, v_up, absorb=True), (probs if need_probs else None)
 
 
-def partial_rope_attention(query_rope, query_nope, k_rope, kv_latent, k_up, v_up, v_up_bias, mask, scaling, *,
+def partial_rope_attention(query_rope, query_nope, k_rope, kv_latent, k_up, v_up, mask, scaling, *,
                            need_probs=False, dropout=0.0, absorb=None):
     """Partial-RoPE joint-latent cache (MHA2MLA).
 
     query_rope [B, K, G, T, Dr] (rotated), query_nope [B, K, G, T, Dn]; k_rope [B, K, S, Dr] (rotated, cached
-    as is); kv_latent [B, S, R]; k_up [K*Dn, R], v_up [K*D, R], v_up_bias [K*D] | None. score = q_rope . k_rope + q_nope . (U_k c).
-    Absorbed form (default for one query token): fold U_k into the query, attend over the latent, then apply
-    U_v once -- exact, and the keys' non-rotary part is never materialized.
+    as is); kv_latent [B, S, R]; k_up: R -> K*Dn, v_up: R -> K*D (the producer's modules).
+    score = q_rope . k_rope + q_nope . (U_k c). Absorbed form (default for one query token): fold U_k into
+    the query, attend over the latent, then apply U_v once -- exact, and the non-rotary keys are never
+    materialized.
     """
     batch, heads, group, length, _ = query_rope.shape
     slots = kv_latent.shape[1]
     absorb = (length == 1) if absorb is None else absorb
     scores = _scores(query_rope, k_rope)
     if absorb:
-        up_k = k_up.view(heads, -1, k_up.shape[-1])  # [K, Dn, R]
+        up_k = k_up.weight.view(heads, -1, k_up.weight.shape[-1])  # [K, Dn, R]
         query_latent = torch.matmul(query_nope.reshape(batch, heads, group * length, -1), up_k)  # [B, K, G*T, R]
         scores = scores + torch.matmul(
             query_latent.reshape(batch, heads * group * length, -1), kv_latent.transpose(1, 2)
         ).view(batch, heads, group, length, slots)
     else:
-        k_nope = F.linear(kv_latent, k_up).view(batch, slots, heads, -1).transpose(1, 2)  # [B, K, S, Dn]
+        k_nope = k_up(kv_latent).view(batch, slots, heads, -1).transpose(1, 2)  # [B, K, S, Dn]
         scores = scores + _scores(query_nope, k_nope)
     probs = _masked_softmax(scores * scaling, mask, query_rope.dtype)
-    dropped = _dropout(probs, dropout)
-    if absorb:
-        out = _values_from_latent(dropped, kv_latent, v_up, v_up_bias)
-    else:
-        value = F.linear(kv_latent, v_up, v_up_bias).view(batch, slots, heads, -1).transpose(1, 2)  # [B, K, S, D]
-        out = _weighted_values(dropped, value)
+    out = _latent_values(_dropout(probs, dropout), kv_latent, v_up, absorb)
     return out, (probs if need_probs else None)
 
 
-def shared_probs_attention(probs, value=None, v_latent=None, v_up=None, v_up_bias=None, *, dropout=0.0):
+def shared_probs_attention(probs, value=None, v_latent=None, v_up=None, *, dropout=0.0, absorb=None):
     """probs_from consumer: another layer's probabilities [B, Kv, Gv, T, S] over this layer's values, either
-    value [B, Kv, S, D] or v_latent [B, S, Rv] with v_up [Kv*D, Rv] (+ bias). No q, no k, no QK product."""
+    value [B, Kv, S, D] or v_latent [B, S, Rv] with v_up: Rv -> Kv*D. No q, no k, no QK product."""
     probs = _dropout(probs, dropout)
     if value is not None:
         return _weighted_values(probs, value), None
-    return _values_from_latent(probs, v_latent, v_up, v_up_bias), None
+    absorb = (probs.shape[3] == 1) if absorb is None else absorb
+    return _latent_values(probs, v_latent, v_up, absorb), None
 
 
 ATTENTION_FUNCTIONS: dict[str, Callable] = {
@@ -740,10 +741,11 @@ class KVForgeAttention(nn.Module):
         kv_from=j                 q_proj, o_proj
         probs_from=j              v_proj (or v_down, v_up), o_proj
 
-    Down-projections carry the original k/v bias (attention_bias). v_up always has a bias: the values' mean,
-    so the surgery's PCA can be centred (softmax weights sum to 1, so the mean passes through attention
-    exactly). k_up has none: a constant on pre-RoPE keys would be rotated per position (surgery factorises
-    keys uncentred), and on partial-RoPE non-rotary keys it shifts a query's logits equally (softmax ignores it).
+    Biases: k_down and k_rope carry the original k bias (attention_bias). Latents holding values are a
+    centred PCA: v_down / kv_down and v_up always have biases (down.bias = -U^T mean, v_up.bias = the
+    values' mean); the mean passes through attention exactly since softmax weights sum to 1. k_up has none: a constant on pre-RoPE
+    keys would be rotated per position (surgery factorises keys uncentred), and on partial-RoPE non-rotary
+    keys it shifts all of a query's logits equally (softmax ignores it).
     """
 
     def __init__(self, config: KVForgeConfig, layer_idx: int, spec=None):
@@ -758,7 +760,7 @@ class KVForgeAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.scaling = self.head_dim ** -0.5
         self.attention_dropout = config.attention_dropout
-        # Whether later layers read this layer's K/V or probabilities (set by KVForgeModel).
+        # Whether later layers read this layer's K/V or probabilities (then it hands them over).
         self.shares_kv = any(other.kv_from == layer_idx for other in spec.layers)
         self.shares_probs = any(other.probs_from == layer_idx for other in spec.layers)
 
@@ -779,11 +781,11 @@ class KVForgeAttention(nn.Module):
         elif rep == "pre_rope_latent":
             self.k_down = nn.Linear(hidden, layer.k_rank, bias=bias)
             self.k_up = nn.Linear(layer.k_rank, original_kv_heads * dim, bias=False)
-            self.v_down = nn.Linear(hidden, layer.v_rank, bias=bias)
+            self.v_down = nn.Linear(hidden, layer.v_rank, bias=True)
             self.v_up = nn.Linear(layer.v_rank, original_kv_heads * dim, bias=True)
         elif rep == "partial":
             rope_dims = layer.rope_dims
-            self.kv_down = nn.Linear(hidden, layer.kv_rank, bias=bias)
+            self.kv_down = nn.Linear(hidden, layer.kv_rank, bias=True)
             with warnings.catch_warnings():  # all dims rotary leaves k_up empty; torch warns on initializing it
                 warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
                 self.k_up = nn.Linear(layer.kv_rank, original_kv_heads * (dim - rope_dims), bias=False)
@@ -793,7 +795,7 @@ class KVForgeAttention(nn.Module):
         elif rep == "v":
             self.v_proj = nn.Linear(hidden, own_heads * dim, bias=bias)
         elif rep == "v_latent":
-            self.v_down = nn.Linear(hidden, layer.v_rank, bias=bias)
+            self.v_down = nn.Linear(hidden, layer.v_rank, bias=True)
             self.v_up = nn.Linear(layer.v_rank, original_kv_heads * dim, bias=True)
         self.o_proj = nn.Linear(heads * dim, hidden, bias=config.attention_output_bias)
 
@@ -841,14 +843,12 @@ class KVForgeAttention(nn.Module):
                           dropout=dropout, use_sdpa=use_sdpa)
         if shared.representation == "pre_rope_latent":
             key_cos, key_sin = plan.key_rotary()
-            return attend(rotated, t["k_latent"], t["v_latent"], producer.k_up.weight, producer.v_up.weight,
-                          producer.v_up.bias, key_cos, key_sin, plan.mask, self.scaling, need_probs=need_probs, dropout=dropout,
+            return attend(rotated, t["k_latent"], t["v_latent"], producer.k_up, producer.v_up, key_cos, key_sin, plan.mask, self.scaling, need_probs=need_probs, dropout=dropout,
                           use_sdpa=use_sdpa)
         if shared.representation == "partial":
             rope_dims, nope_dims = partial_rope_dims(producer.rope_index, dim)
             return attend(_gather_dims(rotated, rope_dims), _gather_dims(query, nope_dims), t["k_rope"],
-                          t["kv_latent"], producer.k_up.weight, producer.v_up.weight, producer.v_up.bias, plan.mask,
-                          self.scaling,
+                          t["kv_latent"], producer.k_up, producer.v_up, plan.mask, self.scaling,
                           need_probs=need_probs, dropout=dropout)
         raise AssertionError(shared.representation)
 
@@ -878,8 +878,7 @@ class KVForgeAttention(nn.Module):
             if self.representation == "v":
                 out, _ = attend(grouped, value=values["value"], dropout=dropout)
             else:
-                out, _ = attend(grouped, v_latent=values["v_latent"], v_up=self.v_up.weight, v_up_bias=self.v_up.bias,
-                                dropout=dropout)
+                out, _ = attend(grouped, v_latent=values["v_latent"], v_up=self.v_up, dropout=dropout)
             probs = None
         else:
             query = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)

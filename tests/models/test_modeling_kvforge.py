@@ -237,11 +237,10 @@ def test_absorbed_partial_attention_equals_expanded():
     batch, kv_heads, group, length, slots, rope, nope, rank = 2, 2, 2, 3, 9, 4, 12, 10
     q_rope, q_nope = torch.randn(batch, kv_heads, group, length, rope), torch.randn(batch, kv_heads, group, length, nope)
     k_rope, latent = torch.randn(batch, kv_heads, slots, rope), torch.randn(batch, slots, rank)
-    k_up, v_up = torch.randn(kv_heads * nope, rank), torch.randn(kv_heads * HEAD_DIM, rank)
-    v_up_bias = torch.randn(kv_heads * HEAD_DIM)
+    k_up, v_up = torch.nn.Linear(rank, kv_heads * nope, bias=False), torch.nn.Linear(rank, kv_heads * HEAD_DIM)
     mask = torch.rand(batch, 1, 1, length, slots) > 0.3
     mask[..., 0] = True
-    args = (q_rope, q_nope, k_rope, latent, k_up, v_up, v_up_bias, mask, 0.25)
+    args = (q_rope, q_nope, k_rope, latent, k_up, v_up, mask, 0.25)
     expanded = partial_rope_attention(*args, need_probs=True, absorb=False)
     absorbed = partial_rope_attention(*args, need_probs=True, absorb=True)
     torch.testing.assert_close(absorbed[0], expanded[0], atol=1e-4, rtol=1e-4)
