@@ -206,6 +206,9 @@ class SlotLayout:
     def __init__(self, window: int | None, sinks: int, max_cache_len: int | None = None):
         self.window, self.sinks = window, sinks
         self.max_cache_len = max_cache_len
+        self.reset()
+
+    def reset(self) -> None:
         self.token_index: torch.Tensor | None = None  # [B, C] long, -1 = empty slot or padding
         self.positions: torch.Tensor | None = None  # [B, C] long
         self.length = 0  # global: slots written so far (== cache sequence length)
@@ -279,11 +282,7 @@ class SlotLayout:
             self.positions = self.positions[indices]
 
     def crop(self, length: int) -> None:
-        if self.is_ring:
-            raise ValueError(
-                f"cannot crop a window layer's cache (window={self.window}): its ring buffer has already evicted "
-                f"tokens that cropping would need back"
-            )
+        """Global layout only (KVForgeCache.crop checks)."""
         self.length = min(self.length, length)
         if self.token_index is not None:
             self.token_index[:, self.length:] = -1
@@ -319,29 +318,22 @@ def _write_slots(storage: torch.Tensor, slot_dim: int, plan: SlotPlan, new: torc
 # ================================================================================================
 
 
-def cached_tensor_shapes(layer: LayerSpec, config: KVForgeConfig) -> dict[str, tuple[int, tuple[int, ...]]]:
-    """name -> (slot_dim, shape with the slot dim as 0 and batch as 0) of what one layer caches."""
-    heads = layer.num_kv_heads if layer.kv_proj == "merged_heads" else config.num_key_value_heads
-    head_dim = config.head_dim
-    rep = layer.representation
-    if rep == "kv":
-        return {"key": (2, (0, heads, 0, head_dim)), "value": (2, (0, heads, 0, head_dim))}
-    if rep == "pre_rope_latent":
-        return {"k_latent": (1, (0, 0, layer.k_rank)), "v_latent": (1, (0, 0, layer.v_rank))}
-    if rep == "partial":
-        return {"kv_latent": (1, (0, 0, layer.kv_rank)),
-                "k_rope": (2, (0, config.num_key_value_heads, 0, layer.rope_dims))}
-    if rep == "v":
-        return {"value": (2, (0, heads, 0, head_dim))}
-    if rep == "v_latent":
-        return {"v_latent": (1, (0, 0, layer.v_rank))}
-    return {}  # kv_from consumer: reads its producer's cache
+def cached_slot_dims(layer: LayerSpec) -> dict[str, int]:
+    """name -> slot (token) axis of each tensor a layer caches; shapes in KVForgeCache's docstring."""
+    return {
+        "kv": {"key": 2, "value": 2},  # [B, K, C, D]
+        "pre_rope_latent": {"k_latent": 1, "v_latent": 1},  # [B, C, R]
+        "partial": {"kv_latent": 1, "k_rope": 2},  # [B, C, R], [B, K, C, Dr]
+        "v": {"value": 2},
+        "v_latent": {"v_latent": 1},
+        "none": {},  # kv_from consumer: reads its producer's cache
+    }[layer.representation]
 
 
 class LayerStorage:
     """One layer's cached tensors, each with a slot (token) axis laid out by the layer's SlotLayout.
 
-    Holds only what the spec needs (see `cached_tensor_shapes`); a kv_from consumer holds nothing.
+    Holds only what the spec needs (see `cached_slot_dims`); a kv_from consumer holds nothing.
     PyramidKV seam: selecting tokens after prefill means gathering these tensors along the slot axis and
     giving the layer its own SlotLayout (per-(batch, kv-head) selection would make token_index [B, K, C]);
     everything that reads slots goes through SlotPlan, so that is the only place it needs to change.
@@ -405,8 +397,7 @@ class KVForgeCache(Cache):
         for layer in spec.layers:
             if layer.layout not in self.layouts:
                 self.layouts[layer.layout] = SlotLayout(*layer.layout, max_cache_len=max_cache_len)
-            shapes = cached_tensor_shapes(layer, config)
-            storages.append(LayerStorage(self.layouts[layer.layout], {n: d for n, (d, _) in shapes.items()}))
+            storages.append(LayerStorage(self.layouts[layer.layout], cached_slot_dims(layer)))
         super().__init__(layers=storages)
         self.layer_specs = spec.layers
         self._seq_length = 0
@@ -497,9 +488,8 @@ class KVForgeCache(Cache):
     def reset(self) -> None:
         for storage in self.layers:
             storage.tensors = {}
-        for key, layout in list(self.layouts.items()):
-            fresh = SlotLayout(layout.window, layout.sinks, layout.max_cache_len)
-            layout.__dict__.update(fresh.__dict__)
+        for layout in self.layouts.values():
+            layout.reset()
         self._seq_length = 0
         self.valid_counts = None
 
@@ -525,6 +515,12 @@ class KVForgeCache(Cache):
         keep = self._seq_length + tokens_to_remove if tokens_to_remove <= 0 else min(tokens_to_remove, self._seq_length)
         if keep == self._seq_length:
             return
+        if not self.is_croppable:
+            windows = sorted({layout.window for layout in self.layouts.values() if layout.is_ring})
+            raise ValueError(
+                f"cannot crop a cache with window layers (window={windows}): their ring buffers have already "
+                f"evicted tokens that cropping would need back"
+            )
         for layout in self.layouts.values():
             layout.crop(keep)
         for storage in self.layers:

@@ -462,3 +462,47 @@ def test_generate_rejects_a_foreign_cache():
     ids, mask = padded_batch()
     with pytest.raises(TypeError, match="KVForgeCache"):
         model.generate(ids, attention_mask=mask, max_new_tokens=2, past_key_values=DynamicCache())
+
+
+def test_crop_then_continue_matches_uncached():
+    """Global-only caches can be cropped (assisted decoding); window rings refuse, naming the window."""
+    model = build(METHODS["pre_rope_latent"])
+    ids, mask = padded_batch(lengths=(10, 8))
+    cache = KVForgeCache(model.config)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, position_ids=positions_from_mask(mask), past_key_values=cache, use_cache=True)
+        cache.crop(-3)
+        assert cache.get_seq_length() == 7
+        tail = model(ids[:, 7:], attention_mask=mask, position_ids=positions_from_mask(mask)[:, 7:],
+                     past_key_values=cache, use_cache=True).logits
+        full = model(ids, attention_mask=mask, position_ids=positions_from_mask(mask), use_cache=False).logits
+    assert (tail - full[:, 7:]).abs().max() <= TOL
+
+    window_cache = KVForgeCache(build(METHODS["window"]).config)
+    window_cache._seq_length = 5
+    with pytest.raises(ValueError, match=r"cannot crop a cache with window layers \(window=\[4, 5\]\)"):
+        window_cache.crop(-1)
+
+
+def test_bfloat16_generate_runs_and_caches_in_bfloat16():
+    model = build(COMBINED).to(torch.bfloat16)
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=9, do_sample=False, return_dict_in_generate=True)
+    cache = out.past_key_values
+    assert {t.dtype for _, _, t in cache.named_tensors()} == {torch.bfloat16}
+    assert cache.cache_bytes() == model.config.kv_cache_bytes(cache.get_seq_length(), dtype=torch.bfloat16, batch_size=2)
+
+
+def test_hidden_states_and_attentions_outputs():
+    model = build(COMBINED, attn_implementation="eager")
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, output_hidden_states=True, output_attentions=True, use_cache=False)
+    assert len(out.hidden_states) == len(COMBINED) + 1
+    for layer, probs in zip(COMBINED, out.attentions):
+        if layer.get("probs_from") is not None:
+            assert probs is None  # it has no probabilities of its own
+        else:
+            assert probs.shape == (2, HEADS, ids.shape[1], ids.shape[1])
+            torch.testing.assert_close(probs.sum(-1), torch.ones(2, HEADS, ids.shape[1]))
