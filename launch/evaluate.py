@@ -1,0 +1,186 @@
+#!/usr/bin/env python
+"""Evaluate a model: `python launch/evaluate.py --model <model> [--task perplexity] [options]`.
+
+<model> is anything kvforge loads (a Hugging Face directory, a hub id, a .gguf file, the embedded
+`smollm2-135m-instruct`) or a training run directory (its consolidated `hf_model/` is evaluated).
+
+Tasks (--task, default perplexity):
+  perplexity  token-weighted mean next-token NLL and its exp over the eval split of --data, packed into
+              rows of --seq-len exactly as training packs them (trainer/data.py: split by document, the
+              same cache). Evaluates every eval row unless --max-batches is given.
+
+Prints the result and, with --json, writes it with the model, data settings and timings.
+
+Examples:
+  python launch/evaluate.py --model smollm2-135m-instruct --data python-docs --seq-len 512
+  python launch/evaluate.py --model runs/smollm2-recover --max-batches 8 --json eval.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1), got {value}")
+    return value
+
+
+def resolve_model_argument(model: str) -> str:
+    """A training run directory stands for its consolidated model (`<run>/hf_model`); anything else is
+    passed to `load_pretrained` as it is."""
+    run_model = Path(model).expanduser() / "hf_model"
+    if (run_model / "config.json").is_file():
+        return str(run_model)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tasks: each adds its options to the parser and evaluates a loaded model. A new task (e.g. passkey
+# retrieval) is one more `add_*_arguments` + `run_*` pair and one entry in TASKS.
+
+
+def add_perplexity_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("perplexity", "the eval split of a data source (see trainer/data.py)")
+    group.add_argument("--data", default="python-docs",
+                       help="python-docs | stdlib-docstrings | a local file or folder | a hub dataset "
+                            "(default: %(default)s)")
+    group.add_argument("--text-field", default="text", help="text column of JSON/parquet/hub data (default: text)")
+    group.add_argument("--split", default="train", help="split of a hub dataset to read documents from")
+    group.add_argument("--config-name", default=None, help="config name of a hub dataset")
+    group.add_argument("--seq-len", type=_int_at_least(2), default=512, help="tokens per row (default: 512)")
+    group.add_argument("--eval-fraction", type=_fraction, default=0.05,
+                       help="fraction of documents held out for eval (default: 0.05)")
+    group.add_argument("--split-seed", type=int, default=0,
+                       help="seed of the document split (default: 0; a training run uses its run.seed)")
+    group.add_argument("--max-documents", type=_int_at_least(1), default=None,
+                       help="read only the first N documents of the source")
+    group.add_argument("--cache-dir", default=None, help="packed-data cache (default: $KVFORGE_CACHE/data)")
+    group.add_argument("--batch-size", type=_int_at_least(1), default=4, help="rows per forward (default: 4)")
+    group.add_argument("--max-batches", type=_int_at_least(1), default=None,
+                       help="evaluate only the first N batches of the eval split (default: all)")
+
+
+def run_perplexity(args: argparse.Namespace, model: Any, tokenizer: Any, device: str) -> dict[str, Any]:
+    from kvforge.models.loading import document_separator_id
+    from kvforge.trainer.data import build_packed_datasets
+    from kvforge.trainer.evaluation import evaluate_perplexity
+
+    data_settings = {
+        "source": args.data, "text_field": args.text_field, "split": args.split,
+        "config_name": args.config_name, "seq_len": args.seq_len, "eval_fraction": args.eval_fraction,
+        "max_documents": args.max_documents, "cache_dir": args.cache_dir, "seed": args.split_seed,
+    }
+    separator = document_separator_id(tokenizer, model.config)
+    started = time.perf_counter()
+    packed = build_packed_datasets(data_settings, tokenizer, separator)
+    data_seconds = time.perf_counter() - started
+    rows = packed.eval
+    started = time.perf_counter()
+    result = evaluate_perplexity(model, rows, args.batch_size, device, args.max_batches)
+    eval_seconds = time.perf_counter() - started
+    evaluated_rows = result["tokens"] // (args.seq_len - 1)
+    print(f"perplexity {result['perplexity']:.4f}  (loss {result['loss']:.5f} nats/token over "
+          f"{result['tokens']:,} predictions: {evaluated_rows} of {rows.shape[0]} eval rows x {args.seq_len} "
+          f"tokens of {args.data!r}; {eval_seconds:.1f} s, {result['tokens'] / eval_seconds:,.0f} tokens/s)")
+    return {
+        **result,
+        "rows": evaluated_rows,
+        "eval_rows_available": int(rows.shape[0]),
+        "data": {**data_settings, "document_separator_id": separator,
+                 "stats": {k: v for k, v in packed.stats.items() if k != "cache_file"}},
+        "seconds": {"data": round(data_seconds, 3), "eval": round(eval_seconds, 3)},
+    }
+
+
+TASKS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[..., dict[str, Any]]]] = {
+    "perplexity": (add_perplexity_arguments, run_perplexity),
+}
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True,
+                        help="a Hugging Face directory, hub id, .gguf file, 'smollm2-135m-instruct', or a run directory")
+    parser.add_argument("--gguf-file", default=None, help="a GGUF file inside the --model directory or hub repo")
+    parser.add_argument("--tokenizer", default=None, help="load the tokenizer from here instead of --model")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="weight dtype (default: %(default)s)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    parser.add_argument("--task", default="perplexity", choices=sorted(TASKS), help="what to evaluate (default: perplexity)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the result to this JSON file")
+    for add_arguments, _ in TASKS.values():
+        add_arguments(parser)
+    return parser
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    path = path.expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from kvforge.models.loading import ModelLoadError, load_pretrained
+    from kvforge.trainer.data import DataError
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.device(device)
+    except RuntimeError:
+        parser.error(f"argument --device: expected cpu, cuda or cuda:N, got {device!r}")
+    model_name = resolve_model_argument(args.model)
+    _, run_task = TASKS[args.task]
+    try:
+        started = time.perf_counter()
+        model, tokenizer = load_pretrained(model_name, gguf_file=args.gguf_file, dtype=args.dtype,
+                                           tokenizer_name=args.tokenizer, device=device)
+        load_seconds = time.perf_counter() - started
+        result = run_task(args, model, tokenizer, device)
+    except (ModelLoadError, DataError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json is not None:
+        payload = {"task": args.task, "model": args.model, "model_loaded_from": model_name, "dtype": args.dtype,
+                   "device": device, "model_load_seconds": round(load_seconds, 3), **result}
+        _write_json(args.json, payload)
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

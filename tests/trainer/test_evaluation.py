@@ -1,0 +1,248 @@
+"""trainer/evaluation.py and launch/evaluate.py: perplexity against a hand computation, against
+transformers' own loss, chunked == unchunked, across ranks, and (real_model) the launcher on SmolLM2."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import multiprocessing
+import re
+import socket
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kvforge.trainer import evaluation
+from kvforge.trainer.evaluation import evaluate_perplexity
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class TableLM(torch.nn.Module):
+    """logits[b, t] = table[input_ids[b, t]]: a model whose every prediction is known in advance."""
+
+    def __init__(self, table_VV: torch.Tensor, logits_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.table = torch.nn.Parameter(table_VV)
+        self.logits_dtype = logits_dtype
+        self.calls = []
+
+    def forward(self, input_ids):
+        self.calls.append(tuple(input_ids.shape))
+        return SimpleNamespace(logits=self.table[input_ids].to(self.logits_dtype))
+
+
+def tiny_llama(vocab_size: int = 64):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_matches_a_hand_computation():
+    # Vocabulary of 3; row [0, 1, 2] predicts 1 from 0 and 2 from 1; row [2, 2, 0] predicts 2 from 2, 0 from 2.
+    table = torch.tensor([[0.0, 1.0, 2.0],
+                          [1.0, 1.0, 1.0],
+                          [3.0, 0.0, 0.5]])
+    rows = torch.tensor([[0, 1, 2], [2, 2, 0]], dtype=torch.int32)
+
+    def nll(logits, target):
+        return -(logits[target] - math.log(sum(math.exp(x) for x in logits)))
+
+    t = table.tolist()
+    expected_nlls = [nll(t[0], 1), nll(t[1], 2), nll(t[2], 2), nll(t[2], 0)]
+    expected = sum(expected_nlls) / 4
+    for batch_size in (1, 2, 5):
+        result = evaluate_perplexity(TableLM(table), rows, batch_size, "cpu")
+        assert result["tokens"] == 4
+        assert result["loss"] == pytest.approx(expected, rel=1e-6)
+        assert result["perplexity"] == pytest.approx(math.exp(expected), rel=1e-6)
+    # The hand numbers themselves: uniform logits give log(3), the rest by their softmax.
+    assert expected_nlls[1] == pytest.approx(math.log(3))
+    assert expected_nlls[0] == pytest.approx(-math.log(math.e / (1 + math.e + math.e**2)))
+
+
+def test_equals_transformers_loss_token_weighted_over_uneven_batches():
+    model = tiny_llama()
+    rows = torch.randint(0, 64, (5, 12), generator=torch.Generator().manual_seed(1))
+    result = evaluate_perplexity(model, rows, 2, "cpu")  # batches of 2, 2, 1 rows
+    with torch.no_grad():
+        losses = [model(input_ids=rows[i:i + 2], labels=rows[i:i + 2]).loss.item() for i in (0, 2, 4)]
+    expected = (losses[0] * 2 + losses[1] * 2 + losses[2]) / 5  # every row has 11 predictions
+    assert result["tokens"] == 5 * 11
+    assert result["loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_chunked_loss_equals_one_piece(monkeypatch):
+    torch.manual_seed(0)
+    logits_BLV = torch.randn(3, 17, 50, dtype=torch.bfloat16)
+    input_ids_BL = torch.randint(0, 50, (3, 17))
+    whole = torch.nn.functional.cross_entropy(logits_BLV[:, :-1].float().reshape(-1, 50),
+                                              input_ids_BL[:, 1:].reshape(-1), reduction="sum").double()
+    for chunk_elements in (1, 50 * 3 * 4, 1 << 24):  # one position, four positions, all at once
+        monkeypatch.setattr(evaluation, "LOSS_CHUNK_ELEMENTS", chunk_elements)
+        got = evaluation.next_token_nll_sum(logits_BLV, input_ids_BL)
+        assert got.dtype == torch.float64
+        assert got.item() == pytest.approx(whole.item(), rel=1e-6)
+
+
+def test_low_precision_logits_are_scored_in_float32():
+    table = torch.randn(16, 16, generator=torch.Generator().manual_seed(0)) * 4
+    rows = torch.randint(0, 16, (2, 9), generator=torch.Generator().manual_seed(1))
+    bf16 = evaluate_perplexity(TableLM(table, torch.bfloat16), rows, 2, "cpu")
+    upcast = evaluate_perplexity(TableLM(table.bfloat16().float()), rows, 2, "cpu")
+    assert bf16["loss"] == pytest.approx(upcast["loss"], rel=1e-6)
+
+
+def test_max_batches_and_training_mode():
+    model = TableLM(torch.zeros(8, 8))
+    model.train()
+    rows = torch.zeros(7, 4, dtype=torch.long)
+    result = evaluate_perplexity(model, rows, 3, "cpu", max_batches=2)
+    assert model.calls == [(3, 4), (3, 4)] and result["tokens"] == 6 * 3
+    assert result["loss"] == pytest.approx(math.log(8))  # uniform logits
+    assert model.training, "the caller's mode is restored"
+    hf = tiny_llama().train()
+    evaluate_perplexity(hf, rows, 4, "cpu")
+    assert hf.training
+
+
+@pytest.mark.parametrize("rows, kwargs, message", [
+    (torch.zeros(4, dtype=torch.long), {}, r"rows must be integer token ids of shape \[N, L >= 2\]"),
+    (torch.zeros(4, 1, dtype=torch.long), {}, r"shape \[N, L >= 2\], got torch.int64 \(4, 1\)"),
+    (torch.zeros(2, 4), {}, r"got torch.float32"),
+    (torch.zeros(0, 4, dtype=torch.long), {}, "rows is empty"),
+    (torch.zeros(2, 4, dtype=torch.long), {"batch_size": 0}, "batch_size must be >= 1, got 0"),
+    (torch.zeros(2, 4, dtype=torch.long), {"max_batches": 0}, "max_batches must be >= 1 or None, got 0"),
+])
+def test_bad_inputs_are_named(rows, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        evaluate_perplexity(TableLM(torch.zeros(8, 8)), rows, kwargs.get("batch_size", 2), "cpu",
+                            kwargs.get("max_batches"))
+
+
+def test_token_ids_beyond_the_vocabulary_are_named():
+    with pytest.raises(ValueError, match="rows hold token id 64 but the model's vocabulary has 64 tokens"):
+        evaluate_perplexity(tiny_llama(64), torch.full((2, 4), 64), 2, "cpu")
+
+    class Ignores(torch.nn.Module):  # no config: caught from the logits' width instead
+        def forward(self, input_ids):
+            return SimpleNamespace(logits=torch.zeros(*input_ids.shape, 8))
+
+    with pytest.raises(ValueError, match="rows hold token id 9 but the model has only 8 logits"):
+        evaluate_perplexity(Ignores(), torch.full((2, 4), 9), 2, "cpu")
+
+
+def _rank_main(rank: int, world: int, port: int, table, rows, results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        share = rows[rank::world]  # unequal token counts per rank are fine for a plain module
+        results.put((rank, evaluate_perplexity(TableLM(table), share, 2, "cpu", distributed=True)))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_sums_over_ranks():
+    table = torch.randn(16, 16, generator=torch.Generator().manual_seed(0))
+    rows = torch.randint(0, 16, (5, 6), generator=torch.Generator().manual_seed(1))
+    expected = evaluate_perplexity(TableLM(table), rows, 2, "cpu")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # spawn, not fork: a forked child that runs torch ops after the parent did can deadlock in OpenMP.
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    ranks = [context.Process(target=_rank_main, args=(r, 2, port, table, rows, results)) for r in range(2)]
+    try:
+        for p in ranks:
+            p.start()
+        got = dict(results.get(timeout=120) for _ in ranks)
+        for p in ranks:
+            p.join(timeout=30)
+            assert p.exitcode == 0
+    finally:
+        for p in ranks:
+            if p.is_alive():
+                p.kill()
+    for rank in (0, 1):
+        assert got[rank]["tokens"] == expected["tokens"] == 5 * 5
+        assert got[rank]["loss"] == pytest.approx(expected["loss"], rel=1e-6)  # fp32 sums in other groupings
+
+
+# ----------------------------------------------------------------------------------------------------
+# launch/evaluate.py
+
+
+def _launcher():
+    spec = importlib.util.spec_from_file_location("kvforge_launch_evaluate", REPO / "launch" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "the following arguments are required: --model"),
+    (["--model", "m", "--seq-len", "1"], "argument --seq-len: expected an integer >= 2, got 1"),
+    (["--model", "m", "--batch-size", "two"], "argument --batch-size: expected an integer >= 1, got 'two'"),
+    (["--model", "m", "--eval-fraction", "1.5"], r"argument --eval-fraction: expected a number in \(0, 1\), got 1.5"),
+    (["--model", "m", "--task", "passkey"], "argument --task: invalid choice: 'passkey'"),
+    (["--model", "m", "--device", "tpu9"], "argument --device: expected cpu, cuda or cuda:N, got 'tpu9'"),
+])
+def test_launcher_argument_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _launcher().main(argv)
+    assert exit_.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_launcher_reports_a_missing_model_in_one_line(capsys):
+    assert _launcher().main(["--model", "./no/such/model"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: local path './no/such/model' does not exist\n"
+
+
+def test_launcher_takes_a_run_directory_for_its_model(tmp_path):
+    (tmp_path / "hf_model").mkdir()
+    (tmp_path / "hf_model" / "config.json").write_text("{}")
+    launcher = _launcher()
+    assert launcher.resolve_model_argument(str(tmp_path)) == str(tmp_path / "hf_model")
+    assert launcher.resolve_model_argument("smollm2-135m-instruct") == "smollm2-135m-instruct"
+
+
+@pytest.mark.real_model
+def test_launcher_perplexity_on_smollm2_equals_a_plain_transformers_forward(smollm2_dir, tmp_path, capsys):
+    """4 rows x 256 tokens of the stdlib-docstrings eval split: the launcher's number equals
+    `model(input_ids, labels=input_ids).loss` of an independently loaded transformers model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kvforge.trainer.data import build_packed_datasets
+
+    data_cache = tmp_path / "data"
+    out = tmp_path / "eval.json"
+    argv = ["--model", "smollm2-135m-instruct", "--data", "stdlib-docstrings", "--max-documents", "300",
+            "--seq-len", "256", "--batch-size", "4", "--max-batches", "1", "--device", "cpu",
+            "--cache-dir", str(data_cache), "--json", str(out)]
+    assert _launcher().main(argv) == 0
+    assert "perplexity " in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert report["tokens"] == 4 * 255 and report["rows"] == 4
+    assert report["data"]["document_separator_id"] == 0
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    settings = {k: report["data"][k] for k in ("source", "seq_len", "eval_fraction", "max_documents", "seed")}
+    packed = build_packed_datasets({**settings, "cache_dir": str(data_cache)}, tokenizer, 0)
+    assert packed.stats["cache_hit"]
+    input_ids = packed.eval[:4].long()
+    with torch.no_grad():
+        loss = model(input_ids=input_ids, labels=input_ids).loss.item()
+    assert report["loss"] == pytest.approx(loss, rel=1e-4)
+    assert report["perplexity"] == pytest.approx(math.exp(loss), rel=1e-4)
+    assert 1.5 < report["perplexity"] < 50, "a trained model on English/Python text"
