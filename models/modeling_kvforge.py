@@ -568,8 +568,8 @@ def _weighted_values(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 def _latent_values(probs: torch.Tensor, latent: torch.Tensor, up: nn.Linear, absorb: bool) -> torch.Tensor:
     """sum_s p_s (U c_s + b) for probs [B, K, G, T, S], latent [B, S, R], up: R -> K * Dv; -> [B, K, G, T, Dv].
 
-    absorb=False rebuilds the values (`up` is called as a module, so ZeRO-3 gathers its weight; training
-    takes this path). absorb=True attends over the latent and up-projects once per query, exact since
+    absorb=False rebuilds the values by calling `up` as a module (training takes this path; the module's own
+    hooks, e.g. ZeRO-3's parameter gathering, fire even when a kv_from consumer calls its producer's `up`). absorb=True attends over the latent and up-projects once per query, exact since
     sum_s p_s (U c_s + b) = U (sum_s p_s c_s) + b sum_s p_s: O(H T S R + H T R Dv) instead of O(S R K Dv),
     the decode form (reads up.weight directly).
     """
@@ -932,6 +932,12 @@ class KVForgePreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _can_compile_fullgraph = False
     _supports_attention_backend = False
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        # transformers guesses from the source text; here every attention call reads
+        # config._attn_implementation ("eager" or "sdpa") at run time, so switching is safe.
+        return True
 
     def _init_weights(self, module):
         super()._init_weights(module)
