@@ -508,7 +508,7 @@ class KVForgeConfig(PretrainedConfig):
     attention_output_bias: bool = False
     attention_dropout: float = 0.0
     mlp_bias: bool = False
-    compression: dict | None = None
+    compression: dict | CompressionSpec | None = None  # stored as the spec's dict
     base_model_type: str = "llama"
 
     def __post_init__(self, **kwargs):
@@ -524,8 +524,12 @@ class KVForgeConfig(PretrainedConfig):
             )
         _check_choice(self.base_model_type, SUPPORTED_BASE_MODEL_TYPES, "base_model_type")
         # Store the normalized spec so config.json describes the model completely.
-        spec = (CompressionSpec.dense(self.num_hidden_layers) if not self.compression
-                else CompressionSpec.from_dict(self.compression))
+        if isinstance(self.compression, CompressionSpec):
+            spec = copy.deepcopy(self.compression)
+        elif not self.compression:
+            spec = CompressionSpec.dense(self.num_hidden_layers)
+        else:
+            spec = CompressionSpec.from_dict(self.compression)
         spec.validate(self.num_hidden_layers, self.num_attention_heads, self.num_key_value_heads, self.head_dim)
         self.compression = spec.to_dict()
 
@@ -574,8 +578,6 @@ class KVForgeConfig(PretrainedConfig):
                 f"the base {base_type} config uses sliding_window={window}; KVForge layers follow the spec only, "
                 f"so set attention='window', window={window} in the spec where the base model slides"
             )
-        if isinstance(spec, CompressionSpec):
-            spec = spec.to_dict()
         kwargs = dict(
             vocab_size=b.vocab_size,
             hidden_size=b.hidden_size,

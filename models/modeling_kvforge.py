@@ -251,7 +251,9 @@ class SlotLayout:
         capacity = self.capacity or (min(full, self.max_cache_len) if self.max_cache_len else full)
         valid = query_index >= 0
         row_last = query_index.max(dim=1, keepdim=True).values  # [B, 1]
-        # Future queries come after row_last, so only sinks and the last W tokens can ever be seen again.
+        # Later queries see at most the sinks and the last W - 1 tokens before them. The ring keeps the last W
+        # (W + sinks slots, as the spec counts) so that a decode kernel can write the new token first and then
+        # attend over the ring alone; this reference attends over ring + new tokens instead (same keys).
         keep = valid & ((query_index < sinks) | (query_index > row_last - window))
         slot = torch.where(query_index < sinks, query_index, sinks + (query_index - sinks).remainder(window))
         write_batch, write_token = keep.nonzero(as_tuple=True)
@@ -574,7 +576,7 @@ def _latent_values(probs: torch.Tensor, latent: torch.Tensor, up: nn.Linear, abs
     the decode form (reads up.weight directly).
     """
     batch, heads, group, length, slots = probs.shape
-    if not absorb:
+    if not (absorb and _is_plain_linear(up)):
         value = up(latent).view(batch, slots, heads, -1).transpose(1, 2)  # [B, K, S, Dv]
         return _weighted_values(probs, value)
     mixed = torch.matmul(probs.reshape(batch, heads * group * length, slots), latent)  # [B, K*G*T, R]
@@ -584,6 +586,12 @@ def _latent_values(probs: torch.Tensor, latent: torch.Tensor, up: nn.Linear, abs
     if up.bias is not None:  # sum_s p_s is 1 except under dropout
         out = out + up.bias.view(heads, 1, 1, -1) * probs.sum(dim=-1, keepdim=True)
     return out
+
+
+def _is_plain_linear(*modules: nn.Module) -> bool:
+    # The absorbed forms read .weight / .bias; a wrapped projection (e.g. a LoRA adapter before merging)
+    # computes more than that, so it is always called as a module.
+    return all(type(module) is nn.Linear for module in modules)
 
 
 def _dropout(probs: torch.Tensor, dropout: float) -> torch.Tensor:
@@ -639,7 +647,7 @@ def partial_rope_attention(query_rope, query_nope, k_rope, kv_latent, k_up, v_up
     """
     batch, heads, group, length, _ = query_rope.shape
     slots = kv_latent.shape[1]
-    absorb = (length == 1) if absorb is None else absorb
+    absorb = ((length == 1) if absorb is None else absorb) and _is_plain_linear(k_up, v_up)
     scores = _scores(query_rope, k_rope)
     if absorb:
         up_k = k_up.weight.view(heads, -1, k_up.weight.shape[-1])  # [K, Dn, R]

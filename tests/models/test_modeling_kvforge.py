@@ -562,3 +562,23 @@ def test_zero3_with_gradient_checkpointing_gives_the_same_gradients(tmp_path):
     result = subprocess.run([sys.executable, "-c", ZERO3_SCRIPT, str(port), str(Path(__file__).parent)],
                             capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+def test_lora_wrapped_up_projections_stay_exact_at_decode():
+    """Absorbed decode reads .weight; a LoRA-wrapped projection must be called instead (adapter included)."""
+    from peft import LoraConfig, get_peft_model
+
+    model = build(COMBINED)
+    model = get_peft_model(model, LoraConfig(r=2, target_modules=["k_up", "v_up", "q_proj"], lora_dropout=0.0))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # initialized to zero; give the adapters an effect
+                param.normal_(0, 0.5)
+    model.eval()
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)
+    reference = uncached_logits(model, out.sequences, mask, ids.shape[1], 4)
+    for cached, full in zip(out.logits, reference):
+        assert (cached - full).abs().max() <= TOL
