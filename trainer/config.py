@@ -72,6 +72,9 @@ class TrainingConfig:
     grad_clip: float = 1.0
     precision: str = "bf16"
     gradient_checkpointing: bool = False
+    # Distillation from the original (uncompressed) model: loss = (1 - w) * CE + w * T^2 * KL(teacher || student).
+    distill_weight: float = 0.0
+    distill_temperature: float = 1.0
     eval_every: int = 50
     eval_batches: int = 8
     log_every: int = 1
@@ -291,6 +294,10 @@ def validate(cfg: Config) -> None:
             _fail(key, value, "a number in [0, 1)")
     if t.grad_clip < 0:
         _fail("training.grad_clip", t.grad_clip, "a number >= 0 (0 disables clipping)")
+    if not 0 <= t.distill_weight <= 1:
+        _fail("training.distill_weight", t.distill_weight, "a weight in [0, 1] (0: cross-entropy only)")
+    if t.distill_temperature <= 0:
+        _fail("training.distill_temperature", t.distill_temperature, "a positive temperature")
     if t.weight_decay < 0:
         _fail("training.weight_decay", t.weight_decay, "a number >= 0")
     if t.warmup_steps > t.max_steps:

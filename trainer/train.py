@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from .config import Config, resolve_deepspeed, save_resolved, to_dict
+from .losses import distillation_loss
 from .tracking import RunLogger
 
 # bf16 dense peak of the GPUs we know, for an MFU estimate; elsewhere MFU is not logged.
@@ -66,6 +67,9 @@ def init_distributed() -> tuple[int, int, torch.device]:
         device = torch.device("cuda", local)
     else:
         device = torch.device("cpu")
+        # Each CPU rank would otherwise start one thread per core, and the ranks fight over them.
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     return rank, world, device
 
 
@@ -158,25 +162,74 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def build_model(cfg: Config, ds_config: dict, rank: int):
-    """The model and tokenizer. Under ZeRO-3 the parameters are partitioned as they are loaded."""
+def compress_for_training(cfg: Config, run_dir: Path, rank: int) -> Path:
+    """The compressed starting point of this run, made once by rank 0 and kept in the run directory.
+
+    Surgery needs the full pretrained weights and calibration activations, so it runs before DeepSpeed
+    partitions anything; every rank (and a resumed run) then loads the same saved result, under
+    ZeRO-3 partitioned as it loads.
+    """
+    from kvforge.models.calibration import load_calibration_rows
+    from kvforge.models.loading import document_separator_id, load_pretrained
+    from kvforge.models.surgery import build_compressed_model, parse_compression
+
+    out = run_dir / "compressed_init"
+    if rank == 0 and not (out / "config.json").is_file():
+        torch.manual_seed(cfg.run.seed)
+        base, tokenizer = load_pretrained(
+            cfg.model.name, gguf_file=cfg.model.gguf_file, dtype="float32", init=cfg.model.init,
+            config_overrides=dict(cfg.model.config) or None, tokenizer_name=cfg.model.tokenizer)
+        spec, _ = parse_compression(cfg.compression, base.config)
+        rows = load_calibration_rows(tokenizer, document_separator_id(tokenizer, base.config),
+                                     source=spec.calibration.source or cfg.data.source,
+                                     tokens=spec.calibration.tokens, seq_len=spec.calibration.seq_len,
+                                     cache_dir=cfg.data.cache_dir)
+        model = build_compressed_model(base, cfg.compression, rows)
+        tmp = out.with_name(out.name + ".tmp")
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out)
+        print(f"compressed starting point: {out}")
+    dist.barrier()
+    return out
+
+
+def build_model(cfg: Config, ds_config: dict, run_dir: Path, rank: int):
+    """The model to train and its tokenizer. Under ZeRO-3 the parameters are partitioned as they load."""
     from transformers.integrations import HfDeepSpeedConfig
 
     from kvforge.models.loading import load_pretrained
 
+    source = dict(name=cfg.model.name, gguf_file=cfg.model.gguf_file, init=cfg.model.init,
+                  config_overrides=dict(cfg.model.config) or None, tokenizer_name=cfg.model.tokenizer)
+    if cfg.compression:
+        init_dir = compress_for_training(cfg, run_dir, rank)
+        source = dict(name=str(init_dir), gguf_file=None, init="pretrained", config_overrides=None,
+                      tokenizer_name=None)
     # Keep the HfDeepSpeedConfig object alive while loading: transformers then builds the model under
     # deepspeed.zero.Init, so no rank ever holds the full set of parameters.
     zero3 = ds_config["zero_optimization"]["stage"] == 3
     hf_ds = HfDeepSpeedConfig(ds_config) if zero3 else None
     torch.manual_seed(cfg.run.seed)  # random init is identical on every rank
-    model, tokenizer = load_pretrained(
-        cfg.model.name, gguf_file=cfg.model.gguf_file, dtype=cfg.model.dtype, init=cfg.model.init,
-        config_overrides=dict(cfg.model.config) or None, tokenizer_name=cfg.model.tokenizer,
-    )
+    model, tokenizer = load_pretrained(source.pop("name"), dtype=cfg.model.dtype, **source)
     del hf_ds
-    if cfg.compression:
-        raise NotImplementedError("compression in the training config is wired by the surgery work")
     return model, tokenizer
+
+
+def build_teacher(cfg: Config, device: torch.device):
+    """The original model, frozen, for distillation (replicated on every rank: it is never trained)."""
+    from kvforge.models.loading import load_pretrained
+
+    torch.manual_seed(cfg.run.seed)  # a random-init teacher equals the model the compression started from
+    teacher, _ = load_pretrained(cfg.model.name, gguf_file=cfg.model.gguf_file, dtype=cfg.model.dtype,
+                                 init=cfg.model.init, config_overrides=dict(cfg.model.config) or None,
+                                 device=device)
+    teacher.requires_grad_(False)
+    return teacher.eval()
 
 
 def build_data(cfg: Config, tokenizer, model, rank: int):
@@ -248,7 +301,8 @@ def train(cfg: Config) -> TrainResult:
         raise ckpt.CheckpointError(f"{ckpt_root} already holds checkpoints and checkpoint.resume=never: "
                                    "choose a new run.output_dir or use checkpoint.resume=auto")
 
-    model, tokenizer = build_model(cfg, ds_config, rank)
+    model, tokenizer = build_model(cfg, ds_config, run_dir, rank)
+    teacher = build_teacher(cfg, device) if t.distill_weight > 0 else None
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -296,7 +350,14 @@ def train(cfg: Config) -> TrainResult:
         for micro in range(t.grad_accum):
             input_ids = micro_batch(packed.train, step * t.grad_accum + micro, rank, world,
                                     t.micro_batch_size, cfg.run.seed).to(device)
-            loss = engine(input_ids=input_ids, labels=input_ids).loss
+            if teacher is None:
+                loss = engine(input_ids=input_ids, labels=input_ids).loss
+            else:
+                logits = engine(input_ids=input_ids).logits
+                with torch.no_grad():
+                    teacher_logits = teacher(input_ids=input_ids).logits
+                loss = distillation_loss(logits, teacher_logits, input_ids, weight=t.distill_weight,
+                                         temperature=t.distill_temperature)
             engine.backward(loss)
             if zero_stage == 0 and micro == t.grad_accum - 1:
                 # Without ZeRO (fp32), DeepSpeed reports no norm; the full gradients are right here.

@@ -8,6 +8,7 @@ ZeRO-2 run serves the loss, checkpoint, W&B and resume checks, and one ZeRO-3 ru
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,10 +22,17 @@ DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 pytestmark = pytest.mark.distributed
 
 
-def launch(run_dir: Path, *overrides: str, ranks: int = 2) -> subprocess.CompletedProcess:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(run_dir: Path, *overrides: str, config: str = "configs/tiny-llama.yaml",
+           ranks: int = 2) -> subprocess.CompletedProcess:
     env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), str(REPO / "launch/train.py"),
-           "--config", str(REPO / "configs/tiny-llama.yaml"), f"run.output_dir={run_dir}", *overrides]
+    cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()), str(REPO / "launch/train.py"),
+           "--config", str(REPO / config), f"run.output_dir={run_dir}", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"launcher failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return proc
@@ -160,3 +168,23 @@ def test_zero3_trains_checkpoints_and_exports(tmp_path):
     model = AutoModelForCausalLM.from_pretrained(run_dir / "hf_model")
     assert all(p.numel() > 0 for p in model.parameters())  # no empty ZeRO-3 placeholders
     assert sum(p.numel() for p in model.parameters()) > 3_000_000
+
+
+def test_compressed_model_recovers_with_distillation_on_two_ranks(tmp_path):
+    """compression section -> surgery once on rank 0 -> both ranks train the compressed model (ZeRO-2)."""
+    run_dir = tmp_path / "run"
+    launch(run_dir, "logging.wandb=disabled", config="configs/tiny-compressed.yaml")
+    losses = train_losses(run_dir)
+    assert losses[6] < losses[1], losses
+    from transformers import AutoConfig
+
+    from kvforge.models.modeling_kvforge import KVForgeForCausalLM
+
+    init = AutoConfig.from_pretrained(run_dir / "compressed_init")
+    assert init.model_type == "kvforge"
+    trained = KVForgeForCausalLM.from_pretrained(run_dir / "hf_model")
+    layers = trained.config.compression["layers"]
+    assert layers[0]["kv_proj"] == "low_rank" and layers[2]["kv_from"] == 1 and layers[3]["probs_from"] == 0
+    start = KVForgeForCausalLM.from_pretrained(run_dir / "compressed_init")
+    moved = [n for n, p in trained.named_parameters() if not torch.equal(p, start.get_parameter(n))]
+    assert "model.layers.0.self_attn.k_down.weight" in moved  # the compressed projections were trained

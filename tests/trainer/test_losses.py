@@ -1,0 +1,39 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvforge.trainer import losses
+from kvforge.trainer.losses import distillation_loss
+
+
+def test_weight_zero_is_cross_entropy():
+    torch.manual_seed(0)
+    logits, ids = torch.randn(2, 7, 11), torch.randint(0, 11, (2, 7))
+    expected = F.cross_entropy(logits[:, :-1].reshape(-1, 11), ids[:, 1:].reshape(-1))
+    got = distillation_loss(logits, torch.randn(2, 7, 11), ids, weight=0.0)
+    torch.testing.assert_close(got, expected)
+
+
+def test_distillation_matches_the_textbook_formula_in_chunks(monkeypatch):
+    monkeypatch.setattr(losses, "CHUNK_POSITIONS", 3)  # 12 positions -> 4 chunks
+    torch.manual_seed(0)
+    student, teacher, ids = torch.randn(2, 7, 11), torch.randn(2, 7, 11), torch.randint(0, 11, (2, 7))
+    T, w = 2.0, 0.3
+    s, t = student[:, :-1].reshape(-1, 11), teacher[:, :-1].reshape(-1, 11)
+    kl = (F.softmax(t / T, -1) * (F.log_softmax(t / T, -1) - F.log_softmax(s / T, -1))).sum(-1).mean()
+    ce = F.cross_entropy(s, ids[:, 1:].reshape(-1))
+    got = distillation_loss(student, teacher, ids, weight=w, temperature=T)
+    torch.testing.assert_close(got, (1 - w) * ce + w * T**2 * kl)
+
+
+def test_identical_teacher_gives_zero_kl_and_a_gradient_only_through_the_student():
+    student = torch.randn(1, 5, 7, requires_grad=True)
+    loss = distillation_loss(student, student.detach().clone(), torch.zeros(1, 5, dtype=torch.long), weight=1.0)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+    loss.backward()
+    assert student.grad is not None
+
+
+def test_mismatched_vocabularies_are_reported():
+    with pytest.raises(ValueError, match=r"student logits \(1, 4, 5\) and teacher logits \(1, 4, 6\)"):
+        distillation_loss(torch.zeros(1, 4, 5), torch.zeros(1, 4, 6), torch.zeros(1, 4, dtype=torch.long), weight=0.5)
