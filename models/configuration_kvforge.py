@@ -173,7 +173,8 @@ class LayerSpec:
         else:
             if self.window is not None:
                 raise CompressionSpecError(
-                    f"{at}.window={self.window!r} is set but attention='global'; set attention='window' or remove window"
+                    f"{at}.window={self.window!r} is set but attention='global'; "
+                    f"set attention='window' or remove window"
                 )
             if self.sinks:
                 raise CompressionSpecError(
@@ -243,7 +244,8 @@ class LayerSpec:
                 used = {"k_rank", "v_rank", "rope"}
                 for name in ("k_rank", "v_rank"):
                     if getattr(self, name) is None:
-                        raise CompressionSpecError(f"{at}.{name} is missing: rope='pre_rope_latent' needs k_rank and v_rank")
+                        raise CompressionSpecError(
+                            f"{at}.{name} is missing: rope='pre_rope_latent' needs k_rank and v_rank")
                     _check_int(getattr(self, name), f"{at}.{name}", minimum=1, maximum=kv_dims,
                                hint=f" (it compresses num_kv_heads * head_dim = {kv_dims} dims)")
             else:
@@ -412,13 +414,16 @@ class CompressionSpec:
             if layer.kv_from is not None:
                 j = layer.kv_from
                 source = self.layers[j]
-                if not source.owns_kv:
-                    root = source.kv_from if source.kv_from is not None else None
-                    why = (f"layer {j} itself reads layer {source.kv_from}'s K/V (kv_from={source.kv_from})"
-                           if source.kv_from is not None
-                           else f"layer {j} reuses layer {source.probs_from}'s probabilities and caches no keys")
-                    fix = f"; point at the producer: kv_from={root}" if root is not None else ""
-                    raise CompressionSpecError(f"{at}.kv_from={j} is invalid: {why}{fix}")
+                if source.kv_from is not None:
+                    raise CompressionSpecError(
+                        f"{at}.kv_from={j} is invalid: layer {j} itself reads layer {source.kv_from}'s K/V "
+                        f"(kv_from={source.kv_from}); point at the producer: kv_from={source.kv_from}"
+                    )
+                if source.probs_from is not None:
+                    raise CompressionSpecError(
+                        f"{at}.kv_from={j} is invalid: layer {j} reuses layer {source.probs_from}'s probabilities "
+                        f"and caches no keys; point at a layer with its own K/V"
+                    )
                 self._check_same_layout(i, "kv_from", j)
             if layer.probs_from is not None:
                 j = layer.probs_from

@@ -90,7 +90,8 @@ class KVForgeRotaryEmbedding(nn.Module):
     def compute_default_rope_parameters(config: KVForgeConfig, device=None, **kwargs) -> tuple[torch.Tensor, float]:
         base = config.rope_parameters["rope_theta"]
         dim = config.head_dim
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim))
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float) / dim
+        inv_freq = 1.0 / (base ** exponents)
         return inv_freq, 1.0
 
     @torch.no_grad()
@@ -408,12 +409,14 @@ class KVForgeCache(Cache):
     # ---- written by KVForgeModel -------------------------------------------------------------------
     def query_index(self, new_valid: torch.Tensor) -> torch.Tensor:
         """Index among each row's real tokens of the T new tokens (new_valid [B, T] bool); -1 for padding."""
-        seen = self.valid_counts if self.valid_counts is not None else new_valid.new_zeros(new_valid.shape[0], dtype=torch.long)
-        if seen.shape[0] != new_valid.shape[0]:
+        if self.valid_counts is None:
+            return _token_index(new_valid, new_valid.new_zeros(new_valid.shape[0], dtype=torch.long))
+        if self.valid_counts.shape[0] != new_valid.shape[0]:
             raise ValueError(
-                f"the cache holds batch size {seen.shape[0]} but this forward has batch size {new_valid.shape[0]}"
+                f"the cache holds batch size {self.valid_counts.shape[0]} but this forward has batch size "
+                f"{new_valid.shape[0]}; start a new KVForgeCache for a new batch"
             )
-        return _token_index(new_valid, seen)
+        return _token_index(new_valid, self.valid_counts)
 
     def commit(self, plans: dict[tuple, SlotPlan], new_valid: torch.Tensor, query_positions: torch.Tensor) -> None:
         for key, plan in plans.items():
@@ -571,7 +574,8 @@ def _latent_values(probs: torch.Tensor, latent: torch.Tensor, up: nn.Linear, abs
     """sum_s p_s (U c_s + b) for probs [B, K, G, T, S], latent [B, S, R], up: R -> K * Dv; -> [B, K, G, T, Dv].
 
     absorb=False rebuilds the values by calling `up` as a module (training takes this path; the module's own
-    hooks, e.g. ZeRO-3's parameter gathering, fire even when a kv_from consumer calls its producer's `up`). absorb=True attends over the latent and up-projects once per query, exact since
+    hooks, e.g. ZeRO-3's parameter gathering, fire even when a kv_from consumer calls its producer's `up`).
+    absorb=True attends over the latent and up-projects once per query, exact since
     sum_s p_s (U c_s + b) = U (sum_s p_s c_s) + b sum_s p_s: O(H T S R + H T R Dv) instead of O(S R K Dv),
     the decode form (reads up.weight directly).
     """
@@ -747,9 +751,9 @@ class KVForgeAttention(nn.Module):
 
     Biases: k_down and k_rope carry the original k bias (attention_bias). Latents holding values are a
     centred PCA: v_down / kv_down and v_up always have biases (down.bias = -U^T mean, v_up.bias = the
-    values' mean); the mean passes through attention exactly since softmax weights sum to 1. k_up has none: a constant on pre-RoPE
-    keys would be rotated per position (surgery factorises keys uncentred), and on partial-RoPE non-rotary
-    keys it shifts all of a query's logits equally (softmax ignores it).
+    values' mean); the mean passes through attention exactly since softmax weights sum to 1. k_up has
+    none: a constant on pre-RoPE keys would be rotated per position (surgery factorises keys uncentred),
+    and on partial-RoPE non-rotary keys it shifts all of a query's logits equally (softmax ignores it).
     """
 
     def __init__(self, config: KVForgeConfig, layer_idx: int, spec=None):
@@ -832,7 +836,8 @@ class KVForgeAttention(nn.Module):
         raise AssertionError(rep)
 
     # ---- attention over a producer's cache (own or shared) -------------------------------------------
-    def _attend(self, shared: SharedKV, query: torch.Tensor, cos, sin, plan: SlotPlan, need_probs: bool, dropout: float):
+    def _attend(self, shared: SharedKV, query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: SlotPlan,
+                need_probs: bool, dropout: float):
         """query [B, H, T, D] unrotated -> out [B, K, G, T, D], probs [B, K, G, T, S] | None."""
         producer = shared.producer
         batch, heads, length, dim = query.shape
@@ -847,8 +852,8 @@ class KVForgeAttention(nn.Module):
                           dropout=dropout, use_sdpa=use_sdpa)
         if shared.representation == "pre_rope_latent":
             key_cos, key_sin = plan.key_rotary()
-            return attend(rotated, t["k_latent"], t["v_latent"], producer.k_up, producer.v_up, key_cos, key_sin, plan.mask, self.scaling, need_probs=need_probs, dropout=dropout,
-                          use_sdpa=use_sdpa)
+            return attend(rotated, t["k_latent"], t["v_latent"], producer.k_up, producer.v_up, key_cos, key_sin,
+                          plan.mask, self.scaling, need_probs=need_probs, dropout=dropout, use_sdpa=use_sdpa)
         if shared.representation == "partial":
             rope_dims, nope_dims = partial_rope_dims(producer.rope_index, dim)
             return attend(_gather_dims(rotated, rope_dims), _gather_dims(query, nope_dims), t["k_rope"],
