@@ -955,7 +955,7 @@ class KVForgePreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         if isinstance(module, KVForgeAttention) and hasattr(module, "rope_index"):
-            default = module.default_rope_index(*module.rope_index.shape[:1], 2 * module.rope_index.shape[1])
+            default = module.default_rope_index(module.rope_index.shape[0], 2 * module.rope_index.shape[1])
             default = default.to(module.rope_index.device)
             if hf_init is not None:
                 hf_init.copy_(module.rope_index, default)
@@ -974,7 +974,7 @@ class KVForgeModel(KVForgePreTrainedModel):
             [KVForgeDecoderLayer(config, i, spec) for i in range(config.num_hidden_layers)])
         self.norm = KVForgeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = KVForgeRotaryEmbedding(config)
-        self.layouts = [layer.layout for layer in spec.layers]
+        self.layer_layouts = [layer.layout for layer in spec.layers]  # (window, sinks) per layer
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -1043,7 +1043,7 @@ class KVForgeModel(KVForgePreTrainedModel):
             return self.rotary_emb(inputs_embeds, positions)
 
         plans: dict[tuple, SlotPlan] = {}
-        for layout in dict.fromkeys(self.layouts):
+        for layout in dict.fromkeys(self.layer_layouts):
             source = cache.layouts[layout] if cache is not None else SlotLayout(*layout)
             plans[layout] = source.plan(query_index, position_ids)
             plans[layout].rotary = rotary
@@ -1057,7 +1057,7 @@ class KVForgeModel(KVForgePreTrainedModel):
             hidden_states, probs = decoder_layer(
                 hidden_states,
                 position_embeddings=position_embeddings,
-                plan=plans[self.layouts[idx]],
+                plan=plans[self.layer_layouts[idx]],
                 storage=cache.layers[idx] if cache is not None else None,
                 handoff=handoff,
                 output_attentions=output_attentions,

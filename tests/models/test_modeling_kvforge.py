@@ -582,3 +582,19 @@ def test_lora_wrapped_up_projections_stay_exact_at_decode():
     reference = uncached_logits(model, out.sequences, mask, ids.shape[1], 4)
     for cached, full in zip(out.logits, reference):
         assert (cached - full).abs().max() <= TOL
+
+
+@pytest.mark.real_model
+def test_smollm2_dense_identity_and_measured_bytes_per_token(smollm2_dir):
+    """The real SmolLM2-135M as an all-dense KVForge model: Llama's logits, and a real generate() whose cache
+    measures the 30 x 2 x 3 x 64 x 2 = 23,040 bf16 bytes per token of docs/ARCHITECTURE.md."""
+    base = LlamaForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    model = kvforge_from(base, [{}] * base.config.num_hidden_layers)
+    ids, mask = padded_batch(lengths=(12, 7), vocab=base.config.vocab_size)
+    assert_same_logits(base, model, ids, mask)
+    model = model.to(torch.bfloat16)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0,
+                             return_dict_in_generate=True)
+    assert out.past_key_values.kv_bytes_per_token() == 23040
+    assert model.config.kv_cache_bytes_per_token(torch.bfloat16) == 23040
