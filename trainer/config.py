@@ -57,6 +57,19 @@ class DataConfig:
 
 
 @dataclass
+class LoraConfig:
+    # r = 0 trains every parameter; r > 0 freezes the model and trains LoRA adapters (peft) on
+    # `target_modules` (those present in the model), plus `modules_to_save` in full.
+    r: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: [
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+        "k_down", "k_up", "v_down", "v_up", "kv_down", "k_rope"])
+    modules_to_save: list[str] = field(default_factory=list)
+
+
+@dataclass
 class TrainingConfig:
     max_steps: int = 100
     micro_batch_size: int = 4
@@ -75,6 +88,7 @@ class TrainingConfig:
     # Distillation from the original (uncompressed) model: loss = (1 - w) * CE + w * T^2 * KL(teacher || student).
     distill_weight: float = 0.0
     distill_temperature: float = 1.0
+    lora: LoraConfig = field(default_factory=LoraConfig)
     eval_every: int = 50
     eval_batches: int = 8
     log_every: int = 1
@@ -298,6 +312,12 @@ def validate(cfg: Config) -> None:
         _fail("training.distill_weight", t.distill_weight, "a weight in [0, 1] (0: cross-entropy only)")
     if t.distill_temperature <= 0:
         _fail("training.distill_temperature", t.distill_temperature, "a positive temperature")
+    if t.lora.r < 0:
+        _fail("training.lora.r", t.lora.r, "a rank >= 0 (0: full finetuning)")
+    if t.lora.r and not t.lora.target_modules:
+        _fail("training.lora.target_modules", t.lora.target_modules, "at least one module name when lora.r > 0")
+    if not 0 <= t.lora.dropout < 1:
+        _fail("training.lora.dropout", t.lora.dropout, "a probability in [0, 1)")
     if t.weight_decay < 0:
         _fail("training.weight_decay", t.weight_decay, "a number >= 0")
     if t.warmup_steps > t.max_steps:
@@ -422,5 +442,5 @@ def parse_cli_overrides(items: list[str]) -> list[str]:
 __all__ = [
     "Config", "ConfigError", "load_config", "validate", "resolve_deepspeed", "save_resolved", "to_dict",
     "parse_cli_overrides", "RunConfig", "ModelConfig", "DataConfig", "TrainingConfig", "DeepSpeedConfig",
-    "LoggingConfig", "CheckpointConfig", "EvalConfig",
+    "LoggingConfig", "CheckpointConfig", "EvalConfig", "LoraConfig",
 ]

@@ -12,7 +12,6 @@ uninterrupted run would have read (trainer/data.py), and its RNG comes from the 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -198,25 +197,45 @@ def compress_for_training(cfg: Config, run_dir: Path, rank: int) -> Path:
     return out
 
 
-def build_model(cfg: Config, ds_config: dict, run_dir: Path, rank: int):
-    """The model to train and its tokenizer. Under ZeRO-3 the parameters are partitioned as they load."""
+def model_source(cfg: Config, run_dir: Path) -> dict:
+    """Where the weights to train come from: the pretrained model, or the run's compressed starting point."""
+    if cfg.compression:
+        return dict(name=str(run_dir / "compressed_init"), gguf_file=None, init="pretrained",
+                    config_overrides=None, tokenizer_name=None)
+    return dict(name=cfg.model.name, gguf_file=cfg.model.gguf_file, init=cfg.model.init,
+                config_overrides=dict(cfg.model.config) or None, tokenizer_name=cfg.model.tokenizer)
+
+
+def build_model(cfg: Config, ds_config: Optional[dict], run_dir: Path, device="cpu"):
+    """The model to train (LoRA-wrapped when asked) and its tokenizer.
+
+    With a ZeRO-3 `ds_config` the parameters are partitioned as they load; with None the model is
+    whole (rank 0 rebuilds it that way to write the consolidated export).
+    """
     from transformers.integrations import HfDeepSpeedConfig
 
     from kvforge.models.loading import load_pretrained
 
-    source = dict(name=cfg.model.name, gguf_file=cfg.model.gguf_file, init=cfg.model.init,
-                  config_overrides=dict(cfg.model.config) or None, tokenizer_name=cfg.model.tokenizer)
-    if cfg.compression:
-        init_dir = compress_for_training(cfg, run_dir, rank)
-        source = dict(name=str(init_dir), gguf_file=None, init="pretrained", config_overrides=None,
-                      tokenizer_name=None)
     # Keep the HfDeepSpeedConfig object alive while loading: transformers then builds the model under
     # deepspeed.zero.Init, so no rank ever holds the full set of parameters.
-    zero3 = ds_config["zero_optimization"]["stage"] == 3
+    zero3 = ds_config is not None and ds_config["zero_optimization"]["stage"] == 3
     hf_ds = HfDeepSpeedConfig(ds_config) if zero3 else None
     torch.manual_seed(cfg.run.seed)  # random init is identical on every rank
-    model, tokenizer = load_pretrained(source.pop("name"), dtype=cfg.model.dtype, **source)
+    source = model_source(cfg, run_dir)
+    model, tokenizer = load_pretrained(source.pop("name"), dtype=cfg.model.dtype, device=device, **source)
     del hf_ds
+    lora = cfg.training.lora
+    if lora.r:
+        from peft import LoraConfig, get_peft_model
+
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        targets = [m for m in lora.target_modules if m in present]
+        if not targets:
+            raise ValueError(f"training.lora.target_modules {lora.target_modules} name no module of this model "
+                             f"(it has e.g. {sorted(present)[:12]})")
+        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                 target_modules=targets,
+                                                 modules_to_save=list(lora.modules_to_save) or None))
     return model, tokenizer
 
 
@@ -301,7 +320,9 @@ def train(cfg: Config) -> TrainResult:
         raise ckpt.CheckpointError(f"{ckpt_root} already holds checkpoints and checkpoint.resume=never: "
                                    "choose a new run.output_dir or use checkpoint.resume=auto")
 
-    model, tokenizer = build_model(cfg, ds_config, run_dir, rank)
+    if cfg.compression:
+        compress_for_training(cfg, run_dir, rank)
+    model, tokenizer = build_model(cfg, ds_config, run_dir)
     teacher = build_teacher(cfg, device) if t.distill_weight > 0 else None
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -415,7 +436,7 @@ def train(cfg: Config) -> TrainResult:
     hf_dir = None
     if cfg.checkpoint.export_hf:
         hf_dir = run_dir / "hf_model"
-        export_hf_model(engine, tokenizer, ckpt_root / ckpt.step_dir_name(step), hf_dir, rank, ds_config)
+        export_hf_model(cfg, engine, tokenizer, ckpt_root / ckpt.step_dir_name(step), hf_dir, rank, zero_stage)
         log(f"model directory: {hf_dir}")
     location = logger.location
     if location:
@@ -426,30 +447,39 @@ def train(cfg: Config) -> TrainResult:
                        wandb_location=location)
 
 
-def export_hf_model(engine, tokenizer, ckpt_dir: Path, out_dir: Path, rank: int, ds_config: dict) -> None:
-    """A consolidated Hugging Face directory (safetensors) from any ZeRO stage, written atomically.
+def export_hf_model(cfg: Config, engine, tokenizer, ckpt_dir: Path, out_dir: Path, rank: int, zero_stage: int) -> None:
+    """A consolidated Hugging Face directory (safetensors) from any ZeRO stage, LoRA merged, written atomically.
 
     ZeRO 1-3 keep the fp32 master weights partitioned in the optimizer state, so they are rebuilt from
-    the checkpoint that was just written; without ZeRO the module holds the full weights already.
+    the checkpoint just written (never from the live module, whose ZeRO-3 parameters are empty
+    placeholders); without ZeRO the module holds them. Rank 0 loads them into a whole copy of the model
+    (strictly: a missing or empty tensor is an error), saves the LoRA adapter on its own, merges it and
+    saves the model.
     """
     import shutil
 
-    stage = ds_config["zero_optimization"]["stage"]
     if rank == 0:
-        module = engine.module
-        if stage == 0:
-            state_dict = {k: v.detach().float().cpu() for k, v in module.state_dict().items()}
+        if zero_stage == 0:
+            state_dict = {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
         else:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
             state_dict = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
-        dtype = module.config.dtype if isinstance(module.config.dtype, torch.dtype) else torch.float32
-        state_dict = {k: v.to(dtype) for k, v in state_dict.items()}
+        model, _ = build_model(cfg, None, out_dir.parent)
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        missing = [k for k in missing if k not in _tied_keys(model)]
+        if missing or unexpected:
+            raise RuntimeError(f"the consolidated weights do not match the model: missing {missing[:5]}, "
+                               f"unexpected {unexpected[:5]}")
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         if tmp.exists():
             shutil.rmtree(tmp)
-        with _with_cache_enabled(module):
-            module.save_pretrained(tmp, state_dict=state_dict, safe_serialization=True)
+        if cfg.training.lora.r:
+            adapter = out_dir.with_name("lora_adapter")
+            model.save_pretrained(adapter, safe_serialization=True)
+            model = model.merge_and_unload()
+        model.config.use_cache = True
+        model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if out_dir.exists():
             shutil.rmtree(out_dir)
@@ -457,11 +487,11 @@ def export_hf_model(engine, tokenizer, ckpt_dir: Path, out_dir: Path, rank: int,
     dist.barrier()
 
 
-@contextlib.contextmanager
-def _with_cache_enabled(module):
-    """save_pretrained reads `config.use_cache`; the trained model had it off, the exported one wants it on."""
-    module.config.use_cache = True
-    try:
-        yield
-    finally:
-        module.config.use_cache = False
+def _tied_keys(model) -> set[str]:
+    """Parameters that are the same tensor as another (tied embeddings) appear once in a consolidated dict."""
+    seen, tied = {}, set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.data_ptr() in seen:
+            tied.add(name)
+        seen.setdefault(p.data_ptr(), name)
+    return tied
