@@ -13,6 +13,19 @@ import sys
 from kvforge.trainer.config import ConfigError, load_config, parse_cli_overrides, resolve_deepspeed, to_dict
 
 
+def check_model_and_compression(cfg) -> None:
+    """Resolve the model's config (no weights) and validate the compression section against it, so a bad
+    model name or spec fails here, in a second, and not after data and weights are loaded."""
+    from kvforge.models.loading import config_for
+
+    model_config = config_for(cfg.model.name, gguf_file=cfg.model.gguf_file,
+                              config_overrides=dict(cfg.model.config) or None)
+    if cfg.compression:
+        from kvforge.models.surgery import parse_compression
+
+        parse_compression(cfg.compression, model_config)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (see configs/)")
@@ -26,6 +39,11 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, parse_cli_overrides(args.overrides))
     except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    try:
+        check_model_and_compression(cfg)
+    except ValueError as e:  # ModelLoadError, CompressionSpecError, PresetError, SurgeryError
         print(f"config error: {e}", file=sys.stderr)
         return 2
 

@@ -207,6 +207,10 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: list[str] =
         resolved = OmegaConf.to_container(merged, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as e:
         raise ConfigError(_explain_omegaconf_error(e)) from None
+    except TypeError as e:  # OmegaConf: a dotlist index into a list ("a.layers.1.x=...") cannot merge
+        raise ConfigError(f"an override addresses a list element by index, which cannot be merged ({e}); "
+                          "replace the whole list instead, e.g. compression.layers='[{...}, ...]', "
+                          "or edit the YAML file") from None
     cfg = _build(Config, resolved)
     validate(cfg)
     return cfg

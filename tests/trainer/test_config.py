@@ -1,6 +1,7 @@
 """The config tree: merging, `auto` resolution, and an error that names the key for every bad input."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -111,3 +112,17 @@ def test_dry_run_prints_resolved_deepspeed():
                            "--dry-run", "training.micro_batch_size=7"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "train_micro_batch_size_per_gpu: 7" in proc.stdout
+
+
+@pytest.mark.parametrize("override, message", [
+    ("compression.layers.1.window=-3", "addresses a list element by index"),
+    ("compression.layers=[{attention: window, window: -3}, {}, {}, {}]", "compression.layers[0].window=-3 is out of range"),
+    ("compression.layers=[{}, {}, {}]", "4"),  # layer count differs from the model's
+    ("model.name=nobody/no-such-model", "could not be fetched from the Hugging Face hub (offline?)"),
+])
+def test_launcher_checks_model_and_compression_before_loading_weights(override, message):
+    proc = subprocess.run([sys.executable, str(REPO / "launch/train.py"), "--config", str(REPO / "configs/tiny-compressed.yaml"),
+                           "--dry-run", override], capture_output=True, text=True, cwd=REPO, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
