@@ -474,11 +474,15 @@ def transform_state_dict(
             groups = head_merging.head_groups(geometry.num_heads, geometry.num_kv_heads, layer.num_kv_heads)
             kv_second, _ = _kv_moments(stats, i, a)
             n = geometry.kv_dims
-            v_w, v_b, rebuild = head_merging.merge_values(a.v_weight, a.v_bias, kv_second[n:, n:], groups, geometry.head_dim)
+            weighted = settings.balance == "attention"
+            v_w, v_b, rebuild = head_merging.merge_values(a.v_weight, a.v_bias, kv_second[n:, n:], groups, geometry.head_dim,
+                                                          o_weight=a.o_weight if weighted else None)
             put("v_proj", v_w, v_b)
             put("o_proj", head_merging.fold_values_into_o_proj(a.o_weight, rebuild), a.o_bias)
             if computes_probs:
-                k_w, k_b, coefficients = head_merging.merge_keys(a.k_weight, a.k_bias, kv_second[:n, :n], groups, geometry.head_dim)
+                k_w, k_b, coefficients = head_merging.merge_keys(
+                    a.k_weight, a.k_bias, kv_second[:n, :n], groups, geometry.head_dim,
+                    q_pair_energy=_q_pair_energy(stats, i, a, geometry) if weighted else None)
                 put("k_proj", k_w, k_b)
                 q_w, q_b = head_merging.fold_keys_into_q_proj(a.q_weight, a.q_bias, coefficients, geometry.head_dim)
                 put("q_proj", q_w, q_b)

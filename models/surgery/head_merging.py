@@ -24,6 +24,12 @@ For a query head q, with q_f = q[f] + i q[f+d/2]:
     q'_f = conj(u_h,f) q_f,
 a 2x2 scaled rotation of q_proj's rows (f, f+d/2) (and of q's bias), which again commutes with RoPE.
 
+Weighting (SurgerySettings.balance="attention"): what matters is not the key or value error itself but
+what the queries and o_proj make of it. Keys: each head's pair error is weighted by the energy of the
+queries that read it (a real weight per head and pair keeps the transform complex-linear). Values: head
+h's error e costs sum_q |O_q e|^2 = e^T M_h e, so the PCA runs on M_h^1/2 v. Both reduce to the plain PCA
+when the weights are uniform, and stay exact for redundant heads.
+
 Exactness. With m = n_kv each group has one head: U is a d x d rotation and u a unit phase, so the layer
 computes the same function. When a group's heads are redundant (equal, or equal up to a per-pair complex
 scale for keys / up to a linear map for values), the moments have rank d (values) and rank 1 per pair
@@ -68,14 +74,30 @@ def _head_rows(head: int, head_dim: int) -> slice:
     return slice(head * head_dim, (head + 1) * head_dim)
 
 
+def _readers(groups: HeadGroups, new_head: int, old_head: int) -> list[int]:
+    """The query heads that read old head `old_head` through new head `new_head`."""
+    return [q for q in range(len(groups.old_of_query))
+            if groups.new_of_query[q] == new_head and groups.old_of_query[q] == old_head]
+
+
+def _sqrt_psd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M^1/2, M^-1/2) of a PSD matrix, with eigenvalues floored at 1e-6 of the largest (M may be singular)."""
+    values, vectors = torch.linalg.eigh(0.5 * (matrix + matrix.T))
+    values = values.clamp_min(values.max().clamp_min(1e-30) * 1e-6)
+    return (vectors * values.sqrt()) @ vectors.T, (vectors / values.sqrt()) @ vectors.T
+
+
 def merge_values(
     v_weight: torch.Tensor, v_bias: Optional[torch.Tensor], v_second_moment: torch.Tensor,
-    groups: HeadGroups, head_dim: int,
+    groups: HeadGroups, head_dim: int, o_weight: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
     """Merged v_proj and each query head's rebuild map.
 
     Args:
         v_weight: [n_kv d, H]; v_bias: [n_kv d] or None; v_second_moment: E[v v^T] [n_kv d, n_kv d].
+        o_weight: [H, n_q d] to weigh the PCA by what o_proj makes of each value error: head h's error e
+            costs sum_q |O_q e|^2 = e^T M_h e over the query heads q that read it, so the PCA runs on
+            M_h^1/2 v_h and the rebuild maps back with M_h^-1/2 (None: plain PCA, M_h = I).
 
     Returns:
         (weight [m d, H], bias [m d] or None, rebuild [n_q, d, d]: v_old(q) ~= rebuild[q] @ v_new(q)).
@@ -84,15 +106,30 @@ def merge_values(
     new_weight, new_bias = [], []
     rebuild_of_old: dict[tuple[int, int], torch.Tensor] = {}   # (new head, old head) -> U_h [d, d]
     s = v_second_moment.to(torch.float64)
+    eye = torch.eye(head_dim, dtype=torch.float64)
     for j, heads in enumerate(groups.members):
         idx = torch.cat([torch.arange(h * head_dim, (h + 1) * head_dim) for h in heads])   # [g d]
-        _, vectors = principal_components(s[idx][:, idx])
+        half_metric, inverse = [], []
+        for h in heads:
+            if o_weight is None:
+                half_metric.append(eye)
+                inverse.append(eye)
+                continue
+            o = o_weight.to(torch.float64)
+            metric = sum(o[:, q * head_dim:(q + 1) * head_dim].T @ o[:, q * head_dim:(q + 1) * head_dim]
+                         for q in _readers(groups, j, h))
+            root, inverse_root = _sqrt_psd(metric)
+            half_metric.append(root)
+            inverse.append(inverse_root)
+        a = torch.block_diag(*half_metric)                                                   # [g d, g d]
+        _, vectors = principal_components(a @ s[idx][:, idx] @ a.T)
         u = vectors[:, :head_dim]                                                            # [g d, d]
-        new_weight.append(u.T @ v_weight.to(torch.float64)[idx])
+        down = u.T @ a                                                                       # [d, g d]
+        new_weight.append(down @ v_weight.to(torch.float64)[idx])
         if v_bias is not None:
-            new_bias.append(u.T @ v_bias.to(torch.float64)[idx])
+            new_bias.append(down @ v_bias.to(torch.float64)[idx])
         for position, h in enumerate(heads):
-            rebuild_of_old[(j, h)] = u[position * head_dim:(position + 1) * head_dim]
+            rebuild_of_old[(j, h)] = inverse[position] @ u[position * head_dim:(position + 1) * head_dim]
     rebuild = torch.stack([rebuild_of_old[(groups.new_of_query[q], groups.old_of_query[q])] for q in range(n_q)])
     dtype = v_weight.dtype
     bias = torch.cat(new_bias).to(dtype) if v_bias is not None else None
@@ -111,12 +148,16 @@ def fold_values_into_o_proj(o_weight: torch.Tensor, rebuild: torch.Tensor) -> to
 
 def merge_keys(
     k_weight: torch.Tensor, k_bias: Optional[torch.Tensor], k_second_moment: torch.Tensor,
-    groups: HeadGroups, head_dim: int,
+    groups: HeadGroups, head_dim: int, q_pair_energy: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
     """Merged k_proj (RoPE-commuting, per frequency pair) and each query head's complex rebuild coefficients.
 
     Args:
         k_weight: [n_kv d, H]; k_bias: [n_kv d] or None; k_second_moment: E[k k^T] of the pre-RoPE keys.
+        q_pair_energy: [n_q, d/2] E|q_f|^2 per query head and pair, to weigh each head's key error by the
+            queries that read it (E|q . dk|^2 ~ sum_f E|q_f|^2 E|dz_f|^2, the query and key errors taken as
+            uncorrelated): the complex PCA runs on sqrt(w_h) z_h with w_h the summed query energy of the
+            readers of head h, and the rebuild divides it back out (None: w = 1, plain PCA).
 
     Returns:
         (weight [m d, H], bias [m d] or None, coefficients [n_q, d/2] complex128: z_old(q),f ~= c[q, f] z_new(q),f).
@@ -131,20 +172,31 @@ def merge_keys(
     coefficient_of_old: dict[tuple[int, int], torch.Tensor] = {}
     for j, heads in enumerate(groups.members):
         moment = complex_pair_moment(k_second_moment, list(heads), head_dim)     # [d/2, g, g]
+        if q_pair_energy is None:
+            weight = torch.ones(half, len(heads), dtype=torch.float64)
+        else:
+            energy = q_pair_energy.to(torch.float64)
+            weight = torch.stack([energy[_readers(groups, j, h)].sum(0) for h in heads], dim=1)  # [d/2, g]
+            weight = weight.clamp_min(weight.max() * 1e-6 + 1e-30)
+        root = weight.sqrt()
+        moment = root[:, :, None] * moment * root[:, None, :]
         _, vectors = torch.linalg.eigh(moment)
-        u = vectors[:, :, -1]                                                     # [d/2, g], unit, top eigenvalue
+        top = vectors[:, :, -1]                                                   # [d/2, g], unit, top eigenvalue
+        # Merge z_j = sum_h conj(top_h) sqrt(w_h) z_h; rebuild z_h ~= (top_h / sqrt(w_h)) z_j.
+        merge_factor = top.conj() * root                                          # [d/2, g]
+        u = top / root                                                            # rebuild coefficients
         first = torch.zeros(half, w.shape[1], dtype=torch.float64)
         second = torch.zeros_like(first)
         bias_first = torch.zeros(half, dtype=torch.float64)
         bias_second = torch.zeros_like(bias_first)
         for position, h in enumerate(heads):
             rows = w[_head_rows(h, head_dim)]
-            re, im = scale_pairs(rows[:half], rows[half:], u[:, position].conj())
+            re, im = scale_pairs(rows[:half], rows[half:], merge_factor[:, position])
             first += re
             second += im
             if b is not None:
                 hb = b[_head_rows(h, head_dim)]
-                re_b, im_b = scale_pairs(hb[:half], hb[half:], u[:, position].conj())
+                re_b, im_b = scale_pairs(hb[:half], hb[half:], merge_factor[:, position])
                 bias_first += re_b
                 bias_second += im_b
             coefficient_of_old[(j, h)] = u[:, position]

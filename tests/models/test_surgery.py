@@ -60,6 +60,8 @@ def logits_error(model, spec_layers, settings=None, calibration=None) -> float:
     ("window >= sequence", {"attention": "window", "window": 64}, None),
     ("window >= sequence with sinks", {"attention": "window", "window": 40, "sinks": 4}, None),
     ("merged heads unchanged", {"kv_proj": "merged_heads", "num_kv_heads": KV_HEADS}, None),
+    ("merged heads unchanged, attention-weighted", {"kv_proj": "merged_heads", "num_kv_heads": KV_HEADS},
+     {"balance": "attention"}),
     ("low rank full rank", {"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": KV_DIMS, "v_rank": KV_DIMS}, None),
     ("low rank full rank, attention-weighted", {"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": KV_DIMS,
                                                 "v_rank": KV_DIMS}, {"balance": "attention"}),
@@ -109,10 +111,11 @@ def redundant_heads(model):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_merging_exactly_redundant_heads_is_lossless(kind):
+@pytest.mark.parametrize("balance", ["none", "attention"])
+def test_merging_exactly_redundant_heads_is_lossless(kind, balance):
     model = redundant_heads(tiny(kind))
     merged = {"kv_proj": "merged_heads", "num_kv_heads": 1}
-    assert logits_error(model, [merged] * LAYERS) < 1e-4
+    assert logits_error(model, [merged] * LAYERS, {"balance": balance}) < 1e-4
 
 
 def test_merging_real_heads_is_lossy_and_yields_an_ordinary_gqa_layer():
@@ -377,3 +380,35 @@ def test_generate_kv_bytes_are_measured_from_the_cache_and_match_the_spec():
     assert measured["tokens"] == 23  # the last generated token is never fed back
     assert measured["per_layer_bytes"] == [e * 23 * 4 for e in per_token_elements]  # fp32 model
     assert measured["bytes_per_token"] == result.model.config.kv_cache_bytes_per_token("float32", num_tokens=23)
+
+
+def _compress_launcher():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "launch" / "compress.py"
+    spec = importlib.util.spec_from_file_location("kvforge_launch_compress", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compress_launcher_rejects_bad_specs_clearly(tmp_path):
+    launcher = _compress_launcher()
+    config = tiny(layers=6).config
+    with pytest.raises(SystemExit, match="does not exist"):
+        launcher.load_spec_section(str(tmp_path / "missing.yaml"), {})
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(SystemExit, match="must hold a mapping"):
+        launcher.load_spec_section(str(tmp_path / "list.yaml"), {})
+    with pytest.raises(SystemExit, match="--budget does not apply"):
+        launcher.apply_budget({"preset": "mixattention-ma", "arguments": {}}, 0.5, config)
+    with pytest.raises(SystemExit, match=r"fraction in \(0, 1\]"):
+        launcher.apply_budget({"preset": "low-rank", "arguments": {}}, 2.0, config)
+    # A training config's compression section is read as is; --budget reaches both the preset and the ranks.
+    (tmp_path / "train.yaml").write_text("compression:\n  preset: low-rank\n  arguments: {rope: partial, rope_dims: 2}\n")
+    section = launcher.apply_budget(launcher.load_spec_section(str(tmp_path / "train.yaml"), {}), 0.25, config)
+    assert section["arguments"]["budget"] == 0.25
+    assert section["surgery"] == {"rank_allocation": "greedy", "budget_fraction": 0.25}
+    with pytest.raises(SystemExit, match="key=value"):
+        launcher._key_values(["window"], "--arg")
