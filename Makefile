@@ -27,8 +27,11 @@ docs:
 
 setup: $(STAMP) docs
 
+RUN := runs/smollm2-recover
 main: setup
-	$(VENV)/bin/deepspeed --num_gpus $(RANKS) launch/train.py --config configs/smollm2-recover.yaml
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/deepspeed --num_gpus $(RANKS) launch/train.py \
+		--config configs/smollm2-recover.yaml run.output_dir=$(RUN)
+	HF_HUB_OFFLINE=1 $(PY) launch/generate.py --model $(RUN)/hf_model --json $(RUN)/generate.json
 
 # Offline always: tests never download weights or data.
 test: setup
