@@ -52,10 +52,22 @@ def _fraction(text: str) -> float:
 
 def resolve_model_argument(model: str) -> str:
     """A training run directory stands for its consolidated model (`<run>/hf_model`); anything else is
-    passed to `load_pretrained` as it is."""
-    run_model = Path(model).expanduser() / "hf_model"
-    if (run_model / "config.json").is_file():
-        return str(run_model)
+    passed to `load_pretrained` as it is.
+
+    Raises:
+        ModelLoadError: `model` is one step's DeepSpeed checkpoint (partitioned engine state, not a model).
+    """
+    from kvforge.models.loading import ModelLoadError
+    from kvforge.trainer.checkpoint import MANIFEST, TRAINER_STATE
+
+    path = Path(model).expanduser()
+    if (path / "hf_model" / "config.json").is_file():
+        return str(path / "hf_model")
+    if (path / MANIFEST).is_file() and (path / TRAINER_STATE).is_file():
+        run_dir = path.parent.parent
+        raise ModelLoadError(f"{model!r} is a DeepSpeed training checkpoint (engine state), not a model directory; "
+                             f"evaluate the run's consolidated model instead: --model {run_dir} (its hf_model/ "
+                             "is written when the run finishes)")
     return model
 
 
@@ -163,9 +175,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         torch.device(device)
     except RuntimeError:
         parser.error(f"argument --device: expected cpu, cuda or cuda:N, got {device!r}")
-    model_name = resolve_model_argument(args.model)
     _, run_task = TASKS[args.task]
     try:
+        model_name = resolve_model_argument(args.model)
         started = time.perf_counter()
         model, tokenizer = load_pretrained(model_name, gguf_file=args.gguf_file, dtype=args.dtype,
                                            tokenizer_name=args.tokenizer, device=device)

@@ -361,3 +361,57 @@ def test_embedded_smollm2_converted_directory_matches_the_gguf_model(smollm2_dir
         got = model(input_ids=input_ids).logits
     assert torch.equal(got, expected)
     print(f"\nload: converted directory {converted_seconds:.1f} s, GGUF {gguf_seconds:.1f} s")
+
+
+# ----------------------------------------------------------------------------------------------------
+# ZeRO-3: parameters are partitioned as load_pretrained creates them
+
+
+ZERO3_SCRIPT = r"""
+import os, socket, sys
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = str(s.getsockname()[1])
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+import deepspeed, torch
+from transformers import AutoModelForCausalLM
+from transformers.integrations import HfDeepSpeedConfig, is_deepspeed_zero3_enabled
+from kvforge.models import loading
+
+model_dir = sys.argv[1]
+deepspeed.init_distributed(dist_backend="gloo")
+plain = AutoModelForCausalLM.from_pretrained(model_dir)
+hf_ds = HfDeepSpeedConfig({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}})
+with loading._zero3_disabled():  # what GGUF conversion runs under
+    assert not is_deepspeed_zero3_enabled()
+assert is_deepspeed_zero3_enabled()
+
+model, _ = loading.load_pretrained(model_dir)
+params = dict(model.named_parameters())
+assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in params.values()), "not partitioned at load"
+with deepspeed.zero.GatheredParameters(list(params.values())):
+    for name, p in plain.named_parameters():
+        assert torch.equal(params[name].data, p.data), name
+torch.manual_seed(0)
+random_model, _ = loading.load_pretrained(model_dir, init="random", config_overrides={"num_hidden_layers": 1})
+assert all(hasattr(p, "ds_id") and p.numel() == 0 for p in random_model.parameters())
+print("ZERO3-OK")
+"""
+
+
+@pytest.mark.distributed
+def test_zero3_partitions_parameters_at_load_time(tmp_path):
+    """Under a live HfDeepSpeedConfig (stage 3), pretrained and random models come back partitioned, and
+    the gathered pretrained weights equal the checkpoint's. A subprocess keeps torch.distributed and
+    DeepSpeed's global state out of the test process."""
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    model_dir = make_model_dir(tmp_path, "llama", **TINY["llama"])
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(loading.config_for(str(model_dir))).save_pretrained(model_dir)
+    proc = subprocess.run([sys.executable, "-c", ZERO3_SCRIPT, str(model_dir)], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and "ZERO3-OK" in proc.stdout, proc.stderr[-3000:]

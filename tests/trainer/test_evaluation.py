@@ -192,7 +192,7 @@ def _launcher():
     (["--model", "m", "--seq-len", "1"], "argument --seq-len: expected an integer >= 2, got 1"),
     (["--model", "m", "--batch-size", "two"], "argument --batch-size: expected an integer >= 1, got 'two'"),
     (["--model", "m", "--eval-fraction", "1.5"], r"argument --eval-fraction: expected a number in \(0, 1\), got 1.5"),
-    (["--model", "m", "--task", "passkey"], "argument --task: invalid choice: 'passkey'"),
+    (["--model", "m", "--task", "no-such-task"], "argument --task: invalid choice: 'no-such-task'"),
     (["--model", "m", "--device", "tpu9"], "argument --device: expected cpu, cuda or cuda:N, got 'tpu9'"),
 ])
 def test_launcher_argument_errors(argv, message, capsys):
@@ -214,6 +214,18 @@ def test_launcher_takes_a_run_directory_for_its_model(tmp_path):
     launcher = _launcher()
     assert launcher.resolve_model_argument(str(tmp_path)) == str(tmp_path / "hf_model")
     assert launcher.resolve_model_argument("smollm2-135m-instruct") == "smollm2-135m-instruct"
+
+
+def test_launcher_explains_that_a_step_checkpoint_is_not_a_model(tmp_path, capsys):
+    from kvforge.trainer.checkpoint import MANIFEST, TRAINER_STATE
+
+    step = tmp_path / "run" / "checkpoints" / "step_00000004"
+    step.mkdir(parents=True)
+    (step / MANIFEST).write_text("{}")
+    (step / TRAINER_STATE).write_text("{}")
+    assert _launcher().main(["--model", str(step)]) == 2
+    err = capsys.readouterr().err
+    assert "is a DeepSpeed training checkpoint" in err and f"--model {tmp_path / 'run'}" in err
 
 
 @pytest.mark.real_model
