@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Optional, get_type_hints
+from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -92,6 +92,9 @@ class TrainingConfig:
     eval_every: int = 50
     eval_batches: int = 8
     log_every: int = 1
+    # A step whose loss or gradients are not finite is skipped (no weight or optimizer-state update);
+    # this many skipped steps in a row stop the run with a checkpoint (see README, Reliability).
+    max_bad_steps: int = 5
 
 
 @dataclass
@@ -233,11 +236,36 @@ def _check_keys(user: Any, schema: type, prefix: str, source: str) -> None:
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{path}' {source} must be a section (mapping), got {value!r}")
             _check_keys(value, sub, path + ".", source)
+        else:
+            _check_leaf_type(value, sub, path, source)
+
+
+def _check_leaf_type(value: Any, hint: Any, path: str, source: str) -> None:
+    """The type checks OmegaConf leaves out: it turns any number into a bool, and takes nested lists or
+    mappings as list[str] elements. Strings that are interpolations (`${...}`) are resolved later."""
+    if value is None or (isinstance(value, str) and value.startswith("${")):
+        return
+    if get_origin(hint) is Union:  # Optional[X]
+        hint = next(a for a in get_args(hint) if a is not type(None))
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"config key '{path}' {source} = {value!r}: expected true or false")
+    if get_origin(hint) is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{path}' {source} = {value!r}: expected a list, e.g. [a, b]")
+        bad = [v for v in value if isinstance(v, (list, dict)) or v is None]
+        if bad:
+            raise ConfigError(f"config key '{path}' {source} = {value!r}: expected a list of names, got {bad[0]!r} "
+                              "in it")
+    if get_origin(hint) is dict and not isinstance(value, dict):
+        raise ConfigError(f"config key '{path}' {source} = {value!r}: expected a mapping")
 
 
 def _explain_omegaconf_error(e: OmegaConfBaseException) -> str:
     key = getattr(e, "full_key", None) or "?"
     msg = str(e).split("\n")[0]
+    if "Incompatible value 'None'" in msg:
+        expected = msg.rsplit("of type", 1)[-1].strip(" '")
+        return f"config key '{key}' is empty (null); expected a {expected}"
     if "could not be converted" in msg or "Value '" in msg:
         return f"config key '{key}': {msg}"
     if "Missing mandatory value" in msg:
@@ -277,6 +305,18 @@ def _fail(key: str, value: Any, expected: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Range and combination checks; raises ConfigError naming the key, the value and what is allowed."""
+    # NaN passes every `x < 0` check below, so numbers are checked for being finite first.
+    for key, value in _leaves(cfg):
+        if isinstance(value, float) and not math.isfinite(value):
+            _fail(key, value, "a finite number")
+        if isinstance(value, int) and not -2**63 <= value < 2**63:
+            _fail(key, value, "an integer that fits in 64 bits")
+    for key in ("run.name", "run.output_dir", "data.text_field", "data.split", "logging.project"):
+        section, name = key.split(".")
+        if not str(getattr(getattr(cfg, section), name)).strip():
+            _fail(key, getattr(getattr(cfg, section), name), "a non-empty string")
+    if not 0 <= cfg.run.seed < 2**63:
+        _fail("run.seed", cfg.run.seed, "an integer in [0, 2**63)")
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -295,6 +335,7 @@ def validate(cfg: Config) -> None:
         "data.seq_len": cfg.data.seq_len,
         "eval.batch_size": cfg.eval.batch_size,
         "checkpoint.keep_last": cfg.checkpoint.keep_last,
+        "training.max_bad_steps": t.max_bad_steps,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -310,6 +351,10 @@ def validate(cfg: Config) -> None:
     for key, value in {"training.beta1": t.beta1, "training.beta2": t.beta2}.items():
         if not 0 <= value < 1:
             _fail(key, value, "a number in [0, 1)")
+    if t.eps <= 0:
+        _fail("training.eps", t.eps, "a small positive number (Adam's epsilon)")
+    if t.lora.alpha <= 0:
+        _fail("training.lora.alpha", t.lora.alpha, "a positive scale (LoRA's alpha)")
     if t.grad_clip < 0:
         _fail("training.grad_clip", t.grad_clip, "a number >= 0 (0 disables clipping)")
     if not 0 <= t.distill_weight <= 1:
@@ -347,7 +392,23 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.source' = {src!r}: the path does not exist")
     if _looks_like_path(cfg.model.name) and not Path(cfg.model.name).expanduser().exists():
         raise ConfigError(f"config key 'model.name' = {cfg.model.name!r}: the path does not exist")
+    resume = cfg.checkpoint.resume
+    if resume not in ("auto", "never") and not Path(resume).expanduser().is_dir():
+        _fail("checkpoint.resume", resume, "auto, never, or the path of a checkpoint directory (run_dir/"
+              "checkpoints/step_N); that path is not a directory")
     resolve_deepspeed(cfg, world_size=1)  # raises for an invalid DeepSpeed section
+
+
+def _leaves(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of every leaf of the config tree (not inside free-form mappings)."""
+    out = []
+    for f in fields(node):
+        value = getattr(node, f.name)
+        if is_dataclass(value):
+            out.extend(_leaves(value, f"{prefix}{f.name}."))
+        else:
+            out.append((f"{prefix}{f.name}", value))
+    return out
 
 
 def _looks_like_path(s: str) -> bool:
@@ -379,6 +440,18 @@ def resolve_deepspeed(cfg: Config, world_size: int) -> dict:
         ds = json.loads(json.dumps(d.config))
     else:
         _fail("deepspeed.config", d.config, "a mapping (inline DeepSpeed config) or the path to a JSON file")
+    if not isinstance(ds, dict):
+        _fail("deepspeed.config", ds, "a JSON object (mapping) at the top")
+    for section in ("zero_optimization", "bf16", "fp16", "optimizer"):
+        if section in ds and not isinstance(ds[section], dict):
+            _fail(f"deepspeed.config.{section}", ds[section], "a mapping (section)")
+    if "optimizer" in ds and not isinstance(ds["optimizer"].get("params", {}), dict):
+        _fail("deepspeed.config.optimizer.params", ds["optimizer"]["params"], "a mapping")
+    # Skipping a step whose gradients are not finite goes through the optimizer's overflow check
+    # (trainer/train.py); with bf16 DeepSpeed lets a config turn that check off.
+    if ds.get("bf16", {}).get("check_grad_overflow", True) is not True:
+        _fail("deepspeed.config.bf16.check_grad_overflow", ds["bf16"]["check_grad_overflow"],
+              "true (kvforge skips steps with non-finite gradients through it; remove the key)")
 
     t = cfg.training
     zero = ds.setdefault("zero_optimization", {})
@@ -426,6 +499,49 @@ def resolve_deepspeed(cfg: Config, world_size: int) -> dict:
     return ds
 
 
+def check_deepspeed_config(ds: dict) -> None:
+    """Let DeepSpeed parse the resolved config now, and refuse the keys it would silently ignore.
+
+    DeepSpeed validates its sections (zero_optimization, bf16, ...) strictly, but reads top-level keys
+    one by one with defaults, so `zero_optimisation` or `gradient_acumulation_steps` would be dropped
+    without a word. The keys it reads are recorded; any other key is an error ("did you mean").
+    Imports DeepSpeed, so it runs in the trainer, not in `load_config`.
+
+    Raises:
+        ConfigError: naming the unknown key or the section DeepSpeed rejects.
+    """
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    class RecordingDict(dict):
+        # copy.copy (which DeepSpeed applies) shares `read` with the copy.
+        def __init__(self, *args):
+            super().__init__(*args)
+            self.read: set = set()
+
+        def get(self, key, *default):
+            self.read.add(key)
+            return super().get(key, *default)
+
+        def __getitem__(self, key):
+            self.read.add(key)
+            return super().__getitem__(key)
+
+        def __contains__(self, key):
+            self.read.add(key)
+            return super().__contains__(key)
+
+    recorded = RecordingDict(ds)
+    try:
+        DeepSpeedConfig(recorded)
+    except (ValueError, TypeError, KeyError, AssertionError) as e:  # pydantic's ValidationError is a ValueError
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise ConfigError(f"config key 'deepspeed.config' is rejected by DeepSpeed: {'; '.join(lines[:3])}") from None
+    for key in sorted(set(ds) - recorded.read):
+        close = difflib.get_close_matches(key, sorted(recorded.read), n=1, cutoff=0.6)
+        hint = f"; did you mean 'deepspeed.config.{close[0]}'?" if close else ""
+        raise ConfigError(f"unknown config key 'deepspeed.config.{key}': DeepSpeed would ignore it{hint}")
+
+
 def _fill_auto(section: dict, key: str, value: Any, source: str, key_path: Optional[str] = None) -> Any:
     current = section.get(key, "auto")
     if current == "auto":
@@ -444,7 +560,7 @@ def parse_cli_overrides(items: list[str]) -> list[str]:
 
 
 __all__ = [
-    "Config", "ConfigError", "load_config", "validate", "resolve_deepspeed", "save_resolved", "to_dict",
-    "parse_cli_overrides", "RunConfig", "ModelConfig", "DataConfig", "TrainingConfig", "DeepSpeedConfig",
+    "Config", "ConfigError", "load_config", "validate", "resolve_deepspeed", "check_deepspeed_config",
+    "save_resolved", "to_dict", "parse_cli_overrides", "RunConfig", "ModelConfig", "DataConfig", "TrainingConfig", "DeepSpeedConfig",
     "LoggingConfig", "CheckpointConfig", "EvalConfig", "LoraConfig",
 ]
