@@ -39,7 +39,6 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 import socket
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -49,6 +48,8 @@ from typing import Any, Optional, TypeVar, Union
 from urllib.parse import urlparse
 
 import torch
+
+from kvforge import atomic
 
 logger = logging.getLogger(__name__)
 
@@ -263,28 +264,12 @@ def _exclusive_lock(lock_path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _fsync_tree(root: Path) -> None:
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    _fsync_dir(root)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def convert_gguf_once(gguf_path: Path, out_dir: Path) -> Path:
     """`out_dir` holding `gguf_path` as a Hugging Face directory; converts only if it is missing or stale.
 
     Safe against crashes and concurrent callers (e.g. every rank of a deepspeed launch): one process
-    converts under an exclusive file lock into ``.<name>.tmp-<pid>``, fsyncs it, writes
-    `CONVERTED_MARKER` last and renames the folder into place; the others wait on the lock and then find
+    converts under an exclusive file lock into a temporary folder (`kvforge.atomic.directory`), with
+    `CONVERTED_MARKER` inside, and renames it into place; the others wait on the lock and then find
     the directory complete. Leftovers of a crashed conversion (tmp folders, a folder without a valid
     marker) are removed by the next caller.
     """
@@ -293,25 +278,13 @@ def convert_gguf_once(gguf_path: Path, out_dir: Path) -> Path:
     with _exclusive_lock(out_dir.with_name(f".{out_dir.name}.lock")):
         if _is_complete(out_dir, fingerprint):
             return out_dir
-        for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)  # a crashed conversion's (we hold the lock: nobody else writes)
-        tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
         started = time.perf_counter()
         logger.warning("converting %s into %s (once; later loads read the directory)", gguf_path, out_dir)
-        try:
+        # We hold the lock, so nobody else writes: atomic.directory removes a crashed conversion's leftovers.
+        with atomic.directory(out_dir) as tmp:
             _convert_gguf(gguf_path, tmp)
-            _fsync_tree(tmp)
             marker = {**fingerprint, "gguf_path": str(gguf_path), "seconds": round(time.perf_counter() - started, 1)}
-            with open(tmp / CONVERTED_MARKER, "w") as f:
-                json.dump(marker, f, indent=2)
-                f.flush()
-                os.fsync(f.fileno())
-            if out_dir.exists():  # incomplete or made from another GGUF file
-                shutil.rmtree(out_dir)
-            os.replace(tmp, out_dir)
-            _fsync_dir(out_dir.parent)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / CONVERTED_MARKER).write_text(json.dumps(marker, indent=2))
     return out_dir
 
 

@@ -236,7 +236,7 @@ def test_document_separator_prefers_the_end_of_document_token(tmp_path):
 
 
 def _fake_convert(gguf_path: Path, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps({"from": gguf_path.name}))
     delay = float(os.environ.get("FAKE_CONVERT_DELAY", "0"))
     time.sleep(delay)
@@ -285,7 +285,7 @@ def test_a_failed_conversion_leaves_nothing_behind(tmp_path, fake_gguf, monkeypa
     out = tmp_path / "cache" / "tiny"
 
     def crash(gguf_path, out_dir):
-        out_dir.mkdir(parents=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "config.json").write_text("{")
         raise RuntimeError("disk full")
 

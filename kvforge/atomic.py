@@ -1,0 +1,85 @@
+"""Writing files and directories so that a reader never sees them half-written.
+
+Everything kvforge leaves on disk for later (converted models, checkpoints, exports, compressed
+starting points, caches) is written under a temporary name beside its destination, flushed to disk,
+and only then renamed into place: a crash leaves either the old state or the new one, plus a
+temporary folder that the next writer removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+TMP_INFIX = ".tmp-"
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename inside `path` durable (the directory entry, not just the file data)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """Flush every file below `root`, then the directories that hold them."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(dirpath)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Replace the file at `path` with `text` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}{TMP_INFIX}{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def stale_temporaries(out_dir: str | os.PathLike) -> list[Path]:
+    """Temporary folders a crashed `directory(out_dir)` left behind."""
+    out_dir = Path(out_dir)
+    return sorted(out_dir.parent.glob(f".{out_dir.name}{TMP_INFIX}*"))
+
+
+@contextlib.contextmanager
+def directory(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder to fill; on success it replaces `out_dir` in one rename.
+
+    On an exception the temporary folder is removed and `out_dir` is left as it was. Folders left by
+    a crash (the process killed mid-write) are removed by the next call for the same `out_dir`.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    for stale in stale_temporaries(out_dir):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = out_dir.with_name(f".{out_dir.name}{TMP_INFIX}{os.getpid()}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        if out_dir.exists():
+            # Two renames cannot be one atomic step: between them no `out_dir` exists, which a reader
+            # sees as "not there yet" (never as half-written), and the old copy is only deleted after.
+            aside = out_dir.with_name(f".{out_dir.name}{TMP_INFIX}old-{os.getpid()}")
+            os.rename(out_dir, aside)
+            os.rename(tmp, out_dir)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.rename(tmp, out_dir)
+        fsync_dir(out_dir.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

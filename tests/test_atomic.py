@@ -1,0 +1,44 @@
+import os
+
+import pytest
+
+from kvforge import atomic
+
+
+def test_directory_replaces_only_when_complete(tmp_path):
+    out = tmp_path / "model"
+    with atomic.directory(out) as tmp:
+        (tmp / "a.txt").write_text("one")
+        assert not out.exists()  # nothing visible while it is being written
+    assert (out / "a.txt").read_text() == "one"
+
+    with pytest.raises(RuntimeError):
+        with atomic.directory(out) as tmp:
+            (tmp / "a.txt").write_text("half")
+            raise RuntimeError("crash while writing")
+    assert (out / "a.txt").read_text() == "one"  # the old copy survives a failed write
+    assert atomic.stale_temporaries(out) == []
+
+    with atomic.directory(out) as tmp:
+        (tmp / "b.txt").write_text("two")
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_leftovers_of_a_killed_writer_are_removed_by_the_next(tmp_path):
+    out = tmp_path / "model"
+    killed = tmp_path / f".model{atomic.TMP_INFIX}12345"
+    killed.mkdir()
+    (killed / "partial.bin").write_bytes(b"\0" * 10)
+    assert atomic.stale_temporaries(out) == [killed]
+    with atomic.directory(out) as tmp:
+        (tmp / "ok").write_text("x")
+    assert not killed.exists() and (out / "ok").is_file()
+
+
+def test_write_text(tmp_path):
+    path = tmp_path / "sub" / "state.json"
+    atomic.write_text(path, "{}")
+    atomic.write_text(path, '{"a": 1}')
+    assert path.read_text() == '{"a": 1}'
+    assert os.listdir(path.parent) == ["state.json"]
