@@ -8,12 +8,17 @@ Tasks (--task, default perplexity):
   perplexity  token-weighted mean next-token NLL and its exp over the eval split of --data, packed into
               rows of --seq-len exactly as training packs them (trainer/data.py: split by document, the
               same cache). Evaluates every eval row unless --max-batches is given.
+  passkey     pass-key retrieval (trainer/passkey.py): --samples prompts of --context-len tokens per
+              depth in --depths, greedy answers, accuracy per depth; --pyramid-budget evaluates with a
+              PyramidKV cache (--pyramid-schedule pyramid | uniform).
 
 Prints the result and, with --json, writes it with the model, data settings and timings.
 
 Examples:
   python launch/evaluate.py --model smollm2-135m-instruct --data python-docs --seq-len 512
   python launch/evaluate.py --model runs/smollm2-recover --max-batches 8 --json eval.json
+  python launch/evaluate.py --task passkey --model smollm2-135m-instruct --context-len 4096 --samples 4 \
+      --pyramid-budget 256 --pyramid-schedule pyramid --json passkey.json
 """
 
 from __future__ import annotations
@@ -129,8 +134,100 @@ def run_perplexity(args: argparse.Namespace, model: Any, tokenizer: Any, device:
     }
 
 
+def _depths(text: str) -> list[float]:
+    from kvforge.trainer.passkey import parse_depths
+
+    try:
+        return parse_depths(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_passkey_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("passkey", "a pass key hidden at several depths of filler text "
+                                                 "(trainer/passkey.py)")
+    group.add_argument("--context-len", type=_int_at_least(64), default=4096,
+                       help="prompt tokens (at most; default: %(default)s)")
+    group.add_argument("--depths", type=_depths, default=[0.0, 0.25, 0.5, 0.75, 1.0],
+                       help="where the key goes, as fractions of the filler (default: 0,0.25,0.5,0.75,1)")
+    group.add_argument("--samples", type=_int_at_least(1), default=4, help="prompts per depth (default: 4)")
+    group.add_argument("--passkey-seed", type=int, default=0, help="seed of the pass keys (default: 0)")
+    group.add_argument("--passkey-format", default="plain", choices=("plain", "chat"),
+                       help="raw text, or the tokenizer's chat template (default: %(default)s)")
+    group.add_argument("--max-new-tokens", type=_int_at_least(1), default=8,
+                       help="tokens generated per prompt (default: %(default)s)")
+    pyramid = parser.add_argument_group("PyramidKV", "evaluate with a compacted cache (models/pyramid.py); a "
+                                                     "plain model is converted to an all-dense KVForge model first")
+    pyramid.add_argument("--pyramid-budget", type=_int_at_least(1), default=None,
+                         help="average tokens kept per layer after the prompt (default: the model's "
+                              "compression.inference.pyramid, else the full cache)")
+    pyramid.add_argument("--pyramid-schedule", choices=("pyramid", "uniform"), default=None,
+                         help="per-layer budgets decreasing with depth, or equal (default: pyramid)")
+    pyramid.add_argument("--pyramid-window", type=_int_at_least(1), default=None,
+                         help="observation window: last prompt tokens that score the rest (default: 8)")
+    pyramid.add_argument("--pyramid-pooling", choices=("avgpool", "maxpool", "none"), default=None,
+                         help="smoothing of the scores before top-k (default: avgpool)")
+    pyramid.add_argument("--pyramid-kernel", type=_int_at_least(1), default=None, help="pooling kernel (default: 7)")
+    pyramid.add_argument("--pyramid-beta", type=float, default=None,
+                         help="top layer keeps 1/beta of the average selectable budget (default: 20)")
+    pyramid.add_argument("--pyramid-sinks", type=_int_at_least(0), default=None,
+                         help="first tokens always kept (default: 4)")
+
+
+def run_passkey(args: argparse.Namespace, model: Any, tokenizer: Any, device: str) -> dict[str, Any]:
+    try:
+        return _run_passkey(args, model, tokenizer, device)
+    except ValueError as err:  # bad settings (PyramidError, passkey arguments): a message, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _run_passkey(args: argparse.Namespace, model: Any, tokenizer: Any, device: str) -> dict[str, Any]:
+    from kvforge.models.pyramid import PyramidSettings, new_pyramid_cache
+    from kvforge.trainer.passkey import evaluate_passkey
+
+    overrides = {"budget": args.pyramid_budget, "schedule": args.pyramid_schedule, "window": args.pyramid_window,
+                 "pooling": args.pyramid_pooling, "kernel_size": args.pyramid_kernel, "beta": args.pyramid_beta,
+                 "sinks": args.pyramid_sinks}
+    default = (model.config.compression or {}).get("inference", {}).get("pyramid") \
+        if getattr(model.config, "model_type", None) == "kvforge" else None
+    cache_factory, pyramid = None, None
+    if args.pyramid_budget is not None or default is not None:
+        if getattr(model.config, "model_type", None) != "kvforge":
+            from kvforge.models.configuration_kvforge import CompressionSpec
+            from kvforge.models.surgery import compress
+
+            model = compress(model, CompressionSpec.dense(model.config.num_hidden_layers)).model.to(device)
+        pyramid = PyramidSettings.from_any(default or {}, **overrides)
+        max_cache_len = args.context_len + args.max_new_tokens
+        caches = []
+
+        def cache_factory():
+            caches.append(new_pyramid_cache(model, pyramid, max_cache_len=max_cache_len))
+            return caches[-1]
+    elif any(v is not None for k, v in overrides.items() if k != "budget"):
+        raise ValueError("--pyramid-* options need --pyramid-budget (or a model exported with a PyramidKV default)")
+
+    def show(record):
+        mark = "ok " if record.correct else "MISS"
+        print(f"  depth {record.depth:<5g} sample {record.sample}: {mark} key {record.passkey} -> "
+              f"{record.generated.strip()!r} ({record.prompt_tokens} tokens)", flush=True)
+
+    result = evaluate_passkey(model, tokenizer, context_len=args.context_len, depths=args.depths,
+                              samples=args.samples, seed=args.passkey_seed, fmt=args.passkey_format,
+                              max_new_tokens=args.max_new_tokens, cache_factory=cache_factory, progress=show)
+    per_depth = "  ".join(f"{d}: {v['correct']}/{v['samples']}" for d, v in result.per_depth.items())
+    cache = "full cache" if pyramid is None else f"PyramidKV {pyramid.schedule} budget {pyramid.budget}"
+    print(f"passkey accuracy {result.accuracy:.3f} at {args.context_len} tokens ({cache}); by depth {per_depth}; "
+          f"{result.elapsed_s:.1f} s")
+    payload = result.to_dict()
+    payload["cache"] = {"pyramid": None} if pyramid is None else caches[-1].pyramid.report()
+    return payload
+
+
 TASKS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[..., dict[str, Any]]]] = {
     "perplexity": (add_perplexity_arguments, run_perplexity),
+    "passkey": (add_passkey_arguments, run_passkey),
 }
 
 
