@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True,
                                                  dtype=getattr(torch, args.dtype)).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
     if args.raw or tokenizer.chat_template is None:
         text = args.prompt
     else:
