@@ -37,7 +37,6 @@ import argparse
 import hashlib
 import inspect
 import json
-import math
 import os
 import sys
 import time
@@ -226,7 +225,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from kvforge.models.loading import document_separator_id, load_pretrained
     from kvforge.models.surgery import (
-        Geometry, SurgerySettings, compress, measure_generate_kv_bytes, needs_statistics, original_kv_bytes_per_token,
+        Geometry, compress, measure_generate_kv_bytes, needs_statistics, original_kv_bytes_per_token,
         parse_compression,
     )
 

@@ -20,20 +20,19 @@ calibration_rows, settings=...)`; `launch/compress.py` is the command line aroun
 from __future__ import annotations
 
 import copy
-import logging
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
+from transformers.initialization import no_init_weights
 
 from ..calibration import CalibrationStatistics, collect_statistics
-from ..configuration_kvforge import CompressionSpec, CompressionSpecError, KVForgeConfig, LayerSpec, dtype_num_bytes
+from ..configuration_kvforge import CompressionSpec, KVForgeConfig, LayerSpec, dtype_num_bytes
 from . import head_merging, kv_sharing, low_rank, rank_allocation, shared_attention
-from .linalg import discarded_energy, factorize, pair_energy, rank_for_energy
+from .linalg import discarded_energy, pair_energy, rank_for_energy
 
-logger = logging.getLogger(__name__)
 
 RANK_ALLOCATIONS = ("as_given", "greedy", "energy")
 
@@ -155,10 +154,6 @@ class Geometry:
 
 def _attention_prefix(layer: int) -> str:
     return f"model.layers.{layer}.self_attn."
-
-
-def _get(state: Mapping[str, torch.Tensor], key: str) -> Optional[torch.Tensor]:
-    return state.get(key)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -403,7 +398,7 @@ def dense_attention(state: Mapping[str, torch.Tensor], layer: int) -> DenseAtten
     missing = [f"{p}{n}_proj.weight" for n in "qkvo" if f"{p}{n}_proj.weight" not in state]
     if missing:
         raise SurgeryError(f"the pretrained state dict lacks {missing}; surgery expects a Llama/Mistral/Qwen2 model")
-    return DenseAttention(*[t for n in "qkvo" for t in (state[f"{p}{n}_proj.weight"], _get(state, f"{p}{n}_proj.bias"))])
+    return DenseAttention(*[t for n in "qkvo" for t in (state[f"{p}{n}_proj.weight"], state.get(f"{p}{n}_proj.bias"))])
 
 
 def effective_attention(state: Mapping[str, torch.Tensor], spec: CompressionSpec, settings: SurgerySettings
@@ -637,7 +632,13 @@ def compress(
 
     # ---- step 3: build the module and load, asserting keys and shapes
     dtype = next(model.parameters()).dtype
-    compressed = KVForgeForCausalLM(config).to(dtype)
+    # Every parameter and persistent buffer is overwritten by load_checked (which asserts the key sets are
+    # equal), so random initialisation would be wasted work: minutes for a 7B model.
+    with no_init_weights():
+        compressed = KVForgeForCausalLM(config).to(dtype)
+    compressed.tie_weights()  # skipped together with the initialisation
+    if config.tie_word_embeddings and compressed.lm_head.weight is not compressed.model.embed_tokens.weight:
+        raise SurgeryError("lm_head is not tied to embed_tokens although tie_word_embeddings=True")
     load_checked(compressed, new_state)
     compressed.eval()
     report.update(

@@ -24,12 +24,12 @@ KV_DIMS = KV_HEADS * HEAD_DIM
 QUIET = {"show_progress": False}
 
 
-def tiny(kind: str = "llama", seed: int = 0, layers: int = LAYERS):
+def tiny(kind: str = "llama", seed: int = 0, layers: int = LAYERS, tied: bool = False):
     torch.manual_seed(seed)
     config_cls, model_cls = (LlamaConfig, LlamaForCausalLM) if kind == "llama" else (Qwen2Config, Qwen2ForCausalLM)
     config = config_cls(vocab_size=128, hidden_size=HIDDEN, intermediate_size=96, num_hidden_layers=layers,
                         num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
-                        max_position_embeddings=256, tie_word_embeddings=False)
+                        max_position_embeddings=256, tie_word_embeddings=tied)
     model = model_cls(config).eval()
     if kind == "qwen2":  # Qwen2 initialises biases to zero; make them matter
         with torch.no_grad():
@@ -152,8 +152,9 @@ def test_head_groups_cover_every_query_head_consistently():
 # Untouched weights
 
 
-def test_weights_outside_attention_are_bit_identical_after_lossy_surgery():
-    model = tiny("qwen2")
+@pytest.mark.parametrize("tied", [False, True])
+def test_weights_outside_attention_are_bit_identical_after_lossy_surgery(tied):
+    model = tiny("qwen2", tied=tied)
     spec = [{"kv_proj": "merged_heads", "num_kv_heads": 1},
             {"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 5, "v_rank": 7},
             {"kv_proj": "low_rank", "rope": "partial", "rope_dims": 2, "kv_rank": 9},
@@ -164,6 +165,23 @@ def test_weights_outside_attention_are_bit_identical_after_lossy_surgery():
     assert untouched and all(k in after for k in untouched)
     for key in untouched:
         assert torch.equal(before[key], after[key]), key
+    assert (compressed.lm_head.weight is compressed.model.embed_tokens.weight) == tied
+
+
+def test_the_compressed_model_saves_and_reloads_exactly(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny(tied=True)
+    spec = [{"kv_proj": "low_rank", "rope": "partial", "rope_dims": 2, "kv_rank": 9},
+            {"attention": "window", "window": 8, "sinks": 2}, {"kv_proj": "merged_heads", "num_kv_heads": 1},
+            {"probs_from": 2}]
+    compressed = compress(model, {"layers": spec}, rows(), settings={**QUIET, "rope_pair_criterion": "norm"}).model
+    compressed.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(reloaded.model.layers[0].self_attn.rope_index, compressed.model.layers[0].self_attn.rope_index)
+    probe = rows(2, 24, seed=5)
+    with torch.no_grad():
+        assert torch.equal(reloaded(probe).logits, compressed(probe).logits)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -412,3 +430,25 @@ def test_compress_launcher_rejects_bad_specs_clearly(tmp_path):
     assert section["surgery"] == {"rank_allocation": "greedy", "budget_fraction": 0.25}
     with pytest.raises(SystemExit, match="key=value"):
         launcher._key_values(["window"], "--arg")
+
+
+@pytest.mark.real_model
+def test_real_smollm2_compresses_and_its_generate_cache_matches_the_spec(smollm2_dir):
+    from kvforge.models.loading import load_pretrained
+    from kvforge.models.presets import build_preset
+
+    model, _ = load_pretrained(str(smollm2_dir))
+    spec = build_preset("mixattention-offset", model.config, window=64, sinks=4)
+    producers = [i for i, layer in enumerate(spec.layers) if layer.kv_from is None]
+    for i in producers[:-1]:  # every cache producer low-rank but the last, which merges to one KV head
+        layer = spec.layers[i]
+        layer.kv_proj, layer.rope, layer.k_rank, layer.v_rank = "low_rank", "pre_rope_latent", 64, 96
+    spec.layers[producers[-1]].kv_proj, spec.layers[producers[-1]].num_kv_heads = "merged_heads", 1
+    calibration = torch.randint(0, model.config.vocab_size, (2, 128), generator=torch.Generator().manual_seed(0))
+    result = compress(model, spec, calibration, settings=QUIET)
+    measured = measure_generate_kv_bytes(result.model, calibration[:1, :100], max_new_tokens=4)
+    arithmetic = result.model.config.kv_cache_bytes(measured["tokens"], dtype="float32")
+    assert measured["total_bytes"] == arithmetic
+    assert measured["bytes_per_token"] < 23040 * 2 * 0.25  # fp32 original: 46,080 bytes/token
+    with torch.no_grad():
+        assert torch.isfinite(result.model(calibration[:1, :48]).logits).all()
