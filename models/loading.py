@@ -238,8 +238,17 @@ def gguf_model_dir(gguf_path: Path) -> Path:
 
 
 def _gguf_fingerprint(gguf_path: Path) -> dict[str, Any]:
-    st = gguf_path.stat()
-    return {"gguf_file": gguf_path.name, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+    """Identifies the file by content, not by path or mtime: a reinstalled package (a new virtualenv, a
+    fresh CI clone) holds the same bytes and must not trigger a new conversion. Its size and the sha256
+    of its head and tail (where GGUF keeps metadata and the last tensors) tell a changed file in
+    milliseconds."""
+    size = gguf_path.stat().st_size
+    h = hashlib.sha256()
+    with open(gguf_path, "rb") as f:
+        h.update(f.read(1 << 22))
+        f.seek(max(0, size - (1 << 22)))
+        h.update(f.read(1 << 22))
+    return {"gguf_file": gguf_path.name, "size": size, "sha256_head_tail": h.hexdigest(),
             "conversion_version": CONVERSION_VERSION}
 
 

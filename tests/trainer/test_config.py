@@ -101,7 +101,7 @@ def test_bad_yaml_files(tmp_path):
 
 def test_launcher_reports_config_errors_without_a_traceback():
     proc = subprocess.run([sys.executable, str(REPO / "launch/train.py"), "--config", str(REPO / "configs/tiny-llama.yaml"),
-                           "deepspeed.zero_stage=5"], capture_output=True, text=True, cwd=REPO, timeout=120)
+                           "deepspeed.zero_stage=5"], capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 2
     assert "config error: config key 'deepspeed.zero_stage' = 5" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -109,7 +109,7 @@ def test_launcher_reports_config_errors_without_a_traceback():
 
 def test_dry_run_prints_resolved_deepspeed():
     proc = subprocess.run([sys.executable, str(REPO / "launch/train.py"), "--config", str(REPO / "configs/tiny-llama.yaml"),
-                           "--dry-run", "training.micro_batch_size=7"], capture_output=True, text=True, cwd=REPO, timeout=120)
+                           "--dry-run", "training.micro_batch_size=7"], capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "train_micro_batch_size_per_gpu: 7" in proc.stdout
 
@@ -122,7 +122,7 @@ def test_dry_run_prints_resolved_deepspeed():
 ])
 def test_launcher_checks_model_and_compression_before_loading_weights(override, message):
     proc = subprocess.run([sys.executable, str(REPO / "launch/train.py"), "--config", str(REPO / "configs/tiny-compressed.yaml"),
-                           "--dry-run", override], capture_output=True, text=True, cwd=REPO, timeout=120,
+                           "--dry-run", override], capture_output=True, text=True, cwd=REPO, timeout=600,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
