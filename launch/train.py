@@ -3,6 +3,10 @@
 
 Also runs under torchrun, or as a plain single process for debugging. The deepspeed launcher adds
 `--local_rank`; ranks are read from the environment either way.
+
+Exit codes: 0 finished, or preempted by SIGTERM/SIGINT after saving a checkpoint (continue with
+checkpoint.resume=auto); 2 bad input (config, data, checkpoint, model), one line on stderr;
+3 stopped after training.max_bad_steps non-finite steps in a row, with a checkpoint.
 """
 
 import argparse
@@ -58,9 +62,23 @@ def main(argv=None) -> int:
             print(OmegaConf.to_yaml(resolved))
         return 0
 
-    from kvforge.trainer.train import train
+    from kvforge.trainer.train import BAD_INPUT_ERRORS, TrainingStopped, train
 
-    result = train(cfg)
+    # Bad input (data, checkpoint, model, spec) and a run that stops itself end in one line on stderr,
+    # not a traceback; KVFORGE_DEBUG=1 shows the traceback. Every rank reports (the lines are the same
+    # when all ranks found the same problem). Exit codes: 2 bad input, 3 stopped (a checkpoint was saved).
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    where = f" (rank {os.environ.get('RANK', '0')})" if world > 1 else ""
+    try:
+        result = train(cfg)
+    except BAD_INPUT_ERRORS as e:
+        if os.environ.get("KVFORGE_DEBUG"):
+            raise
+        print(f"error{where}: {e}", file=sys.stderr)
+        return 2
+    except TrainingStopped as e:
+        print(f"training stopped{where}: {e}", file=sys.stderr)
+        return 3
     if result.eval is not None and int(os.environ.get("RANK", "0")) == 0:
         summary = {"run_dir": str(result.run_dir), "step": result.final_step, "eval": result.eval,
                    "hf_model": str(result.hf_dir) if result.hf_dir else None, "wandb": result.wandb_location}

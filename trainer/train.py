@@ -8,28 +8,53 @@
 Ranks come from the environment (the deepspeed launcher, torchrun, or none: a single process).
 The data position is the optimizer step, so a resumed run reads exactly the batches the
 uninterrupted run would have read (trainer/data.py), and its RNG comes from the checkpoint.
+
+Faults (README, "Reliability"): whether and where to resume is settled, and the checkpoint
+verified and matched against the config, before anything is built; bad input fails with one of
+BAD_INPUT_ERRORS (the launcher prints it on one line, exit code 2); SIGTERM/SIGINT checkpoint at the
+next step boundary; a step with a non-finite loss or gradient is skipped without touching weights or
+optimizer state, and `training.max_bad_steps` of them in a row stop the run with a checkpoint
+(TrainingStopped, exit code 3). Tests inject faults through $KVFORGE_FAULT (class Faults).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import resource
+import shutil
 import signal
 import time
+import uuid
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
+from .. import atomic
+from ..models.configuration_kvforge import CompressionSpecError
+from ..models.loading import ModelLoadError
+from ..models.presets import PresetError
+from ..models.surgery import SurgeryError
 from . import checkpoint as ckpt
-from .config import Config, resolve_deepspeed, save_resolved, to_dict
+from .config import Config, ConfigError, check_deepspeed_config, resolve_deepspeed, save_resolved, to_dict
+from .data import DataError
 from .losses import distillation_loss
 from .tracking import RunLogger
+
+# Errors that mean "this input cannot work" (config, data, checkpoint, model, compression spec): the
+# launcher reports them in one line without a traceback. Anything else is a bug and keeps its traceback.
+BAD_INPUT_ERRORS = (ConfigError, DataError, ckpt.CheckpointError, ModelLoadError, CompressionSpecError,
+                    SurgeryError, PresetError)
+# Set by tests only: the faults to inject (see Faults), and where to write the final logits of a fixed batch.
+FAULT_ENV = "KVFORGE_FAULT"
+DUMP_LOGITS_ENV = "KVFORGE_DUMP_LOGITS"
 
 # bf16 dense peak of the GPUs we know, for an MFU estimate; elsewhere MFU is not logged.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -43,6 +68,12 @@ class TrainResult:
     eval: Optional[dict]
     hf_dir: Optional[Path]
     wandb_location: Optional[str]
+    skipped_steps: int = 0
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped itself: `training.max_bad_steps` steps in a row had a non-finite loss or gradient.
+    A checkpoint was saved first; the message names it."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -80,36 +111,89 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _all_mean(value: float, device: torch.device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
-
-
 class Preemption:
     """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and returns.
 
     The ranks agree through an all-reduce, so every rank saves at the same step even when the
     signal reached only one of them (schedulers signal the whole job; a user may signal one pid).
+    The handlers stay installed until `restore`, so the second SIGTERM the deepspeed launcher sends
+    its children after a job-wide one does not kill a rank halfway through its checkpoint.
     """
 
     def __init__(self):
         self.requested = False
+        self.signal_name: Optional[str] = None
         self._previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        # Only set flags here: printing from a signal handler can re-enter a print in progress.
         self.requested = True
+        self.signal_name = self.signal_name or signal.Signals(signum).name
 
     def agreed(self, device: torch.device) -> bool:
         flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
+    def wait(self, device: torch.device, timeout_s: float) -> None:
+        """Block until a signal has reached any rank (collective: every rank must call it)."""
+        deadline = time.monotonic() + timeout_s
+        while not self.agreed(device):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no SIGTERM/SIGINT arrived within {timeout_s:.0f} s")
+            time.sleep(0.05)
+
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+class Faults:
+    """Faults injected by tests through $KVFORGE_FAULT, read once when training starts.
+
+    A comma-separated list of `kind:steps[@rank]`: steps are 1-based like the logged `step` and given
+    as `S`, `S-E` (inclusive) or `S-` (from S on); without `@rank` the fault hits every rank. Kinds:
+
+        sigterm        the rank sends itself SIGTERM in the middle of the step (after its first backward)
+        stall          every rank waits at the start of the step until a signal reaches one of them
+                       (at most 300 s), so a test can signal the processes at a known step
+        nan_loss       the rank's first micro batch of the step has a NaN loss
+        crash_in_save  the rank SIGKILLs itself inside checkpoint.save of the step, after the files are
+                       written and before the manifest
+
+    Example: KVFORGE_FAULT="nan_loss:2@1,stall:3". Real runs never set it. A malformed entry is an
+    error, so a typo cannot make a fault test pass without injecting anything.
+    """
+
+    KINDS = ("sigterm", "stall", "nan_loss", "crash_in_save")
+
+    def __init__(self, spec: str = ""):
+        self.entries: list[tuple[str, int, Optional[int], Optional[int]]] = []  # kind, first, last, rank
+        for item in filter(None, (part.strip() for part in spec.split(","))):
+            try:
+                kind, _, where = item.partition(":")
+                steps, _, rank = where.partition("@")
+                first, dash, last = steps.partition("-")
+                entry = (kind, int(first), (int(last) if last else None) if dash else int(first),
+                         int(rank) if rank else None)
+            except ValueError:
+                entry = None
+            if entry is None or kind not in self.KINDS or entry[1] < 1:
+                raise ValueError(f"{FAULT_ENV} entry {item!r} is not kind:steps[@rank] with kind in "
+                                 f"{', '.join(self.KINDS)} and steps S, S-E or S- (S >= 1)")
+            if kind == "stall" and entry[3] is not None:
+                raise ValueError(f"{FAULT_ENV} entry {item!r}: stall is collective and takes no @rank")
+            self.entries.append(entry)
+
+    @classmethod
+    def from_env(cls) -> "Faults":
+        return cls(os.environ.get(FAULT_ENV, ""))
+
+    def fires(self, kind: str, step: int, rank: int) -> bool:
+        return any(k == kind and first <= step and (last is None or step <= last) and r in (None, rank)
+                   for k, first, last, r in self.entries)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -129,12 +213,36 @@ def lr_at(step: int, cfg: Config) -> float:
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * shape)
 
 
-def config_fingerprint(cfg: Config) -> str:
-    """What must not change across a resume: the model, the data and the compression spec."""
+def resume_signature(cfg: Config, zero_stage: int) -> dict[str, Any]:
+    """The config values a checkpoint is tied to, flattened to dotted keys.
+
+    Changing one makes a resumed run a different run: other weights (model, compression, LoRA), other
+    batches (data, seed, micro batch, accumulation; the world size is checked on its own), or optimizer
+    state DeepSpeed cannot load (precision, ZeRO stage). Everything else (max_steps, lr, logging, ...)
+    may change across a resume. `data.cache_dir` is where the data is kept, not what it is.
+    """
     d = to_dict(cfg)
-    keep = {"model": d["model"], "data": d["data"], "compression": d["compression"],
-            "micro_batch_size": d["training"]["micro_batch_size"], "grad_accum": d["training"]["grad_accum"]}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+    parts = {"model": d["model"], "compression": d["compression"],
+             "data": {k: v for k, v in d["data"].items() if k != "cache_dir"}, "run.seed": cfg.run.seed,
+             "training.micro_batch_size": cfg.training.micro_batch_size,
+             "training.grad_accum": cfg.training.grad_accum, "training.lora": d["training"]["lora"],
+             "training.precision": cfg.training.precision, "deepspeed.zero_stage": zero_stage}
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):  # an empty mapping (no overrides, no compression) adds no key
+            for key, sub in value.items():
+                walk(f"{prefix}.{key}", sub)
+        else:
+            flat[prefix] = value
+
+    for key, value in parts.items():
+        walk(key, value)
+    return flat
+
+
+def config_fingerprint(signature: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -173,7 +281,17 @@ def compress_for_training(cfg: Config, run_dir: Path, rank: int) -> Path:
     from kvforge.models.surgery import build_compressed_model, parse_compression
 
     out = run_dir / "compressed_init"
-    if rank == 0 and not (out / "config.json").is_file():
+    # What the starting point was built from: a run directory reused with another spec (and no
+    # checkpoint yet, or the resume check would have refused it) must not train the old one.
+    source = {"model": to_dict(cfg)["model"], "compression": to_dict(cfg)["compression"], "seed": cfg.run.seed}
+    stamp = out / "kvforge_source.json"
+
+    def build() -> None:
+        stale = stamp.is_file() and json.loads(stamp.read_text()) != source
+        if (out / "config.json").is_file() and not stale:
+            return
+        if stale:
+            print(f"{out} was built from another model or compression spec: building it again")
         torch.manual_seed(cfg.run.seed)
         base, tokenizer = load_pretrained(
             cfg.model.name, gguf_file=cfg.model.gguf_file, dtype="float32", init=cfg.model.init,
@@ -184,17 +302,39 @@ def compress_for_training(cfg: Config, run_dir: Path, rank: int) -> Path:
                                      tokens=spec.calibration.tokens, seq_len=spec.calibration.seq_len,
                                      cache_dir=cfg.data.cache_dir)
         model = build_compressed_model(base, cfg.compression, rows)
-        tmp = out.with_name(out.name + ".tmp")
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, out)
+        with atomic.directory(out) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / stamp.name).write_text(json.dumps(source, indent=2))
         print(f"compressed starting point: {out}")
-    dist.barrier()
+
+    on_rank0_first(rank, build)
     return out
+
+
+def on_rank0_first(rank: int, fn, *, others=None):
+    """Run `fn` on rank 0 while the other ranks wait, then `others` (if given) on them; returns the result.
+
+    An exception on rank 0 is raised on every rank -- the same type for BAD_INPUT_ERRORS, so each rank
+    reports it in one line -- instead of leaving the others in a barrier until a timeout.
+    """
+    result, failure = None, None
+    if rank == 0:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, on rank 0 as itself
+            failure = e
+    shared = [None if failure is None else (type(failure).__name__, str(failure))]
+    dist.broadcast_object_list(shared, src=0)
+    if failure is not None:
+        raise failure
+    if shared[0] is not None:
+        name, message = shared[0]
+        cls = next((c for c in BAD_INPUT_ERRORS if c.__name__ == name), None)
+        raise cls(message) if cls else RuntimeError(f"rank 0 failed ({name}): {message}")
+    if rank != 0 and others is not None:
+        result = others()
+    return result
 
 
 def model_source(cfg: Config, run_dir: Path) -> dict:
@@ -251,30 +391,50 @@ def build_teacher(cfg: Config, device: torch.device):
     return teacher.eval()
 
 
-def build_data(cfg: Config, tokenizer, model, rank: int):
-    """Rank 0 tokenizes and fills the cache first; the other ranks then read it."""
+def build_data(cfg: Config, tokenizer, model, rank: int, world: int):
+    """Rank 0 tokenizes and fills the cache first; the other ranks then read it.
+
+    Raises:
+        DataError: naming the file and row of bad data, or when the data cannot fill one training step
+            or give every rank an eval row, or holds token ids outside the model's vocabulary.
+    """
     from kvforge.models.loading import document_separator_id
 
-    from .data import build_packed_datasets
+    from .data import build_packed_datasets, micro_batch
 
     # The train/eval split does not depend on run.seed, so runs with different seeds share one eval set.
     sep = document_separator_id(tokenizer, model.config)
-    if rank == 0:
-        packed = build_packed_datasets(cfg.data, tokenizer, sep)
-    dist.barrier()
-    if rank != 0:
-        packed = build_packed_datasets(cfg.data, tokenizer, sep, show_progress=False)
+
+    def build(show_progress: bool):
+        try:
+            return build_packed_datasets(cfg.data, tokenizer, sep, show_progress=show_progress)
+        except FileNotFoundError as e:  # python-docs not installed, a file gone since the config was checked
+            raise DataError(str(e)) from None
+
+    packed = on_rank0_first(rank, lambda: build(True), others=lambda: build(False))
+    # Fail here, not at the first step or the first eval deep inside the loop.
+    micro_batch(packed.train, 0, world - 1, world, cfg.training.micro_batch_size, cfg.run.seed)
+    if len(packed.eval) < world:
+        raise DataError(f"the eval split has {len(packed.eval)} sequences, fewer than the {world} ranks: raise "
+                        "data.eval_fraction or lower data.seq_len")
+    top = int(max(packed.train.max(), packed.eval.max()))
+    if top >= model.config.vocab_size:
+        raise DataError(f"the data holds token id {top}, outside the model's vocabulary (vocab_size "
+                        f"{model.config.vocab_size}): the tokenizer does not belong to model {cfg.model.name!r}; "
+                        "use the model's own tokenizer (model.tokenizer=null)")
     return packed
+
+
+def data_digest(rows: torch.Tensor) -> str:
+    """A hash of the packed training rows: a resumed run must read the same ones."""
+    return hashlib.blake2b(memoryview(rows.contiguous().numpy()).cast("B"), digest_size=16).hexdigest()
 
 
 def evaluate(engine, rows: torch.Tensor, cfg: Config, rank: int, world: int, device) -> dict:
     """Perplexity on this rank's equal share of the eval rows, summed over ranks."""
     from .evaluation import evaluate_perplexity
 
-    per_rank = min(len(rows) // world, cfg.training.eval_batches * cfg.eval.batch_size)
-    if per_rank == 0:
-        raise ValueError(f"the eval split has {len(rows)} sequences, fewer than the {world} ranks: raise "
-                         "data.eval_fraction or lower data.seq_len")
+    per_rank = min(len(rows) // world, cfg.training.eval_batches * cfg.eval.batch_size)  # > 0: build_data
     shard = rows[rank * per_rank:(rank + 1) * per_rank]  # equal counts: ZeRO-3 needs every rank in each forward
     engine.eval()
     result = evaluate_perplexity(engine.module, shard, cfg.eval.batch_size, device, distributed=world > 1)
@@ -282,21 +442,75 @@ def evaluate(engine, rows: torch.Tensor, cfg: Config, rank: int, world: int, dev
     return result
 
 
+def skips_nonfinite_steps_itself(engine) -> bool:
+    """Whether DeepSpeed's optimizer skips a step with a non-finite gradient norm on its own.
+
+    Its wrappers (ZeRO 1-3, the bf16 and fp16 optimizers) compute the global gradient norm, reduced
+    over all ranks, before the update, and on inf/NaN drop the gradients and return without touching
+    the weights or the Adam moments (`optimizer.overflow`; the engine then counts `skipped_steps`
+    and `was_step_applied()` is False). Without ZeRO in fp32 the engine calls the plain torch
+    optimizer, which has no such check: see `gradient_norm` and `optimizer_step_skipped`.
+    """
+    return hasattr(engine.optimizer, "overflow")
+
+
+def gradient_norm(module: torch.nn.Module) -> Optional[float]:
+    """The global gradient norm for a plain torch optimizer, after the last backward of a step.
+
+    The gradients are all-reduced by then (DeepSpeed does it in that backward), so every rank gets
+    the same norm and takes the same decision about the step.
+    """
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads).item() if grads else None
+
+
+@contextlib.contextmanager
+def optimizer_step_skipped(optimizer: torch.optim.Optimizer):
+    """Within the block, `optimizer.step()` does nothing: the one engine.step() that would apply a
+    non-finite update still runs everything else (clipping, zero_grad, its step counters), while the
+    plain torch optimizer leaves every weight and moment alone."""
+    optimizer.step = lambda *args, **kwargs: None  # an instance attribute shadows the method
+    try:
+        yield
+    finally:
+        del optimizer.step
+
+
+@torch.no_grad()
+def dump_logits(engine, rows: torch.Tensor, path: Path, rank: int, device) -> None:
+    """Logits of `rows` from the model as trained, written by rank 0 (every rank runs the forward:
+    under ZeRO-3 each holds a part of the weights). Tests compare them with the exported model."""
+    engine.eval()
+    logits = engine.module(input_ids=rows.long().to(device)).logits.float().cpu()
+    engine.train()
+    if rank == 0:
+        torch.save({"input_ids": rows.long().cpu(), "logits": logits}, path)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The loop
 
 
 def train(cfg: Config) -> TrainResult:
+    """Train (or resume) the run `cfg` describes, on every rank.
+
+    Raises:
+        one of BAD_INPUT_ERRORS: bad config, data, checkpoint, model or compression spec, found before
+            the first step wherever the input allows it.
+        TrainingStopped: `training.max_bad_steps` non-finite steps in a row (after saving a checkpoint).
+    """
     import deepspeed
     from tqdm.auto import tqdm
 
     from .data import micro_batch
 
+    faults = Faults.from_env()
     rank, world, device = init_distributed()
     run_dir = Path(cfg.run.output_dir).expanduser()
     ckpt_root = run_dir / "checkpoints"
     t = cfg.training
     ds_config = resolve_deepspeed(cfg, world)
+    check_deepspeed_config(ds_config)
     zero_stage = ds_config["zero_optimization"]["stage"]
     log = print if rank == 0 else (lambda *a, **k: None)
 
@@ -304,21 +518,29 @@ def train(cfg: Config) -> TrainResult:
         run_dir.mkdir(parents=True, exist_ok=True)
         removed = ckpt.remove_incomplete(ckpt_root)
         if removed:
-            log(f"removed incomplete checkpoints left by an interrupted save: {removed}")
-        save_resolved(cfg, run_dir / "config.yaml")
-        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
+            log(f"removed what an interrupted save left behind: {', '.join(removed)}")
     dist.barrier()
 
-    # Which checkpoint (if any) this run continues from, decided before anything is built.
-    resume_from = None
+    # Which checkpoint (if any) this run continues from, verified and matched against this config
+    # before anything is built -- and before config.yaml is overwritten, since an error message
+    # points the user at it.
+    signature = resume_signature(cfg, zero_stage)
+    fingerprint = config_fingerprint(signature)
+    resume_from, resumed = None, None
     if cfg.checkpoint.resume == "auto":
         resume_from = ckpt.find_resumable(ckpt_root, log=log)
     elif cfg.checkpoint.resume != "never":
         resume_from = Path(cfg.checkpoint.resume).expanduser()
-        ckpt.verify(resume_from)
+        ckpt.verify_collective(resume_from)
     elif ckpt.complete_checkpoints(ckpt_root):
         raise ckpt.CheckpointError(f"{ckpt_root} already holds checkpoints and checkpoint.resume=never: "
                                    "choose a new run.output_dir or use checkpoint.resume=auto")
+    if resume_from is not None:
+        resumed = ckpt.check_compatible(resume_from, world_size=world, signature=signature, fingerprint=fingerprint)
+    if rank == 0:
+        save_resolved(cfg, run_dir / "config.yaml")
+        (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
+    dist.barrier()
 
     if cfg.compression:
         compress_for_training(cfg, run_dir, rank)
@@ -327,7 +549,13 @@ def train(cfg: Config) -> TrainResult:
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    packed = build_data(cfg, tokenizer, model, rank)
+    packed = build_data(cfg, tokenizer, model, rank, world)
+    digest = data_digest(packed.train)
+    if resumed is not None and resumed.data_digest not in (None, digest):
+        raise ckpt.CheckpointError(
+            f"checkpoint {resume_from} was trained on other data: the packed training rows differ (digest "
+            f"{resumed.data_digest}, now {digest}), so the resumed run would read different batches. The source "
+            f"{cfg.data.source!r} or its tokenization changed; restore it, or start a new run")
     tokens_per_step = t.micro_batch_size * cfg.data.seq_len * t.grad_accum * world
     log(f"data: {packed.stats}")
 
@@ -337,12 +565,16 @@ def train(cfg: Config) -> TrainResult:
                                       eps=t.eps, fused=device.type == "cuda")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                            model_parameters=None if optimizer else model.parameters())
+    guard_gradients = not skips_nonfinite_steps_itself(engine)
 
-    fingerprint = config_fingerprint(cfg)
-    step, tokens_seen, wandb_id = 0, 0, None
-    if resume_from is not None:
-        state = ckpt.load(engine, resume_from, world_size=world, config_fingerprint=fingerprint)
-        step, tokens_seen, wandb_id = state.step, state.tokens_seen, state.wandb_run_id
+    step, tokens_seen, skipped_steps, bad_in_a_row = 0, 0, 0, 0
+    # A run that starts from step 0 is a new W&B run; a resumed one continues its checkpoint's.
+    wandb_id = uuid.uuid4().hex[:12]
+    if resumed is not None:
+        state = ckpt.load(engine, resume_from)
+        step, tokens_seen = state.step, state.tokens_seen
+        skipped_steps, bad_in_a_row = state.skipped_steps, state.bad_steps_in_a_row
+        wandb_id = state.wandb_run_id or wandb_id
         log(f"resumed from {resume_from} at step {step}")
 
     logger = RunLogger(mode=cfg.logging.wandb, project=cfg.logging.project, entity=cfg.logging.entity,
@@ -351,6 +583,15 @@ def train(cfg: Config) -> TrainResult:
     flops_tok = flops_per_token(engine.module, cfg)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), None)
+
+    def save_checkpoint(metrics: dict) -> Path:
+        state = ckpt.TrainerState(step=step, tokens_seen=tokens_seen, world_size=world,
+                                  wandb_run_id=logger.run_id, config_fingerprint=fingerprint, metrics=metrics,
+                                  skipped_steps=skipped_steps, bad_steps_in_a_row=bad_in_a_row,
+                                  signature=signature, data_digest=digest)
+        crash = faults.fires("crash_in_save", step, rank)
+        return ckpt.save(engine, ckpt_root, state, cfg.checkpoint.keep_last,
+                         before_commit=(lambda: os.kill(os.getpid(), signal.SIGKILL)) if crash else None)
 
     last_eval = None
     if cfg.eval.at_start and step == 0:
@@ -362,76 +603,134 @@ def train(cfg: Config) -> TrainResult:
     preemption, preempted = Preemption(), False
     bar = tqdm(total=t.max_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
     engine.train()
-    while step < t.max_steps:
-        started = time.perf_counter()
-        lr = lr_at(step, cfg)
-        for group in engine.optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum, grad_norm = 0.0, None
-        for micro in range(t.grad_accum):
-            input_ids = micro_batch(packed.train, step * t.grad_accum + micro, rank, world,
-                                    t.micro_batch_size, cfg.run.seed).to(device)
-            if teacher is None:
-                loss = engine(input_ids=input_ids, labels=input_ids).loss
-            else:
-                logits = engine(input_ids=input_ids).logits
-                with torch.no_grad():
-                    teacher_logits = teacher(input_ids=input_ids).logits
-                loss = distillation_loss(logits, teacher_logits, input_ids, weight=t.distill_weight,
-                                         temperature=t.distill_temperature)
-            engine.backward(loss)
-            if zero_stage == 0 and micro == t.grad_accum - 1:
-                # Without ZeRO (fp32), DeepSpeed reports no norm; the full gradients are right here.
-                grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
-                grad_norm = torch.nn.utils.get_total_norm(grads).item() if grads else None
-            engine.step()
-            loss_sum += loss.item()
-        step += 1
-        tokens_seen += tokens_per_step
-        elapsed = time.perf_counter() - started
+    try:
+        while step < t.max_steps:
+            started = time.perf_counter()
+            if faults.fires("stall", step + 1, rank):
+                print(f"{FAULT_ENV}: rank {rank} (pid {os.getpid()}) stalls in step {step + 1} until a signal "
+                      "arrives", flush=True)
+                preemption.wait(device, timeout_s=300)
+            lr = lr_at(step, cfg)
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum, grad_norm, skip_update, loss_finite, batch_crc = 0.0, None, False, True, 0
+            for micro in range(t.grad_accum):
+                input_ids = micro_batch(packed.train, step * t.grad_accum + micro, rank, world,
+                                        t.micro_batch_size, cfg.run.seed)
+                batch_crc = zlib.crc32(input_ids.numpy().tobytes(), batch_crc)
+                input_ids = input_ids.to(device)
+                if teacher is None:
+                    loss = engine(input_ids=input_ids, labels=input_ids).loss
+                else:
+                    logits = engine(input_ids=input_ids).logits
+                    with torch.no_grad():
+                        teacher_logits = teacher(input_ids=input_ids).logits
+                    loss = distillation_loss(logits, teacher_logits, input_ids, weight=t.distill_weight,
+                                             temperature=t.distill_temperature)
+                if micro == 0 and faults.fires("nan_loss", step + 1, rank):
+                    loss = loss * float("nan")
+                if not torch.isfinite(loss.detach()).item():
+                    # Backward a loss whose gradient is NaN everywhere, whatever made it non-finite, so the
+                    # optimizer's check below sees it for certain. The backward passes still run on every
+                    # rank and micro batch: ZeRO's gradient hooks, reductions and micro-step counters stay
+                    # in step, and the update is skipped as a whole at the boundary.
+                    loss_finite = False
+                    loss = loss * float("nan")
+                engine.backward(loss)
+                if micro == t.grad_accum - 1 and guard_gradients:
+                    # The plain torch optimizer (no ZeRO, fp32): DeepSpeed neither reports a gradient norm
+                    # nor checks one; the full, reduced gradients are right here.
+                    grad_norm = gradient_norm(engine.module)
+                    skip_update = grad_norm is not None and not math.isfinite(grad_norm)
+                if micro == 0 and faults.fires("sigterm", step + 1, rank):
+                    os.kill(os.getpid(), signal.SIGTERM)
+                with optimizer_step_skipped(engine.optimizer) if skip_update else contextlib.nullcontext():
+                    engine.step()
+                loss_sum += loss.item()
+            step += 1
+            tokens_seen += tokens_per_step
+            elapsed = time.perf_counter() - started
 
-        loss_mean = _all_mean(loss_sum / t.grad_accum, device)
-        losses[step] = loss_mean
-        reported = engine.get_global_grad_norm()
-        if reported is not None:
-            grad_norm = float(reported)
-        tok_s = tokens_per_step / elapsed
-        if step % t.log_every == 0 or step == t.max_steps:
-            metrics = {"train/loss": loss_mean, "train/lr": lr, "train/tokens_per_s": tok_s,
-                       "train/tokens_seen": tokens_seen, "train/peak_memory_gib": peak_memory_gib(device)}
-            if grad_norm is not None:
-                metrics["train/grad_norm"] = grad_norm
-            if peak:
-                metrics["train/mfu"] = flops_tok * tok_s / (peak * world)
-            logger.log(metrics, step=step)
-        bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
-        bar.update(1)
+            # One all-reduce for what each rank contributes: its loss, its batches' checksum, a bad-loss flag.
+            summary = torch.zeros(2 + world, dtype=torch.float64, device=device)
+            summary[0], summary[1], summary[2 + rank] = loss_sum / t.grad_accum, batch_crc, float(not loss_finite)
+            dist.all_reduce(summary)
+            loss_mean = summary[0].item() / world
+            bad_loss_ranks = [r for r in range(world) if summary[2 + r].item() > 0]
+            applied = not skip_update if guard_gradients else engine.was_step_applied()
+            if bad_loss_ranks and applied:
+                raise RuntimeError(f"step {step}: the optimizer applied an update although the loss on rank(s) "
+                                   f"{bad_loss_ranks} was not finite; DeepSpeed's overflow check is off?")
+            # Under fp16 an overflowing scaled gradient with a finite loss is the loss scaler's routine
+            # search (the scale drops and the step is skipped), not a bad step.
+            bad = not applied and (bool(bad_loss_ranks) or t.precision != "fp16")
+            skipped_steps += not applied
+            bad_in_a_row = bad_in_a_row + 1 if bad else 0
+            losses[step] = loss_mean
+            reported = engine.get_global_grad_norm()
+            if reported is not None:
+                grad_norm = float(reported)
+            if not applied:
+                what = (f"non-finite loss on rank(s) {', '.join(map(str, bad_loss_ranks))}" if bad_loss_ranks
+                        else "non-finite gradients" if bad else "fp16 gradient overflow (the loss scale drops)")
+                log(f"step {step}: skipped, {what}; weights and optimizer state unchanged "
+                    f"({bad_in_a_row} bad step(s) in a row, at most {t.max_bad_steps}; {skipped_steps} skipped in all)")
+            tok_s = tokens_per_step / elapsed
+            if step % t.log_every == 0 or step == t.max_steps or not applied:
+                metrics = {"train/lr": lr, "train/tokens_per_s": tok_s, "train/tokens_seen": tokens_seen,
+                           "train/peak_memory_gib": peak_memory_gib(device), "train/skipped_steps": skipped_steps,
+                           "train/data_checksum": int(summary[1].item())}
+                if math.isfinite(loss_mean):
+                    metrics["train/loss"] = loss_mean
+                if grad_norm is not None and math.isfinite(grad_norm):
+                    metrics["train/grad_norm"] = grad_norm
+                if peak:
+                    metrics["train/mfu"] = flops_tok * tok_s / (peak * world)
+                logger.log(metrics, step=step)
+            bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
+            bar.update(1)
 
-        if t.eval_every and step % t.eval_every == 0 and step != t.max_steps:
-            last_eval = evaluate(engine, packed.eval, cfg, rank, world, device)
-            logger.log({"eval/loss": last_eval["loss"], "eval/perplexity": last_eval["perplexity"]}, step=step)
-        preempted = preemption.agreed(device)
-        save_now = cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0
-        if save_now or preempted or step == t.max_steps:
-            state = ckpt.TrainerState(step=step, tokens_seen=tokens_seen, world_size=world,
-                                      wandb_run_id=logger.run_id, config_fingerprint=fingerprint,
-                                      metrics={"train/loss": loss_mean})
-            ckpt.save(engine, ckpt_root, state, cfg.checkpoint.keep_last)
-        if preempted:
-            log(f"preempted: checkpoint saved at step {step}; continue with checkpoint.resume=auto")
-            break
-    bar.close()
-    preemption.restore()
-    if preempted and step < t.max_steps:
-        location = logger.location
-        logger.finish()
-        dist.barrier()
-        return TrainResult(run_dir=run_dir, final_step=step, losses=losses, eval=None, hf_dir=None,
-                           wandb_location=location)
+            if bad_in_a_row >= t.max_bad_steps:
+                bar.close()
+                saved = save_checkpoint({"train/loss": None})
+                last_good = step - bad_in_a_row
+                message = (
+                    f"{bad_in_a_row} steps in a row ({last_good + 1}-{step}) had a non-finite loss or gradients "
+                    f"(training.max_bad_steps={t.max_bad_steps}); none of them changed the weights or the "
+                    f"optimizer state. Checkpoint {saved} holds the model as of step {last_good} and the data "
+                    "position after the skipped batches. Lower training.lr, check the data, or raise "
+                    "training.max_bad_steps, then continue with checkpoint.resume=auto")
+                log(f"stopping: {message}")
+                logger.finish()
+                raise TrainingStopped(message)
+            if t.eval_every and step % t.eval_every == 0 and step != t.max_steps:
+                last_eval = evaluate(engine, packed.eval, cfg, rank, world, device)
+                logger.log({"eval/loss": last_eval["loss"], "eval/perplexity": last_eval["perplexity"]}, step=step)
+            preempted = preemption.agreed(device)
+            save_now = cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0
+            if save_now or preempted or step == t.max_steps:
+                save_checkpoint({"train/loss": loss_mean if math.isfinite(loss_mean) else None})
+            if preempted:
+                log(f"preempted ({preemption.signal_name or 'signal on another rank'}): checkpoint saved at "
+                    f"step {step}; continue with checkpoint.resume=auto")
+                break
+        bar.close()
+        if preempted and step < t.max_steps:
+            location = logger.location
+            logger.finish()
+            dist.barrier()
+            return TrainResult(run_dir=run_dir, final_step=step, losses=losses, eval=None, hf_dir=None,
+                               wandb_location=location, skipped_steps=skipped_steps)
+    finally:
+        # Until here a SIGTERM means "checkpoint and stop"; from here the default (terminate) is right:
+        # the last checkpoint is written, and the export below is atomic.
+        preemption.restore()
 
     last_eval = evaluate(engine, packed.eval, cfg, rank, world, device)
     logger.log({"eval/loss": last_eval["loss"], "eval/perplexity": last_eval["perplexity"]}, step=step)
     log(f"step {step}: eval loss {last_eval['loss']:.4f} perplexity {last_eval['perplexity']:.2f}")
+    if os.environ.get(DUMP_LOGITS_ENV):
+        dump_logits(engine, packed.eval[:2], Path(os.environ[DUMP_LOGITS_ENV]), rank, device)
 
     hf_dir = None
     if cfg.checkpoint.export_hf:
@@ -444,7 +743,7 @@ def train(cfg: Config) -> TrainResult:
     logger.finish()
     dist.barrier()
     return TrainResult(run_dir=run_dir, final_step=step, losses=losses, eval=last_eval, hf_dir=hf_dir,
-                       wandb_location=location)
+                       wandb_location=location, skipped_steps=skipped_steps)
 
 
 def export_hf_model(cfg: Config, engine, tokenizer, ckpt_dir: Path, out_dir: Path, rank: int, zero_stage: int) -> None:
@@ -456,9 +755,8 @@ def export_hf_model(cfg: Config, engine, tokenizer, ckpt_dir: Path, out_dir: Pat
     (strictly: a missing or empty tensor is an error), saves the LoRA adapter on its own, merges it and
     saves the model.
     """
-    import shutil
 
-    if rank == 0:
+    def export() -> None:
         if zero_stage == 0:
             state_dict = {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
         else:
@@ -471,20 +769,30 @@ def export_hf_model(cfg: Config, engine, tokenizer, ckpt_dir: Path, out_dir: Pat
         if missing or unexpected:
             raise RuntimeError(f"the consolidated weights do not match the model: missing {missing[:5]}, "
                                f"unexpected {unexpected[:5]}")
-        tmp = out_dir.with_name(out_dir.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
         if cfg.training.lora.r:
-            adapter = out_dir.with_name("lora_adapter")
-            model.save_pretrained(adapter, safe_serialization=True)
+            with atomic.directory(out_dir.with_name("lora_adapter")) as tmp:
+                model.save_pretrained(tmp, safe_serialization=True)
+                _check_saved_tensors(tmp)
             model = model.merge_and_unload()
         model.config.use_cache = True
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    dist.barrier()
+        with atomic.directory(out_dir) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            _check_saved_tensors(tmp)
+
+    on_rank0_first(rank, export)
+
+
+def _check_saved_tensors(directory: Path) -> None:
+    """Every tensor of every safetensors file in `directory` has elements (the ZeRO-3 trap: a module's
+    placeholders saved as the model or adapter, shape [0])."""
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise RuntimeError(f"{directory} holds no .safetensors file")
+    for path in files:
+        empty = [k for k, meta in ckpt.tensor_shapes(path).items() if 0 in meta["shape"]]
+        if empty:
+            raise RuntimeError(f"{path} has empty tensors {empty[:5]}: refusing to export it")
 
 
 def _tied_keys(model) -> set[str]:
