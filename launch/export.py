@@ -1,0 +1,75 @@
+#!/usr/bin/env python
+"""Export a model for `transformers`: `python launch/export.py (--run DIR | --checkpoint DIR | --model NAME) --out DIR`.
+
+  --run DIR         a training run: its newest complete checkpoint, in the architecture of its config.yaml
+  --checkpoint DIR  one checkpoint step (<run>/checkpoints/step_N); ZeRO of any stage is consolidated and LoRA
+                    adapters (a run that used peft) are merged
+  --model NAME      anything kvforge loads: a Hugging Face or KVForge directory, a hub id, a .gguf file,
+                    smollm2-135m-instruct
+
+The directory holds safetensors (sharded past --max-shard-size), config.json with the whole compression
+spec, the tokenizer, a generation config, the bundled modeling code (KVForge models load with
+`AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`, no kvforge needed), README.md (model
+card: method, KV bytes/token against the original, --eval results) and kvforge_export.json (sha256 of
+every file). It is written to .DIR.tmp-<pid> beside DIR, verified, then renamed: DIR is complete or absent.
+
+Examples:
+  python launch/export.py --run runs/smollm2-recover --out exports/smollm2-recover
+  python launch/export.py --model runs/compressed/mixattention --out exports/mix --pyramid-budget 256 \\
+      --eval passkey.json
+"""
+
+import argparse
+import json
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--run", help="a training run directory")
+    source.add_argument("--checkpoint", help="a checkpoint directory (<run>/checkpoints/step_N)")
+    source.add_argument("--model", help="a model directory, hub id, .gguf file or smollm2-135m-instruct")
+    parser.add_argument("--gguf-file", default=None, help="a GGUF file inside the --model directory or hub repo")
+    parser.add_argument("--out", required=True, help="the directory to write")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                        help="weight dtype of the export (default: %(default)s)")
+    parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors file (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing export at --out")
+    parser.add_argument("--eval", action="append", default=[], metavar="JSON",
+                        help="a launch/evaluate.py --json result to show in the model card (repeatable)")
+    pyramid = parser.add_argument_group("PyramidKV default", "stored as compression.inference.pyramid")
+    pyramid.add_argument("--pyramid-budget", type=int, default=None, help="average tokens kept per layer")
+    pyramid.add_argument("--pyramid-schedule", choices=("pyramid", "uniform"), default="pyramid")
+    pyramid.add_argument("--pyramid-window", type=int, default=8, help="observation window (default: 8)")
+    pyramid.add_argument("--pyramid-pooling", choices=("avgpool", "maxpool", "none"), default="avgpool")
+    args = parser.parse_args(argv)
+
+    from kvforge.models.export import ExportError, export_checkpoint, export_pretrained, export_run, read_evaluations
+
+    pyramid_settings = None
+    if args.pyramid_budget is not None:
+        pyramid_settings = {"budget": args.pyramid_budget, "schedule": args.pyramid_schedule,
+                            "window": args.pyramid_window, "pooling": args.pyramid_pooling}
+    try:
+        options = dict(out_dir=args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
+                       overwrite=args.overwrite, pyramid=pyramid_settings, evaluations=read_evaluations(args.eval))
+        if args.run:
+            result = export_run(args.run, **options)
+        elif args.checkpoint:
+            result = export_checkpoint(args.checkpoint, **options)
+        else:
+            result = export_pretrained(args.model, gguf_file=args.gguf_file, **options)
+    except ExportError as err:
+        print(f"export error: {err}", file=sys.stderr)
+        return 2
+    kv = result.kv_cache
+    print(json.dumps({"out": str(result.out_dir), "files": result.files, "kvforge": result.kvforge,
+                      "num_parameters": result.num_parameters, "dtype": result.dtype,
+                      "kv_bytes_per_token": kv["bytes_per_token"], "original_kv_bytes_per_token":
+                      kv["original_bytes_per_token"], "seconds": round(result.seconds, 1)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,715 @@
+"""Export a trained, compressed or plain model as a self-contained Hugging Face directory.
+
+    source (a run, a checkpoint step, or any model kvforge loads)
+      -> model: consolidate ZeRO (any stage) into the run's architecture, merge LoRA if the run used peft
+      -> .DIR.tmp-<pid>/ beside DIR (kvforge.atomic.directory): safetensors (sharded past
+         max_shard_size), config.json with the whole compression spec and auto_map, the modeling code
+         (modeling_kvforge.py, configuration_kvforge.py, pyramid.py and everything they import
+         relatively, kernel files included), tokenizer, generation config, README.md (model card),
+         kvforge_export.json (what was exported, size + sha256 per file)
+      -> verified: the config reloads into the same spec, every weight file of the index exists, every
+         tensor is there with the right shape, dtype and value, every bundled module's relative imports
+         are bundled too
+      -> renamed to DIR (the old DIR, if --overwrite, is moved aside first and removed after)
+
+So DIR either does not exist or holds a complete, verified export: an interrupted export leaves only a
+.DIR.tmp-* folder, which nothing loads and the next export to DIR removes.
+
+A KVForge model loads in a process without kvforge:
+`AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`. A plain model exports as a normal
+Hugging Face directory (no code, no auto_map).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+import torch
+
+from kvforge import atomic
+
+EXPORT_MANIFEST = "kvforge_export.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Modules bundled with every KVForge export even when the modeling file does not import them (yet):
+# pyramid.py gives generate-time PyramidKV to a process without kvforge.
+EXTRA_MODULES = ("pyramid",)
+# A prompt + generated tokens for the cache measurement done on every KVForge export.
+MEASURE_PROMPT_TOKENS, MEASURE_NEW_TOKENS = 48, 16
+
+_RELATIVE_IMPORT = re.compile(r"^\s*(?:from\s+\.(\w+)\s+import|import\s+\.(\w+))", re.MULTILINE)
+
+
+class ExportError(ValueError):
+    """An export that cannot be done or a directory that is not a complete export; names the file or key."""
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    files: list[str]
+    num_parameters: int
+    dtype: str
+    kvforge: bool                       # a KVForge model (code bundled) or a plain Hugging Face model
+    kv_cache: dict[str, Any]            # bytes/token: spec arithmetic, original, measured
+    source: dict[str, Any]
+    seconds: float
+    evaluations: list[dict] = field(default_factory=list)
+
+
+# ================================================================================================
+# Sources: a run, a checkpoint, a model
+# ================================================================================================
+
+
+def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, **options: Any) -> ExportResult:
+    """The newest complete checkpoint of a training run (verified against its manifest).
+
+    Raises:
+        ExportError: no such run directory, or no complete checkpoint in it.
+    """
+    from kvforge.trainer import checkpoint as ckpt
+
+    run_dir = Path(run_dir).expanduser()
+    if not run_dir.is_dir():
+        raise ExportError(f"run directory {run_dir} does not exist")
+    skipped: list[str] = []
+    latest = ckpt.find_resumable(run_dir / "checkpoints", log=skipped.append)
+    if latest is None:
+        why = f" ({'; '.join(skipped)})" if skipped else ""
+        raise ExportError(f"run directory {run_dir} holds no complete checkpoint under checkpoints/{why}; "
+                          "export a checkpoint with --checkpoint or a model directory with --model")
+    return export_checkpoint(latest, out_dir, run_dir=run_dir, **options)
+
+
+def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                      run_dir: Optional[str | os.PathLike] = None, **options: Any) -> ExportResult:
+    """One checkpoint step (`<run>/checkpoints/step_N`), rebuilt in the architecture of its run's config.yaml.
+
+    Raises:
+        ExportError: a missing or incomplete checkpoint, a missing run config, or weights that do not fit the
+            run's architecture (naming the key and both shapes).
+    """
+    from kvforge.trainer import checkpoint as ckpt
+
+    ckpt_dir = Path(ckpt_dir).expanduser()
+    if not ckpt_dir.is_dir():
+        raise ExportError(f"checkpoint {ckpt_dir} does not exist")
+    run_dir = Path(run_dir).expanduser() if run_dir is not None else ckpt_dir.parent.parent
+    try:
+        ckpt.verify(ckpt_dir)
+        state = ckpt.read_state(ckpt_dir)
+    except (ckpt.CheckpointError, OSError, json.JSONDecodeError, TypeError) as err:
+        raise ExportError(f"checkpoint {ckpt_dir} is not a complete kvforge checkpoint: {err}") from None
+    cfg = _run_config(run_dir)
+    model, tokenizer = build_run_model(cfg, run_dir)
+    weights = consolidate_checkpoint(ckpt_dir)
+    model = load_run_weights(model, weights, where=f"checkpoint {ckpt_dir}")
+    source = {"kind": "checkpoint", "path": str(ckpt_dir), "run_dir": str(run_dir), "step": state.step,
+              "tokens_seen": state.tokens_seen, "base_model": cfg.model.name}
+    evaluations = list(options.pop("evaluations", None) or [])
+    final_eval = run_eval_at(run_dir, state.step)
+    if final_eval is not None:
+        evaluations.insert(0, final_eval)
+    return export_model(model, tokenizer, out_dir, source=source, evaluations=evaluations, **options)
+
+
+def export_pretrained(name: str, out_dir: str | os.PathLike, *, gguf_file: Optional[str] = None,
+                      **options: Any) -> ExportResult:
+    """Any model kvforge loads: a Hugging Face or KVForge directory, a hub id, a .gguf file, the embedded
+    SmolLM2. Raises ExportError for what `load_pretrained` cannot load."""
+    from kvforge.models.loading import ModelLoadError, load_pretrained
+
+    try:
+        model, tokenizer = load_pretrained(name, gguf_file=gguf_file, dtype="float32")
+    except (ModelLoadError, OSError) as err:
+        raise ExportError(f"cannot load model {name!r}: {err}") from None
+    return export_model(model, tokenizer, out_dir, source={"kind": "model", "path": name}, **options)
+
+
+def _run_config(run_dir: Path):
+    from kvforge.trainer.config import ConfigError, load_config
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise ExportError(f"run directory {run_dir} has no config.yaml (the resolved config every run writes); "
+                          "is this a kvforge run directory?")
+    try:
+        return load_config(path)
+    except ConfigError as err:
+        raise ExportError(f"{path}: {err}") from None
+
+
+def build_run_model(cfg, run_dir: Path):
+    """(model, tokenizer) in the architecture the run trained, LoRA-wrapped if it used peft: the trainer's
+    own `build_model` (a compressed run starts from `<run>/compressed_init`). Weights are loaded next."""
+    from kvforge.models.loading import ModelLoadError
+    from kvforge.trainer.train import build_model
+
+    try:
+        return build_model(cfg, None, run_dir)
+    except (ModelLoadError, OSError) as err:
+        raise ExportError(f"cannot rebuild the architecture of run {run_dir}: {err}") from None
+
+
+# ================================================================================================
+# Weights: ZeRO consolidation, key/shape checks, LoRA merge
+# ================================================================================================
+
+
+def consolidate_checkpoint(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of a DeepSpeed checkpoint of any ZeRO stage (0: the module state is saved whole).
+
+    Raises ExportError naming the files expected when the folder holds no DeepSpeed model state.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    zero_files = sorted(ckpt_dir.glob("*zero_pp_rank_*_optim_states.pt"))
+    if zero_files:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
+        return {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in state.items()}
+    model_file = ckpt_dir / "mp_rank_00_model_states.pt"
+    if not model_file.is_file():
+        raise ExportError(f"checkpoint {ckpt_dir} holds no DeepSpeed model state: expected "
+                          "zero_pp_rank_*_optim_states.pt (ZeRO 1-3) or mp_rank_00_model_states.pt (no ZeRO)")
+    state = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
+    return {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in state.items()}
+
+
+def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], where: str) -> None:
+    """Raises ExportError unless `state` has exactly the model's tensors (tied copies may be absent), naming
+    the first mismatched key and both shapes."""
+    expected = model.state_dict()
+    tied = _tied_keys(model)
+    for key, value in state.items():
+        if key not in expected:
+            raise ExportError(f"{where} has weight {key!r} {tuple(value.shape)} that the model does not have "
+                              f"({_close_keys(key, expected)}); the run's config does not match these weights")
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise ExportError(f"{where}: weight {key!r} has shape {tuple(value.shape)} but the model built from the "
+                              f"run's config expects {tuple(expected[key].shape)}; the run's config does not match "
+                              "these weights")
+    missing = [k for k in expected if k not in state and k not in tied]
+    if missing:
+        raise ExportError(f"{where} lacks {len(missing)} weight(s) the model has, first {missing[0]!r} "
+                          f"{tuple(expected[missing[0]].shape)}")
+
+
+def _tied_keys(model: torch.nn.Module) -> set[str]:
+    from kvforge.trainer.train import _tied_keys as tied_keys  # parameters sharing another's storage
+
+    return tied_keys(model)
+
+
+def _close_keys(key: str, keys: Iterable[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.8)
+    return f"closest: {close[0]!r}" if close else "no similar key"
+
+
+def load_run_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], where: str) -> torch.nn.Module:
+    """Loads checked weights into `model` (peft-wrapped if the run trained LoRA adapters) and merges LoRA."""
+    check_state_dict(model, state, where)
+    model.load_state_dict(state, strict=False)  # strict on everything but tied copies, checked above
+    return merge_lora(model)
+
+
+def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
+    """A peft-wrapped model with its adapters folded into the base weights; any other model as it is."""
+    if hasattr(model, "merge_and_unload") and hasattr(model, "peft_config"):
+        return model.merge_and_unload()
+    return model
+
+
+# ================================================================================================
+# The export itself
+# ================================================================================================
+
+
+def export_model(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str = "bfloat16",
+    max_shard_size: str | int = "2GB",
+    pyramid: Optional[Mapping[str, Any]] = None,
+    evaluations: Optional[list[dict]] = None,
+    source: Optional[dict[str, Any]] = None,
+    overwrite: bool = False,
+    measure_cache: bool = True,
+) -> ExportResult:
+    """Writes `model` (+ tokenizer) to `out_dir` atomically and verified (see the module docstring).
+
+    pyramid: PyramidKV settings stored as the export-time default `compression.inference.pyramid` (KVForge
+        models only; a plain model must be converted first, e.g. launch/compress.py with an all-dense spec).
+    evaluations: result dicts (launch/evaluate.py --json, or {"task": "run_eval", ...}) shown in the card.
+
+    Raises:
+        ExportError: an existing out_dir without overwrite, a bad dtype / pyramid, or an export that fails
+            its own verification (naming the file or tensor).
+    """
+    started = time.perf_counter()
+    out_dir = Path(out_dir).expanduser().absolute()
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if out_dir.exists() and not overwrite:
+        raise ExportError(f"{out_dir} already exists; choose another directory or pass overwrite=True (--overwrite)")
+    if out_dir.exists() and not (out_dir / EXPORT_MANIFEST).is_file() and any(out_dir.iterdir()):
+        raise ExportError(f"{out_dir} exists and is not a kvforge export (no {EXPORT_MANIFEST}); refusing to "
+                          "replace it")
+    model = merge_lora(model).eval().to(DTYPES[dtype])
+    is_kvforge = getattr(model.config, "model_type", None) == "kvforge"
+    if pyramid is not None and not is_kvforge:
+        raise ExportError("a PyramidKV default needs a KVForge model; convert this "
+                          f"{getattr(model.config, 'model_type', '?')} model first (launch/compress.py, any spec "
+                          "including the all-dense one)")
+    kv_cache = kv_cache_summary(model, measure=measure_cache and is_kvforge)
+    if pyramid is not None:
+        set_pyramid_default(model.config, pyramid)
+        kv_cache["pyramid"] = dict(model.config.compression["inference"]["pyramid"])
+    evaluations = list(evaluations or [])
+    source = dict(source or {"kind": "model"})
+
+    with atomic.directory(out_dir) as tmp:
+        _write(model, tokenizer, tmp, max_shard_size)
+        bundled = bundle_code(model, tmp) if is_kvforge else []
+        num_parameters = sum(p.numel() for p in model.parameters())
+        card = model_card(model, tokenizer, kv_cache, evaluations, source, dtype, num_parameters, out_dir.name)
+        (tmp / "README.md").write_text(card)
+        verify_config(tmp, model)
+        verify_weights(tmp, model)
+        verify_code(tmp)
+        manifest = {
+            "format": 1, "kvforge": is_kvforge, "dtype": dtype, "num_parameters": num_parameters,
+            "source": source, "kv_cache": kv_cache, "evaluations": evaluations, "bundled_code": bundled,
+            "files": _file_table(tmp),
+        }
+        _write_json(tmp / EXPORT_MANIFEST, manifest)
+    return ExportResult(out_dir=out_dir, files=sorted(manifest["files"]) + [EXPORT_MANIFEST],
+                        num_parameters=num_parameters, dtype=dtype, kvforge=is_kvforge, kv_cache=kv_cache,
+                        source=source, seconds=time.perf_counter() - started, evaluations=evaluations)
+
+
+def _write(model: torch.nn.Module, tokenizer: Any, tmp: Path, max_shard_size: str | int) -> None:
+    from transformers import GenerationConfig
+
+    if getattr(model, "generation_config", None) is None:
+        model.generation_config = GenerationConfig.from_model_config(model.config)
+    use_cache = model.config.use_cache
+    model.config.use_cache = True  # a trained model had it off; the exported one generates with a cache
+    try:
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+    finally:
+        model.config.use_cache = use_cache
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    if not (tmp / "generation_config.json").is_file():
+        model.generation_config.save_pretrained(tmp)
+
+
+def set_pyramid_default(config, pyramid: Mapping[str, Any]) -> None:
+    """Stores PyramidKV settings as `compression.inference.pyramid`, validated by the config's own spec."""
+    from kvforge.models.pyramid import PyramidError, PyramidSettings
+
+    try:
+        settings = PyramidSettings.from_any(dict(pyramid))
+    except PyramidError as err:
+        raise ExportError(str(err)) from None
+    defaults = PyramidSettings(budget=settings.budget)
+    stored = {k: v for k, v in settings.to_dict().items()
+              if k in ("budget", "schedule", "window", "pooling") or v != getattr(defaults, k)}
+    compression = dict(config.compression)
+    compression["inference"] = {**(compression.get("inference") or {}), "pyramid": stored}
+    spec_cls = type(config.compression_spec)
+    try:
+        spec_cls.from_dict(compression).validate(config.num_hidden_layers, config.num_attention_heads,
+                                                 config.num_key_value_heads, config.head_dim)
+    except ValueError as err:
+        raise ExportError(f"the config cannot hold this PyramidKV default: {err}") from None
+    config.compression = compression
+
+
+# ================================================================================================
+# Code bundle
+# ================================================================================================
+
+
+def _module_search_path(model: torch.nn.Module) -> list[Path]:
+    """Where bundled modules are looked up: beside the model's own modeling file (the package's models/, or
+    an exported copy), then the package's models/ and kernels/ (kernels are copied flat)."""
+    import kvforge.kernels
+    import kvforge.models
+
+    here = Path(sys.modules[type(model).__module__].__file__).parent
+    paths = [here, Path(kvforge.models.__file__).parent, Path(kvforge.kernels.__file__).parent]
+    return list(dict.fromkeys(p.resolve() for p in paths))
+
+
+def relative_imports(source: str) -> set[str]:
+    """Module names a file imports relatively (`from .x import y`, `import .x`), as transformers reads them:
+    by text, inside `try` blocks too, so every one of them must be present beside it."""
+    return {a or b for a, b in _RELATIVE_IMPORT.findall(source)}
+
+
+def bundle_code(model: torch.nn.Module, out_dir: Path) -> list[str]:
+    """Copies the model's modeling and config modules, EXTRA_MODULES and, transitively, every module they
+    import relatively, flat into out_dir. Returns the file names. Raises ExportError for an import that
+    cannot be found."""
+    search = _module_search_path(model)
+    wanted = [Path(sys.modules[type(model).__module__].__file__).stem,
+              Path(sys.modules[type(model.config).__module__].__file__).stem, *EXTRA_MODULES]
+    done: dict[str, Path] = {}
+    while wanted:
+        name = wanted.pop()
+        if name in done:
+            continue
+        found = next((d / f"{name}.py" for d in search if (d / f"{name}.py").is_file()), None)
+        if found is None:
+            raise ExportError(f"module {name!r} is imported relatively by the modeling code but {name}.py is in "
+                              f"none of {', '.join(map(str, search))}")
+        done[name] = found
+        wanted.extend(relative_imports(found.read_text()) - set(done))
+    for name, path in done.items():
+        shutil.copyfile(path, out_dir / f"{name}.py")
+    _ensure_auto_map(model, out_dir)
+    return sorted(f"{name}.py" for name in done)
+
+
+def _ensure_auto_map(model: torch.nn.Module, out_dir: Path) -> None:
+    config_path = out_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    auto_map = {
+        "AutoConfig": f"{type(model.config).__module__.rsplit('.', 1)[-1]}.{type(model.config).__name__}",
+        "AutoModelForCausalLM": f"{type(model).__module__.rsplit('.', 1)[-1]}.{type(model).__name__}",
+    }
+    if config.get("auto_map") != auto_map:
+        config["auto_map"] = auto_map
+        _write_json(config_path, config)
+
+
+# ================================================================================================
+# Verification
+# ================================================================================================
+
+
+def weight_files(out_dir: Path) -> dict[str, list[str]]:
+    """file -> tensor names, from model.safetensors.index.json or the single model.safetensors.
+
+    Raises ExportError naming a missing index, a missing weight file or an unreadable one.
+    """
+    from safetensors import safe_open
+
+    index = out_dir / "model.safetensors.index.json"
+    single = out_dir / "model.safetensors"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise ExportError(f"{index} is not a safetensors index ({err})") from None
+        files: dict[str, list[str]] = {}
+        for name, file in weight_map.items():
+            files.setdefault(file, []).append(name)
+    elif single.is_file():
+        files = {single.name: None}
+    else:
+        raise ExportError(f"{out_dir} has no weights: neither model.safetensors nor model.safetensors.index.json")
+    listed = {}
+    for file, names in files.items():
+        path = out_dir / file
+        if not path.is_file():
+            raise ExportError(f"{out_dir}: weight file {file} is missing (listed in model.safetensors.index.json)")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                keys = list(f.keys())
+        except Exception as err:  # safetensors raises its own error types for truncated headers
+            raise ExportError(f"{out_dir}: weight file {file} is unreadable ({err})") from None
+        if names is not None and set(names) - set(keys):
+            raise ExportError(f"{out_dir}: weight file {file} lacks {sorted(set(names) - set(keys))[0]!r}, which the "
+                              "index places there")
+        listed[file] = keys
+    return listed
+
+
+def verify_config(out_dir: Path, model: torch.nn.Module) -> None:
+    """config.json reloads (for KVForge: the spec validates again) into the model's architecture and spec."""
+    try:
+        reloaded = type(model.config).from_pretrained(out_dir)
+    except (OSError, ValueError) as err:
+        raise ExportError(f"{out_dir}/config.json does not reload: {err}") from None
+    for key in ("model_type", "num_hidden_layers", "hidden_size", "vocab_size", "compression"):
+        if getattr(reloaded, key, None) != getattr(model.config, key, None):
+            raise ExportError(f"{out_dir}/config.json reloads with {key}={getattr(reloaded, key, None)!r}, the model "
+                              f"has {getattr(model.config, key, None)!r}")
+
+
+def verify_weights(out_dir: Path, model: torch.nn.Module) -> None:
+    """Every tensor of `model` (tied copies aside) is in the written files, with its shape, dtype and value."""
+    from safetensors import safe_open
+
+    expected = model.state_dict()
+    tied = _tied_keys(model)
+    seen = set()
+    for file, keys in weight_files(out_dir).items():
+        with safe_open(str(out_dir / file), framework="pt") as f:
+            for key in keys:
+                if key not in expected:
+                    raise ExportError(f"{out_dir}/{file} holds {key!r}, which the model does not have")
+                written, want = f.get_tensor(key), expected[key]
+                if written.shape != want.shape or written.dtype != want.dtype:
+                    raise ExportError(f"{out_dir}/{file}: {key!r} was written as {written.dtype} "
+                                      f"{tuple(written.shape)}, the model has {want.dtype} {tuple(want.shape)}")
+                if not torch.equal(written, want.detach().cpu()):
+                    raise ExportError(f"{out_dir}/{file}: {key!r} differs from the model's tensor")
+                seen.add(key)
+    missing = [k for k in expected if k not in seen and k not in tied]
+    if missing:
+        raise ExportError(f"{out_dir}: {len(missing)} tensor(s) were not written, first {missing[0]!r}")
+
+
+def verify_code(out_dir: Path) -> None:
+    """Bundled modules compile, and each one's relative imports are bundled (transformers requires them)."""
+    config = json.loads((out_dir / "config.json").read_text())
+    modules = {entry.split(".")[0] for entry in (config.get("auto_map") or {}).values() if isinstance(entry, str)}
+    for name in sorted(modules):
+        if not (out_dir / f"{name}.py").is_file():
+            raise ExportError(f"{out_dir}: config.json auto_map names {name}.py, which is missing")
+    for path in sorted(out_dir.glob("*.py")):
+        source = path.read_text()
+        compile(source, str(path), "exec")
+        for needed in relative_imports(source):
+            if not (out_dir / f"{needed}.py").is_file():
+                raise ExportError(f"{out_dir}: {path.name} imports .{needed}, but {needed}.py is not bundled")
+
+
+def verify_export(out_dir: str | os.PathLike) -> dict:
+    """Checks an exported directory against its manifest: every file present with its size and sha256.
+
+    Returns the manifest. Raises ExportError naming the first missing, truncated or changed file.
+    """
+    out_dir = Path(out_dir).expanduser()
+    if not out_dir.is_dir():
+        raise ExportError(f"exported model {out_dir} does not exist")
+    try:
+        manifest = json.loads((out_dir / EXPORT_MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ExportError(f"{out_dir} is not a complete kvforge export: {EXPORT_MANIFEST} unreadable ({err})") from None
+    for name, meta in manifest["files"].items():
+        path = out_dir / name
+        if not path.is_file():
+            raise ExportError(f"{out_dir}: file {name} is missing")
+        if path.stat().st_size != meta["bytes"]:
+            raise ExportError(f"{out_dir}: file {name} has {path.stat().st_size} bytes, the manifest says "
+                              f"{meta['bytes']} (truncated?)")
+        if _sha256(path) != meta["sha256"]:
+            raise ExportError(f"{out_dir}: file {name} does not match its sha256 in {EXPORT_MANIFEST}")
+    return manifest
+
+
+def _file_table(root: Path) -> dict[str, dict]:
+    return {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(root.iterdir()) if p.is_file()}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json(path: Path, payload: Any) -> None:
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+# ================================================================================================
+# KV cache numbers and the model card
+# ================================================================================================
+
+
+def original_kv_bytes_per_token(config, dtype: torch.dtype = torch.bfloat16) -> int:
+    """K and V of every layer and KV head of the uncompressed architecture."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * element
+
+
+@torch.no_grad()
+def kv_cache_summary(model: torch.nn.Module, measure: bool) -> dict[str, Any]:
+    """Bytes/token of the cache in the model's dtype: the original architecture's, the spec's arithmetic
+    (long-sequence rate, and at 2k / 4k tokens), and -- if `measure` -- the bytes a real generate() allocated,
+    which must equal the arithmetic at that length (raises ExportError otherwise)."""
+    dtype = next(model.parameters()).dtype
+    config = model.config
+    summary: dict[str, Any] = {"dtype": str(dtype).removeprefix("torch."),
+                               "original_bytes_per_token": original_kv_bytes_per_token(config, dtype)}
+    if getattr(config, "model_type", None) != "kvforge":
+        summary["bytes_per_token"] = summary["original_bytes_per_token"]
+        return summary
+    summary["bytes_per_token"] = config.kv_cache_bytes_per_token(dtype)
+    summary["bytes_per_token_at"] = {n: config.kv_cache_bytes_per_token(dtype, num_tokens=n) for n in (2048, 4096)}
+    if measure:
+        from kvforge.models.surgery import measure_generate_kv_bytes
+
+        generator = torch.Generator().manual_seed(0)
+        prompt = torch.randint(3, config.vocab_size, (1, MEASURE_PROMPT_TOKENS), generator=generator)
+        device = next(model.parameters()).device
+        measured = measure_generate_kv_bytes(model, prompt.to(device), max_new_tokens=MEASURE_NEW_TOKENS)
+        tokens = measured["tokens"]
+        arithmetic = config.kv_cache_bytes(tokens, dtype)
+        if measured["total_bytes"] != arithmetic:
+            raise ExportError(f"the cache generate() allocated holds {measured['total_bytes']} bytes after {tokens} "
+                              f"tokens but the spec's arithmetic says {arithmetic}; the model does not cache what "
+                              "its config describes")
+        summary["measured"] = {"tokens": tokens, "bytes": measured["total_bytes"],
+                               "bytes_per_token": measured["bytes_per_token"]}
+    return summary
+
+
+def run_eval_at(run_dir: Path, step: int) -> Optional[dict]:
+    """The run's last eval at or before `step`, from its metrics.jsonl (None without one)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    found = None
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+        if "eval/loss" in record and record.get("step", 0) <= step:
+            found = {"task": "run_eval", "step": record["step"], "loss": record["eval/loss"],
+                     "perplexity": record.get("eval/perplexity")}
+    return found
+
+
+def read_evaluations(paths: Iterable[str | os.PathLike]) -> list[dict]:
+    """Result JSON files of launch/evaluate.py. Raises ExportError for a missing or unreadable one."""
+    out = []
+    for path in paths:
+        path = Path(path).expanduser()
+        try:
+            out.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError) as err:
+            raise ExportError(f"evaluation file {path}: {err}") from None
+    return out
+
+
+def describe_layers(config) -> list[tuple[str, str]]:
+    """(layer range, description) with runs of identical layers merged: "0-3", "global, dense"."""
+    spec = config.compression_spec
+    rows: list[list] = []
+    for i, layer in enumerate(spec.layers):
+        parts = [f"window {layer.window}" + (f" + {layer.sinks} sinks" if layer.sinks else "")
+                 if layer.is_window else "global"]
+        if layer.kv_from is not None:
+            parts.append(f"reads layer {layer.kv_from}'s K/V")
+        elif layer.probs_from is not None:
+            parts.append(f"reuses layer {layer.probs_from}'s attention")
+        if layer.kv_from is None:
+            if layer.kv_proj == "low_rank":
+                ranks = (f"k_rank {layer.k_rank}, v_rank {layer.v_rank}" if layer.rope == "pre_rope_latent"
+                         else f"kv_rank {layer.kv_rank}, {layer.rope_dims} RoPE dims")
+                parts.append(f"low-rank {layer.rope or ''} ({ranks})".replace("  ", " "))
+            elif layer.kv_proj == "merged_heads":
+                parts.append(f"{layer.num_kv_heads} merged KV heads")
+            else:
+                parts.append("dense")
+        text = ", ".join(parts)
+        if rows and rows[-1][1] == text and layer.kv_from is None and layer.probs_from is None:
+            rows[-1][0][1] = i
+        else:
+            rows.append([[i, i], text])
+    return [(f"{a}" if a == b else f"{a}-{b}", text) for (a, b), text in rows]
+
+
+def _format_evaluation(ev: dict) -> str:
+    task = ev.get("task")
+    if task == "run_eval":
+        ppl = f", perplexity {ev['perplexity']:.3f}" if ev.get("perplexity") is not None else ""
+        return f"| training eval split (step {ev['step']}) | loss {ev['loss']:.4f}{ppl} |"
+    if task == "perplexity":
+        data = ev.get("data", {})
+        return (f"| perplexity, {data.get('source', '?')} eval split, seq_len {data.get('seq_len', '?')} | "
+                f"{ev['perplexity']:.3f} (loss {ev['loss']:.4f}, {ev.get('tokens', '?')} tokens) |")
+    if task == "passkey":
+        pyramid = (ev.get("cache") or {}).get("settings")
+        cache = f"PyramidKV {pyramid['schedule']} budget {pyramid['budget']}" if pyramid else "full cache"
+        depths = ", ".join(f"{d}: {v['correct']}/{v['samples']}" for d, v in ev["per_depth"].items())
+        return f"| passkey at {ev['context_len']} tokens, {cache} | {ev['accuracy']:.3f} ({depths}) |"
+    return f"| {task} | {json.dumps({k: v for k, v in ev.items() if not isinstance(v, (list, dict))})} |"
+
+
+def model_card(model, tokenizer, kv_cache: dict, evaluations: list[dict], source: dict, dtype: str,
+               num_parameters: int, name: str) -> str:
+    config = model.config
+    is_kvforge = getattr(config, "model_type", None) == "kvforge"
+    base = getattr(config, "base_model_type", config.model_type)
+    original, compressed = kv_cache["original_bytes_per_token"], kv_cache["bytes_per_token"]
+    lines = [f"# {name}", "",
+             "Exported by kvforge (compression-aware finetuning for a smaller KV cache).", ""]
+    where = {"checkpoint": f"checkpoint `{source.get('path')}` (step {source.get('step')}) of run "
+                           f"`{source.get('run_dir')}`, base model `{source.get('base_model')}`",
+             "model": f"model `{source.get('path')}`" if source.get("path") else "a model in memory"}.get(
+        source.get("kind"), json.dumps(source))
+    lines += [f"- Source: {where}", f"- Architecture: {base}, {config.num_hidden_layers} layers, "
+              f"{config.num_attention_heads} query heads, {config.num_key_value_heads} KV heads, head_dim "
+              f"{getattr(config, 'head_dim', None) or config.hidden_size // config.num_attention_heads}, "
+              f"{num_parameters:,} parameters, weights in {dtype}", ""]
+    lines += ["## KV cache", "", "| | bytes / token |", "| --- | --- |",
+              f"| original {base} ({kv_cache['dtype']}) | {original:,} |"]
+    if is_kvforge:
+        lines.append(f"| this model, long-sequence rate (spec arithmetic) | {compressed:,.0f} "
+                     f"({compressed / original:.1%} of the original) |")
+        for n, value in kv_cache.get("bytes_per_token_at", {}).items():
+            lines.append(f"| this model at {n} tokens (spec arithmetic) | {value:,.0f} |")
+        if "measured" in kv_cache:
+            m = kv_cache["measured"]
+            lines.append(f"| measured: generate() of {m['tokens']} tokens at export | {m['bytes_per_token']:,.0f} "
+                         f"({m['bytes']:,} bytes allocated, equal to the arithmetic) |")
+        lines += ["", "## Method", "",
+                  "Per-layer compression spec (the whole spec is `compression` in config.json):", "",
+                  "| layers | attention and cache |", "| --- | --- |"]
+        lines += [f"| {rows} | {text} |" for rows, text in describe_layers(config)]
+        pyramid = kv_cache.get("pyramid")
+        if pyramid:
+            lines += ["", f"PyramidKV default (`compression.inference.pyramid`): {json.dumps(pyramid)}: after the "
+                          "prompt, each layer keeps a token budget shrinking with depth (average "
+                          f"{pyramid['budget']} tokens), chosen by the attention of the last prompt tokens."]
+    else:
+        lines += ["", "An uncompressed model (exported as a plain Hugging Face directory)."]
+    lines += ["", "## Evaluation", ""]
+    if evaluations:
+        lines += ["| evaluation | result |", "| --- | --- |"] + [_format_evaluation(ev) for ev in evaluations]
+    else:
+        lines.append("No evaluation was recorded with this export.")
+    load = "trust_remote_code=True" if is_kvforge else ""
+    lines += ["", "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+              f'model = AutoModelForCausalLM.from_pretrained("{name}"{", " + load if load else ""})',
+              f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
+              'inputs = tokenizer("The capital of France is", return_tensors="pt")',
+              "out = model.generate(**inputs, max_new_tokens=20)", "```", ""]
+    if is_kvforge:
+        lines += ["The modeling code is bundled (modeling_kvforge.py, configuration_kvforge.py, pyramid.py and "
+                  "what they import); kvforge itself is not needed. PyramidKV at generate time:", "",
+                  "```python", "from transformers.dynamic_module_utils import get_class_from_dynamic_module", "",
+                  f'new_pyramid_cache = get_class_from_dynamic_module("pyramid.new_pyramid_cache", "{name}")',
+                  'cache = new_pyramid_cache(model, budget=256, schedule="pyramid")',
+                  "out = model.generate(**inputs, max_new_tokens=20, past_key_values=cache)", "```", ""]
+    return "\n".join(lines)
+
+
+__all__ = ["ExportError", "ExportResult", "export_run", "export_checkpoint", "export_pretrained", "export_model",
+           "consolidate_checkpoint", "check_state_dict", "load_run_weights", "merge_lora", "bundle_code",
+           "verify_export", "verify_config", "verify_weights", "verify_code", "weight_files", "kv_cache_summary", "model_card",
+           "read_evaluations", "set_pyramid_default", "original_kv_bytes_per_token", "relative_imports"]
