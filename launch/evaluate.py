@@ -191,7 +191,7 @@ def _run_passkey(args: argparse.Namespace, model: Any, tokenizer: Any, device: s
                  "sinks": args.pyramid_sinks}
     default = (model.config.compression or {}).get("inference", {}).get("pyramid") \
         if getattr(model.config, "model_type", None) == "kvforge" else None
-    cache_factory, pyramid = None, None
+    new_cache, pyramid = None, None
     if args.pyramid_budget is not None or default is not None:
         if getattr(model.config, "model_type", None) != "kvforge":
             from kvforge.models.configuration_kvforge import CompressionSpec
@@ -202,9 +202,11 @@ def _run_passkey(args: argparse.Namespace, model: Any, tokenizer: Any, device: s
         max_cache_len = args.context_len + args.max_new_tokens
         caches = []
 
-        def cache_factory():
+        def make_cache():  # one per prompt; the last one's report goes into the JSON
             caches.append(new_pyramid_cache(model, pyramid, max_cache_len=max_cache_len))
             return caches[-1]
+
+        new_cache = make_cache
     elif any(v is not None for k, v in overrides.items() if k != "budget"):
         raise ValueError("--pyramid-* options need --pyramid-budget (or a model exported with a PyramidKV default)")
 
@@ -215,7 +217,7 @@ def _run_passkey(args: argparse.Namespace, model: Any, tokenizer: Any, device: s
 
     result = evaluate_passkey(model, tokenizer, context_len=args.context_len, depths=args.depths,
                               samples=args.samples, seed=args.passkey_seed, fmt=args.passkey_format,
-                              max_new_tokens=args.max_new_tokens, cache_factory=cache_factory, progress=show)
+                              max_new_tokens=args.max_new_tokens, cache_factory=new_cache, progress=show)
     per_depth = "  ".join(f"{d}: {v['correct']}/{v['samples']}" for d, v in result.per_depth.items())
     cache = "full cache" if pyramid is None else f"PyramidKV {pyramid.schedule} budget {pyramid.budget}"
     print(f"passkey accuracy {result.accuracy:.3f} at {args.context_len} tokens ({cache}); by depth {per_depth}; "

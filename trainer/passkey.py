@@ -37,7 +37,7 @@ TASK_DESCRIPTION = ("There is an important info hidden inside a lot of irrelevan
                     "I will quiz you about the important information there.")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 KEY_LINE = "The pass key is {key}. Remember it. {key} is the pass key."
-QUESTION = "What is the pass key?"
+QUESTION = "What is the pass key I asked you to remember?"
 ANSWER_PREFIX = "The pass key is"
 FORMATS = ("plain", "chat")
 
