@@ -37,6 +37,7 @@ not call them itself yet.
 
 from __future__ import annotations
 
+import inspect
 import math
 import sys
 from dataclasses import asdict, dataclass, fields, replace
@@ -303,6 +304,9 @@ class PyramidKV:
         self._scores: dict[int, torch.Tensor] = {}  # owner -> [B, K, S] summed window attention
         self.compacted = False
         self.kept: dict[int, int] = {}  # owner -> slots kept per row after compaction (for reports)
+        # attach_pyramid's hooks only: the compacted layouts' plans for the forward in flight.
+        self.step_plans: dict[tuple, Any] = {}
+        self.step_positions: Optional[torch.Tensor] = None
 
     # ---- prefill -------------------------------------------------------------------------------------
     @property
@@ -407,10 +411,6 @@ def _base_model(model):
     return getattr(model, "model", model)
 
 
-def _config_spec_layers(config) -> list:
-    return config.compression_spec.layers
-
-
 def new_pyramid_cache(model, settings: Any = None, *, max_cache_len: Optional[int] = None, **overrides: Any):
     """A KVForgeCache for `model` that applies PyramidKV, for `model.generate(..., past_key_values=cache)`.
 
@@ -428,9 +428,11 @@ def new_pyramid_cache(model, settings: Any = None, *, max_cache_len: Optional[in
                                "compression.inference.pyramid")
         settings = spec_pyramid or {}
     settings = PyramidSettings.from_any(settings, **overrides)
-    cache_cls = _modeling_module(model).KVForgeCache if hasattr(_modeling_module(model), "KVForgeCache") else None
+    cache_cls = getattr(_modeling_module(model), "KVForgeCache", None)
     if cache_cls is None:
         raise PyramidError(f"PyramidKV applies to KVForge models; got {type(model).__name__}")
+    if "pyramid" in inspect.signature(cache_cls).parameters:  # the modeling file calls the seam itself
+        return cache_cls(config, max_cache_len=max_cache_len, pyramid=settings)
     cache_config = config
     if spec_pyramid is not None:
         # The cache must not apply the config's own default on top of these settings.
@@ -443,7 +445,7 @@ def new_pyramid_cache(model, settings: Any = None, *, max_cache_len: Optional[in
 
 def attach_pyramid(model, cache, settings: PyramidSettings) -> PyramidKV:
     """Gives `cache` a PyramidKV and makes sure `model` calls it (module hooks, installed once per model)."""
-    pyramid = PyramidKV(settings, _config_spec_layers(model.config))
+    pyramid = PyramidKV(settings, model.config.compression_spec.layers)
     cache.pyramid = pyramid
     for storage in cache.layers:
         storage.pyramid = pyramid
@@ -456,14 +458,6 @@ def attach_pyramid(model, cache, settings: PyramidSettings) -> PyramidKV:
     return pyramid
 
 
-class _StepPlans:
-    """Plans of the compacted layouts for the forward in flight (made on first use, committed after)."""
-
-    def __init__(self):
-        self.plans: dict[tuple, Any] = {}
-        self.query_positions: Optional[torch.Tensor] = None
-
-
 def _route_plan(module, args, kwargs):
     storage = kwargs.get("storage")
     pyramid: Optional[PyramidKV] = getattr(storage, "pyramid", None)
@@ -473,14 +467,13 @@ def _route_plan(module, args, kwargs):
     key = pyramid.layout_key(module.layer_idx, None)
     if key is None:
         return None
-    step = pyramid.__dict__.setdefault("_step", _StepPlans())
-    if key not in step.plans:
+    if key not in pyramid.step_plans:  # the first layer of this group in this forward plans it
         length = base_plan.query_index.shape[1]
-        step.query_positions = base_plan.key_positions[:, -length:]
-        plan = storage.layout.plan(base_plan.query_index, step.query_positions)
+        pyramid.step_positions = base_plan.key_positions[:, -length:]
+        plan = storage.layout.plan(base_plan.query_index, pyramid.step_positions)
         plan.rotary = base_plan.rotary
-        step.plans[key] = plan
-    kwargs["plan"] = step.plans[key]
+        pyramid.step_plans[key] = plan
+    kwargs["plan"] = pyramid.step_plans[key]
     return args, kwargs
 
 
@@ -512,10 +505,9 @@ def _after_step(module, args, kwargs, output):
     pyramid: Optional[PyramidKV] = getattr(cache, "pyramid", None)
     if pyramid is None:
         return None
-    step = pyramid.__dict__.pop("_step", None)
-    if step is not None:
-        for key, plan in step.plans.items():
-            cache.layouts[key].commit(plan, step.query_positions)
+    for key, plan in pyramid.step_plans.items():
+        cache.layouts[key].commit(plan, pyramid.step_positions)
+    pyramid.step_plans.clear()
     pyramid.after_step(cache)
     return None
 
