@@ -14,7 +14,8 @@ import json
 import os
 import sys
 
-from kvforge.trainer.config import ConfigError, load_config, parse_cli_overrides, resolve_deepspeed, to_dict
+from kvforge.trainer.config import (ConfigError, check_deepspeed_config, load_config, parse_cli_overrides,
+                                    resolve_deepspeed, to_dict)
 
 
 def check_model_and_compression(cfg) -> None:
@@ -58,6 +59,11 @@ def main(argv=None) -> int:
         resolved = to_dict(cfg)
         if args.dry_run:
             resolved["deepspeed"]["resolved"] = resolve_deepspeed(cfg, world)
+            try:  # what DeepSpeed itself would reject or silently ignore
+                check_deepspeed_config(resolved["deepspeed"]["resolved"])
+            except ConfigError as e:
+                print(f"config error: {e}", file=sys.stderr)
+                return 2
         if int(os.environ.get("RANK", "0")) == 0:
             print(OmegaConf.to_yaml(resolved))
         return 0

@@ -232,9 +232,9 @@ def save(engine, ckpt_root: Path, state: TrainerState, keep_last: int,
     tmp, final = ckpt_root / (TMP_PREFIX + name), ckpt_root / name
     rank, world = _rank(), _world()
     if rank == 0:
-        ckpt_root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
     _barrier()
     engine.save_checkpoint(str(ckpt_root), tag=tmp.name, save_latest=False)
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")

@@ -428,7 +428,8 @@ def test_check_contents_refuses_empty_tensors_and_missing_parameters(tmp_path):
 
 def _two_ranks(rank: int, port: int, folder: str, results) -> None:
     """Collective behaviour with 2 gloo ranks and no launcher: agreement on a signal one rank got,
-    an error on rank 0 raised on both, a corrupt file found by the rank checking it."""
+    an error on rank 0 raised on both, a corrupt file found by the rank checking it, a save that rank 0
+    refuses to commit failing on both."""
     import kvforge.trainer.train as train_mod
     from kvforge.trainer.data import DataError
 
@@ -455,6 +456,24 @@ def _two_ranks(rank: int, port: int, folder: str, results) -> None:
         ckpt.verify_collective(Path(folder))
     except ckpt.CheckpointError as e:
         out["verify"] = str(e)
+
+    class EmptyEngine:
+        """Writes a model state whose only weight is empty: rank 0 must refuse to commit it."""
+        module = torch.nn.Linear(2, 2)
+
+        def save_checkpoint(self, root, tag, save_latest):
+            if dist.get_rank() == 0:
+                torch.save({"module": {"weight": torch.empty(0), "bias": torch.zeros(2)}},
+                           Path(root) / tag / "mp_rank_00_model_states.pt")
+
+        def zero_optimization_stage(self):
+            return 0
+
+    state = ckpt.TrainerState(step=1, tokens_seen=0, world_size=2, wandb_run_id=None, config_fingerprint="")
+    try:
+        ckpt.save(EmptyEngine(), Path(folder).parent / "saves", state, keep_last=1)
+    except ckpt.CheckpointError as e:
+        out["save"] = str(e)
     dist.destroy_process_group()
     results[rank] = out
 
@@ -476,4 +495,7 @@ def test_signal_to_one_rank_and_an_error_on_rank_zero_reach_every_rank(tmp_path)
         assert results[rank]["agreed"] is True
         assert results[rank]["rank0_failure"] == "rows.jsonl line 3: row has no field 'text'"
         assert f"file {files[1]} has 7 bytes" in results[rank]["verify"]
+        assert "refusing to mark it complete: mp_rank_00_model_states.pt: tensor module.weight is empty" in \
+            results[rank]["save"]
+    assert not list((tmp_path / "saves").glob("step_*"))
     assert (results[0]["signal"], results[1]["signal"]) == (None, "SIGTERM")
