@@ -27,11 +27,14 @@ docs:
 
 setup: $(STAMP) docs
 
+# compress -> finetune (2 DeepSpeed ranks, distilled from the original) -> export -> reload in a fresh
+# process with plain transformers -> generate, printing the cache generate() really allocated.
 RUN := runs/smollm2-recover
 main: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/deepspeed --num_gpus $(RANKS) launch/train.py \
 		--config configs/smollm2-recover.yaml run.output_dir=$(RUN)
-	HF_HUB_OFFLINE=1 $(PY) launch/generate.py --model $(RUN)/hf_model --json $(RUN)/generate.json
+	HF_HUB_OFFLINE=1 $(PY) launch/export.py --run $(RUN) --out $(RUN)/export --overwrite
+	HF_HUB_OFFLINE=1 $(PY) launch/generate.py --model $(RUN)/export --dtype bfloat16 --json $(RUN)/generate.json
 
 # Offline always: tests never download weights or data.
 test: setup
