@@ -3,24 +3,27 @@
 The classic format (Mohtashami & Jaggi 2023, "Landmark Attention"; LongLoRA's `passkey_retrivial.py`):
 
     There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. ...
-    The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.   (x n)
-    The pass key is 68235. Remember it. 68235 is the pass key.                                   (at depth d)
-    The grass is green. ...                                                                        (the rest)
-    What is the pass key? The pass key is
+    The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.   (x k)
+    The pass key is 68235. Remember it. 68235 is the pass key.
+    The grass is green. ...                                                                (x n - k)
+    What is the pass key I asked you to remember? The pass key is
 
 The filler is repeated until the whole prompt has (at most) `context_len` tokens; the key line goes
-after `round(d * n)` of the `n` filler units, so depth 0 puts it first and depth 1 right before the
+after k = round(depth * n) of the n filler units, so depth 0 puts it first and depth 1 right before the
 question. The model continues greedily for a few tokens and a sample counts as correct when the first
-run of digits it writes is exactly the pass key.
+run of digits it writes is exactly the pass key. Pass keys come from (seed, depth index, sample index), so
+a run is reproducible and every depth sees different keys.
+
+The question is LongLoRA's "What is the pass key?" with "I asked you to remember" added: asked plainly
+right after the key line (depth 1), SmolLM2-135M-Instruct defines "the pass key" instead of reading it
+back (1/10 correct at 4k, against 10/10 with this wording; docs/INFERENCE.md).
 
 format="plain" is the raw text above. format="chat" puts the same text (without the answer prefix) in
 the user turn of the tokenizer's chat template and opens the assistant turn with "The pass key is".
-SmolLM2-135M-Instruct scores far better with "plain" (docs/INFERENCE.md), so that is the default. Pass keys come from `(seed, depth index, sample index)`, so a
-run is reproducible and every depth sees different keys.
 
 The model only has to offer `generate(input_ids=..., attention_mask=..., max_new_tokens=...,
-do_sample=False, **generate_kwargs)`; a compressed cache (e.g. PyramidKV budgets) is chosen by the
-caller through `generate_kwargs` or `cache_factory`.
+do_sample=False, pad_token_id=..., **generate_kwargs)`; a compressed cache (e.g. PyramidKV) is chosen by
+the caller through `generate_kwargs` or `cache_factory`.
 """
 
 from __future__ import annotations
@@ -112,7 +115,7 @@ def _haystack(units: int, key_after: int, key_line: str) -> str:
     return "\n".join([" ".join([FILLER] * key_after), key_line, " ".join([FILLER] * (units - key_after))])
 
 
-def build_prompt(tokenizer, context_len: int, depth: float, passkey: str, fmt: str = "chat") -> PasskeyPrompt:
+def build_prompt(tokenizer, context_len: int, depth: float, passkey: str, fmt: str = "plain") -> PasskeyPrompt:
     """The longest prompt of at most `context_len` tokens with `passkey` at `depth`.
 
     Raises:
@@ -130,7 +133,7 @@ def build_prompt(tokenizer, context_len: int, depth: float, passkey: str, fmt: s
     if fixed + per_unit > context_len:
         raise ValueError(f"passkey context_len {context_len} is too short: the task text and the key alone take "
                          f"{fixed} tokens and one filler unit {per_unit} more")
-    # Filler units tokenize the same every time (each starts after a space), so this lands within a
+    # Filler units (joined by spaces) tokenize the same every time, so this lands within a
     # token or two; walk down to be sure of the bound.
     units = (context_len - fixed) // per_unit + 1
     while units > 1 and tokens_for(units) > context_len:
