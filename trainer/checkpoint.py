@@ -64,7 +64,7 @@ class TrainerState:
     tokens_seen: int
     world_size: int
     wandb_run_id: Optional[str]
-    config_fingerprint: str     # hash of `signature`
+    config_fingerprint: str     # hash of `signature` (older checkpoints: of model/data/compression/batch)
     metrics: dict[str, Any] = field(default_factory=dict)
     skipped_steps: int = 0      # steps skipped for a non-finite loss or gradient, over the whole run
     bad_steps_in_a_row: int = 0
@@ -427,8 +427,12 @@ def read_state(ckpt_dir: Path) -> TrainerState:
     return TrainerState(**{k: v for k, v in raw.items() if k in known})
 
 
-def check_compatible(ckpt_dir: Path, *, world_size: int, signature: dict[str, Any], fingerprint: str) -> TrainerState:
+def check_compatible(ckpt_dir: Path, *, world_size: int, signature: dict[str, Any],
+                     legacy_fingerprint: str) -> TrainerState:
     """The checkpoint's trainer state, if this run can continue it. Reads one small file.
+
+    `signature` is the run's `resume_signature`; checkpoints from before signatures are compared by
+    `legacy_fingerprint` instead.
 
     Raises:
         CheckpointError: a different world size, or a different model / data / compression / batch
@@ -447,8 +451,8 @@ def check_compatible(ckpt_dir: Path, *, world_size: int, signature: dict[str, An
                   if state.signature.get(key) != signature.get(key)]
         for key in differ:
             problems.append(f"{key} was {_short(state.signature, key)} and is now {_short(signature, key)}")
-    elif state.config_fingerprint != fingerprint:
-        problems.append("its model/data/compression config differs from this run's")
+    elif state.config_fingerprint != legacy_fingerprint:  # written before signatures: one hash to compare
+        problems.append("its model/data/compression/batch config differs from this run's")
     if problems:
         raise CheckpointError(
             f"checkpoint {ckpt_dir} cannot be resumed by this run: {'; '.join(problems)}. Resume with the "

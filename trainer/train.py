@@ -245,6 +245,14 @@ def config_fingerprint(signature: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def legacy_fingerprint(cfg: Config) -> str:
+    """What checkpoints written before `resume_signature` existed carry instead of a signature."""
+    d = to_dict(cfg)
+    keep = {"model": d["model"], "data": d["data"], "compression": d["compression"],
+            "micro_batch_size": d["training"]["micro_batch_size"], "grad_accum": d["training"]["grad_accum"]}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """No weight decay on norms, biases and embeddings (the usual GPT recipe)."""
     decay, no_decay = [], []
@@ -536,7 +544,8 @@ def train(cfg: Config) -> TrainResult:
         raise ckpt.CheckpointError(f"{ckpt_root} already holds checkpoints and checkpoint.resume=never: "
                                    "choose a new run.output_dir or use checkpoint.resume=auto")
     if resume_from is not None:
-        resumed = ckpt.check_compatible(resume_from, world_size=world, signature=signature, fingerprint=fingerprint)
+        resumed = ckpt.check_compatible(resume_from, world_size=world, signature=signature,
+                                        legacy_fingerprint=legacy_fingerprint(cfg))
     if rank == 0:
         save_resolved(cfg, run_dir / "config.yaml")
         (run_dir / "deepspeed_config.json").write_text(json.dumps(ds_config, indent=2))
