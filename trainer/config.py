@@ -561,6 +561,6 @@ def parse_cli_overrides(items: list[str]) -> list[str]:
 
 __all__ = [
     "Config", "ConfigError", "load_config", "validate", "resolve_deepspeed", "check_deepspeed_config",
-    "save_resolved", "to_dict", "parse_cli_overrides", "RunConfig", "ModelConfig", "DataConfig", "TrainingConfig", "DeepSpeedConfig",
-    "LoggingConfig", "CheckpointConfig", "EvalConfig", "LoraConfig",
+    "save_resolved", "to_dict", "parse_cli_overrides", "RunConfig", "ModelConfig", "DataConfig", "TrainingConfig",
+    "DeepSpeedConfig", "LoggingConfig", "CheckpointConfig", "EvalConfig", "LoraConfig",
 ]

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import resource
-import shutil
 import signal
 import time
 import uuid

@@ -18,7 +18,6 @@ import importlib.util
 import io
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess

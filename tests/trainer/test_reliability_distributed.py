@@ -210,7 +210,8 @@ def zero3_lora(tmp_path_factory):
     root = tmp_path_factory.mktemp("zero3_lora")
     config = yaml.safe_load(TINY.read_text())
     torch.manual_seed(0)
-    base, tokenizer = load_pretrained("smollm2-135m-instruct", init="random", config_overrides=config["model"]["config"])
+    base, tokenizer = load_pretrained("smollm2-135m-instruct", init="random",
+                                      config_overrides=config["model"]["config"])
     base_dir = root / "base"
     base.save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
