@@ -338,7 +338,7 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     if config.max_position_embeddings:
         # The GGUF tokenizer reports an unbounded length; the model's context is the real limit.
         tokenizer.model_max_length = config.max_position_embeddings
-    out_dir.mkdir(parents=True)
+    out_dir.mkdir(parents=True, exist_ok=True)  # atomic.directory hands over an empty folder
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
 
