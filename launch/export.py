@@ -36,6 +36,9 @@ def main(argv=None) -> int:
                         help="weight dtype of the export (default: %(default)s)")
     parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors file (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing export at --out")
+    parser.add_argument("--measure-tokens", type=int, default=64,
+                        help="positions of the generate() whose allocated cache is measured and checked against "
+                             "the spec's arithmetic (KVForge models; 0 skips; default: %(default)s)")
     parser.add_argument("--eval", action="append", default=[], metavar="JSON",
                         help="a launch/evaluate.py --json result to show in the model card (repeatable)")
     pyramid = parser.add_argument_group("PyramidKV default", "stored as compression.inference.pyramid")
@@ -53,7 +56,8 @@ def main(argv=None) -> int:
                             "window": args.pyramid_window, "pooling": args.pyramid_pooling}
     try:
         options = dict(out_dir=args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                       overwrite=args.overwrite, pyramid=pyramid_settings, evaluations=read_evaluations(args.eval))
+                       overwrite=args.overwrite, pyramid=pyramid_settings, evaluations=read_evaluations(args.eval),
+                       measure_tokens=args.measure_tokens)
         if args.run:
             result = export_run(args.run, **options)
         elif args.checkpoint:

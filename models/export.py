@@ -42,8 +42,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # Modules bundled with every KVForge export even when the modeling file does not import them (yet):
 # pyramid.py gives generate-time PyramidKV to a process without kvforge.
 EXTRA_MODULES = ("pyramid",)
-# A prompt + generated tokens for the cache measurement done on every KVForge export.
-MEASURE_PROMPT_TOKENS, MEASURE_NEW_TOKENS = 48, 16
+# The cache measurement done on every KVForge export: a generate() over this many positions (a random
+# prompt of up to 48 tokens, the rest generated).
+MEASURE_TOKENS = 64
 
 _RELATIVE_IMPORT = re.compile(r"^\s*(?:from\s+\.(\w+)\s+import|import\s+\.(\w+))", re.MULTILINE)
 
@@ -247,13 +248,14 @@ def export_model(
     evaluations: Optional[list[dict]] = None,
     source: Optional[dict[str, Any]] = None,
     overwrite: bool = False,
-    measure_cache: bool = True,
+    measure_tokens: int = MEASURE_TOKENS,
 ) -> ExportResult:
     """Writes `model` (+ tokenizer) to `out_dir` atomically and verified (see the module docstring).
 
     pyramid: PyramidKV settings stored as the export-time default `compression.inference.pyramid` (KVForge
         models only; a plain model must be converted first, e.g. launch/compress.py with an all-dense spec).
     evaluations: result dicts (launch/evaluate.py --json, or {"task": "run_eval", ...}) shown in the card.
+    measure_tokens: positions of the generate() whose cache is measured (KVForge models; 0 skips it).
 
     Raises:
         ExportError: an existing out_dir without overwrite, a bad dtype / pyramid, or an export that fails
@@ -274,7 +276,9 @@ def export_model(
         raise ExportError("a PyramidKV default needs a KVForge model; convert this "
                           f"{getattr(model.config, 'model_type', '?')} model first (launch/compress.py, any spec "
                           "including the all-dense one)")
-    kv_cache = kv_cache_summary(model, measure=measure_cache and is_kvforge)
+    if measure_tokens < 0 or measure_tokens == 1:
+        raise ExportError(f"measure_tokens={measure_tokens}: expected 0 (no measurement) or at least 2")
+    kv_cache = kv_cache_summary(model, measure_tokens if is_kvforge else 0)
     if pyramid is not None:
         set_pyramid_default(model.config, pyramid)
         kv_cache["pyramid"] = dict(model.config.compression["inference"]["pyramid"])
@@ -545,10 +549,10 @@ def original_kv_bytes_per_token(config, dtype: torch.dtype = torch.bfloat16) -> 
 
 
 @torch.no_grad()
-def kv_cache_summary(model: torch.nn.Module, measure: bool) -> dict[str, Any]:
+def kv_cache_summary(model: torch.nn.Module, measure_tokens: int) -> dict[str, Any]:
     """Bytes/token of the cache in the model's dtype: the original architecture's, the spec's arithmetic
-    (long-sequence rate, and at 2k / 4k tokens), and -- if `measure` -- the bytes a real generate() allocated,
-    which must equal the arithmetic at that length (raises ExportError otherwise)."""
+    (long-sequence rate, and at 2k / 4k tokens), and -- if measure_tokens -- the bytes a real generate() of
+    that many positions allocated, which must equal the arithmetic at that length (else ExportError)."""
     dtype = next(model.parameters()).dtype
     config = model.config
     summary: dict[str, Any] = {"dtype": str(dtype).removeprefix("torch."),
@@ -558,13 +562,14 @@ def kv_cache_summary(model: torch.nn.Module, measure: bool) -> dict[str, Any]:
         return summary
     summary["bytes_per_token"] = config.kv_cache_bytes_per_token(dtype)
     summary["bytes_per_token_at"] = {n: config.kv_cache_bytes_per_token(dtype, num_tokens=n) for n in (2048, 4096)}
-    if measure:
+    if measure_tokens:
         from kvforge.models.surgery import measure_generate_kv_bytes
 
+        prompt_tokens = min(48, measure_tokens // 2)
         generator = torch.Generator().manual_seed(0)
-        prompt = torch.randint(3, config.vocab_size, (1, MEASURE_PROMPT_TOKENS), generator=generator)
+        prompt = torch.randint(3, config.vocab_size, (1, prompt_tokens), generator=generator)
         device = next(model.parameters()).device
-        measured = measure_generate_kv_bytes(model, prompt.to(device), max_new_tokens=MEASURE_NEW_TOKENS)
+        measured = measure_generate_kv_bytes(model, prompt.to(device), max_new_tokens=measure_tokens - prompt_tokens)
         tokens = measured["tokens"]
         arithmetic = config.kv_cache_bytes(tokens, dtype)
         if measured["total_bytes"] != arithmetic:
@@ -572,7 +577,8 @@ def kv_cache_summary(model: torch.nn.Module, measure: bool) -> dict[str, Any]:
                               f"tokens but the spec's arithmetic says {arithmetic}; the model does not cache what "
                               "its config describes")
         summary["measured"] = {"tokens": tokens, "bytes": measured["total_bytes"],
-                               "bytes_per_token": measured["bytes_per_token"]}
+                               "bytes_per_token": measured["bytes_per_token"],
+                               "original_bytes": summary["original_bytes_per_token"] * tokens}
     return summary
 
 
@@ -614,18 +620,20 @@ def describe_layers(config) -> list[tuple[str, str]]:
                  if layer.is_window else "global"]
         if layer.kv_from is not None:
             parts.append(f"reads layer {layer.kv_from}'s K/V")
-        elif layer.probs_from is not None:
-            parts.append(f"reuses layer {layer.probs_from}'s attention")
-        if layer.kv_from is None:
+        else:
+            if layer.probs_from is not None:
+                parts.append(f"reuses layer {layer.probs_from}'s attention over its own values:")
             if layer.kv_proj == "low_rank":
-                ranks = (f"k_rank {layer.k_rank}, v_rank {layer.v_rank}" if layer.rope == "pre_rope_latent"
+                ranks = (f"v_rank {layer.v_rank}" if layer.probs_from is not None
+                         else f"k_rank {layer.k_rank}, v_rank {layer.v_rank}" if layer.rope == "pre_rope_latent"
                          else f"kv_rank {layer.kv_rank}, {layer.rope_dims} RoPE dims")
-                parts.append(f"low-rank {layer.rope or ''} ({ranks})".replace("  ", " "))
+                rope = f" {layer.rope}" if layer.probs_from is None else ""
+                parts.append(f"low-rank{rope} ({ranks})")
             elif layer.kv_proj == "merged_heads":
                 parts.append(f"{layer.num_kv_heads} merged KV heads")
             else:
                 parts.append("dense")
-        text = ", ".join(parts)
+        text = ", ".join(parts).replace(":,", ":")
         if rows and rows[-1][1] == text and layer.kv_from is None and layer.probs_from is None:
             rows[-1][0][1] = i
         else:
@@ -675,8 +683,9 @@ def model_card(model, tokenizer, kv_cache: dict, evaluations: list[dict], source
             lines.append(f"| this model at {n} tokens (spec arithmetic) | {value:,.0f} |")
         if "measured" in kv_cache:
             m = kv_cache["measured"]
-            lines.append(f"| measured: generate() of {m['tokens']} tokens at export | {m['bytes_per_token']:,.0f} "
-                         f"({m['bytes']:,} bytes allocated, equal to the arithmetic) |")
+            lines.append(f"| measured: the cache of a generate() over {m['tokens']} positions at export | "
+                         f"{m['bytes_per_token']:,.0f} ({m['bytes']:,} bytes allocated, equal to the arithmetic; "
+                         f"{m['bytes'] / m['original_bytes']:.1%} of the original's {m['original_bytes']:,}) |")
         lines += ["", "## Method", "",
                   "Per-layer compression spec (the whole spec is `compression` in config.json):", "",
                   "| layers | attention and cache |", "| --- | --- |"]
