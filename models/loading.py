@@ -420,6 +420,14 @@ def _apply_overrides(config: Any, overrides: Mapping[str, Any], name: str) -> No
             hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
             raise ModelLoadError(f"config override {key!r} is not a field of {type(config).__name__} "
                                  f"(model {name!r}){hint}")
+        current = getattr(config, key, None)
+        # The override must be of the field's kind: a size given as "abc" would otherwise surface as a
+        # traceback deep inside the model's constructor. (bool is an int subclass: keep them apart.)
+        if isinstance(current, (bool, int, float, str)) and current is not None:
+            kinds = (int, float) if isinstance(current, float) else (type(current),)
+            if not isinstance(value, kinds) or (isinstance(value, bool) and not isinstance(current, bool)):
+                raise ModelLoadError(f"config override {key}={value!r} has the wrong type: {type(config).__name__}."
+                                     f"{key} is a {type(current).__name__} (currently {current!r})")
         setattr(config, key, value)
     heads, kv_heads = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
     if heads and kv_heads and heads % kv_heads:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -415,3 +416,12 @@ def test_zero3_partitions_parameters_at_load_time(tmp_path):
     proc = subprocess.run([sys.executable, "-c", ZERO3_SCRIPT, str(model_dir)], capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0 and "ZERO3-OK" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"hidden_size": "abc"}, "config override hidden_size='abc' has the wrong type: LlamaConfig.hidden_size is a int"),
+    ({"rms_norm_eps": True}, "rms_norm_eps=True has the wrong type"),
+])
+def test_override_of_the_wrong_type_is_named(overrides, message):
+    with pytest.raises(loading.ModelLoadError, match=re.escape(message)):
+        loading.load_pretrained(loading.EMBEDDED_MODEL, init="random", config_overrides=overrides)
