@@ -318,6 +318,21 @@ def test_shared_attention_from_calibration_maps_and_named_spans():
     assert not hasattr(attn, "q_proj") and not hasattr(attn, "k_proj") and hasattr(attn, "v_proj")
 
 
+def test_reusing_identical_attention_probabilities_is_exact():
+    # Layer 0 adds nothing to the residual stream and layer 1 has layer 0's norm, q and k: both layers see
+    # the same input and compute the same probabilities, so layer 1 reusing layer 0's loses nothing.
+    model = tiny()
+    first, second = model.model.layers[0], model.model.layers[1]
+    with torch.no_grad():
+        first.self_attn.o_proj.weight.zero_()
+        first.mlp.down_proj.weight.zero_()
+        second.input_layernorm.weight.copy_(first.input_layernorm.weight)
+        second.self_attn.q_proj.weight.copy_(first.self_attn.q_proj.weight)
+        second.self_attn.k_proj.weight.copy_(first.self_attn.k_proj.weight)
+    assert logits_error(model, [{}, {"probs_from": 0}, {}, {}]) < 1e-5
+    assert logits_error(model, [{}, {}, {}, {"probs_from": 2}]) > 1e-4
+
+
 def test_kv_sharing_average_init_averages_the_group_into_the_producer():
     model = tiny()
     result = compress(model, {"layers": [{}, {"kv_from": 0}, {"kv_from": 0}, {}]}, None,
