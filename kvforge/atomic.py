@@ -9,6 +9,7 @@ temporary folder that the next writer removes.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -46,6 +47,15 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 of a file's content, read in 1 MiB chunks (manifests of checkpoints and exports)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def stale_temporaries(out_dir: str | os.PathLike) -> list[Path]:

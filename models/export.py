@@ -22,7 +22,6 @@ Hugging Face directory (no code, no auto_map).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -515,21 +514,13 @@ def verify_export(out_dir: str | os.PathLike) -> dict:
         if path.stat().st_size != meta["bytes"]:
             raise ExportError(f"{out_dir}: file {name} has {path.stat().st_size} bytes, the manifest says "
                               f"{meta['bytes']} (truncated?)")
-        if _sha256(path) != meta["sha256"]:
+        if atomic.sha256_file(path) != meta["sha256"]:
             raise ExportError(f"{out_dir}: file {name} does not match its sha256 in {EXPORT_MANIFEST}")
     return manifest
 
 
 def _file_table(root: Path) -> dict[str, dict]:
-    return {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(root.iterdir()) if p.is_file()}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return {p.name: {"bytes": p.stat().st_size, "sha256": atomic.sha256_file(p)} for p in sorted(root.iterdir()) if p.is_file()}
 
 
 def _write_json(path: Path, payload: Any) -> None:

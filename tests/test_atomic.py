@@ -42,3 +42,11 @@ def test_write_text(tmp_path):
     atomic.write_text(path, '{"a": 1}')
     assert path.read_text() == '{"a": 1}'
     assert os.listdir(path.parent) == ["state.json"]
+
+
+def test_sha256_file(tmp_path):
+    import hashlib
+
+    path = tmp_path / "blob"
+    path.write_bytes(b"x" * (3 << 20) + b"tail")
+    assert atomic.sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()

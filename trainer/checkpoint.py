@@ -28,7 +28,6 @@ see trainer/data.py).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -125,14 +124,6 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _flatten_tensors(obj: Any, prefix: str, out: dict[str, dict]) -> None:
     if isinstance(obj, torch.Tensor):
         out[prefix] = {"shape": list(obj.shape), "dtype": str(obj.dtype).removeprefix("torch.")}
@@ -166,7 +157,7 @@ def tensor_shapes(path: Path) -> dict[str, dict]:
 
 def describe_file(path: Path) -> dict:
     """What the manifest records for one file: bytes, sha256, and tensor shapes for tensor files."""
-    entry = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    entry = {"bytes": path.stat().st_size, "sha256": atomic.sha256_file(path)}
     if path.suffix in TENSOR_FILE_SUFFIXES:
         entry["tensors"] = tensor_shapes(path)
     return entry
@@ -371,7 +362,7 @@ def verify(ckpt_dir: Path, part: tuple[int, int] = (0, 1)) -> None:
         if size != meta["bytes"]:
             raise CheckpointError(f"checkpoint {ckpt_dir}: file {rel} has {size} bytes, the manifest says "
                                   f"{meta['bytes']} (truncated?)")
-        if _sha256(path) != meta["sha256"]:
+        if atomic.sha256_file(path) != meta["sha256"]:
             raise CheckpointError(f"checkpoint {ckpt_dir}: file {rel} does not match its sha256 in the "
                                   "manifest (corrupted)")
 
