@@ -560,7 +560,9 @@ def kv_cache_summary(model: torch.nn.Module, measure_tokens: int) -> dict[str, A
         generator = torch.Generator().manual_seed(0)
         prompt = torch.randint(3, config.vocab_size, (1, prompt_tokens), generator=generator)
         device = next(model.parameters()).device
-        measured = measure_generate_kv_bytes(model, prompt.to(device), max_new_tokens=measure_tokens - prompt_tokens)
+        # The last generated token is never fed back, so the cache holds prompt + new - 1 positions.
+        measured = measure_generate_kv_bytes(model, prompt.to(device),
+                                             max_new_tokens=measure_tokens - prompt_tokens + 1)
         tokens = measured["tokens"]
         arithmetic = config.kv_cache_bytes(tokens, dtype)
         if measured["total_bytes"] != arithmetic:

@@ -213,7 +213,7 @@ def test_checkpoint_export_through_the_cli_with_a_model_card(trained_run, tmp_pa
                                                              "pooling": "avgpool"}
     assert config["dtype"] == "bfloat16"
     manifest = verify_export(out)
-    assert manifest["source"]["step"] == 2 and manifest["kv_cache"]["measured"]["bytes"] > 0
+    assert manifest["source"]["step"] == 2 and manifest["kv_cache"]["measured"]["tokens"] == 64  # the default
 
 
 def test_a_run_whose_config_does_not_fit_its_weights_names_the_key_and_shapes(trained_run, tmp_path):
@@ -429,3 +429,46 @@ def test_an_exception_mid_export_removes_its_temporary_folder(tmp_path, tokenize
     with pytest.raises(KeyboardInterrupt):
         export_model(tiny_kvforge(), tokenizer, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# The real model
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("preset,arguments,surgery", [
+    # 3 global layers, 27 windows of 64 + 4 sinks
+    ("sliding-window", {"window": 64, "sinks": 4, "global_every": 10}, {}),
+    # K/V latents at half the bytes, ranks spent greedily by calibration error (uniform ranks lose the answer)
+    ("low-rank", {"budget": 0.5}, {"rank_allocation": "greedy", "budget_fraction": 0.5}),
+])
+def test_compressed_smollm2_exports_reloads_and_answers(smollm2_dir, tmp_path, preset, arguments, surgery):
+    """SmolLM2 compressed by a spec, exported in bf16, reloaded with trust_remote_code: the cache generate()
+    allocates equals the spec's arithmetic (checked at export over 160 positions) and is smaller than the
+    original's, and the reloaded model still answers a question (docs/INFERENCE.md has the 2k numbers)."""
+    from kvforge.models.calibration import load_calibration_rows
+    from kvforge.models.loading import document_separator_id, load_pretrained
+    from kvforge.models.presets import build_preset
+    from kvforge.models.surgery import compress
+
+    torch.set_num_threads(2)
+    base, tokenizer = load_pretrained(str(smollm2_dir))
+    spec = build_preset(preset, base.config, **arguments)
+    rows = load_calibration_rows(tokenizer, document_separator_id(tokenizer, base.config), source="stdlib-docstrings",
+                                 tokens=8192, seq_len=256, show_progress=False)
+    compressed = compress(base, spec, rows, settings={"show_progress": False, **surgery}).model
+    result = export_model(compressed, tokenizer, tmp_path / preset, dtype="bfloat16", measure_tokens=160)
+    measured = result.kv_cache["measured"]
+    assert measured["bytes"] == compressed.config.kv_cache_bytes(measured["tokens"], torch.bfloat16)
+    assert measured["bytes"] < 0.6 * measured["original_bytes"]
+    assert result.kv_cache["original_bytes_per_token"] == 23_040
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / preset, trust_remote_code=True, dtype=torch.bfloat16)
+    loaded_tokenizer = type(tokenizer).from_pretrained(tmp_path / preset)
+    text = loaded_tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                                tokenize=False, add_generation_prompt=True)
+    ids = loaded_tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=20, do_sample=False, pad_token_id=loaded_tokenizer.pad_token_id)
+    answer = loaded_tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer, answer
