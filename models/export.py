@@ -251,6 +251,9 @@ def export_model(
 ) -> ExportResult:
     """Writes `model` (+ tokenizer) to `out_dir` atomically and verified (see the module docstring).
 
+    `model` itself is exported: LoRA is merged into it, it is cast to `dtype` and a PyramidKV default goes
+    into its config, in place (a copy would double the memory of a large model); pass a copy to keep yours.
+
     pyramid: PyramidKV settings stored as the export-time default `compression.inference.pyramid` (KVForge
         models only; a plain model must be converted first, e.g. launch/compress.py with an all-dense spec).
     evaluations: result dicts (launch/evaluate.py --json, or {"task": "run_eval", ...}) shown in the card.
@@ -520,7 +523,8 @@ def verify_export(out_dir: str | os.PathLike) -> dict:
 
 
 def _file_table(root: Path) -> dict[str, dict]:
-    return {p.name: {"bytes": p.stat().st_size, "sha256": atomic.sha256_file(p)} for p in sorted(root.iterdir()) if p.is_file()}
+    return {p.name: {"bytes": p.stat().st_size, "sha256": atomic.sha256_file(p)}
+            for p in sorted(root.iterdir()) if p.is_file()}
 
 
 def _write_json(path: Path, payload: Any) -> None:
@@ -532,22 +536,18 @@ def _write_json(path: Path, payload: Any) -> None:
 # ================================================================================================
 
 
-def original_kv_bytes_per_token(config, dtype: torch.dtype = torch.bfloat16) -> int:
-    """K and V of every layer and KV head of the uncompressed architecture."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    element = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * element
-
-
 @torch.no_grad()
 def kv_cache_summary(model: torch.nn.Module, measure_tokens: int) -> dict[str, Any]:
     """Bytes/token of the cache in the model's dtype: the original architecture's, the spec's arithmetic
     (long-sequence rate, and at 2k / 4k tokens), and -- if measure_tokens -- the bytes a real generate() of
     that many positions allocated, which must equal the arithmetic at that length (else ExportError)."""
+    from kvforge.models.surgery import Geometry, original_kv_bytes_per_token
+
     dtype = next(model.parameters()).dtype
     config = model.config
-    summary: dict[str, Any] = {"dtype": str(dtype).removeprefix("torch."),
-                               "original_bytes_per_token": original_kv_bytes_per_token(config, dtype)}
+    dtype_name = str(dtype).removeprefix("torch.")
+    summary: dict[str, Any] = {"dtype": dtype_name,
+                               "original_bytes_per_token": original_kv_bytes_per_token(Geometry.of(config), dtype_name)}
     if getattr(config, "model_type", None) != "kvforge":
         summary["bytes_per_token"] = summary["original_bytes_per_token"]
         return summary
@@ -713,5 +713,5 @@ def model_card(model, tokenizer, kv_cache: dict, evaluations: list[dict], source
 
 __all__ = ["ExportError", "ExportResult", "export_run", "export_checkpoint", "export_pretrained", "export_model",
            "consolidate_checkpoint", "check_state_dict", "load_run_weights", "merge_lora", "bundle_code",
-           "verify_export", "verify_config", "verify_weights", "verify_code", "weight_files", "kv_cache_summary", "model_card",
-           "read_evaluations", "set_pyramid_default", "original_kv_bytes_per_token", "relative_imports"]
+           "verify_export", "verify_config", "verify_weights", "verify_code", "weight_files", "kv_cache_summary",
+           "model_card", "read_evaluations", "set_pyramid_default", "relative_imports"]

@@ -242,7 +242,8 @@ def parse_depths(text: str) -> list[float]:
         try:
             value = float(item)
         except ValueError:
-            raise ValueError(f"passkey depth {item!r} in {text!r}: expected numbers in [0, 1] separated by commas") from None
+            raise ValueError(f"passkey depth {item!r} in {text!r}: expected numbers in [0, 1] separated by "
+                             "commas") from None
         if not 0.0 <= value <= 1.0:
             raise ValueError(f"passkey depth {value} in {text!r}: expected a fraction in [0, 1]")
         out.append(value)
