@@ -46,14 +46,20 @@ def main(argv=None) -> int:
     pyramid.add_argument("--pyramid-schedule", choices=("pyramid", "uniform"), default="pyramid")
     pyramid.add_argument("--pyramid-window", type=int, default=8, help="observation window (default: 8)")
     pyramid.add_argument("--pyramid-pooling", choices=("avgpool", "maxpool", "none"), default="avgpool")
+    pyramid.add_argument("--pyramid-kernel", type=int, default=None, help="pooling kernel, odd (default: 7)")
+    pyramid.add_argument("--pyramid-beta", type=float, default=None,
+                         help="top layer gets 1/beta of the average selectable budget (default: 20, the paper's)")
+    pyramid.add_argument("--pyramid-sinks", type=int, default=None, help="first tokens always kept (default: 4)")
     args = parser.parse_args(argv)
 
     from kvforge.models.export import ExportError, export_checkpoint, export_pretrained, export_run, read_evaluations
 
     pyramid_settings = None
     if args.pyramid_budget is not None:
-        pyramid_settings = {"budget": args.pyramid_budget, "schedule": args.pyramid_schedule,
-                            "window": args.pyramid_window, "pooling": args.pyramid_pooling}
+        chosen = {"budget": args.pyramid_budget, "schedule": args.pyramid_schedule, "window": args.pyramid_window,
+                  "pooling": args.pyramid_pooling, "kernel_size": args.pyramid_kernel, "beta": args.pyramid_beta,
+                  "sinks": args.pyramid_sinks}
+        pyramid_settings = {name: value for name, value in chosen.items() if value is not None}
     try:
         options = dict(out_dir=args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                        overwrite=args.overwrite, pyramid=pyramid_settings, evaluations=read_evaluations(args.eval),

@@ -1,7 +1,7 @@
 """KVForgeConfig: a Llama-family causal LM config plus the per-layer KV-compression spec.
 
 This file ships beside exported weights and is loaded by plain `transformers` (trust_remote_code), so it
-imports only torch and transformers.
+imports only torch, transformers and its sibling pyramid.py.
 
 The spec (docs/ARCHITECTURE.md) is one record per layer; methods compose because they are fields of the
 same record:
@@ -33,13 +33,15 @@ import torch
 from transformers import PretrainedConfig
 from transformers.utils import logging
 
+# PyramidKV's settings are defined (and validated) once, beside the method; pyramid.py imports only torch
+# and ships with this file.
+from .pyramid import PyramidError, PyramidSettings
+
 logger = logging.get_logger(__name__)
 
 ATTENTION_TYPES = ("global", "window")
 KV_PROJ_TYPES = ("dense", "low_rank", "merged_heads")
 ROPE_LAYOUTS = ("pre_rope_latent", "partial")
-PYRAMID_SCHEDULES = ("pyramid", "uniform")
-PYRAMID_POOLINGS = ("avgpool", "maxpool", "none")
 SUPPORTED_BASE_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
@@ -328,31 +330,11 @@ class CalibrationSpec:
         _check_int(self.seq_len, "compression.calibration.seq_len", minimum=1)
 
 
-@dataclass
-class PyramidSpec:
-    """PyramidKV token selection after prefill (validated here; applied by the cache once implemented)."""
-
-    budget: int  # average tokens kept per layer
-    schedule: str = "pyramid"  # per-layer budgets: decreasing with depth, or equal
-    window: int = 8  # the last `window` prompt tokens score the others (and are always kept)
-    pooling: str = "avgpool"
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "PyramidSpec":
-        _check_keys(data, [f.name for f in fields(cls)], "compression.inference.pyramid")
-        if "budget" not in data:
-            raise CompressionSpecError("compression.inference.pyramid.budget is missing (tokens kept per layer)")
-        return cls(**data)
-
-    def to_dict(self) -> dict:
-        return {"budget": self.budget, "schedule": self.schedule, "window": self.window, "pooling": self.pooling}
-
-    def validate(self) -> None:
-        at = "compression.inference.pyramid"
-        _check_int(self.budget, f"{at}.budget", minimum=1)
-        _check_choice(self.schedule, PYRAMID_SCHEDULES, f"{at}.schedule")
-        _check_int(self.window, f"{at}.window", minimum=1)
-        _check_choice(self.pooling, PYRAMID_POOLINGS, f"{at}.pooling")
+def _pyramid_settings(value) -> PyramidSettings:
+    try:
+        return PyramidSettings.from_any(value)
+    except PyramidError as err:  # its messages start at "pyramid...": say where in the config that is
+        raise CompressionSpecError(f"compression.inference.{err}") from None
 
 
 @dataclass
@@ -361,7 +343,7 @@ class CompressionSpec:
 
     layers: list[LayerSpec]
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
-    pyramid: PyramidSpec | None = None  # serialized under "inference": {"pyramid": ...}
+    pyramid: PyramidSettings | None = None  # serialized under "inference": {"pyramid": ...}
 
     @classmethod
     def dense(cls, num_layers: int) -> "CompressionSpec":
@@ -388,7 +370,7 @@ class CompressionSpec:
         return cls(
             layers=parsed,
             calibration=CalibrationSpec.from_dict(data.get("calibration")),
-            pyramid=PyramidSpec.from_dict(pyramid) if pyramid is not None else None,
+            pyramid=_pyramid_settings(pyramid) if pyramid is not None else None,
         )
 
     def to_dict(self) -> dict:
@@ -436,7 +418,7 @@ class CompressionSpec:
                 self._check_same_layout(i, "probs_from", j)
         self.calibration.validate()
         if self.pyramid is not None:
-            self.pyramid.validate()
+            _pyramid_settings(self.pyramid)
 
     def _check_same_layout(self, i: int, name: str, j: int) -> None:
         # A consumer attends over exactly the producer's key slots, so it must see the same tokens.

@@ -326,23 +326,15 @@ def _write(model: torch.nn.Module, tokenizer: Any, tmp: Path, max_shard_size: st
 
 def set_pyramid_default(config, pyramid: Mapping[str, Any]) -> None:
     """Stores PyramidKV settings as `compression.inference.pyramid`, validated by the config's own spec."""
-    from kvforge.models.pyramid import PyramidError, PyramidSettings
-
+    compression = {**config.compression}
+    compression["inference"] = {**(compression.get("inference") or {}), "pyramid": dict(pyramid)}
     try:
-        settings = PyramidSettings.from_any(dict(pyramid))
-    except PyramidError as err:
-        raise ExportError(str(err)) from None
-    defaults = PyramidSettings(budget=settings.budget)
-    stored = {k: v for k, v in settings.to_dict().items()
-              if k in ("budget", "schedule", "window", "pooling") or v != getattr(defaults, k)}
-    compression = dict(config.compression)
-    compression["inference"] = {**(compression.get("inference") or {}), "pyramid": stored}
-    spec_cls = type(config.compression_spec)
-    try:
-        spec_cls.from_dict(compression).validate(config.num_hidden_layers, config.num_attention_heads,
-                                                 config.num_key_value_heads, config.head_dim)
+        spec = type(config.compression_spec).from_dict(compression)
+        spec.validate(config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
+                      config.head_dim)
     except ValueError as err:
         raise ExportError(f"the config cannot hold this PyramidKV default: {err}") from None
+    compression["inference"]["pyramid"] = spec.pyramid.to_dict()  # the compact, validated form
     config.compression = compression
 
 

@@ -391,9 +391,9 @@ class KVForgeCache(Cache):
     def __init__(self, config: KVForgeConfig, max_cache_len: int | None = None):
         spec = config.compression_spec
         if spec.pyramid is not None:
-            raise NotImplementedError(
-                "compression.inference.pyramid is set but the cache does not apply PyramidKV token selection yet; "
-                "remove inference.pyramid to generate with the full cache"
+            raise ValueError(
+                "compression.inference.pyramid is set: this cache must come from the model, which wires PyramidKV "
+                "into its attention (model.model.new_cache(), or let generate() create it)"
             )
         self.layouts: dict[tuple, SlotLayout] = {}
         storages = []
@@ -978,6 +978,16 @@ class KVForgeModel(KVForgePreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    def new_cache(self, max_cache_len: int | None = None) -> "KVForgeCache":
+        """The cache generate() and cached forwards use: with an export-time PyramidKV default
+        (compression.inference.pyramid) it selects tokens after the prefill, otherwise it keeps all."""
+        if self.config.compression_spec.pyramid is None:
+            return KVForgeCache(self.config, max_cache_len=max_cache_len)
+        # pyramid.py ships beside this file in an exported directory (transformers bundles it for this import).
+        from .pyramid import new_pyramid_cache
+
+        return new_pyramid_cache(self, max_cache_len=max_cache_len)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1016,7 +1026,7 @@ class KVForgeModel(KVForgePreTrainedModel):
                 f"created (generate() does this), or pass KVForgeCache(model.config)"
             )
         if use_cache and past_key_values is None:
-            past_key_values = KVForgeCache(self.config)
+            past_key_values = self.new_cache()
         cache = past_key_values
         past_length = cache.get_seq_length() if cache is not None else 0
 
@@ -1142,7 +1152,7 @@ class KVForgeForCausalLM(KVForgePreTrainedModel, GenerationMixin):
                 f"cache_implementation={generation_config.cache_implementation!r} is not supported: KVForge models "
                 f"generate with their own KVForgeCache; leave cache_implementation unset"
             )
-        model_kwargs["past_key_values"] = KVForgeCache(self.config, max_cache_len=max_cache_length)
+        model_kwargs["past_key_values"] = self.model.new_cache(max_cache_len=max_cache_length)
 
 
 __all__ = [

@@ -81,7 +81,7 @@ class PyramidSettings:
 
     @classmethod
     def from_any(cls, value: Any, **overrides: Any) -> "PyramidSettings":
-        """A PyramidSettings from itself, a mapping, or any object with `to_dict()` (the config's PyramidSpec).
+        """A PyramidSettings from itself, a mapping, or any object with `to_dict()`.
 
         Raises PyramidError for unknown keys, a missing budget or an out-of-range value.
         """
@@ -92,14 +92,14 @@ class PyramidSettings:
         elif isinstance(value, Mapping):
             data = dict(value)
         else:
-            raise PyramidError(f"pyramid settings must be a mapping or PyramidSettings, got {type(value).__name__}")
+            raise PyramidError(f"pyramid must be a mapping or PyramidSettings, got {type(value).__name__}")
         data.update({k: v for k, v in overrides.items() if v is not None})
         known = [f.name for f in fields(cls)]
         unknown = sorted(set(data) - set(known))
         if unknown:
-            raise PyramidError(f"pyramid settings: unknown key(s) {unknown}; allowed: {known}")
+            raise PyramidError(f"pyramid: unknown key(s) {unknown}; allowed: {known}")
         if "budget" not in data or data["budget"] is None:
-            raise PyramidError("pyramid settings: `budget` (average tokens kept per layer) is missing")
+            raise PyramidError("pyramid.budget is missing (average tokens kept per layer)")
         settings = cls(**data)
         settings.validate()
         return settings
@@ -129,7 +129,10 @@ class PyramidSettings:
                 f"which every layer keeps; raise the budget or lower window/sinks")
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """What a config stores: the four settings every user picks, plus any other that is not its default."""
+        defaults = PyramidSettings(budget=self.budget)
+        return {name: value for name, value in asdict(self).items()
+                if name in ("budget", "schedule", "window", "pooling") or value != getattr(defaults, name)}
 
 
 def layer_budgets(settings: PyramidSettings, num_layers: int) -> list[int]:
@@ -449,12 +452,13 @@ def attach_pyramid(model, cache, settings: PyramidSettings) -> PyramidKV:
     cache.pyramid = pyramid
     for storage in cache.layers:
         storage.pyramid = pyramid
-    if not getattr(model, "_kvforge_pyramid_hooks", False):
-        for attention in _attention_modules(model):
+    base = _base_model(model)  # the flag lives on the decoder stack, whichever wrapper was passed
+    if not getattr(base, "_kvforge_pyramid_hooks", False):
+        for attention in _attention_modules(base):
             attention.register_forward_pre_hook(_route_plan, with_kwargs=True)
             attention.register_forward_hook(_observe, with_kwargs=True)
-        _base_model(model).register_forward_hook(_after_step, with_kwargs=True)
-        model._kvforge_pyramid_hooks = True
+        base.register_forward_hook(_after_step, with_kwargs=True)
+        base._kvforge_pyramid_hooks = True
     return pyramid
 
 

@@ -198,7 +198,8 @@ def test_checkpoint_export_through_the_cli_with_a_model_card(trained_run, tmp_pa
     out = tmp_path / "cli-export"
     step = trained_run / "checkpoints" / "step_00000002"
     result = subprocess.run([sys.executable, str(REPO / "launch/export.py"), "--checkpoint", str(step), "--out",
-                             str(out), "--eval", str(tmp_path / "passkey.json"), "--pyramid-budget", "64"],
+                             str(out), "--eval", str(tmp_path / "passkey.json"), "--pyramid-budget", "64",
+                             "--pyramid-sinks", "2"],
                             capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout[result.stdout.index("{"):])
@@ -210,10 +211,30 @@ def test_checkpoint_export_through_the_cli_with_a_model_card(trained_run, tmp_pa
     assert "| passkey at 4096 tokens, full cache | 0.900 (0: 2/2) |" in card
     config = json.loads((out / "config.json").read_text())
     assert config["compression"]["inference"]["pyramid"] == {"budget": 64, "schedule": "pyramid", "window": 8,
-                                                             "pooling": "avgpool"}
+                                                             "pooling": "avgpool", "sinks": 2}
     assert config["dtype"] == "bfloat16"
     manifest = verify_export(out)
     assert manifest["source"]["step"] == 2 and manifest["kv_cache"]["measured"]["tokens"] == 64  # the default
+
+    # The export-time default applies to a plain generate() in a process without kvforge.
+    script = f"""
+        import sys, torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True, dtype=torch.float32)
+        assert not any(m == "kvforge" or m.startswith("kvforge.") for m in sys.modules)
+        ids = torch.randint(0, model.config.vocab_size, (2, 150), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False,
+                                 return_dict_in_generate=True)
+        cache = out.past_key_values
+        assert cache.pyramid.settings.sinks == 2 and cache.pyramid.compacted
+        assert cache.pyramid.kept == {{0: 64}}, cache.pyramid.kept  # one global cache group in this layout
+        full = model.config.kv_cache_bytes(150 + 3, torch.float32)
+        assert cache.cache_bytes() < full, (cache.cache_bytes(), full)  # freed, not masked
+        print("ok", cache.cache_bytes(), full)
+    """
+    child = run_without_kvforge(script, tmp_path)
+    assert child.returncode == 0, child.stdout[-2000:] + child.stderr[-4000:]
 
 
 def test_a_run_whose_config_does_not_fit_its_weights_names_the_key_and_shapes(trained_run, tmp_path):

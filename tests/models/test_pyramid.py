@@ -77,7 +77,7 @@ def test_uniform_budgets_and_beta_one_are_flat_with_the_same_total():
     ({"budget": 64, "kernel_size": 4}, "pyramid.kernel_size=4: expected an odd size"),
     ({"budget": 64, "beta": 0.5}, "pyramid.beta=0.5: expected a number >= 1"),
     ({"budget": 64, "windw": 8}, "unknown key(s) ['windw']"),
-    ({"schedule": "uniform"}, "`budget` (average tokens kept per layer) is missing"),
+    ({"schedule": "uniform"}, "pyramid.budget is missing (average tokens kept per layer)"),
     ({"budget": 0}, "pyramid.budget=0: expected an integer >= 1"),
 ])
 def test_bad_settings_name_the_field(values, message):
@@ -268,3 +268,25 @@ def test_config_default_is_used_when_no_settings_are_given():
     model.generate(prompt(40), max_new_tokens=2, do_sample=False, past_key_values=cache)
     assert cache.pyramid.kept == {0: 16, 1: 16}
     assert math.isclose(cache.kv_bytes_per_token(), cache.cache_bytes() / 41)
+
+
+def test_plain_generate_applies_the_export_time_default():
+    """compression.inference.pyramid in the config: generate() with no cache argument compacts as an explicit
+    new_pyramid_cache would, and a directly built KVForgeCache refuses the config instead of ignoring it."""
+    settings = {"budget": 16, "schedule": "uniform", "window": 4}
+    explicit = tiny_model([{}, {}])
+    ids = prompt(40)
+    cache = new_pyramid_cache(explicit, **settings)
+    expected = explicit.generate(ids, max_new_tokens=6, do_sample=False, past_key_values=cache)
+
+    model = tiny_model([{}, {}])
+    model.config.compression = {**model.config.compression, "inference": {"pyramid": settings}}
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, expected)
+    assert out.past_key_values.pyramid.kept == {0: 16, 1: 16}
+    assert all(t.shape[2] < ids.shape[1] for _, name, t in out.past_key_values.named_tensors() if name == "key")
+    # A second generate() reuses the hooks once installed: the result does not change.
+    again = model.generate(ids, max_new_tokens=6, do_sample=False)
+    assert torch.equal(again, expected)
+    with pytest.raises(ValueError, match="compression.inference.pyramid is set"):
+        KVForgeCache(model.config)

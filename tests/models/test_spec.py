@@ -17,7 +17,7 @@ from kvforge.models.configuration_kvforge import (
     KVForgeConfig,
     LayerSpec,
 )
-from kvforge.models.modeling_kvforge import KVForgeCache, KVForgeForCausalLM
+from kvforge.models.modeling_kvforge import KVForgeCache, KVForgeForCausalLM, KVForgeModel
 
 # validate(num_layers, num_heads, num_kv_heads, head_dim) of the tiny test model
 DIMS = (4, 4, 2, 16)
@@ -116,9 +116,9 @@ def test_merged_heads_must_divide_the_query_heads():
 
 
 @pytest.mark.parametrize("data, message", [
-    ({"layers": [D] * 4, "inference": {"pyramid": {"budget": 0}}}, "compression.inference.pyramid.budget=0 is out of range"),
+    ({"layers": [D] * 4, "inference": {"pyramid": {"budget": 0}}}, "compression.inference.pyramid.budget=0: expected an integer >= 1"),
     ({"layers": [D] * 4, "inference": {"pyramid": {"budget": 64, "schedule": "pyramidal"}}},
-     "compression.inference.pyramid.schedule='pyramidal' is not one of 'pyramid', 'uniform' (did you mean 'pyramid'?)"),
+     "compression.inference.pyramid.schedule='pyramidal': expected one of pyramid, uniform"),
     ({"layers": [D] * 4, "inference": {"pyramid": {"window": 8}}}, "compression.inference.pyramid.budget is missing"),
     ({"layers": [D] * 4, "inference": {"pyramids": None}}, "compression.inference: unknown key 'pyramids' (did you mean 'pyramid'?)"),
     ({"layers": [D] * 4, "calibration": {"token": 100}}, "compression.calibration: unknown key 'token' (did you mean 'tokens'?)"),
@@ -289,7 +289,11 @@ def test_exported_directory_loads_without_kvforge(tmp_path):
     assert result.stdout.startswith("ok transformers_modules.")
 
 
-def test_pyramid_is_refused_until_implemented():
+def test_pyramid_default_makes_the_model_build_a_pyramid_cache():
+    """An export-time PyramidKV default is honoured by the model's own cache and never silently dropped by a
+    hand-built KVForgeCache."""
     config = KVForgeConfig(**TINY, compression=spec_of(D, D, D, D, inference={"pyramid": {"budget": 16}}).to_dict())
-    with pytest.raises(NotImplementedError, match="inference.pyramid"):
+    cache = KVForgeModel(config).new_cache()
+    assert cache.pyramid is not None and cache.pyramid.settings.budget == 16
+    with pytest.raises(ValueError, match="inference.pyramid is set"):
         KVForgeCache(config)
