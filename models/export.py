@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -46,6 +45,9 @@ EXTRA_MODULES = ("pyramid",)
 MEASURE_TOKENS = 64
 
 _RELATIVE_IMPORT = re.compile(r"^\s*(?:from\s+\.(\w+)\s+import|import\s+\.(\w+))", re.MULTILINE)
+# The modeling file imports the kernel dispatch from the installed package; bundled, the kernel files sit flat
+# beside it, so that import becomes relative (the form transformers copies along with the modeling file).
+_KERNEL_IMPORT = re.compile(r"^(\s*)from\s+kvforge\.kernels\.(\w+)\s+import", re.MULTILINE)
 
 
 class ExportError(ValueError):
@@ -360,28 +362,33 @@ def relative_imports(source: str) -> set[str]:
     return {a or b for a, b in _RELATIVE_IMPORT.findall(source)}
 
 
+def flatten_kernel_imports(source: str) -> str:
+    """`from kvforge.kernels.X import ...` -> `from .X import ...` (X.py is bundled flat beside it)."""
+    return _KERNEL_IMPORT.sub(lambda m: f"{m.group(1)}from .{m.group(2)} import", source)
+
+
 def bundle_code(model: torch.nn.Module, out_dir: Path) -> list[str]:
     """Copies the model's modeling and config modules, EXTRA_MODULES and, transitively, every module they
-    import relatively, flat into out_dir. Returns the file names. Raises ExportError for an import that
+    import relatively (the kernel dispatch and kernels included), flat into out_dir. Returns the file names. Raises ExportError for an import that
     cannot be found."""
     search = _module_search_path(model)
     wanted = [Path(sys.modules[type(model).__module__].__file__).stem,
               Path(sys.modules[type(model.config).__module__].__file__).stem, *EXTRA_MODULES]
-    done: dict[str, Path] = {}
+    sources: dict[str, str] = {}
     while wanted:
         name = wanted.pop()
-        if name in done:
+        if name in sources:
             continue
         found = next((d / f"{name}.py" for d in search if (d / f"{name}.py").is_file()), None)
         if found is None:
             raise ExportError(f"module {name!r} is imported relatively by the modeling code but {name}.py is in "
                               f"none of {', '.join(map(str, search))}")
-        done[name] = found
-        wanted.extend(relative_imports(found.read_text()) - set(done))
-    for name, path in done.items():
-        shutil.copyfile(path, out_dir / f"{name}.py")
+        sources[name] = flatten_kernel_imports(found.read_text())
+        wanted.extend(relative_imports(sources[name]) - set(sources))
+    for name, source in sources.items():
+        (out_dir / f"{name}.py").write_text(source)
     _ensure_auto_map(model, out_dir)
-    return sorted(f"{name}.py" for name in done)
+    return sorted(f"{name}.py" for name in sources)
 
 
 def _ensure_auto_map(model: torch.nn.Module, out_dir: Path) -> None:
@@ -706,4 +713,4 @@ def model_card(model, tokenizer, kv_cache: dict, evaluations: list[dict], source
 __all__ = ["ExportError", "ExportResult", "export_run", "export_checkpoint", "export_pretrained", "export_model",
            "consolidate_checkpoint", "check_state_dict", "load_run_weights", "merge_lora", "bundle_code",
            "verify_export", "verify_config", "verify_weights", "verify_code", "weight_files", "kv_cache_summary",
-           "model_card", "read_evaluations", "set_pyramid_default", "relative_imports"]
+           "model_card", "read_evaluations", "set_pyramid_default", "relative_imports", "flatten_kernel_imports"]

@@ -1,7 +1,7 @@
 """KVForge: a Llama-family causal LM whose attention layers and KV cache follow a per-layer compression spec.
 
 This file ships beside exported weights and loads with plain `transformers` (trust_remote_code): it imports
-only torch, transformers and its config (later also the kernel dispatch, behind `attention_function`).
+only torch, transformers, its config and (optionally) the kernel dispatch, behind `attention_function`.
 
 Shape legend (suffixes in comments):
     B batch, T new tokens (queries) in this forward, S attendable key slots (cached + new), E hidden size,
@@ -39,6 +39,14 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_u
 from transformers.utils import logging
 
 from .configuration_kvforge import KVForgeConfig, LayerSpec
+
+# Fused kernels (kernels/dispatch.py). In an exported directory the kernel files sit beside this one and export
+# rewrites this line to the relative import transformers bundles; without them (a plain save_pretrained copy,
+# kvforge absent) every attention call takes the PyTorch references below.
+try:
+    from kvforge.kernels.dispatch import fused_attention
+except ImportError:
+    fused_attention = None
 
 try:  # transformers' init helpers skip tensors already loaded from a checkpoint
     from transformers import initialization as hf_init
@@ -158,6 +166,38 @@ def visibility_mask(query_index: torch.Tensor, key_index: torch.Tensor, window: 
 
 
 @dataclass
+class KeyRotary:
+    """RoPE for keys rotated at attention time (pre-RoPE latent caches), at the keys' positions [B, S].
+
+    inv_freq [D/2] (float32) and scaling are the model's rotary embedding's, so `tables()` equals what
+    KVForgeRotaryEmbedding returns for these positions. A fused kernel reads `positions` and computes the angles
+    itself instead of reading two [B, S, D] tables.
+    """
+
+    positions: torch.Tensor  # [B, S] long
+    inv_freq: torch.Tensor  # [D/2] float32
+    scaling: float
+    dtype: torch.dtype
+    _tables: tuple | None = field(default=None, repr=False)
+    _max_position: int | None = field(default=None, repr=False)
+
+    def max_position(self) -> int:
+        """The largest position (read from the device once per step: every layer of the layout shares it)."""
+        if self._max_position is None:
+            self._max_position = int(self.positions.max())
+        return self._max_position
+
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, S, D] in `dtype` (built once)."""
+        if self._tables is None:
+            with torch.autocast(device_type=self.positions.device.type, enabled=False):  # angles in fp32 always
+                freqs = self.positions[..., None].float() * self.inv_freq.float().to(self.positions.device)
+                emb = torch.cat((freqs, freqs), dim=-1)
+                self._tables = ((emb.cos() * self.scaling).to(self.dtype), (emb.sin() * self.scaling).to(self.dtype))
+        return self._tables
+
+
+@dataclass
 class SlotPlan:
     """One forward step of one slot layout: what the attendable key slots hold and where new tokens go.
 
@@ -179,15 +219,16 @@ class SlotPlan:
     write_batch: torch.Tensor | None = None
     write_token: torch.Tensor | None = None
     write_slot: torch.Tensor | None = None
-    rotary: Callable | None = None  # positions [B, S] -> (cos, sin) [B, S, D]
-    _key_rotary: tuple | None = field(default=None, repr=False)
+    rotary: Callable | None = None  # positions [B, S] -> KeyRotary
+    _key_rotary: KeyRotary | None = field(default=None, repr=False)
 
     @property
     def is_ring(self) -> bool:
         return self.window is not None
 
-    def key_rotary(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [B, S, D] at the attendable keys' positions (for keys rotated at attention time)."""
+    def key_rotary(self) -> KeyRotary:
+        """RoPE at the attendable keys' positions (for keys rotated at attention time); one per step, so the
+        PyTorch path builds its cos/sin tables once for every layer of this layout."""
         if self._key_rotary is None:
             self._key_rotary = self.rotary(self.key_positions)
         return self._key_rotary
@@ -618,18 +659,19 @@ def kv_attention(query, key, value, mask, scaling, *, need_probs=False, dropout=
     return _weighted_values(_dropout(probs, dropout), value), (probs if need_probs else None)
 
 
-def pre_rope_latent_attention(query, k_latent, v_latent, k_up, v_up, key_cos, key_sin, mask, scaling, *,
+def pre_rope_latent_attention(query, k_latent, v_latent, k_up, v_up, key_rotary, mask, scaling, *,
                               need_probs=False, dropout=0.0, use_sdpa=False, absorb=None):
     """Low-rank cache with RoPE after the up-projection (Eigen Attention style).
 
     query [B, K, G, T, D] (rotated); k_latent [B, S, Rk], v_latent [B, S, Rv]; k_up: Rk -> K*D and
-    v_up: Rv -> K*D (the producer's nn.Linear modules); key_cos / key_sin [B, S, D] at the keys' positions.
+    v_up: Rv -> K*D (the producer's nn.Linear modules); key_rotary: KeyRotary at the keys' positions.
     Keys are rebuilt and rotated here: RoPE sits between q and k_up, so k_up cannot fold into the query.
     The value up-projection is absorbed (`_latent_values`) by default for one query token (decode).
     """
     batch, heads, group, length, dim = query.shape
     slots = k_latent.shape[1]
     absorb = (length == 1) if absorb is None else absorb
+    key_cos, key_sin = key_rotary.tables()
     key = k_up(k_latent).view(batch, slots, heads, dim).transpose(1, 2)  # [B, K, S, D]
     key = apply_rotary(key, key_cos[:, None], key_sin[:, None])
     if not absorb:
@@ -688,11 +730,12 @@ ATTENTION_FUNCTIONS: dict[str, Callable] = {
 def attention_function(representation: str) -> Callable:
     """The attention implementation for a cache representation: the one seam where fused kernels plug in.
 
-    Today: the PyTorch reference above. The kernel dispatch (kernels/, copied flat beside this file on
-    export) will be consulted here and may return a Triton kernel with the same signature for the current
-    device, falling back to these references (which its tests hold it equal to).
+    The kernel dispatch, when importable, wraps the PyTorch reference above in a function of the same signature
+    that runs a Triton kernel where one applies (KVFORGE_KERNELS chooses; see kernels/dispatch.py) and the
+    reference otherwise.
     """
-    return ATTENTION_FUNCTIONS[representation]
+    reference = ATTENTION_FUNCTIONS[representation]
+    return reference if fused_attention is None else fused_attention(representation, reference)
 
 
 # ================================================================================================
@@ -851,8 +894,7 @@ class KVForgeAttention(nn.Module):
             return attend(rotated, t["key"], t["value"], plan.mask, self.scaling, need_probs=need_probs,
                           dropout=dropout, use_sdpa=use_sdpa)
         if shared.representation == "pre_rope_latent":
-            key_cos, key_sin = plan.key_rotary()
-            return attend(rotated, t["k_latent"], t["v_latent"], producer.k_up, producer.v_up, key_cos, key_sin,
+            return attend(rotated, t["k_latent"], t["v_latent"], producer.k_up, producer.v_up, plan.key_rotary(),
                           plan.mask, self.scaling, need_probs=need_probs, dropout=dropout, use_sdpa=use_sdpa)
         if shared.representation == "partial":
             rope_dims, nope_dims = partial_rope_dims(producer.rope_index, dim)
@@ -1049,8 +1091,9 @@ class KVForgeModel(KVForgePreTrainedModel):
 
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)  # cos, sin [B, T, D]
 
-        def rotary(positions):
-            return self.rotary_emb(inputs_embeds, positions)
+        def rotary(positions):  # inv_freq as the call above left it (dynamic RoPE types update it there)
+            return KeyRotary(positions, self.rotary_emb.inv_freq, self.rotary_emb.attention_scaling,
+                             inputs_embeds.dtype)
 
         plans: dict[tuple, SlotPlan] = {}
         for layout in dict.fromkeys(self.layer_layouts):

@@ -9,6 +9,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Triton kernels are tested on CPU through Triton's interpreter, which must be on before triton is imported.
+# Nothing runs them on CPU unless a test asks for it (KVFORGE_KERNELS=triton): the default dispatch is
+# Triton on CUDA tensors only.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 

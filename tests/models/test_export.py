@@ -147,8 +147,10 @@ def test_trained_run_round_trips_into_a_process_without_kvforge(trained_run, tmp
     out = tmp_path / "export"
     result = export_run(trained_run, out, dtype="float32")
     assert result.kvforge and result.source["step"] == 2
-    assert {"modeling_kvforge.py", "configuration_kvforge.py", "pyramid.py", "model.safetensors",
-            "tokenizer.json", "generation_config.json", "README.md", EXPORT_MANIFEST} <= set(os.listdir(out))
+    assert {"modeling_kvforge.py", "configuration_kvforge.py", "pyramid.py", "dispatch.py", "latent_attention.py",
+            "model.safetensors", "tokenizer.json", "generation_config.json", "README.md",
+            EXPORT_MANIFEST} <= set(os.listdir(out))
+    assert "    from .dispatch import fused_attention\n" in (out / "modeling_kvforge.py").read_text()
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"] == {"AutoConfig": "configuration_kvforge.KVForgeConfig",
                                   "AutoModelForCausalLM": "modeling_kvforge.KVForgeForCausalLM"}
@@ -171,6 +173,8 @@ def test_trained_run_round_trips_into_a_process_without_kvforge(trained_run, tmp
         model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
         assert type(model).__module__.startswith("transformers_modules."), type(model).__module__
         assert not any(m == "kvforge" or m.startswith("kvforge.") for m in sys.modules)
+        dispatch = sys.modules[type(model).__module__].fused_attention  # the bundled kernel dispatch
+        assert dispatch is not None and dispatch.__module__.endswith(".dispatch"), dispatch
         expected = torch.load({str(tmp_path / "expected.pt")!r})
         with torch.no_grad():
             out = model.generate(expected["ids"], max_new_tokens=12, do_sample=False, return_dict_in_generate=True)

@@ -1,0 +1,10 @@
+# Runs launch/benchmark_decode.py on the device machine (no install: kvforge's folders linked as a package).
+set -u
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+mkdir -p /tmp/kv/kvforge
+for d in trainer models kernels; do ln -sfn "$PWD/$d" /tmp/kv/kvforge/$d; done
+cp kvforge/*.py /tmp/kv/kvforge/
+export PYTHONPATH=/tmp/kv
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+python3 launch/benchmark_decode.py "$@"

@@ -1,0 +1,96 @@
+"""Which implementation serves an attention call: a fused Triton kernel where one applies, else the PyTorch
+reference from modeling_kvforge.py (which the kernels' tests hold them equal to).
+
+modeling_kvforge.attention_function(representation) asks `fused_attention(representation, reference)` for
+the function to call; the answer has the reference's signature and decides per call, so the modeling code
+never changes when a kernel is added. A kernel serves only what it implements (today: one decode token over a
+pre-RoPE latent cache, no gradients, no dropout, no attention probabilities asked for); anything else goes to
+the reference.
+
+KVFORGE_KERNELS (read per call):
+    auto   (default) Triton on CUDA tensors, PyTorch elsewhere
+    off    PyTorch everywhere (debugging, A/B benchmarks)
+    triton Triton wherever it applies, CPU tensors included -- which needs TRITON_INTERPRET=1 set before
+           triton was first imported (the kernels' CPU tests run this way)
+
+This file is copied flat beside modeling_kvforge.py in an exported directory; it imports only torch and its
+sibling kernel files.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable
+
+import torch
+
+from .latent_attention import available, latent_decode_attention
+
+MODES = ("auto", "off", "triton")
+
+
+def kernel_mode() -> str:
+    mode = os.environ.get("KVFORGE_KERNELS", "auto")
+    if mode not in MODES:
+        raise ValueError(f"KVFORGE_KERNELS={mode!r} is not one of {', '.join(MODES)}")
+    return mode
+
+
+def _use_triton(tensor: torch.Tensor) -> bool:
+    mode = kernel_mode()
+    if mode == "off" or not available():
+        return False
+    if tensor.is_cuda:
+        return True
+    if mode == "triton":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("KVFORGE_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1 in the environment "
+                               "before triton is imported")
+        return True
+    return False
+
+
+def _is_power_of_2(n: int) -> bool:
+    return n >= 2 and n & (n - 1) == 0
+
+
+def _plain_linear(*modules) -> bool:
+    # The kernel reads .weight / .bias; a wrapped projection (LoRA before merging) computes more than that.
+    return all(type(m) is torch.nn.Linear for m in modules)
+
+
+def _pre_rope_latent(reference: Callable) -> Callable:
+    @functools.wraps(reference)
+    def attend(query, k_latent, v_latent, k_up, v_up, key_rotary, mask, scaling, *, need_probs=False, dropout=0.0,
+               use_sdpa=False, absorb=None):
+        fits = (
+            query.shape[3] == 1 and not need_probs and not dropout and absorb is not False
+            and _plain_linear(k_up, v_up) and _is_power_of_2(query.shape[-1])  # Triton's aranges need 2^n
+            and k_up.weight.dtype == query.dtype == k_latent.dtype
+            and not (torch.is_grad_enabled() and (query.requires_grad or k_up.weight.requires_grad))
+        )
+        if not (_use_triton(query) and fits):  # the mode first: a bad KVFORGE_KERNELS fails on every call
+            return reference(query, k_latent, v_latent, k_up, v_up, key_rotary, mask, scaling, need_probs=need_probs,
+                             dropout=dropout, use_sdpa=use_sdpa, absorb=absorb)
+        out = latent_decode_attention(
+            query[:, :, :, 0], k_latent, v_latent, k_up.weight, k_up.bias, v_up.weight, v_up.bias,
+            key_rotary.positions, mask[:, 0, 0, 0, :], key_rotary.inv_freq, key_rotary.scaling, scaling,
+            max_position=key_rotary.max_position())
+        return out[:, :, :, None], None
+
+    return attend
+
+
+_FUSED: dict[str, Callable[[Callable], Callable]] = {"pre_rope_latent": _pre_rope_latent}
+
+
+@functools.lru_cache(maxsize=None)
+def fused_attention(representation: str, reference: Callable) -> Callable:
+    """The function modeling_kvforge should call for `representation`: a kernel-or-reference wrapper, or the
+    reference itself when no kernel exists for it."""
+    wrap = _FUSED.get(representation)
+    return reference if wrap is None else wrap(reference)
+
+
+__all__ = ["fused_attention", "kernel_mode", "MODES"]

@@ -1,0 +1,246 @@
+"""Fused decode attention over a pre-RoPE low-rank cache (Eigen Attention / Palu style), in Triton.
+
+The cache holds two latents per token, c_k [B, S, Rk] and c_v [B, S, Rv]; a layer's keys are
+k = RoPE(U_k c_k + b_k) and its values v = U_v c_v + b_v. RoPE sits between U_k and the query, so U_k cannot
+be folded into the query (as MLA does): keys must be rebuilt. The PyTorch reference
+(`pre_rope_latent_attention` in modeling_kvforge.py) rebuilds and rotates every key of every step in device
+memory, so it moves more bytes than an uncompressed cache would. This kernel rebuilds each tile of keys in
+registers and never writes them. One program serves every head of a row over one split of the slots:
+
+    for each tile of BLOCK_S slots:
+        key = c_k[tile] @ U_k^T                          all KV heads at once, two halves [BLOCK_S, K * D/2]
+        key = RoPE(key) at the slots' positions          cos/sin gathered from a [positions, D/2] table (L2-resident)
+        score = Q_bd @ key^T * scaling, masked           Q_bd [H, K * D/2]: query head h holds its values in the
+                                                          columns of its KV head and zeros elsewhere, so one
+                                                          product gives every head's scores (no head expansion)
+        online softmax; acc += p @ c_v[tile]             values stay latent and are shared by all heads: one
+                                                          product for all H heads; U_v is applied once, at the end
+
+so device memory sees each latent once (plus one position and one mask byte per slot). Splits of the slot
+axis (flash-decoding) keep the GPU busy at small batch; their partial results are merged in PyTorch, and
+out_h = acc_h @ U_v[h // G]^T + b_v, exact since sum_s p_s (U_v c_s + b_v) = U_v (sum_s p_s c_s) + b_v.
+
+Measured choices (benchmarks/NOTES.md): one program per row and split rather than per KV head (the latent
+tiles and the rotations were computed once per KV head: 3x the work for SmolLM2), and a cos/sin table rather
+than sin/cos per element (the transcendental functions cost more than all the loads).
+
+Imports triton inside `try`: without it (a CPU-only install) the module loads and `available()` says False.
+This file is copied flat beside modeling_kvforge.py in an exported directory; it imports only torch and triton.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only install: the PyTorch reference serves
+    triton = None
+
+
+def available() -> bool:
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _latent_decode_kernel(
+        Q, K_LATENT, V_LATENT, K_WEIGHT, K_BIAS, POSITIONS, VALID, ROPE,  # inputs
+        ACC, MAX, SUM,  # outputs, per split
+        stride_qb,  # q [B, H, D], heads then dims contiguous
+        stride_kb, stride_ks,  # k_latent [B, S, Rk], last dim contiguous
+        stride_vb, stride_vs,  # v_latent [B, S, Rv], last dim contiguous
+        stride_pb, stride_mb,  # positions [B, S], valid [B, S]
+        slots, heads, group, kv_heads, k_rank, v_rank, slots_per_split, splits, scaling,
+        HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+        BLOCK_RK: tl.constexpr, BLOCK_RV: tl.constexpr, HAS_K_BIAS: tl.constexpr,
+    ):
+        split = tl.program_id(0)
+        row = tl.program_id(1)
+        dtype = Q.dtype.element_ty
+
+        offs_h = tl.arange(0, BLOCK_H)
+        offs_c = tl.arange(0, BLOCK_C)  # column c: KV head c // HALF, frequency pair c % HALF
+        offs_p = tl.arange(0, HALF)
+        offs_rk = tl.arange(0, BLOCK_RK)
+        offs_rv = tl.arange(0, BLOCK_RV)
+        col_head = offs_c // HALF
+        col_pair = offs_c % HALF
+        col_ok = col_head < kv_heads
+
+        # Block-diagonal query halves [BLOCK_H, BLOCK_C]: head h keeps its dims in its KV head's columns.
+        own = (col_head[None, :] == (offs_h // group)[:, None]) & (offs_h < heads)[:, None]
+        q_ptr = Q + row * stride_qb + offs_h[:, None] * (2 * HALF) + col_pair[None, :]
+        q_lo = tl.load(q_ptr, mask=own, other=0.0)
+        q_hi = tl.load(q_ptr + HALF, mask=own, other=0.0)
+
+        # U_k transposed into the same columns, per half: k_up.weight row (kv * D + pair [+ HALF]), column r.
+        rk_ok = offs_rk < k_rank
+        w_ptr = K_WEIGHT + (col_head[None, :] * (2 * HALF) + col_pair[None, :]) * k_rank + offs_rk[:, None]
+        w_lo = tl.load(w_ptr, mask=rk_ok[:, None] & col_ok[None, :], other=0.0)
+        w_hi = tl.load(w_ptr + HALF * k_rank, mask=rk_ok[:, None] & col_ok[None, :], other=0.0)
+        if HAS_K_BIAS:
+            bias_ptr = K_BIAS + col_head * (2 * HALF) + col_pair
+            b_lo = tl.load(bias_ptr, mask=col_ok, other=0.0).to(tl.float32)
+            b_hi = tl.load(bias_ptr + HALF, mask=col_ok, other=0.0).to(tl.float32)
+
+        running_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        running_sum = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_RV], tl.float32)
+
+        start = split * slots_per_split
+        end = tl.minimum(start + slots_per_split, slots)
+        for tile in range(start, end, BLOCK_S):
+            offs_s = tile + tl.arange(0, BLOCK_S)
+            s_ok = offs_s < end
+            c_k = tl.load(K_LATENT + row * stride_kb + offs_s[:, None] * stride_ks + offs_rk[None, :],
+                          mask=s_ok[:, None] & rk_ok[None, :], other=0.0)
+            key_lo = tl.dot(c_k, w_lo)  # [BLOCK_S, BLOCK_C] float32
+            key_hi = tl.dot(c_k, w_hi)
+            if HAS_K_BIAS:
+                key_lo += b_lo[None, :]
+                key_hi += b_hi[None, :]
+            # RoPE in float32 (the reference rotates in the cache's dtype: this is a little more exact).
+            # cos/sin are the same for every KV head: gather [BLOCK_S, HALF] once, repeat across the columns.
+            position = tl.load(POSITIONS + row * stride_pb + offs_s, mask=s_ok, other=0)
+            rope_ptr = ROPE + position[:, None] * (2 * HALF) + offs_p[None, :]
+            cos = tl.reshape(tl.broadcast_to(tl.load(rope_ptr)[:, None, :], (BLOCK_S, BLOCK_C // HALF, HALF)),
+                             (BLOCK_S, BLOCK_C))
+            sin = tl.reshape(tl.broadcast_to(tl.load(rope_ptr + HALF)[:, None, :], (BLOCK_S, BLOCK_C // HALF, HALF)),
+                             (BLOCK_S, BLOCK_C))
+            rot_lo = (key_lo * cos - key_hi * sin).to(dtype)
+            rot_hi = (key_hi * cos + key_lo * sin).to(dtype)
+            scores = tl.dot(q_lo, tl.trans(rot_lo)) + tl.dot(q_hi, tl.trans(rot_hi))  # [BLOCK_H, BLOCK_S]
+            valid = tl.load(VALID + row * stride_mb + offs_s, mask=s_ok, other=0) != 0
+            scores = tl.where(valid[None, :], scores * scaling, float("-inf"))
+
+            tile_max = tl.maximum(running_max, tl.max(scores, axis=1))
+            # A tile (or a whole split) can be fully masked: keep exp() away from (-inf) - (-inf).
+            safe_max = tl.where(tile_max == float("-inf"), 0.0, tile_max)
+            alpha = tl.exp(running_max - safe_max)
+            p = tl.exp(scores - safe_max[:, None])
+            running_sum = running_sum * alpha + tl.sum(p, axis=1)
+            c_v = tl.load(V_LATENT + row * stride_vb + offs_s[:, None] * stride_vs + offs_rv[None, :],
+                          mask=s_ok[:, None] & (offs_rv[None, :] < v_rank), other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(dtype), c_v)
+            running_max = tile_max
+
+        stat = (row * splits + split) * BLOCK_H + offs_h  # max / sum [B, splits, BLOCK_H]; acc adds BLOCK_RV
+        tl.store(ACC + stat[:, None] * BLOCK_RV + offs_rv[None, :], acc)
+        tl.store(MAX + stat, running_max)
+        tl.store(SUM + stat, running_sum)
+
+
+    @triton.jit
+    def _merge_splits_kernel(
+        ACC, MAX, SUM, OUT,  # acc [B, splits, BLOCK_H, BLOCK_RV], max / sum [B, splits, BLOCK_H]; out [B, H, Rv]
+        splits, heads, v_rank,
+        BLOCK_H: tl.constexpr, BLOCK_RV: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
+    ):
+        """Flash-decoding's second stage, per (row, head): weights exp(m_split - m); fully masked splits weigh 0."""
+        head = tl.program_id(0)
+        row = tl.program_id(1)
+        offs_split = tl.arange(0, BLOCK_SPLITS)
+        offs_rv = tl.arange(0, BLOCK_RV)
+        split_ok = offs_split < splits
+        stat = (row * splits + offs_split) * BLOCK_H + head
+        split_max = tl.load(MAX + stat, mask=split_ok, other=float("-inf"))
+        split_sum = tl.load(SUM + stat, mask=split_ok, other=0.0)
+        overall = tl.max(split_max, axis=0)  # finite: every row has a visible slot
+        weight = tl.where(split_max == float("-inf"), 0.0, tl.exp(split_max - overall))
+        acc = tl.load(ACC + stat[:, None] * BLOCK_RV + offs_rv[None, :], mask=split_ok[:, None], other=0.0)
+        mixed = tl.sum(acc * weight[:, None], axis=0) / tl.sum(split_sum * weight, axis=0)
+        tl.store(OUT + (row * heads + head) * v_rank + offs_rv, mixed.to(OUT.dtype.element_ty),
+                 mask=offs_rv < v_rank)
+
+
+def rope_table(inv_freq: torch.Tensor, scaling: float, positions: int) -> torch.Tensor:
+    """[P, D] float32 with P >= positions: cos(p * inv_freq) * scaling in the first D/2 columns, sin in the rest,
+    the angles computed as the model's rotary embedding computes them. Kept on the inv_freq tensor (grown by
+    doubling), so a model's layers share one table, and a replaced inv_freq (dynamic RoPE types) gets its own."""
+    table = getattr(inv_freq, "_kvforge_rope_table", None)
+    if table is None or table.shape[0] < positions or getattr(inv_freq, "_kvforge_rope_scaling", None) != scaling:
+        size = max(1024, 1 << (positions - 1).bit_length())
+        angles = torch.arange(size, device=inv_freq.device, dtype=torch.float32)[:, None] * inv_freq.float()[None, :]
+        table = torch.cat((angles.cos() * scaling, angles.sin() * scaling), dim=1).contiguous()
+        inv_freq._kvforge_rope_table = table
+        inv_freq._kvforge_rope_scaling = scaling
+    return table
+
+
+def _next_power_of_2(n: int, at_least: int = 16) -> int:
+    # tl.dot needs every dimension >= 16
+    return max(at_least, 1 << (max(n, 1) - 1).bit_length())
+
+
+def _num_splits(batch: int, slots: int, block_s: int, device: torch.device) -> int:
+    """Enough programs to fill the GPU twice over, never a split shorter than four tiles."""
+    if device.type == "cuda":
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 1  # the interpreter runs programs one after another
+    return max(1, min(-(-target // batch), -(-slots // (4 * block_s)), 128))
+
+
+def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weight, v_bias, positions, valid,
+                            inv_freq, rope_scaling: float, scaling: float, *, max_position: int | None = None,
+                            block_s: int = 64, num_splits: int | None = None, num_warps: int = 4,
+                            num_stages: int = 3) -> torch.Tensor:
+    """One decode step of attention over a pre-RoPE latent cache.
+
+    query [B, K, G, D] (rotated); k_latent [B, S, Rk], v_latent [B, S, Rv]; k_weight [K * D, Rk] and
+    v_weight [K * Dv, Rv] (the up-projections' nn.Linear weights), biases [K * D] / [K * Dv] or None;
+    positions [B, S] (RoPE positions of the slots, >= 0); valid [B, S] bool (which slots this query may see;
+    at least one per row); inv_freq [D/2] and rope_scaling as the model's rotary embedding has them;
+    max_position: the largest value in positions if known (else read from the device: one synchronization).
+    Returns out [B, K, G, Dv] in query.dtype.
+    """
+    if triton is None:
+        raise RuntimeError("triton is not installed: use the PyTorch path (pre_rope_latent_attention)")
+    batch, kv_heads, group, dim = query.shape
+    heads = kv_heads * group
+    slots, k_rank = k_latent.shape[1], k_latent.shape[2]
+    v_rank = v_latent.shape[2]
+    if k_latent.stride(-1) != 1 or v_latent.stride(-1) != 1:
+        k_latent, v_latent = k_latent.contiguous(), v_latent.contiguous()
+    query = query.reshape(batch, heads, dim).contiguous()
+    k_weight = k_weight.contiguous()
+    positions = positions.contiguous()
+    valid = valid.contiguous()
+    if max_position is None:
+        max_position = int(positions.max())
+    table = rope_table(inv_freq, float(rope_scaling), max_position + 1)
+
+    block_h, block_c = _next_power_of_2(heads), _next_power_of_2(kv_heads * (dim // 2))
+    block_rk, block_rv = _next_power_of_2(k_rank), _next_power_of_2(v_rank)
+    splits = num_splits or _num_splits(batch, slots, block_s, query.device)
+    per_split = -(-slots // splits)
+    per_split = -(-per_split // block_s) * block_s  # whole tiles, so only the last split has a ragged end
+    splits = -(-slots // per_split)
+
+    acc = torch.empty(batch, splits, block_h, block_rv, device=query.device, dtype=torch.float32)
+    stats_max = torch.empty(batch, splits, block_h, device=query.device, dtype=torch.float32)
+    stats_sum = torch.empty_like(stats_max)
+    _latent_decode_kernel[(splits, batch)](
+        query, k_latent, v_latent, k_weight, k_bias if k_bias is not None else k_weight, positions, valid, table,
+        acc, stats_max, stats_sum,
+        query.stride(0), k_latent.stride(0), k_latent.stride(1), v_latent.stride(0), v_latent.stride(1),
+        positions.stride(0), valid.stride(0),
+        slots, heads, group, kv_heads, k_rank, v_rank, per_split, splits, float(scaling),
+        HALF=dim // 2, BLOCK_H=block_h, BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_RK=block_rk, BLOCK_RV=block_rv,
+        HAS_K_BIAS=k_bias is not None, num_warps=num_warps, num_stages=num_stages,
+    )
+    mixed = torch.empty(batch, heads, v_rank, device=query.device, dtype=query.dtype)  # sum_s p_s c_s per head
+    _merge_splits_kernel[(heads, batch)](acc, stats_max, stats_sum, mixed, splits, heads, v_rank, BLOCK_H=block_h,
+                                         BLOCK_RV=block_rv, BLOCK_SPLITS=_next_power_of_2(splits, at_least=2))
+    mixed = mixed.view(batch, kv_heads, group, v_rank)
+    up = v_weight.view(kv_heads, -1, v_rank)  # [K, Dv, Rv]
+    out = torch.matmul(mixed, up.transpose(-1, -2))  # [B, K, G, Dv]
+    if v_bias is not None:
+        out = out + v_bias.view(kv_heads, 1, -1)
+    return out
+
+
+__all__ = ["available", "latent_decode_attention", "rope_table"]

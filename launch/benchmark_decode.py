@@ -1,0 +1,266 @@
+"""Decode benchmarks on a GPU: the fused pre-RoPE latent kernel against the PyTorch path and against SDPA on the
+uncompressed cache, per layer and through generate().
+
+  python launch/benchmark_decode.py --json decode.json                 # both parts
+  python launch/benchmark_decode.py --part kernel --batch 64 --context 4096
+
+Part `kernel`, one attention layer of SmolLM2's shape (9 query heads, 3 KV heads, head_dim 64, bf16), one
+decode token per row, B rows x S cached positions:
+    sdpa_full     F.scaled_dot_product_attention over the original GQA cache (K, V: B x 3 x S x 64), what
+                  transformers runs for the uncompressed model
+    torch_latent  modeling_kvforge's PyTorch path over the latents (rebuilds and rotates every key; its cos/sin
+                  tables prebuilt, as the model shares them across layers)
+    triton_latent kernels/latent_attention.py over the same latents
+with the bytes each must read (the floor at the device's copy bandwidth) and the kernel's error against the
+float64 reference. Ranks default to the mean of the low-rank 50% SmolLM2 export (k 48, v 144: 192 of the
+original's 384 numbers per token and layer).
+
+Part `generate`, SmolLM2-135M's architecture with random bf16 weights (decode speed does not depend on
+their values): the original Llama (transformers, SDPA) against the low-rank 50% spec
+(docs/results/exports-cpu/lr50.compress.json) with KVFORGE_KERNELS=off and =auto; decode tokens/s from the
+time of generate(N + 1 tokens) minus generate(1 token), and the cache bytes each allocates.
+
+Timings: triton.testing.do_bench medians (kernel part); CUDA-synchronized wall clock, median of --repeats
+(generate part). Needs CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+LR50_SPEC = REPO / "docs" / "results" / "exports-cpu" / "lr50.compress.json"
+SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+               num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
+               rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+               rope_parameters={"rope_type": "default", "rope_theta": 100000.0})
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=("kernel", "generate", "both"), default="both")
+    parser.add_argument("--batch", type=int, nargs="*", default=None, help="kernel part: rows (default: a sweep)")
+    parser.add_argument("--context", type=int, nargs="*", default=None, help="kernel part: cached positions")
+    parser.add_argument("--k-rank", type=int, default=48)
+    parser.add_argument("--v-rank", type=int, default=144)
+    parser.add_argument("--gen-batch", type=int, nargs="*", default=[32, 128])
+    parser.add_argument("--gen-prompt", type=int, default=4096)
+    parser.add_argument("--gen-new", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=None)
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kernel part
+
+
+def kernel_case(batch, context, k_rank, v_rank, seed=0, kv_heads=3, group=3, dim=64, dtype=torch.bfloat16):
+    from torch import nn
+
+    from kvforge.models.modeling_kvforge import KeyRotary
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device="cuda") * scale).to(dtype)
+
+    k_up = nn.Linear(k_rank, kv_heads * dim, bias=False, device="cuda", dtype=dtype)
+    v_up = nn.Linear(v_rank, kv_heads * dim, bias=False, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        k_up.weight.copy_(rand(kv_heads * dim, k_rank, scale=k_rank ** -0.5))
+        v_up.weight.copy_(rand(kv_heads * dim, v_rank, scale=v_rank ** -0.5))
+    positions = torch.arange(context, device="cuda")[None].expand(batch, -1).contiguous()
+    inv_freq = 1.0 / (100000.0 ** (torch.arange(0, dim, 2, device="cuda").float() / dim))
+    rotary = KeyRotary(positions, inv_freq, 1.0, dtype)
+    rotary.tables()  # built once per step and shared by the layers in the model
+    return dict(query=rand(batch, kv_heads, group, 1, dim), k_latent=rand(batch, context, k_rank),
+                v_latent=rand(batch, context, v_rank), k_up=k_up, v_up=v_up, key_rotary=rotary,
+                mask=torch.ones(batch, 1, 1, 1, context, dtype=torch.bool, device="cuda"), scaling=dim ** -0.5,
+                full_k=rand(batch, kv_heads, context, dim), full_v=rand(batch, kv_heads, context, dim))
+
+
+def run_kernel_part(args, copy_bandwidth: float) -> list[dict]:
+    import torch.nn.functional as F
+    import triton.testing
+
+    from kvforge.kernels.latent_attention import latent_decode_attention
+    from kvforge.models.modeling_kvforge import KeyRotary, pre_rope_latent_attention
+
+    def triton_latent(c):
+        r = c["key_rotary"]
+        return latent_decode_attention(c["query"][:, :, :, 0], c["k_latent"], c["v_latent"], c["k_up"].weight, None,
+                                       c["v_up"].weight, None, r.positions, c["mask"][:, 0, 0, 0], r.inv_freq,
+                                       r.scaling, c["scaling"], max_position=r.max_position())
+
+    def torch_latent(c):
+        return pre_rope_latent_attention(c["query"], c["k_latent"], c["v_latent"], c["k_up"], c["v_up"],
+                                         c["key_rotary"], c["mask"], c["scaling"])[0]
+
+    def sdpa_full(c):
+        b, k, g, _, d = c["query"].shape
+        return F.scaled_dot_product_attention(c["query"].view(b, k * g, 1, d), c["full_k"], c["full_v"],
+                                              scale=c["scaling"], enable_gqa=True)
+
+    # Correctness on the device: float64 reference on a small case, fresh inputs.
+    small = kernel_case(4, 3000, args.k_rank, args.v_rank, seed=1)
+    with torch.no_grad():
+        ref, _ = pre_rope_latent_attention(
+            small["query"].double(), small["k_latent"].double(), small["v_latent"].double(),
+            copy.deepcopy(small["k_up"]).double(), copy.deepcopy(small["v_up"]).double(),
+            KeyRotary(small["key_rotary"].positions, small["key_rotary"].inv_freq, 1.0, torch.float64),
+            small["mask"], small["scaling"])
+        out = triton_latent(small)
+    error = ((out.double() - ref[:, :, :, 0]).norm() / ref.norm()).item()
+    print(f"kernel vs float64 reference (B=4, S=3000, bf16 inputs): relative error {error:.2e}")
+
+    batches = args.batch or [1, 8, 64, 256]
+    contexts = args.context or [1024, 4096, 16384]
+    rows = []
+    for batch in batches:
+        for context in contexts:
+            full_bytes = 2 * batch * 3 * context * 64 * 2
+            if full_bytes > 24e9:
+                continue
+            c = kernel_case(batch, context, args.k_rank, args.v_rank)
+            latent_bytes = batch * context * ((args.k_rank + args.v_rank) * 2 + 8 + 1)  # + position, mask
+            row = dict(batch=batch, context=context, k_rank=args.k_rank, v_rank=args.v_rank,
+                       full_cache_bytes=full_bytes, latent_bytes=latent_bytes)
+            with torch.no_grad():
+                for name, fn in (("sdpa_full", sdpa_full), ("torch_latent", torch_latent),
+                                 ("triton_latent", triton_latent)):
+                    try:
+                        ms = triton.testing.do_bench(lambda fn=fn, c=c: fn(c), warmup=25, rep=100, return_mode="median")
+                        # Replayed as a CUDA graph: the GPU's time without Python's launch overhead.
+                        graph_ms = triton.testing.do_bench_cudagraph(lambda fn=fn, c=c: fn(c), rep=100,
+                                                                     return_mode="median")
+                    except torch.OutOfMemoryError:
+                        ms = graph_ms = float("nan")
+                    row[f"{name}_us"] = ms * 1e3
+                    row[f"{name}_graph_us"] = graph_ms * 1e3
+            row["full_floor_us"] = full_bytes / copy_bandwidth * 1e6
+            row["latent_floor_us"] = latent_bytes / copy_bandwidth * 1e6
+            row["triton_graph_TBps"] = latent_bytes / (row["triton_latent_graph_us"] * 1e-6) / 1e12
+            row["sdpa_graph_TBps"] = full_bytes / (row["sdpa_full_graph_us"] * 1e-6) / 1e12
+            rows.append(row)
+            print(f"B={batch:4d} S={context:6d} eager/graph us: sdpa_full {row['sdpa_full_us']:8.1f} "
+                  f"{row['sdpa_full_graph_us']:8.1f} ({row['sdpa_graph_TBps']:.2f} TB/s)  torch_latent "
+                  f"{row['torch_latent_us']:8.1f} {row['torch_latent_graph_us']:8.1f}  triton_latent "
+                  f"{row['triton_latent_us']:8.1f} {row['triton_latent_graph_us']:8.1f} "
+                  f"({row['triton_graph_TBps']:.2f} TB/s; floor {row['latent_floor_us']:.1f})", flush=True)
+            c.clear()
+            torch.cuda.empty_cache()
+    return rows, error
+
+
+def copy_bandwidth_bytes_per_s() -> float:
+    import triton.testing
+
+    buffers = [torch.empty(1024 ** 3, dtype=torch.bfloat16, device="cuda").normal_()]  # 2 GiB
+    buffers.append(torch.empty_like(buffers[0]))
+    ms = triton.testing.do_bench(lambda: buffers[1].copy_(buffers[0]), warmup=10, rep=50, return_mode="median")
+    bandwidth = 2 * buffers[0].numel() * buffers[0].element_size() / (ms * 1e-3)
+    buffers.clear()
+    torch.cuda.empty_cache()
+    return bandwidth
+
+
+# ---------------------------------------------------------------------------------------------------
+# generate() part
+
+
+def timed_generate(model, ids, new_tokens: int, repeats: int) -> tuple[float, object]:
+    times, out = [], None
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True,
+                             pad_token_id=0)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def cache_bytes(cache) -> int:
+    if hasattr(cache, "cache_bytes"):
+        return cache.cache_bytes()
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def run_generate_part(args) -> list[dict]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvforge.models.configuration_kvforge import KVForgeConfig
+    from kvforge.models.modeling_kvforge import KVForgeForCausalLM
+
+    base = LlamaConfig(**SMOLLM2)
+    base._attn_implementation = "sdpa"
+    spec = json.loads(LR50_SPEC.read_text())["spec"]
+    rows = []
+    variants = [("original (transformers Llama, SDPA)", None, None), ("lr50, KVFORGE_KERNELS=off", spec, "off"),
+                ("lr50, KVFORGE_KERNELS=auto (Triton)", spec, "auto")]
+    for batch in args.gen_batch:
+        ids = torch.randint(3, base.vocab_size, (batch, args.gen_prompt), device="cuda",
+                            generator=torch.Generator(device="cuda").manual_seed(0))
+        for name, compression, mode in variants:
+            torch.manual_seed(0)
+            if compression is None:
+                model = LlamaForCausalLM(base)
+            else:
+                os.environ["KVFORGE_KERNELS"] = mode
+                config = KVForgeConfig.from_base_config(base, compression)
+                config._attn_implementation = "sdpa"
+                model = KVForgeForCausalLM(config)
+            model = model.to(device="cuda", dtype=torch.bfloat16).eval()
+            with torch.no_grad():
+                timed_generate(model, ids, 3, 1)  # warm-up at full size: kernels compiled, allocator primed
+                torch.cuda.reset_peak_memory_stats()
+                prefill, _ = timed_generate(model, ids, 1, args.repeats)
+                total, out = timed_generate(model, ids, args.gen_new + 1, args.repeats)
+            decode = total - prefill
+            row = dict(model=name, batch=batch, prompt=args.gen_prompt, new_tokens=args.gen_new,
+                       prefill_s=prefill, decode_s=decode, decode_tokens_per_s=batch * args.gen_new / decode,
+                       ms_per_step=decode / args.gen_new * 1e3, cache_bytes=cache_bytes(out.past_key_values),
+                       peak_memory_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
+            rows.append(row)
+            print(f"B={batch:4d} {name:40s} decode {row['decode_tokens_per_s']:9.0f} tok/s "
+                  f"({row['ms_per_step']:.2f} ms/step)  prefill {prefill:.2f} s  "
+                  f"cache {row['cache_bytes'] / 2 ** 30:.2f} GiB  peak {row['peak_memory_gib']:.1f} GiB", flush=True)
+            del model, out
+            torch.cuda.empty_cache()
+    os.environ.pop("KVFORGE_KERNELS", None)
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmark_decode.py needs a CUDA GPU", file=sys.stderr)
+        return 2
+    device = torch.cuda.get_device_name()
+    bandwidth = copy_bandwidth_bytes_per_s()
+    print(f"{device}; torch {torch.__version__}; device copy {bandwidth / 1e12:.2f} TB/s (read + write)")
+    result = dict(device=device, torch=torch.__version__, python=platform.python_version(),
+                  copy_TBps=bandwidth / 1e12, command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
+    if args.part in ("kernel", "both"):
+        result["kernel"], result["kernel_relative_error"] = run_kernel_part(args, bandwidth)
+    if args.part in ("generate", "both"):
+        result["generate"] = run_generate_part(args)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""The fused pre-RoPE latent decode kernel against the PyTorch reference, on CPU through Triton's interpreter
+(tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported): random inputs, ragged ranks, masked
+and out-of-order slots, biases, several splits; the dispatch's choices; and whole-model generate() with the
+kernel equal to generate() without it."""
+
+import copy
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from kvforge.kernels import dispatch
+from kvforge.kernels.latent_attention import available, latent_decode_attention
+from kvforge.models.configuration_kvforge import KVForgeConfig
+from kvforge.models.modeling_kvforge import KeyRotary, KVForgeForCausalLM, pre_rope_latent_attention
+
+# triton is a test dependency: its absence fails here rather than skipping every kernel test.
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="kernel tests run tensors on CPU through Triton's interpreter")
+
+
+def test_triton_is_installed():
+    assert available(), "triton is not importable: install the test extra (pip install -e '.[test]')"
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def case(batch=2, kv_heads=3, group=3, dim=16, slots=70, k_rank=24, v_rank=40, bias=True, dtype=torch.float32,
+         seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    k_up, v_up = nn.Linear(k_rank, kv_heads * dim, bias=bias), nn.Linear(v_rank, kv_heads * dim, bias=bias)
+    with torch.no_grad():
+        for linear in (k_up, v_up):
+            linear.weight.copy_(rand(*linear.weight.shape) / math.sqrt(linear.in_features))
+            if bias:
+                linear.bias.copy_(rand(*linear.bias.shape) * 0.1)
+    k_up, v_up = k_up.to(dtype), v_up.to(dtype)
+    # Slots hold arbitrary positions (a ring layout's or a PyramidKV-compacted cache's), some slots invalid
+    # (left padding, empty ring slots), never all of a row.
+    positions = torch.randint(0, 4000, (batch, slots), generator=g)
+    valid = torch.rand(batch, slots, generator=g) > 0.3
+    valid[:, -1] = True
+    valid[0, : slots // 2] = False  # a long masked run: whole tiles / splits without a visible slot
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2).float() / dim))
+    return dict(query=rand(batch, kv_heads, group, 1, dim), k_latent=rand(batch, slots, k_rank),
+                v_latent=rand(batch, slots, v_rank), k_up=k_up, v_up=v_up,
+                key_rotary=KeyRotary(positions, inv_freq, 1.0, dtype), mask=valid[:, None, None, None, :],
+                scaling=dim ** -0.5)
+
+
+def reference(c):
+    with torch.no_grad():
+        out, _ = pre_rope_latent_attention(c["query"].double(), c["k_latent"].double(), c["v_latent"].double(),
+                                           copy.deepcopy(c["k_up"]).double(), copy.deepcopy(c["v_up"]).double(),
+                                           KeyRotary(c["key_rotary"].positions, c["key_rotary"].inv_freq, 1.0,
+                                                     torch.float64),
+                                           c["mask"], c["scaling"])
+    return out[:, :, :, 0]
+
+
+def kernel(c, **options):
+    r = c["key_rotary"]
+    return latent_decode_attention(c["query"][:, :, :, 0], c["k_latent"], c["v_latent"], c["k_up"].weight,
+                                   c["k_up"].bias, c["v_up"].weight, c["v_up"].bias, r.positions,
+                                   c["mask"][:, 0, 0, 0], r.inv_freq, r.scaling, c["scaling"], **options)
+
+
+@pytest.mark.parametrize("shape", [
+    dict(),  # SmolLM2-like grouping: 3 KV heads x 3 query heads, ragged ranks, biases
+    dict(kv_heads=1, group=4, dim=32, slots=130, k_rank=16, v_rank=16, bias=False),
+    dict(batch=3, kv_heads=2, group=1, dim=16, slots=5, k_rank=7, v_rank=9),  # fewer slots than one tile
+])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_kernel_equals_the_float64_reference(shape, num_splits):
+    for seed in range(2):  # fresh inputs each time
+        c = case(**shape, seed=seed)
+        out = kernel(c, block_s=16, num_splits=num_splits)
+        assert out.shape == c["query"][:, :, :, 0].shape and torch.isfinite(out).all()
+        assert relative_error(out, reference(c)) < 1e-5
+
+
+def test_half_precision_inputs_stay_within_half_precision_error():
+    c = case(dtype=torch.float16, slots=96, seed=3)
+    assert relative_error(kernel(c, block_s=32, num_splits=2), reference(c)) < 5e-3
+
+
+def test_a_masked_slot_contributes_nothing():
+    c = case(seed=4)
+    out = kernel(c, block_s=16)
+    hidden = ~c["mask"][:, 0, 0, 0]
+    # Large values where the mask says no: any leak would dominate. (Caches never hold NaN: fresh slots are
+    # zero-filled, as 0 * NaN would poison probs @ V in any implementation.)
+    c["k_latent"][hidden] = 1e4
+    c["v_latent"][hidden] = -1e4
+    assert torch.allclose(kernel(c, block_s=16), out, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dispatch
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    calls = []
+    real = dispatch.latent_decode_attention
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "latent_decode_attention", counting)
+    return calls
+
+
+def test_dispatch_runs_the_kernel_only_where_it_applies(monkeypatch, kernel_calls):
+    attend = dispatch.fused_attention("pre_rope_latent", pre_rope_latent_attention)
+    c = case(seed=5)
+    args = [c[k] for k in ("query", "k_latent", "v_latent", "k_up", "v_up", "key_rotary", "mask", "scaling")]
+    with torch.no_grad():
+        monkeypatch.setenv("KVFORGE_KERNELS", "auto")  # CPU tensors: the reference
+        expected, _ = attend(*args)
+        assert kernel_calls == []
+        monkeypatch.setenv("KVFORGE_KERNELS", "triton")
+        out, probs = attend(*args)
+        assert len(kernel_calls) == 1 and probs is None
+        assert relative_error(out, expected) < 1e-5
+        _, probs = attend(*args, need_probs=True)  # PyramidKV's scoring asks for probabilities
+        assert probs is not None and len(kernel_calls) == 1
+    attend(*args)  # gradients enabled and the weights require them: training takes the reference
+    assert len(kernel_calls) == 1
+    monkeypatch.setenv("KVFORGE_KERNELS", "fast")
+    with pytest.raises(ValueError, match="KVFORGE_KERNELS='fast' is not one of auto, off, triton"):
+        attend(*args)
+    assert dispatch.fused_attention("kv", pre_rope_latent_attention) is pre_rope_latent_attention
+
+
+def test_generate_with_the_kernel_equals_generate_without(monkeypatch, kernel_calls):
+    """A tiny model with latent layers (a global owner, a window layer, a kv_from reader), batch 2 with left
+    padding, decoding past the window: same tokens and logits with KVFORGE_KERNELS=triton and =off."""
+    low_rank = {"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 12, "v_rank": 10}
+    layers = [low_rank, {"kv_from": 0}, {**low_rank, "attention": "window", "window": 8, "sinks": 2}]
+    torch.manual_seed(0)
+    config = KVForgeConfig(hidden_size=64, intermediate_size=128, num_attention_heads=6, num_key_value_heads=2,
+                           head_dim=16, vocab_size=128, max_position_embeddings=256, num_hidden_layers=3,
+                           initializer_range=0.1, compression={"layers": layers})
+    model = KVForgeForCausalLM(config).eval()
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, :4] = 0
+    runs = {}
+    for mode in ("off", "triton"):
+        monkeypatch.setenv("KVFORGE_KERNELS", mode)
+        with torch.no_grad():
+            runs[mode] = model.generate(ids, attention_mask=attention_mask, max_new_tokens=10, do_sample=False,
+                                        return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+    assert len(kernel_calls) == 9 * 3  # 9 decode steps x 3 layers attending over a latent cache
+    assert torch.equal(runs["triton"].sequences, runs["off"].sequences)
+    for with_kernel, without in zip(runs["triton"].logits, runs["off"].logits):
+        assert torch.allclose(with_kernel, without, atol=1e-4, rtol=1e-4)
