@@ -27,12 +27,17 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush a file written (and closed) by someone else, e.g. a library's save function."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def fsync_tree(root: str | os.PathLike) -> None:
     """Flush every file below `root`, then the directories that hold them."""
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
+            fsync_file(os.path.join(dirpath, name))
         fsync_dir(dirpath)
 
 

@@ -576,19 +576,14 @@ def kv_cache_summary(model: torch.nn.Module, measure_tokens: int) -> dict[str, A
 
 def run_eval_at(run_dir: Path, step: int) -> Optional[dict]:
     """The run's last eval at or before `step`, from its metrics.jsonl (None without one)."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
+    from kvforge.trainer.tracking import read_metrics
+
+    evals = [record for at, record in read_metrics(run_dir, "eval/loss").items() if at <= step]
+    if not evals:
         return None
-    found = None
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash
-        if "eval/loss" in record and record.get("step", 0) <= step:
-            found = {"task": "run_eval", "step": record["step"], "loss": record["eval/loss"],
-                     "perplexity": record.get("eval/perplexity")}
-    return found
+    record = max(evals, key=lambda r: r["step"])
+    return {"task": "run_eval", "step": record["step"], "loss": record["eval/loss"],
+            "perplexity": record.get("eval/perplexity")}
 
 
 def read_evaluations(paths: Iterable[str | os.PathLike]) -> list[dict]:

@@ -23,3 +23,15 @@ def smollm2_dir():
     from kvforge.models.loading import embedded_model_dir
 
     return embedded_model_dir()
+
+
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """For modules of tiny models: their matmuls gain nothing from threads, and on a shared 2-core machine
+    the threads fight other processes (use with `pytestmark = pytest.mark.usefixtures("one_cpu_thread")`)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

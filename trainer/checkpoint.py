@@ -119,11 +119,6 @@ def _broadcast(obj: Any) -> Any:
 # Files
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def _flatten_tensors(obj: Any, prefix: str, out: dict[str, dict]) -> None:
     if isinstance(obj, torch.Tensor):
         out[prefix] = {"shape": list(obj.shape), "dtype": str(obj.dtype).removeprefix("torch.")}
@@ -238,7 +233,7 @@ def save(engine, ckpt_root: Path, state: TrainerState, keep_last: int,
     mine, error = {}, None
     try:
         for path in files[rank::world]:
-            _fsync_file(path)
+            atomic.fsync_file(path)
             mine[str(path.relative_to(tmp))] = describe_file(path)
     except Exception as e:  # noqa: BLE001 - reported on every rank below
         error = f"rank {rank} could not read back {path}: {type(e).__name__}: {e}"

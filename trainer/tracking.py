@@ -32,6 +32,26 @@ def wandb_mode(requested: str) -> str:
     return "offline"
 
 
+def read_metrics(run_dir: str | os.PathLike, key: str) -> dict[int, dict]:
+    """step -> the last record holding `key` in `<run_dir>/metrics.jsonl` ({} without the file).
+
+    The file is append-only: a resumed run logs the steps it redoes again (the last one is the run's), and a
+    line cut short by a crash is skipped.
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    out: dict[int, dict] = {}
+    if not path.is_file():
+        return out
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if key in record:
+            out[record["step"]] = record
+    return out
+
+
 class RunLogger:
     """Logs metrics to W&B and to metrics.jsonl, on rank 0 only."""
 

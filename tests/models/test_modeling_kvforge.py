@@ -22,13 +22,8 @@ HEADS, KV_HEADS, HEAD_DIM = 4, 2, 16
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    # Tiny matmuls gain nothing from threads, and on a shared 2-core machine they fight other processes.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny matmuls gain nothing from threads (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def tiny_base(kind: str = "llama", **overrides):

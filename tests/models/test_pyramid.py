@@ -26,12 +26,8 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, head_d
 LOW_RANK = {"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 12, "v_rank": 10}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_cpu_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny matmuls gain nothing from threads (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def tiny_model(layers, kv_heads=2, seed=0) -> KVForgeForCausalLM:

@@ -31,6 +31,7 @@ import yaml
 
 from kvforge.trainer import checkpoint as ckpt
 from kvforge.trainer.train import Faults
+from kvforge.trainer.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs/tiny-llama.yaml"
@@ -94,13 +95,8 @@ def run_subprocess(run_dir, *overrides, config=TINY, fault=None) -> Outcome:
 
 
 def metrics(run_dir: Path) -> dict[int, dict]:
-    """step -> the last record logged for it (a resumed run logs the steps it redoes again)."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "train/lr" in record:
-            out[record["step"]] = record
-    return out
+    """step -> the last training record logged for it."""
+    return read_metrics(run_dir, "train/lr")
 
 
 def last_line(text: str) -> str:

@@ -29,6 +29,7 @@ import torch
 import yaml
 
 from kvforge.trainer import checkpoint as ckpt
+from kvforge.trainer.tracking import read_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train_distributed import DEEPSPEED, REPO, free_port, wandb_records  # noqa: E402
@@ -63,12 +64,7 @@ def launch(run_dir: Path, *overrides: str, fault: str = "", config: Path = TINY,
 
 def metrics(run_dir: Path) -> dict[int, dict]:
     """step -> the last training record logged for it."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "train/lr" in record:
-            out[record["step"]] = record
-    return out
+    return read_metrics(run_dir, "train/lr")
 
 
 def optimizer_state(step_dir: Path, rank: int) -> dict:
