@@ -88,6 +88,11 @@ class TrainingConfig:
     # Distillation from the original (uncompressed) model: loss = (1 - w) * CE + w * T^2 * KL(teacher || student).
     distill_weight: float = 0.0
     distill_temperature: float = 1.0
+    # hidden: the loss from the final hidden states, a chunk of positions at a time (trainer/losses.py), so the
+    # [B, L, V] logits are never held; logits: from the full logits. auto: hidden when distilling (faster and
+    # smaller there), logits for cross-entropy alone (faster; hidden saves memory). Measured: docs/TRAINING.md.
+    # ZeRO-3 and a wrapped output head always use logits.
+    loss_from: str = "auto"
     lora: LoraConfig = field(default_factory=LoraConfig)
     eval_every: int = 50
     eval_batches: int = 8
@@ -153,6 +158,7 @@ CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),
     "training.schedule": ("cosine", "linear", "constant"),
     "training.precision": ("bf16", "fp16", "fp32"),
+    "training.loss_from": ("auto", "hidden", "logits"),
     "logging.wandb": ("auto", "online", "offline", "disabled"),
 }
 ZERO_STAGES = (0, 1, 2, 3)

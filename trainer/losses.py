@@ -1,7 +1,8 @@
 """Training losses: next-token cross-entropy, optionally mixed with distillation from a teacher.
 
-The logits of a 49k-vocabulary model are the largest activations in the step, so the fp32 work is
-done a chunk of positions at a time (the bf16 logits are never upcast all at once).
+The logits of a 49k-vocabulary model are the largest activations in the step. `distillation_loss` takes
+logits and does the fp32 work a chunk of positions at a time; `linear_distillation_loss` takes the final hidden
+states and the output projection and never holds the whole batch's logits at all (the training loop's default).
 """
 
 from __future__ import annotations
@@ -41,3 +42,79 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                                        log_target=True, reduction="sum")
     n = targets.numel()
     return (1 - weight) * ce_sum / n + weight * temperature**2 * kl_sum / n
+
+
+def linear_distillation_loss(hidden: torch.Tensor, head_weight: torch.Tensor, input_ids: torch.Tensor, *,
+                             weight: float, temperature: float = 1.0, teacher_hidden: torch.Tensor | None = None,
+                             teacher_head_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """`distillation_loss` from the hidden states, without ever holding the [B, L, V] logits.
+
+    The output projection is done CHUNK_POSITIONS positions at a time, for the student and the teacher; each
+    chunk's loss and its gradients with respect to the hidden states and the head weight are computed right
+    away (as Liger's fused linear cross-entropy does), so memory holds one chunk of logits in fp32 instead of the
+    student's logits, their gradient and the teacher's logits for the whole batch.
+
+    Args:
+        hidden: [B, L, E] the student's final (normed) hidden states; head_weight: [V, E] its output projection
+            (no bias). teacher_hidden / teacher_head_weight: the same for the teacher (needed when weight > 0).
+        input_ids, weight, temperature: as in `distillation_loss`.
+    """
+    if weight > 0 and (teacher_hidden is None or teacher_head_weight is None):
+        raise ValueError(f"distillation weight {weight} needs the teacher's hidden states and head weight")
+    if weight > 0 and teacher_head_weight.shape[0] != head_weight.shape[0]:
+        raise ValueError(f"student vocabulary {head_weight.shape[0]} and teacher vocabulary "
+                         f"{teacher_head_weight.shape[0]} differ (same tokenizer needed)")
+    dim = hidden.shape[-1]
+    student = hidden[:, :-1].reshape(-1, dim)
+    teacher = teacher_hidden[:, :-1].reshape(-1, teacher_hidden.shape[-1]).detach() if weight > 0 else None
+    targets = input_ids[:, 1:].reshape(-1)
+    return _LinearDistillation.apply(student, head_weight, teacher, teacher_head_weight, targets, weight, temperature)
+
+
+class _LinearDistillation(torch.autograd.Function):
+    """Loss and gradients chunk by chunk in the forward pass; the backward pass only scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, head_weight, teacher_hidden, teacher_head_weight, targets, weight, temperature):
+        n = targets.numel()
+        grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
+        grad_weight = torch.zeros_like(head_weight, dtype=torch.float32) if head_weight.requires_grad else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, n, CHUNK_POSITIONS):
+            rows = slice(start, start + CHUNK_POSITIONS)
+            h = hidden[rows]
+            logits = (h @ head_weight.t()).float()  # [n, V]; matmul in the training dtype, as lm_head does
+            dlogits = None
+            if weight < 1:
+                target = targets[rows]
+                lse = torch.logsumexp(logits, dim=-1)
+                total = total - (1 - weight) * (logits.gather(1, target[:, None])[:, 0] - lse).sum()
+                # d CE / d logits = softmax - one_hot
+                dlogits = torch.exp(logits - lse[:, None]).mul_(1 - weight)
+                dlogits[torch.arange(len(target), device=target.device), target] -= 1 - weight
+            if weight > 0:
+                teacher_logits = (teacher_hidden[rows] @ teacher_head_weight.t()).float()
+                log_p = torch.log_softmax(teacher_logits.div_(temperature), dim=-1)
+                log_q = torch.log_softmax(logits.div_(temperature), dim=-1)
+                p = log_p.exp()
+                total = total + weight * temperature ** 2 * (p * (log_p - log_q)).sum()
+                # d/dlogits of T^2 KL(p || softmax(logits / T)) = T (softmax(logits / T) - p)
+                kl_grad = log_q.exp_().sub_(p).mul_(weight * temperature)
+                dlogits = kl_grad if dlogits is None else dlogits.add_(kl_grad)
+            dlogits = (dlogits / n).to(hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[rows] = dlogits @ head_weight
+            if grad_weight is not None:
+                grad_weight += (dlogits.t() @ h).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.head_dtype = head_weight.dtype
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_output).to(ctx.head_dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None

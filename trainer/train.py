@@ -44,7 +44,7 @@ from ..models.surgery import SurgeryError
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, check_deepspeed_config, resolve_deepspeed, save_resolved, to_dict
 from .data import DataError
-from .losses import distillation_loss
+from .losses import distillation_loss, linear_distillation_loss
 from .tracking import RunLogger
 
 # Errors that mean "this input cannot work" (config, data, checkpoint, model, compression spec): the
@@ -398,6 +398,38 @@ def build_teacher(cfg: Config, device: torch.device):
     return teacher.eval()
 
 
+def hidden_loss_head(model, zero_stage: int):
+    """The student's output projection when the loss can be computed from hidden states (a plain, bias-free
+    nn.Linear whose whole weight this rank holds), else None: under ZeRO-3 the weight is partitioned outside
+    the head's own forward, and a LoRA-wrapped head computes more than its weight."""
+    head = model.get_output_embeddings()
+    if zero_stage >= 3 or type(head) is not torch.nn.Linear or head.bias is not None:
+        return None
+    return head
+
+
+def step_loss(engine, teacher, head, input_ids: torch.Tensor, t) -> torch.Tensor:
+    """One micro batch's loss: CE, or CE mixed with distillation from the teacher (trainer/losses.py). With
+    `head`, from the final hidden states, so the [B, L, V] logits are never held (the models compute the logits
+    of the last position only)."""
+    if head is None:
+        if teacher is None:
+            return engine(input_ids=input_ids, labels=input_ids).loss
+        logits = engine(input_ids=input_ids).logits
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=input_ids).logits
+        return distillation_loss(logits, teacher_logits, input_ids, weight=t.distill_weight,
+                                 temperature=t.distill_temperature)
+    hidden = engine(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+    if teacher is None:
+        return linear_distillation_loss(hidden, head.weight, input_ids, weight=0.0)
+    with torch.no_grad():
+        teacher_hidden = teacher(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+    return linear_distillation_loss(hidden, head.weight, input_ids, weight=t.distill_weight,
+                                    temperature=t.distill_temperature, teacher_hidden=teacher_hidden,
+                                    teacher_head_weight=teacher.get_output_embeddings().weight)
+
+
 def build_data(cfg: Config, tokenizer, model, rank: int, world: int):
     """Rank 0 tokenizes and fills the cache first; the other ranks then read it.
 
@@ -607,6 +639,11 @@ def train(cfg: Config) -> TrainResult:
         logger.log({"eval/loss": last_eval["loss"], "eval/perplexity": last_eval["perplexity"]}, step=0)
         log(f"step 0: eval loss {last_eval['loss']:.4f} perplexity {last_eval['perplexity']:.2f}")
 
+    wants_hidden = t.loss_from == "hidden" or (t.loss_from == "auto" and teacher is not None)
+    head = hidden_loss_head(engine.module, zero_stage) if wants_hidden else None
+    log(f"loss: {'from hidden states, chunked' if head is not None else 'from full logits'} "
+        f"(training.loss_from={t.loss_from})")
+
     losses: dict[int, float] = {}
     preemption, preempted = Preemption(), False
     bar = tqdm(total=t.max_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
@@ -627,14 +664,7 @@ def train(cfg: Config) -> TrainResult:
                                         t.micro_batch_size, cfg.run.seed)
                 batch_crc = zlib.crc32(input_ids.numpy().tobytes(), batch_crc)
                 input_ids = input_ids.to(device)
-                if teacher is None:
-                    loss = engine(input_ids=input_ids, labels=input_ids).loss
-                else:
-                    logits = engine(input_ids=input_ids).logits
-                    with torch.no_grad():
-                        teacher_logits = teacher(input_ids=input_ids).logits
-                    loss = distillation_loss(logits, teacher_logits, input_ids, weight=t.distill_weight,
-                                             temperature=t.distill_temperature)
+                loss = step_loss(engine, teacher, head, input_ids, t)
                 if micro == 0 and faults.fires("nan_loss", step + 1, rank):
                     loss = loss * float("nan")
                 if not torch.isfinite(loss.detach()).item():

@@ -37,3 +37,32 @@ def test_identical_teacher_gives_zero_kl_and_a_gradient_only_through_the_student
 def test_mismatched_vocabularies_are_reported():
     with pytest.raises(ValueError, match=r"student logits \(1, 4, 5\) and teacher logits \(1, 4, 6\)"):
         distillation_loss(torch.zeros(1, 4, 5), torch.zeros(1, 4, 6), torch.zeros(1, 4, dtype=torch.long), weight=0.5)
+
+
+@pytest.mark.parametrize("weight, temperature", [(0.0, 1.0), (0.3, 2.0), (1.0, 1.0)])
+def test_linear_loss_equals_the_logits_loss_with_the_same_gradients(monkeypatch, weight, temperature):
+    """From hidden states and the head weight, chunk by chunk (3 chunks + a ragged one), against autograd
+    through the full logits: same loss, same gradients for the hidden states and the (student) head."""
+    monkeypatch.setattr(losses, "CHUNK_POSITIONS", 4)
+    torch.manual_seed(1)
+    hidden = torch.randn(2, 8, 6, dtype=torch.float64, requires_grad=True)
+    head = torch.randn(13, 6, dtype=torch.float64, requires_grad=True)
+    teacher_hidden, teacher_head = torch.randn(2, 8, 5, dtype=torch.float64), torch.randn(13, 5, dtype=torch.float64)
+    ids = torch.randint(0, 13, (2, 8))
+    expected = distillation_loss(hidden @ head.t(), teacher_hidden @ teacher_head.t(), ids, weight=weight,
+                                 temperature=temperature)
+    expected_grads = torch.autograd.grad(expected * 3.0, (hidden, head))  # an upstream scale reaches both
+    got = losses.linear_distillation_loss(hidden, head, ids, weight=weight, temperature=temperature,
+                                          teacher_hidden=teacher_hidden, teacher_head_weight=teacher_head)
+    torch.testing.assert_close(got, expected.float(), rtol=1e-6, atol=1e-6)
+    for g, e in zip(torch.autograd.grad(got * 3.0, (hidden, head)), expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-7)  # both do the softmax work in fp32
+
+
+def test_linear_loss_needs_the_teacher_for_distillation_and_a_shared_vocabulary():
+    hidden, head, ids = torch.zeros(1, 4, 3), torch.zeros(5, 3), torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="distillation weight 0.5 needs the teacher's hidden states"):
+        losses.linear_distillation_loss(hidden, head, ids, weight=0.5)
+    with pytest.raises(ValueError, match="student vocabulary 5 and teacher vocabulary 6 differ"):
+        losses.linear_distillation_loss(hidden, head, ids, weight=0.5, teacher_hidden=hidden,
+                                        teacher_head_weight=torch.zeros(6, 3))

@@ -229,6 +229,25 @@ def test_resume_with_a_different_compression_spec_names_what_changed(launcher, r
 # Non-finite losses
 
 
+def test_the_loss_from_hidden_states_trains_as_the_loss_from_logits(launcher, tmp_path):
+    """training.loss_from=hidden (chunked projection, logits never held) and =logits give the same losses step
+    after step, cross-entropy and distillation alike (fp32, tied embeddings)."""
+    steps = ["training.max_steps=3", "training.grad_accum=1", "checkpoint.save_every=0"]
+    for weight in ("0.0", "0.5"):
+        runs = {}
+        for source in ("hidden", "logits"):
+            run_dir = tmp_path / f"w{weight}-{source}"
+            outcome = run_in_process(launcher, run_dir, *steps, f"training.distill_weight={weight}",
+                                     "training.distill_temperature=2.0", f"training.loss_from={source}")
+            assert outcome.rc == 0, outcome
+            expected = "from hidden states" if source == "hidden" else "from full logits"
+            assert f"loss: {expected}" in outcome.out + outcome.err, outcome
+            runs[source] = metrics(run_dir)
+        assert sorted(runs["hidden"]) == [1, 2, 3]
+        for step, record in runs["hidden"].items():
+            assert record["train/loss"] == pytest.approx(runs["logits"][step]["train/loss"], rel=1e-5), step
+
+
 def test_nonfinite_steps_are_skipped_then_stop_the_run_with_a_checkpoint(launcher, tmp_path):
     """Without ZeRO (fp32) DeepSpeed calls the plain torch optimizer, which has no overflow check of its
     own: the trainer's guard must keep weights and AdamW moments untouched for the bad steps."""

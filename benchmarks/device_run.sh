@@ -1,4 +1,5 @@
-# Runs launch/benchmark_decode.py on the device machine (no install: kvforge's folders linked as a package).
+# Runs a launch/ script on the device machine (no install: kvforge's folders linked as a package):
+#   bash benchmarks/device_run.sh launch/benchmark_decode.py --json $OUT/decode.json
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p /tmp/kv/kvforge
@@ -7,4 +8,4 @@ cp kvforge/*.py /tmp/kv/kvforge/
 export PYTHONPATH=/tmp/kv
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
-python3 launch/benchmark_decode.py "$@"
+python3 "$@"
