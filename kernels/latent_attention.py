@@ -30,6 +30,8 @@ This file is copied flat beside modeling_kvforge.py in an exported directory; it
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 try:
@@ -175,10 +177,15 @@ def _next_power_of_2(n: int, at_least: int = 16) -> int:
     return max(at_least, 1 << (max(n, 1) - 1).bit_length())
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _num_splits(batch: int, slots: int, block_s: int, device: torch.device) -> int:
     """Enough programs to fill the GPU twice over, never a split shorter than four tiles."""
     if device.type == "cuda":
-        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = 2 * _multiprocessors(device)
     else:
         target = 1  # the interpreter runs programs one after another
     return max(1, min(-(-target // batch), -(-slots // (4 * block_s)), 128))

@@ -696,8 +696,10 @@ def model_card(model, tokenizer, kv_cache: dict, evaluations: list[dict], source
               'inputs = tokenizer("The capital of France is", return_tensors="pt")',
               "out = model.generate(**inputs, max_new_tokens=20)", "```", ""]
     if is_kvforge:
-        lines += ["The modeling code is bundled (modeling_kvforge.py, configuration_kvforge.py, pyramid.py and "
-                  "what they import); kvforge itself is not needed. PyramidKV at generate time:", "",
+        lines += ["The modeling code is bundled (modeling_kvforge.py, configuration_kvforge.py, pyramid.py, the "
+                  "Triton kernels dispatch.py and latent_attention.py, and what they import); kvforge itself is not "
+                  "needed. On a GPU with triton installed, decode over low-rank latent caches runs a fused kernel "
+                  "(`KVFORGE_KERNELS=off` forces the PyTorch path). PyramidKV at generate time:", "",
                   "```python", "from transformers.dynamic_module_utils import get_class_from_dynamic_module", "",
                   f'new_pyramid_cache = get_class_from_dynamic_module("pyramid.new_pyramid_cache", "{name}")',
                   'cache = new_pyramid_cache(model, budget=256, schedule="pyramid")',
