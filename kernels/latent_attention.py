@@ -193,8 +193,8 @@ def _num_splits(batch: int, slots: int, block_s: int, device: torch.device) -> i
 
 def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weight, v_bias, positions, valid,
                             inv_freq, rope_scaling: float, scaling: float, *, max_position: int | None = None,
-                            block_s: int = 64, num_splits: int | None = None, num_warps: int = 4,
-                            num_stages: int = 3) -> torch.Tensor:
+                            block_s: int | None = None, num_splits: int | None = None, num_warps: int = 4,
+                            num_stages: int | None = None) -> torch.Tensor:
     """One decode step of attention over a pre-RoPE latent cache.
 
     query [B, K, G, D] (rotated); k_latent [B, S, Rk], v_latent [B, S, Rv]; k_weight [K * D, Rk] and
@@ -215,11 +215,15 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     query = query.reshape(batch, heads, dim).contiguous()
     k_weight = k_weight.contiguous()
     positions = positions.contiguous()
-    valid = valid.contiguous()
+    valid = valid.contiguous().view(torch.uint8)  # bytes, not Triton's i1 (whose loads misread a bool mask on GPU)
     if max_position is None:
         max_position = int(positions.max())
     table = rope_table(inv_freq, float(rope_scaling), max_position + 1)
 
+    # Measured best for bf16/fp16 (benchmarks/NOTES.md); fp32 tiles take twice the shared memory, so less.
+    wide = query.element_size() > 2
+    block_s = block_s or (32 if wide else 64)
+    num_stages = num_stages or (2 if wide else 3)
     block_h, block_c = _next_power_of_2(heads), _next_power_of_2(kv_heads * (dim // 2))
     block_rk, block_rv = _next_power_of_2(k_rank), _next_power_of_2(v_rank)
     splits = num_splits or _num_splits(batch, slots, block_s, query.device)
