@@ -165,3 +165,16 @@ def test_generate_with_the_kernel_equals_generate_without(monkeypatch, kernel_ca
     assert torch.equal(runs["triton"].sequences, runs["off"].sequences)
     for with_kernel, without in zip(runs["triton"].logits, runs["off"].logits):
         assert torch.allclose(with_kernel, without, atol=1e-4, rtol=1e-4)
+
+
+def test_rope_table_matches_the_model_rotary_and_grows_when_needed():
+    from kvforge.kernels.latent_attention import rope_table
+
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 16, 2).float() / 16))
+    positions = torch.tensor([[0, 5, 1999]])
+    cos, sin = KeyRotary(positions, inv_freq, 0.5, torch.float32).tables()  # what the PyTorch path rotates with
+    table = rope_table(inv_freq, 0.5, 2000)
+    assert table.shape[0] >= 2000 and rope_table(inv_freq, 0.5, 10) is table  # kept on inv_freq, reused
+    assert torch.equal(table[positions[0], :8], cos[0, :, :8]) and torch.equal(table[positions[0], 8:], sin[0, :, :8])
+    assert rope_table(inv_freq, 0.5, 5000).shape[0] >= 5000  # grown
+    assert torch.equal(rope_table(inv_freq, 1.0, 10)[5, :8], (5 * inv_freq).cos())  # another scaling: rebuilt
