@@ -39,6 +39,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_u
 from transformers.utils import logging
 
 from .configuration_kvforge import KVForgeConfig, LayerSpec
+from .pyramid import PyramidKV, PyramidSettings
 
 # Fused kernels (kernels/dispatch.py). In an exported directory the kernel files sit beside this one and export
 # rewrites this line to the relative import transformers bundles; without them (a plain save_pretrained copy,
@@ -383,10 +384,11 @@ class LayerStorage:
     everything that reads slots goes through SlotPlan, so that is the only place it needs to change.
     """
 
-    def __init__(self, layout: SlotLayout, slot_dims: dict[str, int]):
+    def __init__(self, layout: SlotLayout, slot_dims: dict[str, int], pyramid: PyramidKV | None = None):
         self.layout = layout
         self.slot_dims = slot_dims
         self.tensors: dict[str, torch.Tensor] = {}
+        self.pyramid = pyramid  # the cache's PyramidKV, if any
 
     def update(self, plan: SlotPlan, new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Writes the new tokens' entries and returns every attendable slot (cached, then new)."""
@@ -429,19 +431,18 @@ class KVForgeCache(Cache):
     Written only by KVForgeModel / KVForgeAttention (Cache.update(key, value) does not apply).
     """
 
-    def __init__(self, config: KVForgeConfig, max_cache_len: int | None = None):
+    def __init__(self, config: KVForgeConfig, max_cache_len: int | None = None, pyramid=None):
+        """pyramid: PyramidKV settings (PyramidSettings or a mapping); None applies the config's
+        `compression.inference.pyramid` if it has one, False keeps every token even then."""
         spec = config.compression_spec
-        if spec.pyramid is not None:
-            raise ValueError(
-                "compression.inference.pyramid is set: this cache must come from the model, which wires PyramidKV "
-                "into its attention (model.model.new_cache(), or let generate() create it)"
-            )
+        settings = spec.pyramid if pyramid is None else (pyramid or None)
+        self.pyramid = PyramidKV(PyramidSettings.from_any(settings), spec.layers) if settings is not None else None
         self.layouts: dict[tuple, SlotLayout] = {}
         storages = []
         for layer in spec.layers:
             if layer.layout not in self.layouts:
                 self.layouts[layer.layout] = SlotLayout(*layer.layout, max_cache_len=max_cache_len)
-            storages.append(LayerStorage(self.layouts[layer.layout], cached_slot_dims(layer)))
+            storages.append(LayerStorage(self.layouts[layer.layout], cached_slot_dims(layer), self.pyramid))
         super().__init__(layers=storages)
         self.layer_specs = spec.layers
         self._seq_length = 0
@@ -521,7 +522,8 @@ class KVForgeCache(Cache):
 
     @property
     def is_croppable(self) -> bool:
-        return not any(layout.is_ring for layout in self.layouts.values())
+        compacted = self.pyramid is not None and self.pyramid.compacted
+        return not compacted and not any(layout.is_ring for layout in self.layouts.values())
 
     @property
     def is_sliding(self) -> list[bool]:
@@ -532,8 +534,13 @@ class KVForgeCache(Cache):
         return [False] * len(self.layers)
 
     def reset(self) -> None:
-        for storage in self.layers:
+        if self.pyramid is not None:  # back to the layouts before compaction, and a PyramidKV that observes again
+            self.pyramid = PyramidKV(self.pyramid.settings, self.layer_specs)
+            self.layouts = {key: layout for key, layout in self.layouts.items() if key[0] != "pyramid"}
+        for storage, layer in zip(self.layers, self.layer_specs):
             storage.tensors = {}
+            storage.layout = self.layouts[layer.layout]
+            storage.pyramid = self.pyramid
         for layout in self.layouts.values():
             layout.reset()
         self._seq_length = 0
@@ -561,6 +568,8 @@ class KVForgeCache(Cache):
         keep = self._seq_length + tokens_to_remove if tokens_to_remove <= 0 else min(tokens_to_remove, self._seq_length)
         if keep == self._seq_length:
             return
+        if self.pyramid is not None and self.pyramid.compacted:
+            raise ValueError("cannot crop a cache compacted by PyramidKV: its slots no longer map to positions")
         if not self.is_croppable:
             windows = sorted({layout.window for layout in self.layouts.values() if layout.is_ring})
             raise ValueError(
@@ -943,6 +952,9 @@ class KVForgeAttention(nn.Module):
                 if self.shares_kv:
                     handoff.kv[self.layer_idx] = shared
             out, probs = self._attend(shared, query, cos, sin, plan, need_probs, dropout)
+            if storage is not None and storage.pyramid is not None and storage.pyramid.wants(self.layer_idx):
+                # PyramidKV scores the prompt's slots by this layer's attention from its last queries.
+                storage.pyramid.observe_layer(self, query, cos, sin, plan, shared)
             if probs is not None:
                 probs = probs.reshape(batch, self.num_heads, length, -1)  # [B, H, T, S]
                 if self.shares_probs:
@@ -1021,14 +1033,8 @@ class KVForgeModel(KVForgePreTrainedModel):
         self.post_init()
 
     def new_cache(self, max_cache_len: int | None = None) -> "KVForgeCache":
-        """The cache generate() and cached forwards use: with an export-time PyramidKV default
-        (compression.inference.pyramid) it selects tokens after the prefill, otherwise it keeps all."""
-        if self.config.compression_spec.pyramid is None:
-            return KVForgeCache(self.config, max_cache_len=max_cache_len)
-        # pyramid.py ships beside this file in an exported directory (transformers bundles it for this import).
-        from .pyramid import new_pyramid_cache
-
-        return new_pyramid_cache(self, max_cache_len=max_cache_len)
+        """The cache generate() and cached forwards use (with the config's PyramidKV default, if any)."""
+        return KVForgeCache(self.config, max_cache_len=max_cache_len)
 
     def forward(
         self,
@@ -1104,13 +1110,17 @@ class KVForgeModel(KVForgePreTrainedModel):
         handoff = LayerHandoff()
         hidden_states = inputs_embeds
         all_hidden, all_attentions = [], []
+        pyramid = cache.pyramid if cache is not None else None
         for idx, decoder_layer in enumerate(self.layers):
             if output_hidden_states:
                 all_hidden.append(hidden_states)
+            plan = plans[self.layer_layouts[idx]]
+            if pyramid is not None:  # after the prefill, a compacted group attends over its kept slots
+                plan = pyramid.plan_for(idx, plan, cache.layers[idx])
             hidden_states, probs = decoder_layer(
                 hidden_states,
                 position_embeddings=position_embeddings,
-                plan=plans[self.layer_layouts[idx]],
+                plan=plan,
                 storage=cache.layers[idx] if cache is not None else None,
                 handoff=handoff,
                 output_attentions=output_attentions,
@@ -1119,6 +1129,8 @@ class KVForgeModel(KVForgePreTrainedModel):
                 all_attentions.append(probs)
         if cache is not None:
             cache.commit(plans, new_valid, position_ids)
+            if pyramid is not None:
+                pyramid.finish_step(cache)  # commits the compacted groups; compacts after the prefill
 
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:

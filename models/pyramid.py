@@ -28,20 +28,19 @@ The method, as implemented here:
    appends to it as usual. Keys are cached already rotated (or with their positions kept beside the
    latents), so positions survive the selection.
 
-How the modeling code calls it (the seam): `PyramidKV.observe_layer(...)` from each attention layer during
-the prefill, `PyramidKV.layout_key(layer_idx)` to find which SlotLayout a layer's cache now follows, and
-`PyramidKV.after_step(cache)` once the step's slots are committed (it compacts after the prefill).
-`attach_pyramid(model, cache, settings)` wires these calls with module hooks for a modeling file that does
-not call them itself yet.
+How the modeling code calls it (the seam): a KVForgeCache made with PyramidKV settings (its `pyramid=`
+argument, or the config's `compression.inference.pyramid`) holds a PyramidKV, and its LayerStorages point to
+it. KVForgeModel.forward asks `plan_for(layer_idx, plan, storage)` for each layer's SlotPlan (the group's
+compacted layout once the prefill is done) and calls `finish_step(cache)` after committing the step; each
+attention layer calls `observe_layer(...)` during the prefill when `wants(layer_idx)`.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 import sys
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Iterable, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -307,7 +306,7 @@ class PyramidKV:
         self._scores: dict[int, torch.Tensor] = {}  # owner -> [B, K, S] summed window attention
         self.compacted = False
         self.kept: dict[int, int] = {}  # owner -> slots kept per row after compaction (for reports)
-        # attach_pyramid's hooks only: the compacted layouts' plans for the forward in flight.
+        # The compacted groups' plans for the forward in flight (made by plan_for, committed by finish_step).
         self.step_plans: dict[tuple, Any] = {}
         self.step_positions: Optional[torch.Tensor] = None
 
@@ -340,6 +339,28 @@ class PyramidKV:
         """The key in `cache.layouts` of the slot layout layer `layer_idx` follows now."""
         group = self._group_of.get(layer_idx)
         return group.key if self.compacted and group is not None and group.owner in self.kept else default
+
+    def plan_for(self, layer_idx: int, base_plan, storage):
+        """The SlotPlan layer `layer_idx` attends with: `base_plan` (its layout's, for this forward) until the
+        prefill is compacted, then its group's plan over the kept slots (one per group and forward)."""
+        key = self.layout_key(layer_idx, None)
+        if key is None:
+            return base_plan
+        if key not in self.step_plans:  # the first layer of this group in this forward plans it
+            length = base_plan.query_index.shape[1]
+            self.step_positions = base_plan.key_positions[:, -length:]
+            plan = storage.layout.plan(base_plan.query_index, self.step_positions)
+            plan.rotary = base_plan.rotary
+            self.step_plans[key] = plan
+        return self.step_plans[key]
+
+    def finish_step(self, cache) -> None:
+        """Called once a forward's own layouts are committed: commits the groups' plans, then (after the
+        prefill) compacts."""
+        for key, plan in self.step_plans.items():
+            cache.layouts[key].commit(plan, self.step_positions)
+        self.step_plans.clear()
+        self.after_step(cache)
 
     def after_step(self, cache) -> None:
         """Called once a forward's slots are committed: after the first (the prefill), compact."""
@@ -395,7 +416,7 @@ class PyramidKV:
 
 
 # ================================================================================================
-# Wiring for a modeling file that does not call the seam itself
+# A cache with PyramidKV
 # ================================================================================================
 
 
@@ -404,22 +425,12 @@ def _modeling_module(obj):
     return sys.modules[type(obj).__module__]
 
 
-def _attention_modules(model) -> Iterable:
-    for module in model.modules():
-        if type(module).__name__ == "KVForgeAttention":
-            yield module
-
-
-def _base_model(model):
-    return getattr(model, "model", model)
-
-
 def new_pyramid_cache(model, settings: Any = None, *, max_cache_len: Optional[int] = None, **overrides: Any):
     """A KVForgeCache for `model` that applies PyramidKV, for `model.generate(..., past_key_values=cache)`.
 
     settings: PyramidSettings or a mapping; None takes `compression.inference.pyramid` from the model's config.
-    overrides: individual settings (budget=..., schedule=...) on top. The model gets hooks (once) that call the
-    PyramidKV seam; they do nothing for caches without PyramidKV.
+    overrides: individual settings (budget=..., schedule=...) on top. (A model whose config holds a default
+    applies it in a plain generate(); this is for other settings, or for a model without a default.)
 
     Raises PyramidError when no settings are given and the config has none, or for invalid settings.
     """
@@ -434,87 +445,8 @@ def new_pyramid_cache(model, settings: Any = None, *, max_cache_len: Optional[in
     cache_cls = getattr(_modeling_module(model), "KVForgeCache", None)
     if cache_cls is None:
         raise PyramidError(f"PyramidKV applies to KVForge models; got {type(model).__name__}")
-    if "pyramid" in inspect.signature(cache_cls).parameters:  # the modeling file calls the seam itself
-        return cache_cls(config, max_cache_len=max_cache_len, pyramid=settings)
-    cache_config = config
-    if spec_pyramid is not None:
-        # The cache must not apply the config's own default on top of these settings.
-        cache_config = type(config).from_dict(config.to_dict())
-        cache_config.compression = {**config.compression, "inference": {"pyramid": None}}
-    cache = cache_cls(cache_config, max_cache_len=max_cache_len)
-    attach_pyramid(model, cache, settings)
-    return cache
-
-
-def attach_pyramid(model, cache, settings: PyramidSettings) -> PyramidKV:
-    """Gives `cache` a PyramidKV and makes sure `model` calls it (module hooks, installed once per model)."""
-    pyramid = PyramidKV(settings, model.config.compression_spec.layers)
-    cache.pyramid = pyramid
-    for storage in cache.layers:
-        storage.pyramid = pyramid
-    base = _base_model(model)  # the flag lives on the decoder stack, whichever wrapper was passed
-    if not getattr(base, "_kvforge_pyramid_hooks", False):
-        for attention in _attention_modules(base):
-            attention.register_forward_pre_hook(_route_plan, with_kwargs=True)
-            attention.register_forward_hook(_observe, with_kwargs=True)
-        base.register_forward_hook(_after_step, with_kwargs=True)
-        base._kvforge_pyramid_hooks = True
-    return pyramid
-
-
-def _route_plan(module, args, kwargs):
-    storage = kwargs.get("storage")
-    pyramid: Optional[PyramidKV] = getattr(storage, "pyramid", None)
-    if pyramid is None or not pyramid.compacted:
-        return None
-    base_plan = kwargs["plan"]
-    key = pyramid.layout_key(module.layer_idx, None)
-    if key is None:
-        return None
-    if key not in pyramid.step_plans:  # the first layer of this group in this forward plans it
-        length = base_plan.query_index.shape[1]
-        pyramid.step_positions = base_plan.key_positions[:, -length:]
-        plan = storage.layout.plan(base_plan.query_index, pyramid.step_positions)
-        plan.rotary = base_plan.rotary
-        pyramid.step_plans[key] = plan
-    kwargs["plan"] = pyramid.step_plans[key]
-    return args, kwargs
-
-
-def _observe(module, args, kwargs, output):
-    storage = kwargs.get("storage")
-    pyramid: Optional[PyramidKV] = getattr(storage, "pyramid", None)
-    if pyramid is None or not pyramid.wants(module.layer_idx):
-        return None
-    hidden_states = args[0] if args else kwargs["hidden_states"]  # [B, T, E], already normed
-    plan, handoff = kwargs["plan"], kwargs["handoff"]
-    cos, sin = kwargs["position_embeddings"]
-    batch, length, _ = hidden_states.shape
-    window = min(pyramid.settings.window, length)
-    query = module.q_proj(hidden_states[:, -window:]).view(batch, window, module.num_heads, module.head_dim)
-    layer = module.layer_spec
-    if layer.kv_from is not None:
-        shared = handoff.kv[layer.kv_from]
-    else:
-        attendable = {name: t.narrow(storage.slot_dims[name], 0, plan.start + length)
-                      for name, t in storage.tensors.items()}
-        shared = _modeling_module(module).SharedKV(module.representation, attendable, module)
-    # Only the window's queries are projected; observe_layer aligns them with the plan's last rows.
-    pyramid.observe_layer(module, query.transpose(1, 2), cos[:, -window:], sin[:, -window:], plan, shared)
-    return None
-
-
-def _after_step(module, args, kwargs, output):
-    cache = kwargs.get("past_key_values")
-    pyramid: Optional[PyramidKV] = getattr(cache, "pyramid", None)
-    if pyramid is None:
-        return None
-    for key, plan in pyramid.step_plans.items():
-        cache.layouts[key].commit(plan, pyramid.step_positions)
-    pyramid.step_plans.clear()
-    pyramid.after_step(cache)
-    return None
+    return cache_cls(config, max_cache_len=max_cache_len, pyramid=settings)
 
 
 __all__ = ["PyramidSettings", "PyramidError", "PyramidKV", "CacheGroup", "layer_budgets", "pool_scores",
-           "select_tokens", "gather_slots", "cache_groups", "new_pyramid_cache", "attach_pyramid"]
+           "select_tokens", "gather_slots", "cache_groups", "new_pyramid_cache"]

@@ -239,12 +239,26 @@ def test_left_padded_batch_selects_per_row_as_each_row_alone():
             assert torch.equal(batch_layout.token_index[i, :20], alone_layout.token_index[0, :20])
 
 
-def test_hooks_leave_caches_without_pyramid_alone():
+def test_a_pyramid_cache_leaves_the_model_and_other_caches_alone():
     model = tiny_model([{}, {}])
     ids = prompt(30)
     reference = model.generate(ids, max_new_tokens=5, do_sample=False)
-    new_pyramid_cache(model, budget=12, window=4, sinks=2)  # installs the hooks on this model
+    model.generate(ids, max_new_tokens=5, do_sample=False, past_key_values=new_pyramid_cache(model, budget=12,
+                                                                                            window=4, sinks=2))
     assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), reference)
+
+
+def test_reset_undoes_the_compaction_and_crop_is_refused_after_it():
+    model = tiny_model([{}, {}])
+    ids = prompt(30)
+    cache = new_pyramid_cache(model, budget=12, window=4, sinks=2)
+    first = model.generate(ids, max_new_tokens=5, do_sample=False, past_key_values=cache)
+    assert cache.pyramid.compacted and not cache.is_croppable
+    with pytest.raises(ValueError, match="cannot crop a cache compacted by PyramidKV"):
+        cache.crop(-1)
+    cache.reset()
+    assert not cache.pyramid.compacted and not any(key[0] == "pyramid" for key in cache.layouts)
+    assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False, past_key_values=cache), first)
 
 
 def test_refuses_models_without_global_layers_and_missing_settings():
@@ -268,7 +282,7 @@ def test_config_default_is_used_when_no_settings_are_given():
 
 def test_plain_generate_applies_the_export_time_default():
     """compression.inference.pyramid in the config: generate() with no cache argument compacts as an explicit
-    new_pyramid_cache would, and a directly built KVForgeCache refuses the config instead of ignoring it."""
+    new_pyramid_cache would; KVForgeCache(config, pyramid=False) keeps every token."""
     settings = {"budget": 16, "schedule": "uniform", "window": 4}
     explicit = tiny_model([{}, {}])
     ids = prompt(40)
@@ -281,8 +295,6 @@ def test_plain_generate_applies_the_export_time_default():
     assert torch.equal(out.sequences, expected)
     assert out.past_key_values.pyramid.kept == {0: 16, 1: 16}
     assert all(t.shape[2] < ids.shape[1] for _, name, t in out.past_key_values.named_tensors() if name == "key")
-    # A second generate() reuses the hooks once installed: the result does not change.
-    again = model.generate(ids, max_new_tokens=6, do_sample=False)
-    assert torch.equal(again, expected)
-    with pytest.raises(ValueError, match="compression.inference.pyramid is set"):
-        KVForgeCache(model.config)
+    full = model.generate(ids, max_new_tokens=6, do_sample=False,
+                          past_key_values=KVForgeCache(model.config, pyramid=False))
+    assert torch.equal(full, tiny_model([{}, {}]).generate(ids, max_new_tokens=6, do_sample=False))

@@ -289,11 +289,8 @@ def test_exported_directory_loads_without_kvforge(tmp_path):
     assert result.stdout.startswith("ok transformers_modules.")
 
 
-def test_pyramid_default_makes_the_model_build_a_pyramid_cache():
-    """An export-time PyramidKV default is honoured by the model's own cache and never silently dropped by a
-    hand-built KVForgeCache."""
+def test_pyramid_default_is_applied_by_the_cache_unless_turned_off():
     config = KVForgeConfig(**TINY, compression=spec_of(D, D, D, D, inference={"pyramid": {"budget": 16}}).to_dict())
-    cache = KVForgeModel(config).new_cache()
-    assert cache.pyramid is not None and cache.pyramid.settings.budget == 16
-    with pytest.raises(ValueError, match="inference.pyramid is set"):
-        KVForgeCache(config)
+    assert KVForgeModel(config).new_cache().pyramid.settings.budget == 16
+    assert KVForgeCache(config, pyramid={"budget": 24}).pyramid.settings.budget == 24
+    assert KVForgeCache(config, pyramid=False).pyramid is None
