@@ -172,6 +172,8 @@ def add_passkey_arguments(parser: argparse.ArgumentParser) -> None:
                          help="top layer keeps 1/beta of the average selectable budget (default: 20)")
     pyramid.add_argument("--pyramid-sinks", type=_int_at_least(0), default=None,
                          help="first tokens always kept (default: 4)")
+    pyramid.add_argument("--full-cache", action="store_true",
+                         help="keep every token even when the model was exported with a PyramidKV default")
 
 
 def run_passkey(args: argparse.Namespace, model: Any, tokenizer: Any, device: str) -> dict[str, Any]:
@@ -192,7 +194,19 @@ def _run_passkey(args: argparse.Namespace, model: Any, tokenizer: Any, device: s
     default = (model.config.compression or {}).get("inference", {}).get("pyramid") \
         if getattr(model.config, "model_type", None) == "kvforge" else None
     new_cache, pyramid = None, None
-    if args.pyramid_budget is not None or default is not None:
+    if args.full_cache:
+        given = ["--pyramid-" + k.replace("_size", "") for k, v in overrides.items() if v is not None]
+        if given:
+            raise ValueError(f"--full-cache keeps every token: drop {', '.join(given)}")
+        if default is not None:  # the exported default would apply: ask the model's own cache class for none
+            cache_cls = sys.modules[type(model).__module__].KVForgeCache
+            max_cache_len = args.context_len + args.max_new_tokens
+
+            def full_cache():
+                return cache_cls(model.config, max_cache_len=max_cache_len, pyramid=False)
+
+            new_cache = full_cache
+    elif args.pyramid_budget is not None or default is not None:
         if getattr(model.config, "model_type", None) != "kvforge":
             from kvforge.models.configuration_kvforge import CompressionSpec
             from kvforge.models.surgery import compress

@@ -166,3 +166,32 @@ def test_original_smollm2_finds_the_key_at_2k(smollm2_dir):
     model, tokenizer = load_pretrained(str(smollm2_dir), dtype="bfloat16")
     result = evaluate_passkey(model, tokenizer, context_len=2048, depths=[0.0, 0.5, 1.0], samples=1)
     assert result.accuracy == 1.0, [(r.depth, r.passkey, r.generated) for r in result.records]
+
+
+def test_evaluate_cli_applies_an_exported_default_unless_told_to_keep_the_full_cache(tmp_path, tokenizer):
+    """A KVForge model whose config holds a PyramidKV default: evaluate applies it, --full-cache keeps every
+    token, and --full-cache with --pyramid-* options is refused naming them."""
+    from kvforge.models.configuration_kvforge import KVForgeConfig
+    from kvforge.models.modeling_kvforge import KVForgeForCausalLM
+
+    torch.manual_seed(0)
+    config = KVForgeConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=1024,
+                           compression={"layers": [{}, {}], "inference": {"pyramid": {"budget": 24}}})
+    KVForgeForCausalLM(config).save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    env = {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())}
+    cmd = [sys.executable, str(REPO / "launch/evaluate.py"), "--task", "passkey", "--model", str(tmp_path / "tiny"),
+           "--context-len", "200", "--depths", "0", "--samples", "1"]
+    caches = {}
+    for name, extra in (("default", []), ("full", ["--full-cache"])):
+        out = tmp_path / f"{name}.json"
+        result = subprocess.run(cmd + extra + ["--json", str(out)], capture_output=True, text=True, timeout=600,
+                                cwd=tmp_path, env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        caches[name] = json.loads(out.read_text())["cache"]
+    kept = caches["default"]["kept"]  # the default's pyramid: budgets decreasing with depth, mean 24
+    assert kept["0"] > kept["1"] and kept["0"] + kept["1"] == 48 and caches["full"] == {"pyramid": None}
+    bad = subprocess.run(cmd + ["--full-cache", "--pyramid-sinks", "2"], capture_output=True, text=True,
+                         timeout=600, cwd=tmp_path, env=env)
+    assert bad.returncode == 2 and "--full-cache keeps every token: drop --pyramid-sinks" in bad.stderr
