@@ -13,7 +13,7 @@ from benchmark_decode import LR50_SPEC, SMOLLM2  # noqa: E402
 from transformers import LlamaConfig  # noqa: E402
 
 from kvforge.models.configuration_kvforge import KVForgeConfig  # noqa: E402
-from kvforge.models.modeling_kvforge import KVForgeForCausalLM  # noqa: E402
+from kvforge.models.modeling_kvforge import KVForgeCache, KVForgeForCausalLM  # noqa: E402
 
 base = LlamaConfig(**SMOLLM2)
 config = KVForgeConfig.from_base_config(base, json.loads(LR50_SPEC.read_text())["spec"])
@@ -25,7 +25,7 @@ for mode in ("auto", "off"):
     os.environ["KVFORGE_KERNELS"] = mode
     with torch.no_grad():
         model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0)
-        cache = model.model.new_cache(max_cache_len=4096 + 16)
+        cache = KVForgeCache(config, max_cache_len=4096 + 16)
         out = model(ids, past_key_values=cache, use_cache=True)
         nxt = out.logits[:, -1:].argmax(-1)
         torch.cuda.synchronize()

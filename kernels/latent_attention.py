@@ -17,7 +17,7 @@ registers and never writes them. One program serves every head of a row over one
                                                           product for all H heads; U_v is applied once, at the end
 
 so device memory sees each latent once (plus one position and one mask byte per slot). Splits of the slot
-axis (flash-decoding) keep the GPU busy at small batch; their partial results are merged in PyTorch, and
+axis (flash-decoding) keep the GPU busy at small batch; their partial results are merged by a second kernel, and
 out_h = acc_h @ U_v[h // G]^T + b_v, exact since sum_s p_s (U_v c_s + b_v) = U_v (sum_s p_s c_s) + b_v.
 
 Measured choices (benchmarks/NOTES.md): one program per row and split rather than per KV head (the latent

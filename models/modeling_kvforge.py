@@ -1032,10 +1032,6 @@ class KVForgeModel(KVForgePreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
-    def new_cache(self, max_cache_len: int | None = None) -> "KVForgeCache":
-        """The cache generate() and cached forwards use (with the config's PyramidKV default, if any)."""
-        return KVForgeCache(self.config, max_cache_len=max_cache_len)
-
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -1074,7 +1070,7 @@ class KVForgeModel(KVForgePreTrainedModel):
                 f"created (generate() does this), or pass KVForgeCache(model.config)"
             )
         if use_cache and past_key_values is None:
-            past_key_values = self.new_cache()
+            past_key_values = KVForgeCache(self.config)
         cache = past_key_values
         past_length = cache.get_seq_length() if cache is not None else 0
 
@@ -1207,7 +1203,7 @@ class KVForgeForCausalLM(KVForgePreTrainedModel, GenerationMixin):
                 f"cache_implementation={generation_config.cache_implementation!r} is not supported: KVForge models "
                 f"generate with their own KVForgeCache; leave cache_implementation unset"
             )
-        model_kwargs["past_key_values"] = self.model.new_cache(max_cache_len=max_cache_length)
+        model_kwargs["past_key_values"] = KVForgeCache(self.config, max_cache_len=max_cache_length)
 
 
 __all__ = [

@@ -335,35 +335,26 @@ class PyramidKV:
         self._scores[owner] = scores if owner not in self._scores else self._scores[owner] + scores
 
     # ---- compaction ----------------------------------------------------------------------------------
-    def layout_key(self, layer_idx: int, default: tuple) -> tuple:
-        """The key in `cache.layouts` of the slot layout layer `layer_idx` follows now."""
-        group = self._group_of.get(layer_idx)
-        return group.key if self.compacted and group is not None and group.owner in self.kept else default
-
     def plan_for(self, layer_idx: int, base_plan, storage):
         """The SlotPlan layer `layer_idx` attends with: `base_plan` (its layout's, for this forward) until the
         prefill is compacted, then its group's plan over the kept slots (one per group and forward)."""
-        key = self.layout_key(layer_idx, None)
-        if key is None:
+        group = self._group_of.get(layer_idx)
+        if not self.compacted or group is None or group.owner not in self.kept:
             return base_plan
-        if key not in self.step_plans:  # the first layer of this group in this forward plans it
+        if group.key not in self.step_plans:  # the first layer of this group in this forward plans it
             length = base_plan.query_index.shape[1]
             self.step_positions = base_plan.key_positions[:, -length:]
             plan = storage.layout.plan(base_plan.query_index, self.step_positions)
             plan.rotary = base_plan.rotary
-            self.step_plans[key] = plan
-        return self.step_plans[key]
+            self.step_plans[group.key] = plan
+        return self.step_plans[group.key]
 
     def finish_step(self, cache) -> None:
-        """Called once a forward's own layouts are committed: commits the groups' plans, then (after the
-        prefill) compacts."""
+        """Called once a forward's own layouts are committed: commits the groups' plans; after the first
+        forward (the prefill), compacts."""
         for key, plan in self.step_plans.items():
             cache.layouts[key].commit(plan, self.step_positions)
         self.step_plans.clear()
-        self.after_step(cache)
-
-    def after_step(self, cache) -> None:
-        """Called once a forward's slots are committed: after the first (the prefill), compact."""
         if not self.compacted:
             self.compact(cache)
 

@@ -2,7 +2,8 @@
 
 The logits of a 49k-vocabulary model are the largest activations in the step. `distillation_loss` takes
 logits and does the fp32 work a chunk of positions at a time; `linear_distillation_loss` takes the final hidden
-states and the output projection and never holds the whole batch's logits at all (the training loop's default).
+states and the output projection and never holds the whole batch's logits at all (what training uses when
+distilling: `training.loss_from`).
 """
 
 from __future__ import annotations

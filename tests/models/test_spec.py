@@ -17,7 +17,7 @@ from kvforge.models.configuration_kvforge import (
     KVForgeConfig,
     LayerSpec,
 )
-from kvforge.models.modeling_kvforge import KVForgeCache, KVForgeForCausalLM, KVForgeModel
+from kvforge.models.modeling_kvforge import KVForgeCache, KVForgeForCausalLM
 
 # validate(num_layers, num_heads, num_kv_heads, head_dim) of the tiny test model
 DIMS = (4, 4, 2, 16)
@@ -291,6 +291,6 @@ def test_exported_directory_loads_without_kvforge(tmp_path):
 
 def test_pyramid_default_is_applied_by_the_cache_unless_turned_off():
     config = KVForgeConfig(**TINY, compression=spec_of(D, D, D, D, inference={"pyramid": {"budget": 16}}).to_dict())
-    assert KVForgeModel(config).new_cache().pyramid.settings.budget == 16
+    assert KVForgeCache(config).pyramid.settings.budget == 16
     assert KVForgeCache(config, pyramid={"budget": 24}).pyramid.settings.budget == 24
     assert KVForgeCache(config, pyramid=False).pyramid is None
