@@ -56,6 +56,13 @@ class SurgerySettings:
     budget_normalization: "relative" (each matrix's error as a fraction of its energy) or "absolute".
     rope_pair_criterion: which rotary pairs a partial-RoPE layer keeps (low_rank.ROPE_PAIR_CRITERIA).
     balance: weighting of the low-rank PCA (low_rank.BALANCES).
+    init: how low-rank latents are initialised (low_rank.INITS). "pca" reconstructs K and V (weighted by
+        `balance`); "output_aware" minimises the logit error the key error causes (weighted by the queries'
+        second moment, averaged over RoPE lags of `context_tokens`, or the calibration row length when that
+        is None) and the o_proj output error the value error causes, summed over every layer that reads the
+        cache (kv_from consumers included). It replaces `balance` for pre-RoPE and value-only latents;
+        partial-RoPE joint latents and merged heads keep following `balance` (the report says which init
+        each layer got). The greedy rank allocation then spends the budget on that objective's spectra.
     shared_attention: None (spans as in the spec), or {"count": n} / {"threshold": t} to choose spans from
         calibration attention maps (shared_attention.py).
     calibration_batch_size, attention_rows, attention_metric: passed to `calibration.collect_statistics`.
@@ -71,6 +78,7 @@ class SurgerySettings:
     context_tokens: Optional[int] = 2048
     rope_pair_criterion: str = "norm"
     balance: str = "none"
+    init: str = "pca"
     shared_attention: Optional[dict[str, Any]] = None
     calibration_batch_size: int = 4
     attention_rows: int = 8
@@ -102,6 +110,7 @@ class SurgerySettings:
         choice("budget_normalization", rank_allocation.NORMALIZATIONS)
         choice("rope_pair_criterion", low_rank.ROPE_PAIR_CRITERIA)
         choice("balance", low_rank.BALANCES)
+        choice("init", low_rank.INITS)
         if not 0 < self.energy_threshold <= 1:
             raise SurgeryError(f"surgery.energy_threshold must be in (0, 1], got {self.energy_threshold}")
         if self.budget_fraction is not None and self.budget_bytes_per_token is not None:
@@ -276,16 +285,44 @@ def _value_scale(attn, geometry, settings) -> Optional[torch.Tensor]:
     return low_rank.value_dim_scale(attn.o_weight, geometry.num_kv_heads, geometry.head_dim).flatten()
 
 
-def _pre_rope(stats, layer, attn, geometry, settings, part: str, rank: int, restore_mean: bool):
+def _output_metric(stats: CalibrationStatistics, spec: CompressionSpec, attn: list["DenseAttention"], layer: int,
+                   part: str, geometry: Geometry, settings: SurgerySettings, rope_inv_freq: Optional[torch.Tensor]
+                   ) -> Optional[torch.Tensor]:
+    """The output-aware metric of `layer`'s key ("k") or value ("v") latent, or None under init="pca".
+
+    Every layer that attends over this layer's cache adds its own term (its queries for keys, its o_proj for
+    values): the layer itself and its kv_from consumers, each with its own input statistics.
+    """
+    if settings.init != "output_aware":
+        return None
+    readers = [layer] + [c for c, l in enumerate(spec.layers) if l.kv_from == layer]
+    if part == "v":
+        return sum(low_rank.value_output_metric(attn[r].o_weight, geometry.num_kv_heads, geometry.head_dim)
+                   for r in readers)
+    if rope_inv_freq is None:
+        raise SurgeryError("surgery.init='output_aware' needs the model's RoPE frequencies for the key metric "
+                           "(compress reads them from model.model.rotary_emb.inv_freq)")
+    context = settings.context_tokens or stats.seq_len
+    metric = 0
+    for r in readers:
+        q_second, _ = stats.output_moments(r, attn[r].q_weight, attn[r].q_bias)
+        metric = metric + low_rank.key_output_metric(q_second, geometry.num_kv_heads, geometry.head_dim,
+                                                     rope_inv_freq, context)
+    return metric
+
+
+def _pre_rope(stats, layer, attn, geometry, settings, part: str, rank: int, restore_mean: bool,
+              metric: Optional[torch.Tensor] = None):
+    # An output-aware metric replaces the diagonal `balance` weighting (it contains it as its rotation average).
     kv_second, kv_mean = _kv_moments(stats, layer, attn)
     n = geometry.kv_dims
     if part == "k":
         return low_rank.pre_rope_factors(weight=attn.k_weight, bias=attn.k_bias, second_moment=kv_second[:n, :n],
-                                         mean=kv_mean[:n], rank=rank, restore_mean=False,
-                                         scale=_key_scale(stats, layer, attn, geometry, settings))
+                                         mean=kv_mean[:n], rank=rank, restore_mean=False, metric=metric,
+                                         scale=None if metric is not None else _key_scale(stats, layer, attn, geometry, settings))
     return low_rank.pre_rope_factors(weight=attn.v_weight, bias=attn.v_bias, second_moment=kv_second[n:, n:],
-                                     mean=kv_mean[n:], rank=rank, restore_mean=restore_mean,
-                                     scale=_value_scale(attn, geometry, settings))
+                                     mean=kv_mean[n:], rank=rank, restore_mean=restore_mean, metric=metric,
+                                     scale=None if metric is not None else _value_scale(attn, geometry, settings))
 
 
 def _partial(stats, layer, attn, geometry, settings, rope_dims: int, rank: int, restore_mean: bool,
@@ -300,20 +337,23 @@ def _partial(stats, layer, attn, geometry, settings, rope_dims: int, rank: int, 
 
 
 def low_rank_problems(spec: CompressionSpec, stats: CalibrationStatistics, attn: list["DenseAttention"],
-                      geometry: Geometry, settings: SurgerySettings, expected: Mapping[str, torch.Size]
-                      ) -> list[LowRankProblem]:
-    """The spectrum of every low-rank matrix of the spec, as the transform will factorise it."""
+                      geometry: Geometry, settings: SurgerySettings, expected: Mapping[str, torch.Size],
+                      rope_inv_freq: Optional[torch.Tensor] = None) -> list[LowRankProblem]:
+    """The spectrum of every low-rank matrix of the spec, as the transform will factorise it (under the
+    output-aware init, the spectrum of the weighted problem: the greedy then spends ranks on that objective)."""
     problems = []
     for i, layer in enumerate(spec.layers):
         if layer.kv_proj != "low_rank" or layer.kv_from is not None:
             continue
         restore = _restore_value_mean(expected, i)
         if layer.probs_from is not None:
-            f = _pre_rope(stats, i, attn[i], geometry, settings, "v", 1, restore)
+            f = _pre_rope(stats, i, attn[i], geometry, settings, "v", 1, restore,
+                          _output_metric(stats, spec, attn, i, "v", geometry, settings, rope_inv_freq))
             problems.append(LowRankProblem(i, "v", f.eigenvalues, geometry.kv_dims))
         elif layer.rope == "pre_rope_latent":
             for part in ("k", "v"):
-                f = _pre_rope(stats, i, attn[i], geometry, settings, part, 1, restore)
+                f = _pre_rope(stats, i, attn[i], geometry, settings, part, 1, restore,
+                              _output_metric(stats, spec, attn, i, part, geometry, settings, rope_inv_freq))
                 problems.append(LowRankProblem(i, part, f.eigenvalues, geometry.kv_dims))
         else:
             f = _partial(stats, i, attn[i], geometry, settings, layer.rope_dims, 1, restore, _has_kv_down_bias(expected, i))
@@ -422,12 +462,14 @@ def effective_attention(state: Mapping[str, torch.Tensor], spec: CompressionSpec
 def transform_state_dict(
     state: Mapping[str, torch.Tensor], spec: CompressionSpec, geometry: Geometry,
     stats: Optional[CalibrationStatistics], settings: SurgerySettings, expected: Mapping[str, torch.Size],
+    rope_inv_freq: Optional[torch.Tensor] = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The compressed model's state dict from the pretrained one, and a per-layer report.
 
     Non-attention tensors are the very same tensors (bit-identical); attention tensors follow each
     layer's spec. `expected` (name -> shape of the target module's state) decides only optional biases
-    (v_up.bias) and is asserted against afterwards in `load_checked`.
+    (v_up.bias) and is asserted against afterwards in `load_checked`. `rope_inv_freq` [d/2] (the model's RoPE
+    frequencies) is needed by init="output_aware" for pre-RoPE key latents.
     """
     out: dict[str, torch.Tensor] = {}
     for key, tensor in state.items():
@@ -486,19 +528,24 @@ def transform_state_dict(
         else:  # low_rank
             restore = _restore_value_mean(expected, i)
             if not computes_probs:
-                f = _pre_rope(stats, i, a, geometry, settings, "v", layer.v_rank, restore)
+                f = _pre_rope(stats, i, a, geometry, settings, "v", layer.v_rank, restore,
+                              _output_metric(stats, spec, attn, i, "v", geometry, settings, rope_inv_freq))
                 put("v_down", f.down_weight, f.down_bias)
                 put("v_up", f.up_weight, f.up_bias)
                 entry["kv"] = f"v latent {layer.v_rank}"
+                entry["init"] = settings.init
                 entry["v_discarded"] = discarded_energy(f.eigenvalues, layer.v_rank)
             elif layer.rope == "pre_rope_latent":
-                fk = _pre_rope(stats, i, a, geometry, settings, "k", layer.k_rank, restore)
-                fv = _pre_rope(stats, i, a, geometry, settings, "v", layer.v_rank, restore)
+                fk = _pre_rope(stats, i, a, geometry, settings, "k", layer.k_rank, restore,
+                               _output_metric(stats, spec, attn, i, "k", geometry, settings, rope_inv_freq))
+                fv = _pre_rope(stats, i, a, geometry, settings, "v", layer.v_rank, restore,
+                               _output_metric(stats, spec, attn, i, "v", geometry, settings, rope_inv_freq))
                 put("k_down", fk.down_weight, fk.down_bias)
                 put("k_up", fk.up_weight, fk.up_bias)
                 put("v_down", fv.down_weight, fv.down_bias)
                 put("v_up", fv.up_weight, fv.up_bias)
                 entry["kv"] = f"pre-RoPE latents k {layer.k_rank} v {layer.v_rank}"
+                entry["init"] = settings.init
                 entry["k_discarded"] = discarded_energy(fk.eigenvalues, layer.k_rank)
                 entry["v_discarded"] = discarded_energy(fv.eigenvalues, layer.v_rank)
             else:
@@ -510,6 +557,7 @@ def transform_state_dict(
                 put("v_up", f.v_up_weight, f.v_up_bias)
                 out[f"{p}rope_index"] = f.rope_pairs
                 entry["kv"] = f"partial RoPE {layer.rope_dims} dims + latent {layer.kv_rank}"
+                entry["init"] = "pca"  # init="output_aware" covers pre-RoPE and value latents only (low_rank.py)
                 entry["kv_discarded"] = discarded_energy(f.latent.eigenvalues, layer.kv_rank)
                 entry["rope_pairs"] = f.rope_pairs.tolist()
         if layer.probs_from is not None:
@@ -558,6 +606,14 @@ class SurgeryResult:
     spec: CompressionSpec
     report: dict[str, Any]
     statistics: Optional[CalibrationStatistics]
+
+
+def _rope_inv_freq(model: nn.Module) -> Optional[torch.Tensor]:
+    """[d/2] float64: the RoPE frequencies theta_f the pretrained model itself rotates with (its rotary
+    embedding's inv_freq, so scaled RoPE types are as the model has them), or None if it has no such module."""
+    rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
+    inv_freq = getattr(rotary, "inv_freq", None)
+    return None if inv_freq is None else inv_freq.detach().to(torch.float64).cpu()
 
 
 def _expected_state(config: KVForgeConfig) -> dict[str, torch.Size]:
@@ -614,6 +670,7 @@ def compress(
 
     # ---- step 1: resolve data-dependent choices
     state = {k: v.detach() for k, v in model.state_dict().items()}
+    rope_inv_freq = _rope_inv_freq(model)
     if settings.shared_attention is not None:
         spec = choose_shared_attention(spec, statistics, geometry, settings)
         spec.validate(geometry.num_layers, geometry.num_heads, geometry.num_kv_heads, geometry.head_dim)
@@ -621,14 +678,14 @@ def compress(
     expected = _expected_state(config)
     if settings.rank_allocation != "as_given":
         attn = effective_attention(state, spec, settings)
-        problems = low_rank_problems(spec, statistics, attn, geometry, settings, expected)
+        problems = low_rank_problems(spec, statistics, attn, geometry, settings, expected, rope_inv_freq)
         spec = resolve_ranks(spec, problems, geometry, settings)
         spec.validate(geometry.num_layers, geometry.num_heads, geometry.num_kv_heads, geometry.head_dim)
         config = KVForgeConfig.from_base_config(model.config, spec)
         expected = _expected_state(config)
 
     # ---- step 2: transform the state dict
-    new_state, report = transform_state_dict(state, spec, geometry, statistics, settings, expected)
+    new_state, report = transform_state_dict(state, spec, geometry, statistics, settings, expected, rope_inv_freq)
 
     # ---- step 3: build the module and load, asserting keys and shapes
     dtype = next(model.parameters()).dtype
@@ -727,7 +784,9 @@ def measure_generate_kv_bytes(model: nn.Module, input_ids: torch.Tensor, max_new
     out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
                          min_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True,
                          pad_token_id=model.config.eos_token_id if isinstance(model.config.eos_token_id, int) else 0)
-    cache = out.past_key_values  # the KVForgeCache generate() itself created and filled
+    from ..modeling_kvforge import generated_cache
+
+    cache = generated_cache(out)  # the KVForgeCache generate() itself created and filled
     per_layer = [0] * model.config.num_hidden_layers
     dtypes = set()
     for layer, _, tensor in cache.named_tensors():

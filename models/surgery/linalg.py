@@ -60,6 +60,7 @@ def factorize(
     offset: Optional[torch.Tensor] = None,
     restore_offset: bool = False,
     scale: Optional[torch.Tensor] = None,
+    metric: Optional[torch.Tensor] = None,
 ) -> Factorization:
     """The rank-`rank` PCA factorisation of y = weight @ x + bias given the moments of y.
 
@@ -78,15 +79,23 @@ def factorize(
       a constant shift of y changes nothing downstream, e.g. the non-rotary key dims (q . (k + c) shifts
       every logit of a query by the same q . c, and softmax ignores that).
     * scale weighs parts of y against each other (e.g. keys vs values in a joint latent).
+    * metric M (symmetric PSD [d_out, d_out]) measures the error as E[(y - y^)^T M (y - y^)] instead of
+      E|y - y^|^2: D = M^1/2 (a full matrix, `metric_sqrt`), and the formulas above hold with D^-1 the
+      inverse square root. This is the generalised (whitened) PCA: with y' = D y the error is E|y' - y'^|^2,
+      minimised over rank-r reconstructions of y' by its top-r principal directions, and the best rank-r map
+      of x onto y under M is the same (the target W x has no component a rank-r map of x could add).
+      `scale` is the diagonal case (M = diag(scale^2)); give at most one of the two.
 
-    At rank = d_out the map is exact (U is orthogonal). Biases come out None when nothing needs them.
+    At rank = d_out the map is exact (U is orthogonal, D invertible). Biases come out None when nothing needs
+    them. `eigenvalues` are those of the shifted, weighted moment D E[(y-o)(y-o)^T] D, so their tail is the
+    weighted error.
 
     Args:
         weight: [d_out, H]; bias: [d_out] or None; second_moment: E[y y^T] [d_out, d_out]; mean: E[y] [d_out].
         rank: 1 <= rank <= d_out.
 
     Raises:
-        ValueError: a rank out of range or mismatched shapes.
+        ValueError: a rank out of range, mismatched shapes, a non-positive scale, or both scale and metric.
     """
     d_out = weight.shape[0]
     if not 1 <= rank <= d_out:
@@ -103,14 +112,25 @@ def factorize(
     if o is not None:
         # E[(y-o)(y-o)^T] = E[yy^T] - m o^T - o m^T + o o^T
         s = s - torch.outer(m, o) - torch.outer(o, m) + torch.outer(o, o)
+    if scale is not None and metric is not None:
+        raise ValueError("give factorize a diagonal `scale` or a full `metric`, not both")
     d = None if scale is None else scale.detach().to(torch.float64)
     if d is not None:
         if d.shape != (d_out,) or bool((d <= 0).any()):
             raise ValueError(f"scale must be [{d_out}] and positive, got shape {tuple(d.shape)}")
         s = d[:, None] * s * d[None, :]
+    root = inverse_root = None
+    if metric is not None:
+        if metric.shape != (d_out, d_out):
+            raise ValueError(f"metric must be [{d_out}, {d_out}] (the output width squared), got {tuple(metric.shape)}")
+        root, inverse_root = metric_sqrt(metric)
+        s = root @ s @ root
     eigenvalues, eigenvectors = principal_components(s)
     u = eigenvectors[:, :rank]                                             # [d_out, r]
-    down_map = u.T if d is None else u.T * d[None, :]                     # U^T D    [r, d_out]
+    if root is not None:
+        down_map = u.T @ root                                              # U^T M^1/2   [r, d_out]
+    else:
+        down_map = u.T if d is None else u.T * d[None, :]                 # U^T D    [r, d_out]
     down_weight = down_map @ w                                             # [r, H]
     shift = None
     if bias is not None:
@@ -118,7 +138,10 @@ def factorize(
     if o is not None:
         shift = -o if shift is None else shift - o
     down_bias = None if shift is None else down_map @ shift
-    up_weight = u if d is None else u / d[:, None]                        # D^-1 U   [d_out, r]
+    if inverse_root is not None:
+        up_weight = inverse_root @ u                                       # M^-1/2 U   [d_out, r]
+    else:
+        up_weight = u if d is None else u / d[:, None]                    # D^-1 U   [d_out, r]
     up_bias = o.clone() if (o is not None and restore_offset) else None
     dtype = weight.dtype
     return Factorization(
@@ -128,6 +151,29 @@ def factorize(
         up_bias=None if up_bias is None else up_bias.to(dtype),
         eigenvalues=eigenvalues,
     )
+
+
+def metric_sqrt(metric: torch.Tensor, floor: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M^1/2, M^-1/2) of a symmetric PSD matrix, float64, with eigenvalues raised to at least floor * max.
+
+    The floor keeps the inverse finite where M is (nearly) singular: a direction that nothing downstream reads
+    (M v = 0) may then be reconstructed arbitrarily badly at no cost, which is right, but the up-projection
+    must still exist. Relative to the largest eigenvalue so that it does not depend on M's units.
+
+    Raises:
+        ValueError: M not square, or with no positive eigenvalue.
+    """
+    if metric.ndim != 2 or metric.shape[0] != metric.shape[1]:
+        raise ValueError(f"metric must be a square matrix, got shape {tuple(metric.shape)}")
+    sym = metric.detach().to(torch.float64)
+    eigenvalues, vectors = torch.linalg.eigh(0.5 * (sym + sym.T))
+    top = float(eigenvalues.max())
+    if not top > 0:
+        raise ValueError(f"metric must have a positive eigenvalue (a PSD weighting that weighs something), got max {top}")
+    eigenvalues = eigenvalues.clamp_min(floor * top)
+    root = (vectors * eigenvalues.sqrt()) @ vectors.T
+    inverse_root = (vectors * eigenvalues.rsqrt()) @ vectors.T
+    return root, inverse_root
 
 
 def discarded_energy(eigenvalues: torch.Tensor, rank: int) -> float:

@@ -34,6 +34,28 @@ Weighting (`balance`) of the PCA, so that the directions kept are the ones atten
     "attention"  weight each key pair by the root-mean-square of the queries that read it (summed over the
                  KV head's query heads, over sqrt(d): the logit error is q . dk / sqrt(d)) and each value dim
                  by the norm of the o_proj columns that read it (the output error is O dv).
+
+Initialisation (`INITS`, surgery setting `init`) of pre-RoPE latents and value-only latents:
+    "pca"           the (balanced) PCA above: reconstruct K and V.
+    "output_aware"  minimise what attention makes of the error rather than the error itself, a generalised
+                    PCA under a metric M (linalg.factorize: latent = U^T M^1/2 y, rebuilt M^-1/2 U c, U the
+                    top eigenvectors of M^1/2 E[yy^T] M^1/2, error E[e^T M e] = the discarded eigenvalues).
+      keys   (`key_output_metric`): a pre-RoPE key error e_h of KV head h changes the logit of query head j
+             (j in the group g(h) reading h) at lag D = t_q - t_k >= 0 by q_j^T R(-D) e_h / sqrt(d), R the
+             RoPE rotation (RoPE sits after k_up, so the error is rotated with the key). Query and key come
+             from different tokens, taken as independent, so summed over the group and averaged over lags
+                 E[logit error^2] = e_h^T W_h e_h,   W_h = (1/d) sum_{j in g(h)} E_D[R(-D)^T E[q_j q_j^T] R(-D)]
+             with D distributed as the causal (query, key) pairs of a context of T tokens, p(D) ~ T - D.
+             Fast pairs average to their rotation-invariant energy (the "attention" balance's diagonal); slow
+             pairs, which barely turn within T, keep the queries' full covariance. M = blockdiag_h(W_h).
+      values (`value_output_metric`): the o_proj output error is sum_j O_j a_j, O_j query head j's d columns
+             of o_proj and a_j its attention-weighted average of the value errors of KV head h(j). Query heads
+             attending alike make the a_j equal per KV head, and M = O^T O with O = [sum_{j in g(h)} O_j]_h
+             (every cross term); attending independently leaves M = blockdiag_h(sum_{j in g(h)} O_j^T O_j).
+             With a correlation rho between the heads' averages, M = rho M_alike + (1 - rho) M_independent;
+             rho = 1/2 (on SmolLM2-135M it gave lower layer-output errors than 0 or 1: docs/COMPRESSION.md).
+    Exact at full rank like the PCA. Partial RoPE's joint latent keeps the PCA (keys in logit units and values
+    in output units would need an exchange rate that these statistics do not give).
 """
 
 from __future__ import annotations
@@ -48,6 +70,7 @@ from .linalg import Factorization, factorize, pair_energy
 
 ROPE_PAIR_CRITERIA = ("norm", "high", "low", "uniform")
 BALANCES = ("none", "trace", "attention")
+INITS = ("pca", "output_aware")
 
 
 def select_rope_pairs(
@@ -226,8 +249,107 @@ def partial_rope_factors(
 
 def pre_rope_factors(
     *, weight: torch.Tensor, bias: Optional[torch.Tensor], second_moment: torch.Tensor, mean: torch.Tensor,
-    rank: int, restore_mean: bool, scale: Optional[torch.Tensor] = None,
+    rank: int, restore_mean: bool, scale: Optional[torch.Tensor] = None, metric: Optional[torch.Tensor] = None,
 ) -> Factorization:
-    """One projection (k or v) as down/up of rank `rank`; keys must use restore_mean=False (uncentred)."""
+    """One projection (k or v) as down/up of rank `rank`; keys must use restore_mean=False (uncentred).
+
+    scale: a diagonal weighting (`balance`); metric: a full one (`init="output_aware"`); at most one."""
     return factorize(weight, bias, second_moment, mean, rank,
-                     offset=mean if restore_mean else None, restore_offset=restore_mean, scale=scale)
+                     offset=mean if restore_mean else None, restore_offset=restore_mean, scale=scale, metric=metric)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Output-aware metrics (init="output_aware"; the math is in the module doc)
+
+
+def rope_lag_moments(inv_freq: torch.Tensor, context_tokens: int) -> tuple[torch.Tensor, ...]:
+    """(CC, CS, SS) [d/2, d/2] float64: E_D[cos(a_f) cos(a_g)], E_D[cos(a_f) sin(a_g)], E_D[sin(a_f) sin(a_g)]
+    with a_f = -D theta_f, the key's rotation relative to its query, over lags D = 0..T-1 weighted like the
+    causal (query, key) pairs of T tokens, p(D) = (T - D) / (T (T + 1) / 2).
+
+    Raises:
+        ValueError: context_tokens < 1.
+    """
+    if context_tokens < 1:
+        raise ValueError(f"context_tokens must be >= 1 (the context the lags are averaged over), got {context_tokens}")
+    lags = torch.arange(context_tokens, dtype=torch.float64)
+    p = (context_tokens - lags) / (context_tokens * (context_tokens + 1) / 2)         # [T]
+    angle = -lags[:, None] * inv_freq.to(torch.float64)[None, :]                      # [T, d/2]
+    cos, sin = angle.cos(), angle.sin()
+    weighted_cos, weighted_sin = cos * p[:, None], sin * p[:, None]
+    return weighted_cos.T @ cos, weighted_cos.T @ sin, weighted_sin.T @ sin
+
+
+def lag_averaged_rotation(moment: torch.Tensor, lag_moments: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """E_D[R^T A R] [d, d] for A = `moment` [d, d] and R the rotate_half RoPE rotation by a_f = -D theta_f.
+
+    R = [[C, -S], [S, C]] (C = diag cos a, S = diag sin a, blocks of d/2 dims). Each block of R^T A R is a sum of
+    terms diag(u) A_ab diag(w), i.e. A_ab * (u w^T) elementwise, whose average over D needs only the lag moments.
+    """
+    cc, cs, ss = lag_moments
+    sc = cs.T
+    half = moment.shape[0] // 2
+    a = moment.to(torch.float64)
+    a11, a12, a21, a22 = a[:half, :half], a[:half, half:], a[half:, :half], a[half:, half:]
+    b11 = a11 * cc + a12 * cs + a21 * sc + a22 * ss
+    b12 = -a11 * cs + a12 * cc - a21 * ss + a22 * sc
+    b21 = -a11 * sc - a12 * ss + a21 * cc + a22 * cs
+    b22 = a11 * ss - a12 * sc - a21 * cs + a22 * cc
+    return torch.cat([torch.cat([b11, b12], 1), torch.cat([b21, b22], 1)], 0)
+
+
+def key_output_metric(q_second_moment: torch.Tensor, num_kv_heads: int, head_dim: int, inv_freq: torch.Tensor,
+                      context_tokens: int) -> torch.Tensor:
+    """[n_kv d, n_kv d] float64: blockdiag_h W_h, W_h = (1/d) sum_{j in g(h)} E_D[R(-D)^T E[q_j q_j^T] R(-D)].
+
+    e^T M e is the mean squared logit error, summed over query heads, that a pre-RoPE key error e causes
+    (module doc). q_second_moment: E[q q^T] [n_q d, n_q d] of the (pre-RoPE) queries; inv_freq: [d/2] theta_f.
+
+    Raises:
+        ValueError: shapes that do not fit n_q = k n_kv heads of head_dim, or inv_freq not [d/2].
+    """
+    n_q = q_second_moment.shape[0] // head_dim
+    if q_second_moment.shape != (n_q * head_dim,) * 2 or n_q % num_kv_heads or n_q == 0:
+        raise ValueError(f"q_second_moment must be [n_q * {head_dim}]^2 with n_q a multiple of {num_kv_heads} KV heads, "
+                         f"got {tuple(q_second_moment.shape)}")
+    if inv_freq.shape != (head_dim // 2,):
+        raise ValueError(f"inv_freq must be [{head_dim // 2}] (head_dim / 2 RoPE frequencies), got {tuple(inv_freq.shape)}")
+    lag_moments = rope_lag_moments(inv_freq, context_tokens)
+    group = n_q // num_kv_heads
+    metric = torch.zeros(num_kv_heads * head_dim, num_kv_heads * head_dim, dtype=torch.float64)
+    for h in range(num_kv_heads):
+        rows = slice(h * head_dim, (h + 1) * head_dim)
+        summed = sum(q_second_moment[j * head_dim:(j + 1) * head_dim, j * head_dim:(j + 1) * head_dim].to(torch.float64)
+                     for j in range(h * group, (h + 1) * group))
+        metric[rows, rows] = lag_averaged_rotation(summed, lag_moments) / head_dim
+    return 0.5 * (metric + metric.T)
+
+
+VALUE_HEAD_CORRELATION = 0.5
+
+
+def value_output_metric(o_weight: torch.Tensor, num_kv_heads: int, head_dim: int,
+                        head_correlation: float = VALUE_HEAD_CORRELATION) -> torch.Tensor:
+    """[n_kv d, n_kv d] float64: rho O^T O + (1 - rho) blockdiag_h sum_{j in g(h)} O_j^T O_j, with
+    O_j = o_weight[:, j d:(j+1) d] and O = [sum_{j in g(h)} O_j]_h (each KV head's query heads' columns summed).
+
+    e^T M e is the expected squared o_proj output error that a value error e causes when the query heads'
+    attention averages correlate by rho = head_correlation (1: all heads attend alike, 0: independently; module
+    doc). o_weight: [H, n_q d].
+
+    Raises:
+        ValueError: o_weight's width not a multiple of n_kv * head_dim, or rho outside [0, 1].
+    """
+    if o_weight.ndim != 2 or o_weight.shape[1] % (num_kv_heads * head_dim):
+        raise ValueError(f"o_weight must be [H, n_q * {head_dim}] with n_q a multiple of {num_kv_heads}, "
+                         f"got {tuple(o_weight.shape)}")
+    if not 0.0 <= head_correlation <= 1.0:
+        raise ValueError(f"head_correlation must be in [0, 1], got {head_correlation}")
+    n_q = o_weight.shape[1] // head_dim
+    group = n_q // num_kv_heads
+    o = o_weight.detach().to(torch.float64).reshape(o_weight.shape[0], n_q, head_dim)          # [H, n_q, d]
+    independent = torch.block_diag(
+        *torch.einsum("xjd,xje->jde", o, o).reshape(num_kv_heads, group, head_dim, head_dim).sum(1))
+    summed = o.reshape(o_weight.shape[0], num_kv_heads, group, head_dim).sum(2).reshape(o_weight.shape[0], -1)
+    alike = summed.T @ summed
+    return head_correlation * alike + (1.0 - head_correlation) * independent
