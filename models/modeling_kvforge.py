@@ -652,20 +652,68 @@ def _dropout(probs: torch.Tensor, dropout: float) -> torch.Tensor:
     return F.dropout(probs, p=dropout, training=True) if dropout > 0 else probs
 
 
-def kv_attention(query, key, value, mask, scaling, *, need_probs=False, dropout=0.0, use_sdpa=False):
-    """Dense / merged-heads cache.
+def kv_attention(query, key, value, mask, scaling, *, need_probs=False, dropout=0.0, use_sdpa=False, causal=False):
+    """Dense / merged-heads cache, and the training / prefill form of the latent ones (`dense_kv`).
 
-    query [B, K, G, T, D] (rotated); key, value [B, K, S, D] (keys rotated); mask [B, 1, 1, T, S].
-    Returns out [B, K, G, T, D] and probs [B, K, G, T, S] (pre-dropout; None unless need_probs).
+    query [B, K, G, T, D] (rotated); key [B, K, S, D], value [B, K, S, Dv] (keys rotated); mask [B or 1, 1, 1,
+    T, S]. causal=True promises that the mask is the plain causal one (T == S, no padding, no window in reach):
+    SDPA then takes is_causal and no mask, and GQA as is. Without it SDPA gets the boolean mask and key / value
+    expanded to H heads: not every fused kernel that takes a mask takes GQA, and the math fallback would hold the
+    [T, S] scores. Either way no [T, S] score matrix is held (on an H200 both run cuDNN's fused attention,
+    docs/TRAINING.md); the explicit softmax below is the reference and serves need_probs.
+    Returns out [B, K, G, T, Dv] and probs [B, K, G, T, S] (pre-dropout; None unless need_probs).
     """
     batch, heads, group, length, dim = query.shape
     if use_sdpa and not need_probs:
-        out = F.scaled_dot_product_attention(
-            query.reshape(batch, heads * group, length, dim), key, value, attn_mask=mask[:, 0],
-            dropout_p=dropout, scale=scaling, enable_gqa=True)
+        query = query.reshape(batch, heads * group, length, dim)
+        if causal:
+            out = F.scaled_dot_product_attention(query, key, value, is_causal=True, dropout_p=dropout, scale=scaling,
+                                                 enable_gqa=group > 1)
+        else:
+            if group > 1:  # [B, K, S, D] -> [B, H, S, D], head h reading kv head h // G
+                key = key[:, :, None].expand(-1, -1, group, -1, -1).reshape(batch, heads * group, *key.shape[2:])
+                value = value[:, :, None].expand(-1, -1, group, -1, -1).reshape(batch, heads * group,
+                                                                                 *value.shape[2:])
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask[:, 0], dropout_p=dropout,
+                                                 scale=scaling)
         return out.view(batch, heads, group, length, -1), None
     probs = _masked_softmax(_scores(query, key) * scaling, mask, query.dtype)
     return _weighted_values(_dropout(probs, dropout), value), (probs if need_probs else None)
+
+
+def pre_rope_latent_kv(k_latent, v_latent, k_up, v_up, key_rotary):
+    """Pre-RoPE latents [B, S, Rk], [B, S, Rv] -> key [B, K, S, D] (rotated), value [B, K, S, D]: one GEMM each
+    for all heads, then RoPE at the keys' positions."""
+    batch, slots, _ = k_latent.shape
+    key_cos, key_sin = key_rotary.tables()
+    key = k_up(k_latent).view(batch, slots, -1, key_cos.shape[-1]).transpose(1, 2)  # [B, K, S, D]
+    value = v_up(v_latent).view(batch, slots, key.shape[1], -1).transpose(1, 2)  # [B, K, S, D]
+    return apply_rotary(key, key_cos[:, None], key_sin[:, None]), value
+
+
+def partial_rope_kv(k_rope, kv_latent, k_up, v_up, rope_index, head_dim):
+    """Partial-RoPE cache -> key [B, K, S, D] in the head's own dim order (rotary dims from k_rope, the others
+    up-projected from the latent), value [B, K, S, D]. With the query's rotary dims rotated and the others not
+    (`partial_rope_query`), q . k equals partial_rope_attention's q_rope . k_rope + q_nope . (U_k c)."""
+    batch, heads, slots, _ = k_rope.shape
+    rope_dims, nope_dims = partial_rope_dims(rope_index, head_dim)
+    k_nope = k_up(kv_latent).view(batch, slots, heads, -1).transpose(1, 2)  # [B, K, S, Dn]
+    # [k_rope | k_nope] holds head dims cat(rope_dims, nope_dims); the inverse permutation puts them in place.
+    order = torch.cat([rope_dims, nope_dims], dim=1).argsort(dim=1)  # [K, D]
+    key = _gather_dims(torch.cat([k_rope, k_nope], dim=-1), order)
+    value = v_up(kv_latent).view(batch, slots, heads, -1).transpose(1, 2)  # [B, K, S, D]
+    return key, value
+
+
+def partial_rope_query(query, rotated, rope_index):
+    """query, rotated [B, K, G, T, D] (unrotated / fully rotated) -> rotated in the rotary dims of each kv head's
+    rope_index, unrotated elsewhere (one select, no gather)."""
+    heads, dim = query.shape[1], query.shape[-1]
+    half = dim // 2
+    is_rope = torch.zeros(heads, half, dtype=torch.bool, device=query.device)
+    is_rope.scatter_(1, rope_index, True)
+    is_rope = torch.cat([is_rope, is_rope], dim=1).view(1, heads, 1, 1, dim)  # pair f = dims f and f + D/2
+    return torch.where(is_rope, rotated, query)
 
 
 def pre_rope_latent_attention(query, k_latent, v_latent, k_up, v_up, key_rotary, mask, scaling, *,
@@ -680,12 +728,12 @@ def pre_rope_latent_attention(query, k_latent, v_latent, k_up, v_up, key_rotary,
     batch, heads, group, length, dim = query.shape
     slots = k_latent.shape[1]
     absorb = (length == 1) if absorb is None else absorb
+    if not absorb:
+        key, value = pre_rope_latent_kv(k_latent, v_latent, k_up, v_up, key_rotary)
+        return kv_attention(query, key, value, mask, scaling, need_probs=need_probs, dropout=dropout, use_sdpa=use_sdpa)
     key_cos, key_sin = key_rotary.tables()
     key = k_up(k_latent).view(batch, slots, heads, dim).transpose(1, 2)  # [B, K, S, D]
     key = apply_rotary(key, key_cos[:, None], key_sin[:, None])
-    if not absorb:
-        value = v_up(v_latent).view(batch, slots, heads, -1).transpose(1, 2)  # [B, K, S, D]
-        return kv_attention(query, key, value, mask, scaling, need_probs=need_probs, dropout=dropout, use_sdpa=use_sdpa)
     probs = _masked_softmax(_scores(query, key) * scaling, mask, query.dtype)
     return _latent_values(_dropout(probs, dropout), v_latent, v_up, absorb=True), (probs if need_probs else None)
 
@@ -759,6 +807,23 @@ class SharedKV:
     representation: str  # "kv" | "pre_rope_latent" | "partial"
     tensors: dict[str, torch.Tensor]
     producer: "KVForgeAttention"  # gives up-projections / rope_index / kv head count
+    _dense: tuple | None = field(default=None, repr=False)
+
+    def dense_kv(self, plan: SlotPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """key (rotated), value [B, K, S, D] rebuilt from a latent cache, once per step: the producer and
+        every kv_from consumer attend over the same tensors (and backpropagate into them), never recomputing
+        the up-projections."""
+        if self._dense is None:
+            t, producer = self.tensors, self.producer
+            if self.representation == "pre_rope_latent":
+                self._dense = pre_rope_latent_kv(t["k_latent"], t["v_latent"], producer.k_up, producer.v_up,
+                                                 plan.key_rotary())
+            elif self.representation == "partial":
+                self._dense = partial_rope_kv(t["k_rope"], t["kv_latent"], producer.k_up, producer.v_up,
+                                              producer.rope_index, producer.head_dim)
+            else:
+                raise AssertionError(self.representation)
+        return self._dense
 
 
 @dataclass
@@ -767,6 +832,24 @@ class LayerHandoff:
 
     kv: dict[int, SharedKV] = field(default_factory=dict)
     probs: dict[int, torch.Tensor] = field(default_factory=dict)  # [B, H, T, S]
+    masks: dict[int, tuple] = field(default_factory=dict)  # id(plan) -> (plan, mask, causal), see sdpa_mask
+
+    def sdpa_mask(self, plan: SlotPlan) -> tuple[torch.Tensor, bool]:
+        """The mask SDPA needs for `plan`, decided once per layout and step: (mask [B or 1, 1, 1, T, S], causal).
+
+        Without a cache and without padding (a training step) every row's mask is the same, so one row of it
+        serves the batch; and if no window cuts into the T tokens it is the plain causal mask, for which SDPA
+        takes is_causal instead (the flash kernel: no [T, S] mask read at all). Costs one device sync per layout.
+        """
+        entry = self.masks.get(id(plan))
+        if entry is None or entry[0] is not plan:
+            length = plan.query_index.shape[1]
+            mask, causal = plan.mask, False
+            if plan.cached_slots == 0 and length > 1 and bool((plan.query_index >= 0).all()):
+                mask = plan.mask[:1]
+                causal = plan.window is None or plan.window >= length
+            entry = self.masks[id(plan)] = (plan, mask, causal)
+        return entry[1], entry[2]
 
 
 def partial_rope_dims(rope_index: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -780,7 +863,9 @@ def partial_rope_dims(rope_index: torch.Tensor, head_dim: int) -> tuple[torch.Te
     heads = rope_index.shape[0]
     is_rope = torch.zeros(heads, half, dtype=torch.bool, device=rope_index.device)
     is_rope.scatter_(1, rope_index, True)
-    nope_pairs = torch.arange(half, device=rope_index.device).expand(heads, half)[~is_rope].view(heads, -1)
+    # The non-rotary pairs in ascending order: a stable sort puts the False entries first, in index order. (Boolean
+    # indexing would do too, but it waits for the device to know the result's size: a sync per layer and step.)
+    nope_pairs = torch.sort(is_rope.to(torch.uint8), dim=1, stable=True).indices[:, :half - rope_index.shape[1]]
     rope_dims = torch.cat([rope_index, rope_index + half], dim=1)
     nope_dims = torch.cat([nope_pairs, nope_pairs + half], dim=1)
     return rope_dims, nope_dims
@@ -889,19 +974,34 @@ class KVForgeAttention(nn.Module):
 
     # ---- attention over a producer's cache (own or shared) -------------------------------------------
     def _attend(self, shared: SharedKV, query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: SlotPlan,
-                need_probs: bool, dropout: float):
-        """query [B, H, T, D] unrotated -> out [B, K, G, T, D], probs [B, K, G, T, S] | None."""
+                need_probs: bool, dropout: float, handoff: LayerHandoff | None = None):
+        """query [B, H, T, D] unrotated -> out [B, K, G, T, D], probs [B, K, G, T, S] | None.
+
+        Several new tokens (training, prefill): latent caches are up-projected to whole K / V once per step
+        (`SharedKV.dense_kv`) and every representation attends through `kv_attention` (SDPA, flash when the
+        mask is causal). One new token (decode): the latent functions, whose absorbed forms never rebuild K / V
+        and where the fused kernels plug in.
+        """
         producer = shared.producer
         batch, heads, length, dim = query.shape
         kv_heads = producer.num_kv_heads
         query = query.view(batch, kv_heads, heads // kv_heads, length, dim)  # head h reads kv head h // G
         rotated = apply_rotary(query, cos[:, None, None], sin[:, None, None])
-        attend = attention_function(shared.representation)
         t = shared.tensors
         use_sdpa = self.config._attn_implementation == "sdpa"
-        if shared.representation == "kv":
-            return attend(rotated, t["key"], t["value"], plan.mask, self.scaling, need_probs=need_probs,
-                          dropout=dropout, use_sdpa=use_sdpa)
+        if shared.representation == "kv" or length > 1:
+            mask, causal = plan.mask, False
+            if use_sdpa and not need_probs and handoff is not None:
+                mask, causal = handoff.sdpa_mask(plan)
+            if shared.representation == "kv":
+                key, value = t["key"], t["value"]
+            else:
+                key, value = shared.dense_kv(plan)
+                if shared.representation == "partial":
+                    rotated = partial_rope_query(query, rotated, producer.rope_index)
+            return attention_function("kv")(rotated, key, value, mask, self.scaling, need_probs=need_probs,
+                                            dropout=dropout, use_sdpa=use_sdpa, causal=causal)
+        attend = attention_function(shared.representation)
         if shared.representation == "pre_rope_latent":
             return attend(rotated, t["k_latent"], t["v_latent"], producer.k_up, producer.v_up, plan.key_rotary(),
                           plan.mask, self.scaling, need_probs=need_probs, dropout=dropout, use_sdpa=use_sdpa)
@@ -951,7 +1051,7 @@ class KVForgeAttention(nn.Module):
                 shared = SharedKV(self.representation, entries, self)
                 if self.shares_kv:
                     handoff.kv[self.layer_idx] = shared
-            out, probs = self._attend(shared, query, cos, sin, plan, need_probs, dropout)
+            out, probs = self._attend(shared, query, cos, sin, plan, need_probs, dropout, handoff)
             if storage is not None and storage.pyramid is not None and storage.pyramid.wants(self.layer_idx):
                 # PyramidKV scores the prompt's slots by this layer's attention from its last queries.
                 storage.pyramid.observe_layer(self, query, cos, sin, plan, shared)

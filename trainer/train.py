@@ -54,6 +54,9 @@ BAD_INPUT_ERRORS = (ConfigError, DataError, ckpt.CheckpointError, ModelLoadError
 # Set by tests only: the faults to inject (see Faults), and where to write the final logits of a fixed batch.
 FAULT_ENV = "KVFORGE_FAULT"
 DUMP_LOGITS_ENV = "KVFORGE_DUMP_LOGITS"
+# KVFORGE_PROFILE_STEP=N: rank 0 profiles optimizer step N (torch.profiler) and writes the ops' time table to
+# <run>/profile_step<N>.txt (launch/benchmark_train.py --profile-step; docs/TRAINING.md).
+PROFILE_STEP_ENV = "KVFORGE_PROFILE_STEP"
 
 # bf16 dense peak of the GPUs we know, for an MFU estimate; elsewhere MFU is not logged.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -274,6 +277,15 @@ def peak_memory_gib(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def write_profile(profiler, path: Path, device: torch.device, rows: int = 40) -> None:
+    """The profiled step's ops by their own device time (CPU time off a GPU), and by total time."""
+    own = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    total = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    averages = profiler.key_averages()
+    path.write_text(f"sorted by {own}\n{averages.table(sort_by=own, row_limit=rows)}\n\n"
+                    f"sorted by {total}\n{averages.table(sort_by=total, row_limit=rows)}\n")
 
 
 def compress_for_training(cfg: Config, run_dir: Path, rank: int) -> Path:
@@ -646,10 +658,17 @@ def train(cfg: Config) -> TrainResult:
 
     losses: dict[int, float] = {}
     preemption, preempted = Preemption(), False
+    profile_step = int(os.environ.get(PROFILE_STEP_ENV, "0") or 0) if rank == 0 else 0
+    profiler = None
     bar = tqdm(total=t.max_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
     engine.train()
     try:
         while step < t.max_steps:
+            if step + 1 == profile_step:
+                activities = [torch.profiler.ProfilerActivity.CPU] + (
+                    [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+                profiler = torch.profiler.profile(activities=activities)
+                profiler.__enter__()
             started = time.perf_counter()
             if faults.fires("stall", step + 1, rank):
                 print(f"{FAULT_ENV}: rank {rank} (pid {os.getpid()}) stalls in step {step + 1} until a signal "
@@ -688,6 +707,11 @@ def train(cfg: Config) -> TrainResult:
             step += 1
             tokens_seen += tokens_per_step
             elapsed = time.perf_counter() - started
+            if profiler is not None:
+                profiler.__exit__(None, None, None)
+                write_profile(profiler, run_dir / f"profile_step{step}.txt", device)
+                profiler = None
+                log(f"step {step}: profiled ({run_dir / f'profile_step{step}.txt'}); its time includes the profiler's")
 
             # One all-reduce for what each rank contributes: its loss, its batches' checksum, a bad-loss flag.
             summary = torch.zeros(2 + world, dtype=torch.float64, device=device)

@@ -1,0 +1,236 @@
+"""The training (no cache, several tokens) attention paths against the eager per-representation references.
+
+Training attends through `kv_attention` for every representation: latent caches are up-projected to whole K / V
+once per step (`SharedKV.dense_kv`) and SDPA runs with is_causal when no padding or window cuts in. The reference
+here is the pre-SDPA path: each representation's own function (`pre_rope_latent_attention`,
+`partial_rope_attention`, both unabsorbed and absorbed) with the plan's full [B, 1, 1, T, S] mask and an explicit
+softmax. Values and gradients are compared in fp32 at window boundaries, with sinks, with left padding and for
+kv_from / probs_from readers. Tiny fp32 models (hidden 64, 4 q heads, 2 kv heads, head_dim 16), seeded.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvforge.models import modeling_kvforge as mk
+from kvforge.models.configuration_kvforge import KVForgeConfig
+from kvforge.models.modeling_kvforge import (
+    KVForgeAttention,
+    KVForgeForCausalLM,
+    KeyRotary,
+    kv_attention,
+    partial_rope_attention,
+    partial_rope_dims,
+    partial_rope_kv,
+    partial_rope_query,
+    pre_rope_latent_attention,
+    pre_rope_latent_kv,
+    visibility_mask,
+)
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            vocab_size=128, max_position_embeddings=256)
+HEAD_DIM = 16
+TOL = 2e-5
+# window 5 with 2 sinks over 14 tokens: rows 0-4 see everything before them, later rows lose keys at the window's
+# edge while keeping the two sinks
+WINDOW = {"attention": "window", "window": 5, "sinks": 2}
+PRE = {"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 12, "v_rank": 10}
+PARTIAL = {"kv_proj": "low_rank", "rope": "partial", "rope_dims": 6, "kv_rank": 20}
+MERGED = {"kv_proj": "merged_heads", "num_kv_heads": 1}
+SPECS = {
+    "dense": [{}, WINDOW],
+    "merged_heads": [MERGED, {**WINDOW, **MERGED}],
+    "pre_rope_latent": [PRE, {**WINDOW, **PRE}],
+    "partial": [PARTIAL, {**WINDOW, **PARTIAL}],
+    # kv_from readers of each latent kind, in and out of a window; a probs_from reader of a latent layer
+    "kv_sharing": [PARTIAL, {"kv_from": 0}, {**WINDOW, **PRE}, {**WINDOW, "kv_from": 2},
+                   {**WINDOW, "probs_from": 2, "kv_proj": "low_rank", "v_rank": 8}, {"probs_from": 0}],
+}
+
+
+def build(layers, attn_implementation, seed=0) -> KVForgeForCausalLM:
+    torch.manual_seed(seed)
+    config = KVForgeConfig(**TINY, num_hidden_layers=len(layers), initializer_range=0.1, eos_token_id=None,
+                           pad_token_id=0, compression={"layers": layers})
+    model = KVForgeForCausalLM(config)
+    model.set_attn_implementation(attn_implementation)
+    with torch.no_grad():
+        for name, param in model.named_parameters():  # init zeroes biases; make them matter
+            if name.endswith("bias"):
+                param.normal_(0, 0.1)
+        for module in model.modules():  # partial layers: a per-head, non-contiguous rotary choice
+            if hasattr(module, "rope_index"):
+                pairs = module.rope_index.shape[1]
+                module.rope_index.copy_(torch.stack([torch.randperm(HEAD_DIM // 2)[:pairs].sort().values
+                                                     for _ in range(module.rope_index.shape[0])]))
+    return model
+
+
+def reference_attend(self, shared, query, cos, sin, plan, need_probs, dropout, handoff=None):
+    """The pre-SDPA training path: each representation's own function, full mask, explicit softmax."""
+    producer = shared.producer
+    batch, heads, length, dim = query.shape
+    query = query.view(batch, producer.num_kv_heads, heads // producer.num_kv_heads, length, dim)
+    rotated = mk.apply_rotary(query, cos[:, None, None], sin[:, None, None])
+    t = shared.tensors
+    if shared.representation == "kv":
+        return kv_attention(rotated, t["key"], t["value"], plan.mask, self.scaling, need_probs=need_probs)
+    if shared.representation == "pre_rope_latent":
+        return pre_rope_latent_attention(rotated, t["k_latent"], t["v_latent"], producer.k_up, producer.v_up,
+                                         plan.key_rotary(), plan.mask, self.scaling, need_probs=need_probs,
+                                         absorb=False)
+    rope_dims, nope_dims = partial_rope_dims(producer.rope_index, dim)
+    return partial_rope_attention(mk._gather_dims(rotated, rope_dims), mk._gather_dims(query, nope_dims),
+                                  t["k_rope"], t["kv_latent"], producer.k_up, producer.v_up, plan.mask,
+                                  self.scaling, need_probs=need_probs, absorb=False)
+
+
+def inputs(padded: bool, batch=3, length=14, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 128, (batch, length), generator=generator)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    if padded:  # left padding of different widths; row 0 has none
+        mask[1, :3] = 0
+        mask[2, :6] = 0
+        ids = ids.masked_fill(mask == 0, 0)
+    return ids, mask
+
+
+def loss_and_grads(model, ids, mask):
+    model.zero_grad(set_to_none=True)
+    logits = model(ids, attention_mask=mask, use_cache=False).logits
+    weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(2))
+    loss = (logits * weights * mask[..., None]).sum()  # padded queries' outputs are never used
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logits.detach() * mask[..., None], grads
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["no_padding", "left_padding"])
+@pytest.mark.parametrize("method", list(SPECS))
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_training_forward_and_gradients_equal_the_reference(method, padded, implementation, monkeypatch):
+    ids, mask = inputs(padded)
+    model = build(SPECS[method], implementation).train()
+    logits, grads = loss_and_grads(model, ids, mask)
+    with monkeypatch.context() as patch:
+        patch.setattr(KVForgeAttention, "_attend", reference_attend)
+        ref_logits, ref_grads = loss_and_grads(model, ids, mask)
+    assert (logits - ref_logits).abs().max() <= TOL * ref_logits.abs().max()
+    assert grads.keys() == ref_grads.keys()
+    for name, grad in grads.items():
+        scale = ref_grads[name].abs().max().clamp_min(1e-6)
+        assert (grad - ref_grads[name]).abs().max() <= 1e-4 * scale, name
+
+
+def rotary_for(positions):
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM))
+    return KeyRotary(positions, inv_freq, 1.0, torch.float32)
+
+
+@pytest.mark.parametrize("window,sinks,padded", [(None, 0, False), (None, 0, True), (4, 0, False), (4, 2, True)])
+def test_latent_functions_through_sdpa_equal_their_absorbed_forms(window, sinks, padded):
+    """Function level: whole K / V from the latents then SDPA (values and gradients) equal the representation's
+    absorbed form, which never rebuilds K / V."""
+    torch.manual_seed(0)
+    batch, kv_heads, group, length = 3, 2, 2, 11
+    ids, attention = inputs(padded, batch=batch, length=length)
+    index = mk._token_index(attention.bool(), torch.zeros(batch, dtype=torch.long))
+    mask = visibility_mask(index, index, window, sinks)
+    positions = torch.arange(length).expand(batch, -1)
+    key_rotary = rotary_for(positions)
+    cos, sin = key_rotary.tables()
+    query = torch.randn(batch, kv_heads, group, length, HEAD_DIM, requires_grad=True)
+    k_latent = torch.randn(batch, length, 12, requires_grad=True)
+    v_latent = torch.randn(batch, length, 10, requires_grad=True)
+    k_up, v_up = torch.nn.Linear(12, kv_heads * HEAD_DIM, bias=False), torch.nn.Linear(10, kv_heads * HEAD_DIM)
+    rotate = lambda: mk.apply_rotary(query, cos[:, None, None], sin[:, None, None])  # noqa: E731
+    leaves = [query, k_latent, v_latent, k_up.weight, v_up.weight, v_up.bias]
+
+    def run(fn):
+        out = fn()
+        grads = torch.autograd.grad((out * attention[:, None, None, :, None]).square().sum(), leaves)
+        return out.detach() * attention[:, None, None, :, None], grads
+
+    causal = window is None and not padded
+    sdpa_mask = mask[:1] if not padded else mask
+    fast = run(lambda: kv_attention(rotate(), *pre_rope_latent_kv(k_latent, v_latent, k_up, v_up, key_rotary),
+                                    sdpa_mask, HEAD_DIM ** -0.5, use_sdpa=True, causal=causal)[0])
+    ref = run(lambda: pre_rope_latent_attention(rotate(), k_latent, v_latent, k_up, v_up, key_rotary, mask,
+                                                HEAD_DIM ** -0.5, absorb=True)[0])
+    for a, b in zip((fast[0], *fast[1]), (ref[0], *ref[1])):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+
+    rope_index = torch.stack([torch.randperm(HEAD_DIM // 2)[:3].sort().values for _ in range(kv_heads)])
+    rope_dims, nope_dims = partial_rope_dims(rope_index, HEAD_DIM)
+    kv_latent = torch.randn(batch, length, 20, requires_grad=True)
+    k_rope = torch.randn(batch, kv_heads, length, 6, requires_grad=True)
+    k_up_n, v_up_p = torch.nn.Linear(20, kv_heads * (HEAD_DIM - 6), bias=False), torch.nn.Linear(20, kv_heads * HEAD_DIM)
+    leaves = [query, kv_latent, k_rope, k_up_n.weight, v_up_p.weight, v_up_p.bias]
+    fast = run(lambda: kv_attention(partial_rope_query(query, rotate(), rope_index),
+                                    *partial_rope_kv(k_rope, kv_latent, k_up_n, v_up_p, rope_index, HEAD_DIM),
+                                    sdpa_mask, HEAD_DIM ** -0.5, use_sdpa=True, causal=causal)[0])
+    ref = run(lambda: partial_rope_attention(mk._gather_dims(rotate(), rope_dims), mk._gather_dims(query, nope_dims),
+                                             k_rope, kv_latent, k_up_n, v_up_p, mask, HEAD_DIM ** -0.5,
+                                             absorb=True)[0])
+    for a, b in zip((fast[0], *fast[1]), (ref[0], *ref[1])):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+
+
+def count_calls(monkeypatch, owner, name):
+    calls = []
+    original = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+def test_a_training_step_uses_flash_friendly_sdpa_and_materialises_only_shared_probabilities(monkeypatch):
+    """Without padding: global layers call SDPA with is_causal and no mask, window layers with one row of mask
+    for the whole batch; the explicit softmax runs only in layers whose probabilities a probs_from layer reads;
+    a kv_from reader reuses its producer's up-projected K / V (k_up / v_up run once per producer)."""
+    layers = SPECS["kv_sharing"]
+    model = build(layers, "sdpa").train()
+    sdpa = count_calls(monkeypatch, F, "scaled_dot_product_attention")
+    softmax = count_calls(monkeypatch, mk, "_masked_softmax")
+    up_calls = {i: 0 for i in (0, 2)}
+    for i in up_calls:
+        for up in (model.model.layers[i].self_attn.k_up, model.model.layers[i].self_attn.v_up):
+            up.register_forward_hook(lambda *_, i=i: up_calls.__setitem__(i, up_calls[i] + 1))
+    ids, mask = inputs(padded=False)
+    model(ids, attention_mask=mask, use_cache=False).logits.sum().backward()
+
+    probs_sources = {layer["probs_from"] for layer in layers if layer.get("probs_from") is not None}  # {0, 2}
+    attending = [i for i, layer in enumerate(layers) if layer.get("probs_from") is None]
+    assert len(softmax) == len(probs_sources)
+    assert len(sdpa) == len(attending) - len(probs_sources)  # layers 1 and 3
+    global_call, window_call = sdpa  # layer 1 reads layer 0 (global), layer 3 reads layer 2 (window 5)
+    assert global_call["is_causal"] and "attn_mask" not in global_call
+    assert window_call["attn_mask"].shape == (1, 1, ids.shape[1], ids.shape[1])
+    assert up_calls == {0: 2, 2: 2}  # one k_up and one v_up call each, whatever reads them
+
+
+def test_padding_or_a_cache_keeps_the_full_mask():
+    model = build(SPECS["dense"], "sdpa")
+    ids, mask = inputs(padded=True)
+    handoff = mk.LayerHandoff()
+    index = mk._token_index(mask.bool(), torch.zeros(3, dtype=torch.long))
+    plan = mk.SlotLayout(None, 0).plan(index, torch.arange(ids.shape[1]).expand(3, -1))
+    got, causal = handoff.sdpa_mask(plan)
+    assert got is plan.mask and not causal
+    assert handoff.sdpa_mask(plan)[0] is got  # decided once per plan and step
+    full = torch.ones_like(mask)
+    plan = mk.SlotLayout(3, 1).plan(mk._token_index(full.bool(), torch.zeros(3, dtype=torch.long)),
+                                    torch.arange(ids.shape[1]).expand(3, -1))
+    got, causal = handoff.sdpa_mask(plan)
+    assert got.shape[0] == 1 and not causal  # a window of 3 cuts into 14 tokens
+    with torch.no_grad():  # and the model's own uses of it agree with eager (the big test covers gradients)
+        eager = build(SPECS["dense"], "eager")(ids, attention_mask=mask).logits
+        assert ((model(ids, attention_mask=mask).logits - eager) * mask[..., None]).abs().max() <= TOL
