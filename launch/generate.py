@@ -71,7 +71,8 @@ def main(argv=None) -> int:
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
     completion = tokenizer.decode(out.sequences[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)
 
-    cache = out.past_key_values
+    # transformers >= 5.24 names it `cache`, earlier 5.x `past_key_values` (kvforge is not imported here).
+    cache = out.cache if "cache" in out else out.past_key_values
     tokens = cache.get_seq_length()
     element_size = torch.empty((), dtype=model.dtype).element_size()
     result = {

@@ -472,7 +472,7 @@ class KVForgeConfig(PretrainedConfig):
     """
 
     model_type = "kvforge"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     vocab_size: int = 32000
     hidden_size: int = 4096

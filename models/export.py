@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
 import torch
+import transformers
 
 from kvforge import atomic
 
@@ -43,6 +44,25 @@ EXTRA_MODULES = ("pyramid",)
 # The cache measurement done on every KVForge export: a generate() over this many positions (a random
 # prompt of up to 48 tokens, the rest generated).
 MEASURE_TOKENS = 64
+DECODING_STEPS = 32
+
+
+def _declared_range(package: str) -> str:
+    """The version range pyproject.toml declares for `package` (its upper bound is the newest release tested)."""
+    from importlib import metadata
+
+    try:
+        requirements = metadata.requires("kvforge") or []
+    except metadata.PackageNotFoundError:
+        return "unknown (kvforge is not installed)"
+    for requirement in requirements:
+        name = re.split(r"[\s<>=!~;\[]", requirement, maxsplit=1)[0]
+        if name.lower() == package and ";" not in requirement:
+            return requirement[len(name):].strip() or "any"
+    return "unknown"
+
+
+TESTED_TRANSFORMERS = _declared_range("transformers")
 
 _RELATIVE_IMPORT = re.compile(r"^\s*(?:from\s+\.(\w+)\s+import|import\s+\.(\w+))", re.MULTILINE)
 # The modeling file imports the kernel dispatch from the installed package; bundled, the kernel files sit flat
@@ -250,6 +270,7 @@ def export_model(
     source: Optional[dict[str, Any]] = None,
     overwrite: bool = False,
     measure_tokens: int = MEASURE_TOKENS,
+    decoding_steps: int = DECODING_STEPS,
 ) -> ExportResult:
     """Writes `model` (+ tokenizer) to `out_dir` atomically and verified (see the module docstring).
 
@@ -260,6 +281,8 @@ def export_model(
         models only; a plain model must be converted first, e.g. launch/compress.py with an all-dense spec).
     evaluations: result dicts (launch/evaluate.py --json, or {"task": "run_eval", ...}) shown in the card.
     measure_tokens: positions of the generate() whose cache is measured (KVForge models; 0 skips it).
+    decoding_steps: greedy steps of the check that cached decoding picks the tokens the uncached model prefers
+        (KVForge models: `check_cached_decoding`, batch of two left-padded prompts; 0 skips it).
 
     Raises:
         ExportError: an existing out_dir without overwrite, a bad dtype / pyramid, or an export that fails
@@ -283,6 +306,7 @@ def export_model(
     if measure_tokens < 0 or measure_tokens == 1:
         raise ExportError(f"measure_tokens={measure_tokens}: expected 0 (no measurement) or at least 2")
     kv_cache = kv_cache_summary(model, measure_tokens if is_kvforge else 0)
+    decoding = check_decoding(model, decoding_steps) if is_kvforge and decoding_steps else None
     if pyramid is not None:
         set_pyramid_default(model.config, pyramid)
         kv_cache["pyramid"] = dict(model.config.compression["inference"]["pyramid"])
@@ -300,7 +324,8 @@ def export_model(
         verify_code(tmp)
         manifest = {
             "format": 1, "kvforge": is_kvforge, "dtype": dtype, "num_parameters": num_parameters,
-            "source": source, "kv_cache": kv_cache, "evaluations": evaluations, "bundled_code": bundled,
+            "source": source, "kv_cache": kv_cache, "decoding_check": decoding, "evaluations": evaluations,
+            "bundled_code": bundled, "transformers": _transformers_versions(),
             "files": _file_table(tmp),
         }
         _write_json(tmp / EXPORT_MANIFEST, manifest)
@@ -574,6 +599,23 @@ def kv_cache_summary(model: torch.nn.Module, measure_tokens: int) -> dict[str, A
     return summary
 
 
+def check_decoding(model: torch.nn.Module, steps: int) -> dict[str, Any]:
+    """Cached greedy decoding == the uncached model's choices (the check ships in the modeling file, so users can
+    rerun it where they serve the model); wrong tokens with the right cache bytes would otherwise pass."""
+    from kvforge.models.modeling_kvforge import check_cached_decoding
+
+    try:
+        return check_cached_decoding(model, new_tokens=steps)
+    except RuntimeError as error:
+        raise ExportError(f"the model fails its decoding check under transformers {transformers.__version__}: "
+                          f"{error}") from error
+
+
+def _transformers_versions() -> dict[str, str]:
+    """The transformers this export was made with and the range kvforge tested (the model card repeats it)."""
+    return {"exported_with": transformers.__version__, "tested": TESTED_TRANSFORMERS}
+
+
 def run_eval_at(run_dir: Path, step: int) -> Optional[dict]:
     """The run's last eval at or before `step`, from its metrics.jsonl (None without one)."""
     from kvforge.trainer.tracking import read_metrics
@@ -703,7 +745,15 @@ def model_card(model, tokenizer, kv_cache: dict, evaluations: list[dict], source
                   "```python", "from transformers.dynamic_module_utils import get_class_from_dynamic_module", "",
                   f'new_pyramid_cache = get_class_from_dynamic_module("pyramid.new_pyramid_cache", "{name}")',
                   'cache = new_pyramid_cache(model, budget=256, schedule="pyramid")',
-                  "out = model.generate(**inputs, max_new_tokens=20, past_key_values=cache)", "```", ""]
+                  "out = model.generate(**inputs, max_new_tokens=20, cache=cache)", "```", "",
+                  "## Compatibility", "",
+                  f"Exported with transformers {transformers.__version__}; kvforge tested this modeling code with "
+                  f"transformers {TESTED_TRANSFORMERS} (`make compat` in kvforge checks any release). To check this "
+                  "directory under the transformers you serve it with (cached greedy decoding must pick the tokens the "
+                  "uncached model prefers, and the cache must hold the bytes the spec says):", "",
+                  "```python", "import sys", "",
+                  f'model = AutoModelForCausalLM.from_pretrained("{name}", trust_remote_code=True)',
+                  "print(sys.modules[type(model).__module__].check_cached_decoding(model))", "```", ""]
     return "\n".join(lines)
 
 

@@ -33,6 +33,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
+from transformers.generation import utils as generation_utils
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
@@ -46,6 +47,10 @@ from .pyramid import PyramidKV, PyramidSettings
 # kvforge absent) every attention call takes the PyTorch references below.
 try:
     from kvforge.kernels.dispatch import fused_attention
+    # Early transformers 5.x (seen with 5.0.0; 5.10 copies them all) copies only the files that a local
+    # directory's modeling file imports itself, not what those import: every kernel file that dispatch needs is
+    # named here, or such an export does not load there.
+    from kvforge.kernels.latent_attention import available as _latent_kernel_available  # noqa: F401
 except ImportError:
     fused_attention = None
 
@@ -55,6 +60,19 @@ except ImportError:  # pragma: no cover - older transformers 5.x
     hf_init = None
 
 logger = logging.get_logger(__name__)
+
+# The name under which generate() hands the cache to forward() and reads it back from the outputs: `cache` from
+# transformers 5.24 on (`past_key_values` deprecated there, removal announced for 5.40), `past_key_values` before.
+# Reading a cache passed under the other name silently builds a second cache every step: cached decoding then
+# diverges from uncached decoding. forward() accepts both; generate() gets the cache under this one.
+CACHE_ARGUMENT = "cache" if "cache" in getattr(generation_utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
+
+
+def _one_cache(cache, past_key_values):
+    """The cache passed under either name (see CACHE_ARGUMENT); two different caches are a caller's bug."""
+    if cache is not None and past_key_values is not None and cache is not past_key_values:
+        raise ValueError("pass the cache once, as `cache` or as `past_key_values`, not two different caches")
+    return cache if cache is not None else past_key_values
 
 
 # ================================================================================================
@@ -1093,7 +1111,7 @@ class KVForgePreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["KVForgeDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
@@ -1143,6 +1161,7 @@ class KVForgeModel(KVForgePreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        cache: KVForgeCache | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast | tuple:
         """attention_mask: 2D [B, past + T], 1 = real token, 0 = padding (left padding for batched generation).
@@ -1164,14 +1183,14 @@ class KVForgeModel(KVForgePreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         batch, length, _ = inputs_embeds.shape
 
-        if past_key_values is not None and not isinstance(past_key_values, KVForgeCache):
+        cache = _one_cache(cache, past_key_values)
+        if cache is not None and not isinstance(cache, KVForgeCache):
             raise TypeError(
-                f"KVForge layers need a KVForgeCache, got {type(past_key_values).__name__}; pass none and one is "
+                f"KVForge layers need a KVForgeCache, got {type(cache).__name__}; pass none and one is "
                 f"created (generate() does this), or pass KVForgeCache(model.config)"
             )
-        if use_cache and past_key_values is None:
-            past_key_values = KVForgeCache(self.config)
-        cache = past_key_values
+        if use_cache and cache is None:
+            cache = KVForgeCache(self.config)
         past_length = cache.get_seq_length() if cache is not None else 0
 
         device = inputs_embeds.device
@@ -1233,9 +1252,9 @@ class KVForgeModel(KVForgePreTrainedModel):
             all_hidden.append(hidden_states)
         output = BaseModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=cache if use_cache else None,
             hidden_states=tuple(all_hidden) if output_hidden_states else None,
             attentions=tuple(all_attentions) if output_attentions else None,
+            **{CACHE_ARGUMENT: cache if use_cache else None},
         )
         return output if return_dict else output.to_tuple()
 
@@ -1263,12 +1282,13 @@ class KVForgeForCausalLM(KVForgePreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        cache: KVForgeCache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+            cache=_one_cache(cache, past_key_values), inputs_embeds=inputs_embeds, use_cache=use_cache,
             output_attentions=output_attentions, output_hidden_states=output_hidden_states, return_dict=True,
         )
         hidden_states = outputs.last_hidden_state
@@ -1278,23 +1298,27 @@ class KVForgeForCausalLM(KVForgePreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         output = CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+            **{CACHE_ARGUMENT: getattr(outputs, CACHE_ARGUMENT)},
         )
         return output if return_dict else output.to_tuple()
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, generation_mode=None,
                                       batch_size=None, max_cache_length=None, *args, **kwargs):
-        """generate() gets a KVForgeCache, sized from the generation's max length (transformers would make
-        a DynamicCache, which cannot hold compressed layers)."""
-        cache = model_kwargs.get("past_key_values")
-        if cache is not None:
+        """generate() gets exactly one KVForgeCache, sized from the generation's max length, under the name this
+        transformers passes to forward() (transformers would make a DynamicCache, which cannot hold compressed
+        layers)."""
+        caches = {name: model_kwargs.pop(name) for name in ("cache", "past_key_values")
+                  if model_kwargs.get(name) is not None}
+        if caches:
+            cache = _one_cache(caches.get("cache"), caches.get("past_key_values"))
             if not isinstance(cache, KVForgeCache):
                 raise TypeError(
-                    f"past_key_values must be a KVForgeCache, got {type(cache).__name__}; omit it and generate() "
+                    f"{CACHE_ARGUMENT} must be a KVForgeCache, got {type(cache).__name__}; omit it and generate() "
                     f"creates one"
                 )
             cache._is_user_defined = True
+            model_kwargs[CACHE_ARGUMENT] = cache
             return
         if generation_config.use_cache is False:
             return
@@ -1303,10 +1327,84 @@ class KVForgeForCausalLM(KVForgePreTrainedModel, GenerationMixin):
                 f"cache_implementation={generation_config.cache_implementation!r} is not supported: KVForge models "
                 f"generate with their own KVForgeCache; leave cache_implementation unset"
             )
-        model_kwargs["past_key_values"] = KVForgeCache(self.config, max_cache_len=max_cache_length)
+        model_kwargs[CACHE_ARGUMENT] = KVForgeCache(self.config, max_cache_len=max_cache_length)
+
+
+def generated_cache(outputs) -> Cache | None:
+    """The cache a forward() or generate(return_dict_in_generate=True) returned, of any model, under the name
+    this transformers gives it (see CACHE_ARGUMENT)."""
+    return getattr(outputs, CACHE_ARGUMENT, None)
+
+
+# Largest logit by which the uncached forward may prefer another token over the one cached decoding chose: float
+# rounding only (cached decoding reads the same values in another order). A cache that drops or re-creates
+# state shifts logits by whole units.
+DECODING_TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6, torch.bfloat16: 0.25, torch.float16: 0.05}
+
+
+@torch.no_grad()
+def check_cached_decoding(model: KVForgeForCausalLM, new_tokens: int = 32, seed: int = 0) -> dict:
+    """Greedy generate() with the cache must choose the tokens the uncached model prefers: a batch of two random
+    prompts of different lengths (left padding), `new_tokens` steps, then one uncached forward over the whole
+    result. Also checks that generate() used one KVForgeCache whose bytes equal the spec's arithmetic.
+
+    Ships with every export so a model can be checked in the environment that serves it (e.g. after a transformers
+    upgrade). PyramidKV defaults are switched off for the comparison: a compacted cache differs by design.
+
+    Returns {"steps", "rows", "max_margin", "cache_bytes", "tokens"}; raises RuntimeError naming the row and step
+    where cached decoding went wrong.
+    """
+    config = model.config
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    generator = torch.Generator().manual_seed(seed)
+    lengths = (13, 6)
+    prompt = torch.randint(3, config.vocab_size, (len(lengths), max(lengths)), generator=generator)
+    mask = torch.zeros_like(prompt)
+    for row, length in enumerate(lengths):
+        mask[row, max(lengths) - length:] = 1
+    pad = config.pad_token_id if config.pad_token_id is not None else 0
+    prompt = prompt.masked_fill(mask == 0, pad).to(device)
+    mask = mask.to(device)
+    # Sized as generate() sizes its own (the last new token is never fed back), so bytes equal the arithmetic.
+    cache = KVForgeCache(config, max_cache_len=max(lengths) + new_tokens - 1, pyramid=False)
+    try:
+        out = model.generate(input_ids=prompt, attention_mask=mask, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True,
+                             pad_token_id=pad, **{CACHE_ARGUMENT: cache})
+    except Exception as error:  # a cache that reaches forward() wrongly often fails here first
+        raise RuntimeError(f"cached greedy generate() failed: {type(error).__name__}: {error}") from error
+    if generated_cache(out) is not cache:
+        raise RuntimeError(f"generate() decoded with a {type(generated_cache(out)).__name__} instead of the "
+                           f"KVForgeCache it was given: this transformers passes the cache under a name the model "
+                           f"does not read")
+    sequences = out.sequences
+    full_mask = torch.cat([mask, mask.new_ones(len(lengths), new_tokens)], dim=1)
+    logits = model(input_ids=sequences, attention_mask=full_mask, use_cache=False).logits.float()
+    logits = logits[:, max(lengths) - 1:-1]  # the positions that chose each new token
+    chosen = sequences[:, max(lengths):]
+    margin = logits.max(-1).values - logits.gather(-1, chosen[..., None])[..., 0]  # [rows, new_tokens], >= 0
+    tolerance = DECODING_TOLERANCE.get(dtype, 0.25)
+    bad = (margin > tolerance).nonzero()
+    if len(bad):
+        row, step = bad[0].tolist()
+        raise RuntimeError(
+            f"cached decoding diverged from the uncached model at row {row}, step {step}: the cache chose token "
+            f"{chosen[row, step].item()} but the uncached forward prefers {logits[row, step].argmax().item()} by "
+            f"{margin[row, step].item():.4f} logits (tolerance {tolerance} in {str(dtype).removeprefix('torch.')})")
+    held = cache.get_seq_length()
+    expected = config.kv_cache_bytes(held, dtype, batch_size=len(lengths))
+    if cache.cache_bytes() != expected:
+        raise RuntimeError(f"the cache generate() filled holds {cache.cache_bytes()} bytes after {held} positions "
+                           f"but the spec's arithmetic says {expected}")
+    return {"steps": new_tokens, "rows": len(lengths), "max_margin": margin.max().item(),
+            "cache_bytes": cache.cache_bytes(), "tokens": held}
 
 
 __all__ = [
+    "CACHE_ARGUMENT",
+    "check_cached_decoding",
+    "generated_cache",
     "KVForgeCache",
     "KVForgeForCausalLM",
     "KVForgeModel",

@@ -207,7 +207,9 @@ def evaluate_passkey(
             input_ids = torch.tensor([prompt.input_ids], device=device)
             kwargs = dict(generate_kwargs or {})
             if cache_factory is not None:
-                kwargs["past_key_values"] = cache_factory()
+                from kvforge.models.modeling_kvforge import CACHE_ARGUMENT
+
+                kwargs[CACHE_ARGUMENT] = cache_factory()
             out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                                  max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None

@@ -191,6 +191,51 @@ def test_trained_run_round_trips_into_a_process_without_kvforge(trained_run, tmp
     assert child.stdout.startswith("ok transformers_modules.")
 
 
+def test_an_exported_model_decodes_the_same_with_and_without_its_cache(tmp_path, tokenizer):
+    """transformers 5.24 hands generate()'s cache to forward() as `cache`; the modeling code read only
+    `past_key_values`, so each step started an empty cache and cached greedy decoding went wrong while training
+    and uncached forwards were fine. Checked where users meet it: an exported directory, a process without
+    kvforge, a batch of two left-padded prompts, cached == uncached greedy tokens."""
+    out = tmp_path / "export"
+    manifest = export_model(tiny_kvforge(), tokenizer, out, dtype="float32")
+    assert manifest.kvforge
+    recorded = json.loads((out / EXPORT_MANIFEST).read_text())
+    assert recorded["decoding_check"]["max_margin"] < 1e-3 and recorded["transformers"]["tested"]
+    script = f"""
+        import sys, torch, transformers
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
+        ids = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 1, 504, 2328, 314, 260, 1345],
+                            [1, 504, 2328, 314, 260, 1345, 30, 339, 1033, 28, 2112, 282, 4466]])
+        mask = (torch.arange(ids.shape[1]) >= torch.tensor([[7], [0]])).long()
+        with torch.no_grad():
+            cached = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
+            uncached = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0,
+                                      use_cache=False)
+        assert torch.equal(cached, uncached), (cached[:, 13:], uncached[:, 13:])
+        check = sys.modules[type(model).__module__].check_cached_decoding(model)
+        print("ok", transformers.__version__, check)
+    """
+    child = run_without_kvforge(script, tmp_path)
+    assert child.returncode == 0, child.stdout[-2000:] + child.stderr[-4000:]
+    assert child.stdout.startswith("ok ")
+
+
+def test_export_refuses_a_model_whose_cached_decoding_is_wrong(tmp_path, tokenizer, monkeypatch):
+    """Right cache bytes, wrong tokens: the byte measurement alone would pass this model."""
+    from kvforge.models.modeling_kvforge import LayerStorage
+
+    update = LayerStorage.update
+
+    def sign_flipped(self, plan, new):  # attends over corrupted cache entries (the uncached path never does)
+        return {name: -tensor for name, tensor in update(self, plan, new).items()}
+
+    monkeypatch.setattr(LayerStorage, "update", sign_flipped)
+    with pytest.raises(ExportError, match="cached decoding diverged from the uncached model at row"):
+        export_model(tiny_kvforge(), tokenizer, tmp_path / "out", dtype="float32")
+    assert not (tmp_path / "out").exists()
+
+
 def test_checkpoint_export_through_the_cli_with_a_model_card(trained_run, tmp_path):
     passkey = {"task": "passkey", "context_len": 4096, "accuracy": 0.9, "cache": {"pyramid": None},
                "per_depth": {"0": {"accuracy": 1.0, "correct": 2, "samples": 2}}}
