@@ -297,7 +297,7 @@ def export_model(
     if out_dir.exists() and not (out_dir / EXPORT_MANIFEST).is_file() and any(out_dir.iterdir()):
         raise ExportError(f"{out_dir} exists and is not a kvforge export (no {EXPORT_MANIFEST}); refusing to "
                           "replace it")
-    model = merge_lora(model).eval().to(DTYPES[dtype])
+    model = merge_lora(model).eval()
     is_kvforge = getattr(model.config, "model_type", None) == "kvforge"
     if pyramid is not None and not is_kvforge:
         raise ExportError("a PyramidKV default needs a KVForge model; convert this "
@@ -305,8 +305,11 @@ def export_model(
                           "including the all-dense one)")
     if measure_tokens < 0 or measure_tokens == 1:
         raise ExportError(f"measure_tokens={measure_tokens}: expected 0 (no measurement) or at least 2")
-    kv_cache = kv_cache_summary(model, measure_tokens if is_kvforge else 0)
+    # Decoding is checked in the dtype the model arrives in (training's, usually fp32: the tightest tolerance,
+    # and fast on CPUs without bf16 units); the cache plumbing it guards does not depend on the dtype.
     decoding = check_decoding(model, decoding_steps) if is_kvforge and decoding_steps else None
+    model = model.to(DTYPES[dtype])
+    kv_cache = kv_cache_summary(model, measure_tokens if is_kvforge else 0)
     if pyramid is not None:
         set_pyramid_default(model.config, pyramid)
         kv_cache["pyramid"] = dict(model.config.compression["inference"]["pyramid"])
