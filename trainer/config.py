@@ -70,6 +70,16 @@ class LoraConfig:
 
 
 @dataclass
+class StageConfig:
+    """One stage of a staged recovery: `steps` optimizer steps training only the `train` parameters."""
+    steps: int = 1
+    # new: the parameters surgery created or changed (low-rank down/up projections, merged-head K/V and the
+    # q/o projections folded with them, ...); new+lora: those and the LoRA adapters (training.lora.r > 0);
+    # all: every parameter (with LoRA: the base weights too).
+    train: str = "all"
+
+
+@dataclass
 class TrainingConfig:
     max_steps: int = 100
     micro_batch_size: int = 4
@@ -94,6 +104,10 @@ class TrainingConfig:
     # ZeRO-3 and a wrapped output head always use logits.
     loss_from: str = "auto"
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # Staged recovery, e.g. [{steps: 100, train: new}, {steps: 400, train: all}]; the steps add up to max_steps.
+    # Each stage gets a fresh optimizer and its own warmup + decay schedule (trainer/train.py, "Stages").
+    # Empty: one stage, every parameter LoRA or full finetuning leaves trainable.
+    stages: list[StageConfig] = field(default_factory=list)
     eval_every: int = 50
     eval_batches: int = 8
     log_every: int = 1
@@ -152,6 +166,8 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+
+STAGE_TRAIN = ("new", "new+lora", "all")
 
 CHOICES = {
     "model.init": ("pretrained", "random"),
@@ -242,8 +258,43 @@ def _check_keys(user: Any, schema: type, prefix: str, source: str) -> None:
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{path}' {source} must be a section (mapping), got {value!r}")
             _check_keys(value, sub, path + ".", source)
+        elif _section_list(sub) is not None:
+            _check_section_list(value, _section_list(sub), path, source)
         else:
             _check_leaf_type(value, sub, path, source)
+
+
+def _section_list(hint: Any) -> Optional[type]:
+    """The section type of a list of sections (training.stages: list[StageConfig]), else None."""
+    if get_origin(hint) is list and get_args(hint) and is_dataclass(get_args(hint)[0]):
+        return get_args(hint)[0]
+    return None
+
+
+def _check_section_list(value: Any, section: type, path: str, source: str) -> None:
+    """A list of sections: each entry a mapping with known keys of leaf types (errors name the list key and the
+    entry, e.g. 'training.stages' entry 1)."""
+    known = [f.name for f in fields(section)]
+    example = "[{" + ", ".join(f"{name}: ..." for name in known) + "}, ...]"
+    if value is None or (isinstance(value, str) and value.startswith("${")):
+        return
+    if not isinstance(value, list):
+        raise ConfigError(f"config key '{path}' {source} = {value!r}: expected a list of mappings, e.g. {example}")
+    hints = get_type_hints(section)
+    for i, entry in enumerate(value):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"config key '{path}' {source}: entry {i} = {entry!r}: expected a mapping, e.g. {example}")
+        for key, sub_value in entry.items():
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+                hint = f"; did you mean '{close[0]}'?" if close else ""
+                raise ConfigError(f"config key '{path}' {source}: entry {i} has the unknown key {key!r} (known keys: "
+                                  f"{', '.join(known)}){hint}")
+            # OmegaConf would report a bad value here by the field's name alone ('steps'), not by the list key.
+            expected = {int: "an integer", str: "a string"}.get(hints[key])
+            if expected and (isinstance(sub_value, bool) or not isinstance(sub_value, hints[key])):
+                raise ConfigError(f"config key '{path}' {source}: entry {i} has {key} = {sub_value!r}: expected "
+                                  f"{expected}")
 
 
 def _check_leaf_type(value: Any, hint: Any, path: str, source: str) -> None:
@@ -284,7 +335,11 @@ def _build(cls: type, values: dict) -> Any:
     kwargs = {}
     for f in fields(cls):
         v = values[f.name]
-        kwargs[f.name] = _build(hints[f.name], v) if is_dataclass(hints[f.name]) else v
+        if is_dataclass(hints[f.name]):
+            v = _build(hints[f.name], v)
+        elif _section_list(hints[f.name]) is not None:
+            v = [_build(_section_list(hints[f.name]), entry) for entry in v]
+        kwargs[f.name] = v
     return cls(**kwargs)
 
 
@@ -377,6 +432,7 @@ def validate(cfg: Config) -> None:
         _fail("training.weight_decay", t.weight_decay, "a number >= 0")
     if t.warmup_steps > t.max_steps:
         _fail("training.warmup_steps", t.warmup_steps, f"at most training.max_steps ({t.max_steps})")
+    _validate_stages(cfg)
     if not 0 < cfg.data.eval_fraction < 1:
         _fail("data.eval_fraction", cfg.data.eval_fraction, "a fraction strictly between 0 and 1")
     if cfg.data.max_documents is not None and cfg.data.max_documents < 2:
@@ -403,6 +459,32 @@ def validate(cfg: Config) -> None:
         _fail("checkpoint.resume", resume, "auto, never, or the path of a checkpoint directory (run_dir/"
               "checkpoints/step_N); that path is not a directory")
     resolve_deepspeed(cfg, world_size=1)  # raises for an invalid DeepSpeed section
+
+
+def _validate_stages(cfg: Config) -> None:
+    """training.stages: positive steps adding up to max_steps, a known `train` set that the run has (`new` needs a
+    compression section, `new+lora` LoRA), and room for the warmup in every stage (each restarts it)."""
+    t = cfg.training
+    for i, stage in enumerate(t.stages):
+        key = f"training.stages[{i}]"
+        if isinstance(stage.steps, bool) or not isinstance(stage.steps, int) or not 0 < stage.steps < 2**63:
+            _fail(f"{key}.steps", stage.steps, "a positive number of optimizer steps")
+        if stage.train not in STAGE_TRAIN:
+            close = difflib.get_close_matches(str(stage.train), STAGE_TRAIN, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            _fail(f"{key}.train", stage.train, f"one of {', '.join(STAGE_TRAIN)}{hint}")
+        if stage.train != "all" and not cfg.compression:
+            _fail(f"{key}.train", stage.train, "'all' without a compression section (no parameter is new: surgery "
+                  "creates them)")
+        if stage.train == "new+lora" and not t.lora.r:
+            _fail(f"{key}.train", stage.train, "'new' or 'all' when training.lora.r = 0 (there are no adapters)")
+        if t.warmup_steps > stage.steps:
+            _fail("training.warmup_steps", t.warmup_steps,
+                  f"at most the steps of every stage ({key}.steps = {stage.steps}): each stage warms up again")
+    total = sum(stage.steps for stage in t.stages)
+    if t.stages and total != t.max_steps:
+        _fail("training.stages", [f"{s.steps} x {s.train}" for s in t.stages],
+              f"steps adding up to training.max_steps ({t.max_steps}), not {total}")
 
 
 def _leaves(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -568,5 +650,5 @@ def parse_cli_overrides(items: list[str]) -> list[str]:
 __all__ = [
     "Config", "ConfigError", "load_config", "validate", "resolve_deepspeed", "check_deepspeed_config",
     "save_resolved", "to_dict", "parse_cli_overrides", "RunConfig", "ModelConfig", "DataConfig", "TrainingConfig",
-    "DeepSpeedConfig", "LoggingConfig", "CheckpointConfig", "EvalConfig", "LoraConfig",
+    "DeepSpeedConfig", "LoggingConfig", "CheckpointConfig", "EvalConfig", "LoraConfig", "StageConfig",
 ]

@@ -4,6 +4,12 @@ The logits of a 49k-vocabulary model are the largest activations in the step. `d
 logits and does the fp32 work a chunk of positions at a time; `linear_distillation_loss` takes the final hidden
 states and the output projection and never holds the whole batch's logits at all (what training uses when
 distilling: `training.loss_from`).
+
+Both come in two forms: `distillation_loss` / `linear_distillation_loss` return the loss, and the `*_parts` forms
+also return its parts for logging (detached): `ce`, the mean cross-entropy per predicted token, and, when
+distilling, `kl`, the mean KL(teacher_T || student_T) per predicted token before the T^2 scale, so that
+
+    loss = (1 - weight) * ce + weight * T^2 * kl.
 """
 
 from __future__ import annotations
@@ -16,13 +22,24 @@ CHUNK_POSITIONS = 1024
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, input_ids: torch.Tensor, *,
                       weight: float, temperature: float = 1.0) -> torch.Tensor:
-    """(1 - weight) * CE(student, next tokens) + weight * T^2 * KL(teacher_T || student_T), per predicted token.
+    """(1 - weight) * CE(student, next tokens) + weight * T^2 * KL(teacher_T || student_T), per predicted token
+    (`distillation_loss_parts` without the parts)."""
+    return distillation_loss_parts(student_logits, teacher_logits, input_ids, weight=weight, temperature=temperature)[0]
+
+
+def distillation_loss_parts(student_logits: torch.Tensor, teacher_logits: torch.Tensor, input_ids: torch.Tensor, *,
+                            weight: float, temperature: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss (1 - weight) * CE(student, next tokens) + weight * T^2 * KL(teacher_T || student_T), per predicted
+    token, and its parts {"ce", "kl"} (detached; "kl" only when weight > 0).
 
     Args:
         student_logits, teacher_logits: [B, L, V] logits for the same inputs.
         input_ids: [B, L]; position t predicts token t + 1 (the last position predicts nothing).
         weight: 0 = pure cross-entropy, 1 = pure distillation.
         temperature: softens both distributions; T^2 keeps the gradient scale independent of T (Hinton et al.).
+
+    Raises:
+        ValueError: the two logits differ in shape.
     """
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
@@ -37,18 +54,33 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         s = student_BLV[start:start + CHUNK_POSITIONS].float()
         if weight < 1:
             ce_sum = ce_sum + F.cross_entropy(s, targets[start:start + CHUNK_POSITIONS], reduction="sum")
+        else:  # pure distillation: cross-entropy is only logged
+            with torch.no_grad():
+                ce_sum = ce_sum + F.cross_entropy(s, targets[start:start + CHUNK_POSITIONS], reduction="sum")
         if weight > 0:
             t = teacher_BLV[start:start + CHUNK_POSITIONS].float()
             kl_sum = kl_sum + F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
                                        log_target=True, reduction="sum")
     n = targets.numel()
-    return (1 - weight) * ce_sum / n + weight * temperature**2 * kl_sum / n
+    parts = {"ce": ce_sum.detach() / n}
+    if weight > 0:
+        parts["kl"] = kl_sum.detach() / n
+    return (1 - weight) * ce_sum / n + weight * temperature**2 * kl_sum / n, parts
 
 
 def linear_distillation_loss(hidden: torch.Tensor, head_weight: torch.Tensor, input_ids: torch.Tensor, *,
                              weight: float, temperature: float = 1.0, teacher_hidden: torch.Tensor | None = None,
                              teacher_head_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """`distillation_loss` from the hidden states, without ever holding the [B, L, V] logits.
+    """`distillation_loss` from the hidden states (`linear_distillation_loss_parts` without the parts)."""
+    return linear_distillation_loss_parts(hidden, head_weight, input_ids, weight=weight, temperature=temperature,
+                                          teacher_hidden=teacher_hidden, teacher_head_weight=teacher_head_weight)[0]
+
+
+def linear_distillation_loss_parts(hidden: torch.Tensor, head_weight: torch.Tensor, input_ids: torch.Tensor, *,
+                                   weight: float, temperature: float = 1.0, teacher_hidden: torch.Tensor | None = None,
+                                   teacher_head_weight: torch.Tensor | None = None
+                                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`distillation_loss_parts` from the hidden states, without ever holding the [B, L, V] logits.
 
     The output projection is done CHUNK_POSITIONS positions at a time, for the student and the teacher; each
     chunk's loss and its gradients with respect to the hidden states and the head weight are computed right
@@ -59,6 +91,9 @@ def linear_distillation_loss(hidden: torch.Tensor, head_weight: torch.Tensor, in
         hidden: [B, L, E] the student's final (normed) hidden states; head_weight: [V, E] its output projection
             (no bias). teacher_hidden / teacher_head_weight: the same for the teacher (needed when weight > 0).
         input_ids, weight, temperature: as in `distillation_loss`.
+
+    Raises:
+        ValueError: distillation without the teacher's hidden states or head, or vocabularies that differ.
     """
     if weight > 0 and (teacher_hidden is None or teacher_head_weight is None):
         raise ValueError(f"distillation weight {weight} needs the teacher's hidden states and head weight")
@@ -69,11 +104,14 @@ def linear_distillation_loss(hidden: torch.Tensor, head_weight: torch.Tensor, in
     student = hidden[:, :-1].reshape(-1, dim)
     teacher = teacher_hidden[:, :-1].reshape(-1, teacher_hidden.shape[-1]).detach() if weight > 0 else None
     targets = input_ids[:, 1:].reshape(-1)
-    return _LinearDistillation.apply(student, head_weight, teacher, teacher_head_weight, targets, weight, temperature)
+    loss, ce, kl = _LinearDistillation.apply(student, head_weight, teacher, teacher_head_weight, targets, weight,
+                                             temperature)
+    return loss, ({"ce": ce, "kl": kl} if weight > 0 else {"ce": ce})
 
 
 class _LinearDistillation(torch.autograd.Function):
-    """Loss and gradients chunk by chunk in the forward pass; the backward pass only scales them."""
+    """Loss and gradients chunk by chunk in the forward pass; the backward pass only scales them. Also returns the
+    mean cross-entropy and KL (no gradient: they are for logging)."""
 
     @staticmethod
     def forward(ctx, hidden, head_weight, teacher_hidden, teacher_head_weight, targets, weight, temperature):
@@ -81,15 +119,19 @@ class _LinearDistillation(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if hidden.requires_grad else None
         grad_weight = torch.zeros_like(head_weight, dtype=torch.float32) if head_weight.requires_grad else None
         total = hidden.new_zeros((), dtype=torch.float32)
+        ce_sum = hidden.new_zeros((), dtype=torch.float32)
+        kl_sum = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, n, CHUNK_POSITIONS):
             rows = slice(start, start + CHUNK_POSITIONS)
             h = hidden[rows]
             logits = (h @ head_weight.t()).float()  # [n, V]; matmul in the training dtype, as lm_head does
             dlogits = None
+            target = targets[rows]
+            lse = torch.logsumexp(logits, dim=-1)
+            log_likelihood = (logits.gather(1, target[:, None])[:, 0] - lse).sum()
+            ce_sum -= log_likelihood  # logged even when weight = 1 (then it adds no gradient)
             if weight < 1:
-                target = targets[rows]
-                lse = torch.logsumexp(logits, dim=-1)
-                total = total - (1 - weight) * (logits.gather(1, target[:, None])[:, 0] - lse).sum()
+                total = total - (1 - weight) * log_likelihood
                 # d CE / d logits = softmax - one_hot
                 dlogits = torch.exp(logits - lse[:, None]).mul_(1 - weight)
                 dlogits[torch.arange(len(target), device=target.device), target] -= 1 - weight
@@ -98,7 +140,9 @@ class _LinearDistillation(torch.autograd.Function):
                 log_p = torch.log_softmax(teacher_logits.div_(temperature), dim=-1)
                 log_q = torch.log_softmax(logits.div_(temperature), dim=-1)
                 p = log_p.exp()
-                total = total + weight * temperature ** 2 * (p * (log_p - log_q)).sum()
+                kl = (p * (log_p - log_q)).sum()
+                kl_sum += kl
+                total = total + weight * temperature ** 2 * kl
                 # d/dlogits of T^2 KL(p || softmax(logits / T)) = T (softmax(logits / T) - p)
                 kl_grad = log_q.exp_().sub_(p).mul_(weight * temperature)
                 dlogits = kl_grad if dlogits is None else dlogits.add_(kl_grad)
@@ -109,10 +153,12 @@ class _LinearDistillation(torch.autograd.Function):
                 grad_weight += (dlogits.t() @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.head_dtype = head_weight.dtype
-        return total / n
+        ce, kl = ce_sum / n, kl_sum / n
+        ctx.mark_non_differentiable(ce, kl)
+        return total / n, ce, kl
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, _grad_ce, _grad_kl):
         grad_hidden, grad_weight = ctx.saved_tensors
         if grad_hidden is not None:
             grad_hidden = grad_hidden * grad_output.to(grad_hidden.dtype)

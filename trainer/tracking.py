@@ -96,6 +96,13 @@ class RunLogger:
         if self.run is not None:
             self.run.log(metrics, step=step)
 
+    def summarize(self, metrics: dict[str, Any], step: int) -> None:
+        """Facts about the run rather than the step (the model's KV bytes per token, ...): a metrics.jsonl record
+        at `step`, and the W&B run summary, where runs are compared side by side (by budget, say)."""
+        self.log(metrics, step=step)
+        if self.run is not None:
+            self.run.summary.update(metrics)
+
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()

@@ -1,8 +1,8 @@
 """The training loop: one file, read top to bottom.
 
-    config -> ranks -> model (+ compression) -> packed data -> DeepSpeed engine -> resume?
+    config -> ranks -> model (+ compression) -> packed data -> DeepSpeed engine of the stage -> resume?
       -> for step: lr(step); grad_accum x (micro batch -> loss -> backward); engine.step()
-         log / eval / checkpoint
+         log / eval / checkpoint; at a stage boundary: checkpoint -> the next stage's engine
       -> final checkpoint -> consolidated Hugging Face directory -> final eval
 
 Ranks come from the environment (the deepspeed launcher, torchrun, or none: a single process).
@@ -20,6 +20,7 @@ optimizer state, and `training.max_bad_steps` of them in a row stop the run with
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import json
 import math
@@ -44,7 +45,7 @@ from ..models.surgery import SurgeryError
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, check_deepspeed_config, resolve_deepspeed, save_resolved, to_dict
 from .data import DataError
-from .losses import distillation_loss, linear_distillation_loss
+from .losses import distillation_loss_parts, linear_distillation_loss_parts
 from .tracking import RunLogger
 
 # Errors that mean "this input cannot work" (config, data, checkpoint, model, compression spec): the
@@ -54,6 +55,8 @@ BAD_INPUT_ERRORS = (ConfigError, DataError, ckpt.CheckpointError, ModelLoadError
 # Set by tests only: the faults to inject (see Faults), and where to write the final logits of a fixed batch.
 FAULT_ENV = "KVFORGE_FAULT"
 DUMP_LOGITS_ENV = "KVFORGE_DUMP_LOGITS"
+# In <run>/compressed_init: the names of the parameters surgery created or changed (training.stages `new`).
+NEW_PARAMETERS_FILE = "kvforge_new_parameters.json"
 # KVFORGE_PROFILE_STEP=N: rank 0 profiles optimizer step N (torch.profiler) and writes the ops' time table to
 # <run>/profile_step<N>.txt (launch/benchmark_train.py --profile-step; docs/TRAINING.md).
 PROFILE_STEP_ENV = "KVFORGE_PROFILE_STEP"
@@ -203,13 +206,20 @@ class Faults:
 
 
 def lr_at(step: int, cfg: Config) -> float:
-    """Linear warmup, then cosine / linear decay to lr * min_lr_ratio at max_steps (or constant)."""
+    """Linear warmup, then cosine / linear decay to lr * min_lr_ratio at the end of the stage (or constant).
+
+    Without training.stages one stage spans max_steps. Each stage runs the whole schedule over its own steps: it
+    starts with a fresh optimizer, whose first Adam updates are as large as the learning rate whatever the
+    gradients, so it warms up again.
+    """
     t = cfg.training
+    stage = stage_at(plan_stages(cfg), step)
+    step = step - stage.start
     if t.warmup_steps and step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
     if t.schedule == "constant":
         return t.lr
-    progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+    progress = (step - t.warmup_steps) / max(1, stage.steps - t.warmup_steps)
     progress = min(max(progress, 0.0), 1.0)
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if t.schedule == "cosine" else 1 - progress
     return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * shape)
@@ -229,6 +239,10 @@ def resume_signature(cfg: Config, zero_stage: int) -> dict[str, Any]:
              "training.micro_batch_size": cfg.training.micro_batch_size,
              "training.grad_accum": cfg.training.grad_accum, "training.lora": d["training"]["lora"],
              "training.precision": cfg.training.precision, "deepspeed.zero_stage": zero_stage}
+    if cfg.training.stages:
+        # Which stage a checkpoint belongs to, and so which parameters its optimizer state holds, follows from its
+        # step and the stages. (Absent without stages, so checkpoints from before stages still resume.)
+        parts["training.stages"] = [f"{stage.steps} x {stage.train}" for stage in cfg.training.stages]
     flat: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -307,7 +321,8 @@ def compress_for_training(cfg: Config, run_dir: Path, rank: int) -> Path:
 
     def build() -> None:
         stale = stamp.is_file() and json.loads(stamp.read_text()) != source
-        if (out / "config.json").is_file() and not stale:
+        # A starting point made before the new parameters were recorded is made again (deterministically).
+        if (out / "config.json").is_file() and (out / NEW_PARAMETERS_FILE).is_file() and not stale:
             return
         if stale:
             print(f"{out} was built from another model or compression spec: building it again")
@@ -321,14 +336,195 @@ def compress_for_training(cfg: Config, run_dir: Path, rank: int) -> Path:
                                      tokens=spec.calibration.tokens, seq_len=spec.calibration.seq_len,
                                      cache_dir=cfg.data.cache_dir)
         model = build_compressed_model(base, cfg.compression, rows)
+        new = changed_parameters(base, model)
         with atomic.directory(out) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+            (tmp / NEW_PARAMETERS_FILE).write_text(json.dumps(new, indent=1))
             (tmp / stamp.name).write_text(json.dumps(source, indent=2))
         print(f"compressed starting point: {out}")
 
     on_rank0_first(rank, build)
     return out
+
+
+def changed_parameters(original: torch.nn.Module, compressed: torch.nn.Module) -> list[str]:
+    """Names of the compressed model's parameters that surgery created or changed: not in the original's state
+    dict, or there with another shape or other values.
+
+    Surgery copies every other tensor bit for bit (models/surgery: transform_state_dict), so this is exactly the
+    low-rank down/up projections, merged-head K/V, the q/o projections that absorb a merge, and so on, without
+    repeating each method's rules here.
+    """
+    before = original.state_dict()
+    return [name for name, p in compressed.named_parameters()
+            if name not in before or before[name].shape != p.shape or not torch.equal(before[name], p.detach())]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Stages (training.stages)
+#
+# Each stage trains its own set of parameters, with its own optimizer and schedule, on its own DeepSpeed engine:
+# the set has requires_grad=True and every other parameter False before deepspeed.initialize. That is how
+# DeepSpeed supports frozen parameters under every ZeRO stage: ZeRO-1/2 build their flat fp32 master
+# partitions and gradient buckets, and ZeRO-3 its partitioned optimizer groups, from the parameters that
+# require gradients when the engine is built, and cannot take one in or out later (a parameter frozen
+# afterwards stays in the flat buffers, where weight decay and Adam's momentum keep moving it). Zeroing a
+# group's learning rate instead would still compute the frozen gradients, count them in the clipping norm, and
+# carry stage 1's Adam moments into stage 2.
+#
+# At a boundary the run saves a checkpoint with the finished stage's engine, drops that engine, builds the model
+# again, loads the checkpoint's weights (ZeRO's fp32 master weights where it keeps them) and builds the next
+# stage's engine with a fresh optimizer. A run resumed from that checkpoint takes the same path, so it continues
+# as the uninterrupted run did; a checkpoint inside a stage is loaded whole (optimizer state too) into an engine
+# of its stage. Under bf16/fp16, DeepSpeed makes the new engine's fp32 master weights from the module's 16-bit
+# ones, so they are rounded once at each boundary, as at the start of every run.
+
+
+@dataclass(frozen=True)
+class Stage:
+    index: int     # 0-based
+    start: int     # optimizer steps done before the stage
+    steps: int
+    train: str     # new | new+lora | all; "default" without training.stages (what LoRA or full finetuning trains)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.steps
+
+
+def plan_stages(cfg: Config) -> list[Stage]:
+    """training.stages as consecutive step ranges; without them one stage over max_steps."""
+    if not cfg.training.stages:
+        return [Stage(0, 0, cfg.training.max_steps, "default")]
+    stages, start = [], 0
+    for i, stage in enumerate(cfg.training.stages):
+        stages.append(Stage(i, start, stage.steps, stage.train))
+        start += stage.steps
+    return stages
+
+
+def stage_at(stages: list[Stage], step: int) -> Stage:
+    """The stage that runs optimizer step `step` + 1 (the last stage from its end on)."""
+    return next((stage for stage in stages if step < stage.end), stages[-1])
+
+
+def select_trainable(model: torch.nn.Module, stage: Stage, new: set[str]) -> list[str]:
+    """Set requires_grad for `stage` on a freshly built model (LoRA-wrapped or not); returns the trained names.
+
+    `new` holds the names surgery created or changed, as in the compressed model. Under peft a wrapped module's
+    weight is `base_model.model.<name minus .weight>.base_layer.weight`, and right after wrapping exactly the
+    adapters (and `modules_to_save` copies) require gradients: that is what `lora` adds in `new+lora`. peft's
+    `original_module` copies are never trained (the forward uses the `modules_to_save` copy).
+
+    Raises:
+        ConfigError: the stage would train no parameter (say `new` with a spec that changes nothing).
+    """
+    if stage.train == "default":
+        return [name for name, p in model.named_parameters() if p.requires_grad]
+    adapters = {name for name, p in model.named_parameters() if p.requires_grad} if hasattr(model, "peft_config") \
+        else set()
+    trained = []
+    for name, p in model.named_parameters():
+        plain = (name.removeprefix("base_model.model.").replace(".base_layer.", ".")
+                 .replace(".modules_to_save.default.", "."))
+        on = ".original_module." not in name and (
+            stage.train == "all" or plain in new or (stage.train == "new+lora" and name in adapters))
+        p.requires_grad_(on)
+        if on:
+            trained.append(name)
+    if not trained:
+        raise ConfigError(f"config key 'training.stages[{stage.index}].train' = {stage.train!r} selects no parameter "
+                          "of this model (its compression changed none); expected 'all'")
+    return trained
+
+
+def checkpoint_weights(ckpt_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer a checkpoint holds, by module name, at the best precision it holds them.
+
+    Below ZeRO-3 the module state (DeepSpeed's mp_rank_00_model_states.pt) has all of them in the training dtype
+    (ZeRO-3 keeps empty placeholders there); with ZeRO, DeepSpeed's zero_to_fp32 gives the fp32 master weights of
+    the trained ones and the frozen ones ZeRO-2/3 store beside them, and these take precedence.
+    """
+    weights = {}
+    if zero_stage < 3:
+        module = torch.load(ckpt_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        weights = {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in module.items()}
+    if zero_stage > 0:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        weights.update(get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name))
+    return weights
+
+
+def load_weights(model: torch.nn.Module, ckpt_dir: Path, zero_stage: int, rank: int) -> None:
+    """Load a checkpoint's weights (not its optimizer state) into a model built for another stage, before its
+    engine exists (collective). Under ZeRO-3 the model is partitioned: rank 0 reads the checkpoint and writes each
+    parameter while it is gathered.
+
+    Raises:
+        CheckpointError: the checkpoint lacks a parameter of the model or has one with another shape.
+    """
+    import deepspeed
+
+    zero3 = zero_stage == 3
+    weights = checkpoint_weights(ckpt_dir, zero_stage) if rank == 0 or not zero3 else None
+    for name, p in model.named_parameters():
+        shape = tuple(getattr(p, "ds_shape", p.shape))
+        if weights is not None and (name not in weights or tuple(weights[name].shape) != shape):
+            found = tuple(weights[name].shape) if name in weights else "nothing"
+            raise ckpt.CheckpointError(f"checkpoint {ckpt_dir} holds {found} for parameter {name} of shape {shape}: "
+                                       "it is not a checkpoint of this run's model")
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0) if zero3 else contextlib.nullcontext():
+            if weights is not None:
+                with torch.no_grad():
+                    p.copy_(weights[name])
+
+
+def start_stage(model: torch.nn.Module, stage: Stage, new: set[str], cfg: Config, ds_config: dict, device,
+                log) -> Any:
+    """A DeepSpeed engine, with a fresh optimizer, training `stage`'s parameters of the freshly built `model`."""
+    import deepspeed
+
+    t = cfg.training
+    trained = select_trainable(model, stage, new)
+    if cfg.training.stages:
+        numel = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+        log(f"stage {stage.index + 1}/{len(t.stages)}: steps {stage.start + 1}-{stage.end} train {stage.train}: "
+            f"{len(trained)} tensors, {numel:,} parameters")
+    if t.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    optimizer = None
+    if "optimizer" not in ds_config:
+        optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
+                                      eps=t.eps, fused=device.type == "cuda")
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                           model_parameters=None if optimizer else model.parameters())
+    return engine
+
+
+def start_stage_from_checkpoint(model: torch.nn.Module, stage: Stage, new: set[str], ckpt_dir: Path, cfg: Config,
+                                ds_config: dict, zero_stage: int, rank: int, device, log) -> Any:
+    """`start_stage` from the checkpoint that ended the stage before (collective): its weights and this rank's
+    RNG state, not its optimizer state, which holds the other stage's parameters."""
+    load_weights(model, ckpt_dir, zero_stage, rank)
+    engine = start_stage(model, stage, new, cfg, ds_config, device, log)
+    ckpt.set_rng_state(torch.load(ckpt_dir / f"rng_rank{rank}.pt", weights_only=False))
+    return engine
+
+
+def kv_budget(model_config) -> dict[str, float]:
+    """The model's KV cache bytes per token (long-context rate, bf16 as exported) from its config's arithmetic, the
+    original architecture's, and their ratio: what a run is compared by."""
+    from kvforge.models.surgery import Geometry, original_kv_bytes_per_token
+
+    # A KVForgeConfig keeps the original's layer count and KV heads; its spec says what each layer caches.
+    original = original_kv_bytes_per_token(Geometry.of(model_config), "bfloat16")
+    own = (model_config.kv_cache_bytes_per_token("bfloat16") if hasattr(model_config, "kv_cache_bytes_per_token")
+           else original)
+    return {"model/kv_bytes_per_token": own, "model/kv_bytes_per_token_original": original,
+            "model/kv_fraction": own / original}
 
 
 def on_rank0_first(rank: int, fn, *, others=None):
@@ -420,26 +616,27 @@ def hidden_loss_head(model, zero_stage: int):
     return head
 
 
-def step_loss(engine, teacher, head, input_ids: torch.Tensor, t) -> torch.Tensor:
-    """One micro batch's loss: CE, or CE mixed with distillation from the teacher (trainer/losses.py). With
-    `head`, from the final hidden states, so the [B, L, V] logits are never held (the models compute the logits
-    of the last position only)."""
+def step_loss(engine, teacher, head, input_ids: torch.Tensor, t) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One micro batch's loss: CE, or CE mixed with distillation from the teacher (trainer/losses.py), and its
+    parts for logging ({"ce"}, and "kl" when distilling). With `head`, from the final hidden states, so the
+    [B, L, V] logits are never held (the models compute the logits of the last position only)."""
     if head is None:
         if teacher is None:
-            return engine(input_ids=input_ids, labels=input_ids).loss
+            loss = engine(input_ids=input_ids, labels=input_ids).loss
+            return loss, {"ce": loss.detach()}
         logits = engine(input_ids=input_ids).logits
         with torch.no_grad():
             teacher_logits = teacher(input_ids=input_ids).logits
-        return distillation_loss(logits, teacher_logits, input_ids, weight=t.distill_weight,
-                                 temperature=t.distill_temperature)
+        return distillation_loss_parts(logits, teacher_logits, input_ids, weight=t.distill_weight,
+                                       temperature=t.distill_temperature)
     hidden = engine(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
     if teacher is None:
-        return linear_distillation_loss(hidden, head.weight, input_ids, weight=0.0)
+        return linear_distillation_loss_parts(hidden, head.weight, input_ids, weight=0.0)
     with torch.no_grad():
         teacher_hidden = teacher(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-    return linear_distillation_loss(hidden, head.weight, input_ids, weight=t.distill_weight,
-                                    temperature=t.distill_temperature, teacher_hidden=teacher_hidden,
-                                    teacher_head_weight=teacher.get_output_embeddings().weight)
+    return linear_distillation_loss_parts(hidden, head.weight, input_ids, weight=t.distill_weight,
+                                          temperature=t.distill_temperature, teacher_hidden=teacher_hidden,
+                                          teacher_head_weight=teacher.get_output_embeddings().weight)
 
 
 def build_data(cfg: Config, tokenizer, model, rank: int, world: int):
@@ -550,7 +747,6 @@ def train(cfg: Config) -> TrainResult:
             the first step wherever the input allows it.
         TrainingStopped: `training.max_bad_steps` non-finite steps in a row (after saving a checkpoint).
     """
-    import deepspeed
     from tqdm.auto import tqdm
 
     from .data import micro_batch
@@ -596,11 +792,12 @@ def train(cfg: Config) -> TrainResult:
 
     if cfg.compression:
         compress_for_training(cfg, run_dir, rank)
+    new_parameters = (set(json.loads((run_dir / "compressed_init" / NEW_PARAMETERS_FILE).read_text()))
+                      if cfg.compression else set())
+    stages = plan_stages(cfg)
+    stage = stage_at(stages, resumed.step if resumed is not None else 0)
     model, tokenizer = build_model(cfg, ds_config, run_dir)
     teacher = build_teacher(cfg, device) if t.distill_weight > 0 else None
-    if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
     packed = build_data(cfg, tokenizer, model, rank, world)
     digest = data_digest(packed.train)
     if resumed is not None and resumed.data_digest not in (None, digest):
@@ -611,19 +808,21 @@ def train(cfg: Config) -> TrainResult:
     tokens_per_step = t.micro_batch_size * cfg.data.seq_len * t.grad_accum * world
     log(f"data: {packed.stats}")
 
-    optimizer = None
-    if "optimizer" not in ds_config:
-        optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
-                                      eps=t.eps, fused=device.type == "cuda")
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
-                                           model_parameters=None if optimizer else model.parameters())
+    # A checkpoint written inside the stage this run starts in is loaded whole; one that ended the stage before
+    # holds that stage's optimizer state, so only its weights are (the path an uninterrupted run takes there).
+    from_previous_stage = resumed is not None and stage_at(stages, resumed.step - 1) != stage
+    if from_previous_stage:
+        engine = start_stage_from_checkpoint(model, stage, new_parameters, resume_from, cfg, ds_config, zero_stage,
+                                             rank, device, log)
+    else:
+        engine = start_stage(model, stage, new_parameters, cfg, ds_config, device, log)
     guard_gradients = not skips_nonfinite_steps_itself(engine)
 
     step, tokens_seen, skipped_steps, bad_in_a_row = 0, 0, 0, 0
     # A run that starts from step 0 is a new W&B run; a resumed one continues its checkpoint's.
     wandb_id = uuid.uuid4().hex[:12]
     if resumed is not None:
-        state = ckpt.load(engine, resume_from)
+        state = ckpt.read_state(resume_from) if from_previous_stage else ckpt.load(engine, resume_from)
         step, tokens_seen = state.step, state.tokens_seen
         skipped_steps, bad_in_a_row = state.skipped_steps, state.bad_steps_in_a_row
         wandb_id = state.wandb_run_id or wandb_id
@@ -632,6 +831,7 @@ def train(cfg: Config) -> TrainResult:
     logger = RunLogger(mode=cfg.logging.wandb, project=cfg.logging.project, entity=cfg.logging.entity,
                        name=cfg.run.name, run_dir=run_dir, config=to_dict(cfg) | {"deepspeed_resolved": ds_config},
                        run_id=wandb_id, rank=rank)
+    logger.summarize(kv_budget(model.config), step=step)
     flops_tok = flops_per_token(engine.module, cfg)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu), None)
@@ -678,12 +878,13 @@ def train(cfg: Config) -> TrainResult:
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr
             loss_sum, grad_norm, skip_update, loss_finite, batch_crc = 0.0, None, False, True, 0
+            part_sums = {"ce": 0.0, "kl": 0.0}
             for micro in range(t.grad_accum):
                 input_ids = micro_batch(packed.train, step * t.grad_accum + micro, rank, world,
                                         t.micro_batch_size, cfg.run.seed)
                 batch_crc = zlib.crc32(input_ids.numpy().tobytes(), batch_crc)
                 input_ids = input_ids.to(device)
-                loss = step_loss(engine, teacher, head, input_ids, t)
+                loss, parts = step_loss(engine, teacher, head, input_ids, t)
                 if micro == 0 and faults.fires("nan_loss", step + 1, rank):
                     loss = loss * float("nan")
                 if not torch.isfinite(loss.detach()).item():
@@ -704,6 +905,8 @@ def train(cfg: Config) -> TrainResult:
                 with optimizer_step_skipped(engine.optimizer) if skip_update else contextlib.nullcontext():
                     engine.step()
                 loss_sum += loss.item()
+                for name, value in parts.items():
+                    part_sums[name] += value.item()
             step += 1
             tokens_seen += tokens_per_step
             elapsed = time.perf_counter() - started
@@ -713,12 +916,14 @@ def train(cfg: Config) -> TrainResult:
                 profiler = None
                 log(f"step {step}: profiled ({run_dir / f'profile_step{step}.txt'}); its time includes the profiler's")
 
-            # One all-reduce for what each rank contributes: its loss, its batches' checksum, a bad-loss flag.
-            summary = torch.zeros(2 + world, dtype=torch.float64, device=device)
-            summary[0], summary[1], summary[2 + rank] = loss_sum / t.grad_accum, batch_crc, float(not loss_finite)
+            # One all-reduce for what each rank contributes: its loss, its batches' checksum, its loss's parts (CE and
+            # KL), a bad-loss flag.
+            summary = torch.zeros(4 + world, dtype=torch.float64, device=device)
+            summary[0], summary[1], summary[4 + rank] = loss_sum / t.grad_accum, batch_crc, float(not loss_finite)
+            summary[2], summary[3] = part_sums["ce"] / t.grad_accum, part_sums["kl"] / t.grad_accum
             dist.all_reduce(summary)
             loss_mean = summary[0].item() / world
-            bad_loss_ranks = [r for r in range(world) if summary[2 + r].item() > 0]
+            bad_loss_ranks = [r for r in range(world) if summary[4 + r].item() > 0]
             applied = not skip_update if guard_gradients else engine.was_step_applied()
             if bad_loss_ranks and applied:
                 raise RuntimeError(f"step {step}: the optimizer applied an update although the loss on rank(s) "
@@ -744,6 +949,12 @@ def train(cfg: Config) -> TrainResult:
                            "train/data_checksum": int(summary[1].item())}
                 if math.isfinite(loss_mean):
                     metrics["train/loss"] = loss_mean
+                # loss = (1 - distill_weight) * ce + distill_weight * distill_temperature^2 * kl (trainer/losses.py)
+                for i, name in [(2, "ce")] + ([(3, "kl")] if teacher is not None else []):
+                    if math.isfinite(summary[i].item()):
+                        metrics[f"train/{name}"] = summary[i].item() / world
+                if t.stages:
+                    metrics["train/stage"] = stage.index + 1
                 if grad_norm is not None and math.isfinite(grad_norm):
                     metrics["train/grad_norm"] = grad_norm
                 if peak:
@@ -770,12 +981,27 @@ def train(cfg: Config) -> TrainResult:
                 logger.log({"eval/loss": last_eval["loss"], "eval/perplexity": last_eval["perplexity"]}, step=step)
             preempted = preemption.agreed(device)
             save_now = cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0
-            if save_now or preempted or step == t.max_steps:
-                save_checkpoint({"train/loss": loss_mean if math.isfinite(loss_mean) else None})
+            stage_ends = step == stage.end and step < t.max_steps  # the next stage starts from this checkpoint
+            if save_now or preempted or stage_ends or step == t.max_steps:
+                saved = save_checkpoint({"train/loss": loss_mean if math.isfinite(loss_mean) else None})
             if preempted:
                 log(f"preempted ({preemption.signal_name or 'signal on another rank'}): checkpoint saved at "
                     f"step {step}; continue with checkpoint.resume=auto")
                 break
+            if stage_ends:
+                # A new engine over a new model (see "Stages" above): the old engine's ZeRO hooks and buffers go
+                # with it, and its weights come back from the checkpoint just saved, as in a resumed run.
+                stage = stages[stage.index + 1]
+                engine.destroy()
+                engine = head = model = None
+                gc.collect()
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                model, _ = build_model(cfg, ds_config, run_dir)
+                engine = start_stage_from_checkpoint(model, stage, new_parameters, saved, cfg, ds_config, zero_stage,
+                                                     rank, device, log)
+                head = hidden_loss_head(engine.module, zero_stage) if wants_hidden else None
+                engine.train()
         bar.close()
         if preempted and step < t.max_steps:
             location = logger.location
