@@ -11,14 +11,22 @@ Tasks (--task, default perplexity):
   passkey     pass-key retrieval (trainer/passkey.py): --samples prompts of --context-len tokens per
               depth in --depths, greedy answers, accuracy per depth; --pyramid-budget evaluates with a
               PyramidKV cache (--pyramid-schedule pyramid | uniform).
+  suite       everything one model needs for the comparison table and plot (docs/EVALUATION.md):
+              perplexity as above, passkey at each of --context-lens, and the KV cache bytes per token
+              measured from a real generate() over --kv-tokens tokens in --kv-dtype, next to the original
+              architecture's. A run directory is refused when --data is a source it trained or
+              calibrated on (its config.yaml), unless --allow-training-source.
 
-Prints the result and, with --json, writes it with the model, data settings and timings.
+Prints the result and, with --json, writes it with the model, data settings and timings;
+`launch/plot_results.py` draws suite JSONs of several models.
 
 Examples:
   python launch/evaluate.py --model smollm2-135m-instruct --data python-docs --seq-len 512
   python launch/evaluate.py --model runs/smollm2-recover --max-batches 8 --json eval.json
   python launch/evaluate.py --task passkey --model smollm2-135m-instruct --context-len 4096 --samples 4 \
       --pyramid-budget 256 --pyramid-schedule pyramid --json passkey.json
+  python launch/evaluate.py --task suite --model runs/lr50 --data /usr/share/games/fortunes --seq-len 1024 \
+      --max-batches 8 --batch-size 1 --context-lens 2048 4096 8192 --label "low-rank 50%" --json results/lr50.json
 """
 
 from __future__ import annotations
@@ -100,15 +108,28 @@ def add_perplexity_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--batch-size", type=_int_at_least(1), default=4, help="rows per forward (default: 4)")
     group.add_argument("--max-batches", type=_int_at_least(1), default=None,
                        help="evaluate only the first N batches of the eval split (default: all)")
+    group.add_argument("--allow-training-source", action="store_true",
+                       help="evaluate a run directory on a source it trained or calibrated on (refused by default)")
 
 
 def run_perplexity(args: argparse.Namespace, model: Any, tokenizer: Any, device: str) -> dict[str, Any]:
-    from kvforge.models.loading import document_separator_id
-    from kvforge.trainer.data import build_packed_datasets
-    from kvforge.trainer.evaluation import evaluate_perplexity
+    result, _ = _perplexity(args, model, tokenizer, device)
+    return result
 
+
+def _perplexity(args: argparse.Namespace, model: Any, tokenizer: Any, device: str) -> tuple[dict[str, Any], Any]:
+    """The perplexity result and the eval rows it was computed on."""
+    from kvforge.models.loading import document_separator_id
+    from kvforge.trainer.data import build_packed_datasets, default_cache_dir
+    from kvforge.trainer.evaluation import evaluate_perplexity, plain_text_source
+
+    stage_root = (Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()) / "plain-text"
+    source, staged = plain_text_source(args.data, stage_root)
+    if staged is not None:
+        print(f"--data {args.data}: {staged['files']} plain text files without a .txt suffix, read as one document "
+              f"each through {staged['staged_as']} ({staged['skipped_binary']} binary files skipped)")
     data_settings = {
-        "source": args.data, "text_field": args.text_field, "split": args.split,
+        "source": source, "text_field": args.text_field, "split": args.split,
         "config_name": args.config_name, "seq_len": args.seq_len, "eval_fraction": args.eval_fraction,
         "max_documents": args.max_documents, "cache_dir": args.cache_dir, "seed": args.split_seed,
     }
@@ -128,10 +149,11 @@ def run_perplexity(args: argparse.Namespace, model: Any, tokenizer: Any, device:
         **result,
         "rows": evaluated_rows,
         "eval_rows_available": int(rows.shape[0]),
-        "data": {**data_settings, "document_separator_id": separator,
+        # `source` is what the user named (what results are compared by); `staged` says how it was read.
+        "data": {**data_settings, "source": args.data, "staged": staged, "document_separator_id": separator,
                  "stats": {k: v for k, v in packed.stats.items() if k != "cache_file"}},
         "seconds": {"data": round(data_seconds, 3), "eval": round(eval_seconds, 3)},
-    }
+    }, rows
 
 
 def _depths(text: str) -> list[float]:
@@ -241,9 +263,122 @@ def _run_passkey(args: argparse.Namespace, model: Any, tokenizer: Any, device: s
     return payload
 
 
+def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
+    from kvforge.trainer.results_plot import ROLES
+
+    group = parser.add_argument_group("suite", "perplexity (options above) + passkey at several lengths (passkey "
+                                               "options above) + the measured KV cache")
+    group.add_argument("--context-lens", type=_int_at_least(64), nargs="+", default=[2048, 4096, 8192],
+                       help="passkey prompt lengths (default: 2048 4096 8192)")
+    group.add_argument("--kv-tokens", type=_int_at_least(1), default=None,
+                       help="prompt tokens of the generate() whose cache is measured (default: the largest "
+                            "--context-lens; window layers make bytes/token depend on it)")
+    group.add_argument("--kv-dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                       help="dtype the model is cast to for the cache measurement, after the other tasks "
+                            "(default: %(default)s, the exported dtype)")
+    group.add_argument("--label", default=None, help="name of this point in plots (default: --model)")
+    group.add_argument("--role", choices=ROLES, default=None,
+                       help="original | finetuned-original | compressed (default: compressed when the cache is "
+                            "smaller than the original's, else finetuned-original for a run directory, else "
+                            "original); plot_results.py draws the first two as reference lines")
+
+
+def _launch_module(name: str) -> Any:
+    """A sibling script of launch/ as a module (launch/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"kvforge_launch_{name}", Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def measure_kv_cache(model: Any, input_ids: Any, dtype: str) -> dict[str, Any]:
+    """Bytes per token of the cache a real greedy generate() allocates, next to the original architecture's.
+
+    KVForge models: the cache's own accounting (models.surgery.measure_generate_kv_bytes); plain HF models:
+    the tensors of their DynamicCache (launch/compress.py's measure_original_kv_bytes). The model is cast to
+    `dtype` for this and left there.
+    """
+    import torch
+
+    from kvforge.models.surgery import Geometry, measure_generate_kv_bytes, original_kv_bytes_per_token
+    from kvforge.trainer.evaluation import is_kvforge
+
+    torch_dtype = getattr(torch, dtype)
+    model.to(torch_dtype)
+    started = time.perf_counter()
+    if is_kvforge(model):
+        measured = measure_generate_kv_bytes(model, input_ids, max_new_tokens=4)
+        how = "KVForgeCache.cache_bytes() after generate()"
+    else:
+        measured = _launch_module("compress").measure_original_kv_bytes(model, input_ids, torch_dtype)
+        how = "tensors of the DynamicCache generate() returned"
+    original = original_kv_bytes_per_token(Geometry.of(model.config), dtype)
+    return {"bytes_per_token": measured["bytes_per_token"], "total_bytes": measured["total_bytes"],
+            "tokens": measured["tokens"], "prompt_tokens": int(input_ids.shape[1]), "dtype": dtype,
+            "original_bytes_per_token": original, "fraction_of_original": measured["bytes_per_token"] / original,
+            "per_layer_bytes_per_token": measured["per_layer_bytes_per_token"], "measured_from": how,
+            "seconds": round(time.perf_counter() - started, 3)}
+
+
+def run_suite(args: argparse.Namespace, model: Any, tokenizer: Any, device: str) -> dict[str, Any]:
+    try:
+        return _run_suite(args, model, tokenizer, device)
+    except ValueError as err:  # bad settings for this model: a message, not a traceback
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _run_suite(args: argparse.Namespace, model: Any, tokenizer: Any, device: str) -> dict[str, Any]:
+    import torch
+
+    # The cache measured is the one generate() makes by default; a passkey cache chosen on the command
+    # line would make the two parts of one result describe different caches.
+    given = [flag for flag, value in (("--pyramid-budget", args.pyramid_budget), ("--full-cache", args.full_cache))
+             if value]
+    if given:
+        raise ValueError(f"--task suite measures the cache the model's generate() allocates by default, so "
+                         f"{' and '.join(given)} would make its passkey and KV numbers disagree: export the model "
+                         "with the PyramidKV setting you want (launch/export.py --pyramid-budget), or run "
+                         "--task passkey on its own")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    too_long = [n for n in args.context_lens if limit is not None and n > limit]
+    if too_long:  # checked before the first hour of work, not after it
+        raise ValueError(f"--context-lens {too_long} exceed the model's max_position_embeddings ({limit})")
+
+    started = time.perf_counter()
+    perplexity, rows = _perplexity(args, model, tokenizer, device)
+    passkey = {}
+    for context_len in args.context_lens:
+        print(f"passkey at {context_len} tokens:", flush=True)
+        passkey[str(context_len)] = _run_passkey(argparse.Namespace(**{**vars(args), "context_len": context_len}),
+                                                 model, tokenizer, device)
+    kv_tokens = args.kv_tokens or max(args.context_lens)
+    # Real text for the prompt (the eval rows, repeated if they hold fewer tokens): the cache's size does
+    # not depend on the tokens, but a PyramidKV selection does.
+    flat = rows.flatten()
+    prompt = flat.repeat(-(-kv_tokens // flat.numel()))[:kv_tokens].unsqueeze(0).to(device=device, dtype=torch.long)
+    kv_cache = measure_kv_cache(model, prompt, args.kv_dtype)
+    print(f"KV cache {kv_cache['bytes_per_token']:,.1f} bytes/token in {args.kv_dtype} after generate() over "
+          f"{kv_tokens} tokens ({kv_cache['fraction_of_original']:.3f} of the original's "
+          f"{kv_cache['original_bytes_per_token']:,})")
+    return {"perplexity": perplexity, "passkey": passkey, "kv_cache": kv_cache,
+            "suite_seconds": round(time.perf_counter() - started, 3)}
+
+
+def infer_role(args: argparse.Namespace, kv_fraction: float, is_run: bool) -> str:
+    if args.role is not None:
+        return args.role
+    if kv_fraction < 0.999:
+        return "compressed"
+    return "finetuned-original" if is_run else "original"
+
+
 TASKS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[..., dict[str, Any]]]] = {
     "perplexity": (add_perplexity_arguments, run_perplexity),
     "passkey": (add_passkey_arguments, run_passkey),
+    "suite": (add_suite_arguments, run_suite),
 }
 
 
@@ -282,6 +417,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from kvforge.models.loading import ModelLoadError, load_pretrained
     from kvforge.trainer.data import DataError
+    from kvforge.trainer.evaluation import TrainingSourceError, check_eval_source
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -291,14 +427,28 @@ def main(argv: Optional[list[str]] = None) -> int:
     _, run_task = TASKS[args.task]
     try:
         model_name = resolve_model_argument(args.model)
+        is_run = model_name != args.model
+        source_check = None
+        if is_run and args.task in ("perplexity", "suite"):  # before the model loads: a wrong --data fails fast
+            source_check = check_eval_source(args.model, args.data, allow=args.allow_training_source)
+            if source_check["allowed"]:
+                print(f"warning: --data {args.data!r} is what run {args.model} trained on "
+                      f"({', '.join(source_check['overlaps'])}); evaluated anyway (--allow-training-source)",
+                      file=sys.stderr)
         started = time.perf_counter()
         model, tokenizer = load_pretrained(model_name, gguf_file=args.gguf_file, dtype=args.dtype,
                                            tokenizer_name=args.tokenizer, device=device)
         load_seconds = time.perf_counter() - started
         result = run_task(args, model, tokenizer, device)
-    except (ModelLoadError, DataError, FileNotFoundError) as err:
+    except (ModelLoadError, DataError, FileNotFoundError, TrainingSourceError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.task == "suite":
+        role = infer_role(args, result["kv_cache"]["fraction_of_original"], is_run)
+        result = {"label": args.label or args.model, "role": role, **result, "training_source_check": source_check}
+        print(f"{result['label']} ({role}): perplexity {result['perplexity']['perplexity']:.3f}, passkey "
+              + ", ".join(f"{n}: {p['accuracy']:.2f}" for n, p in result["passkey"].items())
+              + f", KV {result['kv_cache']['bytes_per_token']:,.0f} B/token")
     if args.json is not None:
         payload = {"task": args.task, "model": args.model, "model_loaded_from": model_name, "dtype": args.dtype,
                    "device": device, "model_load_seconds": round(load_seconds, 3), **result}

@@ -10,8 +10,13 @@ Shapes: B batch rows, L sequence length, V vocabulary size.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import math
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
@@ -127,3 +132,154 @@ def evaluate_perplexity(
     loss = nll_sum.item() / tokens
     perplexity = math.exp(loss) if loss < 700 else math.inf  # math.exp overflows past ~709.8
     return {"loss": loss, "perplexity": perplexity, "tokens": tokens}
+
+
+# ----------------------------------------------------------------------------------------------------
+# What the evaluation harness (launch/evaluate.py --task suite) needs besides perplexity: a guard that a
+# run is not scored on what it trained on, plain text folders as a source, and the KV cache's size.
+
+
+class TrainingSourceError(ValueError):
+    """The eval source is (or overlaps) a source the evaluated run trained or calibrated on."""
+
+
+def run_training_sources(run_config: Mapping[str, Any]) -> dict[str, str]:
+    """The sources a training run read its training rows and calibration rows from, by config key.
+
+    `run_config` is the run's resolved `config.yaml` as a mapping. `teacher-samples` are left out: they are
+    sampled from the model, not read from a source anyone could evaluate on.
+    """
+    data = run_config.get("data") or {}
+    sources: dict[str, str] = {}
+    mix = data.get("mix") or []
+    for i, entry in enumerate(mix):
+        sources[f"data.mix[{i}].source"] = entry["source"]
+    if not mix:  # a mix replaces data.source for training (calibration still reads data.source, below)
+        sources["data.source"] = data.get("source")
+    calibration = ((run_config.get("compression") or {}).get("calibration") or {}).get("source")
+    # Surgery calibrates on the train split of data.source unless the section names its own source.
+    sources["compression.calibration.source"] = calibration or data.get("source")
+    return {key: value for key, value in sources.items() if value and value != "teacher-samples"}
+
+
+def _as_path(source: str, base: Path) -> Optional[Path]:
+    """The resolved local path `source` names (relative to `base` or the working directory), else None."""
+    raw = Path(source).expanduser()
+    for candidate in ([raw] if raw.is_absolute() else [Path.cwd() / raw, base / raw]):
+        if candidate.exists():
+            return candidate.resolve()
+    return None
+
+
+def sources_overlap(eval_source: str, train_source: str, base: Path) -> bool:
+    """True when the two name the same data: the same name, or local paths of which one contains the other
+    (a folder and a file inside it, a symlink and its target)."""
+    if eval_source == train_source:
+        return True
+    a, b = _as_path(eval_source, base), _as_path(train_source, base)
+    if a is None or b is None:
+        return False
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_eval_source(run_dir: Union[str, Path], eval_source: str, *, allow: bool = False) -> dict[str, Any]:
+    """Refuse to evaluate a training run on a source it trained or calibrated on.
+
+    Reads `<run_dir>/config.yaml` (the resolved config the run wrote). Relative paths in it are tried from
+    the working directory and from the run directory's parent.
+
+    Returns:
+        {"run_config", "training_sources": {key: source}, "overlaps": [keys], "allowed": bool} for the JSON.
+
+    Raises:
+        TrainingSourceError: `eval_source` overlaps a training source and `allow` is False.
+        FileNotFoundError: the run directory has no config.yaml.
+    """
+    import yaml
+
+    config_path = Path(run_dir) / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"run directory {run_dir} has no config.yaml: cannot tell what the run trained on "
+                                "(evaluate its hf_model/ directly to skip this check)")
+    run_config = yaml.safe_load(config_path.read_text()) or {}
+    sources = run_training_sources(run_config)
+    overlaps = [key for key, source in sources.items()
+                if sources_overlap(eval_source, source, Path(run_dir).resolve().parent)]
+    if overlaps and not allow:
+        named = ", ".join(f"{key}={sources[key]!r}" for key in overlaps)
+        raise TrainingSourceError(
+            f"eval data {eval_source!r} is what run {run_dir} trained on ({named}, from {config_path}); perplexity "
+            "there measures memorisation, not quality. Evaluate on held-out text of another source (e.g. a folder "
+            "of plain text files), or pass --allow-training-source to score the run's own data anyway")
+    return {"run_config": str(config_path), "training_sources": sources, "overlaps": overlaps,
+            "allowed": bool(overlaps) and allow}
+
+
+def _is_binary(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return b"\0" in f.read(8192)
+
+
+def plain_text_source(source: str, stage_root: Path) -> tuple[str, Optional[dict[str, Any]]]:
+    """`source`, or a folder that trainer/data.py reads in its place when `source` is a local file or folder of
+    plain text files without a .txt/.md/.rst suffix (e.g. Debian's /usr/share/games/fortunes).
+
+    trainer/data.py reads files by suffix and ignores the rest; here each text file gets a `<name>.txt` symlink
+    under `stage_root/<digest of the path>/` (one document per file, as for .txt). Binary files (a NUL byte
+    in their first 8 KiB, e.g. fortune's .dat indexes), hidden entries and second links to a file already
+    taken (fortune's .u8 links) are skipped. The links keep the files' sizes and mtimes, so the packed-data
+    cache stays valid across calls.
+
+    Returns:
+        (the source to give trainer/data.py, None) when it reads `source` as it is; otherwise (the staged
+        folder, {"staged_from", "staged_as", "files", "skipped_binary"}).
+    """
+    from .data import SUPPORTED_SUFFIXES
+
+    path = Path(source).expanduser()
+    if not path.exists():
+        return source, None
+    if path.is_file():
+        candidates = [] if path.name.lower().endswith(SUPPORTED_SUFFIXES) else [path]
+    else:
+        candidates = []
+        for dirpath, dirnames, filenames in os.walk(path):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                if name.lower().endswith(SUPPORTED_SUFFIXES):
+                    return source, None  # data.py reads this folder itself; mixing both rules would surprise
+                if not name.startswith("."):
+                    candidates.append(Path(dirpath, name))
+    if not candidates:
+        return source, None
+    root = path.resolve()
+    texts, binary, seen = [], 0, set()
+    for file in candidates:
+        real = file.resolve()
+        if real in seen or not real.is_file():
+            continue
+        seen.add(real)
+        if _is_binary(real):
+            binary += 1
+            continue
+        texts.append((file, real))
+    if not texts:
+        raise FileNotFoundError(f"data source {source!r} holds no text files: {binary} binary files, nothing "
+                                f"with a {'/'.join(SUPPORTED_SUFFIXES)} suffix")
+    staged = Path(stage_root) / hashlib.sha256(str(root).encode()).hexdigest()[:16]
+    tmp = staged.with_name(f".{staged.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for file, real in texts:
+        rel = file.name if path.is_file() else file.relative_to(path).as_posix()
+        link = tmp / f"{rel}.txt"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(real)
+    shutil.rmtree(staged, ignore_errors=True)  # the listing may have changed since the last call: rebuilt
+    os.replace(tmp, staged)
+    return str(staged), {"staged_from": str(root), "staged_as": str(staged), "files": len(texts),
+                         "skipped_binary": binary}
+
+
+def is_kvforge(model: Any) -> bool:
+    return getattr(getattr(model, "config", None), "model_type", None) == "kvforge"
+

@@ -258,3 +258,221 @@ def test_launcher_perplexity_on_smollm2_equals_a_plain_transformers_forward(smol
     assert report["loss"] == pytest.approx(loss, rel=1e-4)
     assert report["perplexity"] == pytest.approx(math.exp(loss), rel=1e-4)
     assert 1.5 < report["perplexity"] < 50, "a trained model on English/Python text"
+
+
+# ----------------------------------------------------------------------------------------------------
+# launch/evaluate.py --task suite, the training-source guard, plain text folders, launch/plot_results.py
+
+
+@pytest.fixture(scope="module")
+def suite_models(tmp_path_factory):
+    """A tiny random Llama and a tiny KVForge model (layer 0 a 16-token window) with SmolLM2's tokenizer, and
+    a folder of plain text files without a suffix, as Debian's fortunes ships them (with a binary .dat
+    index and a .u8 link to a file already there)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvforge.models.configuration_kvforge import KVForgeConfig
+    from kvforge.models.loading import load_tokenizer
+    from kvforge.models.modeling_kvforge import KVForgeForCausalLM
+
+    root = tmp_path_factory.mktemp("suite")
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    dims = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**dims)).save_pretrained(root / "llama")
+    KVForgeForCausalLM(KVForgeConfig(**dims, compression={"layers": [{"attention": "window", "window": 16}, {}]})
+                       ).save_pretrained(root / "kvforge")
+    for name in ("llama", "kvforge"):
+        tokenizer.save_pretrained(root / name)
+    text = root / "fortunes"
+    text.mkdir()
+    for i in range(12):
+        (text / f"topic{i}").write_text("\n%\n".join(f"Fortune {i}.{j}: the early bird gets the worm, but the second "
+                                                    f"mouse gets the cheese ({i * j})." for j in range(40)))
+    (text / "topic0.dat").write_bytes(b"\x00\x00\x00\x02binary index")
+    (text / "topic0.u8").symlink_to("topic0")
+    return root
+
+
+def _suite_argv(root, model, out, *extra):
+    return ["--task", "suite", "--model", str(model), "--data", str(root / "fortunes"), "--seq-len", "32",
+            "--eval-fraction", "0.3", "--batch-size", "2", "--max-batches", "2", "--context-lens", "128", "200",
+            "--depths", "0,1", "--samples", "1", "--device", "cpu", "--cache-dir", str(root / "cache"),
+            "--json", str(out), *extra]
+
+
+def test_suite_writes_every_part_with_the_right_types(suite_models, tmp_path, capsys):
+    out = tmp_path / "kvforge.json"
+    assert _launcher().main(_suite_argv(suite_models, suite_models / "kvforge", out, "--label", "window16")) == 0
+    report = json.loads(out.read_text())
+    assert report["task"] == "suite" and report["label"] == "window16" and report["role"] == "compressed"
+
+    ppl = report["perplexity"]
+    assert isinstance(ppl["perplexity"], float) and ppl["perplexity"] > 1 and ppl["tokens"] == 2 * 2 * 31
+    assert ppl["data"]["source"] == str(suite_models / "fortunes")  # what results are compared by
+    assert ppl["data"]["staged"]["files"] == 12 and ppl["data"]["staged"]["skipped_binary"] == 1
+
+    # The passkey part: one entry per context length, prompts within that length, one record per depth.
+    assert list(report["passkey"]) == ["128", "200"]
+    for context_len, part in report["passkey"].items():
+        assert part["context_len"] == int(context_len) and isinstance(part["accuracy"], float)
+        assert 0.0 <= part["accuracy"] <= 1.0 and set(part["per_depth"]) == {"0", "1"}
+        assert len(part["records"]) == 2 and all(r["prompt_tokens"] <= int(context_len) for r in part["records"])
+        assert part["cache"] == {"pyramid": None}
+
+    # The cache generate() allocated over 200 prompt tokens + 3 fed back: layer 0 keeps 16 slots, layer 1 all 203
+    kv = report["kv_cache"]
+    original = 2 * 2 * 2 * 8 * 2  # layers x (K, V) x kv heads x head_dim x bf16 bytes
+    assert kv["original_bytes_per_token"] == original and kv["dtype"] == "bfloat16" and kv["tokens"] == 203
+    assert kv["total_bytes"] == (16 + 203) * original // 2  # per layer: original // 2 bytes a slot
+    assert kv["bytes_per_token"] == pytest.approx(kv["total_bytes"] / 203)
+    assert kv["fraction_of_original"] == pytest.approx(kv["bytes_per_token"] / original)
+    assert report["training_source_check"] is None
+    assert "window16 (compressed): perplexity" in capsys.readouterr().out
+
+
+def test_suite_measures_a_plain_models_dynamic_cache_and_calls_it_the_original(suite_models, tmp_path):
+    out = tmp_path / "llama.json"
+    assert _launcher().main(_suite_argv(suite_models, suite_models / "llama", out, "--kv-tokens", "40")) == 0
+    report = json.loads(out.read_text())
+    assert report["role"] == "original" and report["label"] == str(suite_models / "llama")
+    kv = report["kv_cache"]
+    assert kv["bytes_per_token"] == kv["original_bytes_per_token"] == 128 and kv["prompt_tokens"] == 40
+    assert "DynamicCache" in kv["measured_from"]
+
+
+def test_suite_refuses_lengths_past_the_model_and_a_chosen_passkey_cache(suite_models, tmp_path, capsys):
+    launcher = _launcher()
+    argv = _suite_argv(suite_models, suite_models / "llama", tmp_path / "x.json")
+    with pytest.raises(SystemExit) as exit_:
+        launcher.main(argv[:argv.index("--context-lens") + 1] + ["128", "1024"] + argv[argv.index("200") + 1:])
+    assert exit_.value.code == 2
+    assert "--context-lens [1024] exceed the model's max_position_embeddings (512)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        launcher.main(argv + ["--pyramid-budget", "32"])
+    assert "--pyramid-budget would make its passkey and KV numbers disagree" in capsys.readouterr().err
+    assert not (tmp_path / "x.json").exists()
+
+
+def _fake_run(root: Path, model_dir: Path, data: dict, calibration: str | None = None) -> Path:
+    import shutil
+
+    import yaml
+
+    run = root / "run"
+    shutil.copytree(model_dir, run / "hf_model")
+    config = {"run": {"name": "r"}, "data": data}
+    if calibration is not None:
+        config["compression"] = {"calibration": {"source": calibration}}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    return run
+
+
+def test_a_run_is_not_evaluated_on_what_it_trained_on(suite_models, tmp_path, capsys):
+    fortunes = suite_models / "fortunes"
+    run = _fake_run(tmp_path, suite_models / "llama", {"source": str(fortunes), "mix": []})
+    launcher = _launcher()
+    argv = _suite_argv(suite_models, run, tmp_path / "run.json")
+    assert launcher.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: eval data '{fortunes}' is what run {run} trained on (data.source='{fortunes}'")
+    assert str(run / "config.yaml") in err and "--allow-training-source" in err
+    assert not (tmp_path / "run.json").exists()
+
+    # A file inside the training folder is training data too; another source is fine.
+    with pytest.raises(evaluation.TrainingSourceError, match="data.source"):
+        evaluation.check_eval_source(run, str(fortunes / "topic3"))
+    assert evaluation.check_eval_source(run, "stdlib-docstrings")["overlaps"] == []
+    allowed = evaluation.check_eval_source(run, str(fortunes), allow=True)
+    assert allowed["allowed"] and allowed["overlaps"] == ["data.source", "compression.calibration.source"]
+
+    # With the override the suite runs and records the check.
+    assert launcher.main(argv + ["--allow-training-source"]) == 0
+    report = json.loads((tmp_path / "run.json").read_text())
+    assert report["training_source_check"]["allowed"] and report["role"] == "finetuned-original"
+
+
+def test_training_sources_cover_a_mix_and_the_calibration_source(tmp_path):
+    config = {"data": {"source": "python-docs", "mix": [{"source": "teacher-samples", "weight": 1},
+                                                         {"source": "/data/web", "weight": 1}]},
+              "compression": {"calibration": {"source": "stdlib-docstrings"}}}
+    assert evaluation.run_training_sources(config) == {
+        "data.mix[1].source": "/data/web", "compression.calibration.source": "stdlib-docstrings"}
+    assert evaluation.run_training_sources({"data": {"source": "wikitext"}}) == {
+        "data.source": "wikitext", "compression.calibration.source": "wikitext"}
+    with pytest.raises(FileNotFoundError, match="has no config.yaml"):
+        evaluation.check_eval_source(tmp_path, "python-docs")
+
+
+def test_plain_text_folder_is_staged_and_suffixed_sources_are_left_alone(tmp_path):
+    from kvforge.trainer.data import build_packed_datasets  # noqa: F401  (the reader the staged folder is for)
+
+    text = tmp_path / "text"
+    (text / "sub").mkdir(parents=True)
+    (text / "a").write_text("alpha")
+    (text / "sub" / "b").write_text("beta")
+    (text / "a.dat").write_bytes(b"\x00\x01")
+    (text / "a.u8").symlink_to("a")
+    (text / ".hidden").write_text("no")
+    staged, info = evaluation.plain_text_source(str(text), tmp_path / "stage")
+    assert info == {"staged_from": str(text.resolve()), "staged_as": staged, "files": 2, "skipped_binary": 1}
+    names = sorted(p.relative_to(staged).as_posix() for p in Path(staged).rglob("*.txt"))
+    assert names == ["a.txt", "sub/b.txt"] and (Path(staged) / "a.txt").read_text() == "alpha"
+    assert evaluation.plain_text_source(str(text), tmp_path / "stage")[0] == staged  # same folder: cache stays valid
+
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "x.txt").write_text("x")
+    assert evaluation.plain_text_source(str(tmp_path / "docs"), tmp_path / "stage") == (str(tmp_path / "docs"), None)
+    assert evaluation.plain_text_source("python-docs", tmp_path / "stage") == ("python-docs", None)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "blob").write_bytes(b"\x00" * 10)
+    with pytest.raises(FileNotFoundError, match="holds no text files: 1 binary files"):
+        evaluation.plain_text_source(str(tmp_path / "bin"), tmp_path / "stage")
+
+
+def _plot_launcher():
+    spec = importlib.util.spec_from_file_location("kvforge_launch_plot", REPO / "launch" / "plot_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fake_result(path: Path, label: str, role: str, perplexity: float, kv: float, passkey: dict) -> Path:
+    path.write_text(json.dumps({
+        "task": "suite", "label": label, "role": role,
+        "perplexity": {"perplexity": perplexity, "loss": math.log(perplexity), "tokens": 8 * 1023,
+                       "data": {"source": "/usr/share/games/fortunes", "seq_len": 1024, "seed": 0}},
+        "passkey": {n: {"accuracy": a} for n, a in passkey.items()},
+        "kv_cache": {"bytes_per_token": kv, "original_bytes_per_token": 23040.0}}))
+    return path
+
+
+def test_plot_writes_a_png_from_three_results(tmp_path, capsys):
+    paths = [_fake_result(tmp_path / "orig.json", "SmolLM2", "original", 16.3, 23040, {"4096": 1.0}),
+             _fake_result(tmp_path / "ft.json", "SmolLM2 finetuned", "finetuned-original", 15.2, 23040, {"4096": 1.0}),
+             _fake_result(tmp_path / "lr50.json", "low-rank 50%", "compressed", 16.1, 11520, {"2048": 1.0})]
+    out = tmp_path / "plots" / "q.png"
+    assert _plot_launcher().main([str(p) for p in paths] + ["--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    assert "3 results, 2 with passkey at 4096" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("breaks, message", [
+    (lambda d: d["kv_cache"].pop("bytes_per_token"), "missing field 'kv_cache.bytes_per_token'"),
+    (lambda d: d.pop("role"), "missing field 'role'"),
+    (lambda d: d["perplexity"].update(perplexity="low"), "field 'perplexity.perplexity' is 'low'; expected int or float"),
+    (lambda d: d.update(role="baseline"), "field 'role' is 'baseline'; expected one of original, finetuned-original"),
+    (lambda d: d["perplexity"]["data"].update(seq_len=512), "perplexity.data.seq_len is 512 but .*good.json has 1024"),
+])
+def test_plot_refuses_an_input_without_what_it_needs_naming_file_and_field(tmp_path, capsys, breaks, message):
+    good = _fake_result(tmp_path / "good.json", "a", "original", 16.3, 23040, {})
+    bad = _fake_result(tmp_path / "bad.json", "b", "compressed", 16.0, 11520, {})
+    payload = json.loads(bad.read_text())
+    breaks(payload)
+    bad.write_text(json.dumps(payload))
+    out = tmp_path / "q.png"
+    assert _plot_launcher().main([str(good), str(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {bad}: ") and re.search(message, err), err
+    assert not out.exists()

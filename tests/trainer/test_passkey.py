@@ -98,9 +98,12 @@ class _Oracle(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.zeros(1))
         self.caches = []
 
-    def generate(self, input_ids, attention_mask, max_new_tokens, do_sample, pad_token_id, past_key_values=None):
-        assert input_ids.shape[0] == 1 and not do_sample and attention_mask.all()
-        self.caches.append(past_key_values)
+    def generate(self, input_ids, attention_mask, max_new_tokens, do_sample, pad_token_id, **cache):
+        from kvforge.models.modeling_kvforge import CACHE_ARGUMENT
+
+        # The cache arrives under the installed transformers' name (`cache` from 5.24, `past_key_values` before).
+        assert input_ids.shape[0] == 1 and not do_sample and attention_mask.all() and set(cache) <= {CACHE_ARGUMENT}
+        self.caches.append(cache.get(CACHE_ARGUMENT))
         key = re.search(r"\d{5}", self.tokenizer.decode(input_ids[0])).group(0)
         answer = " " + (str(int(key) + 1) if self.wrong else key) + "."
         ids = self.tokenizer(answer, add_special_tokens=False, return_tensors="pt").input_ids
