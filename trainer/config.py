@@ -44,9 +44,55 @@ class ModelConfig:
 
 
 @dataclass
+class TeacherSamplesConfig:
+    # The `teacher-samples` source: text the original (teacher) model writes itself, sampled once and cached
+    # (trainer/data.py). No dataset needed, and its distribution is the one the student is distilled toward.
+    # Tokens to sample (train and eval together; eval takes data.eval_fraction of the samples, >= one row).
+    tokens: int = 1_000_000
+    # Tokens per sample, its document-start token and prefix included; null = data.seq_len. Long samples keep
+    # long-range dependencies in the data (256-token samples measurably lost passkey retrieval).
+    sample_len: Optional[int] = None
+    # Each sample's temperature is drawn uniformly from [temperature_min, temperature_max] (variety without
+    # a second run); nucleus sampling with top_p after the temperature.
+    temperature_min: float = 0.7
+    temperature_max: float = 1.0
+    top_p: float = 0.95
+    seed: int = 0
+    # A sample starts with the document separator; this fraction of them continue a short window of
+    # `prefix_tokens` tokens of real text from `prefix_source` (its train split) for variety of topics.
+    prefix_source: Optional[str] = None
+    prefix_fraction: float = 0.0
+    prefix_tokens: int = 16
+    # false: the teacher may end a document (separator token) and start another inside one sample, as in
+    # packed pretraining text; true: the separator is never sampled, one document per sample.
+    suppress_eos: bool = False
+    # Samples per generate() call.
+    batch_size: int = 32
+    # auto: bfloat16 on a GPU, the teacher's own dtype on CPU.
+    dtype: str = "auto"
+    # transformers' static KV cache for generate() (which compiles the decode step with torch.compile where
+    # transformers supports it): pays only on a GPU with long samples; off by default until measured.
+    static_cache: bool = False
+
+
+@dataclass
+class MixEntry:
+    # A source as in data.source (teacher-samples included) and its share of the training rows.
+    source: str = ""
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
-    # python-docs | stdlib-docstrings | a local file/folder | a Hugging Face dataset name.
+    # python-docs | stdlib-docstrings | teacher-samples | a local file/folder | a Hugging Face dataset name.
     source: str = "python-docs"
+    # Several sources, each with a share of the training rows (weights are normalised); when non-empty it
+    # replaces `source` for training and eval (calibration still reads `source`). Needs >= 2 entries.
+    mix: list[MixEntry] = field(default_factory=list)
+    # Reading a source more than once in a run (epochs > 1) is allowed only with repeat=true; either way the
+    # run logs how many times it read each source, at the start (planned) and at the end (data/epochs/*).
+    repeat: bool = True
+    teacher_samples: TeacherSamplesConfig = field(default_factory=TeacherSamplesConfig)
     text_field: str = "text"
     split: str = "train"
     config_name: Optional[str] = None
@@ -452,6 +498,7 @@ def validate(cfg: Config) -> None:
         _fail("data.source", src, "python-docs, stdlib-docstrings, a local file/folder or a dataset name")
     if _looks_like_path(src) and not Path(src).expanduser().exists():
         raise ConfigError(f"config key 'data.source' = {src!r}: the path does not exist")
+    _validate_data_sources(cfg)
     if _looks_like_path(cfg.model.name) and not Path(cfg.model.name).expanduser().exists():
         raise ConfigError(f"config key 'model.name' = {cfg.model.name!r}: the path does not exist")
     resume = cfg.checkpoint.resume
@@ -485,6 +532,83 @@ def _validate_stages(cfg: Config) -> None:
     if t.stages and total != t.max_steps:
         _fail("training.stages", [f"{s.steps} x {s.train}" for s in t.stages],
               f"steps adding up to training.max_steps ({t.max_steps}), not {total}")
+
+
+TEACHER_SAMPLES = "teacher-samples"  # the source name of text sampled from the original model (trainer/data.py)
+
+
+def check_teacher_samples(ts: TeacherSamplesConfig, seq_len: int) -> None:
+    """The teacher-samples settings (also called by trainer/data.py for settings given as a mapping).
+
+    Raises:
+        ConfigError: naming the key 'data.teacher_samples.<name>', the value and what is allowed.
+    """
+    if ts.tokens < 1:
+        _fail("data.teacher_samples.tokens", ts.tokens, "a positive number of tokens to sample")
+    if ts.sample_len is not None and not 2 <= ts.sample_len <= seq_len:
+        _fail("data.teacher_samples.sample_len", ts.sample_len,
+              f"null (= data.seq_len) or an integer in [2, data.seq_len={seq_len}]")
+    for name in ("temperature_min", "temperature_max"):
+        if not getattr(ts, name) > 0:
+            _fail(f"data.teacher_samples.{name}", getattr(ts, name), "a temperature > 0")
+    if ts.temperature_min > ts.temperature_max:
+        raise ConfigError(f"config keys 'data.teacher_samples.temperature_min' = {ts.temperature_min!r} and "
+                          f"'data.teacher_samples.temperature_max' = {ts.temperature_max!r}: expected min <= max "
+                          "(each sample's temperature is drawn between them)")
+    if not 0 < ts.top_p <= 1:
+        _fail("data.teacher_samples.top_p", ts.top_p, "a probability in (0, 1] (1 disables nucleus sampling)")
+    if not 0 <= ts.seed < 2**63:
+        _fail("data.teacher_samples.seed", ts.seed, "an integer in [0, 2**63)")
+    if ts.batch_size < 1:
+        _fail("data.teacher_samples.batch_size", ts.batch_size, "a positive number of samples per generate() call")
+    if ts.dtype not in ("auto", "bfloat16", "float16", "float32"):
+        _fail("data.teacher_samples.dtype", ts.dtype, "one of auto, bfloat16, float16, float32")
+    if not 0 <= ts.prefix_fraction <= 1:
+        _fail("data.teacher_samples.prefix_fraction", ts.prefix_fraction, "a fraction in [0, 1]")
+    sample_len = ts.sample_len or seq_len
+    if ts.prefix_tokens < 1 or (ts.prefix_fraction > 0 and ts.prefix_tokens > sample_len - 2):
+        _fail("data.teacher_samples.prefix_tokens", ts.prefix_tokens,
+              f"an integer in [1, sample_len - 2 = {sample_len - 2}] (a sample must leave room to generate; "
+              "'data.teacher_samples.sample_len' defaults to 'data.seq_len')")
+    if ts.prefix_fraction > 0 and not ts.prefix_source:
+        _fail("data.teacher_samples.prefix_source", ts.prefix_source, "a real-text source (e.g. python-docs) when "
+              f"'data.teacher_samples.prefix_fraction' = {ts.prefix_fraction} > 0")
+    if ts.prefix_source == TEACHER_SAMPLES:
+        _fail("data.teacher_samples.prefix_source", ts.prefix_source, "a source of real text, not teacher-samples")
+    if ts.prefix_source and _looks_like_path(ts.prefix_source) and not Path(ts.prefix_source).expanduser().exists():
+        raise ConfigError(f"config key 'data.teacher_samples.prefix_source' = {ts.prefix_source!r}: the path "
+                          "does not exist")
+
+
+def _validate_data_sources(cfg: Config) -> None:
+    """data.mix, data.teacher_samples and where they can be used (checked even when no source uses them,
+    so a typo never waits for the day it matters)."""
+    d, ts = cfg.data, cfg.data.teacher_samples
+    if len(d.mix) == 1:
+        _fail("data.mix", [vars(e) for e in d.mix], "at least 2 entries (for one source set data.source instead)")
+    seen = set()
+    for i, entry in enumerate(d.mix):
+        key = f"data.mix[{i}]"
+        if not entry.source or not entry.source.strip():
+            _fail(f"{key}.source", entry.source, "python-docs, stdlib-docstrings, teacher-samples, a local "
+                  "file/folder or a dataset name")
+        if entry.source in seen:
+            _fail(f"{key}.source", entry.source, "a source not already in data.mix (merge the weights)")
+        seen.add(entry.source)
+        if _looks_like_path(entry.source) and not Path(entry.source).expanduser().exists():
+            raise ConfigError(f"config key '{key}.source' = {entry.source!r}: the path does not exist")
+        if isinstance(entry.weight, bool) or not (math.isfinite(entry.weight) and entry.weight > 0):
+            _fail(f"{key}.weight", entry.weight, "a positive finite share (weights are normalised to sum to 1)")
+
+    check_teacher_samples(ts, d.seq_len)
+    # Calibration statistics are taken from real text: surgery reads compression.calibration.source, else
+    # data.source, and teacher samples do not exist yet when surgery runs.
+    calibration = cfg.compression.get("calibration") if isinstance(cfg.compression, dict) else None
+    calibration_source = calibration.get("source") if isinstance(calibration, dict) else None
+    if cfg.compression and d.source == TEACHER_SAMPLES and not calibration_source:
+        raise ConfigError("config key 'compression.calibration.source' is not set, so calibration would read "
+                          "data.source = 'teacher-samples', which surgery cannot: set it to real text, e.g. "
+                          "compression.calibration.source=python-docs")
 
 
 def _leaves(node: Any, prefix: str = "") -> list[tuple[str, Any]]:

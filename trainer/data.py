@@ -15,6 +15,13 @@ Sources (one string, `source`):
     ``.parquet`` (one document per row, text in `text_field`); folders are walked recursively in sorted
     order, hidden entries skipped, other file types ignored and counted.
   * anything else: a Hugging Face hub dataset, ``datasets.load_dataset(source, config_name, split=split)``.
+  * ``teacher-samples``: no documents; the original (teacher) model samples the corpus itself (`teacher_sample_rows`,
+    settings in ``teacher_samples``), once: the samples are cached under ``<cache_dir>/teacher-samples-<key>/``
+    (written with kvforge.atomic), the key covering the teacher's identity and every sampling setting.
+
+Several sources: ``mix`` = [{source, weight}, ...]. Each source is built (and cached) as if it were alone; a run
+reads a stream of rows in which each source holds its weight's share at every step (`train_batch`), and says how
+many times it read each source (`source_epochs`, `check_epochs`: more than once needs ``repeat``).
 
 Bad data: empty and whitespace-only documents are skipped and counted; files that are not valid UTF-8 are
 decoded with U+FFFD replacement characters (a stray byte should not cost a whole document) and counted;
@@ -31,16 +38,19 @@ DATA_VERSION. Files are written to a temporary name and renamed, so a reader nev
 from __future__ import annotations
 
 import ast
+import copy
+import dataclasses
 import hashlib
 import io
 import json
 import logging
+import math
 import os
 import sys
 import sysconfig
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -49,6 +59,10 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from kvforge import atomic
+
+from .config import TEACHER_SAMPLES, ConfigError, TeacherSamplesConfig, check_teacher_samples
 
 logger = logging.getLogger(__name__)
 
@@ -84,14 +98,33 @@ class Document:
     text: str
 
 
+@dataclass(frozen=True)
+class SourcePart:
+    """One source of a mix: its training rows are ``PackedData.train[start:stop]``; `weight` is its share of
+    the rows a run reads (normalised: the weights of a mix sum to 1)."""
+
+    source: str
+    weight: float
+    start: int
+    stop: int
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
 @dataclass
 class PackedData:
     """train, eval: [N, seq_len] int32 token ids (documents joined by eos, ragged tail dropped).
-    stats: flat counts (documents, tokens, rows per split; skipped/ignored counts; cache info)."""
+    stats: flat counts (documents, tokens, rows per split; skipped/ignored counts; cache info); a mix has the
+    stats of each source under ``stats["sources"][source]``.
+    parts: empty for one source; for a mix, where each source's training rows lie in `train` (eval rows are
+    interleaved by weight, see `_combine`)."""
 
     train: torch.Tensor
     eval: torch.Tensor
     stats: dict[str, Any]
+    parts: tuple[SourcePart, ...] = ()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -506,6 +539,7 @@ def pack_token_ids(documents: Iterable[Sequence[int]], eos_token_id: int, seq_le
 _SETTINGS_DEFAULTS: dict[str, Any] = {
     "source": None, "text_field": "text", "split": "train", "config_name": None, "seq_len": None,
     "eval_fraction": 0.05, "max_documents": None, "cache_dir": None, "seed": 0,
+    "mix": (), "repeat": True, "teacher_samples": None,
 }
 
 
@@ -523,14 +557,63 @@ def _settings(cfg: Any) -> dict[str, Any]:
         settings = {name: cfg.get(name, default) for name, default in _SETTINGS_DEFAULTS.items()}
     else:
         settings = {name: getattr(cfg, name, default) for name, default in _SETTINGS_DEFAULTS.items()}
-    if settings["source"] is None:
-        raise DataError("data settings have no `source`")
+    if settings["source"] is None and not settings["mix"]:
+        raise DataError("data settings have no `source` (nor a `mix`)")
     seq_len = settings["seq_len"]
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
         raise DataError(f"seq_len must be an integer >= 2, got {seq_len!r}")
     if not isinstance(settings["seed"], int):
         raise DataError(f"seed must be an integer, got {settings['seed']!r}")
+    settings["mix"] = _mix_entries(settings["mix"])
+    settings["teacher_samples"] = _teacher_settings(settings["teacher_samples"], seq_len)
     return settings
+
+
+def uses_teacher_samples(cfg: Any) -> bool:
+    """Whether data settings (DataConfig or a mapping) read the teacher-samples source."""
+    get = cfg.get if isinstance(cfg, Mapping) else lambda name, default=None: getattr(cfg, name, default)
+    mix = [dataclasses.asdict(e) if dataclasses.is_dataclass(e) else e for e in get("mix") or ()]
+    return get("source") == TEACHER_SAMPLES or any(e.get("source") == TEACHER_SAMPLES for e in mix)
+
+
+def _mix_entries(mix: Any) -> list[tuple[str, float]]:
+    """(source, weight normalised to sum 1) per entry of `mix` (MixEntry objects or mappings)."""
+    entries = []
+    for i, entry in enumerate(mix or ()):
+        values = dataclasses.asdict(entry) if dataclasses.is_dataclass(entry) else entry
+        if not isinstance(values, Mapping) or set(values) - {"source", "weight"} or "source" not in values:
+            raise DataError(f"mix[{i}] = {entry!r}: expected a mapping {{source: ..., weight: ...}}")
+        weight = values.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (math.isfinite(weight)
+                                                                                   and weight > 0):
+            raise DataError(f"mix[{i}].weight = {weight!r}: expected a positive finite share")
+        entries.append((values["source"], float(weight)))
+    if len(entries) == 1:
+        raise DataError("mix has 1 entry; a mix needs at least 2 (for one source set `source`)")
+    sources = [source for source, _ in entries]
+    if len(set(sources)) != len(sources):
+        raise DataError(f"mix names a source twice ({sources}); merge their weights")
+    total = sum(weight for _, weight in entries)
+    return [(source, weight / total) for source, weight in entries]
+
+
+def _teacher_settings(values: Any, seq_len: int) -> TeacherSamplesConfig:
+    """The teacher-samples settings, defaults filled and checked by the config tree's own rules."""
+    if values is None:
+        values = TeacherSamplesConfig()
+    elif isinstance(values, Mapping):
+        known = {f.name for f in dataclasses.fields(TeacherSamplesConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise DataError(f"unknown teacher_samples settings {unknown}; expected some of {sorted(known)}")
+        values = TeacherSamplesConfig(**values)
+    elif not isinstance(values, TeacherSamplesConfig):
+        raise DataError(f"teacher_samples must be a mapping of settings, got {values!r}")
+    try:
+        check_teacher_samples(values, seq_len)
+    except ConfigError as err:
+        raise DataError(str(err)) from None
+    return values
 
 
 def default_cache_dir() -> Path:
@@ -545,32 +628,73 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict[str, Any]:
             "vocab_size": len(tokenizer), "probes": _digest(probes["input_ids"])}
 
 
-def build_packed_datasets(cfg: Any, tokenizer: Any, eos_token_id: int, *, show_progress: bool = True) -> PackedData:
-    """Documents of ``cfg.source`` -> split by document -> tokenized and packed rows per split, cached.
+@dataclass(frozen=True)
+class Teacher:
+    """The model `teacher-samples` are sampled from: `identity` (what decides its weights: part of the cache
+    key, known without loading it) and `load` (called only when the samples are not cached yet)."""
+
+    identity: dict[str, Any]
+    load: Callable[[], Any]
+
+
+def build_packed_datasets(cfg: Any, tokenizer: Any, eos_token_id: int, *, show_progress: bool = True,
+                          teacher: Teacher | None = None) -> PackedData:
+    """Documents of ``cfg.source`` (or of each source of ``cfg.mix``) -> split by document -> tokenized and
+    packed rows per split, cached; `teacher-samples` are sampled from `teacher` instead (see
+    `teacher_sample_rows`).
 
     Args:
         cfg: a Mapping or an object with attributes source, seq_len (required), text_field, split,
-            config_name, eval_fraction, max_documents, cache_dir, seed (split seed; see `_settings`).
+            config_name, eval_fraction, max_documents, cache_dir, seed (split seed; see `_settings`), mix
+            ([{source, weight}], >= 2 entries, replaces `source`), teacher_samples (TeacherSamplesConfig or a
+            mapping of its fields).
         tokenizer: a Hugging Face tokenizer (fast ones encode in batches in Rust).
-        eos_token_id: the id placed after every document (the caller decides which token marks an end).
-        show_progress: show a tqdm bar when tokenizing is slow.
+        eos_token_id: the id placed after every document (the caller decides which token marks an end); it
+            also starts every teacher sample.
+        show_progress: show a tqdm bar when tokenizing or sampling is slow.
+        teacher: needed when a source is `teacher-samples`.
 
     Returns:
         PackedData with train/eval [N, seq_len] int32 and `stats` (documents, tokens, rows per split,
-        skipped/ignored counts, cache_hit, cache_file, seconds).
+        skipped/ignored counts, cache_hit, cache_file, seconds); for a mix, `parts` and per-source stats.
 
     Raises:
-        DataError: bad settings or data (see `load_documents`), or a split too small for one row.
+        DataError: bad settings or data (see `load_documents`), a split too small for one row, or
+            teacher-samples without a teacher.
         FileNotFoundError: see `load_documents`.
     """
     settings = _settings(cfg)
-    seq_len, seed = settings["seq_len"], settings["seed"]
     if isinstance(eos_token_id, bool) or not isinstance(eos_token_id, int) or not 0 <= eos_token_id < len(tokenizer):
         raise DataError(f"eos_token_id must be a token id in [0, {len(tokenizer)}), got {eos_token_id!r}")
     if not 0.0 < settings["eval_fraction"] < 1.0:
         raise DataError(f"eval_fraction must be in (0, 1), got {settings['eval_fraction']!r}")
+    if not settings["mix"]:
+        return _build_source(settings["source"], settings, tokenizer, eos_token_id, show_progress, teacher)
+    parts = []
+    for source, weight in settings["mix"]:
+        try:
+            parts.append((source, weight, _build_source(source, settings, tokenizer, eos_token_id, show_progress,
+                                                        teacher)))
+        except DataError as err:  # which entry of the mix failed is part of what the user must fix
+            raise DataError(f"data.mix source {source!r}: {err}") from None
+    return _combine(parts)
+
+
+def _build_source(source: str, settings: dict[str, Any], tokenizer: Any, eos_token_id: int, show_progress: bool,
+                  teacher: Teacher | None) -> PackedData:
+    if source == TEACHER_SAMPLES:
+        if teacher is None:
+            raise DataError("data source 'teacher-samples' is sampled from the original model, but no teacher was "
+                            "given (build_packed_datasets(..., teacher=Teacher(identity, load)))")
+        return _teacher_samples_packed(settings, tokenizer, eos_token_id, teacher, show_progress)
+    return _documents_packed(source, settings, tokenizer, eos_token_id, show_progress)
+
+
+def _documents_packed(source: str, settings: dict[str, Any], tokenizer: Any, eos_token_id: int,
+                      show_progress: bool) -> PackedData:
+    seq_len, seed = settings["seq_len"], settings["seed"]
     started = time.perf_counter()
-    src = _resolve_source(settings["source"], settings["text_field"], settings["split"], settings["config_name"])
+    src = _resolve_source(source, settings["text_field"], settings["split"], settings["config_name"])
 
     key_material = {
         "data_version": DATA_VERSION, "source": src.fingerprint(), "tokenizer": tokenizer_fingerprint(tokenizer),
@@ -640,6 +764,393 @@ def _write_cache(path: Path, key: str, key_material: dict, data: PackedData) -> 
 
 
 # ----------------------------------------------------------------------------------------------------
+# Teacher samples: a training corpus the original model writes itself
+
+# Bump when sampling changes what a given cache key holds.
+TEACHER_SAMPLES_VERSION = 1
+
+
+def teacher_identity(model_cfg: Any, run_seed: int) -> dict[str, Any]:
+    """What decides the teacher's weights, without loading it: the config tree's `model` section (name, GGUF
+    file, init, overrides, dtype), the run seed for a random init (train.py seeds the teacher with it), and for
+    a local directory or file the sizes and mtimes of its files, so a checkpoint rewritten in place is new."""
+    fields = ("name", "gguf_file", "init", "config", "dtype")
+    identity = {f: (dict(getattr(model_cfg, f)) if f == "config" else getattr(model_cfg, f, None)) for f in fields}
+    if identity["init"] == "random":
+        identity["seed"] = run_seed
+    path = Path(str(identity["name"])).expanduser()
+    if path.exists():
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+        identity["files"] = _digest([(p.name if p == path else p.relative_to(path).as_posix(), p.stat().st_size,
+                                      p.stat().st_mtime_ns) for p in files])
+    return identity
+
+
+_NUCLEUS_CANDIDATES = 1024
+
+
+class _SampleWarper:
+    """Per-sample temperature, then nucleus (top-p) filtering, then banned tokens, on [B, V] scores.
+
+    generate() takes one temperature per call; scaling each row by its own temperature here lets one batch
+    hold the whole temperature range. The order (temperature before top-p) is the one transformers uses.
+    """
+
+    def __init__(self, temperatures_B: torch.Tensor, top_p: float, banned: Sequence[int]):
+        self.temperatures_B1 = temperatures_B[:, None]
+        self.top_p = top_p
+        self.banned = list(banned)
+
+    def __call__(self, input_ids: torch.Tensor, scores_BV: torch.Tensor) -> torch.Tensor:
+        scores_BV = scores_BV.float() / self.temperatures_B1.to(scores_BV.device)
+        if self.banned:
+            scores_BV[:, self.banned] = -math.inf
+        if self.top_p < 1.0:
+            scores_BV = self._nucleus(scores_BV)
+        return scores_BV
+
+    def _nucleus(self, scores_BV: torch.Tensor) -> torch.Tensor:
+        """Keep the tokens whose more likely tokens hold less than top_p of the probability (the most likely
+        always): the smallest set that reaches top_p. A trained model's nucleus is a few hundred tokens at most,
+        so the top _NUCLEUS_CANDIDATES are sorted, not the whole vocabulary (a full sort of 49k scores per row
+        was most of a CPU sampling step); rows whose candidates fall short of top_p take the full sort."""
+        k = min(_NUCLEUS_CANDIDATES, scores_BV.shape[-1])
+        top_BK, index_BK = scores_BV.topk(k, dim=-1)  # descending
+        probs_BK = (top_BK - scores_BV.logsumexp(dim=-1, keepdim=True)).exp()
+        cumulative_BK = probs_BK.cumsum(dim=-1)
+        if not bool((cumulative_BK[:, -1] >= self.top_p).all()):
+            top_BK, index_BK = scores_BV.sort(dim=-1, descending=True)
+            probs_BK = top_BK.softmax(dim=-1)
+            cumulative_BK = probs_BK.cumsum(dim=-1)
+        keep_BK = cumulative_BK - probs_BK < self.top_p
+        return torch.full_like(scores_BV, -math.inf).scatter(1, index_BK, top_BK.masked_fill(~keep_BK, -math.inf))
+
+
+def _generation_dtype(setting: str, model: Any) -> torch.dtype:
+    if setting == "auto":
+        device = next(model.parameters()).device
+        return torch.bfloat16 if device.type == "cuda" else next(model.parameters()).dtype
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[setting]
+
+
+def teacher_sample_rows(model: Any, ts: TeacherSamplesConfig, n_samples: int, sample_len: int, separator_id: int,
+                        prefixes: Sequence[np.ndarray] = (), show_progress: bool = True,
+                        ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """`n_samples` samples of exactly `sample_len` tokens from `model`: [n_samples, sample_len] int32, and stats.
+
+    Every sample starts with `separator_id` (the token between documents, so the model starts a new document);
+    a `ts.prefix_fraction` of them continue a window of `ts.prefix_tokens` tokens of one of `prefixes` (token id
+    arrays of real text) at a random offset. Sampling: each sample's temperature uniform in
+    [ts.temperature_min, ts.temperature_max], then top_p; `ts.suppress_eos` bans the separator and the model's
+    eos, else the model may end a document and begin the next one inside a sample, as packed text does.
+
+    Deterministic for `ts.seed` (and `ts.batch_size`, `ts.dtype`, the device): what each sample gets comes from
+    one numpy generator, and generate() runs under a torch RNG seeded per batch, inside `fork_rng` so the
+    caller's RNG is left as it was.
+    """
+    from transformers import GenerationConfig
+
+    dtype = _generation_dtype(ts.dtype, model)
+    device = next(model.parameters()).device
+    # A lower-precision copy for sampling; the teacher itself stays as distillation needs it.
+    sampler = model if next(model.parameters()).dtype == dtype else copy.deepcopy(model).to(dtype)
+    was_training = sampler.training
+    sampler.eval()
+    rng = np.random.default_rng(ts.seed)
+    temperatures = rng.uniform(ts.temperature_min, ts.temperature_max, size=n_samples)
+    prefixed = rng.random(n_samples) < ts.prefix_fraction if len(prefixes) else np.zeros(n_samples, dtype=bool)
+    documents = rng.integers(0, max(1, len(prefixes)), size=n_samples)
+    offsets = rng.random(n_samples)
+    banned = set()
+    if ts.suppress_eos:
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        banned = {separator_id, *(eos if isinstance(eos, list) else [] if eos is None else [eos])}
+
+    def prompt(i: int) -> list[int]:
+        if not prefixed[i]:
+            return [separator_id]
+        tokens = prefixes[documents[i]]
+        start = int(offsets[i] * (len(tokens) - ts.prefix_tokens + 1))
+        return [separator_id, *tokens[start:start + ts.prefix_tokens].tolist()]
+
+    samples = torch.empty(n_samples, sample_len, dtype=torch.int32)
+    started = time.perf_counter()
+    generated_tokens = 0
+    forked = [device] if device.type == "cuda" else []
+    with torch.no_grad(), tqdm(total=n_samples * sample_len, unit="tok", unit_scale=True, desc="teacher samples",
+                               delay=2.0, disable=not show_progress) as bar:
+        for batch, first in enumerate(range(0, n_samples, ts.batch_size)):
+            indices = range(first, min(first + ts.batch_size, n_samples))
+            prompts = [prompt(i) for i in indices]
+            width = max(len(p) for p in prompts)
+            # Left padding: every row's next token comes right after its own prompt.
+            input_ids_BP = torch.tensor([[separator_id] * (width - len(p)) + p for p in prompts], device=device)
+            mask_BP = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+            new_tokens = sample_len - min(len(p) for p in prompts)
+            config = GenerationConfig(
+                do_sample=True, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                # Our warper does temperature and top-p; transformers' own (and the model's defaults) stay off.
+                temperature=1.0, top_p=1.0, top_k=0,
+                # No eos: generation never stops early; a sampled separator simply starts the next document.
+                eos_token_id=[], pad_token_id=separator_id,
+                cache_implementation="static" if ts.static_cache else None)
+            warper = _SampleWarper(torch.tensor(temperatures[first:first + len(prompts)], dtype=torch.float32),
+                                   ts.top_p, sorted(banned))
+            with torch.random.fork_rng(devices=forked):
+                torch.manual_seed(int(_unit_hash(f"teacher-samples\x00{ts.seed}\x00{batch}") * 2**62))
+                output_BL = sampler.generate(input_ids=input_ids_BP, attention_mask=mask_BP, generation_config=config,
+                                             logits_processor=[warper])
+            for row, (i, p) in enumerate(zip(indices, prompts)):
+                # This row's prompt (unpadded) and the first sample_len - len(p) tokens it generated.
+                tokens = output_BL[row, width - len(p):width - len(p) + sample_len]
+                if tokens.numel() != sample_len:
+                    raise RuntimeError(f"generate() returned {tokens.numel()} tokens for sample {i}, expected "
+                                       f"{sample_len}")
+                samples[i] = tokens.to("cpu", torch.int32)
+            generated_tokens += new_tokens * len(prompts)
+            bar.update(len(prompts) * sample_len)
+    sampler.train(was_training)
+    seconds = time.perf_counter() - started
+    stats = {"samples": n_samples, "sample_len": sample_len, "prefixed_samples": int(prefixed.sum()),
+             "sampled_separators": int((samples[:, 1:] == separator_id).sum()),
+             "sample_dtype": str(dtype).split(".")[-1],
+             "sample_seconds": round(seconds, 3),
+             "sample_tokens_per_s": round(generated_tokens / seconds, 1) if seconds > 0 else None}
+    return samples, stats
+
+
+def _prefix_pool(src: _Source, settings: dict[str, Any], tokenizer: Any, min_tokens: int,
+                 show_progress: bool) -> list[np.ndarray]:
+    """Token ids of the train-split documents of `src` that hold at least `min_tokens` tokens (the same split
+    as training on that source uses, so no eval text leaks into the samples)."""
+    documents, _ = _load_documents(src, settings["max_documents"])
+    train_docs, _ = split_documents(documents, settings["eval_fraction"], settings["seed"])
+    ids = tokenize_documents([d.text for d in train_docs], tokenizer, show_progress)
+    pool = [np.asarray(i, dtype=np.int64) for i in ids if len(i) >= min_tokens]
+    if not pool:
+        raise DataError(f"teacher_samples.prefix_source {src.description!r} has no train document of at least "
+                        f"{min_tokens} tokens; lower teacher_samples.prefix_tokens or choose another prefix_source")
+    return pool
+
+
+def _teacher_samples_packed(settings: dict[str, Any], tokenizer: Any, separator_id: int, teacher: Teacher,
+                            show_progress: bool) -> PackedData:
+    """The `teacher-samples` source: samples from the cache, or sampled now and cached; packed into rows.
+
+    Samples are iid, so the split is by sample: the last ceil(eval_fraction * n) samples (at least one row's
+    worth) are eval. The cache holds samples, not rows, so another seq_len or eval_fraction reuses them.
+    """
+    ts: TeacherSamplesConfig = settings["teacher_samples"]
+    seq_len = settings["seq_len"]
+    sample_len = ts.sample_len or seq_len
+    n_samples = -(-ts.tokens // sample_len)
+    per_row = -(-seq_len // sample_len)
+    n_eval = max(math.ceil(n_samples * settings["eval_fraction"]), per_row)
+    if n_samples - n_eval < per_row:
+        raise DataError(f"teacher_samples.tokens = {ts.tokens} gives {n_samples} samples of {sample_len} tokens, but "
+                        f"one train row and one eval row of seq_len={seq_len} need {2 * per_row * sample_len} "
+                        "tokens; raise teacher_samples.tokens")
+    started = time.perf_counter()
+    prefix_src = None
+    if ts.prefix_fraction > 0:
+        prefix_src = _resolve_source(ts.prefix_source, settings["text_field"], settings["split"],
+                                     settings["config_name"])
+    key_material = {
+        "version": TEACHER_SAMPLES_VERSION, "teacher": teacher.identity, "tokenizer": tokenizer_fingerprint(tokenizer),
+        "separator_id": separator_id, "samples": n_samples, "sample_len": sample_len,
+        "settings": {k: v for k, v in dataclasses.asdict(ts).items() if k not in ("tokens", "sample_len")},
+        # The prefix pool depends on the prefix source, its split and how much of it is read.
+        "prefixes": None if prefix_src is None else {
+            "source": prefix_src.fingerprint(), "eval_fraction": settings["eval_fraction"], "seed": settings["seed"],
+            "max_documents": settings["max_documents"], "text_field": settings["text_field"],
+            "split": settings["split"], "config_name": settings["config_name"]},
+    }
+    cache_dir = Path(settings["cache_dir"]).expanduser() if settings["cache_dir"] else default_cache_dir()
+    folder = cache_dir / f"teacher-samples-{_digest(key_material)[:32]}"
+    samples, stats = _read_teacher_samples(folder, key_material)
+    if samples is None:
+        prefixes = [] if prefix_src is None else _prefix_pool(prefix_src, settings, tokenizer, ts.prefix_tokens,
+                                                              show_progress)
+        model = teacher.load()
+        samples, stats = teacher_sample_rows(model, ts, n_samples, sample_len, separator_id, prefixes, show_progress)
+        del model
+        with atomic.directory(folder) as tmp:
+            torch.save({"samples": samples, "stats": stats}, tmp / "samples.pt")
+            (tmp / "key.json").write_text(json.dumps(key_material, sort_keys=True, default=str, indent=1))
+        stats = {**stats, "cache_hit": False}
+        logger.info("teacher-samples: sampled %d x %d tokens in %.1f s (%s tokens/s), cached in %s", n_samples,
+                    sample_len, stats["sample_seconds"], stats["sample_tokens_per_s"], folder)
+    else:
+        stats = {**stats, "cache_hit": True}
+    packed, counts = {}, {}
+    for name, part in (("train", samples[:n_samples - n_eval]), ("eval", samples[n_samples - n_eval:])):
+        stream = part.reshape(-1)
+        n_rows = stream.numel() // seq_len
+        packed[name] = stream[:n_rows * seq_len].reshape(n_rows, seq_len).clone()
+        counts.update({f"{name}_samples": part.shape[0], f"{name}_tokens": stream.numel(), f"{name}_rows": n_rows,
+                       f"{name}_dropped_tail_tokens": stream.numel() - n_rows * seq_len})
+    stats = {"source": TEACHER_SAMPLES, **stats, **counts, "cache_file": str(folder),
+             "seconds": round(time.perf_counter() - started, 3)}
+    return PackedData(packed["train"], packed["eval"], stats)
+
+
+def _read_teacher_samples(folder: Path, key_material: dict) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    """Cached samples, or (None, {}) when there are none or they do not match (a damaged cache is resampled)."""
+    if not (folder / "samples.pt").is_file():
+        return None, {}
+    try:
+        # The folder is named by a prefix of the key's hash; the whole key must match.
+        if json.loads((folder / "key.json").read_text()) != json.loads(json.dumps(key_material, default=str)):
+            raise ValueError("key.json does not match the settings")
+        blob = torch.load(folder / "samples.pt", map_location="cpu", weights_only=True)
+        samples = blob["samples"]
+        expected = (key_material["samples"], key_material["sample_len"])
+        if samples.dtype != torch.int32 or tuple(samples.shape) != expected:
+            raise ValueError(f"samples have shape {tuple(samples.shape)} and dtype {samples.dtype}")
+        return samples, dict(blob["stats"])
+    except Exception as err:  # noqa: BLE001 - a damaged cache is resampled, never fatal
+        logger.warning("ignoring unreadable teacher-samples cache %s (%s); sampling again", folder, err)
+        return None, {}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mixing sources
+
+
+def _combine(parts: Sequence[tuple[str, float, PackedData]]) -> PackedData:
+    """One PackedData from several sources: their training rows one after another (`parts` says where), and
+    their eval rows interleaved by weight (row j of source s sorts at (j + 0.5) / weight_s), so the first eval
+    batches -- all that `training.eval_batches` may read -- hold the sources in the proportions of training."""
+    trains, evals, keys, layout, start = [], [], [], [], 0
+    for source, weight, data in parts:
+        trains.append(data.train)
+        evals.append(data.eval)
+        keys.append((np.arange(data.eval.shape[0]) + 0.5) / weight)
+        layout.append(SourcePart(source, weight, start, start + data.train.shape[0]))
+        start += data.train.shape[0]
+    order = torch.from_numpy(np.argsort(np.concatenate(keys), kind="stable"))
+    stats = {"sources": {source: data.stats for source, _, data in parts},
+             "mix": {source: round(weight, 6) for source, weight, _ in parts},
+             "train_rows": start, "eval_rows": sum(e.shape[0] for e in evals)}
+    return PackedData(torch.cat(trains), torch.cat(evals)[order], stats, tuple(layout))
+
+
+def _mix_counts(weights: Sequence[float], positions: np.ndarray) -> np.ndarray:
+    """[S, len(positions)]: how many of the first P rows of the mixed stream come from each source, per P.
+
+    Source s takes round(q_s * rest_s) of the rows the sources before it left, with q_s = w_s / (w_s + ...
+    + w_last): each count is within one row or so of w_s * P for every P, grows by 0 or 1 per row, and the
+    counts add up to P -- so every row has exactly one source, and no step depends on the run's length (a
+    resumed or longer run reads the same rows at the same steps).
+    """
+    rest = positions.astype(np.int64)
+    counts = []
+    for s, weight in enumerate(weights[:-1]):
+        share = weight / sum(weights[s:])
+        count = np.floor(share * rest + 0.5).astype(np.int64)
+        counts.append(count)
+        rest = rest - count
+    counts.append(rest)
+    return np.stack(counts)
+
+
+def _check_batch_args(n_rows: int, seq_len: int, rank: int, world_size: int, micro_batch_size: int, step: int) -> int:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise DataError(f"rank must be in [0, world_size={world_size}), got {rank}")
+    if micro_batch_size < 1 or step < 0:
+        raise DataError(f"micro_batch_size must be >= 1 and step >= 0, got {micro_batch_size} and {step}")
+    rows_per_step = world_size * micro_batch_size
+    if n_rows < rows_per_step:
+        raise DataError(
+            f"the training set has {n_rows} rows ({n_rows * seq_len} tokens) but one step over "
+            f"world_size={world_size} ranks with micro_batch_size={micro_batch_size} needs {rows_per_step} "
+            f"rows ({rows_per_step * seq_len} tokens); add data, or lower seq_len or micro_batch_size"
+        )
+    return rows_per_step
+
+
+def train_batch(packed: PackedData, step: int, rank: int, world_size: int, micro_batch_size: int,
+                seed: int) -> torch.Tensor:
+    """The rows rank `rank` trains on at global micro-step `step`: [micro_batch_size, seq_len] int64.
+
+    One source: `micro_batch` (epochs are permutations of all rows). A mix: the mixed stream's rows
+    step * world_size * micro_batch_size ... + world_size * micro_batch_size - 1 come from the sources as
+    `_mix_counts` says; the k-th row a source gives is row k mod N_s of that source's permutation for epoch
+    k // N_s (a source read past its end starts a new permutation, mid-step if need be). The step's rows are
+    dealt to the ranks in a seeded order, so no rank reads one source only. A function of the step alone, as
+    `micro_batch`: resuming at step k reads what an uninterrupted run would.
+
+    Raises:
+        DataError: fewer training rows than one step needs, or a bad rank/step/size.
+    """
+    if not packed.parts:
+        return micro_batch(packed.train, step, rank, world_size, micro_batch_size, seed)
+    rows_per_step = _check_batch_args(packed.train.shape[0], packed.train.shape[1], rank, world_size,
+                                      micro_batch_size, step)
+    first = step * rows_per_step
+    counts_SP = _mix_counts([p.weight for p in packed.parts], np.arange(first, first + rows_per_step + 1))
+    source_B = np.diff(counts_SP, axis=1).argmax(axis=0)           # which source each of the step's rows is from
+    index_B = counts_SP[source_B, np.arange(rows_per_step)]        # ... and how many it gave before it
+    deal = _epoch_permutation(rows_per_step, f"{seed}\x00deal", step)
+    rows = []
+    for slot in deal[rank * micro_batch_size:(rank + 1) * micro_batch_size].tolist():
+        part = packed.parts[source_B[slot]]
+        epoch, k = divmod(int(index_B[slot]), part.rows)
+        rows.append(part.start + int(_epoch_permutation(part.rows, f"{seed}\x00{part.source}", epoch)[k]))
+    return packed.train[rows].long()
+
+
+def source_epochs(packed: PackedData, micro_steps: int, world_size: int, micro_batch_size: int) -> dict[str, float]:
+    """How many times a run of `micro_steps` global micro-steps reads each source (rows read / rows held).
+
+    One source: the passes `micro_batch` makes (an epoch is N // (world_size * micro_batch_size) steps).
+    """
+    rows_per_step = world_size * micro_batch_size
+    if not packed.parts:
+        steps_per_epoch = packed.train.shape[0] // rows_per_step
+        if steps_per_epoch == 0:
+            _check_batch_args(packed.train.shape[0], packed.train.shape[1], 0, world_size, micro_batch_size, 0)
+        return {str(packed.stats.get("source", "data")): micro_steps / steps_per_epoch}
+    read_S = _mix_counts([p.weight for p in packed.parts], np.array([micro_steps * rows_per_step]))[:, 0]
+    return {part.source: int(read) / part.rows for part, read in zip(packed.parts, read_S)}
+
+
+def check_epochs(epochs: Mapping[str, float], repeat: bool, steps: int) -> str:
+    """A line that says how many times a run of `steps` optimizer steps reads each source and which repeat.
+
+    Raises:
+        DataError: a source is read more than once and `repeat` is false (data.repeat).
+    """
+    repeated = {source: e for source, e in epochs.items() if e > 1 + 1e-9}
+    line = describe_epochs(epochs, planned=True, steps=steps)
+    if repeated and not repeat:
+        names = ", ".join(f"{source!r} {e:.2f} times" for source, e in repeated.items())
+        raise DataError(f"{steps} steps would read {names}, and data.repeat=false forbids reading a source more "
+                        "than once: add data (teacher_samples.tokens, a larger source), lower training.max_steps, "
+                        "or set data.repeat=true")
+    return line
+
+
+def describe_epochs(epochs: Mapping[str, float], *, planned: bool, steps: int) -> str:
+    reads = ", ".join(f"{source} {e:.3g} times" for source, e in epochs.items())
+    repeated = [source for source, e in epochs.items() if e > 1 + 1e-9]
+    verb = "will read" if planned else "read"
+    tail = (f"; REPEATED (epochs > 1): {', '.join(repeated)}" if repeated else "; no source repeats")
+    return f"data: {steps} steps {verb} {reads}{tail}"
+
+
+def epoch_metrics(epochs: Mapping[str, float]) -> dict[str, float]:
+    """data/epochs/<source> per source (a path is named by its last part) and data/repeated_sources."""
+    metrics = {f"data/epochs/{_label(source)}": e for source, e in epochs.items()}
+    metrics["data/repeated_sources"] = sum(e > 1 + 1e-9 for e in epochs.values())
+    return metrics
+
+
+def _label(source: str) -> str:
+    return Path(source).name if ("/" in source or source.startswith("~")) and Path(source).name else source
+
+
+# ----------------------------------------------------------------------------------------------------
 # Batches
 
 
@@ -662,27 +1173,17 @@ def micro_batch(
     """
     if rows.ndim != 2:
         raise DataError(f"rows must be [N, seq_len], got shape {tuple(rows.shape)}")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise DataError(f"rank must be in [0, world_size={world_size}), got {rank}")
-    if micro_batch_size < 1 or step < 0:
-        raise DataError(f"micro_batch_size must be >= 1 and step >= 0, got {micro_batch_size} and {step}")
     n_rows, seq_len = rows.shape
-    rows_per_step = world_size * micro_batch_size
+    rows_per_step = _check_batch_args(n_rows, seq_len, rank, world_size, micro_batch_size, step)
     steps_per_epoch = n_rows // rows_per_step
-    if steps_per_epoch == 0:
-        raise DataError(
-            f"the training set has {n_rows} rows ({n_rows * seq_len} tokens) but one step over "
-            f"world_size={world_size} ranks with micro_batch_size={micro_batch_size} needs {rows_per_step} "
-            f"rows ({rows_per_step * seq_len} tokens); add data, or lower seq_len or micro_batch_size"
-        )
     epoch, step_in_epoch = divmod(step, steps_per_epoch)
     start = (step_in_epoch * world_size + rank) * micro_batch_size
     index = _epoch_permutation(n_rows, seed, epoch)[start:start + micro_batch_size]
     return rows[index].long()
 
 
-@lru_cache(maxsize=4)
-def _epoch_permutation(n_rows: int, seed: int, epoch: int) -> torch.Tensor:
+@lru_cache(maxsize=16)
+def _epoch_permutation(n_rows: int, seed: int | str, epoch: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(int(_unit_hash(f"epoch\x00{seed}\x00{epoch}") * 2**62))
     return torch.randperm(n_rows, generator=generator)
 

@@ -231,11 +231,19 @@ def resume_signature(cfg: Config, zero_stage: int) -> dict[str, Any]:
     Changing one makes a resumed run a different run: other weights (model, compression, LoRA), other
     batches (data, seed, micro batch, accumulation; the world size is checked on its own), or optimizer
     state DeepSpeed cannot load (precision, ZeRO stage). Everything else (max_steps, lr, logging, ...)
-    may change across a resume. `data.cache_dir` is where the data is kept, not what it is.
+    may change across a resume. `data.cache_dir` is where the data is kept, not what it is; `data.repeat` only
+    permits. `data.mix` and `data.teacher_samples` count only when used, so checkpoints from before they existed
+    still resume.
     """
+    from .data import uses_teacher_samples
+
     d = to_dict(cfg)
-    parts = {"model": d["model"], "compression": d["compression"],
-             "data": {k: v for k, v in d["data"].items() if k != "cache_dir"}, "run.seed": cfg.run.seed,
+    data = {k: v for k, v in d["data"].items() if k not in ("cache_dir", "repeat")}
+    if not data["mix"]:
+        del data["mix"]
+    if not uses_teacher_samples(cfg.data):
+        del data["teacher_samples"]
+    parts = {"model": d["model"], "compression": d["compression"], "data": data, "run.seed": cfg.run.seed,
              "training.micro_batch_size": cfg.training.micro_batch_size,
              "training.grad_accum": cfg.training.grad_accum, "training.lora": d["training"]["lora"],
              "training.precision": cfg.training.precision, "deepspeed.zero_stage": zero_stage}
@@ -639,7 +647,7 @@ def step_loss(engine, teacher, head, input_ids: torch.Tensor, t) -> tuple[torch.
                                           teacher_head_weight=teacher.get_output_embeddings().weight)
 
 
-def build_data(cfg: Config, tokenizer, model, rank: int, world: int):
+def build_data(cfg: Config, tokenizer, model, rank: int, world: int, load_teacher=None):
     """Rank 0 tokenizes and fills the cache first; the other ranks then read it.
 
     Raises:
@@ -648,20 +656,22 @@ def build_data(cfg: Config, tokenizer, model, rank: int, world: int):
     """
     from kvforge.models.loading import document_separator_id
 
-    from .data import build_packed_datasets, micro_batch
+    from .data import Teacher, build_packed_datasets, teacher_identity, train_batch
 
     # The train/eval split does not depend on run.seed, so runs with different seeds share one eval set.
     sep = document_separator_id(tokenizer, model.config)
 
     def build(show_progress: bool):
         try:
-            return build_packed_datasets(cfg.data, tokenizer, sep, show_progress=show_progress)
+            # teacher-samples load the original model only when they are not cached yet (on rank 0).
+            teacher = Teacher(teacher_identity(cfg.model, cfg.run.seed), load_teacher) if load_teacher else None
+            return build_packed_datasets(cfg.data, tokenizer, sep, show_progress=show_progress, teacher=teacher)
         except FileNotFoundError as e:  # python-docs not installed, a file gone since the config was checked
             raise DataError(str(e)) from None
 
     packed = on_rank0_first(rank, lambda: build(True), others=lambda: build(False))
     # Fail here, not at the first step or the first eval deep inside the loop.
-    micro_batch(packed.train, 0, world - 1, world, cfg.training.micro_batch_size, cfg.run.seed)
+    train_batch(packed, 0, world - 1, world, cfg.training.micro_batch_size, cfg.run.seed)
     if len(packed.eval) < world:
         raise DataError(f"the eval split has {len(packed.eval)} sequences, fewer than the {world} ranks: raise "
                         "data.eval_fraction or lower data.seq_len")
@@ -749,7 +759,7 @@ def train(cfg: Config) -> TrainResult:
     """
     from tqdm.auto import tqdm
 
-    from .data import micro_batch
+    from .data import check_epochs, describe_epochs, epoch_metrics, source_epochs, train_batch
 
     faults = Faults.from_env()
     rank, world, device = init_distributed()
@@ -798,7 +808,8 @@ def train(cfg: Config) -> TrainResult:
     stage = stage_at(stages, resumed.step if resumed is not None else 0)
     model, tokenizer = build_model(cfg, ds_config, run_dir)
     teacher = build_teacher(cfg, device) if t.distill_weight > 0 else None
-    packed = build_data(cfg, tokenizer, model, rank, world)
+    packed = build_data(cfg, tokenizer, model, rank, world,
+                        load_teacher=lambda: teacher if teacher is not None else build_teacher(cfg, device))
     digest = data_digest(packed.train)
     if resumed is not None and resumed.data_digest not in (None, digest):
         raise ckpt.CheckpointError(
@@ -807,6 +818,9 @@ def train(cfg: Config) -> TrainResult:
             f"{cfg.data.source!r} or its tokenization changed; restore it, or start a new run")
     tokens_per_step = t.micro_batch_size * cfg.data.seq_len * t.grad_accum * world
     log(f"data: {packed.stats}")
+    # How many times the run reads each source; reading one twice is an error unless data.repeat allows it.
+    log(check_epochs(source_epochs(packed, t.max_steps * t.grad_accum, world, t.micro_batch_size), cfg.data.repeat,
+                     t.max_steps))
 
     # A checkpoint written inside the stage this run starts in is loaded whole; one that ended the stage before
     # holds that stage's optimizer state, so only its weights are (the path an uninterrupted run takes there).
@@ -880,7 +894,7 @@ def train(cfg: Config) -> TrainResult:
             loss_sum, grad_norm, skip_update, loss_finite, batch_crc = 0.0, None, False, True, 0
             part_sums = {"ce": 0.0, "kl": 0.0}
             for micro in range(t.grad_accum):
-                input_ids = micro_batch(packed.train, step * t.grad_accum + micro, rank, world,
+                input_ids = train_batch(packed, step * t.grad_accum + micro, rank, world,
                                         t.micro_batch_size, cfg.run.seed)
                 batch_crc = zlib.crc32(input_ids.numpy().tobytes(), batch_crc)
                 input_ids = input_ids.to(device)
@@ -1017,6 +1031,9 @@ def train(cfg: Config) -> TrainResult:
     last_eval = evaluate(engine, packed.eval, cfg, rank, world, device)
     logger.log({"eval/loss": last_eval["loss"], "eval/perplexity": last_eval["perplexity"]}, step=step)
     log(f"step {step}: eval loss {last_eval['loss']:.4f} perplexity {last_eval['perplexity']:.2f}")
+    epochs = source_epochs(packed, step * t.grad_accum, world, t.micro_batch_size)
+    log(describe_epochs(epochs, planned=False, steps=step))
+    logger.log(epoch_metrics(epochs), step=step)
     if os.environ.get(DUMP_LOGITS_ENV):
         dump_logits(engine, packed.eval[:2], Path(os.environ[DUMP_LOGITS_ENV]), rank, device)
 

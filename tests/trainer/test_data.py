@@ -5,6 +5,7 @@ A tiny byte-level BPE tokenizer trained here stands in for the real one, so no t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -459,3 +460,392 @@ def test_eval_batches_split_rows_across_ranks():
     assert next(data.eval_batches(rows, 0, 1, 4)).dtype == torch.long
     with pytest.raises(DataError, match="the eval set has 2 rows, fewer than world_size=3"):
         list(data.eval_batches(numbered_rows(2), 0, 3, 1))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Teacher samples
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tokenizer):
+    """A tiny random Llama over the test tokenizer's vocabulary (2 layers, hidden size 32): seconds to sample."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         eos_token_id=EOS, bos_token_id=EOS, pad_token_id=EOS)
+    return LlamaForCausalLM(config).eval()
+
+
+def teacher_of(model, loads: list | None = None, **identity) -> data.Teacher:
+    def load():
+        if loads is not None:
+            loads.append(1)
+        return model
+
+    return data.Teacher({"name": "tiny-random", **identity}, load)
+
+
+def teacher_settings(tmp_path, **overrides):
+    ts = {"tokens": 96, "sample_len": 8, "batch_size": 4, "seed": 3, **overrides.pop("ts", {})}
+    return settings("teacher-samples", tmp_path, teacher_samples=ts, **overrides)
+
+
+def test_teacher_samples_are_deterministic_for_a_seed_differ_for_another_and_are_cached(tmp_path, tokenizer,
+                                                                                        tiny_teacher):
+    loads = []
+    first = data.build_packed_datasets(teacher_settings(tmp_path), tokenizer, EOS, teacher=teacher_of(tiny_teacher,
+                                                                                                      loads))
+    assert first.stats["cache_hit"] is False and len(loads) == 1
+    # The same settings elsewhere sample again, and get the same tokens.
+    again = data.build_packed_datasets(teacher_settings(tmp_path / "other"), tokenizer, EOS,
+                                       teacher=teacher_of(tiny_teacher))
+    assert again.stats["cache_hit"] is False
+    assert torch.equal(first.train, again.train) and torch.equal(first.eval, again.eval)
+    # ... and the same cache is read, not sampled.
+    cached = data.build_packed_datasets(teacher_settings(tmp_path), tokenizer, EOS, teacher=teacher_of(tiny_teacher,
+                                                                                                       loads))
+    assert cached.stats["cache_hit"] is True and len(loads) == 1 and torch.equal(cached.train, first.train)
+    other_seed = data.build_packed_datasets(teacher_settings(tmp_path, ts={"seed": 4}), tokenizer, EOS,
+                                            teacher=teacher_of(tiny_teacher, loads))
+    assert len(loads) == 2 and not torch.equal(other_seed.train, first.train)
+    # Another teacher (its identity) is another cache entry.
+    data.build_packed_datasets(teacher_settings(tmp_path), tokenizer, EOS,
+                               teacher=teacher_of(tiny_teacher, loads, name="another-model"))
+    assert len(loads) == 3
+    # Sampling left the caller's torch RNG as it was.
+    torch.manual_seed(11)
+    expected = torch.rand(3)
+    torch.manual_seed(11)
+    data.build_packed_datasets(teacher_settings(tmp_path / "third"), tokenizer, EOS, teacher=teacher_of(tiny_teacher))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_teacher_samples_have_the_configured_lengths_and_each_starts_a_document(tmp_path, tokenizer, tiny_teacher):
+    # 100 tokens in samples of 8 -> 13 samples; seq_len 16 holds two samples per row; eval: ceil(13 * 0.25) = 4.
+    packed = data.build_packed_datasets(teacher_settings(tmp_path, ts={"tokens": 100}), tokenizer, EOS,
+                                        teacher=teacher_of(tiny_teacher))
+    stats = packed.stats
+    assert (stats["samples"], stats["sample_len"], stats["train_samples"], stats["eval_samples"]) == (13, 8, 9, 4)
+    assert packed.train.shape == (4, 16) and packed.eval.shape == (2, 16) and packed.train.dtype == torch.int32
+    assert stats["train_dropped_tail_tokens"] == 8
+    samples = torch.cat([packed.train.reshape(-1, 8), packed.eval.reshape(-1, 8)])
+    assert (samples[:, 0] == EOS).all()
+    assert (samples >= 0).all() and (samples < len(tokenizer)).all()
+    # A random tiny model writes the separator now and then; suppress_eos bans it after the first token.
+    free = data.build_packed_datasets(teacher_settings(tmp_path, ts={"tokens": 400, "temperature_min": 1.5,
+                                                                     "temperature_max": 2.0, "top_p": 1.0}),
+                                      tokenizer, EOS, teacher=teacher_of(tiny_teacher))
+    assert free.stats["sampled_separators"] > 0
+    banned = data.build_packed_datasets(
+        teacher_settings(tmp_path, ts={"tokens": 400, "temperature_min": 1.5, "temperature_max": 2.0, "top_p": 1.0,
+                                       "suppress_eos": True}), tokenizer, EOS, teacher=teacher_of(tiny_teacher))
+    assert banned.stats["sampled_separators"] == 0
+    assert (banned.train.reshape(-1, 8)[:, 1:] != EOS).all()
+    # sample_len defaults to seq_len: one sample per row.
+    whole = data.build_packed_datasets(teacher_settings(tmp_path, ts={"sample_len": None, "tokens": 64}),
+                                       tokenizer, EOS, teacher=teacher_of(tiny_teacher))
+    assert whole.stats["sample_len"] == 16 and (whole.train[:, 0] == EOS).all() and (whole.eval[:, 0] == EOS).all()
+
+
+def test_prefixed_samples_continue_a_window_of_real_train_text(tmp_path, tokenizer, tiny_teacher):
+    corpus = make_corpus(tmp_path / "corpus", n=12)
+    cfg = teacher_settings(tmp_path, ts={"tokens": 160, "sample_len": 16, "prefix_source": corpus,
+                                         "prefix_fraction": 1.0, "prefix_tokens": 5})
+    packed = data.build_packed_datasets(cfg, tokenizer, EOS, teacher=teacher_of(tiny_teacher))
+    assert packed.stats["prefixed_samples"] == 10
+    documents = data.load_documents(corpus)
+    train_docs, eval_docs = data.split_documents(documents, 0.25, 0)
+
+    def windows(docs):
+        return {tuple(ids[i:i + 5]) for d in docs for ids in [encode(tokenizer, d.text)] for i in range(len(ids) - 4)}
+
+    train_windows = windows(train_docs)
+    samples = torch.cat([packed.train, packed.eval]).reshape(-1, 16)
+    assert all(tuple(s[1:6].tolist()) in train_windows for s in samples)
+    assert len({tuple(s[1:6].tolist()) for s in samples}) > 1  # windows vary
+    # Prefixes come from the train split only; none of the eval documents' own windows is used unless shared.
+    only_eval = windows(eval_docs) - train_windows
+    assert not any(tuple(s[1:6].tolist()) in only_eval for s in samples)
+
+
+def test_sample_warper_applies_each_rows_temperature_then_top_p(monkeypatch):
+    scores = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.5, 0.3, 0.15, 0.05]]))
+    warped = data._SampleWarper(torch.tensor([1.0, 2.0]), top_p=1.0, banned=[])(None, scores.clone())
+    assert torch.allclose(warped[0], scores[0]) and torch.allclose(warped[1], scores[1] / 2)
+    nucleus = data._SampleWarper(torch.tensor([1.0, 1.0]), top_p=0.8, banned=[3])(None, scores.clone())
+    # 0.5 + 0.3 reaches 0.8: the two most likely tokens stay; the banned one is gone either way.
+    assert torch.isfinite(nucleus[0]).tolist() == [True, True, False, False]
+    # Sorting only the top candidates gives what the full sort gives, peaked rows or flat ones (fallback).
+    generator = torch.Generator().manual_seed(0)
+    peaked = torch.randn(3, 5000, generator=generator) * 8  # the top 64 hold > 0.97 at every temperature
+    flat = torch.randn(3, 5000, generator=generator) * 0.01
+    for scores in (peaked, flat):
+        warper = data._SampleWarper(torch.tensor([0.7, 1.0, 1.3]), top_p=0.9, banned=[])
+        fast = warper(None, scores.clone())
+        monkeypatch.setattr(data, "_NUCLEUS_CANDIDATES", 5000)
+        assert torch.equal(warper(None, scores.clone()), fast)
+        monkeypatch.setattr(data, "_NUCLEUS_CANDIDATES", 64)
+    assert 1 < int(torch.isfinite(fast).sum(dim=1).min())
+
+
+def test_teacher_samples_errors_name_the_setting(tmp_path, tokenizer, tiny_teacher):
+    with pytest.raises(DataError, match="no teacher was given"):
+        data.build_packed_datasets(teacher_settings(tmp_path), tokenizer, EOS)
+    with pytest.raises(DataError, match=r"unknown teacher_samples settings \['temprature'\]"):
+        data.build_packed_datasets(teacher_settings(tmp_path, ts={"temprature": 1}), tokenizer, EOS)
+    with pytest.raises(DataError, match=r"'data.teacher_samples.top_p' = 0: expected a probability in \(0, 1\]"):
+        data.build_packed_datasets(teacher_settings(tmp_path, ts={"top_p": 0}), tokenizer, EOS)
+    with pytest.raises(DataError, match=r"'data.teacher_samples.sample_len' = 32: expected null \(= data.seq_len\) "
+                                        r"or an integer in \[2, data.seq_len=16\]"):
+        data.build_packed_datasets(teacher_settings(tmp_path, ts={"sample_len": 32}), tokenizer, EOS)
+    with pytest.raises(DataError, match=r"teacher_samples.tokens = 20 gives 3 samples of 8 tokens, but one train row "
+                                        r"and one eval row of seq_len=16 need 32 tokens"):
+        data.build_packed_datasets(teacher_settings(tmp_path, ts={"tokens": 20}), tokenizer, EOS,
+                                   teacher=teacher_of(tiny_teacher))
+
+
+@pytest.mark.parametrize("override, fragments", [
+    ("data.teacher_samples.top_p=1.5", ["data.teacher_samples.top_p", "1.5", "(0, 1]"]),
+    ("data.teacher_samples.temperature_min=2", ["'data.teacher_samples.temperature_min' = 2.0",
+                                                "'data.teacher_samples.temperature_max' = 1.0", "min <= max"]),
+    ("data.teacher_samples.temperature_max=0", ["'data.teacher_samples.temperature_max' = 0.0", "> 0"]),
+    ("data.teacher_samples.sample_len=65", ["data.teacher_samples.sample_len", "data.seq_len=64"]),
+    ("data.teacher_samples.tokens=0", ["data.teacher_samples.tokens", "positive"]),
+    ("data.teacher_samples.batch_size=0", ["data.teacher_samples.batch_size"]),
+    ("data.teacher_samples.dtype=fp8", ["data.teacher_samples.dtype", "auto, bfloat16"]),
+    ("data.teacher_samples.prefix_fraction=0.5", ["'data.teacher_samples.prefix_source' = None",
+                                                  "'data.teacher_samples.prefix_fraction' = 0.5"]),
+    ("data.teacher_samples.prefix_source=teacher-samples", ["data.teacher_samples.prefix_source", "real text"]),
+    ("data.teacher_samples.temprature_min=1", ["unknown config key 'data.teacher_samples.temprature_min'",
+                                               "did you mean 'data.teacher_samples.temperature_min'"]),
+    ("data.mix=[{source: python-docs, weight: 1}]", ["data.mix", "at least 2 entries"]),
+    ("data.mix=[{source: python-docs, weight: 0}, {source: teacher-samples}]", ["data.mix[0].weight", "positive"]),
+    ("data.mix=[{source: python-docs}, {source: python-docs}]", ["data.mix[1].source", "not already in data.mix"]),
+    ("data.mix=[{source: python-docs, wieght: 1}, {source: teacher-samples}]", ["'data.mix'", "'wieght'",
+                                                                              "did you mean 'weight'"]),
+    ("data.mix=[{source: ./missing.jsonl}, {source: teacher-samples}]", ["data.mix[0].source", "does not exist"]),
+    ("data.repeat=maybe", ["data.repeat", "true or false"]),
+])
+def test_bad_teacher_samples_mix_and_repeat_settings_fail_in_the_config_naming_the_key(override, fragments):
+    from kvforge.trainer.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO_CONFIGS / "tiny-llama.yaml", [override])
+    for fragment in fragments:
+        assert fragment in str(err.value), (fragment, str(err.value))
+
+
+def test_teacher_samples_as_data_source_with_compression_needs_a_calibration_source():
+    from kvforge.trainer.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="compression.calibration.source"):
+        load_config(REPO_CONFIGS / "smollm2-recover.yaml", ["data.source=teacher-samples"])
+    cfg = load_config(REPO_CONFIGS / "smollm2-recover.yaml", ["data.source=teacher-samples",
+                                                               "compression.calibration.source=python-docs"])
+    assert cfg.data.source == "teacher-samples"
+
+
+REPO_CONFIGS = __import__("pathlib").Path(__file__).resolve().parents[2] / "configs"
+
+
+# ----------------------------------------------------------------------------------------------------
+# Mixing sources and counting epochs
+
+
+def mixed(sizes: dict[str, int], weights: dict[str, float], seq_len: int = 3) -> data.PackedData:
+    """A mix whose row r holds r everywhere (rows numbered across the sources, in order)."""
+    parts, start = [], 0
+    total = sum(weights.values())
+    for source, n in sizes.items():
+        parts.append(data.SourcePart(source, weights[source] / total, start, start + n))
+        start += n
+    return data.PackedData(numbered_rows(start, seq_len), numbered_rows(2, seq_len), {}, tuple(parts))
+
+
+def source_of(packed: data.PackedData, row: int) -> str:
+    return next(p.source for p in packed.parts if p.start <= row < p.stop)
+
+
+def test_mix_respects_the_weights_at_every_step_and_deals_each_row_once_per_step():
+    packed = mixed({"a": 50, "b": 20, "c": 7}, {"a": 0.6, "b": 0.3, "c": 0.1})
+    world, mbs, counts = 2, 5, {"a": 0, "b": 0, "c": 0}
+    for step in range(40):
+        step_rows = [r for rank in range(world) for r in read_rows(data.train_batch(packed, step, rank, world, mbs, 1))]
+        assert len(step_rows) == world * mbs
+        for row in step_rows:
+            counts[source_of(packed, row)] += 1
+        seen = (step + 1) * world * mbs
+        for source, weight in (("a", 0.6), ("b", 0.3), ("c", 0.1)):
+            assert abs(counts[source] - weight * seen) <= 1.5, (step, counts)  # at every prefix, not on average
+    # Within a source, rows go through permutations: 'c' (7 rows) read 40 times covers each row 5 or 6 times.
+    assert counts["c"] == 40
+    c_rows = [r for step in range(40) for rank in range(world)
+              for r in read_rows(data.train_batch(packed, step, rank, world, mbs, 1)) if source_of(packed, r) == "c"]
+    assert sorted(set(c_rows)) == list(range(70, 77)) and all(c_rows[:35].count(r) == 5 for r in range(70, 77))
+    # The step's rows are dealt to the ranks in a seeded order: rank 0 does not always get the same sources.
+    rank0 = [tuple(source_of(packed, r) for r in read_rows(data.train_batch(packed, s, 0, world, mbs, 1)))
+             for s in range(10)]
+    assert len(set(rank0)) > 1
+
+
+def test_mix_counts_give_every_row_exactly_one_source():
+    for weights in ([0.5, 0.5], [0.7, 0.2, 0.1], [1 / 3, 1 / 3, 1 / 3], [0.01, 0.99]):
+        counts = data._mix_counts(weights, __import__("numpy").arange(0, 5001))
+        steps = counts[:, 1:] - counts[:, :-1]
+        assert ((steps == 0) | (steps == 1)).all() and (steps.sum(axis=0) == 1).all()
+        assert abs(counts[:, -1] - __import__("numpy").array(weights) * 5000).max() <= 1
+
+
+def test_mixed_batches_depend_on_the_step_only_so_a_resume_reads_the_same_rows():
+    packed = mixed({"a": 13, "b": 5}, {"a": 0.5, "b": 0.5})
+    running = [read_rows(data.train_batch(packed, step, 1, 2, 3, seed=9)) for step in range(15)]
+    data._epoch_permutation.cache_clear()
+    assert [read_rows(data.train_batch(packed, step, 1, 2, 3, seed=9)) for step in (14, 3, 8)] == \
+        [running[14], running[3], running[8]]
+    assert read_rows(data.train_batch(packed, 0, 1, 2, 3, seed=10)) != running[0]
+
+
+def test_epochs_per_source_equal_the_rows_actually_read():
+    packed = mixed({"docs": 30, "teacher-samples": 8}, {"docs": 0.75, "teacher-samples": 0.25})
+    world, mbs, micro_steps = 2, 2, 25
+    read = {"docs": 0, "teacher-samples": 0}
+    for step in range(micro_steps):
+        for rank in range(world):
+            for row in read_rows(data.train_batch(packed, step, rank, world, mbs, 0)):
+                read[source_of(packed, row)] += 1
+    epochs = data.source_epochs(packed, micro_steps, world, mbs)
+    assert epochs == {"docs": read["docs"] / 30, "teacher-samples": read["teacher-samples"] / 8}
+    assert epochs == {"docs": 75 / 30, "teacher-samples": 25 / 8}
+    # One source: the passes micro_batch makes (23 rows -> 3 steps of 2 x 3 per epoch).
+    single = data.PackedData(numbered_rows(23), numbered_rows(2), {"source": "python-docs"})
+    assert data.source_epochs(single, 3, 2, 3) == {"python-docs": 1.0}
+    assert data.source_epochs(single, 7, 2, 3) == {"python-docs": 7 / 3}
+    assert data.epoch_metrics({"/data/set/x.jsonl": 0.5, "teacher-samples": 2.0}) == {
+        "data/epochs/x.jsonl": 0.5, "data/epochs/teacher-samples": 2.0, "data/repeated_sources": 1}
+
+
+def test_a_repeating_source_is_said_and_refused_without_data_repeat():
+    epochs = {"python-docs": 0.4, "teacher-samples": 2.5}
+    line = data.check_epochs(epochs, repeat=True, steps=100)
+    assert line == ("data: 100 steps will read python-docs 0.4 times, teacher-samples 2.5 times; "
+                    "REPEATED (epochs > 1): teacher-samples")
+    with pytest.raises(DataError, match=r"100 steps would read 'teacher-samples' 2.50 times, and data.repeat=false "
+                                        r"forbids .* or set data.repeat=true"):
+        data.check_epochs(epochs, repeat=False, steps=100)
+    assert data.check_epochs({"python-docs": 1.0}, repeat=False, steps=5).endswith("no source repeats")
+
+
+def test_build_mixes_sources_with_weights_and_interleaves_their_eval_rows(tmp_path, tokenizer, tiny_teacher):
+    corpus = make_corpus(tmp_path / "corpus", n=12)
+    cfg = settings(corpus, tmp_path, mix=[{"source": corpus, "weight": 3}, {"source": "teacher-samples", "weight": 1}],
+                   teacher_samples={"tokens": 160, "sample_len": 8, "batch_size": 8})
+    packed = data.build_packed_datasets(cfg, tokenizer, EOS, teacher=teacher_of(tiny_teacher))
+    alone = data.build_packed_datasets(settings(corpus, tmp_path), tokenizer, EOS)
+    docs, teacher = packed.parts
+    assert (docs.source, docs.weight, teacher.source, teacher.weight) == (corpus, 0.75, "teacher-samples", 0.25)
+    assert torch.equal(packed.train[docs.start:docs.stop], alone.train)  # the source's own (cached) rows
+    assert packed.stats["mix"] == {corpus: 0.75, "teacher-samples": 0.25}
+    assert set(packed.stats["sources"]) == {corpus, "teacher-samples"}
+    # Eval rows interleaved 3:1 (teacher rows start with the separator at every 8th position).
+    is_teacher = [bool((row.reshape(-1, 8)[:, 0] == EOS).all()) for row in packed.eval]
+    assert is_teacher[:4].count(True) == 1 and is_teacher[:8].count(True) == 2
+    # A bad source inside the mix is named as such.
+    bad = settings(corpus, tmp_path, mix=[{"source": corpus}, {"source": str(tmp_path / "nothing-here")}])
+    with pytest.raises(FileNotFoundError):
+        data.build_packed_datasets(bad, tokenizer, EOS)
+    write(tmp_path / "rows.jsonl", '{"text": "fine"}\n{"txt": "oops"}\n')
+    bad = settings(corpus, tmp_path, mix=[{"source": corpus}, {"source": str(tmp_path / "rows.jsonl")}])
+    with pytest.raises(DataError, match=r"data.mix source '.*rows.jsonl': .*rows.jsonl line 2: row has no field "
+                                        r"'text'"):
+        data.build_packed_datasets(bad, tokenizer, EOS)
+    with pytest.raises(DataError, match="mix has 1 entry"):
+        data.build_packed_datasets(settings(corpus, tmp_path, mix=[{"source": corpus}]), tokenizer, EOS)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A training run on a mix with teacher samples (launch/train.py in this process, a world of one)
+
+
+def test_a_run_on_teacher_samples_mixed_with_docstrings_says_and_logs_how_often_it_read_each_source(tmp_path):
+    import contextlib
+    import importlib.util
+    import io
+    import socket
+
+    import torch.distributed as dist
+    from kvforge.trainer.tracking import read_metrics
+
+    repo = REPO_CONFIGS.parent
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = ["--config", str(REPO_CONFIGS / "tiny-llama.yaml"), f"run.output_dir={tmp_path / 'run'}",
+              "training.eval_every=0", "checkpoint.export_hf=false", "logging.wandb=disabled",
+              "checkpoint.resume=never", "checkpoint.save_every=0", f"data.cache_dir={tmp_path / 'cache'}",
+              "data.mix=[{source: teacher-samples, weight: 0.5}, {source: stdlib-docstrings, weight: 0.5}]",
+              # A random model's nucleus is most of the vocabulary: top_p=1 spares a full sort per token.
+              "data.teacher_samples.tokens=2048", "data.teacher_samples.batch_size=16", "data.teacher_samples.top_p=1"]
+
+    def run(*overrides):
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main([*common, *overrides])
+        return rc, out.getvalue(), err.getvalue()
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+            mp.setenv(key, value)
+        mp.delenv("KVFORGE_FAULT", raising=False)
+        spec = importlib.util.spec_from_file_location("kvforge_launch_train_data", repo / "launch/train.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        main = module.main
+        try:
+            # 2048 tokens in 64-token samples: 32 samples, 28 train rows; 8 steps x 2 x 2 rows, half of them
+            # teacher samples = 16 rows: 0.57 epochs, no repeat.
+            rc, out, err = run("training.max_steps=8")
+            assert rc == 0, (out[-3000:], err[-3000:])
+            assert "'teacher-samples': {'source': 'teacher-samples'" in out and "'cache_hit': False" in out
+            assert "data: 8 steps will read teacher-samples 0.571 times, stdlib-docstrings" in out
+            assert "data: 8 steps read teacher-samples 0.571 times" in out and "no source repeats" in out
+            final = read_metrics(tmp_path / "run", "data/epochs/teacher-samples")
+            assert final[8]["data/epochs/teacher-samples"] == pytest.approx(16 / 28)
+            assert final[8]["data/repeated_sources"] == 0
+            # Longer, the teacher samples would repeat: refused without data.repeat (the samples come from the cache).
+            rc, out, err = run("training.max_steps=16", "data.repeat=false", f"run.output_dir={tmp_path / 'r2'}")
+            assert rc == 2 and "16 steps would read 'teacher-samples' 1.14 times" in err, (out[-2000:], err[-2000:])
+            assert "'cache_hit': False" not in out
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def test_static_cache_and_a_bfloat16_copy_sample_without_touching_the_teacher(tmp_path, tokenizer, tiny_teacher):
+    from kvforge.trainer.config import TeacherSamplesConfig
+
+    ts = TeacherSamplesConfig(batch_size=4, seed=5, top_p=0.9)
+    dynamic, _ = data.teacher_sample_rows(tiny_teacher, ts, 6, 12, EOS, show_progress=False)
+    static, _ = data.teacher_sample_rows(tiny_teacher, dataclasses.replace(ts, static_cache=True), 6, 12, EOS,
+                                         show_progress=False)
+    assert torch.equal(dynamic, static)
+    half, stats = data.teacher_sample_rows(tiny_teacher, dataclasses.replace(ts, dtype="bfloat16"), 6, 12, EOS,
+                                           show_progress=False)
+    assert stats["sample_dtype"] == "bfloat16" and half.shape == (6, 12)
+    assert next(tiny_teacher.parameters()).dtype == torch.float32 and not tiny_teacher.training
+
+
+def test_checkpoints_from_before_mix_and_teacher_samples_keep_their_resume_signature():
+    from kvforge.trainer.config import load_config
+    from kvforge.trainer.train import resume_signature
+
+    plain = resume_signature(load_config(REPO_CONFIGS / "tiny-llama.yaml"), 2)
+    assert not [k for k in plain if k.startswith(("data.mix", "data.teacher_samples", "data.repeat"))]
+    assert resume_signature(load_config(REPO_CONFIGS / "tiny-llama.yaml", ["data.repeat=false"]), 2) == plain
+    sampled = resume_signature(load_config(REPO_CONFIGS / "tiny-llama.yaml", ["data.source=teacher-samples"]), 2)
+    assert sampled["data.teacher_samples.tokens"] == 1_000_000
+    mix = "data.mix=[{source: teacher-samples, weight: 0.7}, {source: stdlib-docstrings, weight: 0.3}]"
+    assert resume_signature(load_config(REPO_CONFIGS / "tiny-llama.yaml", [mix]), 2)["data.mix"] == [
+        {"source": "teacher-samples", "weight": 0.7}, {"source": "stdlib-docstrings", "weight": 0.3}]
