@@ -60,9 +60,13 @@ class SurgerySettings:
         `balance`); "output_aware" minimises the logit error the key error causes (weighted by the queries'
         second moment, averaged over RoPE lags of `context_tokens`, or the calibration row length when that
         is None) and the o_proj output error the value error causes, summed over every layer that reads the
-        cache (kv_from consumers included). It replaces `balance` for pre-RoPE and value-only latents;
-        partial-RoPE joint latents and merged heads keep following `balance` (the report says which init
-        each layer got). The greedy rank allocation then spends the budget on that objective's spectra.
+        cache (kv_from consumers included); "output_aware_values" (the default: the lowest perplexity after
+        surgery on SmolLM2 at 25% and 50% of the cache, docs/COMPRESSION.md) does so for values only, keys by
+        the PCA.
+        The output-aware parts replace `balance`; partial-RoPE joint latents and merged heads keep
+        following it (the report says which init each layer got). The greedy rank allocation spends the
+        budget on the spectra of the same objectives (under "output_aware" with relative normalisation:
+        keys and values of a layer in its output units, layers relative to their value energy).
     shared_attention: None (spans as in the spec), or {"count": n} / {"threshold": t} to choose spans from
         calibration attention maps (shared_attention.py).
     calibration_batch_size, attention_rows, attention_metric: passed to `calibration.collect_statistics`.
@@ -78,7 +82,7 @@ class SurgerySettings:
     context_tokens: Optional[int] = 2048
     rope_pair_criterion: str = "norm"
     balance: str = "none"
-    init: str = "pca"
+    init: str = "output_aware_values"
     shared_attention: Optional[dict[str, Any]] = None
     calibration_batch_size: int = 4
     attention_rows: int = 8
@@ -288,12 +292,13 @@ def _value_scale(attn, geometry, settings) -> Optional[torch.Tensor]:
 def _output_metric(stats: CalibrationStatistics, spec: CompressionSpec, attn: list["DenseAttention"], layer: int,
                    part: str, geometry: Geometry, settings: SurgerySettings, rope_inv_freq: Optional[torch.Tensor]
                    ) -> Optional[torch.Tensor]:
-    """The output-aware metric of `layer`'s key ("k") or value ("v") latent, or None under init="pca".
+    """The output-aware metric of `layer`'s key ("k") or value ("v") latent, or None where the init is the PCA
+    (init="pca"; keys under init="output_aware_values").
 
     Every layer that attends over this layer's cache adds its own term (its queries for keys, its o_proj for
     values): the layer itself and its kv_from consumers, each with its own input statistics.
     """
-    if settings.init != "output_aware":
+    if settings.init == "pca" or (part == "k" and settings.init == "output_aware_values"):
         return None
     readers = [layer] + [c for c, l in enumerate(spec.layers) if l.kv_from == layer]
     if part == "v":
@@ -303,11 +308,18 @@ def _output_metric(stats: CalibrationStatistics, spec: CompressionSpec, attn: li
         raise SurgeryError("surgery.init='output_aware' needs the model's RoPE frequencies for the key metric "
                            "(compress reads them from model.model.rotary_emb.inv_freq)")
     context = settings.context_tokens or stats.seq_len
+    kv_second, kv_mean = _kv_moments(stats, layer, attn[layer])
+    n = geometry.kv_dims
     metric = 0
     for r in readers:
         q_second, _ = stats.output_moments(r, attn[r].q_weight, attn[r].q_bias)
-        metric = metric + low_rank.key_output_metric(q_second, geometry.num_kv_heads, geometry.head_dim,
-                                                     rope_inv_freq, context)
+        # Logit units -> output units (low_rank.value_spread), so keys and values share the greedy's currency.
+        # One rate per reading layer (the mean over its query heads): a scalar leaves the key directions as the
+        # logit metric chooses them (per-head rates gave worse layer outputs on SmolLM2), it only prices them.
+        rate = low_rank.value_spread(attn[r].o_weight, kv_second[n:, n:], kv_mean[n:], geometry.num_kv_heads,
+                                     geometry.head_dim).mean()
+        metric = metric + rate * low_rank.key_output_metric(q_second, geometry.num_kv_heads, geometry.head_dim,
+                                                            rope_inv_freq, context)
     return metric
 
 
@@ -401,11 +413,20 @@ def resolve_ranks(spec: CompressionSpec, problems: list[LowRankProblem], geometr
         target, what = total_now, "the spec's own total"
     # Budgets in elements are integers for global layers: round away float noise (e.g. 0.5 * 23040 / 2).
     latent_budget = math.floor(target - fixed + 1e-6)
+    normalization, weights = settings.budget_normalization, {(p.layer, p.part): 1.0 for p in problems}
+    if settings.init == "output_aware" and normalization == "relative":
+        # A layer's key and value spectra are both in units of its attention-output error (low_rank.value_spread),
+        # so they compete as they are; layers compete relative to their value energy (the weighted trace of
+        # the value spectrum): the same "fraction of what the layer carries" as the PCA's relative budget.
+        energy = {p.layer: float(p.spectrum.sum()) for p in problems if p.part in ("v", "kv")}
+        weights = {(p.layer, p.part): 1.0 / energy[p.layer] if energy[p.layer] > 0 else 1.0 for p in problems}
+        normalization = "absolute"
     candidates = [rank_allocation.RankCandidate(key=(p.layer, p.part), eigenvalues=p.spectrum,
-                                                cost=costs[(p.layer, p.part)], max_rank=p.max_rank)
+                                                cost=costs[(p.layer, p.part)], max_rank=p.max_rank,
+                                                weight=weights[(p.layer, p.part)])
                   for p in problems]
     try:
-        ranks = rank_allocation.allocate_ranks(candidates, latent_budget, normalization=settings.budget_normalization)
+        ranks = rank_allocation.allocate_ranks(candidates, latent_budget, normalization=normalization)
     except rank_allocation.BudgetError as e:
         raise SurgeryError(
             f"the KV budget ({what}) leaves {latent_budget} elements/token for low-rank latents after "

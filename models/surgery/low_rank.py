@@ -39,7 +39,12 @@ Initialisation (`INITS`, surgery setting `init`) of pre-RoPE latents and value-o
     "pca"           the (balanced) PCA above: reconstruct K and V.
     "output_aware"  minimise what attention makes of the error rather than the error itself, a generalised
                     PCA under a metric M (linalg.factorize: latent = U^T M^1/2 y, rebuilt M^-1/2 U c, U the
-                    top eigenvectors of M^1/2 E[yy^T] M^1/2, error E[e^T M e] = the discarded eigenvalues).
+                    top eigenvectors of M^1/2 E[yy^T] M^1/2, error E[e^T M e] = the discarded eigenvalues),
+                    for keys and values as below.
+    "output_aware_values"  values as below, keys by the PCA. On SmolLM2-135M this is the best of the three:
+                    the key metric lowers each layer's own attention-output error (about 30% at the 25% budget's
+                    ranks) but raises the compressed model's KL to the original; why is not understood
+                    (docs/COMPRESSION.md, "Output-aware initialisation").
       keys   (`key_output_metric`): a pre-RoPE key error e_h of KV head h changes the logit of query head j
              (j in the group g(h) reading h) at lag D = t_q - t_k >= 0 by q_j^T R(-D) e_h / sqrt(d), R the
              RoPE rotation (RoPE sits after k_up, so the error is rotated with the key). Query and key come
@@ -47,15 +52,18 @@ Initialisation (`INITS`, surgery setting `init`) of pre-RoPE latents and value-o
                  E[logit error^2] = e_h^T W_h e_h,   W_h = (1/d) sum_{j in g(h)} E_D[R(-D)^T E[q_j q_j^T] R(-D)]
              with D distributed as the causal (query, key) pairs of a context of T tokens, p(D) ~ T - D.
              Fast pairs average to their rotation-invariant energy (the "attention" balance's diagonal); slow
-             pairs, which barely turn within T, keep the queries' full covariance. M = blockdiag_h(W_h).
+             pairs, which barely turn within T, keep the queries' full covariance. M = blockdiag_h(W_h),
+             times `value_spread`'s rate (a scalar per reading layer: it moves no direction, it prices logit
+             errors in output units so that the greedy budget can weigh keys against values).
       values (`value_output_metric`): the o_proj output error is sum_j O_j a_j, O_j query head j's d columns
              of o_proj and a_j its attention-weighted average of the value errors of KV head h(j). Query heads
              attending alike make the a_j equal per KV head, and M = O^T O with O = [sum_{j in g(h)} O_j]_h
              (every cross term); attending independently leaves M = blockdiag_h(sum_{j in g(h)} O_j^T O_j).
              With a correlation rho between the heads' averages, M = rho M_alike + (1 - rho) M_independent;
-             rho = 1/2 (on SmolLM2-135M it gave lower layer-output errors than 0 or 1: docs/COMPRESSION.md).
-    Exact at full rank like the PCA. Partial RoPE's joint latent keeps the PCA (keys in logit units and values
-    in output units would need an exchange rate that these statistics do not give).
+             rho = 1 (on SmolLM2-135M the compressed model's KL to the original was lowest at 1 of 0, 1/2, 1;
+             docs/COMPRESSION.md).
+    Exact at full rank like the PCA. Partial RoPE's joint latent keeps the PCA (not done: it would weigh
+    k_nope and v in one metric through `value_spread`, untested).
 """
 
 from __future__ import annotations
@@ -70,7 +78,7 @@ from .linalg import Factorization, factorize, pair_energy
 
 ROPE_PAIR_CRITERIA = ("norm", "high", "low", "uniform")
 BALANCES = ("none", "trace", "attention")
-INITS = ("pca", "output_aware")
+INITS = ("pca", "output_aware", "output_aware_values")
 
 
 def select_rope_pairs(
@@ -325,7 +333,30 @@ def key_output_metric(q_second_moment: torch.Tensor, num_kv_heads: int, head_dim
     return 0.5 * (metric + metric.T)
 
 
-VALUE_HEAD_CORRELATION = 0.5
+def value_spread(o_weight: torch.Tensor, v_second_moment: torch.Tensor, v_mean: torch.Tensor, num_kv_heads: int,
+                 head_dim: int) -> torch.Tensor:
+    """[n_q] float64: c_j = E|O_j (v_h(j) - E v_h(j))|^2 = tr(O_j^T O_j Cov(v_h(j))), the exchange rate from a
+    squared logit error of query head j to its squared output error.
+
+    To first order in the logit errors d_t, softmax moves head j's output by sum_t p_t (d_t - d_mean) O_j v_t
+    = sum_t p_t (d_t - d_mean) O_j (v_t - v_mean); for errors independent across keys its expected square is
+    about sum_t p_t^2 E[d^2] c_j, while value errors e_t give sum_t p_t^2 E|O_j e|^2: the common sum_t p_t^2
+    cancels, so c_j E[d^2] and E|O_j e|^2 are in the same units. o_weight [H, n_q d]; v moments [n_kv d].
+    """
+    n_q = o_weight.shape[1] // head_dim
+    group = n_q // num_kv_heads
+    cov = v_second_moment.to(torch.float64) - torch.outer(v_mean.to(torch.float64), v_mean.to(torch.float64))
+    o = o_weight.detach().to(torch.float64)
+    spread = torch.empty(n_q, dtype=torch.float64)
+    for j in range(n_q):
+        h = j // group
+        o_j = o[:, j * head_dim:(j + 1) * head_dim]                                            # [H, d]
+        block = cov[h * head_dim:(h + 1) * head_dim, h * head_dim:(h + 1) * head_dim]
+        spread[j] = torch.trace(o_j @ block @ o_j.T).clamp_min(0.0)
+    return spread
+
+
+VALUE_HEAD_CORRELATION = 1.0
 
 
 def value_output_metric(o_weight: torch.Tensor, num_kv_heads: int, head_dim: int,

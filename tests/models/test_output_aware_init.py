@@ -11,7 +11,7 @@ from kvforge.models.calibration import collect_statistics
 from kvforge.models.surgery import SurgeryError, SurgerySettings, compress
 from kvforge.models.surgery.linalg import factorize
 from kvforge.models.surgery.low_rank import (
-    key_output_metric, lag_averaged_rotation, rope_lag_moments, value_output_metric,
+    key_output_metric, lag_averaged_rotation, rope_lag_moments, value_output_metric, value_spread,
 )
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, HIDDEN = 4, 6, 3, 8, 48
@@ -158,15 +158,26 @@ def test_value_metric_is_the_o_proj_output_error_for_independent_or_alike_query_
         value_output_metric(o_weight[:, :-1], KV_HEADS, HEAD_DIM)
 
 
+def test_value_spread_is_the_o_proj_output_variance_of_the_values():
+    g = torch.Generator().manual_seed(2)
+    o_weight = torch.randn(HIDDEN, HEADS * HEAD_DIM, generator=g, dtype=torch.float64)
+    values = torch.randn(500, KV_DIMS, generator=g, dtype=torch.float64) @ torch.randn(KV_DIMS, KV_DIMS, generator=g, dtype=torch.float64) + 3.0
+    spread = value_spread(o_weight, values.T @ values / len(values), values.mean(0), KV_HEADS, HEAD_DIM)
+    centred = (values - values.mean(0)).view(-1, KV_HEADS, HEAD_DIM)
+    for j in range(HEADS):
+        outputs = centred[:, j // (HEADS // KV_HEADS)] @ o_weight[:, j * HEAD_DIM:(j + 1) * HEAD_DIM].T
+        assert float(spread[j]) == pytest.approx(float(outputs.pow(2).sum(1).mean()), rel=1e-10)
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_output_aware_is_exact_at_full_rank(kind):
+@pytest.mark.parametrize("init", ["output_aware", "output_aware_values"])
+def test_output_aware_is_exact_at_full_rank(kind, init):
     model = tiny(kind=kind)
     probe = structured_rows(2, 40, seed=7)
-    result = compress(model, low_rank(KV_DIMS, KV_DIMS), structured_rows(8, 32, seed=1),
-                      settings={**QUIET, "init": "output_aware"})
+    result = compress(model, low_rank(KV_DIMS, KV_DIMS), structured_rows(8, 32, seed=1), settings={**QUIET, "init": init})
     with torch.no_grad():
         assert (result.model(probe).logits - model(probe).logits).abs().max().item() < 1e-4
-    assert all(entry["init"] == "output_aware" for entry in result.report["layers"])
+    assert all(entry["init"] == init for entry in result.report["layers"])
 
 
 def test_output_aware_never_loses_to_the_pca_on_its_own_objective():
@@ -191,16 +202,19 @@ def test_output_aware_never_loses_to_the_pca_on_its_own_objective():
         assert weighted_error(aware) <= weighted_error(plain) * (1 + 1e-9)
 
 
-@pytest.mark.parametrize("k_rank,v_rank", [(6, 24), (24, 12), (8, 12)])
-def test_output_aware_lowers_every_layers_attention_output_error(k_rank, v_rank):
+@pytest.mark.parametrize("init,k_rank,v_rank", [("output_aware", 6, 24), ("output_aware", 24, 12),
+                                                ("output_aware", 8, 12), ("output_aware_values", 24, 12),
+                                                ("output_aware_values", 24, 6)])
+def test_output_aware_lowers_every_layers_attention_output_error(init, k_rank, v_rank):
+    # Held-out rows, each layer fed the original's input; the same ranks for both inits.
     model = loud_but_unread(tiny())
     calibration, held_out = structured_rows(16, 64, seed=1), structured_rows(4, 64, seed=2)
     errors = {}
-    for init in ("pca", "output_aware"):
+    for name in ("pca", init):
         compressed = compress(model, low_rank(k_rank, v_rank), calibration,
-                              settings={**QUIET, "init": init, "context_tokens": 64}).model
-        errors[init] = layer_output_errors(model, compressed, held_out)
-    for layer, (pca, aware) in enumerate(zip(errors["pca"], errors["output_aware"])):
+                              settings={**QUIET, "init": name, "context_tokens": 64}).model
+        errors[name] = layer_output_errors(model, compressed, held_out)
+    for layer, (pca, aware) in enumerate(zip(errors["pca"], errors[init])):
         assert aware < 0.8 * pca, (layer, errors)
 
 
@@ -208,7 +222,7 @@ def test_greedy_budget_holds_under_the_output_aware_objective():
     model = tiny()
     spec = low_rank(12, 12)
     original = LAYERS * 2 * KV_DIMS * 2
-    for init in ("pca", "output_aware"):
+    for init in ("pca", "output_aware", "output_aware_values"):
         result = compress(model, spec, structured_rows(8, 32, seed=1),
                           settings={**QUIET, "init": init, "rank_allocation": "greedy", "budget_fraction": 0.25})
         assert result.report["spec_kv_bytes_per_token"] == original * 0.25
@@ -216,7 +230,7 @@ def test_greedy_budget_holds_under_the_output_aware_objective():
 
 
 def test_bad_init_names_the_key_and_the_choices():
-    with pytest.raises(SurgeryError, match=r"surgery.init='svd' is not one of \('pca', 'output_aware'\)"):
+    with pytest.raises(SurgeryError, match=r"surgery.init='svd' is not one of \('pca', 'output_aware', 'output_aware_values'\)"):
         SurgerySettings.from_dict({"init": "svd"})
     with pytest.raises(SurgeryError, match="did you mean 'init'"):
         SurgerySettings.from_dict({"inti": "pca"})
