@@ -844,9 +844,10 @@ def teacher_sample_rows(model: Any, ts: TeacherSamplesConfig, n_samples: int, sa
     [ts.temperature_min, ts.temperature_max], then top_p; `ts.suppress_eos` bans the separator and the model's
     eos, else the model may end a document and begin the next one inside a sample, as packed text does.
 
-    Deterministic for `ts.seed` (and `ts.batch_size`, `ts.dtype`, the device): what each sample gets comes from
-    one numpy generator, and generate() runs under a torch RNG seeded per batch, inside `fork_rng` so the
-    caller's RNG is left as it was.
+    Deterministic for `ts.seed` (and `ts.batch_size`, `ts.dtype`) on CPU: what each sample gets comes from one
+    numpy generator, and generate() runs under a torch RNG seeded per batch, inside `fork_rng` so the caller's RNG
+    is left as it was. On a GPU, CUDA kernels are not bitwise deterministic and a resampling can differ (seen on
+    an H200); the cache is what makes reruns and ranks read the same tokens.
     """
     from transformers import GenerationConfig
 
