@@ -12,11 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+# The same tiny models as the modeling tests (biases drawn non-zero, per-head non-contiguous rotary dims);
+# tests/models is on pytest's import path.
+from test_modeling_kvforge import HEAD_DIM, build
+
 from kvforge.models import modeling_kvforge as mk
-from kvforge.models.configuration_kvforge import KVForgeConfig
 from kvforge.models.modeling_kvforge import (
     KVForgeAttention,
-    KVForgeForCausalLM,
     KeyRotary,
     kv_attention,
     partial_rope_attention,
@@ -30,9 +32,6 @@ from kvforge.models.modeling_kvforge import (
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
-TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-            vocab_size=128, max_position_embeddings=256)
-HEAD_DIM = 16
 TOL = 2e-5
 # window 5 with 2 sinks over 14 tokens: rows 0-4 see everything before them, later rows lose keys at the window's
 # edge while keeping the two sinks
@@ -49,24 +48,6 @@ SPECS = {
     "kv_sharing": [PARTIAL, {"kv_from": 0}, {**WINDOW, **PRE}, {**WINDOW, "kv_from": 2},
                    {**WINDOW, "probs_from": 2, "kv_proj": "low_rank", "v_rank": 8}, {"probs_from": 0}],
 }
-
-
-def build(layers, attn_implementation, seed=0) -> KVForgeForCausalLM:
-    torch.manual_seed(seed)
-    config = KVForgeConfig(**TINY, num_hidden_layers=len(layers), initializer_range=0.1, eos_token_id=None,
-                           pad_token_id=0, compression={"layers": layers})
-    model = KVForgeForCausalLM(config)
-    model.set_attn_implementation(attn_implementation)
-    with torch.no_grad():
-        for name, param in model.named_parameters():  # init zeroes biases; make them matter
-            if name.endswith("bias"):
-                param.normal_(0, 0.1)
-        for module in model.modules():  # partial layers: a per-head, non-contiguous rotary choice
-            if hasattr(module, "rope_index"):
-                pairs = module.rope_index.shape[1]
-                module.rope_index.copy_(torch.stack([torch.randperm(HEAD_DIM // 2)[:pairs].sort().values
-                                                     for _ in range(module.rope_index.shape[0])]))
-    return model
 
 
 def reference_attend(self, shared, query, cos, sin, plan, need_probs, dropout, handoff=None):

@@ -14,12 +14,10 @@ the middle of a save, and the exit code / stderr of a bad explicit resume. The 2
 
 import ast
 import contextlib
-import importlib.util
 import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,6 +26,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import yaml
+from ports import free_port
 
 from kvforge.trainer import checkpoint as ckpt
 from kvforge.trainer.train import Faults
@@ -37,28 +36,6 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs/tiny-llama.yaml"
 # Small and fast: no eval during training, no export unless a test needs it, no W&B.
 QUICK = ["training.eval_every=0", "checkpoint.export_hf=false", "logging.wandb=disabled"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def launcher():
-    """launch/train.py's main() in this process, as a world of one; the process group goes at the end."""
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
-            mp.setenv(key, value)
-        mp.delenv("KVFORGE_FAULT", raising=False)
-        spec = importlib.util.spec_from_file_location("kvforge_launch_train", REPO / "launch/train.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module.main
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 class Outcome:

@@ -6,14 +6,12 @@ changed, then 2 steps training everything. Weights are compared checkpoint to ch
 parameter must come back bit for bit.
 """
 
-import importlib.util
 import json
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
+from ports import free_port
 from safetensors.torch import load_file
 
 from kvforge.trainer.config import ConfigError, load_config
@@ -29,27 +27,6 @@ STAGES = "training.stages=[{steps: 2, train: new}, {steps: 2, train: all}]"
 RUN = ["training.max_steps=4", STAGES, "training.warmup_steps=2", "training.distill_temperature=2.0",
        "checkpoint.save_every=1", "checkpoint.keep_last=10", "checkpoint.export_hf=false", "logging.wandb=disabled",
        "eval.at_start=false"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def launcher():
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
-            mp.setenv(key, value)
-        mp.delenv("KVFORGE_FAULT", raising=False)
-        spec = importlib.util.spec_from_file_location("kvforge_launch_train", REPO / "launch/train.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module.main
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def run(main, run_dir, *overrides, fault=None):

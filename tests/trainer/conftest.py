@@ -1,0 +1,26 @@
+"""Fixtures of the trainer tests that start launch/train.py in-process."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+from ports import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def launcher():
+    """launch/train.py's main() in this process, as a world of one; the process group goes at the end."""
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
+            mp.setenv(key, value)
+        mp.delenv("KVFORGE_FAULT", raising=False)
+        spec = importlib.util.spec_from_file_location("kvforge_launch_train", REPO / "launch/train.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        yield module.main
+    if dist.is_initialized():
+        dist.destroy_process_group()
