@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from .. import atomic
+from ..models.calibration import CalibrationError
 from ..models.configuration_kvforge import CompressionSpecError
 from ..models.loading import ModelLoadError
 from ..models.presets import PresetError
@@ -51,7 +52,7 @@ from .tracking import RunLogger
 # Errors that mean "this input cannot work" (config, data, checkpoint, model, compression spec): the
 # launcher reports them in one line without a traceback. Anything else is a bug and keeps its traceback.
 BAD_INPUT_ERRORS = (ConfigError, DataError, ckpt.CheckpointError, ModelLoadError, CompressionSpecError,
-                    SurgeryError, PresetError)
+                    SurgeryError, PresetError, CalibrationError)
 # Set by tests only: the faults to inject (see Faults), and where to write the final logits of a fixed batch.
 FAULT_ENV = "KVFORGE_FAULT"
 DUMP_LOGITS_ENV = "KVFORGE_DUMP_LOGITS"

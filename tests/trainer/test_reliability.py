@@ -315,6 +315,14 @@ def test_tokenizer_larger_than_the_model_vocabulary_is_a_clear_error(launcher, t
     assert_one_line_error(outcome, "has 49152 tokens but model 'smollm2-135m-instruct' embeds only vocab_size=1000")
 
 
+def test_a_calibration_larger_than_the_data_is_a_one_line_error(launcher, tmp_path):
+    corpus = write_corpus(tmp_path / "corpus", {f"d{i}.txt": f"Document {i}. " + PROSE * 2 for i in range(6)})
+    outcome = run_in_process(launcher, tmp_path / "run", f"data.source={corpus}", "data.max_documents=null",
+                             f"data.cache_dir={tmp_path / 'cache'}", "compression.calibration.tokens=10000000",
+                             config=REPO / "configs/tiny-compressed.yaml")
+    assert_one_line_error(outcome, "calibration asks for 10000000 tokens", "lower the calibration tokens")
+
+
 def test_misspelt_deepspeed_key_is_refused_instead_of_ignored(launcher, tmp_path):
     outcome = run_in_process(launcher, tmp_path / "run", "deepspeed.config={zero_optimisation: {stage: 3}}")
     assert_one_line_error(outcome, "unknown config key 'deepspeed.config.zero_optimisation': DeepSpeed would "
