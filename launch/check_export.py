@@ -1,6 +1,6 @@
 """Check exported kvforge directories under the transformers installed here, without kvforge.
 
-    python -I launch/check_export.py EXPORT_DIR [EXPORT_DIR ...] [--json results.json]
+    python -I launch/check_export.py EXPORT_DIR [EXPORT_DIR ...] [--device cuda] [--dtype bfloat16] [--json out.json]
 
 What users meet when their transformers differs from the one an export was made with (transformers 5.24 renamed
 the argument generate() passes the cache under, and exported models decoded garbage while their training and
@@ -29,15 +29,21 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
-def check_directory(directory: Path) -> dict:
-    model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True).eval()
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_directory(directory: Path, device: str = "cpu", dtype: str = "auto") -> dict:
+    model = AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True, dtype=DTYPES[dtype])
+    model = model.to(device).eval()
     modeling = sys.modules[type(model).__module__]
     if not hasattr(modeling, "check_cached_decoding"):
         raise RuntimeError(f"{directory} was exported before kvforge bundled check_cached_decoding; re-export it")
-    result = {"directory": str(directory), "decoding": modeling.check_cached_decoding(model)}
+    result = {"directory": str(directory), "dtype": str(model.dtype).removeprefix("torch."),
+              "kernels": getattr(modeling, "fused_attention", None) is not None,
+              "decoding": modeling.check_cached_decoding(model)}
 
     tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=True)
-    inputs = tokenizer("The capital of France is", return_tensors="pt")
+    inputs = tokenizer("The capital of France is", return_tensors="pt").to(device)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=8, do_sample=False, return_dict_in_generate=True,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
@@ -49,7 +55,7 @@ def check_directory(directory: Path) -> dict:
     pyramid = (model.config.compression or {}).get("inference", {}).get("pyramid")
     if pyramid:
         prompt = torch.randint(3, model.config.vocab_size, (1, 4 * pyramid["budget"]),
-                               generator=torch.Generator().manual_seed(0))
+                               generator=torch.Generator().manual_seed(0)).to(device)
         with torch.no_grad():
             out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False,
                                  return_dict_in_generate=True, pad_token_id=0)
@@ -65,6 +71,9 @@ def check_directory(directory: Path) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("directories", type=Path, nargs="+")
+    parser.add_argument("--device", default="cpu", help="where to run the model (default: cpu; e.g. cuda)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
+                        help="load the weights in this dtype (default: auto, as exported)")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     if importlib.util.find_spec("kvforge") is not None:  # the export must stand on its own
@@ -76,12 +85,13 @@ def main(argv=None) -> int:
     results = []
     for directory in args.directories:
         try:
-            result = check_directory(directory)
+            result = check_directory(directory, args.device, args.dtype)
         except Exception as error:  # one line naming the version, the directory and what broke
             print(f"compat: transformers {version}: {directory.name}: FAILED: {type(error).__name__}: {error}")
             return 1
         decoding = result["decoding"]
-        line = (f"compat: transformers {version}: {directory.name}: ok: cached == uncached greedy over "
+        line = (f"compat: transformers {version}: {directory.name} ({args.device}, {result['dtype']}): ok: "
+                f"cached == uncached greedy over "
                 f"{decoding['rows']} x {decoding['steps']} steps (max margin {decoding['max_margin']:.2g}), cache "
                 f"{decoding['cache_bytes']} bytes == spec")
         if "pyramid" in result:

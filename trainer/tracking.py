@@ -91,17 +91,23 @@ class RunLogger:
     def log(self, metrics: dict[str, Any], step: int) -> None:
         if self.rank != 0:
             return
-        with open(self.metrics_file, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._append(metrics, step)
         if self.run is not None:
             self.run.log(metrics, step=step)
 
     def summarize(self, metrics: dict[str, Any], step: int) -> None:
         """Facts about the run rather than the step (the model's KV bytes per token, ...): a metrics.jsonl record
-        at `step`, and the W&B run summary, where runs are compared side by side (by budget, say)."""
-        self.log(metrics, step=step)
+        at `step`, and the W&B run summary, where runs are compared side by side (by budget, say). Not a W&B
+        history row: a resumed run would log its start step a second time."""
+        if self.rank != 0:
+            return
+        self._append(metrics, step)
         if self.run is not None:
             self.run.summary.update(metrics)
+
+    def _append(self, metrics: dict[str, Any], step: int) -> None:
+        with open(self.metrics_file, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
 
     def finish(self) -> None:
         if self.run is not None:

@@ -768,19 +768,13 @@ def test_build_mixes_sources_with_weights_and_interleaves_their_eval_rows(tmp_pa
 # A training run on a mix with teacher samples (launch/train.py in this process, a world of one)
 
 
-def test_a_run_on_teacher_samples_mixed_with_docstrings_says_and_logs_how_often_it_read_each_source(tmp_path):
+def test_a_run_on_teacher_samples_mixed_with_docstrings_says_and_logs_how_often_it_read_each_source(
+        launcher, tmp_path):
     import contextlib
-    import importlib.util
     import io
-    import socket
 
-    import torch.distributed as dist
     from kvforge.trainer.tracking import read_metrics
 
-    repo = REPO_CONFIGS.parent
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     common = ["--config", str(REPO_CONFIGS / "tiny-llama.yaml"), f"run.output_dir={tmp_path / 'run'}",
               "training.eval_every=0", "checkpoint.export_hf=false", "logging.wandb=disabled",
               "checkpoint.resume=never", "checkpoint.save_every=0", f"data.cache_dir={tmp_path / 'cache'}",
@@ -791,36 +785,23 @@ def test_a_run_on_teacher_samples_mixed_with_docstrings_says_and_logs_how_often_
     def run(*overrides):
         out, err = io.StringIO(), io.StringIO()
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = main([*common, *overrides])
+            rc = launcher([*common, *overrides])
         return rc, out.getvalue(), err.getvalue()
 
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
-            mp.setenv(key, value)
-        mp.delenv("KVFORGE_FAULT", raising=False)
-        spec = importlib.util.spec_from_file_location("kvforge_launch_train_data", repo / "launch/train.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        main = module.main
-        try:
-            # 2048 tokens in 64-token samples: 32 samples, 28 train rows; 8 steps x 2 x 2 rows, half of them
-            # teacher samples = 16 rows: 0.57 epochs, no repeat.
-            rc, out, err = run("training.max_steps=8")
-            assert rc == 0, (out[-3000:], err[-3000:])
-            assert "'teacher-samples': {'source': 'teacher-samples'" in out and "'cache_hit': False" in out
-            assert "data: 8 steps will read teacher-samples 0.571 times, stdlib-docstrings" in out
-            assert "data: 8 steps read teacher-samples 0.571 times" in out and "no source repeats" in out
-            final = read_metrics(tmp_path / "run", "data/epochs/teacher-samples")
-            assert final[8]["data/epochs/teacher-samples"] == pytest.approx(16 / 28)
-            assert final[8]["data/repeated_sources"] == 0
-            # Longer, the teacher samples would repeat: refused without data.repeat (the samples come from the cache).
-            rc, out, err = run("training.max_steps=16", "data.repeat=false", f"run.output_dir={tmp_path / 'r2'}")
-            assert rc == 2 and "16 steps would read 'teacher-samples' 1.14 times" in err, (out[-2000:], err[-2000:])
-            assert "'cache_hit': False" not in out
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+    # 2048 tokens in 64-token samples: 32 samples, 28 train rows; 8 steps x 2 x 2 rows, half of them
+    # teacher samples = 16 rows: 0.57 epochs, no repeat.
+    rc, out, err = run("training.max_steps=8")
+    assert rc == 0, (out[-3000:], err[-3000:])
+    assert "'teacher-samples': {'source': 'teacher-samples'" in out and "'cache_hit': False" in out
+    assert "data: 8 steps will read teacher-samples 0.571 times, stdlib-docstrings" in out
+    assert "data: 8 steps read teacher-samples 0.571 times" in out and "no source repeats" in out
+    final = read_metrics(tmp_path / "run", "data/epochs/teacher-samples")
+    assert final[8]["data/epochs/teacher-samples"] == pytest.approx(16 / 28)
+    assert final[8]["data/repeated_sources"] == 0
+    # Longer, the teacher samples would repeat: refused without data.repeat (the samples come from the cache).
+    rc, out, err = run("training.max_steps=16", "data.repeat=false", f"run.output_dir={tmp_path / 'r2'}")
+    assert rc == 2 and "16 steps would read 'teacher-samples' 1.14 times" in err, (out[-2000:], err[-2000:])
+    assert "'cache_hit': False" not in out
 
 
 def test_static_cache_and_a_bfloat16_copy_sample_without_touching_the_teacher(tmp_path, tokenizer, tiny_teacher):
