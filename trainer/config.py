@@ -142,6 +142,10 @@ class TrainingConfig:
     grad_clip: float = 1.0
     precision: str = "bf16"
     gradient_checkpointing: bool = False
+    # torch.compile the student (through its DeepSpeed engine) and the teacher, in place: parameter names and
+    # checkpoints are unchanged, the losses equal eager ones to float rounding (tests/trainer/test_reliability.py).
+    # The first steps pay the compilation; whether it pays after that is measured per model and device.
+    compile: bool = False
     # Distillation from the original (uncompressed) model: loss = (1 - w) * CE + w * T^2 * KL(teacher || student).
     distill_weight: float = 0.0
     distill_temperature: float = 1.0

@@ -510,6 +510,8 @@ def start_stage(model: torch.nn.Module, stage: Stage, new: set[str], cfg: Config
                                       eps=t.eps, fused=device.type == "cuda")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                            model_parameters=None if optimizer else model.parameters())
+    if t.compile:
+        engine.compile()  # the wrapped module's forward, in place (names and checkpoints unchanged)
     return engine
 
 
@@ -612,6 +614,8 @@ def build_teacher(cfg: Config, device: torch.device):
                                  init=cfg.model.init, config_overrides=dict(cfg.model.config) or None,
                                  device=device)
     teacher.requires_grad_(False)
+    if cfg.training.compile:
+        teacher.compile()  # in place: Module.compile keeps the module (and its names)
     return teacher.eval()
 
 
