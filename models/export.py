@@ -277,8 +277,8 @@ def export_model(
     `model` itself is exported: LoRA is merged into it, it is cast to `dtype` and a PyramidKV default goes
     into its config, in place (a copy would double the memory of a large model); pass a copy to keep yours.
 
-    pyramid: PyramidKV settings stored as the export-time default `compression.inference.pyramid` (KVForge
-        models only; a plain model must be converted first, e.g. launch/compress.py with an all-dense spec).
+    pyramid: PyramidKV settings stored as the export-time default `compression.inference.pyramid`; a plain
+        Llama / Mistral / Qwen2 model is converted to the equivalent all-dense KVForge model first (`as_kvforge`).
     evaluations: result dicts (launch/evaluate.py --json, or {"task": "run_eval", ...}) shown in the card.
     measure_tokens: positions of the generate() whose cache is measured (KVForge models; 0 skips it).
     decoding_steps: greedy steps of the check that cached decoding picks the tokens the uncached model prefers
@@ -300,9 +300,7 @@ def export_model(
     model = merge_lora(model).eval()
     is_kvforge = getattr(model.config, "model_type", None) == "kvforge"
     if pyramid is not None and not is_kvforge:
-        raise ExportError("a PyramidKV default needs a KVForge model; convert this "
-                          f"{getattr(model.config, 'model_type', '?')} model first (launch/compress.py, any spec "
-                          "including the all-dense one)")
+        model, is_kvforge = as_kvforge(model), True
     if measure_tokens < 0 or measure_tokens == 1:
         raise ExportError(f"measure_tokens={measure_tokens}: expected 0 (no measurement) or at least 2")
     # Decoding is checked in the dtype the model arrives in (training's, usually fp32: the tightest tolerance,
@@ -600,6 +598,22 @@ def kv_cache_summary(model: torch.nn.Module, measure_tokens: int) -> dict[str, A
                                "bytes_per_token": measured["bytes_per_token"],
                                "original_bytes": summary["original_bytes_per_token"] * tokens}
     return summary
+
+
+def as_kvforge(model: torch.nn.Module) -> torch.nn.Module:
+    """A plain Llama / Mistral / Qwen2 model as the KVForge model of the same computation (every layer global,
+    dense K/V: the `standard` preset, an exact conversion that needs no calibration), so a PyramidKV default
+    can live in its config and its generate() can compact the cache. Holds a second copy of the weights while
+    it is built."""
+    from kvforge.models.presets import build_preset
+    from kvforge.models.surgery import SurgeryError, compress
+
+    try:
+        return compress(model, build_preset("standard", model.config), None,
+                        settings={"show_progress": False}).model.eval()
+    except SurgeryError as error:
+        raise ExportError(f"a PyramidKV default needs a KVForge model, and this "
+                          f"{getattr(model.config, 'model_type', '?')} model cannot be converted to one: {error}")
 
 
 def check_decoding(model: torch.nn.Module, steps: int) -> dict[str, Any]:

@@ -314,6 +314,30 @@ def test_a_plain_model_exports_as_a_plain_directory(tmp_path, tokenizer):
     assert "An uncompressed model" in (tmp_path / "plain" / "README.md").read_text()
 
 
+def test_a_plain_llama_exports_with_a_pyramid_default_through_the_cli(tmp_path, tokenizer):
+    """PyramidKV needs no manual conversion: export turns a plain Llama into the all-dense KVForge model (the
+    same logits) whose config carries the default, and a plain generate() compacts its cache."""
+    model = tiny_llama()
+    model.save_pretrained(tmp_path / "llama")
+    tokenizer.save_pretrained(tmp_path / "llama")
+    proc = subprocess.run([sys.executable, str(REPO / "launch/export.py"), "--model", str(tmp_path / "llama"),
+                           "--out", str(tmp_path / "out"), "--dtype", "float32", "--pyramid-budget", "24",
+                           "--pyramid-sinks", "2"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == "kvforge" and config["compression"]["inference"]["pyramid"]["budget"] == 24
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(IDS).logits, model(IDS).logits, rtol=0, atol=1e-5)
+        prompt = torch.randint(3, 49152, (1, 96), generator=torch.Generator().manual_seed(0))
+        out = loaded.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=3, do_sample=False,
+                              return_dict_in_generate=True, pad_token_id=0)
+    cache = sys.modules[type(loaded).__module__].generated_cache(out)
+    assert cache.pyramid is not None and cache.pyramid.compacted
+    assert cache.cache_bytes() < loaded.config.kv_cache_bytes(cache.get_seq_length(), torch.float32)
+
+
 def test_export_pretrained_reads_any_model_kvforge_loads(tmp_path, tokenizer):
     model = tiny_kvforge()
     model.save_pretrained(tmp_path / "src")
@@ -424,8 +448,6 @@ def test_bad_sources_and_destinations_say_what_is_wrong(tmp_path, tokenizer):
     model = tiny_llama()
     with pytest.raises(ExportError, match="dtype 'fp8': expected one of float32, bfloat16, float16"):
         export_model(model, tokenizer, tmp_path / "out", dtype="fp8")
-    with pytest.raises(ExportError, match="a PyramidKV default needs a KVForge model"):
-        export_model(model, tokenizer, tmp_path / "out", pyramid={"budget": 64})
     with pytest.raises(ExportError, match="pyramid.budget=4 is smaller than window"):
         export_model(tiny_kvforge(), tokenizer, tmp_path / "out", pyramid={"budget": 4})
     export_model(model, tokenizer, tmp_path / "out")
