@@ -191,24 +191,6 @@ def perplexity(model, rows, batch_size: int) -> dict[str, float]:
     return {**result, "seconds": round(time.perf_counter() - started, 1)}
 
 
-def measure_original_kv_bytes(model, input_ids, dtype) -> dict[str, Any]:
-    """The original HF model's KV cache after a real generate(): bytes of its DynamicCache's tensors."""
-    import torch
-
-    from kvforge.models.modeling_kvforge import generated_cache
-
-    with torch.no_grad():
-        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=4,
-                             min_new_tokens=4, do_sample=False, return_dict_in_generate=True,
-                             pad_token_id=model.config.pad_token_id or 0)
-    cache = generated_cache(out)
-    per_layer = [layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
-                 for layer in cache.layers]
-    tokens = cache.get_seq_length()
-    return {"tokens": tokens, "total_bytes": sum(per_layer), "bytes_per_token": sum(per_layer) / tokens,
-            "per_layer_bytes_per_token": [b / tokens for b in per_layer]}
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.list_presets:
@@ -227,8 +209,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from kvforge.models.loading import document_separator_id, load_pretrained
     from kvforge.models.surgery import (
-        Geometry, compress, measure_generate_kv_bytes, needs_statistics, original_kv_bytes_per_token,
-        parse_compression,
+        Geometry, compress, measure_generate_kv_bytes, measure_original_kv_bytes, needs_statistics,
+        original_kv_bytes_per_token, parse_compression,
     )
 
     torch.manual_seed(0)
@@ -264,7 +246,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if rows is not None:
             original["perplexity"] = perplexity(model, rows, args.eval_batch_size)
             print(f"original perplexity {original['perplexity']['perplexity']:.3f} ({original['perplexity']['seconds']} s)")
-        original["measured"] = measure_original_kv_bytes(model.to(measure_dtype), prompt, measure_dtype)
+        original["measured"] = measure_original_kv_bytes(model.to(measure_dtype), prompt)
         model.to(torch.float32)
         original_path.parent.mkdir(parents=True, exist_ok=True)
         original_path.write_text(json.dumps(original))

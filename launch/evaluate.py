@@ -283,26 +283,17 @@ def add_suite_arguments(parser: argparse.ArgumentParser) -> None:
                             "original); plot_results.py draws the first two as reference lines")
 
 
-def _launch_module(name: str) -> Any:
-    """A sibling script of launch/ as a module (launch/ is not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"kvforge_launch_{name}", Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def measure_kv_cache(model: Any, input_ids: Any, dtype: str) -> dict[str, Any]:
     """Bytes per token of the cache a real greedy generate() allocates, next to the original architecture's.
 
     KVForge models: the cache's own accounting (models.surgery.measure_generate_kv_bytes); plain HF models:
-    the tensors of their DynamicCache (launch/compress.py's measure_original_kv_bytes). The model is cast to
+    the tensors of their DynamicCache (models.surgery.measure_original_kv_bytes). The model is cast to
     `dtype` for this and left there.
     """
     import torch
 
-    from kvforge.models.surgery import Geometry, measure_generate_kv_bytes, original_kv_bytes_per_token
+    from kvforge.models.surgery import (Geometry, measure_generate_kv_bytes, measure_original_kv_bytes,
+                                        original_kv_bytes_per_token)
     from kvforge.trainer.evaluation import is_kvforge
 
     torch_dtype = getattr(torch, dtype)
@@ -312,7 +303,7 @@ def measure_kv_cache(model: Any, input_ids: Any, dtype: str) -> dict[str, Any]:
         measured = measure_generate_kv_bytes(model, input_ids, max_new_tokens=4)
         how = "KVForgeCache.cache_bytes() after generate()"
     else:
-        measured = _launch_module("compress").measure_original_kv_bytes(model, input_ids, torch_dtype)
+        measured = measure_original_kv_bytes(model, input_ids)
         how = "tensors of the DynamicCache generate() returned"
     original = original_kv_bytes_per_token(Geometry.of(model.config), dtype)
     return {"bytes_per_token": measured["bytes_per_token"], "total_bytes": measured["total_bytes"],

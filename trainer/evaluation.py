@@ -14,7 +14,6 @@ import hashlib
 import inspect
 import math
 import os
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -22,6 +21,8 @@ from typing import Any, Optional, Union
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from kvforge import atomic
 
 # Logits are turned into float32 log-probabilities this many elements at a time: a batch of 4 x 512
 # SmolLM2 logits is 100M values (400 MB in float32), and bf16 logits cast whole would double that.
@@ -267,15 +268,12 @@ def plain_text_source(source: str, stage_root: Path) -> tuple[str, Optional[dict
         raise FileNotFoundError(f"data source {source!r} holds no text files: {binary} binary files, nothing "
                                 f"with a {'/'.join(SUPPORTED_SUFFIXES)} suffix")
     staged = Path(stage_root) / hashlib.sha256(str(root).encode()).hexdigest()[:16]
-    tmp = staged.with_name(f".{staged.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    for file, real in texts:
-        rel = file.name if path.is_file() else file.relative_to(path).as_posix()
-        link = tmp / f"{rel}.txt"
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(real)
-    shutil.rmtree(staged, ignore_errors=True)  # the listing may have changed since the last call: rebuilt
-    os.replace(tmp, staged)
+    with atomic.directory(staged) as tmp:  # rebuilt each call: the listing may have changed since the last
+        for file, real in texts:
+            rel = file.name if path.is_file() else file.relative_to(path).as_posix()
+            link = tmp / f"{rel}.txt"
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(real)
     return str(staged), {"staged_from": str(root), "staged_as": str(staged), "files": len(texts),
                          "skipped_binary": binary}
 

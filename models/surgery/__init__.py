@@ -796,6 +796,26 @@ def build_compressed_model(base_model: nn.Module, spec_dict_or_preset: Any,
 
 
 @torch.no_grad()
+def measure_original_kv_bytes(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 4) -> dict[str, Any]:
+    """A plain HF model's KV cache after a real greedy generate(): the bytes of its DynamicCache's tensors.
+
+    Returns {"tokens", "total_bytes", "bytes_per_token", "per_layer_bytes_per_token": [L]}, the keys
+    `measure_generate_kv_bytes` returns for KVForge models.
+    """
+    from ..modeling_kvforge import generated_cache
+
+    out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                         min_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True,
+                         pad_token_id=model.config.pad_token_id or 0)
+    cache = generated_cache(out)
+    per_layer = [layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+                 for layer in cache.layers]
+    tokens = cache.get_seq_length()
+    return {"tokens": tokens, "total_bytes": sum(per_layer), "bytes_per_token": sum(per_layer) / tokens,
+            "per_layer_bytes_per_token": [b / tokens for b in per_layer]}
+
+
+@torch.no_grad()
 def measure_generate_kv_bytes(model: nn.Module, input_ids: torch.Tensor, max_new_tokens: int = 4) -> dict[str, Any]:
     """Run a real greedy generate() and read the bytes of the cache tensors it allocated.
 
