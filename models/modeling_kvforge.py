@@ -699,14 +699,21 @@ def kv_attention(query, key, value, mask, scaling, *, need_probs=False, dropout=
     return _weighted_values(_dropout(probs, dropout), value), (probs if need_probs else None)
 
 
-def pre_rope_latent_kv(k_latent, v_latent, k_up, v_up, key_rotary):
-    """Pre-RoPE latents [B, S, Rk], [B, S, Rv] -> key [B, K, S, D] (rotated), value [B, K, S, D]: one GEMM each
-    for all heads, then RoPE at the keys' positions."""
+def pre_rope_latent_keys(k_latent, k_up, key_rotary):
+    """Pre-RoPE key latents [B, S, Rk] -> keys [B, K, S, D]: one GEMM for all heads, then RoPE at the keys'
+    positions."""
     batch, slots, _ = k_latent.shape
     key_cos, key_sin = key_rotary.tables()
     key = k_up(k_latent).view(batch, slots, -1, key_cos.shape[-1]).transpose(1, 2)  # [B, K, S, D]
-    value = v_up(v_latent).view(batch, slots, key.shape[1], -1).transpose(1, 2)  # [B, K, S, D]
-    return apply_rotary(key, key_cos[:, None], key_sin[:, None]), value
+    return apply_rotary(key, key_cos[:, None], key_sin[:, None])
+
+
+def pre_rope_latent_kv(k_latent, v_latent, k_up, v_up, key_rotary):
+    """Pre-RoPE latents [B, S, Rk], [B, S, Rv] -> key [B, K, S, D] (rotated), value [B, K, S, D]."""
+    key = pre_rope_latent_keys(k_latent, k_up, key_rotary)
+    batch, heads, slots, _ = key.shape
+    value = v_up(v_latent).view(batch, slots, heads, -1).transpose(1, 2)  # [B, K, S, D]
+    return key, value
 
 
 def partial_rope_kv(k_rope, kv_latent, k_up, v_up, rope_index, head_dim):
@@ -743,15 +750,12 @@ def pre_rope_latent_attention(query, k_latent, v_latent, k_up, v_up, key_rotary,
     Keys are rebuilt and rotated here: RoPE sits between q and k_up, so k_up cannot fold into the query.
     The value up-projection is absorbed (`_latent_values`) by default for one query token (decode).
     """
-    batch, heads, group, length, dim = query.shape
-    slots = k_latent.shape[1]
+    length = query.shape[3]
     absorb = (length == 1) if absorb is None else absorb
     if not absorb:
         key, value = pre_rope_latent_kv(k_latent, v_latent, k_up, v_up, key_rotary)
         return kv_attention(query, key, value, mask, scaling, need_probs=need_probs, dropout=dropout, use_sdpa=use_sdpa)
-    key_cos, key_sin = key_rotary.tables()
-    key = k_up(k_latent).view(batch, slots, heads, dim).transpose(1, 2)  # [B, K, S, D]
-    key = apply_rotary(key, key_cos[:, None], key_sin[:, None])
+    key = pre_rope_latent_keys(k_latent, k_up, key_rotary)  # [B, K, S, D]
     probs = _masked_softmax(_scores(query, key) * scaling, mask, query.dtype)
     return _latent_values(_dropout(probs, dropout), v_latent, v_up, absorb=True), (probs if need_probs else None)
 
