@@ -70,10 +70,9 @@ class TeacherSamplesConfig:
     batch_size: int = 32
     # auto: bfloat16 on a GPU, the teacher's own dtype on CPU.
     dtype: str = "auto"
-    # transformers' static KV cache for generate(), which then compiles the decode step on a GPU (not on CPU).
-    # On an H200: 2.3x the tokens/s at 256 x 2048 after a ~40 s compile (docs/TRAINING.md); off by default
-    # because it only slows a CPU run down.
-    static_cache: bool = False
+    # static: kvforge's sampler (trainer/sampling.py): a preallocated KV cache, each decode step one CUDA graph on
+    # a GPU; Llama, Mistral and Qwen2 teachers. generate: transformers' generate(). auto: static where supported.
+    engine: str = "auto"
 
 
 @dataclass
@@ -563,6 +562,8 @@ def check_teacher_samples(ts: TeacherSamplesConfig, seq_len: int) -> None:
     if not 0 < ts.top_p <= 1:
         _fail("data.teacher_samples.top_p", ts.top_p, "a probability in (0, 1] (1 disables nucleus sampling)")
     if not 0 <= ts.seed < 2**63:
+    if ts.engine not in ("auto", "static", "generate"):
+        _fail("data.teacher_samples.engine", ts.engine, "one of auto, static, generate")
         _fail("data.teacher_samples.seed", ts.seed, "an integer in [0, 2**63)")
     if ts.batch_size < 1:
         _fail("data.teacher_samples.batch_size", ts.batch_size, "a positive number of samples per generate() call")

@@ -767,7 +767,7 @@ def _write_cache(path: Path, key: str, key_material: dict, data: PackedData) -> 
 # Teacher samples: a training corpus the original model writes itself
 
 # Bump when sampling changes what a given cache key holds.
-TEACHER_SAMPLES_VERSION = 1
+TEACHER_SAMPLES_VERSION = 2  # 2: batches grouped by prompt length; the static engine
 
 
 def teacher_identity(model_cfg: Any, run_seed: int) -> dict[str, Any]:
@@ -833,6 +833,22 @@ def _generation_dtype(setting: str, model: Any) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[setting]
 
 
+def _static_sampler(model: Any, ts: TeacherSamplesConfig, sample_len: int) -> Any:
+    """kvforge's static-cache sampler for `ts.engine` (auto: when the model is supported), or None for generate()."""
+    from .sampling import StaticCacheSampler, unsupported_reason
+
+    if ts.engine == "generate":
+        return None
+    reason = unsupported_reason(model, sample_len)
+    if reason is not None:
+        if ts.engine == "static":
+            raise DataError(f"data.teacher_samples.engine = 'static' cannot sample from this teacher: {reason}; "
+                            "use engine: generate (or auto)")
+        logger.info("teacher-samples: generate() samples (the static engine does not fit: %s)", reason)
+        return None
+    return StaticCacheSampler(model, ts.batch_size, sample_len)
+
+
 def teacher_sample_rows(model: Any, ts: TeacherSamplesConfig, n_samples: int, sample_len: int, separator_id: int,
                         prefixes: Sequence[np.ndarray] = (), show_progress: bool = True,
                         ) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -875,46 +891,43 @@ def teacher_sample_rows(model: Any, ts: TeacherSamplesConfig, n_samples: int, sa
         return [separator_id, *tokens[start:start + ts.prefix_tokens].tolist()]
 
     samples = torch.empty(n_samples, sample_len, dtype=torch.int32)
+    # Batches hold prompts of one length (prefixed ones first), so no row is padded and, in the static engine,
+    # every row sits at the same position.
+    batches = [group[first:first + ts.batch_size] for group in (np.flatnonzero(prefixed), np.flatnonzero(~prefixed))
+               for first in range(0, len(group), ts.batch_size)]
+    static = _static_sampler(sampler, ts, sample_len)
     started = time.perf_counter()
     generated_tokens = 0
     forked = [device] if device.type == "cuda" else []
     with torch.no_grad(), tqdm(total=n_samples * sample_len, unit="tok", unit_scale=True, desc="teacher samples",
                                delay=2.0, disable=not show_progress) as bar:
-        for batch, first in enumerate(range(0, n_samples, ts.batch_size)):
-            indices = range(first, min(first + ts.batch_size, n_samples))
-            prompts = [prompt(i) for i in indices]
-            width = max(len(p) for p in prompts)
-            # Left padding: every row's next token comes right after its own prompt.
-            input_ids_BP = torch.tensor([[separator_id] * (width - len(p)) + p for p in prompts], device=device)
-            mask_BP = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-            new_tokens = sample_len - min(len(p) for p in prompts)
-            config = GenerationConfig(
-                do_sample=True, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                # Our warper does temperature and top-p; transformers' own (and the model's defaults) stay off.
-                temperature=1.0, top_p=1.0, top_k=0,
-                # No eos: generation never stops early; a sampled separator simply starts the next document.
-                eos_token_id=[], pad_token_id=separator_id,
-                cache_implementation="static" if ts.static_cache else None)
-            warper = _SampleWarper(torch.tensor(temperatures[first:first + len(prompts)], dtype=torch.float32),
-                                   ts.top_p, sorted(banned))
+        for batch, indices in enumerate(batches):
+            prompt_BP = torch.tensor([prompt(i) for i in indices], device=device)
+            new_tokens = sample_len - prompt_BP.shape[1]
+            warper = _SampleWarper(torch.tensor(temperatures[indices], dtype=torch.float32), ts.top_p, sorted(banned))
             with torch.random.fork_rng(devices=forked):
                 torch.manual_seed(int(_unit_hash(f"teacher-samples\x00{ts.seed}\x00{batch}") * 2**62))
-                output_BL = sampler.generate(input_ids=input_ids_BP, attention_mask=mask_BP, generation_config=config,
-                                             logits_processor=[warper])
-            for row, (i, p) in enumerate(zip(indices, prompts)):
-                # This row's prompt (unpadded) and the first sample_len - len(p) tokens it generated.
-                tokens = output_BL[row, width - len(p):width - len(p) + sample_len]
-                if tokens.numel() != sample_len:
-                    raise RuntimeError(f"generate() returned {tokens.numel()} tokens for sample {i}, expected "
-                                       f"{sample_len}")
-                samples[i] = tokens.to("cpu", torch.int32)
-            generated_tokens += new_tokens * len(prompts)
-            bar.update(len(prompts) * sample_len)
+                if static is not None:
+                    output_BL = static.sample(prompt_BP, new_tokens, lambda scores: warper(None, scores))
+                else:
+                    config = GenerationConfig(
+                        do_sample=True, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                        # Our warper does temperature and top-p; transformers' own (and the model's defaults) off.
+                        temperature=1.0, top_p=1.0, top_k=0,
+                        # No eos: generation never stops early; a sampled separator starts the next document.
+                        eos_token_id=[], pad_token_id=separator_id)
+                    output_BL = sampler.generate(input_ids=prompt_BP, attention_mask=torch.ones_like(prompt_BP),
+                                                 generation_config=config, logits_processor=[warper])
+            if output_BL.shape[1] != sample_len:
+                raise RuntimeError(f"the sampler returned {output_BL.shape[1]} tokens per sample, expected {sample_len}")
+            samples[torch.from_numpy(indices)] = output_BL.to("cpu", torch.int32)
+            generated_tokens += new_tokens * len(indices)
+            bar.update(len(indices) * sample_len)
     sampler.train(was_training)
     seconds = time.perf_counter() - started
     stats = {"samples": n_samples, "sample_len": sample_len, "prefixed_samples": int(prefixed.sum()),
              "sampled_separators": int((samples[:, 1:] == separator_id).sum()),
-             "sample_dtype": str(dtype).split(".")[-1],
+             "sample_dtype": str(dtype).split(".")[-1], "engine": "generate" if static is None else "static",
              "sample_seconds": round(seconds, 3),
              "sample_tokens_per_s": round(generated_tokens / seconds, 1) if seconds > 0 else None}
     return samples, stats

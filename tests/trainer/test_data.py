@@ -804,14 +804,20 @@ def test_a_run_on_teacher_samples_mixed_with_docstrings_says_and_logs_how_often_
     assert "'cache_hit': False" not in out
 
 
-def test_static_cache_and_a_bfloat16_copy_sample_without_touching_the_teacher(tmp_path, tokenizer, tiny_teacher):
+def test_the_static_engine_samples_what_generate_samples_and_a_bfloat16_copy_leaves_the_teacher_alone(
+        tmp_path, tokenizer, tiny_teacher):
     from kvforge.trainer.config import TeacherSamplesConfig
 
-    ts = TeacherSamplesConfig(batch_size=4, seed=5, top_p=0.9)
-    dynamic, _ = data.teacher_sample_rows(tiny_teacher, ts, 6, 12, EOS, show_progress=False)
-    static, _ = data.teacher_sample_rows(tiny_teacher, dataclasses.replace(ts, static_cache=True), 6, 12, EOS,
-                                         show_progress=False)
-    assert torch.equal(dynamic, static)
+    # Prefixed and unprefixed prompts, a last batch shorter than batch_size.
+    ts = TeacherSamplesConfig(batch_size=4, seed=5, top_p=0.9, prefix_fraction=0.5, prefix_tokens=3,
+                              prefix_source="unused")
+    prefixes = [torch.arange(10, 30).numpy()]
+    by_generate, stats = data.teacher_sample_rows(tiny_teacher, dataclasses.replace(ts, engine="generate"), 10, 12,
+                                                  EOS, prefixes, show_progress=False)
+    assert stats["engine"] == "generate" and 0 < stats["prefixed_samples"] < 10
+    by_static, stats = data.teacher_sample_rows(tiny_teacher, ts, 10, 12, EOS, prefixes, show_progress=False)
+    assert stats["engine"] == "static"
+    assert torch.equal(by_generate, by_static)
     half, stats = data.teacher_sample_rows(tiny_teacher, dataclasses.replace(ts, dtype="bfloat16"), 6, 12, EOS,
                                            show_progress=False)
     assert stats["sample_dtype"] == "bfloat16" and half.shape == (6, 12)
