@@ -35,6 +35,7 @@ import torch
 import transformers
 
 from kvforge import atomic
+from kvforge.suggest import close_matches
 
 EXPORT_MANIFEST = "kvforge_export.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -233,9 +234,7 @@ def _tied_keys(model: torch.nn.Module) -> set[str]:
 
 
 def _close_keys(key: str, keys: Iterable[str]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(key, list(keys), n=1, cutoff=0.8)
+    close = close_matches(key, keys, cutoff=0.8)
     return f"closest: {close[0]!r}" if close else "no similar key"
 
 

@@ -32,7 +32,6 @@ attention modules, whose layouts it knows.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import fcntl
 import hashlib
 import importlib.util
@@ -50,6 +49,7 @@ from urllib.parse import urlparse
 import torch
 
 from kvforge import atomic
+from kvforge.suggest import did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -416,10 +416,8 @@ def _apply_overrides(config: Any, overrides: Mapping[str, Any], name: str) -> No
     known = set(config.to_dict()) | {k for k in dir(config) if not k.startswith("_")}
     for key, value in overrides.items():
         if key not in known:
-            close = difflib.get_close_matches(key, sorted(known), n=3)
-            hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
             raise ModelLoadError(f"config override {key!r} is not a field of {type(config).__name__} "
-                                 f"(model {name!r}){hint}")
+                                 f"(model {name!r}){did_you_mean(key, sorted(known), n=3)}")
         current = getattr(config, key, None)
         # The override must be of the field's kind: a size given as "abc" would otherwise surface as a
         # traceback deep inside the model's constructor. (bool is an int subclass: keep them apart.)

@@ -43,6 +43,8 @@ import math
 import re
 from typing import Any, Callable, Optional
 
+from kvforge.suggest import did_you_mean
+
 PAPER_LAYERS = 24  # the depth of the MixAttention paper's models, whose layouts the MA presets scale
 
 
@@ -304,11 +306,7 @@ def build_preset(name: str, model_config: Any, **arguments: Any) -> Any:
         PresetError: an unknown preset (with the closest names) or an argument it does not take.
     """
     if name not in PRESETS:
-        import difflib
-
-        close = difflib.get_close_matches(name, PRESETS, n=3)
-        hint = f"; did you mean {close}?" if close else ""
-        raise PresetError(f"unknown preset {name!r}{hint} Known presets: {preset_names()}")
+        raise PresetError(f"unknown preset {name!r}{did_you_mean(name, PRESETS, n=3)} Known presets: {preset_names()}")
     fn = PRESETS[name]
     params = inspect.signature(fn).parameters
     unknown = sorted(set(arguments) - set(params))

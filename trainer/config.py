@@ -7,7 +7,6 @@ to the run, so a run can always be reproduced from its own directory.
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import os
@@ -17,6 +16,8 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from kvforge.suggest import did_you_mean
 
 
 class ConfigError(ValueError):
@@ -300,8 +301,7 @@ def _check_keys(user: Any, schema: type, prefix: str, source: str) -> None:
     for key, value in user.items():
         path = f"{prefix}{key}"
         if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
-            hint = f"; did you mean '{prefix}{close[0]}'?" if close else f"; known keys: {', '.join(known)}"
+            hint = did_you_mean(key, known, prefix=prefix) or f"; known keys: {', '.join(known)}"
             raise ConfigError(f"unknown config key '{path}' {source}{hint}")
         sub = hints[key]
         if is_dataclass(sub):
@@ -336,10 +336,8 @@ def _check_section_list(value: Any, section: type, path: str, source: str) -> No
             raise ConfigError(f"config key '{path}' {source}: entry {i} = {entry!r}: expected a mapping, e.g. {example}")
         for key, sub_value in entry.items():
             if key not in known:
-                close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
-                hint = f"; did you mean '{close[0]}'?" if close else ""
                 raise ConfigError(f"config key '{path}' {source}: entry {i} has the unknown key {key!r} (known keys: "
-                                  f"{', '.join(known)}){hint}")
+                                  f"{', '.join(known)}){did_you_mean(key, known)}")
             # OmegaConf would report a bad value here by the field's name alone ('steps'), not by the list key.
             expected = {int: "an integer", str: "a string"}.get(hints[key])
             if expected and (isinstance(sub_value, bool) or not isinstance(sub_value, hints[key])):
@@ -432,9 +430,7 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
-            close = difflib.get_close_matches(str(value), allowed, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            _fail(key, value, f"one of {', '.join(allowed)}{hint}")
+            _fail(key, value, f"one of {', '.join(allowed)}{did_you_mean(value, allowed, paren=True)}")
 
     t = cfg.training
     positive = {
@@ -521,9 +517,8 @@ def _validate_stages(cfg: Config) -> None:
         if isinstance(stage.steps, bool) or not isinstance(stage.steps, int) or not 0 < stage.steps < 2**63:
             _fail(f"{key}.steps", stage.steps, "a positive number of optimizer steps")
         if stage.train not in STAGE_TRAIN:
-            close = difflib.get_close_matches(str(stage.train), STAGE_TRAIN, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            _fail(f"{key}.train", stage.train, f"one of {', '.join(STAGE_TRAIN)}{hint}")
+            _fail(f"{key}.train", stage.train,
+                  f"one of {', '.join(STAGE_TRAIN)}{did_you_mean(stage.train, STAGE_TRAIN, paren=True)}")
         if stage.train != "all" and not cfg.compression:
             _fail(f"{key}.train", stage.train, "'all' without a compression section (no parameter is new: surgery "
                   "creates them)")
@@ -562,13 +557,13 @@ def check_teacher_samples(ts: TeacherSamplesConfig, seq_len: int) -> None:
     if not 0 < ts.top_p <= 1:
         _fail("data.teacher_samples.top_p", ts.top_p, "a probability in (0, 1] (1 disables nucleus sampling)")
     if not 0 <= ts.seed < 2**63:
-    if ts.engine not in ("auto", "static", "generate"):
-        _fail("data.teacher_samples.engine", ts.engine, "one of auto, static, generate")
         _fail("data.teacher_samples.seed", ts.seed, "an integer in [0, 2**63)")
     if ts.batch_size < 1:
         _fail("data.teacher_samples.batch_size", ts.batch_size, "a positive number of samples per generate() call")
     if ts.dtype not in ("auto", "bfloat16", "float16", "float32"):
         _fail("data.teacher_samples.dtype", ts.dtype, "one of auto, bfloat16, float16, float32")
+    if ts.engine not in ("auto", "static", "generate"):
+        _fail("data.teacher_samples.engine", ts.engine, "one of auto, static, generate")
     if not 0 <= ts.prefix_fraction <= 1:
         _fail("data.teacher_samples.prefix_fraction", ts.prefix_fraction, "a fraction in [0, 1]")
     sample_len = ts.sample_len or seq_len
@@ -755,8 +750,7 @@ def check_deepspeed_config(ds: dict) -> None:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         raise ConfigError(f"config key 'deepspeed.config' is rejected by DeepSpeed: {'; '.join(lines[:3])}") from None
     for key in sorted(set(ds) - recorded.read):
-        close = difflib.get_close_matches(key, sorted(recorded.read), n=1, cutoff=0.6)
-        hint = f"; did you mean 'deepspeed.config.{close[0]}'?" if close else ""
+        hint = did_you_mean(key, sorted(recorded.read), prefix="deepspeed.config.")
         raise ConfigError(f"unknown config key 'deepspeed.config.{key}': DeepSpeed would ignore it{hint}")
 
 

@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from transformers.initialization import no_init_weights
 
+from kvforge.suggest import did_you_mean
+
 from ..calibration import CalibrationStatistics, collect_statistics
 from ..configuration_kvforge import CompressionSpec, KVForgeConfig, LayerSpec, dtype_num_bytes
 from . import head_merging, kv_sharing, low_rank, rank_allocation, shared_attention
@@ -95,10 +97,7 @@ class SurgerySettings:
         names = [f.name for f in fields(cls)]
         unknown = sorted(set(data) - set(names))
         if unknown:
-            import difflib
-
-            hints = {k: difflib.get_close_matches(k, names, n=1) for k in unknown}
-            hint = "; ".join(f"{k!r} (did you mean {v[0]!r}?)" if v else repr(k) for k, v in hints.items())
+            hint = "; ".join(f"{k!r}{did_you_mean(k, names, paren=True)}" for k in unknown)
             raise SurgeryError(f"unknown surgery settings {hint}; known: {names}")
         settings = cls(**data)
         settings.validate()
@@ -754,10 +753,7 @@ def parse_compression(section: Any, model_config: Any) -> tuple[CompressionSpec,
     section = dict(section)
     unknown = sorted(set(section) - set(COMPRESSION_KEYS))
     if unknown:
-        import difflib
-
-        hints = {k: difflib.get_close_matches(k, COMPRESSION_KEYS, n=1) for k in unknown}
-        hint = "; ".join(f"{k!r} (did you mean {v[0]!r}?)" if v else repr(k) for k, v in hints.items())
+        hint = "; ".join(f"{k!r}{did_you_mean(k, COMPRESSION_KEYS, paren=True)}" for k in unknown)
         raise SurgeryError(f"compression: unknown key(s) {hint}; allowed: {list(COMPRESSION_KEYS)}")
     if ("preset" in section) == ("layers" in section):
         raise SurgeryError("compression needs exactly one of `preset` (a preset name) or `layers` (one entry per layer)")
