@@ -94,6 +94,12 @@ def dtype_num_bytes(dtype: torch.dtype | str) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def head_dim_of(config) -> int:
+    """A model config's attention head size: its `head_dim` where set, else hidden_size / attention heads
+    (Llama, Mistral and Qwen2 configs may leave head_dim unset)."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 @dataclass
 class LayerSpec:
     """How one decoder layer attends and what it caches. See the module docstring for the fields."""
@@ -499,8 +505,7 @@ class KVForgeConfig(PretrainedConfig):
     base_model_type: str = "llama"
 
     def __post_init__(self, **kwargs):
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
+        self.head_dim = head_dim_of(self)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         super().__post_init__(**kwargs)
@@ -572,7 +577,7 @@ class KVForgeConfig(PretrainedConfig):
             num_hidden_layers=b.num_hidden_layers,
             num_attention_heads=b.num_attention_heads,
             num_key_value_heads=b.num_key_value_heads,
-            head_dim=getattr(b, "head_dim", None) or b.hidden_size // b.num_attention_heads,
+            head_dim=head_dim_of(b),
             hidden_act=b.hidden_act,
             max_position_embeddings=b.max_position_embeddings,
             initializer_range=b.initializer_range,

@@ -35,6 +35,7 @@ import torch
 import transformers
 
 from kvforge import atomic
+from kvforge.models.configuration_kvforge import head_dim_of
 from kvforge.suggest import close_matches
 
 EXPORT_MANIFEST = "kvforge_export.json"
@@ -717,7 +718,7 @@ def model_card(model, tokenizer, kv_cache: dict, evaluations: list[dict], source
         source.get("kind"), json.dumps(source))
     lines += [f"- Source: {where}", f"- Architecture: {base}, {config.num_hidden_layers} layers, "
               f"{config.num_attention_heads} query heads, {config.num_key_value_heads} KV heads, head_dim "
-              f"{getattr(config, 'head_dim', None) or config.hidden_size // config.num_attention_heads}, "
+              f"{head_dim_of(config)}, "
               f"{num_parameters:,} parameters, weights in {dtype}", ""]
     lines += ["## KV cache", "", "| | bytes / token |", "| --- | --- |",
               f"| original {base} ({kv_cache['dtype']}) | {original:,} |"]

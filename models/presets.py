@@ -45,6 +45,8 @@ from typing import Any, Callable, Optional
 
 from kvforge.suggest import did_you_mean
 
+from .configuration_kvforge import head_dim_of
+
 PAPER_LAYERS = 24  # the depth of the MixAttention paper's models, whose layouts the MA presets scale
 
 
@@ -316,10 +318,7 @@ def build_preset(name: str, model_config: Any, **arguments: Any) -> Any:
     call = dict(arguments)
     for param, attr in MODEL_ARGUMENTS.items():
         if param in params and param not in call:
-            value = getattr(model_config, attr, None)
-            if value is None and attr == "head_dim":
-                value = model_config.hidden_size // model_config.num_attention_heads
-            call[param] = value
+            call[param] = head_dim_of(model_config) if attr == "head_dim" else getattr(model_config, attr, None)
     spec = fn(**call)
     from .surgery import Geometry
 

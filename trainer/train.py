@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from .. import atomic
 from ..models.calibration import CalibrationError
-from ..models.configuration_kvforge import CompressionSpecError
+from ..models.configuration_kvforge import CompressionSpecError, head_dim_of
 from ..models.loading import ModelLoadError
 from ..models.presets import PresetError
 from ..models.surgery import SurgeryError
@@ -292,8 +292,7 @@ def flops_per_token(model: torch.nn.Module, cfg: Config) -> float:
     """6N for the weights plus the attention scores (PaLM's estimate), for MFU."""
     n = sum(p.numel() for p in model.parameters())
     mc = model.config
-    head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
-    return 6 * n + 12 * mc.num_hidden_layers * mc.num_attention_heads * head_dim * cfg.data.seq_len
+    return 6 * n + 12 * mc.num_hidden_layers * mc.num_attention_heads * head_dim_of(mc) * cfg.data.seq_len
 
 
 def peak_memory_gib(device: torch.device) -> float:

@@ -31,7 +31,7 @@ from transformers.initialization import no_init_weights
 from kvforge.suggest import did_you_mean
 
 from ..calibration import CalibrationStatistics, collect_statistics
-from ..configuration_kvforge import CompressionSpec, KVForgeConfig, LayerSpec, dtype_num_bytes
+from ..configuration_kvforge import CompressionSpec, KVForgeConfig, LayerSpec, dtype_num_bytes, head_dim_of
 from . import head_merging, kv_sharing, low_rank, rank_allocation, shared_attention
 from .linalg import discarded_energy, pair_energy, rank_for_energy
 
@@ -155,9 +155,8 @@ class Geometry:
 
     @classmethod
     def of(cls, config: Any) -> "Geometry":
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return cls(config.num_hidden_layers, config.num_attention_heads,
-                   config.num_key_value_heads or config.num_attention_heads, head_dim, config.hidden_size)
+                   config.num_key_value_heads or config.num_attention_heads, head_dim_of(config), config.hidden_size)
 
     @property
     def kv_dims(self) -> int:
