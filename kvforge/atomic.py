@@ -41,17 +41,26 @@ def fsync_tree(root: str | os.PathLike) -> None:
         fsync_dir(dirpath)
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Replace the file at `path` with `text` atomically."""
+@contextlib.contextmanager
+def file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path` to write (e.g. with torch.save); on success it replaces `path` in
+    one rename. On an exception the temporary file is removed and `path` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}{TMP_INFIX}{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Replace the file at `path` with `text` atomically."""
+    with file(path) as tmp:
+        tmp.write_text(text)
 
 
 def sha256_file(path: str | os.PathLike) -> str:

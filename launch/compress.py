@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--measure-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                    help="dtype of the generate() run whose cache is measured (default: %(default)s)")
     p.add_argument("--cache-dir", default=None, help="where calibration statistics and original perplexities are cached")
-    p.add_argument("--out", type=Path, default=None, help="output directory (save_pretrained + tokenizer + report)")
+    p.add_argument("--out", type=Path, default=None, help="output directory (save_pretrained + tokenizer + report), "
+                   "written beside it and renamed in: an earlier output there is replaced as a whole")
     p.add_argument("--json", type=Path, default=None, help="also write the report to this file")
     p.add_argument("--list-presets", action="store_true", help="print the preset names and exit")
     return p
@@ -142,6 +143,7 @@ def calibration_statistics(model, tokenizer, separator: int, *, model_key: dict,
     """Collect (or read back) the statistics; attention maps are cached separately (they are optional)."""
     import torch
 
+    from kvforge import atomic
     from kvforge.models.calibration import (
         STATISTICS_VERSION, CalibrationStatistics, attention_divergence, collect_statistics, load_calibration_rows,
     )
@@ -168,7 +170,8 @@ def calibration_statistics(model, tokenizer, separator: int, *, model_key: dict,
             if rows is None:
                 rows = load_calibration_rows(tokenizer, separator, source=source, tokens=tokens, seq_len=seq_len)
             stats.attention_divergence = attention_divergence(model, rows[:attention_rows], metric=attention_metric)
-            torch.save(stats.attention_divergence, map_path)
+            with atomic.file(map_path) as tmp:
+                torch.save(stats.attention_divergence, tmp)
         stats.attention_metric, stats.attention_rows = attention_metric, attention_rows
     return stats
 
@@ -204,9 +207,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     for flag, value in (("--eval-rows", args.eval_rows), ("--eval-seq-len", args.eval_seq_len - 1)):
         if value < 0 or (flag == "--eval-seq-len" and value < 1):
             raise SystemExit(f"error: {flag} is out of range")
+    if args.out is not None:
+        args.out = args.out.expanduser().resolve()
+        if args.out.exists() and not (args.out / "surgery_report.json").is_file() and (
+                not args.out.is_dir() or any(args.out.iterdir())):
+            raise SystemExit(f"error: --out {args.out} exists and is not an earlier launch/compress.py output (no "
+                             "surgery_report.json); it would be replaced as a whole: choose another directory")
 
     import torch
 
+    from kvforge import atomic
     from kvforge.models.loading import document_separator_id, load_pretrained
     from kvforge.models.surgery import (
         Geometry, compress, measure_generate_kv_bytes, measure_original_kv_bytes, needs_statistics,
@@ -248,8 +258,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"original perplexity {original['perplexity']['perplexity']:.3f} ({original['perplexity']['seconds']} s)")
         original["measured"] = measure_original_kv_bytes(model.to(measure_dtype), prompt)
         model.to(torch.float32)
-        original_path.parent.mkdir(parents=True, exist_ok=True)
-        original_path.write_text(json.dumps(original))
+        atomic.write_text(original_path, json.dumps(original))
 
     # ---- surgery
     stats = None
@@ -304,14 +313,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         "settings": result.report["settings"],
     }
     if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        compressed.save_pretrained(args.out)
-        tokenizer.save_pretrained(args.out)
-        (args.out / "surgery_report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        with atomic.directory(args.out) as tmp:  # a crash never leaves a half-written starting point
+            compressed.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "surgery_report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         print(f"wrote {args.out}")
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        atomic.write_text(args.json, json.dumps(report, indent=2, default=str) + "\n")
     return 0
 
 

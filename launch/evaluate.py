@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -392,20 +391,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    path = path.expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
 
     import torch
 
+    from kvforge import atomic
     from kvforge.models.loading import ModelLoadError, load_pretrained
     from kvforge.trainer.data import DataError
     from kvforge.trainer.evaluation import TrainingSourceError, check_eval_source
@@ -443,7 +435,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.json is not None:
         payload = {"task": args.task, "model": args.model, "model_loaded_from": model_name, "dtype": args.dtype,
                    "device": device, "model_load_seconds": round(load_seconds, 3), **result}
-        _write_json(args.json, payload)
+        atomic.write_text(args.json.expanduser(), json.dumps(payload, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
 

@@ -36,6 +36,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from kvforge import atomic
+
 ATTENTION_METRICS = ("js", "cosine")
 STATISTICS_VERSION = 1
 
@@ -98,12 +100,9 @@ class CalibrationStatistics:
         return 0.5 * (y_second + y_second.T), y_mean
 
     def save(self, path: str | Path) -> None:
-        """Write to `path` (torch.save of plain tensors and numbers), through a temporary file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        torch.save({"version": STATISTICS_VERSION, **self.__dict__}, tmp)
-        tmp.replace(path)
+        """Write to `path` (torch.save of plain tensors and numbers), atomically."""
+        with atomic.file(path) as tmp:
+            torch.save({"version": STATISTICS_VERSION, **self.__dict__}, tmp)
 
     @classmethod
     def load(cls, path: str | Path) -> "CalibrationStatistics":

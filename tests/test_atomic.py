@@ -50,3 +50,15 @@ def test_sha256_file(tmp_path):
     path = tmp_path / "blob"
     path.write_bytes(b"x" * (3 << 20) + b"tail")
     assert atomic.sha256_file(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_file_replaces_only_when_complete(tmp_path):
+    path = tmp_path / "sub" / "stats.pt"
+    with atomic.file(path) as tmp:
+        tmp.write_bytes(b"one")
+    with pytest.raises(RuntimeError):
+        with atomic.file(path) as tmp:
+            tmp.write_bytes(b"ha")
+            raise RuntimeError("killed mid-write")
+    assert path.read_bytes() == b"one"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["stats.pt"]  # the temporary file is gone

@@ -17,6 +17,7 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from kvforge import atomic
 from kvforge.suggest import did_you_mean
 
 
@@ -397,11 +398,7 @@ def to_dict(cfg: Config) -> dict:
 
 def save_resolved(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically: a half-written config is never read back)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    os.replace(tmp, path)
+    atomic.write_text(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
 
 
 # ---------------------------------------------------------------------------------------------------

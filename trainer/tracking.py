@@ -15,6 +15,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
+from .. import atomic
+
 RUN_ID_FILE = "wandb_run_id.txt"
 
 
@@ -71,8 +73,7 @@ class RunLogger:
             self.run_id = id_file.read_text().strip() or None
         if self.run_id is None:
             self.run_id = uuid.uuid4().hex[:12]
-        id_file.parent.mkdir(parents=True, exist_ok=True)
-        id_file.write_text(self.run_id)
+        atomic.write_text(id_file, self.run_id)
         self.run = wandb.init(
             project=project, entity=entity, name=name, id=self.run_id, resume="allow",
             dir=str(run_dir), mode=self.mode, config=config,
