@@ -203,6 +203,13 @@ class EvalConfig:
     batch_size: int = 4
     # Evaluate before the first step too, so a run's log shows where it started.
     at_start: bool = True
+    # Held-out sources, never trained on (e.g. general prose when training on teacher samples): each source's
+    # eval split (heldout_fraction of its documents, split seed 0, data.seq_len rows, at most
+    # training.eval_batches x batch_size rows) is scored at every eval, logged as eval/heldout/<i>/perplexity;
+    # the same rows `launch/evaluate.py --data <source> --eval-fraction <heldout_fraction> --seq-len <seq_len>`
+    # scores, so an export can be checked against its run.
+    heldout: list[str] = field(default_factory=list)
+    heldout_fraction: float = 0.1
 
 
 @dataclass
@@ -248,6 +255,28 @@ DEFAULT_DEEPSPEED = {
 # Loading
 
 
+def _file_layers(path: Path, seen: tuple[Path, ...]) -> list[DictConfig]:
+    """The YAML at `path`, after the files it names as `base:` (a path relative to it): recipes that differ in
+    one section share the rest. A mapping merges key by key into its base; a list or value replaces it."""
+    if not path.is_file():
+        where = f" (the base of {seen[-1]})" if seen else ""
+        raise ConfigError(f"config file '{path}'{where} does not exist")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file '{path}' is its own base: {' -> '.join(map(str, [*seen, path]))}")
+    try:
+        file_cfg = OmegaConf.load(path)
+    except Exception as e:  # yaml errors come in many types
+        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+    if not isinstance(file_cfg, DictConfig):
+        raise ConfigError(f"config file '{path}' must hold a mapping at the top, got {type(file_cfg).__name__}")
+    base = file_cfg.pop("base", None)
+    if base is not None and not isinstance(base, str):
+        _fail("base", base, f"the path of a config file, relative to {path}")
+    _check_keys(OmegaConf.to_container(file_cfg), Config, "", source=f"in {path}")
+    layers = [] if base is None else _file_layers(path.parent / base, (*seen, path.resolve()))
+    return [*layers, file_cfg]
+
+
 def load_config(path: Optional[str | os.PathLike] = None, overrides: list[str] = ()) -> Config:
     """Defaults <- YAML at `path` <- dotlist `overrides`; validated; returns a plain `Config`.
 
@@ -255,19 +284,7 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: list[str] =
         ConfigError: for an unreadable file, an unknown key, a wrong type, an out-of-range value or
             an impossible combination.
     """
-    layers = []
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file '{path}' does not exist")
-        try:
-            file_cfg = OmegaConf.load(path)
-        except Exception as e:  # yaml errors come in many types
-            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
-        if not isinstance(file_cfg, DictConfig):
-            raise ConfigError(f"config file '{path}' must hold a mapping at the top, got {type(file_cfg).__name__}")
-        _check_keys(OmegaConf.to_container(file_cfg), Config, "", source=f"in {path}")
-        layers.append(file_cfg)
+    layers = [] if path is None else _file_layers(Path(path), ())
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override '{item}' must look like key.sub=value")
@@ -476,6 +493,7 @@ def validate(cfg: Config) -> None:
     if t.warmup_steps > t.max_steps:
         _fail("training.warmup_steps", t.warmup_steps, f"at most training.max_steps ({t.max_steps})")
     _validate_stages(cfg)
+    _validate_heldout(cfg)
     if not 0 < cfg.data.eval_fraction < 1:
         _fail("data.eval_fraction", cfg.data.eval_fraction, "a fraction strictly between 0 and 1")
     if cfg.data.max_documents is not None and cfg.data.max_documents < 2:
@@ -503,6 +521,19 @@ def validate(cfg: Config) -> None:
         _fail("checkpoint.resume", resume, "auto, never, or the path of a checkpoint directory (run_dir/"
               "checkpoints/step_N); that path is not a directory")
     resolve_deepspeed(cfg, world_size=1)  # raises for an invalid DeepSpeed section
+
+
+def _validate_heldout(cfg: Config) -> None:
+    """eval.heldout: sources the run does not train on (a held-out source in the training data measures
+    memorisation), and a heldout_fraction strictly between 0 and 1."""
+    e = cfg.eval
+    if not 0 < e.heldout_fraction < 1:
+        _fail("eval.heldout_fraction", e.heldout_fraction, "a fraction strictly between 0 and 1")
+    trained = {cfg.data.source, *(entry.source for entry in cfg.data.mix)} - {None}
+    for i, source in enumerate(e.heldout):
+        if source in trained or source == TEACHER_SAMPLES:
+            _fail(f"eval.heldout[{i}]", source, f"a source the run does not train on (training reads "
+                  f"{sorted(trained)})")
 
 
 def _validate_stages(cfg: Config) -> None:

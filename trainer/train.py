@@ -687,6 +687,55 @@ def build_data(cfg: Config, tokenizer, model, rank: int, world: int, load_teache
     return packed
 
 
+def heldout_name(source: str) -> str:
+    """A held-out source's name in metrics: a local path's last component, else the source as given."""
+    return Path(source).name if Path(source).expanduser().exists() else source
+
+
+def build_heldout(cfg: Config, tokenizer, model, rank: int, world: int) -> dict[str, torch.Tensor]:
+    """eval.heldout: each source's eval rows, packed as `launch/evaluate.py --task perplexity` packs them (plain
+    text folders such as Debian's fortunes staged the same way), by rank 0 first."""
+    from kvforge.models.loading import document_separator_id
+
+    from .data import build_packed_datasets, default_cache_dir
+    from .evaluation import plain_text_source
+
+    sep = document_separator_id(tokenizer, model.config)
+    cache_root = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
+
+    def build(show_progress: bool) -> dict[str, torch.Tensor]:
+        rows = {}
+        for i, source in enumerate(cfg.eval.heldout):
+            try:
+                read_as, _ = plain_text_source(source, cache_root / "plain-text")
+                settings = {"source": read_as, "seq_len": cfg.data.seq_len, "eval_fraction": cfg.eval.heldout_fraction,
+                            "cache_dir": cfg.data.cache_dir, "seed": 0}
+                eval_rows = build_packed_datasets(settings, tokenizer, sep, show_progress=show_progress).eval
+            except (DataError, FileNotFoundError) as e:
+                raise DataError(f"eval.heldout[{i}] = {source!r}: {e}") from None
+            if len(eval_rows) < world:
+                raise DataError(f"eval.heldout[{i}] = {source!r} has {len(eval_rows)} eval rows of "
+                                f"{cfg.data.seq_len} tokens, fewer than the {world} ranks: raise "
+                                "eval.heldout_fraction or lower data.seq_len")
+            rows[heldout_name(source)] = eval_rows
+        return rows
+
+    return on_rank0_first(rank, lambda: build(True), others=lambda: build(False))
+
+
+def eval_metrics(result: dict) -> dict[str, float]:
+    metrics = {"eval/loss": result["loss"], "eval/perplexity": result["perplexity"]}
+    for name, r in result.get("heldout", {}).items():
+        metrics.update({f"eval/heldout/{name}/loss": r["loss"], f"eval/heldout/{name}/perplexity": r["perplexity"]})
+    return metrics
+
+
+def describe_eval(step: int, result: dict) -> str:
+    text = f"step {step}: eval loss {result['loss']:.4f} perplexity {result['perplexity']:.2f}"
+    heldout = [f"{name} {r['perplexity']:.2f}" for name, r in result.get("heldout", {}).items()]
+    return text + (f"; held-out perplexity: {', '.join(heldout)}" if heldout else "")
+
+
 def data_digest(rows: torch.Tensor) -> str:
     """A hash of the packed training rows: a resumed run must read the same ones."""
     return hashlib.sha256(memoryview(rows.contiguous().numpy()).cast("B")).hexdigest()[:32]
@@ -814,6 +863,7 @@ def train(cfg: Config) -> TrainResult:
     teacher = build_teacher(cfg, device) if t.distill_weight > 0 else None
     packed = build_data(cfg, tokenizer, model, rank, world,
                         load_teacher=lambda: teacher if teacher is not None else build_teacher(cfg, device))
+    heldout = build_heldout(cfg, tokenizer, model, rank, world)
     digest = data_digest(packed.train)
     if resumed is not None and resumed.data_digest not in (None, digest):
         raise ckpt.CheckpointError(
@@ -863,11 +913,16 @@ def train(cfg: Config) -> TrainResult:
         return ckpt.save(engine, ckpt_root, state, cfg.checkpoint.keep_last,
                          before_commit=(lambda: os.kill(os.getpid(), signal.SIGKILL)) if crash else None)
 
+    def run_eval(at_step: int) -> dict:
+        result = evaluate(engine, packed.eval, cfg, rank, world, device)
+        result["heldout"] = {name: evaluate(engine, rows, cfg, rank, world, device) for name, rows in heldout.items()}
+        logger.log(eval_metrics(result), step=at_step)
+        log(describe_eval(at_step, result))
+        return result
+
     last_eval = None
     if cfg.eval.at_start and step == 0:
-        last_eval = evaluate(engine, packed.eval, cfg, rank, world, device)
-        logger.log({"eval/loss": last_eval["loss"], "eval/perplexity": last_eval["perplexity"]}, step=0)
-        log(f"step 0: eval loss {last_eval['loss']:.4f} perplexity {last_eval['perplexity']:.2f}")
+        last_eval = run_eval(0)
 
     wants_hidden = t.loss_from == "hidden" or (t.loss_from == "auto" and teacher is not None)
     head = hidden_loss_head(engine.module, zero_stage) if wants_hidden else None
@@ -995,8 +1050,7 @@ def train(cfg: Config) -> TrainResult:
                 logger.finish()
                 raise TrainingStopped(message)
             if t.eval_every and step % t.eval_every == 0 and step != t.max_steps:
-                last_eval = evaluate(engine, packed.eval, cfg, rank, world, device)
-                logger.log({"eval/loss": last_eval["loss"], "eval/perplexity": last_eval["perplexity"]}, step=step)
+                last_eval = run_eval(step)
             preempted = preemption.agreed(device)
             save_now = cfg.checkpoint.save_every and step % cfg.checkpoint.save_every == 0
             stage_ends = step == stage.end and step < t.max_steps  # the next stage starts from this checkpoint
@@ -1032,9 +1086,7 @@ def train(cfg: Config) -> TrainResult:
         # the last checkpoint is written, and the export below is atomic.
         preemption.restore()
 
-    last_eval = evaluate(engine, packed.eval, cfg, rank, world, device)
-    logger.log({"eval/loss": last_eval["loss"], "eval/perplexity": last_eval["perplexity"]}, step=step)
-    log(f"step {step}: eval loss {last_eval['loss']:.4f} perplexity {last_eval['perplexity']:.2f}")
+    last_eval = run_eval(step)
     epochs = source_epochs(packed, step * t.grad_accum, world, t.micro_batch_size)
     log(describe_epochs(epochs, planned=False, steps=step))
     logger.log(epoch_metrics(epochs), step=step)

@@ -11,7 +11,7 @@ import pytest
 from kvforge.trainer.config import ConfigError, load_config, resolve_deepspeed
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -19,6 +19,23 @@ def test_every_shipped_config_loads_and_validates(path):
     cfg = load_config(path)
     ds = resolve_deepspeed(cfg, world_size=2)
     assert "auto" not in json.dumps(ds)
+
+
+def test_a_recipe_merges_into_its_base_and_bad_bases_are_named(tmp_path):
+    recipe = load_config(REPO / "configs/recovery/lowrank-50.yaml")
+    assert recipe.compression["arguments"]["budget"] == 0.5 and recipe.run.name == "smollm2-lowrank-50"
+    assert recipe.data.teacher_samples.tokens == load_config(REPO / "configs/recovery/base.yaml").data.teacher_samples.tokens
+    assert load_config(REPO / "configs/recovery/finetuned-original.yaml").compression == {}
+    (tmp_path / "a.yaml").write_text("base: b.yaml\ntraining: {lr: 0.1}\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="is its own base"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"missing.yaml' \(the base of .*c.yaml\) does not exist"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("base: c.yaml\ntraning: {lr: 0.1}\n")
+    with pytest.raises(ConfigError, match="traning"):
+        load_config(tmp_path / "d.yaml")
 
 
 def test_file_then_overrides_win():

@@ -1,0 +1,57 @@
+#!/bin/bash
+# Issue 10's recovery runs on one H200, through the product's own commands. From the repo root on the device
+# machine, after setup.sh, in the background so no stage dies at a call boundary:
+#   setsid nohup bash docs/results/recovery-h200/run.sh > ~/kvgpu/pipeline.log 2>&1 < /dev/null &
+# Every finished stage leaves its result in $RES; a rerun skips it. Env: K (work folder), RECIPES, DS, NGPU,
+# EXTRA / CEXTRA (overrides for every run / for compressed runs: the CPU dry run shrinks the job with them),
+# SUITE_ARGS (launch/evaluate.py --task suite options).
+set -u
+K=${K:-$HOME/kvgpu}
+RES=$K/results
+mkdir -p "$RES"
+export KVFORGE_CACHE=$K/cache PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export WANDB_MODE=offline
+GGUF=$K/SmolLM2-135M-Instruct.Q4_1.gguf
+PROSE=$K/fortunes
+DS=${DS:-/tmp/site/bin/deepspeed}
+NGPU=${NGPU:-1}
+read -r -a EXTRA <<< "${EXTRA:-}"
+read -r -a CEXTRA <<< "${CEXTRA:-}"
+read -r -a SUITE <<< "${SUITE_ARGS:---eval-fraction 0.1 --seq-len 2048 --batch-size 8 --max-batches 8 --context-lens 2048 4096 8192 --depths 0,0.25,0.5,0.75,1 --samples 4}"
+
+stamp() { echo "$(date +%T) $*"; }
+
+suite() {  # name model [options]
+  local name=$1 model=$2; shift 2
+  [ -f "$RES/$name.json" ] && return 0
+  stamp "suite $name"
+  python3 launch/evaluate.py --task suite --model "$model" --label "$name" --data "$PROSE" "${SUITE[@]}" "$@" \
+    --json "$RES/$name.json" > "$RES/$name.suite.log" 2>&1 || { stamp "suite $name FAILED"; tail -5 "$RES/$name.suite.log"; }
+}
+
+train() {  # name [overrides]
+  local name=$1 start; shift
+  [ -f "$RES/$name.train.seconds" ] && return 0
+  stamp "train $name"
+  start=$(date +%s)
+  if "$DS" --num_gpus "$NGPU" launch/train.py --config "configs/recovery/$name.yaml" "run.output_dir=$K/runs/$name" \
+      "model.name=$GGUF" "eval.heldout=[$PROSE]" "${EXTRA[@]}" "$@" > "$RES/$name.train.log" 2>&1; then
+    echo $(( $(date +%s) - start )) > "$RES/$name.train.seconds"
+    cp "$K/runs/$name/metrics.jsonl" "$RES/$name.metrics.jsonl"
+    cp "$K/runs/$name/config.yaml" "$RES/$name.config.yaml"
+  else
+    stamp "train $name FAILED"; tail -20 "$RES/$name.train.log"; return 1
+  fi
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$RES/env.txt" 2>/dev/null
+python3 -c "import torch, triton, transformers, deepspeed; print(torch.__version__, triton.__version__, transformers.__version__, deepspeed.__version__)" >> "$RES/env.txt" 2>&1
+suite original "$GGUF" --role original
+for name in ${RECIPES:-lowrank-25 lowrank-50 finetuned-original lowrank-12}; do
+  if [ "$name" = finetuned-original ]; then
+    train "$name" && suite "$name" "$K/runs/$name/hf_model" --role finetuned-original
+  else
+    train "$name" "${CEXTRA[@]}" && suite "$name" "$K/runs/$name"
+  fi
+done
+stamp "ALL DONE"
