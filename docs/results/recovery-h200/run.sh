@@ -10,7 +10,7 @@ K=${K:-$HOME/kvgpu}
 RES=$K/results
 mkdir -p "$RES"
 export KVFORGE_CACHE=$K/cache PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export WANDB_MODE=offline
+export WANDB_MODE=${WANDB_MODE:-disabled}  # the device image has no wandb
 GGUF=$K/SmolLM2-135M-Instruct.Q4_1.gguf
 PROSE=$K/fortunes
 DS=${DS:-/tmp/site/bin/deepspeed}
