@@ -16,8 +16,7 @@ start)
   cat "$K/gguf.part00" .gpu/gguf.part01 > "$K/SmolLM2-135M-Instruct.Q4_1.gguf"
   echo "a1231443440b107ff29f02bdb38c9d0a  $K/SmolLM2-135M-Instruct.Q4_1.gguf" | md5sum -c || exit 1
   # kvforge from a copy of the tree that later calls (which resync the working tree) leave alone.
-  rm -rf "$K/repo" && mkdir -p "$K/repo" && git ls-files -z | xargs -0 cp --parents -t "$K/repo" 2>/dev/null \
-    || tar cf - $(git ls-files 2>/dev/null || echo trainer models kernels launch configs kvforge docs) | tar xf - -C "$K/repo"
+  rm -rf "$K/repo" && mkdir -p "$K/repo" && cp -r trainer models kernels launch configs kvforge docs "$K/repo/" || exit 1
   mkdir -p /tmp/kv/kvforge
   for d in trainer models kernels; do ln -sfn "$K/repo/$d" /tmp/kv/kvforge/$d; done
   cp "$K/repo"/kvforge/*.py /tmp/kv/kvforge/
