@@ -150,6 +150,9 @@ class TrainingConfig:
     # Distillation from the original (uncompressed) model: loss = (1 - w) * CE + w * T^2 * KL(teacher || student).
     distill_weight: float = 0.0
     distill_temperature: float = 1.0
+    # The frozen teacher's dtype. auto: the training precision's (bf16 for bf16, ...), as the student computes; a
+    # float32 teacher made distillation on an H200 3x slower than cross-entropy (docs/results/recovery-h200/).
+    teacher_dtype: str = "auto"
     # hidden: the loss from the final hidden states, a chunk of positions at a time (trainer/losses.py), so the
     # [B, L, V] logits are never held; logits: from the full logits. auto: hidden when distilling (faster and
     # smaller there), logits for cross-entropy alone (faster; hidden saves memory). Measured: docs/TRAINING.md.
@@ -234,6 +237,7 @@ CHOICES = {
     "training.schedule": ("cosine", "linear", "constant"),
     "training.precision": ("bf16", "fp16", "fp32"),
     "training.loss_from": ("auto", "hidden", "logits"),
+    "training.teacher_dtype": ("auto", "float32", "bfloat16", "float16"),
     "logging.wandb": ("auto", "online", "offline", "disabled"),
 }
 ZERO_STAGES = (0, 1, 2, 3)

@@ -604,12 +604,19 @@ def build_model(cfg: Config, ds_config: Optional[dict], run_dir: Path, device="c
     return model, tokenizer
 
 
+def teacher_dtype(cfg: Config) -> str:
+    """training.teacher_dtype, with auto resolved to the dtype the student computes in."""
+    if cfg.training.teacher_dtype != "auto":
+        return cfg.training.teacher_dtype
+    return {"bf16": "bfloat16", "fp16": "float16", "fp32": cfg.model.dtype}[cfg.training.precision]
+
+
 def build_teacher(cfg: Config, device: torch.device):
     """The original model, frozen, for distillation (replicated on every rank: it is never trained)."""
     from kvforge.models.loading import load_pretrained
 
     torch.manual_seed(cfg.run.seed)  # a random-init teacher equals the model the compression started from
-    teacher, _ = load_pretrained(cfg.model.name, gguf_file=cfg.model.gguf_file, dtype=cfg.model.dtype,
+    teacher, _ = load_pretrained(cfg.model.name, gguf_file=cfg.model.gguf_file, dtype=teacher_dtype(cfg),
                                  init=cfg.model.init, config_overrides=dict(cfg.model.config) or None,
                                  device=device)
     teacher.requires_grad_(False)

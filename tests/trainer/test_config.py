@@ -143,3 +143,14 @@ def test_launcher_checks_model_and_compression_before_loading_weights(override, 
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_the_teacher_computes_in_the_training_precision_unless_told():
+    from kvforge.trainer.train import teacher_dtype
+
+    tiny = REPO / "configs/tiny-llama.yaml"
+    assert teacher_dtype(load_config(tiny, ["training.precision=bf16"])) == "bfloat16"
+    assert teacher_dtype(load_config(tiny, ["training.precision=fp32", "model.dtype=float32"])) == "float32"
+    assert teacher_dtype(load_config(tiny, ["training.precision=bf16", "training.teacher_dtype=float32"])) == "float32"
+    with pytest.raises(ConfigError, match="training.teacher_dtype.*one of auto, float32"):
+        load_config(tiny, ["training.teacher_dtype=fp8"])

@@ -836,3 +836,19 @@ def test_checkpoints_from_before_mix_and_teacher_samples_keep_their_resume_signa
     mix = "data.mix=[{source: teacher-samples, weight: 0.7}, {source: stdlib-docstrings, weight: 0.3}]"
     assert resume_signature(load_config(REPO_CONFIGS / "tiny-llama.yaml", [mix]), 2)["data.mix"] == [
         {"source": "teacher-samples", "weight": 0.7}, {"source": "stdlib-docstrings", "weight": 0.3}]
+
+
+def test_the_same_tokenizer_from_another_folder_reads_the_cached_teacher_samples(tmp_path, tokenizer, tiny_teacher):
+    # Every compressed run loads the tokenizer from its own compressed_init folder: the cache must not care.
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(tmp_path / "a")
+    tokenizer.save_pretrained(tmp_path / "b")
+    from_a, from_b = AutoTokenizer.from_pretrained(tmp_path / "a"), AutoTokenizer.from_pretrained(tmp_path / "b")
+    assert from_a.name_or_path != from_b.name_or_path
+    assert data.tokenizer_fingerprint(from_a) == data.tokenizer_fingerprint(from_b)
+    first = data.build_packed_datasets(teacher_settings(tmp_path), from_a, EOS, teacher=teacher_of(tiny_teacher))
+    again = data.build_packed_datasets(teacher_settings(tmp_path), from_b, EOS, teacher=teacher_of(tiny_teacher))
+    assert first.stats["cache_hit"] is False and again.stats["cache_hit"] is True
+    from_b.add_tokens(["<extra>"])
+    assert data.tokenizer_fingerprint(from_a) != data.tokenizer_fingerprint(from_b)
