@@ -145,8 +145,9 @@ def calibration_statistics(model, tokenizer, separator: int, *, model_key: dict,
 
     from kvforge import atomic
     from kvforge.models.calibration import (
-        STATISTICS_VERSION, CalibrationStatistics, attention_divergence, collect_statistics, load_calibration_rows,
+        STATISTICS_VERSION, CalibrationStatistics, attention_divergence, collect_statistics,
     )
+    from kvforge.trainer.calibration_rows import load_calibration_rows
 
     key = {"model": model_key, "source": source, "tokens": tokens, "seq_len": seq_len, "version": STATISTICS_VERSION}
     path = folder / f"moments-{_digest(key)}.pt"

@@ -52,7 +52,8 @@ def main(argv=None) -> int:
     pyramid.add_argument("--pyramid-sinks", type=int, default=None, help="first tokens always kept (default: 4)")
     args = parser.parse_args(argv)
 
-    from kvforge.models.export import ExportError, export_checkpoint, export_pretrained, export_run, read_evaluations
+    from kvforge.models.export import ExportError, export_pretrained, read_evaluations
+    from kvforge.trainer.export_run import export_checkpoint, export_run
 
     pyramid_settings = None
     if args.pyramid_budget is not None:

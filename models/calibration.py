@@ -157,7 +157,8 @@ def collect_statistics(
 
     Args:
         model: a pretrained HF causal LM of the Llama family (q/k/v_proj read the same input).
-        rows: [N, S] token ids (packed real text, e.g. the train split of `trainer.data`).
+        rows: [N, S] token ids (packed real text; the trainer and launch/compress.py pass the train split,
+            kvforge.trainer.calibration_rows.load_calibration_rows).
         batch_size: rows per forward pass.
         attention_rows: how many of the rows to also run with eager attention to compare attention
             maps between layers (0: skip; needed only to choose shared-attention spans).
@@ -264,29 +265,3 @@ def _mean_divergence(p: torch.Tensor, others: torch.Tensor, metric: str) -> torc
     else:
         per_query = 1.0 - torch.nn.functional.cosine_similarity(p.expand_as(others), others, dim=-1)
     return per_query.mean(dim=(-2, -1))
-
-
-def load_calibration_rows(tokenizer: Any, eos_token_id: int, *, source: str, tokens: int, seq_len: int,
-                          cache_dir: Optional[str] = None, show_progress: bool = True) -> torch.Tensor:
-    """The first ceil(tokens / seq_len) packed rows [N, seq_len] of the *train* split of `source`.
-
-    Uses `trainer.data.build_packed_datasets` (same split seed and cache as training), so calibration
-    never sees the eval documents that perplexity is measured on.
-
-    Raises:
-        CalibrationError: tokens/seq_len out of range, or the train split has fewer tokens than asked for.
-    """
-    from kvforge.trainer.data import build_packed_datasets
-
-    if tokens < 1 or seq_len < 2:
-        raise CalibrationError(f"calibration needs tokens >= 1 and seq_len >= 2, got tokens={tokens}, seq_len={seq_len}")
-    packed = build_packed_datasets({"source": source, "seq_len": seq_len, "cache_dir": cache_dir},
-                                   tokenizer, eos_token_id, show_progress=show_progress)
-    n_rows = -(-tokens // seq_len)
-    available = packed.train.shape[0]
-    if n_rows > available:
-        raise CalibrationError(
-            f"calibration asks for {tokens} tokens ({n_rows} rows of {seq_len}) but the train split of "
-            f"{source!r} has {available} rows ({available * seq_len} tokens); lower the calibration tokens"
-        )
-    return packed.train[:n_rows].long()

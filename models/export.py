@@ -1,7 +1,6 @@
-"""Export a trained, compressed or plain model as a self-contained Hugging Face directory.
+"""Turn a model in memory into a self-contained, verified Hugging Face directory.
 
-    source (a run, a checkpoint step, or any model kvforge loads)
-      -> model: consolidate ZeRO (any stage) into the run's architecture, merge LoRA if the run used peft
+    model (any kvforge loads or builds; a peft-wrapped one has its LoRA merged)
       -> .DIR.tmp-<pid>/ beside DIR (kvforge.atomic.directory): safetensors (sharded past
          max_shard_size), config.json with the whole compression spec and auto_map, the modeling code
          (modeling_kvforge.py, configuration_kvforge.py, pyramid.py and everything they import
@@ -14,6 +13,10 @@
 
 So DIR either does not exist or holds a complete, verified export: an interrupted export leaves only a
 .DIR.tmp-* folder, which nothing loads and the next export to DIR removes.
+
+Runs and checkpoints (ZeRO consolidation, the run's architecture, its evals) are the trainer's business:
+kvforge.trainer.export_run reads them into a model and hands it to `export_model` here. Nothing in models/
+imports the trainer.
 
 A KVForge model loads in a process without kvforge:
 `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`. A plain model exports as a normal
@@ -36,7 +39,6 @@ import transformers
 
 from kvforge import atomic
 from kvforge.models.configuration_kvforge import head_dim_of
-from kvforge.suggest import close_matches
 
 EXPORT_MANIFEST = "kvforge_export.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -90,60 +92,8 @@ class ExportResult:
 
 
 # ================================================================================================
-# Sources: a run, a checkpoint, a model
+# Sources: a model kvforge loads
 # ================================================================================================
-
-
-def export_run(run_dir: str | os.PathLike, out_dir: str | os.PathLike, **options: Any) -> ExportResult:
-    """The newest complete checkpoint of a training run (verified against its manifest).
-
-    Raises:
-        ExportError: no such run directory, or no complete checkpoint in it.
-    """
-    from kvforge.trainer import checkpoint as ckpt
-
-    run_dir = Path(run_dir).expanduser()
-    if not run_dir.is_dir():
-        raise ExportError(f"run directory {run_dir} does not exist")
-    skipped: list[str] = []
-    latest = ckpt.find_resumable(run_dir / "checkpoints", log=skipped.append)
-    if latest is None:
-        why = f" ({'; '.join(skipped)})" if skipped else ""
-        raise ExportError(f"run directory {run_dir} holds no complete checkpoint under checkpoints/{why}; "
-                          "export a checkpoint with --checkpoint or a model directory with --model")
-    return export_checkpoint(latest, out_dir, run_dir=run_dir, **options)
-
-
-def export_checkpoint(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-                      run_dir: Optional[str | os.PathLike] = None, **options: Any) -> ExportResult:
-    """One checkpoint step (`<run>/checkpoints/step_N`), rebuilt in the architecture of its run's config.yaml.
-
-    Raises:
-        ExportError: a missing or incomplete checkpoint, a missing run config, or weights that do not fit the
-            run's architecture (naming the key and both shapes).
-    """
-    from kvforge.trainer import checkpoint as ckpt
-
-    ckpt_dir = Path(ckpt_dir).expanduser()
-    if not ckpt_dir.is_dir():
-        raise ExportError(f"checkpoint {ckpt_dir} does not exist")
-    run_dir = Path(run_dir).expanduser() if run_dir is not None else ckpt_dir.parent.parent
-    try:
-        ckpt.verify(ckpt_dir)
-        state = ckpt.read_state(ckpt_dir)
-    except (ckpt.CheckpointError, OSError, json.JSONDecodeError, TypeError) as err:
-        raise ExportError(f"checkpoint {ckpt_dir} is not a complete kvforge checkpoint: {err}") from None
-    cfg = _run_config(run_dir)
-    model, tokenizer = build_run_model(cfg, run_dir)
-    weights = consolidate_checkpoint(ckpt_dir)
-    model = load_run_weights(model, weights, where=f"checkpoint {ckpt_dir}")
-    source = {"kind": "checkpoint", "path": str(ckpt_dir), "run_dir": str(run_dir), "step": state.step,
-              "tokens_seen": state.tokens_seen, "base_model": cfg.model.name}
-    evaluations = list(options.pop("evaluations", None) or [])
-    final_eval = run_eval_at(run_dir, state.step)
-    if final_eval is not None:
-        evaluations.insert(0, final_eval)
-    return export_model(model, tokenizer, out_dir, source=source, evaluations=evaluations, **options)
 
 
 def export_pretrained(name: str, out_dir: str | os.PathLike, *, gguf_file: Optional[str] = None,
@@ -159,91 +109,20 @@ def export_pretrained(name: str, out_dir: str | os.PathLike, *, gguf_file: Optio
     return export_model(model, tokenizer, out_dir, source={"kind": "model", "path": name}, **options)
 
 
-def _run_config(run_dir: Path):
-    from kvforge.trainer.config import ConfigError, load_config
-
-    path = run_dir / "config.yaml"
-    if not path.is_file():
-        raise ExportError(f"run directory {run_dir} has no config.yaml (the resolved config every run writes); "
-                          "is this a kvforge run directory?")
-    try:
-        return load_config(path)
-    except ConfigError as err:
-        raise ExportError(f"{path}: {err}") from None
-
-
-def build_run_model(cfg, run_dir: Path):
-    """(model, tokenizer) in the architecture the run trained, LoRA-wrapped if it used peft: the trainer's
-    own `build_model` (a compressed run starts from `<run>/compressed_init`). Weights are loaded next."""
-    from kvforge.models.loading import ModelLoadError
-    from kvforge.trainer.train import build_model
-
-    try:
-        return build_model(cfg, None, run_dir)
-    except (ModelLoadError, OSError) as err:
-        raise ExportError(f"cannot rebuild the architecture of run {run_dir}: {err}") from None
-
-
 # ================================================================================================
-# Weights: ZeRO consolidation, key/shape checks, LoRA merge
+# Weights: tied copies, LoRA merge
 # ================================================================================================
 
 
-def consolidate_checkpoint(ckpt_dir: Path) -> dict[str, torch.Tensor]:
-    """Full fp32 weights of a DeepSpeed checkpoint of any ZeRO stage (0: the module state is saved whole).
-
-    Raises ExportError naming the files expected when the folder holds no DeepSpeed model state.
-    """
-    ckpt_dir = Path(ckpt_dir)
-    zero_files = sorted(ckpt_dir.glob("*zero_pp_rank_*_optim_states.pt"))
-    if zero_files:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
-        return {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in state.items()}
-    model_file = ckpt_dir / "mp_rank_00_model_states.pt"
-    if not model_file.is_file():
-        raise ExportError(f"checkpoint {ckpt_dir} holds no DeepSpeed model state: expected "
-                          "zero_pp_rank_*_optim_states.pt (ZeRO 1-3) or mp_rank_00_model_states.pt (no ZeRO)")
-    state = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
-    return {k: v.detach().float() if v.is_floating_point() else v.detach() for k, v in state.items()}
-
-
-def check_state_dict(model: torch.nn.Module, state: Mapping[str, torch.Tensor], where: str) -> None:
-    """Raises ExportError unless `state` has exactly the model's tensors (tied copies may be absent), naming
-    the first mismatched key and both shapes."""
-    expected = model.state_dict()
-    tied = _tied_keys(model)
-    for key, value in state.items():
-        if key not in expected:
-            raise ExportError(f"{where} has weight {key!r} {tuple(value.shape)} that the model does not have "
-                              f"({_close_keys(key, expected)}); the run's config does not match these weights")
-        if tuple(value.shape) != tuple(expected[key].shape):
-            raise ExportError(f"{where}: weight {key!r} has shape {tuple(value.shape)} but the model built from the "
-                              f"run's config expects {tuple(expected[key].shape)}; the run's config does not match "
-                              "these weights")
-    missing = [k for k in expected if k not in state and k not in tied]
-    if missing:
-        raise ExportError(f"{where} lacks {len(missing)} weight(s) the model has, first {missing[0]!r} "
-                          f"{tuple(expected[missing[0]].shape)}")
-
-
-def _tied_keys(model: torch.nn.Module) -> set[str]:
-    from kvforge.trainer.train import _tied_keys as tied_keys  # parameters sharing another's storage
-
-    return tied_keys(model)
-
-
-def _close_keys(key: str, keys: Iterable[str]) -> str:
-    close = close_matches(key, keys, cutoff=0.8)
-    return f"closest: {close[0]!r}" if close else "no similar key"
-
-
-def load_run_weights(model: torch.nn.Module, state: Mapping[str, torch.Tensor], where: str) -> torch.nn.Module:
-    """Loads checked weights into `model` (peft-wrapped if the run trained LoRA adapters) and merges LoRA."""
-    check_state_dict(model, state, where)
-    model.load_state_dict(state, strict=False)  # strict on everything but tied copies, checked above
-    return merge_lora(model)
+def tied_keys(model: torch.nn.Module) -> set[str]:
+    """Parameters that are the same tensor as another (tied embeddings): they appear once in a consolidated or
+    saved state dict."""
+    seen, tied = {}, set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if p.data_ptr() in seen:
+            tied.add(name)
+        seen.setdefault(p.data_ptr(), name)
+    return tied
 
 
 def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
@@ -271,6 +150,7 @@ def export_model(
     overwrite: bool = False,
     measure_tokens: int = MEASURE_TOKENS,
     decoding_steps: int = DECODING_STEPS,
+    format: str = "kvforge",
 ) -> ExportResult:
     """Writes `model` (+ tokenizer) to `out_dir` atomically and verified (see the module docstring).
 
@@ -489,7 +369,7 @@ def verify_weights(out_dir: Path, model: torch.nn.Module) -> None:
     from safetensors import safe_open
 
     expected = model.state_dict()
-    tied = _tied_keys(model)
+    tied = tied_keys(model)
     seen = set()
     for file, keys in weight_files(out_dir).items():
         with safe_open(str(out_dir / file), framework="pt") as f:
@@ -633,18 +513,6 @@ def _transformers_versions() -> dict[str, str]:
     return {"exported_with": transformers.__version__, "tested": TESTED_TRANSFORMERS}
 
 
-def run_eval_at(run_dir: Path, step: int) -> Optional[dict]:
-    """The run's last eval at or before `step`, from its metrics.jsonl (None without one)."""
-    from kvforge.trainer.tracking import read_metrics
-
-    evals = [record for at, record in read_metrics(run_dir, "eval/loss").items() if at <= step]
-    if not evals:
-        return None
-    record = max(evals, key=lambda r: r["step"])
-    return {"task": "run_eval", "step": record["step"], "loss": record["eval/loss"],
-            "perplexity": record.get("eval/perplexity")}
-
-
 def read_evaluations(paths: Iterable[str | os.PathLike]) -> list[dict]:
     """Result JSON files of launch/evaluate.py. Raises ExportError for a missing or unreadable one."""
     out = []
@@ -774,7 +642,6 @@ def model_card(model, tokenizer, kv_cache: dict, evaluations: list[dict], source
     return "\n".join(lines)
 
 
-__all__ = ["ExportError", "ExportResult", "export_run", "export_checkpoint", "export_pretrained", "export_model",
-           "consolidate_checkpoint", "check_state_dict", "load_run_weights", "merge_lora", "bundle_code",
+__all__ = ["ExportError", "ExportResult", "export_pretrained", "export_model", "tied_keys", "merge_lora", "bundle_code",
            "verify_export", "verify_config", "verify_weights", "verify_code", "weight_files", "kv_cache_summary",
            "model_card", "read_evaluations", "set_pyramid_default", "relative_imports", "flatten_kernel_imports"]

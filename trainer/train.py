@@ -44,8 +44,10 @@ from ..models.loading import ModelLoadError
 from ..models.presets import PresetError
 from ..models.surgery import SurgeryError
 from . import checkpoint as ckpt
+from .build import build_model
 from .config import Config, ConfigError, check_deepspeed_config, resolve_deepspeed, save_resolved, to_dict
 from .data import DataError
+from .export_run import consolidate_checkpoint, write_hf_model
 from .losses import distillation_loss_parts, linear_distillation_loss_parts
 from .tracking import RunLogger
 
@@ -317,7 +319,7 @@ def compress_for_training(cfg: Config, run_dir: Path, rank: int) -> Path:
     partitions anything; every rank (and a resumed run) then loads the same saved result, under
     ZeRO-3 partitioned as it loads.
     """
-    from kvforge.models.calibration import load_calibration_rows
+    from kvforge.trainer.calibration_rows import load_calibration_rows
     from kvforge.models.loading import document_separator_id, load_pretrained
     from kvforge.models.surgery import build_compressed_model, parse_compression
 
@@ -447,24 +449,6 @@ def select_trainable(model: torch.nn.Module, stage: Stage, new: set[str]) -> lis
     return trained
 
 
-def checkpoint_weights(ckpt_dir: Path, zero_stage: int) -> dict[str, torch.Tensor]:
-    """Every parameter and buffer a checkpoint holds, by module name, at the best precision it holds them.
-
-    Below ZeRO-3 the module state (DeepSpeed's mp_rank_00_model_states.pt) has all of them in the training dtype
-    (ZeRO-3 keeps empty placeholders there); with ZeRO, DeepSpeed's zero_to_fp32 gives the fp32 master weights of
-    the trained ones and the frozen ones ZeRO-2/3 store beside them, and these take precedence.
-    """
-    weights = {}
-    if zero_stage < 3:
-        module = torch.load(ckpt_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-        weights = {name: tensor.float() if tensor.is_floating_point() else tensor for name, tensor in module.items()}
-    if zero_stage > 0:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        weights.update(get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name))
-    return weights
-
-
 def load_weights(model: torch.nn.Module, ckpt_dir: Path, zero_stage: int, rank: int) -> None:
     """Load a checkpoint's weights (not its optimizer state) into a model built for another stage, before its
     engine exists (collective). Under ZeRO-3 the model is partitioned: rank 0 reads the checkpoint and writes each
@@ -476,7 +460,7 @@ def load_weights(model: torch.nn.Module, ckpt_dir: Path, zero_stage: int, rank: 
     import deepspeed
 
     zero3 = zero_stage == 3
-    weights = checkpoint_weights(ckpt_dir, zero_stage) if rank == 0 or not zero3 else None
+    weights = consolidate_checkpoint(ckpt_dir, zero_stage) if rank == 0 or not zero3 else None
     for name, p in model.named_parameters():
         shape = tuple(getattr(p, "ds_shape", p.shape))
         if weights is not None and (name not in weights or tuple(weights[name].shape) != shape):
@@ -560,48 +544,6 @@ def on_rank0_first(rank: int, fn, *, others=None):
     if rank != 0 and others is not None:
         result = others()
     return result
-
-
-def model_source(cfg: Config, run_dir: Path) -> dict:
-    """Where the weights to train come from: the pretrained model, or the run's compressed starting point."""
-    if cfg.compression:
-        return dict(name=str(run_dir / "compressed_init"), gguf_file=None, init="pretrained",
-                    config_overrides=None, tokenizer_name=None)
-    return dict(name=cfg.model.name, gguf_file=cfg.model.gguf_file, init=cfg.model.init,
-                config_overrides=dict(cfg.model.config) or None, tokenizer_name=cfg.model.tokenizer)
-
-
-def build_model(cfg: Config, ds_config: Optional[dict], run_dir: Path, device="cpu"):
-    """The model to train (LoRA-wrapped when asked) and its tokenizer.
-
-    With a ZeRO-3 `ds_config` the parameters are partitioned as they load; with None the model is
-    whole (rank 0 rebuilds it that way to write the consolidated export).
-    """
-    from transformers.integrations import HfDeepSpeedConfig
-
-    from kvforge.models.loading import load_pretrained
-
-    # Keep the HfDeepSpeedConfig object alive while loading: transformers then builds the model under
-    # deepspeed.zero.Init, so no rank ever holds the full set of parameters.
-    zero3 = ds_config is not None and ds_config["zero_optimization"]["stage"] == 3
-    hf_ds = HfDeepSpeedConfig(ds_config) if zero3 else None
-    torch.manual_seed(cfg.run.seed)  # random init is identical on every rank
-    source = model_source(cfg, run_dir)
-    model, tokenizer = load_pretrained(source.pop("name"), dtype=cfg.model.dtype, device=device, **source)
-    del hf_ds
-    lora = cfg.training.lora
-    if lora.r:
-        from peft import LoraConfig, get_peft_model
-
-        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-        targets = [m for m in lora.target_modules if m in present]
-        if not targets:
-            raise ValueError(f"training.lora.target_modules {lora.target_modules} name no module of this model "
-                             f"(it has e.g. {sorted(present)[:12]})")
-        model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                 target_modules=targets,
-                                                 modules_to_save=list(lora.modules_to_save) or None))
-    return model, tokenizer
 
 
 def teacher_dtype(cfg: Config) -> str:
@@ -1103,7 +1045,9 @@ def train(cfg: Config) -> TrainResult:
     hf_dir = None
     if cfg.checkpoint.export_hf:
         hf_dir = run_dir / "hf_model"
-        export_hf_model(cfg, engine, tokenizer, ckpt_root / ckpt.step_dir_name(step), hf_dir, rank, zero_stage)
+        final_ckpt = ckpt_root / ckpt.step_dir_name(step)
+        # Rank 0 rebuilds the whole model from the checkpoint just saved (ZeRO consolidated, LoRA merged).
+        on_rank0_first(rank, lambda: write_hf_model(cfg, tokenizer, final_ckpt, hf_dir, zero_stage))
         log(f"model directory: {hf_dir}")
     location = logger.location
     if location:
@@ -1112,62 +1056,3 @@ def train(cfg: Config) -> TrainResult:
     dist.barrier()
     return TrainResult(run_dir=run_dir, final_step=step, losses=losses, eval=last_eval, hf_dir=hf_dir,
                        wandb_location=location, skipped_steps=skipped_steps)
-
-
-def export_hf_model(cfg: Config, engine, tokenizer, ckpt_dir: Path, out_dir: Path, rank: int, zero_stage: int) -> None:
-    """A consolidated Hugging Face directory (safetensors) from any ZeRO stage, LoRA merged, written atomically.
-
-    ZeRO 1-3 keep the fp32 master weights partitioned in the optimizer state, so they are rebuilt from
-    the checkpoint just written (never from the live module, whose ZeRO-3 parameters are empty
-    placeholders); without ZeRO the module holds them. Rank 0 loads them into a whole copy of the model
-    (strictly: a missing or empty tensor is an error), saves the LoRA adapter on its own, merges it and
-    saves the model.
-    """
-
-    def export() -> None:
-        if zero_stage == 0:
-            state_dict = {k: v.detach().float().cpu() for k, v in engine.module.state_dict().items()}
-        else:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            state_dict = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)
-        model, _ = build_model(cfg, None, out_dir.parent)
-        missing, unexpected = model.load_state_dict(state_dict, strict=False)
-        missing = [k for k in missing if k not in _tied_keys(model)]
-        if missing or unexpected:
-            raise RuntimeError(f"the consolidated weights do not match the model: missing {missing[:5]}, "
-                               f"unexpected {unexpected[:5]}")
-        if cfg.training.lora.r:
-            with atomic.directory(out_dir.with_name("lora_adapter")) as tmp:
-                model.save_pretrained(tmp, safe_serialization=True)
-                _check_saved_tensors(tmp)
-            model = model.merge_and_unload()
-        model.config.use_cache = True
-        with atomic.directory(out_dir) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            _check_saved_tensors(tmp)
-
-    on_rank0_first(rank, export)
-
-
-def _check_saved_tensors(directory: Path) -> None:
-    """Every tensor of every safetensors file in `directory` has elements (the ZeRO-3 trap: a module's
-    placeholders saved as the model or adapter, shape [0])."""
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise RuntimeError(f"{directory} holds no .safetensors file")
-    for path in files:
-        empty = [k for k, meta in ckpt.tensor_shapes(path).items() if 0 in meta["shape"]]
-        if empty:
-            raise RuntimeError(f"{path} has empty tensors {empty[:5]}: refusing to export it")
-
-
-def _tied_keys(model) -> set[str]:
-    """Parameters that are the same tensor as another (tied embeddings) appear once in a consolidated dict."""
-    seen, tied = {}, set()
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if p.data_ptr() in seen:
-            tied.add(name)
-        seen.setdefault(p.data_ptr(), name)
-    return tied

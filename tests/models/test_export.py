@@ -22,17 +22,19 @@ from kvforge.models.configuration_kvforge import KVForgeConfig
 from kvforge.models.export import (
     EXPORT_MANIFEST,
     ExportError,
-    check_state_dict,
-    consolidate_checkpoint,
-    export_checkpoint,
     export_model,
     export_pretrained,
-    export_run,
-    load_run_weights,
     verify_export,
     weight_files,
 )
 from kvforge.models.modeling_kvforge import KVForgeForCausalLM
+from kvforge.trainer.export_run import (
+    check_state_dict,
+    consolidate_checkpoint,
+    export_checkpoint,
+    export_run,
+    load_run_weights,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 SITE_PACKAGES = sysconfig.get_paths()["purelib"]
@@ -94,9 +96,9 @@ def trained_run(tmp_path_factory) -> Path:
 
 def run_model(run_dir: Path):
     """The trained model in memory, as export rebuilds it (fp32)."""
-    from kvforge.models.export import _run_config, build_run_model
+    from kvforge.trainer.export_run import build_run_model, run_config
 
-    model, _ = build_run_model(_run_config(run_dir), run_dir)
+    model, _ = build_run_model(run_config(run_dir), run_dir)
     state = consolidate_checkpoint(run_dir / "checkpoints" / "step_00000002")
     return load_run_weights(model, state, where="test").eval()
 
@@ -534,7 +536,7 @@ def test_compressed_smollm2_exports_reloads_and_answers(smollm2_dir, tmp_path, p
     """SmolLM2 compressed by a spec, exported in bf16, reloaded with trust_remote_code: the cache generate()
     allocates equals the spec's arithmetic (checked at export over 160 positions) and is smaller than the
     original's, and the reloaded model still answers a question (docs/INFERENCE.md has the 2k numbers)."""
-    from kvforge.models.calibration import load_calibration_rows
+    from kvforge.trainer.calibration_rows import load_calibration_rows
     from kvforge.models.loading import document_separator_id, load_pretrained
     from kvforge.models.presets import build_preset
     from kvforge.models.surgery import compress

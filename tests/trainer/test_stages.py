@@ -16,7 +16,8 @@ from safetensors.torch import load_file
 
 from kvforge.trainer.config import ConfigError, load_config
 from kvforge.trainer.tracking import read_metrics
-from kvforge.trainer.train import NEW_PARAMETERS_FILE, checkpoint_weights, lr_at, plan_stages, stage_at
+from kvforge.trainer.export_run import consolidate_checkpoint
+from kvforge.trainer.train import NEW_PARAMETERS_FILE, lr_at, plan_stages, stage_at
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs/tiny-llama.yaml"
@@ -40,7 +41,7 @@ def run(main, run_dir, *overrides, fault=None):
 def weights_at(run_dir: Path, step: int, zero_stage: int) -> dict[str, torch.Tensor]:
     if step == 0:
         return load_file(run_dir / "compressed_init/model.safetensors")
-    return checkpoint_weights(run_dir / f"checkpoints/step_{step:08d}", zero_stage)
+    return consolidate_checkpoint(run_dir / f"checkpoints/step_{step:08d}", zero_stage)
 
 
 def changed(before: dict, after: dict) -> set[str]:
