@@ -19,7 +19,7 @@ are stored in float32 (540 MB for SmolLM2-135M), so converting a multi-billion-p
 takes tens of GB.
 
 ZeRO-3: keep a ``transformers.integrations.HfDeepSpeedConfig`` object alive around `load_pretrained`
-(as ``trainer/train.py:build_model`` does). ``from_pretrained`` and ``from_config`` then build the model
+(as ``trainer/build.py:build_model`` does). ``from_pretrained`` and ``from_config`` then build the model
 inside ``deepspeed.zero.Init``, so each rank only ever holds its partition, for pretrained and random
 init alike. GGUF conversion runs with ZeRO-3 switched off (it needs the whole model in memory once, on
 whichever rank converts). To build a model yourself, e.g. ``with deepspeed.zero.Init(...):
