@@ -18,10 +18,13 @@ uses generate().
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
 
 # Attention classes whose forward is: q/k/v projections (biases optional), RoPE, softmax(q k^T * scaling) v, o_proj.
 SUPPORTED_ATTENTION = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
@@ -128,7 +131,12 @@ class StaticCacheSampler:
         if not self.cuda_graphs:
             return self.forward(self.token_B[:, None], self.position, span)[:, 0]
         if span not in self.graphs:
-            self.graphs[span] = self._capture(span)
+            try:
+                self.graphs[span] = self._capture(span)
+            except RuntimeError as e:  # a capture the installed torch cannot do: the same step, eagerly
+                logger.warning("teacher-samples: CUDA graph capture failed (%s); sampling without graphs", e)
+                self.cuda_graphs = False
+                return self.forward(self.token_B[:, None], self.position, span)[:, 0]
         graph, logits_BV = self.graphs[span]
         graph.replay()
         return logits_BV

@@ -154,3 +154,23 @@ def test_the_teacher_computes_in_the_training_precision_unless_told():
     assert teacher_dtype(load_config(tiny, ["training.precision=bf16", "training.teacher_dtype=float32"])) == "float32"
     with pytest.raises(ConfigError, match="training.teacher_dtype.*one of auto, float32"):
         load_config(tiny, ["training.teacher_dtype=fp8"])
+
+
+@pytest.mark.parametrize("recipe, fraction", [("lowrank-50", 0.5), ("lowrank-25", 0.25), ("lowrank-12", 0.125),
+                                              ("partial-rope-25", 0.25), ("merged-heads-33", 1 / 3),
+                                              ("mixattention-ma", None), ("shared-attention", None),
+                                              ("window-lowrank-12", None)])
+def test_every_recovery_recipe_compresses_smollm2_as_it_says(recipe, fraction):
+    """Each recipe's compression section parses against the real model's config (no weights), and the fixed
+    budgets are what the name says (the rest are re-spent or chosen by surgery from calibration data)."""
+    from kvforge.models.loading import config_for
+    from kvforge.models.surgery import parse_compression
+
+    cfg = load_config(REPO / f"configs/recovery/{recipe}.yaml")
+    assert cfg.eval.heldout and cfg.compression["calibration"]["source"] == "stdlib-docstrings"
+    spec, settings = parse_compression(cfg.compression, config_for(cfg.model.name))
+    assert len(spec.layers) == 30
+    if fraction is not None:
+        dense = 30 * 2 * 3 * 64 * 2
+        assert spec.kv_cache_bytes_per_token(num_kv_heads=3, head_dim=64, dtype="bfloat16") == pytest.approx(
+            fraction * dense, rel=0.01)
