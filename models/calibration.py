@@ -152,6 +152,7 @@ def collect_statistics(
     attention_metric: str = "js",
     show_progress: bool = True,
     meta: Optional[dict[str, Any]] = None,
+    device: Optional[str | torch.device] = None,
 ) -> CalibrationStatistics:
     """Moments of every layer's attention input over all tokens of `rows` (+ optional attention divergence).
 
@@ -165,6 +166,9 @@ def collect_statistics(
         attention_metric: "js" (Jensen-Shannon divergence, nats) or "cosine" (1 - cosine similarity).
         show_progress: a tqdm bar over tokens.
         meta: recorded as-is in the result.
+        device: where the forward passes run (None: where the model is). The model is moved there for them and
+            back after: surgery itself runs where the model was, and a GPU makes calibration ~100x faster than
+            the CPU a trainer loads the base model on (measured on an H200 machine: 1.8k tokens/s on its CPU).
 
     Raises:
         CalibrationError: bad rows, model or settings.
@@ -176,10 +180,20 @@ def collect_statistics(
     rows = check_rows(rows, model.config.vocab_size)
     if not 0 <= attention_rows <= rows.shape[0]:
         raise CalibrationError(f"attention_rows must be in [0, {rows.shape[0]}] (the number of rows), got {attention_rows}")
+    home = next(model.parameters()).device
+    device = home if device is None else torch.device(device)
+    model.to(device)
+    try:
+        return _collect(model, rows, device, batch_size, attention_rows, attention_metric, show_progress, meta)
+    finally:
+        model.to(home)
+
+
+def _collect(model: nn.Module, rows: torch.Tensor, device: torch.device, batch_size: int, attention_rows: int,
+             attention_metric: str, show_progress: bool, meta: Optional[dict[str, Any]]) -> CalibrationStatistics:
     modules = attention_input_modules(model)
     hidden = modules[0].in_features
     num_layers = len(modules)
-    device = next(model.parameters()).device
     second = torch.zeros(num_layers, hidden, hidden, dtype=torch.float64, device=device)
     total = torch.zeros(num_layers, hidden, dtype=torch.float64, device=device)
 

@@ -87,6 +87,8 @@ class SurgerySettings:
     init: str = "output_aware_values"
     shared_attention: Optional[dict[str, Any]] = None
     calibration_batch_size: int = 4
+    # Where calibration's forward passes run: auto (a GPU when there is one), cpu, cuda, cuda:N.
+    calibration_device: str = "auto"
     attention_rows: int = 8
     attention_metric: str = "js"
     show_progress: bool = True
@@ -102,6 +104,12 @@ class SurgerySettings:
         settings = cls(**data)
         settings.validate()
         return settings
+
+    def resolved_calibration_device(self) -> Optional[str]:
+        """calibration_device with auto resolved: a GPU when there is one, else None (where the model is)."""
+        if self.calibration_device == "auto":
+            return "cuda" if torch.cuda.is_available() else None
+        return self.calibration_device
 
     def validate(self) -> None:
         def choice(name: str, allowed: tuple) -> None:
@@ -127,6 +135,12 @@ class SurgerySettings:
             raise SurgeryError(f"a KV budget needs surgery.rank_allocation='greedy', got {self.rank_allocation!r}")
         if self.context_tokens is not None and self.context_tokens < 1:
             raise SurgeryError(f"surgery.context_tokens must be >= 1 or null, got {self.context_tokens}")
+        if self.calibration_device != "auto":
+            try:
+                torch.device(self.calibration_device)
+            except (RuntimeError, TypeError):
+                raise SurgeryError(f"surgery.calibration_device={self.calibration_device!r} is not a device; expected "
+                                   "auto, cpu, cuda or cuda:N") from None
         try:
             dtype_num_bytes(self.cache_dtype)
         except ValueError as e:
@@ -682,7 +696,8 @@ def compress(
         statistics = collect_statistics(
             model, calibration_rows, batch_size=settings.calibration_batch_size,
             attention_rows=min(settings.attention_rows, calibration_rows.shape[0]) if settings.needs_attention_maps() else 0,
-            attention_metric=settings.attention_metric, show_progress=settings.show_progress)
+            attention_metric=settings.attention_metric, show_progress=settings.show_progress,
+            device=settings.resolved_calibration_device())
     if statistics is not None and (statistics.num_layers != geometry.num_layers or statistics.hidden_size != geometry.hidden_size):
         raise SurgeryError(f"the calibration statistics are of a model with {statistics.num_layers} layers of width "
                            f"{statistics.hidden_size}, this one has {geometry.num_layers} of {geometry.hidden_size}")

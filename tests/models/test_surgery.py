@@ -363,6 +363,24 @@ def test_calibration_moments_match_the_projection_outputs():
     assert torch.allclose(mean, y.mean(0), atol=1e-6)
 
 
+def test_calibration_runs_where_it_is_told_and_leaves_the_model_where_it_was(monkeypatch):
+    model = tiny()
+    data = rows(4, 16)
+    here = collect_statistics(model, data, show_progress=False)
+    moves = []
+    real_to = model.to
+    monkeypatch.setattr(model, "to", lambda device: moves.append(str(device)) or real_to("cpu"))
+    there = collect_statistics(model, data, show_progress=False, device="cpu")
+    assert torch.equal(here.input_second_moment, there.input_second_moment) and moves == ["cpu", "cpu"]
+    # A forward that fails still brings the model home.
+    monkeypatch.setattr(model.model, "forward", lambda **kw: (_ for _ in ()).throw(RuntimeError("out of memory")))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        collect_statistics(model, data, show_progress=False, device="meta")
+    assert moves[-2:] == ["meta", "cpu"]
+    with pytest.raises(SurgeryError, match="calibration_device='gpu' is not a device"):
+        SurgerySettings(calibration_device="gpu").validate()
+
+
 def test_calibration_rejects_bad_rows():
     model = tiny()
     with pytest.raises(CalibrationError, match="outside the vocabulary"):
