@@ -467,6 +467,48 @@ class CompressionSpec:
         return self.kv_cache_bytes(num_tokens, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype) / num_tokens
 
 
+# ---------------------------------------------------------------------------------------------------
+# A base model's shapes and its KV-byte arithmetic (what a spec is validated and budgeted against)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The attention shapes of a (base) model config: what `CompressionSpec.validate` checks a spec against."""
+
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+
+    @classmethod
+    def of(cls, config: Any) -> "Geometry":
+        return cls(config.num_hidden_layers, config.num_attention_heads,
+                   config.num_key_value_heads or config.num_attention_heads, head_dim_of(config), config.hidden_size)
+
+    @property
+    def kv_dims(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def check_spec(self, spec: "CompressionSpec") -> None:
+        """`spec.validate` against these shapes (raises CompressionSpecError)."""
+        spec.validate(self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim)
+
+
+def original_kv_bytes_per_token(geometry: Geometry, dtype: str = "bfloat16") -> int:
+    """The uncompressed model's KV bytes per token: L x 2 x n_kv x d x bytes (23,040 for SmolLM2 in bf16)."""
+    return geometry.num_layers * 2 * geometry.kv_dims * dtype_num_bytes(dtype)
+
+
+def layer_slot_fraction(layer: LayerSpec, context_tokens: int | None) -> float:
+    """This layer's cache slots per token of context, relative to a global layer (1 for global layers)."""
+    if not layer.is_window:
+        return 1.0
+    if context_tokens is None:
+        return 0.0
+    return layer.kv_cache_slots(context_tokens) / context_tokens
+
+
 class KVForgeConfig(PretrainedConfig):
     r"""A Llama-family decoder (Llama, Mistral, Qwen2) whose attention layers follow `compression`.
 

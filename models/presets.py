@@ -41,11 +41,11 @@ from __future__ import annotations
 import inspect
 import math
 import re
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 from kvforge.suggest import did_you_mean
 
-from .configuration_kvforge import head_dim_of
+from .configuration_kvforge import Geometry, head_dim_of
 
 PAPER_LAYERS = 24  # the depth of the MixAttention paper's models, whose layouts the MA presets scale
 
@@ -143,32 +143,50 @@ def standard(num_layers: int) -> Any:
     return _spec([global_layer() for _ in range(num_layers)])
 
 
-def mixattention_ma(num_layers: int, window: int = 1024, sinks: int = 0, window_group: int = 2) -> Any:
-    """MixAttention "MA": global at layers 0, 12, 23 of 24 (scaled), all reading layer 0's cache."""
-    _check_depth(num_layers, 3, "mixattention-ma")
-    groups = _scaled_groups([[0, 12, 23]], num_layers, "mixattention-ma")
-    return _spec(mix_layout(num_layers, groups, window=window, sinks=sinks, window_group=window_group, preset="mixattention-ma"))
+class MixAttentionVariant(NamedTuple):
+    """One MixAttention variant as data (the module doc describes them)."""
+
+    groups_24: list[list[int]]  # the global groups at the paper's 24 layers; each group's first computes the cache
+    min_layers: int  # the fewest layers the groups fit apart in
+    doc: str
 
 
-def mixattention_endslide(num_layers: int, window: int = 1024, sinks: int = 0, window_group: int = 2) -> Any:
-    """MixAttention "MA-EndSlide": MA with the last layer a window layer (global at 0, 12 <- 0 of 24)."""
-    _check_depth(num_layers, 3, "mixattention-endslide")
-    groups = _scaled_groups([[0, 12]], num_layers, "mixattention-endslide")
-    return _spec(mix_layout(num_layers, groups, window=window, sinks=sinks, window_group=window_group, preset="mixattention-endslide"))
+MIXATTENTION: dict[str, MixAttentionVariant] = {
+    "mixattention-ma": MixAttentionVariant(
+        [[0, 12, 23]], 3, 'MixAttention "MA": global at layers 0, 12, 23 of 24 (scaled), all reading layer 0\'s cache.'),
+    "mixattention-endslide": MixAttentionVariant(
+        [[0, 12]], 3, 'MixAttention "MA-EndSlide": MA with the last layer a window layer (global at 0, 12 <- 0 of 24).'),
+    "mixattention-offset": MixAttentionVariant(
+        [[4, 12, 23]], 4,
+        'MixAttention "MA-Offset": the shared global cache computed deeper (global at 4, 12 <- 4, 23 <- 4 of 24).'),
+    "mixattention-pairs": MixAttentionVariant(
+        [[4, 12], [16, 23]], 5,
+        'MixAttention "MA-Pairs": two global caches, each shared by a pair (4, 12 <- 4; 16, 23 <- 16 of 24).'),
+}
 
 
-def mixattention_offset(num_layers: int, window: int = 1024, sinks: int = 0, window_group: int = 2) -> Any:
-    """MixAttention "MA-Offset": the shared global cache computed deeper (global at 4, 12 <- 4, 23 <- 4 of 24)."""
-    _check_depth(num_layers, 4, "mixattention-offset")
-    groups = _scaled_groups([[4, 12, 23]], num_layers, "mixattention-offset")
-    return _spec(mix_layout(num_layers, groups, window=window, sinks=sinks, window_group=window_group, preset="mixattention-offset"))
+def mixattention(variant: str, num_layers: int, window: int = 1024, sinks: int = 0, window_group: int = 2) -> Any:
+    """The MixAttention preset `variant` (a key of MIXATTENTION) for `num_layers` layers."""
+    groups_24, min_layers, _ = MIXATTENTION[variant]
+    _check_depth(num_layers, min_layers, variant)
+    groups = _scaled_groups(groups_24, num_layers, variant)
+    return _spec(mix_layout(num_layers, groups, window=window, sinks=sinks, window_group=window_group, preset=variant))
 
 
-def mixattention_pairs(num_layers: int, window: int = 1024, sinks: int = 0, window_group: int = 2) -> Any:
-    """MixAttention "MA-Pairs": two global caches, each shared by a pair (4, 12 <- 4; 16, 23 <- 16 of 24)."""
-    _check_depth(num_layers, 5, "mixattention-pairs")
-    groups = _scaled_groups([[4, 12], [16, 23]], num_layers, "mixattention-pairs")
-    return _spec(mix_layout(num_layers, groups, window=window, sinks=sinks, window_group=window_group, preset="mixattention-pairs"))
+def _mixattention_preset(variant: str) -> Callable[..., Any]:
+    """The preset function of one variant: num_layers first, then the arguments a config may give."""
+    def preset(num_layers: int, window: int = 1024, sinks: int = 0, window_group: int = 2) -> Any:
+        return mixattention(variant, num_layers, window=window, sinks=sinks, window_group=window_group)
+
+    preset.__name__ = preset.__qualname__ = variant.replace("-", "_")
+    preset.__doc__ = MIXATTENTION[variant].doc
+    return preset
+
+
+mixattention_ma = _mixattention_preset("mixattention-ma")
+mixattention_endslide = _mixattention_preset("mixattention-endslide")
+mixattention_offset = _mixattention_preset("mixattention-offset")
+mixattention_pairs = _mixattention_preset("mixattention-pairs")
 
 
 def character_ai(num_layers: int, window: int = 1024, sinks: int = 0, period: int = 6, local_group: int = 2) -> Any:
@@ -320,8 +338,5 @@ def build_preset(name: str, model_config: Any, **arguments: Any) -> Any:
         if param in params and param not in call:
             call[param] = head_dim_of(model_config) if attr == "head_dim" else getattr(model_config, attr, None)
     spec = fn(**call)
-    from .surgery import Geometry
-
-    g = Geometry.of(model_config)
-    spec.validate(g.num_layers, g.num_heads, g.num_kv_heads, g.head_dim)
+    Geometry.of(model_config).check_spec(spec)
     return spec

@@ -31,7 +31,9 @@ from transformers.initialization import no_init_weights
 from kvforge.suggest import did_you_mean
 
 from ..calibration import CalibrationStatistics, collect_statistics
-from ..configuration_kvforge import CompressionSpec, KVForgeConfig, LayerSpec, dtype_num_bytes, head_dim_of
+from ..configuration_kvforge import (
+    CompressionSpec, Geometry, KVForgeConfig, dtype_num_bytes, layer_slot_fraction, original_kv_bytes_per_token,
+)
 from . import head_merging, kv_sharing, low_rank, rank_allocation, shared_attention
 from .linalg import discarded_energy, pair_energy, rank_for_energy
 
@@ -159,24 +161,6 @@ class SurgerySettings:
 # Model facts
 
 
-@dataclass(frozen=True)
-class Geometry:
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    hidden_size: int
-
-    @classmethod
-    def of(cls, config: Any) -> "Geometry":
-        return cls(config.num_hidden_layers, config.num_attention_heads,
-                   config.num_key_value_heads or config.num_attention_heads, head_dim_of(config), config.hidden_size)
-
-    @property
-    def kv_dims(self) -> int:
-        return self.num_kv_heads * self.head_dim
-
-
 def _attention_prefix(layer: int) -> str:
     return f"model.layers.{layer}.self_attn."
 
@@ -190,24 +174,10 @@ def needs_statistics(spec: CompressionSpec, settings: SurgerySettings) -> bool:
     return settings.needs_attention_maps() or any(l.kv_proj in ("low_rank", "merged_heads") for l in spec.layers)
 
 
-def layer_slot_fraction(layer: LayerSpec, context_tokens: Optional[int]) -> float:
-    """This layer's cache slots per token of context, relative to a global layer (1 for global layers)."""
-    if not layer.is_window:
-        return 1.0
-    if context_tokens is None:
-        return 0.0
-    return layer.kv_cache_slots(context_tokens) / context_tokens
-
-
 def spec_kv_bytes_per_token(spec: CompressionSpec, geometry: Geometry, settings: SurgerySettings) -> float:
     """The spec's KV bytes per token at settings.context_tokens (None: the long-context rate)."""
     return spec.kv_cache_bytes_per_token(num_kv_heads=geometry.num_kv_heads, head_dim=geometry.head_dim,
                                          dtype=settings.cache_dtype, num_tokens=settings.context_tokens)
-
-
-def original_kv_bytes_per_token(geometry: Geometry, dtype: str = "bfloat16") -> int:
-    """The uncompressed model's KV bytes per token: L x 2 x n_kv x d x bytes (23,040 for SmolLM2 in bf16)."""
-    return geometry.num_layers * 2 * geometry.kv_dims * dtype_num_bytes(dtype)
 
 
 def choose_shared_attention(spec: CompressionSpec, stats: CalibrationStatistics, geometry: Geometry,
