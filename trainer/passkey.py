@@ -177,6 +177,11 @@ def evaluate_passkey(
 ) -> PasskeyResult:
     """Passkey accuracy per depth; one prompt at a time (batch 1, no padding), greedy decoding.
 
+    A prompt holds at most `context_len - max_new_tokens` tokens, so the prompt and the answer fit in
+    `context_len` positions: at `context_len` = max_position_embeddings the answer would otherwise be written at
+    positions the model was never trained on. (On the H200, SmolLM2 with 8,192-token prompts failed every depth-0
+    prompt, the original included, answering past that limit; whether the positions were the cause is not measured.)
+
     `cache_factory()` (if given) builds a fresh `past_key_values` for every prompt: the way to evaluate
     a model with a compressed cache. `generate_kwargs` go to every `generate` call.
 
@@ -203,7 +208,7 @@ def evaluate_passkey(
     for depth_index, depth in enumerate(depths):
         for sample in range(samples):
             passkey = make_passkey(seed, depth_index, sample, digits)
-            prompt = build_prompt(tokenizer, context_len, float(depth), passkey, fmt)
+            prompt = build_prompt(tokenizer, context_len - max_new_tokens, float(depth), passkey, fmt)
             input_ids = torch.tensor([prompt.input_ids], device=device)
             kwargs = dict(generate_kwargs or {})
             if cache_factory is not None:

@@ -120,6 +120,8 @@ def test_evaluation_counts_per_depth_and_builds_a_cache_per_prompt(tokenizer):
     assert oracle.caches == made and len(made) == 6  # a fresh cache for every prompt
     assert [r.passkey for r in result.records] == [make_passkey(3, d, s) for d in range(3) for s in range(2)]
     json.dumps(result.to_dict())  # the --json output
+    # Prompt and answer fit the context: the longest prompt leaves max_new_tokens positions.
+    assert all(300 - 8 - 30 < r.prompt_tokens <= 300 - 8 for r in result.records)
 
     wrong = evaluate_passkey(_Oracle(tokenizer, wrong=True), tokenizer, context_len=300, depths=[0.5], samples=3)
     assert wrong.accuracy == 0.0 and wrong.per_depth["0.5"]["correct"] == 0
