@@ -13,6 +13,11 @@ spec, the tokenizer, a generation config, the bundled modeling code (KVForge mod
 card: method, KV bytes/token against the original, --eval results) and kvforge_export.json (sha256 of
 every file). It is written to .DIR.tmp-<pid> beside DIR, verified, then renamed: DIR is complete or absent.
 
+--format auto (default) writes a stock transformers class (LlamaForCausalLM, Qwen2ForCausalLM) instead when the
+compressed layout maps onto one exactly -- checked on logits and greedy tokens before writing -- so it loads with
+plain `AutoModelForCausalLM.from_pretrained(DIR)` and serving engines run it; --format stock insists (or exits 2
+naming the layer and field with no stock equivalent); --format kvforge always writes the kvforge class.
+
 Examples:
   python launch/export.py --run runs/smollm2-recover --out exports/smollm2-recover
   python launch/export.py --model runs/compressed/mixattention --out exports/mix --pyramid-budget 256 \\
@@ -36,6 +41,11 @@ def main(argv=None) -> int:
                         help="weight dtype of the export (default: %(default)s)")
     parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors file (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing export at --out")
+    parser.add_argument("--format", choices=("auto", "kvforge", "stock"), default="auto",
+                        help="auto: a stock transformers class (Llama, Qwen2) where the compressed layout maps onto "
+                             "one exactly, checked on logits and greedy tokens before writing, else the kvforge "
+                             "class; kvforge: always the kvforge class (remote code); stock: the stock class or a "
+                             "one-line refusal naming the layer and field (docs/INFERENCE.md; default: %(default)s)")
     parser.add_argument("--measure-tokens", type=int, default=64,
                         help="positions of the generate() whose allocated cache is measured and checked against "
                              "the spec's arithmetic (KVForge models; 0 skips; default: %(default)s)")
@@ -64,7 +74,7 @@ def main(argv=None) -> int:
     try:
         options = dict(out_dir=args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                        overwrite=args.overwrite, pyramid=pyramid_settings, evaluations=read_evaluations(args.eval),
-                       measure_tokens=args.measure_tokens)
+                       measure_tokens=args.measure_tokens, format=args.format)
         if args.run:
             result = export_run(args.run, **options)
         elif args.checkpoint:
@@ -76,10 +86,17 @@ def main(argv=None) -> int:
         return 2
     kv = result.kv_cache
     print(json.dumps({"out": str(result.out_dir), "files": result.files, "kvforge": result.kvforge,
+                      "architecture": "KVForgeForCausalLM" if result.kvforge else _architecture(result.out_dir),
                       "num_parameters": result.num_parameters, "dtype": result.dtype,
                       "kv_bytes_per_token": kv["bytes_per_token"], "original_kv_bytes_per_token":
                       kv["original_bytes_per_token"], "seconds": round(result.seconds, 1)}, indent=2))
     return 0
+
+
+def _architecture(out_dir) -> str:
+    from pathlib import Path
+
+    return ",".join(json.loads((Path(out_dir) / "config.json").read_text()).get("architectures") or ["?"])
 
 
 if __name__ == "__main__":

@@ -163,6 +163,8 @@ def export_model(
     measure_tokens: positions of the generate() whose cache is measured (KVForge models; 0 skips it).
     decoding_steps: greedy steps of the check that cached decoding picks the tokens the uncached model prefers
         (KVForge models: `check_cached_decoding`, batch of two left-padded prompts; 0 skips it).
+    format: "kvforge" (the KVForge class), "stock" or "auto" (a stock transformers class where the layout maps
+        onto one exactly, checked before writing: kvforge.models.stock).
 
     Raises:
         ExportError: an existing out_dir without overwrite, a bad dtype / pyramid, or an export that fails
@@ -178,6 +180,11 @@ def export_model(
         raise ExportError(f"{out_dir} exists and is not a kvforge export (no {EXPORT_MANIFEST}); refusing to "
                           "replace it")
     model = merge_lora(model).eval()
+    stock = None
+    if format != "kvforge":  # --format auto|stock: kvforge.models.stock
+        from kvforge.models.stock import convert_for_export
+
+        model, stock = convert_for_export(model, format, pyramid=pyramid, warn=lambda m: print(m, file=sys.stderr))
     is_kvforge = getattr(model.config, "model_type", None) == "kvforge"
     if pyramid is not None and not is_kvforge:
         model, is_kvforge = as_kvforge(model), True
@@ -188,6 +195,10 @@ def export_model(
     decoding = check_decoding(model, decoding_steps) if is_kvforge and decoding_steps else None
     model = model.to(DTYPES[dtype])
     kv_cache = kv_cache_summary(model, measure_tokens if is_kvforge else 0)
+    if stock is not None and stock.kvforge_config is not None:
+        from kvforge.models.stock import stock_kv_summary
+
+        kv_cache = stock_kv_summary(model, stock, measure_tokens)
     if pyramid is not None:
         set_pyramid_default(model.config, pyramid)
         kv_cache["pyramid"] = dict(model.config.compression["inference"]["pyramid"])
@@ -199,6 +210,10 @@ def export_model(
         bundled = bundle_code(model, tmp) if is_kvforge else []
         num_parameters = sum(p.numel() for p in model.parameters())
         card = model_card(model, tokenizer, kv_cache, evaluations, source, dtype, num_parameters, out_dir.name)
+        if stock is not None and stock.kvforge_config is not None:
+            from kvforge.models.stock import stock_card
+
+            card = stock_card(card, stock, kv_cache)
         (tmp / "README.md").write_text(card)
         verify_config(tmp, model)
         verify_weights(tmp, model)
@@ -207,6 +222,7 @@ def export_model(
             "format": 1, "kvforge": is_kvforge, "dtype": dtype, "num_parameters": num_parameters,
             "source": source, "kv_cache": kv_cache, "decoding_check": decoding, "evaluations": evaluations,
             "bundled_code": bundled, "transformers": _transformers_versions(),
+            **({"stock": stock.record} if stock is not None else {}),
             "files": _file_table(tmp),
         }
         _write_json(tmp / EXPORT_MANIFEST, manifest)
