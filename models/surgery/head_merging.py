@@ -39,10 +39,11 @@ scale for keys / up to a linear map for values), the moments have rank d (values
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
+from .base import Transform, kv_moments, q_pair_energy
 from .linalg import complex_pair_moment, principal_components, scale_pairs
 
 
@@ -230,3 +231,42 @@ def fold_keys_into_q_proj(
             re_b, im_b = scale_pairs(hb[:half], hb[half:], c)
             new_bias[rows] = torch.cat([re_b, im_b])
     return new_weight.to(q_weight.dtype), None if new_bias is None else new_bias.to(q_bias.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Surgery: the per-layer transform
+
+
+def transform_layer(t: Transform, i: int, entry: dict[str, Any]) -> None:
+    """Layer i (kv_proj="merged_heads", owning its cache): merged v_proj (and k_proj unless it is a probs_from
+    consumer), with the rebuild maps folded into o_proj (and the key coefficients into q_proj). The fold is
+    kept in `t.merged_folds` for the layers that read this layer's cache (`fold_into_reader`)."""
+    layer, a, geometry = t.spec.layers[i], t.attn[i], t.geometry
+    groups = head_groups(geometry.num_heads, geometry.num_kv_heads, layer.num_kv_heads)
+    kv_second, _ = kv_moments(t.stats, i, a)
+    n = geometry.kv_dims
+    weighted = t.settings.balance == "attention"
+    v_w, v_b, rebuild = merge_values(a.v_weight, a.v_bias, kv_second[n:, n:], groups, geometry.head_dim,
+                                     o_weight=a.o_weight if weighted else None)
+    t.put(i, "v_proj", v_w, v_b)
+    t.put(i, "o_proj", fold_values_into_o_proj(a.o_weight, rebuild), a.o_bias)
+    if layer.probs_from is None:
+        k_w, k_b, coefficients = merge_keys(
+            a.k_weight, a.k_bias, kv_second[:n, :n], groups, geometry.head_dim,
+            q_pair_energy=q_pair_energy(t.stats, i, a, geometry) if weighted else None)
+        t.put(i, "k_proj", k_w, k_b)
+        q_w, q_b = fold_keys_into_q_proj(a.q_weight, a.q_bias, coefficients, geometry.head_dim)
+        t.put(i, "q_proj", q_w, q_b)
+        t.merged_folds[i] = (coefficients, rebuild)
+    entry["kv"] = f"merged {geometry.num_kv_heads} -> {layer.num_kv_heads} heads"
+
+
+def fold_into_reader(t: Transform, i: int, entry: dict[str, Any]) -> None:
+    """Layer i reads a merged-heads producer's cache (kv_from): the producer's fold goes into its own q_proj
+    and o_proj."""
+    a = t.attn[i]
+    coefficients, rebuild = t.merged_folds[t.spec.layers[i].kv_from]
+    q_w, q_b = fold_keys_into_q_proj(a.q_weight, a.q_bias, coefficients, t.geometry.head_dim)
+    t.put(i, "q_proj", q_w, q_b)
+    t.put(i, "o_proj", fold_values_into_o_proj(a.o_weight, rebuild), a.o_bias)
+    entry["kv"] += " (merged heads folded into q_proj / o_proj)"

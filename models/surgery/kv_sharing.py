@@ -16,11 +16,14 @@ last `window` tokens (plus `sinks`).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
-KV_SHARING_INITS = ("producer", "average")
+from ..configuration_kvforge import CompressionSpec
+from . import head_merging
+from .base import DenseAttention, Transform, dense_attention
+from .settings import SurgerySettings
 
 
 def sharing_groups(kv_from: list[Optional[int]]) -> dict[int, list[int]]:
@@ -47,3 +50,30 @@ def averaged_projection(weights: list[torch.Tensor], biases: list[Optional[torch
         raise ValueError("cannot average projections where only some have a bias")
     bias = torch.stack([b.to(torch.float64) for b in biases]).mean(0).to(biases[0].dtype)
     return weight, bias
+
+
+# ---------------------------------------------------------------------------------------------------
+# Surgery: the producers' projections, and the per-layer transform of a consumer
+
+
+def effective_attention(state: Mapping[str, torch.Tensor], spec: CompressionSpec, settings: SurgerySettings
+                        ) -> list[DenseAttention]:
+    """Every layer's dense projections, with shared-cache producers averaged when kv_sharing_init='average'."""
+    layers = [dense_attention(state, i) for i in range(len(spec.layers))]
+    if settings.kv_sharing_init == "average":
+        for producer, group in sharing_groups([l.kv_from for l in spec.layers]).items():
+            lp = layers[producer]
+            lp.k_weight, lp.k_bias = averaged_projection([layers[i].k_weight for i in group],
+                                                         [layers[i].k_bias for i in group])
+            lp.v_weight, lp.v_bias = averaged_projection([layers[i].v_weight for i in group],
+                                                         [layers[i].v_bias for i in group])
+    return layers
+
+
+def transform_layer(t: Transform, i: int, entry: dict[str, Any]) -> None:
+    """Layer i reads layer kv_from's cache: no K/V projections of its own; a merged-heads producer's fold
+    goes into its q_proj / o_proj (head_merging.fold_into_reader)."""
+    layer = t.spec.layers[i]
+    entry["kv"] = f"reads layer {layer.kv_from}"
+    if layer.kv_from in t.merged_folds:
+        head_merging.fold_into_reader(t, i, entry)

@@ -35,7 +35,7 @@ Weighting (`balance`) of the PCA, so that the directions kept are the ones atten
                  KV head's query heads, over sqrt(d): the logit error is q . dk / sqrt(d)) and each value dim
                  by the norm of the o_proj columns that read it (the output error is O dv).
 
-Initialisation (`INITS`, surgery setting `init`) of pre-RoPE latents and value-only latents:
+Initialisation (`settings.INITS`, surgery setting `init`) of pre-RoPE latents and value-only latents:
     "pca"           the (balanced) PCA above: reconstruct K and V.
     "output_aware"  minimise what attention makes of the error rather than the error itself, a generalised
                     PCA under a metric M (linalg.factorize: latent = U^T M^1/2 y, rebuilt M^-1/2 U c, U the
@@ -70,15 +70,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
-from .linalg import Factorization, factorize, pair_energy
-
-ROPE_PAIR_CRITERIA = ("norm", "high", "low", "uniform")
-BALANCES = ("none", "trace", "attention")
-INITS = ("pca", "output_aware", "output_aware_values")
+from ..calibration import CalibrationStatistics
+from ..configuration_kvforge import CompressionSpec, Geometry
+from .base import DenseAttention, Transform, attention_prefix, kv_moments, q_pair_energy
+from .linalg import Factorization, discarded_energy, factorize, pair_energy
+from .settings import BALANCES, ROPE_PAIR_CRITERIA, SurgeryError, SurgerySettings
 
 
 def select_rope_pairs(
@@ -384,3 +384,168 @@ def value_output_metric(o_weight: torch.Tensor, num_kv_heads: int, head_dim: int
     summed = o.reshape(o_weight.shape[0], num_kv_heads, group, head_dim).sum(2).reshape(o_weight.shape[0], -1)
     alike = summed.T @ summed
     return head_correlation * alike + (1.0 - head_correlation) * independent
+
+
+# ---------------------------------------------------------------------------------------------------
+# Surgery: the PCA problem of every low-rank matrix of a spec, and the per-layer transform
+
+
+@dataclass
+class LowRankProblem:
+    """One matrix to factorise: (layer, part) with part "k", "v" (pre_rope_latent / value latent) or "kv"
+    (partial RoPE's joint latent); `spectrum` is what the chosen factorisation leaves out beyond a rank."""
+
+    layer: int
+    part: str
+    spectrum: torch.Tensor
+    max_rank: int
+
+
+def _restore_value_mean(expected: Mapping[str, torch.Size], layer: int) -> bool:
+    # Values are centred only when the module has a v_up bias to add the mean back (see linalg.factorize).
+    return f"{attention_prefix(layer)}v_up.bias" in expected
+
+
+def _has_kv_down_bias(expected: Mapping[str, torch.Size], layer: int) -> bool:
+    # The non-rotary keys' mean can only be subtracted (and dropped) through a bias on kv_down.
+    return f"{attention_prefix(layer)}kv_down.bias" in expected
+
+
+def _key_scale(stats, layer, attn, geometry, settings) -> Optional[torch.Tensor]:
+    if settings.balance != "attention":
+        return None
+    return key_pair_scale(q_pair_energy(stats, layer, attn, geometry), geometry.num_kv_heads).flatten()
+
+
+def _value_scale(attn, geometry, settings) -> Optional[torch.Tensor]:
+    if settings.balance != "attention":
+        return None
+    return value_dim_scale(attn.o_weight, geometry.num_kv_heads, geometry.head_dim).flatten()
+
+
+def _output_metric(stats: CalibrationStatistics, spec: CompressionSpec, attn: list[DenseAttention], layer: int,
+                   part: str, geometry: Geometry, settings: SurgerySettings, rope_inv_freq: Optional[torch.Tensor]
+                   ) -> Optional[torch.Tensor]:
+    """The output-aware metric of `layer`'s key ("k") or value ("v") latent, or None where the init is the PCA
+    (init="pca"; keys under init="output_aware_values").
+
+    Every layer that attends over this layer's cache adds its own term (its queries for keys, its o_proj for
+    values): the layer itself and its kv_from consumers, each with its own input statistics.
+    """
+    if settings.init == "pca" or (part == "k" and settings.init == "output_aware_values"):
+        return None
+    readers = [layer] + [c for c, l in enumerate(spec.layers) if l.kv_from == layer]
+    if part == "v":
+        return sum(value_output_metric(attn[r].o_weight, geometry.num_kv_heads, geometry.head_dim)
+                   for r in readers)
+    if rope_inv_freq is None:
+        raise SurgeryError("surgery.init='output_aware' needs the model's RoPE frequencies for the key metric "
+                           "(compress reads them from model.model.rotary_emb.inv_freq)")
+    context = settings.context_tokens or stats.seq_len
+    kv_second, kv_mean = kv_moments(stats, layer, attn[layer])
+    n = geometry.kv_dims
+    metric = 0
+    for r in readers:
+        q_second, _ = stats.output_moments(r, attn[r].q_weight, attn[r].q_bias)
+        # Logit units -> output units (value_spread), so keys and values share the greedy's currency.
+        # One rate per reading layer (the mean over its query heads): a scalar leaves the key directions as the
+        # logit metric chooses them (per-head rates gave worse layer outputs on SmolLM2), it only prices them.
+        rate = value_spread(attn[r].o_weight, kv_second[n:, n:], kv_mean[n:], geometry.num_kv_heads,
+                            geometry.head_dim).mean()
+        metric = metric + rate * key_output_metric(q_second, geometry.num_kv_heads, geometry.head_dim,
+                                                   rope_inv_freq, context)
+    return metric
+
+
+def _pre_rope(stats, layer, attn, geometry, settings, part: str, rank: int, restore_mean: bool,
+              metric: Optional[torch.Tensor] = None):
+    # An output-aware metric replaces the diagonal `balance` weighting (it contains it as its rotation average).
+    kv_second, kv_mean = kv_moments(stats, layer, attn)
+    n = geometry.kv_dims
+    if part == "k":
+        return pre_rope_factors(weight=attn.k_weight, bias=attn.k_bias, second_moment=kv_second[:n, :n],
+                                mean=kv_mean[:n], rank=rank, restore_mean=False, metric=metric,
+                                scale=None if metric is not None else _key_scale(stats, layer, attn, geometry, settings))
+    return pre_rope_factors(weight=attn.v_weight, bias=attn.v_bias, second_moment=kv_second[n:, n:],
+                            mean=kv_mean[n:], rank=rank, restore_mean=restore_mean, metric=metric,
+                            scale=None if metric is not None else _value_scale(attn, geometry, settings))
+
+
+def _partial(stats, layer, attn, geometry, settings, rope_dims: int, rank: int, restore_mean: bool,
+             drop_key_mean: bool):
+    kv_second, kv_mean = kv_moments(stats, layer, attn)
+    return partial_rope_factors(
+        k_weight=attn.k_weight, k_bias=attn.k_bias, v_weight=attn.v_weight, v_bias=attn.v_bias,
+        kv_second_moment=kv_second, kv_mean=kv_mean, q_pair_energy=q_pair_energy(stats, layer, attn, geometry),
+        num_kv_heads=geometry.num_kv_heads, head_dim=geometry.head_dim, rope_dims=rope_dims, kv_rank=rank,
+        criterion=settings.rope_pair_criterion, restore_value_mean=restore_mean, drop_key_mean=drop_key_mean,
+        balance=settings.balance, o_weight=attn.o_weight)
+
+
+def low_rank_problems(spec: CompressionSpec, stats: CalibrationStatistics, attn: list[DenseAttention],
+                      geometry: Geometry, settings: SurgerySettings, expected: Mapping[str, torch.Size],
+                      rope_inv_freq: Optional[torch.Tensor] = None) -> list[LowRankProblem]:
+    """The spectrum of every low-rank matrix of the spec, as the transform will factorise it (under the
+    output-aware init, the spectrum of the weighted problem: the greedy then spends ranks on that objective)."""
+    problems = []
+    for i, layer in enumerate(spec.layers):
+        if layer.kv_proj != "low_rank" or layer.kv_from is not None:
+            continue
+        restore = _restore_value_mean(expected, i)
+        if layer.probs_from is not None:
+            f = _pre_rope(stats, i, attn[i], geometry, settings, "v", 1, restore,
+                          _output_metric(stats, spec, attn, i, "v", geometry, settings, rope_inv_freq))
+            problems.append(LowRankProblem(i, "v", f.eigenvalues, geometry.kv_dims))
+        elif layer.rope == "pre_rope_latent":
+            for part in ("k", "v"):
+                f = _pre_rope(stats, i, attn[i], geometry, settings, part, 1, restore,
+                              _output_metric(stats, spec, attn, i, part, geometry, settings, rope_inv_freq))
+                problems.append(LowRankProblem(i, part, f.eigenvalues, geometry.kv_dims))
+        else:
+            f = _partial(stats, i, attn[i], geometry, settings, layer.rope_dims, 1, restore, _has_kv_down_bias(expected, i))
+            problems.append(LowRankProblem(i, "kv", f.latent.eigenvalues, f.latent.up_weight.shape[0]))
+    return problems
+
+
+def transform_layer(t: Transform, i: int, entry: dict[str, Any]) -> None:
+    """Layer i (kv_proj="low_rank", owning its cache): its latent projections, factorised at the spec's ranks.
+
+    A probs_from consumer (shared attention) keeps a value latent only; otherwise pre-RoPE K and V latents,
+    or partial RoPE's rotary dims plus a joint latent.
+    """
+    layer, a = t.spec.layers[i], t.attn[i]
+    stats, geometry, settings = t.stats, t.geometry, t.settings
+    restore = _restore_value_mean(t.expected, i)
+    if layer.probs_from is not None:
+        f = _pre_rope(stats, i, a, geometry, settings, "v", layer.v_rank, restore,
+                      _output_metric(stats, t.spec, t.attn, i, "v", geometry, settings, t.rope_inv_freq))
+        t.put(i, "v_down", f.down_weight, f.down_bias)
+        t.put(i, "v_up", f.up_weight, f.up_bias)
+        entry["kv"] = f"v latent {layer.v_rank}"
+        entry["init"] = settings.init
+        entry["v_discarded"] = discarded_energy(f.eigenvalues, layer.v_rank)
+    elif layer.rope == "pre_rope_latent":
+        fk = _pre_rope(stats, i, a, geometry, settings, "k", layer.k_rank, restore,
+                       _output_metric(stats, t.spec, t.attn, i, "k", geometry, settings, t.rope_inv_freq))
+        fv = _pre_rope(stats, i, a, geometry, settings, "v", layer.v_rank, restore,
+                       _output_metric(stats, t.spec, t.attn, i, "v", geometry, settings, t.rope_inv_freq))
+        t.put(i, "k_down", fk.down_weight, fk.down_bias)
+        t.put(i, "k_up", fk.up_weight, fk.up_bias)
+        t.put(i, "v_down", fv.down_weight, fv.down_bias)
+        t.put(i, "v_up", fv.up_weight, fv.up_bias)
+        entry["kv"] = f"pre-RoPE latents k {layer.k_rank} v {layer.v_rank}"
+        entry["init"] = settings.init
+        entry["k_discarded"] = discarded_energy(fk.eigenvalues, layer.k_rank)
+        entry["v_discarded"] = discarded_energy(fv.eigenvalues, layer.v_rank)
+    else:
+        f = _partial(stats, i, a, geometry, settings, layer.rope_dims, layer.kv_rank, restore,
+                     _has_kv_down_bias(t.expected, i))
+        t.put(i, "k_rope", f.k_rope_weight, f.k_rope_bias)
+        t.put(i, "kv_down", f.latent.down_weight, f.latent.down_bias)
+        t.put(i, "k_up", f.k_up_weight)
+        t.put(i, "v_up", f.v_up_weight, f.v_up_bias)
+        t.out[f"{attention_prefix(i)}rope_index"] = f.rope_pairs
+        entry["kv"] = f"partial RoPE {layer.rope_dims} dims + latent {layer.kv_rank}"
+        entry["init"] = "pca"  # init="output_aware" covers pre-RoPE and value latents only (this file)
+        entry["kv_discarded"] = discarded_energy(f.latent.eigenvalues, layer.kv_rank)
+        entry["rope_pairs"] = f.rope_pairs.tolist()

@@ -19,13 +19,20 @@ they are (squared-error units, comparable only when activations are on the same 
 
 from __future__ import annotations
 
+import copy
 import heapq
+import math
 from dataclasses import dataclass
 from typing import Hashable
 
 import torch
 
-NORMALIZATIONS = ("relative", "absolute")
+from ..configuration_kvforge import (
+    CompressionSpec, Geometry, dtype_num_bytes, layer_slot_fraction, original_kv_bytes_per_token,
+)
+from .linalg import rank_for_energy
+from .low_rank import LowRankProblem
+from .settings import NORMALIZATIONS, SurgeryError, SurgerySettings
 
 
 class BudgetError(ValueError):
@@ -95,3 +102,69 @@ def allocate_ranks(candidates: list[RankCandidate], budget: float, *, normalizat
         if ranks[c.key] < c.upper():
             heapq.heappush(heap, (-float(gains[c.key][ranks[c.key]]), i))
     return ranks
+
+
+# ---------------------------------------------------------------------------------------------------
+# Surgery: a spec's low-rank ranks under SurgerySettings.rank_allocation
+
+
+_RANK_FIELD = {"k": "k_rank", "v": "v_rank", "kv": "kv_rank"}
+
+
+def resolve_ranks(spec: CompressionSpec, problems: list[LowRankProblem], geometry: Geometry,
+                  settings: SurgerySettings) -> CompressionSpec:
+    """A copy of `spec` with low-rank ranks chosen by settings.rank_allocation (as_given: unchanged).
+
+    greedy: the budget (settings, or the spec's own total) minus what every non-latent part of the cache
+    costs is spent on latent directions by allocate_ranks.
+
+    Raises:
+        SurgeryError: a budget below what the fixed parts of the cache (dense layers, rotary dims) and one
+            rank per latent already cost.
+    """
+    if settings.rank_allocation == "as_given" or not problems:
+        return spec
+    new = copy.deepcopy(spec)
+    if settings.rank_allocation == "energy":
+        for p in problems:
+            setattr(new.layers[p.layer], _RANK_FIELD[p.part], min(p.max_rank, rank_for_energy(p.spectrum, settings.energy_threshold)))
+        return new
+    bytes_per_element = dtype_num_bytes(settings.cache_dtype)
+    fractions = [layer_slot_fraction(l, settings.context_tokens) for l in spec.layers]
+    # Each latent direction of a layer costs one element per token times the layer's slot fraction. Window
+    # layers with context_tokens=None cost nothing; a tiny cost keeps the greedy well defined (they fill first).
+    costs = {(p.layer, p.part): max(fractions[p.layer], 1e-9) for p in problems}
+    latent_now = sum(getattr(spec.layers[p.layer], _RANK_FIELD[p.part]) * costs[(p.layer, p.part)] for p in problems)
+    total_now = sum(l.kv_cache_elements_per_token(geometry.num_kv_heads, geometry.head_dim) * f
+                    for l, f in zip(spec.layers, fractions))
+    fixed = total_now - latent_now
+    if settings.budget_fraction is not None:
+        target = settings.budget_fraction * original_kv_bytes_per_token(geometry, settings.cache_dtype) / bytes_per_element
+        what = f"budget_fraction={settings.budget_fraction} of {original_kv_bytes_per_token(geometry, settings.cache_dtype)} bytes/token"
+    elif settings.budget_bytes_per_token is not None:
+        target = settings.budget_bytes_per_token / bytes_per_element
+        what = f"budget_bytes_per_token={settings.budget_bytes_per_token}"
+    else:
+        target, what = total_now, "the spec's own total"
+    # Budgets in elements are integers for global layers: round away float noise (e.g. 0.5 * 23040 / 2).
+    latent_budget = math.floor(target - fixed + 1e-6)
+    normalization, weights = settings.budget_normalization, {(p.layer, p.part): 1.0 for p in problems}
+    if settings.init == "output_aware" and normalization == "relative":
+        # A layer's key and value spectra are both in units of its attention-output error (low_rank.value_spread),
+        # so they compete as they are; layers compete relative to their value energy (the weighted trace of
+        # the value spectrum): the same "fraction of what the layer carries" as the PCA's relative budget.
+        energy = {p.layer: float(p.spectrum.sum()) for p in problems if p.part in ("v", "kv")}
+        weights = {(p.layer, p.part): 1.0 / energy[p.layer] if energy[p.layer] > 0 else 1.0 for p in problems}
+        normalization = "absolute"
+    candidates = [RankCandidate(key=(p.layer, p.part), eigenvalues=p.spectrum, cost=costs[(p.layer, p.part)],
+                                max_rank=p.max_rank, weight=weights[(p.layer, p.part)])
+                  for p in problems]
+    try:
+        ranks = allocate_ranks(candidates, latent_budget, normalization=normalization)
+    except BudgetError as e:
+        raise SurgeryError(
+            f"the KV budget ({what}) leaves {latent_budget} elements/token for low-rank latents after "
+            f"{fixed:g} for the rest of the cache, too little: {e}") from None
+    for (layer, part), rank in ranks.items():
+        setattr(new.layers[layer], _RANK_FIELD[part], rank)
+    return new

@@ -20,10 +20,15 @@ joining a span costs D[i, a] (its divergence from the span's first layer, which 
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Callable, Optional
 
 import torch
+
+from ..calibration import CalibrationStatistics
+from ..configuration_kvforge import CompressionSpec, Geometry
+from .settings import SurgeryError, SurgerySettings
 
 
 CanShare = Callable[[int, int], bool]
@@ -98,3 +103,45 @@ def _check_matrix(divergence: torch.Tensor) -> int:
     if not torch.isfinite(divergence[lower]).all():
         raise ValueError("divergence has non-finite entries below the diagonal; recompute the calibration statistics")
     return divergence.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Surgery: the spec's spans chosen from calibration attention maps
+
+
+def choose_shared_attention(spec: CompressionSpec, stats: CalibrationStatistics, geometry: Geometry,
+                            settings: SurgerySettings) -> CompressionSpec:
+    """A copy of `spec` whose probs_from come from the calibration attention maps (replacing the spec's).
+
+    A low-rank layer that becomes a consumer keeps a value latent only (its keys are no longer needed):
+    v_rank as given for pre_rope_latent, min(kv_rank, n_kv d) for partial.
+    """
+    if stats.attention_divergence is None:
+        raise SurgeryError("choosing shared-attention spans needs attention maps in the calibration statistics "
+                           "(collect them with attention_rows > 0)")
+    layers = spec.layers
+
+    def can_share(i: int, j: int) -> bool:
+        a, b = layers[i], layers[j]
+        return a.kv_from is None and b.probs_from is None and a.layout == b.layout and a.attention == b.attention
+
+    how = settings.shared_attention
+    try:
+        if "count" in how:
+            probs_from = spans_by_count(stats.attention_divergence, how["count"], can_share)
+        else:
+            probs_from = spans_by_threshold(stats.attention_divergence, how["threshold"], can_share)
+    except ValueError as e:
+        raise SurgeryError(f"surgery.shared_attention={how!r}: {e}") from None
+    new = copy.deepcopy(spec)
+    for layer in new.layers:
+        layer.probs_from = None
+    for layer, source in zip(new.layers, probs_from):
+        if source is None:
+            continue
+        layer.probs_from = source
+        if layer.kv_proj == "low_rank":
+            v_rank = layer.v_rank if layer.rope == "pre_rope_latent" else min(layer.kv_rank, geometry.kv_dims)
+            layer.k_rank = layer.kv_rank = layer.rope = layer.rope_dims = None
+            layer.v_rank = v_rank
+    return new

@@ -1,0 +1,290 @@
+"""The surgery's steps, one method per file (see the package doc): resolve the spec, transform the state dict
+layer by layer, build and load; and the `compression:` section parsed into (spec, settings).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import nn
+from transformers.initialization import no_init_weights
+
+from kvforge.suggest import did_you_mean
+
+from ..calibration import CalibrationStatistics, collect_statistics
+from ..configuration_kvforge import CompressionSpec, Geometry, KVForgeConfig, original_kv_bytes_per_token
+from ..presets import build_preset
+from . import head_merging, kv_sharing, low_rank, rank_allocation, shared_attention
+from .base import Transform
+from .settings import SurgeryError, SurgerySettings
+
+
+# ---------------------------------------------------------------------------------------------------
+# Step 1: resolve the data-dependent parts of the spec
+
+
+def needs_statistics(spec: CompressionSpec, settings: SurgerySettings) -> bool:
+    """Calibration is needed for low-rank or merged layers and for choosing shared-attention spans."""
+    return settings.needs_attention_maps() or any(l.kv_proj in ("low_rank", "merged_heads") for l in spec.layers)
+
+
+def spec_kv_bytes_per_token(spec: CompressionSpec, geometry: Geometry, settings: SurgerySettings) -> float:
+    """The spec's KV bytes per token at settings.context_tokens (None: the long-context rate)."""
+    return spec.kv_cache_bytes_per_token(num_kv_heads=geometry.num_kv_heads, head_dim=geometry.head_dim,
+                                         dtype=settings.cache_dtype, num_tokens=settings.context_tokens)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Step 2: transform the state dict
+
+
+def transform_state_dict(
+    state: Mapping[str, torch.Tensor], spec: CompressionSpec, geometry: Geometry,
+    stats: Optional[CalibrationStatistics], settings: SurgerySettings, expected: Mapping[str, torch.Size],
+    rope_inv_freq: Optional[torch.Tensor] = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The compressed model's state dict from the pretrained one, and a per-layer report.
+
+    Non-attention tensors are the very same tensors (bit-identical); attention tensors follow each
+    layer's spec, through its method's `transform_layer`: kv_sharing (a kv_from consumer), head_merging,
+    low_rank; a dense layer keeps its projections, and a probs_from consumer (shared_attention) drops its
+    q_proj and k_proj. `expected` (name -> shape of the target module's state) decides only optional biases
+    (v_up.bias) and is asserted against afterwards in `load_checked`. `rope_inv_freq` [d/2] (the model's RoPE
+    frequencies) is needed by init="output_aware" for pre-RoPE key latents.
+    """
+    t = Transform(spec, geometry, stats, settings, expected, rope_inv_freq,
+                  attn=kv_sharing.effective_attention(state, spec, settings))
+    for key, tensor in state.items():
+        if ".self_attn." not in key:
+            t.out[key] = tensor
+    report: dict[str, Any] = {"layers": []}
+    for i, layer in enumerate(spec.layers):
+        a = t.attn[i]
+        entry: dict[str, Any] = {"layer": i}
+        computes_probs = layer.probs_from is None
+        if computes_probs:
+            t.put(i, "q_proj", a.q_weight, a.q_bias)
+        t.put(i, "o_proj", a.o_weight, a.o_bias)
+        if layer.kv_from is not None:
+            kv_sharing.transform_layer(t, i, entry)
+        elif layer.kv_proj == "dense":
+            if computes_probs:
+                t.put(i, "k_proj", a.k_weight, a.k_bias)
+            t.put(i, "v_proj", a.v_weight, a.v_bias)
+            entry["kv"] = "dense"
+        elif layer.kv_proj == "merged_heads":
+            head_merging.transform_layer(t, i, entry)
+        else:  # low_rank
+            low_rank.transform_layer(t, i, entry)
+        if layer.probs_from is not None:
+            entry["probs"] = f"reuses layer {layer.probs_from}"
+        report["layers"].append(entry)
+    return t.out, report
+
+
+# ---------------------------------------------------------------------------------------------------
+# Step 3: build the module and load, with loud key and shape checks
+
+
+def load_checked(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load `state` into `model` after asserting identical key sets and shapes.
+
+    Raises:
+        SurgeryError: listing every missing key, unexpected key and shape mismatch.
+    """
+    target = model.state_dict()
+    missing = sorted(set(target) - set(state))
+    unexpected = sorted(set(state) - set(target))
+    mismatched = [f"{k}: built {tuple(target[k].shape)}, surgery produced {tuple(state[k].shape)}"
+                  for k in sorted(set(target) & set(state)) if target[k].shape != state[k].shape]
+    if missing or unexpected or mismatched:
+        raise SurgeryError(
+            "the compressed state dict does not match the module built from the spec:\n"
+            + (f"  missing ({len(missing)}): {missing[:12]}\n" if missing else "")
+            + (f"  unexpected ({len(unexpected)}): {unexpected[:12]}\n" if unexpected else "")
+            + (f"  shape mismatches ({len(mismatched)}): {mismatched[:12]}\n" if mismatched else "")
+        )
+    with torch.no_grad():
+        for key, value in target.items():
+            value.copy_(state[key].to(value.dtype))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Entry points
+
+
+@dataclass
+class SurgeryResult:
+    """What `compress` returns: the model, the resolved spec it was built from, a per-layer report and the
+    calibration statistics (None when the spec needed none)."""
+
+    model: nn.Module
+    spec: CompressionSpec
+    report: dict[str, Any]
+    statistics: Optional[CalibrationStatistics]
+
+
+def _rope_inv_freq(model: nn.Module) -> Optional[torch.Tensor]:
+    """[d/2] float64: the RoPE frequencies theta_f the pretrained model itself rotates with (its rotary
+    embedding's inv_freq, so scaled RoPE types are as the model has them), or None if it has no such module."""
+    rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
+    inv_freq = getattr(rotary, "inv_freq", None)
+    return None if inv_freq is None else inv_freq.detach().to(torch.float64).cpu()
+
+
+def _expected_state(config: KVForgeConfig) -> dict[str, torch.Size]:
+    """Key -> shape of the state dict of KVForgeForCausalLM(config), without allocating its weights."""
+    from ..modeling_kvforge import KVForgeForCausalLM
+
+    with torch.device("meta"):
+        skeleton = KVForgeForCausalLM(config)
+    return {k: v.shape for k, v in skeleton.state_dict().items()}
+
+
+def compress(
+    model: nn.Module,
+    spec: CompressionSpec | Mapping[str, Any],
+    calibration_rows: Optional[torch.Tensor] = None,
+    *,
+    settings: Optional[SurgerySettings | Mapping[str, Any]] = None,
+    statistics: Optional[CalibrationStatistics] = None,
+) -> SurgeryResult:
+    """Pretrained Llama / Mistral / Qwen2 model + spec -> KVForgeForCausalLM (see the module doc).
+
+    Args:
+        model: the pretrained HF causal LM (left unchanged).
+        spec: a CompressionSpec or its dict form (one LayerSpec per layer).
+        calibration_rows: [N, S] token ids of real text, needed when the spec/settings need statistics and
+            `statistics` is not given.
+        settings: SurgerySettings or its dict form.
+        statistics: precomputed calibration statistics of this model (e.g. cached by launch/compress.py).
+
+    Raises:
+        SurgeryError / CompressionSpecError: an invalid spec or settings, missing calibration data, a
+            budget that cannot be met, or a state dict that does not match the built module.
+    """
+    from ..modeling_kvforge import KVForgeForCausalLM
+
+    settings = settings if isinstance(settings, SurgerySettings) else SurgerySettings.from_dict(settings)
+    settings.validate()
+    geometry = Geometry.of(model.config)
+    spec = spec if isinstance(spec, CompressionSpec) else CompressionSpec.from_dict(dict(spec))
+    geometry.check_spec(spec)
+
+    # ---- statistics, only if something needs them
+    if needs_statistics(spec, settings) and statistics is None:
+        if calibration_rows is None:
+            raise SurgeryError("this spec needs calibration statistics (low-rank or merged layers, or shared-attention "
+                               "spans chosen from data): pass calibration_rows [N, seq_len] of real text")
+        statistics = collect_statistics(
+            model, calibration_rows, batch_size=settings.calibration_batch_size,
+            attention_rows=min(settings.attention_rows, calibration_rows.shape[0]) if settings.needs_attention_maps() else 0,
+            attention_metric=settings.attention_metric, show_progress=settings.show_progress,
+            device=settings.resolved_calibration_device())
+    if statistics is not None and (statistics.num_layers != geometry.num_layers or statistics.hidden_size != geometry.hidden_size):
+        raise SurgeryError(f"the calibration statistics are of a model with {statistics.num_layers} layers of width "
+                           f"{statistics.hidden_size}, this one has {geometry.num_layers} of {geometry.hidden_size}")
+
+    # ---- step 1: resolve data-dependent choices
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    rope_inv_freq = _rope_inv_freq(model)
+    if settings.shared_attention is not None:
+        spec = shared_attention.choose_shared_attention(spec, statistics, geometry, settings)
+        geometry.check_spec(spec)
+    config = KVForgeConfig.from_base_config(model.config, spec)
+    expected = _expected_state(config)
+    if settings.rank_allocation != "as_given":
+        attn = kv_sharing.effective_attention(state, spec, settings)
+        problems = low_rank.low_rank_problems(spec, statistics, attn, geometry, settings, expected, rope_inv_freq)
+        spec = rank_allocation.resolve_ranks(spec, problems, geometry, settings)
+        geometry.check_spec(spec)
+        config = KVForgeConfig.from_base_config(model.config, spec)
+        expected = _expected_state(config)
+
+    # ---- step 2: transform the state dict
+    new_state, report = transform_state_dict(state, spec, geometry, statistics, settings, expected, rope_inv_freq)
+
+    # ---- step 3: build the module and load, asserting keys and shapes
+    dtype = next(model.parameters()).dtype
+    # Every parameter and persistent buffer is overwritten by load_checked (which asserts the key sets are
+    # equal), so random initialisation would be wasted work: minutes for a 7B model.
+    with no_init_weights():
+        compressed = KVForgeForCausalLM(config).to(dtype)
+    compressed.tie_weights()  # skipped together with the initialisation
+    if config.tie_word_embeddings and compressed.lm_head.weight is not compressed.model.embed_tokens.weight:
+        raise SurgeryError("lm_head is not tied to embed_tokens although tie_word_embeddings=True")
+    load_checked(compressed, new_state)
+    compressed.eval()
+    report.update(
+        spec_kv_bytes_per_token=spec_kv_bytes_per_token(spec, geometry, settings),
+        original_kv_bytes_per_token=original_kv_bytes_per_token(geometry, settings.cache_dtype),
+        cache_dtype=settings.cache_dtype, context_tokens=settings.context_tokens,
+        settings=asdict(settings),
+    )
+    return SurgeryResult(compressed, spec, report, statistics)
+
+
+COMPRESSION_KEYS = ("preset", "arguments", "layers", "calibration", "inference", "surgery")
+
+
+def parse_compression(section: Any, model_config: Any) -> tuple[CompressionSpec, SurgerySettings]:
+    """The `compression:` config section (or a preset name, or a CompressionSpec) -> (spec, settings).
+
+    Forms:
+        "mixattention-ma"                                   a preset name, default arguments
+        {preset: low-rank, arguments: {budget: 0.25}, surgery: {...}, calibration: {...}}
+        {layers: [...], calibration: {...}, inference: {...}, surgery: {...}}
+
+    Raises:
+        SurgeryError / PresetError / CompressionSpecError: unknown keys, both or neither of preset/layers,
+            bad arguments or an invalid spec.
+    """
+    if isinstance(section, CompressionSpec):
+        return section, SurgerySettings()
+    if isinstance(section, str):
+        section = {"preset": section}
+    if not isinstance(section, Mapping):
+        raise SurgeryError(f"compression must be a preset name or a mapping, got {type(section).__name__}")
+    section = dict(section)
+    unknown = sorted(set(section) - set(COMPRESSION_KEYS))
+    if unknown:
+        hint = "; ".join(f"{k!r}{did_you_mean(k, COMPRESSION_KEYS, paren=True)}" for k in unknown)
+        raise SurgeryError(f"compression: unknown key(s) {hint}; allowed: {list(COMPRESSION_KEYS)}")
+    if ("preset" in section) == ("layers" in section):
+        raise SurgeryError("compression needs exactly one of `preset` (a preset name) or `layers` (one entry per layer)")
+    settings = SurgerySettings.from_dict(section.get("surgery"))
+    if "preset" in section:
+        arguments = section.get("arguments") or {}
+        if not isinstance(arguments, Mapping):
+            raise SurgeryError(f"compression.arguments must be a mapping, got {arguments!r}")
+        spec = build_preset(section["preset"], model_config, **dict(arguments))
+    else:
+        if "arguments" in section:
+            raise SurgeryError("compression.arguments goes with compression.preset, not with compression.layers")
+        spec = CompressionSpec.from_dict({"layers": section["layers"]})
+    if "calibration" in section or "inference" in section:
+        extra = CompressionSpec.from_dict({"layers": [], "calibration": section.get("calibration"),
+                                           "inference": section.get("inference")})
+        spec.calibration, spec.pyramid = extra.calibration, extra.pyramid
+    geometry = Geometry.of(model_config)
+    geometry.check_spec(spec)
+    return spec, settings
+
+
+def build_compressed_model(base_model: nn.Module, spec_dict_or_preset: Any,
+                           calibration_rows: Optional[torch.Tensor], *,
+                           settings: Optional[SurgerySettings | Mapping[str, Any]] = None) -> nn.Module:
+    """The trainer's entry point: base model + `compression:` section (or preset name) -> KVForgeForCausalLM.
+
+    `settings` (if given) overrides the section's `surgery:` entries key by key.
+    """
+    spec, section_settings = parse_compression(spec_dict_or_preset, base_model.config)
+    if settings is not None:
+        merged = asdict(section_settings)
+        merged.update(asdict(settings) if isinstance(settings, SurgerySettings) else dict(settings))
+        section_settings = SurgerySettings.from_dict(merged)
+    return compress(base_model, spec, calibration_rows, settings=section_settings).model
+
+
