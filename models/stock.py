@@ -134,7 +134,7 @@ class StockMapping:
                     first, before = values[name]
                     reported = name if getattr(layer, name) is not None else "kv_proj"
                     return Refusal(i, reported, getattr(layer, reported),
-                                   f"{WHY[name]} (layer {first} has {name} {before}, this layer {value})")
+                                   f"{WHY[name]} (layer {first} has {name}={before}, layer {i} {value})")
         return {name: value for name, (_, value) in values.items()}
 
     # ---- the stock config and weights -------------------------------------------------------------
@@ -180,9 +180,12 @@ def _llama_fields(config, uniform: dict) -> dict:
 
 
 def _qwen2_fields(config, uniform: dict) -> dict:
+    # transformers reads layer_types. Readers of the older rule (layer i slides iff i >= max_window_layers) agree
+    # when the global layers come first; max_window_layers = the first window layer keeps them right then.
     spec = config.compression_spec
+    first_window = next(i for i, layer in enumerate(spec.layers) if layer.is_window)
     return {"num_key_value_heads": uniform["num_kv_heads"], "use_sliding_window": True,
-            "sliding_window": uniform["window"], "max_window_layers": 0,
+            "sliding_window": uniform["window"], "max_window_layers": first_window,
             "layer_types": ["sliding_attention" if layer.is_window else "full_attention" for layer in spec.layers]}
 
 
@@ -197,7 +200,8 @@ MAPPINGS = (
         model_values={},
         fields=_llama_fields,
         zero_tensors=(BIAS_SUFFIX,),
-        engines="transformers, vLLM, SGLang, TGI, llama.cpp (convert_hf_to_gguf.py)",
+        engines="LlamaForCausalLM: transformers, and the base architecture of vLLM, SGLang, TGI and llama.cpp "
+                "(convert_hf_to_gguf.py); only transformers was run by kvforge's tests",
     ),
     StockMapping(
         name="qwen2-sliding", model_type="qwen2", architecture="Qwen2ForCausalLM",
@@ -206,8 +210,10 @@ MAPPINGS = (
         model_values={"attention_output_bias": (False,), "mlp_bias": (False,)},
         fields=_qwen2_fields,
         zero_tensors=(r"\.self_attn\.(q_proj|k_proj|v_proj)\.bias$",),
-        engines="transformers (per-layer layer_types); vLLM/SGLang serve Qwen2 with per-layer sliding windows where "
-                "their Qwen2 reads layer_types",
+        engines="Qwen2ForCausalLM with per-layer layer_types: transformers (tested); an engine must honour layer_types "
+                "and sliding_window (or max_window_layers, right when the global layers come first) -- one that "
+                "ignores sliding windows (llama.cpp's Qwen2) computes full attention in the window layers; not run "
+                "by kvforge's tests",
     ),
 )
 

@@ -184,6 +184,7 @@ def test_stock_export_loads_without_remote_code_and_computes_the_same(case, tmp_
     if cls is Qwen2ForCausalLM:
         assert loaded.config.sliding_window == WINDOW
         assert loaded.config.layer_types.count("sliding_attention") == sliding
+        assert loaded.config.max_window_layers == loaded.config.layer_types.index("sliding_attention")
     assert_same_computation(model, loaded)
 
     # The stock class's own cache, measured, against the kvforge spec: global layers hold what kvforge's hold;
