@@ -30,8 +30,9 @@ of each block of 6), the others local with a 1024-token window; KV caches are ti
 layers (groups of `local_group`, 2-3) and across global layers (every global layer reads the first one's).
 
 Low-rank budgets: `low_rank` gives every layer a low-rank K/V at a uniform rank chosen so the cache is
-`budget` of the dense one; surgery then (by default) redistributes the same total across layers and
-between K and V greedily by calibration error (surgery.SurgerySettings.rank_allocation).
+`budget` of the dense one; with `surgery.rank_allocation: greedy` (every shipped low-rank recipe; the default,
+"as_given", keeps the uniform ranks) surgery re-spends the same total across layers and between K and V by
+calibration error (surgery.SurgerySettings).
 
 Free-form layouts: `layout("G W W<1 W ...")` or `custom([...])` with one dict of LayerSpec fields per layer.
 """
