@@ -276,3 +276,14 @@ def test_a_pyramid_default_needs_the_kvforge_class(tmp_path, tokenizer, capsys):
     code, printed, err = export_cli(["--model", source, "--out", tmp_path / "a", "--dtype", "float32",
                                      "--pyramid-budget", "16"], capsys)
     assert code == 0 and printed["kvforge"] is True, err
+
+
+def test_a_head_dim_other_than_hidden_over_heads_survives_the_stock_config(tmp_path):
+    """Qwen2Config has no head_dim field of its own: the export must still carry it (24 here, not 64 / 4)."""
+    config = layers_config([{"attention": "window", "window": WINDOW}, {}], head_dim=24)
+    model = custom(config)
+    mapping, _ = plan(model.config)
+    to_stock(model, mapping).save_pretrained(tmp_path / "out")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(loaded) is Qwen2ForCausalLM and loaded.config.head_dim == 24
+    assert_same_computation(model, loaded)
