@@ -438,6 +438,10 @@ def stock_card(card: str, export: StockExport, kv_cache: dict) -> str:
                      f" bytes (kvforge's own cache: {m['spec_bytes']:,}; transformers keeps W - 1 tokens per sliding "
                      "layer, kvforge W)")
     lines.append(f"- Serving engines: {record['engines']}")
+    base = getattr(export.kvforge_config, "base_model_type", "?")
+    card = card.replace(f"- Architecture: {record['model_type']},", f"- Architecture: {record['model_type']} (the "
+                        f"compressed {base} model, {record['mapping']} mapping),", 1)
+    card = card.replace(f"| original {record['model_type']} (", f"| original {base} (", 1)
     return card.replace("An uncompressed model (exported as a plain Hugging Face directory).", "\n".join(lines))
 
 
