@@ -241,11 +241,20 @@ REFUSED = {
 
 
 @pytest.mark.parametrize("case", REFUSED)
-def test_a_layout_without_stock_equivalent_is_refused_naming_layer_and_field(case):
+def test_a_layout_without_stock_equivalent_is_refused_naming_layer_and_field(case, tmp_path, tokenizer, capsys):
+    """--format stock: exit 2, one line naming the layer and field; --format auto: the kvforge class."""
     layers, overrides, where = REFUSED[case]
-    mapping, refusal = plan(layers_config(layers, **overrides))
+    model = custom(layers_config(layers, **overrides))
+    mapping, refusal = plan(model.config)
     assert mapping is None
     assert refusal.message().startswith(where), refusal.message()
+    source = save_source(model, tokenizer, tmp_path / "src")
+    code, _, err = export_cli(["--model", source, "--out", tmp_path / "stock", "--format", "stock"], capsys)
+    assert code == 2 and not (tmp_path / "stock").exists()
+    errors = [line for line in err.splitlines() if "error" in line]  # progress bars share stderr
+    assert errors == [f"export error: {refusal.message()}"], err
+    code, printed, err = export_cli(["--model", source, "--out", tmp_path / "auto", "--measure-tokens", "0"], capsys)
+    assert code == 0 and printed["architecture"] == "KVForgeForCausalLM", err
 
 
 def test_refused_by_stock_and_written_as_kvforge_under_auto(tmp_path, tokenizer, capsys):
