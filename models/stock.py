@@ -243,7 +243,11 @@ def to_stock(model: torch.nn.Module, mapping: StockMapping) -> torch.nn.Module:
         raise StockExportError(f"transformers built {type(stock).__name__} for {mapping.model_type}, expected "
                                f"{mapping.architecture}")
     state = mapping.stock_state_dict(model.state_dict(), stock.state_dict())
-    stock.load_state_dict(state, strict=True)
+    try:
+        stock.load_state_dict(state, strict=True)
+    except RuntimeError as error:  # a mapping whose renames do not cover the model: a bug, named
+        first = str(error).strip().splitlines()[0]
+        raise StockExportError(f"the {mapping.name} mapping does not fit this model's weights: {first}") from None
     if getattr(model, "generation_config", None) is not None:
         stock.generation_config = copy.deepcopy(model.generation_config)
     return stock

@@ -296,3 +296,29 @@ def test_a_head_dim_other_than_hidden_over_heads_survives_the_stock_config(tmp_p
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert type(loaded) is Qwen2ForCausalLM and loaded.config.head_dim == 24
     assert_same_computation(model, loaded)
+
+
+@pytest.mark.parametrize("breakage", ["config", "weights"])
+def test_a_conversion_that_fails_its_check_is_not_written_as_stock(breakage, tmp_path, monkeypatch):
+    """A mapping that computes something else (here: a wrong rms_norm_eps) or whose renames miss a weight: stock
+    refuses with the reason, auto writes the kvforge class and records why."""
+    import dataclasses
+
+    from kvforge.models import stock
+    from kvforge.models.export import ExportError, export_model
+
+    llama = stock.MAPPINGS[0]
+    if breakage == "config":
+        broken = dataclasses.replace(llama, fields=lambda c, u: {**llama.fields(c, u), "rms_norm_eps": 0.3})
+        reason = "logits"
+    else:
+        broken = dataclasses.replace(llama, renames=((r"\.q_proj\.", ".query."),))
+        reason = "does not fit this model's weights"
+    monkeypatch.setattr(stock, "MAPPINGS", (broken, *stock.MAPPINGS[1:]))
+    with pytest.raises(ExportError, match=reason):
+        export_model(compressed("llama", "standard"), None, tmp_path / "stock", dtype="float32", format="stock")
+    assert not (tmp_path / "stock").exists()
+    result = export_model(compressed("llama", "standard"), None, tmp_path / "auto", dtype="float32", format="auto")
+    assert result.kvforge
+    manifest = json.loads((tmp_path / "auto" / "kvforge_export.json").read_text())
+    assert manifest["stock"]["format"] == "kvforge" and reason in manifest["stock"]["reason"]
