@@ -39,6 +39,7 @@ import transformers
 
 from kvforge import atomic
 from kvforge.models.configuration_kvforge import head_dim_of
+from kvforge.models.errors import ExportError
 
 EXPORT_MANIFEST = "kvforge_export.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -72,10 +73,6 @@ _RELATIVE_IMPORT = re.compile(r"^\s*(?:from\s+\.(\w+)\s+import|import\s+\.(\w+))
 # The modeling file imports the kernel dispatch from the installed package; bundled, the kernel files sit flat
 # beside it, so that import becomes relative (the form transformers copies along with the modeling file).
 _KERNEL_IMPORT = re.compile(r"^(\s*)from\s+kvforge\.kernels\.(\w+)\s+import", re.MULTILINE)
-
-
-class ExportError(ValueError):
-    """An export that cannot be done or a directory that is not a complete export; names the file or key."""
 
 
 @dataclass

@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from kvforge.models.export import ExportError
+from kvforge.models.errors import ExportError
 
 FORMATS = ("auto", "kvforge", "stock")
 # Longest row of check_stock's logits batch (two windows + 8 when the window is smaller).

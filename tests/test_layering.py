@@ -69,3 +69,59 @@ def test_models_and_kernels_never_import_the_trainer(folder, path):
                  if target == FORBIDDEN or target.startswith(FORBIDDEN + ".")]
     assert not offending, ("models/ and kernels/ must not depend on trainer/ (the trainer depends on them): "
                            + "; ".join(offending))
+
+
+def import_cycles(root: Path, package: str) -> list[list[str]]:
+    """Strongly connected groups (> 1 module) of the import graph of the modules under `root` (imports inside
+    functions included; a submodule importing its own package face is not an edge)."""
+    modules = {module_name(p, root, package): p for p in sorted(root.rglob("*.py"))}
+    graph = {}
+    for name, path in modules.items():
+        edges = set()
+        for _, target in imported_modules(path, root, package):
+            while target and target not in modules:
+                target = target.rpartition(".")[0]
+            if target and target != name and not name.startswith(target + "."):
+                edges.add(target)
+        graph[name] = edges
+    # Tarjan's algorithm.
+    index, low, stack, on_stack, groups = {}, {}, [], set(), []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in graph[node]:
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for node in graph:
+        if node not in index:
+            visit(node)
+    return groups
+
+
+def test_the_cycle_finder_finds_a_cycle(tmp_path):
+    (tmp_path / "a.py").write_text("def f():\n    from .b import g\n")
+    (tmp_path / "b.py").write_text("from kvforge.models.a import f\n")
+    (tmp_path / "c.py").write_text("from . import a\n")
+    assert import_cycles(tmp_path, "kvforge.models") == [["kvforge.models.a", "kvforge.models.b"]]
+
+
+def test_models_have_no_import_cycles():
+    """One direction per dependency inside models/ (issue 13): a cycle, even through a lazy import, means two
+    modules that cannot be read or changed one at a time."""
+    assert import_cycles(REPO / "models", "kvforge.models") == []
