@@ -253,7 +253,9 @@ def to_stock(model: torch.nn.Module, mapping: StockMapping) -> torch.nn.Module:
     return stock
 
 
-def _left_padded(vocab: int, lengths: tuple[int, ...], pad: int, seed: int = 0):
+def left_padded_batch(vocab: int, lengths: tuple[int, ...], pad: int, seed: int = 0):
+    """Random ids [len(lengths), max(lengths)] in [3, vocab), row i left-padded with `pad` to length lengths[i],
+    and its attention mask: the batch the stock check compares the two models on."""
     generator = torch.Generator().manual_seed(seed)
     width = max(lengths)
     ids = torch.randint(3, vocab, (len(lengths), width), generator=generator)
@@ -285,7 +287,7 @@ def check_stock(model: torch.nn.Module, stock: torch.nn.Module, *, new_tokens: i
     window = _max_window(config)
     length = max(24, 2 * window + 8) if window else 24
     length = min(length, config.max_position_embeddings, MAX_CHECK_LENGTH)
-    ids, mask = _left_padded(config.vocab_size, (length, max(2, length - 5)), pad)
+    ids, mask = left_padded_batch(config.vocab_size, (length, max(2, length - 5)), pad)
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     expected = model(ids, attention_mask=mask, position_ids=positions).logits.float()
@@ -300,7 +302,7 @@ def check_stock(model: torch.nn.Module, stock: torch.nn.Module, *, new_tokens: i
         raise StockExportError(f"{type(stock).__name__} gives logits up to {diff:.3g} away from the KVForge model's "
                                f"(tolerance {atol:.3g}) on a {tuple(ids.shape)} batch; not exported as stock")
     prompt = max(6, min(length, (window - 2) if window else 12))
-    prompt_ids, prompt_mask = _left_padded(config.vocab_size, (prompt, max(2, prompt - 3)), pad, seed=1)
+    prompt_ids, prompt_mask = left_padded_batch(config.vocab_size, (prompt, max(2, prompt - 3)), pad, seed=1)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     steps = max(1, min(new_tokens, config.max_position_embeddings - prompt))
     tokens = []

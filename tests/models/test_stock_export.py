@@ -19,7 +19,7 @@ from transformers.masking_utils import sliding_window_overlay
 from kvforge.models.configuration_kvforge import KVForgeConfig
 from kvforge.models.modeling_kvforge import KVForgeForCausalLM, visibility_mask
 from kvforge.models.presets import build_preset
-from kvforge.models.stock import expected_stock_bytes, plan, stock_cache_bytes, to_stock
+from kvforge.models.stock import expected_stock_bytes, left_padded_batch, plan, stock_cache_bytes, to_stock
 
 REPO = Path(__file__).resolve().parents[2]
 VOCAB = 49152  # the real tokenizer's (saved with the source model, as a user's directory would be)
@@ -83,13 +83,7 @@ def save_source(model, tokenizer, path: Path) -> Path:
 
 
 def left_padded(lengths, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.randint(3, VOCAB, (len(lengths), width), generator=g)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        mask[row, width - n:] = 1
-    return ids.masked_fill(mask == 0, 0), mask
+    return left_padded_batch(VOCAB, lengths, pad=0, seed=seed)
 
 
 def assert_same_computation(kvforge_model, stock_model, window=None):
