@@ -68,7 +68,8 @@ def main(argv=None) -> int:
             print(OmegaConf.to_yaml(resolved))
         return 0
 
-    from kvforge.trainer.train import BAD_INPUT_ERRORS, TrainingStopped, train
+    from kvforge.trainer.runtime import BAD_INPUT_ERRORS
+    from kvforge.trainer.train import TrainingStopped, train
 
     # Bad input (data, checkpoint, model, spec) and a run that stops itself end in one line on stderr,
     # not a traceback; KVFORGE_DEBUG=1 shows the traceback. Every rank reports (the lines are the same

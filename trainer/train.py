@@ -14,7 +14,8 @@ verified and matched against the config, before anything is built; bad input fai
 BAD_INPUT_ERRORS (the launcher prints it on one line, exit code 2); SIGTERM/SIGINT checkpoint at the
 next step boundary; a step with a non-finite loss or gradient is skipped without touching weights or
 optimizer state, and `training.max_bad_steps` of them in a row stop the run with a checkpoint
-(TrainingStopped, exit code 3). Tests inject faults through $KVFORGE_FAULT (class Faults).
+(TrainingStopped, exit code 3). Tests inject faults through $KVFORGE_FAULT, read once at the start
+(trainer/runtime.py: Faults); stages live in trainer/stages.py.
 """
 
 from __future__ import annotations
@@ -38,25 +39,18 @@ import torch
 import torch.distributed as dist
 
 from .. import atomic
-from ..models.calibration import CalibrationError
-from ..models.configuration_kvforge import CompressionSpecError, head_dim_of
-from ..models.loading import ModelLoadError
-from ..models.presets import PresetError
-from ..models.surgery import SurgeryError
+from ..models.configuration_kvforge import head_dim_of
 from . import checkpoint as ckpt
 from .build import build_model
-from .config import Config, ConfigError, check_deepspeed_config, resolve_deepspeed, save_resolved, to_dict
+from .config import Config, check_deepspeed_config, resolve_deepspeed, save_resolved, to_dict
 from .data import DataError
-from .export_run import consolidate_checkpoint, write_hf_model
+from .export_run import write_hf_model
 from .losses import distillation_loss_parts, linear_distillation_loss_parts
+from .runtime import FAULT_ENV, Faults, Preemption, init_distributed, on_rank0_first
+from .stages import plan_stages, stage_at, start_stage, start_stage_from_checkpoint
 from .tracking import RunLogger
 
-# Errors that mean "this input cannot work" (config, data, checkpoint, model, compression spec): the
-# launcher reports them in one line without a traceback. Anything else is a bug and keeps its traceback.
-BAD_INPUT_ERRORS = (ConfigError, DataError, ckpt.CheckpointError, ModelLoadError, CompressionSpecError,
-                    SurgeryError, PresetError, CalibrationError)
-# Set by tests only: the faults to inject (see Faults), and where to write the final logits of a fixed batch.
-FAULT_ENV = "KVFORGE_FAULT"
+# Set by tests only: where to write the final logits of a fixed batch.
 DUMP_LOGITS_ENV = "KVFORGE_DUMP_LOGITS"
 # In <run>/compressed_init: the names of the parameters surgery created or changed (training.stages `new`).
 NEW_PARAMETERS_FILE = "kvforge_new_parameters.json"
@@ -82,126 +76,6 @@ class TrainResult:
 class TrainingStopped(RuntimeError):
     """The run stopped itself: `training.max_bad_steps` steps in a row had a non-finite loss or gradient.
     A checkpoint was saved first; the message names it."""
-
-
-# ---------------------------------------------------------------------------------------------------
-# Ranks
-
-
-def init_distributed() -> tuple[int, int, torch.device]:
-    """Rank, world size and device from the environment; a lone process becomes a world of one."""
-    import deepspeed
-
-    for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                         ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(_free_port()))):
-        os.environ.setdefault(key, default)
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if torch.cuda.is_available():
-        local = int(os.environ["LOCAL_RANK"])
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-        # Each CPU rank would otherwise start one thread per core, and the ranks fight over them.
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-    return rank, world, device
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Preemption:
-    """SIGTERM/SIGINT set a flag; the loop checkpoints at the next step boundary and returns.
-
-    The ranks agree through an all-reduce, so every rank saves at the same step even when the
-    signal reached only one of them (schedulers signal the whole job; a user may signal one pid).
-    The handlers stay installed until `restore`, so the second SIGTERM the deepspeed launcher sends
-    its children after a job-wide one does not kill a rank halfway through its checkpoint.
-    """
-
-    def __init__(self):
-        self.requested = False
-        self.signal_name: Optional[str] = None
-        self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        # Only set flags here: printing from a signal handler can re-enter a print in progress.
-        self.requested = True
-        self.signal_name = self.signal_name or signal.Signals(signum).name
-
-    def agreed(self, device: torch.device) -> bool:
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def wait(self, device: torch.device, timeout_s: float) -> None:
-        """Block until a signal has reached any rank (collective: every rank must call it)."""
-        deadline = time.monotonic() + timeout_s
-        while not self.agreed(device):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"no SIGTERM/SIGINT arrived within {timeout_s:.0f} s")
-            time.sleep(0.05)
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-class Faults:
-    """Faults injected by tests through $KVFORGE_FAULT, read once when training starts.
-
-    A comma-separated list of `kind:steps[@rank]`: steps are 1-based like the logged `step` and given
-    as `S`, `S-E` (inclusive) or `S-` (from S on); without `@rank` the fault hits every rank. Kinds:
-
-        sigterm        the rank sends itself SIGTERM in the middle of the step (after its first backward)
-        stall          every rank waits at the start of the step until a signal reaches one of them
-                       (at most 300 s), so a test can signal the processes at a known step
-        nan_loss       the rank's first micro batch of the step has a NaN loss
-        crash_in_save  the rank SIGKILLs itself inside checkpoint.save of the step, after the files are
-                       written and before the manifest
-
-    Example: KVFORGE_FAULT="nan_loss:2@1,stall:3". Real runs never set it. A malformed entry is an
-    error, so a typo cannot make a fault test pass without injecting anything.
-    """
-
-    KINDS = ("sigterm", "stall", "nan_loss", "crash_in_save")
-
-    def __init__(self, spec: str = ""):
-        self.entries: list[tuple[str, int, Optional[int], Optional[int]]] = []  # kind, first, last, rank
-        for item in filter(None, (part.strip() for part in spec.split(","))):
-            try:
-                kind, _, where = item.partition(":")
-                steps, _, rank = where.partition("@")
-                first, dash, last = steps.partition("-")
-                entry = (kind, int(first), (int(last) if last else None) if dash else int(first),
-                         int(rank) if rank else None)
-            except ValueError:
-                entry = None
-            if entry is None or kind not in self.KINDS or entry[1] < 1:
-                raise ValueError(f"{FAULT_ENV} entry {item!r} is not kind:steps[@rank] with kind in "
-                                 f"{', '.join(self.KINDS)} and steps S, S-E or S- (S >= 1)")
-            if kind == "stall" and entry[3] is not None:
-                raise ValueError(f"{FAULT_ENV} entry {item!r}: stall is collective and takes no @rank")
-            self.entries.append(entry)
-
-    @classmethod
-    def from_env(cls) -> "Faults":
-        return cls(os.environ.get(FAULT_ENV, ""))
-
-    def fires(self, kind: str, step: int, rank: int) -> bool:
-        return any(k == kind and first <= step and (last is None or step <= last) and r in (None, rank)
-                   for k, first, last, r in self.entries)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -278,16 +152,6 @@ def legacy_fingerprint(cfg: Config) -> str:
     keep = {"model": d["model"], "data": d["data"], "compression": d["compression"],
             "micro_batch_size": d["training"]["micro_batch_size"], "grad_accum": d["training"]["grad_accum"]}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on norms, biases and embeddings (the usual GPT recipe)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "embed" in name or "norm" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def flops_per_token(model: torch.nn.Module, cfg: Config) -> float:
@@ -371,143 +235,6 @@ def changed_parameters(original: torch.nn.Module, compressed: torch.nn.Module) -
             if name not in before or before[name].shape != p.shape or not torch.equal(before[name], p.detach())]
 
 
-# ---------------------------------------------------------------------------------------------------
-# Stages (training.stages)
-#
-# Each stage trains its own set of parameters, with its own optimizer and schedule, on its own DeepSpeed engine:
-# the set has requires_grad=True and every other parameter False before deepspeed.initialize. That is how
-# DeepSpeed supports frozen parameters under every ZeRO stage: ZeRO-1/2 build their flat fp32 master
-# partitions and gradient buckets, and ZeRO-3 its partitioned optimizer groups, from the parameters that
-# require gradients when the engine is built, and cannot take one in or out later (a parameter frozen
-# afterwards stays in the flat buffers, where weight decay and Adam's momentum keep moving it). Zeroing a
-# group's learning rate instead would still compute the frozen gradients, count them in the clipping norm, and
-# carry stage 1's Adam moments into stage 2.
-#
-# At a boundary the run saves a checkpoint with the finished stage's engine, drops that engine, builds the model
-# again, loads the checkpoint's weights (ZeRO's fp32 master weights where it keeps them) and builds the next
-# stage's engine with a fresh optimizer. A run resumed from that checkpoint takes the same path, so it continues
-# as the uninterrupted run did; a checkpoint inside a stage is loaded whole (optimizer state too) into an engine
-# of its stage. Under bf16/fp16, DeepSpeed makes the new engine's fp32 master weights from the module's 16-bit
-# ones, so they are rounded once at each boundary, as at the start of every run.
-
-
-@dataclass(frozen=True)
-class Stage:
-    index: int     # 0-based
-    start: int     # optimizer steps done before the stage
-    steps: int
-    train: str     # new | new+lora | all; "default" without training.stages (what LoRA or full finetuning trains)
-
-    @property
-    def end(self) -> int:
-        return self.start + self.steps
-
-
-def plan_stages(cfg: Config) -> list[Stage]:
-    """training.stages as consecutive step ranges; without them one stage over max_steps."""
-    if not cfg.training.stages:
-        return [Stage(0, 0, cfg.training.max_steps, "default")]
-    stages, start = [], 0
-    for i, stage in enumerate(cfg.training.stages):
-        stages.append(Stage(i, start, stage.steps, stage.train))
-        start += stage.steps
-    return stages
-
-
-def stage_at(stages: list[Stage], step: int) -> Stage:
-    """The stage that runs optimizer step `step` + 1 (the last stage from its end on)."""
-    return next((stage for stage in stages if step < stage.end), stages[-1])
-
-
-def select_trainable(model: torch.nn.Module, stage: Stage, new: set[str]) -> list[str]:
-    """Set requires_grad for `stage` on a freshly built model (LoRA-wrapped or not); returns the trained names.
-
-    `new` holds the names surgery created or changed, as in the compressed model. Under peft a wrapped module's
-    weight is `base_model.model.<name minus .weight>.base_layer.weight`, and right after wrapping exactly the
-    adapters (and `modules_to_save` copies) require gradients: that is what `lora` adds in `new+lora`. peft's
-    `original_module` copies are never trained (the forward uses the `modules_to_save` copy).
-
-    Raises:
-        ConfigError: the stage would train no parameter (say `new` with a spec that changes nothing).
-    """
-    if stage.train == "default":
-        return [name for name, p in model.named_parameters() if p.requires_grad]
-    adapters = {name for name, p in model.named_parameters() if p.requires_grad} if hasattr(model, "peft_config") \
-        else set()
-    trained = []
-    for name, p in model.named_parameters():
-        plain = (name.removeprefix("base_model.model.").replace(".base_layer.", ".")
-                 .replace(".modules_to_save.default.", "."))
-        on = ".original_module." not in name and (
-            stage.train == "all" or plain in new or (stage.train == "new+lora" and name in adapters))
-        p.requires_grad_(on)
-        if on:
-            trained.append(name)
-    if not trained:
-        raise ConfigError(f"config key 'training.stages[{stage.index}].train' = {stage.train!r} selects no parameter "
-                          "of this model (its compression changed none); expected 'all'")
-    return trained
-
-
-def load_weights(model: torch.nn.Module, ckpt_dir: Path, zero_stage: int, rank: int) -> None:
-    """Load a checkpoint's weights (not its optimizer state) into a model built for another stage, before its
-    engine exists (collective). Under ZeRO-3 the model is partitioned: rank 0 reads the checkpoint and writes each
-    parameter while it is gathered.
-
-    Raises:
-        CheckpointError: the checkpoint lacks a parameter of the model or has one with another shape.
-    """
-    import deepspeed
-
-    zero3 = zero_stage == 3
-    weights = consolidate_checkpoint(ckpt_dir, zero_stage) if rank == 0 or not zero3 else None
-    for name, p in model.named_parameters():
-        shape = tuple(getattr(p, "ds_shape", p.shape))
-        if weights is not None and (name not in weights or tuple(weights[name].shape) != shape):
-            found = tuple(weights[name].shape) if name in weights else "nothing"
-            raise ckpt.CheckpointError(f"checkpoint {ckpt_dir} holds {found} for parameter {name} of shape {shape}: "
-                                       "it is not a checkpoint of this run's model")
-        with deepspeed.zero.GatheredParameters([p], modifier_rank=0) if zero3 else contextlib.nullcontext():
-            if weights is not None:
-                with torch.no_grad():
-                    p.copy_(weights[name])
-
-
-def start_stage(model: torch.nn.Module, stage: Stage, new: set[str], cfg: Config, ds_config: dict, device,
-                log) -> Any:
-    """A DeepSpeed engine, with a fresh optimizer, training `stage`'s parameters of the freshly built `model`."""
-    import deepspeed
-
-    t = cfg.training
-    trained = select_trainable(model, stage, new)
-    if cfg.training.stages:
-        numel = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
-        log(f"stage {stage.index + 1}/{len(t.stages)}: steps {stage.start + 1}-{stage.end} train {stage.train}: "
-            f"{len(trained)} tensors, {numel:,} parameters")
-    if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    optimizer = None
-    if "optimizer" not in ds_config:
-        optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
-                                      eps=t.eps, fused=device.type == "cuda")
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
-                                           model_parameters=None if optimizer else model.parameters())
-    if t.compile:
-        engine.compile()  # the wrapped module's forward, in place (names and checkpoints unchanged)
-    return engine
-
-
-def start_stage_from_checkpoint(model: torch.nn.Module, stage: Stage, new: set[str], ckpt_dir: Path, cfg: Config,
-                                ds_config: dict, zero_stage: int, rank: int, device, log) -> Any:
-    """`start_stage` from the checkpoint that ended the stage before (collective): its weights and this rank's
-    RNG state, not its optimizer state, which holds the other stage's parameters."""
-    load_weights(model, ckpt_dir, zero_stage, rank)
-    engine = start_stage(model, stage, new, cfg, ds_config, device, log)
-    ckpt.set_rng_state(torch.load(ckpt_dir / f"rng_rank{rank}.pt", weights_only=False))
-    return engine
-
-
 def kv_budget(model_config) -> dict[str, float]:
     """The model's KV cache bytes per token (long-context rate, bf16 as exported) from its config's arithmetic, the
     original architecture's, and their ratio: what a run is compared by."""
@@ -519,31 +246,6 @@ def kv_budget(model_config) -> dict[str, float]:
            else original)
     return {"model/kv_bytes_per_token": own, "model/kv_bytes_per_token_original": original,
             "model/kv_fraction": own / original}
-
-
-def on_rank0_first(rank: int, fn, *, others=None):
-    """Run `fn` on rank 0 while the other ranks wait, then `others` (if given) on them; returns the result.
-
-    An exception on rank 0 is raised on every rank -- the same type for BAD_INPUT_ERRORS, so each rank
-    reports it in one line -- instead of leaving the others in a barrier until a timeout.
-    """
-    result, failure = None, None
-    if rank == 0:
-        try:
-            result = fn()
-        except Exception as e:  # noqa: BLE001 - re-raised below, on rank 0 as itself
-            failure = e
-    shared = [None if failure is None else (type(failure).__name__, str(failure))]
-    dist.broadcast_object_list(shared, src=0)
-    if failure is not None:
-        raise failure
-    if shared[0] is not None:
-        name, message = shared[0]
-        cls = next((c for c in BAD_INPUT_ERRORS if c.__name__ == name), None)
-        raise cls(message) if cls else RuntimeError(f"rank 0 failed ({name}): {message}")
-    if rank != 0 and others is not None:
-        result = others()
-    return result
 
 
 def teacher_dtype(cfg: Config) -> str:

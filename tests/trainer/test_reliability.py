@@ -29,7 +29,7 @@ import yaml
 from ports import free_port
 
 from kvforge.trainer import checkpoint as ckpt
-from kvforge.trainer.train import Faults
+from kvforge.trainer.runtime import Faults
 from kvforge.trainer.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
@@ -453,7 +453,7 @@ def _two_ranks(rank: int, port: int, folder: str, results) -> None:
     """Collective behaviour with 2 gloo ranks and no launcher: agreement on a signal one rank got,
     an error on rank 0 raised on both, a corrupt file found by the rank checking it, a save that rank 0
     refuses to commit failing on both."""
-    import kvforge.trainer.train as train_mod
+    import kvforge.trainer.runtime as train_mod
     from kvforge.trainer.data import DataError
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from kvforge.trainer.config import ConfigError, load_config
 from kvforge.trainer.tracking import read_metrics
 from kvforge.trainer.export_run import consolidate_checkpoint
-from kvforge.trainer.train import NEW_PARAMETERS_FILE, lr_at, plan_stages, stage_at
+from kvforge.trainer.stages import plan_stages, stage_at
+from kvforge.trainer.train import NEW_PARAMETERS_FILE, lr_at
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs/tiny-llama.yaml"
