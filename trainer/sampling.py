@@ -24,6 +24,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..models.configuration_kvforge import head_dim_of
+from ..models.modeling_kvforge import apply_rotary
+
 logger = logging.getLogger(__name__)
 
 # Attention classes whose forward is: q/k/v projections (biases optional), RoPE, softmax(q k^T * scaling) v, o_proj.
@@ -70,7 +73,7 @@ class StaticCacheSampler:
         self.bucket = max(1, min(bucket, max_len))
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = getattr(config, "num_key_value_heads", None) or self.n_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
+        self.head_dim = head_dim_of(config)
         self.layers = model.model.layers
         self.scales = [layer.self_attn.scaling for layer in self.layers]
         cache_shape = (len(self.layers), batch_size, self.n_kv_heads, max_len, self.head_dim)
@@ -105,8 +108,8 @@ class StaticCacheSampler:
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             h_BNH = layer.input_layernorm(x_BNH)
-            q_BNhD = _rope(attn.q_proj(h_BNH).view(B, N, Hq, D), cos_1N1D, sin_1N1D)
-            k_BNhD = _rope(attn.k_proj(h_BNH).view(B, N, Hkv, D), cos_1N1D, sin_1N1D)
+            q_BNhD = apply_rotary(attn.q_proj(h_BNH).view(B, N, Hq, D), cos_1N1D, sin_1N1D)
+            k_BNhD = apply_rotary(attn.k_proj(h_BNH).view(B, N, Hkv, D), cos_1N1D, sin_1N1D)
             v_BNhD = attn.v_proj(h_BNH).view(B, N, Hkv, D)
             self.keys[i].index_copy_(2, positions_N, k_BNhD.transpose(1, 2))
             self.values[i].index_copy_(2, positions_N, v_BNhD.transpose(1, 2))
@@ -178,9 +181,3 @@ class StaticCacheSampler:
             if step + 1 < new_tokens:
                 logits_BV = self._decode(out_BL[:, P + step], P + step)
         return out_BL[:B]
-
-
-def _rope(x_BNhD: torch.Tensor, cos_1N1D: torch.Tensor, sin_1N1D: torch.Tensor) -> torch.Tensor:
-    half = x_BNhD.shape[-1] // 2
-    rotated = torch.cat((-x_BNhD[..., half:], x_BNhD[..., :half]), dim=-1)
-    return x_BNhD * cos_1N1D + rotated * sin_1N1D
