@@ -119,22 +119,17 @@ def run_perplexity(args: argparse.Namespace, model: Any, tokenizer: Any, device:
 def _perplexity(args: argparse.Namespace, model: Any, tokenizer: Any, device: str) -> tuple[dict[str, Any], Any]:
     """The perplexity result and the eval rows it was computed on."""
     from kvforge.models.loading import document_separator_id
-    from kvforge.trainer.data import build_packed_datasets, default_cache_dir
-    from kvforge.trainer.evaluation import evaluate_perplexity, plain_text_source
+    from kvforge.trainer.evaluation import eval_split, evaluate_perplexity
 
-    stage_root = (Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_dir()) / "plain-text"
-    source, staged = plain_text_source(args.data, stage_root)
+    separator = document_separator_id(tokenizer, model.config)
+    started = time.perf_counter()
+    packed, data_settings, staged = eval_split(
+        args.data, tokenizer, separator, seq_len=args.seq_len, eval_fraction=args.eval_fraction,
+        cache_dir=args.cache_dir, split_seed=args.split_seed, text_field=args.text_field, split=args.split,
+        config_name=args.config_name, max_documents=args.max_documents)
     if staged is not None:
         print(f"--data {args.data}: {staged['files']} plain text files without a .txt suffix, read as one document "
               f"each through {staged['staged_as']} ({staged['skipped_binary']} binary files skipped)")
-    data_settings = {
-        "source": source, "text_field": args.text_field, "split": args.split,
-        "config_name": args.config_name, "seq_len": args.seq_len, "eval_fraction": args.eval_fraction,
-        "max_documents": args.max_documents, "cache_dir": args.cache_dir, "seed": args.split_seed,
-    }
-    separator = document_separator_id(tokenizer, model.config)
-    started = time.perf_counter()
-    packed = build_packed_datasets(data_settings, tokenizer, separator)
     data_seconds = time.perf_counter() - started
     rows = packed.eval
     started = time.perf_counter()

@@ -278,6 +278,26 @@ def plain_text_source(source: str, stage_root: Path) -> tuple[str, Optional[dict
                          "skipped_binary": binary}
 
 
+def eval_split(source: str, tokenizer: Any, separator: int, *, seq_len: int, eval_fraction: float,
+               cache_dir: Optional[str] = None, split_seed: int = 0, text_field: str = "text", split: str = "train",
+               config_name: Optional[str] = None, max_documents: Optional[int] = None,
+               show_progress: bool = True) -> tuple[Any, dict[str, Any], Optional[dict[str, Any]]]:
+    """The held-out rows of `source` as `launch/evaluate.py` and a run's `eval.heldout` both score them: a folder
+    of plain text files staged (`plain_text_source`), then packed and split as training packs them.
+
+    Returns (PackedData, the data settings used, the staging record or None).
+    """
+    from .data import build_packed_datasets, default_cache_dir
+
+    stage_root = (Path(cache_dir).expanduser() if cache_dir else default_cache_dir()) / "plain-text"
+    read_as, staged = plain_text_source(source, stage_root)
+    settings = {"source": read_as, "text_field": text_field, "split": split, "config_name": config_name,
+                "seq_len": seq_len, "eval_fraction": eval_fraction, "max_documents": max_documents,
+                "cache_dir": cache_dir, "seed": split_seed}
+    packed = build_packed_datasets(settings, tokenizer, separator, show_progress=show_progress)
+    return packed, settings, staged
+
+
 def is_kvforge(model: Any) -> bool:
     return getattr(getattr(model, "config", None), "model_type", None) == "kvforge"
 

@@ -348,20 +348,17 @@ def build_heldout(cfg: Config, tokenizer, model, rank: int, world: int) -> dict[
     text folders such as Debian's fortunes staged the same way), by rank 0 first."""
     from kvforge.models.loading import document_separator_id
 
-    from .data import build_packed_datasets, default_cache_dir
-    from .evaluation import plain_text_source
+    from .evaluation import eval_split
 
     sep = document_separator_id(tokenizer, model.config)
-    cache_root = Path(cfg.data.cache_dir).expanduser() if cfg.data.cache_dir else default_cache_dir()
 
     def build(show_progress: bool) -> dict[str, torch.Tensor]:
         rows = {}
         for i, source in enumerate(cfg.eval.heldout):
             try:
-                read_as, _ = plain_text_source(source, cache_root / "plain-text")
-                settings = {"source": read_as, "seq_len": cfg.data.seq_len, "eval_fraction": cfg.eval.heldout_fraction,
-                            "cache_dir": cfg.data.cache_dir, "seed": 0}
-                eval_rows = build_packed_datasets(settings, tokenizer, sep, show_progress=show_progress).eval
+                eval_rows = eval_split(source, tokenizer, sep, seq_len=cfg.data.seq_len,
+                                       eval_fraction=cfg.eval.heldout_fraction, cache_dir=cfg.data.cache_dir,
+                                       show_progress=show_progress)[0].eval
             except (DataError, FileNotFoundError) as e:
                 raise DataError(f"eval.heldout[{i}] = {source!r}: {e}") from None
             if len(eval_rows) < world:
