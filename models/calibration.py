@@ -167,8 +167,9 @@ def collect_statistics(
         show_progress: a tqdm bar over tokens.
         meta: recorded as-is in the result.
         device: where the forward passes run (None: where the model is). The model is moved there for them and
-            back after: surgery itself runs where the model was, and a GPU makes calibration ~100x faster than
-            the CPU a trainer loads the base model on (measured on an H200 machine: 1.8k tokens/s on its CPU).
+            back after: surgery itself runs where the model was, and the forward passes need not run on the CPU
+            a trainer loads the base model on (on the H200 machine's CPU: 1.8k tokens/s, 35 s per recovery run;
+            the GPU's rate is not measured yet).
 
     Raises:
         CalibrationError: bad rows, model or settings.
