@@ -755,15 +755,10 @@ def _read_cache(path: Path, key: str) -> PackedData | None:
 
 
 def _write_cache(path: Path, key: str, key_material: dict, data: PackedData) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     blob = {"key": key, "key_material": json.dumps(key_material, sort_keys=True, default=str),
             "train": data.train, "eval": data.eval, "stats": data.stats}
-    try:
+    with atomic.file(path) as tmp:  # concurrent ranks each write their own temporary file; the last rename wins
         torch.save(blob, tmp)
-        os.replace(tmp, path)  # atomic: concurrent ranks each write their own tmp; the last rename wins
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------------
