@@ -22,11 +22,13 @@ parser.add_argument("--batch", type=int, default=1024)
 parser.add_argument("--length", type=int, default=2048)
 parser.add_argument("--top-p", type=float, default=0.95)
 parser.add_argument("--cuda-graphs", type=int, default=1)
+parser.add_argument("--attention", default="matmul", choices=["matmul", "sdpa"])
 args = parser.parse_args()
 
 model, _ = load_pretrained(args.model, dtype="bfloat16", device=torch.device("cuda"))
 model.eval()
-sampler = StaticCacheSampler(model, args.batch, args.length, cuda_graphs=bool(args.cuda_graphs))
+sampler = StaticCacheSampler(model, args.batch, args.length, cuda_graphs=bool(args.cuda_graphs),
+                             attention=args.attention)
 warper = _SampleWarper(torch.linspace(0.7, 1.0, args.batch), args.top_p, [])
 prompt = torch.zeros(args.batch, 1, dtype=torch.long)
 

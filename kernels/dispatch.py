@@ -37,14 +37,16 @@ def kernel_mode() -> str:
     return mode
 
 
-def _use_triton(tensor: torch.Tensor) -> bool:
+def use_triton(tensor: torch.Tensor, float32_exact: bool = False) -> bool:
+    """Whether KVFORGE_KERNELS sends work on `tensor` to a Triton kernel (`float32_exact`: the kernel does no
+    tl.dot, so float32 inputs keep their precision)."""
     mode = kernel_mode()
     if mode == "off" or not available():
         return False
     if tensor.is_cuda:
         # float32 tl.dot runs in tf32 on the GPU: a float32 model would lose the precision PyTorch gives it
         # (measured on an H100: 1e-2 relative logits difference after one decode step, vs 2e-5 float64-float32).
-        return tensor.dtype in (torch.bfloat16, torch.float16)
+        return float32_exact or tensor.dtype in (torch.bfloat16, torch.float16)
     if mode == "triton":
         if os.environ.get("TRITON_INTERPRET") != "1":
             raise RuntimeError("KVFORGE_KERNELS=triton on CPU tensors needs TRITON_INTERPRET=1 in the environment "
@@ -72,7 +74,7 @@ def _pre_rope_latent(reference: Callable) -> Callable:
             and k_up.weight.dtype == query.dtype == k_latent.dtype
             and not (torch.is_grad_enabled() and (query.requires_grad or k_up.weight.requires_grad))
         )
-        if not (_use_triton(query) and fits):  # the mode first: a bad KVFORGE_KERNELS fails on every call
+        if not (use_triton(query) and fits):  # the mode first: a bad KVFORGE_KERNELS fails on every call
             return reference(query, k_latent, v_latent, k_up, v_up, key_rotary, mask, scaling, need_probs=need_probs,
                              dropout=dropout, use_sdpa=use_sdpa, absorb=absorb)
         out = latent_decode_attention(
@@ -95,4 +97,4 @@ def fused_attention(representation: str, reference: Callable) -> Callable:
     return reference if wrap is None else wrap(reference)
 
 
-__all__ = ["fused_attention", "kernel_mode", "MODES"]
+__all__ = ["fused_attention", "kernel_mode", "use_triton", "MODES"]

@@ -87,6 +87,8 @@ def main(argv=None) -> int:
     parser.add_argument("--profile-step", type=int, default=0, help="profile this step of every run (0: none)")
     parser.add_argument("--launcher", default="deepspeed", help="the deepspeed launcher to call")
     parser.add_argument("--tag", default="", help="suffix of the result files (e.g. 'before')")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="overrides passed to every run's launch/train.py (e.g. training.compile=true)")
     args = parser.parse_args(argv)
 
     out = Path(args.out)
@@ -98,7 +100,8 @@ def main(argv=None) -> int:
         config_path.write_text(yaml.safe_dump(recipe_config(name, args), sort_keys=False))
         run_dir = Path(args.run_root) / name
         shutil.rmtree(run_dir, ignore_errors=True)
-        command = [args.launcher, "--num_gpus", "1", str(ROOT / "launch" / "train.py"), "--config", str(config_path)]
+        command = [args.launcher, "--num_gpus", "1", str(ROOT / "launch" / "train.py"), "--config", str(config_path),
+                   *args.set]
         env = dict(os.environ)
         if args.profile_step:
             env["KVFORGE_PROFILE_STEP"] = str(args.profile_step)

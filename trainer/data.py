@@ -811,17 +811,22 @@ class _SampleWarper:
         """Keep the tokens whose more likely tokens hold less than top_p of the probability (the most likely
         always): the smallest set that reaches top_p. A trained model's nucleus is a few hundred tokens at most,
         so the top _NUCLEUS_CANDIDATES are sorted, not the whole vocabulary (a full sort of 49k scores per row
-        was most of a CPU sampling step); rows whose candidates fall short of top_p take the full sort."""
+        was most of a CPU sampling step); only the rows whose candidates fall short of top_p take the full sort
+        (one such row at temperature 1 made every row of a 1,024-row batch sort: 3.5 ms of a 35 ms GPU step)."""
         k = min(_NUCLEUS_CANDIDATES, scores_BV.shape[-1])
         top_BK, index_BK = scores_BV.topk(k, dim=-1)  # descending
         probs_BK = (top_BK - scores_BV.logsumexp(dim=-1, keepdim=True)).exp()
         cumulative_BK = probs_BK.cumsum(dim=-1)
-        if not bool((cumulative_BK[:, -1] >= self.top_p).all()):
-            top_BK, index_BK = scores_BV.sort(dim=-1, descending=True)
-            probs_BK = top_BK.softmax(dim=-1)
-            cumulative_BK = probs_BK.cumsum(dim=-1)
         keep_BK = cumulative_BK - probs_BK < self.top_p
-        return torch.full_like(scores_BV, -math.inf).scatter(1, index_BK, top_BK.masked_fill(~keep_BK, -math.inf))
+        warped_BV = torch.full_like(scores_BV, -math.inf).scatter_(1, index_BK, top_BK.masked_fill(~keep_BK, -math.inf))
+        short_R = (cumulative_BK[:, -1] < self.top_p).nonzero()[:, 0]
+        if len(short_R):
+            top_RV, index_RV = scores_BV[short_R].sort(dim=-1, descending=True)
+            probs_RV = top_RV.softmax(dim=-1)
+            keep_RV = probs_RV.cumsum(dim=-1) - probs_RV < self.top_p
+            warped_BV[short_R] = torch.full_like(top_RV, -math.inf).scatter_(1, index_RV,
+                                                                            top_RV.masked_fill(~keep_RV, -math.inf))
+        return warped_BV
 
 
 def _generation_dtype(setting: str, model: Any) -> torch.dtype:

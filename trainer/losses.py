@@ -17,6 +17,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..kernels import dispatch
+from ..kernels.distillation_loss import distillation_rows
+
 CHUNK_POSITIONS = 1024
 
 
@@ -121,9 +124,23 @@ class _LinearDistillation(torch.autograd.Function):
         total = hidden.new_zeros((), dtype=torch.float32)
         ce_sum = hidden.new_zeros((), dtype=torch.float32)
         kl_sum = hidden.new_zeros((), dtype=torch.float32)
+        fused = dispatch.use_triton(hidden, float32_exact=True)
         for start in range(0, n, CHUNK_POSITIONS):
             rows = slice(start, start + CHUNK_POSITIONS)
             h = hidden[rows]
+            if fused:  # kernels/distillation_loss.py: the same arithmetic in one kernel, gradient in place
+                logits = h @ head_weight.t()
+                teacher_logits = teacher_hidden[rows] @ teacher_head_weight.t() if weight > 0 else None
+                ce_rows, kl_rows = distillation_rows(logits, teacher_logits, targets[rows], weight=weight,
+                                                     temperature=temperature, scale=1.0 / n,
+                                                     write_grad=grad_hidden is not None or grad_weight is not None)
+                ce_sum += ce_rows.sum()
+                kl_sum += kl_rows.sum()
+                if grad_hidden is not None:
+                    grad_hidden[rows] = logits @ head_weight
+                if grad_weight is not None:
+                    grad_weight += (logits.t() @ h).float()
+                continue
             logits = (h @ head_weight.t()).float()  # [n, V]; matmul in the training dtype, as lm_head does
             dlogits = None
             target = targets[rows]
@@ -151,6 +168,8 @@ class _LinearDistillation(torch.autograd.Function):
                 grad_hidden[rows] = dlogits @ head_weight
             if grad_weight is not None:
                 grad_weight += (dlogits.t() @ h).float()
+        if fused:
+            total = (1 - weight) * ce_sum + (weight * temperature ** 2 * kl_sum if weight > 0 else 0.0)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.head_dtype = head_weight.dtype
         ce, kl = ce_sum / n, kl_sum / n

