@@ -282,8 +282,10 @@ class SlotLayout:
     def capacity(self) -> int:
         return 0 if self.token_index is None else self.token_index.shape[1]
 
-    def plan(self, query_index: torch.Tensor, query_positions: torch.Tensor) -> SlotPlan:
-        """The step that writes T new tokens (does not change the layout; `commit` does)."""
+    def plan(self, query_index: torch.Tensor, query_positions: torch.Tensor, writes: bool = True) -> SlotPlan:
+        """The step that writes T new tokens (does not change the layout; `commit` does). `writes=False` on an
+        empty layout: a forward without a cache, which only attends (no ring slots: computing them needs the
+        device's answer, a sync that would also split a compiled graph)."""
         batch, num_new = query_index.shape
         if self.token_index is not None and self.token_index.shape[0] != batch:
             raise ValueError(
@@ -310,6 +312,10 @@ class SlotLayout:
         window, sinks = self.window, self.sinks
         full = window + sinks
         capacity = self.capacity or (min(full, self.max_cache_len) if self.max_cache_len else full)
+        if not writes and self.token_index is None:
+            return SlotPlan(window, sinks, query_index, query_index, query_positions,
+                            visibility_mask(query_index, query_index, window, sinks), cached_slots=self.capacity,
+                            capacity=capacity)
         valid = query_index >= 0
         row_last = query_index.max(dim=1, keepdim=True).values  # [B, 1]
         # Later queries see at most the sinks and the last W - 1 tokens before them. The ring keeps the last W
@@ -855,19 +861,23 @@ class LayerHandoff:
     kv: dict[int, SharedKV] = field(default_factory=dict)
     probs: dict[int, torch.Tensor] = field(default_factory=dict)  # [B, H, T, S]
     masks: dict[int, tuple] = field(default_factory=dict)  # id(plan) -> (plan, mask, causal), see sdpa_mask
+    # The forward was given no attention_mask: no token is padding, known without asking the device (a sync
+    # there would also split a compiled graph per layer; torch.compile then recompiles per layer shape).
+    no_padding: bool = False
 
     def sdpa_mask(self, plan: SlotPlan) -> tuple[torch.Tensor, bool]:
         """The mask SDPA needs for `plan`, decided once per layout and step: (mask [B or 1, 1, 1, T, S], causal).
 
         Without a cache and without padding (a training step) every row's mask is the same, so one row of it
         serves the batch; and if no window cuts into the T tokens it is the plain causal mask, for which SDPA
-        takes is_causal instead (the flash kernel: no [T, S] mask read at all). Costs one device sync per layout.
+        takes is_causal instead (the flash kernel: no [T, S] mask read at all). With an attention_mask, costs one
+        device sync per layout; without one, none.
         """
         entry = self.masks.get(id(plan))
         if entry is None or entry[0] is not plan:
             length = plan.query_index.shape[1]
             mask, causal = plan.mask, False
-            if plan.cached_slots == 0 and length > 1 and bool((plan.query_index >= 0).all()):
+            if plan.cached_slots == 0 and length > 1 and (self.no_padding or bool((plan.query_index >= 0).all())):
                 mask = plan.mask[:1]
                 causal = plan.window is None or plan.window >= length
             entry = self.masks[id(plan)] = (plan, mask, causal)
@@ -1198,6 +1208,7 @@ class KVForgeModel(KVForgePreTrainedModel):
         past_length = cache.get_seq_length() if cache is not None else 0
 
         device = inputs_embeds.device
+        no_padding = attention_mask is None
         if attention_mask is None:
             attention_mask = torch.ones(batch, past_length + length, dtype=torch.long, device=device)
         if attention_mask.dim() != 2 or attention_mask.shape != (batch, past_length + length):
@@ -1223,10 +1234,10 @@ class KVForgeModel(KVForgePreTrainedModel):
         plans: dict[tuple, SlotPlan] = {}
         for layout in dict.fromkeys(self.layer_layouts):
             source = cache.layouts[layout] if cache is not None else SlotLayout(*layout)
-            plans[layout] = source.plan(query_index, position_ids)
+            plans[layout] = source.plan(query_index, position_ids, writes=cache is not None)
             plans[layout].rotary = rotary
 
-        handoff = LayerHandoff()
+        handoff = LayerHandoff(no_padding=no_padding)
         hidden_states = inputs_embeds
         all_hidden, all_attentions = [], []
         pyramid = cache.pyramid if cache is not None else None

@@ -215,3 +215,22 @@ def test_padding_or_a_cache_keeps_the_full_mask():
     with torch.no_grad():  # and the model's own uses of it agree with eager (the big test covers gradients)
         eager = build(SPECS["dense"], "eager")(ids, attention_mask=mask).logits
         assert ((model(ids, attention_mask=mask).logits - eager) * mask[..., None]).abs().max() <= TOL
+
+
+def test_the_training_forward_compiles_to_one_graph_whatever_the_layer_shapes():
+    """torch.compile of a training forward (no cache, no attention mask) traces the whole model as one graph, for
+    layers of different ranks and every representation. On the H200, a device sync in the mask choice and the
+    ring-slot bookkeeping of window layers split the graph per layer; dynamo then recompiled the attention once
+    per layer shape, hit its limit of 8 and the run crashed."""
+    mixed = [PRE, WINDOW, {"kv_from": 0}, {"probs_from": 0}, MERGED, PARTIAL, {**WINDOW, **PARTIAL}]
+    ranked = [{**PRE, "k_rank": 4 + i, "v_rank": 6 + i} for i in range(10)]  # ten shapes: more than 8
+    ids = torch.randint(0, 100, (2, 16))
+    for layers in (mixed, ranked):
+        model = build(layers).train()
+        explained = torch._dynamo.explain(model)(input_ids=ids, use_cache=False)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        torch.testing.assert_close(compiled(input_ids=ids, use_cache=False).logits,
+                                   model(input_ids=ids, use_cache=False).logits)
+        torch._dynamo.reset()
