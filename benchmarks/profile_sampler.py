@@ -22,7 +22,7 @@ parser.add_argument("--batch", type=int, default=1024)
 parser.add_argument("--length", type=int, default=2048)
 parser.add_argument("--top-p", type=float, default=0.95)
 parser.add_argument("--cuda-graphs", type=int, default=1)
-parser.add_argument("--attention", default="matmul", choices=["matmul", "sdpa"])
+parser.add_argument("--attention", default="auto", choices=["auto", "triton", "matmul", "sdpa"])
 args = parser.parse_args()
 
 model, _ = load_pretrained(args.model, dtype="bfloat16", device=torch.device("cuda"))

@@ -8,8 +8,10 @@ CUDA graph replay.
 
 What makes it simple: every row of a batch has the same prompt length (the caller groups prompts by length), so
 all rows are at the same position at every step. There is no padding, one position per step, and attention reads
-the cache up to that position. A graph has static shapes, so each step reads the cache up to the next multiple
-of `bucket` tokens with the later slots masked: one graph per bucket, captured on its first use.
+the cache up to that position. On a GPU the decode kernel (kernels/gqa_decode.py) reads that length from the
+position tensor, so one graph serves every step. The PyTorch forms need static shapes instead: each step reads
+the cache up to the next multiple of `bucket` tokens with the later slots masked, one graph per bucket, captured
+on its first use.
 
 Supported: the Llama, Mistral and Qwen2 families (their decoder layers are the same up to q/k/v biases), without
 a sliding window shorter than the samples. `unsupported_reason` says why another model is not; the caller then
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..kernels import gqa_decode
 from ..models.configuration_kvforge import head_dim_of
 from ..models.modeling_kvforge import apply_rotary
 
@@ -32,10 +35,12 @@ logger = logging.getLogger(__name__)
 # Attention classes whose forward is: q/k/v projections (biases optional), RoPE, softmax(q k^T * scaling) v, o_proj.
 SUPPORTED_ATTENTION = ("LlamaAttention", "MistralAttention", "Qwen2Attention")
 
-# How a decode step attends over the cache: two batched matmuls around a masked fp32 softmax, or SDPA with the
-# visibility mask. (An H200 profile at 1,024 x 2,048: masked SDPA (cuDNN) took 732 us per layer where the K / V
-# bytes allow ~200 us, 86% of the step.)
-ATTENTION = ("matmul", "sdpa")
+# How a decode step attends over the cache: "triton", kernels/gqa_decode.py (reads only the slots written so far,
+# the count read from device memory: one CUDA graph for every position); "matmul", two batched matmuls around a
+# masked fp32 softmax over the step's span; "sdpa", SDPA with the visibility mask (an H200 profile at
+# 1,024 x 2,048: cuDNN's masked kernel took 732 us per layer where the K / V bytes allow ~200 us, 86% of the step).
+# "auto": triton for bf16 / fp16 on a GPU, else matmul. Prefill (several tokens) always takes matmul.
+ATTENTION = ("auto", "triton", "matmul", "sdpa")
 
 
 def unsupported_reason(model: Any, max_len: int) -> str | None:
@@ -66,21 +71,28 @@ class StaticCacheSampler:
     """
 
     def __init__(self, model: Any, batch_size: int, max_len: int, bucket: int = 256,
-                 cuda_graphs: bool | None = None, attention: str = "matmul"):
+                 cuda_graphs: bool | None = None, attention: str = "auto"):
         reason = unsupported_reason(model, max_len)
         if reason is not None:
             raise ValueError(f"StaticCacheSampler cannot sample from this model: {reason}")
         if attention not in ATTENTION:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
-        self.model, self.attention = model, attention
+        self.model = model
         config = model.config
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        self.head_dim = head_dim_of(config)
+        fits = gqa_decode.available() and self.head_dim >= 16 and not self.head_dim & (self.head_dim - 1)
+        if attention == "auto":
+            attention = "triton" if fits and self.device.type == "cuda" and self.dtype != torch.float32 else "matmul"
+        if attention == "triton" and not fits:
+            raise ValueError(f"attention 'triton' needs a head size that is a power of two >= 16 and triton "
+                             f"installed (head size {self.head_dim}); use attention='matmul'")
+        self.attention = attention
         self.batch_size, self.max_len = batch_size, max_len
         self.bucket = max(1, min(bucket, max_len))
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = getattr(config, "num_key_value_heads", None) or self.n_heads
-        self.head_dim = head_dim_of(config)
         self.layers = model.model.layers
         self.scales = [layer.self_attn.scaling for layer in self.layers]
         cache_shape = (len(self.layers), batch_size, self.n_kv_heads, max_len, self.head_dim)
@@ -124,7 +136,10 @@ class StaticCacheSampler:
             # (query head h reads KV head h // group, transformers' repeat_kv order).
             q_BhMD = q_BNhD.transpose(1, 2).reshape(B, Hkv, group * N, D)
             keys_BhSD, values_BhSD = self.keys[i, :, :, :span], self.values[i, :, :, :span]
-            if self.attention == "sdpa":
+            if self.attention == "triton" and N == 1:
+                out_BhMD = gqa_decode.gqa_decode_attention(q_BhMD, self.keys[i], self.values[i], start + 1,
+                                                           self.scales[i])
+            elif self.attention == "sdpa":
                 out_BhMD = F.scaled_dot_product_attention(q_BhMD, keys_BhSD, values_BhSD, attn_mask=visible_MS,
                                                           scale=self.scales[i])
             else:
@@ -139,11 +154,15 @@ class StaticCacheSampler:
     def _span(self, position: int) -> int:
         return min(self.max_len, (position // self.bucket + 1) * self.bucket)
 
+    def _decode_span(self, position: int) -> int:
+        # The kernel reads the length from the position tensor: one span (one graph) for every position.
+        return self.max_len if self.attention == "triton" else self._span(position)
+
     def _decode(self, token_B: torch.Tensor, position: int) -> torch.Tensor:
         """Logits [B, V] of one token per row at `position`."""
         self.token_B.copy_(token_B)
         self.position.fill_(position)
-        span = self._span(position)
+        span = self._decode_span(position)
         if not self.cuda_graphs:
             return self.forward(self.token_B[:, None], self.position, span)[:, 0]
         if span not in self.graphs:

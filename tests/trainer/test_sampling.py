@@ -15,7 +15,7 @@ def tiny(family: str, **extra):
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
     }[family]
     torch.manual_seed(0)
-    config = config_class(vocab_size=97, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+    config = config_class(vocab_size=97, hidden_size=96, intermediate_size=96, num_hidden_layers=2,
                           num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256, **extra)
     model = model_class(config).eval()
     if family == "qwen2":  # random biases, so a sampler that dropped them would differ
@@ -27,7 +27,7 @@ def tiny(family: str, **extra):
 
 @pytest.mark.parametrize("family, extra", [("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}),
                                            ("qwen2", {}), ("mistral", {"sliding_window": None})])
-@pytest.mark.parametrize("attention", ["matmul", "sdpa"])
+@pytest.mark.parametrize("attention", ["triton", "matmul", "sdpa"])
 def test_prefill_and_every_decode_step_give_the_models_own_logits(family, extra, attention):
     model = tiny(family, **extra)
     tokens_BL = torch.randint(0, 97, (3, 40))
@@ -68,6 +68,8 @@ def test_models_it_cannot_sample_say_why():
     assert unsupported_reason(short_window, 16) is None
     with pytest.raises(ValueError, match="cannot sample from this model: .*sliding window"):
         StaticCacheSampler(short_window, batch_size=1, max_len=32)
-    with pytest.raises(ValueError, match="attention must be one of matmul, sdpa, got 'flash'"):
+    with pytest.raises(ValueError, match="attention must be one of auto, triton, matmul, sdpa, got 'flash'"):
         StaticCacheSampler(tiny("llama"), batch_size=1, max_len=32, attention="flash")
+    with pytest.raises(ValueError, match="attention 'triton' needs a head size that is a power of two >= 16"):
+        StaticCacheSampler(tiny("llama", head_dim=8), batch_size=1, max_len=32, attention="triton")
     assert "is not a decoder" in unsupported_reason(torch.nn.Linear(2, 2), 8)
