@@ -4,7 +4,8 @@ reference from modeling_kvforge.py (which the kernels' tests hold them equal to)
 modeling_kvforge.attention_function(representation) asks `fused_attention(representation, reference)` for
 the function to call; the answer has the reference's signature and decides per call, so the modeling code
 never changes when a kernel is added. A kernel serves only what it implements (today: one decode token over a
-pre-RoPE latent cache, no gradients, no dropout, no attention probabilities asked for); anything else goes to
+pre-RoPE latent cache, kernels/latent_attention.py, or over a dense / merged-heads / window-ring cache,
+kernels/gqa_decode.py; no gradients, no dropout, no attention probabilities asked for); anything else goes to
 the reference.
 
 KVFORGE_KERNELS (read per call):
@@ -25,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from .gqa_decode import gqa_decode_attention
 from .latent_attention import available, latent_decode_attention
 
 MODES = ("auto", "off", "triton")
@@ -86,7 +88,27 @@ def _pre_rope_latent(reference: Callable) -> Callable:
     return attend
 
 
-_FUSED: dict[str, Callable[[Callable], Callable]] = {"pre_rope_latent": _pre_rope_latent}
+def _kv(reference: Callable) -> Callable:
+    @functools.wraps(reference)
+    def attend(query, key, value, mask, scaling, *, need_probs=False, dropout=0.0, use_sdpa=False, causal=False):
+        fits = (
+            query.shape[3] == 1 and not need_probs and not dropout and not causal
+            and _is_power_of_2(query.shape[-1]) and query.shape[-1] >= 16 and value.shape[-1] == query.shape[-1]
+            and key.dtype == value.dtype == query.dtype and key.stride(-1) == 1 and value.stride(-1) == 1
+            and not (torch.is_grad_enabled() and query.requires_grad)
+        )
+        # Not yet run on a GPU: Triton there only when asked for (KVFORGE_KERNELS=triton), until measured.
+        if not (use_triton(query) and fits and (kernel_mode() == "triton" or not query.is_cuda)):
+            return reference(query, key, value, mask, scaling, need_probs=need_probs, dropout=dropout,
+                             use_sdpa=use_sdpa, causal=causal)
+        out = gqa_decode_attention(query[:, :, :, 0].contiguous(), key, value, None, scaling,
+                                   valid=mask[:, 0, 0, 0, :])
+        return out[:, :, :, None], None
+
+    return attend
+
+
+_FUSED: dict[str, Callable[[Callable], Callable]] = {"pre_rope_latent": _pre_rope_latent, "kv": _kv}
 
 
 @functools.lru_cache(maxsize=None)

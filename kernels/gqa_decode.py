@@ -1,10 +1,11 @@
 """Decode attention over a dense GQA cache whose valid length is read from device memory, in Triton.
 
 One new token per row attends over the first `length` slots of a preallocated cache, the same `length` for every
-row (the teacher sampler's batches: every row at the same position). `length` is a 1-element device tensor, so a
-CUDA graph captured once serves every position: slots past it are never read, where masked SDPA over a fixed
-span reads them all (and, measured on an H200 at 1,024 x 2,048, cuDNN's masked kernel took 732 us per layer where
-the bytes allow ~200 us).
+row (the teacher sampler's batches: every row at the same position), optionally under a per-row mask of valid
+slots (a generate() cache: padding, a window's ring). `length` may be a 1-element device tensor, so a CUDA graph
+captured once serves every position: slots past it are never read, where masked SDPA over a fixed span reads them
+all (and, measured on an H200 at 1,024 x 2,048, cuDNN's masked kernel took 732 us per layer where the bytes allow
+~200 us).
 
 Flash-decoding: program (row, KV head, split) reads its split's slots once, for all G query heads of that KV head
 at once (the heads are the rows of one [G, D] x [D, BLOCK_S] product, G padded to 16 for tl.dot), with an online
@@ -34,19 +35,24 @@ if triton is not None:
 
     @triton.jit
     def _gqa_decode_split_kernel(
-        Q, K, V, LENGTH, ACC, MAX, SUM,
+        Q, K, V, LENGTH, VALID, ACC, MAX, SUM,
         stride_qb, stride_qh, stride_qg,  # q [B, Hkv, G, D], D contiguous
         stride_kb, stride_kh, stride_ks,  # keys [B, Hkv, S, D], D contiguous
         stride_vb, stride_vh, stride_vs,  # values likewise
-        kv_heads, group, slots_per_split, scaling,
+        stride_valid_b,  # valid [B, S] (uint8), slots contiguous
+        kv_heads, group, slots_per_split, scaling, slots,
         HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
+        LENGTH_IN_MEMORY: tl.constexpr, HAS_VALID: tl.constexpr,
     ):
         row_head = tl.program_id(0)
         split = tl.program_id(1)
         num_splits = tl.num_programs(1)
         b = (row_head // kv_heads).to(tl.int64)
         h = (row_head % kv_heads).to(tl.int64)
-        length = tl.load(LENGTH)
+        if LENGTH_IN_MEMORY:
+            length = tl.load(LENGTH)
+        else:
+            length = slots
         lo = split * slots_per_split
         hi = tl.minimum(lo + slots_per_split, length)
         g = tl.arange(0, BLOCK_G)
@@ -61,12 +67,15 @@ if triton is not None:
         for start in range(lo, hi, BLOCK_S):
             s = start + tl.arange(0, BLOCK_S)
             valid = s < hi
+            if HAS_VALID:
+                valid = valid & (tl.load(VALID + b * stride_valid_b + s, mask=valid, other=0) != 0)
             k = tl.load(k_base + s[:, None].to(tl.int64) * stride_ks + d[None, :], mask=valid[:, None], other=0.0)
             scores = tl.dot(q, tl.trans(k)) * scaling  # [BLOCK_G, BLOCK_S], fp32
             scores = tl.where(valid[None, :], scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, axis=1))
-            alpha = tl.exp(m - m_new)
-            p = tl.exp(scores - m_new[:, None])
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile with every slot masked adds nothing
+            alpha = tl.exp(m - m_safe)
+            p = tl.exp(scores - m_safe[:, None])
             total = total * alpha + tl.sum(p, axis=1)
             v = tl.load(v_base + s[:, None].to(tl.int64) * stride_vs + d[None, :], mask=valid[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
@@ -83,14 +92,18 @@ def decode_splits(rows: int, slots: int, block: int = 64, target_programs: int =
     return max(1, min(math.ceil(target_programs / max(rows, 1)), math.ceil(slots / block)))
 
 
-def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: torch.Tensor,
-                         scaling: float, splits: int | None = None, block_s: int = 64) -> torch.Tensor:
+def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                         length: torch.Tensor | None, scaling: float, valid: torch.Tensor | None = None,
+                         splits: int | None = None, block_s: int = 64) -> torch.Tensor:
     """softmax(q k^T * scaling) v over slots [0, length) of the cache, per row and query head.
 
     Args:
         query: [B, Hkv, G, D], the G query heads of each KV head (one token per row).
         keys, values: [B, Hkv, S, D] caches (a slice of a larger buffer is fine; D contiguous).
-        length: 1-element integer device tensor, 1 <= length <= S; read by the kernel, so a graph replays it.
+        length: 1-element integer device tensor, 1 <= length <= S, read by the kernel (so a graph replays it);
+            None: all S slots.
+        valid: optional [B or 1, S] boolean mask of the slots a row may attend to (padding, a window's ring);
+            every row must keep at least one.
         splits: slot-axis splits (default `decode_splits`).
     Returns [B, Hkv, G, D] in the query's dtype.
     """
@@ -108,13 +121,20 @@ def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.
     acc = torch.empty(B * Hkv, splits, block_g, D, device=query.device, dtype=torch.float32)
     m = torch.empty(B * Hkv, splits, block_g, device=query.device, dtype=torch.float32)
     total = torch.empty_like(m)
+    if valid is not None:
+        if valid.shape[-1] != slots or valid.shape[0] not in (1, B):
+            raise ValueError(f"valid {tuple(valid.shape)} must be [B or 1, S] = [{B} or 1, {slots}]")
+        valid = valid.to(torch.uint8).contiguous()
     _gqa_decode_split_kernel[(B * Hkv, splits)](
-        query, keys, values, length, acc, m, total,
+        query, keys, values, length if length is not None else query, valid if valid is not None else query,
+        acc, m, total,
         query.stride(0), query.stride(1), query.stride(2),
         keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2),
-        Hkv, G, slots_per_split, scaling,
+        (valid.stride(0) if valid.shape[0] > 1 else 0) if valid is not None else 0,
+        Hkv, G, slots_per_split, scaling, slots,
         HEAD_DIM=D, BLOCK_G=block_g, BLOCK_S=block_s,
+        LENGTH_IN_MEMORY=length is not None, HAS_VALID=valid is not None,
     )
     acc, m, total = acc[:, :, :G], m[:, :, :G], total[:, :, :G]
     # Merge the splits: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s (empty splits weigh 0).

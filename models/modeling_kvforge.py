@@ -51,6 +51,7 @@ try:
     # directory's modeling file imports itself, not what those import: every kernel file that dispatch needs is
     # named here, or such an export does not load there.
     from kvforge.kernels.latent_attention import available as _latent_kernel_available  # noqa: F401
+    from kvforge.kernels.gqa_decode import available as _gqa_kernel_available  # noqa: F401
 except ImportError:
     fused_attention = None
 

@@ -18,6 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from kvforge import atomic
+from kvforge.models.configuration_kvforge import CompressionSpecError
+from kvforge.models.presets import PresetError
+from kvforge.models.pyramid import PyramidError
+from kvforge.models.surgery.compression_config import CompressionConfig
+from kvforge.models.surgery.settings import SurgeryError
 from kvforge.suggest import did_you_mean
 
 
@@ -75,6 +80,10 @@ class TeacherSamplesConfig:
     # static: kvforge's sampler (trainer/sampling.py): a preallocated KV cache, each decode step one CUDA graph on
     # a GPU; Llama, Mistral and Qwen2 teachers. generate: transformers' generate(). auto: static where supported.
     engine: str = "auto"
+    # How the static engine's decode steps attend (trainer/sampling.py ATTENTION): auto (matmul), triton (the decode
+    # kernel, one CUDA graph for every position), matmul, sdpa. Not part of the samples' cache key: the same
+    # distribution, drawn through other kernels.
+    attention: str = "auto"
 
 
 @dataclass
@@ -220,8 +229,9 @@ class EvalConfig:
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    # The per-layer compression spec (see docs/ARCHITECTURE.md); empty = train the model as it is.
-    compression: dict[str, Any] = field(default_factory=dict)
+    # The compression section, parsed once here into a CompressionConfig (models/surgery/compression_config.py:
+    # its keys, its one budget); None (an empty or absent section) = train the model as it is.
+    compression: Optional[CompressionConfig] = None
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -300,9 +310,8 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: list[str] =
         _check_keys(OmegaConf.to_container(dot_cfg), Config, "", source=f"in override '{item}'")
         layers.append(dot_cfg)
 
-    schema = OmegaConf.structured(Config)
     try:
-        merged = OmegaConf.merge(schema, *layers)
+        merged = OmegaConf.merge(_tree(Config(), compression=None), *layers)
         resolved = OmegaConf.to_container(merged, resolve=True, throw_on_missing=True)
     except OmegaConfBaseException as e:
         raise ConfigError(_explain_omegaconf_error(e)) from None
@@ -401,12 +410,27 @@ def _explain_omegaconf_error(e: OmegaConfBaseException) -> str:
     return f"config key '{key}': {msg}"
 
 
+COMPRESSION_ERRORS = (SurgeryError, CompressionSpecError, PresetError, PyramidError)
+
+
+def _compression(section: Any) -> Optional[CompressionConfig]:
+    """The one parse of the compression section (its errors name the key path: 'compression.surgery.x: ...')."""
+    if section is None or section == {}:
+        return None
+    try:
+        return CompressionConfig.from_section(section)
+    except COMPRESSION_ERRORS as e:
+        raise ConfigError(str(e)) from None
+
+
 def _build(cls: type, values: dict) -> Any:
     hints = get_type_hints(cls)
     kwargs = {}
     for f in fields(cls):
         v = values[f.name]
-        if is_dataclass(hints[f.name]):
+        if f.name == "compression" and cls is Config:
+            v = _compression(v)
+        elif is_dataclass(hints[f.name]):
             v = _build(hints[f.name], v)
         elif _section_list(hints[f.name]) is not None:
             v = [_build(_section_list(hints[f.name]), entry) for entry in v]
@@ -414,13 +438,23 @@ def _build(cls: type, values: dict) -> Any:
     return cls(**kwargs)
 
 
+def _tree(cfg: Config, compression: Any = "as written") -> DictConfig:
+    """`cfg` as an OmegaConf tree: each section typed (structured), `compression` the mapping as written (OmegaConf
+    cannot hold a CompressionConfig; `_build` parses it from that mapping). The schema files merge into is
+    `_tree(Config(), compression=None)`: an untyped slot that takes whatever a file gives, for the parse to judge."""
+    if compression == "as written":
+        compression = cfg.compression.to_dict() if cfg.compression else {}
+    return OmegaConf.create({f.name: compression if f.name == "compression" else OmegaConf.structured(getattr(cfg, f.name))
+                             for f in fields(cfg)})
+
+
 def to_dict(cfg: Config) -> dict:
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    return OmegaConf.to_container(_tree(cfg), resolve=True)
 
 
 def save_resolved(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML (atomically: a half-written config is never read back)."""
-    atomic.write_text(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    atomic.write_text(path, OmegaConf.to_yaml(_tree(cfg)))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -597,6 +631,8 @@ def check_teacher_samples(ts: TeacherSamplesConfig, seq_len: int) -> None:
         _fail("data.teacher_samples.dtype", ts.dtype, "one of auto, bfloat16, float16, float32")
     if ts.engine not in ("auto", "static", "generate"):
         _fail("data.teacher_samples.engine", ts.engine, "one of auto, static, generate")
+    if ts.attention not in ("auto", "triton", "matmul", "sdpa"):
+        _fail("data.teacher_samples.attention", ts.attention, "one of auto, triton, matmul, sdpa")
     if not 0 <= ts.prefix_fraction <= 1:
         _fail("data.teacher_samples.prefix_fraction", ts.prefix_fraction, "a fraction in [0, 1]")
     sample_len = ts.sample_len or seq_len
@@ -637,9 +673,7 @@ def _validate_data_sources(cfg: Config) -> None:
     check_teacher_samples(ts, d.seq_len)
     # Calibration statistics are taken from real text: surgery reads compression.calibration.source, else
     # data.source, and teacher samples do not exist yet when surgery runs.
-    calibration = cfg.compression.get("calibration") if isinstance(cfg.compression, dict) else None
-    calibration_source = calibration.get("source") if isinstance(calibration, dict) else None
-    if cfg.compression and d.source == TEACHER_SAMPLES and not calibration_source:
+    if cfg.compression and d.source == TEACHER_SAMPLES and not cfg.compression.calibration.source:
         raise ConfigError("config key 'compression.calibration.source' is not set, so calibration would read "
                           "data.source = 'teacher-samples', which surgery cannot: set it to real text, e.g. "
                           "compression.calibration.source=python-docs")
@@ -650,6 +684,8 @@ def _leaves(node: Any, prefix: str = "") -> list[tuple[str, Any]]:
     out = []
     for f in fields(node):
         value = getattr(node, f.name)
+        if isinstance(value, CompressionConfig):
+            continue  # checked by its own parse, which names its keys as the YAML has them
         if is_dataclass(value):
             out.extend(_leaves(value, f"{prefix}{f.name}."))
         else:
@@ -808,4 +844,5 @@ __all__ = [
     "Config", "ConfigError", "load_config", "validate", "resolve_deepspeed", "check_deepspeed_config",
     "save_resolved", "to_dict", "parse_cli_overrides", "RunConfig", "ModelConfig", "DataConfig", "TrainingConfig",
     "DeepSpeedConfig", "LoggingConfig", "CheckpointConfig", "EvalConfig", "LoraConfig", "StageConfig",
+    "CompressionConfig",
 ]

@@ -849,7 +849,7 @@ def _static_sampler(model: Any, ts: TeacherSamplesConfig, sample_len: int) -> An
                             "use engine: generate (or auto)")
         logger.info("teacher-samples: generate() samples (the static engine does not fit: %s)", reason)
         return None
-    return StaticCacheSampler(model, ts.batch_size, sample_len)
+    return StaticCacheSampler(model, ts.batch_size, sample_len, attention=ts.attention)
 
 
 def teacher_sample_rows(model: Any, ts: TeacherSamplesConfig, n_samples: int, sample_len: int, separator_id: int,
@@ -975,7 +975,7 @@ def _teacher_samples_packed(settings: dict[str, Any], tokenizer: Any, separator_
     key_material = {
         "version": TEACHER_SAMPLES_VERSION, "teacher": teacher.identity, "tokenizer": tokenizer_fingerprint(tokenizer),
         "separator_id": separator_id, "samples": n_samples, "sample_len": sample_len,
-        "settings": {k: v for k, v in dataclasses.asdict(ts).items() if k not in ("tokens", "sample_len")},
+        "settings": {k: v for k, v in dataclasses.asdict(ts).items() if k not in ("tokens", "sample_len", "attention")},
         # The prefix pool depends on the prefix source, its split and how much of it is read.
         "prefixes": None if prefix_src is None else {
             "source": prefix_src.fingerprint(), "eval_fraction": settings["eval_fraction"], "seed": settings["seed"],

@@ -1,22 +1,29 @@
 """The dense GQA decode kernel (kernels/gqa_decode.py) against softmax attention in float64, on CPU through
 Triton's interpreter: lengths that end mid-block and at the end of the cache, one split and several (some empty),
-a cache slice of a larger buffer, and the length read from a tensor (what lets one CUDA graph serve every
-position)."""
+a cache slice of a larger buffer, the length read from a tensor (what lets one CUDA graph serve every position),
+masks of valid slots; and generate() of a model with dense, merged-heads and window layers through the dispatch,
+equal to generate() without the kernel."""
 
 import os
 
 import pytest
 import torch
 
+from kvforge.kernels import dispatch
 from kvforge.kernels.gqa_decode import available, decode_splits, gqa_decode_attention
+from kvforge.models.configuration_kvforge import KVForgeConfig
+from kvforge.models.modeling_kvforge import KVForgeForCausalLM
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="kernel tests run tensors on CPU through Triton's interpreter")
 
 
-def reference(query, keys, values, length, scaling):
+def reference(query, keys, values, length, scaling, valid=None):
     q, k, v = query.double(), keys[:, :, :length].double(), values[:, :, :length].double()
-    return ((q @ k.transpose(-1, -2)) * scaling).softmax(dim=-1) @ v
+    scores = (q @ k.transpose(-1, -2)) * scaling
+    if valid is not None:
+        scores = scores.masked_fill(~valid[:, None, None, :length], float("-inf"))
+    return scores.softmax(dim=-1) @ v
 
 
 def test_triton_is_installed():
@@ -43,3 +50,58 @@ def test_splits_cover_the_gpu_and_bad_shapes_are_refused():
     with pytest.raises(ValueError, match=r"must be \[B, Hkv, G, D\] and \[B, Hkv, S, D\]"):
         gqa_decode_attention(torch.randn(1, 2, 3, 16), torch.randn(1, 3, 8, 16), torch.randn(1, 3, 8, 16),
                              torch.tensor([4]), 1.0)
+
+
+@pytest.mark.parametrize("batch_of_mask", [2, 1])
+def test_a_mask_of_valid_slots_is_obeyed_even_when_it_empties_whole_tiles(batch_of_mask):
+    """generate()'s caches: left padding, a window ring with holes; the length is then all the slots (no tensor).
+    Row 0 loses slots 0-39 (three whole tiles of 16 and part of a fourth), row 1 every other slot."""
+    torch.manual_seed(3)
+    B, Hkv, G, D, slots = 2, 3, 3, 16, 70
+    query, keys, values = torch.randn(B, Hkv, G, D), torch.randn(B, Hkv, slots, D), torch.randn(B, Hkv, slots, D)
+    valid = torch.ones(B, slots, dtype=torch.bool)
+    valid[0, :40] = False
+    valid[1, ::2] = False
+    valid = valid[:batch_of_mask]
+    keys[:, :, :40][~valid[0, :40].expand(Hkv, -1)[None].expand(B, -1, -1)] = float("nan")  # never read for row 0
+    keys[1:] = torch.randn(1, Hkv, slots, D)
+    for splits in (1, 3):
+        out = gqa_decode_attention(query, keys, values, None, 0.25, valid=valid, splits=splits, block_s=16)
+        torch.testing.assert_close(out.double(), reference(query, keys, values, slots, 0.25,
+                                                           valid.expand(B, -1)), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"valid \(2, 69\) must be \[B or 1, S\] = \[2 or 1, 70\]"):
+        gqa_decode_attention(query, keys, values, None, 0.25, valid=torch.ones(2, 69, dtype=torch.bool))
+
+
+def test_generate_with_the_kernel_equals_generate_without(monkeypatch):
+    """Dense, merged-heads, window-ring (with sinks) and kv_from layers, batch 2 with left padding, decoding past
+    the window: the same tokens and logits with KVFORGE_KERNELS=triton and =off, the kernel serving every
+    layer's decode steps (a kv_from reader attends over its producer's cache too)."""
+    calls = []
+    real = dispatch.gqa_decode_attention
+
+    def counting(*args, **kwargs):
+        calls.append(args[1].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "gqa_decode_attention", counting)
+    layers = [{}, {"kv_proj": "merged_heads", "num_kv_heads": 1}, {"attention": "window", "window": 6, "sinks": 2},
+              {"kv_from": 0}]
+    torch.manual_seed(0)
+    config = KVForgeConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=16, vocab_size=128, max_position_embeddings=256, num_hidden_layers=4,
+                           initializer_range=0.1, compression={"layers": layers})
+    model = KVForgeForCausalLM(config).eval()
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, :4] = 0
+    runs = {}
+    for mode in ("off", "triton"):
+        monkeypatch.setenv("KVFORGE_KERNELS", mode)
+        with torch.no_grad():
+            runs[mode] = model.generate(ids, attention_mask=attention_mask, max_new_tokens=10, do_sample=False,
+                                        return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+    assert len(calls) == 9 * 4  # 9 decode steps x 4 layers
+    assert torch.equal(runs["triton"].sequences, runs["off"].sequences)
+    for with_kernel, without in zip(runs["triton"].logits, runs["off"].logits):
+        torch.testing.assert_close(with_kernel, without, atol=1e-4, rtol=1e-4)

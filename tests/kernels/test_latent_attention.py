@@ -139,7 +139,7 @@ def test_dispatch_runs_the_kernel_only_where_it_applies(monkeypatch, kernel_call
     monkeypatch.setenv("KVFORGE_KERNELS", "fast")
     with pytest.raises(ValueError, match="KVFORGE_KERNELS='fast' is not one of auto, off, triton"):
         attend(*args)
-    assert dispatch.fused_attention("kv", pre_rope_latent_attention) is pre_rope_latent_attention
+    assert dispatch.fused_attention("shared_probs", pre_rope_latent_attention) is pre_rope_latent_attention
 
 
 def test_generate_with_the_kernel_equals_generate_without(monkeypatch, kernel_calls):

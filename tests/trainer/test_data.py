@@ -596,6 +596,8 @@ def test_teacher_samples_errors_name_the_setting(tmp_path, tokenizer, tiny_teach
         data.build_packed_datasets(teacher_settings(tmp_path), tokenizer, EOS)
     with pytest.raises(DataError, match=r"unknown teacher_samples settings \['temprature'\]"):
         data.build_packed_datasets(teacher_settings(tmp_path, ts={"temprature": 1}), tokenizer, EOS)
+    with pytest.raises(DataError, match=r"'data.teacher_samples.attention' = 'flash': expected one of auto, triton"):
+        data.build_packed_datasets(teacher_settings(tmp_path, ts={"attention": "flash"}), tokenizer, EOS)
     with pytest.raises(DataError, match=r"'data.teacher_samples.top_p' = 0: expected a probability in \(0, 1\]"):
         data.build_packed_datasets(teacher_settings(tmp_path, ts={"top_p": 0}), tokenizer, EOS)
     with pytest.raises(DataError, match=r"'data.teacher_samples.sample_len' = 32: expected null \(= data.seq_len\) "
