@@ -18,9 +18,10 @@ file holding the `compression:` section of a training config (or a whole trainin
     surgery: {rank_allocation: greedy}
     calibration: {source: python-docs, tokens: 65536, seq_len: 512}
 
---budget F (a fraction of the original KV cache) goes to the preset's `budget` argument if it has one, and
-to a greedy re-allocation of the low-rank ranks (surgery.rank_allocation=greedy, budget_fraction=F) if the
-spec has low-rank layers. `--surgery key=value` sets any SurgerySettings field (models/surgery).
+--budget F (a fraction of the original KV cache) sets the section's one budget knob, surgery.budget_fraction
+(replacing an arguments.budget), and, unless the section chooses a rank allocation, spends it greedily
+(surgery.rank_allocation=greedy); a preset with a budget argument (low-rank) is built at it too
+(models/surgery/compression_config.py). `--surgery key=value` sets any SurgerySettings field (models/surgery).
 
 Calibration statistics are cached under $KVFORGE_CACHE/calibration (keyed by model, data and settings),
 and the original model's perplexity under the same folder, so a sweep pays for them once.
@@ -35,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import inspect
 import json
 import os
 import sys
@@ -104,28 +104,15 @@ def load_spec_section(spec: str, preset_arguments: dict[str, Any]) -> Any:
     return {"preset": spec, "arguments": preset_arguments}
 
 
-def apply_budget(section: dict[str, Any], budget: float, model_config: Any) -> dict[str, Any]:
-    """Route --budget to the preset's `budget` argument and/or a greedy rank allocation (see the module doc)."""
-    from kvforge.models.presets import PRESETS
-    from kvforge.models.surgery import parse_compression
-
+def apply_budget(section: dict[str, Any], budget: float) -> dict[str, Any]:
+    """--budget: the section's one budget knob, spent greedily unless the section chooses (see the module doc)."""
     if not 0 < budget <= 1:
         raise SystemExit(f"error: --budget must be a fraction in (0, 1] of the original KV cache, got {budget}")
     section = json.loads(json.dumps(section))
-    used = False
-    preset = section.get("preset")
-    if preset in PRESETS and "budget" in inspect.signature(PRESETS[preset]).parameters:
-        section.setdefault("arguments", {})["budget"] = budget
-        used = True
-    spec, _ = parse_compression(section, model_config)
-    if any(layer.kv_proj == "low_rank" for layer in spec.layers):
-        surgery = section.setdefault("surgery", {})
-        surgery.setdefault("rank_allocation", "greedy")
-        surgery["budget_fraction"] = budget
-        used = True
-    if not used:
-        raise SystemExit(f"error: --budget does not apply to this spec: preset {preset!r} takes no budget and the "
-                         "spec has no low-rank layers; its KV size is set by its layout (window, sharing, heads)")
+    (section.get("arguments") or {}).pop("budget", None)
+    surgery = section.setdefault("surgery", {})
+    surgery["budget_fraction"] = budget
+    surgery.setdefault("rank_allocation", "greedy")
     return section
 
 
@@ -220,8 +207,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from kvforge import atomic
     from kvforge.models.loading import document_separator_id, load_pretrained
     from kvforge.models.surgery import (
-        Geometry, compress, measure_generate_kv_bytes, measure_original_kv_bytes, needs_statistics,
-        original_kv_bytes_per_token, parse_compression,
+        CompressionConfig, Geometry, compress, measure_generate_kv_bytes, measure_original_kv_bytes, needs_statistics,
+        original_kv_bytes_per_token,
     )
 
     torch.manual_seed(0)
@@ -232,9 +219,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     section = load_spec_section(args.spec, _key_values(args.arg, "--arg"))
     section.setdefault("surgery", {}).update(_key_values(args.surgery, "--surgery"))
     if args.budget is not None:
-        section = apply_budget(section, args.budget, model.config)
+        section = apply_budget(section, args.budget)
     section["surgery"].setdefault("context_tokens", args.eval_seq_len)
-    spec, settings = parse_compression(section, model.config)
+    compression = CompressionConfig.from_section(section)
+    spec, settings = compression.spec_for(model.config), compression.surgery
     source = args.calib_source or spec.calibration.source or "python-docs"
     tokens = args.calib_tokens or spec.calibration.tokens
     seq_len = args.calib_seq_len or spec.calibration.seq_len

@@ -19,16 +19,14 @@ from kvforge.trainer.config import (ConfigError, check_deepspeed_config, load_co
 
 
 def check_model_and_compression(cfg) -> None:
-    """Resolve the model's config (no weights) and validate the compression section against it, so a bad
-    model name or spec fails here, in a second, and not after data and weights are loaded."""
+    """Resolve the model's config (no weights) and check the compression section (parsed by load_config) against
+    it, so a bad model name or spec fails here, in a second, and not after data and weights are loaded."""
     from kvforge.models.loading import config_for
 
     model_config = config_for(cfg.model.name, gguf_file=cfg.model.gguf_file,
                               config_overrides=dict(cfg.model.config) or None)
     if cfg.compression:
-        from kvforge.models.surgery import parse_compression
-
-        parse_compression(cfg.compression, model_config)
+        cfg.compression.spec_for(model_config)
 
 
 def main(argv=None) -> int:

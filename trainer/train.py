@@ -185,7 +185,7 @@ def compress_for_training(cfg: Config, run_dir: Path, rank: int) -> Path:
     """
     from kvforge.trainer.calibration_rows import load_calibration_rows
     from kvforge.models.loading import document_separator_id, load_pretrained
-    from kvforge.models.surgery import build_compressed_model, parse_compression
+    from kvforge.models.surgery import compress
 
     out = run_dir / "compressed_init"
     # What the starting point was built from: a run directory reused with another spec (and no
@@ -204,12 +204,12 @@ def compress_for_training(cfg: Config, run_dir: Path, rank: int) -> Path:
         base, tokenizer = load_pretrained(
             cfg.model.name, gguf_file=cfg.model.gguf_file, dtype="float32", init=cfg.model.init,
             config_overrides=dict(cfg.model.config) or None, tokenizer_name=cfg.model.tokenizer)
-        spec, _ = parse_compression(cfg.compression, base.config)
+        spec = cfg.compression.spec_for(base.config)
         rows = load_calibration_rows(tokenizer, document_separator_id(tokenizer, base.config),
                                      source=spec.calibration.source or cfg.data.source,
                                      tokens=spec.calibration.tokens, seq_len=spec.calibration.seq_len,
                                      cache_dir=cfg.data.cache_dir)
-        model = build_compressed_model(base, cfg.compression, rows)
+        model = compress(base, spec, rows, settings=cfg.compression.surgery).model
         new = changed_parameters(base, model)
         with atomic.directory(out) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)

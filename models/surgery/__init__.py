@@ -13,11 +13,13 @@ Calibration statistics (`calibration.CalibrationStatistics`) are collected only 
 settings need them: dense layouts (MixAttention windows/sharing with kv_sharing_init="producer", named
 shared-attention spans) need none.
 
-The entry point the trainer uses is `build_compressed_model(base_model, spec_dict_or_preset,
-calibration_rows, settings=...)`; `launch/compress.py` is the command line around it.
+A config's `compression:` section is parsed once into a `CompressionConfig` (compression_config.py); the trainer
+and `launch/compress.py` (the command line around surgery) then call
+`compress(model, compression.spec_for(model.config), calibration_rows, settings=compression.surgery)`.
 
 Files (this one only re-exports their public names):
-    pipeline.py          compress, the three steps, parse_compression, build_compressed_model
+    pipeline.py          compress and its three steps
+    compression_config.py  CompressionConfig: the `compression:` section, typed, with its one KV budget
     settings.py          SurgerySettings (how the compressed weights are initialised), SurgeryError
     base.py              a layer's pretrained projections and their moments, the Transform step 2 writes into
     kv_sharing.py        kv_from consumers; the producers' averaged projections (kv_sharing_init)
@@ -38,18 +40,18 @@ from .base import DenseAttention, dense_attention
 from .kv_sharing import effective_attention
 from .low_rank import LowRankProblem, low_rank_problems
 from .measure import measure_generate_kv_bytes, measure_original_kv_bytes
+from .compression_config import COMPRESSION_KEYS, CompressionConfig
 from .pipeline import (
-    COMPRESSION_KEYS, SurgeryResult, build_compressed_model, compress, load_checked, needs_statistics,
-    parse_compression, spec_kv_bytes_per_token, transform_state_dict,
+    SurgeryResult, compress, load_checked, needs_statistics, spec_kv_bytes_per_token, transform_state_dict,
 )
 from .rank_allocation import resolve_ranks
 from .settings import RANK_ALLOCATIONS, SurgeryError, SurgerySettings
 from .shared_attention import choose_shared_attention
 
 __all__ = [
-    "COMPRESSION_KEYS", "DenseAttention", "Geometry", "LowRankProblem", "RANK_ALLOCATIONS", "SurgeryError",
-    "SurgeryResult", "SurgerySettings", "build_compressed_model", "choose_shared_attention", "compress",
-    "dense_attention", "effective_attention", "layer_slot_fraction", "load_checked", "low_rank_problems",
-    "measure_generate_kv_bytes", "measure_original_kv_bytes", "needs_statistics", "original_kv_bytes_per_token",
-    "parse_compression", "resolve_ranks", "spec_kv_bytes_per_token", "transform_state_dict",
+    "COMPRESSION_KEYS", "CompressionConfig", "DenseAttention", "Geometry", "LowRankProblem", "RANK_ALLOCATIONS",
+    "SurgeryError", "SurgeryResult", "SurgerySettings", "choose_shared_attention", "compress", "dense_attention",
+    "effective_attention", "layer_slot_fraction", "load_checked", "low_rank_problems", "measure_generate_kv_bytes",
+    "measure_original_kv_bytes", "needs_statistics", "original_kv_bytes_per_token", "resolve_ranks",
+    "spec_kv_bytes_per_token", "transform_state_dict",
 ]

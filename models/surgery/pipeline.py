@@ -1,5 +1,5 @@
 """The surgery's steps, one method per file (see the package doc): resolve the spec, transform the state dict
-layer by layer, build and load; and the `compression:` section parsed into (spec, settings).
+layer by layer, build and load. The `compression:` section is parsed by compression_config.py.
 """
 
 from __future__ import annotations
@@ -11,11 +11,8 @@ import torch
 from torch import nn
 from transformers.initialization import no_init_weights
 
-from kvforge.suggest import did_you_mean
-
 from ..calibration import CalibrationStatistics, collect_statistics
 from ..configuration_kvforge import CompressionSpec, Geometry, KVForgeConfig, original_kv_bytes_per_token
-from ..presets import build_preset
 from . import head_merging, kv_sharing, low_rank, rank_allocation, shared_attention
 from .base import Transform
 from .settings import SurgeryError, SurgerySettings
@@ -224,67 +221,3 @@ def compress(
         settings=asdict(settings),
     )
     return SurgeryResult(compressed, spec, report, statistics)
-
-
-COMPRESSION_KEYS = ("preset", "arguments", "layers", "calibration", "inference", "surgery")
-
-
-def parse_compression(section: Any, model_config: Any) -> tuple[CompressionSpec, SurgerySettings]:
-    """The `compression:` config section (or a preset name, or a CompressionSpec) -> (spec, settings).
-
-    Forms:
-        "mixattention-ma"                                   a preset name, default arguments
-        {preset: low-rank, arguments: {budget: 0.25}, surgery: {...}, calibration: {...}}
-        {layers: [...], calibration: {...}, inference: {...}, surgery: {...}}
-
-    Raises:
-        SurgeryError / PresetError / CompressionSpecError: unknown keys, both or neither of preset/layers,
-            bad arguments or an invalid spec.
-    """
-    if isinstance(section, CompressionSpec):
-        return section, SurgerySettings()
-    if isinstance(section, str):
-        section = {"preset": section}
-    if not isinstance(section, Mapping):
-        raise SurgeryError(f"compression must be a preset name or a mapping, got {type(section).__name__}")
-    section = dict(section)
-    unknown = sorted(set(section) - set(COMPRESSION_KEYS))
-    if unknown:
-        hint = "; ".join(f"{k!r}{did_you_mean(k, COMPRESSION_KEYS, paren=True)}" for k in unknown)
-        raise SurgeryError(f"compression: unknown key(s) {hint}; allowed: {list(COMPRESSION_KEYS)}")
-    if ("preset" in section) == ("layers" in section):
-        raise SurgeryError("compression needs exactly one of `preset` (a preset name) or `layers` (one entry per layer)")
-    settings = SurgerySettings.from_dict(section.get("surgery"))
-    if "preset" in section:
-        arguments = section.get("arguments") or {}
-        if not isinstance(arguments, Mapping):
-            raise SurgeryError(f"compression.arguments must be a mapping, got {arguments!r}")
-        spec = build_preset(section["preset"], model_config, **dict(arguments))
-    else:
-        if "arguments" in section:
-            raise SurgeryError("compression.arguments goes with compression.preset, not with compression.layers")
-        spec = CompressionSpec.from_dict({"layers": section["layers"]})
-    if "calibration" in section or "inference" in section:
-        extra = CompressionSpec.from_dict({"layers": [], "calibration": section.get("calibration"),
-                                           "inference": section.get("inference")})
-        spec.calibration, spec.pyramid = extra.calibration, extra.pyramid
-    geometry = Geometry.of(model_config)
-    geometry.check_spec(spec)
-    return spec, settings
-
-
-def build_compressed_model(base_model: nn.Module, spec_dict_or_preset: Any,
-                           calibration_rows: Optional[torch.Tensor], *,
-                           settings: Optional[SurgerySettings | Mapping[str, Any]] = None) -> nn.Module:
-    """The trainer's entry point: base model + `compression:` section (or preset name) -> KVForgeForCausalLM.
-
-    `settings` (if given) overrides the section's `surgery:` entries key by key.
-    """
-    spec, section_settings = parse_compression(spec_dict_or_preset, base_model.config)
-    if settings is not None:
-        merged = asdict(section_settings)
-        merged.update(asdict(settings) if isinstance(settings, SurgerySettings) else dict(settings))
-        section_settings = SurgerySettings.from_dict(merged)
-    return compress(base_model, spec, calibration_rows, settings=section_settings).model
-
-

@@ -36,7 +36,8 @@ class SurgerySettings:
         matrices by discarded eigen-energy per byte (rank_allocation.py); "energy" picks per matrix the
         smallest rank keeping `energy_threshold` of the energy.
     budget_fraction / budget_bytes_per_token: the KV budget for "greedy" (at most one; default: the spec's
-        own total, i.e. redistribute its ranks). Counted in `cache_dtype` at `context_tokens` tokens
+        own total, i.e. redistribute its ranks). budget_fraction is a config's one budget knob, which a preset's
+        `budget` argument follows (compression_config.py). Counted in `cache_dtype` at `context_tokens` tokens
         (window layers cost (window + sinks) / context_tokens of a global one; None: they cost nothing).
     budget_normalization: "relative" (each matrix's error as a fraction of its energy) or "absolute".
     rope_pair_criterion: which rotary pairs a partial-RoPE layer keeps (low_rank.ROPE_PAIR_CRITERIA).
@@ -80,10 +81,10 @@ class SurgerySettings:
     def from_dict(cls, data: Optional[Mapping[str, Any]]) -> "SurgerySettings":
         data = dict(data or {})
         names = [f.name for f in fields(cls)]
-        unknown = sorted(set(data) - set(names))
-        if unknown:
-            hint = "; ".join(f"{k!r}{did_you_mean(k, names, paren=True)}" for k in unknown)
-            raise SurgeryError(f"unknown surgery settings {hint}; known: {names}")
+        for key in data:
+            if key not in names:
+                hint = did_you_mean(key, names) or f"; known keys: {', '.join(names)}"
+                raise SurgeryError(f"compression.surgery.{key}: unknown key{hint}")
         settings = cls(**data)
         settings.validate()
         return settings
@@ -97,7 +98,7 @@ class SurgerySettings:
     def validate(self) -> None:
         def choice(name: str, allowed: tuple) -> None:
             if getattr(self, name) not in allowed:
-                raise SurgeryError(f"surgery.{name}={getattr(self, name)!r} is not one of {allowed}")
+                raise SurgeryError(f"compression.surgery.{name}={getattr(self, name)!r} is not one of {allowed}")
 
         choice("kv_sharing_init", KV_SHARING_INITS)
         choice("rank_allocation", RANK_ALLOCATIONS)
@@ -106,32 +107,36 @@ class SurgerySettings:
         choice("balance", BALANCES)
         choice("init", INITS)
         if not 0 < self.energy_threshold <= 1:
-            raise SurgeryError(f"surgery.energy_threshold must be in (0, 1], got {self.energy_threshold}")
+            raise SurgeryError(f"compression.surgery.energy_threshold must be in (0, 1], got {self.energy_threshold}")
         if self.budget_fraction is not None and self.budget_bytes_per_token is not None:
-            raise SurgeryError("set at most one of surgery.budget_fraction and surgery.budget_bytes_per_token")
+            raise SurgeryError("set at most one of compression.surgery.budget_fraction and "
+                               "compression.surgery.budget_bytes_per_token")
         if self.budget_fraction is not None and not 0 < self.budget_fraction <= 1:
-            raise SurgeryError(f"surgery.budget_fraction must be in (0, 1] (of the original KV cache), got {self.budget_fraction}")
+            raise SurgeryError(f"compression.surgery.budget_fraction must be in (0, 1] (of the original KV cache), "
+                               f"got {self.budget_fraction}")
         if self.budget_bytes_per_token is not None and not self.budget_bytes_per_token > 0:
-            raise SurgeryError(f"surgery.budget_bytes_per_token must be > 0, got {self.budget_bytes_per_token}")
+            raise SurgeryError(f"compression.surgery.budget_bytes_per_token must be > 0, got {self.budget_bytes_per_token}")
         has_budget = self.budget_fraction is not None or self.budget_bytes_per_token is not None
         if has_budget and self.rank_allocation != "greedy":
-            raise SurgeryError(f"a KV budget needs surgery.rank_allocation='greedy', got {self.rank_allocation!r}")
+            raise SurgeryError(f"a KV budget needs compression.surgery.rank_allocation='greedy', got "
+                               f"{self.rank_allocation!r} (only a preset with a budget argument, low-rank, meets "
+                               "compression.surgery.budget_fraction by itself)")
         if self.context_tokens is not None and self.context_tokens < 1:
-            raise SurgeryError(f"surgery.context_tokens must be >= 1 or null, got {self.context_tokens}")
+            raise SurgeryError(f"compression.surgery.context_tokens must be >= 1 or null, got {self.context_tokens}")
         if self.calibration_device != "auto":
             try:
                 torch.device(self.calibration_device)
             except (RuntimeError, TypeError):
-                raise SurgeryError(f"surgery.calibration_device={self.calibration_device!r} is not a device; expected "
+                raise SurgeryError(f"compression.surgery.calibration_device={self.calibration_device!r} is not a device; expected "
                                    "auto, cpu, cuda or cuda:N") from None
         try:
             dtype_num_bytes(self.cache_dtype)
         except ValueError as e:
-            raise SurgeryError(f"surgery.cache_dtype: {e}") from None
+            raise SurgeryError(f"compression.surgery.cache_dtype: {e}") from None
         if self.shared_attention is not None:
             keys = set(self.shared_attention)
             if len(keys & {"count", "threshold"}) != 1 or keys - {"count", "threshold"}:
-                raise SurgeryError(f"surgery.shared_attention must be {{'count': n}} or {{'threshold': t}}, "
+                raise SurgeryError(f"compression.surgery.shared_attention must be {{'count': n}} or {{'threshold': t}}, "
                                    f"got {self.shared_attention!r}")
 
     def needs_attention_maps(self) -> bool:

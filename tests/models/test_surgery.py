@@ -11,7 +11,7 @@ from kvforge.models.calibration import CalibrationError, collect_statistics
 from kvforge.models.configuration_kvforge import CompressionSpecError
 from kvforge.models.modeling_kvforge import partial_rope_dims
 from kvforge.models.surgery import (
-    SurgeryError, SurgerySettings, build_compressed_model, compress, measure_generate_kv_bytes, parse_compression,
+    CompressionConfig, SurgeryError, SurgerySettings, compress, measure_generate_kv_bytes,
 )
 from kvforge.models.surgery.head_merging import head_groups
 from kvforge.models.surgery.linalg import discarded_energy, factorize, rank_for_energy, scale_pairs
@@ -395,13 +395,62 @@ def test_calibration_rejects_bad_rows():
 # Entry points and errors
 
 
-def test_build_compressed_model_accepts_preset_names_and_config_sections():
+def _compress_section(model, section, calibration_rows):
+    compression = CompressionConfig.from_section(section)
+    return compress(model, compression.spec_for(model.config), calibration_rows, settings=compression.surgery).model
+
+
+def test_compression_config_accepts_preset_names_and_config_sections():
     model = tiny(layers=6)
-    compressed = build_compressed_model(model, "character-ai", None)
+    compressed = _compress_section(model, "character-ai", None)
     assert [l.attention for l in compressed.config.compression_spec.layers] == ["global"] + ["window"] * 5
     section = {"preset": "low-rank", "arguments": {"budget": 0.5}, "surgery": {"rank_allocation": "greedy", **QUIET}}
-    compressed = build_compressed_model(model, section, rows())
+    compressed = _compress_section(model, section, rows())
     assert compressed.config.kv_cache_bytes_per_token("bfloat16") == 0.5 * 6 * 2 * KV_DIMS * 2
+
+
+def test_compression_config_errors_are_one_line_and_name_the_key_path():
+    cases = {
+        "compression.surgery.rank_alocation: unknown key; did you mean 'rank_allocation'?":
+            {"preset": "low-rank", "surgery": {"rank_alocation": "greedy"}},
+        "compression.argument: unknown key; did you mean 'arguments'?": {"preset": "standard", "argument": {}},
+        "compression.preset = 'low-rnk': unknown preset; did you mean 'low-rank'?": {"preset": "low-rnk"},
+        "compression.surgery = 3: expected a mapping": {"preset": "standard", "surgery": 3},
+        "compression.calibration.tokens=0 is out of range": {"preset": "standard", "calibration": {"tokens": 0}},
+        "compression.calibration: unknown key 'token' (did you mean 'tokens'?)":
+            {"preset": "standard", "calibration": {"token": 8}},
+    }
+    for message, section in cases.items():
+        with pytest.raises(ValueError) as err:
+            CompressionConfig.from_section(section)
+        assert str(err.value).startswith(message) and "\n" not in str(err.value), (message, str(err.value))
+
+
+def test_the_kv_budget_is_one_knob_whichever_key_spells_it():
+    config = tiny(layers=6).config
+    greedy = {"rank_allocation": "greedy"}
+    by_argument = CompressionConfig.from_section({"preset": "low-rank", "arguments": {"budget": 0.25}, "surgery": greedy})
+    by_surgery = CompressionConfig.from_section({"preset": "low-rank", "surgery": {**greedy, "budget_fraction": 0.25}})
+    both = CompressionConfig.from_section({"preset": "low-rank", "arguments": {"budget": 0.25},
+                                           "surgery": {**greedy, "budget_fraction": 0.25}})
+    for compression in (by_argument, by_surgery, both):  # the preset is built at it and greedy re-spends it
+        assert compression.budget == compression.surgery.budget_fraction == compression.arguments["budget"] == 0.25
+        assert compression.spec_for(config).to_dict() == by_argument.spec_for(config).to_dict()
+    # With the preset's uniform ranks as given, the preset alone meets it.
+    uniform = CompressionConfig.from_section({"preset": "low-rank", "surgery": {"budget_fraction": 0.25}})
+    assert uniform.budget == uniform.arguments["budget"] == 0.25 and uniform.surgery.budget_fraction is None
+    with pytest.raises(SurgeryError, match=r"compression.surgery.budget_fraction = 0.5 and compression.arguments.budget "
+                                           r"= 0.25 disagree"):
+        CompressionConfig.from_section({"preset": "low-rank", "arguments": {"budget": 0.25},
+                                        "surgery": {**greedy, "budget_fraction": 0.5}})
+    with pytest.raises(SurgeryError, match=r"compression.arguments.budget = 2: expected the KV budget"):
+        CompressionConfig.from_section({"preset": "low-rank", "arguments": {"budget": 2}})
+    # A budget nothing meets: no preset builds at it and (without greedy) nothing re-spends it, or no low-rank layer.
+    with pytest.raises(SurgeryError, match="needs compression.surgery.rank_allocation='greedy'"):
+        CompressionConfig.from_section({"layers": [{}] * 6, "surgery": {"budget_fraction": 0.5}})
+    with pytest.raises(SurgeryError, match="nothing in this spec meets a budget"):
+        CompressionConfig.from_section({"preset": "mixattention-ma", "surgery": {**greedy, "budget_fraction": 0.5}}
+                                       ).spec_for(config)
 
 
 def test_compress_errors_name_the_problem():
@@ -411,14 +460,14 @@ def test_compress_errors_name_the_problem():
         compress(model, {"layers": low}, None, settings=QUIET)
     with pytest.raises(SurgeryError, match="did you mean 'kv_sharing_init'"):
         SurgerySettings.from_dict({"kv_share_init": "average"})
-    with pytest.raises(SurgeryError, match="needs surgery.rank_allocation='greedy'"):
+    with pytest.raises(SurgeryError, match="needs compression.surgery.rank_allocation='greedy'"):
         SurgerySettings.from_dict({"budget_fraction": 0.5})
     with pytest.raises(CompressionSpecError, match=r"compression.layers\[1\].kv_from=3 must name an earlier layer"):
         compress(model, {"layers": [{}, {"kv_from": 3}, {}, {}]}, None, settings=QUIET)
     with pytest.raises(SurgeryError, match="exactly one of `preset`"):
-        parse_compression({"preset": "standard", "layers": []}, model.config)
+        CompressionConfig.from_section({"preset": "standard", "layers": []})
     with pytest.raises(SurgeryError, match="did you mean 'arguments'"):
-        parse_compression({"preset": "standard", "argument": {}}, model.config)
+        CompressionConfig.from_section({"preset": "standard", "argument": {}})
 
 
 def test_generate_kv_bytes_are_measured_from_the_cache_and_match_the_spec():
@@ -452,15 +501,19 @@ def test_compress_launcher_rejects_bad_specs_clearly(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(SystemExit, match="must hold a mapping"):
         launcher.load_spec_section(str(tmp_path / "list.yaml"), {})
-    with pytest.raises(SystemExit, match="--budget does not apply"):
-        launcher.apply_budget({"preset": "mixattention-ma", "arguments": {}}, 0.5, config)
+    with pytest.raises(SurgeryError, match="nothing in this spec meets a budget"):
+        CompressionConfig.from_section(launcher.apply_budget({"preset": "mixattention-ma", "arguments": {}}, 0.5)
+                                       ).spec_for(config)
     with pytest.raises(SystemExit, match=r"fraction in \(0, 1\]"):
-        launcher.apply_budget({"preset": "low-rank", "arguments": {}}, 2.0, config)
-    # A training config's compression section is read as is; --budget reaches both the preset and the ranks.
-    (tmp_path / "train.yaml").write_text("compression:\n  preset: low-rank\n  arguments: {rope: partial, rope_dims: 2}\n")
-    section = launcher.apply_budget(launcher.load_spec_section(str(tmp_path / "train.yaml"), {}), 0.25, config)
-    assert section["arguments"]["budget"] == 0.25
+        launcher.apply_budget({"preset": "low-rank", "arguments": {}}, 2.0)
+    # A training config's compression section is read as is; --budget sets the one knob, which reaches both the
+    # preset and the ranks (and replaces the section's own budget).
+    (tmp_path / "train.yaml").write_text("compression:\n  preset: low-rank\n"
+                                         "  arguments: {rope: partial, rope_dims: 2, budget: 0.5}\n")
+    section = launcher.apply_budget(launcher.load_spec_section(str(tmp_path / "train.yaml"), {}), 0.25)
     assert section["surgery"] == {"rank_allocation": "greedy", "budget_fraction": 0.25}
+    compression = CompressionConfig.from_section(section)
+    assert compression.arguments["budget"] == compression.surgery.budget_fraction == 0.25
     with pytest.raises(SystemExit, match="key=value"):
         launcher._key_values(["window"], "--arg")
 

@@ -23,9 +23,9 @@ def test_every_shipped_config_loads_and_validates(path):
 
 def test_a_recipe_merges_into_its_base_and_bad_bases_are_named(tmp_path):
     recipe = load_config(REPO / "configs/recovery/lowrank-50.yaml")
-    assert recipe.compression["arguments"]["budget"] == 0.5 and recipe.run.name == "smollm2-lowrank-50"
+    assert recipe.compression.arguments["budget"] == 0.5 and recipe.run.name == "smollm2-lowrank-50"
     assert recipe.data.teacher_samples.tokens == load_config(REPO / "configs/recovery/base.yaml").data.teacher_samples.tokens
-    assert load_config(REPO / "configs/recovery/finetuned-original.yaml").compression == {}
+    assert load_config(REPO / "configs/recovery/finetuned-original.yaml").compression is None
     (tmp_path / "a.yaml").write_text("base: b.yaml\ntraining: {lr: 0.1}\n")
     (tmp_path / "b.yaml").write_text("base: a.yaml\n")
     with pytest.raises(ConfigError, match="is its own base"):
@@ -164,13 +164,56 @@ def test_every_recovery_recipe_compresses_smollm2_as_it_says(recipe, fraction):
     """Each recipe's compression section parses against the real model's config (no weights), and the fixed
     budgets are what the name says (the rest are re-spent or chosen by surgery from calibration data)."""
     from kvforge.models.loading import config_for
-    from kvforge.models.surgery import parse_compression
 
     cfg = load_config(REPO / f"configs/recovery/{recipe}.yaml")
-    assert cfg.eval.heldout and cfg.compression["calibration"]["source"] == "stdlib-docstrings"
-    spec, settings = parse_compression(cfg.compression, config_for(cfg.model.name))
+    assert cfg.eval.heldout and cfg.compression.calibration.source == "stdlib-docstrings"
+    spec = cfg.compression.spec_for(config_for(cfg.model.name))
     assert len(spec.layers) == 30
     if fraction is not None:
         dense = 30 * 2 * 3 * 64 * 2
         assert spec.kv_cache_bytes_per_token(num_kv_heads=3, head_dim=64, dtype="bfloat16") == pytest.approx(
             fraction * dense, rel=0.01)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("compression.surgery.rank_alocation=greedy",
+     "compression.surgery.rank_alocation: unknown key; did you mean 'rank_allocation'?"),
+    ("compression.prest=low-rank", "compression.prest: unknown key; did you mean 'preset'?"),
+    ("compression.surgery.budget_fraction=0.25",
+     "compression.surgery.budget_fraction = 0.25 and compression.arguments.budget = 0.5 disagree"),
+])
+def test_compression_keys_and_the_two_budget_spellings_fail_in_load_config_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(REPO / "configs/smollm2-recover.yaml", [override])
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    # The same budget in both spellings is one budget.
+    cfg = load_config(REPO / "configs/smollm2-recover.yaml", ["compression.surgery.budget_fraction=0.5"])
+    assert cfg.compression.budget == cfg.compression.surgery.budget_fraction == cfg.compression.arguments["budget"] == 0.5
+
+
+def test_the_compression_section_is_parsed_once_and_written_back_as_given(monkeypatch, tmp_path):
+    """load_config parses the section into a CompressionConfig; the launcher's early check (and the trainer) take that
+    object, and config.yaml keeps the section as the file gave it (a resume signature never changes with a parse)."""
+    import importlib.util
+
+    from kvforge.models.loading import config_for
+    from kvforge.models.surgery import CompressionConfig
+    from kvforge.trainer.config import save_resolved, to_dict
+
+    parses = []
+    original = CompressionConfig.from_section.__func__
+    monkeypatch.setattr(CompressionConfig, "from_section",
+                        classmethod(lambda cls, section: parses.append(section) or original(cls, section)))
+    cfg = load_config(REPO / "configs/recovery/lowrank-25.yaml")
+    spec = importlib.util.spec_from_file_location("kvforge_launch_train", REPO / "launch/train.py")
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    launcher.check_model_and_compression(cfg)
+    assert len(parses) == 1
+    written = {"calibration": {"source": "stdlib-docstrings", "tokens": 65536, "seq_len": 2048}, "preset": "low-rank",
+               "arguments": {"budget": 0.25}, "surgery": {"rank_allocation": "greedy"}}
+    assert to_dict(cfg)["compression"] == written
+    save_resolved(cfg, tmp_path / "config.yaml")
+    assert to_dict(load_config(tmp_path / "config.yaml"))["compression"] == written
+    assert cfg.compression.spec_for(config_for(cfg.model.name)).to_dict() == \
+        CompressionConfig.from_section(written).spec_for(config_for(cfg.model.name)).to_dict()
