@@ -62,8 +62,11 @@ Initialisation (`settings.INITS`, surgery setting `init`) of pre-RoPE latents an
              With a correlation rho between the heads' averages, M = rho M_alike + (1 - rho) M_independent;
              rho = 1 (on SmolLM2-135M the compressed model's KL to the original was lowest at 1 of 0, 1/2, 1;
              docs/COMPRESSION.md).
-    Exact at full rank like the PCA. Partial RoPE's joint latent keeps the PCA (not done: it would weigh
-    k_nope and v in one metric through `value_spread`, untested).
+    Exact at full rank like the PCA. Partial RoPE's joint latent [k_nope; v] (either output-aware init): one
+    metric blockdiag(keys, values), keys by `nope_key_output_metric` (the non-rotary dims meet the query
+    unrotated, so no lag average) times `value_spread`'s rate, values as above: the two parts of one latent must
+    be priced in one currency, so "output_aware_values" weighs the keys too. Measured on SmolLM2-135M at 25% of
+    the cache: docs/COMPRESSION.md.
 """
 
 from __future__ import annotations
@@ -191,7 +194,8 @@ def partial_rope_factors(
     q_pair_energy: torch.Tensor, num_kv_heads: int, head_dim: int,
     rope_dims: int, kv_rank: int, criterion: str = "norm",
     restore_value_mean: bool = False, drop_key_mean: bool = False, balance: str = "none",
-    o_weight: Optional[torch.Tensor] = None,
+    o_weight: Optional[torch.Tensor] = None, key_metric: Optional[torch.Tensor] = None,
+    value_metric: Optional[torch.Tensor] = None,
 ) -> PartialRopeFactors:
     """Split keys into rotary dims and a joint [k_nope; v] latent of rank kv_rank.
 
@@ -202,10 +206,16 @@ def partial_rope_factors(
         drop_key_mean: subtract the non-rotary keys' mean before the PCA and never add it back (exact up to
             a per-query logit shift; needs a bias on kv_down to subtract it).
         o_weight: [H, n_q d], needed for balance="attention".
+        key_metric, value_metric: the output-aware init (both or neither; they replace `balance`): [n_kv d]^2
+            metrics of the keys' errors (nope_key_output_metric, in output units) and of the values' errors
+            (value_output_metric); the joint latent is the generalised PCA under blockdiag(key_metric restricted
+            to the non-rotary dims, value_metric).
 
     Raises:
         ValueError: bad rope_dims, rank, criterion or balance.
     """
+    if (key_metric is None) != (value_metric is None):
+        raise ValueError("partial_rope_factors takes key_metric and value_metric together")
     if balance not in BALANCES:
         raise ValueError(f"balance must be one of {BALANCES}, got {balance!r}")
     if rope_dims % 2:
@@ -244,7 +254,11 @@ def partial_rope_factors(
             raise ValueError("balance='attention' needs o_weight")
         k_scale = key_pair_scale(q_pair_energy, num_kv_heads).flatten()[nope_rows]
         scale = torch.cat([k_scale, value_dim_scale(o_weight, num_kv_heads, head_dim).flatten()])
-    latent = factorize(weight, bias, second, mean, kv_rank, offset=offset, restore_offset=False, scale=scale)
+    metric = None
+    if key_metric is not None:
+        metric, scale = torch.block_diag(key_metric[nope_rows][:, nope_rows], value_metric), None
+    latent = factorize(weight, bias, second, mean, kv_rank, offset=offset, restore_offset=False, scale=scale,
+                       metric=metric)
     if restore_value_mean:
         # Only the values' part of the offset comes back; the keys' part is dropped (softmax shift).
         latent.up_bias = torch.cat([torch.zeros(n_nope, dtype=torch.float64), mean[n_nope:].to(torch.float64)]).to(weight.dtype)
@@ -323,13 +337,30 @@ def key_output_metric(q_second_moment: torch.Tensor, num_kv_heads: int, head_dim
     if inv_freq.shape != (head_dim // 2,):
         raise ValueError(f"inv_freq must be [{head_dim // 2}] (head_dim / 2 RoPE frequencies), got {tuple(inv_freq.shape)}")
     lag_moments = rope_lag_moments(inv_freq, context_tokens)
-    group = n_q // num_kv_heads
-    metric = torch.zeros(num_kv_heads * head_dim, num_kv_heads * head_dim, dtype=torch.float64)
-    for h in range(num_kv_heads):
-        rows = slice(h * head_dim, (h + 1) * head_dim)
-        summed = sum(q_second_moment[j * head_dim:(j + 1) * head_dim, j * head_dim:(j + 1) * head_dim].to(torch.float64)
-                     for j in range(h * group, (h + 1) * group))
-        metric[rows, rows] = lag_averaged_rotation(summed, lag_moments) / head_dim
+    blocks = [lag_averaged_rotation(summed, lag_moments) for summed in _query_moments_per_kv_head(
+        q_second_moment, num_kv_heads, head_dim)]
+    metric = torch.block_diag(*blocks) / head_dim
+    return 0.5 * (metric + metric.T)
+
+
+def _query_moments_per_kv_head(q_second_moment: torch.Tensor, num_kv_heads: int, head_dim: int) -> list[torch.Tensor]:
+    """[d, d] float64 per KV head h: sum over its query heads j of E[q_j q_j^T]."""
+    group = q_second_moment.shape[0] // head_dim // num_kv_heads
+    return [sum(q_second_moment[j * head_dim:(j + 1) * head_dim, j * head_dim:(j + 1) * head_dim].to(torch.float64)
+                for j in range(h * group, (h + 1) * group)) for h in range(num_kv_heads)]
+
+
+def nope_key_output_metric(q_second_moment: torch.Tensor, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """[n_kv d, n_kv d] float64: blockdiag_h (1/d) sum_{j in g(h)} E[q_j q_j^T], the mean squared logit error,
+    summed over query heads, that an error e in non-rotary key dims causes (e^T M e on those dims' rows).
+
+    The non-rotary dims of a partial-RoPE layer meet the query unrotated, so no lag average applies
+    (key_output_metric is this metric averaged over RoPE's rotations)."""
+    n_q = q_second_moment.shape[0] // head_dim
+    if q_second_moment.shape != (n_q * head_dim,) * 2 or n_q % num_kv_heads or n_q == 0:
+        raise ValueError(f"q_second_moment must be [n_q * {head_dim}]^2 with n_q a multiple of {num_kv_heads} KV heads, "
+                         f"got {tuple(q_second_moment.shape)}")
+    metric = torch.block_diag(*_query_moments_per_kv_head(q_second_moment, num_kv_heads, head_dim)) / head_dim
     return 0.5 * (metric + metric.T)
 
 
@@ -438,23 +469,31 @@ def _output_metric(stats: CalibrationStatistics, spec: CompressionSpec, attn: li
     if part == "v":
         return sum(value_output_metric(attn[r].o_weight, geometry.num_kv_heads, geometry.head_dim)
                    for r in readers)
+    if part == "kv_nope":  # a partial-RoPE joint latent's keys: unrotated, no RoPE frequencies needed
+        return sum(_logit_to_output_rate(stats, attn, layer, r, geometry) * nope_key_output_metric(
+            stats.output_moments(r, attn[r].q_weight, attn[r].q_bias)[0], geometry.num_kv_heads, geometry.head_dim)
+            for r in readers)
     if rope_inv_freq is None:
         raise SurgeryError("surgery.init='output_aware' needs the model's RoPE frequencies for the key metric "
                            "(compress reads them from model.model.rotary_emb.inv_freq)")
     context = settings.context_tokens or stats.seq_len
-    kv_second, kv_mean = kv_moments(stats, layer, attn[layer])
-    n = geometry.kv_dims
     metric = 0
     for r in readers:
         q_second, _ = stats.output_moments(r, attn[r].q_weight, attn[r].q_bias)
-        # Logit units -> output units (value_spread), so keys and values share the greedy's currency.
-        # One rate per reading layer (the mean over its query heads): a scalar leaves the key directions as the
-        # logit metric chooses them (per-head rates gave worse layer outputs on SmolLM2), it only prices them.
-        rate = value_spread(attn[r].o_weight, kv_second[n:, n:], kv_mean[n:], geometry.num_kv_heads,
-                            geometry.head_dim).mean()
-        metric = metric + rate * key_output_metric(q_second, geometry.num_kv_heads, geometry.head_dim,
-                                                   rope_inv_freq, context)
+        metric = metric + _logit_to_output_rate(stats, attn, layer, r, geometry) * key_output_metric(
+            q_second, geometry.num_kv_heads, geometry.head_dim, rope_inv_freq, context)
     return metric
+
+
+def _logit_to_output_rate(stats, attn, layer: int, reader: int, geometry) -> torch.Tensor:
+    """Logit units -> output units (value_spread) for `reader` attending over `layer`'s values, so keys and values
+    share the greedy's currency. One rate per reading layer (the mean over its query heads): a scalar leaves the
+    key directions as the logit metric chooses them (per-head rates gave worse layer outputs on SmolLM2), it only
+    prices them."""
+    kv_second, kv_mean = kv_moments(stats, layer, attn[layer])
+    n = geometry.kv_dims
+    return value_spread(attn[reader].o_weight, kv_second[n:, n:], kv_mean[n:], geometry.num_kv_heads,
+                        geometry.head_dim).mean()
 
 
 def _pre_rope(stats, layer, attn, geometry, settings, part: str, rank: int, restore_mean: bool,
@@ -471,15 +510,24 @@ def _pre_rope(stats, layer, attn, geometry, settings, part: str, rank: int, rest
                             scale=None if metric is not None else _value_scale(attn, geometry, settings))
 
 
+def _partial_metrics(stats, spec, attn, layer: int, geometry, settings) -> dict[str, Optional[torch.Tensor]]:
+    """The joint latent's output-aware metrics (keys and values both: the two parts of one latent must be priced
+    in one currency, so "output_aware_values" weighs the keys too), or none under init="pca"."""
+    if settings.init == "pca":
+        return {"key_metric": None, "value_metric": None}
+    return {"key_metric": _output_metric(stats, spec, attn, layer, "kv_nope", geometry, settings, None),
+            "value_metric": _output_metric(stats, spec, attn, layer, "v", geometry, settings, None)}
+
+
 def _partial(stats, layer, attn, geometry, settings, rope_dims: int, rank: int, restore_mean: bool,
-             drop_key_mean: bool):
+             drop_key_mean: bool, metrics: Mapping[str, Optional[torch.Tensor]]):
     kv_second, kv_mean = kv_moments(stats, layer, attn)
     return partial_rope_factors(
         k_weight=attn.k_weight, k_bias=attn.k_bias, v_weight=attn.v_weight, v_bias=attn.v_bias,
         kv_second_moment=kv_second, kv_mean=kv_mean, q_pair_energy=q_pair_energy(stats, layer, attn, geometry),
         num_kv_heads=geometry.num_kv_heads, head_dim=geometry.head_dim, rope_dims=rope_dims, kv_rank=rank,
         criterion=settings.rope_pair_criterion, restore_value_mean=restore_mean, drop_key_mean=drop_key_mean,
-        balance=settings.balance, o_weight=attn.o_weight)
+        balance=settings.balance, o_weight=attn.o_weight, **metrics)
 
 
 def low_rank_problems(spec: CompressionSpec, stats: CalibrationStatistics, attn: list[DenseAttention],
@@ -502,7 +550,8 @@ def low_rank_problems(spec: CompressionSpec, stats: CalibrationStatistics, attn:
                               _output_metric(stats, spec, attn, i, part, geometry, settings, rope_inv_freq))
                 problems.append(LowRankProblem(i, part, f.eigenvalues, geometry.kv_dims))
         else:
-            f = _partial(stats, i, attn[i], geometry, settings, layer.rope_dims, 1, restore, _has_kv_down_bias(expected, i))
+            f = _partial(stats, i, attn[i], geometry, settings, layer.rope_dims, 1, restore, _has_kv_down_bias(expected, i),
+                         _partial_metrics(stats, spec, attn, i, geometry, settings))
             problems.append(LowRankProblem(i, "kv", f.latent.eigenvalues, f.latent.up_weight.shape[0]))
     return problems
 
@@ -539,13 +588,13 @@ def transform_layer(t: Transform, i: int, entry: dict[str, Any]) -> None:
         entry["v_discarded"] = discarded_energy(fv.eigenvalues, layer.v_rank)
     else:
         f = _partial(stats, i, a, geometry, settings, layer.rope_dims, layer.kv_rank, restore,
-                     _has_kv_down_bias(t.expected, i))
+                     _has_kv_down_bias(t.expected, i), _partial_metrics(stats, t.spec, t.attn, i, geometry, settings))
         t.put(i, "k_rope", f.k_rope_weight, f.k_rope_bias)
         t.put(i, "kv_down", f.latent.down_weight, f.latent.down_bias)
         t.put(i, "k_up", f.k_up_weight)
         t.put(i, "v_up", f.v_up_weight, f.v_up_bias)
         t.out[f"{attention_prefix(i)}rope_index"] = f.rope_pairs
         entry["kv"] = f"partial RoPE {layer.rope_dims} dims + latent {layer.kv_rank}"
-        entry["init"] = "pca"  # init="output_aware" covers pre-RoPE and value latents only (this file)
+        entry["init"] = "pca" if settings.init == "pca" else "output_aware"  # keys and values: one currency
         entry["kv_discarded"] = discarded_energy(f.latent.eigenvalues, layer.kv_rank)
         entry["rope_pairs"] = f.rope_pairs.tolist()
