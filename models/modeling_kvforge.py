@@ -1006,9 +1006,10 @@ class KVForgeAttention(nn.Module):
         raise AssertionError(rep)
 
     # ---- attention over a producer's cache (own or shared) -------------------------------------------
-    def _attend(self, shared: SharedKV, query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: SlotPlan,
-                need_probs: bool, dropout: float, handoff: LayerHandoff | None = None):
-        """query [B, H, T, D] unrotated -> out [B, K, G, T, D], probs [B, K, G, T, S] | None.
+    def attend(self, shared: SharedKV, query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: SlotPlan,
+               need_probs: bool, dropout: float, handoff: LayerHandoff | None = None):
+        """query [B, H, T, D] unrotated -> out [B, K, G, T, D], probs [B, K, G, T, S] | None. Public: PyramidKV
+        scores the prompt's slots through it (models/pyramid.py).
 
         Several new tokens (training, prefill): latent caches are up-projected to whole K / V once per step
         (`SharedKV.dense_kv`) and every representation attends through `kv_attention` (SDPA, flash when the
@@ -1084,7 +1085,7 @@ class KVForgeAttention(nn.Module):
                 shared = SharedKV(self.representation, entries, self)
                 if self.shares_kv:
                     handoff.kv[self.layer_idx] = shared
-            out, probs = self._attend(shared, query, cos, sin, plan, need_probs, dropout, handoff)
+            out, probs = self.attend(shared, query, cos, sin, plan, need_probs, dropout, handoff)
             if storage is not None and storage.pyramid is not None and storage.pyramid.wants(self.layer_idx):
                 # PyramidKV scores the prompt's slots by this layer's attention from its last queries.
                 storage.pyramid.observe_layer(self, query, cos, sin, plan, shared)

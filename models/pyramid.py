@@ -328,7 +328,7 @@ class PyramidKV:
         """
         window = min(self.settings.window, query.shape[2])
         window_plan = replace(plan, query_index=plan.query_index[:, -window:], mask=plan.mask[..., -window:, :])
-        _, probs = module._attend(shared, query[:, :, -window:], cos[:, -window:], sin[:, -window:], window_plan,
+        _, probs = module.attend(shared, query[:, :, -window:], cos[:, -window:], sin[:, -window:], window_plan,
                                   True, 0.0)  # probs [B, K, G, w, S]
         scores = probs.float().sum(dim=(2, 3))  # [B, K, S]
         owner = self._group_of[module.layer_idx].owner
