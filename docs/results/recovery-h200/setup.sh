@@ -23,6 +23,9 @@ start|assemble)
   cp "$K/repo"/kvforge/*.py /tmp/kv/kvforge/
   [ "$1" = assemble ] && { echo assembled; exit 0; }
   export PYTHONPATH=/tmp/site:/tmp/kv TORCH_CUDA_ARCH_LIST=9.0
-  cd "$K/repo" && setsid nohup bash docs/results/recovery-h200/run.sh > "$K/pipeline.log" 2>&1 < /dev/null &
+  # The whole background list redirected, not only its last command: otherwise the subshell keeps this call's
+  # stdout open and a caller reading it (`setup.sh start | tail`) waits for the pipeline to end (it cost a
+  # 300 s call once).
+  (cd "$K/repo" && setsid nohup bash docs/results/recovery-h200/run.sh) > "$K/pipeline.log" 2>&1 < /dev/null &
   sleep 2; echo started ;;
 esac
