@@ -7,12 +7,11 @@ equal to generate() without the kernel."""
 import os
 
 import pytest
+from kernel_generation import assert_same_generation, generate_with_and_without_kernels
 import torch
 
 from kvforge.kernels import dispatch
 from kvforge.kernels.gqa_decode import available, decode_splits, gqa_decode_attention
-from kvforge.models.configuration_kvforge import KVForgeConfig
-from kvforge.models.modeling_kvforge import KVForgeForCausalLM
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="kernel tests run tensors on CPU through Triton's interpreter")
@@ -85,23 +84,9 @@ def test_generate_with_the_kernel_equals_generate_without(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(dispatch, "gqa_decode_attention", counting)
-    layers = [{}, {"kv_proj": "merged_heads", "num_kv_heads": 1}, {"attention": "window", "window": 6, "sinks": 2},
-              {"kv_from": 0}]
-    torch.manual_seed(0)
-    config = KVForgeConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                           head_dim=16, vocab_size=128, max_position_embeddings=256, num_hidden_layers=4,
-                           initializer_range=0.1, compression={"layers": layers})
-    model = KVForgeForCausalLM(config).eval()
-    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
-    attention_mask = torch.ones_like(ids)
-    attention_mask[1, :4] = 0
-    runs = {}
-    for mode in ("off", "triton"):
-        monkeypatch.setenv("KVFORGE_KERNELS", mode)
-        with torch.no_grad():
-            runs[mode] = model.generate(ids, attention_mask=attention_mask, max_new_tokens=10, do_sample=False,
-                                        return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+    runs = generate_with_and_without_kernels(
+        monkeypatch,
+        [{}, {"kv_proj": "merged_heads", "num_kv_heads": 1}, {"attention": "window", "window": 6, "sinks": 2},
+         {"kv_from": 0}], num_attention_heads=4)
     assert len(calls) == 9 * 4  # 9 decode steps x 4 layers
-    assert torch.equal(runs["triton"].sequences, runs["off"].sequences)
-    for with_kernel, without in zip(runs["triton"].logits, runs["off"].logits):
-        torch.testing.assert_close(with_kernel, without, atol=1e-4, rtol=1e-4)
+    assert_same_generation(runs)

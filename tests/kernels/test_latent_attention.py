@@ -8,13 +8,13 @@ import math
 import os
 
 import pytest
+from kernel_generation import assert_same_generation, generate_with_and_without_kernels
 import torch
 from torch import nn
 
 from kvforge.kernels import dispatch
 from kvforge.kernels.latent_attention import available, latent_decode_attention
-from kvforge.models.configuration_kvforge import KVForgeConfig
-from kvforge.models.modeling_kvforge import KeyRotary, KVForgeForCausalLM, pre_rope_latent_attention
+from kvforge.models.modeling_kvforge import KeyRotary, pre_rope_latent_attention
 
 # triton is a test dependency: its absence fails here rather than skipping every kernel test.
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
@@ -146,25 +146,11 @@ def test_generate_with_the_kernel_equals_generate_without(monkeypatch, kernel_ca
     """A tiny model with latent layers (a global owner, a window layer, a kv_from reader), batch 2 with left
     padding, decoding past the window: same tokens and logits with KVFORGE_KERNELS=triton and =off."""
     low_rank = {"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 12, "v_rank": 10}
-    layers = [low_rank, {"kv_from": 0}, {**low_rank, "attention": "window", "window": 8, "sinks": 2}]
-    torch.manual_seed(0)
-    config = KVForgeConfig(hidden_size=64, intermediate_size=128, num_attention_heads=6, num_key_value_heads=2,
-                           head_dim=16, vocab_size=128, max_position_embeddings=256, num_hidden_layers=3,
-                           initializer_range=0.1, compression={"layers": layers})
-    model = KVForgeForCausalLM(config).eval()
-    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
-    attention_mask = torch.ones_like(ids)
-    attention_mask[1, :4] = 0
-    runs = {}
-    for mode in ("off", "triton"):
-        monkeypatch.setenv("KVFORGE_KERNELS", mode)
-        with torch.no_grad():
-            runs[mode] = model.generate(ids, attention_mask=attention_mask, max_new_tokens=10, do_sample=False,
-                                        return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+    runs = generate_with_and_without_kernels(
+        monkeypatch,
+        [low_rank, {"kv_from": 0}, {**low_rank, "attention": "window", "window": 8, "sinks": 2}], num_attention_heads=6)
     assert len(kernel_calls) == 9 * 3  # 9 decode steps x 3 layers attending over a latent cache
-    assert torch.equal(runs["triton"].sequences, runs["off"].sequences)
-    for with_kernel, without in zip(runs["triton"].logits, runs["off"].logits):
-        assert torch.allclose(with_kernel, without, atol=1e-4, rtol=1e-4)
+    assert_same_generation(runs)
 
 
 def test_rope_table_matches_the_model_rotary_and_grows_when_needed():

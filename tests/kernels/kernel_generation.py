@@ -1,0 +1,34 @@
+"""Shared by the decode-kernel tests (a plain module: tests/kernels is on pytest's import path): a tiny KVForge
+model's greedy generate() with and without the kernels."""
+
+import torch
+
+from kvforge.models.configuration_kvforge import KVForgeConfig
+from kvforge.models.modeling_kvforge import KVForgeForCausalLM
+
+
+def generate_with_and_without_kernels(monkeypatch, layers, num_attention_heads):
+    """{"off": output, "triton": output} of generate() on one tiny model of the given layer specs (2 KV heads of
+    16 dims), batch 2 with 4 tokens of left padding in row 1, 10 new tokens (past a window of 8), greedy, logits
+    kept."""
+    torch.manual_seed(0)
+    config = KVForgeConfig(hidden_size=64, intermediate_size=128, num_attention_heads=num_attention_heads,
+                           num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=256,
+                           num_hidden_layers=len(layers), initializer_range=0.1, compression={"layers": layers})
+    model = KVForgeForCausalLM(config).eval()
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, :4] = 0
+    runs = {}
+    for mode in ("off", "triton"):
+        monkeypatch.setenv("KVFORGE_KERNELS", mode)
+        with torch.no_grad():
+            runs[mode] = model.generate(ids, attention_mask=attention_mask, max_new_tokens=10, do_sample=False,
+                                        return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+    return runs
+
+
+def assert_same_generation(runs) -> None:
+    assert torch.equal(runs["triton"].sequences, runs["off"].sequences)
+    for with_kernel, without in zip(runs["triton"].logits, runs["off"].logits):
+        torch.testing.assert_close(with_kernel, without, atol=1e-4, rtol=1e-4)
