@@ -179,14 +179,17 @@ def copy_bandwidth_bytes_per_s() -> float:
 # generate() part
 
 
-def timed_generate(model, ids, new_tokens: int, repeats: int) -> tuple[float, object]:
+def timed_generate(model, ids, new_tokens: int, repeats: int, static: bool = False) -> tuple[float, object]:
+    """Median seconds of generate(); static=True passes a fresh KVForgeCache(static=True) per call, so every
+    call pays its CUDA graph capture (in the first decode step), as a user's call would."""
     times, out = [], None
     for _ in range(repeats):
+        cache = {"cache": model.static_cache(ids.shape[1] + new_tokens)} if static else {}
         torch.cuda.synchronize()
         start = time.perf_counter()
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True,
-                             pad_token_id=0)
+                             pad_token_id=0, **cache)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times), out
@@ -208,12 +211,14 @@ def run_generate_part(args) -> list[dict]:
     base._attn_implementation = "sdpa"
     spec = json.loads(LR50_SPEC.read_text())["spec"]
     rows = []
-    variants = [("original (transformers Llama, SDPA)", None, None), ("lr50, KVFORGE_KERNELS=off", spec, "off"),
-                ("lr50, KVFORGE_KERNELS=auto (Triton)", spec, "auto")]
+    variants = [("original (transformers Llama, SDPA)", None, None, False),
+                ("lr50, KVFORGE_KERNELS=off", spec, "off", False),
+                ("lr50, KVFORGE_KERNELS=auto (Triton)", spec, "auto", False),
+                ("lr50, Triton, static cache + CUDA graph", spec, "auto", True)]
     for batch in args.gen_batch:
         ids = torch.randint(3, base.vocab_size, (batch, args.gen_prompt), device="cuda",
                             generator=torch.Generator(device="cuda").manual_seed(0))
-        for name, compression, mode in variants:
+        for name, compression, mode, static in variants:
             torch.manual_seed(0)
             if compression is None:
                 model = LlamaForCausalLM(base)
@@ -224,10 +229,10 @@ def run_generate_part(args) -> list[dict]:
                 model = KVForgeForCausalLM(config)
             model = model.to(device="cuda", dtype=torch.bfloat16).eval()
             with torch.no_grad():
-                timed_generate(model, ids, 3, 1)  # warm-up at full size: kernels compiled, allocator primed
+                timed_generate(model, ids, 3, 1, static)  # warm-up at full size: kernels compiled, allocator primed
                 torch.cuda.reset_peak_memory_stats()
-                prefill, _ = timed_generate(model, ids, 1, args.repeats)
-                total, out = timed_generate(model, ids, args.gen_new + 1, args.repeats)
+                prefill, _ = timed_generate(model, ids, 1, args.repeats, static)
+                total, out = timed_generate(model, ids, args.gen_new + 1, args.repeats, static)
             decode = total - prefill
             row = dict(model=name, batch=batch, prompt=args.gen_prompt, new_tokens=args.gen_new,
                        prefill_s=prefill, decode_s=decode, decode_tokens_per_s=batch * args.gen_new / decode,

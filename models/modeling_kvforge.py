@@ -240,6 +240,10 @@ class SlotPlan:
     write_token: torch.Tensor | None = None
     write_slot: torch.Tensor | None = None
     rotary: Callable | None = None  # positions [B, S] -> KeyRotary
+    # static decode (KVForgeCache(static=True), one new token): the slot each row's token goes to, [B] or [1] long;
+    # attendable slots are the layout's whole storage, its mask from token_index (nothing read back to the host)
+    static_slot: torch.Tensor | None = None
+    max_position: int | None = None  # a bound on key_positions known without reading the device
     _key_rotary: KeyRotary | None = field(default=None, repr=False)
 
     @property
@@ -251,6 +255,8 @@ class SlotPlan:
         PyTorch path builds its cos/sin tables once for every layer of this layout."""
         if self._key_rotary is None:
             self._key_rotary = self.rotary(self.key_positions)
+            if self.max_position is not None:
+                self._key_rotary._max_position = self.max_position
         return self._key_rotary
 
 
@@ -265,15 +271,17 @@ class SlotLayout:
 
     GROWTH_CHUNK = 256
 
-    def __init__(self, window: int | None, sinks: int, max_cache_len: int | None = None):
+    def __init__(self, window: int | None, sinks: int, max_cache_len: int | None = None, static: bool = False):
         self.window, self.sinks = window, sinks
         self.max_cache_len = max_cache_len
+        self.static = static
         self.reset()
 
     def reset(self) -> None:
         self.token_index: torch.Tensor | None = None  # [B, C] long, -1 = empty slot or padding
         self.positions: torch.Tensor | None = None  # [B, C] long
         self.length = 0  # global: slots written so far (== cache sequence length)
+        self.length_on_device: torch.Tensor | None = None  # static global layout: `length` as a [1] tensor
 
     @property
     def is_ring(self) -> bool:
@@ -293,6 +301,8 @@ class SlotLayout:
                 f"the cache holds batch size {self.token_index.shape[0]} but this forward has batch size {batch}; "
                 f"start a new KVForgeCache for a new batch"
             )
+        if self.static and num_new == 1 and self.token_index is not None:
+            return self._static_decode_plan(query_index, query_positions)
         if not self.is_ring:
             start = self.length
             needed = start + num_new
@@ -338,13 +348,39 @@ class SlotLayout:
                         capacity=capacity,
                         write_batch=write_batch, write_token=write_token, write_slot=write_slot)
 
+    def _static_decode_plan(self, query_index: torch.Tensor, query_positions: torch.Tensor) -> SlotPlan:
+        """One new token per row into preallocated storage, with no host sync and no shape that changes per step
+        (what a CUDA graph or torch.compile needs): the token's slot comes from device tensors (global: the
+        `length_on_device` column; ring: each row's own slot), token_index / positions are written now (so the
+        mask sees the new token), and attention reads the whole storage under the mask. Writing twice is
+        harmless (a graph's warm-up runs the step once more); KVForgeCache.static_decode advances the counters."""
+        query_BN = query_index  # [B, 1]
+        if self.is_ring:
+            window, sinks = self.window, self.sinks
+            q = query_BN.clamp_min(0)
+            slot = torch.where(q < sinks, q, sinks + (q - sinks).remainder(window))  # [B, 1]
+            self.token_index.scatter_(1, slot, query_BN)
+            self.positions.scatter_(1, slot, query_positions)
+            static_slot = slot[:, 0]
+        else:
+            static_slot = self.length_on_device
+            self.token_index.index_copy_(1, static_slot, query_BN)
+            self.positions.index_copy_(1, static_slot, query_positions)
+        mask = visibility_mask(query_BN, self.token_index, self.window, self.sinks)
+        return SlotPlan(self.window, self.sinks, query_BN, self.token_index, self.positions, mask,
+                        cached_slots=self.capacity, capacity=self.capacity, static_slot=static_slot,
+                        max_position=self.max_cache_len)
+
     def commit(self, plan: SlotPlan, query_positions: torch.Tensor) -> None:
+        """After a forward (static decode steps write in their plan; KVForgeCache.static_decode advances them)."""
         self.token_index = _grow_slots(self.token_index, plan.capacity, 1, plan.query_index, fill=-1)
         self.positions = _grow_slots(self.positions, plan.capacity, 1, query_positions, fill=0)
         _write_slots(self.token_index, 1, plan, plan.query_index)
         _write_slots(self.positions, 1, plan, query_positions)
         if not self.is_ring:
             self.length = plan.start + plan.query_index.shape[1]
+            if self.static:
+                self.length_on_device = torch.tensor([self.length], device=self.token_index.device)
 
     def select_batch(self, indices: torch.Tensor) -> None:
         if self.token_index is not None:
@@ -371,6 +407,17 @@ def _grow_slots(tensor: torch.Tensor | None, capacity: int, slot_dim: int, like:
     if tensor is not None:
         grown.narrow(slot_dim, 0, tensor.shape[slot_dim]).copy_(tensor)
     return grown
+
+
+def _write_static_slot(storage: torch.Tensor, slot_dim: int, slot: torch.Tensor, new: torch.Tensor) -> None:
+    """One new token per row (new has 1 along slot_dim) into slot[b] of row b ([B]), or into slot[0] of every row
+    ([1]), with device indices only."""
+    if slot.shape[0] == 1:
+        storage.index_copy_(slot_dim, slot, new)
+        return
+    index_shape = [1] * storage.dim()
+    index_shape[0] = slot.shape[0]
+    storage.scatter_(slot_dim, slot.view(index_shape).expand(new.shape), new)
 
 
 def _write_slots(storage: torch.Tensor, slot_dim: int, plan: SlotPlan, new: torch.Tensor) -> None:
@@ -422,6 +469,10 @@ class LayerStorage:
             slot_dim = self.slot_dims[name]
             stored = _grow_slots(self.tensors.get(name), plan.capacity, slot_dim, value)
             self.tensors[name] = stored
+            if plan.static_slot is not None:  # static decode: write in place, attend over the whole storage
+                _write_static_slot(stored, slot_dim, plan.static_slot, value)
+                attendable[name] = stored
+                continue
             if plan.is_ring:
                 # Read before writing: the ring may evict tokens that this step's queries still see.
                 cached = stored.narrow(slot_dim, 0, plan.cached_slots)
@@ -456,17 +507,31 @@ class KVForgeCache(Cache):
     Written only by KVForgeModel / KVForgeAttention (Cache.update(key, value) does not apply).
     """
 
-    def __init__(self, config: KVForgeConfig, max_cache_len: int | None = None, pyramid=None):
+    def __init__(self, config: KVForgeConfig, max_cache_len: int | None = None, pyramid=None, static: bool = False,
+                 cuda_graphs: bool = True):
         """pyramid: PyramidKV settings (PyramidSettings or a mapping); None applies the config's
-        `compression.inference.pyramid` if it has one, False keeps every token even then."""
+        `compression.inference.pyramid` if it has one, False keeps every token even then.
+
+        static=True: storage is allocated once, at `max_cache_len` tokens (window layers: their ring), by the
+        prefill; each later one-token step writes and attends with device-side indices only and fixed shapes, so
+        a decode step can be captured as a CUDA graph or compiled (its tensors never move). Decode tokens must be
+        real (generate() appends ones to the attention mask); no PyramidKV, no beam reordering. On a GPU the step
+        is captured as one CUDA graph on its first use and replayed after (`cuda_graphs=False`: run eagerly).
+        """
         spec = config.compression_spec
         settings = spec.pyramid if pyramid is None else (pyramid or None)
+        if static and (max_cache_len is None or settings is not None):
+            raise ValueError("KVForgeCache(static=True) needs max_cache_len (prompt + new tokens) and no PyramidKV "
+                             f"(got max_cache_len={max_cache_len}, pyramid={'on' if settings is not None else 'off'})")
         self.pyramid = PyramidKV(PyramidSettings.from_any(settings), spec.layers) if settings is not None else None
+        self.static = static
+        self.cuda_graphs = cuda_graphs
+        self._decode_graph = None
         self.layouts: dict[tuple, SlotLayout] = {}
         storages = []
         for layer in spec.layers:
             if layer.layout not in self.layouts:
-                self.layouts[layer.layout] = SlotLayout(*layer.layout, max_cache_len=max_cache_len)
+                self.layouts[layer.layout] = SlotLayout(*layer.layout, max_cache_len=max_cache_len, static=static)
             storages.append(LayerStorage(self.layouts[layer.layout], cached_slot_dims(layer), self.pyramid))
         super().__init__(layers=storages)
         self.layer_specs = spec.layers
@@ -489,8 +554,55 @@ class KVForgeCache(Cache):
         for key, plan in plans.items():
             self.layouts[key].commit(plan, query_positions)
         counts = new_valid.sum(dim=1)
-        self.valid_counts = counts if self.valid_counts is None else self.valid_counts + counts
+        if self.valid_counts is None:
+            self.valid_counts = counts
+        elif self.static:
+            self.valid_counts.add_(counts)  # in place: a captured decode step reads this tensor
+        else:
+            self.valid_counts = self.valid_counts + counts
         self._seq_length += new_valid.shape[1]
+
+    def static_decode(self, step: Callable, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
+                      new_valid: torch.Tensor) -> torch.Tensor:
+        """Runs `step(inputs_embeds, position_ids, new_valid, cache)` (KVForgeModel._static_decode_step: one token
+        per row, device work only) eagerly, or on a GPU as a CUDA graph captured on the first call, then advances
+        the counters outside it (a graph's warm-up runs the step once more, which its writes allow but a counter
+        would not)."""
+        if self.cuda_graphs and inputs_embeds.is_cuda:
+            hidden_states = self._graph_step(step, inputs_embeds, position_ids, new_valid)
+        else:
+            hidden_states = step(inputs_embeds, position_ids, new_valid, self)
+        self.valid_counts.add_(new_valid.sum(dim=1))
+        for layout in self.layouts.values():
+            if not layout.is_ring:
+                layout.length += 1
+                layout.length_on_device.add_(1)
+        self._seq_length += 1
+        return hidden_states
+
+    def _graph_step(self, step: Callable, inputs_embeds, position_ids, new_valid) -> torch.Tensor:
+        if self._decode_graph is None:
+            inputs = (inputs_embeds.clone(), position_ids.clone(), new_valid.clone())
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up off the capturing stream, as torch.cuda.graphs asks
+                step(*inputs, self)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    output = step(*inputs, self)
+            except RuntimeError as error:  # a layout or kernel the installed torch cannot capture: run eagerly
+                logger.warning("KVForgeCache: CUDA graph capture of the decode step failed (%s); decoding without "
+                               "graphs", error)
+                self.cuda_graphs = False
+                return step(inputs_embeds, position_ids, new_valid, self)
+            self._decode_graph = (graph, inputs, output)
+        graph, inputs, output = self._decode_graph
+        for buffer, value in zip(inputs, (inputs_embeds, position_ids, new_valid)):
+            buffer.copy_(value)
+        graph.replay()
+        return output
 
     # ---- measurements ------------------------------------------------------------------------------
     def cache_bytes(self) -> int:
@@ -1219,14 +1331,46 @@ class KVForgeModel(KVForgePreTrainedModel):
                 f"0 = padding), got shape {tuple(attention_mask.shape)}"
             )
         new_valid = attention_mask[:, past_length:].bool()  # [B, T]
-        if cache is not None:
-            query_index = cache.query_index(new_valid)
-        else:
-            query_index = _token_index(new_valid, new_valid.new_zeros(batch, dtype=torch.long))
         if position_ids is None:  # as Llama: positions count columns, padding included
             position_ids = torch.arange(past_length, past_length + length, device=device)[None].expand(batch, -1)
         position_ids = position_ids.expand(batch, -1)
 
+        all_hidden, all_attentions = [], []
+        if (cache is not None and cache.static and cache.is_initialized and length == 1 and not output_attentions
+                and not output_hidden_states):
+            # One token into a static cache: a step with no host sync and fixed shapes (a CUDA graph on a GPU).
+            hidden_states = cache.static_decode(self._static_decode_step, inputs_embeds, position_ids, new_valid)
+        else:
+            hidden_states, plans = self._run_layers(inputs_embeds, position_ids, new_valid, cache, no_padding,
+                                                    output_attentions, all_hidden if output_hidden_states else None,
+                                                    all_attentions)
+            if cache is not None:
+                cache.commit(plans, new_valid, position_ids)
+                if cache.pyramid is not None:
+                    cache.pyramid.finish_step(cache)  # commits the compacted groups; compacts after the prefill
+
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden.append(hidden_states)
+        output = BaseModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            hidden_states=tuple(all_hidden) if output_hidden_states else None,
+            attentions=tuple(all_attentions) if output_attentions else None,
+            **{CACHE_ARGUMENT: cache if use_cache else None},
+        )
+        return output if return_dict else output.to_tuple()
+
+
+    def _run_layers(self, inputs_embeds, position_ids, new_valid, cache, no_padding, output_attentions,
+                    all_hidden: list | None = None, all_attentions: list | None = None):
+        """The decoder layers over T new tokens (slot plans per layout, then every layer): hidden states [B, T, E]
+        before the final norm, and the plans (for `cache.commit`). Collects each layer's input hidden states and
+        its attentions into the lists given (None: not collected)."""
+        batch = inputs_embeds.shape[0]
+        if cache is not None:
+            query_index = cache.query_index(new_valid)
+        else:
+            query_index = _token_index(new_valid, new_valid.new_zeros(batch, dtype=torch.long))
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)  # cos, sin [B, T, D]
 
         def rotary(positions):  # inv_freq as the call above left it (dynamic RoPE types update it there)
@@ -1241,10 +1385,9 @@ class KVForgeModel(KVForgePreTrainedModel):
 
         handoff = LayerHandoff(no_padding=no_padding)
         hidden_states = inputs_embeds
-        all_hidden, all_attentions = [], []
         pyramid = cache.pyramid if cache is not None else None
         for idx, decoder_layer in enumerate(self.layers):
-            if output_hidden_states:
+            if all_hidden is not None:
                 all_hidden.append(hidden_states)
             plan = plans[self.layer_layouts[idx]]
             if pyramid is not None:  # after the prefill, a compacted group attends over its kept slots
@@ -1257,27 +1400,23 @@ class KVForgeModel(KVForgePreTrainedModel):
                 handoff=handoff,
                 output_attentions=output_attentions,
             )
-            if output_attentions:
+            if output_attentions and all_attentions is not None:
                 all_attentions.append(probs)
-        if cache is not None:
-            cache.commit(plans, new_valid, position_ids)
-            if pyramid is not None:
-                pyramid.finish_step(cache)  # commits the compacted groups; compacts after the prefill
+        return hidden_states, plans
 
-        hidden_states = self.norm(hidden_states)
-        if output_hidden_states:
-            all_hidden.append(hidden_states)
-        output = BaseModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            hidden_states=tuple(all_hidden) if output_hidden_states else None,
-            attentions=tuple(all_attentions) if output_attentions else None,
-            **{CACHE_ARGUMENT: cache if use_cache else None},
-        )
-        return output if return_dict else output.to_tuple()
+    def _static_decode_step(self, inputs_embeds, position_ids, new_valid, cache):
+        """One token per row into a static cache: device work only (KVForgeCache.static_decode runs it eagerly or
+        as a CUDA graph, then moves the cache's counters)."""
+        return self._run_layers(inputs_embeds, position_ids, new_valid, cache, False, False)[0]
 
 
 class KVForgeForCausalLM(KVForgePreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def static_cache(self, max_cache_len: int, cuda_graphs: bool = True) -> KVForgeCache:
+        """A preallocated cache for `generate(..., cache=model.static_cache(prompt + new tokens))`: decode steps
+        without host syncs, one CUDA graph on a GPU (KVForgeCache(static=True))."""
+        return KVForgeCache(self.config, max_cache_len=max_cache_len, static=True, cuda_graphs=cuda_graphs)
 
     def __init__(self, config: KVForgeConfig):
         super().__init__(config)

@@ -35,3 +35,29 @@ def one_cpu_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+SHARED_MEMORY = "/dev/shm"
+DEEPSPEED_SHM_PREFIX = "deepspeed_allreduce_buffer_"
+
+
+@pytest.fixture(autouse=True)
+def remove_deepspeed_shared_memory_buffers():
+    """DeepSpeed's CPU all-reduce maps a 66 MB buffer per rank in /dev/shm and never unlinks it (killed ranks
+    even less): a full run of this suite left 226 of them, 15 GB of RAM, and later tests ran out of memory. Each
+    test removes the buffers that appeared while it ran (its ranks have exited by then)."""
+    import os
+
+    def buffers() -> set[str]:
+        try:
+            return {n for n in os.listdir(SHARED_MEMORY) if n.startswith(DEEPSPEED_SHM_PREFIX)}
+        except OSError:
+            return set()
+
+    before = buffers()
+    yield
+    for name in buffers() - before:
+        try:
+            os.unlink(os.path.join(SHARED_MEMORY, name))
+        except OSError:
+            pass

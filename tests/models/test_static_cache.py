@@ -1,0 +1,80 @@
+"""KVForgeCache(static=True): storage allocated once by the prefill, decode steps with device-side indices only.
+
+Greedy generate() with the static cache equals generate() with the default one for every representation (latent,
+partial RoPE, merged heads, window rings with sinks that wrap, kv_from and probs_from readers) with left padding;
+its decode step traces as one graph with no breaks and, compiled, runs step after step without recompiling (what a
+CUDA graph needs: no host sync, no shape or host value that changes per step); bad settings are one-line errors."""
+
+import pytest
+import torch
+from test_modeling_kvforge import build
+from torch._dynamo.utils import counters
+
+from kvforge.models.modeling_kvforge import KVForgeCache
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
+PRE = {"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 12, "v_rank": 10}
+PARTIAL = {"kv_proj": "low_rank", "rope": "partial", "rope_dims": 6, "kv_rank": 20}
+WINDOW = {"attention": "window", "window": 5, "sinks": 2}
+EVERY_METHOD = [PRE, WINDOW, {"kv_from": 0}, {"probs_from": 0}, {"kv_proj": "merged_heads", "num_kv_heads": 1},
+                PARTIAL, {**WINDOW, **PRE}, {**WINDOW, "kv_from": 1}]
+
+
+def prompts():
+    ids = torch.randint(3, 100, (3, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :1] = 0
+    return ids, mask
+
+
+def test_static_generate_equals_dynamic_generate():
+    """12 new tokens after a 9-token prompt: window layers (5 + 2 sinks) wrap their rings several times."""
+    model = build(EVERY_METHOD)
+    ids, mask = prompts()
+    runs, caches = {}, {}
+    for static in (False, True):
+        caches[static] = model.static_cache(9 + 12) if static else KVForgeCache(model.config)
+        with torch.no_grad():
+            runs[static] = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                                          cache=caches[static], return_dict_in_generate=True, output_logits=True,
+                                          pad_token_id=0)
+    assert torch.equal(runs[True].sequences, runs[False].sequences)
+    for static_logits, dynamic_logits in zip(runs[True].logits, runs[False].logits):
+        torch.testing.assert_close(static_logits, dynamic_logits, rtol=1e-5, atol=1e-5)
+    assert caches[True].get_seq_length() == caches[False].get_seq_length() == 20
+    assert torch.equal(caches[True].valid_counts, caches[False].valid_counts)
+
+
+def test_the_decode_step_is_one_graph_and_compiles_once():
+    model = build(EVERY_METHOD)
+    ids, mask = prompts()
+    eager_cache, compiled_cache = (KVForgeCache(model.config, max_cache_len=16, static=True) for _ in range(2))
+    step = model.model._static_decode_step
+    with torch.no_grad():
+        for cache in (eager_cache, compiled_cache):
+            model(ids, attention_mask=mask, cache=cache)
+        first = model.model.embed_tokens(torch.full((3, 1), 7))
+        explained = torch._dynamo.explain(step)(first, torch.full((3, 1), 9), torch.ones(3, 1, dtype=torch.bool),
+                                                eager_cache)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+        for position in range(9, 14):  # the same token at every step: outputs differ only through the cache
+            embeds = model.model.embed_tokens(torch.full((3, 1), 7 + position))
+            positions, valid = torch.full((3, 1), position), torch.ones(3, 1, dtype=torch.bool)
+            expected = eager_cache.static_decode(step, embeds, positions, valid)
+            got = compiled_cache.static_decode(compiled, embeds, positions, valid)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    torch._dynamo.reset()
+
+
+def test_bad_settings_are_one_line_errors():
+    config = build([PRE]).config
+    with pytest.raises(ValueError, match=r"static=True\) needs max_cache_len .* \(got max_cache_len=None"):
+        KVForgeCache(config, static=True)
+    with pytest.raises(ValueError, match="no PyramidKV"):
+        KVForgeCache(config, max_cache_len=8, static=True, pyramid={"budget": 4})
