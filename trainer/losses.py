@@ -10,6 +10,9 @@ also return its parts for logging (detached): `ce`, the mean cross-entropy per p
 distilling, `kl`, the mean KL(teacher_T || student_T) per predicted token before the T^2 scale, so that
 
     loss = (1 - weight) * ce + weight * T^2 * kl.
+
+On a GPU the chunked loss's elementwise work (CE, KL and the logits' gradient) runs as one Triton kernel per chunk
+(kernels/distillation_loss.py; KVFORGE_KERNELS=off keeps the PyTorch form below, which is its reference).
 """
 
 from __future__ import annotations
