@@ -25,10 +25,14 @@ pytestmark = pytest.mark.distributed
 def launch(run_dir: Path, *overrides: str, config: str = "configs/tiny-llama.yaml",
            ranks: int = 2) -> subprocess.CompletedProcess:
     env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(free_port()), str(REPO / "launch/train.py"),
+    port = free_port()
+    cmd = [str(DEEPSPEED), "--num_gpus", str(ranks), "--master_port", str(port), str(REPO / "launch/train.py"),
            "--config", str(REPO / config), f"run.output_dir={run_dir}", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"launcher failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    # DeepSpeed's CPU all-reduce buffers (66 MB of /dev/shm each) are gone with the ranks (trainer/runtime.py).
+    left = sorted(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    assert not left, f"the run left DeepSpeed's shared-memory buffers: {left}"
     return proc
 
 
