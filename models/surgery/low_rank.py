@@ -330,10 +330,6 @@ def key_output_metric(q_second_moment: torch.Tensor, num_kv_heads: int, head_dim
     Raises:
         ValueError: shapes that do not fit n_q = k n_kv heads of head_dim, or inv_freq not [d/2].
     """
-    n_q = q_second_moment.shape[0] // head_dim
-    if q_second_moment.shape != (n_q * head_dim,) * 2 or n_q % num_kv_heads or n_q == 0:
-        raise ValueError(f"q_second_moment must be [n_q * {head_dim}]^2 with n_q a multiple of {num_kv_heads} KV heads, "
-                         f"got {tuple(q_second_moment.shape)}")
     if inv_freq.shape != (head_dim // 2,):
         raise ValueError(f"inv_freq must be [{head_dim // 2}] (head_dim / 2 RoPE frequencies), got {tuple(inv_freq.shape)}")
     lag_moments = rope_lag_moments(inv_freq, context_tokens)
@@ -344,8 +340,16 @@ def key_output_metric(q_second_moment: torch.Tensor, num_kv_heads: int, head_dim
 
 
 def _query_moments_per_kv_head(q_second_moment: torch.Tensor, num_kv_heads: int, head_dim: int) -> list[torch.Tensor]:
-    """[d, d] float64 per KV head h: sum over its query heads j of E[q_j q_j^T]."""
-    group = q_second_moment.shape[0] // head_dim // num_kv_heads
+    """[d, d] float64 per KV head h: sum over its query heads j of E[q_j q_j^T].
+
+    Raises:
+        ValueError: q_second_moment not [n_q d, n_q d] with n_q a multiple of num_kv_heads.
+    """
+    n_q = q_second_moment.shape[0] // head_dim
+    if q_second_moment.shape != (n_q * head_dim,) * 2 or n_q % num_kv_heads or n_q == 0:
+        raise ValueError(f"q_second_moment must be [n_q * {head_dim}]^2 with n_q a multiple of {num_kv_heads} KV heads, "
+                         f"got {tuple(q_second_moment.shape)}")
+    group = n_q // num_kv_heads
     return [sum(q_second_moment[j * head_dim:(j + 1) * head_dim, j * head_dim:(j + 1) * head_dim].to(torch.float64)
                 for j in range(h * group, (h + 1) * group)) for h in range(num_kv_heads)]
 
@@ -356,10 +360,6 @@ def nope_key_output_metric(q_second_moment: torch.Tensor, num_kv_heads: int, hea
 
     The non-rotary dims of a partial-RoPE layer meet the query unrotated, so no lag average applies
     (key_output_metric is this metric averaged over RoPE's rotations)."""
-    n_q = q_second_moment.shape[0] // head_dim
-    if q_second_moment.shape != (n_q * head_dim,) * 2 or n_q % num_kv_heads or n_q == 0:
-        raise ValueError(f"q_second_moment must be [n_q * {head_dim}]^2 with n_q a multiple of {num_kv_heads} KV heads, "
-                         f"got {tuple(q_second_moment.shape)}")
     metric = torch.block_diag(*_query_moments_per_kv_head(q_second_moment, num_kv_heads, head_dim)) / head_dim
     return 0.5 * (metric + metric.T)
 
@@ -457,8 +457,8 @@ def _value_scale(attn, geometry, settings) -> Optional[torch.Tensor]:
 def _output_metric(stats: CalibrationStatistics, spec: CompressionSpec, attn: list[DenseAttention], layer: int,
                    part: str, geometry: Geometry, settings: SurgerySettings, rope_inv_freq: Optional[torch.Tensor]
                    ) -> Optional[torch.Tensor]:
-    """The output-aware metric of `layer`'s key ("k") or value ("v") latent, or None where the init is the PCA
-    (init="pca"; keys under init="output_aware_values").
+    """The output-aware metric of `layer`'s key ("k"), value ("v") or partial-RoPE non-rotary key ("kv_nope")
+    latent, or None where the init is the PCA (init="pca"; pre-RoPE keys under init="output_aware_values").
 
     Every layer that attends over this layer's cache adds its own term (its queries for keys, its o_proj for
     values): the layer itself and its kv_from consumers, each with its own input statistics.
@@ -469,31 +469,29 @@ def _output_metric(stats: CalibrationStatistics, spec: CompressionSpec, attn: li
     if part == "v":
         return sum(value_output_metric(attn[r].o_weight, geometry.num_kv_heads, geometry.head_dim)
                    for r in readers)
-    if part == "kv_nope":  # a partial-RoPE joint latent's keys: unrotated, no RoPE frequencies needed
-        return sum(_logit_to_output_rate(stats, attn, layer, r, geometry) * nope_key_output_metric(
-            stats.output_moments(r, attn[r].q_weight, attn[r].q_bias)[0], geometry.num_kv_heads, geometry.head_dim)
-            for r in readers)
-    if rope_inv_freq is None:
-        raise SurgeryError("surgery.init='output_aware' needs the model's RoPE frequencies for the key metric "
-                           "(compress reads them from model.model.rotary_emb.inv_freq)")
-    context = settings.context_tokens or stats.seq_len
+    if part == "kv_nope":  # a partial-RoPE joint latent's keys meet the query unrotated: no RoPE frequencies
+        def logit_metric(q_second):
+            return nope_key_output_metric(q_second, geometry.num_kv_heads, geometry.head_dim)
+    else:
+        if rope_inv_freq is None:
+            raise SurgeryError("surgery.init='output_aware' needs the model's RoPE frequencies for the key metric "
+                               "(compress reads them from model.model.rotary_emb.inv_freq)")
+        context = settings.context_tokens or stats.seq_len
+
+        def logit_metric(q_second):
+            return key_output_metric(q_second, geometry.num_kv_heads, geometry.head_dim, rope_inv_freq, context)
+    kv_second, kv_mean = kv_moments(stats, layer, attn[layer])
+    n = geometry.kv_dims
     metric = 0
     for r in readers:
         q_second, _ = stats.output_moments(r, attn[r].q_weight, attn[r].q_bias)
-        metric = metric + _logit_to_output_rate(stats, attn, layer, r, geometry) * key_output_metric(
-            q_second, geometry.num_kv_heads, geometry.head_dim, rope_inv_freq, context)
+        # Logit units -> output units (value_spread), so keys and values share the greedy's currency.
+        # One rate per reading layer (the mean over its query heads): a scalar leaves the key directions as the
+        # logit metric chooses them (per-head rates gave worse layer outputs on SmolLM2), it only prices them.
+        rate = value_spread(attn[r].o_weight, kv_second[n:, n:], kv_mean[n:], geometry.num_kv_heads,
+                            geometry.head_dim).mean()
+        metric = metric + rate * logit_metric(q_second)
     return metric
-
-
-def _logit_to_output_rate(stats, attn, layer: int, reader: int, geometry) -> torch.Tensor:
-    """Logit units -> output units (value_spread) for `reader` attending over `layer`'s values, so keys and values
-    share the greedy's currency. One rate per reading layer (the mean over its query heads): a scalar leaves the
-    key directions as the logit metric chooses them (per-head rates gave worse layer outputs on SmolLM2), it only
-    prices them."""
-    kv_second, kv_mean = kv_moments(stats, layer, attn[layer])
-    n = geometry.kv_dims
-    return value_spread(attn[reader].o_weight, kv_second[n:, n:], kv_mean[n:], geometry.num_kv_heads,
-                        geometry.head_dim).mean()
 
 
 def _pre_rope(stats, layer, attn, geometry, settings, part: str, rank: int, restore_mean: bool,
