@@ -354,20 +354,15 @@ class SlotLayout:
         `length_on_device` column; ring: each row's own slot), token_index / positions are written now (so the
         mask sees the new token), and attention reads the whole storage under the mask. Writing twice is
         harmless (a graph's warm-up runs the step once more); KVForgeCache.static_decode advances the counters."""
-        query_BN = query_index  # [B, 1]
         if self.is_ring:
-            window, sinks = self.window, self.sinks
-            q = query_BN.clamp_min(0)
-            slot = torch.where(q < sinks, q, sinks + (q - sinks).remainder(window))  # [B, 1]
-            self.token_index.scatter_(1, slot, query_BN)
-            self.positions.scatter_(1, slot, query_positions)
-            static_slot = slot[:, 0]
+            q = query_index[:, 0].clamp_min(0)
+            static_slot = torch.where(q < self.sinks, q, self.sinks + (q - self.sinks).remainder(self.window))  # [B]
         else:
-            static_slot = self.length_on_device
-            self.token_index.index_copy_(1, static_slot, query_BN)
-            self.positions.index_copy_(1, static_slot, query_positions)
-        mask = visibility_mask(query_BN, self.token_index, self.window, self.sinks)
-        return SlotPlan(self.window, self.sinks, query_BN, self.token_index, self.positions, mask,
+            static_slot = self.length_on_device  # [1]
+        _write_static_slot(self.token_index, 1, static_slot, query_index)
+        _write_static_slot(self.positions, 1, static_slot, query_positions)
+        mask = visibility_mask(query_index, self.token_index, self.window, self.sinks)
+        return SlotPlan(self.window, self.sinks, query_index, self.token_index, self.positions, mask,
                         cached_slots=self.capacity, capacity=self.capacity, static_slot=static_slot,
                         max_position=self.max_cache_len)
 
@@ -1359,7 +1354,6 @@ class KVForgeModel(KVForgePreTrainedModel):
             **{CACHE_ARGUMENT: cache if use_cache else None},
         )
         return output if return_dict else output.to_tuple()
-
 
     def _run_layers(self, inputs_embeds, position_ids, new_valid, cache, no_padding, output_attentions,
                     all_hidden: list | None = None, all_attentions: list | None = None):
