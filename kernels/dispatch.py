@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from .gqa_decode import gqa_decode_attention
+from .gqa_decode import fits_head_dim, gqa_decode_attention
 from .latent_attention import available, latent_decode_attention
 
 MODES = ("auto", "off", "triton")
@@ -93,7 +93,7 @@ def _kv(reference: Callable) -> Callable:
     def attend(query, key, value, mask, scaling, *, need_probs=False, dropout=0.0, use_sdpa=False, causal=False):
         fits = (
             query.shape[3] == 1 and not need_probs and not dropout and not causal
-            and _is_power_of_2(query.shape[-1]) and query.shape[-1] >= 16 and value.shape[-1] == query.shape[-1]
+            and fits_head_dim(query.shape[-1]) and value.shape[-1] == query.shape[-1]
             and key.dtype == value.dtype == query.dtype and key.stride(-1) == 1 and value.stride(-1) == 1
             and not (torch.is_grad_enabled() and query.requires_grad)
         )

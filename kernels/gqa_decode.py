@@ -87,6 +87,11 @@ if triton is not None:
         tl.store(SUM + out, total, mask=keep)
 
 
+def fits_head_dim(head_dim: int) -> bool:
+    """The head sizes the kernel takes: a power of two (tl.arange) of at least 16 (tl.dot)."""
+    return head_dim >= 16 and not head_dim & (head_dim - 1)
+
+
 def decode_splits(rows: int, slots: int, block: int = 64, target_programs: int = 1024) -> int:
     """Splits of the slot axis so that rows x splits programs fill the GPU (at least one block per split)."""
     return max(1, min(math.ceil(target_programs / max(rows, 1)), math.ceil(slots / block)))
@@ -111,7 +116,7 @@ def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.
     if keys.shape[:2] != (B, Hkv) or keys.shape != values.shape or keys.shape[-1] != D:
         raise ValueError(f"query {tuple(query.shape)}, keys {tuple(keys.shape)} and values {tuple(values.shape)} "
                          "must be [B, Hkv, G, D] and [B, Hkv, S, D]")
-    if D & (D - 1) or D < 16 or query.stride(-1) != 1 or keys.stride(-1) != 1 or values.stride(-1) != 1:
+    if not fits_head_dim(D) or query.stride(-1) != 1 or keys.stride(-1) != 1 or values.stride(-1) != 1:
         raise ValueError(f"head dim {D} must be a power of two >= 16, contiguous in query, keys and values")
     slots = keys.shape[2]
     splits = splits or decode_splits(B * Hkv, slots, block_s)

@@ -83,10 +83,9 @@ class StaticCacheSampler:
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.head_dim = head_dim_of(config)
-        fits = gqa_decode.available() and self.head_dim >= 16 and not self.head_dim & (self.head_dim - 1)
         if attention == "auto":
             attention = "matmul"
-        if attention == "triton" and not fits:
+        if attention == "triton" and not (gqa_decode.available() and gqa_decode.fits_head_dim(self.head_dim)):
             raise ValueError(f"attention 'triton' needs a head size that is a power of two >= 16 and triton "
                              f"installed (head size {self.head_dim}); use attention='matmul'")
         self.attention = attention
