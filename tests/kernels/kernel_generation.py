@@ -3,6 +3,7 @@ model's greedy generate() with and without the kernels."""
 
 import torch
 
+from kvforge.kernels import dispatch
 from kvforge.models.configuration_kvforge import KVForgeConfig
 from kvforge.models.modeling_kvforge import KVForgeForCausalLM
 
@@ -32,3 +33,16 @@ def assert_same_generation(runs) -> None:
     assert torch.equal(runs["triton"].sequences, runs["off"].sequences)
     for with_kernel, without in zip(runs["triton"].logits, runs["off"].logits):
         torch.testing.assert_close(with_kernel, without, atol=1e-4, rtol=1e-4)
+
+
+def record_kernel_calls(monkeypatch, kernel: str) -> list:
+    """Patches dispatch.<kernel> (the name the dispatch calls) to record each call's first argument's shape."""
+    calls = []
+    real = getattr(dispatch, kernel)
+
+    def recording(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dispatch, kernel, recording)
+    return calls

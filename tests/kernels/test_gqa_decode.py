@@ -7,10 +7,9 @@ equal to generate() without the kernel."""
 import os
 
 import pytest
-from kernel_generation import assert_same_generation, generate_with_and_without_kernels
+from kernel_generation import assert_same_generation, generate_with_and_without_kernels, record_kernel_calls
 import torch
 
-from kvforge.kernels import dispatch
 from kvforge.kernels.gqa_decode import available, decode_splits, gqa_decode_attention
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
@@ -76,14 +75,7 @@ def test_generate_with_the_kernel_equals_generate_without(monkeypatch):
     """Dense, merged-heads, window-ring (with sinks) and kv_from layers, batch 2 with left padding, decoding past
     the window: the same tokens and logits with KVFORGE_KERNELS=triton and =off, the kernel serving every
     layer's decode steps (a kv_from reader attends over its producer's cache too)."""
-    calls = []
-    real = dispatch.gqa_decode_attention
-
-    def counting(*args, **kwargs):
-        calls.append(args[1].shape)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(dispatch, "gqa_decode_attention", counting)
+    calls = record_kernel_calls(monkeypatch, "gqa_decode_attention")
     runs = generate_with_and_without_kernels(
         monkeypatch,
         [{}, {"kv_proj": "merged_heads", "num_kv_heads": 1}, {"attention": "window", "window": 6, "sinks": 2},

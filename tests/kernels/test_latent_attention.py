@@ -8,7 +8,7 @@ import math
 import os
 
 import pytest
-from kernel_generation import assert_same_generation, generate_with_and_without_kernels
+from kernel_generation import assert_same_generation, generate_with_and_without_kernels, record_kernel_calls
 import torch
 from torch import nn
 
@@ -109,15 +109,7 @@ def test_a_masked_slot_contributes_nothing():
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    calls = []
-    real = dispatch.latent_decode_attention
-
-    def counting(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(dispatch, "latent_decode_attention", counting)
-    return calls
+    return record_kernel_calls(monkeypatch, "latent_decode_attention")
 
 
 def test_dispatch_runs_the_kernel_only_where_it_applies(monkeypatch, kernel_calls):
