@@ -816,17 +816,21 @@ class _SampleWarper:
         k = min(_NUCLEUS_CANDIDATES, scores_BV.shape[-1])
         top_BK, index_BK = scores_BV.topk(k, dim=-1)  # descending
         probs_BK = (top_BK - scores_BV.logsumexp(dim=-1, keepdim=True)).exp()
-        cumulative_BK = probs_BK.cumsum(dim=-1)
-        keep_BK = cumulative_BK - probs_BK < self.top_p
-        warped_BV = torch.full_like(scores_BV, -math.inf).scatter_(1, index_BK, top_BK.masked_fill(~keep_BK, -math.inf))
-        short_R = (cumulative_BK[:, -1] < self.top_p).nonzero()[:, 0]
+        warped_BV, short_B = self._keep_nucleus(top_BK, index_BK, probs_BK, scores_BV.shape[-1])
+        short_R = short_B.nonzero()[:, 0]
         if len(short_R):
             top_RV, index_RV = scores_BV[short_R].sort(dim=-1, descending=True)
-            probs_RV = top_RV.softmax(dim=-1)
-            keep_RV = probs_RV.cumsum(dim=-1) - probs_RV < self.top_p
-            warped_BV[short_R] = torch.full_like(top_RV, -math.inf).scatter_(1, index_RV,
-                                                                            top_RV.masked_fill(~keep_RV, -math.inf))
+            warped_BV[short_R] = self._keep_nucleus(top_RV, index_RV, top_RV.softmax(dim=-1), scores_BV.shape[-1])[0]
         return warped_BV
+
+    def _keep_nucleus(self, top_RK, index_RK, probs_RK, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores [R, vocab] keeping the nucleus among candidates sorted by score (descending, with their
+        probabilities), -inf elsewhere; and which rows' candidates fall short of top_p [R]."""
+        cumulative_RK = probs_RK.cumsum(dim=-1)
+        keep_RK = cumulative_RK - probs_RK < self.top_p
+        warped_RV = top_RK.new_full((top_RK.shape[0], vocab), -math.inf).scatter_(
+            1, index_RK, top_RK.masked_fill(~keep_RK, -math.inf))
+        return warped_RV, cumulative_RK[:, -1] < self.top_p
 
 
 def _generation_dtype(setting: str, model: Any) -> torch.dtype:
