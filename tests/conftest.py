@@ -43,9 +43,10 @@ DEEPSPEED_SHM_PREFIX = "deepspeed_allreduce_buffer_"
 
 @pytest.fixture(autouse=True)
 def remove_deepspeed_shared_memory_buffers():
-    """DeepSpeed's CPU all-reduce maps a 66 MB buffer per rank in /dev/shm and never unlinks it (killed ranks
-    even less): a full run of this suite left 226 of them, 15 GB of RAM, and later tests ran out of memory. Each
-    test removes the buffers that appeared while it ran (its ranks have exited by then)."""
+    """DeepSpeed's CPU all-reduce maps a 66 MB buffer per rank in /dev/shm and never unlinks it; the trainer's
+    ranks unlink theirs at exit (trainer/runtime.py), but ranks the fault tests kill cannot, nor can the tests'
+    own in-process engines. Before both, a full run of this suite left 226 of them, 15 GB of RAM, and later tests
+    ran out of memory. Each test removes the buffers that appeared while it ran (its ranks have exited by then)."""
     import os
 
     def buffers() -> set[str]:

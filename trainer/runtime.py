@@ -55,23 +55,13 @@ def init_distributed() -> tuple[int, int, torch.device]:
         # Each CPU rank would otherwise start one thread per core, and the ranks fight over them.
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
-        atexit.register(remove_shared_memory_buffer, rank)
+        # DeepSpeed's CPU all-reduce maps a 66 MB buffer per rank in /dev/shm (RAM) and never unlinks it, so every
+        # CPU run left one per rank. Every peer mapped it when the process group started: unlinking it at exit
+        # disturbs no one. Its name, from DeepSpeed's shm.cpp: <name>_<uid>_<addr>_<port>_<rank>.
+        buffer = Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
+                                     f"{os.environ['MASTER_PORT']}_{rank}")
+        atexit.register(buffer.unlink, missing_ok=True)
     return rank, world, device
-
-
-def shared_memory_buffer(rank: int) -> Path:
-    """Where DeepSpeed's CPU all-reduce maps this rank's buffer (its shm.cpp: <name>_<uid>_<addr>_<port>_<rank>)."""
-    return Path("/dev/shm") / (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_"
-                               f"{os.environ['MASTER_PORT']}_{rank}")
-
-
-def remove_shared_memory_buffer(rank: int) -> None:
-    """At exit: DeepSpeed never unlinks the 66 MB buffer (RAM, in /dev/shm), so every CPU run left one per rank.
-    Every peer mapped it when the process group started, so unlinking at exit disturbs no one."""
-    try:
-        shared_memory_buffer(rank).unlink()
-    except (OSError, KeyError):
-        pass
 
 
 def _free_port() -> int:
