@@ -134,6 +134,9 @@ class StageConfig:
     # q/o projections folded with them, ...); new+lora: those and the LoRA adapters (training.lora.r > 0);
     # all: every parameter (with LoRA: the base weights too).
     train: str = "all"
+    # This stage's peak learning rate; training.lr when unset. A stage of new parameters alone can take a higher
+    # one than the pretrained weights tolerate when everything trains.
+    lr: Optional[float] = None
 
 
 @dataclass
@@ -583,6 +586,9 @@ def _validate_stages(cfg: Config) -> None:
         key = f"training.stages[{i}]"
         if isinstance(stage.steps, bool) or not isinstance(stage.steps, int) or not 0 < stage.steps < 2**63:
             _fail(f"{key}.steps", stage.steps, "a positive number of optimizer steps")
+        if stage.lr is not None and (isinstance(stage.lr, bool) or not isinstance(stage.lr, (int, float))
+                                     or not 0 < stage.lr < float("inf")):
+            _fail(f"{key}.lr", stage.lr, "a positive learning rate, or no key for training.lr")
         if stage.train not in STAGE_TRAIN:
             _fail(f"{key}.train", stage.train,
                   f"one of {', '.join(STAGE_TRAIN)}{did_you_mean(stage.train, STAGE_TRAIN, paren=True)}")

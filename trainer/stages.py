@@ -47,6 +47,7 @@ class Stage:
     start: int     # optimizer steps done before the stage
     steps: int
     train: str     # new | new+lora | all; "default" without training.stages (what LoRA or full finetuning trains)
+    lr: float      # peak learning rate
 
     @property
     def end(self) -> int:
@@ -56,10 +57,10 @@ class Stage:
 def plan_stages(cfg: Config) -> list[Stage]:
     """training.stages as consecutive step ranges; without them one stage over max_steps."""
     if not cfg.training.stages:
-        return [Stage(0, 0, cfg.training.max_steps, "default")]
+        return [Stage(0, 0, cfg.training.max_steps, "default", cfg.training.lr)]
     stages, start = [], 0
     for i, stage in enumerate(cfg.training.stages):
-        stages.append(Stage(i, start, stage.steps, stage.train))
+        stages.append(Stage(i, start, stage.steps, stage.train, cfg.training.lr if stage.lr is None else stage.lr))
         start += stage.steps
     return stages
 
@@ -133,7 +134,7 @@ def start_stage(model: torch.nn.Module, stage: Stage, new: set[str], cfg: Config
     if cfg.training.stages:
         numel = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
         log(f"stage {stage.index + 1}/{len(t.stages)}: steps {stage.start + 1}-{stage.end} train {stage.train}: "
-            f"{len(trained)} tensors, {numel:,} parameters")
+            f"{len(trained)} tensors, {numel:,} parameters, peak lr {stage.lr:g}")
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

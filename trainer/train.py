@@ -83,7 +83,8 @@ class TrainingStopped(RuntimeError):
 
 
 def lr_at(step: int, cfg: Config) -> float:
-    """Linear warmup, then cosine / linear decay to lr * min_lr_ratio at the end of the stage (or constant).
+    """Linear warmup to the stage's peak (training.stages[i].lr, else training.lr), then cosine / linear decay to
+    peak * min_lr_ratio at the end of the stage (or constant).
 
     Without training.stages one stage spans max_steps. Each stage runs the whole schedule over its own steps: it
     starts with a fresh optimizer, whose first Adam updates are as large as the learning rate whatever the
@@ -91,15 +92,15 @@ def lr_at(step: int, cfg: Config) -> float:
     """
     t = cfg.training
     stage = stage_at(plan_stages(cfg), step)
-    step = step - stage.start
+    step, peak = step - stage.start, stage.lr
     if t.warmup_steps and step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
+        return peak * (step + 1) / t.warmup_steps
     if t.schedule == "constant":
-        return t.lr
+        return peak
     progress = (step - t.warmup_steps) / max(1, stage.steps - t.warmup_steps)
     progress = min(max(progress, 0.0), 1.0)
     shape = 0.5 * (1 + math.cos(math.pi * progress)) if t.schedule == "cosine" else 1 - progress
-    return t.lr * (t.min_lr_ratio + (1 - t.min_lr_ratio) * shape)
+    return peak * (t.min_lr_ratio + (1 - t.min_lr_ratio) * shape)
 
 
 def resume_signature(cfg: Config, zero_stage: int) -> dict[str, Any]:

@@ -64,7 +64,7 @@ def test_stages_must_fit_the_run():
                                           r"when training.lora.r = 0"):
         load_config(COMPRESSED, ["training.stages=[{steps: 6, train: new+lora}]"])
     with pytest.raises(ConfigError, match=r"'training.stages' in override .*: entry 1 has the unknown key 'step' "
-                                          r"\(known keys: steps, train\); did you mean 'steps'\?"):
+                                          r"\(known keys: steps, train, lr\); did you mean 'steps'\?"):
         load_config(COMPRESSED, ["training.stages=[{steps: 3, train: new}, {step: 3, train: all}]"])
     with pytest.raises(ConfigError, match=r"'training.warmup_steps' = 2: expected at most the steps of every stage "
                                           r"\(training.stages\[0\].steps = 1\)"):
@@ -86,6 +86,13 @@ def test_each_stage_runs_its_own_schedule_and_no_stages_change_nothing():
     # Stage 2 warms up again from its first step and decays to the floor at its own end.
     assert [lr_at(s, staged) for s in (0, 1, 4, 5)] == [lr / 2, lr, lr / 2, lr]
     assert lr_at(3, staged) > floor and lr_at(10, staged) == pytest.approx(floor)
+    # A stage's own peak learning rate scales its whole schedule; the stage without one keeps training.lr.
+    own = load_config(COMPRESSED, ["training.max_steps=10", "training.warmup_steps=2",
+                                   "training.stages=[{steps: 4, train: new, lr: 0.01}, {steps: 6, train: all}]"])
+    assert [lr_at(s, own) for s in (0, 1, 4, 5)] == [0.005, 0.01, lr / 2, lr]
+    assert lr_at(3, own) == pytest.approx(0.01 * lr_at(3, staged) / lr)
+    with pytest.raises(ConfigError, match=r"'training.stages\[1\].lr' = -0.1: expected a positive learning rate"):
+        load_config(COMPRESSED, ["training.stages=[{steps: 3, train: new}, {steps: 3, train: all, lr: -0.1}]"])
 
 
 # ---------------------------------------------------------------------------------------------------

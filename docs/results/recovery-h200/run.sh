@@ -4,7 +4,9 @@
 #   setsid nohup bash docs/results/recovery-h200/run.sh > ~/kvgpu/pipeline.log 2>&1 < /dev/null &
 # Every finished stage leaves its result in $RES; a rerun skips it. Env: K (work folder), RECIPES, DS, NGPU,
 # EXTRA / CEXTRA (overrides for every run / for compressed runs: the CPU dry run shrinks the job with them),
-# SUITE_ARGS (launch/evaluate.py --task suite options).
+# SUITE_ARGS (launch/evaluate.py --task suite options), NO_SUITE (runs scored only by their own held-out evals).
+# A run that fails with training.compile=true is run again eager (its compiled log kept as .compiled.log), so a
+# compiler failure costs its minutes but not the result.
 set -u
 K=${K:-$HOME/kvgpu}
 RES=$K/results
@@ -39,6 +41,10 @@ train() {  # name [overrides]
     echo $(( $(date +%s) - start )) > "$RES/$name.train.seconds"
     cp "$K/runs/$name/metrics.jsonl" "$RES/$name.metrics.jsonl"
     cp "$K/runs/$name/config.yaml" "$RES/$name.config.yaml"
+  elif [[ " ${EXTRA[*]} $* " == *" training.compile=true "* && " $* " != *" training.compile=false "* ]]; then
+    stamp "train $name FAILED compiled: again eager"; tail -5 "$RES/$name.train.log"
+    mv "$RES/$name.train.log" "$RES/$name.compiled.log"; rm -rf "$K/runs/$name"
+    train "$name" "$@" training.compile=false
   else
     stamp "train $name FAILED"; tail -20 "$RES/$name.train.log"; return 1
   fi
@@ -57,7 +63,7 @@ for name in ${RECIPES:-lowrank-25 lowrank-50 finetuned-original lowrank-12}; do
   if [ "$name" = finetuned-original ]; then
     train "$name" && suite "$name" "$K/runs/$name/hf_model" --role finetuned-original
   else
-    train "$name" "${CEXTRA[@]}" && suite "$name" "$K/runs/$name"
+    train "$name" "${CEXTRA[@]}" && [[ " ${NO_SUITE:-} " != *" $name "* ]] && suite "$name" "$K/runs/$name"
   fi
 done
 stamp "ALL DONE"
