@@ -4,9 +4,10 @@ reference from modeling_kvforge.py (which the kernels' tests hold them equal to)
 modeling_kvforge.attention_function(representation) asks `fused_attention(representation, reference)` for
 the function to call; the answer has the reference's signature and decides per call, so the modeling code
 never changes when a kernel is added. A kernel serves only what it implements (today: one decode token over a
-pre-RoPE latent cache, kernels/latent_attention.py, or over a dense / merged-heads / window-ring cache,
-kernels/gqa_decode.py; no gradients, no dropout, no attention probabilities asked for); anything else goes to
-the reference.
+pre-RoPE latent cache, kernels/latent_attention.py, over a dense / merged-heads / window-ring cache,
+kernels/gqa_decode.py, or over a partial-RoPE joint latent with a rotary key per KV head or one shared by all,
+kernels/partial_rope_decode.py; no gradients, no dropout, no attention probabilities asked for); anything else
+goes to the reference.
 
 KVFORGE_KERNELS (read per call):
     auto   (default) Triton on CUDA tensors in bf16 / fp16, PyTorch elsewhere
@@ -28,6 +29,8 @@ import torch
 
 from .gqa_decode import fits_head_dim, gqa_decode_attention
 from .latent_attention import available, latent_decode_attention
+from .partial_rope_decode import fits as fits_partial_rope
+from .partial_rope_decode import partial_rope_decode_attention
 
 MODES = ("auto", "off", "triton")
 
@@ -108,7 +111,34 @@ def _kv(reference: Callable) -> Callable:
     return attend
 
 
-_FUSED: dict[str, Callable[[Callable], Callable]] = {"pre_rope_latent": _pre_rope_latent, "kv": _kv}
+def _partial(reference: Callable) -> Callable:
+    @functools.wraps(reference)
+    def attend(query_rope, query_nope, k_rope, kv_latent, k_up, v_up, mask, scaling, *, need_probs=False,
+               dropout=0.0, absorb=None):
+        batch, kv_heads, group, length, rope_dim = query_rope.shape
+        fits = (
+            length == 1 and not need_probs and not dropout and absorb is not False and _plain_linear(k_up, v_up)
+            and fits_partial_rope(kv_heads * group, kv_heads, k_rope.shape[1], kv_latent.shape[-1], rope_dim)
+            and k_up.weight.dtype == v_up.weight.dtype == query_rope.dtype == query_nope.dtype == k_rope.dtype
+            == kv_latent.dtype
+            and not (torch.is_grad_enabled() and (query_rope.requires_grad or query_nope.requires_grad
+                                                  or k_up.weight.requires_grad or v_up.weight.requires_grad))
+        )
+        # Not yet run on a GPU (as "kv"): Triton there only when asked for (KVFORGE_KERNELS=triton), until measured.
+        if not (use_triton(query_rope) and fits and (kernel_mode() == "triton" or not query_rope.is_cuda)):
+            return reference(query_rope, query_nope, k_rope, kv_latent, k_up, v_up, mask, scaling,
+                             need_probs=need_probs, dropout=dropout, absorb=absorb)
+        out = partial_rope_decode_attention(query_rope[:, :, :, 0], query_nope[:, :, :, 0], k_rope, kv_latent,
+                                            k_up.weight, v_up.weight, v_up.bias, scaling, valid=mask[:, 0, 0, 0, :])
+        return out[:, :, :, None], None
+
+    return attend
+
+
+# "partial_shared" (one rotary key for every head, DeepSeek MLA) is the same reference function under its own name:
+# the partial-RoPE kernel takes k_rope with 1 or K heads, so it serves both.
+_FUSED: dict[str, Callable[[Callable], Callable]] = {"pre_rope_latent": _pre_rope_latent, "kv": _kv,
+                                                     "partial": _partial, "partial_shared": _partial}
 
 
 @functools.lru_cache(maxsize=None)

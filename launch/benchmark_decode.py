@@ -13,7 +13,12 @@ decode token per row, B rows x S cached positions:
     triton_latent kernels/latent_attention.py over the same latents
 with the bytes each must read (the floor at the device's copy bandwidth) and the kernel's error against the
 float64 reference. Ranks default to the mean of the low-rank 50% SmolLM2 export (k 48, v 144: 192 of the
-original's 384 numbers per token and layer).
+original's 384 numbers per token and layer). Then the same layer over a partial-RoPE joint latent (MHA2MLA;
+--kv-rank R, --rope-dims Dr rotary key dims per head, default 128 and 16: 176 of 384 numbers per token), with
+a rotary key per KV head (Kr = 3) and one shared by all heads (Kr = 1, DeepSeek MLA's layout):
+    torch_partial   modeling_kvforge's partial_rope_attention, absorbed (what KVFORGE_KERNELS=off runs)
+    triton_partial  kernels/partial_rope_decode.py
+reading B x S x ((R + Kr x Dr) x 2 + 1) bytes (latent, rotary keys, mask); `--part partial` runs only these.
 
 Part `generate`, SmolLM2-135M's architecture with random bf16 weights (decode speed does not depend on
 their values): the original Llama (transformers, SDPA) against the low-rank 50% spec
@@ -48,11 +53,14 @@ SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hi
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("kernel", "generate", "both"), default="both")
+    parser.add_argument("--part", choices=("kernel", "partial", "generate", "both"), default="both",
+                        help="kernel: both kernel tables; partial: only the partial-RoPE one")
     parser.add_argument("--batch", type=int, nargs="*", default=None, help="kernel part: rows (default: a sweep)")
     parser.add_argument("--context", type=int, nargs="*", default=None, help="kernel part: cached positions")
     parser.add_argument("--k-rank", type=int, default=48)
     parser.add_argument("--v-rank", type=int, default=144)
+    parser.add_argument("--kv-rank", type=int, default=128, help="partial-RoPE joint latent rank")
+    parser.add_argument("--rope-dims", type=int, default=16, help="partial-RoPE rotary key dims per head")
     parser.add_argument("--gen-batch", type=int, nargs="*", default=[32, 128])
     parser.add_argument("--gen-prompt", type=int, default=4096)
     parser.add_argument("--gen-new", type=int, default=64)
@@ -163,6 +171,101 @@ def run_kernel_part(args, copy_bandwidth: float) -> list[dict]:
     return rows, error
 
 
+def partial_rope_case(batch, context, kv_rank, rope_dims, rope_heads, seed=0, kv_heads=3, group=3, dim=64,
+                      dtype=torch.bfloat16, device="cuda"):
+    """partial_rope_attention's arguments for one decode token: k_rope [B, rope_heads, S, Dr], latent [B, S, R]."""
+    from torch import nn
+
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
+
+    k_up = nn.Linear(kv_rank, kv_heads * (dim - rope_dims), bias=False, device=device, dtype=dtype)
+    v_up = nn.Linear(kv_rank, kv_heads * dim, bias=True, device=device, dtype=dtype)
+    with torch.no_grad():
+        k_up.weight.copy_(rand(*k_up.weight.shape, scale=kv_rank ** -0.5))
+        v_up.weight.copy_(rand(*v_up.weight.shape, scale=kv_rank ** -0.5))
+        v_up.bias.copy_(rand(*v_up.bias.shape, scale=0.1))
+    return dict(query_rope=rand(batch, kv_heads, group, 1, rope_dims),
+                query_nope=rand(batch, kv_heads, group, 1, dim - rope_dims),
+                k_rope=rand(batch, rope_heads, context, rope_dims), kv_latent=rand(batch, context, kv_rank),
+                k_up=k_up, v_up=v_up, mask=torch.ones(batch, 1, 1, 1, context, dtype=torch.bool, device=device),
+                scaling=dim ** -0.5)
+
+
+PARTIAL_ARGS = ("query_rope", "query_nope", "k_rope", "kv_latent", "k_up", "v_up", "mask", "scaling")
+
+
+def cuda_timings(fn) -> tuple[float, float]:
+    """(eager, CUDA-graph replay) median milliseconds of fn(); NaN for a case that runs out of memory."""
+    import triton.testing
+
+    try:
+        eager = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        return eager, triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+    except torch.OutOfMemoryError:
+        return float("nan"), float("nan")
+
+
+def run_partial_rope_kernel_part(args, copy_bandwidth: float, device="cuda", timings=cuda_timings,
+                                 dtype=torch.bfloat16):
+    """Rows of torch_partial vs triton_partial, Kr = K and Kr = 1, and the kernel's largest relative error
+    against float64. `device`, `timings`, `dtype`: the CPU test of this code (Triton's interpreter, where bf16
+    dots are unreliable, so float16)."""
+    from kvforge.kernels.partial_rope_decode import partial_rope_decode_attention
+    from kvforge.models.modeling_kvforge import partial_rope_attention
+
+    def triton_partial(c):
+        return partial_rope_decode_attention(c["query_rope"][:, :, :, 0], c["query_nope"][:, :, :, 0], c["k_rope"],
+                                             c["kv_latent"], c["k_up"].weight, c["v_up"].weight, c["v_up"].bias,
+                                             c["scaling"], valid=c["mask"][:, 0, 0, 0])
+
+    def torch_partial(c):
+        return partial_rope_attention(*[c[k] for k in PARTIAL_ARGS])[0][:, :, :, 0]
+
+    kv_heads = 3
+    error = 0.0
+    small_batch, small_context = (4, 3000) if device == "cuda" else (2, 100)
+    for rope_heads in (kv_heads, 1):
+        small = partial_rope_case(small_batch, small_context, args.kv_rank, args.rope_dims, rope_heads, seed=1,
+                                  dtype=dtype, device=device)
+        with torch.no_grad():
+            ref, _ = partial_rope_attention(
+                small["query_rope"].double(), small["query_nope"].double(), small["k_rope"].double(),
+                small["kv_latent"].double(), copy.deepcopy(small["k_up"]).double(),
+                copy.deepcopy(small["v_up"]).double(), small["mask"], small["scaling"], absorb=True)
+            out = triton_partial(small)
+        error = max(error, ((out.double() - ref[:, :, :, 0]).norm() / ref.norm()).item())
+    print(f"partial-RoPE kernel vs float64 reference (B={small_batch}, S={small_context}, {dtype}, Kr = 3 and 1): "
+          f"relative error {error:.2e}")
+
+    rows = []
+    for batch in args.batch or [1, 8, 64, 256]:
+        for context in args.context or [1024, 4096, 16384, 32768]:
+            for rope_heads in (kv_heads, 1):
+                c = partial_rope_case(batch, context, args.kv_rank, args.rope_dims, rope_heads, dtype=dtype,
+                                      device=device)
+                cache_bytes = batch * context * ((args.kv_rank + rope_heads * args.rope_dims) * 2 + 1)
+                row = dict(batch=batch, context=context, kv_rank=args.kv_rank, rope_dims=args.rope_dims,
+                           rope_heads=rope_heads, cache_bytes=cache_bytes,
+                           floor_us=cache_bytes / copy_bandwidth * 1e6)
+                with torch.no_grad():
+                    for name, fn in (("torch_partial", torch_partial), ("triton_partial", triton_partial)):
+                        ms, graph_ms = timings(lambda fn=fn, c=c: fn(c))
+                        row[f"{name}_us"], row[f"{name}_graph_us"] = ms * 1e3, graph_ms * 1e3
+                        row[f"{name}_graph_GBps"] = cache_bytes / (graph_ms * 1e-3) / 1e9
+                rows.append(row)
+                print(f"B={batch:4d} S={context:6d} Kr={rope_heads} eager/graph us: torch_partial "
+                      f"{row['torch_partial_us']:8.1f} {row['torch_partial_graph_us']:8.1f}  triton_partial "
+                      f"{row['triton_partial_us']:8.1f} {row['triton_partial_graph_us']:8.1f} "
+                      f"({row['triton_partial_graph_GBps']:.0f} GB/s; floor {row['floor_us']:.1f} us)", flush=True)
+                c.clear()
+                if device == "cuda":
+                    torch.cuda.empty_cache()
+    return rows, error
+
+
 def copy_bandwidth_bytes_per_s() -> float:
     import triton.testing
 
@@ -260,6 +363,9 @@ def main(argv=None) -> int:
                   copy_TBps=bandwidth / 1e12, command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
     if args.part in ("kernel", "both"):
         result["kernel"], result["kernel_relative_error"] = run_kernel_part(args, bandwidth)
+    if args.part in ("kernel", "partial", "both"):
+        result["kernel_partial_rope"], result["kernel_partial_rope_relative_error"] = run_partial_rope_kernel_part(
+            args, bandwidth)
     if args.part in ("generate", "both"):
         result["generate"] = run_generate_part(args)
     if args.json:

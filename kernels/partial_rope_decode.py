@@ -1,0 +1,280 @@
+"""Absorbed (MLA-style) decode attention over a partial-RoPE joint-latent cache, in Triton.
+
+The cache holds, per token, one latent c [B, C, R] shared by every head (keys' non-rotary dims and values are
+both up-projected from it) and the keys' rotary dims k_rope [B, Kr, C, Dr], already rotated, either one per KV
+head (Kr = K, MHA2MLA) or one for all heads (Kr = 1, DeepSeek MLA's shared rotary key). For one decode token
+the PyTorch reference (`partial_rope_attention` in modeling_kvforge.py, absorbed form) computes per query head
+h of KV head k = h // G:
+
+    q_lat[h] = q_nope[h] @ U_k[k]                        [R], U_k[k] = k_up.weight rows of head k, [Dn, R]
+    score[c] = (q_lat[h] . c_c + q_rope[h] . k_rope[h // (H / Kr), c]) * scaling, masked slots excluded
+    out[h]   = (sum_c softmax(score)[c] c_c) @ U_v[k]^T + b_v[k]
+
+U_k and U_v are applied outside the kernel (plain GEMMs, as latent_attention.py does: they cost H x R x D per
+row, nothing next to a long cache). The kernel is the part that reads the cache:
+
+    program (head block, split, row): BLOCK_H query heads (every head when H x R is small enough, so the latent
+    of a slot is read by one program for all heads and KV groups: the latent is the same tensor for every head)
+    over one split of the slots (flash-decoding):
+        for each tile of BLOCK_S slots:
+            lat  = c[tile]                     [BLOCK_S, R], read once, used for the scores AND the values
+            rope = k_rope[heads of the block, tile]  [BLOCK_S, heads x Dr], each rope head's Dr dims side by side
+            score = q_lat @ lat^T + q_rope_bd @ rope^T   q_rope_bd [BLOCK_H, heads x Dr]: head h holds its rotary
+                                                          query in its rope head's columns and zeros elsewhere,
+                                                          so one product gives every head's rotary score
+                                                          (Kr = 1: one column block, a plain product)
+            online softmax; acc += p @ lat     [BLOCK_H, R]
+    a second kernel merges the splits (latent_attention's, whose layout this one writes).
+
+Bytes per slot and row: R + Kr x Dr cache elements and one mask byte; that is the floor this kernel aims at
+(vLLM's and FlashMLA's MLA decode read the same: the latent and one rope head, the latent doubling as the
+value). A head block covering fewer heads than H re-reads the latent per block (from L2 when the blocks of one
+split run together: the head block is the fastest grid axis for that reason), but only its own rope heads.
+
+Not yet run on a GPU: tile sizes and warps below are guesses from the tile's register / shared-memory size,
+untuned. Imports triton inside `try`: without it `available()` says False and the caller keeps PyTorch.
+This file is copied flat beside modeling_kvforge.py in an exported directory; it imports only torch, triton
+and its sibling kernel files.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from .latent_attention import available
+
+try:
+    import triton
+    import triton.language as tl
+
+    from .latent_attention import _merge_splits_kernel  # flash-decoding's second stage, same [B, splits, H, R] layout
+except ImportError:  # CPU-only install: the PyTorch reference serves
+    triton = None
+
+# A tile's latent [BLOCK_S, BLOCK_R] and accumulator [BLOCK_H, BLOCK_R] must stay in shared memory / registers;
+# past these the kernel would spill, so the dispatch keeps such shapes on the reference.
+MAX_RANK = 1024
+MAX_ROPE_COLUMNS = 1024  # rope heads of one head block x Dr
+
+
+def _next_power_of_2(n: int, at_least: int = 16) -> int:
+    # tl.dot needs every dimension >= 16
+    return max(at_least, 1 << (max(n, 1) - 1).bit_length())
+
+
+def default_block_h(heads: int, rank: int) -> int:
+    """Query heads per program: all of them while the fp32 accumulator [BLOCK_H, BLOCK_R] stays <= 8K elements
+    (32 KiB: 64 registers a thread at 4 warps), else blocks of at least 16 (tl.dot's minimum). Untuned."""
+    return min(_next_power_of_2(heads), max(16, 8192 // _next_power_of_2(rank)))
+
+
+def rope_heads_per_block(heads: int, rope_heads: int, block_h: int) -> int:
+    """The most rope heads any block of `block_h` consecutive query heads touches (query head h reads rope head
+    h // (heads / rope_heads); a block can straddle group boundaries)."""
+    group = heads // rope_heads
+    return max((min(start + block_h, heads) - 1) // group - start // group + 1 for start in range(0, heads, block_h))
+
+
+def fits(heads: int, kv_heads: int, rope_heads: int, rank: int, rope_dim: int, block_h: int | None = None) -> bool:
+    """The shapes the kernel serves. Head counts, R and Dr need not be powers of two (the kernel pads them:
+    R to BLOCK_R, a block's rope columns to BLOCK_C, heads to BLOCK_H, each a power of two >= 16); what it
+    refuses: a rope-head count other than 1 or K (the layouts it knows), R past MAX_RANK, and a head block's
+    rope columns past MAX_ROPE_COLUMNS (tiles that would no longer fit on chip)."""
+    if rope_heads not in (1, kv_heads) or heads % kv_heads or rank < 1 or rope_dim < 1 or rank > MAX_RANK:
+        return False
+    block_h = block_h or default_block_h(heads, rank)
+    return rope_heads_per_block(heads, rope_heads, block_h) * rope_dim <= MAX_ROPE_COLUMNS
+
+
+if triton is not None:
+
+    @triton.jit
+    def _partial_rope_decode_kernel(
+        Q_LAT, Q_ROPE, LATENT, K_ROPE, VALID, LENGTH,  # inputs
+        ACC, MAX, SUM,  # outputs, per split: acc [B, splits, H_pad, BLOCK_R], max / sum [B, splits, H_pad]
+        stride_qlb, stride_qlh,  # q_lat [B, H, R], R contiguous
+        stride_qrb, stride_qrh,  # q_rope [B, H, Dr], Dr contiguous
+        stride_lb, stride_ls,  # latent [B, C, R], R contiguous
+        stride_krb, stride_krh, stride_krs,  # k_rope [B, Kr, C, Dr], Dr contiguous
+        stride_valid_b,  # valid [B or 1, C] (uint8), slots contiguous; 0 for one row shared by all
+        slots, heads, rank, rope_group, rope_heads, block_rope_heads, padded_heads, slots_per_split, splits, scaling,
+        ROPE_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_S: tl.constexpr, HAS_VALID: tl.constexpr, LENGTH_IN_MEMORY: tl.constexpr,
+    ):
+        head_block = tl.program_id(0)
+        split = tl.program_id(1)
+        row = tl.program_id(2).to(tl.int64)  # row * stride_lb passes 2^31 at B=256, C=32k, R=512
+        dtype = LATENT.dtype.element_ty
+
+        offs_h = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
+        offs_r = tl.arange(0, BLOCK_R)
+        offs_c = tl.arange(0, BLOCK_C)  # rope column c: rope head first_rope_head + c // ROPE_DIM, dim c % ROPE_DIM
+        h_ok = offs_h < heads
+        r_ok = offs_r < rank
+        first_rope_head = (head_block * BLOCK_H) // rope_group
+        col_head = first_rope_head + offs_c // ROPE_DIM
+        col_dim = offs_c % ROPE_DIM
+        # Padding columns, and rope heads of no query head in this block, are never loaded.
+        col_ok = (offs_c // ROPE_DIM < block_rope_heads) & (col_head < rope_heads)
+
+        q_lat = tl.load(Q_LAT + row * stride_qlb + offs_h[:, None] * stride_qlh + offs_r[None, :],
+                        mask=h_ok[:, None] & r_ok[None, :], other=0.0)
+        # Block-diagonal rotary query [BLOCK_H, BLOCK_C]: head h fills only its rope head's Dr columns.
+        own = (col_head[None, :] == (offs_h // rope_group)[:, None]) & h_ok[:, None] & col_ok[None, :]
+        q_rope = tl.load(Q_ROPE + row * stride_qrb + offs_h[:, None] * stride_qrh + col_dim[None, :], mask=own,
+                         other=0.0)
+        rope_base = K_ROPE + row * stride_krb + col_head.to(tl.int64)[None, :] * stride_krh + col_dim[None, :]
+
+        running_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
+        running_sum = tl.zeros([BLOCK_H], tl.float32)
+        acc = tl.zeros([BLOCK_H, BLOCK_R], tl.float32)
+
+        if LENGTH_IN_MEMORY:
+            length = tl.load(LENGTH)
+        else:
+            length = slots
+        start = split * slots_per_split
+        end = tl.minimum(start + slots_per_split, length)
+        for tile in range(start, end, BLOCK_S):
+            offs_s = tile + tl.arange(0, BLOCK_S)
+            visible = offs_s < end
+            if HAS_VALID:
+                visible = visible & (tl.load(VALID + row * stride_valid_b + offs_s, mask=visible, other=0) != 0)
+            # Masked slots are never loaded (nor their bytes moved): left padding, a ring's empty slots.
+            lat = tl.load(LATENT + row * stride_lb + offs_s[:, None] * stride_ls + offs_r[None, :],
+                          mask=visible[:, None] & r_ok[None, :], other=0.0)
+            rope = tl.load(rope_base + offs_s[:, None] * stride_krs, mask=visible[:, None] & col_ok[None, :],
+                           other=0.0)
+            scores = tl.dot(q_lat, tl.trans(lat)) + tl.dot(q_rope, tl.trans(rope))  # [BLOCK_H, BLOCK_S], fp32
+            scores = tl.where(visible[None, :], scores * scaling, float("-inf"))
+
+            tile_max = tl.maximum(running_max, tl.max(scores, axis=1))
+            # A tile (or a whole split) can be fully masked: keep exp() away from (-inf) - (-inf).
+            safe_max = tl.where(tile_max == float("-inf"), 0.0, tile_max)
+            alpha = tl.exp(running_max - safe_max)
+            p = tl.exp(scores - safe_max[:, None])
+            running_sum = running_sum * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(dtype), lat)  # the latent doubles as the value
+            running_max = tile_max
+
+        stat = (row * splits + split) * padded_heads + offs_h
+        tl.store(ACC + stat[:, None] * BLOCK_R + offs_r[None, :], acc)
+        tl.store(MAX + stat, running_max)
+        tl.store(SUM + stat, running_sum)
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def num_splits(programs_per_split: int, slots: int, block_s: int, device: torch.device) -> int:
+    """Splits of the slot axis: enough programs to fill the GPU twice over (B = 1 at 32k slots: 128 splits),
+    never a split shorter than four tiles, at most 256 (the merge reads every split's partial result)."""
+    target = 2 * _multiprocessors(device) if device.type == "cuda" else 1  # the interpreter runs programs in turn
+    return max(1, min(-(-target // programs_per_split), -(-slots // (4 * block_s)), 256))
+
+
+def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_weight, v_weight, v_bias,
+                                  scaling: float, *, valid=None, length=None, block_s: int | None = None,
+                                  block_h: int | None = None, splits: int | None = None,
+                                  num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+    """One decode step of attention over a partial-RoPE joint-latent cache.
+
+    Args:
+        query_rope: [B, K, G, Dr], rotated; query_nope: [B, K, G, Dn] (Dn may be 0: every dim rotary).
+        k_rope: [B, Kr, C, Dr] rotated keys' rotary dims, Kr = K (one per KV head) or 1 (shared by all heads);
+            Dr contiguous (a slice of a larger buffer is fine).
+        kv_latent: [B, C, R], R contiguous.
+        k_weight: [K * Dn, R] (k_up.weight; k_up's bias, if any, is left out: q_nope . b is the same for every
+            slot, so softmax ignores it, as the reference's absorbed form does).
+        v_weight: [K * Dv, R], v_bias: [K * Dv] or None (v_up's).
+        valid: optional [B or 1, C] bool, the slots each row may attend to (left padding, a window's ring);
+            every row keeps at least one (below `length`).
+        length: optional 1-element integer device tensor, 1 <= length <= C: slots past it are never read, so one
+            CUDA graph serves every position.
+        block_s, block_h, splits, num_warps, num_stages: tiling (defaults: untuned guesses, see the module doc).
+    Returns [B, K, G, Dv] in query_rope's dtype.
+    Raises ValueError on shapes `fits` refuses or that disagree with one another.
+    """
+    if triton is None:
+        raise RuntimeError("triton is not installed: use the PyTorch path (partial_rope_attention)")
+    batch, kv_heads, group, rope_dim = query_rope.shape
+    heads = kv_heads * group
+    rope_heads, slots = k_rope.shape[1], k_rope.shape[2]
+    rank = kv_latent.shape[-1]
+    nope_dim = query_nope.shape[-1]
+    if (query_nope.shape[:3] != query_rope.shape[:3] or k_rope.shape[0] != batch or k_rope.shape[-1] != rope_dim
+            or kv_latent.shape[:2] != (batch, slots) or k_weight.shape != (kv_heads * nope_dim, rank)
+            or v_weight.shape[-1] != rank or v_weight.shape[0] % kv_heads):
+        raise ValueError(
+            f"query_rope {tuple(query_rope.shape)}, query_nope {tuple(query_nope.shape)}, k_rope "
+            f"{tuple(k_rope.shape)}, kv_latent {tuple(kv_latent.shape)}, k_weight {tuple(k_weight.shape)} and "
+            f"v_weight {tuple(v_weight.shape)} must be [B, K, G, Dr], [B, K, G, Dn], [B, 1 or K, C, Dr], "
+            "[B, C, R], [K * Dn, R] and [K * Dv, R]")
+    block_h = block_h or default_block_h(heads, rank)
+    if not fits(heads, kv_heads, rope_heads, rank, rope_dim, block_h):
+        raise ValueError(f"k_rope with {rope_heads} heads (1 or K = {kv_heads}), rank {rank} (at most {MAX_RANK}) "
+                         f"and Dr {rope_dim} in blocks of {block_h} heads: not a shape the kernel serves; use "
+                         "partial_rope_attention")
+    if kv_latent.stride(-1) != 1:
+        kv_latent = kv_latent.contiguous()
+    if k_rope.stride(-1) != 1:
+        k_rope = k_rope.contiguous()
+
+    # U_k folded into the query: one batched GEMM [B, K, G, Dn] x [K, Dn, R], in the query's dtype as the
+    # reference does it.
+    q_lat = torch.matmul(query_nope, k_weight.view(kv_heads, nope_dim, rank)).reshape(batch, heads, rank)
+    q_rope = query_rope.reshape(batch, heads, rope_dim)
+    if q_rope.stride(-1) != 1:
+        q_rope = q_rope.contiguous()
+    if valid is not None:
+        if valid.shape[-1] != slots or valid.shape[0] not in (1, batch):
+            raise ValueError(f"valid {tuple(valid.shape)} must be [B or 1, C] = [{batch} or 1, {slots}]")
+        # bytes, not Triton's i1 (whose loads misread a bool mask on GPU); a bool view costs no copy
+        valid = valid.contiguous()
+        valid = valid.view(torch.uint8) if valid.dtype == torch.bool else valid.to(torch.uint8)
+
+    block_r = _next_power_of_2(rank)
+    # The latent tile [BLOCK_S, BLOCK_R] held at most ~32 KiB per pipeline stage (untuned).
+    block_s = block_s or max(16, min(64, 32768 // (block_r * kv_latent.element_size())))
+    block_rope_heads = rope_heads_per_block(heads, rope_heads, block_h)
+    block_c = _next_power_of_2(block_rope_heads * rope_dim)
+    head_blocks = -(-heads // block_h)
+    padded_heads = head_blocks * block_h
+    splits = splits or num_splits(batch * head_blocks, slots, block_s, kv_latent.device)
+    per_split = -(-slots // splits)
+    per_split = -(-per_split // block_s) * block_s  # whole tiles: only the last split has a ragged end
+    splits = -(-slots // per_split)
+    num_warps = num_warps or (8 if block_h * block_r >= 8192 else 4)
+    num_stages = num_stages or 2
+
+    acc = torch.empty(batch, splits, padded_heads, block_r, device=kv_latent.device, dtype=torch.float32)
+    stats_max = torch.empty(batch, splits, padded_heads, device=kv_latent.device, dtype=torch.float32)
+    stats_sum = torch.empty_like(stats_max)
+    _partial_rope_decode_kernel[(head_blocks, splits, batch)](
+        q_lat, q_rope, kv_latent, k_rope, valid if valid is not None else kv_latent,
+        length if length is not None else kv_latent, acc, stats_max, stats_sum,
+        q_lat.stride(0), q_lat.stride(1), q_rope.stride(0), q_rope.stride(1),
+        kv_latent.stride(0), kv_latent.stride(1), k_rope.stride(0), k_rope.stride(1), k_rope.stride(2),
+        (valid.stride(0) if valid.shape[0] > 1 else 0) if valid is not None else 0,
+        slots, heads, rank, heads // rope_heads, rope_heads, block_rope_heads, padded_heads, per_split, splits,
+        float(scaling),
+        ROPE_DIM=rope_dim, BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_S=block_s,
+        HAS_VALID=valid is not None, LENGTH_IN_MEMORY=length is not None, num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    mixed = torch.empty(batch, heads, rank, device=kv_latent.device, dtype=query_rope.dtype)  # sum_c p_c c_c
+    _merge_splits_kernel[(heads, batch)](acc, stats_max, stats_sum, mixed, splits, heads, rank,
+                                         BLOCK_H=padded_heads, BLOCK_RV=block_r,
+                                         BLOCK_SPLITS=_next_power_of_2(splits, at_least=2))
+    # U_v once per query head: [B, K, G, R] x [K, R, Dv].
+    out = torch.matmul(mixed.view(batch, kv_heads, group, rank), v_weight.view(kv_heads, -1, rank).transpose(-1, -2))
+    if v_bias is not None:  # sum_c p_c = 1: the bias passes through once
+        out = out + v_bias.view(kv_heads, 1, -1)
+    return out
+
+
+__all__ = ["available", "fits", "partial_rope_decode_attention", "MAX_RANK", "MAX_ROPE_COLUMNS"]

@@ -1,0 +1,228 @@
+"""The absorbed partial-RoPE decode kernel (kernels/partial_rope_decode.py) against the PyTorch reference in
+float64, on CPU through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before triton is
+imported): a rotary key per KV head (Kr = K) and one shared by all heads (Kr = 1), ranks and rotary widths that
+are not powers of two, several head blocks and splits, lengths that end mid-tile, masked slots and left padding,
+the length read from a tensor; the dispatch's choices; and whole-model generate() with the kernel equal to
+generate() without it."""
+
+import copy
+import os
+import warnings
+
+import pytest
+from kernel_generation import assert_same_generation, generate_with_and_without_kernels, record_kernel_calls
+import torch
+from torch import nn
+
+from kvforge.kernels import dispatch
+from kvforge.kernels.partial_rope_decode import available, fits, partial_rope_decode_attention, rope_heads_per_block
+from kvforge.models.modeling_kvforge import ATTENTION_FUNCTIONS, partial_rope_attention
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="kernel tests run tensors on CPU through Triton's interpreter")
+
+
+def test_triton_is_installed():
+    assert available(), "triton is not importable: install the test extra (pip install -e '.[test]')"
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def case(batch=2, kv_heads=2, group=3, rope_dim=8, nope_dim=8, rank=24, slots=37, rope_heads=None,
+         dtype=torch.float32, seed=0):
+    """Inputs of partial_rope_attention for one decode token: row 0 left-padded (its first 9 slots invalid), row 1
+    with scattered invalid slots; never a row without a visible slot."""
+    g = torch.Generator().manual_seed(seed)
+    rope_heads = kv_heads if rope_heads is None else rope_heads
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    with warnings.catch_warnings():  # nope_dim = 0 (every dim rotary) leaves k_up empty; torch warns on its init
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        k_up = nn.Linear(rank, kv_heads * nope_dim, bias=False)
+    v_up = nn.Linear(rank, kv_heads * (rope_dim + nope_dim), bias=True)
+    with torch.no_grad():
+        k_up.weight.copy_(rand(*k_up.weight.shape, scale=rank ** -0.5))
+        v_up.weight.copy_(rand(*v_up.weight.shape, scale=rank ** -0.5))
+        v_up.bias.copy_(rand(*v_up.bias.shape, scale=0.1))
+    valid = torch.ones(batch, slots, dtype=torch.bool)
+    valid[0, :min(9, slots - 1)] = False
+    if batch > 1:
+        valid[1] = torch.rand(slots, generator=g) > 0.3
+        valid[1, -1] = True
+    return dict(query_rope=rand(batch, kv_heads, group, 1, rope_dim),
+                query_nope=rand(batch, kv_heads, group, 1, nope_dim),
+                k_rope=rand(batch, rope_heads, slots, rope_dim), kv_latent=rand(batch, slots, rank),
+                k_up=k_up.to(dtype), v_up=v_up.to(dtype), mask=valid[:, None, None, None, :],
+                scaling=(rope_dim + nope_dim) ** -0.5)
+
+
+ARGS = ("query_rope", "query_nope", "k_rope", "kv_latent", "k_up", "v_up", "mask", "scaling")
+
+
+def reference(c, length=None):
+    """partial_rope_attention (absorbed, as for decode) in float64, over the first `length` slots."""
+    c = dict(c)
+    if length is not None:
+        c["k_rope"], c["kv_latent"], c["mask"] = c["k_rope"][:, :, :length], c["kv_latent"][:, :length], \
+            c["mask"][..., :length]
+    with torch.no_grad():
+        out, _ = partial_rope_attention(
+            c["query_rope"].double(), c["query_nope"].double(), c["k_rope"].double(), c["kv_latent"].double(),
+            copy.deepcopy(c["k_up"]).double(), copy.deepcopy(c["v_up"]).double(), c["mask"], c["scaling"],
+            absorb=True)
+    return out[:, :, :, 0]
+
+
+def kernel(c, **options):
+    options.setdefault("valid", c["mask"][:, 0, 0, 0])
+    return partial_rope_decode_attention(c["query_rope"][:, :, :, 0], c["query_nope"][:, :, :, 0], c["k_rope"],
+                                         c["kv_latent"], c["k_up"].weight, c["v_up"].weight, c["v_up"].bias,
+                                         c["scaling"], **options)
+
+
+@pytest.mark.parametrize("shape", [
+    dict(),  # Kr = K: a rotary key per KV head, 3 query heads each
+    dict(rope_heads=1, rope_dim=6, nope_dim=10, rank=40, slots=70),  # shared rotary key (MLA), Dr and R not 2^n
+    dict(batch=3, kv_heads=4, group=1, rope_dim=4, nope_dim=4, rank=16, slots=5),  # MHA, fewer slots than a tile
+    dict(kv_heads=6, group=3, rope_dim=2, nope_dim=6, rank=12, slots=50),  # 18 heads: two blocks of 16
+    dict(kv_heads=6, group=3, rope_dim=2, nope_dim=6, rank=12, slots=50, rope_heads=1),
+    dict(kv_heads=20, group=1, rope_dim=4, nope_dim=4, rank=16, slots=21),  # MHA, 20 rope heads: blocks of 16 + 4
+    dict(kv_heads=1, group=4, rope_dim=8, nope_dim=0, rank=20, slots=33),  # every dim rotary: q_nope empty
+])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_kernel_equals_the_float64_reference(shape, splits):
+    c = case(**shape, seed=splits)
+    out = kernel(c, block_s=16, block_h=16, splits=splits)
+    assert out.shape == c["query_rope"].shape[:3] + (c["v_up"].weight.shape[0] // c["query_rope"].shape[1],)
+    assert torch.isfinite(out).all()
+    assert relative_error(out, reference(c)) < 1e-5
+
+
+def test_masked_slots_and_slots_past_the_length_are_never_read():
+    """NaN in every invalid slot and past a length read from a tensor (one CUDA graph for every position); a mask
+    of one row shared by the batch; a whole split past the length (empty)."""
+    c = case(kv_heads=2, group=2, rank=20, slots=64, seed=7)
+    c["mask"] = c["mask"][:1]  # [1, C]: row 0's left padding for both rows
+    length = 41
+    expected = reference(c, length)  # before the poison: the reference multiplies masked values by 0
+    hidden = ~c["mask"][0, 0, 0, 0]
+    hidden[length:] = True
+    c["kv_latent"][:, hidden] = float("nan")
+    c["k_rope"][:, :, hidden] = float("nan")
+    out = kernel(c, length=torch.tensor([length]), block_s=16, splits=4)
+    assert torch.isfinite(out).all()
+    assert relative_error(out, expected) < 1e-5
+
+
+def test_half_precision_inputs_stay_within_half_precision_error():
+    c = case(rope_heads=1, rank=32, slots=48, dtype=torch.float16, seed=3)
+    assert relative_error(kernel(c, block_s=16, splits=2), reference(c)) < 5e-3
+
+
+def test_shapes_the_kernel_refuses():
+    assert rope_heads_per_block(18, 6, 16) == 6 and rope_heads_per_block(18, 6, 32) == 6
+    assert rope_heads_per_block(32, 32, 16) == 16 and rope_heads_per_block(32, 1, 16) == 1
+    assert fits(18, 6, 6, 12, 2) and fits(128, 128, 1, 512, 64)  # DeepSeek-V2/V3 MLA decode shape
+    assert not fits(8, 4, 2, 24, 8)  # two rope heads for four KV heads: no layout the kernel knows
+    assert not fits(8, 4, 4, 2048, 8)  # rank past MAX_RANK
+    c = case(kv_heads=4, group=1, rope_heads=2)
+    with pytest.raises(ValueError, match=r"k_rope with 2 heads \(1 or K = 4\), rank 24 .* use partial_rope_attention"):
+        kernel(c)
+    c = case()
+    with pytest.raises(ValueError, match=r"must be \[B, K, G, Dr\]"):
+        partial_rope_decode_attention(c["query_rope"][:, :, :, 0], c["query_nope"][:, :, :, 0], c["k_rope"][:1],
+                                      c["kv_latent"], c["k_up"].weight, c["v_up"].weight, None, 1.0)
+    with pytest.raises(ValueError, match=r"valid \(2, 36\) must be \[B or 1, C\] = \[2 or 1, 37\]"):
+        kernel(c, valid=torch.ones(2, 36, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Dispatch
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    return record_kernel_calls(monkeypatch, "partial_rope_decode_attention")
+
+
+@pytest.mark.parametrize("rope_heads", [None, 1])
+def test_dispatch_runs_the_kernel_only_where_it_applies(monkeypatch, kernel_calls, rope_heads):
+    attend = dispatch.fused_attention("partial", partial_rope_attention)
+    c = case(rope_heads=rope_heads, seed=5)
+    args = [c[k] for k in ARGS]
+    with torch.no_grad():
+        monkeypatch.setenv("KVFORGE_KERNELS", "auto")  # CPU tensors: the reference
+        expected, _ = attend(*args)
+        assert kernel_calls == []
+        monkeypatch.setenv("KVFORGE_KERNELS", "triton")
+        out, probs = attend(*args)
+        assert len(kernel_calls) == 1 and probs is None
+        assert relative_error(out, expected) < 1e-5
+        _, probs = attend(*args, need_probs=True)  # PyramidKV's scoring asks for probabilities
+        assert probs is not None and len(kernel_calls) == 1
+        attend(*args, absorb=False)  # the caller asked for the rebuilt keys
+        two_tokens = dict(c, query_rope=c["query_rope"].expand(-1, -1, -1, 2, -1),
+                          query_nope=c["query_nope"].expand(-1, -1, -1, 2, -1),
+                          mask=c["mask"].expand(-1, -1, -1, 2, -1))
+        attend(*[two_tokens[k] for k in ARGS])  # not a decode step
+        assert len(kernel_calls) == 1
+    attend(*args)  # gradients enabled and the weights require them: training takes the reference
+    assert len(kernel_calls) == 1
+    monkeypatch.setenv("KVFORGE_KERNELS", "off")
+    with torch.no_grad():
+        attend(*args)
+    assert len(kernel_calls) == 1
+
+
+def test_generate_with_the_kernel_equals_generate_without(monkeypatch, kernel_calls):
+    """A tiny model with partial-RoPE layers (a global owner, a window layer, a kv_from reader), batch 2 with left
+    padding, decoding past the window: the same tokens and logits with KVFORGE_KERNELS=triton and =off."""
+    partial = {"kv_proj": "low_rank", "rope": "partial", "kv_rank": 12, "rope_dims": 4}
+    runs = generate_with_and_without_kernels(
+        monkeypatch,
+        [partial, {"kv_from": 0}, {**partial, "rope_dims": 6, "attention": "window", "window": 8, "sinks": 2}],
+        num_attention_heads=6)
+    assert len(kernel_calls) == 9 * 3  # 9 decode steps x 3 layers attending over a partial-RoPE cache
+    assert_same_generation(runs)
+
+
+
+@pytest.mark.skipif("partial_shared" not in ATTENTION_FUNCTIONS,
+                    reason="the shared-rotary layout (rope_shared) is not in this modeling file yet")
+def test_generate_with_a_shared_rotary_key_equals_generate_without(monkeypatch, kernel_calls):
+    """DeepSeek MLA's layout (one rotary key for every head, Kr = 1) through its own representation name."""
+    runs = generate_with_and_without_kernels(
+        monkeypatch, [{"kv_proj": "low_rank", "rope": "partial", "rope_shared": True, "kv_rank": 16, "rope_dims": 8},
+                      {}], num_attention_heads=4)
+    assert len(kernel_calls) == 9  # 9 decode steps x 1 shared-rotary layer
+    assert_same_generation(runs)
+
+def test_the_benchmark_rows_compute_on_cpu():
+    """launch/benchmark_decode.py's partial-RoPE part (a GPU benchmark) with a CPU timer, float16, tiny shapes:
+    its cases, byte counts and error check are right before a GPU ever runs them."""
+    import importlib.util
+    import time
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "launch" / "benchmark_decode.py"
+    spec = importlib.util.spec_from_file_location("benchmark_decode", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+
+    def timings(fn):
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3, (time.perf_counter() - start) * 1e3
+
+    args = benchmark.parse_args(["--part", "partial", "--batch", "2", "--context", "40", "--kv-rank", "24",
+                                 "--rope-dims", "8"])
+    rows, error = benchmark.run_partial_rope_kernel_part(args, 1e12, device="cpu", timings=timings,
+                                                         dtype=torch.float16)
+    assert error < 5e-3
+    assert [row["rope_heads"] for row in rows] == [3, 1]
+    assert rows[0]["cache_bytes"] == 2 * 40 * ((24 + 3 * 8) * 2 + 1)
+    assert all(row["triton_partial_graph_GBps"] > 0 for row in rows)
