@@ -15,6 +15,9 @@ same record:
                 | "low_rank"              rope="pre_rope_latent": k_rank, v_rank   (cache: the two latents)
                                           rope="partial":         kv_rank, rope_dims (cache: joint latent +
                                                                   rope_dims rotary key dims per kv head)
+                                            + rope_shared=True    one rotary key shared by all heads (DeepSeek
+                                                                  MLA; cache: joint latent + rope_dims
+                                                                  rotary key dims, once)
       probs_from: None | j < i            reuses layer j's attention probabilities: no q, no k; own V only
 
 Sharing never chains: kv_from / probs_from must name the layer that computes the shared thing itself
@@ -114,6 +117,7 @@ class LayerSpec:
     kv_rank: int | None = None
     rope: str | None = None
     rope_dims: int | None = None
+    rope_shared: bool = False
     num_kv_heads: int | None = None
     probs_from: int | None = None
 
@@ -135,14 +139,15 @@ class LayerSpec:
     @property
     def representation(self) -> str:
         """What this layer's cache holds per token: 'kv' (K and V per kv head), 'pre_rope_latent' (two
-        latents), 'partial' (joint latent + rotary key dims), 'none' (kv_from consumer). A probs_from consumer
-        holds values only: 'v' (per kv head) or 'v_latent'."""
+        latents), 'partial' (joint latent + rotary key dims per kv head), 'partial_shared' (joint latent + one
+        rotary key for all heads), 'none' (kv_from consumer). A probs_from consumer holds values only: 'v'
+        (per kv head) or 'v_latent'."""
         if self.kv_from is not None:
             return "none"
         if self.probs_from is not None:
             return "v_latent" if self.kv_proj == "low_rank" else "v"
         if self.kv_proj == "low_rank":
-            return self.rope
+            return "partial_shared" if self.rope_shared else self.rope
         return "kv"
 
     # ---- (de)serialization -------------------------------------------------------------------------
@@ -268,12 +273,24 @@ class LayerSpec:
                     )
                 if self.kv_rank is None:
                     raise CompressionSpecError(f"{at}.kv_rank is missing: rope='partial' needs kv_rank")
-                joint = num_kv_heads * (head_dim - self.rope_dims) + kv_dims
-                _check_int(self.kv_rank, f"{at}.kv_rank", minimum=1, maximum=joint,
-                           hint=f" (the joint latent compresses {num_kv_heads} x ({head_dim} - {self.rope_dims}) "
-                                f"non-rotary key dims + {kv_dims} value dims = {joint})")
-        for name in ("k_rank", "v_rank", "kv_rank", "rope", "rope_dims", "num_kv_heads"):
-            if name not in used and getattr(self, name) is not None:
+                if not isinstance(self.rope_shared, bool):
+                    raise CompressionSpecError(
+                        f"{at}.rope_shared={self.rope_shared!r} must be true (one rotary key shared by every head, "
+                        f"DeepSeek MLA) or false (rope_dims rotary dims per kv head)")
+                if self.rope_shared:
+                    used.add("rope_shared")
+                    # Every head's whole key (its residual in the shared rotary dims included) goes through the
+                    # latent; the shared rotary key is cached on its own.
+                    joint = 2 * kv_dims
+                    hint = f" (the joint latent compresses {kv_dims} key dims + {kv_dims} value dims = {joint})"
+                else:
+                    joint = num_kv_heads * (head_dim - self.rope_dims) + kv_dims
+                    hint = (f" (the joint latent compresses {num_kv_heads} x ({head_dim} - {self.rope_dims}) "
+                            f"non-rotary key dims + {kv_dims} value dims = {joint})")
+                _check_int(self.kv_rank, f"{at}.kv_rank", minimum=1, maximum=joint, hint=hint)
+        for name in ("k_rank", "v_rank", "kv_rank", "rope", "rope_dims", "rope_shared", "num_kv_heads"):
+            unset = False if name == "rope_shared" else None
+            if name not in used and getattr(self, name) is not unset:
                 what = "a kv_from layer" if self.kv_from is not None else f"kv_proj={self.kv_proj!r}"
                 if self.kv_proj == "low_rank" and self.rope is not None and self.kv_from is None:
                     what += f" with rope={self.rope!r}"
@@ -297,6 +314,8 @@ class LayerSpec:
             return self.k_rank + self.v_rank
         if rep == "partial":
             return self.kv_rank + num_kv_heads * self.rope_dims
+        if rep == "partial_shared":
+            return self.kv_rank + self.rope_dims
         if rep == "v":
             return heads * head_dim
         if rep == "v_latent":
@@ -411,6 +430,12 @@ class CompressionSpec:
                     raise CompressionSpecError(
                         f"{at}.kv_from={j} is invalid: layer {j} reuses layer {source.probs_from}'s probabilities "
                         f"and caches no keys; point at a layer with its own K/V"
+                    )
+                if source.rope_shared:
+                    raise CompressionSpecError(
+                        f"{at}.kv_from={j} is invalid: layer {j} has rope_shared=true, whose readers need a q_rope "
+                        f"projection of their own (not built for kv_from consumers); share from another layer or "
+                        f"set rope_shared=false on layer {j}"
                     )
                 self._check_same_layout(i, "kv_from", j)
             if layer.probs_from is not None:

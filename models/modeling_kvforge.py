@@ -6,7 +6,8 @@ only torch, transformers, its config and (optionally) the kernel dispatch, behin
 Shape legend (suffixes in comments):
     B batch, T new tokens (queries) in this forward, S attendable key slots (cached + new), E hidden size,
     H query heads, K kv heads of the cache being read, G = H // K query heads per kv head, D head_dim,
-    Dr / Dn rotary / non-rotary dims per kv head (partial RoPE), R latent rank.
+    Dr / Dn rotary / non-rotary dims per kv head (partial RoPE; with a shared rotary key, Dr per query head and
+    once in the cache, Dn = D), R latent rank.
 
 How a forward step flows:
     KVForgeModel computes, once per *slot layout* (global, or one (window, sinks) ring), a `SlotPlan`: which
@@ -436,6 +437,7 @@ def cached_slot_dims(layer: LayerSpec) -> dict[str, int]:
         "kv": {"key": 2, "value": 2},  # [B, K, C, D]
         "pre_rope_latent": {"k_latent": 1, "v_latent": 1},  # [B, C, R]
         "partial": {"kv_latent": 1, "k_rope": 2},  # [B, C, R], [B, K, C, Dr]
+        "partial_shared": {"kv_latent": 1, "k_rope": 2},  # [B, C, R], [B, 1, C, Dr]
         "v": {"value": 2},
         "v_latent": {"v_latent": 1},
         "none": {},  # kv_from consumer: reads its producer's cache
@@ -493,7 +495,8 @@ class KVForgeCache(Cache):
     """The compressed KV cache: per layer only what its LayerSpec needs (see docs/ARCHITECTURE.md).
 
     dense / merged_heads: key, value [B, K, C, D]; low_rank pre_rope_latent: k_latent [B, C, Rk], v_latent
-    [B, C, Rv]; low_rank partial: kv_latent [B, C, R] + k_rope [B, K, C, Dr] (rotated); probs_from: values
+    [B, C, Rv]; low_rank partial: kv_latent [B, C, R] + k_rope [B, K, C, Dr] (rotated), with rope_shared
+    k_rope [B, 1, C, Dr] (one rotary key for every head, DeepSeek MLA's cache); probs_from: values
     only; kv_from: nothing. C = slot capacity: window + sinks for window layers (a ring), the sequence so far
     for global layers. Global layers are sized once from generate()'s max length when known (so after a full
     generate() the capacity is exactly the tokens held), else grown in chunks of SlotLayout.GROWTH_CHUNK.
@@ -844,6 +847,16 @@ def partial_rope_kv(k_rope, kv_latent, k_up, v_up, rope_index, head_dim):
     return key, value
 
 
+def shared_rope_kv(k_rope, kv_latent, k_up, v_up, num_kv_heads):
+    """Shared-rotary cache -> key [B, K, S, D + Dr] = [k_nope | the one rotary key], value [B, K, S, D]: the
+    training / prefill form, for a query laid out [q_nope | q_rope rotated] (`KVForgeAttention.attend`)."""
+    batch, slots, _ = kv_latent.shape
+    k_nope = k_up(kv_latent).view(batch, slots, num_kv_heads, -1).transpose(1, 2)  # [B, K, S, D]
+    key = torch.cat([k_nope, k_rope.expand(-1, num_kv_heads, -1, -1)], dim=-1)
+    value = v_up(kv_latent).view(batch, slots, num_kv_heads, -1).transpose(1, 2)  # [B, K, S, D]
+    return key, value
+
+
 def partial_rope_query(query, rotated, rope_index):
     """query, rotated [B, K, G, T, D] (unrotated / fully rotated) -> rotated in the rotary dims of each kv head's
     rope_index, unrotated elsewhere (one select, no gather)."""
@@ -876,10 +889,11 @@ def pre_rope_latent_attention(query, k_latent, v_latent, k_up, v_up, key_rotary,
 
 def partial_rope_attention(query_rope, query_nope, k_rope, kv_latent, k_up, v_up, mask, scaling, *,
                            need_probs=False, dropout=0.0, absorb=None):
-    """Partial-RoPE joint-latent cache (MHA2MLA).
+    """Partial-RoPE joint-latent cache (MHA2MLA), and its shared-rotary form (DeepSeek MLA).
 
     query_rope [B, K, G, T, Dr] (rotated), query_nope [B, K, G, T, Dn]; k_rope [B, K, S, Dr] (rotated, cached
-    as is); kv_latent [B, S, R]; k_up: R -> K*Dn, v_up: R -> K*D (the producer's modules).
+    as is), or [B, 1, S, Dr] when one rotary key serves every head (broadcast, never expanded); kv_latent
+    [B, S, R]; k_up: R -> K*Dn, v_up: R -> K*D (the producer's modules).
     score = q_rope . k_rope + q_nope . (U_k c). Absorbed form (default for one query token): fold U_k into
     the query, attend over the latent, then apply U_v once -- exact, and the non-rotary keys are never
     materialized.
@@ -916,6 +930,9 @@ ATTENTION_FUNCTIONS: dict[str, Callable] = {
     "kv": kv_attention,
     "pre_rope_latent": pre_rope_latent_attention,
     "partial": partial_rope_attention,
+    # Its own name, though the same function: a kernel written for per-head rotary keys must not receive one shared
+    # rotary key (kernels/dispatch.py serves only the names it knows).
+    "partial_shared": partial_rope_attention,
     "shared_probs": shared_probs_attention,
 }
 
@@ -940,7 +957,7 @@ def attention_function(representation: str) -> Callable:
 class SharedKV:
     """A producer's attendable cache for this step, as kv_from consumers read it."""
 
-    representation: str  # "kv" | "pre_rope_latent" | "partial"
+    representation: str  # "kv" | "pre_rope_latent" | "partial" | "partial_shared"
     tensors: dict[str, torch.Tensor]
     producer: "KVForgeAttention"  # gives up-projections / rope_index / kv head count
     _dense: tuple | None = field(default=None, repr=False)
@@ -957,6 +974,9 @@ class SharedKV:
             elif self.representation == "partial":
                 self._dense = partial_rope_kv(t["k_rope"], t["kv_latent"], producer.k_up, producer.v_up,
                                               producer.rope_index, producer.head_dim)
+            elif self.representation == "partial_shared":
+                self._dense = shared_rope_kv(t["k_rope"], t["kv_latent"], producer.k_up, producer.v_up,
+                                             producer.num_kv_heads)
             else:
                 raise AssertionError(self.representation)
         return self._dense
@@ -1023,6 +1043,7 @@ class KVForgeAttention(nn.Module):
         dense / merged_heads(m)   q_proj, k_proj, v_proj, o_proj          (k/v with m heads when merged)
         low_rank pre_rope_latent  q_proj, k_down, k_up, v_down, v_up, o_proj
         low_rank partial(Dr)      q_proj, kv_down, k_up, v_up, k_rope, o_proj; buffer rope_index [K, Dr/2]
+        ... with rope_shared      q_proj, q_rope, kv_down, k_up, v_up, k_rope, o_proj; buffer rope_index [1, Dr/2]
         kv_from=j                 q_proj, o_proj
         probs_from=j              v_proj (or v_down, v_up), o_proj
 
@@ -1031,6 +1052,14 @@ class KVForgeAttention(nn.Module):
     values' mean); the mean passes through attention exactly since softmax weights sum to 1. k_up has
     none: a constant on pre-RoPE keys would be rotated per position (surgery factorises keys uncentred),
     and on partial-RoPE non-rotary keys it shifts all of a query's logits equally (softmax ignores it).
+
+    Shared rotary key (rope_shared, DeepSeek-V2/V3's MLA with q_lora_rank=None): q_proj keeps every head's D dims,
+    all of them non-rotary (against k_up's D dims per kv head); q_rope adds Dr rotary dims per query head against
+    ONE rotary key k_rope (Dr dims, cached once). Scores are scaled by D^-1/2 like the original's. Biases as in
+    the per-head layout (q_rope and k_rope iff attention_bias). DeepSeek also RMS-normalises the latent
+    (kv_a_layernorm); this layout does not, since a norm makes surgery inexact (each token's latent scaled by
+    1 / its RMS: 16% attention-output error on a tiny Llama at full rank against 0.9% without it); the stock
+    export builds the norm an exact-to-rounding equivalent instead (models/stock.py).
     """
 
     def __init__(self, config: KVForgeConfig, layer_idx: int, spec=None):
@@ -1077,6 +1106,14 @@ class KVForgeAttention(nn.Module):
             self.v_up = nn.Linear(layer.kv_rank, original_kv_heads * dim, bias=True)
             self.k_rope = nn.Linear(hidden, original_kv_heads * rope_dims, bias=bias)
             self.register_buffer("rope_index", self.default_rope_index(original_kv_heads, rope_dims))
+        elif rep == "partial_shared":
+            rope_dims = layer.rope_dims
+            self.q_rope = nn.Linear(hidden, heads * rope_dims, bias=bias)
+            self.kv_down = nn.Linear(hidden, layer.kv_rank, bias=True)
+            self.k_up = nn.Linear(layer.kv_rank, original_kv_heads * dim, bias=False)
+            self.v_up = nn.Linear(layer.kv_rank, original_kv_heads * dim, bias=True)
+            self.k_rope = nn.Linear(hidden, rope_dims, bias=bias)
+            self.register_buffer("rope_index", self.default_rope_index(1, rope_dims))
         elif rep == "v":
             self.v_proj = nn.Linear(hidden, own_heads * dim, bias=bias)
         elif rep == "v_latent":
@@ -1106,17 +1143,27 @@ class KVForgeAttention(nn.Module):
             cos_r = _gather_dims(cos[:, None].expand(-1, heads, -1, -1), rope_dims)  # [B, K, T, Dr]
             sin_r = _gather_dims(sin[:, None].expand(-1, heads, -1, -1), rope_dims)
             return {"kv_latent": self.kv_down(x), "k_rope": apply_rotary(k_rope, cos_r, sin_r)}
+        if rep == "partial_shared":
+            k_rope = self.k_rope(x).view(batch, length, 1, -1).transpose(1, 2)  # [B, 1, T, Dr]
+            cos_r, sin_r = self.shared_rope_tables(cos, sin)
+            return {"kv_latent": self.kv_down(x), "k_rope": apply_rotary(k_rope, cos_r[:, None], sin_r[:, None])}
         if rep == "v":
             return {"value": self.v_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)}
         if rep == "v_latent":
             return {"v_latent": self.v_down(x)}
         raise AssertionError(rep)
 
+    def shared_rope_tables(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, T, D] -> [B, T, Dr]: the frequencies of the shared rotary key (rope_index [1, Dr/2])."""
+        rope_dims, _ = partial_rope_dims(self.rope_index, self.head_dim)
+        return cos.index_select(-1, rope_dims[0]), sin.index_select(-1, rope_dims[0])
+
     # ---- attention over a producer's cache (own or shared) -------------------------------------------
     def attend(self, shared: SharedKV, query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: SlotPlan,
                need_probs: bool, dropout: float, handoff: LayerHandoff | None = None):
         """query [B, H, T, D] unrotated -> out [B, K, G, T, D], probs [B, K, G, T, S] | None. Public: PyramidKV
-        scores the prompt's slots through it (models/pyramid.py).
+        scores the prompt's slots through it (models/pyramid.py). A shared-rotary producer's query is
+        [B, H, T, D + Dr]: q_proj's D dims, then q_rope's Dr (both unrotated).
 
         Several new tokens (training, prefill): latent caches are up-projected to whole K / V once per step
         (`SharedKV.dense_kv`) and every representation attends through `kv_attention` (SDPA, flash when the
@@ -1127,9 +1174,24 @@ class KVForgeAttention(nn.Module):
         batch, heads, length, dim = query.shape
         kv_heads = producer.num_kv_heads
         query = query.view(batch, kv_heads, heads // kv_heads, length, dim)  # head h reads kv head h // G
-        rotated = apply_rotary(query, cos[:, None, None], sin[:, None, None])
         t = shared.tensors
         use_sdpa = self.config._attn_implementation == "sdpa"
+        if shared.representation == "partial_shared":
+            query_nope, query_rope = query.split([self.head_dim, dim - self.head_dim], dim=-1)
+            cos_r, sin_r = producer.shared_rope_tables(cos, sin)
+            query_rope = apply_rotary(query_rope, cos_r[:, None, None], sin_r[:, None, None])
+            if length > 1:  # training / prefill: whole keys [k_nope | k_rope] once per step, SDPA
+                mask, causal = plan.mask, False
+                if use_sdpa and not need_probs and handoff is not None:
+                    mask, causal = handoff.sdpa_mask(plan)
+                key, value = shared.dense_kv(plan)
+                return attention_function("kv")(torch.cat([query_nope, query_rope], dim=-1), key, value, mask,
+                                                self.scaling, need_probs=need_probs, dropout=dropout,
+                                                use_sdpa=use_sdpa, causal=causal)
+            return attention_function("partial_shared")(query_rope, query_nope, t["k_rope"], t["kv_latent"],
+                                                        producer.k_up, producer.v_up, plan.mask, self.scaling,
+                                                        need_probs=need_probs, dropout=dropout)
+        rotated = apply_rotary(query, cos[:, None, None], sin[:, None, None])
         if shared.representation == "kv" or length > 1:
             mask, causal = plan.mask, False
             if use_sdpa and not need_probs and handoff is not None:
@@ -1183,6 +1245,9 @@ class KVForgeAttention(nn.Module):
             probs = None
         else:
             query = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+            if self.representation == "partial_shared":  # [B, H, T, D + Dr]: the rotary query dims after q's
+                query_rope = self.q_rope(hidden_states).view(batch, length, self.num_heads, -1).transpose(1, 2)
+                query = torch.cat([query, query_rope], dim=-1)
             if layer.kv_from is not None:
                 shared = handoff.kv[layer.kv_from]
             else:

@@ -269,6 +269,11 @@ COMBINED = [
 ]
 METHODS["combined"] = COMBINED
 METHODS["combined_with_bias"] = COMBINED  # built with attention_bias (Qwen2-like k/v down-projection biases)
+# DeepSeek-style MLA: one rotary key for every head, an RMS-normed joint latent; beside dense, window and pre-RoPE
+# layers, with and without biases (q_rope, kv_down and k_rope carry one then)
+SHARED_ROPE = {"kv_proj": "low_rank", "rope": "partial", "rope_dims": 6, "kv_rank": 12, "rope_shared": True}
+METHODS["partial_shared"] = [SHARED_ROPE, {**WINDOW, **SHARED_ROPE}, {}, SHARED_ROPE]
+METHODS["partial_shared_with_bias"] = [SHARED_ROPE, METHODS["pre_rope_latent"][0], {**WINDOW, **SHARED_ROPE}]
 
 
 def build(layers, attn_implementation="sdpa", seed=0, **overrides) -> KVForgeForCausalLM:
@@ -306,7 +311,7 @@ def uncached_logits(model, sequences, mask, prompt_width, steps):
 @pytest.mark.parametrize("method", list(METHODS))
 def test_cached_greedy_generate_matches_uncached_forwards(method):
     model = build(METHODS[method], attn_implementation="eager" if method == "combined" else "sdpa",
-                  attention_bias=method == "combined_with_bias")
+                  attention_bias=method.endswith("_with_bias"))
     ids, mask = padded_batch()
     new_tokens = 12  # 7-token prompt + 12 > window + sinks
     with torch.no_grad():
@@ -368,8 +373,9 @@ def test_chunked_prefill_and_decode_match_one_pass():
 # ---------------------------------------------------------------------------------------------------
 
 
-def test_gradients_reach_every_parameter():
-    model = build(COMBINED).train()
+@pytest.mark.parametrize("method", ["combined", "partial_shared_with_bias"])
+def test_gradients_reach_every_parameter(method):
+    model = build(METHODS[method], attention_bias=method.endswith("_with_bias")).train()
     ids, mask = padded_batch(lengths=(9, 9))
     loss = model(ids, labels=ids, use_cache=False).loss
     loss.backward()
@@ -408,11 +414,12 @@ def expected_cache_shapes(layer: dict, batch: int, tokens: int):
     if layer.get("kv_proj") == "low_rank" and layer["rope"] == "pre_rope_latent":
         return {"k_latent": (batch, slots, layer["k_rank"]), "v_latent": (batch, slots, layer["v_rank"])}
     if layer.get("kv_proj") == "low_rank":
-        return {"kv_latent": (batch, slots, layer["kv_rank"]), "k_rope": (batch, KV_HEADS, slots, layer["rope_dims"])}
+        rope_heads = 1 if layer.get("rope_shared") else KV_HEADS  # one rotary key for all heads, or one per kv head
+        return {"kv_latent": (batch, slots, layer["kv_rank"]), "k_rope": (batch, rope_heads, slots, layer["rope_dims"])}
     return {"key": (batch, heads, slots, HEAD_DIM), "value": (batch, heads, slots, HEAD_DIM)}
 
 
-@pytest.mark.parametrize("method", ["dense", "combined"])
+@pytest.mark.parametrize("method", ["dense", "combined", "partial_shared"])
 def test_cache_allocates_what_the_spec_says(method):
     layers = METHODS[method]
     model = build(layers)

@@ -95,6 +95,16 @@ D = {}  # a dense global layer
     ([{"kv_proj": "merged_heads"}, D, D, D], "compression.layers[0].num_kv_heads is missing"),
     ([{"kv_proj": "merged_heads", "num_kv_heads": 3}, D, D, D],
      "compression.layers[0].num_kv_heads=3 is out of range: allowed 1 <= value <= 2 (merging cannot add heads"),
+    # one rotary key shared by all heads (DeepSeek MLA): a joint latent of every key and value dim (2 * 32 = 64)
+    ([{"kv_proj": "low_rank", "rope": "partial", "rope_dims": 4, "kv_rank": 65, "rope_shared": True}, D, D, D],
+     "compression.layers[0].kv_rank=65 is out of range: allowed 1 <= value <= 64 (the joint latent compresses 32 key"),
+    ([{"kv_proj": "low_rank", "rope": "partial", "rope_dims": 4, "kv_rank": 8, "rope_shared": "yes"}, D, D, D],
+     "compression.layers[0].rope_shared='yes' must be true (one rotary key shared by every head"),
+    ([{"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 4, "v_rank": 4, "rope_shared": True}, D, D, D],
+     "compression.layers[0].rope_shared=True is not used by kv_proj='low_rank' with rope='pre_rope_latent'"),
+    ([{"rope_shared": True}, D, D, D], "compression.layers[0].rope_shared=True is not used by kv_proj='dense'"),
+    ([{"kv_proj": "low_rank", "rope": "partial", "rope_dims": 4, "kv_rank": 8, "rope_shared": True}, {"kv_from": 0},
+      D, D], "compression.layers[1].kv_from=0 is invalid: layer 0 has rope_shared=true"),
     # a consumer attends over its producer's slots
     ([WINDOW, {"kv_from": 0}, D, D],
      "compression.layers[1].kv_from=0: layer 1 has attention='global' but layer 0 has attention='window', window=8, sinks=2"),
@@ -170,6 +180,12 @@ def test_spec_arithmetic():
     assert COMPLEX.kv_cache_bytes(4, num_kv_heads=2, head_dim=16, dtype=torch.float32) == (28 + 22 + 8) * 4 * 4
     # long-sequence rate: window layers amortize away
     assert COMPLEX.kv_cache_bytes_per_token(num_kv_heads=2, head_dim=16, dtype=torch.float32) == 28 * 4
+
+    shared_rope = spec_of({"kv_proj": "low_rank", "rope": "partial", "rope_dims": 4, "kv_rank": 20, "rope_shared": True},
+                          D, D, D)
+    assert shared_rope.kv_cache_elements_per_token(0, num_kv_heads=2, head_dim=16) == 20 + 4  # the rotary key once
+    assert shared_rope.to_dict()["layers"][0]["rope_shared"] is True
+    assert "rope_shared" not in COMPLEX.to_dict()["layers"][0]  # only what differs from the default is written
 
     merged = spec_of({"kv_proj": "merged_heads", "num_kv_heads": 1}, {"probs_from": 0}, D, D)
     assert [merged.kv_cache_elements_per_token(i, num_kv_heads=2, head_dim=16) for i in range(4)] == [32, 32, 64, 64]

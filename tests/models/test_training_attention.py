@@ -38,12 +38,14 @@ TOL = 2e-5
 WINDOW = {"attention": "window", "window": 5, "sinks": 2}
 PRE = {"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 12, "v_rank": 10}
 PARTIAL = {"kv_proj": "low_rank", "rope": "partial", "rope_dims": 6, "kv_rank": 20}
+SHARED_ROPE = {**PARTIAL, "rope_shared": True}
 MERGED = {"kv_proj": "merged_heads", "num_kv_heads": 1}
 SPECS = {
     "dense": [{}, WINDOW],
     "merged_heads": [MERGED, {**WINDOW, **MERGED}],
     "pre_rope_latent": [PRE, {**WINDOW, **PRE}],
     "partial": [PARTIAL, {**WINDOW, **PARTIAL}],
+    "partial_shared": [SHARED_ROPE, {**WINDOW, **SHARED_ROPE}],
     # kv_from readers of each latent kind, in and out of a window; a probs_from reader of a latent layer
     "kv_sharing": [PARTIAL, {"kv_from": 0}, {**WINDOW, **PRE}, {**WINDOW, "kv_from": 2},
                    {**WINDOW, "probs_from": 2, "kv_proj": "low_rank", "v_rank": 8}, {"probs_from": 0}],
@@ -55,8 +57,14 @@ def reference_attend(self, shared, query, cos, sin, plan, need_probs, dropout, h
     producer = shared.producer
     batch, heads, length, dim = query.shape
     query = query.view(batch, producer.num_kv_heads, heads // producer.num_kv_heads, length, dim)
-    rotated = mk.apply_rotary(query, cos[:, None, None], sin[:, None, None])
     t = shared.tensors
+    if shared.representation == "partial_shared":  # query [.., D + Dr]: q_proj's dims, then q_rope's
+        query_nope, query_rope = query.split([HEAD_DIM, dim - HEAD_DIM], dim=-1)
+        cos_r, sin_r = producer.shared_rope_tables(cos, sin)
+        query_rope = mk.apply_rotary(query_rope, cos_r[:, None, None], sin_r[:, None, None])
+        return partial_rope_attention(query_rope, query_nope, t["k_rope"], t["kv_latent"], producer.k_up,
+                                      producer.v_up, plan.mask, self.scaling, need_probs=need_probs, absorb=False)
+    rotated = mk.apply_rotary(query, cos[:, None, None], sin[:, None, None])
     if shared.representation == "kv":
         return kv_attention(rotated, t["key"], t["value"], plan.mask, self.scaling, need_probs=need_probs)
     if shared.representation == "pre_rope_latent":
