@@ -21,6 +21,21 @@ partial (MHA2MLA arXiv 2502.14837, TransMLA)
     restored when v_up has a bias to carry it. Without those biases the PCA is uncentred (still optimal for
     a bias-free latent).
 
+    Shared rotary key (rope_shared; DeepSeek-V2/V3 MLA, TransMLA's RoRoPE idea): ONE rotary key of d_rope dims
+    for every head, cached once, against d_rope rotary query dims per query head (q_rope); every head's whole
+    key (d dims, unrotated) and value go through the joint latent (no RMSNorm on it, unlike DeepSeek: models/stock.py).
+    RoPE at frequency f turns each head's pair f by the same angle, so a real mixing of the heads' pair-f
+    components commutes with it: k_h,f = s_h k'_f + r_h,f with k'_f = sum_m a_m k_m,f stays exact under RoPE
+    for the k'_f part. We pick the mixing per kept pair by a weighted PCA over the KV heads (`shared_rope_mixing`):
+    C_f = E[k_.,f k_.,f^T] summed over the pair's two dims (the rotation-invariant part of the pair's
+    covariance), weighted by w_h = sum_{j in g(h)} E|q_j,f|^2 (the queries that read head h's pair), so that
+    the expected squared logit of what is left out, sum_h w_h E|r_h,f|^2, is least: its top eigenvector v gives
+    a_m = v_m sqrt(w_m) and s_h = v_h / sqrt(w_h). The residual r_h,f is not dropped: it is moved into the
+    latent with the rest of the key (that part of the logit loses its rotation, as MHA2MLA's non-rotary dims
+    do); s_h scales query head j's q_rope rows. Then the joint PCA of [k - s k'; v] as for partial RoPE (keys'
+    mean dropped, values' mean restored by v_up's bias). At rope_dims = d and full rank the layer is exact only
+    if every pair's heads are proportional (one rank-1 component per pair); with n_kv = 1 it always is.
+
     Which pairs stay rotary (`select_rope_pairs`):
       "norm"    MHA2MLA's 2-norm criterion: by ||q_f|| ||k_f|| summed over the KV head's query heads,
                 the Cauchy-Schwarz bound on the pair's contribution to the logits (norms are root mean
@@ -267,6 +282,140 @@ def partial_rope_factors(
         k_rope_bias=None if k_bias is None else k_bias[rope_rows].clone(),
         latent=latent, rope_pairs=pairs, nope_rows=n_nope,
     )
+
+
+@dataclass
+class SharedRopeFactors:
+    """The parameters of a shared-rotary (rope_shared) layer beyond q_proj and o_proj."""
+
+    q_rope_weight: torch.Tensor            # [n_q * d_rope, H]
+    q_rope_bias: Optional[torch.Tensor]
+    k_rope_weight: torch.Tensor            # [d_rope, H]
+    k_rope_bias: Optional[torch.Tensor]
+    latent: Factorization                  # down: kv_down; up rows [:n_kv d] = k_up, rest = v_up
+    rope_pairs: torch.Tensor               # [1, d_rope / 2] (the `rope_index` buffer)
+    key_rows: int                          # n_kv * d
+
+    @property
+    def k_up_weight(self) -> torch.Tensor:
+        return self.latent.up_weight[:self.key_rows]
+
+    @property
+    def v_up_weight(self) -> torch.Tensor:
+        return self.latent.up_weight[self.key_rows:]
+
+    @property
+    def v_up_bias(self) -> torch.Tensor:
+        return self.latent.up_bias[self.key_rows:]
+
+
+def shared_rope_pairs(q_pair_energy: torch.Tensor, k_pair_energy: torch.Tensor, num_pairs: int,
+                      criterion: str = "norm") -> torch.Tensor:
+    """[1, p] long: the frequency pairs the one shared rotary key keeps, ascending. "norm" sums MHA2MLA's per-head
+    score ||q_f|| ||k_f|| over the KV heads (every head reads the shared pairs); the fixed criteria as
+    `select_rope_pairs` ("high" and "uniform" give pairs DeepSeek's stock RoPE can express, models/stock.py)."""
+    n_kv, half = k_pair_energy.shape
+    if criterion != "norm":
+        return select_rope_pairs(q_pair_energy, k_pair_energy, num_pairs, criterion)[:1]
+    if not 1 <= num_pairs <= half:
+        raise ValueError(f"rope_dims must be an even number in [2, {2 * half}] (head_dim), got {2 * num_pairs}")
+    n_q = q_pair_energy.shape[0]
+    q_norm = q_pair_energy.to(torch.float64).clamp_min(0).sqrt().reshape(n_kv, n_q // n_kv, half).sum(1)
+    score = (q_norm * k_pair_energy.to(torch.float64).clamp_min(0).sqrt()).sum(0)        # [d/2]
+    order = torch.sort(score, descending=True, stable=True).indices[:num_pairs]
+    return order.sort().values[None]
+
+
+def shared_rope_mixing(k_second_moment: torch.Tensor, q_pair_energy: torch.Tensor, pairs: torch.Tensor,
+                       num_kv_heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, s), each [p, n_kv] float64: the shared rotary key of pair f is k'_f = sum_m a[f, m] k_m,f, and KV head h
+    reads s[f, h] k'_f in its place (module doc: the query-weighted PCA over heads of the pair's covariance).
+
+    k_second_moment: E[k k^T] [n_kv d, n_kv d] of the pre-RoPE keys; q_pair_energy [n_q, d/2]; pairs [1, p]."""
+    half = head_dim // 2
+    n_q = q_pair_energy.shape[0]
+    weight = q_pair_energy.to(torch.float64).reshape(num_kv_heads, n_q // num_kv_heads, half).sum(1)  # [n_kv, d/2]
+    heads = torch.arange(num_kv_heads) * head_dim
+    a = torch.empty(pairs.shape[1], num_kv_heads, dtype=torch.float64)
+    s = torch.empty_like(a)
+    second = k_second_moment.to(torch.float64)
+    for i, f in enumerate(pairs[0].tolist()):
+        first, other = heads + f, heads + f + half
+        covariance = second[first][:, first] + second[other][:, other]              # [n_kv, n_kv]
+        w = weight[:, f].clamp_min(weight[:, f].max() * 1e-6 + 1e-30).sqrt()        # a dead head stays finite
+        top = torch.linalg.eigh(w[:, None] * covariance * w[None, :]).eigenvectors[:, -1]
+        top = top if top.sum() >= 0 else -top                                        # deterministic sign
+        a[i], s[i] = top * w, top / w
+    return a, s
+
+
+def shared_rope_factors(
+    *,
+    q_weight: torch.Tensor, q_bias: Optional[torch.Tensor],
+    k_weight: torch.Tensor, k_bias: Optional[torch.Tensor],
+    v_weight: torch.Tensor, v_bias: Optional[torch.Tensor],
+    kv_second_moment: torch.Tensor, kv_mean: torch.Tensor,
+    q_pair_energy: torch.Tensor, num_kv_heads: int, head_dim: int,
+    rope_dims: int, kv_rank: int, criterion: str = "norm",
+    key_metric: Optional[torch.Tensor] = None, value_metric: Optional[torch.Tensor] = None,
+    mixing: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
+) -> SharedRopeFactors:
+    """One rotary key shared by every head plus a joint latent of every head's key residual and value.
+
+    Args:
+        q_weight / q_bias: the query projection [n_q d, H] (q_rope's rows are scaled copies of its rotary rows).
+        kv_second_moment / kv_mean: moments of the concatenated pre-RoPE [k; v] ([2 n_kv d]).
+        key_metric, value_metric: the output-aware init (both or neither), [n_kv d]^2 each: the key metric on
+            every key dim (the residual meets the query unrotated, like the non-rotary dims).
+        mixing: (a, s) [p, n_kv] in place of `shared_rope_mixing`'s (for comparisons: e.g. the heads' mean).
+
+    Raises:
+        ValueError: bad rope_dims, rank or criterion.
+    """
+    if (key_metric is None) != (value_metric is None):
+        raise ValueError("shared_rope_factors takes key_metric and value_metric together")
+    if rope_dims % 2:
+        raise ValueError(f"rope_dims must be even (whole rotate_half pairs), got {rope_dims}")
+    n_k = num_kv_heads * head_dim
+    n_q = q_weight.shape[0] // head_dim
+    group = n_q // num_kv_heads
+    k_second = kv_second_moment[:n_k, :n_k]
+    pairs = shared_rope_pairs(q_pair_energy, pair_energy(k_second, num_kv_heads, head_dim), rope_dims // 2, criterion)
+    a, s = shared_rope_mixing(k_second, q_pair_energy, pairs, num_kv_heads, head_dim) if mixing is None else mixing
+    dims = rope_dim_index(pairs, head_dim)[0]                                         # [d_rope] head dims
+    a, s = torch.cat([a, a]).to(torch.float64), torch.cat([s, s]).to(torch.float64)   # per rotary dim, both halves
+    # T maps [k; v] to [k - s k'; v] (the residual keys the latent holds): y = T [k; v], E[y y^T] = T E T^T.
+    transform = torch.eye(2 * n_k, dtype=torch.float64)
+    for r, d in enumerate(dims.tolist()):
+        rows = torch.arange(num_kv_heads) * head_dim + d
+        transform[rows[:, None], rows[None, :]] -= s[r][:, None] * a[r][None, :]
+    weight64 = torch.cat([k_weight, v_weight]).to(torch.float64)
+    bias64 = None
+    if k_bias is not None or v_bias is not None:
+        bias64 = torch.cat([k_bias if k_bias is not None else torch.zeros(n_k, dtype=k_weight.dtype),
+                            v_bias if v_bias is not None else torch.zeros(n_k, dtype=v_weight.dtype)]).to(torch.float64)
+    second = transform @ kv_second_moment.to(torch.float64) @ transform.T
+    mean = transform @ kv_mean.to(torch.float64)
+    metric = None if key_metric is None else torch.block_diag(key_metric, value_metric)
+    dtype = k_weight.dtype
+    # Centred: the keys' mean is dropped (every latent key dim meets the query unrotated, so it shifts all of a
+    # query's logits alike), the values' mean comes back through v_up's bias.
+    latent = factorize((transform @ weight64).to(dtype), None if bias64 is None else (transform @ bias64).to(dtype),
+                       second, mean, kv_rank, offset=mean, restore_offset=False, metric=metric)
+    latent.up_bias = torch.cat([torch.zeros(n_k, dtype=torch.float64), mean[n_k:]]).to(dtype)
+    rope_rows = torch.arange(num_kv_heads)[None, :] * head_dim + dims[:, None]       # [d_rope, n_kv]
+    k_rope_weight = (a[:, :, None] * k_weight.to(torch.float64)[rope_rows]).sum(1)
+    k_rope_bias = None if k_bias is None else (a * k_bias.to(torch.float64)[rope_rows]).sum(1)
+    # Query head j (KV head h = j // group): s[., h] times its own rotary rows.
+    q_rows = torch.arange(n_q)[:, None] * head_dim + dims[None, :]                    # [n_q, d_rope]
+    q_scale = s.T[torch.arange(n_q) // group]                                         # [n_q, d_rope]
+    q_rope_weight = (q_scale[:, :, None] * q_weight.to(torch.float64)[q_rows]).reshape(n_q * rope_dims, -1)
+    q_rope_bias = None if q_bias is None else (q_scale * q_bias.to(torch.float64)[q_rows]).flatten()
+    def cast(t):
+        return None if t is None else t.to(dtype)
+    return SharedRopeFactors(
+        q_rope_weight=cast(q_rope_weight), q_rope_bias=cast(q_rope_bias), k_rope_weight=cast(k_rope_weight),
+        k_rope_bias=cast(k_rope_bias), latent=latent, rope_pairs=pairs, key_rows=n_k)
 
 
 def pre_rope_factors(
@@ -528,6 +677,17 @@ def _partial(stats, layer, attn, geometry, settings, rope_dims: int, rank: int, 
         balance=settings.balance, o_weight=attn.o_weight, **metrics)
 
 
+def _shared_rope(stats, layer, attn, geometry, settings, rope_dims: int, rank: int,
+                 metrics: Mapping[str, Optional[torch.Tensor]]) -> SharedRopeFactors:
+    kv_second, kv_mean = kv_moments(stats, layer, attn)
+    return shared_rope_factors(
+        q_weight=attn.q_weight, q_bias=attn.q_bias, k_weight=attn.k_weight, k_bias=attn.k_bias,
+        v_weight=attn.v_weight, v_bias=attn.v_bias, kv_second_moment=kv_second, kv_mean=kv_mean,
+        q_pair_energy=q_pair_energy(stats, layer, attn, geometry), num_kv_heads=geometry.num_kv_heads,
+        head_dim=geometry.head_dim, rope_dims=rope_dims, kv_rank=rank, criterion=settings.rope_pair_criterion,
+        **metrics)
+
+
 def low_rank_problems(spec: CompressionSpec, stats: CalibrationStatistics, attn: list[DenseAttention],
                       geometry: Geometry, settings: SurgerySettings, expected: Mapping[str, torch.Size],
                       rope_inv_freq: Optional[torch.Tensor] = None) -> list[LowRankProblem]:
@@ -547,6 +707,10 @@ def low_rank_problems(spec: CompressionSpec, stats: CalibrationStatistics, attn:
                 f = _pre_rope(stats, i, attn[i], geometry, settings, part, 1, restore,
                               _output_metric(stats, spec, attn, i, part, geometry, settings, rope_inv_freq))
                 problems.append(LowRankProblem(i, part, f.eigenvalues, geometry.kv_dims))
+        elif layer.rope_shared:
+            f = _shared_rope(stats, i, attn[i], geometry, settings, layer.rope_dims, 1,
+                             _partial_metrics(stats, spec, attn, i, geometry, settings))
+            problems.append(LowRankProblem(i, "kv", f.latent.eigenvalues, f.latent.up_weight.shape[0]))
         else:
             f = _partial(stats, i, attn[i], geometry, settings, layer.rope_dims, 1, restore, _has_kv_down_bias(expected, i),
                          _partial_metrics(stats, spec, attn, i, geometry, settings))
@@ -584,6 +748,19 @@ def transform_layer(t: Transform, i: int, entry: dict[str, Any]) -> None:
         entry["init"] = settings.init
         entry["k_discarded"] = discarded_energy(fk.eigenvalues, layer.k_rank)
         entry["v_discarded"] = discarded_energy(fv.eigenvalues, layer.v_rank)
+    elif layer.rope_shared:
+        f = _shared_rope(stats, i, a, geometry, settings, layer.rope_dims, layer.kv_rank,
+                         _partial_metrics(stats, t.spec, t.attn, i, geometry, settings))
+        t.put(i, "q_rope", f.q_rope_weight, f.q_rope_bias)
+        t.put(i, "k_rope", f.k_rope_weight, f.k_rope_bias)
+        t.put(i, "kv_down", f.latent.down_weight, f.latent.down_bias)
+        t.put(i, "k_up", f.k_up_weight)
+        t.put(i, "v_up", f.v_up_weight, f.v_up_bias)
+        t.out[f"{attention_prefix(i)}rope_index"] = f.rope_pairs
+        entry["kv"] = f"shared rotary key {layer.rope_dims} dims + latent {layer.kv_rank}"
+        entry["init"] = "pca" if settings.init == "pca" else "output_aware"
+        entry["kv_discarded"] = discarded_energy(f.latent.eigenvalues, layer.kv_rank)
+        entry["rope_pairs"] = f.rope_pairs.tolist()
     else:
         f = _partial(stats, i, a, geometry, settings, layer.rope_dims, layer.kv_rank, restore,
                      _has_kv_down_bias(t.expected, i), _partial_metrics(stats, t.spec, t.attn, i, geometry, settings))

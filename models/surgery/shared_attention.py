@@ -143,5 +143,6 @@ def choose_shared_attention(spec: CompressionSpec, stats: CalibrationStatistics,
         if layer.kv_proj == "low_rank":
             v_rank = layer.v_rank if layer.rope == "pre_rope_latent" else min(layer.kv_rank, geometry.kv_dims)
             layer.k_rank = layer.kv_rank = layer.rope = layer.rope_dims = None
+            layer.rope_shared = False
             layer.v_rank = v_rank
     return new
