@@ -9,6 +9,28 @@ it cannot hold, its config fields, and the state-dict renames and zero tensors i
     global + sliding window (no sinks), one window, one head count -> Qwen2ForCausalLM, layer_types +
                                                                        sliding_window (zero q/k/v biases
                                                                        when the model has none)
+    all layers global, low_rank partial with rope_shared (one rotary  -> DeepseekV3ForCausalLM (MLA,
+      key), one kv_rank and rope_dims, no q/k/v or MLP biases            q_lora_rank=None, every MLP dense)
+
+DeepSeek-V3 (MLA): q_proj = per head [q_proj's D dims | q_rope's Dr] times sqrt((D + Dr) / D) (DeepSeek scales scores
+by (D + Dr)^-1/2, kvforge by D^-1/2); kv_a_proj_with_mqa = [latent | k_rope]; kv_b_proj = per QUERY head [k_up; v_up]
+rows of its kv head (num_key_value_heads = num_attention_heads: GQA is expanded in the weights, never in the cache);
+v_up's bias folds into o_proj's bias (attention weights sum to 1). qk_nope_head_dim = v_head_dim = D,
+qk_rope_head_dim = Dr, rope_interleave=False. DeepSeek's RoPE has Dr/2 frequencies theta'^(-2i/Dr); kvforge's shared
+key keeps pairs f = stride * i of the head's theta^(-2f/D), the same frequencies for theta' = theta^(stride Dr / D):
+so the kept pairs must be 0, stride, 2 stride, ... in every layer (rope_pair_criterion "high" or "uniform" gives
+that; "norm" usually does not, and such a model is refused, naming the layer), under rope_type default, linear or
+llama3 (their adjustments read only the frequencies). DeepSeek also RMS-normalises the latent (kv_a_layernorm);
+kvforge's layout does not (a norm makes surgery inexact), so the export builds an equivalent: one extra latent dim
+holding a constant beta (kv_a_proj bias; its norm weight and kv_b_proj column are 0) makes rms(latent) ~ beta /
+sqrt(R + 1) whatever the token, and the other dims' norm weight beta / sqrt(R + 1) undoes it. With beta = 1e3 x a
+bound on |latent| over every possible input (||W_down||_2 max|input_layernorm.weight| sqrt(hidden) + |bias|), every
+token's latent is scaled by 1 - O(5e-7): exact to fp32 rounding, not bit-exact, at one more cached element per layer
+(kv_lora_rank = kv_rank + 1). transformers 5.x's DeepSeek-V3 caches the latent itself (kv_a output after the norm
+[B, 1, S, kv_lora_rank] as "keys", the rotated k_rot [B, 1, S, Dr] as "values"), not decompressed K/V: measured
+(kv_rank + 1 + rope_dims) elements per token per layer. DeepseekV2ForCausalLM has the same MLA but computes RoPE in
+interleaved complex form (no rope_interleave switch) and routes MoE from `first_k_dense_replace` alike; it would fit
+with the rotary rows permuted to interleaved order, and is not mapped (one MLA class is enough to serve it).
 
 Window semantics: a kvforge window W lets a token see itself and the W - 1 tokens before it (`q - k < W`);
 transformers 5.x's sliding overlay is `kv_idx > q_idx - sliding_window`, the same set, so sliding_window = W
@@ -24,6 +46,7 @@ model's own cache through the window's edge (`check_stock`).
 from __future__ import annotations
 
 import copy
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -61,12 +84,20 @@ WHY = {
     "kv_from": "stock Llama/Qwen2 layers compute their own K/V (cross-layer KV sharing needs the kvforge class)",
     "probs_from": "no stock class reuses another layer's attention probabilities",
     "kv_proj": "a low-rank K/V cache has no stock Llama/Qwen2 equivalent (DeepSeek MLA caches one shared rotary "
-               "key; kvforge's latents are pre-RoPE or keep rotary dims per KV head)",
+               "key: rope='partial' with rope_shared=true exports as DeepseekV3ForCausalLM; pre-RoPE latents or "
+               "rotary dims per KV head have none)",
+    "rope": "DeepSeek MLA keeps rotary key dims (rope='partial' with rope_shared=true); pre-RoPE latents have no "
+            "stock class",
+    "rope_shared": "DeepSeek MLA caches ONE rotary key for every head; rotary dims per KV head have no stock class "
+                   "(set rope_shared=true and redo the surgery)",
+    "kv_rank": "DeepSeek has one kv_lora_rank for every layer",
+    "rope_dims": "DeepSeek has one qk_rope_head_dim for every layer",
+    "attention_bias": "DeepSeek's q_proj has no bias (q_lora_rank=None)",
     "attention": "Llama has no sliding-window layers",
     "num_kv_heads": "stock configs have one num_key_value_heads for every layer",
     "window": "Qwen2 has one sliding_window for every sliding layer",
     "attention_output_bias": "Qwen2 (the stock class with per-layer sliding windows) has no o_proj bias",
-    "mlp_bias": "Qwen2 (the stock class with per-layer sliding windows) has no MLP biases",
+    "mlp_bias": "Qwen2 (the stock class with per-layer sliding windows) and DeepSeek have no MLP biases",
 }
 
 # Config fields every mapping copies from the KVForgeConfig unchanged.
@@ -86,6 +117,9 @@ class StockMapping:
     fields: config fields beyond COPIED_FIELDS, from (kvforge config, uniform values).
     renames: (regex, replacement) on state-dict keys, applied in order (none needed by today's mappings).
     zero_tensors: stock parameters (regex on the stock key) absent from the kvforge model, filled with zeros.
+    weight_fields: config fields read from the weights (kvforge config, state dict) -> dict; may raise
+        StockExportError for weights the class cannot hold (e.g. DeepSeek's RoPE frequencies).
+    convert: (state dict, kvforge config) -> the stock state dict, before renames (tensors combined or split).
     """
 
     name: str
@@ -98,6 +132,8 @@ class StockMapping:
     renames: tuple[tuple[str, str], ...] = ()
     zero_tensors: tuple[str, ...] = ()
     engines: str = ""
+    weight_fields: Optional[Callable[[Any, dict], dict]] = None
+    convert: Optional[Callable[[dict, Any], dict]] = None
 
     # ---- does the layout fit? --------------------------------------------------------------------
     def refusal(self, config) -> Optional[Refusal]:
@@ -138,17 +174,21 @@ class StockMapping:
         return {name: value for name, (_, value) in values.items()}
 
     # ---- the stock config and weights -------------------------------------------------------------
-    def stock_config(self, config):
+    def stock_config(self, config, state: Optional[dict[str, torch.Tensor]] = None):
         from transformers import AutoConfig
 
         uniform = self._uniform_values(config)
         assert not isinstance(uniform, Refusal), uniform
         fields = {name: copy.deepcopy(getattr(config, name)) for name in COPIED_FIELDS}
         fields.update(self.fields(config, uniform))
+        if self.weight_fields is not None:
+            fields.update(self.weight_fields(config, state))
         return AutoConfig.for_model(self.model_type, architectures=[self.architecture], use_cache=True, **fields)
 
-    def stock_state_dict(self, state: dict[str, torch.Tensor], stock_keys: dict[str, torch.Tensor]
-                         ) -> dict[str, torch.Tensor]:
+    def stock_state_dict(self, state: dict[str, torch.Tensor], stock_keys: dict[str, torch.Tensor],
+                         config=None) -> dict[str, torch.Tensor]:
+        if self.convert is not None:
+            state = self.convert(state, config)
         out = {}
         for key, value in state.items():
             for pattern, replacement in self.renames:
@@ -189,10 +229,116 @@ def _qwen2_fields(config, uniform: dict) -> dict:
             "layer_types": ["sliding_attention" if layer.is_window else "full_attention" for layer in spec.layers]}
 
 
+def _shared_rope_field(name: str) -> Callable[[Any, int], Any]:
+    def read(config, i: int):
+        layer = config.compression_spec.layers[i]
+        return getattr(layer, name) if layer.representation == "partial_shared" else None
+    return read
+
+
+def _deepseek_fields(config, uniform: dict) -> dict:
+    # Every layer a dense MLP (first_k_dense_replace = all of them), so the MoE fields are never read; attention_bias
+    # gives kv_a_proj the bias the latent's constant carrier needs (and o_proj one, which takes v_up's mean).
+    return {"num_key_value_heads": config.num_attention_heads, "q_lora_rank": None,
+            "kv_lora_rank": uniform["kv_rank"] + 1, "qk_rope_head_dim": uniform["rope_dims"],
+            "qk_nope_head_dim": config.head_dim, "v_head_dim": config.head_dim, "attention_bias": True,
+            # DeepSeek's rotary embedding reads head_dim as its width (its config sets head_dim = qk_rope_head_dim,
+            # unless a head_dim passed in, like the copied one, overrides it).
+            "head_dim": uniform["rope_dims"],
+            "rope_interleave": False, "first_k_dense_replace": config.num_hidden_layers, "n_routed_experts": 1,
+            "num_experts_per_tok": 1, "n_group": 1, "topk_group": 1, "num_mtp_layers": 0}
+
+
+DEEPSEEK_ROPE_TYPES = ("default", "linear", "llama3")  # adjustments that read only the frequencies themselves
+
+
+def _deepseek_rope(config, state: dict) -> dict:
+    """rope_parameters with rope_theta = theta^(stride Dr / D): DeepSeek's Dr/2 frequencies equal the kept pairs'."""
+    rope = copy.deepcopy(config.rope_parameters) or {}
+    rope_type = rope.get("rope_type", "default")
+    if rope_type not in DEEPSEEK_ROPE_TYPES:
+        raise StockExportError(f"rope_parameters.rope_type={rope_type!r} has no DeepSeek equivalent for a shared rotary "
+                               f"key of a subset of the head's frequencies; expected one of {DEEPSEEK_ROPE_TYPES}")
+    strides = {}
+    for i in range(config.num_hidden_layers):
+        pairs = state[f"model.layers.{i}.self_attn.rope_index"][0]
+        stride = int(pairs[1] - pairs[0]) if len(pairs) > 1 else 1
+        if stride < 1 or not torch.equal(pairs.cpu(), torch.arange(len(pairs)) * stride):
+            raise StockExportError(
+                f"compression.layers[{i}] keeps rotary pairs {pairs.tolist()}: DeepSeek's RoPE holds only the pairs 0, "
+                f"s, 2s, ... (surgery.rope_pair_criterion 'high' or 'uniform' picks those); not exported as stock")
+        strides[i] = stride
+    if len(set(strides.values())) > 1:
+        raise StockExportError(f"rotary pair strides differ across layers ({strides}); DeepSeek has one rope_theta")
+    stride = strides[0]
+    rope_dims = config.compression_spec.layers[0].rope_dims
+    rope["rope_theta"] = float(rope["rope_theta"]) ** (stride * rope_dims / config.head_dim)
+    return {"rope_parameters": rope}
+
+
+CARRIER_RATIO = 1e3  # beta / the bound on |latent|: every latent scaled by 1 - O(1 / (2 CARRIER_RATIO^2))
+
+
+def _to_deepseek(state: dict[str, torch.Tensor], config) -> dict[str, torch.Tensor]:
+    """kvforge shared-rotary layers -> DeepSeek-V3 MLA tensors (module doc: the carrier dim, the query scale)."""
+    out = {k: v for k, v in state.items() if ".self_attn." not in k}
+    heads, dim = config.num_attention_heads, config.head_dim
+    group = heads // config.num_key_value_heads
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}.self_attn."
+        rope_dims = config.compression_spec.layers[i].rope_dims
+        dtype = state[p + "q_proj.weight"].dtype
+        q = state[p + "q_proj.weight"].double().view(heads, dim, -1)
+        q_rope = state[p + "q_rope.weight"].double().view(heads, rope_dims, -1)
+        assert p + "q_proj.bias" not in state and p + "q_rope.bias" not in state, "refused: attention_bias"
+        out[p + "q_proj.weight"] = (torch.cat([q, q_rope], dim=1) * math.sqrt((dim + rope_dims) / dim)).reshape(
+            heads * (dim + rope_dims), -1).to(dtype)
+        down_w, down_b = state[p + "kv_down.weight"].double(), state[p + "kv_down.bias"].double()
+        rank, hidden = down_w.shape
+        # Bound on |latent| for any input: the input is input_layernorm.weight * (h / rms(h)), of norm <= max|w| sqrt(E).
+        norm_weight = state[f"model.layers.{i}.input_layernorm.weight"].double()
+        bound = (torch.linalg.matrix_norm(down_w, ord=2) * norm_weight.abs().max() * math.sqrt(hidden)
+                 + down_b.norm()).item()
+        beta = max(CARRIER_RATIO * bound, 1.0)
+        rope_bias = state.get(p + "k_rope.bias", torch.zeros(rope_dims, dtype=dtype)).double()
+        out[p + "kv_a_proj_with_mqa.weight"] = torch.cat([torch.zeros(1, hidden, dtype=torch.float64), down_w,
+                                                          state[p + "k_rope.weight"].double()]).to(dtype)
+        out[p + "kv_a_proj_with_mqa.bias"] = torch.cat([torch.tensor([beta], dtype=torch.float64), down_b,
+                                                        rope_bias]).to(dtype)
+        out[p + "kv_a_layernorm.weight"] = torch.cat([torch.zeros(1, dtype=torch.float64),
+                                                      torch.full((rank,), beta / math.sqrt(rank + 1),
+                                                                 dtype=torch.float64)]).to(dtype)
+        kv_head = torch.arange(heads) // group                                            # query head -> kv head
+        k_up = state[p + "k_up.weight"].double().view(-1, dim, rank)[kv_head]            # [H, D, R]
+        v_up = state[p + "v_up.weight"].double().view(-1, dim, rank)[kv_head]
+        b_up = torch.cat([k_up, v_up], dim=1).reshape(heads * 2 * dim, rank)
+        out[p + "kv_b_proj.weight"] = torch.cat([torch.zeros(heads * 2 * dim, 1, dtype=torch.float64), b_up],
+                                                dim=1).to(dtype)
+        o_w = state[p + "o_proj.weight"]
+        value_mean = state[p + "v_up.bias"].double().view(-1, dim)[kv_head].reshape(-1)  # [H * D]
+        o_b = state.get(p + "o_proj.bias", torch.zeros(o_w.shape[0], dtype=dtype)).double()
+        out[p + "o_proj.weight"] = o_w
+        out[p + "o_proj.bias"] = (o_b + o_w.double() @ value_mean).to(dtype)
+    return out
+
+
 NO_SHARING = {"sinks": (0,), "kv_from": (None,), "probs_from": (None,), "kv_proj": ("dense", "merged_heads")}
 BIAS_SUFFIX = r"\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.bias$"
 
 MAPPINGS = (
+    # First: it holds only shared-rotary layouts, and a tie between refusals names the later (more general) mapping.
+    StockMapping(
+        name="deepseek-v3-mla", model_type="deepseek_v3", architecture="DeepseekV3ForCausalLM",
+        layer_values={"attention": ("global",), "sinks": (0,), "kv_from": (None,), "probs_from": (None,),
+                      "kv_proj": ("low_rank",), "rope": ("partial",), "rope_shared": (True,)},
+        uniform=(("kv_rank", _shared_rope_field("kv_rank")), ("rope_dims", _shared_rope_field("rope_dims"))),
+        model_values={"attention_bias": (False,), "mlp_bias": (False,)},
+        fields=_deepseek_fields,
+        weight_fields=_deepseek_rope,
+        convert=_to_deepseek,
+        engines="DeepseekV3ForCausalLM (MLA, q_lora_rank=None, dense MLPs): transformers (tested); vLLM and SGLang serve "
+                "it with their MLA kernels (not run by kvforge's tests)",
+    ),
     StockMapping(
         name="llama", model_type="llama", architecture="LlamaForCausalLM",
         layer_values={"attention": ("global",), **NO_SHARING},
@@ -236,13 +382,14 @@ def to_stock(model: torch.nn.Module, mapping: StockMapping) -> torch.nn.Module:
     """The stock model of `mapping` holding `model`'s weights (copies; same dtype), in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    config = mapping.stock_config(model.config)
+    weights = model.state_dict()
+    config = mapping.stock_config(model.config, weights)
     dtype = next(model.parameters()).dtype
     stock = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     if type(stock).__name__ != mapping.architecture:
         raise StockExportError(f"transformers built {type(stock).__name__} for {mapping.model_type}, expected "
                                f"{mapping.architecture}")
-    state = mapping.stock_state_dict(model.state_dict(), stock.state_dict())
+    state = mapping.stock_state_dict(weights, stock.state_dict(), model.config)
     try:
         stock.load_state_dict(state, strict=True)
     except RuntimeError as error:  # a mapping whose renames do not cover the model: a bug, named
@@ -350,7 +497,8 @@ def expected_stock_bytes(kv_config, tokens: int, dtype) -> int:
     total = 0
     for i, layer in enumerate(spec.layers):
         slots = min(tokens, layer.window - 1) if layer.is_window else tokens
-        total += layer.kv_cache_elements_per_token(kv_config.num_key_value_heads, kv_config.head_dim) * slots
+        carrier = 1 if layer.representation == "partial_shared" else 0  # DeepSeek's latent: one constant dim more
+        total += (layer.kv_cache_elements_per_token(kv_config.num_key_value_heads, kv_config.head_dim) + carrier) * slots
     return total * dtype_num_bytes(dtype)
 
 

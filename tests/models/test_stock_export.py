@@ -27,6 +27,7 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_atte
             head_dim=16, vocab_size=VOCAB, max_position_embeddings=256, initializer_range=0.1, tie_word_embeddings=True)
 WINDOW = 8
 TOL = 1e-4
+SHARED_ROPE = {"kv_proj": "low_rank", "rope": "partial", "rope_dims": 4, "kv_rank": 12, "rope_shared": True}
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -225,6 +226,11 @@ REFUSED = {
                  "compression.layers[1].kv_proj='low_rank'"),
     "partial_rope": ([{"kv_proj": "low_rank", "rope": "partial", "rope_dims": 4, "kv_rank": 16}], {},
                      "compression.layers[0].kv_proj='low_rank'"),
+    # DeepSeek MLA: one kv_lora_rank, no q bias
+    "shared_rope_ranks_per_layer": ([{**SHARED_ROPE, "kv_rank": 20}, SHARED_ROPE], {},
+                                    "compression.layers[1].kv_rank=12"),
+    # (a model-level refusal names no layer, so the furthest refusal reported is Llama's, at layer 0)
+    "shared_rope_q_bias": ([SHARED_ROPE], {"attention_bias": True}, "compression.layers[0].kv_proj='low_rank'"),
     "heads_per_layer": ([{"kv_proj": "merged_heads", "num_kv_heads": 1}, {}], {},
                         "compression.layers[1].kv_proj='dense'"),
     "windows_per_layer": ([{"attention": "window", "window": WINDOW}, {"attention": "window", "window": 6}], {},
@@ -301,14 +307,15 @@ def test_a_conversion_that_fails_its_check_is_not_written_as_stock(breakage, tmp
     from kvforge.models import stock
     from kvforge.models.export import ExportError, export_model
 
-    llama = stock.MAPPINGS[0]
+    index = next(i for i, m in enumerate(stock.MAPPINGS) if m.name == "llama")
+    llama = stock.MAPPINGS[index]
     if breakage == "config":
         broken = dataclasses.replace(llama, fields=lambda c, u: {**llama.fields(c, u), "rms_norm_eps": 0.3})
         reason = "logits"
     else:
         broken = dataclasses.replace(llama, renames=((r"\.q_proj\.", ".query."),))
         reason = "does not fit this model's weights"
-    monkeypatch.setattr(stock, "MAPPINGS", (broken, *stock.MAPPINGS[1:]))
+    monkeypatch.setattr(stock, "MAPPINGS", (*stock.MAPPINGS[:index], broken, *stock.MAPPINGS[index + 1:]))
     with pytest.raises(ExportError, match=reason):
         export_model(compressed("llama", "standard"), None, tmp_path / "stock", dtype="float32", format="stock")
     assert not (tmp_path / "stock").exists()
@@ -316,3 +323,60 @@ def test_a_conversion_that_fails_its_check_is_not_written_as_stock(breakage, tmp
     assert result.kvforge
     manifest = json.loads((tmp_path / "auto" / "kvforge_export.json").read_text())
     assert manifest["stock"]["format"] == "kvforge" and reason in manifest["stock"]["reason"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shared rotary key (DeepSeek MLA) -> DeepseekV3ForCausalLM
+
+
+@pytest.mark.parametrize("format", ["stock", "auto"])
+def test_shared_rotary_layout_exports_as_deepseek_v3(format, tmp_path, tokenizer, capsys):
+    """Through the CLI, loaded without remote code: the same logits (fp32, atol 1e-4) and greedy tokens with
+    DeepSeek's own cache, which holds the latent (plus the constant carrier dim) and the one rotary key."""
+    from transformers import DeepseekV3ForCausalLM
+
+    model = custom(layers_config([SHARED_ROPE] * 3, attention_output_bias=True))  # an o_proj bias takes v_up's mean
+    source = save_source(model, tokenizer, tmp_path / "src")
+    out = tmp_path / "out"
+    code, printed, err = export_cli(["--model", source, "--out", out, "--format", format, "--dtype", "float32"],
+                                    capsys)
+    assert code == 0, err
+    assert printed["kvforge"] is False and printed["architecture"] == "DeepseekV3ForCausalLM"
+    assert not list(out.glob("*.py"))
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()  # no trust_remote_code
+    assert type(loaded) is DeepseekV3ForCausalLM
+    c = loaded.config
+    assert (c.kv_lora_rank, c.qk_rope_head_dim, c.qk_nope_head_dim, c.v_head_dim, c.q_lora_rank) == (13, 4, 16, 16, None)
+    assert c.first_k_dense_replace == 3 and not c.rope_interleave
+    assert_same_computation(model, loaded)
+    # transformers 5.x's DeepSeek cache stores the latent [B, 1, S, kv_lora_rank] and the rotated shared key
+    # [B, 1, S, Dr], never decompressed K/V: (12 + 1 + 4) elements per token per layer against the spec's 12 + 4.
+    tokens = 3 * WINDOW
+    measured = stock_cache_bytes(loaded, tokens)
+    assert measured["total_bytes"] == 3 * tokens * (12 + 1 + 4) * 4
+    assert model.config.kv_cache_bytes(tokens, torch.float32) == 3 * tokens * (12 + 4) * 4
+    manifest = json.loads((out / "kvforge_export.json").read_text())
+    assert manifest["stock"]["check"]["max_logit_diff"] <= TOL and manifest["stock"]["check"]["same_tokens"]
+
+
+def test_deepseek_needs_rotary_pairs_its_rope_can_express(tmp_path, tokenizer, capsys):
+    """Kept pairs 0, s, 2s, ... map to a rope_theta; others (the "norm" criterion's pick) are refused by --format
+    stock naming the layer, and written as the kvforge class by auto."""
+    from transformers import DeepseekV3ForCausalLM
+
+    model = custom(layers_config([SHARED_ROPE] * 2))
+    with torch.no_grad():
+        model.model.layers[0].self_attn.rope_index.copy_(torch.tensor([[0, 4]]))  # stride 4 in both layers
+        model.model.layers[1].self_attn.rope_index.copy_(torch.tensor([[0, 4]]))
+    mapping, _ = plan(model.config)
+    stock = to_stock(model, mapping)
+    assert type(stock) is DeepseekV3ForCausalLM
+    assert stock.config.rope_parameters["rope_theta"] == pytest.approx(10000.0 ** (4 * 4 / 16))
+    assert_same_computation(model, stock)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.rope_index.copy_(torch.tensor([[1, 3]]))
+    source = save_source(model, tokenizer, tmp_path / "src")
+    code, _, err = export_cli(["--model", source, "--out", tmp_path / "stock", "--format", "stock"], capsys)
+    assert code == 2 and "compression.layers[1] keeps rotary pairs [1, 3]" in err, err
+    code, printed, err = export_cli(["--model", source, "--out", tmp_path / "auto", "--dtype", "float32"], capsys)
+    assert code == 0 and printed["architecture"] == "KVForgeForCausalLM", err
