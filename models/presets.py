@@ -210,11 +210,12 @@ def sliding_window(num_layers: int, window: int = 1024, sinks: int = 0, global_e
 
 
 def low_rank(num_layers: int, num_kv_heads: int, head_dim: int, budget: float = 0.5,
-             rope: str = "pre_rope_latent", rope_dims: int = 16) -> Any:
+             rope: str = "pre_rope_latent", rope_dims: int = 16, rope_shared: bool = False) -> Any:
     """Every layer low-rank at a uniform rank so the cache is `budget` (a fraction) of the dense one.
 
     pre_rope_latent: k_rank = v_rank = budget * n_kv * d. partial: n_kv * rope_dims rotary dims cached as
-    they are, and a joint latent of rank budget * 2 n_kv d - n_kv rope_dims.
+    they are, and a joint latent of rank budget * 2 n_kv d - n_kv rope_dims; with rope_shared, one rotary key of
+    rope_dims for every head (DeepSeek MLA) and a joint latent of rank budget * 2 n_kv d - rope_dims.
 
     Raises:
         PresetError: a budget outside (0, 1] or one too small for the rotary dims.
@@ -227,12 +228,16 @@ def low_rank(num_layers: int, num_kv_heads: int, head_dim: int, budget: float = 
         rank = max(1, math.floor(budget * dense / 2))
         layer = {"kv_proj": "low_rank", "rope": rope, "k_rank": rank, "v_rank": rank}
     elif rope == "partial":
-        kv_rank = math.floor(budget * dense) - num_kv_heads * rope_dims
+        if not isinstance(rope_shared, bool):
+            raise PresetError(f"preset 'low-rank': rope_shared must be true or false, got {rope_shared!r}")
+        kv_rank = math.floor(budget * dense) - (1 if rope_shared else num_kv_heads) * rope_dims
         if kv_rank < 1:
             raise PresetError(f"preset 'low-rank': a budget of {budget} ({math.floor(budget * dense)} elements per layer) "
                               f"leaves no room for a latent beside {num_kv_heads} x {rope_dims} rotary dims; "
                               "lower rope_dims or raise the budget")
         layer = {"kv_proj": "low_rank", "rope": rope, "rope_dims": rope_dims, "kv_rank": kv_rank}
+        if rope_shared:
+            layer["rope_shared"] = True
     else:
         raise PresetError(f"preset 'low-rank': rope must be 'pre_rope_latent' or 'partial', got {rope!r}")
     return _spec([{**global_layer(), **layer} for _ in range(num_layers)])
