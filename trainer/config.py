@@ -70,6 +70,12 @@ class TeacherSamplesConfig:
     prefix_source: Optional[str] = None
     prefix_fraction: float = 0.0
     prefix_tokens: int = 16
+    # This fraction of the samples (outside the prefixed ones) start with an instruction in the tokenizer's chat
+    # template asking for a piece of writing (a story, a poem, a letter, ...), which the teacher then writes: an
+    # instruct model from a bare document start mostly writes markup and code. `instructions`: a text file of
+    # one instruction per line; null = the built-in tasks x topics (trainer/instructions.py).
+    instruction_fraction: float = 0.0
+    instructions: Optional[str] = None
     # false: the teacher may end a document (separator token) and start another inside one sample, as in
     # packed pretraining text; true: the separator is never sampled, one document per sample.
     suppress_eos: bool = False
@@ -84,6 +90,14 @@ class TeacherSamplesConfig:
     # kernel, one CUDA graph for every position), matmul, sdpa. Not part of the samples' cache key: the same
     # distribution, drawn through other kernels.
     attention: str = "auto"
+
+
+def without_unused_instructions(settings: dict[str, Any]) -> dict[str, Any]:
+    """Teacher-samples settings (as a mapping) without the instruction keys when no sample is instructed: they
+    then change no token, and samples cached and checkpoints saved before the keys existed keep their keys."""
+    if settings.get("instruction_fraction"):
+        return settings
+    return {k: v for k, v in settings.items() if k not in ("instruction_fraction", "instructions")}
 
 
 @dataclass
@@ -641,6 +655,13 @@ def check_teacher_samples(ts: TeacherSamplesConfig, seq_len: int) -> None:
         _fail("data.teacher_samples.attention", ts.attention, "one of auto, triton, matmul, sdpa")
     if not 0 <= ts.prefix_fraction <= 1:
         _fail("data.teacher_samples.prefix_fraction", ts.prefix_fraction, "a fraction in [0, 1]")
+    if not 0 <= ts.instruction_fraction <= 1 - ts.prefix_fraction:
+        _fail("data.teacher_samples.instruction_fraction", ts.instruction_fraction,
+              f"a fraction in [0, 1 - prefix_fraction = {1 - ts.prefix_fraction:g}] (a sample is prefixed, "
+              "instructed or neither)")
+    if ts.instructions is not None and not Path(ts.instructions).expanduser().is_file():
+        _fail("data.teacher_samples.instructions", ts.instructions,
+              "a text file of one instruction per line, or null for the built-in ones")
     sample_len = ts.sample_len or seq_len
     if ts.prefix_tokens < 1 or (ts.prefix_fraction > 0 and ts.prefix_tokens > sample_len - 2):
         _fail("data.teacher_samples.prefix_tokens", ts.prefix_tokens,

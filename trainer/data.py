@@ -62,7 +62,9 @@ from tqdm.auto import tqdm
 
 from kvforge import atomic
 
-from .config import TEACHER_SAMPLES, ConfigError, TeacherSamplesConfig, check_teacher_samples
+from .config import (TEACHER_SAMPLES, ConfigError, TeacherSamplesConfig, check_teacher_samples,
+                     without_unused_instructions)
+from .instructions import builtin_instructions
 
 logger = logging.getLogger(__name__)
 
@@ -794,10 +796,15 @@ class _SampleWarper:
     hold the whole temperature range. The order (temperature before top-p) is the one transformers uses.
     """
 
-    def __init__(self, temperatures_B: torch.Tensor, top_p: float, banned: Sequence[int]):
+    def __init__(self, temperatures_B: torch.Tensor, top_p: float, banned: Sequence[int],
+                 forced_BF: torch.Tensor | None = None):
         self.temperatures_B1 = temperatures_B[:, None]
         self.top_p = top_p
         self.banned = list(banned)
+        # forced_BF[b, t] >= 0: the t-th generated token of row b is that token, not a draw (a prompt of its own
+        # length fed through the decode steps, so rows of different prompt lengths share a batch unpadded).
+        self.forced_BF = forced_BF
+        self.step = 0  # calls so far: one per generated token
 
     def __call__(self, input_ids: torch.Tensor, scores_BV: torch.Tensor) -> torch.Tensor:
         scores_BV = scores_BV.float() / self.temperatures_B1.to(scores_BV.device)
@@ -805,6 +812,12 @@ class _SampleWarper:
             scores_BV[:, self.banned] = -math.inf
         if self.top_p < 1.0:
             scores_BV = self._nucleus(scores_BV)
+        if self.forced_BF is not None and self.step < self.forced_BF.shape[1]:
+            token_B = self.forced_BF[:, self.step].to(scores_BV.device)
+            rows_R = (token_B >= 0).nonzero()[:, 0]
+            scores_BV[rows_R] = -math.inf
+            scores_BV[rows_R, token_B[rows_R]] = 0.0
+        self.step += 1
         return scores_BV
 
     def _nucleus(self, scores_BV: torch.Tensor) -> torch.Tensor:
@@ -858,12 +871,13 @@ def _static_sampler(model: Any, ts: TeacherSamplesConfig, sample_len: int) -> An
 
 def teacher_sample_rows(model: Any, ts: TeacherSamplesConfig, n_samples: int, sample_len: int, separator_id: int,
                         prefixes: Sequence[np.ndarray] = (), show_progress: bool = True,
-                        ) -> tuple[torch.Tensor, dict[str, Any]]:
+                        instructions: Sequence[np.ndarray] = ()) -> tuple[torch.Tensor, dict[str, Any]]:
     """`n_samples` samples of exactly `sample_len` tokens from `model`: [n_samples, sample_len] int32, and stats.
 
     Every sample starts with `separator_id` (the token between documents, so the model starts a new document);
     a `ts.prefix_fraction` of them continue a window of `ts.prefix_tokens` tokens of one of `prefixes` (token id
-    arrays of real text) at a random offset. Sampling: each sample's temperature uniform in
+    arrays of real text) at a random offset, and a `ts.instruction_fraction` of them continue one of
+    `instructions` (token ids of a chat-formatted request, fed through the first decode steps). Sampling: each sample's temperature uniform in
     [ts.temperature_min, ts.temperature_max], then top_p; `ts.suppress_eos` bans the separator and the model's
     eos, else the model may end a document and begin the next one inside a sample, as packed text does.
 
@@ -885,6 +899,14 @@ def teacher_sample_rows(model: Any, ts: TeacherSamplesConfig, n_samples: int, sa
     prefixed = rng.random(n_samples) < ts.prefix_fraction if len(prefixes) else np.zeros(n_samples, dtype=bool)
     documents = rng.integers(0, max(1, len(prefixes)), size=n_samples)
     offsets = rng.random(n_samples)
+    # Drawn after the prefix draws, so settings without instructions sample what they sampled before.
+    instructed = ~prefixed & (rng.random(n_samples) * (1 - ts.prefix_fraction) < ts.instruction_fraction) \
+        if len(instructions) else np.zeros(n_samples, dtype=bool)
+    chosen = rng.integers(0, max(1, len(instructions)), size=n_samples)
+    longest = max((len(instructions[i]) for i in chosen[instructed]), default=0)
+    if longest > sample_len - 2:
+        raise DataError(f"an instruction of {longest} tokens leaves no room to generate in a sample of {sample_len} "
+                        "tokens; raise data.teacher_samples.sample_len or shorten the instructions")
     banned = set()
     if ts.suppress_eos:
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -911,7 +933,15 @@ def teacher_sample_rows(model: Any, ts: TeacherSamplesConfig, n_samples: int, sa
         for batch, indices in enumerate(batches):
             prompt_BP = torch.tensor([prompt(i) for i in indices], device=device)
             new_tokens = sample_len - prompt_BP.shape[1]
-            warper = _SampleWarper(torch.tensor(temperatures[indices], dtype=torch.float32), ts.top_p, sorted(banned))
+            forced_BF = None
+            if instructed[indices].any():
+                forced_BF = torch.full((len(indices), max(len(instructions[chosen[i]]) for i in indices
+                                                          if instructed[i])), -1, dtype=torch.long)
+                for row, i in enumerate(indices):
+                    if instructed[i]:
+                        forced_BF[row, :len(instructions[chosen[i]])] = torch.from_numpy(instructions[chosen[i]])
+            warper = _SampleWarper(torch.tensor(temperatures[indices], dtype=torch.float32), ts.top_p, sorted(banned),
+                                   forced_BF)
             with torch.random.fork_rng(devices=forked):
                 torch.manual_seed(int(_unit_hash(f"teacher-samples\x00{ts.seed}\x00{batch}") * 2**62))
                 if static is not None:
@@ -933,11 +963,41 @@ def teacher_sample_rows(model: Any, ts: TeacherSamplesConfig, n_samples: int, sa
     sampler.train(was_training)
     seconds = time.perf_counter() - started
     stats = {"samples": n_samples, "sample_len": sample_len, "prefixed_samples": int(prefixed.sum()),
+             "instructed_samples": int(instructed.sum()),
              "sampled_separators": int((samples[:, 1:] == separator_id).sum()),
              "sample_dtype": str(dtype).split(".")[-1], "engine": "generate" if static is None else "static",
              "sample_seconds": round(seconds, 3),
              "sample_tokens_per_s": round(generated_tokens / seconds, 1) if seconds > 0 else None}
     return samples, stats
+
+
+def instruction_prompts(ts: TeacherSamplesConfig, tokenizer: Any) -> list[np.ndarray]:
+    """Token ids of each instruction as the tokenizer's chat template frames a user's request, up to where the
+    assistant's answer begins (the file's lines, or the built-in tasks x topics).
+
+    Raises:
+        DataError: the tokenizer has no chat template (a base model, which follows no instructions), or the
+            file holds no instruction.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"data.teacher_samples.instruction_fraction = {ts.instruction_fraction} needs a tokenizer "
+                        f"with a chat template (an instruct model); {type(tokenizer).__name__} "
+                        f"{getattr(tokenizer, 'name_or_path', '')!r} has none: set instruction_fraction to 0")
+    if ts.instructions is None:
+        texts = builtin_instructions()
+    else:
+        path = Path(ts.instructions).expanduser()
+        texts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not texts:
+            raise DataError(f"data.teacher_samples.instructions = {ts.instructions!r}: the file holds no instruction "
+                            "(expected one per line)")
+    prompts = []
+    for text in texts:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True)
+        ids = ids["input_ids"] if isinstance(ids, Mapping) else ids  # transformers 5 returns a BatchEncoding
+        prompts.append(np.asarray(ids, dtype=np.int64))
+    return prompts
 
 
 def _prefix_pool(src: _Source, settings: dict[str, Any], tokenizer: Any, min_tokens: int,
@@ -979,13 +1039,17 @@ def _teacher_samples_packed(settings: dict[str, Any], tokenizer: Any, separator_
     key_material = {
         "version": TEACHER_SAMPLES_VERSION, "teacher": teacher.identity, "tokenizer": tokenizer_fingerprint(tokenizer),
         "separator_id": separator_id, "samples": n_samples, "sample_len": sample_len,
-        "settings": {k: v for k, v in dataclasses.asdict(ts).items() if k not in ("tokens", "sample_len", "attention")},
+        "settings": without_unused_instructions({k: v for k, v in dataclasses.asdict(ts).items()
+                                                 if k not in ("tokens", "sample_len", "attention")}),
         # The prefix pool depends on the prefix source, its split and how much of it is read.
         "prefixes": None if prefix_src is None else {
             "source": prefix_src.fingerprint(), "eval_fraction": settings["eval_fraction"], "seed": settings["seed"],
             "max_documents": settings["max_documents"], "text_field": settings["text_field"],
             "split": settings["split"], "config_name": settings["config_name"]},
     }
+    instructions = instruction_prompts(ts, tokenizer) if ts.instruction_fraction > 0 else []
+    if instructions:  # what the teacher is asked, as tokens: the instructions and the chat template together
+        key_material["instructions"] = _digest([i.tolist() for i in instructions])
     cache_dir = Path(settings["cache_dir"]).expanduser() if settings["cache_dir"] else default_cache_dir()
     folder = cache_dir / f"teacher-samples-{_digest(key_material)[:32]}"
     samples, stats = _read_teacher_samples(folder, key_material)
@@ -993,7 +1057,8 @@ def _teacher_samples_packed(settings: dict[str, Any], tokenizer: Any, separator_
         prefixes = [] if prefix_src is None else _prefix_pool(prefix_src, settings, tokenizer, ts.prefix_tokens,
                                                               show_progress)
         model = teacher.load()
-        samples, stats = teacher_sample_rows(model, ts, n_samples, sample_len, separator_id, prefixes, show_progress)
+        samples, stats = teacher_sample_rows(model, ts, n_samples, sample_len, separator_id, prefixes, show_progress,
+                                             instructions)
         del model
         with atomic.directory(folder) as tmp:
             torch.save({"samples": samples, "stats": stats}, tmp / "samples.pt")

@@ -42,7 +42,8 @@ from .. import atomic
 from ..models.configuration_kvforge import head_dim_of
 from . import checkpoint as ckpt
 from .build import build_model
-from .config import Config, check_deepspeed_config, resolve_deepspeed, save_resolved, to_dict
+from .config import (Config, check_deepspeed_config, resolve_deepspeed, save_resolved, to_dict,
+                     without_unused_instructions)
 from .data import DataError
 from .export_run import write_hf_model
 from .losses import distillation_loss_parts, linear_distillation_loss_parts
@@ -121,6 +122,8 @@ def resume_signature(cfg: Config, zero_stage: int) -> dict[str, Any]:
         del data["mix"]
     if not uses_teacher_samples(cfg.data):
         del data["teacher_samples"]
+    else:
+        data["teacher_samples"] = without_unused_instructions(data["teacher_samples"])
     parts = {"model": d["model"], "compression": d["compression"], "data": data, "run.seed": cfg.run.seed,
              "training.micro_batch_size": cfg.training.micro_batch_size,
              "training.grad_accum": cfg.training.grad_accum, "training.lora": d["training"]["lora"],

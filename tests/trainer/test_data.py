@@ -5,6 +5,7 @@ A tiny byte-level BPE tokenizer trained here stands in for the real one, so no t
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -570,6 +571,81 @@ def test_prefixed_samples_continue_a_window_of_real_train_text(tmp_path, tokeniz
     assert not any(tuple(s[1:6].tolist()) in only_eval for s in samples)
 
 
+@pytest.fixture()
+def chat_tokenizer(tokenizer):
+    """The test tokenizer with a chat template (a copy: the module's tokenizer has none)."""
+    chat = copy.deepcopy(tokenizer)
+    chat.chat_template = ("{% for m in messages %}user: {{ m['content'] }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}assistant: {% endif %}")
+    return chat
+
+
+def test_instructed_samples_continue_a_chat_framed_instruction_and_none_leave_sampling_as_it_was(
+        tmp_path, chat_tokenizer, tiny_teacher):
+    from kvforge.trainer.config import TeacherSamplesConfig
+
+    lines = ["Write a poem about cats.", "Tell a joke about taxes, please.", "Describe the sea."]
+    (tmp_path / "instructions.txt").write_text("\n".join(lines) + "\n\n")
+    ts = TeacherSamplesConfig(batch_size=4, seed=5, top_p=0.9, instruction_fraction=1.0,
+                              instructions=str(tmp_path / "instructions.txt"))
+    prompts = data.instruction_prompts(ts, chat_tokenizer)
+    assert [chat_tokenizer.decode(p) for p in prompts] == [f"user: {line}\nassistant: " for line in lines]
+    rows, stats = data.teacher_sample_rows(tiny_teacher, ts, 10, 64, EOS, show_progress=False, instructions=prompts)
+    assert stats["instructed_samples"] == 10 and (rows[:, 0] == EOS).all()
+    # Each sample goes on from the separator with one whole instruction (of its own length), then the teacher's text.
+    heads = {tuple(p.tolist()) for p in prompts}
+    starts = [next(h for h in heads if tuple(row[1:1 + len(h)].tolist()) == h) for row in rows]
+    assert len(set(starts)) > 1
+    # Both engines draw the same tokens, and the same seed draws them again.
+    by_generate, _ = data.teacher_sample_rows(tiny_teacher, dataclasses.replace(ts, engine="generate"), 10, 64, EOS,
+                                              show_progress=False, instructions=prompts)
+    assert torch.equal(rows, by_generate)
+    # Part instructed, part prefixed, part bare; with no instruction drawn the samples are the ones drawn before
+    # instructions existed (the same random stream up to them).
+    mixed = dataclasses.replace(ts, instruction_fraction=0.5, prefix_fraction=0.3, prefix_source="unused")
+    prefixes = [torch.arange(10, 30).numpy()]
+    _, stats = data.teacher_sample_rows(tiny_teacher, mixed, 40, 64, EOS, prefixes, False, prompts)
+    assert 0 < stats["instructed_samples"] < 40 - stats["prefixed_samples"] and stats["prefixed_samples"] > 0
+    plain = dataclasses.replace(mixed, instruction_fraction=0.0)
+    assert torch.equal(data.teacher_sample_rows(tiny_teacher, plain, 12, 64, EOS, prefixes, False, prompts)[0],
+                       data.teacher_sample_rows(tiny_teacher, plain, 12, 64, EOS, prefixes, False)[0])
+
+
+def test_instructions_enter_the_sample_cache_key_only_when_drawn_and_their_errors_name_the_setting(
+        tmp_path, tokenizer, chat_tokenizer, tiny_teacher):
+    from kvforge.trainer.config import TeacherSamplesConfig
+    from kvforge.trainer.instructions import builtin_instructions
+
+    plain = data.build_packed_datasets(teacher_settings(tmp_path, ts={"sample_len": 16}), chat_tokenizer, EOS,
+                                       teacher=teacher_of(tiny_teacher))
+    # instructions named but none drawn: the same cache entry.
+    unused = data.build_packed_datasets(teacher_settings(tmp_path, ts={"sample_len": 16, "instructions": None}),
+                                        chat_tokenizer, EOS, teacher=teacher_of(tiny_teacher))
+    assert unused.stats["cache_hit"] is True and plain.stats["cache_file"] == unused.stats["cache_file"]
+    (tmp_path / "short.txt").write_text("Sing.\nWrite.\n")
+    instructed = data.build_packed_datasets(
+        teacher_settings(tmp_path, seq_len=64, ts={"sample_len": 64, "tokens": 256, "instruction_fraction": 1.0,
+                                                   "instructions": str(tmp_path / "short.txt")}),
+        chat_tokenizer, EOS, teacher=teacher_of(tiny_teacher))
+    assert instructed.stats["cache_hit"] is False and instructed.stats["instructed_samples"] == 4
+    assert all(chat_tokenizer.decode(row[1:8]).startswith("user: ") for row in instructed.train)
+    # Without a file, every built-in task with every topic.
+    built_in = data.instruction_prompts(TeacherSamplesConfig(instruction_fraction=1.0), chat_tokenizer)
+    assert len(built_in) == len(builtin_instructions()) > 1000
+    assert chat_tokenizer.decode(built_in[0]) == f"user: {builtin_instructions()[0]}\nassistant: "
+    with pytest.raises(DataError, match=r"instruction_fraction = 0.5 needs a tokenizer with a chat template"):
+        data.build_packed_datasets(teacher_settings(tmp_path, ts={"instruction_fraction": 0.5}), tokenizer, EOS,
+                                   teacher=teacher_of(tiny_teacher))
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(DataError, match=r"instructions = '.*empty.txt': the file holds no instruction"):
+        data.build_packed_datasets(teacher_settings(tmp_path, ts={"instruction_fraction": 0.5,
+                                                                  "instructions": str(tmp_path / "empty.txt")}),
+                                   chat_tokenizer, EOS, teacher=teacher_of(tiny_teacher))
+    with pytest.raises(DataError, match=r"an instruction of \d+ tokens leaves no room to generate in a sample of 8 "):
+        data.build_packed_datasets(teacher_settings(tmp_path, ts={"instruction_fraction": 1.0}), chat_tokenizer,
+                                   EOS, teacher=teacher_of(tiny_teacher))
+
+
 def test_sample_warper_applies_each_rows_temperature_then_top_p(monkeypatch):
     scores = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.5, 0.3, 0.15, 0.05]]))
     warped = data._SampleWarper(torch.tensor([1.0, 2.0]), top_p=1.0, banned=[])(None, scores.clone())
@@ -621,6 +697,10 @@ def test_teacher_samples_errors_name_the_setting(tmp_path, tokenizer, tiny_teach
     ("data.teacher_samples.prefix_fraction=0.5", ["'data.teacher_samples.prefix_source' = None",
                                                   "'data.teacher_samples.prefix_fraction' = 0.5"]),
     ("data.teacher_samples.prefix_source=teacher-samples", ["data.teacher_samples.prefix_source", "real text"]),
+    ("data.teacher_samples.instruction_fraction=1.5", ["'data.teacher_samples.instruction_fraction' = 1.5",
+                                                       "[0, 1 - prefix_fraction = 1]"]),
+    ("data.teacher_samples.instructions=./missing.txt", ["'data.teacher_samples.instructions' = './missing.txt'",
+                                                         "one instruction per line"]),
     ("data.teacher_samples.temprature_min=1", ["unknown config key 'data.teacher_samples.temprature_min'",
                                                "did you mean 'data.teacher_samples.temperature_min'"]),
     ("data.mix=[{source: python-docs, weight: 1}]", ["data.mix", "at least 2 entries"]),
@@ -836,6 +916,11 @@ def test_checkpoints_from_before_mix_and_teacher_samples_keep_their_resume_signa
     assert resume_signature(load_config(REPO_CONFIGS / "tiny-llama.yaml", ["data.repeat=false"]), 2) == plain
     sampled = resume_signature(load_config(REPO_CONFIGS / "tiny-llama.yaml", ["data.source=teacher-samples"]), 2)
     assert sampled["data.teacher_samples.tokens"] == 1_000_000
+    # The instruction keys count only when instructions are drawn (checkpoints from before them still resume).
+    assert not [k for k in sampled if "instruction" in k]
+    instructed = resume_signature(load_config(REPO_CONFIGS / "tiny-llama.yaml", [
+        "data.source=teacher-samples", "data.teacher_samples.instruction_fraction=0.5"]), 2)
+    assert instructed["data.teacher_samples.instruction_fraction"] == 0.5
     mix = "data.mix=[{source: teacher-samples, weight: 0.7}, {source: stdlib-docstrings, weight: 0.3}]"
     assert resume_signature(load_config(REPO_CONFIGS / "tiny-llama.yaml", [mix]), 2)["data.mix"] == [
         {"source": "teacher-samples", "weight": 0.7}, {"source": "stdlib-docstrings", "weight": 0.3}]
