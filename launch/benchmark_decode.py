@@ -64,6 +64,8 @@ def parse_args(argv=None):
     parser.add_argument("--gen-batch", type=int, nargs="*", default=[32, 128])
     parser.add_argument("--gen-prompt", type=int, default=4096)
     parser.add_argument("--gen-new", type=int, default=64)
+    parser.add_argument("--gen-variants", nargs="*", default=list(GENERATE_VARIANTS), choices=tuple(GENERATE_VARIANTS),
+                        help="generate part: which rows (GENERATE_VARIANTS)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None)
     return parser.parse_args(argv)
@@ -282,20 +284,33 @@ def copy_bandwidth_bytes_per_s() -> float:
 # generate() part
 
 
-def timed_generate(model, ids, new_tokens: int, repeats: int, static: bool = False) -> tuple[float, object]:
-    """Median seconds of generate(); static=True passes a fresh KVForgeCache(static=True) per call, so every
-    call pays its CUDA graph capture (in the first decode step), as a user's call would."""
+def timed_generate(model, ids, new_tokens: int, repeats: int, cache: str | None = None) -> tuple[float, object]:
+    """Median seconds of generate(). cache="kvforge" passes a fresh KVForgeCache(static=True) per call, so every
+    call pays its CUDA graph capture (in the first decode step), as a user's call would; cache="transformers"
+    asks for transformers' StaticCache, whose decode step generate() compiles itself (torch.compile, once per
+    shape: the warm-up call pays it); None: the model's default (dynamic) cache."""
     times, out = [], None
     for _ in range(repeats):
-        cache = {"cache": model.static_cache(ids.shape[1] + new_tokens)} if static else {}
+        kwargs = {"cache": model.static_cache(ids.shape[1] + new_tokens)} if cache == "kvforge" else \
+            {"cache_implementation": "static"} if cache == "transformers" else {}
         torch.cuda.synchronize()
         start = time.perf_counter()
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True,
-                             pad_token_id=0, **cache)
+                             pad_token_id=0, **kwargs)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times), out
+
+
+# name -> (what the row is, low-rank 50% spec or the original, KVFORGE_KERNELS, cache)
+GENERATE_VARIANTS = {
+    "original": ("original (transformers Llama, SDPA)", False, None, None),
+    "original-static": ("original, transformers StaticCache + compile", False, None, "transformers"),
+    "lr50-torch": ("lr50, KVFORGE_KERNELS=off", True, "off", None),
+    "lr50-triton": ("lr50, KVFORGE_KERNELS=auto (Triton)", True, "auto", None),
+    "lr50-static": ("lr50, Triton, static cache + CUDA graph", True, "auto", "kvforge"),
+}
 
 
 def cache_bytes(cache) -> int:
@@ -314,15 +329,12 @@ def run_generate_part(args) -> list[dict]:
     base._attn_implementation = "sdpa"
     spec = json.loads(LR50_SPEC.read_text())["spec"]
     rows = []
-    variants = [("original (transformers Llama, SDPA)", None, None, False),
-                ("lr50, KVFORGE_KERNELS=off", spec, "off", False),
-                ("lr50, KVFORGE_KERNELS=auto (Triton)", spec, "auto", False),
-                ("lr50, Triton, static cache + CUDA graph", spec, "auto", True)]
     for batch in args.gen_batch:
         ids = torch.randint(3, base.vocab_size, (batch, args.gen_prompt), device="cuda",
                             generator=torch.Generator(device="cuda").manual_seed(0))
-        for name, compression, mode, static in variants:
+        for name, compressed, mode, cache in (GENERATE_VARIANTS[v] for v in args.gen_variants):
             torch.manual_seed(0)
+            compression = spec if compressed else None
             if compression is None:
                 model = LlamaForCausalLM(base)
             else:
@@ -332,10 +344,10 @@ def run_generate_part(args) -> list[dict]:
                 model = KVForgeForCausalLM(config)
             model = model.to(device="cuda", dtype=torch.bfloat16).eval()
             with torch.no_grad():
-                timed_generate(model, ids, 3, 1, static)  # warm-up at full size: kernels compiled, allocator primed
+                timed_generate(model, ids, 3, 1, cache)  # warm-up at full size: kernels compiled, allocator primed
                 torch.cuda.reset_peak_memory_stats()
-                prefill, _ = timed_generate(model, ids, 1, args.repeats, static)
-                total, out = timed_generate(model, ids, args.gen_new + 1, args.repeats, static)
+                prefill, _ = timed_generate(model, ids, 1, args.repeats, cache)
+                total, out = timed_generate(model, ids, args.gen_new + 1, args.repeats, cache)
             decode = total - prefill
             row = dict(model=name, batch=batch, prompt=args.gen_prompt, new_tokens=args.gen_new,
                        prefill_s=prefill, decode_s=decode, decode_tokens_per_s=batch * args.gen_new / decode,
