@@ -48,6 +48,18 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
+    def online_softmax_tile(scores, running_max, running_sum):
+        """One tile of flash attention's online softmax over scores [BLOCK_H, BLOCK_S] (fp32, masked = -inf):
+        the new running max, the factor that rescales what the tiles before accumulated, the tile's weights,
+        and the new running sum. The decode kernels' shared step (this file's, partial_rope_decode.py's)."""
+        tile_max = tl.maximum(running_max, tl.max(scores, axis=1))
+        # A tile (or a whole split) can be fully masked: keep exp() away from (-inf) - (-inf).
+        safe_max = tl.where(tile_max == float("-inf"), 0.0, tile_max)
+        alpha = tl.exp(running_max - safe_max)
+        p = tl.exp(scores - safe_max[:, None])
+        return tile_max, alpha, p, running_sum * alpha + tl.sum(p, axis=1)
+
+    @triton.jit
     def _latent_decode_kernel(
         Q, K_LATENT, V_LATENT, K_WEIGHT, K_BIAS, POSITIONS, VALID, ROPE,  # inputs
         ACC, MAX, SUM,  # outputs, per split
@@ -118,16 +130,10 @@ if triton is not None:
             valid = tl.load(VALID + row * stride_mb + offs_s, mask=s_ok, other=0) != 0
             scores = tl.where(valid[None, :], scores * scaling, float("-inf"))
 
-            tile_max = tl.maximum(running_max, tl.max(scores, axis=1))
-            # A tile (or a whole split) can be fully masked: keep exp() away from (-inf) - (-inf).
-            safe_max = tl.where(tile_max == float("-inf"), 0.0, tile_max)
-            alpha = tl.exp(running_max - safe_max)
-            p = tl.exp(scores - safe_max[:, None])
-            running_sum = running_sum * alpha + tl.sum(p, axis=1)
+            running_max, alpha, p, running_sum = online_softmax_tile(scores, running_max, running_sum)
             c_v = tl.load(V_LATENT + row * stride_vb + offs_s[:, None] * stride_vs + offs_rv[None, :],
                           mask=s_ok[:, None] & (offs_rv[None, :] < v_rank), other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(dtype), c_v)
-            running_max = tile_max
 
         stat = (row * splits + split) * BLOCK_H + offs_h  # max / sum [B, splits, BLOCK_H]; acc adds BLOCK_RV
         tl.store(ACC + stat[:, None] * BLOCK_RV + offs_rv[None, :], acc)

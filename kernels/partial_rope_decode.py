@@ -49,7 +49,8 @@ try:
     import triton
     import triton.language as tl
 
-    from .latent_attention import _merge_splits_kernel  # flash-decoding's second stage, same [B, splits, H, R] layout
+    # flash-decoding's second stage (same [B, splits, H, R] layout) and the online-softmax step
+    from .latent_attention import _merge_splits_kernel, online_softmax_tile
 except ImportError:  # CPU-only install: the PyTorch reference serves
     triton = None
 
@@ -150,14 +151,8 @@ if triton is not None:
             scores = tl.dot(q_lat, tl.trans(lat)) + tl.dot(q_rope, tl.trans(rope))  # [BLOCK_H, BLOCK_S], fp32
             scores = tl.where(visible[None, :], scores * scaling, float("-inf"))
 
-            tile_max = tl.maximum(running_max, tl.max(scores, axis=1))
-            # A tile (or a whole split) can be fully masked: keep exp() away from (-inf) - (-inf).
-            safe_max = tl.where(tile_max == float("-inf"), 0.0, tile_max)
-            alpha = tl.exp(running_max - safe_max)
-            p = tl.exp(scores - safe_max[:, None])
-            running_sum = running_sum * alpha + tl.sum(p, axis=1)
+            running_max, alpha, p, running_sum = online_softmax_tile(scores, running_max, running_sum)
             acc = acc * alpha[:, None] + tl.dot(p.to(dtype), lat)  # the latent doubles as the value
-            running_max = tile_max
 
         stat = (row * splits + split) * padded_heads + offs_h
         tl.store(ACC + stat[:, None] * BLOCK_R + offs_r[None, :], acc)

@@ -1,11 +1,15 @@
 """Shared by the decode-kernel tests (a plain module: tests/kernels is on pytest's import path): a tiny KVForge
-model's greedy generate() with and without the kernels."""
+model's greedy generate() with and without the kernels, and the error measure against float64 references."""
 
 import torch
 
 from kvforge.kernels import dispatch
 from kvforge.models.configuration_kvforge import KVForgeConfig
 from kvforge.models.modeling_kvforge import KVForgeForCausalLM
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def generate_with_and_without_kernels(monkeypatch, layers, num_attention_heads):

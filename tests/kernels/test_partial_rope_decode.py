@@ -10,7 +10,8 @@ import os
 import warnings
 
 import pytest
-from kernel_generation import assert_same_generation, generate_with_and_without_kernels, record_kernel_calls
+from kernel_generation import (assert_same_generation, generate_with_and_without_kernels, record_kernel_calls,
+                               relative_error)
 import torch
 from torch import nn
 
@@ -24,10 +25,6 @@ pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
 
 def test_triton_is_installed():
     assert available(), "triton is not importable: install the test extra (pip install -e '.[test]')"
-
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def case(batch=2, kv_heads=2, group=3, rope_dim=8, nope_dim=8, rank=24, slots=37, rope_heads=None,
