@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -103,6 +104,35 @@ def head_dim_of(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+@dataclass(frozen=True)
+class CachedTensor:
+    """One tensor a layer caches: its slot (token) axis and the elements one slot takes, from the layer's spec, the
+    kv heads of its cache and head_dim. The modeling file allocates exactly these (its CacheRepresentation classes
+    write them); the spec's byte arithmetic sums them."""
+
+    slot_dim: int  # 1: [B, C, R] (a latent, no head axis); 2: [B, heads, C, d]
+    elements: Callable[["LayerSpec", int, int], int]
+
+
+def _per_head(layer: "LayerSpec", heads: int, head_dim: int) -> int:
+    return heads * head_dim
+
+
+# What each cache representation (LayerSpec.representation) holds per slot. C = slot capacity, K = kv heads.
+CACHED_TENSORS: dict[str, dict[str, CachedTensor]] = {
+    "kv": {"key": CachedTensor(2, _per_head), "value": CachedTensor(2, _per_head)},  # [B, K, C, D], keys rotated
+    "pre_rope_latent": {"k_latent": CachedTensor(1, lambda layer, heads, dim: layer.k_rank),  # [B, C, Rk]
+                        "v_latent": CachedTensor(1, lambda layer, heads, dim: layer.v_rank)},  # [B, C, Rv]
+    "partial": {"kv_latent": CachedTensor(1, lambda layer, heads, dim: layer.kv_rank),  # [B, C, R]
+                "k_rope": CachedTensor(2, lambda layer, heads, dim: heads * layer.rope_dims)},  # [B, K, C, Dr]
+    "partial_shared": {"kv_latent": CachedTensor(1, lambda layer, heads, dim: layer.kv_rank),  # [B, C, R]
+                       "k_rope": CachedTensor(2, lambda layer, heads, dim: layer.rope_dims)},  # [B, 1, C, Dr]
+    "v": {"value": CachedTensor(2, _per_head)},  # [B, K, C, D]
+    "v_latent": {"v_latent": CachedTensor(1, lambda layer, heads, dim: layer.v_rank)},  # [B, C, Rv]
+    "none": {},  # kv_from consumer: reads its producer's cache
+}
+
+
 @dataclass
 class LayerSpec:
     """How one decoder layer attends and what it caches. See the module docstring for the fields."""
@@ -149,6 +179,11 @@ class LayerSpec:
         if self.kv_proj == "low_rank":
             return "partial_shared" if self.rope_shared else self.rope
         return "kv"
+
+    @property
+    def cached_tensors(self) -> dict[str, "CachedTensor"]:
+        """name -> CachedTensor for each tensor this layer's cache holds (none for a kv_from consumer)."""
+        return CACHED_TENSORS[self.representation]
 
     # ---- (de)serialization -------------------------------------------------------------------------
     @classmethod
@@ -305,26 +340,11 @@ class LayerSpec:
     def kv_cache_elements_per_token(self, num_kv_heads: int, head_dim: int) -> int:
         """Elements one cached token (one slot) of this layer takes, per sequence."""
         heads = self.num_kv_heads if self.kv_proj == "merged_heads" else num_kv_heads
-        rep = self.representation
-        if rep == "none":
-            return 0
-        if rep == "kv":
-            return 2 * heads * head_dim
-        if rep == "pre_rope_latent":
-            return self.k_rank + self.v_rank
-        if rep == "partial":
-            return self.kv_rank + num_kv_heads * self.rope_dims
-        if rep == "partial_shared":
-            return self.kv_rank + self.rope_dims
-        if rep == "v":
-            return heads * head_dim
-        if rep == "v_latent":
-            return self.v_rank
-        raise AssertionError(rep)
+        return sum(tensor.elements(self, heads, head_dim) for tensor in self.cached_tensors.values())
 
     def kv_cache_slots(self, num_tokens: int) -> int:
         """Cache slots this layer holds for a sequence of num_tokens tokens."""
-        if self.representation == "none":
+        if not self.cached_tensors:
             return 0
         if self.is_window:
             return min(num_tokens, self.window + self.sinks)

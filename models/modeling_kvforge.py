@@ -432,16 +432,8 @@ def _write_slots(storage: torch.Tensor, slot_dim: int, plan: SlotPlan, new: torc
 
 
 def cached_slot_dims(layer: LayerSpec) -> dict[str, int]:
-    """name -> slot (token) axis of each tensor a layer caches; shapes in KVForgeCache's docstring."""
-    return {
-        "kv": {"key": 2, "value": 2},  # [B, K, C, D]
-        "pre_rope_latent": {"k_latent": 1, "v_latent": 1},  # [B, C, R]
-        "partial": {"kv_latent": 1, "k_rope": 2},  # [B, C, R], [B, K, C, Dr]
-        "partial_shared": {"kv_latent": 1, "k_rope": 2},  # [B, C, R], [B, 1, C, Dr]
-        "v": {"value": 2},
-        "v_latent": {"v_latent": 1},
-        "none": {},  # kv_from consumer: reads its producer's cache
-    }[layer.representation]
+    """name -> slot (token) axis of each tensor a layer caches (configuration_kvforge.CACHED_TENSORS)."""
+    return {name: tensor.slot_dim for name, tensor in layer.cached_tensors.items()}
 
 
 class LayerStorage:

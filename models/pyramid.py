@@ -275,10 +275,11 @@ def cache_groups(layers: list) -> list[CacheGroup]:
         if layer.kv_from is None:
             group.members.append(i)
     for group in groups.values():
-        # Latents have no head axis; a probs_from consumer's values must follow its producer's slots
+        # Latents have no head axis (slot_dim 1); a probs_from consumer's values must follow its producer's slots
         # whatever its own head count, so both take one selection per row.
         has_probs_consumers = any(layers[m].probs_from is not None for m in group.members)
-        group.per_head = layers[group.owner].representation == "kv" and not has_probs_consumers
+        has_head_axis = all(tensor.slot_dim == 2 for tensor in layers[group.owner].cached_tensors.values())
+        group.per_head = has_head_axis and not has_probs_consumers
     return [groups[k] for k in sorted(groups)]
 
 
