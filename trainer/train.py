@@ -320,15 +320,24 @@ def build_data(cfg: Config, tokenizer, model, rank: int, world: int, load_teache
     # The train/eval split does not depend on run.seed, so runs with different seeds share one eval set.
     sep = document_separator_id(tokenizer, model.config)
 
+    def never_sample():
+        # Rank 0 sampled and cached them; a rank that finds no cache reads another folder than rank 0 wrote to
+        # (another node), and its own draw would differ (GPU sampling is not bitwise deterministic).
+        where = cfg.data.cache_dir or "$KVFORGE_CACHE/data"
+        raise DataError(f"rank {rank} finds no teacher samples where rank 0 cached them ({where}): on several "
+                        "nodes, data.cache_dir (or KVFORGE_CACHE) must be a folder every node shares")
+
     def build(show_progress: bool):
         try:
             # teacher-samples load the original model only when they are not cached yet (on rank 0).
-            teacher = Teacher(teacher_identity(cfg.model, cfg.run.seed), load_teacher) if load_teacher else None
+            load = (load_teacher if rank == 0 else never_sample) if load_teacher else None
+            teacher = Teacher(teacher_identity(cfg.model, cfg.run.seed), load) if load else None
             return build_packed_datasets(cfg.data, tokenizer, sep, show_progress=show_progress, teacher=teacher)
         except FileNotFoundError as e:  # python-docs not installed, a file gone since the config was checked
             raise DataError(str(e)) from None
 
     packed = on_rank0_first(rank, lambda: build(True), others=lambda: build(False))
+    check_same_data(packed, rank, world)
     # Fail here, not at the first step or the first eval deep inside the loop.
     train_batch(packed, 0, world - 1, world, cfg.training.micro_batch_size, cfg.run.seed)
     if len(packed.eval) < world:
@@ -340,6 +349,27 @@ def build_data(cfg: Config, tokenizer, model, rank: int, world: int, load_teache
                         f"{model.config.vocab_size}): the tokenizer does not belong to model {cfg.model.name!r}; "
                         "use the model's own tokenizer (model.tokenizer=null)")
     return packed
+
+
+def check_same_data(packed, rank: int, world: int) -> None:
+    """Every rank must hold the rows rank 0 packed: each reads its own slice of them by index. Ranks on other
+    nodes read their own copies of the files and of the cache.
+
+    Raises:
+        DataError: naming the ranks whose rows differ from rank 0's.
+    """
+    if world == 1:
+        return
+    digest = hashlib.blake2b(digest_size=16)
+    for rows in (packed.train, packed.eval):
+        digest.update(str(tuple(rows.shape)).encode())
+        digest.update(rows.contiguous().numpy())  # the buffer itself, not a copy
+    digests = [None] * world
+    dist.all_gather_object(digests, digest.hexdigest())
+    differ = [r for r, d in enumerate(digests) if d != digests[0]]
+    if differ:
+        raise DataError(f"ranks {differ} packed other training data than rank 0: every node must read the same "
+                        "data files, and data.cache_dir (or KVFORGE_CACHE) must be a folder every node shares")
 
 
 def heldout_name(source: str) -> str:

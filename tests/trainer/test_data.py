@@ -940,3 +940,27 @@ def test_the_same_tokenizer_from_another_folder_reads_the_cached_teacher_samples
     assert first.stats["cache_hit"] is False and again.stats["cache_hit"] is True
     from_b.add_tokens(["<extra>"])
     assert data.tokenizer_fingerprint(from_a) != data.tokenizer_fingerprint(from_b)
+
+
+def test_ranks_other_than_0_never_sample_and_every_rank_must_hold_rank_0s_rows(tmp_path, monkeypatch):
+    """On several nodes each reads its own files and cache: a rank that finds no teacher samples where rank 0
+    cached them says so instead of drawing its own (GPU draws differ), and ranks whose rows differ are named."""
+    from kvforge.trainer import train
+    from kvforge.trainer.build import build_model
+    from kvforge.trainer.config import load_config
+
+    cfg = load_config(REPO_CONFIGS / "tiny-llama.yaml", ["data.source=teacher-samples", f"data.cache_dir={tmp_path}",
+                                                         "data.teacher_samples.tokens=2048"])
+    model, tokenizer = build_model(cfg, None, tmp_path)
+    # What rank 1 sees when rank 0 cached the samples on another node: no cache, and it must not sample.
+    monkeypatch.setattr(train, "on_rank0_first", lambda rank, fn, others=None: others())
+    with pytest.raises(DataError, match=rf"rank 1 finds no teacher samples where rank 0 cached them \({tmp_path}\)"):
+        train.build_data(cfg, tokenizer, model, rank=1, world=2, load_teacher=lambda: model)
+
+    packed = data.PackedData(torch.arange(8).reshape(2, 4), torch.arange(4).reshape(1, 4), {})
+    monkeypatch.setattr(train.dist, "all_gather_object", lambda out, obj: out.__setitem__(slice(None), [obj] * 3))
+    train.check_same_data(packed, 0, 3)
+    monkeypatch.setattr(train.dist, "all_gather_object",
+                        lambda out, obj: out.__setitem__(slice(None), [obj, obj, "another digest"]))
+    with pytest.raises(DataError, match=r"ranks \[2\] packed other training data than rank 0: every node must read"):
+        train.check_same_data(packed, 0, 3)
