@@ -1,0 +1,52 @@
+"""Tables of docs/results/multigpu-h200/run.sh's runs: loss step by step against the single-GPU run of the same
+ZeRO stage, tokens/s per GPU, peak memory per GPU, and the resumed run against the uninterrupted one.
+
+    python3 docs/results/multigpu-h200/compare.py ~/kvgpu/multigpu
+"""
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+
+def metrics(folder: Path) -> dict[int, dict]:
+    rows = {}
+    path = folder / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        row = json.loads(line)
+        if "train/loss" in row:
+            rows[row["step"]] = row
+    return rows
+
+
+def main(root: Path) -> None:
+    runs = {d.name: metrics(d) for d in sorted(root.iterdir()) if d.is_dir()}
+    gpus = {name: 2 if "2gpu" in name else 1 for name in runs}
+    print("| run | GPUs | steps | tokens/s (median, all GPUs) | per GPU | vs 1 GPU | peak GiB per GPU | "
+          "max |loss - 1-GPU loss| |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, rows in runs.items():
+        if not rows:
+            print(f"| {name} | {gpus[name]} | (no metrics) | | | | | |")
+            continue
+        steady = [r["train/tokens_per_s"] for s, r in rows.items() if s > 5]
+        speed = statistics.median(steady) if steady else float("nan")
+        single = runs.get(name.replace("2gpu", "1gpu").replace("-resumed", ""))
+        single_speed = statistics.median(r["train/tokens_per_s"] for s, r in single.items() if s > 5) \
+            if single and gpus[name] == 2 else None
+        diff = max((abs(r["train/loss"] - single[s]["train/loss"]) for s, r in rows.items() if single and s in single),
+                   default=float("nan")) if gpus[name] == 2 else float("nan")
+        print(f"| {name} | {gpus[name]} | {len(rows)} | {speed:,.0f} | {speed / gpus[name]:,.0f} | "
+              f"{'' if single_speed is None else f'{speed / gpus[name] / single_speed:.2f}'} | "
+              f"{max(r.get('train/peak_memory_gib', 0) for r in rows.values()):.1f} | {diff:.4f} |")
+    if "z3-2gpu-resumed" in runs and "z3-2gpu" in runs:
+        resumed, whole = runs["z3-2gpu-resumed"], runs["z3-2gpu"]
+        same = [s for s in resumed if s in whole]
+        worst = max((abs(resumed[s]["train/loss"] - whole[s]["train/loss"]) for s in same), default=float("nan"))
+        print(f"\nresumed at step 30: steps {min(same, default=0)}-{max(same, default=0)}, "
+              f"max |loss - uninterrupted loss| = {worst:.2e}")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]).expanduser())

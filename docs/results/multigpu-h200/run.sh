@@ -1,0 +1,47 @@
+#!/bin/bash
+# Issue 14 on a machine of 2 H200s (nvidia-h200-x2), through the product's own command. After
+# `setup.sh part00` and `setup.sh assemble` of docs/results/recovery-h200/ (the model, fortunes, wheels), from the
+# repo root, in the background:
+#   setsid nohup bash docs/results/multigpu-h200/run.sh > ~/kvgpu/multigpu.log 2>&1 < /dev/null &
+# then `python3 docs/results/multigpu-h200/compare.py ~/kvgpu/multigpu` prints the tables. Every run: the
+# lowrank-25 recipe, 60 steps at one global batch of 32 x 2048 tokens, distillation, compile; the teacher
+# samples (4M tokens) drawn once and shared through the cache. A finished run is skipped on a rerun.
+set -u
+K=${K:-$HOME/kvgpu}
+OUTD=$K/multigpu
+mkdir -p "$OUTD"
+export KVFORGE_CACHE=$K/cache PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export WANDB_MODE=disabled NCCL_NVLS_ENABLE=0 PYTHONPATH=/tmp/site:/tmp/kv TORCH_CUDA_ARCH_LIST=9.0
+DS=${DS:-/tmp/site/bin/deepspeed}
+COMMON=(--config configs/recovery/lowrank-25.yaml "model.name=$K/SmolLM2-135M-Instruct.Q4_1.gguf"
+        "eval.heldout=[$K/fortunes]" training.max_steps=60 training.eval_every=30 training.warmup_steps=10
+        training.compile=true data.teacher_samples.tokens=4000000 checkpoint.save_every=30 checkpoint.keep_last=2)
+
+run() {  # name gpus [overrides]
+  local name=$1 gpus=$2; shift 2
+  [ -f "$OUTD/$name/metrics.jsonl.done" ] && return 0
+  echo "$(date +%T) $name on $gpus GPU(s)"
+  "$DS" --num_gpus "$gpus" launch/train.py "${COMMON[@]}" "run.output_dir=$OUTD/$name" "$@" \
+    > "$OUTD/$name.log" 2>&1 && touch "$OUTD/$name/metrics.jsonl.done" \
+    || { echo "$name FAILED"; tail -15 "$OUTD/$name.log"; }
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUTD/env.txt"
+# 1. The same global batch (32 rows) on 1 and 2 GPUs, ZeRO-2 and ZeRO-3.
+run z2-1gpu 1 deepspeed.zero_stage=2 training.grad_accum=2
+run z2-2gpu 2 deepspeed.zero_stage=2 training.grad_accum=1
+run z3-1gpu 1 deepspeed.zero_stage=3 training.grad_accum=2
+run z3-2gpu 2 deepspeed.zero_stage=3 training.grad_accum=1
+# 2. Resumed on 2 GPUs from the ZeRO-3 run's step-30 checkpoint: steps 31-60 must repeat its losses.
+run z3-2gpu-resumed 2 deepspeed.zero_stage=3 training.grad_accum=1 \
+  "checkpoint.resume=$OUTD/z3-2gpu/checkpoints/step_00000030"
+# 3. A Llama-3.2-1B-shaped model (random weights, SmolLM2's tokenizer and vocabulary), compressed the same way,
+# 10 steps on the standard library's docstrings: ZeRO-3 memory per GPU on 1 and 2 GPUs (its random teacher makes
+# the quality meaningless; memory and speed are what it measures).
+BIG=(model.init=random model.config.hidden_size=2048 model.config.intermediate_size=8192
+     model.config.num_hidden_layers=16 model.config.num_attention_heads=32 model.config.num_key_value_heads=8
+     model.config.head_dim=64 model.config.tie_word_embeddings=true training.max_steps=10 training.eval_every=10
+     training.warmup_steps=2 "data.mix=[]" data.source=stdlib-docstrings checkpoint.save_every=0 "eval.heldout=[]")
+run big-z3-1gpu 1 deepspeed.zero_stage=3 training.grad_accum=2 "${BIG[@]}"
+run big-z3-2gpu 2 deepspeed.zero_stage=3 training.grad_accum=1 "${BIG[@]}"
+echo "$(date +%T) ALL DONE"
