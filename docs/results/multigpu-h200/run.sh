@@ -6,27 +6,30 @@
 # then `python3 docs/results/multigpu-h200/compare.py ~/kvgpu/multigpu` prints the tables. Every run: the
 # lowrank-25 recipe, 60 steps at one global batch of 32 x 2048 tokens, distillation, compile; the teacher
 # samples (4M tokens) drawn once and shared through the cache. A finished run is skipped on a rerun.
+# Smoke-tested on the 2-core CPU with DS=.venv/bin/deepspeed PYTHONPATH= and EXTRA shrinking the model to 2 layers
+# of 64 (every run finished; the resumed run repeated steps 31-60 exactly; compare.py printed its tables).
 set -u
 K=${K:-$HOME/kvgpu}
 OUTD=$K/multigpu
 mkdir -p "$OUTD"
 export KVFORGE_CACHE=$K/cache PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export WANDB_MODE=disabled NCCL_NVLS_ENABLE=0 PYTHONPATH=/tmp/site:/tmp/kv TORCH_CUDA_ARCH_LIST=9.0
+export WANDB_MODE=disabled NCCL_NVLS_ENABLE=0 PYTHONPATH=${PYTHONPATH:-/tmp/site:/tmp/kv} TORCH_CUDA_ARCH_LIST=9.0
 DS=${DS:-/tmp/site/bin/deepspeed}
 COMMON=(--config configs/recovery/lowrank-25.yaml "model.name=$K/SmolLM2-135M-Instruct.Q4_1.gguf"
         "eval.heldout=[$K/fortunes]" training.max_steps=60 training.eval_every=30 training.warmup_steps=10
         training.compile=true data.teacher_samples.tokens=4000000 checkpoint.save_every=30 checkpoint.keep_last=2)
+read -r -a EXTRA <<< "${EXTRA:-}"  # appended to every run (a CPU smoke test shrinks the model and batch with it)
 
 run() {  # name gpus [overrides]
   local name=$1 gpus=$2; shift 2
   [ -f "$OUTD/$name/metrics.jsonl.done" ] && return 0
   echo "$(date +%T) $name on $gpus GPU(s)"
-  "$DS" --num_gpus "$gpus" launch/train.py "${COMMON[@]}" "run.output_dir=$OUTD/$name" "$@" \
+  "$DS" --num_gpus "$gpus" launch/train.py "${COMMON[@]}" "run.output_dir=$OUTD/$name" "$@" "${EXTRA[@]}" \
     > "$OUTD/$name.log" 2>&1 && touch "$OUTD/$name/metrics.jsonl.done" \
     || { echo "$name FAILED"; tail -15 "$OUTD/$name.log"; }
 }
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUTD/env.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader > "$OUTD/env.txt" 2>/dev/null
 # 1. The same global batch (32 rows) on 1 and 2 GPUs, ZeRO-2 and ZeRO-3.
 run z2-1gpu 1 deepspeed.zero_stage=2 training.grad_accum=2
 run z2-2gpu 2 deepspeed.zero_stage=2 training.grad_accum=1
