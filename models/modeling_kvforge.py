@@ -13,9 +13,11 @@ How a forward step flows:
     KVForgeModel computes, once per *slot layout* (global, or one (window, sinks) ring), a `SlotPlan`: which
     token every attendable key slot holds, the boolean mask, and where the new tokens are written. Each
     attention layer projects what its spec caches, writes it into its `LayerStorage` (if a cache is in use)
-    and attends over the slots through ONE function per cache representation (`attention_function`), the
-    seam where Triton kernels plug in. Cross-layer sharing (kv_from, probs_from) goes through a per-forward
-    `LayerHandoff`, the same with or without a cache, so training and generation run the same code.
+    and attends over the slots; one `CacheRepresentation` class per kind of cache (dense K/V, pre-RoPE latents,
+    partial-RoPE latent, shared rotary key, values only) holds its modules, cache entries and attention, whose
+    decode form goes through `attention_function`, the seam where Triton kernels plug in. Cross-layer sharing
+    (kv_from, probs_from) goes through a per-forward `LayerHandoff`, the same with or without a cache, so
+    training and generation run the same code.
 
 Token index vs position: masks use each token's index among its row's *real* tokens (padding excluded), so
 windows and sinks count real tokens whatever the padding; RoPE uses position_ids exactly as given (as Llama).
@@ -918,26 +920,288 @@ def shared_probs_attention(probs, value=None, v_latent=None, v_up=None, *, dropo
     return _latent_values(probs, v_latent, v_up, absorb), None
 
 
+# ================================================================================================
+# Cache representations: per kind of cache, its modules, what it caches and how queries attend over it
+# ================================================================================================
+
+
+def _rotated(query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """query [B, K, G, T, D] rotated by cos, sin [B, T, D]."""
+    return apply_rotary(query, cos[:, None, None], sin[:, None, None])
+
+
+class CacheRepresentation:
+    """What a layer caches per slot (LayerSpec.representation), and everything that depends on it: the K/V-side
+    submodules of a KVForgeAttention (`build`), the new tokens' cache entries (`project`: the tensors that
+    configuration_kvforge.CACHED_TENSORS lists with their slot axes and sizes), and attention over a producer's
+    attendable slots (`attend`), through the PyTorch reference `reference` or the kernel dispatch's `kernel`.
+
+    Several new tokens (training, prefill) attend through `kv_attention` over whole K / V (`whole_kv`; a latent
+    cache is up-projected once per step, SharedKV.dense_kv); the latent representations attend one new token
+    (decode) through their own function, whose absorbed form never rebuilds K / V and where fused kernels plug in.
+    Stateless: one instance per name, in CACHE_REPRESENTATIONS.
+    """
+
+    name: str
+    kernel: str | None = None  # the name `attention_function` and kernels/dispatch.py serve `reference` under
+    reference: Callable | None = None
+
+    def build(self, attention: "KVForgeAttention", layer: LayerSpec, hidden: int, heads: int, kv_heads: int,
+              head_dim: int, bias: bool) -> None:
+        """Registers the submodules that compute the cache on `attention` (q_proj and o_proj are its own)."""
+
+    def project(self, attention: "KVForgeAttention", x: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The new tokens' cache entries: x [B, T, E], cos, sin [B, T, D]."""
+        return {}
+
+    def query(self, attention: "KVForgeAttention", x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, E] -> query [B, H, T, D], unrotated."""
+        batch, length, _ = x.shape
+        return attention.q_proj(x).view(batch, length, attention.num_heads, attention.head_dim).transpose(1, 2)
+
+    def dense_kv(self, tensors: dict[str, torch.Tensor], producer: "KVForgeAttention", plan: SlotPlan):
+        """key (rotated), value [B, K, S, D] from the attendable cache tensors."""
+        raise AssertionError(f"a {self.name!r} cache is attended as it is")
+
+    def whole_kv(self, shared: "SharedKV", query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 plan: SlotPlan) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """query [B, K, G, T, D'] unrotated -> the query, key and value that `kv_attention` takes."""
+        raise AssertionError(f"a {self.name!r} layer caches no keys")
+
+    def attend(self, shared: "SharedKV", query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: SlotPlan,
+               scaling: float, need_probs: bool, dropout: float, use_sdpa: bool, handoff: "LayerHandoff | None"):
+        """query [B, K, G, T, D'] unrotated -> out [B, K, G, T, D], probs [B, K, G, T, S] | None, through SDPA
+        where allowed (the handoff decides the mask once per layout and step)."""
+        query, key, value = self.whole_kv(shared, query, cos, sin, plan)
+        mask, causal = plan.mask, False
+        if use_sdpa and not need_probs and handoff is not None:
+            mask, causal = handoff.sdpa_mask(plan)
+        return attention_function("kv")(query, key, value, mask, scaling, need_probs=need_probs, dropout=dropout,
+                                        use_sdpa=use_sdpa, causal=causal)
+
+    def attend_probs(self, attention: "KVForgeAttention", probs: torch.Tensor, values: dict[str, torch.Tensor],
+                     dropout: float):
+        """probs_from consumer: probs [B, K, G, T, S] over its own cached values -> out [B, K, G, T, D], None."""
+        raise AssertionError(f"a {self.name!r} layer computes its own probabilities")
+
+
+class DenseKV(CacheRepresentation):
+    """key, value [B, K, C, D] (keys rotated): dense layers, and merged heads with K = the merged count."""
+
+    name, kernel, reference = "kv", "kv", staticmethod(kv_attention)
+
+    def build(self, attention, layer, hidden, heads, kv_heads, head_dim, bias):
+        attention.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
+        attention.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
+
+    def project(self, attention, x, cos, sin):
+        batch, length, _ = x.shape
+        key = attention.k_proj(x).view(batch, length, -1, attention.head_dim).transpose(1, 2)  # [B, K, T, D]
+        value = attention.v_proj(x).view(batch, length, -1, attention.head_dim).transpose(1, 2)
+        return {"key": apply_rotary(key, cos[:, None], sin[:, None]), "value": value}
+
+    def whole_kv(self, shared, query, cos, sin, plan):
+        return _rotated(query, cos, sin), shared.tensors["key"], shared.tensors["value"]
+
+
+class PreRopeLatent(CacheRepresentation):
+    """k_latent [B, C, Rk], v_latent [B, C, Rv]: keys up-projected and rotated at attention time (Eigen Attention)."""
+
+    name, kernel, reference = "pre_rope_latent", "pre_rope_latent", staticmethod(pre_rope_latent_attention)
+
+    def build(self, attention, layer, hidden, heads, kv_heads, head_dim, bias):
+        attention.k_down = nn.Linear(hidden, layer.k_rank, bias=bias)
+        attention.k_up = nn.Linear(layer.k_rank, kv_heads * head_dim, bias=False)
+        attention.v_down = nn.Linear(hidden, layer.v_rank, bias=True)
+        attention.v_up = nn.Linear(layer.v_rank, kv_heads * head_dim, bias=True)
+
+    def project(self, attention, x, cos, sin):
+        return {"k_latent": attention.k_down(x), "v_latent": attention.v_down(x)}  # [B, T, Rk], [B, T, Rv]
+
+    def dense_kv(self, tensors, producer, plan):
+        return pre_rope_latent_kv(tensors["k_latent"], tensors["v_latent"], producer.k_up, producer.v_up,
+                                  plan.key_rotary())
+
+    def whole_kv(self, shared, query, cos, sin, plan):
+        return _rotated(query, cos, sin), *shared.dense_kv(plan)
+
+    def attend(self, shared, query, cos, sin, plan, scaling, need_probs, dropout, use_sdpa, handoff):
+        if query.shape[3] > 1:
+            return super().attend(shared, query, cos, sin, plan, scaling, need_probs, dropout, use_sdpa, handoff)
+        t, producer = shared.tensors, shared.producer
+        return attention_function(self.kernel)(
+            _rotated(query, cos, sin), t["k_latent"], t["v_latent"], producer.k_up, producer.v_up, plan.key_rotary(),
+            plan.mask, scaling, need_probs=need_probs, dropout=dropout, use_sdpa=use_sdpa)
+
+
+class PartialRopeLatent(CacheRepresentation):
+    """kv_latent [B, C, R] + k_rope [B, K, C, Dr] (rotated): rope_index [K, Dr/2] keeps, per kv head, the frequency
+    pairs that stay rotary; the other key dims and the values come from the joint latent (MHA2MLA)."""
+
+    name, kernel, reference = "partial", "partial", staticmethod(partial_rope_attention)
+
+    def build(self, attention, layer, hidden, heads, kv_heads, head_dim, bias):
+        attention.kv_down = nn.Linear(hidden, layer.kv_rank, bias=True)
+        with warnings.catch_warnings():  # all dims rotary leaves k_up empty; torch warns on initializing it
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+            attention.k_up = nn.Linear(layer.kv_rank, kv_heads * (head_dim - layer.rope_dims), bias=False)
+        attention.v_up = nn.Linear(layer.kv_rank, kv_heads * head_dim, bias=True)
+        attention.k_rope = nn.Linear(hidden, kv_heads * layer.rope_dims, bias=bias)
+        attention.register_buffer("rope_index", attention.default_rope_index(kv_heads, layer.rope_dims))
+
+    def project(self, attention, x, cos, sin):
+        batch, length, _ = x.shape
+        rope_dims, _ = partial_rope_dims(attention.rope_index, attention.head_dim)
+        k_rope = attention.k_rope(x).view(batch, length, -1, rope_dims.shape[1]).transpose(1, 2)  # [B, K, T, Dr]
+        heads = k_rope.shape[1]
+        cos_r = _gather_dims(cos[:, None].expand(-1, heads, -1, -1), rope_dims)  # [B, K, T, Dr]
+        sin_r = _gather_dims(sin[:, None].expand(-1, heads, -1, -1), rope_dims)
+        return {"kv_latent": attention.kv_down(x), "k_rope": apply_rotary(k_rope, cos_r, sin_r)}
+
+    def dense_kv(self, tensors, producer, plan):
+        return partial_rope_kv(tensors["k_rope"], tensors["kv_latent"], producer.k_up, producer.v_up,
+                               producer.rope_index, producer.head_dim)
+
+    def whole_kv(self, shared, query, cos, sin, plan):
+        key, value = shared.dense_kv(plan)
+        return partial_rope_query(query, _rotated(query, cos, sin), shared.producer.rope_index), key, value
+
+    def attend(self, shared, query, cos, sin, plan, scaling, need_probs, dropout, use_sdpa, handoff):
+        if query.shape[3] > 1:
+            return super().attend(shared, query, cos, sin, plan, scaling, need_probs, dropout, use_sdpa, handoff)
+        t, producer = shared.tensors, shared.producer
+        rope_dims, nope_dims = partial_rope_dims(producer.rope_index, query.shape[-1])
+        return attention_function(self.kernel)(
+            _gather_dims(_rotated(query, cos, sin), rope_dims), _gather_dims(query, nope_dims), t["k_rope"],
+            t["kv_latent"], producer.k_up, producer.v_up, plan.mask, scaling, need_probs=need_probs, dropout=dropout)
+
+
+class SharedRopeLatent(CacheRepresentation):
+    """kv_latent [B, C, R] + ONE rotary key k_rope [B, 1, C, Dr] (rotated) for every head: DeepSeek MLA's cache.
+
+    The query is [q_proj's D dims | q_rope's Dr dims]; every key dim goes through the joint latent, and the rotary
+    key's frequencies are rope_index [1, Dr/2]. Attends through the per-head partial-RoPE function (k_rope
+    broadcast over the heads), under its own kernel name: a kernel written for one rotary key per kv head must not
+    receive a shared one (kernels/dispatch.py serves only the names it knows).
+    """
+
+    name, kernel, reference = "partial_shared", "partial_shared", staticmethod(partial_rope_attention)
+
+    def build(self, attention, layer, hidden, heads, kv_heads, head_dim, bias):
+        attention.q_rope = nn.Linear(hidden, heads * layer.rope_dims, bias=bias)
+        attention.kv_down = nn.Linear(hidden, layer.kv_rank, bias=True)
+        attention.k_up = nn.Linear(layer.kv_rank, kv_heads * head_dim, bias=False)
+        attention.v_up = nn.Linear(layer.kv_rank, kv_heads * head_dim, bias=True)
+        attention.k_rope = nn.Linear(hidden, layer.rope_dims, bias=bias)
+        attention.register_buffer("rope_index", attention.default_rope_index(1, layer.rope_dims))
+
+    @staticmethod
+    def rope_tables(attention: "KVForgeAttention", cos: torch.Tensor,
+                    sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, T, D] -> [B, T, Dr]: the frequencies of `attention`'s shared rotary key."""
+        rope_dims, _ = partial_rope_dims(attention.rope_index, attention.head_dim)
+        return cos.index_select(-1, rope_dims[0]), sin.index_select(-1, rope_dims[0])
+
+    def project(self, attention, x, cos, sin):
+        batch, length, _ = x.shape
+        k_rope = attention.k_rope(x).view(batch, length, 1, -1).transpose(1, 2)  # [B, 1, T, Dr]
+        cos_r, sin_r = self.rope_tables(attention, cos, sin)
+        return {"kv_latent": attention.kv_down(x), "k_rope": apply_rotary(k_rope, cos_r[:, None], sin_r[:, None])}
+
+    def query(self, attention, x):
+        batch, length, _ = x.shape
+        query = super().query(attention, x)
+        query_rope = attention.q_rope(x).view(batch, length, attention.num_heads, -1).transpose(1, 2)
+        return torch.cat([query, query_rope], dim=-1)  # [B, H, T, D + Dr]
+
+    def dense_kv(self, tensors, producer, plan):
+        return shared_rope_kv(tensors["k_rope"], tensors["kv_latent"], producer.k_up, producer.v_up,
+                              producer.num_kv_heads)
+
+    def _split_query(self, shared, query, cos, sin):
+        """query [B, K, G, T, D + Dr] -> query_nope [.., D] unrotated, query_rope [.., Dr] rotated."""
+        producer = shared.producer
+        query_nope, query_rope = query.split([producer.head_dim, query.shape[-1] - producer.head_dim], dim=-1)
+        cos_r, sin_r = self.rope_tables(producer, cos, sin)
+        return query_nope, apply_rotary(query_rope, cos_r[:, None, None], sin_r[:, None, None])
+
+    def whole_kv(self, shared, query, cos, sin, plan):
+        query_nope, query_rope = self._split_query(shared, query, cos, sin)
+        return torch.cat([query_nope, query_rope], dim=-1), *shared.dense_kv(plan)  # against [k_nope | k_rope]
+
+    def attend(self, shared, query, cos, sin, plan, scaling, need_probs, dropout, use_sdpa, handoff):
+        if query.shape[3] > 1:
+            return super().attend(shared, query, cos, sin, plan, scaling, need_probs, dropout, use_sdpa, handoff)
+        query_nope, query_rope = self._split_query(shared, query, cos, sin)
+        t, producer = shared.tensors, shared.producer
+        return attention_function(self.kernel)(query_rope, query_nope, t["k_rope"], t["kv_latent"], producer.k_up,
+                                               producer.v_up, plan.mask, scaling, need_probs=need_probs,
+                                               dropout=dropout)
+
+
+class Values(CacheRepresentation):
+    """probs_from consumer's value [B, K, C, D] (dense or merged heads): no q, no k, another layer's attention."""
+
+    name, kernel, reference = "v", "shared_probs", staticmethod(shared_probs_attention)
+
+    def build(self, attention, layer, hidden, heads, kv_heads, head_dim, bias):
+        attention.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
+
+    def project(self, attention, x, cos, sin):
+        batch, length, _ = x.shape
+        return {"value": attention.v_proj(x).view(batch, length, -1, attention.head_dim).transpose(1, 2)}
+
+    def attend_probs(self, attention, probs, values, dropout):
+        return attention_function(self.kernel)(probs, value=values["value"], dropout=dropout)
+
+
+class ValueLatent(CacheRepresentation):
+    """probs_from consumer's v_latent [B, C, Rv] (low rank): values up-projected by its own v_up."""
+
+    name, kernel, reference = "v_latent", "shared_probs", staticmethod(shared_probs_attention)
+
+    def build(self, attention, layer, hidden, heads, kv_heads, head_dim, bias):
+        attention.v_down = nn.Linear(hidden, layer.v_rank, bias=True)
+        attention.v_up = nn.Linear(layer.v_rank, kv_heads * head_dim, bias=True)
+
+    def project(self, attention, x, cos, sin):
+        return {"v_latent": attention.v_down(x)}
+
+    def attend_probs(self, attention, probs, values, dropout):
+        return attention_function(self.kernel)(probs, v_latent=values["v_latent"], v_up=attention.v_up,
+                                               dropout=dropout)
+
+
+class NoCache(CacheRepresentation):
+    """kv_from consumer: caches nothing and attends over its producer's cache (the producer's representation)."""
+
+    name = "none"
+
+
+CACHE_REPRESENTATIONS: dict[str, CacheRepresentation] = {
+    representation.name: representation
+    for representation in (DenseKV(), PreRopeLatent(), PartialRopeLatent(), SharedRopeLatent(), Values(),
+                           ValueLatent(), NoCache())
+}
+
+# kernel name -> PyTorch reference, the functions `attention_function` serves.
 ATTENTION_FUNCTIONS: dict[str, Callable] = {
-    "kv": kv_attention,
-    "pre_rope_latent": pre_rope_latent_attention,
-    "partial": partial_rope_attention,
-    # Its own name, though the same function: a kernel written for per-head rotary keys must not receive one shared
-    # rotary key (kernels/dispatch.py serves only the names it knows).
-    "partial_shared": partial_rope_attention,
-    "shared_probs": shared_probs_attention,
+    representation.kernel: representation.reference
+    for representation in CACHE_REPRESENTATIONS.values() if representation.kernel is not None
 }
 
 
-def attention_function(representation: str) -> Callable:
-    """The attention implementation for a cache representation: the one seam where fused kernels plug in.
+def attention_function(kernel: str) -> Callable:
+    """The attention implementation served under a CacheRepresentation's `kernel` name: the one seam where fused
+    kernels plug in.
 
     The kernel dispatch, when importable, wraps the PyTorch reference above in a function of the same signature
     that runs a Triton kernel where one applies (KVFORGE_KERNELS chooses; see kernels/dispatch.py) and the
     reference otherwise.
     """
-    reference = ATTENTION_FUNCTIONS[representation]
-    return reference if fused_attention is None else fused_attention(representation, reference)
+    reference = ATTENTION_FUNCTIONS[kernel]
+    return reference if fused_attention is None else fused_attention(kernel, reference)
 
 
 # ================================================================================================
@@ -949,7 +1213,7 @@ def attention_function(representation: str) -> Callable:
 class SharedKV:
     """A producer's attendable cache for this step, as kv_from consumers read it."""
 
-    representation: str  # "kv" | "pre_rope_latent" | "partial" | "partial_shared"
+    representation: str  # the producer's, a CACHE_REPRESENTATIONS name
     tensors: dict[str, torch.Tensor]
     producer: "KVForgeAttention"  # gives up-projections / rope_index / kv head count
     _dense: tuple | None = field(default=None, repr=False)
@@ -959,18 +1223,7 @@ class SharedKV:
         every kv_from consumer attend over the same tensors (and backpropagate into them), never recomputing
         the up-projections."""
         if self._dense is None:
-            t, producer = self.tensors, self.producer
-            if self.representation == "pre_rope_latent":
-                self._dense = pre_rope_latent_kv(t["k_latent"], t["v_latent"], producer.k_up, producer.v_up,
-                                                 plan.key_rotary())
-            elif self.representation == "partial":
-                self._dense = partial_rope_kv(t["k_rope"], t["kv_latent"], producer.k_up, producer.v_up,
-                                              producer.rope_index, producer.head_dim)
-            elif self.representation == "partial_shared":
-                self._dense = shared_rope_kv(t["k_rope"], t["kv_latent"], producer.k_up, producer.v_up,
-                                             producer.num_kv_heads)
-            else:
-                raise AssertionError(self.representation)
+            self._dense = CACHE_REPRESENTATIONS[self.representation].dense_kv(self.tensors, self.producer, plan)
         return self._dense
 
 
@@ -1030,7 +1283,8 @@ def _gather_dims(x: torch.Tensor, dims: torch.Tensor) -> torch.Tensor:
 
 
 class KVForgeAttention(nn.Module):
-    """One layer's attention, with exactly the submodules its LayerSpec needs (docs/ARCHITECTURE.md):
+    """One layer's attention, with exactly the submodules its LayerSpec needs (built by its CacheRepresentation;
+    docs/ARCHITECTURE.md):
 
         dense / merged_heads(m)   q_proj, k_proj, v_proj, o_proj          (k/v with m heads when merged)
         low_rank pre_rope_latent  q_proj, k_down, k_up, v_down, v_up, o_proj
@@ -1061,7 +1315,7 @@ class KVForgeAttention(nn.Module):
         self.config = config
         self.layer_idx = layer_idx
         self.layer_spec = layer
-        self.representation = layer.representation
+        self.cache_representation = CACHE_REPRESENTATIONS[layer.representation]
         self.head_dim = config.head_dim
         self.num_heads = config.num_attention_heads
         self.scaling = self.head_dim ** -0.5
@@ -1078,77 +1332,15 @@ class KVForgeAttention(nn.Module):
         # Heads of the K/V this layer attends over (its own, or its producer's); for probs_from, of its values.
         self.num_kv_heads = source.num_kv_heads if source.kv_proj == "merged_heads" else original_kv_heads
 
-        rep = self.representation
         if layer.probs_from is None:
             self.q_proj = nn.Linear(hidden, heads * dim, bias=bias)
-        if rep == "kv":
-            self.k_proj = nn.Linear(hidden, own_heads * dim, bias=bias)
-            self.v_proj = nn.Linear(hidden, own_heads * dim, bias=bias)
-        elif rep == "pre_rope_latent":
-            self.k_down = nn.Linear(hidden, layer.k_rank, bias=bias)
-            self.k_up = nn.Linear(layer.k_rank, original_kv_heads * dim, bias=False)
-            self.v_down = nn.Linear(hidden, layer.v_rank, bias=True)
-            self.v_up = nn.Linear(layer.v_rank, original_kv_heads * dim, bias=True)
-        elif rep == "partial":
-            rope_dims = layer.rope_dims
-            self.kv_down = nn.Linear(hidden, layer.kv_rank, bias=True)
-            with warnings.catch_warnings():  # all dims rotary leaves k_up empty; torch warns on initializing it
-                warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
-                self.k_up = nn.Linear(layer.kv_rank, original_kv_heads * (dim - rope_dims), bias=False)
-            self.v_up = nn.Linear(layer.kv_rank, original_kv_heads * dim, bias=True)
-            self.k_rope = nn.Linear(hidden, original_kv_heads * rope_dims, bias=bias)
-            self.register_buffer("rope_index", self.default_rope_index(original_kv_heads, rope_dims))
-        elif rep == "partial_shared":
-            rope_dims = layer.rope_dims
-            self.q_rope = nn.Linear(hidden, heads * rope_dims, bias=bias)
-            self.kv_down = nn.Linear(hidden, layer.kv_rank, bias=True)
-            self.k_up = nn.Linear(layer.kv_rank, original_kv_heads * dim, bias=False)
-            self.v_up = nn.Linear(layer.kv_rank, original_kv_heads * dim, bias=True)
-            self.k_rope = nn.Linear(hidden, rope_dims, bias=bias)
-            self.register_buffer("rope_index", self.default_rope_index(1, rope_dims))
-        elif rep == "v":
-            self.v_proj = nn.Linear(hidden, own_heads * dim, bias=bias)
-        elif rep == "v_latent":
-            self.v_down = nn.Linear(hidden, layer.v_rank, bias=True)
-            self.v_up = nn.Linear(layer.v_rank, original_kv_heads * dim, bias=True)
+        self.cache_representation.build(self, layer, hidden, heads, own_heads, dim, bias)
         self.o_proj = nn.Linear(heads * dim, hidden, bias=config.attention_output_bias)
 
     @staticmethod
     def default_rope_index(num_kv_heads: int, rope_dims: int) -> torch.Tensor:
         """Before surgery picks them: the rope_dims/2 highest-frequency pairs stay rotary in every head."""
         return torch.arange(rope_dims // 2).expand(num_kv_heads, -1).clone()
-
-    # ---- what this layer caches for the new tokens ---------------------------------------------------
-    def _new_cache_entries(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> dict[str, torch.Tensor]:
-        batch, length, _ = x.shape
-        rep = self.representation
-        if rep == "kv":
-            key = self.k_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)  # [B, K, T, D]
-            value = self.v_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)
-            return {"key": apply_rotary(key, cos[:, None], sin[:, None]), "value": value}
-        if rep == "pre_rope_latent":
-            return {"k_latent": self.k_down(x), "v_latent": self.v_down(x)}  # [B, T, Rk], [B, T, Rv]
-        if rep == "partial":
-            rope_dims, _ = partial_rope_dims(self.rope_index, self.head_dim)
-            k_rope = self.k_rope(x).view(batch, length, -1, rope_dims.shape[1]).transpose(1, 2)  # [B, K, T, Dr]
-            heads = k_rope.shape[1]
-            cos_r = _gather_dims(cos[:, None].expand(-1, heads, -1, -1), rope_dims)  # [B, K, T, Dr]
-            sin_r = _gather_dims(sin[:, None].expand(-1, heads, -1, -1), rope_dims)
-            return {"kv_latent": self.kv_down(x), "k_rope": apply_rotary(k_rope, cos_r, sin_r)}
-        if rep == "partial_shared":
-            k_rope = self.k_rope(x).view(batch, length, 1, -1).transpose(1, 2)  # [B, 1, T, Dr]
-            cos_r, sin_r = self.shared_rope_tables(cos, sin)
-            return {"kv_latent": self.kv_down(x), "k_rope": apply_rotary(k_rope, cos_r[:, None], sin_r[:, None])}
-        if rep == "v":
-            return {"value": self.v_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)}
-        if rep == "v_latent":
-            return {"v_latent": self.v_down(x)}
-        raise AssertionError(rep)
-
-    def shared_rope_tables(self, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin [B, T, D] -> [B, T, Dr]: the frequencies of the shared rotary key (rope_index [1, Dr/2])."""
-        rope_dims, _ = partial_rope_dims(self.rope_index, self.head_dim)
-        return cos.index_select(-1, rope_dims[0]), sin.index_select(-1, rope_dims[0])
 
     # ---- attention over a producer's cache (own or shared) -------------------------------------------
     def attend(self, shared: SharedKV, query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: SlotPlan,
@@ -1162,50 +1354,12 @@ class KVForgeAttention(nn.Module):
         mask is causal). One new token (decode): the latent functions, whose absorbed forms never rebuild K / V
         and where the fused kernels plug in.
         """
-        producer = shared.producer
         batch, heads, length, dim = query.shape
-        kv_heads = producer.num_kv_heads
+        kv_heads = shared.producer.num_kv_heads
         query = query.view(batch, kv_heads, heads // kv_heads, length, dim)  # head h reads kv head h // G
-        t = shared.tensors
         use_sdpa = self.config._attn_implementation == "sdpa"
-        if shared.representation == "partial_shared":
-            query_nope, query_rope = query.split([self.head_dim, dim - self.head_dim], dim=-1)
-            cos_r, sin_r = producer.shared_rope_tables(cos, sin)
-            query_rope = apply_rotary(query_rope, cos_r[:, None, None], sin_r[:, None, None])
-            if length > 1:  # training / prefill: whole keys [k_nope | k_rope] once per step, SDPA
-                mask, causal = plan.mask, False
-                if use_sdpa and not need_probs and handoff is not None:
-                    mask, causal = handoff.sdpa_mask(plan)
-                key, value = shared.dense_kv(plan)
-                return attention_function("kv")(torch.cat([query_nope, query_rope], dim=-1), key, value, mask,
-                                                self.scaling, need_probs=need_probs, dropout=dropout,
-                                                use_sdpa=use_sdpa, causal=causal)
-            return attention_function("partial_shared")(query_rope, query_nope, t["k_rope"], t["kv_latent"],
-                                                        producer.k_up, producer.v_up, plan.mask, self.scaling,
-                                                        need_probs=need_probs, dropout=dropout)
-        rotated = apply_rotary(query, cos[:, None, None], sin[:, None, None])
-        if shared.representation == "kv" or length > 1:
-            mask, causal = plan.mask, False
-            if use_sdpa and not need_probs and handoff is not None:
-                mask, causal = handoff.sdpa_mask(plan)
-            if shared.representation == "kv":
-                key, value = t["key"], t["value"]
-            else:
-                key, value = shared.dense_kv(plan)
-                if shared.representation == "partial":
-                    rotated = partial_rope_query(query, rotated, producer.rope_index)
-            return attention_function("kv")(rotated, key, value, mask, self.scaling, need_probs=need_probs,
-                                            dropout=dropout, use_sdpa=use_sdpa, causal=causal)
-        attend = attention_function(shared.representation)
-        if shared.representation == "pre_rope_latent":
-            return attend(rotated, t["k_latent"], t["v_latent"], producer.k_up, producer.v_up, plan.key_rotary(),
-                          plan.mask, self.scaling, need_probs=need_probs, dropout=dropout, use_sdpa=use_sdpa)
-        if shared.representation == "partial":
-            rope_dims, nope_dims = partial_rope_dims(producer.rope_index, dim)
-            return attend(_gather_dims(rotated, rope_dims), _gather_dims(query, nope_dims), t["k_rope"],
-                          t["kv_latent"], producer.k_up, producer.v_up, plan.mask, self.scaling,
-                          need_probs=need_probs, dropout=dropout)
-        raise AssertionError(shared.representation)
+        return CACHE_REPRESENTATIONS[shared.representation].attend(shared, query, cos, sin, plan, self.scaling,
+                                                                   need_probs, dropout, use_sdpa, handoff)
 
     def forward(
         self,
@@ -1224,29 +1378,22 @@ class KVForgeAttention(nn.Module):
 
         if layer.probs_from is not None:
             probs = handoff.probs[layer.probs_from]  # [B, H, T, S]
-            values = self._new_cache_entries(hidden_states, cos, sin)
+            values = self.cache_representation.project(self, hidden_states, cos, sin)
             if storage is not None:
                 values = storage.update(plan, values)
             kv_heads = self.num_kv_heads
             grouped = probs.view(batch, kv_heads, self.num_heads // kv_heads, length, -1)
-            attend = attention_function("shared_probs")
-            if self.representation == "v":
-                out, _ = attend(grouped, value=values["value"], dropout=dropout)
-            else:
-                out, _ = attend(grouped, v_latent=values["v_latent"], v_up=self.v_up, dropout=dropout)
+            out, _ = self.cache_representation.attend_probs(self, grouped, values, dropout)
             probs = None
         else:
-            query = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-            if self.representation == "partial_shared":  # [B, H, T, D + Dr]: the rotary query dims after q's
-                query_rope = self.q_rope(hidden_states).view(batch, length, self.num_heads, -1).transpose(1, 2)
-                query = torch.cat([query, query_rope], dim=-1)
+            query = self.cache_representation.query(self, hidden_states)
             if layer.kv_from is not None:
                 shared = handoff.kv[layer.kv_from]
             else:
-                entries = self._new_cache_entries(hidden_states, cos, sin)
+                entries = self.cache_representation.project(self, hidden_states, cos, sin)
                 if storage is not None:
                     entries = storage.update(plan, entries)
-                shared = SharedKV(self.representation, entries, self)
+                shared = SharedKV(self.cache_representation.name, entries, self)
                 if self.shares_kv:
                     handoff.kv[self.layer_idx] = shared
             out, probs = self.attend(shared, query, cos, sin, plan, need_probs, dropout, handoff)

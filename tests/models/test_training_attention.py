@@ -60,7 +60,7 @@ def reference_attend(self, shared, query, cos, sin, plan, need_probs, dropout, h
     t = shared.tensors
     if shared.representation == "partial_shared":  # query [.., D + Dr]: q_proj's dims, then q_rope's
         query_nope, query_rope = query.split([HEAD_DIM, dim - HEAD_DIM], dim=-1)
-        cos_r, sin_r = producer.shared_rope_tables(cos, sin)
+        cos_r, sin_r = mk.SharedRopeLatent.rope_tables(producer, cos, sin)
         query_rope = mk.apply_rotary(query_rope, cos_r[:, None, None], sin_r[:, None, None])
         return partial_rope_attention(query_rope, query_nope, t["k_rope"], t["kv_latent"], producer.k_up,
                                       producer.v_up, plan.mask, self.scaling, need_probs=need_probs, absorb=False)
