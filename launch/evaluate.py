@@ -414,8 +414,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                       f"({', '.join(source_check['overlaps'])}); evaluated anyway (--allow-training-source)",
                       file=sys.stderr)
         started = time.perf_counter()
+        # A stock export (e.g. DeepSeek-V3 from --format stock) scores like any model; the suite's KV fraction reads
+        # the original's geometry from the config, which such a class no longer has, so the suite refuses it.
         model, tokenizer = load_pretrained(model_name, gguf_file=args.gguf_file, dtype=args.dtype,
-                                           tokenizer_name=args.tokenizer, device=device)
+                                           tokenizer_name=args.tokenizer, device=device,
+                                           allow_stock_exports=args.task != "suite")
         load_seconds = time.perf_counter() - started
         result = run_task(args, model, tokenizer, device)
     except (ModelLoadError, DataError, FileNotFoundError, TrainingSourceError) as err:

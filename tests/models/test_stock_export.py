@@ -380,3 +380,38 @@ def test_deepseek_needs_rotary_pairs_its_rope_can_express(tmp_path, tokenizer, c
     assert code == 2 and "compression.layers[1] keeps rotary pairs [1, 3]" in err, err
     code, printed, err = export_cli(["--model", source, "--out", tmp_path / "auto", "--dtype", "float32"], capsys)
     assert code == 0 and printed["architecture"] == "KVForgeForCausalLM", err
+
+
+def test_launch_evaluate_scores_the_deepseek_export_as_the_kvforge_export(tmp_path, tokenizer, capsys):
+    """launch/evaluate.py loaded only kvforge's base architectures, so the DeepSeek-V3 export of SmolLM2's MLA recipe
+    could not be scored by it ("model_type 'deepseek_v3', which kvforge does not support"). Both exports of one model
+    now give the same held-out perplexity; the suite (its KV fraction reads the original's geometry from the config)
+    and the surgery's loader still refuse the stock class, naming it."""
+    from kvforge.models.loading import ModelLoadError, load_pretrained
+
+    model = custom(layers_config([SHARED_ROPE] * 2))
+    source = save_source(model, tokenizer, tmp_path / "src")
+    for format in ("stock", "kvforge"):
+        code, _, err = export_cli(["--model", source, "--out", tmp_path / format, "--format", format,
+                                   "--dtype", "float32"], capsys)
+        assert code == 0, err
+    text = tmp_path / "text"
+    text.mkdir()
+    for i in range(8):
+        (text / f"doc{i}.txt").write_text(f"Document {i}: " + " ".join(f"word{j * i % 17}" for j in range(60)))
+    spec = importlib.util.spec_from_file_location("kvforge_launch_evaluate", REPO / "launch" / "evaluate.py")
+    evaluate = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate)
+    perplexity = {}
+    for format in ("stock", "kvforge"):
+        out = tmp_path / f"{format}.json"
+        code = evaluate.main(["--model", str(tmp_path / format), "--data", str(text), "--seq-len", "32",
+                              "--eval-fraction", "0.5", "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
+                              "--json", str(out)])
+        assert code == 0, capsys.readouterr().err
+        perplexity[format] = json.loads(out.read_text())["perplexity"]
+    assert perplexity["stock"] == pytest.approx(perplexity["kvforge"], rel=1e-5)
+    code = evaluate.main(["--model", str(tmp_path / "stock"), "--task", "suite", "--device", "cpu"])
+    assert code == 2 and "model_type 'deepseek_v3', a stock export" in capsys.readouterr().err
+    with pytest.raises(ModelLoadError, match="does not compress or train it"):
+        load_pretrained(str(tmp_path / "stock"))
