@@ -55,6 +55,7 @@ try:
     # named here, or such an export does not load there.
     from kvforge.kernels.latent_attention import available as _latent_kernel_available  # noqa: F401
     from kvforge.kernels.gqa_decode import available as _gqa_kernel_available  # noqa: F401
+    from kvforge.kernels.partial_rope_decode import available as _partial_rope_kernel_available  # noqa: F401
 except ImportError:
     fused_attention = None
 
