@@ -179,26 +179,32 @@ def value_dim_scale(o_weight: torch.Tensor, num_kv_heads: int, head_dim: int) ->
 
 
 @dataclass
-class PartialRopeFactors:
-    """The parameters of a partial-RoPE layer (names as in docs/ARCHITECTURE.md)."""
+class JointLatent:
+    """One latent for the keys' unrotated dims and the values: its up rows stack k_up on v_up."""
 
-    k_rope_weight: torch.Tensor            # [n_kv * d_rope, H]
-    k_rope_bias: Optional[torch.Tensor]
-    latent: Factorization                  # down: kv_down; up rows [:n_kv*(d-d_rope)] = k_up, rest = v_up
-    rope_pairs: torch.Tensor               # [n_kv, d_rope / 2] frequency pairs kept rotary (the `rope_index` buffer)
-    nope_rows: int                         # n_kv * (d - d_rope)
+    latent: Factorization                  # down: kv_down; up rows [:key_rows] = k_up, the rest = v_up
+    key_rows: int                          # the rows k_up rebuilds
 
     @property
     def k_up_weight(self) -> torch.Tensor:
-        return self.latent.up_weight[:self.nope_rows]
+        return self.latent.up_weight[:self.key_rows]
 
     @property
     def v_up_weight(self) -> torch.Tensor:
-        return self.latent.up_weight[self.nope_rows:]
+        return self.latent.up_weight[self.key_rows:]
 
     @property
     def v_up_bias(self) -> Optional[torch.Tensor]:
-        return None if self.latent.up_bias is None else self.latent.up_bias[self.nope_rows:]
+        return None if self.latent.up_bias is None else self.latent.up_bias[self.key_rows:]
+
+
+@dataclass(kw_only=True)
+class PartialRopeFactors(JointLatent):
+    """The parameters of a partial-RoPE layer (names as in docs/ARCHITECTURE.md); key_rows = n_kv * (d - d_rope)."""
+
+    k_rope_weight: torch.Tensor            # [n_kv * d_rope, H]
+    k_rope_bias: Optional[torch.Tensor]
+    rope_pairs: torch.Tensor               # [n_kv, d_rope / 2] frequency pairs kept rotary (the `rope_index` buffer)
 
 
 def partial_rope_factors(
@@ -280,33 +286,19 @@ def partial_rope_factors(
     return PartialRopeFactors(
         k_rope_weight=k_weight[rope_rows].clone(),
         k_rope_bias=None if k_bias is None else k_bias[rope_rows].clone(),
-        latent=latent, rope_pairs=pairs, nope_rows=n_nope,
+        latent=latent, rope_pairs=pairs, key_rows=n_nope,
     )
 
 
-@dataclass
-class SharedRopeFactors:
-    """The parameters of a shared-rotary (rope_shared) layer beyond q_proj and o_proj."""
+@dataclass(kw_only=True)
+class SharedRopeFactors(JointLatent):
+    """The parameters of a shared-rotary (rope_shared) layer beyond q_proj and o_proj; key_rows = n_kv * d."""
 
     q_rope_weight: torch.Tensor            # [n_q * d_rope, H]
     q_rope_bias: Optional[torch.Tensor]
     k_rope_weight: torch.Tensor            # [d_rope, H]
     k_rope_bias: Optional[torch.Tensor]
-    latent: Factorization                  # down: kv_down; up rows [:n_kv d] = k_up, rest = v_up
     rope_pairs: torch.Tensor               # [1, d_rope / 2] (the `rope_index` buffer)
-    key_rows: int                          # n_kv * d
-
-    @property
-    def k_up_weight(self) -> torch.Tensor:
-        return self.latent.up_weight[:self.key_rows]
-
-    @property
-    def v_up_weight(self) -> torch.Tensor:
-        return self.latent.up_weight[self.key_rows:]
-
-    @property
-    def v_up_bias(self) -> torch.Tensor:
-        return self.latent.up_bias[self.key_rows:]
 
 
 def shared_rope_pairs(q_pair_energy: torch.Tensor, k_pair_energy: torch.Tensor, num_pairs: int,
