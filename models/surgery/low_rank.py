@@ -740,28 +740,22 @@ def transform_layer(t: Transform, i: int, entry: dict[str, Any]) -> None:
         entry["init"] = settings.init
         entry["k_discarded"] = discarded_energy(fk.eigenvalues, layer.k_rank)
         entry["v_discarded"] = discarded_energy(fv.eigenvalues, layer.v_rank)
-    elif layer.rope_shared:
-        f = _shared_rope(stats, i, a, geometry, settings, layer.rope_dims, layer.kv_rank,
-                         _partial_metrics(stats, t.spec, t.attn, i, geometry, settings))
-        t.put(i, "q_rope", f.q_rope_weight, f.q_rope_bias)
+    else:  # one joint latent for the unrotated key dims and the values, beside rotary keys
+        metrics = _partial_metrics(stats, t.spec, t.attn, i, geometry, settings)
+        if layer.rope_shared:
+            f = _shared_rope(stats, i, a, geometry, settings, layer.rope_dims, layer.kv_rank, metrics)
+            t.put(i, "q_rope", f.q_rope_weight, f.q_rope_bias)
+            kind = "shared rotary key"
+        else:
+            f = _partial(stats, i, a, geometry, settings, layer.rope_dims, layer.kv_rank, restore,
+                         _has_kv_down_bias(t.expected, i), metrics)
+            kind = "partial RoPE"
         t.put(i, "k_rope", f.k_rope_weight, f.k_rope_bias)
         t.put(i, "kv_down", f.latent.down_weight, f.latent.down_bias)
         t.put(i, "k_up", f.k_up_weight)
         t.put(i, "v_up", f.v_up_weight, f.v_up_bias)
         t.out[f"{attention_prefix(i)}rope_index"] = f.rope_pairs
-        entry["kv"] = f"shared rotary key {layer.rope_dims} dims + latent {layer.kv_rank}"
-        entry["init"] = "pca" if settings.init == "pca" else "output_aware"
-        entry["kv_discarded"] = discarded_energy(f.latent.eigenvalues, layer.kv_rank)
-        entry["rope_pairs"] = f.rope_pairs.tolist()
-    else:
-        f = _partial(stats, i, a, geometry, settings, layer.rope_dims, layer.kv_rank, restore,
-                     _has_kv_down_bias(t.expected, i), _partial_metrics(stats, t.spec, t.attn, i, geometry, settings))
-        t.put(i, "k_rope", f.k_rope_weight, f.k_rope_bias)
-        t.put(i, "kv_down", f.latent.down_weight, f.latent.down_bias)
-        t.put(i, "k_up", f.k_up_weight)
-        t.put(i, "v_up", f.v_up_weight, f.v_up_bias)
-        t.out[f"{attention_prefix(i)}rope_index"] = f.rope_pairs
-        entry["kv"] = f"partial RoPE {layer.rope_dims} dims + latent {layer.kv_rank}"
+        entry["kv"] = f"{kind} {layer.rope_dims} dims + latent {layer.kv_rank}"
         entry["init"] = "pca" if settings.init == "pca" else "output_aware"  # keys and values: one currency
         entry["kv_discarded"] = discarded_energy(f.latent.eigenvalues, layer.kv_rank)
         entry["rope_pairs"] = f.rope_pairs.tolist()
