@@ -1,5 +1,6 @@
 """Shared by the decode-kernel tests (a plain module: tests/kernels is on pytest's import path): a tiny KVForge
-model's greedy generate() with and without the kernels, and the error measure against float64 references."""
+model's greedy generate() with and without the kernels, the dispatch rules every decode kernel follows, and the
+error measure against float64 references."""
 
 import torch
 
@@ -10,6 +11,24 @@ from kvforge.models.modeling_kvforge import KVForgeForCausalLM
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def assert_kernel_serves_decode_only(monkeypatch, attend, args, kernel_calls):
+    """The dispatch rules of every decode kernel, for `attend` (dispatch.fused_attention's answer) on one decode
+    step's CPU `args`: under auto the reference serves CPU tensors; under triton the kernel serves the step with
+    the reference's output, the reference serves a call asking for probabilities and a call with gradients."""
+    with torch.no_grad():
+        monkeypatch.setenv("KVFORGE_KERNELS", "auto")  # CPU tensors: the reference
+        expected, _ = attend(*args)
+        assert kernel_calls == []
+        monkeypatch.setenv("KVFORGE_KERNELS", "triton")
+        out, probs = attend(*args)
+        assert len(kernel_calls) == 1 and probs is None
+        assert relative_error(out, expected) < 1e-5
+        _, probs = attend(*args, need_probs=True)  # PyramidKV's scoring asks for probabilities
+        assert probs is not None and len(kernel_calls) == 1
+    attend(*args)  # gradients enabled and the weights require them: training takes the reference
+    assert len(kernel_calls) == 1
 
 
 def generate_with_and_without_kernels(monkeypatch, layers, num_attention_heads):

@@ -8,8 +8,8 @@ import math
 import os
 
 import pytest
-from kernel_generation import (assert_same_generation, generate_with_and_without_kernels, record_kernel_calls,
-                               relative_error)
+from kernel_generation import (assert_kernel_serves_decode_only, assert_same_generation,
+                               generate_with_and_without_kernels, record_kernel_calls, relative_error)
 import torch
 from torch import nn
 
@@ -113,18 +113,7 @@ def test_dispatch_runs_the_kernel_only_where_it_applies(monkeypatch, kernel_call
     attend = dispatch.fused_attention("pre_rope_latent", pre_rope_latent_attention)
     c = case(seed=5)
     args = [c[k] for k in ("query", "k_latent", "v_latent", "k_up", "v_up", "key_rotary", "mask", "scaling")]
-    with torch.no_grad():
-        monkeypatch.setenv("KVFORGE_KERNELS", "auto")  # CPU tensors: the reference
-        expected, _ = attend(*args)
-        assert kernel_calls == []
-        monkeypatch.setenv("KVFORGE_KERNELS", "triton")
-        out, probs = attend(*args)
-        assert len(kernel_calls) == 1 and probs is None
-        assert relative_error(out, expected) < 1e-5
-        _, probs = attend(*args, need_probs=True)  # PyramidKV's scoring asks for probabilities
-        assert probs is not None and len(kernel_calls) == 1
-    attend(*args)  # gradients enabled and the weights require them: training takes the reference
-    assert len(kernel_calls) == 1
+    assert_kernel_serves_decode_only(monkeypatch, attend, args, kernel_calls)
     monkeypatch.setenv("KVFORGE_KERNELS", "fast")
     with pytest.raises(ValueError, match="KVFORGE_KERNELS='fast' is not one of auto, off, triton"):
         attend(*args)
