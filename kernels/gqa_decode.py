@@ -23,6 +23,8 @@ import torch
 try:
     import triton
     import triton.language as tl
+
+    from .latent_attention import online_softmax_tile, split_slots  # the steps the decode kernels share
 except ImportError:  # CPU-only install
     triton = None
 
@@ -49,12 +51,7 @@ if triton is not None:
         num_splits = tl.num_programs(1)
         b = (row_head // kv_heads).to(tl.int64)
         h = (row_head % kv_heads).to(tl.int64)
-        if LENGTH_IN_MEMORY:
-            length = tl.load(LENGTH)
-        else:
-            length = slots
-        lo = split * slots_per_split
-        hi = tl.minimum(lo + slots_per_split, length)
+        lo, hi = split_slots(LENGTH, slots, split, slots_per_split, LENGTH_IN_MEMORY)
         g = tl.arange(0, BLOCK_G)
         d = tl.arange(0, HEAD_DIM)
         q = tl.load(Q + b * stride_qb + h * stride_qh + g[:, None] * stride_qg + d[None, :],
@@ -72,14 +69,9 @@ if triton is not None:
             k = tl.load(k_base + s[:, None].to(tl.int64) * stride_ks + d[None, :], mask=valid[:, None], other=0.0)
             scores = tl.dot(q, tl.trans(k)) * scaling  # [BLOCK_G, BLOCK_S], fp32
             scores = tl.where(valid[None, :], scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile with every slot masked adds nothing
-            alpha = tl.exp(m - m_safe)
-            p = tl.exp(scores - m_safe[:, None])
-            total = total * alpha + tl.sum(p, axis=1)
+            m, alpha, p, total = online_softmax_tile(scores, m, total)
             v = tl.load(v_base + s[:, None].to(tl.int64) * stride_vs + d[None, :], mask=valid[:, None], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m = m_new
         out = (row_head * num_splits + split).to(tl.int64) * BLOCK_G + g
         keep = g < group
         tl.store(ACC + out[:, None] * HEAD_DIM + d[None, :], acc, mask=keep[:, None])

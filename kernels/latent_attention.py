@@ -47,11 +47,25 @@ def available() -> bool:
 
 if triton is not None:
 
+    # Steps every decode kernel shares (this file's, gqa_decode.py's, partial_rope_decode.py's). They live here, in
+    # a file the modeling code imports, so that every transformers version bundles them with an export.
+
+    @triton.jit
+    def split_slots(LENGTH, slots, split, slots_per_split, LENGTH_IN_MEMORY: tl.constexpr):
+        """[start, end) of the cache slots flash-decoding's split `split` reads: its share of the first `length`
+        slots, the length read from device memory (a static cache's, so a CUDA graph replays it) or given."""
+        if LENGTH_IN_MEMORY:
+            length = tl.load(LENGTH)
+        else:
+            length = slots
+        start = split * slots_per_split
+        return start, tl.minimum(start + slots_per_split, length)
+
     @triton.jit
     def online_softmax_tile(scores, running_max, running_sum):
-        """One tile of flash attention's online softmax over scores [BLOCK_H, BLOCK_S] (fp32, masked = -inf):
+        """One tile of flash attention's online softmax over scores [rows, BLOCK_S] (fp32, masked = -inf):
         the new running max, the factor that rescales what the tiles before accumulated, the tile's weights,
-        and the new running sum. The decode kernels' shared step (this file's, partial_rope_decode.py's)."""
+        and the new running sum."""
         tile_max = tl.maximum(running_max, tl.max(scores, axis=1))
         # A tile (or a whole split) can be fully masked: keep exp() away from (-inf) - (-inf).
         safe_max = tl.where(tile_max == float("-inf"), 0.0, tile_max)

@@ -49,8 +49,8 @@ try:
     import triton
     import triton.language as tl
 
-    # flash-decoding's second stage (same [B, splits, H, R] layout) and the online-softmax step
-    from .latent_attention import _merge_splits_kernel, online_softmax_tile
+    # flash-decoding's second stage (same [B, splits, H, R] layout) and the steps the decode kernels share
+    from .latent_attention import _merge_splits_kernel, online_softmax_tile, split_slots
 except ImportError:  # CPU-only install: the PyTorch reference serves
     triton = None
 
@@ -132,12 +132,7 @@ if triton is not None:
         running_sum = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_R], tl.float32)
 
-        if LENGTH_IN_MEMORY:
-            length = tl.load(LENGTH)
-        else:
-            length = slots
-        start = split * slots_per_split
-        end = tl.minimum(start + slots_per_split, length)
+        start, end = split_slots(LENGTH, slots, split, slots_per_split, LENGTH_IN_MEMORY)
         for tile in range(start, end, BLOCK_S):
             offs_s = tile + tl.arange(0, BLOCK_S)
             visible = offs_s < end
