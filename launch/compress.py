@@ -35,6 +35,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import os
@@ -182,6 +183,14 @@ def perplexity(model, rows, batch_size: int) -> dict[str, float]:
     return {**result, "seconds": round(time.perf_counter() - started, 1)}
 
 
+def measured_in(dtype: Any, measure, model, prompt: Any, **kwargs) -> dict[str, Any]:
+    """`measure(model, prompt)` on a copy of `model` in `dtype`. The model keeps its own precision: cast down and
+    back in place, every weight it is later scored with or saved as would be rounded to `dtype`."""
+    if next(model.parameters()).dtype != dtype:
+        model = copy.deepcopy(model).to(dtype)
+    return measure(model, prompt, **kwargs)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.list_presets:
@@ -245,8 +254,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if rows is not None:
             original["perplexity"] = perplexity(model, rows, args.eval_batch_size)
             print(f"original perplexity {original['perplexity']['perplexity']:.3f} ({original['perplexity']['seconds']} s)")
-        original["measured"] = measure_original_kv_bytes(model.to(measure_dtype), prompt)
-        model.to(torch.float32)
+        original["measured"] = measured_in(measure_dtype, measure_original_kv_bytes, model, prompt)
         atomic.write_text(original_path, json.dumps(original))
 
     # ---- surgery
@@ -262,8 +270,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     compressed = result.model
 
     after = perplexity(compressed, rows, args.eval_batch_size) if rows is not None else None
-    measured = measure_generate_kv_bytes(compressed.to(measure_dtype), prompt, max_new_tokens=4)
-    compressed.to(torch.float32)
+    measured = measured_in(measure_dtype, measure_generate_kv_bytes, compressed, prompt, max_new_tokens=4)
 
     # ---- report
     spec_per_layer = [layer.kv_cache_elements_per_token(geometry.num_kv_heads, geometry.head_dim)

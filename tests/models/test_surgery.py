@@ -518,6 +518,20 @@ def test_compress_launcher_rejects_bad_specs_clearly(tmp_path):
         launcher._key_values(["window"], "--arg")
 
 
+def test_compress_launcher_measures_the_cache_on_a_copy_and_leaves_the_weights_alone():
+    from kvforge.models.surgery.measure import measure_original_kv_bytes
+
+    launcher = _compress_launcher()
+    model = tiny(layers=2)
+    before = {name: p.detach().clone() for name, p in model.state_dict().items()}
+    measured = launcher.measured_in(torch.bfloat16, measure_original_kv_bytes, model, torch.randint(3, 64, (1, 9)))
+    per_token = 2 * KV_HEADS * HEAD_DIM  # K and V elements per layer
+    assert measured["bytes_per_token"] == model.config.num_hidden_layers * per_token * 2  # bf16
+    # Cast down and back in place, every weight would now be rounded to bf16 (and saved or scored so).
+    assert next(model.parameters()).dtype == torch.float32
+    assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())
+
+
 @pytest.mark.real_model
 def test_real_smollm2_compresses_and_its_generate_cache_matches_the_spec(smollm2_dir):
     from kvforge.models.loading import load_pretrained
