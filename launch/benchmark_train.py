@@ -122,7 +122,7 @@ def main(argv=None) -> int:
         print(f"{name}: {json.dumps(entry)}", flush=True)
         (out / f"results{tag}.json").write_text(json.dumps(results, indent=2))
 
-    print(f"\n| recipe | tokens/s | MFU | peak memory | exit |\n| --- | --- | --- | --- | --- |")
+    print("\n| recipe | tokens/s | MFU | peak memory | exit |\n| --- | --- | --- | --- | --- |")
     for name, r in results.items():
         if "tokens_per_s" in r:
             mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"

@@ -4,12 +4,14 @@
 #   setsid nohup bash docs/results/recovery-h200/run.sh > ~/kvgpu/pipeline.log 2>&1 < /dev/null &
 # Every finished stage leaves its result in $RES; a rerun skips it. Env: K (work folder), RECIPES, DS, NGPU,
 # EXTRA / CEXTRA (overrides for every run / for compressed runs: the CPU dry run shrinks the job with them),
-# SUITE_ARGS (launch/evaluate.py --task suite options), NO_SUITE (runs scored only by their own held-out evals).
+# SUITE_ARGS (launch/evaluate.py --task suite options), NO_SUITE (runs scored only by their own held-out evals),
+# BEFORE (a command run first, alone on the GPU, its output in $RES/before.log: e.g. a decode benchmark, so a
+# session's GPU work is one background pipeline with no idle gap between calls).
 # A run that fails with training.compile=true is run again eager (its compiled log kept as .compiled.log), so a
 # compiler failure costs its minutes but not the result.
 set -u
 K=${K:-$HOME/kvgpu}
-RES=$K/results
+export RES=$K/results  # exported: a BEFORE command may write there
 mkdir -p "$RES"
 export KVFORGE_CACHE=$K/cache PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export WANDB_MODE=${WANDB_MODE:-disabled}  # the device image has no wandb
@@ -58,6 +60,9 @@ if ! python3 benchmarks/check_loss_gpu.py > "$RES/check_loss_gpu.txt" 2>&1; then
   stamp "fused loss check FAILED: KVFORGE_KERNELS=off"; export KVFORGE_KERNELS=off
 fi
 cat "$RES/check_loss_gpu.txt"
+if [ -n "${BEFORE:-}" ] && [ ! -f "$RES/before.log" ]; then
+  stamp "before: $BEFORE"; bash -c "$BEFORE" > "$RES/before.log.part" 2>&1; mv "$RES/before.log.part" "$RES/before.log"
+fi
 [ -n "${SKIP_ORIGINAL:-}" ] || suite original "$GGUF" --role original
 for name in ${RECIPES:-lowrank-25 lowrank-50 finetuned-original lowrank-12}; do
   if [ "$name" = finetuned-original ]; then
