@@ -60,6 +60,11 @@ def use_triton(tensor: torch.Tensor, float32_exact: bool = False) -> bool:
     return False
 
 
+def use_unmeasured_triton(tensor: torch.Tensor) -> bool:
+    """`use_triton` for a kernel not yet measured on a GPU: there only when asked for (KVFORGE_KERNELS=triton)."""
+    return use_triton(tensor) and (kernel_mode() == "triton" or not tensor.is_cuda)
+
+
 def _is_power_of_2(n: int) -> bool:
     return n >= 2 and n & (n - 1) == 0
 
@@ -100,8 +105,7 @@ def _kv(reference: Callable) -> Callable:
             and key.dtype == value.dtype == query.dtype and key.stride(-1) == 1 and value.stride(-1) == 1
             and not (torch.is_grad_enabled() and query.requires_grad)
         )
-        # Not yet run on a GPU: Triton there only when asked for (KVFORGE_KERNELS=triton), until measured.
-        if not (use_triton(query) and fits and (kernel_mode() == "triton" or not query.is_cuda)):
+        if not (use_unmeasured_triton(query) and fits):
             return reference(query, key, value, mask, scaling, need_probs=need_probs, dropout=dropout,
                              use_sdpa=use_sdpa, causal=causal)
         out = gqa_decode_attention(query[:, :, :, 0].contiguous(), key, value, None, scaling,
@@ -124,8 +128,7 @@ def _partial(reference: Callable) -> Callable:
             and not (torch.is_grad_enabled() and (query_rope.requires_grad or query_nope.requires_grad
                                                   or k_up.weight.requires_grad or v_up.weight.requires_grad))
         )
-        # Not yet run on a GPU (as "kv"): Triton there only when asked for (KVFORGE_KERNELS=triton), until measured.
-        if not (use_triton(query_rope) and fits and (kernel_mode() == "triton" or not query_rope.is_cuda)):
+        if not (use_unmeasured_triton(query_rope) and fits):
             return reference(query_rope, query_nope, k_rope, kv_latent, k_up, v_up, mask, scaling,
                              need_probs=need_probs, dropout=dropout, absorb=absorb)
         out = partial_rope_decode_attention(query_rope[:, :, :, 0], query_nope[:, :, :, 0], k_rope, kv_latent,
