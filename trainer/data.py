@@ -877,8 +877,8 @@ def teacher_sample_rows(model: Any, ts: TeacherSamplesConfig, n_samples: int, sa
     Every sample starts with `separator_id` (the token between documents, so the model starts a new document);
     a `ts.prefix_fraction` of them continue a window of `ts.prefix_tokens` tokens of one of `prefixes` (token id
     arrays of real text) at a random offset, and a `ts.instruction_fraction` of them continue one of
-    `instructions` (token ids of a chat-formatted request, fed through the first decode steps). Sampling: each sample's temperature uniform in
-    [ts.temperature_min, ts.temperature_max], then top_p; `ts.suppress_eos` bans the separator and the model's
+    `instructions` (token ids of a chat-formatted request, fed through the first decode steps). Sampling: each
+    sample's temperature uniform in [ts.temperature_min, ts.temperature_max], then top_p; `ts.suppress_eos` bans the separator and the model's
     eos, else the model may end a document and begin the next one inside a sample, as packed text does.
 
     Deterministic for `ts.seed` (and `ts.batch_size`, `ts.dtype`) on CPU: what each sample gets comes from one
@@ -933,13 +933,12 @@ def teacher_sample_rows(model: Any, ts: TeacherSamplesConfig, n_samples: int, sa
         for batch, indices in enumerate(batches):
             prompt_BP = torch.tensor([prompt(i) for i in indices], device=device)
             new_tokens = sample_len - prompt_BP.shape[1]
+            forced = {row: instructions[chosen[i]] for row, i in enumerate(indices) if instructed[i]}
             forced_BF = None
-            if instructed[indices].any():
-                forced_BF = torch.full((len(indices), max(len(instructions[chosen[i]]) for i in indices
-                                                          if instructed[i])), -1, dtype=torch.long)
-                for row, i in enumerate(indices):
-                    if instructed[i]:
-                        forced_BF[row, :len(instructions[chosen[i]])] = torch.from_numpy(instructions[chosen[i]])
+            if forced:
+                forced_BF = torch.full((len(indices), max(map(len, forced.values()))), -1, dtype=torch.long)
+                for row, request in forced.items():
+                    forced_BF[row, :len(request)] = torch.from_numpy(request)
             warper = _SampleWarper(torch.tensor(temperatures[indices], dtype=torch.float32), ts.top_p, sorted(banned),
                                    forced_BF)
             with torch.random.fork_rng(devices=forked):

@@ -315,7 +315,7 @@ def build_data(cfg: Config, tokenizer, model, rank: int, world: int, load_teache
     """
     from kvforge.models.loading import document_separator_id
 
-    from .data import Teacher, build_packed_datasets, teacher_identity, train_batch
+    from .data import Teacher, build_packed_datasets, default_cache_dir, teacher_identity, train_batch
 
     # The train/eval split does not depend on run.seed, so runs with different seeds share one eval set.
     sep = document_separator_id(tokenizer, model.config)
@@ -323,7 +323,7 @@ def build_data(cfg: Config, tokenizer, model, rank: int, world: int, load_teache
     def never_sample():
         # Rank 0 sampled and cached them; a rank that finds no cache reads another folder than rank 0 wrote to
         # (another node), and its own draw would differ (GPU sampling is not bitwise deterministic).
-        where = cfg.data.cache_dir or "$KVFORGE_CACHE/data"
+        where = cfg.data.cache_dir or default_cache_dir()
         raise DataError(f"rank {rank} finds no teacher samples where rank 0 cached them ({where}): on several "
                         "nodes, data.cache_dir (or KVFORGE_CACHE) must be a folder every node shares")
 
@@ -337,7 +337,7 @@ def build_data(cfg: Config, tokenizer, model, rank: int, world: int, load_teache
             raise DataError(str(e)) from None
 
     packed = on_rank0_first(rank, lambda: build(True), others=lambda: build(False))
-    check_same_data(packed, rank, world)
+    check_same_data(packed, world)
     # Fail here, not at the first step or the first eval deep inside the loop.
     train_batch(packed, 0, world - 1, world, cfg.training.micro_batch_size, cfg.run.seed)
     if len(packed.eval) < world:
@@ -351,7 +351,7 @@ def build_data(cfg: Config, tokenizer, model, rank: int, world: int, load_teache
     return packed
 
 
-def check_same_data(packed, rank: int, world: int) -> None:
+def check_same_data(packed, world: int) -> None:
     """Every rank must hold the rows rank 0 packed: each reads its own slice of them by index. Ranks on other
     nodes read their own copies of the files and of the cache.
 

@@ -959,8 +959,8 @@ def test_ranks_other_than_0_never_sample_and_every_rank_must_hold_rank_0s_rows(t
 
     packed = data.PackedData(torch.arange(8).reshape(2, 4), torch.arange(4).reshape(1, 4), {})
     monkeypatch.setattr(train.dist, "all_gather_object", lambda out, obj: out.__setitem__(slice(None), [obj] * 3))
-    train.check_same_data(packed, 0, 3)
+    train.check_same_data(packed, 3)
     monkeypatch.setattr(train.dist, "all_gather_object",
                         lambda out, obj: out.__setitem__(slice(None), [obj, obj, "another digest"]))
     with pytest.raises(DataError, match=r"ranks \[2\] packed other training data than rank 0: every node must read"):
-        train.check_same_data(packed, 0, 3)
+        train.check_same_data(packed, 3)
