@@ -543,6 +543,10 @@ def train(cfg: Config) -> TrainResult:
     stage = stage_at(stages, resumed.step if resumed is not None else 0)
     model, tokenizer = build_model(cfg, ds_config, run_dir)
     teacher = build_teacher(cfg, device) if t.distill_weight > 0 else None
+    if teacher is not None:
+        # Replicated, never sharded: each rank holds a whole frozen copy (no gradients, no optimizer state).
+        log(f"teacher: {sum(p.numel() * p.element_size() for p in teacher.parameters()) / 2**30:.2f} GiB of "
+            f"weights on every rank ({next(teacher.parameters()).dtype})")
     packed = build_data(cfg, tokenizer, model, rank, world,
                         load_teacher=lambda: teacher if teacher is not None else build_teacher(cfg, device))
     heldout = build_heldout(cfg, tokenizer, model, rank, world)

@@ -1,5 +1,7 @@
 """Tables of docs/results/multigpu-h200/run.sh's runs: loss step by step against the single-GPU run of the same
-ZeRO stage, tokens/s per GPU, peak memory per GPU, and the resumed run against the uninterrupted one.
+ZeRO stage, tokens/s per GPU, peak memory per GPU, the resumed run against the uninterrupted one, and each
+consolidated export (`<run>/hf_model`, loaded by plain transformers) against the logits the trained model gave in
+memory (`<run>.logits.pt`, KVFORGE_DUMP_LOGITS).
 
     python3 docs/results/multigpu-h200/compare.py ~/kvgpu/multigpu
 """
@@ -46,6 +48,32 @@ def main(root: Path) -> None:
         worst = max((abs(resumed[s]["train/loss"] - whole[s]["train/loss"]) for s in same), default=float("nan"))
         print(f"\nresumed at step 30: steps {min(same, default=0)}-{max(same, default=0)}, "
               f"max |loss - uninterrupted loss| = {worst:.2e}")
+    exports(root)
+
+
+def exports(root: Path) -> None:
+    """Max |export logits - in-memory logits| on the dumped rows, the export loaded in bf16 (the dtype the engine
+    computed in, so the same rounded weights) and in fp32 (the consolidated master weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for dumped in sorted(root.glob("*.logits.pt")):
+        hf_dir = root / dumped.name.removesuffix(".logits.pt") / "hf_model"
+        if not hf_dir.is_dir():
+            print(f"{dumped.name}: no {hf_dir}")
+            continue
+        saved = torch.load(dumped)
+        ids, trained = saved["input_ids"], saved["logits"]
+        for dtype in (torch.bfloat16, torch.float32):
+            model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True, dtype=dtype).to(device).eval()
+            with torch.no_grad():
+                logits = model(input_ids=ids.to(device)).logits.float().cpu()
+            diff = (logits - trained).abs()
+            print(f"{hf_dir.parent.name} export in {str(dtype).removeprefix('torch.')}: max |diff| {diff.max():.4f}, "
+                  f"mean {diff.mean():.5f} (logits std {trained.std():.2f}); same argmax "
+                  f"{(logits.argmax(-1) == trained.argmax(-1)).float().mean():.4f}")
+            del model
 
 
 if __name__ == "__main__":

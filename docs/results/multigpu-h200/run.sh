@@ -4,8 +4,12 @@
 # repo root, in the background:
 #   setsid nohup bash docs/results/multigpu-h200/run.sh > ~/kvgpu/multigpu.log 2>&1 < /dev/null &
 # then `python3 docs/results/multigpu-h200/compare.py ~/kvgpu/multigpu` prints the tables. Every run: the
-# lowrank-25 recipe, 60 steps at one global batch of 32 x 2048 tokens, distillation, compile; the teacher
-# samples (4M tokens) drawn once and shared through the cache. A finished run is skipped on a rerun.
+# lowrank-25 recipe, 60 steps at one global batch of 32 x 2048 tokens, distillation, eager (compiling costs each
+# short run a minute or more); the teacher samples (the recipes' 8M tokens, so the recovery runs of the same
+# session reuse them) drawn once and shared through the cache. A finished run is skipped on a rerun.
+# PHASE=1 runs only the 1-GPU runs (on GPU 0, so a recovery pipeline can use GPU 1 meanwhile), PHASE=2 only the
+# 2-GPU ones. The 2-GPU runs dump their in-memory logits of two held-out rows (KVFORGE_DUMP_LOGITS) for
+# compare.py to check the consolidated export against.
 # Smoke-tested on the 2-core CPU with DS=.venv/bin/deepspeed PYTHONPATH= and EXTRA shrinking the model to 2 layers
 # of 64 (every run finished; the resumed run repeated steps 31-60 exactly; compare.py printed its tables).
 set -u
@@ -17,14 +21,16 @@ export WANDB_MODE=disabled NCCL_NVLS_ENABLE=0 PYTHONPATH=${PYTHONPATH:-/tmp/site
 DS=${DS:-/tmp/site/bin/deepspeed}
 COMMON=(--config configs/recovery/lowrank-25.yaml "model.name=$K/SmolLM2-135M-Instruct.Q4_1.gguf"
         "eval.heldout=[$K/fortunes]" training.max_steps=60 training.eval_every=30 training.warmup_steps=10
-        training.compile=true data.teacher_samples.tokens=4000000 checkpoint.save_every=30 checkpoint.keep_last=2)
+        training.compile=false checkpoint.save_every=30 checkpoint.keep_last=2)
 read -r -a EXTRA <<< "${EXTRA:-}"  # appended to every run (a CPU smoke test shrinks the model and batch with it)
 
 run() {  # name gpus [overrides]
   local name=$1 gpus=$2; shift 2
   [ -f "$OUTD/$name/metrics.jsonl.done" ] && return 0
+  case "${PHASE:-all}" in 1) [ "$gpus" = 1 ] || return 0 ;; 2) [ "$gpus" = 2 ] || return 0 ;; esac
   echo "$(date +%T) $name on $gpus GPU(s)"
-  "$DS" --num_gpus "$gpus" launch/train.py "${COMMON[@]}" "run.output_dir=$OUTD/$name" "$@" "${EXTRA[@]}" \
+  local dump=""; [ "$gpus" = 2 ] && dump="$OUTD/$name.logits.pt"
+  KVFORGE_DUMP_LOGITS=$dump "$DS" --num_gpus "$gpus" launch/train.py "${COMMON[@]}" "run.output_dir=$OUTD/$name" "$@" "${EXTRA[@]}" \
     > "$OUTD/$name.log" 2>&1 && touch "$OUTD/$name/metrics.jsonl.done" \
     || { echo "$name FAILED"; tail -15 "$OUTD/$name.log"; }
 }

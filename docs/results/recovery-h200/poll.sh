@@ -6,8 +6,13 @@ while [ "$(date +%s)" -lt "$end" ] && ! grep -q "ALL DONE" "$K/pipeline.log" 2>/
 cat "$K/pipeline.log"
 for f in "$K"/results/*.train.log; do [ -f "$f" ] && { echo "== $f"; tr '\r' '\n' < "$f" | grep -a "teacher-samples\|step .*: eval\|tokens/s\|stage \|error\|Error" | tail -8 | cut -c1-400
   tr '\r' '\n' < "$f" | grep -a "tok_s=" | tail -1 | cut -c1-200; }; done  # the progress bar's last line
+for f in "$K"/pipeline-gpu*.log; do [ -f "$f" ] && { echo "== $f"; tail -4 "$f"; }; done  # x2-session.sh's pipelines
+for f in "$K"/multigpu/*.log; do [ -f "$f" ] && { echo "== $f"; tr '\r' '\n' < "$f" | grep -a "step .*: eval\|teacher: \|Error\|error" | tail -3 | cut -c1-300
+  tr '\r' '\n' < "$f" | grep -a "tok_s=" | tail -1 | cut -c1-200; }; done
 nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
-tar czf "$OUT/results.tgz" -C "$K" results  # one file: a call brings back at most 8
+# One file (a call brings back at most 8): results, and the multi-GPU runs without their weights and logits.
+(cd "$K" && tar czf "$OUT/results.tgz" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.bin' \
+  --exclude='checkpoints' results $(ls -d multigpu pipeline*.log 2>/dev/null))
 # SAVE_SAMPLES=1: the teacher samples too, for a later session to carry back into $KVFORGE_CACHE/data.
 if [ -n "${SAVE_SAMPLES:-}" ] && ls -d "$K"/cache/data/teacher-samples-* > /dev/null 2>&1; then
   (cd "$K/cache/data" && tar cf - teacher-samples-* | xz -T8 -6 > "$OUT/teacher-samples.tar.xz"); ls -la "$OUT/teacher-samples.tar.xz"

@@ -2,7 +2,7 @@
 # Issue 10's recovery runs on one H200, through the product's own commands. From the repo root on the device
 # machine, after setup.sh, in the background so no stage dies at a call boundary:
 #   setsid nohup bash docs/results/recovery-h200/run.sh > ~/kvgpu/pipeline.log 2>&1 < /dev/null &
-# Every finished stage leaves its result in $RES; a rerun skips it. Env: K (work folder), RECIPES, DS, NGPU,
+# Every finished stage leaves its result in $RES; a rerun skips it. Env: K (work folder), RECIPES, DS, NGPU, LAUNCH,
 # EXTRA / CEXTRA (overrides for every run / for compressed runs: the CPU dry run shrinks the job with them),
 # SUITE_ARGS (launch/evaluate.py --task suite options), NO_SUITE (runs scored only by their own held-out evals),
 # BEFORE (a command run first, alone on the GPU, its output in $RES/before.log: e.g. a decode benchmark, so a
@@ -19,6 +19,9 @@ GGUF=$K/SmolLM2-135M-Instruct.Q4_1.gguf
 PROSE=$K/fortunes
 DS=${DS:-/tmp/site/bin/deepspeed}
 NGPU=${NGPU:-1}
+# LAUNCH: the deepspeed launcher's options. Two pipelines on one 2-GPU host: CUDA_VISIBLE_DEVICES=1 and
+# LAUNCH="--master_port 29511" (the launcher takes CUDA_VISIBLE_DEVICES only when --num_gpus is not given).
+read -r -a LAUNCH <<< "${LAUNCH:---num_gpus $NGPU}"
 read -r -a EXTRA <<< "${EXTRA:-}"
 read -r -a CEXTRA <<< "${CEXTRA:-}"
 read -r -a SUITE <<< "${SUITE_ARGS:---eval-fraction 0.1 --seq-len 2048 --batch-size 8 --max-batches 8 --context-lens 2048 4096 8192 --depths 0,0.25,0.5,0.75,1 --samples 4}"
@@ -38,7 +41,7 @@ train() {  # name [overrides]
   [ -f "$RES/$name.train.seconds" ] && return 0
   stamp "train $name"
   start=$(date +%s)
-  if "$DS" --num_gpus "$NGPU" launch/train.py --config "configs/recovery/$name.yaml" "run.output_dir=$K/runs/$name" \
+  if "$DS" "${LAUNCH[@]}" launch/train.py --config "configs/recovery/$name.yaml" "run.output_dir=$K/runs/$name" \
       "model.name=$GGUF" "eval.heldout=[$PROSE]" "${EXTRA[@]}" "$@" > "$RES/$name.train.log" 2>&1; then
     echo $(( $(date +%s) - start )) > "$RES/$name.train.seconds"
     cp "$K/runs/$name/metrics.jsonl" "$RES/$name.metrics.jsonl"

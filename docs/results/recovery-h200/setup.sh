@@ -26,6 +26,7 @@ start|assemble)
   # The whole background list redirected, not only its last command: otherwise the subshell keeps this call's
   # stdout open and a caller reading it (`setup.sh start | tail`) waits for the pipeline to end (it cost a
   # 300 s call once).
-  (cd "$K/repo" && setsid nohup bash docs/results/recovery-h200/run.sh) > "$K/pipeline.log" 2>&1 < /dev/null &
+  # PIPELINE: the script to start (run.sh, or a session script that runs several, e.g. multigpu-h200/x2-session.sh).
+  (cd "$K/repo" && setsid nohup bash "${PIPELINE:-docs/results/recovery-h200/run.sh}") > "$K/pipeline.log" 2>&1 < /dev/null &
   sleep 2; echo started ;;
 esac
