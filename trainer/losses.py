@@ -115,6 +115,28 @@ def linear_distillation_loss_parts(hidden: torch.Tensor, head_weight: torch.Tens
     return loss, ({"ce": ce, "kl": kl} if weight > 0 else {"ce": ce})
 
 
+class HiddenStateLoss(torch.nn.Module):
+    """`linear_distillation_loss_parts` through the student's own output projection, as a parameter-free submodule
+    of the student. Added before DeepSpeed wraps the model, it gets ZeRO-3's hooks: with the projection's weight
+    registered as its external parameter, ZeRO-3 gathers that partitioned weight for this module's forward and
+    again for its backward, so the chunked loss (no [B, L, V] logits) works at every ZeRO stage."""
+
+    def __init__(self, head: torch.nn.Linear):
+        super().__init__()
+        self._head = (head,)  # held, not registered: the weight keeps its one state-dict name (lm_head.weight)
+
+    @property
+    def head_weight(self) -> torch.nn.Parameter:
+        return self._head[0].weight
+
+    def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor, *, weight: float, temperature: float = 1.0,
+                teacher_hidden: torch.Tensor | None = None, teacher_head_weight: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return linear_distillation_loss_parts(hidden, self.head_weight, input_ids, weight=weight,
+                                              temperature=temperature, teacher_hidden=teacher_hidden,
+                                              teacher_head_weight=teacher_head_weight)
+
+
 class _LinearDistillation(torch.autograd.Function):
     """Loss and gradients chunk by chunk in the forward pass; the backward pass only scales them. Also returns the
     mean cross-entropy and KL (no gradient: they are for logging)."""

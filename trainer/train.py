@@ -46,11 +46,13 @@ from .config import (Config, check_deepspeed_config, resolve_deepspeed, save_res
                      without_unused_instructions)
 from .data import DataError
 from .export_run import write_hf_model
-from .losses import distillation_loss_parts, linear_distillation_loss_parts
+from .losses import HiddenStateLoss, distillation_loss_parts
 from .runtime import FAULT_ENV, Faults, Preemption, init_distributed, on_rank0_first
 from .stages import plan_stages, stage_at, start_stage, start_stage_from_checkpoint
 from .tracking import RunLogger
 
+# The student's submodule computing the loss from its hidden states (losses.HiddenStateLoss; no parameters).
+HIDDEN_STATE_LOSS = "kvforge_hidden_state_loss"
 # Set by tests only: where to write the final logits of a fixed batch.
 DUMP_LOGITS_ENV = "KVFORGE_DUMP_LOGITS"
 # In <run>/compressed_init: the names of the parameters surgery created or changed (training.stages `new`).
@@ -273,14 +275,25 @@ def build_teacher(cfg: Config, device: torch.device):
     return teacher.eval()
 
 
-def hidden_loss_head(model, zero_stage: int):
-    """The student's output projection when the loss can be computed from hidden states (a plain, bias-free
-    nn.Linear whose whole weight this rank holds), else None: under ZeRO-3 the weight is partitioned outside
-    the head's own forward, and a LoRA-wrapped head computes more than its weight."""
+def attach_hidden_state_loss(model) -> None:
+    """Gives `model` its HiddenStateLoss submodule, before DeepSpeed wraps it (ZeRO-3 hooks the modules it finds
+    then), when its output projection is a plain, bias-free nn.Linear: a LoRA-wrapped head computes more than its
+    weight, and a biased one is not what the chunked loss computes."""
     head = model.get_output_embeddings()
-    if zero_stage >= 3 or type(head) is not torch.nn.Linear or head.bias is not None:
-        return None
-    return head
+    if type(head) is torch.nn.Linear and head.bias is None and not hasattr(model, HIDDEN_STATE_LOSS):
+        model.add_module(HIDDEN_STATE_LOSS, HiddenStateLoss(head))
+
+
+def hidden_loss_head(model, zero_stage: int):
+    """The student's HiddenStateLoss (see attach_hidden_state_loss), or None when it has none. Under ZeRO-3 the
+    output projection's weight becomes that module's external parameter (again for each new engine: a later
+    training stage wraps the same module anew)."""
+    loss = getattr(model, HIDDEN_STATE_LOSS, None)
+    if loss is not None and zero_stage >= 3:
+        import deepspeed
+
+        deepspeed.zero.register_external_parameter(loss, loss.head_weight)
+    return loss
 
 
 def step_loss(engine, teacher, head, input_ids: torch.Tensor, t) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -298,12 +311,11 @@ def step_loss(engine, teacher, head, input_ids: torch.Tensor, t) -> tuple[torch.
                                        temperature=t.distill_temperature)
     hidden = engine(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
     if teacher is None:
-        return linear_distillation_loss_parts(hidden, head.weight, input_ids, weight=0.0)
+        return head(hidden, input_ids, weight=0.0)
     with torch.no_grad():
         teacher_hidden = teacher(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-    return linear_distillation_loss_parts(hidden, head.weight, input_ids, weight=t.distill_weight,
-                                          temperature=t.distill_temperature, teacher_hidden=teacher_hidden,
-                                          teacher_head_weight=teacher.get_output_embeddings().weight)
+    return head(hidden, input_ids, weight=t.distill_weight, temperature=t.distill_temperature,
+                teacher_hidden=teacher_hidden, teacher_head_weight=teacher.get_output_embeddings().weight)
 
 
 def build_data(cfg: Config, tokenizer, model, rank: int, world: int, load_teacher=None):
@@ -470,14 +482,31 @@ def optimizer_step_skipped(optimizer: torch.optim.Optimizer):
 
 
 @torch.no_grad()
+def weight_fingerprint(tensor: torch.Tensor) -> str:
+    """sha256 of the tensor's bytes in its own dtype: equal for bit-equal copies of a weight, whatever the thread
+    count (a float sum is not: its order depends on it)."""
+    data = tensor.detach().contiguous().cpu()
+    if data.dtype in (torch.bfloat16, torch.float16):
+        data = data.view(torch.int16)  # numpy has no bfloat16: the bits as they are
+    return hashlib.sha256(data.numpy().tobytes()).hexdigest()
+
+
 def dump_logits(engine, rows: torch.Tensor, path: Path, rank: int, device) -> None:
-    """Logits of `rows` from the model as trained, written by rank 0 (every rank runs the forward:
-    under ZeRO-3 each holds a part of the weights). Tests compare them with the exported model."""
+    """Logits of `rows` from the model as trained, and a fingerprint of each weight as it computed them (in its
+    compute dtype), written by rank 0 (every rank runs the forward and the gathers: under ZeRO-3 each holds a part
+    of the weights). Tests and docs/results/multigpu-h200/compare.py compare them with the exported model: in bf16
+    two correct implementations' logits differ by rounding, while the weights must match exactly."""
+    import deepspeed
+
     engine.eval()
     logits = engine.module(input_ids=rows.long().to(device)).logits.float().cpu()
     engine.train()
+    fingerprints = {}
+    for name, param in engine.module.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):  # a no-op below ZeRO-3
+            fingerprints[name] = (str(param.dtype).removeprefix("torch."), weight_fingerprint(param))
     if rank == 0:
-        torch.save({"input_ids": rows.long().cpu(), "logits": logits}, path)
+        torch.save({"input_ids": rows.long().cpu(), "logits": logits, "weights": fingerprints}, path)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -542,6 +571,7 @@ def train(cfg: Config) -> TrainResult:
     stages = plan_stages(cfg)
     stage = stage_at(stages, resumed.step if resumed is not None else 0)
     model, tokenizer = build_model(cfg, ds_config, run_dir)
+    attach_hidden_state_loss(model)
     teacher = build_teacher(cfg, device) if t.distill_weight > 0 else None
     if teacher is not None:
         # Replicated, never sharded: each rank holds a whole frozen copy (no gradients, no optimizer state).

@@ -209,7 +209,7 @@ def test_resume_with_a_different_compression_spec_names_what_changed(launcher, r
 
 def test_the_loss_from_hidden_states_trains_as_the_loss_from_logits(launcher, tmp_path):
     """training.loss_from=hidden (chunked projection, logits never held) and =logits give the same losses step
-    after step, cross-entropy and distillation alike (fp32, tied embeddings)."""
+    after step, cross-entropy and distillation alike (fp32, tied embeddings), and under ZeRO-3 too."""
     steps = ["training.max_steps=3", "training.grad_accum=1", "checkpoint.save_every=0"]
     for weight in ("0.0", "0.5"):
         runs = {}
@@ -224,6 +224,19 @@ def test_the_loss_from_hidden_states_trains_as_the_loss_from_logits(launcher, tm
         assert sorted(runs["hidden"]) == [1, 2, 3]
         for step, record in runs["hidden"].items():
             assert record["train/loss"] == pytest.approx(runs["logits"][step]["train/loss"], rel=1e-5), step
+    # Under ZeRO-3 the output projection's weight is partitioned outside its own forward: the loss module
+    # (an external parameter's user) must see it whole, in the forward and the backward, or the losses drift.
+    zero3 = {}
+    for source in ("hidden", "logits"):
+        run_dir = tmp_path / f"zero3-{source}"
+        outcome = run_in_process(launcher, run_dir, *steps, "training.distill_weight=0.5",
+                                 "training.distill_temperature=2.0", f"training.loss_from={source}",
+                                 "deepspeed.zero_stage=3")
+        assert outcome.rc == 0, outcome
+        zero3[source] = metrics(run_dir)
+    assert sorted(zero3["hidden"]) == [1, 2, 3]
+    for step, record in zero3["hidden"].items():
+        assert record["train/loss"] == pytest.approx(zero3["logits"][step]["train/loss"], rel=1e-5), step
 
 
 def test_a_compiled_student_and_teacher_train_as_the_eager_ones(launcher, tmp_path):

@@ -57,6 +57,8 @@ def exports(root: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from kvforge.trainer.train import weight_fingerprint
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for dumped in sorted(root.glob("*.logits.pt")):
         hf_dir = root / dumped.name.removesuffix(".logits.pt") / "hf_model"
@@ -67,6 +69,17 @@ def exports(root: Path) -> None:
         ids, trained = saved["input_ids"], saved["logits"]
         for dtype in (torch.bfloat16, torch.float32):
             model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True, dtype=dtype).to(device).eval()
+            exported = dict(model.named_parameters())
+            # The weights the engine computed with (its dtype) against the export cast to that dtype: bit-equal
+            # when the consolidation is right, whatever the kernels do to the logits.
+            same = [name for name, (kind, print_) in saved.get("weights", {}).items() if name in exported
+                    and str(dtype).endswith(kind) and weight_fingerprint(exported[name]) == print_]
+            checked = [name for name, (kind, _) in saved.get("weights", {}).items()
+                       if name in exported and str(dtype).endswith(kind)]
+            if checked:
+                print(f"{hf_dir.parent.name} export in {str(dtype).removeprefix('torch.')}: {len(same)} of "
+                      f"{len(checked)} weights bit-equal to the trained model's "
+                      f"({len(saved['weights']) - len(checked)} not in the export or in another dtype)")
             with torch.no_grad():
                 logits = model(input_ids=ids.to(device)).logits.float().cpu()
             diff = (logits - trained).abs()
