@@ -275,6 +275,14 @@ def build_teacher(cfg: Config, device: torch.device):
     return teacher.eval()
 
 
+def build_student(cfg: Config, ds_config: dict, run_dir: Path):
+    """The model to train and its tokenizer: build_model's, with its HiddenStateLoss attached (every stage's model
+    gets one, or a later stage silently falls back to the logits)."""
+    model, tokenizer = build_model(cfg, ds_config, run_dir)
+    attach_hidden_state_loss(model)
+    return model, tokenizer
+
+
 def attach_hidden_state_loss(model) -> None:
     """Gives `model` its HiddenStateLoss submodule, before DeepSpeed wraps it (ZeRO-3 hooks the modules it finds
     then), when its output projection is a plain, bias-free nn.Linear: a LoRA-wrapped head computes more than its
@@ -533,7 +541,11 @@ def train(cfg: Config) -> TrainResult:
     ds_config = resolve_deepspeed(cfg, world)
     check_deepspeed_config(ds_config)
     zero_stage = ds_config["zero_optimization"]["stage"]
-    log = print if rank == 0 else (lambda *a, **k: None)
+    started = time.monotonic()
+
+    def log(*parts, **kwargs):  # rank 0 only; seconds since the start, so a slow phase shows in any run's log
+        if rank == 0:
+            print(f"[{time.monotonic() - started:7.1f}s]", *parts, **kwargs)
 
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -570,8 +582,7 @@ def train(cfg: Config) -> TrainResult:
                       if cfg.compression else set())
     stages = plan_stages(cfg)
     stage = stage_at(stages, resumed.step if resumed is not None else 0)
-    model, tokenizer = build_model(cfg, ds_config, run_dir)
-    attach_hidden_state_loss(model)
+    model, tokenizer = build_student(cfg, ds_config, run_dir)
     teacher = build_teacher(cfg, device) if t.distill_weight > 0 else None
     if teacher is not None:
         # Replicated, never sharded: each rank holds a whole frozen copy (no gradients, no optimizer state).
@@ -785,7 +796,7 @@ def train(cfg: Config) -> TrainResult:
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-                model, _ = build_model(cfg, ds_config, run_dir)
+                model, _ = build_student(cfg, ds_config, run_dir)
                 engine = start_stage_from_checkpoint(model, stage, new_parameters, saved, cfg, ds_config, zero_stage,
                                                      rank, device, log)
                 head = hidden_loss_head(engine.module, zero_stage) if wants_hidden else None

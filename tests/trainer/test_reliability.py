@@ -321,7 +321,8 @@ def test_empty_blank_invalid_utf8_and_overlong_documents_are_counted_and_trained
     outcome = run_in_process(launcher, tmp_path / "run", f"data.source={corpus}", "data.max_documents=null",
                              f"data.cache_dir={tmp_path / 'cache'}", "training.max_steps=2")
     assert outcome.rc == 0, outcome
-    stats = ast.literal_eval(next(l for l in outcome.out.splitlines() if l.startswith("data: "))[len("data: "):])
+    line = next(l for l in outcome.out.splitlines() if "] data: {" in l)  # after the log's "[ seconds]"
+    stats = ast.literal_eval(line[line.index("data: {") + len("data: "):])
     assert stats["skipped_empty_documents"] == 2 and stats["invalid_utf8_files"] == 1, stats
     assert stats["train_documents"] + stats["eval_documents"] == 8 + 1 + 1 + 3, stats
     assert stats["train_rows"] + stats["eval_rows"] > 40, stats
