@@ -183,7 +183,7 @@ class TrainingConfig:
     # hidden: the loss from the final hidden states, a chunk of positions at a time (trainer/losses.py), so the
     # [B, L, V] logits are never held; logits: from the full logits. auto: hidden when distilling (faster and
     # smaller there), logits for cross-entropy alone (faster; hidden saves memory). Measured: docs/TRAINING.md.
-    # ZeRO-3 and a wrapped output head always use logits.
+    # A wrapped (LoRA) output head always uses logits; under ZeRO-3 the hidden path gathers the head's weight itself.
     loss_from: str = "auto"
     lora: LoraConfig = field(default_factory=LoraConfig)
     # Staged recovery, e.g. [{steps: 100, train: new}, {steps: 400, train: all}]; the steps add up to max_steps.

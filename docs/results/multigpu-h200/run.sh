@@ -7,6 +7,7 @@
 # lowrank-25 recipe, 60 steps at one global batch of 32 x 2048 tokens, distillation, eager (compiling costs each
 # short run a minute or more); the teacher samples (the recipes' 8M tokens, so the recovery runs of the same
 # session reuse them) drawn once and shared through the cache. A finished run is skipped on a rerun.
+# ONLY="z3-1gpu z3-2gpu ...": only the runs named (a later session's remaining ones).
 # PHASE=1 runs only the 1-GPU runs (on GPU 0, so a recovery pipeline can use GPU 1 meanwhile), PHASE=2 only the
 # 2-GPU ones. The 2-GPU runs dump their in-memory logits of two held-out rows (KVFORGE_DUMP_LOGITS) for
 # compare.py to check the consolidated export against.
@@ -28,6 +29,7 @@ run() {  # name gpus [overrides]
   local name=$1 gpus=$2; shift 2
   [ -f "$OUTD/$name/metrics.jsonl.done" ] && return 0
   case "${PHASE:-all}" in 1) [ "$gpus" = 1 ] || return 0 ;; 2) [ "$gpus" = 2 ] || return 0 ;; esac
+  [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $name "* ]] || return 0
   echo "$(date +%T) $name on $gpus GPU(s)"
   local dump=""; [ "$gpus" = 2 ] && dump="$OUTD/$name.logits.pt"
   KVFORGE_DUMP_LOGITS=$dump "$DS" --num_gpus "$gpus" launch/train.py "${COMMON[@]}" "run.output_dir=$OUTD/$name" "$@" "${EXTRA[@]}" \
@@ -61,4 +63,4 @@ BIG=(model.init=random model.config.hidden_size=2048 model.config.intermediate_s
      training.warmup_steps=2 "data.mix=[]" data.source=stdlib-docstrings checkpoint.save_every=0 "eval.heldout=[]")
 run big-z3-1gpu 1 deepspeed.zero_stage=3 training.grad_accum=2 "${BIG[@]}"
 run big-z3-2gpu 2 deepspeed.zero_stage=3 training.grad_accum=1 "${BIG[@]}"
-echo "$(date +%T) ALL DONE"
+echo "$(date +%T) multi-GPU runs done"

