@@ -72,10 +72,26 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def _writer_runs(tmp: Path) -> bool:
+    """Whether the process a temporary is named after (`...tmp-<pid>`, `...tmp-old-<pid>`) runs on this host."""
+    pid = tmp.name.rsplit(TMP_INFIX, 1)[-1].removeprefix("old-")
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        return True
+    return True
+
+
 def stale_temporaries(out_dir: str | os.PathLike) -> list[Path]:
-    """Temporary folders a crashed `directory(out_dir)` left behind."""
+    """Temporary folders a crashed `directory(out_dir)` left behind: those whose writer no longer runs. Another
+    live writer's are its own (two processes may build the same folder at once, e.g. two runs on two GPUs drawing
+    the same teacher samples; the last rename wins, and neither may delete what the other is writing)."""
     out_dir = Path(out_dir)
-    return sorted(out_dir.parent.glob(f".{out_dir.name}{TMP_INFIX}*"))
+    return sorted(p for p in out_dir.parent.glob(f".{out_dir.name}{TMP_INFIX}*") if not _writer_runs(p))
 
 
 @contextlib.contextmanager

@@ -1,4 +1,6 @@
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -27,13 +29,31 @@ def test_directory_replaces_only_when_complete(tmp_path):
 
 def test_leftovers_of_a_killed_writer_are_removed_by_the_next(tmp_path):
     out = tmp_path / "model"
-    killed = tmp_path / f".model{atomic.TMP_INFIX}12345"
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = tmp_path / f".model{atomic.TMP_INFIX}{int(ended.stdout)}"  # a writer that no longer runs
     killed.mkdir()
     (killed / "partial.bin").write_bytes(b"\0" * 10)
     assert atomic.stale_temporaries(out) == [killed]
     with atomic.directory(out) as tmp:
         (tmp / "ok").write_text("x")
     assert not killed.exists() and (out / "ok").is_file()
+
+
+def test_a_concurrent_writers_temporary_is_left_alone(tmp_path):
+    """Two processes building the same folder (two runs sampling the same teacher samples on two GPUs): neither
+    deletes the other's temporary, and the last complete one wins."""
+    out = tmp_path / "model"
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as writer:
+        try:
+            other = tmp_path / f".model{atomic.TMP_INFIX}{writer.pid}"
+            other.mkdir()
+            (other / "half.bin").write_bytes(b"\0" * 10)
+            assert atomic.stale_temporaries(out) == []
+            with atomic.directory(out) as tmp:
+                (tmp / "mine").write_text("x")
+            assert (other / "half.bin").is_file() and (out / "mine").is_file()
+        finally:
+            writer.kill()
 
 
 def test_write_text(tmp_path):
