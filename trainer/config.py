@@ -200,8 +200,9 @@ class TrainingConfig:
 
 @dataclass
 class DeepSpeedConfig:
-    # An inline DeepSpeed config (dict) or the path to a JSON file. Values set to "auto" are filled
-    # from `training`, so the two can never disagree. None means the built-in default below.
+    # An inline DeepSpeed config (dict, merged over the built-in default below) or the path to a JSON file (used
+    # as it is). Values set to "auto" are filled from `training`, so the two can never disagree. None means the
+    # built-in default.
     config: Any = None
     # Shortcuts that override the DeepSpeed config when set.
     zero_stage: Optional[int] = None
@@ -728,6 +729,13 @@ def _looks_like_path(s: str) -> bool:
 # DeepSpeed: one config, with "auto" filled from `training`
 
 
+def _merged(base: dict, override: dict) -> dict:
+    """`override` deep-merged into `base` (mappings key by key, anything else replaced)."""
+    for key, value in override.items():
+        base[key] = _merged(base[key], value) if isinstance(value, dict) and isinstance(base.get(key), dict) else value
+    return base
+
+
 def resolve_deepspeed(cfg: Config, world_size: int) -> dict:
     """The DeepSpeed config dict with every "auto" filled from `cfg.training`.
 
@@ -746,7 +754,9 @@ def resolve_deepspeed(cfg: Config, world_size: int) -> dict:
         except json.JSONDecodeError as e:
             raise ConfigError(f"config key 'deepspeed.config' = {d.config!r}: not valid JSON ({e})") from None
     elif isinstance(d.config, dict):
-        ds = json.loads(json.dumps(d.config))
+        # Merged over the built-in default, so `deepspeed.config.zero_optimization.<key>=...` adds one setting
+        # instead of silently dropping the rest (steps_per_print: DeepSpeed would then print every 10 steps).
+        ds = _merged(json.loads(json.dumps(DEFAULT_DEEPSPEED)), json.loads(json.dumps(d.config)))
     else:
         _fail("deepspeed.config", d.config, "a mapping (inline DeepSpeed config) or the path to a JSON file")
     if not isinstance(ds, dict):

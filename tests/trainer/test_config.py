@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kvforge.trainer.config import ConfigError, load_config, resolve_deepspeed
+from kvforge.trainer.config import DEFAULT_DEEPSPEED, ConfigError, load_config, resolve_deepspeed
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
@@ -59,6 +59,16 @@ def test_auto_values_come_from_training():
     assert ds["gradient_clipping"] == 0.5
     assert ds["bf16"]["enabled"] is True and ds["fp16"]["enabled"] is False
     assert ds["zero_optimization"]["stage"] == 3
+
+
+def test_an_inline_deepspeed_setting_adds_to_the_default_config():
+    cfg = load_config(None, ["deepspeed.zero_stage=3",
+                             "deepspeed.config.zero_optimization.stage3_param_persistence_threshold=1000000"])
+    ds = resolve_deepspeed(cfg, world_size=2)
+    assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 1000000
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["steps_per_print"] == DEFAULT_DEEPSPEED["steps_per_print"]  # the rest of the default stays
+    assert ds["train_micro_batch_size_per_gpu"] == cfg.training.micro_batch_size
 
 
 def test_deepspeed_json_file_with_auto_and_optimizer(tmp_path):
