@@ -7,7 +7,7 @@
 # lowrank-25 recipe, 60 steps at one global batch of 32 x 2048 tokens, distillation, eager (compiling costs each
 # short run a minute or more); the teacher samples (the recipes' 8M tokens, so the recovery runs of the same
 # session reuse them) drawn once and shared through the cache. A finished run is skipped on a rerun.
-# ONLY="z3-1gpu z3-2gpu ...": only the runs named (a later session's remaining ones).
+# ONLY="z3-1gpu z3-2gpu ...": only the runs named (a later session's remaining ones). ONE_GPU: see run().
 # PHASE=1 runs only the 1-GPU runs (on GPU 0, so a recovery pipeline can use GPU 1 meanwhile), PHASE=2 only the
 # 2-GPU ones. The 2-GPU runs dump their in-memory logits of two held-out rows (KVFORGE_DUMP_LOGITS) for
 # compare.py to check the consolidated export against.
@@ -32,7 +32,10 @@ run() {  # name gpus [overrides]
   [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $name "* ]] || return 0
   echo "$(date +%T) $name on $gpus GPU(s)"
   local dump=""; [ "$gpus" = 2 ] && dump="$OUTD/$name.logits.pt"
-  KVFORGE_DUMP_LOGITS=$dump "$DS" --num_gpus "$gpus" launch/train.py "${COMMON[@]}" "run.output_dir=$OUTD/$name" "$@" "${EXTRA[@]}" \
+  # ONE_GPU=N: a 1-GPU run on GPU N with its own port, so it can share the host with another pipeline.
+  local where=(--num_gpus "$gpus")
+  [ "$gpus" = 1 ] && [ -n "${ONE_GPU:-}" ] && where=(--include "localhost:$ONE_GPU" --master_port $((29600 + ONE_GPU)))
+  KVFORGE_DUMP_LOGITS=$dump "$DS" "${where[@]}" launch/train.py "${COMMON[@]}" "run.output_dir=$OUTD/$name" "$@" "${EXTRA[@]}" \
     > "$OUTD/$name.log" 2>&1 && touch "$OUTD/$name/metrics.jsonl.done" \
     || { echo "$name FAILED"; tail -15 "$OUTD/$name.log"; }
 }

@@ -1,22 +1,25 @@
 #!/bin/bash
-# One session on a 2-H200 host (nvidia-h200-x2) as one background pipeline, both GPUs busy throughout:
-#   A: issue 14's 1-GPU runs on GPU 0 while issue 10's first recovery recipes run on GPU 1 (the shared-rotary MLA
-#      recipe first, then its DeepSeek-V3 stock export scored beside the kvforge one: issue 15);
-#   B: issue 14's 2-GPU runs, then compare.py (tables, and each consolidated export against the trained model);
-#   C: the remaining recovery recipes, split over the two GPUs, and issue 12's decode rows.
+# One session on a 2-H200 host (nvidia-h200-x2) as one background pipeline, both GPUs busy throughout, the most
+# needed runs first (whatever the device time leaves undone is what comes last):
+#   A: issue 10's recovery recipes in two queues, one per GPU: on GPU 0 the shared-rotary MLA recipe first, then
+#      its DeepSeek-V3 stock export scored beside the kvforge one (issue 15); then at each queue's end one of issue
+#      14's 1-GPU runs (MULTIGPU0 on GPU 0, MULTIGPU1 on GPU 1);
+#   B: issue 14's 2-GPU runs (MULTIGPU2), then compare.py (tables; each export against the trained model);
+#   C: issue 12's decode rows.
 # Started by `PIPELINE=docs/results/multigpu-h200/x2-session.sh bash docs/results/recovery-h200/setup.sh start`
 # (after `setup.sh part00`), so it runs from $K/repo and logs to $K/pipeline.log; poll.sh follows it (its "ALL
-# DONE" is this script's last line; the sub-pipelines log to $K/pipeline-gpu*.log).
-# Env: FIRST, QUEUE0, QUEUE1, LATER1 (recipes), MULTIGPU_RUNS (run.sh's ONLY: which of its runs), REXTRA (overrides
-# for the recovery runs only).
+# DONE" is this script's last line; the sub-pipelines log to $K/pipeline-gpu*.log and $K/multigpu/).
+# Env: FIRST0, QUEUE0, QUEUE1 (recipes), MULTIGPU0/1/2 (multigpu-h200/run.sh's runs), REXTRA (overrides for the
+# recovery runs only).
 set -u
 K=${K:-$HOME/kvgpu}
 R=docs/results
-FIRST=${FIRST:-partial-rope-shared-25}
-THEN1=${THEN1:-partial-rope-25}  # on GPU 1 after FIRST and its stock export, still in phase A
+FIRST0=${FIRST0:-partial-rope-shared-25}
 QUEUE0=${QUEUE0:-lowrank-12 merged-heads-33 window-lowrank-12}
-QUEUE1=${QUEUE1:-mixattention-ma shared-attention}
-LATER1=${LATER1:-lowrank-50}  # after the decode rows on GPU 1
+QUEUE1=${QUEUE1:-partial-rope-25 mixattention-ma shared-attention lowrank-50}
+MULTIGPU0=${MULTIGPU0:-z3-1gpu}
+MULTIGPU1=${MULTIGPU1:-big-z3-1gpu}
+MULTIGPU2=${MULTIGPU2:-z3-2gpu big-z3-2gpu}
 stamp() { echo "$(date +%T) $*"; }
 
 recovery() {  # gpu master_port recipes: one recovery pipeline on one GPU, its own port and log
@@ -39,24 +42,26 @@ mla_export() {  # issue 15: the recovered shared-rotary model written as DeepSee
   stamp "stock export scored: $(cat "$out"/evaluate-*.json | tr -d '\n' | cut -c1-300)"
 }
 
+multigpu() {  # gpu runs: issue 14's 1-GPU runs named, on one GPU (multigpu-h200/run.sh's ONE_GPU)
+  [ -n "$2" ] && EXTRA= PHASE=1 ONLY="$2" ONE_GPU=$1 bash $R/multigpu-h200/run.sh
+}
+
 decode() {  # issue 12's missing rows: the original under transformers' static cache + compile, 5 repeats
   [ -f "$K/results/decode.json" ] && return 0
-  stamp "decode rows on GPU 1"
-  CUDA_VISIBLE_DEVICES=1 python3 launch/benchmark_decode.py --part generate --gen-batch 128 --gen-variants original \
+  stamp "decode rows"
+  python3 launch/benchmark_decode.py --part generate --gen-batch 128 --gen-variants original \
     original-static lr50-static --repeats 5 --json "$K/results/decode.json" > "$K/results/decode.log" 2>&1 \
     || stamp "decode FAILED"
 }
 
-stamp "A: the 1-GPU runs on GPU 0; $FIRST (then its stock export) and $THEN1 on GPU 1"
-{ recovery 1 29511 "$FIRST"; mla_export 1; recovery 1 29511 "$THEN1"; } &
-EXTRA= PHASE=1 ONLY="${MULTIGPU_RUNS:-}" bash $R/multigpu-h200/run.sh
+stamp "A: $FIRST0 (then its stock export), $QUEUE0, $MULTIGPU0 on GPU 0; $QUEUE1, $MULTIGPU1 on GPU 1"
+{ recovery 0 29512 "$FIRST0"; mla_export 0; recovery 0 29512 "$QUEUE0"; multigpu 0 "$MULTIGPU0"; } &
+{ recovery 1 29513 "$QUEUE1"; multigpu 1 "$MULTIGPU1"; } &
 wait
-stamp "B: the 2-GPU runs"
-EXTRA= PHASE=2 ONLY="${MULTIGPU_RUNS:-}" bash $R/multigpu-h200/run.sh
+stamp "B: $MULTIGPU2"
+[ -n "$MULTIGPU2" ] && EXTRA= PHASE=2 ONLY="$MULTIGPU2" bash $R/multigpu-h200/run.sh
 python3 $R/multigpu-h200/compare.py "$K/multigpu" > "$K/multigpu/compare.txt" 2>&1
 cat "$K/multigpu/compare.txt"
-stamp "C: $QUEUE0 on GPU 0; $QUEUE1, decode, $LATER1 on GPU 1"
-recovery 0 29512 "$QUEUE0" &
-{ recovery 1 29513 "$QUEUE1"; decode; recovery 1 29513 "$LATER1"; } &
-wait
+stamp "C: decode"
+decode
 stamp "ALL DONE"
