@@ -191,6 +191,8 @@ class TrainingConfig:
     # Empty: one stage, every parameter LoRA or full finetuning leaves trainable.
     stages: list[StageConfig] = field(default_factory=list)
     eval_every: int = 50
+    # Each eval scores eval_batches x eval.batch_size rows in total, split over the ranks (the same rows on any
+    # number of GPUs).
     eval_batches: int = 8
     log_every: int = 1
     # A step whose loss or gradients are not finite is skipped (no weight or optimizer-state update);

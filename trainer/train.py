@@ -443,12 +443,20 @@ def data_digest(rows: torch.Tensor) -> str:
     return hashlib.sha256(memoryview(rows.contiguous().numpy()).cast("B")).hexdigest()[:32]
 
 
+def eval_shard(rows: torch.Tensor, limit: int, rank: int, world: int) -> torch.Tensor:
+    """This rank's equal share of the first `limit` eval rows (or all there are): together the ranks score the
+    same rows on any number of GPUs (up to the remainder of an uneven split), so runs on 1 and N GPUs report
+    comparable evals. Equal counts, because ZeRO-3 needs every rank in each forward; build_data leaves every rank
+    at least one row, and fewer rows asked for than ranks still give each one."""
+    per_rank = max(1, min(len(rows), limit) // world)
+    return rows[rank * per_rank:(rank + 1) * per_rank]
+
+
 def evaluate(engine, rows: torch.Tensor, cfg: Config, rank: int, world: int, device) -> dict:
-    """Perplexity on this rank's equal share of the eval rows, summed over ranks."""
+    """Perplexity on the first training.eval_batches x eval.batch_size eval rows, split over the ranks and summed."""
     from .evaluation import evaluate_perplexity
 
-    per_rank = min(len(rows) // world, cfg.training.eval_batches * cfg.eval.batch_size)  # > 0: build_data
-    shard = rows[rank * per_rank:(rank + 1) * per_rank]  # equal counts: ZeRO-3 needs every rank in each forward
+    shard = eval_shard(rows, cfg.training.eval_batches * cfg.eval.batch_size, rank, world)
     engine.eval()
     result = evaluate_perplexity(engine.module, shard, cfg.eval.batch_size, device, distributed=world > 1)
     engine.train()
