@@ -549,11 +549,11 @@ def train(cfg: Config) -> TrainResult:
     ds_config = resolve_deepspeed(cfg, world)
     check_deepspeed_config(ds_config)
     zero_stage = ds_config["zero_optimization"]["stage"]
-    started = time.monotonic()
+    run_started = time.monotonic()
 
     def log(*parts, **kwargs):  # rank 0 only; seconds since the start, so a slow phase shows in any run's log
         if rank == 0:
-            print(f"[{time.monotonic() - started:7.1f}s]", *parts, **kwargs)
+            print(f"[{time.monotonic() - run_started:7.1f}s]", *parts, **kwargs)
 
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -322,6 +322,9 @@ def test_empty_blank_invalid_utf8_and_overlong_documents_are_counted_and_trained
                              f"data.cache_dir={tmp_path / 'cache'}", "training.max_steps=2")
     assert outcome.rc == 0, outcome
     line = next(l for l in outcome.out.splitlines() if "] data: {" in l)  # after the log's "[ seconds]"
+    # Every log line carries the seconds since the run started, never going back (a slow phase shows in the log).
+    seconds = [float(l[1:l.index("s]")]) for l in outcome.out.splitlines() if l.startswith("[") and "s] " in l]
+    assert len(seconds) > 3 and seconds == sorted(seconds), seconds
     stats = ast.literal_eval(line[line.index("data: {") + len("data: "):])
     assert stats["skipped_empty_documents"] == 2 and stats["invalid_utf8_files"] == 1, stats
     assert stats["train_documents"] + stats["eval_documents"] == 8 + 1 + 1 + 3, stats
