@@ -292,7 +292,7 @@ def attach_hidden_state_loss(model) -> None:
         model.add_module(HIDDEN_STATE_LOSS, HiddenStateLoss(head))
 
 
-def hidden_loss_head(model, zero_stage: int):
+def hidden_state_loss(model, zero_stage: int):
     """The student's HiddenStateLoss (see attach_hidden_state_loss), or None when it has none. Under ZeRO-3 the
     output projection's weight becomes that module's external parameter (again for each new engine: a later
     training stage wraps the same module anew)."""
@@ -304,11 +304,11 @@ def hidden_loss_head(model, zero_stage: int):
     return loss
 
 
-def step_loss(engine, teacher, head, input_ids: torch.Tensor, t) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def step_loss(engine, teacher, hidden_loss, input_ids: torch.Tensor, t) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """One micro batch's loss: CE, or CE mixed with distillation from the teacher (trainer/losses.py), and its
-    parts for logging ({"ce"}, and "kl" when distilling). With `head`, from the final hidden states, so the
+    parts for logging ({"ce"}, and "kl" when distilling). With `hidden_loss`, from the final hidden states, so the
     [B, L, V] logits are never held (the models compute the logits of the last position only)."""
-    if head is None:
+    if hidden_loss is None:
         if teacher is None:
             loss = engine(input_ids=input_ids, labels=input_ids).loss
             return loss, {"ce": loss.detach()}
@@ -319,11 +319,11 @@ def step_loss(engine, teacher, head, input_ids: torch.Tensor, t) -> tuple[torch.
                                        temperature=t.distill_temperature)
     hidden = engine(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
     if teacher is None:
-        return head(hidden, input_ids, weight=0.0)
+        return hidden_loss(hidden, input_ids, weight=0.0)
     with torch.no_grad():
         teacher_hidden = teacher(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
-    return head(hidden, input_ids, weight=t.distill_weight, temperature=t.distill_temperature,
-                teacher_hidden=teacher_hidden, teacher_head_weight=teacher.get_output_embeddings().weight)
+    return hidden_loss(hidden, input_ids, weight=t.distill_weight, temperature=t.distill_temperature,
+                       teacher_hidden=teacher_hidden, teacher_head_weight=teacher.get_output_embeddings().weight)
 
 
 def build_data(cfg: Config, tokenizer, model, rank: int, world: int, load_teacher=None):
@@ -497,7 +497,6 @@ def optimizer_step_skipped(optimizer: torch.optim.Optimizer):
         del optimizer.step
 
 
-@torch.no_grad()
 def weight_fingerprint(tensor: torch.Tensor) -> str:
     """sha256 of the tensor's bytes in its own dtype: equal for bit-equal copies of a weight, whatever the thread
     count (a float sum is not: its order depends on it)."""
@@ -507,6 +506,7 @@ def weight_fingerprint(tensor: torch.Tensor) -> str:
     return hashlib.sha256(data.numpy().tobytes()).hexdigest()
 
 
+@torch.no_grad()
 def dump_logits(engine, rows: torch.Tensor, path: Path, rank: int, device) -> None:
     """Logits of `rows` from the model as trained, and a fingerprint of each weight as it computed them (in its
     compute dtype), written by rank 0 (every rank runs the forward and the gathers: under ZeRO-3 each holds a part
@@ -660,8 +660,8 @@ def train(cfg: Config) -> TrainResult:
         last_eval = run_eval(0)
 
     wants_hidden = t.loss_from == "hidden" or (t.loss_from == "auto" and teacher is not None)
-    head = hidden_loss_head(engine.module, zero_stage) if wants_hidden else None
-    log(f"loss: {'from hidden states, chunked' if head is not None else 'from full logits'} "
+    hidden_loss = hidden_state_loss(engine.module, zero_stage) if wants_hidden else None
+    log(f"loss: {'from hidden states, chunked' if hidden_loss is not None else 'from full logits'} "
         f"(training.loss_from={t.loss_from})")
 
     losses: dict[int, float] = {}
@@ -692,7 +692,7 @@ def train(cfg: Config) -> TrainResult:
                                         t.micro_batch_size, cfg.run.seed)
                 batch_crc = zlib.crc32(input_ids.numpy().tobytes(), batch_crc)
                 input_ids = input_ids.to(device)
-                loss, parts = step_loss(engine, teacher, head, input_ids, t)
+                loss, parts = step_loss(engine, teacher, hidden_loss, input_ids, t)
                 if micro == 0 and faults.fires("nan_loss", step + 1, rank):
                     loss = loss * float("nan")
                 if not torch.isfinite(loss.detach()).item():
@@ -800,14 +800,14 @@ def train(cfg: Config) -> TrainResult:
                 # with it, and its weights come back from the checkpoint just saved, as in a resumed run.
                 stage = stages[stage.index + 1]
                 engine.destroy()
-                engine = head = model = None
+                engine = hidden_loss = model = None
                 gc.collect()
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
                 model, _ = build_student(cfg, ds_config, run_dir)
                 engine = start_stage_from_checkpoint(model, stage, new_parameters, saved, cfg, ds_config, zero_stage,
                                                      rank, device, log)
-                head = hidden_loss_head(engine.module, zero_stage) if wants_hidden else None
+                hidden_loss = hidden_state_loss(engine.module, zero_stage) if wants_hidden else None
                 engine.train()
         bar.close()
         if preempted and step < t.max_steps:
