@@ -878,8 +878,9 @@ def teacher_sample_rows(model: Any, ts: TeacherSamplesConfig, n_samples: int, sa
     a `ts.prefix_fraction` of them continue a window of `ts.prefix_tokens` tokens of one of `prefixes` (token id
     arrays of real text) at a random offset, and a `ts.instruction_fraction` of them continue one of
     `instructions` (token ids of a chat-formatted request, fed through the first decode steps). Sampling: each
-    sample's temperature uniform in [ts.temperature_min, ts.temperature_max], then top_p; `ts.suppress_eos` bans the separator and the model's
-    eos, else the model may end a document and begin the next one inside a sample, as packed text does.
+    sample's temperature uniform in [ts.temperature_min, ts.temperature_max], then top_p; `ts.suppress_eos` bans
+    the separator and the model's eos, else the model may end a document and begin the next one inside a sample,
+    as packed text does.
 
     Deterministic for `ts.seed` (and `ts.batch_size`, `ts.dtype`) on CPU: what each sample gets comes from one
     numpy generator, and generate() runs under a torch RNG seeded per batch, inside `fork_rng` so the caller's RNG
