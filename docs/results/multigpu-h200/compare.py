@@ -69,21 +69,20 @@ def exports(root: Path) -> None:
         ids, trained = saved["input_ids"], saved["logits"]
         for dtype in (torch.bfloat16, torch.float32):
             model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True, dtype=dtype).to(device).eval()
-            exported = dict(model.named_parameters())
+            exported, kind = dict(model.named_parameters()), str(dtype).removeprefix("torch.")
             # The weights the engine computed with (its dtype) against the export cast to that dtype: bit-equal
             # when the consolidation is right, whatever the kernels do to the logits.
-            same = [name for name, (kind, print_) in saved.get("weights", {}).items() if name in exported
-                    and str(dtype).endswith(kind) and weight_fingerprint(exported[name]) == print_]
-            checked = [name for name, (kind, _) in saved.get("weights", {}).items()
-                       if name in exported and str(dtype).endswith(kind)]
+            weights = saved.get("weights", {})
+            checked = [name for name, (computed_in, _) in weights.items() if name in exported and computed_in == kind]
+            same = [name for name in checked if weight_fingerprint(exported[name]) == weights[name][1]]
             if checked:
-                print(f"{hf_dir.parent.name} export in {str(dtype).removeprefix('torch.')}: {len(same)} of "
+                print(f"{hf_dir.parent.name} export in {kind}: {len(same)} of "
                       f"{len(checked)} weights bit-equal to the trained model's "
-                      f"({len(saved['weights']) - len(checked)} not in the export or in another dtype)")
+                      f"({len(weights) - len(checked)} not in the export or in another dtype)")
             with torch.no_grad():
                 logits = model(input_ids=ids.to(device)).logits.float().cpu()
             diff = (logits - trained).abs()
-            print(f"{hf_dir.parent.name} export in {str(dtype).removeprefix('torch.')}: max |diff| {diff.max():.4f}, "
+            print(f"{hf_dir.parent.name} export in {kind}: max |diff| {diff.max():.4f}, "
                   f"mean {diff.mean():.5f} (logits std {trained.std():.2f}); same argmax "
                   f"{(logits.argmax(-1) == trained.argmax(-1)).float().mean():.4f}")
             del model
