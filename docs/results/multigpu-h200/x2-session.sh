@@ -1,15 +1,16 @@
 #!/bin/bash
 # One session on a 2-H200 host (nvidia-h200-x2) as one background pipeline, both GPUs busy throughout, the most
-# needed runs first (whatever the device time leaves undone is what comes last):
-#   A: issue 10's recovery recipes in two queues, one per GPU: on GPU 0 the shared-rotary MLA recipe first, then
-#      its DeepSeek-V3 stock export scored beside the kvforge one (issue 15); then at each queue's end one of issue
-#      14's 1-GPU runs (MULTIGPU0 on GPU 0, MULTIGPU1 on GPU 1);
+# needed runs first (whatever the device time leaves undone is what comes last). Order since session 8 (session 7's
+# order left issue 14 unfinished because its multi-GPU runs took 3.5-8 minutes each, not 2):
+#   A: GPU 0: the shared-rotary MLA recipe (FIRST0), its DeepSeek-V3 stock export scored beside the kvforge one
+#      (issue 15), then issue 12's decode rows; GPU 1 meanwhile: issue 14's 1-GPU runs (MULTIGPU1);
 #   B: issue 14's 2-GPU runs (MULTIGPU2), then compare.py (tables; each export against the trained model);
-#   C: issue 12's decode rows.
+#   C: the remaining recovery recipes in two queues, one per GPU (QUEUE0, QUEUE1).
+# The decode rows share the host with a training run on the other GPU (32 cores, separate GPUs and memory).
 # Started by `PIPELINE=docs/results/multigpu-h200/x2-session.sh bash docs/results/recovery-h200/setup.sh start`
 # (after `setup.sh part00`), so it runs from $K/repo and logs to $K/pipeline.log; poll.sh follows it (its "ALL
 # DONE" is this script's last line; the sub-pipelines log to $K/pipeline-gpu*.log and $K/multigpu/).
-# Env: FIRST0, QUEUE0, QUEUE1 (recipes), MULTIGPU0/1/2 (multigpu-h200/run.sh's runs), REXTRA (overrides for the
+# Env: FIRST0, QUEUE0, QUEUE1 (recipes), MULTIGPU1/2 (multigpu-h200/run.sh's runs), REXTRA (overrides for the
 # recovery runs only).
 set -u
 K=${K:-$HOME/kvgpu}
@@ -17,12 +18,12 @@ R=docs/results
 FIRST0=${FIRST0:-partial-rope-shared-25}
 QUEUE0=${QUEUE0:-lowrank-12 merged-heads-33 window-lowrank-12}
 QUEUE1=${QUEUE1:-partial-rope-25 mixattention-ma shared-attention lowrank-50}
-MULTIGPU0=${MULTIGPU0:-z3-1gpu}
-MULTIGPU1=${MULTIGPU1:-big-z3-1gpu}
+MULTIGPU1=${MULTIGPU1:-z3-1gpu big-z3-1gpu}
 MULTIGPU2=${MULTIGPU2:-z3-2gpu big-z3-2gpu}
 stamp() { echo "$(date +%T) $*"; }
 
 recovery() {  # gpu master_port recipes: one recovery pipeline on one GPU, its own port and log
+  [ -n "$3" ] || return 0  # run.sh's RECIPES="" would mean its default list
   CUDA_VISIBLE_DEVICES=$1 LAUNCH="--master_port $2" RECIPES="$3" SKIP_ORIGINAL=1 EXTRA="${REXTRA:-}" \
     bash $R/recovery-h200/run.sh >> "$K/pipeline-gpu$1.$2.log" 2>&1
 }
@@ -49,19 +50,21 @@ multigpu() {  # gpu runs: issue 14's 1-GPU runs named, on one GPU (multigpu-h200
 decode() {  # issue 12's missing rows: the original under transformers' static cache + compile, 5 repeats
   [ -f "$K/results/decode.json" ] && return 0
   stamp "decode rows"
-  python3 launch/benchmark_decode.py --part generate --gen-batch 128 --gen-variants original \
+  CUDA_VISIBLE_DEVICES=0 python3 launch/benchmark_decode.py --part generate --gen-batch 128 --gen-variants original \
     original-static lr50-static --repeats 5 --json "$K/results/decode.json" > "$K/results/decode.log" 2>&1 \
     || stamp "decode FAILED"
 }
 
-stamp "A: $FIRST0 (then its stock export), $QUEUE0, $MULTIGPU0 on GPU 0; $QUEUE1, $MULTIGPU1 on GPU 1"
-{ recovery 0 29512 "$FIRST0"; mla_export 0; recovery 0 29512 "$QUEUE0"; multigpu 0 "$MULTIGPU0"; } &
-{ recovery 1 29513 "$QUEUE1"; multigpu 1 "$MULTIGPU1"; } &
+stamp "A: $FIRST0 (then its stock export), decode rows on GPU 0; $MULTIGPU1 on GPU 1"
+{ recovery 0 29512 "$FIRST0"; mla_export 0; decode; } &
+{ multigpu 1 "$MULTIGPU1"; } &
 wait
 stamp "B: $MULTIGPU2"
 [ -n "$MULTIGPU2" ] && EXTRA= PHASE=2 ONLY="$MULTIGPU2" bash $R/multigpu-h200/run.sh
 python3 $R/multigpu-h200/compare.py "$K/multigpu" > "$K/multigpu/compare.txt" 2>&1
 cat "$K/multigpu/compare.txt"
-stamp "C: decode"
-decode
+stamp "C: $QUEUE0 on GPU 0; $QUEUE1 on GPU 1"
+{ recovery 0 29512 "$QUEUE0"; } &
+{ recovery 1 29513 "$QUEUE1"; } &
+wait
 stamp "ALL DONE"
