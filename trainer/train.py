@@ -182,12 +182,12 @@ def write_profile(profiler, path: Path, device: torch.device, rows: int = 40) ->
                     f"sorted by {total}\n{averages.table(sort_by=total, row_limit=rows)}\n")
 
 
-def compress_for_training(cfg: Config, run_dir: Path, rank: int) -> Path:
+def compress_for_training(cfg: Config, run_dir: Path, rank: int, log=print) -> Path:
     """The compressed starting point of this run, made once by rank 0 and kept in the run directory.
 
     Surgery needs the full pretrained weights and calibration activations, so it runs before DeepSpeed
     partitions anything; every rank (and a resumed run) then loads the same saved result, under
-    ZeRO-3 partitioned as it loads.
+    ZeRO-3 partitioned as it loads. `log` (the trainer's, with its clock) times each phase: they can take minutes.
     """
     from kvforge.trainer.calibration_rows import load_calibration_rows
     from kvforge.models.loading import document_separator_id, load_pretrained
@@ -205,24 +205,27 @@ def compress_for_training(cfg: Config, run_dir: Path, rank: int) -> Path:
         if (out / "config.json").is_file() and (out / NEW_PARAMETERS_FILE).is_file() and not stale:
             return
         if stale:
-            print(f"{out} was built from another model or compression spec: building it again")
+            log(f"{out} was built from another model or compression spec: building it again")
         torch.manual_seed(cfg.run.seed)
         base, tokenizer = load_pretrained(
             cfg.model.name, gguf_file=cfg.model.gguf_file, dtype="float32", init=cfg.model.init,
             config_overrides=dict(cfg.model.config) or None, tokenizer_name=cfg.model.tokenizer)
+        log(f"compression: pretrained model loaded ({cfg.model.name})")
         spec = cfg.compression.spec_for(base.config)
         rows = load_calibration_rows(tokenizer, document_separator_id(tokenizer, base.config),
                                      source=spec.calibration.source or cfg.data.source,
                                      tokens=spec.calibration.tokens, seq_len=spec.calibration.seq_len,
                                      cache_dir=cfg.data.cache_dir)
+        log(f"compression: {rows.numel():,} calibration tokens ready")
         model = compress(base, spec, rows, settings=cfg.compression.surgery).model
+        log("compression: surgery done")
         new = changed_parameters(base, model)
         with atomic.directory(out) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             (tmp / NEW_PARAMETERS_FILE).write_text(json.dumps(new, indent=1))
             (tmp / stamp.name).write_text(json.dumps(source, indent=2))
-        print(f"compressed starting point: {out}")
+        log(f"compressed starting point: {out}")
 
     on_rank0_first(rank, build)
     return out
@@ -517,6 +520,10 @@ def dump_logits(engine, rows: torch.Tensor, path: Path, rank: int, device) -> No
     engine.eval()
     logits = engine.module(input_ids=rows.long().to(device)).logits.float().cpu()
     engine.train()
+    # Under ZeRO-3 the forward's prefetcher may still have gathers in flight, and a GatheredParameters exit that
+    # meets one fails ("Cannot partition a param in flight": the 1B-shaped 2-GPU run of session 8); this waits for
+    # them and releases every parameter (for stages 1-2 it only frees cached memory).
+    engine.empty_partition_cache()
     fingerprints = {}
     for name, param in engine.module.named_parameters():
         with deepspeed.zero.GatheredParameters([param], modifier_rank=None):  # a no-op below ZeRO-3
@@ -585,12 +592,13 @@ def train(cfg: Config) -> TrainResult:
     dist.barrier()
 
     if cfg.compression:
-        compress_for_training(cfg, run_dir, rank)
+        compress_for_training(cfg, run_dir, rank, log)
     new_parameters = (set(json.loads((run_dir / "compressed_init" / NEW_PARAMETERS_FILE).read_text()))
                       if cfg.compression else set())
     stages = plan_stages(cfg)
     stage = stage_at(stages, resumed.step if resumed is not None else 0)
     model, tokenizer = build_student(cfg, ds_config, run_dir)
+    log(f"student built (ZeRO stage {zero_stage})")
     teacher = build_teacher(cfg, device) if t.distill_weight > 0 else None
     if teacher is not None:
         # Replicated, never sharded: each rank holds a whole frozen copy (no gradients, no optimizer state).
