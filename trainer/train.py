@@ -676,6 +676,12 @@ def train(cfg: Config) -> TrainResult:
     preemption, preempted = Preemption(), False
     profile_step = int(os.environ.get(PROFILE_STEP_ENV, "0") or 0) if rank == 0 else 0
     profiler = None
+    if device.type == "cuda":
+        # train/peak_memory_gib is the training steps' peak (evaluations between them included), not setup's:
+        # the teacher sampler's preallocated cache alone is 45 GiB for SmolLM2 at 1,024 x 2,048.
+        log(f"peak GPU memory before training: {peak_memory_gib(device):.1f} GiB (model building, teacher "
+            "samples, step-0 eval); train/peak_memory_gib counts from here")
+        torch.cuda.reset_peak_memory_stats(device)
     bar = tqdm(total=t.max_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
     engine.train()
     try:
