@@ -13,7 +13,7 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -181,3 +181,35 @@ def on_rank0_first(rank: int, fn, *, others=None):
     if rank != 0 and others is not None:
         result = others()
     return result
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a causal LM, wrapped or not (PEFT, DeepSpeed): the children of its `layers`
+    ModuleList (`model.layers` in Llama, Mistral, Qwen2 and kvforge's models)."""
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] == "layers" and isinstance(module, torch.nn.ModuleList) and len(module):
+            return list(module)
+    raise ValueError(f"{type(model).__name__} has no `layers` ModuleList to compile one layer at a time: "
+                     "use training.compile_scope=model")
+
+
+def compile_in_place(model: torch.nn.Module, scope: str, engine: Any = None) -> None:
+    """torch.compile of a model in place, so parameter names and checkpoints stay as they are.
+
+    scope "model": the whole forward (through `engine.compile()` when a DeepSpeed engine wraps the model).
+    scope "layers": each decoder layer. The layers run one code object, so dynamo compiles it for the first layer
+    and the next ones reuse the graph while their guards hold; a layer of another kind (window, latent rank, KV
+    reader) or shape adds a graph. Those may number more than dynamo's default recompile limit (8), past which it
+    would run the remaining layers eagerly without saying so in the step's speed, so the limit is raised to cover
+    one graph per layer and mode (train, eval).
+    """
+    if scope == "model":
+        (engine if engine is not None else model).compile()
+        return
+    layers = decoder_layers(model)
+    import torch._dynamo.config as dynamo_config
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo_config, name, max(getattr(dynamo_config, name), 2 * len(layers) + 8))
+    for layer in layers:
+        layer.compile()

@@ -13,6 +13,7 @@ import torch
 from . import checkpoint as ckpt
 from .config import Config, ConfigError
 from .export_run import consolidate_checkpoint
+from .runtime import compile_in_place
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """No weight decay on norms, biases and embeddings (the usual GPT recipe)."""
@@ -145,7 +146,7 @@ def start_stage(model: torch.nn.Module, stage: Stage, new: set[str], cfg: Config
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                            model_parameters=None if optimizer else model.parameters())
     if t.compile:
-        engine.compile()  # the wrapped module's forward, in place (names and checkpoints unchanged)
+        compile_in_place(engine.module, t.compile_scope, engine)  # names and checkpoints unchanged
     return engine
 
 

@@ -47,7 +47,7 @@ from .config import (Config, check_deepspeed_config, resolve_deepspeed, save_res
 from .data import DataError
 from .export_run import write_hf_model
 from .losses import HiddenStateLoss, distillation_loss_parts
-from .runtime import FAULT_ENV, Faults, Preemption, init_distributed, on_rank0_first
+from .runtime import FAULT_ENV, Faults, Preemption, compile_in_place, init_distributed, on_rank0_first
 from .stages import plan_stages, stage_at, start_stage, start_stage_from_checkpoint
 from .tracking import RunLogger
 
@@ -274,7 +274,7 @@ def build_teacher(cfg: Config, device: torch.device):
                                  device=device)
     teacher.requires_grad_(False)
     if cfg.training.compile:
-        teacher.compile()  # in place: Module.compile keeps the module (and its names)
+        compile_in_place(teacher, cfg.training.compile_scope)
     return teacher.eval()
 
 

@@ -240,26 +240,30 @@ def test_the_loss_from_hidden_states_trains_as_the_loss_from_logits(launcher, tm
 
 
 def test_a_compiled_student_and_teacher_train_as_the_eager_ones(launcher, tmp_path):
-    """training.compile=true (torch.compile of the student's engine and of the teacher, in place) gives the eager
-    losses step after step on a compressed model with distillation, and checkpoints the same parameter names."""
+    """training.compile=true (torch.compile of the student's engine and of the teacher, in place), whole or one
+    decoder layer at a time (training.compile_scope), gives the eager losses step after step on a compressed model
+    with distillation, and checkpoints the same parameter names."""
     steps = ["training.max_steps=3", "training.grad_accum=1", "checkpoint.save_every=3", "training.eval_every=0"]
     from torch._dynamo.utils import counters
 
+    variants = {"eager": ["training.compile=false"], "model": ["training.compile=true"],
+                "layers": ["training.compile=true", "training.compile_scope=layers"]}
     runs = {}
-    for compiled in ("false", "true"):
-        run_dir = tmp_path / f"compile-{compiled}"
+    for variant, overrides in variants.items():
+        run_dir = tmp_path / f"compile-{variant}"
         counters.clear()
-        outcome = run_in_process(launcher, run_dir, *steps, f"training.compile={compiled}", config=COMPRESSED)
+        outcome = run_in_process(launcher, run_dir, *steps, *overrides, config=COMPRESSED)
         assert outcome.rc == 0, outcome
-        runs[compiled] = metrics(run_dir)
+        runs[variant] = metrics(run_dir)
         graphs = counters["stats"]["unique_graphs"]
-        assert (graphs > 0) == (compiled == "true"), (compiled, graphs)  # compiled means dynamo made graphs
-    assert sorted(runs["true"]) == [1, 2, 3]
-    for step, record in runs["true"].items():
-        assert record["train/loss"] == pytest.approx(runs["false"][step]["train/loss"], rel=1e-4), step
-    names = [json.loads((tmp_path / f"compile-{c}/checkpoints/step_00000003/MANIFEST.json").read_text())["trainable"]
-             for c in ("false", "true")]
-    assert names[0] == names[1]
+        assert (graphs > 0) == (variant != "eager"), (variant, graphs)  # compiled means dynamo made graphs
+    for variant in ("model", "layers"):
+        assert sorted(runs[variant]) == [1, 2, 3], variant
+        for step, record in runs[variant].items():
+            assert record["train/loss"] == pytest.approx(runs["eager"][step]["train/loss"], rel=1e-4), (variant, step)
+    names = [json.loads((tmp_path / f"compile-{v}/checkpoints/step_00000003/MANIFEST.json").read_text())["trainable"]
+             for v in variants]
+    assert names[0] == names[1] == names[2]
 
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run_with_a_checkpoint(launcher, tmp_path):
