@@ -249,10 +249,31 @@ class SlotPlan:
     static_slot: torch.Tensor | None = None
     max_position: int | None = None  # a bound on key_positions known without reading the device
     _key_rotary: KeyRotary | None = field(default=None, repr=False)
+    _sdpa_mask: tuple | None = field(default=None, repr=False)  # (mask, causal), see sdpa_mask
 
     @property
     def is_ring(self) -> bool:
         return self.window is not None
+
+    def sdpa_mask(self, no_padding: bool) -> tuple[torch.Tensor, bool]:
+        """The mask SDPA needs for this layout and step, decided once for all its layers: (mask [B or 1, 1, 1, T,
+        S], causal).
+
+        Without a cache and without padding (a training step) every row's mask is the same, so one row of it
+        serves the batch; and if no window cuts into the T tokens it is the plain causal mask, for which SDPA
+        takes is_causal instead (the flash kernel: no [T, S] mask read at all). With padding possible
+        (`no_padding` False: an attention_mask was given), costs one device sync per layout and step. Kept on the
+        plan, which lives one forward, rather than in a table keyed by id(plan): under torch.compile of single
+        layers an id() becomes a guard on the object, which fails on every new forward's plan.
+        """
+        if self._sdpa_mask is None:
+            length = self.query_index.shape[1]
+            mask, causal = self.mask, False
+            if self.cached_slots == 0 and length > 1 and (no_padding or bool((self.query_index >= 0).all())):
+                mask = self.mask[:1]
+                causal = self.window is None or self.window >= length
+            self._sdpa_mask = (mask, causal)
+        return self._sdpa_mask
 
     def key_rotary(self) -> KeyRotary:
         """RoPE at the attendable keys' positions (for keys rotated at attention time); one per step, so the
@@ -977,7 +998,7 @@ class CacheRepresentation:
         query, key, value = self.whole_kv(shared, query, cos, sin, plan)
         mask, causal = plan.mask, False
         if use_sdpa and not need_probs and handoff is not None:
-            mask, causal = handoff.sdpa_mask(plan)
+            mask, causal = plan.sdpa_mask(handoff.no_padding)
         return attention_function("kv")(query, key, value, mask, scaling, need_probs=need_probs, dropout=dropout,
                                         use_sdpa=use_sdpa, causal=causal)
 
@@ -1234,28 +1255,9 @@ class LayerHandoff:
 
     kv: dict[int, SharedKV] = field(default_factory=dict)
     probs: dict[int, torch.Tensor] = field(default_factory=dict)  # [B, H, T, S]
-    masks: dict[int, tuple] = field(default_factory=dict)  # id(plan) -> (plan, mask, causal), see sdpa_mask
     # The forward was given no attention_mask: no token is padding, known without asking the device (a sync
     # there would also split a compiled graph per layer; torch.compile then recompiles per layer shape).
     no_padding: bool = False
-
-    def sdpa_mask(self, plan: SlotPlan) -> tuple[torch.Tensor, bool]:
-        """The mask SDPA needs for `plan`, decided once per layout and step: (mask [B or 1, 1, 1, T, S], causal).
-
-        Without a cache and without padding (a training step) every row's mask is the same, so one row of it
-        serves the batch; and if no window cuts into the T tokens it is the plain causal mask, for which SDPA
-        takes is_causal instead (the flash kernel: no [T, S] mask read at all). With an attention_mask, costs one
-        device sync per layout; without one, none.
-        """
-        entry = self.masks.get(id(plan))
-        if entry is None or entry[0] is not plan:
-            length = plan.query_index.shape[1]
-            mask, causal = plan.mask, False
-            if plan.cached_slots == 0 and length > 1 and (self.no_padding or bool((plan.query_index >= 0).all())):
-                mask = plan.mask[:1]
-                causal = plan.window is None or plan.window >= length
-            entry = self.masks[id(plan)] = (plan, mask, causal)
-        return entry[1], entry[2]
 
 
 def partial_rope_dims(rope_index: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -317,14 +317,17 @@ def step_loss(engine, teacher, hidden_loss, input_ids: torch.Tensor, t) -> tuple
             return loss, {"ce": loss.detach()}
         logits = engine(input_ids=input_ids).logits
         with torch.no_grad():
-            teacher_logits = teacher(input_ids=input_ids).logits
+            teacher_logits = teacher(input_ids=input_ids, use_cache=False).logits
         return distillation_loss_parts(logits, teacher_logits, input_ids, weight=t.distill_weight,
                                        temperature=t.distill_temperature)
     hidden = engine(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
     if teacher is None:
         return hidden_loss(hidden, input_ids, weight=0.0)
     with torch.no_grad():
-        teacher_hidden = teacher(input_ids=input_ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+        # use_cache=False: a stock model's config asks for a KV cache by default, which would store every layer's keys
+        # and values of the batch for nothing (and, compiled per layer, recompile each layer on its cache's state).
+        teacher_hidden = teacher(input_ids=input_ids, use_cache=False, output_hidden_states=True,
+                                 logits_to_keep=1).hidden_states[-1]
     return hidden_loss(hidden, input_ids, weight=t.distill_weight, temperature=t.distill_temperature,
                        teacher_hidden=teacher_hidden, teacher_head_weight=teacher.get_output_embeddings().weight)
 

@@ -206,19 +206,41 @@ def test_a_training_step_uses_flash_friendly_sdpa_and_materialises_only_shared_p
     assert up_calls == {0: 2, 2: 2}  # one k_up and one v_up call each, whatever reads them
 
 
+def test_layers_compiled_one_at_a_time_compile_once_not_per_forward():
+    """training.compile_scope=layers compiles each decoder layer. Each forward makes new slot plans and a new
+    handoff, which the layers take as arguments: nothing of theirs may become a guard on the object (an id()
+    did), or every step would recompile every layer until dynamo gives up and runs them eagerly."""
+    from torch._dynamo.utils import counters
+
+    from kvforge.trainer.runtime import compile_in_place
+
+    mixed = [PRE, WINDOW, {"kv_from": 0}, {"probs_from": 0}, MERGED, PARTIAL, {**WINDOW, **PARTIAL}]
+    model = build(mixed).train()
+    ids = torch.randint(0, 100, (2, 16))
+    expected = model(input_ids=ids, use_cache=False).logits
+    torch._dynamo.reset()
+    counters.clear()
+    compile_in_place(model, "layers", backend="eager")
+    graphs = []
+    for _ in range(3):
+        torch.testing.assert_close(model(input_ids=ids, use_cache=False).logits, expected)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs[1] == graphs[2] == graphs[0], graphs
+    torch._dynamo.reset()
+
+
 def test_padding_or_a_cache_keeps_the_full_mask():
     model = build(SPECS["dense"], "sdpa")
     ids, mask = inputs(padded=True)
-    handoff = mk.LayerHandoff()
     index = mk._token_index(mask.bool(), torch.zeros(3, dtype=torch.long))
     plan = mk.SlotLayout(None, 0).plan(index, torch.arange(ids.shape[1]).expand(3, -1))
-    got, causal = handoff.sdpa_mask(plan)
+    got, causal = plan.sdpa_mask(no_padding=False)
     assert got is plan.mask and not causal
-    assert handoff.sdpa_mask(plan)[0] is got  # decided once per plan and step
+    assert plan.sdpa_mask(no_padding=False)[0] is got  # decided once per plan and step
     full = torch.ones_like(mask)
     plan = mk.SlotLayout(3, 1).plan(mk._token_index(full.bool(), torch.zeros(3, dtype=torch.long)),
                                     torch.arange(ids.shape[1]).expand(3, -1))
-    got, causal = handoff.sdpa_mask(plan)
+    got, causal = plan.sdpa_mask(no_padding=False)
     assert got.shape[0] == 1 and not causal  # a window of 3 cuts into 14 tokens
     with torch.no_grad():  # and the model's own uses of it agree with eager (the big test covers gradients)
         eager = build(SPECS["dense"], "eager")(ids, attention_mask=mask).logits
