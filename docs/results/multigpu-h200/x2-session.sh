@@ -1,25 +1,28 @@
 #!/bin/bash
 # One session on a 2-H200 host (nvidia-h200-x2) as one background pipeline, both GPUs busy throughout, the most
-# needed runs first (whatever the device time leaves undone is what comes last). Order since session 8 (session 7's
-# order left issue 14 unfinished because its multi-GPU runs took 3.5-8 minutes each, not 2):
-#   A: GPU 0: the shared-rotary MLA recipe (FIRST0), its DeepSeek-V3 stock export scored beside the kvforge one
-#      (issue 15), then issue 12's decode rows; GPU 1 meanwhile: issue 14's 1-GPU runs (MULTIGPU1);
-#   B: issue 14's 2-GPU runs (MULTIGPU2), then compare.py (tables; each export against the trained model);
-#   C: the remaining recovery recipes in two queues, one per GPU (QUEUE0, QUEUE1).
-# The decode rows share the host with a training run on the other GPU (32 cores, separate GPUs and memory).
+# needed runs first (whatever the device time leaves undone is what comes last). The order since session 9:
+#   B: issue 14's 2-GPU runs (MULTIGPU2: ZeRO-3 with the tuned persistence threshold, and the 1B-shaped model whose
+#      export failed in session 8), then compare.py (tables; each export against the trained model);
+#   A: the recovery recipes still without a row (issues 10 and 11) in two queues, one per GPU (QUEUE0; QUEUE1 after
+#      issue 14's 1-GPU runs, MULTIGPU1, on GPU 1);
+#   C: issue 12's decode rows at B=32, S=16k (DECODE_ARGS) on GPU 0.
+# Session 7's order put the multi-GPU runs last and lost them; session 8's ran them first and finished them. Recipe
+# runs are where a session's minutes go (6-13 min each), so they come after the few short runs that close things.
 # Started by `PIPELINE=docs/results/multigpu-h200/x2-session.sh bash docs/results/recovery-h200/setup.sh start`
 # (after `setup.sh part00`), so it runs from $K/repo and logs to $K/pipeline.log; poll.sh follows it (its "ALL
 # DONE" is this script's last line; the sub-pipelines log to $K/pipeline-gpu*.log and $K/multigpu/).
-# Env: FIRST0, QUEUE0, QUEUE1 (recipes), MULTIGPU1/2 (multigpu-h200/run.sh's runs), REXTRA (overrides for the
-# recovery runs only).
+# Env: FIRST0 (a recipe before QUEUE0, followed by its DeepSeek-V3 export when it is partial-rope-shared-25),
+# QUEUE0, QUEUE1 (recipes), MULTIGPU1/2 (multigpu-h200/run.sh's runs), REXTRA (overrides for the recovery runs
+# only), DECODE_ARGS (launch/benchmark_decode.py's; empty: no decode rows).
 set -u
 K=${K:-$HOME/kvgpu}
 R=docs/results
-FIRST0=${FIRST0:-partial-rope-shared-25}
-QUEUE0=${QUEUE0:-lowrank-12 merged-heads-33 window-lowrank-12}
-QUEUE1=${QUEUE1:-partial-rope-25 mixattention-ma shared-attention lowrank-50}
-MULTIGPU1=${MULTIGPU1:-z3-1gpu big-z3-1gpu}
-MULTIGPU2=${MULTIGPU2:-z3-2gpu big-z3-2gpu}
+FIRST0=${FIRST0:-}
+QUEUE0=${QUEUE0:-partial-rope-25 lowrank-50 mixattention-ma window-lowrank-12}
+QUEUE1=${QUEUE1:-merged-heads-33 shared-attention lowrank-12}
+MULTIGPU1=${MULTIGPU1:-z3-1gpu-tuned}
+MULTIGPU2=${MULTIGPU2:-z3-2gpu-tuned big-z3-2gpu}
+DECODE_ARGS=${DECODE_ARGS:---gen-batch 32 --gen-prompt 16384 --gen-variants original original-static lr50-static --repeats 5}
 stamp() { echo "$(date +%T) $*"; }
 
 recovery() {  # gpu master_port recipes: one recovery pipeline on one GPU, its own port and log
@@ -47,24 +50,23 @@ multigpu() {  # gpu runs: issue 14's 1-GPU runs named, on one GPU (multigpu-h200
   [ -n "$2" ] && EXTRA= PHASE=1 ONLY="$2" ONE_GPU=$1 bash $R/multigpu-h200/run.sh
 }
 
-decode() {  # issue 12's missing rows: the original under transformers' static cache + compile, 5 repeats
-  [ -f "$K/results/decode.json" ] && return 0
-  stamp "decode rows"
-  CUDA_VISIBLE_DEVICES=0 python3 launch/benchmark_decode.py --part generate --gen-batch 128 --gen-variants original \
-    original-static lr50-static --repeats 5 --json "$K/results/decode.json" > "$K/results/decode.log" 2>&1 \
-    || stamp "decode FAILED"
+decode() {  # issue 12's missing rows, on GPU 0
+  [ -n "$DECODE_ARGS" ] && [ ! -f "$K/results/decode.json" ] || return 0
+  stamp "decode rows: $DECODE_ARGS"
+  read -r -a args <<< "$DECODE_ARGS"
+  CUDA_VISIBLE_DEVICES=0 python3 launch/benchmark_decode.py --part generate "${args[@]}" \
+    --json "$K/results/decode.json" > "$K/results/decode.log" 2>&1 || stamp "decode FAILED"
 }
 
-stamp "A: $FIRST0 (then its stock export), decode rows on GPU 0; $MULTIGPU1 on GPU 1"
-{ recovery 0 29512 "$FIRST0"; mla_export 0; decode; } &
-{ multigpu 1 "$MULTIGPU1"; } &
-wait
 stamp "B: $MULTIGPU2"
 [ -n "$MULTIGPU2" ] && EXTRA= PHASE=2 ONLY="$MULTIGPU2" bash $R/multigpu-h200/run.sh
 python3 $R/multigpu-h200/compare.py "$K/multigpu" > "$K/multigpu/compare.txt" 2>&1
 cat "$K/multigpu/compare.txt"
-stamp "C: $QUEUE0 on GPU 0; $QUEUE1 on GPU 1"
-{ recovery 0 29512 "$QUEUE0"; } &
-{ recovery 1 29513 "$QUEUE1"; } &
+stamp "A: ${FIRST0:+$FIRST0 (then its stock export), }$QUEUE0 on GPU 0; $MULTIGPU1, $QUEUE1 on GPU 1"
+{ recovery 0 29512 "$FIRST0"; mla_export 0; recovery 0 29512 "$QUEUE0"; } &
+{ multigpu 1 "$MULTIGPU1"; recovery 1 29513 "$QUEUE1"; } &
 wait
+python3 $R/multigpu-h200/compare.py "$K/multigpu" > "$K/multigpu/compare.txt" 2>&1  # again, with the 1-GPU runs
+stamp "C: decode"
+decode
 stamp "ALL DONE"
