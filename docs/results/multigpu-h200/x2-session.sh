@@ -5,7 +5,8 @@
 #      export failed in session 8), then compare.py (tables; each export against the trained model);
 #   A: the recovery recipes still without a row (issues 10 and 11) in two queues, one per GPU (QUEUE0; QUEUE1 after
 #      issue 14's 1-GPU runs, MULTIGPU1, on GPU 1);
-#   C: issue 12's decode rows at B=32, S=16k (DECODE_ARGS) on GPU 0.
+#   C: issue 12's decode rows at B=32, S=16k (DECODE_ARGS) on GPU 0; on GPU 1 meanwhile the teacher sampler's
+#      speed with each attention path (SAMPLER_ATTENTION: the Triton decode kernel was never run on a GPU).
 # Session 7's order put the multi-GPU runs last and lost them; session 8's ran them first and finished them. Recipe
 # runs are where a session's minutes go (6-13 min each), so they come after the few short runs that close things.
 # Started by `PIPELINE=docs/results/multigpu-h200/x2-session.sh bash docs/results/recovery-h200/setup.sh start`
@@ -13,7 +14,7 @@
 # DONE" is this script's last line; the sub-pipelines log to $K/pipeline-gpu*.log and $K/multigpu/).
 # Env: FIRST0 (a recipe before QUEUE0, followed by its DeepSeek-V3 export when it is partial-rope-shared-25),
 # QUEUE0, QUEUE1 (recipes), MULTIGPU1/2 (multigpu-h200/run.sh's runs), REXTRA (overrides for the recovery runs
-# only), DECODE_ARGS (launch/benchmark_decode.py's; empty: no decode rows).
+# only), DECODE_ARGS (launch/benchmark_decode.py's; empty: no decode rows), SAMPLER_ATTENTION.
 set -u
 K=${K:-$HOME/kvgpu}
 R=docs/results
@@ -22,6 +23,7 @@ QUEUE0=${QUEUE0:-partial-rope-25 lowrank-50 mixattention-ma window-lowrank-12}
 QUEUE1=${QUEUE1:-merged-heads-33 shared-attention lowrank-12}
 MULTIGPU1=${MULTIGPU1:-z3-1gpu-tuned}
 MULTIGPU2=${MULTIGPU2:-z3-2gpu-tuned big-z3-2gpu}
+SAMPLER_ATTENTION=${SAMPLER_ATTENTION-matmul triton}
 DECODE_ARGS=${DECODE_ARGS:---gen-batch 32 --gen-prompt 16384 --gen-variants original original-static lr50-static --repeats 5}
 stamp() { echo "$(date +%T) $*"; }
 
@@ -58,6 +60,17 @@ decode() {  # issue 12's missing rows, on GPU 0
     --json "$K/results/decode.json" > "$K/results/decode.log" 2>&1 || stamp "decode FAILED"
 }
 
+sampler() {  # the teacher sampler at 1,024 x 2,048 with each attention path, on GPU 1 (benchmarks/profile_sampler.py)
+  local a
+  for a in $SAMPLER_ATTENTION; do
+    [ -f "$K/results/sampler-$a.txt" ] && continue
+    stamp "sampler, attention $a"
+    CUDA_VISIBLE_DEVICES=1 python3 benchmarks/profile_sampler.py \
+      --model "$K/SmolLM2-135M-Instruct.Q4_1.gguf" --attention "$a" > "$K/results/sampler-$a.txt" 2>&1 \
+      || stamp "sampler $a FAILED"
+  done
+}
+
 stamp "B: $MULTIGPU2"
 [ -n "$MULTIGPU2" ] && EXTRA= PHASE=2 ONLY="$MULTIGPU2" bash $R/multigpu-h200/run.sh
 python3 $R/multigpu-h200/compare.py "$K/multigpu" > "$K/multigpu/compare.txt" 2>&1
@@ -67,6 +80,8 @@ stamp "A: ${FIRST0:+$FIRST0 (then its stock export), }$QUEUE0 on GPU 0; $MULTIGP
 { multigpu 1 "$MULTIGPU1"; recovery 1 29513 "$QUEUE1"; } &
 wait
 python3 $R/multigpu-h200/compare.py "$K/multigpu" > "$K/multigpu/compare.txt" 2>&1  # again, with the 1-GPU runs
-stamp "C: decode"
-decode
+stamp "C: decode on GPU 0, sampler on GPU 1"
+decode &
+sampler &
+wait
 stamp "ALL DONE"
