@@ -8,15 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from kvforge.trainer.config import DEFAULT_DEEPSPEED, ConfigError, load_config, resolve_deepspeed
+from kvforge.trainer.config import DEFAULT_DEEPSPEED, ConfigError, load_config, resolve_deepspeed, to_dict
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_every_shipped_config_loads_and_validates(path):
+def test_every_shipped_config_loads_and_validates(path, tmp_path, monkeypatch):
+    # A recipe that trains on a packed corpus names it by $KVFORGE_CORPUS (lowrank-25-corpus.yaml); the path must
+    # exist for the config to validate.
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "a document"}\n')
+    monkeypatch.setenv("KVFORGE_CORPUS", str(corpus))
     cfg = load_config(path)
+    assert str(corpus) in json.dumps(to_dict(cfg)) or path.name != "lowrank-25-corpus.yaml"
     ds = resolve_deepspeed(cfg, world_size=2)
     assert "auto" not in json.dumps(ds)
 

@@ -211,6 +211,36 @@ def test_nonexistent_path_is_named(tmp_path):
 # Bad data
 
 
+def test_pack_corpus_makes_one_document_per_file_that_the_data_layer_reads(tmp_path):
+    """launch/pack_corpus.py: files by extension, .gz decompressed, short, non-UTF-8 and repeated texts left out; the
+    .xz output, decompressed, is a jsonl source like any other."""
+    import gzip
+    import importlib.util
+    import lzma
+
+    docs = tmp_path / "docs"
+    (docs / "sub").mkdir(parents=True)
+    long = "Documentation prose. " * 20
+    (docs / "a.rst").write_text("A " + long)
+    (docs / "sub" / "b.rst.gz").write_bytes(gzip.compress(("B " + long).encode()))
+    (docs / "sub" / "c.txt").write_text("A " + long)  # the same text as a.rst
+    (docs / "d.txt").write_text("too short")
+    (docs / "e.pod").write_bytes(b"\xff\xfe" + long.encode())
+    (docs / "f.html").write_text("<p>" + long)  # not an extension it keeps
+    repo = __import__("pathlib").Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location("kvforge_pack_corpus", repo / "launch" / "pack_corpus.py")
+    pack = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pack)
+    out = tmp_path / "corpus.jsonl.xz"
+    assert pack.main([str(docs), "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in lzma.open(out, "rt")]
+    assert [(r["source"], r["text"][:2]) for r in rows] == [("docs/a.rst", "A "), ("docs/sub/b.rst.gz", "B ")]
+    (tmp_path / "corpus.jsonl").write_bytes(lzma.decompress(out.read_bytes()))
+    assert [d.text[:2] for d in data.load_documents(str(tmp_path / "corpus.jsonl"))] == ["A ", "B "]
+    with pytest.raises(SystemExit, match="does not exist"):
+        pack.main([str(tmp_path / "nope"), "--out", str(out)])
+
+
 def test_jsonl_row_without_text_field_names_file_and_line(tmp_path):
     path = write(tmp_path / "rows.jsonl", '{"text": "ok"}\n{"text": "ok"}\n{"body": "no text"}\n')
     with pytest.raises(DataError, match=rf"{path} line 3: row has no field 'text' \(fields: \['body'\]\)"):

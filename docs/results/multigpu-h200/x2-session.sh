@@ -3,8 +3,9 @@
 # needed runs first (whatever the device time leaves undone is what comes last). The order since session 9:
 #   B: issue 14's 2-GPU runs (MULTIGPU2: ZeRO-3 with the tuned persistence threshold, and the 1B-shaped model whose
 #      export failed in session 8), then compare.py (tables; each export against the trained model);
-#   A: the recovery recipes still without a row (issues 10 and 11) in two queues, one per GPU (QUEUE0; QUEUE1 after
-#      issue 14's 1-GPU runs, MULTIGPU1, on GPU 1);
+#   A: first lowrank-25 with real documentation in its mix (issue 10's next lever), then the recovery recipes still
+#      without a row (issues 10 and 11), in two queues, one per GPU (QUEUE0; QUEUE1 after issue 14's 1-GPU runs,
+#      MULTIGPU1, on GPU 1);
 #   C: issue 12's decode rows at B=32, S=16k (DECODE_ARGS) on GPU 0; on GPU 1 meanwhile the teacher sampler's
 #      speed with each attention path (SAMPLER_ATTENTION: the Triton decode kernel was never run on a GPU).
 # Session 7's order put the multi-GPU runs last and lost them; session 8's ran them first and finished them. Recipe
@@ -19,8 +20,8 @@ set -u
 K=${K:-$HOME/kvgpu}
 R=docs/results
 FIRST0=${FIRST0:-}
-QUEUE0=${QUEUE0:-partial-rope-25 lowrank-50 mixattention-ma window-lowrank-12}
-QUEUE1=${QUEUE1:-merged-heads-33 shared-attention lowrank-12}
+QUEUE0=${QUEUE0:-lowrank-25-corpus partial-rope-25 lowrank-50 mixattention-ma}
+QUEUE1=${QUEUE1:-merged-heads-33 shared-attention lowrank-12 window-lowrank-12}
 MULTIGPU1=${MULTIGPU1:-z3-1gpu-tuned}
 MULTIGPU2=${MULTIGPU2:-z3-2gpu-tuned big-z3-2gpu}
 SAMPLER_ATTENTION=${SAMPLER_ATTENTION-matmul triton}

