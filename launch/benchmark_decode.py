@@ -303,13 +303,35 @@ def timed_generate(model, ids, new_tokens: int, repeats: int, cache: str | None 
     return statistics.median(times), out
 
 
-# name -> (what the row is, low-rank 50% spec or the original, KVFORGE_KERNELS, cache)
+def lr50_spec(num_layers: int) -> dict:
+    """The low-rank 50% spec of docs/results/exports-cpu (surgery's greedy ranks on SmolLM2)."""
+    return json.loads(LR50_SPEC.read_text())["spec"]
+
+
+def mixattention_spec(num_layers: int):
+    """configs/recovery/mixattention-ma.yaml's layout: MixAttention MA, window 252 with 4 sinks, KV shared."""
+    from kvforge.models.presets import PRESETS
+
+    return PRESETS["mixattention-ma"](num_layers, window=252, sinks=4)
+
+
+def window_spec(num_layers: int):
+    """Every layer a window of 1,024 (ring caches): its decode time should not grow with the context."""
+    from kvforge.models.presets import PRESETS
+
+    return PRESETS["sliding-window"](num_layers, window=1024)
+
+
+# name -> (what the row is, the compression spec of num_layers (None: the original), KVFORGE_KERNELS, cache)
 GENERATE_VARIANTS = {
-    "original": ("original (transformers Llama, SDPA)", False, None, None),
-    "original-static": ("original, transformers StaticCache + compile", False, None, "transformers"),
-    "lr50-torch": ("lr50, KVFORGE_KERNELS=off", True, "off", None),
-    "lr50-triton": ("lr50, KVFORGE_KERNELS=auto (Triton)", True, "auto", None),
-    "lr50-static": ("lr50, Triton, static cache + CUDA graph", True, "auto", "kvforge"),
+    "original": ("original (transformers Llama, SDPA)", None, None, None),
+    "original-static": ("original, transformers StaticCache + compile", None, None, "transformers"),
+    "lr50-torch": ("lr50, KVFORGE_KERNELS=off", lr50_spec, "off", None),
+    "lr50-triton": ("lr50, KVFORGE_KERNELS=auto (Triton)", lr50_spec, "auto", None),
+    "lr50-static": ("lr50, Triton, static cache + CUDA graph", lr50_spec, "auto", "kvforge"),
+    "mixattention-static": ("mixattention-ma (W=252, 4 sinks), static cache + CUDA graph", mixattention_spec, "auto",
+                            "kvforge"),
+    "window-static": ("every layer window 1,024, static cache + CUDA graph", window_spec, "auto", "kvforge"),
 }
 
 
@@ -327,14 +349,13 @@ def run_generate_part(args) -> list[dict]:
 
     base = LlamaConfig(**SMOLLM2)
     base._attn_implementation = "sdpa"
-    spec = json.loads(LR50_SPEC.read_text())["spec"]
     rows = []
     for batch in args.gen_batch:
         ids = torch.randint(3, base.vocab_size, (batch, args.gen_prompt), device="cuda",
                             generator=torch.Generator(device="cuda").manual_seed(0))
-        for name, compressed, mode, cache in (GENERATE_VARIANTS[v] for v in args.gen_variants):
+        for name, spec_of, mode, cache in (GENERATE_VARIANTS[v] for v in args.gen_variants):
             torch.manual_seed(0)
-            compression = spec if compressed else None
+            compression = spec_of(base.num_hidden_layers) if spec_of is not None else None
             if compression is None:
                 model = LlamaForCausalLM(base)
             else:

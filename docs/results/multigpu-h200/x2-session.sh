@@ -25,7 +25,11 @@ QUEUE1=${QUEUE1:-merged-heads-33 shared-attention lowrank-12 window-lowrank-12}
 MULTIGPU1=${MULTIGPU1:-z3-1gpu-tuned}
 MULTIGPU2=${MULTIGPU2:-z3-2gpu-tuned big-z3-2gpu}
 SAMPLER_ATTENTION=${SAMPLER_ATTENTION-matmul triton}
-DECODE_ARGS=${DECODE_ARGS:---gen-batch 32 --gen-prompt 16384 --gen-variants original original-static lr50-static --repeats 5}
+# B=32 at 16k (the issue's second end-to-end point); then window and MixAttention layouts at 4k and 32k, whose
+# window layers should decode in the same time at both.
+DECODE_ARGS=${DECODE_ARGS-"--gen-batch 32 --gen-prompt 16384 --gen-variants original original-static lr50-static \
+--repeats 5|--gen-batch 32 --gen-prompt 4096 --gen-variants window-static mixattention-static --repeats 3|\
+--gen-batch 32 --gen-prompt 32768 --gen-variants window-static mixattention-static original-static --repeats 3"}
 stamp() { echo "$(date +%T) $*"; }
 
 recovery() {  # gpu master_port recipes: one recovery pipeline on one GPU, its own port and log
@@ -53,12 +57,17 @@ multigpu() {  # gpu runs: issue 14's 1-GPU runs named, on one GPU (multigpu-h200
   [ -n "$2" ] && EXTRA= PHASE=1 ONLY="$2" ONE_GPU=$1 bash $R/multigpu-h200/run.sh
 }
 
-decode() {  # issue 12's missing rows, on GPU 0
-  [ -n "$DECODE_ARGS" ] && [ ! -f "$K/results/decode.json" ] || return 0
-  stamp "decode rows: $DECODE_ARGS"
-  read -r -a args <<< "$DECODE_ARGS"
-  CUDA_VISIBLE_DEVICES=0 python3 launch/benchmark_decode.py --part generate "${args[@]}" \
-    --json "$K/results/decode.json" > "$K/results/decode.log" 2>&1 || stamp "decode FAILED"
+decode() {  # issue 12's missing rows, on GPU 0: one launch/benchmark_decode.py run per "|"-separated argument set
+  local i=0 set
+  IFS='|' read -r -a sets <<< "$DECODE_ARGS"
+  for set in "${sets[@]}"; do
+    i=$((i + 1))
+    [ -f "$K/results/decode-$i.json" ] && continue
+    stamp "decode rows $i: $set"
+    read -r -a args <<< "$set"
+    CUDA_VISIBLE_DEVICES=0 python3 launch/benchmark_decode.py --part generate "${args[@]}" \
+      --json "$K/results/decode-$i.json" > "$K/results/decode-$i.log" 2>&1 || stamp "decode $i FAILED"
+  done
 }
 
 sampler() {  # the teacher sampler at 1,024 x 2,048 with each attention path, on GPU 1 (benchmarks/profile_sampler.py)
