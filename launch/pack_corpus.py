@@ -29,7 +29,7 @@ import lzma
 import sys
 from pathlib import Path
 
-DEFAULT_EXTENSIONS = (".rst", ".rst.txt", ".txt", ".md", ".pod")
+DEFAULT_EXTENSIONS = (".rst", ".txt", ".md", ".pod")  # ".txt" also takes Sphinx's "_sources/*.rst.txt"
 
 
 def parse_args(argv=None):

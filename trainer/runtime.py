@@ -211,7 +211,6 @@ def compile_in_place(model: torch.nn.Module, scope: str, engine: Any = None, **o
     layers = decoder_layers(model)
     import torch._dynamo.config as dynamo_config
 
-    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-    setattr(dynamo_config, name, max(getattr(dynamo_config, name), 2 * len(layers) + 8))
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 2 * len(layers) + 8)
     for layer in layers:
         layer.compile(**options)
