@@ -199,11 +199,10 @@ def compile_in_place(model: torch.nn.Module, scope: str, engine: Any = None, **o
     scope "model": the whole forward (through `engine.compile()` when a DeepSpeed engine wraps the model).
     scope "layers": each decoder layer. The layers run one code object, so dynamo compiles it for the first layer
     and the next ones reuse the graph while their guards hold; a layer of another kind (window, latent rank, KV
-    reader) or parameter shape adds a graph (on the CPU: a stock 30-layer Llama, 1 graph and 5.5 s to compile
-    against 60 s for the whole model; a kvforge model of 10 latent ranks, one graph per rank and mode). Those may
-    number more than dynamo's default recompile limit (8), past which it would run the remaining layers eagerly
-    without saying so, so the limit is raised to cover one graph per layer and mode (train, eval). `options` go
-    to torch.compile (tests: backend="eager").
+    reader) or parameter shape adds a graph (a stock 30-layer Llama: 1 graph; a kvforge model of 10 latent ranks:
+    one graph per rank and mode). Those may number more than dynamo's default recompile limit (8), past which it
+    would run the remaining layers eagerly without saying so, so the limit is raised to cover one graph per layer
+    and mode (train, eval). `options` go to torch.compile (tests: backend="eager").
     """
     if scope == "model":
         (engine if engine is not None else model).compile(**options)
