@@ -1,11 +1,12 @@
 #!/bin/bash
 # One session on a 2-H200 host (nvidia-h200-x2) as one background pipeline, both GPUs busy throughout, the most
 # needed runs first (whatever the device time leaves undone is what comes last). The order since session 9:
-#   B: issue 14's 2-GPU runs (MULTIGPU2: ZeRO-3 with the tuned persistence threshold, and the 1B-shaped model whose
-#      export failed in session 8), then compare.py (tables; each export against the trained model);
-#   A: first lowrank-25 with real documentation in its mix (issue 10's next lever), then the recovery recipes still
-#      without a row (issues 10 and 11), in two queues, one per GPU (QUEUE0; QUEUE1 after issue 14's 1-GPU runs,
-#      MULTIGPU1, on GPU 1);
+#   B: issue 14's 2-GPU runs (MULTIGPU2: ZeRO-3 with the tuned persistence threshold; the 1B-shaped model's rerun,
+#      big-z3-2gpu, only for its export, is left out by default), then compare.py (tables; each export against
+#      the trained model);
+#   A: first lowrank-25 with real documentation in its mix (issue 10's next lever) on GPU 0, and on GPU 1, after
+#      issue 14's 1-GPU run (MULTIGPU1), the same recipe for 1,500 steps (does prose keep improving with tokens?);
+#      then the recovery recipes still without a row (issues 10 and 11), in two queues, one per GPU (QUEUE0, QUEUE1);
 #   C: issue 12's decode rows at B=32, S=16k (DECODE_ARGS) on GPU 0; on GPU 1 meanwhile the teacher sampler's
 #      speed with each attention path (SAMPLER_ATTENTION: the Triton decode kernel was never run on a GPU).
 # Session 7's order put the multi-GPU runs last and lost them; session 8's ran them first and finished them. Recipe
@@ -20,10 +21,10 @@ set -u
 K=${K:-$HOME/kvgpu}
 R=docs/results
 FIRST0=${FIRST0:-}
-QUEUE0=${QUEUE0:-lowrank-25-corpus partial-rope-25 lowrank-50 mixattention-ma}
-QUEUE1=${QUEUE1:-merged-heads-33 shared-attention lowrank-12 window-lowrank-12}
+QUEUE0=${QUEUE0:-lowrank-25-corpus partial-rope-25 lowrank-50 mixattention-ma shared-attention}
+QUEUE1=${QUEUE1:-lowrank-25-corpus-long merged-heads-33 lowrank-12 window-lowrank-12}
 MULTIGPU1=${MULTIGPU1:-z3-1gpu-tuned}
-MULTIGPU2=${MULTIGPU2:-z3-2gpu-tuned big-z3-2gpu}
+MULTIGPU2=${MULTIGPU2:-z3-2gpu-tuned}
 SAMPLER_ATTENTION=${SAMPLER_ATTENTION-matmul triton}
 # B=32 at 16k (the issue's second end-to-end point); then window and MixAttention layouts at 4k and 32k, whose
 # window layers should decode in the same time at both.
