@@ -179,10 +179,7 @@ class _FileSource(_Source):
         return path.name if path == self.root else path.relative_to(self.root).as_posix()
 
     def fingerprint(self) -> dict[str, Any]:
-        listing = []
-        for path in self.files:
-            st = path.stat()
-            listing.append((self._relative(path), st.st_size, st.st_mtime_ns))
+        listing = [(self._relative(path), path.stat().st_size, content_digest(path)) for path in self.files]
         return {"kind": "files", "root": str(self.root.resolve()), "text_field": self.text_field,
                 "files": _digest(listing)}
 
@@ -272,6 +269,7 @@ class _StdlibSource(_Source):
         return sorted(modules)
 
     def fingerprint(self) -> dict[str, Any]:
+        # Sizes and mtimes: an installed standard library keeps its package's mtimes until it is upgraded.
         listing = [(name, p.stat().st_size, p.stat().st_mtime_ns) for name, p in self.modules]
         return {"kind": "stdlib-docstrings", "python": sys.version, "stdlib": str(self.stdlib),
                 "files": _digest(listing)}
@@ -418,6 +416,27 @@ def _check_text(text: Any, where: str, text_field: str) -> str:
 
 def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+_FULL_DIGEST_BYTES = 2 << 30
+_DIGEST_SAMPLES, _DIGEST_SAMPLE_BYTES = 64, 1 << 20
+
+
+def content_digest(path: Path) -> str:
+    """sha256 of a file's bytes, for cache keys: a copy, or a file reassembled from parts, is the same data, where an
+    mtime would call it new (the GPU machine rebuilds the GGUF each session, so mtime-keyed teacher samples carried
+    between sessions never matched). Files over 2 GiB: their size and 1 MiB at 64 evenly spaced offsets, head and
+    tail included (a 140 GB checkpoint is keyed in well under a second; a rewrite that changes none of those bytes
+    would be missed, and no real finetune does that)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size <= _FULL_DIGEST_BYTES:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+        h = hashlib.sha256(str(size).encode())
+        for i in range(_DIGEST_SAMPLES):
+            f.seek((size - _DIGEST_SAMPLE_BYTES) * i // (_DIGEST_SAMPLES - 1))
+            h.update(f.read(_DIGEST_SAMPLE_BYTES))
+        return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -773,7 +792,8 @@ TEACHER_SAMPLES_VERSION = 2  # 2: batches grouped by prompt length; the static e
 def teacher_identity(model_cfg: Any, run_seed: int) -> dict[str, Any]:
     """What decides the teacher's weights, without loading it: the config tree's `model` section (name, GGUF
     file, init, overrides, dtype), the run seed for a random init (train.py seeds the teacher with it), and for
-    a local directory or file the sizes and mtimes of its files, so a checkpoint rewritten in place is new."""
+    a local directory or file the sizes and content digests of its files, so a checkpoint rewritten in place is new
+    and a copy of the same one is not."""
     fields = ("name", "gguf_file", "init", "config", "dtype")
     identity = {f: (dict(getattr(model_cfg, f)) if f == "config" else getattr(model_cfg, f, None)) for f in fields}
     if identity["init"] == "random":
@@ -782,7 +802,7 @@ def teacher_identity(model_cfg: Any, run_seed: int) -> dict[str, Any]:
     if path.exists():
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
         identity["files"] = _digest([(p.name if p == path else p.relative_to(path).as_posix(), p.stat().st_size,
-                                      p.stat().st_mtime_ns) for p in files])
+                                      content_digest(p)) for p in files])
     return identity
 
 

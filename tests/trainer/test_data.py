@@ -211,7 +211,7 @@ def test_nonexistent_path_is_named(tmp_path):
 # Bad data
 
 
-def test_pack_corpus_makes_one_document_per_file_that_the_data_layer_reads(tmp_path):
+def test_pack_corpus_makes_one_document_per_file_that_the_data_layer_reads(tmp_path, capsys):
     """launch/pack_corpus.py: files by extension, .gz decompressed, short, non-UTF-8 and repeated texts left out; the
     .xz output, decompressed, is a jsonl source like any other."""
     import gzip
@@ -239,6 +239,28 @@ def test_pack_corpus_makes_one_document_per_file_that_the_data_layer_reads(tmp_p
     assert [d.text[:2] for d in data.load_documents(str(tmp_path / "corpus.jsonl"))] == ["A ", "B "]
     with pytest.raises(SystemExit, match="does not exist"):
         pack.main([str(tmp_path / "nope"), "--out", str(out)])
+
+    # A dictd dictionary (.dict.dz: gzip) cut at blank lines, without the paragraphs that quote the held-out text.
+    held_out = tmp_path / "fortunes"
+    held_out.mkdir()
+    quote = "Cynic, n. A blackguard whose faulty vision sees things as they are, not as they ought to be."
+    (held_out / "definitions").write_text(f"%\n{quote.upper()}\n\t-- Ambrose Bierce\n%\n")
+    entries = [(f"Word{i} n. An entry of the dictionary, number {i}, with a definition. " * 4).strip() for i in range(30)]
+    entries[7] = "Cynic \\Cyn\"ic\\, n.\n   " + quote.replace(" as they", "\n   as they")  # rewrapped, same words
+    dictionaries = tmp_path / "dictd"
+    dictionaries.mkdir()
+    (dictionaries / "devil.dict.dz").write_bytes(gzip.compress("\n\n".join(entries).encode()))
+    out = tmp_path / "prose.jsonl"
+    assert pack.main([str(dictionaries), "--out", str(out), "--extensions", ".dict", "--split-chars", "2000",
+                      "--exclude-overlap", str(held_out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    text = "\n\n".join(r["text"] for r in rows)
+    assert len(rows) > 1 and all(len(r["text"]) <= 2000 + 400 for r in rows)
+    assert [r["source"] for r in rows][:2] == ["dictd/devil.dict.dz#0", "dictd/devil.dict.dz#1"]
+    assert "Cynic" not in text and all(e in text for i, e in enumerate(entries) if i != 7)
+    with pytest.raises(SystemExit):
+        pack.main([str(dictionaries), "--out", str(out), "--overlap-words", "0"])
+    assert "--overlap-words must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_jsonl_row_without_text_field_names_file_and_line(tmp_path):
@@ -409,6 +431,35 @@ def test_cache_hit_skips_tokenizing_and_a_changed_file_invalidates_it(tmp_path, 
     assert len(calls) == 6 and third.stats["cache_hit"] is False
     assert third.stats["train_tokens"] + third.stats["eval_tokens"] > first.stats["train_tokens"] + \
         first.stats["eval_tokens"]
+    # Keyed by content: the same bytes written again (a new mtime, as a copy or a file rebuilt from parts has) hit
+    # the cache; a same-size edit does not.
+    text = (corpus / "doc03.txt").read_text()
+    (corpus / "doc03.txt").write_text(text)
+    os.utime(corpus / "doc03.txt", ns=(1, 1))
+    assert data.build_packed_datasets(cfg, tokenizer, EOS).stats["cache_hit"] is True and len(calls) == 6
+    (corpus / "doc03.txt").write_text(text.replace("appended", "APPENDED"))
+    assert data.build_packed_datasets(cfg, tokenizer, EOS).stats["cache_hit"] is False
+
+
+def test_content_digest_samples_files_over_its_limit(tmp_path, monkeypatch):
+    """Above _FULL_DIGEST_BYTES a file is keyed by its size and evenly spaced samples (head and tail included):
+    a change in a sampled range or in the size is seen."""
+    path = tmp_path / "weights.bin"
+    path.write_bytes(bytes(range(256)) * 64)  # 16 KiB
+    full = data.content_digest(path)
+    monkeypatch.setattr(data, "_FULL_DIGEST_BYTES", 1024)
+    monkeypatch.setattr(data, "_DIGEST_SAMPLE_BYTES", 16)
+    sampled = data.content_digest(path)
+    assert sampled != full and sampled == data.content_digest(path)
+    for offset in (0, len(path.read_bytes()) - 1):  # the first and the last byte are in the samples
+        changed = bytearray(path.read_bytes())
+        changed[offset] ^= 0xFF
+        path.write_bytes(bytes(changed))
+        assert data.content_digest(path) != sampled
+        changed[offset] ^= 0xFF
+        path.write_bytes(bytes(changed))
+    path.write_bytes(path.read_bytes() + b"x")
+    assert data.content_digest(path) != sampled
 
 
 def test_cache_dir_from_environment_and_damaged_file_rebuilt(tmp_path, tokenizer, monkeypatch, caplog):
