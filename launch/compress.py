@@ -264,9 +264,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             model, tokenizer, separator, model_key=model_key, source=source, tokens=tokens, seq_len=seq_len,
             attention_rows=settings.attention_rows if settings.needs_attention_maps() else 0,
             attention_metric=settings.attention_metric, batch_size=settings.calibration_batch_size, folder=folder)
-    started = time.perf_counter()
     result = compress(model, spec, None, settings=settings, statistics=stats)
-    surgery_seconds = time.perf_counter() - started
     compressed = result.model
 
     after = perplexity(compressed, rows, args.eval_batch_size) if rows is not None else None
@@ -298,7 +296,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"({after['perplexity'] / before['perplexity'] - 1:+.1%})")
     report = {
         "model": args.model, "spec_argument": args.spec, "section": section, "spec": result.spec.to_dict(),
-        "surgery_seconds": round(surgery_seconds, 1), "layers": result.report["layers"],
+        "surgery_seconds": result.report["seconds"], "layers": result.report["layers"],
         "kv": {"dtype": args.measure_dtype, "tokens": measured["tokens"], "measured": measured,
                "spec_bytes_per_token": sum(spec_per_layer), "long_context_bytes_per_token": long_rate,
                "original": original["measured"], "original_arithmetic_bytes_per_token": original["arithmetic_bytes_per_token"],

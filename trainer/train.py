@@ -217,8 +217,9 @@ def compress_for_training(cfg: Config, run_dir: Path, rank: int, log=print) -> P
                                      tokens=spec.calibration.tokens, seq_len=spec.calibration.seq_len,
                                      cache_dir=cfg.data.cache_dir)
         log(f"compression: {rows.numel():,} calibration tokens ready")
-        model = compress(base, spec, rows, settings=cfg.compression.surgery).model
-        log("compression: surgery done")
+        result = compress(base, spec, rows, settings=cfg.compression.surgery)
+        model = result.model
+        log(f"compression: surgery done (seconds: {result.report['seconds']})")
         new = changed_parameters(base, model)
         with atomic.directory(out) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)

@@ -4,6 +4,9 @@ layer by layer, build and load. The `compression:` section is parsed by compress
 
 from __future__ import annotations
 
+import contextlib
+import os
+import time
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Optional
 
@@ -166,6 +169,8 @@ def compress(
 
     settings = settings if isinstance(settings, SurgerySettings) else SurgerySettings.from_dict(settings)
     settings.validate()
+    seconds: dict[str, float] = {}
+    started = time.perf_counter()
     geometry = Geometry.of(model.config)
     spec = spec if isinstance(spec, CompressionSpec) else CompressionSpec.from_dict(dict(spec))
     geometry.check_spec(spec)
@@ -180,28 +185,34 @@ def compress(
             attention_rows=min(settings.attention_rows, calibration_rows.shape[0]) if settings.needs_attention_maps() else 0,
             attention_metric=settings.attention_metric, show_progress=settings.show_progress,
             device=settings.resolved_calibration_device())
+        seconds["statistics"] = time.perf_counter() - started
     if statistics is not None and (statistics.num_layers != geometry.num_layers or statistics.hidden_size != geometry.hidden_size):
         raise SurgeryError(f"the calibration statistics are of a model with {statistics.num_layers} layers of width "
                            f"{statistics.hidden_size}, this one has {geometry.num_layers} of {geometry.hidden_size}")
 
-    # ---- step 1: resolve data-dependent choices
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    rope_inv_freq = _rope_inv_freq(model)
-    if settings.shared_attention is not None:
-        spec = shared_attention.choose_shared_attention(spec, statistics, geometry, settings)
-        geometry.check_spec(spec)
-    config = KVForgeConfig.from_base_config(model.config, spec)
-    expected = _expected_state(config)
-    if settings.rank_allocation != "as_given":
-        attn = kv_sharing.effective_attention(state, spec, settings)
-        problems = low_rank.low_rank_problems(spec, statistics, attn, geometry, settings, expected, rope_inv_freq)
-        spec = rank_allocation.resolve_ranks(spec, problems, geometry, settings)
-        geometry.check_spec(spec)
+    with _bounded_threads():
+        # ---- step 1: resolve data-dependent choices
+        state = {k: v.detach() for k, v in model.state_dict().items()}
+        rope_inv_freq = _rope_inv_freq(model)
+        if settings.shared_attention is not None:
+            spec = shared_attention.choose_shared_attention(spec, statistics, geometry, settings)
+            geometry.check_spec(spec)
         config = KVForgeConfig.from_base_config(model.config, spec)
         expected = _expected_state(config)
+        mark = time.perf_counter()
+        if settings.rank_allocation != "as_given":
+            attn = kv_sharing.effective_attention(state, spec, settings)
+            problems = low_rank.low_rank_problems(spec, statistics, attn, geometry, settings, expected, rope_inv_freq)
+            spec = rank_allocation.resolve_ranks(spec, problems, geometry, settings)
+            geometry.check_spec(spec)
+            config = KVForgeConfig.from_base_config(model.config, spec)
+            expected = _expected_state(config)
+        seconds["rank_allocation"] = time.perf_counter() - mark
 
-    # ---- step 2: transform the state dict
-    new_state, report = transform_state_dict(state, spec, geometry, statistics, settings, expected, rope_inv_freq)
+        # ---- step 2: transform the state dict
+        mark = time.perf_counter()
+        new_state, report = transform_state_dict(state, spec, geometry, statistics, settings, expected, rope_inv_freq)
+        seconds["transform"] = time.perf_counter() - mark
 
     # ---- step 3: build the module and load, asserting keys and shapes
     dtype = next(model.parameters()).dtype
@@ -219,5 +230,23 @@ def compress(
         original_kv_bytes_per_token=original_kv_bytes_per_token(geometry, settings.cache_dtype),
         cache_dtype=settings.cache_dtype, context_tokens=settings.context_tokens,
         settings=asdict(settings),
+        seconds={k: round(v, 2) for k, v in (seconds | {"total": time.perf_counter() - started}).items()},
     )
     return SurgeryResult(compressed, spec, report, statistics)
+
+
+# Surgery's linear algebra is many float64 factorisations of hidden-size matrices (576 x 576 for SmolLM2), each
+# too small to gain from dozens of threads. With one thread per core of the 32-core GPU host it took 48 s where this
+# 2-core machine takes ~1 s, and 190 s with two surgeries at once (docs/results/recovery-h200/README.md,
+# session 9): every parallel region waits for its slowest thread, and one core busy elsewhere stalls them all.
+SURGERY_THREADS = 8
+
+
+@contextlib.contextmanager
+def _bounded_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(before, SURGERY_THREADS, (os.cpu_count() or 2) // 2)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
