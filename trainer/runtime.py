@@ -199,10 +199,12 @@ def compile_in_place(model: torch.nn.Module, scope: str, engine: Any = None, **o
     scope "model": the whole forward (through `engine.compile()` when a DeepSpeed engine wraps the model).
     scope "layers": each decoder layer. The layers run one code object, so dynamo compiles it for the first layer
     and the next ones reuse the graph while their guards hold; a layer of another kind (window, latent rank, KV
-    reader) or parameter shape adds a graph (a stock 30-layer Llama: 1 graph; a kvforge model of 10 latent ranks:
-    one graph per rank and mode). Those may number more than dynamo's default recompile limit (8), past which it
-    would run the remaining layers eagerly without saying so, so the limit is raised to cover one graph per layer
-    and mode (train, eval). `options` go to torch.compile (tests: backend="eager").
+    reader) adds a graph (a stock 30-layer Llama: 1 graph). Latent ranks, which greedy allocation makes different in
+    nearly every layer, do not: parameter shapes are left dynamic, so the second rank seen makes the rank symbolic
+    and every later layer reuses that graph (with static parameter shapes, lowrank-50's 30 ranks compiled ~170 s
+    before its first steps on the H200, session 9). The graphs may still number more than dynamo's default
+    recompile limit (8), past which it would run the remaining layers eagerly without saying so, so the limit is
+    raised to cover one graph per layer and mode (train, eval). `options` go to torch.compile (tests: backend="eager").
     """
     if scope == "model":
         (engine if engine is not None else model).compile(**options)
@@ -211,5 +213,9 @@ def compile_in_place(model: torch.nn.Module, scope: str, engine: Any = None, **o
     import torch._dynamo.config as dynamo_config
 
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 2 * len(layers) + 8)
+    # Process-wide (dynamo reads them when it first traces, after this returns); nn.Linear weights are governed by
+    # the second flag, other parameters by the first.
+    dynamo_config.force_parameter_static_shapes = False
+    dynamo_config.force_nn_module_property_static_shapes = False
     for layer in layers:
         layer.compile(**options)

@@ -214,19 +214,31 @@ def test_layers_compiled_one_at_a_time_compile_once_not_per_forward():
 
     from kvforge.trainer.runtime import compile_in_place
 
+    import torch._dynamo.config as dynamo_config
+
     mixed = [PRE, WINDOW, {"kv_from": 0}, {"probs_from": 0}, MERGED, PARTIAL, {**WINDOW, **PARTIAL}]
-    model = build(mixed).train()
+    ranked = [{**PRE, "k_rank": 4 + i, "v_rank": 6 + i} for i in range(10)]  # greedy allocation's many ranks
     ids = torch.randint(0, 100, (2, 16))
-    expected = model(input_ids=ids, use_cache=False).logits
-    torch._dynamo.reset()
-    counters.clear()
-    compile_in_place(model, "layers", backend="eager")
-    graphs = []
-    for _ in range(3):
-        torch.testing.assert_close(model(input_ids=ids, use_cache=False).logits, expected)
-        graphs.append(counters["stats"]["unique_graphs"])
-    assert graphs[0] > 0 and graphs[1] == graphs[2] == graphs[0], graphs
-    torch._dynamo.reset()
+    with dynamo_config.patch(force_parameter_static_shapes=True, force_nn_module_property_static_shapes=True):
+        for layers in (mixed, ranked):
+            model = build(layers).train()
+            expected = model(input_ids=ids, use_cache=False).logits
+            torch._dynamo.reset()
+            counters.clear()
+            compile_in_place(model, "layers", backend="eager")
+            graphs = []
+            for _ in range(3):
+                logits = model(input_ids=ids, use_cache=False).logits
+                torch.testing.assert_close(logits, expected)
+                graphs.append(counters["stats"]["unique_graphs"])
+            assert graphs[0] > 0 and graphs[1] == graphs[2] == graphs[0], graphs
+            if layers is ranked:
+                # One graph for the first layer (it makes the step's SDPA mask), one with a symbolic rank for the
+                # nine others: not one per rank.
+                assert graphs[0] == 2, graphs
+                logits.sum().backward()
+                assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+            torch._dynamo.reset()
 
 
 def test_padding_or_a_cache_keeps_the_full_mask():
