@@ -16,13 +16,17 @@ CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_validates(path, tmp_path, monkeypatch):
-    # A recipe that trains on a packed corpus names it by $KVFORGE_CORPUS (lowrank-25-corpus.yaml); the path must
-    # exist for the config to validate.
-    corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text('{"text": "a document"}\n')
-    monkeypatch.setenv("KVFORGE_CORPUS", str(corpus))
+    # A recipe that trains on a packed corpus names it by $KVFORGE_CORPUS / $KVFORGE_PROSE (lowrank-25-corpus.yaml,
+    # lowrank-25-prose.yaml); the paths must exist for the config to validate.
+    corpora = {}
+    for variable in ("KVFORGE_CORPUS", "KVFORGE_PROSE"):
+        corpora[variable] = tmp_path / f"{variable}.jsonl"
+        corpora[variable].write_text('{"text": "a document"}\n')
+        monkeypatch.setenv(variable, str(corpora[variable]))
     cfg = load_config(path)
-    assert str(corpus) in json.dumps(to_dict(cfg)) or path.name != "lowrank-25-corpus.yaml"
+    resolved = json.dumps(to_dict(cfg))
+    assert str(corpora["KVFORGE_CORPUS"]) in resolved or path.name != "lowrank-25-corpus.yaml"
+    assert str(corpora["KVFORGE_PROSE"]) in resolved or path.name != "lowrank-25-prose.yaml"
     ds = resolve_deepspeed(cfg, world_size=2)
     assert "auto" not in json.dumps(ds)
 
