@@ -35,6 +35,7 @@ File, the Debian Reference), decontaminated against the held-out fortunes:
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import hashlib
 import json
@@ -178,7 +179,8 @@ def main(argv=None) -> int:
     counts = {"documents": 0, "chars": 0, "not_utf8": 0, "too_short": 0, "duplicates": 0, "overlapping_paragraphs": 0}
     held_out = held_out_runs(args.exclude_overlap, args.overlap_words) if args.exclude_overlap else frozenset()
     partial = out.with_name(out.name + ".partial")  # renamed when complete: an interrupted run leaves no corpus
-    opener = lzma.open if out.name.endswith(".xz") else open
+    # xz at preset 9e: ~2% smaller than the default 6, which counts when a call carries at most 64 MiB.
+    opener = functools.partial(lzma.open, preset=9 | lzma.PRESET_EXTREME) if out.name.endswith(".xz") else open
     with opener(partial, "wt", encoding="utf-8") as sink:
         for source, text in documents(args.inputs, extensions, args.min_chars, counts, args.split_chars, held_out,
                                       args.overlap_words, args.fallback_encoding):
