@@ -100,13 +100,17 @@ def word_runs(text: str, n: int) -> set[int]:
     return {hash(tuple(words[i:i + n])) for i in range(len(words) - n + 1)}
 
 
+def files_under(root: Path, what: str) -> list[Path]:
+    """`root` itself when it is a file, else every file under it in sorted order; `what`: the missing path's error."""
+    if not root.exists():
+        raise SystemExit(f"pack_corpus: {what} {root} does not exist")
+    return [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+
+
 def held_out_runs(paths: list[Path], n: int) -> set[int]:
     runs: set[int] = set()
     for root in paths:
-        root = root.expanduser()
-        if not root.exists():
-            raise SystemExit(f"pack_corpus: --exclude-overlap {root} does not exist (expected held-out text)")
-        for path in [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()):
+        for path in files_under(root.expanduser(), "--exclude-overlap (held-out text)"):
             runs |= word_runs(path.read_bytes().decode("utf-8", errors="replace"), n)
     return runs
 
@@ -142,10 +146,7 @@ def documents(inputs: list[Path], extensions: tuple[str, ...], min_chars: int, c
     seen = set()
     for root in inputs:
         root = root.expanduser()
-        if not root.exists():
-            raise SystemExit(f"pack_corpus: {root} does not exist (expected a folder or a file of documentation)")
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-        for path in files:
+        for path in files_under(root, "input (a folder or a file of documentation)"):
             if not matches(path, extensions):
                 continue
             text = read_text(path, fallback_encoding)

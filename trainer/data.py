@@ -168,26 +168,22 @@ class _FileSource(_Source):
                     if name.startswith("."):
                         continue
                     (self.files if name.lower().endswith(SUPPORTED_SUFFIXES) else self.ignored).append(path)
-            self.files.sort(key=self._relative)
+            self.files.sort(key=lambda path: relative_name(self.root, path))
             if not self.files:
                 raise DataError(
                     f"folder {root} contains no {'/'.join(SUPPORTED_SUFFIXES)} files"
                     f" ({len(self.ignored)} other files ignored)"
                 )
 
-    def _relative(self, path: Path) -> str:
-        return path.name if path == self.root else path.relative_to(self.root).as_posix()
-
     def fingerprint(self) -> dict[str, Any]:
-        listing = [(self._relative(path), path.stat().st_size, content_digest(path)) for path in self.files]
         return {"kind": "files", "root": str(self.root.resolve()), "text_field": self.text_field,
-                "files": _digest(listing)}
+                "files": files_digest(self.root, self.files)}
 
     def documents(self, counts: Counter) -> Iterator[Document]:
         if self.ignored:
             counts["ignored_files"] += len(self.ignored)
         for path in self.files:
-            rel = self._relative(path)
+            rel = relative_name(self.root, path)
             suffix = path.suffix.lower()
             if suffix in TEXT_SUFFIXES:
                 yield Document(rel, _read_text(path, counts))
@@ -437,6 +433,17 @@ def content_digest(path: Path) -> str:
             f.seek((size - _DIGEST_SAMPLE_BYTES) * i // (_DIGEST_SAMPLES - 1))
             h.update(f.read(_DIGEST_SAMPLE_BYTES))
         return h.hexdigest()
+
+
+def relative_name(root: Path, path: Path) -> str:
+    """`path`'s name under the folder `root`, or its file name when `root` is the file itself."""
+    return path.name if path == root else path.relative_to(root).as_posix()
+
+
+def files_digest(root: Path, files: list[Path]) -> str:
+    """One digest of `files` (under the folder `root`, or `root` itself): each one's name under root, size and
+    content digest, so a copy of the same files has the same digest and a file edited in place a new one."""
+    return _digest([(relative_name(root, p), p.stat().st_size, content_digest(p)) for p in files])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -801,8 +808,7 @@ def teacher_identity(model_cfg: Any, run_seed: int) -> dict[str, Any]:
     path = Path(str(identity["name"])).expanduser()
     if path.exists():
         files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-        identity["files"] = _digest([(p.name if p == path else p.relative_to(path).as_posix(), p.stat().st_size,
-                                      content_digest(p)) for p in files])
+        identity["files"] = files_digest(path, files)
     return identity
 
 
