@@ -271,9 +271,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     measured = measured_in(measure_dtype, measure_generate_kv_bytes, compressed, prompt, max_new_tokens=4)
 
     # ---- report
-    spec_per_layer = [layer.kv_cache_elements_per_token(geometry.num_kv_heads, geometry.head_dim)
-                      * layer.kv_cache_slots(measured["tokens"]) / measured["tokens"] * torch.empty((), dtype=measure_dtype).element_size()
-                      for layer in result.spec.layers]
+    spec_per_layer = [layer.kv_cache_bytes_per_slot(geometry.num_kv_heads, geometry.head_dim, measure_dtype)
+                      * layer.kv_cache_slots(measured["tokens"]) / measured["tokens"] for layer in result.spec.layers]
     print(f"\n{'layer':>5}  {'spec':<58} {'measured B/tok':>14} {'spec B/tok':>11} {'original':>9}")
     for i, layer in enumerate(result.spec.layers):
         entry = result.report["layers"][i]

@@ -19,6 +19,9 @@ same record:
                                                                   MLA; cache: joint latent + rope_dims
                                                                   rotary key dims, once)
       probs_from: None | j < i            reuses layer j's attention probabilities: no q, no k; own V only
+      cache_bits: None | 8                None: cached in the model's dtype; 8: each cached tensor held as int8
+                                          with one absmax scale per token (in the model's dtype), rounded the
+                                          same way in training (straight-through) and in the cache
 
 Sharing never chains: kv_from / probs_from must name the layer that computes the shared thing itself
 (its "producer"), so every consumer reads a tensor computed in the same forward step, and a reader of the
@@ -46,6 +49,7 @@ logger = logging.get_logger(__name__)
 ATTENTION_TYPES = ("global", "window")
 KV_PROJ_TYPES = ("dense", "low_rank", "merged_heads")
 ROPE_LAYOUTS = ("pre_rope_latent", "partial")
+CACHE_BITS = (8,)  # besides None (the model's dtype)
 SUPPORTED_BASE_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
@@ -150,6 +154,7 @@ class LayerSpec:
     rope_shared: bool = False
     num_kv_heads: int | None = None
     probs_from: int | None = None
+    cache_bits: int | None = None
 
     # ---- roles -------------------------------------------------------------------------------------
     @property
@@ -246,6 +251,16 @@ class LayerSpec:
                     + (" (a layer cannot read itself)" if source == layer_idx else "")
                 )
 
+        if self.cache_bits is not None:
+            if isinstance(self.cache_bits, bool) or self.cache_bits not in CACHE_BITS:
+                raise CompressionSpecError(
+                    f"{at}.cache_bits={self.cache_bits!r} is not supported: allowed null (cached in the model's dtype) "
+                    f"or {', '.join(map(str, CACHE_BITS))} (int8 values with one scale per token)")
+            if self.kv_from is not None:
+                raise CompressionSpecError(
+                    f"{at}.cache_bits={self.cache_bits!r} has no effect: a kv_from layer caches nothing and reads layer "
+                    f"{self.kv_from}'s cache as it is stored; set cache_bits on layer {self.kv_from}")
+
         # Fields each kv_proj may use; anything else set is a mistake the user should hear about.
         if self.kv_from is not None:
             if self.kv_proj != "dense":
@@ -338,9 +353,23 @@ class LayerSpec:
 
     # ---- arithmetic --------------------------------------------------------------------------------
     def kv_cache_elements_per_token(self, num_kv_heads: int, head_dim: int) -> int:
-        """Elements one cached token (one slot) of this layer takes, per sequence."""
+        """Elements one cached token (one slot) of this layer takes, per sequence (scales not included)."""
         heads = self.num_kv_heads if self.kv_proj == "merged_heads" else num_kv_heads
         return sum(tensor.elements(self, heads, head_dim) for tensor in self.cached_tensors.values())
+
+    def cache_value_bytes(self, dtype) -> float:
+        """Bytes one cached element takes: cache_bits / 8, else the model dtype's size."""
+        return self.cache_bits / 8 if self.cache_bits is not None else dtype_num_bytes(dtype)
+
+    def kv_cache_scale_bytes_per_token(self, dtype) -> int:
+        """Bytes of the per-token scales of a low-bit cache: one scale in `dtype` per cached tensor and slot."""
+        return len(self.cached_tensors) * dtype_num_bytes(dtype) if self.cache_bits is not None else 0
+
+    def kv_cache_bytes_per_slot(self, num_kv_heads: int, head_dim: int, dtype) -> int:
+        """Bytes one cached token (one slot) of this layer takes, per sequence: its elements at cache_value_bytes,
+        plus the scales of a low-bit cache."""
+        values = self.kv_cache_elements_per_token(num_kv_heads, head_dim) * self.cache_value_bytes(dtype)
+        return int(values) + self.kv_cache_scale_bytes_per_token(dtype)
 
     def kv_cache_slots(self, num_tokens: int) -> int:
         """Cache slots this layer holds for a sequence of num_tokens tokens."""
@@ -494,21 +523,18 @@ class CompressionSpec:
         """Bytes the cache holds for `batch_size` sequences of `num_tokens` tokens: global layers hold every
         token, window layers at most window + sinks, kv_from consumers nothing."""
         per_sequence = sum(
-            layer.kv_cache_elements_per_token(num_kv_heads, head_dim) * layer.kv_cache_slots(num_tokens)
+            layer.kv_cache_bytes_per_slot(num_kv_heads, head_dim, dtype) * layer.kv_cache_slots(num_tokens)
             for layer in self.layers
         )
-        return per_sequence * dtype_num_bytes(dtype) * batch_size
+        return per_sequence * batch_size
 
     def kv_cache_bytes_per_token(self, *, num_kv_heads: int, head_dim: int, dtype,
                                  num_tokens: int | None = None) -> float:
         """Cache bytes per token of one sequence. With num_tokens=None, the long-sequence rate: only global
         layers grow with the sequence (window layers are a constant that amortizes away)."""
         if num_tokens is None:
-            per_token = sum(
-                layer.kv_cache_elements_per_token(num_kv_heads, head_dim)
-                for layer in self.layers if not layer.is_window
-            )
-            return float(per_token * dtype_num_bytes(dtype))
+            return float(sum(layer.kv_cache_bytes_per_slot(num_kv_heads, head_dim, dtype)
+                             for layer in self.layers if not layer.is_window))
         return self.kv_cache_bytes(num_tokens, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype) / num_tokens
 
 

@@ -455,9 +455,43 @@ def _write_slots(storage: torch.Tensor, slot_dim: int, plan: SlotPlan, new: torc
 # ================================================================================================
 
 
+# A low-bit cache (LayerSpec.cache_bits) stores each tensor's int8 values under its name and their scales under
+# name + SCALE_SUFFIX, with the same slot axis: ring writes, static decode, select_batch, crop and PyramidKV's
+# gathers move them like any cached tensor.
+SCALE_SUFFIX = "_scale"
+INT8_MAX = 127
+
+
 def cached_slot_dims(layer: LayerSpec) -> dict[str, int]:
-    """name -> slot (token) axis of each tensor a layer caches (configuration_kvforge.CACHED_TENSORS)."""
-    return {name: tensor.slot_dim for name, tensor in layer.cached_tensors.items()}
+    """name -> slot (token) axis of each tensor a layer stores (configuration_kvforge.CACHED_TENSORS; a low-bit
+    cache adds each tensor's scales)."""
+    dims = {name: tensor.slot_dim for name, tensor in layer.cached_tensors.items()}
+    if layer.cache_bits is not None:
+        dims.update({name + SCALE_SUFFIX: dim for name, dim in list(dims.items())})
+    return dims
+
+
+def quantize_slots(x: torch.Tensor, slot_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x -> (int8 values, scales in x's dtype): one absmax scale per row and slot over every other axis (a
+    latent's dims, or every head's dims), symmetric, rounded to nearest. Not differentiable (see fake_quantize)."""
+    reduce = [d for d in range(1, x.dim()) if d != slot_dim]
+    x = x.detach()
+    amax = x.float().abs().amax(dim=reduce, keepdim=True)
+    # The scale is rounded to x's dtype before dividing by it, so stored and recomputed values agree exactly;
+    # the clamp keeps an all-zero slot at 0 (not 0/0).
+    scale = (amax / INT8_MAX).clamp_min(torch.finfo(x.dtype).tiny).to(x.dtype)
+    values = torch.round(x.float() / scale.float()).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return values, scale
+
+
+def dequantize_slots(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (values.float() * scale.float()).to(scale.dtype)
+
+
+def fake_quantize(x: torch.Tensor, slot_dim: int) -> torch.Tensor:
+    """x rounded as a low-bit cache holds it, with the gradient of the identity (straight-through): the model
+    trains against the values it will be served, and its projections still learn."""
+    return x + (dequantize_slots(*quantize_slots(x, slot_dim)) - x).detach()
 
 
 class LayerStorage:
@@ -469,14 +503,26 @@ class LayerStorage:
     everything that reads slots goes through SlotPlan, so that is the only place it needs to change.
     """
 
-    def __init__(self, layout: SlotLayout, slot_dims: dict[str, int], pyramid: PyramidKV | None = None):
+    def __init__(self, layout: SlotLayout, layer: LayerSpec, pyramid: PyramidKV | None = None):
         self.layout = layout
-        self.slot_dims = slot_dims
+        self.slot_dims = cached_slot_dims(layer)
+        self.cache_bits = layer.cache_bits
         self.tensors: dict[str, torch.Tensor] = {}
         self.pyramid = pyramid  # the cache's PyramidKV, if any
 
     def update(self, plan: SlotPlan, new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Writes the new tokens' entries and returns every attendable slot (cached, then new)."""
+        """Writes the new tokens' entries and returns every attendable slot (cached, then new) as attention reads
+        it: a low-bit cache stores int8 values and scales, and returns them dequantized (the values that
+        `fake_quantize` gives the same tokens without a cache)."""
+        if self.cache_bits is None:
+            return self._write(plan, new)
+        packed = {}
+        for name, value in new.items():
+            packed[name], packed[name + SCALE_SUFFIX] = quantize_slots(value, self.slot_dims[name])
+        stored = self._write(plan, packed)
+        return {name: dequantize_slots(stored[name], stored[name + SCALE_SUFFIX]) for name in new}
+
+    def _write(self, plan: SlotPlan, new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         attendable = {}
         for name, value in new.items():
             slot_dim = self.slot_dims[name]
@@ -546,7 +592,7 @@ class KVForgeCache(Cache):
         for layer in spec.layers:
             if layer.layout not in self.layouts:
                 self.layouts[layer.layout] = SlotLayout(*layer.layout, max_cache_len=max_cache_len, static=static)
-            storages.append(LayerStorage(self.layouts[layer.layout], cached_slot_dims(layer), self.pyramid))
+            storages.append(LayerStorage(self.layouts[layer.layout], layer, self.pyramid))
         super().__init__(layers=storages)
         self.layer_specs = spec.layers
         self._seq_length = 0
@@ -1364,6 +1410,17 @@ class KVForgeAttention(nn.Module):
         return CACHE_REPRESENTATIONS[shared.representation].attend(shared, query, cos, sin, plan, self.scaling,
                                                                    need_probs, dropout, use_sdpa, handoff)
 
+    def _as_cached(self, entries: dict[str, torch.Tensor], plan: SlotPlan, storage: LayerStorage | None):
+        """The new tokens' cache entries as attention reads them: with a cache, every attendable slot (the storage
+        writes the new ones); without one (training, scoring), the new entries, rounded as a low-bit cache would
+        hold them."""
+        if storage is not None:
+            return storage.update(plan, entries)
+        if self.layer_spec.cache_bits is None:
+            return entries
+        slot_dims = cached_slot_dims(self.layer_spec)
+        return {name: fake_quantize(value, slot_dims[name]) for name, value in entries.items()}
+
     def forward(
         self,
         hidden_states: torch.Tensor,  # [B, T, E]
@@ -1381,9 +1438,7 @@ class KVForgeAttention(nn.Module):
 
         if layer.probs_from is not None:
             probs = handoff.probs[layer.probs_from]  # [B, H, T, S]
-            values = self.cache_representation.project(self, hidden_states, cos, sin)
-            if storage is not None:
-                values = storage.update(plan, values)
+            values = self._as_cached(self.cache_representation.project(self, hidden_states, cos, sin), plan, storage)
             kv_heads = self.num_kv_heads
             grouped = probs.view(batch, kv_heads, self.num_heads // kv_heads, length, -1)
             out, _ = self.cache_representation.attend_probs(self, grouped, values, dropout)
@@ -1393,9 +1448,8 @@ class KVForgeAttention(nn.Module):
             if layer.kv_from is not None:
                 shared = handoff.kv[layer.kv_from]
             else:
-                entries = self.cache_representation.project(self, hidden_states, cos, sin)
-                if storage is not None:
-                    entries = storage.update(plan, entries)
+                entries = self._as_cached(self.cache_representation.project(self, hidden_states, cos, sin), plan,
+                                          storage)
                 shared = SharedKV(self.cache_representation.name, entries, self)
                 if self.shares_kv:
                     handoff.kv[self.layer_idx] = shared

@@ -210,12 +210,17 @@ def sliding_window(num_layers: int, window: int = 1024, sinks: int = 0, global_e
 
 
 def low_rank(num_layers: int, num_kv_heads: int, head_dim: int, budget: float = 0.5,
-             rope: str = "pre_rope_latent", rope_dims: int = 16, rope_shared: bool = False) -> Any:
+             rope: str = "pre_rope_latent", rope_dims: int = 16, rope_shared: bool = False,
+             cache_bits: Optional[int] = None) -> Any:
     """Every layer low-rank at a uniform rank so the cache is `budget` (a fraction) of the dense one.
 
     pre_rope_latent: k_rank = v_rank = budget * n_kv * d. partial: n_kv * rope_dims rotary dims cached as
     they are, and a joint latent of rank budget * 2 n_kv d - n_kv rope_dims; with rope_shared, one rotary key of
     rope_dims for every head (DeepSeek MLA) and a joint latent of rank budget * 2 n_kv d - rope_dims.
+
+    cache_bits=8: the latents are cached in int8 with a 16-bit scale per token and tensor, so the same bytes of
+    a 16-bit dense cache hold twice the elements less the scales' (surgery's greedy budget then spends the
+    exact bytes of the model's cache dtype).
 
     Raises:
         PresetError: a budget outside (0, 1] or one too small for the rotary dims.
@@ -223,16 +228,21 @@ def low_rank(num_layers: int, num_kv_heads: int, head_dim: int, budget: float = 
     _check_depth(num_layers, 1, "low-rank")
     if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not 0 < budget <= 1:
         raise PresetError(f"preset 'low-rank': budget must be a fraction in (0, 1] of the dense cache, got {budget!r}")
+    if cache_bits not in (None, 8) or isinstance(cache_bits, bool):
+        raise PresetError(f"preset 'low-rank': cache_bits must be null (the model's dtype) or 8, got {cache_bits!r}")
     dense = 2 * num_kv_heads * head_dim
+    # Elements per layer the budget buys, in the units of a 16-bit cache: an 8-bit one holds two per 16 bits,
+    # less one 16-bit scale per cached tensor (two of them in either layout).
+    elements = math.floor(budget * dense) if cache_bits is None else 2 * math.floor(budget * dense) - 2 * 2
     if rope == "pre_rope_latent":
-        rank = max(1, math.floor(budget * dense / 2))
+        rank = max(1, elements // 2)
         layer = {"kv_proj": "low_rank", "rope": rope, "k_rank": rank, "v_rank": rank}
     elif rope == "partial":
         if not isinstance(rope_shared, bool):
             raise PresetError(f"preset 'low-rank': rope_shared must be true or false, got {rope_shared!r}")
-        kv_rank = math.floor(budget * dense) - (1 if rope_shared else num_kv_heads) * rope_dims
+        kv_rank = elements - (1 if rope_shared else num_kv_heads) * rope_dims
         if kv_rank < 1:
-            raise PresetError(f"preset 'low-rank': a budget of {budget} ({math.floor(budget * dense)} elements per layer) "
+            raise PresetError(f"preset 'low-rank': a budget of {budget} ({elements} elements per layer) "
                               f"leaves no room for a latent beside {num_kv_heads} x {rope_dims} rotary dims; "
                               "lower rope_dims or raise the budget")
         layer = {"kv_proj": "low_rank", "rope": rope, "rope_dims": rope_dims, "kv_rank": kv_rank}
@@ -240,6 +250,8 @@ def low_rank(num_layers: int, num_kv_heads: int, head_dim: int, budget: float = 
             layer["rope_shared"] = True
     else:
         raise PresetError(f"preset 'low-rank': rope must be 'pre_rope_latent' or 'partial', got {rope!r}")
+    if cache_bits is not None:
+        layer["cache_bits"] = cache_bits
     return _spec([{**global_layer(), **layer} for _ in range(num_layers)])
 
 

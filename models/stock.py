@@ -81,6 +81,8 @@ class Refusal:
 # Why a layer field value has no stock equivalent (the first failing field of a layer is reported).
 WHY = {
     "sinks": "no stock sliding-window class keeps a row's first tokens visible (StreamingLLM sinks)",
+    "cache_bits": "stock classes cache K/V in the model's dtype; an 8-bit cache's model was trained against "
+                  "int8-rounded cache values (export with --format kvforge)",
     "kv_from": "stock Llama/Qwen2 layers compute their own K/V (cross-layer KV sharing needs the kvforge class)",
     "probs_from": "no stock class reuses another layer's attention probabilities",
     "kv_proj": "a low-rank K/V cache has no stock Llama/Qwen2 equivalent (DeepSeek MLA caches one shared rotary "
@@ -369,6 +371,10 @@ def plan(config) -> tuple[Optional[StockMapping], Optional[Refusal]]:
     furthest: the latest layer, ties to the more general mapping)."""
     if getattr(config, "model_type", None) != "kvforge":
         return None, None
+    # No stock class holds a low-bit cache, whatever else the layout is: say that, not the next mismatch.
+    low_bit = next((i for i, layer in enumerate(config.compression_spec.layers) if layer.cache_bits is not None), None)
+    if low_bit is not None:
+        return None, Refusal(low_bit, "cache_bits", config.compression_spec.layers[low_bit].cache_bits, WHY["cache_bits"])
     refusals = []
     for mapping in MAPPINGS:
         refusal = mapping.refusal(config)

@@ -80,6 +80,8 @@ def transform_state_dict(
             low_rank.transform_layer(t, i, entry)
         if layer.probs_from is not None:
             entry["probs"] = f"reuses layer {layer.probs_from}"
+        if layer.cache_bits is not None:
+            entry["kv"] += f", cached in {layer.cache_bits} bits"
         report["layers"].append(entry)
     return t.out, report
 

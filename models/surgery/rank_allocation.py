@@ -1,8 +1,8 @@
 """Choosing low-rank KV ranks: per-matrix energy thresholds, or one global budget spent greedily.
 
-Every low-rank latent direction costs the same cache space (one element per cached token, times the
-fraction of tokens that layer keeps: 1 for global layers, (window + sinks) / context for window layers),
-and buys back its eigenvalue of reconstruction error. With the spectra of all compressed matrices in
+Every low-rank latent direction costs cache space (one element per cached token at its layer's bytes per
+element, 1 for an 8-bit cache, times the fraction of tokens that layer keeps: 1 for global layers,
+(window + sinks) / context for window layers), and buys back its eigenvalue of reconstruction error. With the spectra of all compressed matrices in
 hand, the global allocation is the classic greedy for a separable concave objective:
 
     repeatedly give one more rank to the matrix whose next eigenvalue (times its weight) per element of
@@ -28,7 +28,7 @@ from typing import Hashable
 import torch
 
 from ..configuration_kvforge import (
-    CompressionSpec, Geometry, dtype_num_bytes, layer_slot_fraction, original_kv_bytes_per_token,
+    CompressionSpec, Geometry, layer_slot_fraction, original_kv_bytes_per_token,
 )
 from .linalg import rank_for_energy
 from .low_rank import LowRankProblem
@@ -43,8 +43,8 @@ class BudgetError(ValueError):
 class RankCandidate:
     """One low-rank matrix competing for the budget.
 
-    eigenvalues: its (descending) output-covariance spectrum; cost: cache elements per token one rank
-    costs; weight: multiplies its eigenvalues (e.g. to favour keys or early layers); rank bounds inclusive.
+    eigenvalues: its (descending) output-covariance spectrum; cost: what one rank costs in cache per token
+    (resolve_ranks: bytes); weight: multiplies its eigenvalues (e.g. to favour keys or early layers); rank bounds inclusive.
     """
 
     key: Hashable
@@ -87,7 +87,7 @@ def allocate_ranks(candidates: list[RankCandidate], budget: float, *, normalizat
         ranks[c.key] = c.min_rank
         spent += c.min_rank * c.cost
     if spent > budget * (1 + 1e-12):
-        raise BudgetError(f"the minimum ranks alone cost {spent:g} cache elements per token, more than the "
+        raise BudgetError(f"the minimum ranks alone cost {spent:g} (cache per token), more than the "
                           f"budget of {budget:g}; raise the budget or lower min_rank")
     # Max-heap of (gain per element of the next rank) over candidates that can still grow.
     heap = [(-float(gains[c.key][c.min_rank]), i) for i, c in enumerate(candidates) if c.min_rank < c.upper()]
@@ -129,24 +129,26 @@ def resolve_ranks(spec: CompressionSpec, problems: list[LowRankProblem], geometr
         for p in problems:
             setattr(new.layers[p.layer], _RANK_FIELD[p.part], min(p.max_rank, rank_for_energy(p.spectrum, settings.energy_threshold)))
         return new
-    bytes_per_element = dtype_num_bytes(settings.cache_dtype)
     fractions = [layer_slot_fraction(l, settings.context_tokens) for l in spec.layers]
-    # Each latent direction of a layer costs one element per token times the layer's slot fraction. Window
+    # Budgets are spent in bytes, so a low-bit layer (cache_bits) buys more directions per byte. Each latent
+    # direction costs its layer's bytes per cached element per token, times the layer's slot fraction. Window
     # layers with context_tokens=None cost nothing; a tiny cost keeps the greedy well defined (they fill first).
-    costs = {(p.layer, p.part): max(fractions[p.layer], 1e-9) for p in problems}
+    dtype = settings.cache_dtype
+    costs = {(p.layer, p.part): max(fractions[p.layer], 1e-9) * spec.layers[p.layer].cache_value_bytes(dtype)
+             for p in problems}
     latent_now = sum(getattr(spec.layers[p.layer], _RANK_FIELD[p.part]) * costs[(p.layer, p.part)] for p in problems)
-    total_now = sum(l.kv_cache_elements_per_token(geometry.num_kv_heads, geometry.head_dim) * f
+    total_now = sum(l.kv_cache_bytes_per_slot(geometry.num_kv_heads, geometry.head_dim, dtype) * f
                     for l, f in zip(spec.layers, fractions))
-    fixed = total_now - latent_now
+    fixed = total_now - latent_now  # dense layers, rotary dims, a low-bit cache's scales
     if settings.budget_fraction is not None:
-        target = settings.budget_fraction * original_kv_bytes_per_token(geometry, settings.cache_dtype) / bytes_per_element
-        what = f"budget_fraction={settings.budget_fraction} of {original_kv_bytes_per_token(geometry, settings.cache_dtype)} bytes/token"
+        target = settings.budget_fraction * original_kv_bytes_per_token(geometry, dtype)
+        what = f"budget_fraction={settings.budget_fraction} of {original_kv_bytes_per_token(geometry, dtype)} bytes/token"
     elif settings.budget_bytes_per_token is not None:
-        target = settings.budget_bytes_per_token / bytes_per_element
+        target = settings.budget_bytes_per_token
         what = f"budget_bytes_per_token={settings.budget_bytes_per_token}"
     else:
         target, what = total_now, "the spec's own total"
-    # Budgets in elements are integers for global layers: round away float noise (e.g. 0.5 * 23040 / 2).
+    # Byte budgets are integers for global layers: round away float noise.
     latent_budget = math.floor(target - fixed + 1e-6)
     normalization, weights = settings.budget_normalization, {(p.layer, p.part): 1.0 for p in problems}
     if settings.init == "output_aware" and normalization == "relative":
@@ -163,7 +165,7 @@ def resolve_ranks(spec: CompressionSpec, problems: list[LowRankProblem], geometr
         ranks = allocate_ranks(candidates, latent_budget, normalization=normalization)
     except BudgetError as e:
         raise SurgeryError(
-            f"the KV budget ({what}) leaves {latent_budget} elements/token for low-rank latents after "
+            f"the KV budget ({what}) leaves {latent_budget} bytes/token for low-rank latents after "
             f"{fixed:g} for the rest of the cache, too little: {e}") from None
     for (layer, part), rank in ranks.items():
         setattr(new.layers[layer], _RANK_FIELD[part], rank)

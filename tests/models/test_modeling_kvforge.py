@@ -12,8 +12,11 @@ from kvforge.models.configuration_kvforge import KVForgeConfig
 from kvforge.models.modeling_kvforge import (
     KVForgeCache,
     KVForgeForCausalLM,
+    dequantize_slots,
+    fake_quantize,
     partial_rope_attention,
     partial_rope_dims,
+    quantize_slots,
 )
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
@@ -274,6 +277,19 @@ METHODS["combined_with_bias"] = COMBINED  # built with attention_bias (Qwen2-lik
 SHARED_ROPE = {"kv_proj": "low_rank", "rope": "partial", "rope_dims": 6, "kv_rank": 12, "rope_shared": True}
 METHODS["partial_shared"] = [SHARED_ROPE, {**WINDOW, **SHARED_ROPE}, {}, SHARED_ROPE]
 METHODS["partial_shared_with_bias"] = [SHARED_ROPE, METHODS["pre_rope_latent"][0], {**WINDOW, **SHARED_ROPE}]
+# An 8-bit cache on every representation that stores something, beside 16-bit layers: kv_from readers of an 8-bit
+# producer (global and window ring), an 8-bit value latent reading a 16-bit layer's probabilities.
+INT8 = {"cache_bits": 8}
+METHODS["int8"] = [
+    {**INT8, "kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 12, "v_rank": 10},
+    {"kv_from": 0},
+    {**WINDOW, **INT8},
+    {**WINDOW, "kv_from": 2},
+    {**INT8, "kv_proj": "low_rank", "rope": "partial", "rope_dims": 4, "kv_rank": 20},
+    {**INT8, "probs_from": 4, "kv_proj": "low_rank", "v_rank": 8},
+    {**INT8, "kv_proj": "merged_heads", "num_kv_heads": 1},
+    {**INT8, **SHARED_ROPE},
+]
 
 
 def build(layers, attn_implementation="sdpa", seed=0, **overrides) -> KVForgeForCausalLM:
@@ -373,7 +389,7 @@ def test_chunked_prefill_and_decode_match_one_pass():
 # ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["combined", "partial_shared_with_bias"])
+@pytest.mark.parametrize("method", ["combined", "partial_shared_with_bias", "int8"])
 def test_gradients_reach_every_parameter(method):
     model = build(METHODS[method], attention_bias=method.endswith("_with_bias")).train()
     ids, mask = padded_batch(lengths=(9, 9))
@@ -403,6 +419,14 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def expected_cache_shapes(layer: dict, batch: int, tokens: int):
+    shapes = expected_value_shapes(layer, batch, tokens)
+    if layer.get("cache_bits") == 8:  # int8 values and one scale per row, token and tensor: [B, C, 1], [B, 1, C, 1]
+        shapes.update({f"{name}_scale": (batch, shape[1], 1) if len(shape) == 3 else (batch, 1, shape[2], 1)
+                       for name, shape in list(shapes.items())})
+    return shapes
+
+
+def expected_value_shapes(layer: dict, batch: int, tokens: int):
     slots = min(tokens, layer["window"] + layer.get("sinks", 0)) if layer.get("attention") == "window" else tokens
     heads = layer.get("num_kv_heads", KV_HEADS)
     if layer.get("kv_from") is not None:
@@ -419,7 +443,7 @@ def expected_cache_shapes(layer: dict, batch: int, tokens: int):
     return {"key": (batch, heads, slots, HEAD_DIM), "value": (batch, heads, slots, HEAD_DIM)}
 
 
-@pytest.mark.parametrize("method", ["dense", "combined", "partial_shared"])
+@pytest.mark.parametrize("method", ["dense", "combined", "partial_shared", "int8"])
 def test_cache_allocates_what_the_spec_says(method):
     layers = METHODS[method]
     model = build(layers)
@@ -439,10 +463,46 @@ def test_cache_allocates_what_the_spec_says(method):
     expected_bytes = model.config.kv_cache_bytes(held, dtype=torch.float32, batch_size=2)
     assert cache.cache_bytes() == expected_bytes
     assert cache.kv_bytes_per_token() == pytest.approx(expected_bytes / (2 * held))
+    if method == "int8":
+        dtypes = {name: t.dtype for _, name, t in cache.named_tensors()}
+        assert dtypes["k_latent"] == dtypes["key"] == torch.int8
+        assert dtypes["k_latent_scale"] == dtypes["key_scale"] == torch.float32
     if method == "combined":  # the point of it all
         dense_bytes = KVForgeConfig(**{**TINY, "num_hidden_layers": len(layers)}).kv_cache_bytes(
             held, dtype=torch.float32, batch_size=2)
         assert cache.cache_bytes() < 0.5 * dense_bytes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_8_bit_slots_round_to_half_a_step_of_their_own_scale(dtype):
+    latent = torch.randn(2, 7, 24, dtype=torch.float64).mul(torch.logspace(-3, 2, 7)[None, :, None]).to(dtype)
+    latent[1, 3] = 0  # an all-zero slot stays zero (no 0/0)
+    heads = torch.randn(2, 3, 7, 16, dtype=dtype)  # [B, K, C, D]: one scale per row and slot over every head
+    for x, slot_dim, scale_shape in ((latent, 1, (2, 7, 1)), (heads, 2, (2, 1, 7, 1))):
+        values, scale = quantize_slots(x, slot_dim)
+        assert values.dtype == torch.int8 and scale.dtype == dtype and scale.shape == scale_shape
+        assert values.abs().max() == 127
+        error = (dequantize_slots(values, scale).double() - x.double()).abs()
+        # half a step, plus the rounding of the product to x's dtype (bf16 keeps 8 significant bits)
+        assert (error <= scale.double() / 2 + x.double().abs() * torch.finfo(dtype).eps).all()
+        torch.testing.assert_close(fake_quantize(x, slot_dim), dequantize_slots(values, scale))
+    assert torch.equal(dequantize_slots(*quantize_slots(latent, 1))[1, 3], torch.zeros(24, dtype=latent.dtype))
+    # straight-through: the gradient of the identity
+    x = latent.float().requires_grad_()
+    fake_quantize(x, 1).sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+def test_an_8_bit_cache_changes_the_model_only_by_its_rounding():
+    """The same weights with and without cache_bits: close logits, not equal ones (the rounding is applied)."""
+    ids, mask = padded_batch()
+    logits = {}
+    for bits in (None, 8):
+        layers = [{**layer, "cache_bits": bits} if layer.get("kv_from") is None else layer for layer in COMBINED]
+        with torch.no_grad():
+            logits[bits] = build(layers)(ids, attention_mask=mask, use_cache=False).logits
+    diff = (logits[8] - logits[None]).abs().max().item()
+    assert 0 < diff < 0.05 * logits[None].abs().max().item()
 
 
 def test_cache_grows_in_chunks_without_a_length_hint():

@@ -76,6 +76,11 @@ def test_low_rank_preset_meets_its_budget_exactly():
         assert spec.kv_cache_bytes_per_token(num_kv_heads=3, head_dim=64, dtype="bfloat16") == 23040 * budget
         spec = build_preset("low-rank", config, budget=budget, rope="partial", rope_dims=8)
         assert spec.kv_cache_bytes_per_token(num_kv_heads=3, head_dim=64, dtype="bfloat16") == 23040 * budget
+        # int8 latents with bf16 scales: twice the rank (less the scales') in the same bytes
+        for rope in ("pre_rope_latent", "partial"):
+            spec = build_preset("low-rank", config, budget=budget, rope=rope, rope_dims=8, cache_bits=8)
+            assert spec.kv_cache_bytes_per_token(num_kv_heads=3, head_dim=64, dtype="bfloat16") == 23040 * budget
+    assert build_preset("low-rank", config, budget=0.25, cache_bits=8).layers[0].k_rank == 94  # against 48 in bf16
 
 
 def test_layout_strings():

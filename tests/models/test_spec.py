@@ -111,6 +111,12 @@ D = {}  # a dense global layer
     ([WINDOW, {**WINDOW, "window": 16, "probs_from": 0}, D, D],
      "compression.layers[1].probs_from=0: layer 1 has attention='window', window=16, sinks=2 but layer 0 has attention='window', window=8, sinks=2"),
     ([WINDOW, {**WINDOW, "sinks": 0, "kv_from": 0}, D, D], "give it the same attention, window and sinks"),
+    # low-bit caches
+    ([{"cache_bits": 4}, D, D, D], "compression.layers[0].cache_bits=4 is not supported: allowed null (cached in the "
+                                   "model's dtype) or 8"),
+    ([{"cache_bits": True}, D, D, D], "compression.layers[0].cache_bits=True is not supported"),
+    ([{"cache_bits": 8}, {"kv_from": 0, "cache_bits": 8}, D, D],
+     "compression.layers[1].cache_bits=8 has no effect: a kv_from layer caches nothing"),
     # the whole model
     ([D, D, D], "compression.layers has 3 entries but the model has num_hidden_layers=4"),
 ])
@@ -189,6 +195,16 @@ def test_spec_arithmetic():
 
     merged = spec_of({"kv_proj": "merged_heads", "num_kv_heads": 1}, {"probs_from": 0}, D, D)
     assert [merged.kv_cache_elements_per_token(i, num_kv_heads=2, head_dim=16) for i in range(4)] == [32, 32, 64, 64]
+
+    # 8 bits: one byte per element and one scale in the model's dtype per cached tensor and token; a kv_from reader
+    # of an 8-bit producer costs nothing, a window layer its ring
+    low_bit = spec_of({"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 12, "v_rank": 10, "cache_bits": 8},
+                      {"kv_from": 0}, {**WINDOW, "cache_bits": 8}, D)
+    per_slot = [low_bit.layers[i].kv_cache_bytes_per_slot(2, 16, torch.bfloat16) for i in range(4)]
+    assert per_slot == [22 + 2 * 2, 0, 64 + 2 * 2, 64 * 2]
+    assert low_bit.kv_cache_bytes(100, num_kv_heads=2, head_dim=16, dtype=torch.bfloat16) == 26 * 100 + 68 * 10 + 128 * 100
+    assert low_bit.kv_cache_bytes_per_token(num_kv_heads=2, head_dim=16, dtype=torch.float32) == (22 + 2 * 4) + 64 * 4
+    assert low_bit.to_dict()["layers"][0]["cache_bits"] == 8 and "cache_bits" not in low_bit.to_dict()["layers"][3]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """KVForgeCache(static=True): storage allocated once by the prefill, decode steps with device-side indices only.
 
 Greedy generate() with the static cache equals generate() with the default one for every representation (latent,
-partial RoPE, merged heads, window rings with sinks that wrap, kv_from and probs_from readers) with left padding;
+partial RoPE, merged heads, window rings with sinks that wrap, kv_from and probs_from readers, 8-bit caches) with
+left padding;
 its decode step traces as one graph with no breaks and, compiled, runs step after step without recompiling (what a
 CUDA graph needs: no host sync, no shape or host value that changes per step); bad settings are one-line errors."""
 
@@ -18,7 +19,8 @@ PRE = {"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 12, "v_rank":
 PARTIAL = {"kv_proj": "low_rank", "rope": "partial", "rope_dims": 6, "kv_rank": 20}
 WINDOW = {"attention": "window", "window": 5, "sinks": 2}
 EVERY_METHOD = [PRE, WINDOW, {"kv_from": 0}, {"probs_from": 0}, {"kv_proj": "merged_heads", "num_kv_heads": 1},
-                PARTIAL, {**WINDOW, **PRE}, {**WINDOW, "kv_from": 1}]
+                PARTIAL, {**WINDOW, **PRE}, {**WINDOW, "kv_from": 1}, {**PRE, "cache_bits": 8},
+                {**WINDOW, "cache_bits": 8}]
 
 
 def prompts():

@@ -231,6 +231,8 @@ REFUSED = {
                                     "compression.layers[1].kv_rank=12"),
     # (a model-level refusal names no layer, so the furthest refusal reported is Llama's, at layer 0)
     "shared_rope_q_bias": ([SHARED_ROPE], {"attention_bias": True}, "compression.layers[0].kv_proj='low_rank'"),
+    "int8_cache": ([{}, {"cache_bits": 8}], {}, "compression.layers[1].cache_bits=8"),
+    "int8_shared_rope": ([{**SHARED_ROPE, "cache_bits": 8}], {}, "compression.layers[0].cache_bits=8"),
     "heads_per_layer": ([{"kv_proj": "merged_heads", "num_kv_heads": 1}, {}], {},
                         "compression.layers[1].kv_proj='dense'"),
     "windows_per_layer": ([{"attention": "window", "window": WINDOW}, {"attention": "window", "window": 6}], {},

@@ -283,10 +283,26 @@ def test_greedy_budget_fraction_through_compress_is_met_exactly():
     assert sum(l.k_rank + l.v_rank for l in result.spec.layers) == LAYERS * 24
 
 
+def test_greedy_budget_buys_twice_the_directions_with_an_8_bit_cache():
+    """The budget is spent in bytes: int8 latents cost one byte per direction and token plus their scales."""
+    model = tiny()
+    original = LAYERS * 2 * KV_DIMS * 2  # bf16 bytes per token
+    directions = {}
+    for bits in (None, 8):
+        layer = {"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 12, "v_rank": 12, "cache_bits": bits}
+        result = compress(model, {"layers": [layer] * LAYERS}, rows(),
+                          settings={**QUIET, "rank_allocation": "greedy", "budget_fraction": 0.25})
+        assert result.report["spec_kv_bytes_per_token"] == original * 0.25
+        assert all(l.cache_bits == bits for l in result.spec.layers)
+        directions[bits] = sum(l.k_rank + l.v_rank for l in result.spec.layers)
+    scales = LAYERS * 2 * 2  # two bf16 scales per layer and token
+    assert directions[8] == 2 * directions[None] - scales
+
+
 def test_budget_below_the_fixed_part_of_the_cache_is_a_clear_error():
     model = tiny()
     spec = [{}] * 2 + [{"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 12, "v_rank": 12}] * 2
-    with pytest.raises(SurgeryError, match="leaves .* elements/token for low-rank latents"):
+    with pytest.raises(SurgeryError, match="leaves .* bytes/token for low-rank latents"):
         compress(model, {"layers": spec}, rows(), settings={**QUIET, "rank_allocation": "greedy", "budget_fraction": 0.25})
 
 

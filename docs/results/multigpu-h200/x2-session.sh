@@ -3,12 +3,13 @@
 # needed runs first (whatever the device time leaves undone is what comes last). The order since session 10:
 #   B: issue 14's 2-GPU runs (MULTIGPU2; none by default since issue 14 closed), then compare.py (tables; each
 #      export against the trained model);
-#   A: on GPU 0, QUEUE0: lowrank-50 on the corpus mix for 1,500 steps (the run that can meet issue 10's 50%
-#      target), lowrank-25 with English prose in its mix, then recipes still without a row. On GPU 1: a one-minute
-#      check of where partial-RoPE layers fail compiled (benchmarks/check_partial_rope_compile.py), issue 12's
-#      decode rows (DECODE_ARGS: B=32 at 16k; window and MixAttention layouts at 4k and 32k), then QUEUE1: the
-#      finetuned original on the corpus mix (the baseline the corpus rows lack) and the other recipes still
-#      without a row (issues 10 and 11);
+#   A: on GPU 0, QUEUE0: the 25% model with 8-bit latents for 1,500 steps (issue 10's 25% target), lowrank-50 on the
+#      corpus mix for 1,500 steps (its 50% target), lowrank-25 with English prose in its mix, then recipes still
+#      without a row. On GPU 1: a one-minute check of where partial-RoPE layers fail compiled
+#      (benchmarks/check_partial_rope_compile.py), QUEUE1's first recipe (the 12.5% model with 8-bit latents),
+#      issue 12's decode rows (DECODE_ARGS: B=32 at 16k; window and MixAttention layouts at 4k and 32k), then the
+#      rest of QUEUE1: the finetuned original on the corpus mix (the baseline the corpus rows lack) and the other
+#      recipes still without a row (issues 10 and 11);
 #   C: the teacher sampler's speed with each attention path (SAMPLER_ATTENTION: the Triton decode kernel was never
 #      run on a GPU), on GPU 1.
 # Session 7's order put the multi-GPU runs last and lost them; session 8's ran them first and finished them. Recipe
@@ -23,8 +24,8 @@ set -u
 K=${K:-$HOME/kvgpu}
 R=docs/results
 FIRST0=${FIRST0:-}
-QUEUE0=${QUEUE0:-lowrank-50-corpus-long lowrank-25-prose mixattention-ma shared-attention}
-QUEUE1=${QUEUE1:-finetuned-original-corpus partial-rope-25 lowrank-12 window-lowrank-12}
+QUEUE0=${QUEUE0:-lowrank-25-int8-long lowrank-50-corpus-long lowrank-25-prose mixattention-ma shared-attention}
+QUEUE1=${QUEUE1:-lowrank-12-int8-long finetuned-original-corpus partial-rope-25 lowrank-12 window-lowrank-12}
 MULTIGPU1=${MULTIGPU1:-}
 MULTIGPU2=${MULTIGPU2:-}
 SAMPLER_ATTENTION=${SAMPLER_ATTENTION-matmul triton}
@@ -101,7 +102,7 @@ if [ -n "$MULTIGPU2" ]; then
 fi
 stamp "A: ${FIRST0:+$FIRST0 (then its stock export), }$QUEUE0 on GPU 0; ${MULTIGPU1:+$MULTIGPU1, }decode rows, $QUEUE1 on GPU 1"
 { recovery 0 29512 "$FIRST0"; mla_export 0; recovery 0 29512 "$QUEUE0"; } &
-{ multigpu 1 "$MULTIGPU1"; diagnose 1; decode 1; recovery 1 29513 "$QUEUE1"; } &
+{ multigpu 1 "$MULTIGPU1"; diagnose 1; recovery 1 29513 "${QUEUE1%% *}"; decode 1; recovery 1 29513 "${QUEUE1#* }"; } &
 wait
 if [ -n "$MULTIGPU1$MULTIGPU2" ]; then  # again, with the 1-GPU runs
   python3 $R/multigpu-h200/compare.py "$K/multigpu" > "$K/multigpu/compare.txt" 2>&1
