@@ -6,9 +6,9 @@
 #   A: on GPU 0, QUEUE0: the 25% model with 8-bit latents for 1,500 steps (issue 10's 25% target), lowrank-50 on the
 #      corpus mix for 1,500 steps (its 50% target), lowrank-25 with English prose in its mix, then recipes still
 #      without a row. On GPU 1: a one-minute check of where partial-RoPE layers fail compiled
-#      (benchmarks/check_partial_rope_compile.py), QUEUE1's first recipe (the 12.5% model with 8-bit latents),
-#      issue 12's decode rows (DECODE_ARGS: B=32 at 16k; window and MixAttention layouts at 4k and 32k), then the
-#      rest of QUEUE1: the finetuned original on the corpus mix (the baseline the corpus rows lack) and the other
+#      (benchmarks/check_partial_rope_compile.py), FIRST1 (the 50% and 12.5% models with 8-bit latents), issue
+#      12's decode rows (DECODE_ARGS: B=32 at 16k; window and MixAttention layouts at 4k and 32k), then QUEUE1:
+#      the finetuned original on the corpus mix (the baseline the corpus rows lack) and the other
 #      recipes still without a row (issues 10 and 11);
 #   C: the teacher sampler's speed with each attention path (SAMPLER_ATTENTION: the Triton decode kernel was never
 #      run on a GPU), on GPU 1.
@@ -18,14 +18,15 @@
 # (after `setup.sh part00` and `setup.sh stage`), so it runs from $K/repo and logs to $K/pipeline.log; poll.sh follows it (its "ALL
 # DONE" is this script's last line; the sub-pipelines log to $K/pipeline-gpu*.log and $K/multigpu/).
 # Env: FIRST0 (a recipe before QUEUE0, followed by its DeepSeek-V3 export when it is partial-rope-shared-25),
-# QUEUE0, QUEUE1 (recipes), MULTIGPU1/2 (multigpu-h200/run.sh's runs), REXTRA (overrides for the recovery runs
+# QUEUE0, FIRST1 (before the decode rows), QUEUE1 (recipes), MULTIGPU1/2 (multigpu-h200/run.sh's runs), REXTRA (overrides for the recovery runs
 # only), DECODE_ARGS (launch/benchmark_decode.py's; empty: no decode rows), SAMPLER_ATTENTION.
 set -u
 K=${K:-$HOME/kvgpu}
 R=docs/results
 FIRST0=${FIRST0:-}
 QUEUE0=${QUEUE0:-lowrank-25-int8-long lowrank-50-corpus-long lowrank-25-prose mixattention-ma shared-attention}
-QUEUE1=${QUEUE1:-lowrank-12-int8-long finetuned-original-corpus partial-rope-25 lowrank-12 window-lowrank-12}
+FIRST1=${FIRST1:-lowrank-50-int8 lowrank-12-int8-long}
+QUEUE1=${QUEUE1:-finetuned-original-corpus partial-rope-25 lowrank-12 window-lowrank-12}
 MULTIGPU1=${MULTIGPU1:-}
 MULTIGPU2=${MULTIGPU2:-}
 SAMPLER_ATTENTION=${SAMPLER_ATTENTION-matmul triton}
@@ -100,9 +101,9 @@ if [ -n "$MULTIGPU2" ]; then
   python3 $R/multigpu-h200/compare.py "$K/multigpu" > "$K/multigpu/compare.txt" 2>&1
   cat "$K/multigpu/compare.txt"
 fi
-stamp "A: ${FIRST0:+$FIRST0 (then its stock export), }$QUEUE0 on GPU 0; ${MULTIGPU1:+$MULTIGPU1, }decode rows, $QUEUE1 on GPU 1"
+stamp "A: ${FIRST0:+$FIRST0 (then its stock export), }$QUEUE0 on GPU 0; ${MULTIGPU1:+$MULTIGPU1, }$FIRST1, decode rows, $QUEUE1 on GPU 1"
 { recovery 0 29512 "$FIRST0"; mla_export 0; recovery 0 29512 "$QUEUE0"; } &
-{ multigpu 1 "$MULTIGPU1"; diagnose 1; recovery 1 29513 "${QUEUE1%% *}"; decode 1; recovery 1 29513 "${QUEUE1#* }"; } &
+{ multigpu 1 "$MULTIGPU1"; diagnose 1; recovery 1 29513 "$FIRST1"; decode 1; recovery 1 29513 "$QUEUE1"; } &
 wait
 if [ -n "$MULTIGPU1$MULTIGPU2" ]; then  # again, with the 1-GPU runs
   python3 $R/multigpu-h200/compare.py "$K/multigpu" > "$K/multigpu/compare.txt" 2>&1
