@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from typing import Callable
 
 import torch
 
 from .gqa_decode import fits_head_dim, gqa_decode_attention
-from .latent_attention import available, latent_decode_attention
+from .latent_attention import OutOfResources, available, latent_decode_attention
 from .partial_rope_decode import fits as fits_partial_rope
 from .partial_rope_decode import partial_rope_decode_attention
 
@@ -65,6 +66,24 @@ def use_unmeasured_triton(tensor: torch.Tensor) -> bool:
     return use_triton(tensor) and (kernel_mode() == "triton" or not tensor.is_cuda)
 
 
+# Kernels whose launch at some shape found no resources on this GPU (shared memory, registers): the reference serves
+# those shapes from then on, instead of a decode that crashes (kernel, shape).
+_TOO_BIG: set[tuple] = set()
+
+
+def _kernel_or_reference(name: str, shape: tuple, kernel: Callable, reference: Callable):
+    """kernel(), or reference() where Triton found the kernel too big for this GPU at this shape (warned once)."""
+    if (name, shape) in _TOO_BIG:
+        return reference()
+    try:
+        return kernel()
+    except OutOfResources as error:
+        _TOO_BIG.add((name, shape))
+        warnings.warn(f"the {name} decode kernel does not fit this GPU at shape {shape} ({error}); the PyTorch "
+                      f"reference serves it")
+        return reference()
+
+
 def _is_power_of_2(n: int) -> bool:
     return n >= 2 and n & (n - 1) == 0
 
@@ -84,14 +103,21 @@ def _pre_rope_latent(reference: Callable) -> Callable:
             and k_up.weight.dtype == query.dtype == k_latent.dtype
             and not (torch.is_grad_enabled() and (query.requires_grad or k_up.weight.requires_grad))
         )
-        if not (use_triton(query) and fits):  # the mode first: a bad KVFORGE_KERNELS fails on every call
+        def pytorch():
             return reference(query, k_latent, v_latent, k_up, v_up, key_rotary, mask, scaling, need_probs=need_probs,
                              dropout=dropout, use_sdpa=use_sdpa, absorb=absorb)
-        out = latent_decode_attention(
-            query[:, :, :, 0], k_latent, v_latent, k_up.weight, k_up.bias, v_up.weight, v_up.bias,
-            key_rotary.positions, mask[:, 0, 0, 0, :], key_rotary.inv_freq, key_rotary.scaling, scaling,
-            max_position=key_rotary.max_position())
-        return out[:, :, :, None], None
+
+        def kernel():
+            out = latent_decode_attention(
+                query[:, :, :, 0], k_latent, v_latent, k_up.weight, k_up.bias, v_up.weight, v_up.bias,
+                key_rotary.positions, mask[:, 0, 0, 0, :], key_rotary.inv_freq, key_rotary.scaling, scaling,
+                max_position=key_rotary.max_position())
+            return out[:, :, :, None], None
+
+        if not (use_triton(query) and fits):  # the mode first: a bad KVFORGE_KERNELS fails on every call
+            return pytorch()
+        shape = (query.dtype, tuple(query.shape[1:]), k_latent.shape[-1], v_latent.shape[-1])
+        return _kernel_or_reference("pre-RoPE latent", shape, kernel, pytorch)
 
     return attend
 
@@ -105,12 +131,18 @@ def _kv(reference: Callable) -> Callable:
             and key.dtype == value.dtype == query.dtype and key.stride(-1) == 1 and value.stride(-1) == 1
             and not (torch.is_grad_enabled() and query.requires_grad)
         )
-        if not (use_unmeasured_triton(query) and fits):
+        def pytorch():
             return reference(query, key, value, mask, scaling, need_probs=need_probs, dropout=dropout,
                              use_sdpa=use_sdpa, causal=causal)
-        out = gqa_decode_attention(query[:, :, :, 0].contiguous(), key, value, None, scaling,
-                                   valid=mask[:, 0, 0, 0, :])
-        return out[:, :, :, None], None
+
+        def kernel():
+            out = gqa_decode_attention(query[:, :, :, 0].contiguous(), key, value, None, scaling,
+                                       valid=mask[:, 0, 0, 0, :])
+            return out[:, :, :, None], None
+
+        if not (use_unmeasured_triton(query) and fits):
+            return pytorch()
+        return _kernel_or_reference("GQA", (query.dtype, tuple(query.shape[1:])), kernel, pytorch)
 
     return attend
 
@@ -128,12 +160,20 @@ def _partial(reference: Callable) -> Callable:
             and not (torch.is_grad_enabled() and (query_rope.requires_grad or query_nope.requires_grad
                                                   or k_up.weight.requires_grad or v_up.weight.requires_grad))
         )
-        if not (use_unmeasured_triton(query_rope) and fits):
+        def pytorch():
             return reference(query_rope, query_nope, k_rope, kv_latent, k_up, v_up, mask, scaling,
                              need_probs=need_probs, dropout=dropout, absorb=absorb)
-        out = partial_rope_decode_attention(query_rope[:, :, :, 0], query_nope[:, :, :, 0], k_rope, kv_latent,
-                                            k_up.weight, v_up.weight, v_up.bias, scaling, valid=mask[:, 0, 0, 0, :])
-        return out[:, :, :, None], None
+
+        def kernel():
+            out = partial_rope_decode_attention(query_rope[:, :, :, 0], query_nope[:, :, :, 0], k_rope, kv_latent,
+                                                k_up.weight, v_up.weight, v_up.bias, scaling,
+                                                valid=mask[:, 0, 0, 0, :])
+            return out[:, :, :, None], None
+
+        if not (use_unmeasured_triton(query_rope) and fits):
+            return pytorch()
+        shape = (query_rope.dtype, tuple(query_rope.shape[1:]), tuple(k_rope.shape[1:2]), kv_latent.shape[-1])
+        return _kernel_or_reference("partial-RoPE", shape, kernel, pytorch)
 
     return attend
 

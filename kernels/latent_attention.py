@@ -37,8 +37,12 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from triton.runtime.errors import OutOfResources
 except ImportError:  # CPU-only install: the PyTorch reference serves
     triton = None
+
+    class OutOfResources(Exception):  # never raised without triton; defined so callers can catch it either way
+        pass
 
 
 def available() -> bool:

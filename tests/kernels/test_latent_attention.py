@@ -120,6 +120,34 @@ def test_dispatch_runs_the_kernel_only_where_it_applies(monkeypatch, kernel_call
     assert dispatch.fused_attention("shared_probs", pre_rope_latent_attention) is pre_rope_latent_attention
 
 
+def test_a_kernel_too_big_for_the_gpu_falls_back_to_the_reference_once(monkeypatch):
+    """Session 10 on an H200: ranks 192 + 192 (the 50% model with 8-bit latents) needed 287 KiB of shared memory of
+    227 and generate() crashed in Triton's compile. Now the reference serves that shape, with one warning, and the
+    kernel is not compiled again for it."""
+    from kvforge.kernels.latent_attention import OutOfResources
+
+    attempts = []
+
+    def too_big(*args, **kwargs):
+        attempts.append(args[1].shape)
+        raise OutOfResources(287232, 232448, "shared memory")
+
+    monkeypatch.setattr(dispatch, "latent_decode_attention", too_big)
+    monkeypatch.setattr(dispatch, "_TOO_BIG", set())
+    monkeypatch.setenv("KVFORGE_KERNELS", "triton")
+    attend = dispatch.fused_attention("pre_rope_latent", pre_rope_latent_attention)
+    c = case(seed=5)
+    args = [c[k] for k in ("query", "k_latent", "v_latent", "k_up", "v_up", "key_rotary", "mask", "scaling")]
+    with torch.no_grad():
+        expected, _ = pre_rope_latent_attention(*args)
+        with pytest.warns(UserWarning, match="pre-RoPE latent decode kernel does not fit this GPU"):
+            out, _ = attend(*args)
+        again, _ = attend(*args)
+    assert len(attempts) == 1
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(again, expected)
+
+
 def test_generate_with_the_kernel_equals_generate_without(monkeypatch, kernel_calls):
     """A tiny model with latent layers (a global owner, a window layer, a kv_from reader), batch 2 with left
     padding, decoding past the window: same tokens and logits with KVFORGE_KERNELS=triton and =off."""

