@@ -3,7 +3,8 @@
     python tests/compat/write_exports.py OUT_DIR
 
 Random-weight SmolLM2-shaped miniatures (the real tokenizer, 4-6 layers), float32, one per cache representation
-family: every method in one model, MLA-style partial RoPE, and a PyramidKV export-time default. Exporting runs
+family: every method in one model (its latent layer cached in 8 bits), MLA-style partial RoPE, and a PyramidKV
+export-time default. Exporting runs
 export's own checks under this environment's transformers first.
 """
 
@@ -25,7 +26,7 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_ke
 EXPORTS = {
     # a latent layer, a window with sinks over merged heads, its KV-sharing reader, a shared-attention reader
     "all-methods": {"layers": [
-        {"kv_proj": "low_rank", "k_rank": 12, "v_rank": 12, "rope": "pre_rope_latent"},
+        {"kv_proj": "low_rank", "k_rank": 12, "v_rank": 12, "rope": "pre_rope_latent", "cache_bits": 8},
         {"attention": "window", "window": 16, "sinks": 2, "kv_proj": "merged_heads", "num_kv_heads": 1},
         {"attention": "window", "window": 16, "sinks": 2, "kv_from": 1},
         {"probs_from": 0},
