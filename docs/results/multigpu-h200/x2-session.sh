@@ -1,15 +1,14 @@
 #!/bin/bash
 # One session on a 2-H200 host (nvidia-h200-x2) as one background pipeline, both GPUs busy throughout, the most
-# needed runs first (whatever the device time leaves undone is what comes last). The order since session 10:
+# needed runs first (whatever the device time leaves undone is what comes last). The order since session 11:
 #   B: issue 14's 2-GPU runs (MULTIGPU2; none by default since issue 14 closed), then compare.py (tables; each
 #      export against the trained model);
-#   A: on GPU 0, QUEUE0: the 25% model with 8-bit latents for 1,500 steps (issue 10's 25% target), lowrank-50 on the
-#      corpus mix for 1,500 steps (its 50% target), lowrank-25 with English prose in its mix, then recipes still
-#      without a row. On GPU 1: a one-minute check of where partial-RoPE layers fail compiled
-#      (benchmarks/check_partial_rope_compile.py), FIRST1 (the 50% and 12.5% models with 8-bit latents), issue
-#      12's decode rows (DECODE_ARGS: B=32 at 16k; window and MixAttention layouts at 4k and 32k), then QUEUE1:
-#      the finetuned original on the corpus mix (the baseline the corpus rows lack) and the other
-#      recipes still without a row (issues 10 and 11);
+#   A: on GPU 0, QUEUE0: window layers beside 8-bit latents at 12.5% for 1,500 steps (issue 10's 12.5% target, the
+#      one the 8-bit latents alone missed in session 10), the finetuned original on the corpus mix (the baseline the
+#      corpus rows lack), then MixAttention. On GPU 1: a one-minute check of where partial-RoPE layers fail compiled
+#      (benchmarks/check_partial_rope_compile.py), FIRST1 (partial-rope-25, which crashed compiled in session 9),
+#      issue 12's decode rows (DECODE_ARGS: B=32 at 16k; window and MixAttention layouts at 4k and 32k), then QUEUE1:
+#      the recipes still without a row (issues 10 and 11);
 #   C: the teacher sampler's speed with each attention path (SAMPLER_ATTENTION: the Triton decode kernel was never
 #      run on a GPU), on GPU 1.
 # Session 7's order put the multi-GPU runs last and lost them; session 8's ran them first and finished them. Recipe
@@ -24,9 +23,9 @@ set -u
 K=${K:-$HOME/kvgpu}
 R=docs/results
 FIRST0=${FIRST0:-}
-QUEUE0=${QUEUE0:-lowrank-25-int8-long lowrank-50-corpus-long lowrank-25-prose mixattention-ma shared-attention}
-FIRST1=${FIRST1:-lowrank-50-int8 lowrank-12-int8-long}
-QUEUE1=${QUEUE1:-finetuned-original-corpus partial-rope-25 lowrank-12 window-lowrank-12}
+QUEUE0=${QUEUE0:-window-lowrank-12-int8-long finetuned-original-corpus mixattention-ma}
+FIRST1=${FIRST1:-partial-rope-25}
+QUEUE1=${QUEUE1:-shared-attention window-lowrank-12 lowrank-25-prose}
 MULTIGPU1=${MULTIGPU1:-}
 MULTIGPU2=${MULTIGPU2:-}
 SAMPLER_ATTENTION=${SAMPLER_ATTENTION-matmul triton}
