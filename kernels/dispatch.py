@@ -96,27 +96,29 @@ def _plain_linear(*modules) -> bool:
 def _pre_rope_latent(reference: Callable) -> Callable:
     @functools.wraps(reference)
     def attend(query, k_latent, v_latent, k_up, v_up, key_rotary, mask, scaling, *, need_probs=False, dropout=0.0,
-               use_sdpa=False, absorb=None):
+               use_sdpa=False, absorb=None, k_scale=None, v_scale=None):
         fits = (
             query.shape[3] == 1 and not need_probs and not dropout and absorb is not False
             and _plain_linear(k_up, v_up) and _is_power_of_2(query.shape[-1])  # Triton's aranges need 2^n
-            and k_up.weight.dtype == query.dtype == k_latent.dtype
+            and k_up.weight.dtype == query.dtype
+            and (k_latent.dtype == v_latent.dtype == query.dtype if k_scale is None  # else an 8-bit cache
+                 else k_latent.dtype == v_latent.dtype == torch.int8 and k_scale.dtype == v_scale.dtype == query.dtype)
             and not (torch.is_grad_enabled() and (query.requires_grad or k_up.weight.requires_grad))
         )
         def pytorch():
             return reference(query, k_latent, v_latent, k_up, v_up, key_rotary, mask, scaling, need_probs=need_probs,
-                             dropout=dropout, use_sdpa=use_sdpa, absorb=absorb)
+                             dropout=dropout, use_sdpa=use_sdpa, absorb=absorb, k_scale=k_scale, v_scale=v_scale)
 
         def kernel():
             out = latent_decode_attention(
                 query[:, :, :, 0], k_latent, v_latent, k_up.weight, k_up.bias, v_up.weight, v_up.bias,
                 key_rotary.positions, mask[:, 0, 0, 0, :], key_rotary.inv_freq, key_rotary.scaling, scaling,
-                max_position=key_rotary.max_position())
+                max_position=key_rotary.max_position(), k_scale=k_scale, v_scale=v_scale)
             return out[:, :, :, None], None
 
         if not (use_triton(query) and fits):  # the mode first: a bad KVFORGE_KERNELS fails on every call
             return pytorch()
-        shape = (query.dtype, tuple(query.shape[1:]), k_latent.shape[-1], v_latent.shape[-1])
+        shape = (query.dtype, k_latent.dtype, tuple(query.shape[1:]), k_latent.shape[-1], v_latent.shape[-1])
         return _kernel_or_reference("pre-RoPE latent", shape, kernel, pytorch)
 
     return attend

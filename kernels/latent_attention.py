@@ -80,14 +80,16 @@ if triton is not None:
     @triton.jit
     def _latent_decode_kernel(
         Q, K_LATENT, V_LATENT, K_WEIGHT, K_BIAS, POSITIONS, VALID, ROPE,  # inputs
+        K_SCALE, V_SCALE,  # an 8-bit cache's scales [B, S, 1] (HAS_SCALES), else unused
         ACC, MAX, SUM,  # outputs, per split
         stride_qb,  # q [B, H, D], heads then dims contiguous
         stride_kb, stride_ks,  # k_latent [B, S, Rk], last dim contiguous
         stride_vb, stride_vs,  # v_latent [B, S, Rv], last dim contiguous
         stride_pb, stride_mb,  # positions [B, S], valid [B, S]
+        stride_ksb, stride_kss, stride_vsb, stride_vss,  # k_scale, v_scale [B, S, 1]
         slots, heads, group, kv_heads, k_rank, v_rank, slots_per_split, splits, scaling,
         HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-        BLOCK_RK: tl.constexpr, BLOCK_RV: tl.constexpr, HAS_K_BIAS: tl.constexpr,
+        BLOCK_RK: tl.constexpr, BLOCK_RV: tl.constexpr, HAS_K_BIAS: tl.constexpr, HAS_SCALES: tl.constexpr,
     ):
         split = tl.program_id(0)
         row = tl.program_id(1)
@@ -128,7 +130,10 @@ if triton is not None:
             offs_s = tile + tl.arange(0, BLOCK_S)
             s_ok = offs_s < end
             c_k = tl.load(K_LATENT + row * stride_kb + offs_s[:, None] * stride_ks + offs_rk[None, :],
-                          mask=s_ok[:, None] & rk_ok[None, :], other=0.0)
+                          mask=s_ok[:, None] & rk_ok[None, :], other=0)
+            if HAS_SCALES:  # int8 latents: one byte per element read, dequantized in registers
+                k_scale = tl.load(K_SCALE + row * stride_ksb + offs_s * stride_kss, mask=s_ok, other=0.0)
+                c_k = (c_k.to(tl.float32) * k_scale.to(tl.float32)[:, None]).to(dtype)
             key_lo = tl.dot(c_k, w_lo)  # [BLOCK_S, BLOCK_C] float32
             key_hi = tl.dot(c_k, w_hi)
             if HAS_K_BIAS:
@@ -150,7 +155,10 @@ if triton is not None:
 
             running_max, alpha, p, running_sum = online_softmax_tile(scores, running_max, running_sum)
             c_v = tl.load(V_LATENT + row * stride_vb + offs_s[:, None] * stride_vs + offs_rv[None, :],
-                          mask=s_ok[:, None] & (offs_rv[None, :] < v_rank), other=0.0)
+                          mask=s_ok[:, None] & (offs_rv[None, :] < v_rank), other=0)
+            if HAS_SCALES:
+                v_scale = tl.load(V_SCALE + row * stride_vsb + offs_s * stride_vss, mask=s_ok, other=0.0)
+                c_v = (c_v.to(tl.float32) * v_scale.to(tl.float32)[:, None]).to(dtype)
             acc = acc * alpha[:, None] + tl.dot(p.to(dtype), c_v)
 
         stat = (row * splits + split) * BLOCK_H + offs_h  # max / sum [B, splits, BLOCK_H]; acc adds BLOCK_RV
@@ -218,7 +226,8 @@ def _num_splits(batch: int, slots: int, block_s: int, device: torch.device) -> i
 def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weight, v_bias, positions, valid,
                             inv_freq, rope_scaling: float, scaling: float, *, max_position: int | None = None,
                             block_s: int | None = None, num_splits: int | None = None, num_warps: int = 4,
-                            num_stages: int | None = None) -> torch.Tensor:
+                            num_stages: int | None = None, k_scale: torch.Tensor | None = None,
+                            v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step of attention over a pre-RoPE latent cache.
 
     query [B, K, G, D] (rotated); k_latent [B, S, Rk], v_latent [B, S, Rv]; k_weight [K * D, Rk] and
@@ -226,6 +235,8 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     positions [B, S] (RoPE positions of the slots, >= 0); valid [B, S] bool (which slots this query may see;
     at least one per row); inv_freq [D/2] and rope_scaling as the model's rotary embedding has them;
     max_position: the largest value in positions if known (else read from the device: one synchronization).
+    An 8-bit cache: int8 k_latent / v_latent with their scales k_scale, v_scale [B, S, 1] in query.dtype (the
+    kernel reads the int8 values, a byte each, and dequantizes them in registers).
     Returns out [B, K, G, Dv] in query.dtype.
     """
     if triton is None:
@@ -258,14 +269,19 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     acc = torch.empty(batch, splits, block_h, block_rv, device=query.device, dtype=torch.float32)
     stats_max = torch.empty(batch, splits, block_h, device=query.device, dtype=torch.float32)
     stats_sum = torch.empty_like(stats_max)
+    has_scales = k_scale is not None
+    k_scale = k_scale if has_scales else k_weight  # unread placeholders without scales
+    v_scale = v_scale if has_scales else k_weight
     _latent_decode_kernel[(splits, batch)](
         query, k_latent, v_latent, k_weight, k_bias if k_bias is not None else k_weight, positions, valid, table,
-        acc, stats_max, stats_sum,
+        k_scale, v_scale, acc, stats_max, stats_sum,
         query.stride(0), k_latent.stride(0), k_latent.stride(1), v_latent.stride(0), v_latent.stride(1),
         positions.stride(0), valid.stride(0),
+        k_scale.stride(0) if has_scales else 0, k_scale.stride(1) if has_scales else 0,
+        v_scale.stride(0) if has_scales else 0, v_scale.stride(1) if has_scales else 0,
         slots, heads, group, kv_heads, k_rank, v_rank, per_split, splits, float(scaling),
         HALF=dim // 2, BLOCK_H=block_h, BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_RK=block_rk, BLOCK_RV=block_rv,
-        HAS_K_BIAS=k_bias is not None, num_warps=num_warps, num_stages=num_stages,
+        HAS_K_BIAS=k_bias is not None, HAS_SCALES=has_scales, num_warps=num_warps, num_stages=num_stages,
     )
     mixed = torch.empty(batch, heads, v_rank, device=query.device, dtype=query.dtype)  # sum_s p_s c_s per head
     _merge_splits_kernel[(heads, batch)](acc, stats_max, stats_sum, mixed, splits, heads, v_rank, BLOCK_H=block_h,

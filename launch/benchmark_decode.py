@@ -45,6 +45,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 LR50_SPEC = REPO / "docs" / "results" / "exports-cpu" / "lr50.compress.json"
+LR25_INT8_SPEC = REPO / "docs" / "results" / "int8-cache-cpu" / "b0.25-8.json"
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
                rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
@@ -308,6 +309,12 @@ def lr50_spec(num_layers: int) -> dict:
     return json.loads(LR50_SPEC.read_text())["spec"]
 
 
+def lr25_int8_spec(num_layers: int) -> dict:
+    """The low-rank 25% spec with 8-bit latents of docs/results/int8-cache-cpu (greedy ranks in bytes on SmolLM2):
+    the cache form of configs/recovery/lowrank-25-int8-long.yaml."""
+    return json.loads(LR25_INT8_SPEC.read_text())["spec"]
+
+
 def mixattention_spec(num_layers: int):
     """configs/recovery/mixattention-ma.yaml's layout: MixAttention MA, window 252 with 4 sinks, KV shared."""
     from kvforge.models.presets import PRESETS
@@ -329,6 +336,8 @@ GENERATE_VARIANTS = {
     "lr50-torch": ("lr50, KVFORGE_KERNELS=off", lr50_spec, "off", None),
     "lr50-triton": ("lr50, KVFORGE_KERNELS=auto (Triton)", lr50_spec, "auto", None),
     "lr50-static": ("lr50, Triton, static cache + CUDA graph", lr50_spec, "auto", "kvforge"),
+    "lr25-int8-static": ("lr25 in 8 bits, Triton reading int8, static cache + CUDA graph", lr25_int8_spec, "auto",
+                         "kvforge"),
     "mixattention-static": ("mixattention-ma (W=252, 4 sinks), static cache + CUDA graph", mixattention_spec, "auto",
                             "kvforge"),
     "window-static": ("every layer window 1,024, static cache + CUDA graph", window_spec, "auto", "kvforge"),

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -488,6 +488,31 @@ def dequantize_slots(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (values.float() * scale.float()).to(scale.dtype)
 
 
+class DequantizedSlots(Mapping):
+    """A low-bit layer's attendable slots as the storage holds them (int8 values, scales), dequantized per name on
+    first access (what the PyTorch paths read). A kernel that reads int8 itself takes `stored(name)` and never makes
+    the dequantized copy, so decoding reads the fewer bytes."""
+
+    def __init__(self, stored: dict[str, torch.Tensor]):
+        self._stored = stored
+        self._names = [name for name in stored if not name.endswith(SCALE_SUFFIX)]
+        self._dequantized: dict[str, torch.Tensor] = {}
+
+    def stored(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._stored[name], self._stored[name + SCALE_SUFFIX]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._dequantized:
+            self._dequantized[name] = dequantize_slots(*self.stored(name))
+        return self._dequantized[name]
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
 def fake_quantize(x: torch.Tensor, slot_dim: int) -> torch.Tensor:
     """x rounded as a low-bit cache holds it, with the gradient of the identity (straight-through): the model
     trains against the values it will be served, and its projections still learn."""
@@ -512,15 +537,14 @@ class LayerStorage:
 
     def update(self, plan: SlotPlan, new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Writes the new tokens' entries and returns every attendable slot (cached, then new) as attention reads
-        it: a low-bit cache stores int8 values and scales, and returns them dequantized (the values that
-        `fake_quantize` gives the same tokens without a cache)."""
+        it: a low-bit cache stores int8 values and scales, and returns them as DequantizedSlots (dequantized, they
+        are the values that `fake_quantize` gives the same tokens without a cache)."""
         if self.cache_bits is None:
             return self._write(plan, new)
         packed = {}
         for name, value in new.items():
             packed[name], packed[name + SCALE_SUFFIX] = quantize_slots(value, self.slot_dims[name])
-        stored = self._write(plan, packed)
-        return {name: dequantize_slots(stored[name], stored[name + SCALE_SUFFIX]) for name in new}
+        return DequantizedSlots(self._write(plan, packed))
 
     def _write(self, plan: SlotPlan, new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         attendable = {}
@@ -931,14 +955,17 @@ def partial_rope_query(query, rotated, rope_index):
 
 
 def pre_rope_latent_attention(query, k_latent, v_latent, k_up, v_up, key_rotary, mask, scaling, *,
-                              need_probs=False, dropout=0.0, use_sdpa=False, absorb=None):
+                              need_probs=False, dropout=0.0, use_sdpa=False, absorb=None, k_scale=None, v_scale=None):
     """Low-rank cache with RoPE after the up-projection (Eigen Attention style).
 
     query [B, K, G, T, D] (rotated); k_latent [B, S, Rk], v_latent [B, S, Rv]; k_up: Rk -> K*D and
     v_up: Rv -> K*D (the producer's nn.Linear modules); key_rotary: KeyRotary at the keys' positions.
     Keys are rebuilt and rotated here: RoPE sits between q and k_up, so k_up cannot fold into the query.
     The value up-projection is absorbed (`_latent_values`) by default for one query token (decode).
+    An 8-bit cache (cache_bits) gives int8 latents with their scales k_scale, v_scale [B, S, 1].
     """
+    if k_scale is not None:
+        k_latent, v_latent = dequantize_slots(k_latent, k_scale), dequantize_slots(v_latent, v_scale)
     length = query.shape[3]
     absorb = (length == 1) if absorb is None else absorb
     if not absorb:
@@ -1098,9 +1125,14 @@ class PreRopeLatent(CacheRepresentation):
         if query.shape[3] > 1:
             return super().attend(shared, query, cos, sin, plan, scaling, need_probs, dropout, use_sdpa, handoff)
         t, producer = shared.tensors, shared.producer
+        if isinstance(t, DequantizedSlots):  # 8 bits: the int8 latents and their scales, as the cache holds them
+            (k_latent, k_scale), (v_latent, v_scale) = t.stored("k_latent"), t.stored("v_latent")
+        else:
+            (k_latent, v_latent), k_scale, v_scale = (t["k_latent"], t["v_latent"]), None, None
         return attention_function(self.kernel)(
-            _rotated(query, cos, sin), t["k_latent"], t["v_latent"], producer.k_up, producer.v_up, plan.key_rotary(),
-            plan.mask, scaling, need_probs=need_probs, dropout=dropout, use_sdpa=use_sdpa)
+            _rotated(query, cos, sin), k_latent, v_latent, producer.k_up, producer.v_up, plan.key_rotary(),
+            plan.mask, scaling, need_probs=need_probs, dropout=dropout, use_sdpa=use_sdpa, k_scale=k_scale,
+            v_scale=v_scale)
 
 
 class PartialRopeLatent(CacheRepresentation):

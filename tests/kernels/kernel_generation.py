@@ -58,13 +58,22 @@ def assert_same_generation(runs) -> None:
         torch.testing.assert_close(with_kernel, without, atol=1e-4, rtol=1e-4)
 
 
-def record_kernel_calls(monkeypatch, kernel: str) -> list:
-    """Patches dispatch.<kernel> (the name the dispatch calls) to record each call's first argument's shape."""
-    calls = []
+class KernelCalls(list):
+    """Each call's first argument's shape; `dtypes`: each call's second argument's dtype (the cache's)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dtypes = []
+
+
+def record_kernel_calls(monkeypatch, kernel: str) -> KernelCalls:
+    """Patches dispatch.<kernel> (the name the dispatch calls) to record each call."""
+    calls = KernelCalls()
     real = getattr(dispatch, kernel)
 
     def recording(*args, **kwargs):
         calls.append(args[0].shape)
+        calls.dtypes.append(args[1].dtype)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(dispatch, kernel, recording)

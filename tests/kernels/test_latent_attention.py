@@ -84,6 +84,21 @@ def test_kernel_equals_the_float64_reference(shape, num_splits):
         assert relative_error(out, reference(c)) < 1e-5
 
 
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float16, 5e-3)])
+def test_8_bit_latents_read_as_int8_equal_the_float64_reference(dtype, tolerance):
+    """An 8-bit cache hands the kernel int8 latents and per-slot scales: it must give what the reference gives on the
+    same int8 values dequantized in float64 (the rounding itself is the model's, not the kernel's)."""
+    from kvforge.models.modeling_kvforge import quantize_slots
+
+    for num_splits in (1, 3):
+        c = case(dtype=dtype, slots=70, seed=7 + num_splits)
+        (k_q, k_scale), (v_q, v_scale) = quantize_slots(c["k_latent"], 1), quantize_slots(c["v_latent"], 1)
+        exact = dict(c, k_latent=k_q.double() * k_scale.double(), v_latent=v_q.double() * v_scale.double())
+        out = kernel(dict(c, k_latent=k_q, v_latent=v_q), block_s=16, num_splits=num_splits, k_scale=k_scale,
+                     v_scale=v_scale)
+        assert relative_error(out, reference(exact)) < tolerance
+
+
 def test_half_precision_inputs_stay_within_half_precision_error():
     c = case(dtype=torch.float16, slots=96, seed=3)
     assert relative_error(kernel(c, block_s=32, num_splits=2), reference(c)) < 5e-3
@@ -148,14 +163,17 @@ def test_a_kernel_too_big_for_the_gpu_falls_back_to_the_reference_once(monkeypat
     torch.testing.assert_close(again, expected)
 
 
-def test_generate_with_the_kernel_equals_generate_without(monkeypatch, kernel_calls):
+@pytest.mark.parametrize("cache_bits", [None, 8])
+def test_generate_with_the_kernel_equals_generate_without(monkeypatch, kernel_calls, cache_bits):
     """A tiny model with latent layers (a global owner, a window layer, a kv_from reader), batch 2 with left
-    padding, decoding past the window: same tokens and logits with KVFORGE_KERNELS=triton and =off."""
-    low_rank = {"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 12, "v_rank": 10}
+    padding, decoding past the window: same tokens and logits with KVFORGE_KERNELS=triton and =off; with an 8-bit
+    cache the kernel is handed the int8 latents (never a dequantized copy)."""
+    low_rank = {"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 12, "v_rank": 10, "cache_bits": cache_bits}
     runs = generate_with_and_without_kernels(
         monkeypatch,
         [low_rank, {"kv_from": 0}, {**low_rank, "attention": "window", "window": 8, "sinks": 2}], num_attention_heads=6)
     assert len(kernel_calls) == 9 * 3  # 9 decode steps x 3 layers attending over a latent cache
+    assert set(kernel_calls.dtypes) == {torch.int8 if cache_bits else torch.float32}
     assert_same_generation(runs)
 
 

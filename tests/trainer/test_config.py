@@ -204,16 +204,16 @@ def test_every_recovery_recipe_compresses_smollm2_as_it_says(recipe, fraction, m
     ("compression.surgery.rank_alocation=greedy",
      "compression.surgery.rank_alocation: unknown key; did you mean 'rank_allocation'?"),
     ("compression.prest=low-rank", "compression.prest: unknown key; did you mean 'preset'?"),
-    ("compression.surgery.budget_fraction=0.25",
-     "compression.surgery.budget_fraction = 0.25 and compression.arguments.budget = 0.5 disagree"),
+    ("compression.surgery.budget_fraction=0.5",
+     "compression.surgery.budget_fraction = 0.5 and compression.arguments.budget = 0.25 disagree"),
 ])
 def test_compression_keys_and_the_two_budget_spellings_fail_in_load_config_naming_the_key(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(REPO / "configs/smollm2-recover.yaml", [override])
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
     # The same budget in both spellings is one budget.
-    cfg = load_config(REPO / "configs/smollm2-recover.yaml", ["compression.surgery.budget_fraction=0.5"])
-    assert cfg.compression.budget == cfg.compression.surgery.budget_fraction == cfg.compression.arguments["budget"] == 0.5
+    cfg = load_config(REPO / "configs/smollm2-recover.yaml", ["compression.surgery.budget_fraction=0.25"])
+    assert cfg.compression.budget == cfg.compression.surgery.budget_fraction == cfg.compression.arguments["budget"] == 0.25
 
 
 def test_the_compression_section_is_parsed_once_and_written_back_as_given(monkeypatch, tmp_path):

@@ -29,10 +29,11 @@ QUEUE1=${QUEUE1:-shared-attention window-lowrank-12 lowrank-25-prose}
 MULTIGPU1=${MULTIGPU1:-}
 MULTIGPU2=${MULTIGPU2:-}
 SAMPLER_ATTENTION=${SAMPLER_ATTENTION-matmul triton}
-# B=32 at 16k (the issue's second end-to-end point); then window and MixAttention layouts at 4k and 32k, whose
-# window layers should decode in the same time at both.
+# B=32 at 16k (the issue's second end-to-end point) and B=128 at 4k with the 25% model's 8-bit latents (the kernel
+# reads int8 since session 10); then window and MixAttention layouts at 4k and 32k, whose window layers should
+# decode in the same time at both.
 DECODE_ARGS=${DECODE_ARGS-"--gen-batch 32 --gen-prompt 16384 --gen-variants original original-static lr50-static \
---repeats 5|--gen-batch 32 --gen-prompt 4096 --gen-variants window-static mixattention-static --repeats 3|\
+lr25-int8-static --repeats 5|--gen-batch 128 --gen-prompt 4096 --gen-variants original-static lr25-int8-static --repeats 3|--gen-batch 32 --gen-prompt 4096 --gen-variants window-static mixattention-static --repeats 3|\
 --gen-batch 32 --gen-prompt 32768 --gen-variants window-static mixattention-static original-static --repeats 3"}
 stamp() { echo "$(date +%T) $*"; }
 mkdir -p "$K/results"
