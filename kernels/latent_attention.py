@@ -90,6 +90,7 @@ if triton is not None:
         slots, heads, group, kv_heads, k_rank, v_rank, slots_per_split, splits, scaling,
         HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
         BLOCK_RK: tl.constexpr, BLOCK_RV: tl.constexpr, HAS_K_BIAS: tl.constexpr, HAS_SCALES: tl.constexpr,
+        CHUNK_RK: tl.constexpr,
     ):
         split = tl.program_id(0)
         row = tl.program_id(1)
@@ -110,11 +111,15 @@ if triton is not None:
         q_lo = tl.load(q_ptr, mask=own, other=0.0)
         q_hi = tl.load(q_ptr + HALF, mask=own, other=0.0)
 
-        # U_k transposed into the same columns, per half: k_up.weight row (kv * D + pair [+ HALF]), column r.
+        # U_k transposed into the same columns, per half: k_up.weight row (kv * D + pair [+ HALF]), column r. Held for
+        # the whole program when it fits (CHUNK_RK == BLOCK_RK); large key ranks read it in CHUNK_RK-row chunks per
+        # tile instead (two [BLOCK_RK, BLOCK_C] tiles of 256 x 128 need 128 KiB of shared memory in bf16).
         rk_ok = offs_rk < k_rank
-        w_ptr = K_WEIGHT + (col_head[None, :] * (2 * HALF) + col_pair[None, :]) * k_rank + offs_rk[:, None]
-        w_lo = tl.load(w_ptr, mask=rk_ok[:, None] & col_ok[None, :], other=0.0)
-        w_hi = tl.load(w_ptr + HALF * k_rank, mask=rk_ok[:, None] & col_ok[None, :], other=0.0)
+        w_cols = (col_head[None, :] * (2 * HALF) + col_pair[None, :]) * k_rank
+        if CHUNK_RK == BLOCK_RK:
+            w_ptr = K_WEIGHT + w_cols + offs_rk[:, None]
+            w_lo = tl.load(w_ptr, mask=rk_ok[:, None] & col_ok[None, :], other=0.0)
+            w_hi = tl.load(w_ptr + HALF * k_rank, mask=rk_ok[:, None] & col_ok[None, :], other=0.0)
         if HAS_K_BIAS:
             bias_ptr = K_BIAS + col_head * (2 * HALF) + col_pair
             b_lo = tl.load(bias_ptr, mask=col_ok, other=0.0).to(tl.float32)
@@ -129,13 +134,30 @@ if triton is not None:
         for tile in range(start, end, BLOCK_S):
             offs_s = tile + tl.arange(0, BLOCK_S)
             s_ok = offs_s < end
-            c_k = tl.load(K_LATENT + row * stride_kb + offs_s[:, None] * stride_ks + offs_rk[None, :],
-                          mask=s_ok[:, None] & rk_ok[None, :], other=0)
             if HAS_SCALES:  # int8 latents: one byte per element read, dequantized in registers
                 k_scale = tl.load(K_SCALE + row * stride_ksb + offs_s * stride_kss, mask=s_ok, other=0.0)
-                c_k = (c_k.to(tl.float32) * k_scale.to(tl.float32)[:, None]).to(dtype)
-            key_lo = tl.dot(c_k, w_lo)  # [BLOCK_S, BLOCK_C] float32
-            key_hi = tl.dot(c_k, w_hi)
+            if CHUNK_RK == BLOCK_RK:
+                c_k = tl.load(K_LATENT + row * stride_kb + offs_s[:, None] * stride_ks + offs_rk[None, :],
+                              mask=s_ok[:, None] & rk_ok[None, :], other=0)
+                if HAS_SCALES:
+                    c_k = (c_k.to(tl.float32) * k_scale.to(tl.float32)[:, None]).to(dtype)
+                key_lo = tl.dot(c_k, w_lo)  # [BLOCK_S, BLOCK_C] float32
+                key_hi = tl.dot(c_k, w_hi)
+            else:
+                key_lo = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+                key_hi = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
+                for first in tl.static_range(0, BLOCK_RK, CHUNK_RK):
+                    offs_r = first + tl.arange(0, CHUNK_RK)
+                    r_ok = offs_r < k_rank
+                    c_k = tl.load(K_LATENT + row * stride_kb + offs_s[:, None] * stride_ks + offs_r[None, :],
+                                  mask=s_ok[:, None] & r_ok[None, :], other=0)
+                    if HAS_SCALES:
+                        c_k = (c_k.to(tl.float32) * k_scale.to(tl.float32)[:, None]).to(dtype)
+                    w_ptr = K_WEIGHT + w_cols + offs_r[:, None]
+                    w_lo = tl.load(w_ptr, mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+                    w_hi = tl.load(w_ptr + HALF * k_rank, mask=r_ok[:, None] & col_ok[None, :], other=0.0)
+                    key_lo += tl.dot(c_k, w_lo)
+                    key_hi += tl.dot(c_k, w_hi)
             if HAS_K_BIAS:
                 key_lo += b_lo[None, :]
                 key_hi += b_hi[None, :]
@@ -227,7 +249,7 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
                             inv_freq, rope_scaling: float, scaling: float, *, max_position: int | None = None,
                             block_s: int | None = None, num_splits: int | None = None, num_warps: int = 4,
                             num_stages: int | None = None, k_scale: torch.Tensor | None = None,
-                            v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                            v_scale: torch.Tensor | None = None, chunk_rk: int | None = None) -> torch.Tensor:
     """One decode step of attention over a pre-RoPE latent cache.
 
     query [B, K, G, D] (rotated); k_latent [B, S, Rk], v_latent [B, S, Rv]; k_weight [K * D, Rk] and
@@ -261,6 +283,9 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     num_stages = num_stages or (2 if wide else 3)
     block_h, block_c = _next_power_of_2(heads), _next_power_of_2(kv_heads * (dim // 2))
     block_rk, block_rv = _next_power_of_2(k_rank), _next_power_of_2(v_rank)
+    # Key ranks up to 128 keep U_k's two tiles for the whole program (the measured configurations); larger ones
+    # (the 50% model's 8-bit latents: up to 192) read it in chunks of 64 rows per tile. chunk_rk: tests force it.
+    chunk_rk = chunk_rk or (block_rk if block_rk <= 128 else 64)
     splits = num_splits or _num_splits(batch, slots, block_s, query.device)
     per_split = -(-slots // splits)
     per_split = -(-per_split // block_s) * block_s  # whole tiles, so only the last split has a ragged end
@@ -281,7 +306,8 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
         v_scale.stride(0) if has_scales else 0, v_scale.stride(1) if has_scales else 0,
         slots, heads, group, kv_heads, k_rank, v_rank, per_split, splits, float(scaling),
         HALF=dim // 2, BLOCK_H=block_h, BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_RK=block_rk, BLOCK_RV=block_rv,
-        HAS_K_BIAS=k_bias is not None, HAS_SCALES=has_scales, num_warps=num_warps, num_stages=num_stages,
+        HAS_K_BIAS=k_bias is not None, HAS_SCALES=has_scales, CHUNK_RK=chunk_rk, num_warps=num_warps,
+        num_stages=num_stages,
     )
     mixed = torch.empty(batch, heads, v_rank, device=query.device, dtype=query.dtype)  # sum_s p_s c_s per head
     _merge_splits_kernel[(heads, batch)](acc, stats_max, stats_sum, mixed, splits, heads, v_rank, BLOCK_H=block_h,

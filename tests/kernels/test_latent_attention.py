@@ -99,6 +99,24 @@ def test_8_bit_latents_read_as_int8_equal_the_float64_reference(dtype, tolerance
         assert relative_error(out, reference(exact)) < tolerance
 
 
+@pytest.mark.parametrize("cache_bits", [None, 8])
+def test_large_key_ranks_read_the_up_projection_in_chunks(cache_bits):
+    """Key ranks above 128 (the 50% model in 8 bits: up to 192) read U_k in chunks of 64 rows per tile, since its
+    two whole tiles need more shared memory than an H200 has; small ranks can be forced through the same path."""
+    from kvforge.models.modeling_kvforge import quantize_slots
+
+    for shape, chunk in ((dict(k_rank=150, v_rank=40, slots=40), None), (dict(k_rank=40, v_rank=24, slots=40), 16)):
+        c = case(**shape, seed=11)
+        options = dict(block_s=16, num_splits=2, chunk_rk=chunk)
+        if cache_bits:
+            (k_q, k_scale), (v_q, v_scale) = quantize_slots(c["k_latent"], 1), quantize_slots(c["v_latent"], 1)
+            out = kernel(dict(c, k_latent=k_q, v_latent=v_q), k_scale=k_scale, v_scale=v_scale, **options)
+            c = dict(c, k_latent=k_q.double() * k_scale.double(), v_latent=v_q.double() * v_scale.double())
+        else:
+            out = kernel(c, **options)
+        assert relative_error(out, reference(c)) < 1e-5
+
+
 def test_half_precision_inputs_stay_within_half_precision_error():
     c = case(dtype=torch.float16, slots=96, seed=3)
     assert relative_error(kernel(c, block_s=32, num_splits=2), reference(c)) < 5e-3
