@@ -356,8 +356,9 @@ def test_seeded_sampling_matches_uncached_sampling(method):
     assert torch.equal(runs[0], runs[2]), "cached and uncached sampling diverged"
 
 
-def test_beam_search_reorders_the_cache():
-    model = build(METHODS["combined"])
+@pytest.mark.parametrize("method", ["combined", "int8"])
+def test_beam_search_reorders_the_cache(method):
+    model = build(METHODS[method])
     ids, mask = padded_batch()
     with torch.no_grad():
         cached = model.generate(ids, attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False)
