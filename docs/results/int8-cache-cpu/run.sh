@@ -10,3 +10,12 @@ for row in "0.25 8" "0.25 none" "0.125 8" "0.5 8" "0.5 none" "0.125 none"; do
   HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 .venv/bin/python launch/compress.py $C --budget $1 $arg \
     --json docs/results/int8-cache-cpu/b$1-$2.json 2>&1 | grep -v Warning | tail -12
 done
+# Windows (1,020 + 4 sinks) in every odd layer beside the latents, at an eighth of the cache at 2,048 tokens:
+# configs/recovery/window-lowrank-12{,-int8-long}.yaml's compression (window-lowrank-12.json, window-lowrank-12-int8.json).
+C2="--calib-source stdlib-docstrings --calib-tokens 16384 --calib-seq-len 2048 --eval-source .gpu/fortunes --eval-seq-len 2048 --eval-rows 8"
+for recipe in window-lowrank-12-int8-long window-lowrank-12; do
+  echo "== $recipe"; date
+  HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 KVFORGE_CORPUS=/etc/hostname .venv/bin/python launch/compress.py $C2 \
+    --spec configs/recovery/$recipe.yaml --budget 0.125 --json docs/results/int8-cache-cpu/${recipe%-long}.json 2>&1 \
+    | grep -v Warning | tail -4
+done
