@@ -1314,7 +1314,7 @@ class SharedKV:
     """A producer's attendable cache for this step, as kv_from consumers read it."""
 
     representation: str  # the producer's, a CACHE_REPRESENTATIONS name
-    tensors: dict[str, torch.Tensor]
+    tensors: Mapping[str, torch.Tensor]  # a dict, or DequantizedSlots for an 8-bit cache
     producer: "KVForgeAttention"  # gives up-projections / rope_index / kv head count
     _dense: tuple | None = field(default=None, repr=False)
 
