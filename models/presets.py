@@ -35,6 +35,11 @@ Low-rank budgets: `low_rank` gives every layer a low-rank K/V at a uniform rank 
 calibration error (surgery.SurgerySettings).
 
 Free-form layouts: `layout("G W W<1 W ...")` or `custom([...])` with one dict of LayerSpec fields per layer.
+
+Every preset takes `cache_bits` (8: each layer that caches something holds int8 values with per-token scales,
+LayerSpec.cache_bits); `low_rank` also spends its budget on the bytes that buys, the others apply it to the layout
+they build (`standard` with `cache_bits: 8` is the original model with an 8-bit KV cache: half the bytes, no
+surgery).
 """
 
 from __future__ import annotations
@@ -338,7 +343,8 @@ def preset_names() -> list[str]:
 
 
 def build_preset(name: str, model_config: Any, **arguments: Any) -> Any:
-    """Call preset `name` with the model's depth/heads filled in from `model_config` and `arguments`.
+    """Call preset `name` with the model's depth/heads filled in from `model_config` and `arguments` (any preset
+    takes `cache_bits`).
 
     Raises:
         PresetError: an unknown preset (with the closest names) or an argument it does not take.
@@ -347,6 +353,8 @@ def build_preset(name: str, model_config: Any, **arguments: Any) -> Any:
         raise PresetError(f"unknown preset {name!r}{did_you_mean(name, PRESETS, n=3)} Known presets: {preset_names()}")
     fn = PRESETS[name]
     params = inspect.signature(fn).parameters
+    # cache_bits composes with every layout: a preset that does not budget with it gets it on each caching layer.
+    cache_bits = arguments.pop("cache_bits", None) if "cache_bits" not in params else None
     unknown = sorted(set(arguments) - set(params))
     if unknown:
         accepted = [p for p in params if p not in MODEL_ARGUMENTS]
@@ -356,5 +364,9 @@ def build_preset(name: str, model_config: Any, **arguments: Any) -> Any:
         if param in params and param not in call:
             call[param] = head_dim_of(model_config) if attr == "head_dim" else getattr(model_config, attr, None)
     spec = fn(**call)
+    if cache_bits is not None:
+        for layer in spec.layers:
+            if layer.kv_from is None:
+                layer.cache_bits = cache_bits
     Geometry.of(model_config).check_spec(spec)
     return spec

@@ -83,6 +83,22 @@ def test_low_rank_preset_meets_its_budget_exactly():
     assert build_preset("low-rank", config, budget=0.25, cache_bits=8).layers[0].k_rank == 94  # against 48 in bf16
 
 
+@pytest.mark.parametrize("name, arguments", [("standard", {}), ("mixattention-ma", {"window": 64}),
+                                             ("merged-heads", {"num_kv_heads": 1})])
+def test_every_preset_takes_cache_bits_on_the_layers_that_cache(name, arguments):
+    config = model_config(30)
+    plain = build_preset(name, config, **arguments)
+    low_bit = build_preset(name, config, **arguments, cache_bits=8)
+    assert [layer.cache_bits for layer in low_bit.layers] == [None if layer.kv_from is not None else 8
+                                                              for layer in plain.layers]
+    plain_bytes, low_bit_bytes = (spec.kv_cache_bytes_per_token(num_kv_heads=3, head_dim=64, dtype="bfloat16")
+                                  for spec in (plain, low_bit))
+    caching = sum(layer.kv_from is None and not layer.is_window for layer in plain.layers)
+    assert low_bit_bytes == plain_bytes / 2 + caching * 2 * 2  # a byte per element, two bf16 scales per layer
+    with pytest.raises(CompressionSpecError, match=r"compression.layers\[0\].cache_bits=4 is not supported"):
+        build_preset(name, config, **arguments, cache_bits=4)
+
+
 def test_layout_strings():
     spec = layout(4, "G W W<1 G<0", window=256, sinks=4)
     assert [(l.attention, l.kv_from) for l in spec.layers] == [("global", None), ("window", None), ("window", 1), ("global", 0)]

@@ -19,3 +19,7 @@ for recipe in window-lowrank-12-int8-long window-lowrank-12; do
     --spec configs/recovery/$recipe.yaml --budget 0.125 --json docs/results/int8-cache-cpu/${recipe%-long}.json 2>&1 \
     | grep -v Warning | tail -4
 done
+# The original model with an 8-bit KV cache: no surgery, every layer's K and V in int8 (standard.json).
+echo "== standard, cache_bits 8"; date
+HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 .venv/bin/python launch/compress.py $C2 --spec standard --arg cache_bits=8 \
+  --json docs/results/int8-cache-cpu/standard-int8.json 2>&1 | grep -v Warning | tail -4
