@@ -126,25 +126,29 @@ def _pre_rope_latent(reference: Callable) -> Callable:
 
 def _kv(reference: Callable) -> Callable:
     @functools.wraps(reference)
-    def attend(query, key, value, mask, scaling, *, need_probs=False, dropout=0.0, use_sdpa=False, causal=False):
+    def attend(query, key, value, mask, scaling, *, need_probs=False, dropout=0.0, use_sdpa=False, causal=False,
+               k_scale=None, v_scale=None):
         fits = (
             query.shape[3] == 1 and not need_probs and not dropout and not causal
             and fits_head_dim(query.shape[-1]) and value.shape[-1] == query.shape[-1]
-            and key.dtype == value.dtype == query.dtype and key.stride(-1) == 1 and value.stride(-1) == 1
+            and (key.dtype == value.dtype == query.dtype if k_scale is None  # else an 8-bit cache
+                 else key.dtype == value.dtype == torch.int8 and k_scale.dtype == v_scale.dtype == query.dtype)
+            and key.stride(-1) == 1 and value.stride(-1) == 1
             and not (torch.is_grad_enabled() and query.requires_grad)
         )
+
         def pytorch():
             return reference(query, key, value, mask, scaling, need_probs=need_probs, dropout=dropout,
-                             use_sdpa=use_sdpa, causal=causal)
+                             use_sdpa=use_sdpa, causal=causal, k_scale=k_scale, v_scale=v_scale)
 
         def kernel():
             out = gqa_decode_attention(query[:, :, :, 0].contiguous(), key, value, None, scaling,
-                                       valid=mask[:, 0, 0, 0, :])
+                                       valid=mask[:, 0, 0, 0, :], k_scale=k_scale, v_scale=v_scale)
             return out[:, :, :, None], None
 
         if not (use_unmeasured_triton(query) and fits):
             return pytorch()
-        return _kernel_or_reference("GQA", (query.dtype, tuple(query.shape[1:])), kernel, pytorch)
+        return _kernel_or_reference("GQA", (query.dtype, key.dtype, tuple(query.shape[1:])), kernel, pytorch)
 
     return attend
 
@@ -162,6 +166,7 @@ def _partial(reference: Callable) -> Callable:
             and not (torch.is_grad_enabled() and (query_rope.requires_grad or query_nope.requires_grad
                                                   or k_up.weight.requires_grad or v_up.weight.requires_grad))
         )
+
         def pytorch():
             return reference(query_rope, query_nope, k_rope, kv_latent, k_up, v_up, mask, scaling,
                              need_probs=need_probs, dropout=dropout, absorb=absorb)

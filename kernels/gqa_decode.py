@@ -37,14 +37,15 @@ if triton is not None:
 
     @triton.jit
     def _gqa_decode_split_kernel(
-        Q, K, V, LENGTH, VALID, ACC, MAX, SUM,
+        Q, K, V, LENGTH, VALID, K_SCALE, V_SCALE, ACC, MAX, SUM,
         stride_qb, stride_qh, stride_qg,  # q [B, Hkv, G, D], D contiguous
         stride_kb, stride_kh, stride_ks,  # keys [B, Hkv, S, D], D contiguous
         stride_vb, stride_vh, stride_vs,  # values likewise
         stride_valid_b,  # valid [B, S] (uint8), slots contiguous
+        stride_ksb, stride_kss, stride_vsb, stride_vss,  # an 8-bit cache's scales [B, 1, S, 1] (HAS_SCALES)
         kv_heads, group, slots_per_split, scaling, slots,
         HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
-        LENGTH_IN_MEMORY: tl.constexpr, HAS_VALID: tl.constexpr,
+        LENGTH_IN_MEMORY: tl.constexpr, HAS_VALID: tl.constexpr, HAS_SCALES: tl.constexpr,
     ):
         row_head = tl.program_id(0)
         split = tl.program_id(1)
@@ -66,11 +67,17 @@ if triton is not None:
             valid = s < hi
             if HAS_VALID:
                 valid = valid & (tl.load(VALID + b * stride_valid_b + s, mask=valid, other=0) != 0)
-            k = tl.load(k_base + s[:, None].to(tl.int64) * stride_ks + d[None, :], mask=valid[:, None], other=0.0)
+            k = tl.load(k_base + s[:, None].to(tl.int64) * stride_ks + d[None, :], mask=valid[:, None], other=0)
+            if HAS_SCALES:  # int8 keys and values: a byte per element read, dequantized in registers
+                k_scale = tl.load(K_SCALE + b * stride_ksb + s * stride_kss, mask=valid, other=0.0)
+                k = (k.to(tl.float32) * k_scale.to(tl.float32)[:, None]).to(q.dtype)
             scores = tl.dot(q, tl.trans(k)) * scaling  # [BLOCK_G, BLOCK_S], fp32
             scores = tl.where(valid[None, :], scores, float("-inf"))
             m, alpha, p, total = online_softmax_tile(scores, m, total)
-            v = tl.load(v_base + s[:, None].to(tl.int64) * stride_vs + d[None, :], mask=valid[:, None], other=0.0)
+            v = tl.load(v_base + s[:, None].to(tl.int64) * stride_vs + d[None, :], mask=valid[:, None], other=0)
+            if HAS_SCALES:
+                v_scale = tl.load(V_SCALE + b * stride_vsb + s * stride_vss, mask=valid, other=0.0)
+                v = (v.to(tl.float32) * v_scale.to(tl.float32)[:, None]).to(q.dtype)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         out = (row_head * num_splits + split).to(tl.int64) * BLOCK_G + g
         keep = g < group
@@ -91,7 +98,8 @@ def decode_splits(rows: int, slots: int, block: int = 64, target_programs: int =
 
 def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                          length: torch.Tensor | None, scaling: float, valid: torch.Tensor | None = None,
-                         splits: int | None = None, block_s: int = 64) -> torch.Tensor:
+                         splits: int | None = None, block_s: int = 64, k_scale: torch.Tensor | None = None,
+                         v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T * scaling) v over slots [0, length) of the cache, per row and query head.
 
     Args:
@@ -102,6 +110,7 @@ def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.
         valid: optional [B or 1, S] boolean mask of the slots a row may attend to (padding, a window's ring);
             every row must keep at least one.
         splits: slot-axis splits (default `decode_splits`).
+        k_scale, v_scale: an 8-bit cache's scales [B, 1, S, 1] in the query's dtype, with int8 keys and values.
     Returns [B, Hkv, G, D] in the query's dtype.
     """
     B, Hkv, G, D = query.shape
@@ -122,16 +131,19 @@ def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.
         if valid.shape[-1] != slots or valid.shape[0] not in (1, B):
             raise ValueError(f"valid {tuple(valid.shape)} must be [B or 1, S] = [{B} or 1, {slots}]")
         valid = valid.to(torch.uint8).contiguous()
+    has_scales = k_scale is not None
     _gqa_decode_split_kernel[(B * Hkv, splits)](
         query, keys, values, length if length is not None else query, valid if valid is not None else query,
-        acc, m, total,
+        k_scale if has_scales else query, v_scale if has_scales else query, acc, m, total,
         query.stride(0), query.stride(1), query.stride(2),
         keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2),
         (valid.stride(0) if valid.shape[0] > 1 else 0) if valid is not None else 0,
+        k_scale.stride(0) if has_scales else 0, k_scale.stride(2) if has_scales else 0,
+        v_scale.stride(0) if has_scales else 0, v_scale.stride(2) if has_scales else 0,
         Hkv, G, slots_per_split, scaling, slots,
         HEAD_DIM=D, BLOCK_G=block_g, BLOCK_S=block_s,
-        LENGTH_IN_MEMORY=length is not None, HAS_VALID=valid is not None,
+        LENGTH_IN_MEMORY=length is not None, HAS_VALID=valid is not None, HAS_SCALES=has_scales,
     )
     acc, m, total = acc[:, :, :G], m[:, :, :G], total[:, :, :G]
     # Merge the splits: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s (empty splits weigh 0).

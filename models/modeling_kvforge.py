@@ -873,7 +873,8 @@ def _dropout(probs: torch.Tensor, dropout: float) -> torch.Tensor:
     return F.dropout(probs, p=dropout, training=True) if dropout > 0 else probs
 
 
-def kv_attention(query, key, value, mask, scaling, *, need_probs=False, dropout=0.0, use_sdpa=False, causal=False):
+def kv_attention(query, key, value, mask, scaling, *, need_probs=False, dropout=0.0, use_sdpa=False, causal=False,
+                 k_scale=None, v_scale=None):
     """Dense / merged-heads cache, and the training / prefill form of the latent ones (`dense_kv`).
 
     query [B, K, G, T, D] (rotated); key [B, K, S, D], value [B, K, S, Dv] (keys rotated); mask [B or 1, 1, 1,
@@ -882,8 +883,11 @@ def kv_attention(query, key, value, mask, scaling, *, need_probs=False, dropout=
     expanded to H heads: not every fused kernel that takes a mask takes GQA, and the math fallback would hold the
     [T, S] scores. Either way no [T, S] score matrix is held (on an H200 both run cuDNN's fused attention,
     docs/TRAINING.md); the explicit softmax below is the reference and serves need_probs.
+    An 8-bit cache (cache_bits) gives int8 key and value with their scales k_scale, v_scale [B, 1, S, 1].
     Returns out [B, K, G, T, Dv] and probs [B, K, G, T, S] (pre-dropout; None unless need_probs).
     """
+    if k_scale is not None:
+        key, value = dequantize_slots(key, k_scale), dequantize_slots(value, v_scale)
     batch, heads, group, length, dim = query.shape
     if use_sdpa and not need_probs:
         query = query.reshape(batch, heads * group, length, dim)
@@ -1098,6 +1102,16 @@ class DenseKV(CacheRepresentation):
 
     def whole_kv(self, shared, query, cos, sin, plan):
         return _rotated(query, cos, sin), shared.tensors["key"], shared.tensors["value"]
+
+    def attend(self, shared, query, cos, sin, plan, scaling, need_probs, dropout, use_sdpa, handoff):
+        t = shared.tensors
+        if query.shape[3] > 1 or not isinstance(t, DequantizedSlots):
+            return super().attend(shared, query, cos, sin, plan, scaling, need_probs, dropout, use_sdpa, handoff)
+        # Decode over an 8-bit cache: the int8 keys and values and their scales, as the cache holds them.
+        (key, k_scale), (value, v_scale) = t.stored("key"), t.stored("value")
+        return attention_function(self.kernel)(_rotated(query, cos, sin), key, value, plan.mask, scaling,
+                                               need_probs=need_probs, dropout=dropout, use_sdpa=use_sdpa,
+                                               k_scale=k_scale, v_scale=v_scale)
 
 
 class PreRopeLatent(CacheRepresentation):
