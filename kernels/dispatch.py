@@ -84,6 +84,13 @@ def _kernel_or_reference(name: str, shape: tuple, kernel: Callable, reference: C
         return reference()
 
 
+def _cache_dtypes_fit(query, key, value, k_scale, v_scale) -> bool:
+    """The cached tensors are in the query's dtype, or an 8-bit cache's int8 with scales in the query's dtype."""
+    if k_scale is None:
+        return key.dtype == value.dtype == query.dtype
+    return key.dtype == value.dtype == torch.int8 and k_scale.dtype == v_scale.dtype == query.dtype
+
+
 def _is_power_of_2(n: int) -> bool:
     return n >= 2 and n & (n - 1) == 0
 
@@ -100,11 +107,10 @@ def _pre_rope_latent(reference: Callable) -> Callable:
         fits = (
             query.shape[3] == 1 and not need_probs and not dropout and absorb is not False
             and _plain_linear(k_up, v_up) and _is_power_of_2(query.shape[-1])  # Triton's aranges need 2^n
-            and k_up.weight.dtype == query.dtype
-            and (k_latent.dtype == v_latent.dtype == query.dtype if k_scale is None  # else an 8-bit cache
-                 else k_latent.dtype == v_latent.dtype == torch.int8 and k_scale.dtype == v_scale.dtype == query.dtype)
+            and k_up.weight.dtype == query.dtype and _cache_dtypes_fit(query, k_latent, v_latent, k_scale, v_scale)
             and not (torch.is_grad_enabled() and (query.requires_grad or k_up.weight.requires_grad))
         )
+
         def pytorch():
             return reference(query, k_latent, v_latent, k_up, v_up, key_rotary, mask, scaling, need_probs=need_probs,
                              dropout=dropout, use_sdpa=use_sdpa, absorb=absorb, k_scale=k_scale, v_scale=v_scale)
@@ -131,9 +137,7 @@ def _kv(reference: Callable) -> Callable:
         fits = (
             query.shape[3] == 1 and not need_probs and not dropout and not causal
             and fits_head_dim(query.shape[-1]) and value.shape[-1] == query.shape[-1]
-            and (key.dtype == value.dtype == query.dtype if k_scale is None  # else an 8-bit cache
-                 else key.dtype == value.dtype == torch.int8 and k_scale.dtype == v_scale.dtype == query.dtype)
-            and key.stride(-1) == 1 and value.stride(-1) == 1
+            and _cache_dtypes_fit(query, key, value, k_scale, v_scale) and key.stride(-1) == 1 and value.stride(-1) == 1
             and not (torch.is_grad_enabled() and query.requires_grad)
         )
 
