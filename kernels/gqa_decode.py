@@ -24,7 +24,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .latent_attention import online_softmax_tile, split_slots  # the steps the decode kernels share
+    from .latent_attention import dequantized_tile, online_softmax_tile, split_slots  # the steps decode kernels share
 except ImportError:  # CPU-only install
     triton = None
 
@@ -70,14 +70,14 @@ if triton is not None:
             k = tl.load(k_base + s[:, None].to(tl.int64) * stride_ks + d[None, :], mask=valid[:, None], other=0)
             if HAS_SCALES:  # int8 keys and values: a byte per element read, dequantized in registers
                 k_scale = tl.load(K_SCALE + b * stride_ksb + s * stride_kss, mask=valid, other=0.0)
-                k = (k.to(tl.float32) * k_scale.to(tl.float32)[:, None]).to(q.dtype)
+                k = dequantized_tile(k, k_scale).to(q.dtype)
             scores = tl.dot(q, tl.trans(k)) * scaling  # [BLOCK_G, BLOCK_S], fp32
             scores = tl.where(valid[None, :], scores, float("-inf"))
             m, alpha, p, total = online_softmax_tile(scores, m, total)
             v = tl.load(v_base + s[:, None].to(tl.int64) * stride_vs + d[None, :], mask=valid[:, None], other=0)
             if HAS_SCALES:
                 v_scale = tl.load(V_SCALE + b * stride_vsb + s * stride_vss, mask=valid, other=0.0)
-                v = (v.to(tl.float32) * v_scale.to(tl.float32)[:, None]).to(q.dtype)
+                v = dequantized_tile(v, v_scale).to(q.dtype)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         out = (row_head * num_splits + split).to(tl.int64) * BLOCK_G + g
         keep = g < group

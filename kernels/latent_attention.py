@@ -66,6 +66,11 @@ if triton is not None:
         return start, tl.minimum(start + slots_per_split, length)
 
     @triton.jit
+    def dequantized_tile(values, scale):
+        """An 8-bit cache's tile [rows, cols] of int8 values times its rows' scales [rows], in float32."""
+        return values.to(tl.float32) * scale.to(tl.float32)[:, None]
+
+    @triton.jit
     def online_softmax_tile(scores, running_max, running_sum):
         """One tile of flash attention's online softmax over scores [rows, BLOCK_S] (fp32, masked = -inf):
         the new running max, the factor that rescales what the tiles before accumulated, the tile's weights,
@@ -140,7 +145,7 @@ if triton is not None:
                 c_k = tl.load(K_LATENT + row * stride_kb + offs_s[:, None] * stride_ks + offs_rk[None, :],
                               mask=s_ok[:, None] & rk_ok[None, :], other=0)
                 if HAS_SCALES:
-                    c_k = (c_k.to(tl.float32) * k_scale.to(tl.float32)[:, None]).to(dtype)
+                    c_k = dequantized_tile(c_k, k_scale).to(dtype)
                 key_lo = tl.dot(c_k, w_lo)  # [BLOCK_S, BLOCK_C] float32
                 key_hi = tl.dot(c_k, w_hi)
             else:
@@ -152,7 +157,7 @@ if triton is not None:
                     c_k = tl.load(K_LATENT + row * stride_kb + offs_s[:, None] * stride_ks + offs_r[None, :],
                                   mask=s_ok[:, None] & r_ok[None, :], other=0)
                     if HAS_SCALES:
-                        c_k = (c_k.to(tl.float32) * k_scale.to(tl.float32)[:, None]).to(dtype)
+                        c_k = dequantized_tile(c_k, k_scale).to(dtype)
                     w_ptr = K_WEIGHT + w_cols + offs_r[:, None]
                     w_lo = tl.load(w_ptr, mask=r_ok[:, None] & col_ok[None, :], other=0.0)
                     w_hi = tl.load(w_ptr + HALF * k_rank, mask=r_ok[:, None] & col_ok[None, :], other=0.0)
@@ -180,7 +185,7 @@ if triton is not None:
                           mask=s_ok[:, None] & (offs_rv[None, :] < v_rank), other=0)
             if HAS_SCALES:
                 v_scale = tl.load(V_SCALE + row * stride_vsb + offs_s * stride_vss, mask=s_ok, other=0.0)
-                c_v = (c_v.to(tl.float32) * v_scale.to(tl.float32)[:, None]).to(dtype)
+                c_v = dequantized_tile(c_v, v_scale).to(dtype)
             acc = acc * alpha[:, None] + tl.dot(p.to(dtype), c_v)
 
         stat = (row * splits + split) * BLOCK_H + offs_h  # max / sum [B, splits, BLOCK_H]; acc adds BLOCK_RV
