@@ -258,8 +258,8 @@ class LayerSpec:
                     f"or {', '.join(map(str, CACHE_BITS))} (int8 values with one scale per token)")
             if self.kv_from is not None:
                 raise CompressionSpecError(
-                    f"{at}.cache_bits={self.cache_bits!r} has no effect: a kv_from layer caches nothing and reads layer "
-                    f"{self.kv_from}'s cache as it is stored; set cache_bits on layer {self.kv_from}")
+                    f"{at}.cache_bits={self.cache_bits!r} has no effect: a kv_from layer caches nothing and reads "
+                    f"layer {self.kv_from}'s cache as it is stored; set cache_bits on layer {self.kv_from}")
 
         # Fields each kv_proj may use; anything else set is a mistake the user should hear about.
         if self.kv_from is not None:

@@ -1411,6 +1411,7 @@ class KVForgeAttention(nn.Module):
         self.layer_idx = layer_idx
         self.layer_spec = layer
         self.cache_representation = CACHE_REPRESENTATIONS[layer.representation]
+        self.cached_slot_dims = cached_slot_dims(layer)  # what fake_quantize rounds per slot (8-bit caches)
         self.head_dim = config.head_dim
         self.num_heads = config.num_attention_heads
         self.scaling = self.head_dim ** -0.5
@@ -1464,8 +1465,7 @@ class KVForgeAttention(nn.Module):
             return storage.update(plan, entries)
         if self.layer_spec.cache_bits is None:
             return entries
-        slot_dims = cached_slot_dims(self.layer_spec)
-        return {name: fake_quantize(value, slot_dims[name]) for name, value in entries.items()}
+        return {name: fake_quantize(value, self.cached_slot_dims[name]) for name, value in entries.items()}
 
     def forward(
         self,

@@ -372,9 +372,10 @@ def plan(config) -> tuple[Optional[StockMapping], Optional[Refusal]]:
     if getattr(config, "model_type", None) != "kvforge":
         return None, None
     # No stock class holds a low-bit cache, whatever else the layout is: say that, not the next mismatch.
-    low_bit = next((i for i, layer in enumerate(config.compression_spec.layers) if layer.cache_bits is not None), None)
+    low_bit = next(((i, layer) for i, layer in enumerate(config.compression_spec.layers)
+                    if layer.cache_bits is not None), None)
     if low_bit is not None:
-        return None, Refusal(low_bit, "cache_bits", config.compression_spec.layers[low_bit].cache_bits, WHY["cache_bits"])
+        return None, Refusal(low_bit[0], "cache_bits", low_bit[1].cache_bits, WHY["cache_bits"])
     refusals = []
     for mapping in MAPPINGS:
         refusal = mapping.refusal(config)

@@ -2,8 +2,9 @@
 
 Every low-rank latent direction costs cache space (one element per cached token at its layer's bytes per
 element, 1 for an 8-bit cache, times the fraction of tokens that layer keeps: 1 for global layers,
-(window + sinks) / context for window layers), and buys back its eigenvalue of reconstruction error. With the spectra of all compressed matrices in
-hand, the global allocation is the classic greedy for a separable concave objective:
+(window + sinks) / context for window layers), and buys back its eigenvalue of reconstruction error. With the
+spectra of all compressed matrices in hand, the global allocation is the classic greedy for a separable concave
+objective:
 
     repeatedly give one more rank to the matrix whose next eigenvalue (times its weight) per element of
     cache is largest, while the budget allows.
@@ -44,7 +45,8 @@ class RankCandidate:
     """One low-rank matrix competing for the budget.
 
     eigenvalues: its (descending) output-covariance spectrum; cost: what one rank costs in cache per token
-    (resolve_ranks: bytes); weight: multiplies its eigenvalues (e.g. to favour keys or early layers); rank bounds inclusive.
+    (resolve_ranks: bytes); weight: multiplies its eigenvalues (e.g. to favour keys or early layers); rank bounds
+    inclusive.
     """
 
     key: Hashable
@@ -141,8 +143,9 @@ def resolve_ranks(spec: CompressionSpec, problems: list[LowRankProblem], geometr
                     for l, f in zip(spec.layers, fractions))
     fixed = total_now - latent_now  # dense layers, rotary dims, a low-bit cache's scales
     if settings.budget_fraction is not None:
-        target = settings.budget_fraction * original_kv_bytes_per_token(geometry, dtype)
-        what = f"budget_fraction={settings.budget_fraction} of {original_kv_bytes_per_token(geometry, dtype)} bytes/token"
+        original = original_kv_bytes_per_token(geometry, dtype)
+        target = settings.budget_fraction * original
+        what = f"budget_fraction={settings.budget_fraction} of {original} bytes/token"
     elif settings.budget_bytes_per_token is not None:
         target = settings.budget_bytes_per_token
         what = f"budget_bytes_per_token={settings.budget_bytes_per_token}"
