@@ -19,9 +19,10 @@ same record:
                                                                   MLA; cache: joint latent + rope_dims
                                                                   rotary key dims, once)
       probs_from: None | j < i            reuses layer j's attention probabilities: no q, no k; own V only
-      cache_bits: None | 8                None: cached in the model's dtype; 8: each cached tensor held as int8
-                                          with one absmax scale per token (in the model's dtype), rounded the
-                                          same way in training (straight-through) and in the cache
+      cache_bits: None | 4 | 8            None: cached in the model's dtype; 8: each cached tensor held as int8,
+                                          4: as 4-bit integers, two per byte (so its last dim, e.g. a latent
+                                          rank, must be even); one absmax scale per token (in the model's dtype),
+                                          rounded the same way in training (straight-through) and in the cache
 
 Sharing never chains: kv_from / probs_from must name the layer that computes the shared thing itself
 (its "producer"), so every consumer reads a tensor computed in the same forward step, and a reader of the
@@ -49,7 +50,7 @@ logger = logging.get_logger(__name__)
 ATTENTION_TYPES = ("global", "window")
 KV_PROJ_TYPES = ("dense", "low_rank", "merged_heads")
 ROPE_LAYOUTS = ("pre_rope_latent", "partial")
-CACHE_BITS = (8,)  # besides None (the model's dtype)
+CACHE_BITS = (4, 8)  # besides None (the model's dtype)
 SUPPORTED_BASE_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
@@ -255,7 +256,7 @@ class LayerSpec:
             if isinstance(self.cache_bits, bool) or self.cache_bits not in CACHE_BITS:
                 raise CompressionSpecError(
                     f"{at}.cache_bits={self.cache_bits!r} is not supported: allowed null (cached in the model's dtype) "
-                    f"or {', '.join(map(str, CACHE_BITS))} (int8 values with one scale per token)")
+                    f"or one of {', '.join(map(str, CACHE_BITS))} (integer values with one scale per token and tensor)")
             if self.kv_from is not None:
                 raise CompressionSpecError(
                     f"{at}.cache_bits={self.cache_bits!r} has no effect: a kv_from layer caches nothing and reads "
@@ -338,6 +339,15 @@ class LayerSpec:
                     hint = (f" (the joint latent compresses {num_kv_heads} x ({head_dim} - {self.rope_dims}) "
                             f"non-rotary key dims + {kv_dims} value dims = {joint})")
                 _check_int(self.kv_rank, f"{at}.kv_rank", minimum=1, maximum=joint, hint=hint)
+        if self.cache_bits == 4:  # two values share a byte along each cached tensor's last dim
+            odd = [f"{name}={getattr(self, name)}" for name in ("k_rank", "v_rank", "kv_rank")
+                   if name in used and getattr(self, name) % 2]
+            if head_dim % 2:
+                odd.append(f"head_dim={head_dim}")
+            if odd:
+                raise CompressionSpecError(
+                    f"{at}.cache_bits=4 packs two values per byte, so every cached dim must be even; got "
+                    f"{', '.join(odd)}")
         for name in ("k_rank", "v_rank", "kv_rank", "rope", "rope_dims", "rope_shared", "num_kv_heads"):
             unset = False if name == "rope_shared" else None
             if name not in used and getattr(self, name) is not unset:
@@ -360,6 +370,11 @@ class LayerSpec:
     def cache_value_bytes(self, dtype) -> float:
         """Bytes one cached element takes: cache_bits / 8, else the model dtype's size."""
         return self.cache_bits / 8 if self.cache_bits is not None else dtype_num_bytes(dtype)
+
+    @property
+    def rank_step(self) -> int:
+        """What latent ranks must be a multiple of: 2 for a 4-bit cache (two values per byte), else 1."""
+        return 2 if self.cache_bits == 4 else 1
 
     def kv_cache_scale_bytes_per_token(self, dtype) -> int:
         """Bytes of the per-token scales of a low-bit cache: one scale in `dtype` per cached tensor and slot."""

@@ -455,11 +455,11 @@ def _write_slots(storage: torch.Tensor, slot_dim: int, plan: SlotPlan, new: torc
 # ================================================================================================
 
 
-# A low-bit cache (LayerSpec.cache_bits) stores each tensor's int8 values under its name and their scales under
+# A low-bit cache (LayerSpec.cache_bits) stores each tensor's integer values under its name and their scales under
 # name + SCALE_SUFFIX, with the same slot axis: ring writes, static decode, select_batch, crop and PyramidKV's
-# gathers move them like any cached tensor.
+# gathers move them like any cached tensor. The values' dtype says the format: int8 for 8 bits; uint8 holding two
+# 4-bit values per byte along the last dim (never the slot axis) for 4 bits.
 SCALE_SUFFIX = "_scale"
-INT8_MAX = 127
 
 
 def cached_slot_dims(layer: LayerSpec) -> dict[str, int]:
@@ -471,20 +471,28 @@ def cached_slot_dims(layer: LayerSpec) -> dict[str, int]:
     return dims
 
 
-def quantize_slots(x: torch.Tensor, slot_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x -> (int8 values, scales in x's dtype): one absmax scale per row and slot over every other axis (a
-    latent's dims, or every head's dims), symmetric, rounded to nearest. Not differentiable (see fake_quantize)."""
+def quantize_slots(x: torch.Tensor, slot_dim: int, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """x -> (values, scales in x's dtype): one absmax scale per row and slot over every other axis (a latent's
+    dims, or every head's dims), symmetric, rounded to nearest, in [-(2^(bits-1) - 1), 2^(bits-1) - 1]. 8 bits:
+    int8 values; 4 bits: uint8, two values per byte along the last dim (even). Not differentiable (see
+    fake_quantize)."""
     reduce = [d for d in range(1, x.dim()) if d != slot_dim]
     x = x.detach()
     amax = x.float().abs().amax(dim=reduce, keepdim=True)
+    top = (1 << (bits - 1)) - 1
     # The scale is rounded to x's dtype before dividing by it, so stored and recomputed values agree exactly;
     # the clamp keeps an all-zero slot at 0 (not 0/0).
-    scale = (amax / INT8_MAX).clamp_min(torch.finfo(x.dtype).tiny).to(x.dtype)
-    values = torch.round(x.float() / scale.float()).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    scale = (amax / top).clamp_min(torch.finfo(x.dtype).tiny).to(x.dtype)
+    values = torch.round(x.float() / scale.float()).clamp_(-top, top).to(torch.int8)
+    if bits == 4:  # low nibble: even positions, high nibble: odd ones (two's complement)
+        values = ((values[..., 0::2] & 0xF) | (values[..., 1::2] << 4)).view(torch.uint8)
     return values, scale
 
 
 def dequantize_slots(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    if values.dtype == torch.uint8:  # 4 bits, two per byte: shifts on int8 sign-extend each nibble
+        packed = values.view(torch.int8)
+        values = torch.stack([(packed << 4) >> 4, packed >> 4], dim=-1).flatten(-2)
     return (values.float() * scale.float()).to(scale.dtype)
 
 
@@ -513,10 +521,10 @@ class DequantizedSlots(Mapping):
         return len(self._names)
 
 
-def fake_quantize(x: torch.Tensor, slot_dim: int) -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, slot_dim: int, bits: int) -> torch.Tensor:
     """x rounded as a low-bit cache holds it, with the gradient of the identity (straight-through): the model
     trains against the values it will be served, and its projections still learn."""
-    return x + (dequantize_slots(*quantize_slots(x, slot_dim)) - x).detach()
+    return x + (dequantize_slots(*quantize_slots(x, slot_dim, bits)) - x).detach()
 
 
 class LayerStorage:
@@ -543,7 +551,7 @@ class LayerStorage:
             return self._write(plan, new)
         packed = {}
         for name, value in new.items():
-            packed[name], packed[name + SCALE_SUFFIX] = quantize_slots(value, self.slot_dims[name])
+            packed[name], packed[name + SCALE_SUFFIX] = quantize_slots(value, self.slot_dims[name], self.cache_bits)
         return DequantizedSlots(self._write(plan, packed))
 
     def _write(self, plan: SlotPlan, new: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -1465,7 +1473,8 @@ class KVForgeAttention(nn.Module):
             return storage.update(plan, entries)
         if self.layer_spec.cache_bits is None:
             return entries
-        return {name: fake_quantize(value, self.cached_slot_dims[name]) for name, value in entries.items()}
+        bits = self.layer_spec.cache_bits
+        return {name: fake_quantize(value, self.cached_slot_dims[name], bits) for name, value in entries.items()}
 
     def forward(
         self,

@@ -36,8 +36,8 @@ calibration error (surgery.SurgerySettings).
 
 Free-form layouts: `layout("G W W<1 W ...")` or `custom([...])` with one dict of LayerSpec fields per layer.
 
-Every preset takes `cache_bits` (8: each layer that caches something holds int8 values with per-token scales,
-LayerSpec.cache_bits); `low_rank` also spends its budget on the bytes that buys, the others apply it to the layout
+Every preset takes `cache_bits` (8 or 4: each layer that caches something holds int8 or 4-bit values with
+per-token scales, LayerSpec.cache_bits); `low_rank` also spends its budget on the bytes that buys, the others apply it to the layout
 they build (`standard` with `cache_bits: 8` is the original model with an 8-bit KV cache: half the bytes, no
 surgery).
 """
@@ -223,9 +223,9 @@ def low_rank(num_layers: int, num_kv_heads: int, head_dim: int, budget: float = 
     they are, and a joint latent of rank budget * 2 n_kv d - n_kv rope_dims; with rope_shared, one rotary key of
     rope_dims for every head (DeepSeek MLA) and a joint latent of rank budget * 2 n_kv d - rope_dims.
 
-    cache_bits=8: the latents are cached in int8 with a 16-bit scale per token and tensor, so the same bytes of
-    a 16-bit dense cache hold twice the elements less the scales' (surgery's greedy budget then spends the
-    exact bytes of the model's cache dtype).
+    cache_bits=8 (4): the latents are cached in int8 (4-bit integers, two per byte) with a 16-bit scale per token
+    and tensor, so the same bytes of a 16-bit dense cache hold twice (four times) the elements less the scales'
+    (surgery's greedy budget then spends the exact bytes of the model's cache dtype).
 
     Raises:
         PresetError: a budget outside (0, 1] or one too small for the rotary dims.
@@ -233,19 +233,22 @@ def low_rank(num_layers: int, num_kv_heads: int, head_dim: int, budget: float = 
     _check_depth(num_layers, 1, "low-rank")
     if not isinstance(budget, (int, float)) or isinstance(budget, bool) or not 0 < budget <= 1:
         raise PresetError(f"preset 'low-rank': budget must be a fraction in (0, 1] of the dense cache, got {budget!r}")
-    if cache_bits not in (None, 8) or isinstance(cache_bits, bool):
-        raise PresetError(f"preset 'low-rank': cache_bits must be null (the model's dtype) or 8, got {cache_bits!r}")
+    if cache_bits not in (None, 4, 8) or isinstance(cache_bits, bool):
+        raise PresetError(f"preset 'low-rank': cache_bits must be null (the model's dtype), 4 or 8, got {cache_bits!r}")
     dense = 2 * num_kv_heads * head_dim
-    # Elements per layer the budget buys, in the units of a 16-bit cache: an 8-bit one holds two per 16 bits,
-    # less one 16-bit scale per cached tensor (two of them in either layout).
-    elements = math.floor(budget * dense) if cache_bits is None else 2 * math.floor(budget * dense) - 2 * 2
+    # Elements per layer the budget buys, in the units of a 16-bit cache: a b-bit one holds 16 / b per 16 bits,
+    # less one 16-bit scale per cached tensor (two of them in either layout). A 4-bit cache's dims are even.
+    per_16_bits = 1 if cache_bits is None else 16 // cache_bits
+    elements = per_16_bits * (math.floor(budget * dense) - (0 if cache_bits is None else 2))
+    step = 2 if cache_bits == 4 else 1
     if rope == "pre_rope_latent":
-        rank = max(1, elements // 2)
+        rank = min(num_kv_heads * head_dim, max(step, elements // 2 // step * step))  # 4 bits at 50%: full rank
         layer = {"kv_proj": "low_rank", "rope": rope, "k_rank": rank, "v_rank": rank}
     elif rope == "partial":
         if not isinstance(rope_shared, bool):
             raise PresetError(f"preset 'low-rank': rope_shared must be true or false, got {rope_shared!r}")
-        kv_rank = elements - (1 if rope_shared else num_kv_heads) * rope_dims
+        joint = (2 if rope_shared else 1) * num_kv_heads * head_dim + (0 if rope_shared else num_kv_heads * (head_dim - rope_dims))
+        kv_rank = min(joint, (elements - (1 if rope_shared else num_kv_heads) * rope_dims) // step * step)
         if kv_rank < 1:
             raise PresetError(f"preset 'low-rank': a budget of {budget} ({elements} elements per layer) "
                               f"leaves no room for a latent beside {num_kv_heads} x {rope_dims} rotary dims; "

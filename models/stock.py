@@ -81,8 +81,8 @@ class Refusal:
 # Why a layer field value has no stock equivalent (the first failing field of a layer is reported).
 WHY = {
     "sinks": "no stock sliding-window class keeps a row's first tokens visible (StreamingLLM sinks)",
-    "cache_bits": "stock classes cache K/V in the model's dtype; an 8-bit cache's model was trained against "
-                  "int8-rounded cache values (export with --format kvforge)",
+    "cache_bits": "stock classes cache K/V in the model's dtype; a low-bit cache's model was trained against "
+                  "its rounded cache values (export with --format kvforge)",
     "kv_from": "stock Llama/Qwen2 layers compute their own K/V (cross-layer KV sharing needs the kvforge class)",
     "probs_from": "no stock class reuses another layer's attention probabilities",
     "kv_proj": "a low-rank K/V cache has no stock Llama/Qwen2 equivalent (DeepSeek MLA caches one shared rotary "

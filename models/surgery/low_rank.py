@@ -86,6 +86,7 @@ Initialisation (`settings.INITS`, surgery setting `init`) of pre-RoPE latents an
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
@@ -710,6 +711,18 @@ def low_rank_problems(spec: CompressionSpec, stats: CalibrationStatistics, attn:
     return problems
 
 
+def balanced_for_rounding(f: Factorization, stats: CalibrationStatistics, layer: int) -> Factorization:
+    """The same map with every latent channel scaled to unit RMS on the calibration data: down rows divided, up
+    columns multiplied, so it is exact before rounding. A low-bit cache rounds all channels of a token with one
+    absmax scale; PCA channels fall off by orders of magnitude, and unbalanced, every channel's rounding error is a
+    step of the largest one. Balanced, each channel's error is a step of a channel of its own size."""
+    second, _ = stats.output_moments(layer, f.down_weight, f.down_bias)
+    rms = second.diagonal().clamp_min(1e-30).sqrt().to(f.down_weight.dtype)
+    return dataclasses.replace(
+        f, down_weight=f.down_weight / rms[:, None], down_bias=None if f.down_bias is None else f.down_bias / rms,
+        up_weight=f.up_weight * rms[None, :])
+
+
 def transform_layer(t: Transform, i: int, entry: dict[str, Any]) -> None:
     """Layer i (kv_proj="low_rank", owning its cache): its latent projections, factorised at the spec's ranks.
 
@@ -719,19 +732,23 @@ def transform_layer(t: Transform, i: int, entry: dict[str, Any]) -> None:
     layer, a = t.spec.layers[i], t.attn[i]
     stats, geometry, settings = t.stats, t.geometry, t.settings
     restore = _restore_value_mean(t.expected, i)
+
+    def for_cache(f: Factorization) -> Factorization:
+        return f if layer.cache_bits is None else balanced_for_rounding(f, stats, i)
+
     if layer.probs_from is not None:
-        f = _pre_rope(stats, i, a, geometry, settings, "v", layer.v_rank, restore,
-                      _output_metric(stats, t.spec, t.attn, i, "v", geometry, settings, t.rope_inv_freq))
+        f = for_cache(_pre_rope(stats, i, a, geometry, settings, "v", layer.v_rank, restore,
+                                _output_metric(stats, t.spec, t.attn, i, "v", geometry, settings, t.rope_inv_freq)))
         t.put(i, "v_down", f.down_weight, f.down_bias)
         t.put(i, "v_up", f.up_weight, f.up_bias)
         entry["kv"] = f"v latent {layer.v_rank}"
         entry["init"] = settings.init
         entry["v_discarded"] = discarded_energy(f.eigenvalues, layer.v_rank)
     elif layer.rope == "pre_rope_latent":
-        fk = _pre_rope(stats, i, a, geometry, settings, "k", layer.k_rank, restore,
-                       _output_metric(stats, t.spec, t.attn, i, "k", geometry, settings, t.rope_inv_freq))
-        fv = _pre_rope(stats, i, a, geometry, settings, "v", layer.v_rank, restore,
-                       _output_metric(stats, t.spec, t.attn, i, "v", geometry, settings, t.rope_inv_freq))
+        fk = for_cache(_pre_rope(stats, i, a, geometry, settings, "k", layer.k_rank, restore,
+                                 _output_metric(stats, t.spec, t.attn, i, "k", geometry, settings, t.rope_inv_freq)))
+        fv = for_cache(_pre_rope(stats, i, a, geometry, settings, "v", layer.v_rank, restore,
+                                 _output_metric(stats, t.spec, t.attn, i, "v", geometry, settings, t.rope_inv_freq)))
         t.put(i, "k_down", fk.down_weight, fk.down_bias)
         t.put(i, "k_up", fk.up_weight, fk.up_bias)
         t.put(i, "v_down", fv.down_weight, fv.down_bias)
@@ -749,6 +766,7 @@ def transform_layer(t: Transform, i: int, entry: dict[str, Any]) -> None:
         else:
             f = _partial(stats, i, a, geometry, settings, layer.rope_dims, layer.kv_rank, restore,
                          _has_kv_down_bias(t.expected, i), metrics)
+            f.latent = for_cache(f.latent)  # (the shared-rotary latent is RMS-normed: scaling it is not exact)
             kind = "partial RoPE"
         t.put(i, "k_rope", f.k_rope_weight, f.k_rope_bias)
         t.put(i, "kv_down", f.latent.down_weight, f.latent.down_bias)

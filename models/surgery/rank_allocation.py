@@ -1,7 +1,7 @@
 """Choosing low-rank KV ranks: per-matrix energy thresholds, or one global budget spent greedily.
 
 Every low-rank latent direction costs cache space (one element per cached token at its layer's bytes per
-element, 1 for an 8-bit cache, times the fraction of tokens that layer keeps: 1 for global layers,
+element, 1 for an 8-bit cache and 1/2 for a 4-bit one, times the fraction of tokens that layer keeps: 1 for global layers,
 (window + sinks) / context for window layers), and buys back its eigenvalue of reconstruction error. With the
 spectra of all compressed matrices in hand, the global allocation is the classic greedy for a separable concave
 objective:
@@ -11,7 +11,8 @@ objective:
 
 Eigenvalues within a matrix are non-increasing, so the marginal gain of each matrix is non-increasing
 and the greedy is optimal for any budget that its costs divide (for equal costs, which is the usual case,
-it takes exactly the budget's number of directions: the top-B weighted eigenvalues overall).
+it takes exactly the budget's number of directions: the top-B weighted eigenvalues overall). A 4-bit
+layer's ranks grow two directions at a time (its values pair up in bytes), priced by their mean.
 
 Weights: "relative" divides each spectrum by its trace (every matrix's error counts as a fraction of its
 own energy, so a layer with large activations does not buy all the rank); "absolute" takes eigenvalues as
@@ -46,7 +47,8 @@ class RankCandidate:
 
     eigenvalues: its (descending) output-covariance spectrum; cost: what one rank costs in cache per token
     (resolve_ranks: bytes); weight: multiplies its eigenvalues (e.g. to favour keys or early layers); rank bounds
-    inclusive.
+    inclusive; step: ranks grow by this many directions at once (2 for a 4-bit cache, whose values pair up in
+    bytes), from min_rank, and stay at or below the largest such rank <= max_rank.
     """
 
     key: Hashable
@@ -55,9 +57,11 @@ class RankCandidate:
     weight: float = 1.0
     min_rank: int = 1
     max_rank: int = 0   # 0: the full width
+    step: int = 1
 
     def upper(self) -> int:
-        return self.max_rank or self.eigenvalues.numel()
+        top = self.max_rank or self.eigenvalues.numel()
+        return top - (top - self.min_rank) % self.step
 
 
 def allocate_ranks(candidates: list[RankCandidate], budget: float, *, normalization: str = "relative"
@@ -76,8 +80,9 @@ def allocate_ranks(candidates: list[RankCandidate], budget: float, *, normalizat
     spent = 0.0
     gains: dict[Hashable, torch.Tensor] = {}
     for c in candidates:
-        if c.cost <= 0 or c.weight < 0:
-            raise BudgetError(f"candidate {c.key!r} needs cost > 0 and weight >= 0, got cost={c.cost}, weight={c.weight}")
+        if c.cost <= 0 or c.weight < 0 or c.step < 1:
+            raise BudgetError(f"candidate {c.key!r} needs cost > 0, weight >= 0 and step >= 1, got cost={c.cost}, "
+                              f"weight={c.weight}, step={c.step}")
         if not 0 <= c.min_rank <= c.upper() <= c.eigenvalues.numel():
             raise BudgetError(f"candidate {c.key!r}: need 0 <= min_rank={c.min_rank} <= max_rank={c.upper()} "
                               f"<= width {c.eigenvalues.numel()}")
@@ -88,21 +93,25 @@ def allocate_ranks(candidates: list[RankCandidate], budget: float, *, normalizat
         gains[c.key] = spectrum * c.weight / c.cost
         ranks[c.key] = c.min_rank
         spent += c.min_rank * c.cost
+
+    def next_gain(c: RankCandidate) -> float:  # per element of the next step of directions
+        return float(gains[c.key][ranks[c.key]:ranks[c.key] + c.step].mean())
+
     if spent > budget * (1 + 1e-12):
         raise BudgetError(f"the minimum ranks alone cost {spent:g} (cache per token), more than the "
                           f"budget of {budget:g}; raise the budget or lower min_rank")
-    # Max-heap of (gain per element of the next rank) over candidates that can still grow.
-    heap = [(-float(gains[c.key][c.min_rank]), i) for i, c in enumerate(candidates) if c.min_rank < c.upper()]
+    # Max-heap of (gain per element of the next step) over candidates that can still grow.
+    heap = [(-next_gain(c), i) for i, c in enumerate(candidates) if c.min_rank < c.upper()]
     heapq.heapify(heap)
     while heap:
         _, i = heapq.heappop(heap)
         c = candidates[i]
-        if spent + c.cost > budget * (1 + 1e-12):
-            continue  # every further rank of this matrix costs the same, so none of them fits either
-        ranks[c.key] += 1
-        spent += c.cost
+        if spent + c.step * c.cost > budget * (1 + 1e-12):
+            continue  # every further step of this matrix costs the same, so none of them fits either
+        ranks[c.key] += c.step
+        spent += c.step * c.cost
         if ranks[c.key] < c.upper():
-            heapq.heappush(heap, (-float(gains[c.key][ranks[c.key]]), i))
+            heapq.heappush(heap, (-next_gain(c), i))
     return ranks
 
 
@@ -129,7 +138,9 @@ def resolve_ranks(spec: CompressionSpec, problems: list[LowRankProblem], geometr
     new = copy.deepcopy(spec)
     if settings.rank_allocation == "energy":
         for p in problems:
-            setattr(new.layers[p.layer], _RANK_FIELD[p.part], min(p.max_rank, rank_for_energy(p.spectrum, settings.energy_threshold)))
+            rank, step = rank_for_energy(p.spectrum, settings.energy_threshold), spec.layers[p.layer].rank_step
+            rank = min(p.max_rank - p.max_rank % step, rank + (-rank) % step)  # up to a whole step, within the width
+            setattr(new.layers[p.layer], _RANK_FIELD[p.part], rank)
         return new
     fractions = [layer_slot_fraction(l, settings.context_tokens) for l in spec.layers]
     # Budgets are spent in bytes, so a low-bit layer (cache_bits) buys more directions per byte. Each latent
@@ -161,8 +172,10 @@ def resolve_ranks(spec: CompressionSpec, problems: list[LowRankProblem], geometr
         energy = {p.layer: float(p.spectrum.sum()) for p in problems if p.part in ("v", "kv")}
         weights = {(p.layer, p.part): 1.0 / energy[p.layer] if energy[p.layer] > 0 else 1.0 for p in problems}
         normalization = "absolute"
+    steps = {p.layer: spec.layers[p.layer].rank_step for p in problems}
     candidates = [RankCandidate(key=(p.layer, p.part), eigenvalues=p.spectrum, cost=costs[(p.layer, p.part)],
-                                max_rank=p.max_rank, weight=weights[(p.layer, p.part)])
+                                max_rank=p.max_rank, weight=weights[(p.layer, p.part)],
+                                min_rank=steps[p.layer], step=steps[p.layer])
                   for p in problems]
     try:
         ranks = allocate_ranks(candidates, latent_budget, normalization=normalization)

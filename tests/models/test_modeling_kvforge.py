@@ -290,6 +290,19 @@ METHODS["int8"] = [
     {**INT8, "kv_proj": "merged_heads", "num_kv_heads": 1},
     {**INT8, **SHARED_ROPE},
 ]
+# 4-bit caches (two values per byte) on every representation that stores something, beside 8- and 16-bit layers.
+INT4 = {"cache_bits": 4}
+METHODS["int4"] = [
+    {**INT4, "kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 12, "v_rank": 10},
+    {"kv_from": 0},
+    {**WINDOW, **INT4},
+    {**INT8, "kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 7, "v_rank": 9},
+    {**INT4, "kv_proj": "low_rank", "rope": "partial", "rope_dims": 4, "kv_rank": 20},
+    {**INT4, "probs_from": 4, "kv_proj": "low_rank", "v_rank": 8},
+    {**INT4, "kv_proj": "merged_heads", "num_kv_heads": 1},
+    {},
+    {**INT4, **SHARED_ROPE},
+]
 
 
 def build(layers, attn_implementation="sdpa", seed=0, **overrides) -> KVForgeForCausalLM:
@@ -324,21 +337,30 @@ def uncached_logits(model, sequences, mask, prompt_width, steps):
     return out
 
 
+@pytest.mark.parametrize("padding", ["left", "none"])
 @pytest.mark.parametrize("method", list(METHODS))
-def test_cached_greedy_generate_matches_uncached_forwards(method):
+def test_cached_greedy_generate_matches_uncached_forwards(method, padding):
+    """Without padding the prefill shares one mask row across the batch (or SDPA's is_causal), as would the
+    uncached forwards: their reference then gets one padding column in front, so it attends under per-row masks."""
     model = build(METHODS[method], attn_implementation="eager" if method == "combined" else "sdpa",
                   attention_bias=method.endswith("_with_bias"))
-    ids, mask = padded_batch()
-    new_tokens = 12  # 7-token prompt + 12 > window + sinks
+    # 7-token prompt + 12 > window + sinks; 11 tokens wrap the window-5 + 2-sink rings within the prefill
+    ids, mask = padded_batch() if padding == "left" else padded_batch(lengths=(11, 11))
+    new_tokens = 12
     with torch.no_grad():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
                              output_logits=True, return_dict_in_generate=True)
     assert isinstance(out.past_key_values, KVForgeCache)
     assert out.sequences.shape == (2, ids.shape[1] + new_tokens)
-    reference = uncached_logits(model, out.sequences, mask, ids.shape[1], new_tokens)
+    if padding == "left":
+        reference = uncached_logits(model, out.sequences, mask, ids.shape[1], new_tokens)
+    else:
+        pad = torch.zeros(2, 1, dtype=torch.long)
+        reference = uncached_logits(model, torch.cat([pad, out.sequences], dim=1), torch.cat([pad, mask], dim=1),
+                                    ids.shape[1] + 1, new_tokens)
     for step, (cached, full) in enumerate(zip(out.logits, reference)):
         diff = (cached - full).abs().max().item()
-        assert diff <= TOL, f"{method}: step {step} logits differ by {diff}"
+        assert diff <= TOL, f"{method}, {padding} padding: step {step} logits differ by {diff}"
         assert torch.equal(out.sequences[:, ids.shape[1] + step], full.argmax(-1))
 
 
@@ -356,7 +378,7 @@ def test_seeded_sampling_matches_uncached_sampling(method):
     assert torch.equal(runs[0], runs[2]), "cached and uncached sampling diverged"
 
 
-@pytest.mark.parametrize("method", ["combined", "int8"])
+@pytest.mark.parametrize("method", ["combined", "int8", "int4"])
 def test_beam_search_reorders_the_cache(method):
     model = build(METHODS[method])
     ids, mask = padded_batch()
@@ -390,7 +412,7 @@ def test_chunked_prefill_and_decode_match_one_pass():
 # ---------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["combined", "partial_shared_with_bias", "int8"])
+@pytest.mark.parametrize("method", ["combined", "partial_shared_with_bias", "int8", "int4"])
 def test_gradients_reach_every_parameter(method):
     model = build(METHODS[method], attention_bias=method.endswith("_with_bias")).train()
     ids, mask = padded_batch(lengths=(9, 9))
@@ -421,7 +443,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 def expected_cache_shapes(layer: dict, batch: int, tokens: int):
     shapes = expected_value_shapes(layer, batch, tokens)
-    if layer.get("cache_bits") == 8:  # int8 values and one scale per row, token and tensor: [B, C, 1], [B, 1, C, 1]
+    if layer.get("cache_bits") == 4:  # two values per byte along the last dim
+        shapes = {name: shape[:-1] + (shape[-1] // 2,) for name, shape in shapes.items()}
+    if layer.get("cache_bits") is not None:  # one scale per row, token and tensor: [B, C, 1], [B, 1, C, 1]
         shapes.update({f"{name}_scale": (batch, shape[1], 1) if len(shape) == 3 else (batch, 1, shape[2], 1)
                        for name, shape in list(shapes.items())})
     return shapes
@@ -444,7 +468,7 @@ def expected_value_shapes(layer: dict, batch: int, tokens: int):
     return {"key": (batch, heads, slots, HEAD_DIM), "value": (batch, heads, slots, HEAD_DIM)}
 
 
-@pytest.mark.parametrize("method", ["dense", "combined", "partial_shared", "int8"])
+@pytest.mark.parametrize("method", ["dense", "combined", "partial_shared", "int8", "int4"])
 def test_cache_allocates_what_the_spec_says(method):
     layers = METHODS[method]
     model = build(layers)
@@ -468,29 +492,49 @@ def test_cache_allocates_what_the_spec_says(method):
         dtypes = {name: t.dtype for _, name, t in cache.named_tensors()}
         assert dtypes["k_latent"] == dtypes["key"] == torch.int8
         assert dtypes["k_latent_scale"] == dtypes["key_scale"] == torch.float32
+    if method == "int4":
+        dtypes = {(idx, name): t.dtype for idx, name, t in cache.named_tensors()}
+        assert dtypes[(0, "k_latent")] == dtypes[(2, "key")] == dtypes[(4, "kv_latent")] == torch.uint8
+        assert dtypes[(3, "k_latent")] == torch.int8 and dtypes[(7, "key")] == torch.float32
     if method == "combined":  # the point of it all
         dense_bytes = KVForgeConfig(**{**TINY, "num_hidden_layers": len(layers)}).kv_cache_bytes(
             held, dtype=torch.float32, batch_size=2)
         assert cache.cache_bytes() < 0.5 * dense_bytes
 
 
+def unpacked_levels(values: torch.Tensor) -> torch.Tensor:
+    """The integer levels a low-bit cache stores, unpacked by plain arithmetic (independent of dequantize_slots)."""
+    if values.dtype == torch.int8:
+        return values.long()
+    low, high = values.long() % 16, values.long() // 16
+    low, high = low - 16 * (low > 7), high - 16 * (high > 7)  # two's complement nibbles
+    return torch.stack([low, high], dim=-1).flatten(-2)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_8_bit_slots_round_to_half_a_step_of_their_own_scale(dtype):
+def test_low_bit_slots_round_to_half_a_step_of_their_own_scale(dtype, bits):
+    top = 2 ** (bits - 1) - 1
     latent = torch.randn(2, 7, 24, dtype=torch.float64).mul(torch.logspace(-3, 2, 7)[None, :, None]).to(dtype)
     latent[1, 3] = 0  # an all-zero slot stays zero (no 0/0)
     heads = torch.randn(2, 3, 7, 16, dtype=dtype)  # [B, K, C, D]: one scale per row and slot over every head
     for x, slot_dim, scale_shape in ((latent, 1, (2, 7, 1)), (heads, 2, (2, 1, 7, 1))):
-        values, scale = quantize_slots(x, slot_dim)
-        assert values.dtype == torch.int8 and scale.dtype == dtype and scale.shape == scale_shape
-        assert values.abs().max() == 127
-        error = (dequantize_slots(values, scale).double() - x.double()).abs()
+        values, scale = quantize_slots(x, slot_dim, bits)
+        assert scale.dtype == dtype and scale.shape == scale_shape
+        assert values.dtype == (torch.int8 if bits == 8 else torch.uint8)
+        assert values.shape == x.shape[:-1] + (x.shape[-1] * bits // 8,)  # 4 bits: two values per byte
+        levels = unpacked_levels(values)
+        assert levels.abs().max() == top and levels.shape == x.shape
+        dequantized = dequantize_slots(values, scale)
+        torch.testing.assert_close(dequantized, (levels * scale.double()).to(dtype), rtol=0, atol=0)
+        error = (dequantized.double() - x.double()).abs()
         # half a step, plus the rounding of the product to x's dtype (bf16 keeps 8 significant bits)
         assert (error <= scale.double() / 2 + x.double().abs() * torch.finfo(dtype).eps).all()
-        torch.testing.assert_close(fake_quantize(x, slot_dim), dequantize_slots(values, scale))
-    assert torch.equal(dequantize_slots(*quantize_slots(latent, 1))[1, 3], torch.zeros(24, dtype=latent.dtype))
+        torch.testing.assert_close(fake_quantize(x, slot_dim, bits), dequantized)
+    assert torch.equal(dequantize_slots(*quantize_slots(latent, 1, bits))[1, 3], torch.zeros(24, dtype=latent.dtype))
     # straight-through: the gradient of the identity
     x = latent.float().requires_grad_()
-    fake_quantize(x, 1).sum().backward()
+    fake_quantize(x, 1, bits).sum().backward()
     assert torch.equal(x.grad, torch.ones_like(x))
 
 
@@ -498,12 +542,12 @@ def test_an_8_bit_cache_changes_the_model_only_by_its_rounding():
     """The same weights with and without cache_bits: close logits, not equal ones (the rounding is applied)."""
     ids, mask = padded_batch()
     logits = {}
-    for bits in (None, 8):
+    for bits in (None, 8, 4):
         layers = [{**layer, "cache_bits": bits} if layer.get("kv_from") is None else layer for layer in COMBINED]
         with torch.no_grad():
             logits[bits] = build(layers)(ids, attention_mask=mask, use_cache=False).logits
-    diff = (logits[8] - logits[None]).abs().max().item()
-    assert 0 < diff < 0.05 * logits[None].abs().max().item()
+    diff = {bits: (logits[bits] - logits[None]).abs().max().item() for bits in (8, 4)}
+    assert 0 < diff[8] < diff[4] < 0.3 * logits[None].abs().max().item()  # 4 bits round 18x coarser
 
 
 def test_cache_grows_in_chunks_without_a_length_hint():

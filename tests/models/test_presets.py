@@ -81,6 +81,15 @@ def test_low_rank_preset_meets_its_budget_exactly():
             spec = build_preset("low-rank", config, budget=budget, rope=rope, rope_dims=8, cache_bits=8)
             assert spec.kv_cache_bytes_per_token(num_kv_heads=3, head_dim=64, dtype="bfloat16") == 23040 * budget
     assert build_preset("low-rank", config, budget=0.25, cache_bits=8).layers[0].k_rank == 94  # against 48 in bf16
+    # 4-bit latents: four times the elements, in even ranks; at 50% that is more than the full rank, which it keeps
+    for budget in (0.25, 0.125):
+        for rope in ("pre_rope_latent", "partial"):
+            spec = build_preset("low-rank", config, budget=budget, rope=rope, rope_dims=8, cache_bits=4)
+            assert spec.kv_cache_bytes_per_token(num_kv_heads=3, head_dim=64, dtype="bfloat16") == 23040 * budget
+    assert build_preset("low-rank", config, budget=0.125, cache_bits=4).layers[0].k_rank == 92
+    full = build_preset("low-rank", config, budget=0.5, cache_bits=4)
+    assert full.layers[0].k_rank == full.layers[0].v_rank == 192
+    assert build_preset("low-rank", config, budget=0.5, rope="partial", rope_dims=8, cache_bits=4).layers[0].kv_rank == 360
 
 
 @pytest.mark.parametrize("name, arguments", [("standard", {}), ("mixattention-ma", {"window": 64}),
@@ -95,8 +104,11 @@ def test_every_preset_takes_cache_bits_on_the_layers_that_cache(name, arguments)
                                   for spec in (plain, low_bit))
     caching = sum(layer.kv_from is None and not layer.is_window for layer in plain.layers)
     assert low_bit_bytes == plain_bytes / 2 + caching * 2 * 2  # a byte per element, two bf16 scales per layer
-    with pytest.raises(CompressionSpecError, match=r"compression.layers\[0\].cache_bits=4 is not supported"):
-        build_preset(name, config, **arguments, cache_bits=4)
+    four_bit = build_preset(name, config, **arguments, cache_bits=4)
+    assert four_bit.kv_cache_bytes_per_token(num_kv_heads=3, head_dim=64, dtype="bfloat16") == (
+        plain_bytes / 4 + caching * 2 * 2)  # half a byte per element
+    with pytest.raises(CompressionSpecError, match=r"compression.layers\[0\].cache_bits=3 is not supported"):
+        build_preset(name, config, **arguments, cache_bits=3)
 
 
 def test_layout_strings():

@@ -112,8 +112,12 @@ D = {}  # a dense global layer
      "compression.layers[1].probs_from=0: layer 1 has attention='window', window=16, sinks=2 but layer 0 has attention='window', window=8, sinks=2"),
     ([WINDOW, {**WINDOW, "sinks": 0, "kv_from": 0}, D, D], "give it the same attention, window and sinks"),
     # low-bit caches
-    ([{"cache_bits": 4}, D, D, D], "compression.layers[0].cache_bits=4 is not supported: allowed null (cached in the "
-                                   "model's dtype) or 8"),
+    ([{"cache_bits": 2}, D, D, D], "compression.layers[0].cache_bits=2 is not supported: allowed null (cached in the "
+                                   "model's dtype) or one of 4, 8"),
+    ([{"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 12, "v_rank": 9, "cache_bits": 4}, D, D, D],
+     "compression.layers[0].cache_bits=4 packs two values per byte, so every cached dim must be even; got v_rank=9"),
+    ([D, {"kv_proj": "low_rank", "rope": "partial", "rope_dims": 4, "kv_rank": 21, "cache_bits": 4}, D, D],
+     "compression.layers[1].cache_bits=4 packs two values per byte, so every cached dim must be even; got kv_rank=21"),
     ([{"cache_bits": True}, D, D, D], "compression.layers[0].cache_bits=True is not supported"),
     ([{"cache_bits": 8}, {"kv_from": 0, "cache_bits": 8}, D, D],
      "compression.layers[1].cache_bits=8 has no effect: a kv_from layer caches nothing"),
@@ -205,6 +209,12 @@ def test_spec_arithmetic():
     assert low_bit.kv_cache_bytes(100, num_kv_heads=2, head_dim=16, dtype=torch.bfloat16) == 26 * 100 + 68 * 10 + 128 * 100
     assert low_bit.kv_cache_bytes_per_token(num_kv_heads=2, head_dim=16, dtype=torch.float32) == (22 + 2 * 4) + 64 * 4
     assert low_bit.to_dict()["layers"][0]["cache_bits"] == 8 and "cache_bits" not in low_bit.to_dict()["layers"][3]
+
+    # 4 bits: half a byte per element, the same scales
+    four = spec_of({"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 12, "v_rank": 10, "cache_bits": 4},
+                   {**WINDOW, "cache_bits": 4}, D, D)
+    assert [four.layers[i].kv_cache_bytes_per_slot(2, 16, torch.bfloat16) for i in range(2)] == [11 + 2 * 2, 32 + 2 * 2]
+    assert [layer.rank_step for layer in four.layers] == [2, 2, 1, 1]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -7,15 +7,16 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from kvforge.models.calibration import CalibrationError, collect_statistics
+from kvforge.models.calibration import CalibrationError, CalibrationStatistics, collect_statistics
 from kvforge.models.configuration_kvforge import CompressionSpecError
-from kvforge.models.modeling_kvforge import partial_rope_dims
+from kvforge.models.modeling_kvforge import dequantize_slots, partial_rope_dims, quantize_slots
 from kvforge.models.surgery import (
     CompressionConfig, SurgeryError, SurgerySettings, compress, measure_generate_kv_bytes,
 )
 from kvforge.models.surgery.head_merging import head_groups
 from kvforge.models.surgery.linalg import discarded_energy, factorize, rank_for_energy, scale_pairs
-from kvforge.models.surgery.low_rank import nope_dim_index, rope_dim_index, select_rope_pairs
+from kvforge.models.surgery.low_rank import (balanced_for_rounding, nope_dim_index, rope_dim_index,
+                                              select_rope_pairs)
 from kvforge.models.surgery.rank_allocation import BudgetError, RankCandidate, allocate_ranks
 from kvforge.models.surgery.shared_attention import spans_by_count, spans_by_threshold
 
@@ -270,6 +271,52 @@ def test_greedy_allocation_spends_the_budget_exactly_on_the_largest_weighted_eig
         allocate_ranks(candidates, 2)
 
 
+def test_greedy_allocation_in_steps_prices_each_step_by_its_mean_and_keeps_ranks_on_the_step():
+    """A 4-bit cache's ranks grow two at a time: a step is bought for the mean gain of its two directions."""
+    a = RankCandidate("a", torch.tensor([10.0, 0.0, 0.0, 0.0, 0.0]), min_rank=2, step=2)  # top 4: odd width
+    b = RankCandidate("b", torch.tensor([6.0, 5.0, 1.0, 1.0]), min_rank=2, step=2)
+    c = RankCandidate("c", torch.tensor([4.5, 4.0, 3.0]), min_rank=1)  # a step of 1 beside them
+    assert a.upper() == 4 and b.upper() == 4 and c.upper() == 3
+    # After the minimums (2, 2, 1 = 5): c's 4.0, then b's step (1 + 1) / 2 = 1 against a's 0 ...
+    assert allocate_ranks([a, b, c], 6, normalization="absolute") == {"a": 2, "b": 2, "c": 2}
+    assert allocate_ranks([a, b, c], 9, normalization="absolute") == {"a": 2, "b": 4, "c": 3}
+    # ... and a step that does not fit whole is not bought in part
+    assert allocate_ranks([a, b, c], 7, normalization="absolute") == {"a": 2, "b": 2, "c": 3}
+    ranks = allocate_ranks([a, b, c], 100, normalization="absolute")
+    assert ranks == {"a": 4, "b": 4, "c": 3}
+    with pytest.raises(BudgetError, match="step >= 1"):
+        allocate_ranks([RankCandidate("d", torch.ones(3), step=0)], 5)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_latents_balanced_for_a_low_bit_cache_map_the_same_and_round_with_less_error(bits):
+    """Each latent channel at unit RMS on the calibration data: the same map before rounding, and after rounding
+    (one absmax scale per token) a smaller error in what the up-projection rebuilds."""
+    torch.manual_seed(0)
+    hidden, out, rank, tokens = 32, 24, 12, 4096
+    x = torch.randn(tokens, hidden, dtype=torch.float64) @ torch.diag(torch.logspace(1, -2, hidden, dtype=torch.float64))
+    stats = CalibrationStatistics(input_second_moment=(x.T @ x / tokens)[None], input_mean=x.mean(0)[None],
+                                  tokens=tokens, rows=1, seq_len=tokens)
+    weight, bias = torch.randn(out, hidden, dtype=torch.float64), torch.randn(out, dtype=torch.float64)
+    f = factorize(weight.float(), bias.float(), stats.output_moments(0, weight, bias)[0].float(),
+                  stats.output_moments(0, weight, bias)[1].float(), rank)
+    b = balanced_for_rounding(f, stats, 0)
+
+    def latent(g):
+        return x.float() @ g.down_weight.T + (0 if g.down_bias is None else g.down_bias)
+
+    def rebuilt(g, c):
+        return c @ g.up_weight.T + (0 if g.up_bias is None else g.up_bias)
+
+    assert latent(b).pow(2).mean(0).sqrt().sub(1).abs().max() < 1e-3  # unit RMS per channel
+    assert latent(f).pow(2).mean(0).sqrt().max() > 10 * latent(f).pow(2).mean(0).sqrt().min()  # PCA: far from it
+    torch.testing.assert_close(rebuilt(b, latent(b)), rebuilt(f, latent(f)), atol=1e-3, rtol=1e-4)
+    target = rebuilt(f, latent(f))
+    error = {name: (rebuilt(g, dequantize_slots(*quantize_slots(latent(g)[None], 1, bits))[0]) - target).pow(2).mean()
+             for name, g in (("pca", f), ("balanced", b))}
+    assert error["balanced"] < 0.7 * error["pca"]
+
+
 def test_greedy_budget_fraction_through_compress_is_met_exactly():
     model = tiny()
     spec = [{"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 12, "v_rank": 12}] * LAYERS
@@ -283,12 +330,13 @@ def test_greedy_budget_fraction_through_compress_is_met_exactly():
     assert sum(l.k_rank + l.v_rank for l in result.spec.layers) == LAYERS * 24
 
 
-def test_greedy_budget_buys_twice_the_directions_with_an_8_bit_cache():
-    """The budget is spent in bytes: int8 latents cost one byte per direction and token plus their scales."""
+def test_greedy_budget_buys_twice_the_directions_with_an_8_bit_cache_and_four_times_with_4_bits():
+    """The budget is spent in bytes: int8 latents cost one byte per direction and token plus their scales, 4-bit
+    ones half a byte, in even ranks."""
     model = tiny()
     original = LAYERS * 2 * KV_DIMS * 2  # bf16 bytes per token
     directions = {}
-    for bits in (None, 8):
+    for bits in (None, 8, 4):
         layer = {"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 12, "v_rank": 12, "cache_bits": bits}
         result = compress(model, {"layers": [layer] * LAYERS}, rows(),
                           settings={**QUIET, "rank_allocation": "greedy", "budget_fraction": 0.25})
@@ -297,6 +345,8 @@ def test_greedy_budget_buys_twice_the_directions_with_an_8_bit_cache():
         directions[bits] = sum(l.k_rank + l.v_rank for l in result.spec.layers)
     scales = LAYERS * 2 * 2  # two bf16 scales per layer and token
     assert directions[8] == 2 * directions[None] - scales
+    assert directions[4] == 4 * directions[None] - 2 * scales
+    assert all(l.k_rank % 2 == l.v_rank % 2 == 0 for l in result.spec.layers)
 
 
 def test_budget_below_the_fixed_part_of_the_cache_is_a_clear_error():

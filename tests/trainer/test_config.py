@@ -180,7 +180,8 @@ def test_the_teacher_computes_in_the_training_precision_unless_told():
                                               ("partial-rope-25", 0.25), ("merged-heads-33", 1 / 3),
                                               ("mixattention-ma", None), ("shared-attention", None),
                                               ("window-lowrank-12", None), ("lowrank-50-int8", 0.5), ("lowrank-25-int8-long", 0.25),
-                                              ("lowrank-12-int8-long", 0.125), ("window-lowrank-12-int8-long", None)])
+                                              ("lowrank-12-int8-long", 0.125), ("window-lowrank-12-int8-long", None),
+                                              ("lowrank-12-int4-long", 0.125)])
 def test_every_recovery_recipe_compresses_smollm2_as_it_says(recipe, fraction, monkeypatch, tmp_path):
     """Each recipe's compression section parses against the real model's config (no weights), and the fixed
     budgets are what the name says (the rest are re-spent or chosen by surgery from calibration data)."""
@@ -197,7 +198,8 @@ def test_every_recovery_recipe_compresses_smollm2_as_it_says(recipe, fraction, m
         dense = 30 * 2 * 3 * 64 * 2
         assert spec.kv_cache_bytes_per_token(num_kv_heads=3, head_dim=64, dtype="bfloat16") == pytest.approx(
             fraction * dense, rel=0.01)
-    assert all(layer.cache_bits == (8 if "int8" in recipe else None) for layer in spec.layers)
+    bits = 8 if "int8" in recipe else 4 if "int4" in recipe else None
+    assert all(layer.cache_bits == bits for layer in spec.layers)
 
 
 @pytest.mark.parametrize("override, message", [
