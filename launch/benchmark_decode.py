@@ -315,6 +315,19 @@ def lr25_int8_spec(num_layers: int) -> dict:
     return json.loads(LR25_INT8_SPEC.read_text())["spec"]
 
 
+def lr25_bf16_spec(num_layers: int) -> dict:
+    """lr25-int8's ranks with the latents cached in the model's dtype (twice the bytes): what the int8 path costs."""
+    spec = lr25_int8_spec(num_layers)
+    return {**spec, "layers": [{k: v for k, v in layer.items() if k != "cache_bits"} for layer in spec["layers"]]}
+
+
+def lr25_int8_aligned_spec(num_layers: int) -> dict:
+    """lr25-int8 with every rank rounded to a multiple of 16 (int8 rows on 16-byte boundaries): what odd ranks cost."""
+    spec = lr25_int8_spec(num_layers)
+    return {**spec, "layers": [{**layer, **{k: max(16, round(layer[k] / 16) * 16) for k in ("k_rank", "v_rank")}}
+                               for layer in spec["layers"]]}
+
+
 def mixattention_spec(num_layers: int):
     """configs/recovery/mixattention-ma.yaml's layout: MixAttention MA, window 252 with 4 sinks, KV shared."""
     from kvforge.models.presets import PRESETS
@@ -338,6 +351,13 @@ GENERATE_VARIANTS = {
     "lr50-static": ("lr50, Triton, static cache + CUDA graph", lr50_spec, "auto", "kvforge"),
     "lr25-int8-static": ("lr25 in 8 bits, Triton reading int8, static cache + CUDA graph", lr25_int8_spec, "auto",
                          "kvforge"),
+    # Where the 8-bit 25% model's decode time goes (session 11: 0.98x the original at B=32, S=16k): the PyTorch
+    # reference on the same cache, the same ranks in bf16, and ranks on 16-byte boundaries.
+    "lr25-int8-torch-static": ("lr25 in 8 bits, PyTorch (KVFORGE_KERNELS=off), static cache + CUDA graph",
+                               lr25_int8_spec, "off", "kvforge"),
+    "lr25-bf16-static": ("lr25's ranks in bf16, Triton, static cache + CUDA graph", lr25_bf16_spec, "auto", "kvforge"),
+    "lr25-int8-aligned-static": ("lr25 in 8 bits, ranks multiples of 16, Triton, static cache + CUDA graph",
+                                 lr25_int8_aligned_spec, "auto", "kvforge"),
     "mixattention-static": ("mixattention-ma (W=252, 4 sinks), static cache + CUDA graph", mixattention_spec, "auto",
                             "kvforge"),
     "window-static": ("every layer window 1,024, static cache + CUDA graph", window_spec, "auto", "kvforge"),

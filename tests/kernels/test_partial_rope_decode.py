@@ -213,3 +213,27 @@ def test_the_benchmark_rows_compute_on_cpu():
     assert [row["rope_heads"] for row in rows] == [3, 1]
     assert rows[0]["cache_bytes"] == 2 * 40 * ((24 + 3 * 8) * 2 + 1)
     assert all(row["triton_partial_graph_GBps"] > 0 for row in rows)
+
+
+def test_every_generate_row_of_the_decode_benchmark_builds_a_valid_smollm2_spec():
+    """Each `--gen-variants` row's compression spec is valid for SmolLM2's architecture, so a GPU session never spends
+    its minutes on a spec error; the diagnostic rows of the 8-bit 25% model change only what they say."""
+    import importlib.util
+    from pathlib import Path
+
+    from kvforge.models.configuration_kvforge import KVForgeConfig
+
+    path = Path(__file__).resolve().parents[2] / "launch" / "benchmark_decode.py"
+    spec = importlib.util.spec_from_file_location("benchmark_decode", path)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    layers = {}
+    for name, (_, spec_of, _, _) in benchmark.GENERATE_VARIANTS.items():
+        if spec_of is not None:
+            config = KVForgeConfig(**benchmark.SMOLLM2, compression=spec_of(30))  # validates the spec
+            layers[name] = config.compression["layers"]
+    int8, bf16, aligned = layers["lr25-int8-static"], layers["lr25-bf16-static"], layers["lr25-int8-aligned-static"]
+    assert all(layer["cache_bits"] == 8 for layer in int8) and not any("cache_bits" in layer for layer in bf16)
+    assert [layer["k_rank"] for layer in bf16] == [layer["k_rank"] for layer in int8]
+    assert any(layer["k_rank"] % 16 for layer in int8)
+    assert all(layer["k_rank"] % 16 == layer["v_rank"] % 16 == 0 for layer in aligned)

@@ -23,3 +23,11 @@ done
 echo "== standard, cache_bits 8"; date
 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 .venv/bin/python launch/compress.py $C2 --spec standard --arg cache_bits=8 \
   --json docs/results/int8-cache-cpu/standard-int8.json 2>&1 | grep -v Warning | tail -4
+# 4-bit latents (session 11), after surgery balances low-bit latents (b<budget>-<bits>-balanced.json; the
+# b*-4-unbalanced.json rows ran the same loop on the commit before, 1fd5d04 plus the 4-bit cache):
+for row in "0.125 4" "0.25 4" "0.125 8" "0.25 8"; do
+  set -- $row
+  echo "== budget $1 bits $2 balanced"; date
+  HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 .venv/bin/python launch/compress.py $C --budget $1 --arg cache_bits=$2 \
+    --json docs/results/int8-cache-cpu/b$1-$2-balanced.json 2>&1 | grep -v Warning | tail -3
+done

@@ -1,42 +1,52 @@
 #!/bin/bash
 # One session on a 2-H200 host (nvidia-h200-x2) as one background pipeline, both GPUs busy throughout, the most
-# needed runs first (whatever the device time leaves undone is what comes last). The order since session 11:
+# needed runs first (whatever the device time leaves undone is what comes last). The order since session 12:
 #   B: issue 14's 2-GPU runs (MULTIGPU2; none by default since issue 14 closed), then compare.py (tables; each
 #      export against the trained model);
-#   A: on GPU 0, QUEUE0: window layers beside 8-bit latents at 12.5% for 1,500 steps (issue 10's 12.5% target, the
-#      one the 8-bit latents alone missed in session 10), the finetuned original on the corpus mix (the baseline the
-#      corpus rows lack), then MixAttention. On GPU 1: a one-minute check of where partial-RoPE layers fail compiled
-#      (benchmarks/check_partial_rope_compile.py), FIRST1 (partial-rope-25, which crashed compiled in session 9),
-#      issue 12's decode rows (DECODE_ARGS: B=32 at 16k; window and MixAttention layouts at 4k and 32k), then QUEUE1:
-#      the recipes still without a row (issues 10 and 11);
-#   C: the teacher sampler's speed with each attention path (SAMPLER_ATTENTION: the Triton decode kernel was never
-#      run on a GPU), on GPU 1.
-# Session 7's order put the multi-GPU runs last and lost them; session 8's ran them first and finished them. Recipe
-# runs are where a session's minutes go (6-13 min each), so they come after the few short runs that close things.
+#   A: on GPU 0, FIRST0: 4-bit latents at 12.5% for 1,500 steps (issue 10's 12.5% target: windows beside 8-bit
+#      latents reached +11.0% in session 11 but lost passkey at 4k; after surgery on the CPU 4-bit latents start at
+#      +115% where those started at +140%). On GPU 1: FIRST1 (none by default), issue 12's decode rows (DECODE_ARGS:
+#      where the 8-bit 25% model's decode time goes; the 32k window rows whose prefill ran out of memory). Then
+#      both GPUs take recipes from one shared QUEUE, each the next one when it is free (session 11's fixed
+#      per-GPU queues left GPU 0 idle for its last 7 minutes);
+#   C: the teacher sampler's speed with each attention path (SAMPLER_ATTENTION, none by default: measured in
+#      session 11), on GPU 1.
+# Recipe runs are where a session's minutes go (3-10 min each), so they come after the few short runs that close
+# things.
 # Started by `PIPELINE=docs/results/multigpu-h200/x2-session.sh bash docs/results/recovery-h200/setup.sh start`
 # (after `setup.sh part00` and `setup.sh stage`), so it runs from $K/repo and logs to $K/pipeline.log; poll.sh follows it (its "ALL
 # DONE" is this script's last line; the sub-pipelines log to $K/pipeline-gpu*.log and $K/multigpu/).
-# Env: FIRST0 (a recipe before QUEUE0, followed by its DeepSeek-V3 export when it is partial-rope-shared-25),
-# QUEUE0, FIRST1 (before the decode rows), QUEUE1 (recipes), MULTIGPU1/2 (multigpu-h200/run.sh's runs), REXTRA (overrides for the recovery runs
-# only), DECODE_ARGS (launch/benchmark_decode.py's; empty: no decode rows), SAMPLER_ATTENTION.
+# Env: FIRST0 (a recipe first on GPU 0, followed by its DeepSeek-V3 export when it is partial-rope-shared-25), FIRST1
+# (a recipe first on GPU 1), QUEUE (recipes, shared), MULTIGPU1/2 (multigpu-h200/run.sh's runs), REXTRA (overrides for
+# the recovery runs only), DECODE_ARGS (launch/benchmark_decode.py's; empty: no decode rows), SAMPLER_ATTENTION.
 set -u
 K=${K:-$HOME/kvgpu}
 R=docs/results
-FIRST0=${FIRST0:-}
-QUEUE0=${QUEUE0:-window-lowrank-12-int8-long finetuned-original-corpus mixattention-ma}
-FIRST1=${FIRST1:-partial-rope-25}
-QUEUE1=${QUEUE1:-shared-attention window-lowrank-12 lowrank-25-prose}
+FIRST0=${FIRST0-lowrank-12-int4-long}
+FIRST1=${FIRST1-}
+QUEUE=${QUEUE-finetuned-original-corpus-long partial-rope-50 partial-rope-12-int8 window-lowrank-12}
 MULTIGPU1=${MULTIGPU1:-}
 MULTIGPU2=${MULTIGPU2:-}
-SAMPLER_ATTENTION=${SAMPLER_ATTENTION-matmul triton}
-# B=32 at 16k (the issue's second end-to-end point) and B=128 at 4k with the 25% model's 8-bit latents (the kernel
-# reads int8 since session 10); then window and MixAttention layouts at 4k and 32k, whose window layers should
-# decode in the same time at both.
-DECODE_ARGS=${DECODE_ARGS-"--gen-batch 32 --gen-prompt 16384 --gen-variants original original-static lr50-static \
-lr25-int8-static --repeats 5|--gen-batch 128 --gen-prompt 4096 --gen-variants original-static lr25-int8-static --repeats 3|--gen-batch 32 --gen-prompt 4096 --gen-variants window-static mixattention-static --repeats 3|\
---gen-batch 32 --gen-prompt 32768 --gen-variants window-static mixattention-static original-static --repeats 3"}
+SAMPLER_ATTENTION=${SAMPLER_ATTENTION-}
+# The 8-bit 25% model decoded at 0.98x the original at B=32, S=16k in session 11 (the 50% bf16 one at 1.57x): the
+# same cache through the PyTorch reference, the same ranks in bf16, and ranks on 16-byte boundaries say whether the
+# kernel's int8 path, or the odd ranks, cost it. Then the window and MixAttention layouts at 32k (their prefill ran
+# out of memory in session 11; fixed since) against 4k, whose window layers should decode in the same time.
+DECODE_ARGS=${DECODE_ARGS-"--gen-batch 32 --gen-prompt 16384 --gen-variants lr25-int8-static lr25-int8-torch-static \
+lr25-bf16-static lr25-int8-aligned-static lr50-static --repeats 3|\
+--gen-batch 32 --gen-prompt 32768 --gen-variants window-static mixattention-static original-static --repeats 3|\
+--gen-batch 128 --gen-prompt 4096 --gen-variants lr25-int8-aligned-static lr25-bf16-static --repeats 3"}
 stamp() { echo "$(date +%T) $*"; }
 mkdir -p "$K/results"
+
+next_recipe() {  # the shared QUEUE's next recipe (empty when none is left), taken under a lock
+  flock "$K/queue.lock" bash -c 'head -n 1 "$1"; sed -i 1d "$1"' _ "$K/queue"
+}
+
+worker() {  # gpu master_port: recipes from the shared QUEUE on one GPU until none is left
+  local recipe
+  while recipe=$(next_recipe) && [ -n "$recipe" ]; do recovery "$1" "$2" "$recipe"; done
+}
 
 recovery() {  # gpu master_port recipes: one recovery pipeline on one GPU, its own port and log
   [ -n "$3" ] || return 0  # run.sh's RECIPES="" would mean its default list
@@ -76,14 +86,6 @@ decode() {  # gpu: issue 12's missing rows, one launch/benchmark_decode.py run p
   done
 }
 
-diagnose() {  # gpu: where partial-RoPE layers fail compiled (session 9's misaligned address), ~1 min
-  [ -f "$K/results/partial-rope-compile.txt" ] && return 0
-  stamp "partial-RoPE compile check on GPU $1"
-  CUDA_VISIBLE_DEVICES=$1 CUDA_LAUNCH_BLOCKING=1 timeout 300 python3 benchmarks/check_partial_rope_compile.py \
-    > "$K/results/partial-rope-compile.txt" 2>&1
-  grep -a "^OK\|^FAIL" "$K/results/partial-rope-compile.txt"
-}
-
 sampler() {  # the teacher sampler at 1,024 x 2,048 with each attention path, on GPU 1 (benchmarks/profile_sampler.py)
   local a
   for a in $SAMPLER_ATTENTION; do
@@ -101,9 +103,10 @@ if [ -n "$MULTIGPU2" ]; then
   python3 $R/multigpu-h200/compare.py "$K/multigpu" > "$K/multigpu/compare.txt" 2>&1
   cat "$K/multigpu/compare.txt"
 fi
-stamp "A: ${FIRST0:+$FIRST0 (then its stock export), }$QUEUE0 on GPU 0; ${MULTIGPU1:+$MULTIGPU1, }$FIRST1, decode rows, $QUEUE1 on GPU 1"
-{ recovery 0 29512 "$FIRST0"; mla_export 0; recovery 0 29512 "$QUEUE0"; } &
-{ multigpu 1 "$MULTIGPU1"; diagnose 1; recovery 1 29513 "$FIRST1"; decode 1; recovery 1 29513 "$QUEUE1"; } &
+stamp "A: ${FIRST0:+$FIRST0 on GPU 0; }${MULTIGPU1:+$MULTIGPU1, }${FIRST1:+$FIRST1, }decode rows on GPU 1; then $QUEUE on both"
+[ -f "$K/queue" ] || tr ' ' '\n' <<< "$QUEUE" | grep . > "$K/queue"  # a restarted pipeline resumes the queue
+{ recovery 0 29512 "$FIRST0"; mla_export 0; worker 0 29512; } &
+{ multigpu 1 "$MULTIGPU1"; recovery 1 29513 "$FIRST1"; decode 1; worker 1 29513; } &
 wait
 if [ -n "$MULTIGPU1$MULTIGPU2" ]; then  # again, with the 1-GPU runs
   python3 $R/multigpu-h200/compare.py "$K/multigpu" > "$K/multigpu/compare.txt" 2>&1
