@@ -168,7 +168,8 @@ class KVForgeMLP(nn.Module):
 # ================================================================================================
 
 
-def visibility_mask(query_index: torch.Tensor, key_index: torch.Tensor, window: int | None, sinks: int) -> torch.Tensor:
+def visibility_mask(query_index: torch.Tensor, key_index: torch.Tensor, window: int | None, sinks: int,
+                    padding: bool = True) -> torch.Tensor:
     """Which keys each query may attend to.
 
     query_index [B, T], key_index [B, S]: index of the token among its row's real tokens, -1 for padding or
@@ -176,16 +177,22 @@ def visibility_mask(query_index: torch.Tensor, key_index: torch.Tensor, window: 
 
     A real query sees real keys that are not later than itself and, for a window layer, lie within the last
     `window` tokens (itself included) or among the first `sinks` tokens. A padded query sees only itself, so
-    no softmax row is empty (its output is never used).
+    no softmax row is empty (its output is never used). padding=False promises no index is -1 (skips both).
     """
-    q = query_index[:, :, None]
-    k = key_index[:, None, :]
-    visible = (k >= 0) & (k <= q)
+    q = query_index[:, :, None]  # [B, T, 1]
+    k = key_index[:, None, :]  # [B, 1, S]
+    # Every comparison takes [B, T, 1] against [B, 1, S] and gives bool [B, T, S] directly: no int64 [B, T, S]
+    # (q - k was one, 256 GiB for a 32k-token prompt at batch 32).
+    visible = k <= q
+    if padding:
+        visible &= k >= 0
     if window is not None:
-        visible &= (q - k < window) | (k < sinks)
-    num_new = query_index.shape[1]
-    own_slot = torch.diag_embed(query_index < 0)  # [B, T, T]
-    visible[:, :, -num_new:] |= own_slot
+        near = k > q - window
+        near |= k < sinks
+        visible &= near
+    if padding:
+        num_new = query_index.shape[1]
+        visible[:, :, -num_new:] |= torch.diag_embed(query_index < 0)  # [B, T, T]
     return visible[:, None, None]
 
 
@@ -234,7 +241,7 @@ class SlotPlan:
     query_index: torch.Tensor  # [B, T]
     key_index: torch.Tensor  # [B, S]
     key_positions: torch.Tensor  # [B, S] RoPE positions of the attendable slots
-    mask: torch.Tensor  # [B, 1, 1, T, S] bool
+    built_mask: torch.Tensor | None  # [B, 1, 1, T, S] bool; None with no_padding: see `mask`
     cached_slots: int = 0  # the first `cached_slots` attendable slots come from the cache
     # global layout: the new tokens go to slots [start, start + T) of storage with `capacity` slots
     start: int = 0
@@ -248,6 +255,9 @@ class SlotPlan:
     # attendable slots are the layout's whole storage, its mask from token_index (nothing read back to the host)
     static_slot: torch.Tensor | None = None
     max_position: int | None = None  # a bound on key_positions known without reading the device
+    # Every row's T new tokens are real and nothing is cached (a training step, or a prefill without padding):
+    # every row has the same mask, so one row of it serves the batch.
+    no_padding: bool = False
     _key_rotary: KeyRotary | None = field(default=None, repr=False)
     _sdpa_mask: tuple | None = field(default=None, repr=False)  # (mask, causal), see sdpa_mask
 
@@ -255,24 +265,29 @@ class SlotPlan:
     def is_ring(self) -> bool:
         return self.window is not None
 
-    def sdpa_mask(self, no_padding: bool) -> tuple[torch.Tensor, bool]:
-        """The mask SDPA needs for this layout and step, decided once for all its layers: (mask [B or 1, 1, 1, T,
-        S], causal).
+    @property
+    def mask(self) -> torch.Tensor:
+        """[B, 1, 1, T, S] bool; with no_padding one row [1, 1, 1, T, S], built on first use (SDPA with is_causal
+        never needs it: at 32k tokens it would be 1 GiB)."""
+        if self.built_mask is None:
+            self.built_mask = visibility_mask(self.query_index[:1], self.key_index[:1], self.window, self.sinks,
+                                              padding=False)
+        return self.built_mask
 
-        Without a cache and without padding (a training step) every row's mask is the same, so one row of it
-        serves the batch; and if no window cuts into the T tokens it is the plain causal mask, for which SDPA
-        takes is_causal instead (the flash kernel: no [T, S] mask read at all). With padding possible
-        (`no_padding` False: an attention_mask was given), costs one device sync per layout and step. Kept on the
-        plan, which lives one forward, rather than in a table keyed by id(plan): under torch.compile of single
-        layers an id() becomes a guard on the object, which fails on every new forward's plan.
+    def sdpa_mask(self) -> tuple[torch.Tensor | None, bool]:
+        """The mask SDPA needs for this layout and step, decided once for all its layers: (mask [B or 1, 1, 1, T,
+        S], causal); None with causal.
+
+        Without padding (no_padding) one mask row serves the batch; and if no window cuts into the T tokens it is
+        the plain causal mask, for which SDPA takes is_causal instead (the flash kernel: no [T, S] mask at all).
+        Kept on the plan, which lives one forward, rather than in a table keyed by id(plan): under torch.compile
+        of single layers an id() becomes a guard on the object, which fails on every new forward's plan.
         """
         if self._sdpa_mask is None:
-            length = self.query_index.shape[1]
-            mask, causal = self.mask, False
-            if self.cached_slots == 0 and length > 1 and (no_padding or bool((self.query_index >= 0).all())):
-                mask = self.mask[:1]
-                causal = self.window is None or self.window >= length
-            self._sdpa_mask = (mask, causal)
+            if self.no_padding and (self.window is None or self.window >= self.query_index.shape[1]):
+                self._sdpa_mask = (None, True)
+            else:
+                self._sdpa_mask = (self.mask, False)
         return self._sdpa_mask
 
     def key_rotary(self) -> KeyRotary:
@@ -316,10 +331,12 @@ class SlotLayout:
     def capacity(self) -> int:
         return 0 if self.token_index is None else self.token_index.shape[1]
 
-    def plan(self, query_index: torch.Tensor, query_positions: torch.Tensor, writes: bool = True) -> SlotPlan:
+    def plan(self, query_index: torch.Tensor, query_positions: torch.Tensor, writes: bool = True,
+             no_padding: bool = False) -> SlotPlan:
         """The step that writes T new tokens (does not change the layout; `commit` does). `writes=False` on an
         empty layout: a forward without a cache, which only attends (no ring slots: computing them needs the
-        device's answer, a sync that would also split a compiled graph)."""
+        device's answer, a sync that would also split a compiled graph). no_padding: no token of this forward is
+        padding; on an empty layout with T > 1 every row's mask is then the same (SlotPlan.no_padding)."""
         batch, num_new = query_index.shape
         if self.token_index is not None and self.token_index.shape[0] != batch:
             raise ValueError(
@@ -328,6 +345,8 @@ class SlotLayout:
             )
         if self.static and num_new == 1 and self.token_index is not None:
             return self._static_decode_plan(query_index, query_positions)
+        # One new token stays per row: a decode kernel reads one mask row per batch row.
+        shared = no_padding and num_new > 1 and self.token_index is None
         if not self.is_ring:
             start = self.length
             needed = start + num_new
@@ -341,17 +360,17 @@ class SlotLayout:
             old_positions = self.positions[:, :start] if self.positions is not None else query_positions[:, :0]
             key_index = torch.cat([old_index, query_index], dim=1)
             key_positions = torch.cat([old_positions, query_positions], dim=1)
-            return SlotPlan(None, 0, query_index, key_index, key_positions,
-                            visibility_mask(query_index, key_index, None, 0), cached_slots=start, start=start,
-                            capacity=capacity)
+            mask = None if shared else visibility_mask(query_index, key_index, None, 0)
+            return SlotPlan(None, 0, query_index, key_index, key_positions, mask, cached_slots=start, start=start,
+                            capacity=capacity, no_padding=shared)
 
         window, sinks = self.window, self.sinks
         full = window + sinks
         capacity = self.capacity or (min(full, self.max_cache_len) if self.max_cache_len else full)
         if not writes and self.token_index is None:
-            return SlotPlan(window, sinks, query_index, query_index, query_positions,
-                            visibility_mask(query_index, query_index, window, sinks), cached_slots=self.capacity,
-                            capacity=capacity)
+            mask = None if shared else visibility_mask(query_index, query_index, window, sinks)
+            return SlotPlan(window, sinks, query_index, query_index, query_positions, mask,
+                            cached_slots=self.capacity, capacity=capacity, no_padding=shared)
         valid = query_index >= 0
         row_last = query_index.max(dim=1, keepdim=True).values  # [B, 1]
         # Later queries see at most the sinks and the last W - 1 tokens before them. The ring keeps the last W
@@ -368,10 +387,10 @@ class SlotLayout:
             key_positions = torch.cat([self.positions, query_positions], dim=1)
         else:
             key_index, key_positions = query_index, query_positions
-        return SlotPlan(window, sinks, query_index, key_index, key_positions,
-                        visibility_mask(query_index, key_index, window, sinks), cached_slots=self.capacity,
-                        capacity=capacity,
-                        write_batch=write_batch, write_token=write_token, write_slot=write_slot)
+        mask = None if shared else visibility_mask(query_index, key_index, window, sinks)
+        return SlotPlan(window, sinks, query_index, key_index, key_positions, mask, cached_slots=self.capacity,
+                        capacity=capacity, write_batch=write_batch, write_token=write_token, write_slot=write_slot,
+                        no_padding=shared)
 
     def _static_decode_plan(self, query_index: torch.Tensor, query_positions: torch.Tensor) -> SlotPlan:
         """One new token per row into preallocated storage, with no host sync and no shape that changes per step
@@ -1077,13 +1096,14 @@ class CacheRepresentation:
         raise AssertionError(f"a {self.name!r} layer caches no keys")
 
     def attend(self, shared: "SharedKV", query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: SlotPlan,
-               scaling: float, need_probs: bool, dropout: float, use_sdpa: bool, handoff: "LayerHandoff | None"):
+               scaling: float, need_probs: bool, dropout: float, use_sdpa: bool):
         """query [B, K, G, T, D'] unrotated -> out [B, K, G, T, D], probs [B, K, G, T, S] | None, through SDPA
-        where allowed (the handoff decides the mask once per layout and step)."""
+        where allowed (the plan decides the mask once per layout and step)."""
         query, key, value = self.whole_kv(shared, query, cos, sin, plan)
-        mask, causal = plan.mask, False
-        if use_sdpa and not need_probs and handoff is not None:
-            mask, causal = plan.sdpa_mask(handoff.no_padding)
+        if use_sdpa and not need_probs:
+            mask, causal = plan.sdpa_mask()
+        else:
+            mask, causal = plan.mask, False
         return attention_function("kv")(query, key, value, mask, scaling, need_probs=need_probs, dropout=dropout,
                                         use_sdpa=use_sdpa, causal=causal)
 
@@ -1111,10 +1131,10 @@ class DenseKV(CacheRepresentation):
     def whole_kv(self, shared, query, cos, sin, plan):
         return _rotated(query, cos, sin), shared.tensors["key"], shared.tensors["value"]
 
-    def attend(self, shared, query, cos, sin, plan, scaling, need_probs, dropout, use_sdpa, handoff):
+    def attend(self, shared, query, cos, sin, plan, scaling, need_probs, dropout, use_sdpa):
         t = shared.tensors
         if query.shape[3] > 1 or not isinstance(t, DequantizedSlots):
-            return super().attend(shared, query, cos, sin, plan, scaling, need_probs, dropout, use_sdpa, handoff)
+            return super().attend(shared, query, cos, sin, plan, scaling, need_probs, dropout, use_sdpa)
         # Decode over an 8-bit cache: the int8 keys and values and their scales, as the cache holds them.
         (key, k_scale), (value, v_scale) = t.stored("key"), t.stored("value")
         return attention_function(self.kernel)(_rotated(query, cos, sin), key, value, plan.mask, scaling,
@@ -1143,9 +1163,9 @@ class PreRopeLatent(CacheRepresentation):
     def whole_kv(self, shared, query, cos, sin, plan):
         return _rotated(query, cos, sin), *shared.dense_kv(plan)
 
-    def attend(self, shared, query, cos, sin, plan, scaling, need_probs, dropout, use_sdpa, handoff):
+    def attend(self, shared, query, cos, sin, plan, scaling, need_probs, dropout, use_sdpa):
         if query.shape[3] > 1:
-            return super().attend(shared, query, cos, sin, plan, scaling, need_probs, dropout, use_sdpa, handoff)
+            return super().attend(shared, query, cos, sin, plan, scaling, need_probs, dropout, use_sdpa)
         t, producer = shared.tensors, shared.producer
         if isinstance(t, DequantizedSlots):  # 8 bits: the int8 latents and their scales, as the cache holds them
             (k_latent, k_scale), (v_latent, v_scale) = t.stored("k_latent"), t.stored("v_latent")
@@ -1189,9 +1209,9 @@ class PartialRopeLatent(CacheRepresentation):
         key, value = shared.dense_kv(plan)
         return partial_rope_query(query, _rotated(query, cos, sin), shared.producer.rope_index), key, value
 
-    def attend(self, shared, query, cos, sin, plan, scaling, need_probs, dropout, use_sdpa, handoff):
+    def attend(self, shared, query, cos, sin, plan, scaling, need_probs, dropout, use_sdpa):
         if query.shape[3] > 1:
-            return super().attend(shared, query, cos, sin, plan, scaling, need_probs, dropout, use_sdpa, handoff)
+            return super().attend(shared, query, cos, sin, plan, scaling, need_probs, dropout, use_sdpa)
         t, producer = shared.tensors, shared.producer
         rope_dims, nope_dims = partial_rope_dims(producer.rope_index, query.shape[-1])
         return attention_function(self.kernel)(
@@ -1252,9 +1272,9 @@ class SharedRopeLatent(CacheRepresentation):
         query_nope, query_rope = self._split_query(shared, query, cos, sin)
         return torch.cat([query_nope, query_rope], dim=-1), *shared.dense_kv(plan)  # against [k_nope | k_rope]
 
-    def attend(self, shared, query, cos, sin, plan, scaling, need_probs, dropout, use_sdpa, handoff):
+    def attend(self, shared, query, cos, sin, plan, scaling, need_probs, dropout, use_sdpa):
         if query.shape[3] > 1:
-            return super().attend(shared, query, cos, sin, plan, scaling, need_probs, dropout, use_sdpa, handoff)
+            return super().attend(shared, query, cos, sin, plan, scaling, need_probs, dropout, use_sdpa)
         query_nope, query_rope = self._split_query(shared, query, cos, sin)
         t, producer = shared.tensors, shared.producer
         return attention_function(self.kernel)(query_rope, query_nope, t["k_rope"], t["kv_latent"], producer.k_up,
@@ -1355,9 +1375,6 @@ class LayerHandoff:
 
     kv: dict[int, SharedKV] = field(default_factory=dict)
     probs: dict[int, torch.Tensor] = field(default_factory=dict)  # [B, H, T, S]
-    # The forward was given no attention_mask: no token is padding, known without asking the device (a sync
-    # there would also split a compiled graph per layer; torch.compile then recompiles per layer shape).
-    no_padding: bool = False
 
 
 def partial_rope_dims(rope_index: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1448,7 +1465,7 @@ class KVForgeAttention(nn.Module):
 
     # ---- attention over a producer's cache (own or shared) -------------------------------------------
     def attend(self, shared: SharedKV, query: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, plan: SlotPlan,
-               need_probs: bool, dropout: float, handoff: LayerHandoff | None = None):
+               need_probs: bool, dropout: float):
         """query [B, H, T, D] unrotated -> out [B, K, G, T, D], probs [B, K, G, T, S] | None. Public: PyramidKV
         scores the prompt's slots through it (models/pyramid.py). A shared-rotary producer's query is
         [B, H, T, D + Dr]: q_proj's D dims, then q_rope's Dr (both unrotated).
@@ -1463,7 +1480,7 @@ class KVForgeAttention(nn.Module):
         query = query.view(batch, kv_heads, heads // kv_heads, length, dim)  # head h reads kv head h // G
         use_sdpa = self.config._attn_implementation == "sdpa"
         return CACHE_REPRESENTATIONS[shared.representation].attend(shared, query, cos, sin, plan, self.scaling,
-                                                                   need_probs, dropout, use_sdpa, handoff)
+                                                                   need_probs, dropout, use_sdpa)
 
     def _as_cached(self, entries: dict[str, torch.Tensor], plan: SlotPlan, storage: LayerStorage | None):
         """The new tokens' cache entries as attention reads them: with a cache, every attendable slot (the storage
@@ -1508,7 +1525,7 @@ class KVForgeAttention(nn.Module):
                 shared = SharedKV(self.cache_representation.name, entries, self)
                 if self.shares_kv:
                     handoff.kv[self.layer_idx] = shared
-            out, probs = self.attend(shared, query, cos, sin, plan, need_probs, dropout, handoff)
+            out, probs = self.attend(shared, query, cos, sin, plan, need_probs, dropout)
             if storage is not None and storage.pyramid is not None and storage.pyramid.wants(self.layer_idx):
                 # PyramidKV scores the prompt's slots by this layer's attention from its last queries.
                 storage.pyramid.observe_layer(self, query, cos, sin, plan, shared)
@@ -1633,7 +1650,7 @@ class KVForgeModel(KVForgePreTrainedModel):
         past_length = cache.get_seq_length() if cache is not None else 0
 
         device = inputs_embeds.device
-        no_padding = attention_mask is None
+        no_padding = attention_mask is None  # known without asking the device (a sync would split a compiled graph)
         if attention_mask is None:
             attention_mask = torch.ones(batch, past_length + length, dtype=torch.long, device=device)
         if attention_mask.dim() != 2 or attention_mask.shape != (batch, past_length + length):
@@ -1641,6 +1658,10 @@ class KVForgeModel(KVForgePreTrainedModel):
                 f"attention_mask must be 2D [batch, past + new] = [{batch}, {past_length + length}] (1 = token, "
                 f"0 = padding), got shape {tuple(attention_mask.shape)}"
             )
+        if not no_padding and length > 1:
+            # One sync, for several new tokens only (a prefill): without padding the first plans share one mask
+            # row, not [B, T, S]. A one-token decode step never syncs here (static cache, CUDA graphs).
+            no_padding = bool(attention_mask.all())
         new_valid = attention_mask[:, past_length:].bool()  # [B, T]
         if position_ids is None:  # as Llama: positions count columns, padding included
             position_ids = torch.arange(past_length, past_length + length, device=device)[None].expand(batch, -1)
@@ -1690,10 +1711,10 @@ class KVForgeModel(KVForgePreTrainedModel):
         plans: dict[tuple, SlotPlan] = {}
         for layout in dict.fromkeys(self.layer_layouts):
             source = cache.layouts[layout] if cache is not None else SlotLayout(*layout)
-            plans[layout] = source.plan(query_index, position_ids, writes=cache is not None)
+            plans[layout] = source.plan(query_index, position_ids, writes=cache is not None, no_padding=no_padding)
             plans[layout].rotary = rotary
 
-        handoff = LayerHandoff(no_padding=no_padding)
+        handoff = LayerHandoff()
         hidden_states = inputs_embeds
         pyramid = cache.pyramid if cache is not None else None
         for idx, decoder_layer in enumerate(self.layers):

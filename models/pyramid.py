@@ -328,7 +328,8 @@ class PyramidKV:
         shared: the SharedKV the layer attends over (all S slots).
         """
         window = min(self.settings.window, query.shape[2])
-        window_plan = replace(plan, query_index=plan.query_index[:, -window:], mask=plan.mask[..., -window:, :])
+        window_plan = replace(plan, query_index=plan.query_index[:, -window:],
+                              built_mask=plan.mask[..., -window:, :])
         _, probs = module.attend(shared, query[:, :, -window:], cos[:, -window:], sin[:, -window:], window_plan,
                                   True, 0.0)  # probs [B, K, G, w, S]
         scores = probs.float().sum(dim=(2, 3))  # [B, K, S]

@@ -74,6 +74,33 @@ def test_the_decode_step_is_one_graph_and_compiles_once():
     torch._dynamo.reset()
 
 
+def test_forward_reads_the_device_only_to_learn_a_prefills_padding(monkeypatch):
+    """forward() with an attention_mask asks the device whether any token is padding (so that a prefill without any
+    shares one mask row across the batch), but never in a one-token step: a CUDA graph cannot read the device."""
+    model = build(EVERY_METHOD)
+    ids, mask = prompts()
+    cache = model.static_cache(16, cuda_graphs=False)
+    reads = []
+
+    def recording(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            reads.append(name)
+            return original(self, *args, **kwargs)
+        return read
+
+    with torch.no_grad(), monkeypatch.context() as patch:
+        for name in ("__bool__", "__int__", "__float__", "item", "tolist"):
+            patch.setattr(torch.Tensor, name, recording(name))
+        model(ids, attention_mask=torch.ones_like(mask), cache=cache)
+        assert reads
+        reads.clear()
+        for step in range(3):
+            model(torch.full((3, 1), 7 + step), attention_mask=torch.ones(3, 10 + step, dtype=torch.long), cache=cache)
+        assert reads == []
+
+
 def test_bad_settings_are_one_line_errors():
     config = build([PRE]).config
     with pytest.raises(ValueError, match=r"static=True\) needs max_cache_len .* \(got max_cache_len=None"):

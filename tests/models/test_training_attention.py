@@ -206,6 +206,54 @@ def test_a_training_step_uses_flash_friendly_sdpa_and_materialises_only_shared_p
     assert up_calls == {0: 2, 2: 2}  # one k_up and one v_up call each, whatever reads them
 
 
+def recorded_masks(monkeypatch):
+    """The shapes of every visibility mask built from here on."""
+    shapes = []
+    original = mk.visibility_mask
+
+    def recorded(*args, **kwargs):
+        mask = original(*args, **kwargs)
+        shapes.append(tuple(mask.shape))
+        return mask
+
+    monkeypatch.setattr(mk, "visibility_mask", recorded)
+    return shapes
+
+
+@pytest.mark.parametrize("attention_mask", ["ones", "none"])
+def test_a_prefill_without_padding_through_a_cache_builds_no_per_row_mask(monkeypatch, attention_mask):
+    """generate()'s prefill without padding attends as a training step does (global: SDPA with is_causal, window:
+    one mask row for the batch): a [B, 1, 1, T, S] mask (and an int64 [B, T, S] in it) ran a 32k-token prompt at
+    batch 32 out of memory on the H200. The window ring (5 + 2 sinks, 14 tokens: it wraps) holds what a prefill
+    under per-row masks writes (one padding column in front of every row takes that path)."""
+    model = build([{}, WINDOW], "sdpa")
+    ids, ones = inputs(padded=False)
+    batch, length = ids.shape
+    sdpa = count_calls(monkeypatch, F, "scaled_dot_product_attention")
+    shapes = recorded_masks(monkeypatch)
+    cache = mk.KVForgeCache(model.config)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=ones if attention_mask == "ones" else None, cache=cache).logits
+    global_call, window_call = sdpa
+    assert global_call["is_causal"] and "attn_mask" not in global_call
+    assert window_call["attn_mask"].shape == (1, 1, length, length)
+    assert shapes == [(1, 1, 1, length, length)]  # the window layout's row; the global layout needs none
+
+    padded_ids, padded = F.pad(ids, (1, 0)), F.pad(ones, (1, 0))
+    reference_cache = mk.KVForgeCache(model.config)
+    with torch.no_grad():
+        reference = model(padded_ids, attention_mask=padded, position_ids=(padded.cumsum(-1) - 1).clamp_min(0),
+                          cache=reference_cache).logits
+    assert shapes[-1][0] == batch  # the reference did take the per-row path
+    torch.testing.assert_close(logits, reference[:, 1:], rtol=0, atol=TOL)
+    ring, reference_ring = cache.layouts[(5, 2)], reference_cache.layouts[(5, 2)]
+    assert torch.equal(ring.token_index, reference_ring.token_index)
+    assert torch.equal(ring.positions, reference_ring.positions)
+    assert ring.token_index[0].tolist() == [0, 1, 12, 13, 9, 10, 11]  # sinks, then the last 5 tokens, wrapped
+    for name, stored in cache.layers[1].tensors.items():
+        torch.testing.assert_close(stored, reference_cache.layers[1].tensors[name], rtol=0, atol=TOL)
+
+
 def test_layers_compiled_one_at_a_time_compile_once_not_per_forward():
     """training.compile_scope=layers compiles each decoder layer. Each forward makes new slot plans and a new
     handoff, which the layers take as arguments: nothing of theirs may become a guard on the object (an id()
@@ -246,14 +294,19 @@ def test_padding_or_a_cache_keeps_the_full_mask():
     ids, mask = inputs(padded=True)
     index = mk._token_index(mask.bool(), torch.zeros(3, dtype=torch.long))
     plan = mk.SlotLayout(None, 0).plan(index, torch.arange(ids.shape[1]).expand(3, -1))
-    got, causal = plan.sdpa_mask(no_padding=False)
-    assert got is plan.mask and not causal
-    assert plan.sdpa_mask(no_padding=False)[0] is got  # decided once per plan and step
+    got, causal = plan.sdpa_mask()
+    assert got is plan.mask and got.shape[0] == 3 and not causal
+    assert plan.sdpa_mask()[0] is got  # decided once per plan and step
     full = torch.ones_like(mask)
-    plan = mk.SlotLayout(3, 1).plan(mk._token_index(full.bool(), torch.zeros(3, dtype=torch.long)),
-                                    torch.arange(ids.shape[1]).expand(3, -1))
-    got, causal = plan.sdpa_mask(no_padding=False)
+    full_index = mk._token_index(full.bool(), torch.zeros(3, dtype=torch.long))
+    plan = mk.SlotLayout(3, 1).plan(full_index, torch.arange(ids.shape[1]).expand(3, -1), no_padding=True)
+    got, causal = plan.sdpa_mask()
     assert got.shape[0] == 1 and not causal  # a window of 3 cuts into 14 tokens
+    layout = mk.SlotLayout(None, 0)  # a cache that holds tokens: each row's own mask, whatever the padding
+    layout.commit(layout.plan(full_index[:, :4], torch.arange(4).expand(3, -1)), torch.arange(4).expand(3, -1))
+    plan = layout.plan(full_index[:, 4:] + 4, torch.arange(4, 14).expand(3, -1), no_padding=True)
+    got, causal = plan.sdpa_mask()
+    assert got.shape == (3, 1, 1, 10, 14) and not causal
     with torch.no_grad():  # and the model's own uses of it agree with eager (the big test covers gradients)
         eager = build(SPECS["dense"], "eager")(ids, attention_mask=mask).logits
         assert ((model(ids, attention_mask=mask).logits - eager) * mask[..., None]).abs().max() <= TOL
