@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 from .gqa_decode import fits_head_dim, gqa_decode_attention
-from .latent_attention import OutOfResources, available, latent_decode_attention
+from .latent_attention import MAX_PACKED_HALF_RANK, OutOfResources, available, latent_decode_attention
 from .partial_rope_decode import fits as fits_partial_rope
 from .partial_rope_decode import partial_rope_decode_attention
 
@@ -84,11 +84,13 @@ def _kernel_or_reference(name: str, shape: tuple, kernel: Callable, reference: C
         return reference()
 
 
-def _cache_dtypes_fit(query, key, value, k_scale, v_scale) -> bool:
-    """The cached tensors are in the query's dtype, or an 8-bit cache's int8 with scales in the query's dtype."""
+def _cache_dtypes_fit(query, key, value, k_scale, v_scale, packed: bool = False) -> bool:
+    """The cached tensors are in the query's dtype, or a low-bit cache's integers with scales in the query's dtype:
+    int8 (8 bits), or with `packed` (a kernel that unpacks them) uint8 holding two 4-bit values per byte."""
     if k_scale is None:
         return key.dtype == value.dtype == query.dtype
-    return key.dtype == value.dtype == torch.int8 and k_scale.dtype == v_scale.dtype == query.dtype
+    formats = (torch.int8, torch.uint8) if packed else (torch.int8,)
+    return key.dtype == value.dtype and key.dtype in formats and k_scale.dtype == v_scale.dtype == query.dtype
 
 
 def _is_power_of_2(n: int) -> bool:
@@ -107,7 +109,8 @@ def _pre_rope_latent(reference: Callable) -> Callable:
         fits = (
             query.shape[3] == 1 and not need_probs and not dropout and absorb is not False
             and _plain_linear(k_up, v_up) and _is_power_of_2(query.shape[-1])  # Triton's aranges need 2^n
-            and k_up.weight.dtype == query.dtype and _cache_dtypes_fit(query, k_latent, v_latent, k_scale, v_scale)
+            and k_up.weight.dtype == query.dtype and _cache_dtypes_fit(query, k_latent, v_latent, k_scale, v_scale, True)
+            and not (k_latent.dtype == torch.uint8 and k_latent.shape[-1] > MAX_PACKED_HALF_RANK)
             and not (torch.is_grad_enabled() and (query.requires_grad or k_up.weight.requires_grad))
         )
 

@@ -71,6 +71,13 @@ if triton is not None:
         return values.to(tl.float32) * scale.to(tl.float32)[:, None]
 
     @triton.jit
+    def unpacked_tiles(packed, scale):
+        """A 4-bit cache's tile [rows, cols] of bytes (two's-complement nibbles, the even position low): its even
+        and odd positions' values times the rows' scales [rows], each [rows, cols] in float32."""
+        byte = packed.to(tl.int8, bitcast=True)
+        return dequantized_tile((byte << 4) >> 4, scale), dequantized_tile(byte >> 4, scale)
+
+    @triton.jit
     def online_softmax_tile(scores, running_max, running_sum):
         """One tile of flash attention's online softmax over scores [rows, BLOCK_S] (fp32, masked = -inf):
         the new running max, the factor that rescales what the tiles before accumulated, the tile's weights,
@@ -85,18 +92,20 @@ if triton is not None:
     @triton.jit
     def _latent_decode_kernel(
         Q, K_LATENT, V_LATENT, K_WEIGHT, K_BIAS, POSITIONS, VALID, ROPE,  # inputs
-        K_SCALE, V_SCALE,  # an 8-bit cache's scales [B, S, 1] (HAS_SCALES), else unused
+        K_SCALE, V_SCALE,  # a low-bit cache's scales [B, S, 1] (HAS_SCALES), else unused
         ACC, MAX, SUM,  # outputs, per split
         stride_qb,  # q [B, H, D], heads then dims contiguous
-        stride_kb, stride_ks,  # k_latent [B, S, Rk], last dim contiguous
-        stride_vb, stride_vs,  # v_latent [B, S, Rv], last dim contiguous
+        stride_kb, stride_ks,  # k_latent [B, S, Rk] (4 bits: [B, S, Rk / 2] bytes), last dim contiguous
+        stride_vb, stride_vs,  # v_latent [B, S, Rv] (4 bits: [B, S, Rv / 2] bytes), last dim contiguous
         stride_pb, stride_mb,  # positions [B, S], valid [B, S]
         stride_ksb, stride_kss, stride_vsb, stride_vss,  # k_scale, v_scale [B, S, 1]
         slots, heads, group, kv_heads, k_rank, v_rank, slots_per_split, splits, scaling,
         HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
         BLOCK_RK: tl.constexpr, BLOCK_RV: tl.constexpr, HAS_K_BIAS: tl.constexpr, HAS_SCALES: tl.constexpr,
-        CHUNK_RK: tl.constexpr,
+        CHUNK_RK: tl.constexpr, PACKED: tl.constexpr,
     ):
+        # PACKED (a 4-bit cache): BLOCK_RK / BLOCK_RV cover half the ranks, one byte holding ranks 2j and 2j + 1;
+        # the even and odd ranks are two tiles, each with its own rows of U_k and its own value accumulator.
         split = tl.program_id(0)
         row = tl.program_id(1)
         dtype = Q.dtype.element_ty
@@ -119,9 +128,17 @@ if triton is not None:
         # U_k transposed into the same columns, per half: k_up.weight row (kv * D + pair [+ HALF]), column r. Held for
         # the whole program when it fits (CHUNK_RK == BLOCK_RK); large key ranks read it in CHUNK_RK-row chunks per
         # tile instead (two [BLOCK_RK, BLOCK_C] tiles of 256 x 128 need 128 KiB of shared memory in bf16).
-        rk_ok = offs_rk < k_rank
+        k_cols = k_rank // 2 if PACKED else k_rank  # the latent's stored columns
+        v_cols = v_rank // 2 if PACKED else v_rank
+        rk_ok = offs_rk < k_cols
         w_cols = (col_head[None, :] * (2 * HALF) + col_pair[None, :]) * k_rank
-        if CHUNK_RK == BLOCK_RK:
+        if PACKED:  # U_k's even and odd rows, for the even and odd ranks
+            w_ptr = K_WEIGHT + w_cols + 2 * offs_rk[:, None]
+            w_lo = tl.load(w_ptr, mask=rk_ok[:, None] & col_ok[None, :], other=0.0)
+            w_hi = tl.load(w_ptr + HALF * k_rank, mask=rk_ok[:, None] & col_ok[None, :], other=0.0)
+            w_lo_odd = tl.load(w_ptr + 1, mask=rk_ok[:, None] & col_ok[None, :], other=0.0)
+            w_hi_odd = tl.load(w_ptr + 1 + HALF * k_rank, mask=rk_ok[:, None] & col_ok[None, :], other=0.0)
+        elif CHUNK_RK == BLOCK_RK:
             w_ptr = K_WEIGHT + w_cols + offs_rk[:, None]
             w_lo = tl.load(w_ptr, mask=rk_ok[:, None] & col_ok[None, :], other=0.0)
             w_hi = tl.load(w_ptr + HALF * k_rank, mask=rk_ok[:, None] & col_ok[None, :], other=0.0)
@@ -133,15 +150,23 @@ if triton is not None:
         running_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
         running_sum = tl.zeros([BLOCK_H], tl.float32)
         acc = tl.zeros([BLOCK_H, BLOCK_RV], tl.float32)
+        acc_odd = tl.zeros([BLOCK_H, BLOCK_RV], tl.float32)  # PACKED: the odd value ranks
 
         start = split * slots_per_split
         end = tl.minimum(start + slots_per_split, slots)
         for tile in range(start, end, BLOCK_S):
             offs_s = tile + tl.arange(0, BLOCK_S)
             s_ok = offs_s < end
-            if HAS_SCALES:  # int8 latents: one byte per element read, dequantized in registers
+            if HAS_SCALES:  # low-bit latents: their bytes read, dequantized in registers
                 k_scale = tl.load(K_SCALE + row * stride_ksb + offs_s * stride_kss, mask=s_ok, other=0.0)
-            if CHUNK_RK == BLOCK_RK:
+            if PACKED:
+                packed = tl.load(K_LATENT + row * stride_kb + offs_s[:, None] * stride_ks + offs_rk[None, :],
+                                 mask=s_ok[:, None] & rk_ok[None, :], other=0)
+                c_even, c_odd = unpacked_tiles(packed, k_scale)
+                c_even, c_odd = c_even.to(dtype), c_odd.to(dtype)
+                key_lo = tl.dot(c_even, w_lo) + tl.dot(c_odd, w_lo_odd)  # [BLOCK_S, BLOCK_C] float32
+                key_hi = tl.dot(c_even, w_hi) + tl.dot(c_odd, w_hi_odd)
+            elif CHUNK_RK == BLOCK_RK:
                 c_k = tl.load(K_LATENT + row * stride_kb + offs_s[:, None] * stride_ks + offs_rk[None, :],
                               mask=s_ok[:, None] & rk_ok[None, :], other=0)
                 if HAS_SCALES:
@@ -182,14 +207,24 @@ if triton is not None:
 
             running_max, alpha, p, running_sum = online_softmax_tile(scores, running_max, running_sum)
             c_v = tl.load(V_LATENT + row * stride_vb + offs_s[:, None] * stride_vs + offs_rv[None, :],
-                          mask=s_ok[:, None] & (offs_rv[None, :] < v_rank), other=0)
+                          mask=s_ok[:, None] & (offs_rv[None, :] < v_cols), other=0)
             if HAS_SCALES:
                 v_scale = tl.load(V_SCALE + row * stride_vsb + offs_s * stride_vss, mask=s_ok, other=0.0)
-                c_v = dequantized_tile(c_v, v_scale).to(dtype)
-            acc = acc * alpha[:, None] + tl.dot(p.to(dtype), c_v)
+            if PACKED:
+                v_even, v_odd = unpacked_tiles(c_v, v_scale)
+                acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v_even.to(dtype))
+                acc_odd = acc_odd * alpha[:, None] + tl.dot(p.to(dtype), v_odd.to(dtype))
+            else:
+                if HAS_SCALES:
+                    c_v = dequantized_tile(c_v, v_scale).to(dtype)
+                acc = acc * alpha[:, None] + tl.dot(p.to(dtype), c_v)
 
-        stat = (row * splits + split) * BLOCK_H + offs_h  # max / sum [B, splits, BLOCK_H]; acc adds BLOCK_RV
-        tl.store(ACC + stat[:, None] * BLOCK_RV + offs_rv[None, :], acc)
+        stat = (row * splits + split) * BLOCK_H + offs_h  # max / sum [B, splits, BLOCK_H]; acc adds its ranks
+        if PACKED:  # back in rank order: [.., 2 * BLOCK_RV], the even ranks then the odd ones interleaved
+            tl.store(ACC + stat[:, None] * (2 * BLOCK_RV) + 2 * offs_rv[None, :], acc)
+            tl.store(ACC + stat[:, None] * (2 * BLOCK_RV) + 2 * offs_rv[None, :] + 1, acc_odd)
+        else:
+            tl.store(ACC + stat[:, None] * BLOCK_RV + offs_rv[None, :], acc)
         tl.store(MAX + stat, running_max)
         tl.store(SUM + stat, running_sum)
 
@@ -231,6 +266,11 @@ def rope_table(inv_freq: torch.Tensor, scaling: float, positions: int) -> torch.
     return table
 
 
+# A 4-bit latent's U_k is held whole (four [half rank, columns] tiles, the size of the two whole tiles of an
+# unpacked rank of 2x this): up to 2 x 128 ranks, enough for every K/V width up to 256.
+MAX_PACKED_HALF_RANK = 128
+
+
 def _next_power_of_2(n: int, at_least: int = 16) -> int:
     # tl.dot needs every dimension >= 16
     return max(at_least, 1 << (max(n, 1) - 1).bit_length())
@@ -262,16 +302,21 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     positions [B, S] (RoPE positions of the slots, >= 0); valid [B, S] bool (which slots this query may see;
     at least one per row); inv_freq [D/2] and rope_scaling as the model's rotary embedding has them;
     max_position: the largest value in positions if known (else read from the device: one synchronization).
-    An 8-bit cache: int8 k_latent / v_latent with their scales k_scale, v_scale [B, S, 1] in query.dtype (the
-    kernel reads the int8 values, a byte each, and dequantizes them in registers).
+    A low-bit cache: int8 k_latent / v_latent (8 bits), or uint8 [B, S, Rk / 2] / [B, S, Rv / 2] holding two 4-bit
+    values per byte (modeling_kvforge.quantize_slots), with their scales k_scale, v_scale [B, S, 1] in query.dtype
+    (the kernel reads the bytes and dequantizes them in registers).
     Returns out [B, K, G, Dv] in query.dtype.
     """
     if triton is None:
         raise RuntimeError("triton is not installed: use the PyTorch path (pre_rope_latent_attention)")
     batch, kv_heads, group, dim = query.shape
     heads = kv_heads * group
-    slots, k_rank = k_latent.shape[1], k_latent.shape[2]
-    v_rank = v_latent.shape[2]
+    packed = k_latent.dtype == torch.uint8  # 4 bits, two per byte
+    slots, k_rank = k_latent.shape[1], k_latent.shape[2] * (2 if packed else 1)
+    v_rank = v_latent.shape[2] * (2 if packed else 1)
+    if packed and k_rank > 2 * MAX_PACKED_HALF_RANK:
+        raise ValueError(f"a 4-bit key latent of rank {k_rank} is above the kernel's {2 * MAX_PACKED_HALF_RANK} "
+                         "(its U_k tiles are held whole)")
     if k_latent.stride(-1) != 1 or v_latent.stride(-1) != 1:
         k_latent, v_latent = k_latent.contiguous(), v_latent.contiguous()
     query = query.reshape(batch, heads, dim).contiguous()
@@ -287,16 +332,17 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     block_s = block_s or (32 if wide else 64)
     num_stages = num_stages or (2 if wide else 3)
     block_h, block_c = _next_power_of_2(heads), _next_power_of_2(kv_heads * (dim // 2))
-    block_rk, block_rv = _next_power_of_2(k_rank), _next_power_of_2(v_rank)
+    block_rk, block_rv = _next_power_of_2(k_rank // (2 if packed else 1)), _next_power_of_2(v_rank // (2 if packed else 1))
     # Key ranks up to 128 keep U_k's two tiles for the whole program (the measured configurations); larger ones
     # (the 50% model's 8-bit latents: up to 192) read it in chunks of 64 rows per tile. chunk_rk: tests force it.
-    chunk_rk = chunk_rk or (block_rk if block_rk <= 128 else 64)
+    chunk_rk = block_rk if packed else chunk_rk or (block_rk if block_rk <= 128 else 64)
     splits = num_splits or _num_splits(batch, slots, block_s, query.device)
     per_split = -(-slots // splits)
     per_split = -(-per_split // block_s) * block_s  # whole tiles, so only the last split has a ragged end
     splits = -(-slots // per_split)
 
-    acc = torch.empty(batch, splits, block_h, block_rv, device=query.device, dtype=torch.float32)
+    acc_width = 2 * block_rv if packed else block_rv  # ranks in order, the packed even / odd ones interleaved
+    acc = torch.empty(batch, splits, block_h, acc_width, device=query.device, dtype=torch.float32)
     stats_max = torch.empty(batch, splits, block_h, device=query.device, dtype=torch.float32)
     stats_sum = torch.empty_like(stats_max)
     has_scales = k_scale is not None
@@ -311,12 +357,12 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
         v_scale.stride(0) if has_scales else 0, v_scale.stride(1) if has_scales else 0,
         slots, heads, group, kv_heads, k_rank, v_rank, per_split, splits, float(scaling),
         HALF=dim // 2, BLOCK_H=block_h, BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_RK=block_rk, BLOCK_RV=block_rv,
-        HAS_K_BIAS=k_bias is not None, HAS_SCALES=has_scales, CHUNK_RK=chunk_rk, num_warps=num_warps,
+        HAS_K_BIAS=k_bias is not None, HAS_SCALES=has_scales, CHUNK_RK=chunk_rk, PACKED=packed, num_warps=num_warps,
         num_stages=num_stages,
     )
     mixed = torch.empty(batch, heads, v_rank, device=query.device, dtype=query.dtype)  # sum_s p_s c_s per head
     _merge_splits_kernel[(heads, batch)](acc, stats_max, stats_sum, mixed, splits, heads, v_rank, BLOCK_H=block_h,
-                                         BLOCK_RV=block_rv, BLOCK_SPLITS=_next_power_of_2(splits, at_least=2))
+                                         BLOCK_RV=acc_width, BLOCK_SPLITS=_next_power_of_2(splits, at_least=2))
     mixed = mixed.view(batch, kv_heads, group, v_rank)
     up = v_weight.view(kv_heads, -1, v_rank)  # [K, Dv, Rv]
     out = torch.matmul(mixed, up.transpose(-1, -2))  # [B, K, G, Dv]

@@ -99,6 +99,47 @@ def test_8_bit_latents_read_as_int8_equal_the_float64_reference(dtype, tolerance
         assert relative_error(out, reference(exact)) < tolerance
 
 
+@pytest.mark.parametrize("shape", [
+    dict(slots=70),  # ragged even ranks (24, 40), biases
+    dict(kv_heads=1, group=4, dim=32, slots=130, k_rank=16, v_rank=16, bias=False),
+    dict(batch=3, kv_heads=2, group=1, dim=16, slots=5, k_rank=10, v_rank=34),  # fewer slots than one tile
+    dict(k_rank=190, v_rank=150, slots=40),  # the largest ranks held whole (a 4-bit 12.5% model's value ranks)
+])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float16, 5e-3)])
+def test_4_bit_latents_read_as_packed_bytes_equal_the_float64_reference(shape, dtype, tolerance):
+    """A 4-bit cache hands the kernel uint8 latents, two values per byte, and per-slot scales: it must give what the
+    reference gives on the same values dequantized in float64."""
+    from kvforge.models.modeling_kvforge import dequantize_slots, quantize_slots
+
+    for num_splits in (1, 3):
+        c = case(**shape, dtype=dtype, seed=13 + num_splits)
+        (k_q, k_scale), (v_q, v_scale) = quantize_slots(c["k_latent"], 1, 4), quantize_slots(c["v_latent"], 1, 4)
+        assert k_q.dtype == torch.uint8 and k_q.shape[-1] == c["k_latent"].shape[-1] // 2
+        exact = dict(c, k_latent=dequantize_slots(k_q, k_scale.double()), v_latent=dequantize_slots(v_q, v_scale.double()))
+        out = kernel(dict(c, k_latent=k_q, v_latent=v_q), block_s=16, num_splits=num_splits, k_scale=k_scale,
+                     v_scale=v_scale)
+        assert relative_error(out, reference(exact)) < tolerance
+
+
+def test_a_4_bit_key_latent_above_what_the_kernel_holds_is_refused_and_the_dispatch_keeps_it_on_pytorch(
+        monkeypatch, kernel_calls):
+    from kvforge.models.modeling_kvforge import quantize_slots
+
+    c = case(k_rank=258, v_rank=16, slots=20, seed=2)
+    (k_q, k_scale), (v_q, v_scale) = quantize_slots(c["k_latent"], 1, 4), quantize_slots(c["v_latent"], 1, 4)
+    with pytest.raises(ValueError, match="4-bit key latent of rank 258 is above the kernel's 256"):
+        kernel(dict(c, k_latent=k_q, v_latent=v_q), k_scale=k_scale, v_scale=v_scale)
+    monkeypatch.setenv("KVFORGE_KERNELS", "triton")
+    attend = dispatch.fused_attention("pre_rope_latent", pre_rope_latent_attention)
+    args = [c[k] for k in ("query", "k_latent", "v_latent", "k_up", "v_up", "key_rotary", "mask", "scaling")]
+    args[1:3] = k_q, v_q
+    with torch.no_grad():
+        out, _ = attend(*args, k_scale=k_scale, v_scale=v_scale)
+        expected, _ = pre_rope_latent_attention(*args, k_scale=k_scale, v_scale=v_scale)
+    assert not kernel_calls
+    torch.testing.assert_close(out, expected)
+
+
 @pytest.mark.parametrize("cache_bits", [None, 8])
 def test_large_key_ranks_read_the_up_projection_in_chunks(cache_bits):
     """Key ranks above 128 (the 50% model in 8 bits: up to 192) read U_k in chunks of 64 rows per tile, since its
@@ -181,17 +222,17 @@ def test_a_kernel_too_big_for_the_gpu_falls_back_to_the_reference_once(monkeypat
     torch.testing.assert_close(again, expected)
 
 
-@pytest.mark.parametrize("cache_bits", [None, 8])
+@pytest.mark.parametrize("cache_bits", [None, 8, 4])
 def test_generate_with_the_kernel_equals_generate_without(monkeypatch, kernel_calls, cache_bits):
     """A tiny model with latent layers (a global owner, a window layer, a kv_from reader), batch 2 with left
-    padding, decoding past the window: same tokens and logits with KVFORGE_KERNELS=triton and =off; with an 8-bit
-    cache the kernel is handed the int8 latents (never a dequantized copy)."""
+    padding, decoding past the window: same tokens and logits with KVFORGE_KERNELS=triton and =off; with a low-bit
+    cache the kernel is handed the stored bytes (int8, or uint8 packing two 4-bit values), never a dequantized copy."""
     low_rank = {"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 12, "v_rank": 10, "cache_bits": cache_bits}
     runs = generate_with_and_without_kernels(
         monkeypatch,
         [low_rank, {"kv_from": 0}, {**low_rank, "attention": "window", "window": 8, "sinks": 2}], num_attention_heads=6)
     assert len(kernel_calls) == 9 * 3  # 9 decode steps x 3 layers attending over a latent cache
-    assert set(kernel_calls.dtypes) == {torch.int8 if cache_bits else torch.float32}
+    assert set(kernel_calls.dtypes) == {{None: torch.float32, 8: torch.int8, 4: torch.uint8}[cache_bits]}
     assert_same_generation(runs)
 
 
