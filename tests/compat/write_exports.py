@@ -24,10 +24,11 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_ke
             max_position_embeddings=512, vocab_size=49152, initializer_range=0.1, tie_word_embeddings=True,
             bos_token_id=1, eos_token_id=2, pad_token_id=2)
 EXPORTS = {
-    # a latent layer, a window with sinks over merged heads, its KV-sharing reader, a shared-attention reader
+    # a latent layer in 8 bits, a window with sinks over merged heads in 4 bits, its KV-sharing reader, a
+    # shared-attention reader
     "all-methods": {"layers": [
         {"kv_proj": "low_rank", "k_rank": 12, "v_rank": 12, "rope": "pre_rope_latent", "cache_bits": 8},
-        {"attention": "window", "window": 16, "sinks": 2, "kv_proj": "merged_heads", "num_kv_heads": 1},
+        {"attention": "window", "window": 16, "sinks": 2, "kv_proj": "merged_heads", "num_kv_heads": 1, "cache_bits": 4},
         {"attention": "window", "window": 16, "sinks": 2, "kv_from": 1},
         {"probs_from": 0},
     ]},

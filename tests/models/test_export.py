@@ -40,11 +40,11 @@ REPO = Path(__file__).resolve().parents[2]
 SITE_PACKAGES = sysconfig.get_paths()["purelib"]
 TINY = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
             max_position_embeddings=512)
-# Every method at once: a low-rank latent layer cached in 8 bits, a sliding window with sinks and merged heads, a
-# kv_from reader, a probs_from reader.
+# Every method at once: a low-rank latent layer cached in 8 bits, a sliding window with sinks and merged heads cached
+# in 4 bits, a kv_from reader, a probs_from reader.
 LAYERS = [
     {"kv_proj": "low_rank", "k_rank": 12, "v_rank": 12, "rope": "pre_rope_latent", "cache_bits": 8},
-    {"attention": "window", "window": 16, "sinks": 2, "kv_proj": "merged_heads", "num_kv_heads": 1},
+    {"attention": "window", "window": 16, "sinks": 2, "kv_proj": "merged_heads", "num_kv_heads": 1, "cache_bits": 4},
     {"attention": "window", "window": 16, "sinks": 2, "kv_from": 1},
     {"probs_from": 0},
 ]

@@ -148,8 +148,9 @@ def test_a_budget_covering_the_prompt_changes_nothing():
     assert cache.pyramid.compacted and cache.pyramid.kept == {}  # scored, nothing dropped
 
 
-@pytest.mark.parametrize("layers,kv_heads", [([{}], 1), ([LOW_RANK], 2), ([{**LOW_RANK, "cache_bits": 8}], 2)],
-                         ids=["dense", "pre_rope_latent", "int8_latent"])
+@pytest.mark.parametrize("layers,kv_heads", [([{}], 1), ([LOW_RANK], 2), ([{**LOW_RANK, "cache_bits": 8}], 2),
+                                              ([{**LOW_RANK, "cache_bits": 4}], 2)],
+                         ids=["dense", "pre_rope_latent", "int8_latent", "int4_latent"])
 def test_compacted_decode_equals_attention_over_the_kept_tokens(layers, kv_heads):
     """With one layer, a token's cache entry depends only on the token and its position, so the compacted
     cache must equal the cache of a prompt made of just the kept tokens at their original positions."""

@@ -20,7 +20,7 @@ PARTIAL = {"kv_proj": "low_rank", "rope": "partial", "rope_dims": 6, "kv_rank": 
 WINDOW = {"attention": "window", "window": 5, "sinks": 2}
 EVERY_METHOD = [PRE, WINDOW, {"kv_from": 0}, {"probs_from": 0}, {"kv_proj": "merged_heads", "num_kv_heads": 1},
                 PARTIAL, {**WINDOW, **PRE}, {**WINDOW, "kv_from": 1}, {**PRE, "cache_bits": 8},
-                {**WINDOW, "cache_bits": 8}]
+                {**WINDOW, "cache_bits": 8}, {**PRE, "cache_bits": 4}, {**WINDOW, "cache_bits": 4}]
 
 
 def prompts():
