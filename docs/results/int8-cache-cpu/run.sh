@@ -31,3 +31,6 @@ for row in "0.125 4" "0.25 4" "0.125 8" "0.25 8"; do
   HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 .venv/bin/python launch/compress.py $C --budget $1 --arg cache_bits=$2 \
     --json docs/results/int8-cache-cpu/b$1-$2-balanced.json 2>&1 | grep -v Warning | tail -3
 done
+echo "== standard, cache_bits 4"; date
+HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 .venv/bin/python launch/compress.py $C2 --spec standard --arg cache_bits=4 \
+  --json docs/results/int8-cache-cpu/standard-int4.json 2>&1 | grep -v Warning | tail -3
