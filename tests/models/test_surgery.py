@@ -290,31 +290,33 @@ def test_greedy_allocation_in_steps_prices_each_step_by_its_mean_and_keeps_ranks
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_latents_balanced_for_a_low_bit_cache_map_the_same_and_round_with_less_error(bits):
-    """Each latent channel at unit RMS on the calibration data: the same map before rounding, and after rounding
-    (one absmax scale per token) a smaller error in what the up-projection rebuilds."""
+    """Latent channels at unit RMS on the calibration data: the same map before rounding, and after rounding (one
+    absmax scale per token) a smaller error in what the up-projection rebuilds (heavy-tailed activations, as a
+    transformer's are)."""
     torch.manual_seed(0)
     hidden, out, rank, tokens = 32, 24, 12, 4096
-    x = torch.randn(tokens, hidden, dtype=torch.float64) @ torch.diag(torch.logspace(1, -2, hidden, dtype=torch.float64))
+    heavy = torch.distributions.StudentT(3.0).sample((tokens, hidden)).double()
+    x = heavy @ torch.diag(torch.logspace(1, -2, hidden, dtype=torch.float64))
     stats = CalibrationStatistics(input_second_moment=(x.T @ x / tokens)[None], input_mean=x.mean(0)[None],
                                   tokens=tokens, rows=1, seq_len=tokens)
     weight, bias = torch.randn(out, hidden, dtype=torch.float64), torch.randn(out, dtype=torch.float64)
-    f = factorize(weight.float(), bias.float(), stats.output_moments(0, weight, bias)[0].float(),
-                  stats.output_moments(0, weight, bias)[1].float(), rank)
-    b = balanced_for_rounding(f, stats, 0)
+    second, mean = stats.output_moments(0, weight, bias)
+    f = factorize(weight.float(), bias.float(), second.float(), mean.float(), rank)
+    balanced = balanced_for_rounding(f, stats, 0)
 
     def latent(g):
-        return x.float() @ g.down_weight.T + (0 if g.down_bias is None else g.down_bias)
+        return x.float() @ g.down_weight.T + g.down_bias
 
     def rebuilt(g, c):
         return c @ g.up_weight.T + (0 if g.up_bias is None else g.up_bias)
 
-    assert latent(b).pow(2).mean(0).sqrt().sub(1).abs().max() < 1e-3  # unit RMS per channel
+    assert latent(balanced).pow(2).mean(0).sqrt().sub(1).abs().max() < 1e-3
     assert latent(f).pow(2).mean(0).sqrt().max() > 10 * latent(f).pow(2).mean(0).sqrt().min()  # PCA: far from it
-    torch.testing.assert_close(rebuilt(b, latent(b)), rebuilt(f, latent(f)), atol=1e-3, rtol=1e-4)
     target = rebuilt(f, latent(f))
+    torch.testing.assert_close(rebuilt(balanced, latent(balanced)), target, atol=1e-3, rtol=1e-4)
     error = {name: (rebuilt(g, dequantize_slots(*quantize_slots(latent(g)[None], 1, bits))[0]) - target).pow(2).mean()
-             for name, g in (("pca", f), ("balanced", b))}
-    assert error["balanced"] < 0.7 * error["pca"]
+             for name, g in (("pca", f), ("balanced", balanced))}
+    assert error["balanced"] < 0.9 * error["pca"]
 
 
 def test_greedy_budget_fraction_through_compress_is_met_exactly():
