@@ -5,8 +5,9 @@
 #      export against the trained model);
 #   A: on GPU 0, FIRST0: 4-bit latents at 12.5% for 1,500 steps (issue 10's 12.5% target: windows beside 8-bit
 #      latents reached +11.0% in session 11 but lost passkey at 4k; after surgery on the CPU 4-bit latents start at
-#      +115% where those started at +140%). On GPU 1: FIRST1 (none by default), issue 12's decode rows (DECODE_ARGS:
-#      where the 8-bit 25% model's decode time goes; the 32k window rows whose prefill ran out of memory). Then
+#      +97% balanced, where those started at +140%). On GPU 1: FIRST1 (none by default), issue 12's decode rows
+#      (DECODE_ARGS: where the 8-bit 25% model's decode time goes; the 32k window rows whose prefill ran out of
+#      memory), issue 11's plain PyTorch loop on the trainer's batch (launch/benchmark_loss.py, ~2 min). Then
 #      both GPUs take recipes from one shared QUEUE, each the next one when it is free (session 11's fixed
 #      per-GPU queues left GPU 0 idle for its last 7 minutes);
 #   C: the teacher sampler's speed with each attention path (SAMPLER_ATTENTION, none by default: measured in
@@ -86,6 +87,13 @@ decode() {  # gpu: issue 12's missing rows, one launch/benchmark_decode.py run p
   done
 }
 
+loss_rows() {  # gpu: issue 11's plain PyTorch loop on the trainer's batch (16 x 2,048), next to the recipe rows
+  [ -f "$K/results/loss-plain-loop.json" ] && return 0
+  stamp "plain-loop loss rows on GPU $1"
+  CUDA_VISIBLE_DEVICES=$1 python3 launch/benchmark_loss.py --json "$K/results/loss-plain-loop.json" \
+    > "$K/results/loss-plain-loop.log" 2>&1 || stamp "loss rows FAILED"
+}
+
 sampler() {  # the teacher sampler at 1,024 x 2,048 with each attention path, on GPU 1 (benchmarks/profile_sampler.py)
   local a
   for a in $SAMPLER_ATTENTION; do
@@ -106,7 +114,7 @@ fi
 stamp "A: ${FIRST0:+$FIRST0 on GPU 0; }${MULTIGPU1:+$MULTIGPU1, }${FIRST1:+$FIRST1, }decode rows on GPU 1; then $QUEUE on both"
 [ -f "$K/queue" ] || tr ' ' '\n' <<< "$QUEUE" | grep . > "$K/queue"  # a restarted pipeline resumes the queue
 { recovery 0 29512 "$FIRST0"; mla_export 0; worker 0 29512; } &
-{ multigpu 1 "$MULTIGPU1"; recovery 1 29513 "$FIRST1"; decode 1; worker 1 29513; } &
+{ multigpu 1 "$MULTIGPU1"; recovery 1 29513 "$FIRST1"; decode 1; loss_rows 1; worker 1 29513; } &
 wait
 if [ -n "$MULTIGPU1$MULTIGPU2" ]; then  # again, with the 1-GPU runs
   python3 $R/multigpu-h200/compare.py "$K/multigpu" > "$K/multigpu/compare.txt" 2>&1
