@@ -490,11 +490,10 @@ def cached_slot_dims(layer: LayerSpec) -> dict[str, int]:
     return dims
 
 
-def quantize_slots(x: torch.Tensor, slot_dim: int, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """x -> (values, scales in x's dtype): one absmax scale per row and slot over every other axis (a latent's
-    dims, or every head's dims), symmetric, rounded to nearest, in [-(2^(bits-1) - 1), 2^(bits-1) - 1]. 8 bits:
-    int8 values; 4 bits: uint8, two values per byte along the last dim (even). Not differentiable (see
-    fake_quantize)."""
+def _rounded_levels(x: torch.Tensor, slot_dim: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x -> (integer levels as float32, scales in x's dtype): one absmax scale per row and slot over every other
+    axis (a latent's dims, or every head's dims), symmetric, rounded to nearest, in [-(2^(bits-1) - 1),
+    2^(bits-1) - 1]."""
     reduce = [d for d in range(1, x.dim()) if d != slot_dim]
     x = x.detach()
     amax = x.float().abs().amax(dim=reduce, keepdim=True)
@@ -502,7 +501,14 @@ def quantize_slots(x: torch.Tensor, slot_dim: int, bits: int = 8) -> tuple[torch
     # The scale is rounded to x's dtype before dividing by it, so stored and recomputed values agree exactly;
     # the clamp keeps an all-zero slot at 0 (not 0/0).
     scale = (amax / top).clamp_min(torch.finfo(x.dtype).tiny).to(x.dtype)
-    values = torch.round(x.float() / scale.float()).clamp_(-top, top).to(torch.int8)
+    return torch.round(x.float() / scale.float()).clamp_(-top, top), scale
+
+
+def quantize_slots(x: torch.Tensor, slot_dim: int, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """x -> (values, scales in x's dtype), as a low-bit cache stores them (`_rounded_levels`): 8 bits, int8 values;
+    4 bits, uint8 with two values per byte along the last dim (even). Not differentiable (see fake_quantize)."""
+    levels, scale = _rounded_levels(x, slot_dim, bits)
+    values = levels.to(torch.int8)
     if bits == 4:  # low nibble: even positions, high nibble: odd ones (two's complement)
         values = ((values[..., 0::2] & 0xF) | (values[..., 1::2] << 4)).view(torch.uint8)
     return values, scale
@@ -542,8 +548,10 @@ class DequantizedSlots(Mapping):
 
 def fake_quantize(x: torch.Tensor, slot_dim: int, bits: int) -> torch.Tensor:
     """x rounded as a low-bit cache holds it, with the gradient of the identity (straight-through): the model
-    trains against the values it will be served, and its projections still learn."""
-    return x + (dequantize_slots(*quantize_slots(x, slot_dim, bits)) - x).detach()
+    trains against the values it will be served, and its projections still learn. The levels times their scales,
+    as dequantize_slots computes them, without packing them into bytes (training never stores them)."""
+    levels, scale = _rounded_levels(x, slot_dim, bits)
+    return x + ((levels * scale.float()).to(scale.dtype) - x).detach()
 
 
 class LayerStorage:

@@ -264,7 +264,8 @@ def test_layers_compiled_one_at_a_time_compile_once_not_per_forward():
 
     import torch._dynamo.config as dynamo_config
 
-    mixed = [PRE, WINDOW, {"kv_from": 0}, {"probs_from": 0}, MERGED, PARTIAL, {**WINDOW, **PARTIAL}]
+    mixed = [PRE, WINDOW, {"kv_from": 0}, {"probs_from": 0}, MERGED, PARTIAL, {**WINDOW, **PARTIAL},
+             {**PRE, "cache_bits": 8}, {**WINDOW, "cache_bits": 4}, {**PRE, "k_rank": 8, "v_rank": 6, "cache_bits": 4}]
     ranked = [{**PRE, "k_rank": 4 + i, "v_rank": 6 + i} for i in range(10)]  # greedy allocation's many ranks
     ids = torch.randint(0, 100, (2, 16))
     with dynamo_config.patch(force_parameter_static_shapes=True, force_nn_module_property_static_shapes=True):
@@ -317,7 +318,8 @@ def test_the_training_forward_compiles_to_one_graph_whatever_the_layer_shapes():
     layers of different ranks and every representation. On the H200, a device sync in the mask choice and the
     ring-slot bookkeeping of window layers split the graph per layer; dynamo then recompiled the attention once
     per layer shape, hit its limit of 8 and the run crashed."""
-    mixed = [PRE, WINDOW, {"kv_from": 0}, {"probs_from": 0}, MERGED, PARTIAL, {**WINDOW, **PARTIAL}]
+    mixed = [PRE, WINDOW, {"kv_from": 0}, {"probs_from": 0}, MERGED, PARTIAL, {**WINDOW, **PARTIAL},
+             {**PRE, "cache_bits": 8}, {**WINDOW, "cache_bits": 4}, {**PRE, "k_rank": 8, "v_rank": 6, "cache_bits": 4}]
     ranked = [{**PRE, "k_rank": 4 + i, "v_rank": 6 + i} for i in range(10)]  # ten shapes: more than 8
     ids = torch.randint(0, 100, (2, 16))
     for layers in (mixed, ranked):
