@@ -54,8 +54,9 @@ SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hi
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("kernel", "partial", "generate", "both"), default="both",
-                        help="kernel: both kernel tables; partial: only the partial-RoPE one")
+    parser.add_argument("--part", choices=("kernel", "partial", "generate", "max-batch", "both"), default="both",
+                        help="kernel: both kernel tables; partial: only the partial-RoPE one; max-batch: the largest "
+                             "batch generate() fits with --gen-prompt tokens, per --gen-variants row")
     parser.add_argument("--batch", type=int, nargs="*", default=None, help="kernel part: rows (default: a sweep)")
     parser.add_argument("--context", type=int, nargs="*", default=None, help="kernel part: cached positions")
     parser.add_argument("--k-rank", type=int, default=48)
@@ -413,6 +414,93 @@ def run_generate_part(args) -> list[dict]:
     return rows
 
 
+def largest_batch(fits, start: int = 8, limit: int = 4096) -> tuple[int, list[tuple[int, bool]]]:
+    """The largest batch b <= limit with fits(b) (fits is monotone: a batch that fits, every smaller one fits),
+    to within 1/32 below it: doubling from `start`, then bisection. Returns (batch, [(tried, fitted), ...]);
+    0 if not even 1 fits."""
+    tried = []
+
+    def attempt(batch):
+        tried.append((batch, fits(batch)))
+        return tried[-1][1]
+
+    low, high, batch = 0, None, start
+    while high is None:
+        if not attempt(batch):
+            high = batch
+        elif batch >= limit:
+            return limit, tried
+        else:
+            low, batch = batch, min(2 * batch, limit)
+    if low == 0:  # not even `start` fits
+        if high == 1 or not attempt(1):
+            return 0, tried
+        low = 1
+    while high - low > max(1, low // 32):
+        middle = (low + high) // 2
+        if attempt(middle):
+            low = middle
+        else:
+            high = middle
+    return low, tried
+
+
+def run_max_batch_part(args) -> list[dict]:
+    """Issue 12's "largest batch that fits at 32k context": per row, the largest batch whose generate() of
+    --gen-prompt tokens and 4 new ones runs without running out of GPU memory (prefill included, as a user's call
+    has it), and the cache bytes at that batch."""
+    import gc
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvforge.models.configuration_kvforge import KVForgeConfig
+    from kvforge.models.modeling_kvforge import KVForgeForCausalLM
+
+    base = LlamaConfig(**SMOLLM2)
+    base._attn_implementation = "sdpa"
+    rows = []
+    for name, spec_of, mode, cache in (GENERATE_VARIANTS[v] for v in args.gen_variants):
+        if cache == "transformers":
+            continue  # a compiled static step recompiles per batch: the dynamic-cache row stands for the original
+        torch.manual_seed(0)
+        compression = spec_of(base.num_hidden_layers) if spec_of is not None else None
+        if compression is None:
+            model = LlamaForCausalLM(base)
+        else:
+            os.environ["KVFORGE_KERNELS"] = mode
+            config = KVForgeConfig.from_base_config(base, compression)
+            config._attn_implementation = "sdpa"
+            model = KVForgeForCausalLM(config)
+        model = model.to(device="cuda", dtype=torch.bfloat16).eval()
+
+        def fits(batch):
+            ids = torch.randint(3, base.vocab_size, (batch, args.gen_prompt), device="cuda")
+            try:
+                with torch.no_grad():
+                    timed_generate(model, ids, 4, 1, cache)
+                return True
+            except torch.cuda.OutOfMemoryError:
+                return False
+            finally:
+                del ids
+                gc.collect()
+                torch.cuda.empty_cache()
+
+        batch, tried = largest_batch(fits)
+        per_sequence = (model.config.kv_cache_bytes(args.gen_prompt + 3, dtype=torch.bfloat16)
+                        if compression is not None else 2 * base.num_hidden_layers * base.num_key_value_heads
+                        * base.head_dim * 2 * (args.gen_prompt + 3))
+        rows.append(dict(model=name, prompt=args.gen_prompt, largest_batch=batch, tried=tried,
+                         cache_bytes_per_sequence=per_sequence, cache_gib_at_largest=batch * per_sequence / 2 ** 30))
+        print(f"{name:60s} largest batch {batch:5d} at {args.gen_prompt} tokens "
+              f"(cache {rows[-1]['cache_gib_at_largest']:.1f} GiB; tried {tried})", flush=True)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    os.environ.pop("KVFORGE_KERNELS", None)
+    return rows
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
@@ -430,6 +518,8 @@ def main(argv=None) -> int:
             args, bandwidth)
     if args.part in ("generate", "both"):
         result["generate"] = run_generate_part(args)
+    if args.part == "max-batch":
+        result["max_batch"] = run_max_batch_part(args)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return 0

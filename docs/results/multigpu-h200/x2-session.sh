@@ -19,7 +19,8 @@
 # DONE" is this script's last line; the sub-pipelines log to $K/pipeline-gpu*.log and $K/multigpu/).
 # Env: FIRST0 (a recipe first on GPU 0, followed by its DeepSeek-V3 export when it is partial-rope-shared-25), FIRST1
 # (a recipe first on GPU 1), QUEUE (recipes, shared), MULTIGPU1/2 (multigpu-h200/run.sh's runs), REXTRA (overrides for
-# the recovery runs only), DECODE_ARGS (launch/benchmark_decode.py's; empty: no decode rows), SAMPLER_ATTENTION.
+# the recovery runs only), DECODE_ARGS (launch/benchmark_decode.py's; empty: no decode rows), SAMPLER_ATTENTION,
+# MAX_BATCH_VARIANTS (the largest batch at 32k, on GPU 1 once the queue is empty; empty: none).
 set -u
 K=${K:-$HOME/kvgpu}
 R=docs/results
@@ -29,6 +30,7 @@ QUEUE=${QUEUE-finetuned-original-corpus-long partial-rope-50 partial-rope-12-int
 MULTIGPU1=${MULTIGPU1:-}
 MULTIGPU2=${MULTIGPU2:-}
 SAMPLER_ATTENTION=${SAMPLER_ATTENTION-}
+MAX_BATCH_VARIANTS=${MAX_BATCH_VARIANTS-original lr50-static lr25-int8-static mixattention-static}
 # The 8-bit 25% model decoded at 0.98x the original at B=32, S=16k in session 11 (the 50% bf16 one at 1.57x): the
 # same cache through the PyTorch reference, the same ranks in bf16, and ranks on 16-byte boundaries say whether the
 # kernel's int8 path, or the odd ranks, cost it. Then the window and MixAttention layouts at 32k (their prefill ran
@@ -87,6 +89,15 @@ decode() {  # gpu: issue 12's missing rows, one launch/benchmark_decode.py run p
   done
 }
 
+max_batch() {  # gpu: issue 12's largest batch that fits at 32k context, per layout (last: it takes minutes)
+  [ -n "$MAX_BATCH_VARIANTS" ] && [ ! -f "$K/results/max-batch.json" ] || return 0
+  stamp "largest batches at 32k on GPU $1: $MAX_BATCH_VARIANTS"
+  read -r -a variants <<< "$MAX_BATCH_VARIANTS"
+  CUDA_VISIBLE_DEVICES=$1 python3 launch/benchmark_decode.py --part max-batch --gen-prompt 32768 \
+    --gen-variants "${variants[@]}" --json "$K/results/max-batch.json" > "$K/results/max-batch.log" 2>&1 \
+    || stamp "max-batch FAILED"
+}
+
 loss_rows() {  # gpu: issue 11's plain PyTorch loop on the trainer's batch (16 x 2,048), next to the recipe rows
   [ -f "$K/results/loss-plain-loop.json" ] && return 0
   stamp "plain-loop loss rows on GPU $1"
@@ -114,7 +125,7 @@ fi
 stamp "A: ${FIRST0:+$FIRST0 on GPU 0; }${MULTIGPU1:+$MULTIGPU1, }${FIRST1:+$FIRST1, }decode rows on GPU 1; then $QUEUE on both"
 [ -f "$K/queue" ] || tr ' ' '\n' <<< "$QUEUE" | grep . > "$K/queue"  # a restarted pipeline resumes the queue
 { recovery 0 29512 "$FIRST0"; mla_export 0; worker 0 29512; } &
-{ multigpu 1 "$MULTIGPU1"; recovery 1 29513 "$FIRST1"; decode 1; loss_rows 1; worker 1 29513; } &
+{ multigpu 1 "$MULTIGPU1"; recovery 1 29513 "$FIRST1"; decode 1; loss_rows 1; worker 1 29513; max_batch 1; } &
 wait
 if [ -n "$MULTIGPU1$MULTIGPU2" ]; then  # again, with the 1-GPU runs
   python3 $R/multigpu-h200/compare.py "$K/multigpu" > "$K/multigpu/compare.txt" 2>&1
