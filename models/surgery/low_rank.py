@@ -733,8 +733,14 @@ def transform_layer(t: Transform, i: int, entry: dict[str, Any]) -> None:
     stats, geometry, settings = t.stats, t.geometry, t.settings
     restore = _restore_value_mean(t.expected, i)
 
+    balance = layer.cache_bits is not None and (settings.low_bit_balance == "all" or (
+        settings.low_bit_balance == "auto" and layer.cache_bits == 4))
+
+    if layer.cache_bits is not None:
+        entry["balanced_for_rounding"] = balance
+
     def for_cache(f: Factorization) -> Factorization:
-        return f if layer.cache_bits is None else balanced_for_rounding(f, stats, i)
+        return balanced_for_rounding(f, stats, i) if balance else f
 
     if layer.probs_from is not None:
         f = for_cache(_pre_rope(stats, i, a, geometry, settings, "v", layer.v_rank, restore,

@@ -319,6 +319,27 @@ def test_latents_balanced_for_a_low_bit_cache_map_the_same_and_round_with_less_e
     assert error["balanced"] < 0.9 * error["pca"]
 
 
+def test_surgery_balances_4_bit_latents_by_default_and_others_only_when_asked():
+    """low_bit_balance: "auto" balances 4-bit layers only (8 bits save nothing by it, and its scaled parameters
+    trained worse in the main job); "all" and "none" as they say; the report says which layers were balanced."""
+    model = tiny()
+    layer = {"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 12, "v_rank": 12}
+    spec = {"layers": [{**layer, "cache_bits": 4}, {**layer, "cache_bits": 8}] + [layer] * (LAYERS - 2)}
+    statistics = compress(model, spec, rows(), settings=QUIET).statistics
+    down = {}
+    for mode in ("auto", "all", "none"):
+        result = compress(model, spec, statistics=statistics, settings={**QUIET, "low_bit_balance": mode})
+        layers = result.model.model.layers
+        down[mode] = [layers[i].self_attn.k_down.weight.detach().clone() for i in range(3)]
+        flags = [entry.get("balanced_for_rounding") for entry in result.report["layers"][:3]]
+        assert flags == {"auto": [True, False, None], "all": [True, True, None], "none": [False, False, None]}[mode]
+    assert not torch.equal(down["auto"][0], down["none"][0]) and torch.equal(down["auto"][0], down["all"][0])
+    assert torch.equal(down["auto"][1], down["none"][1]) and not torch.equal(down["all"][1], down["none"][1])
+    assert torch.equal(down["auto"][2], down["all"][2])  # a layer in the model's dtype is never balanced
+    with pytest.raises(SurgeryError, match="low_bit_balance='some' is not one of"):
+        compress(model, spec, statistics=statistics, settings={**QUIET, "low_bit_balance": "some"})
+
+
 def test_greedy_budget_fraction_through_compress_is_met_exactly():
     model = tiny()
     spec = [{"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 12, "v_rank": 12}] * LAYERS

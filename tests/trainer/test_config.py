@@ -181,7 +181,8 @@ def test_the_teacher_computes_in_the_training_precision_unless_told():
                                               ("mixattention-ma", None), ("shared-attention", None),
                                               ("window-lowrank-12", None), ("lowrank-50-int8", 0.5), ("lowrank-25-int8-long", 0.25),
                                               ("lowrank-12-int8-long", 0.125), ("window-lowrank-12-int8-long", None),
-                                              ("lowrank-12-int4-long", 0.125), ("partial-rope-50", 0.5),
+                                              ("lowrank-12-int4-long", 0.125), ("lowrank-12-int4-long-unbalanced", 0.125),
+                                              ("partial-rope-50", 0.5),
                                               ("partial-rope-12-int8", 0.125)])
 def test_every_recovery_recipe_compresses_smollm2_as_it_says(recipe, fraction, monkeypatch, tmp_path):
     """Each recipe's compression section parses against the real model's config (no weights), and the fixed
