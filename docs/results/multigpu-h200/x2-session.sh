@@ -43,8 +43,11 @@ lr25-bf16-static lr25-int8-aligned-static lr50-static --repeats 3|\
 stamp() { echo "$(date +%T) $*"; }
 mkdir -p "$K/results"
 
-next_recipe() {  # the shared QUEUE's next recipe (empty when none is left), taken under a lock
-  flock "$K/queue.lock" bash -c 'head -n 1 "$1"; sed -i 1d "$1"' _ "$K/queue"
+next_recipe() {  # the shared QUEUE's next recipe (empty when none is left), taken under a lock (mkdir is atomic)
+  until mkdir "$K/queue.lock" 2>/dev/null; do sleep 0.2; done
+  head -n 1 "$K/queue"
+  sed -i 1d "$K/queue"
+  rmdir "$K/queue.lock"
 }
 
 worker() {  # gpu master_port: recipes from the shared QUEUE on one GPU until none is left
