@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import os
 import platform
@@ -371,11 +372,29 @@ def cache_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
-def run_generate_part(args) -> list[dict]:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def variant_model(base, spec_of, mode: str | None):
+    """A GENERATE_VARIANTS row's model on the GPU in bf16 with random weights (seed 0): the transformers Llama of
+    `base` (spec_of None), else the kvforge model of spec_of's compression with KVFORGE_KERNELS=mode."""
+    from transformers import LlamaForCausalLM
 
     from kvforge.models.configuration_kvforge import KVForgeConfig
-    from kvforge.models.modeling_kvforge import KVForgeForCausalLM, generated_cache
+    from kvforge.models.modeling_kvforge import KVForgeForCausalLM
+
+    torch.manual_seed(0)
+    if spec_of is None:
+        model = LlamaForCausalLM(base)
+    else:
+        os.environ["KVFORGE_KERNELS"] = mode
+        config = KVForgeConfig.from_base_config(base, spec_of(base.num_hidden_layers))
+        config._attn_implementation = "sdpa"
+        model = KVForgeForCausalLM(config)
+    return model.to(device="cuda", dtype=torch.bfloat16).eval()
+
+
+def run_generate_part(args) -> list[dict]:
+    from transformers import LlamaConfig
+
+    from kvforge.models.modeling_kvforge import generated_cache
 
     base = LlamaConfig(**SMOLLM2)
     base._attn_implementation = "sdpa"
@@ -384,16 +403,7 @@ def run_generate_part(args) -> list[dict]:
         ids = torch.randint(3, base.vocab_size, (batch, args.gen_prompt), device="cuda",
                             generator=torch.Generator(device="cuda").manual_seed(0))
         for name, spec_of, mode, cache in (GENERATE_VARIANTS[v] for v in args.gen_variants):
-            torch.manual_seed(0)
-            compression = spec_of(base.num_hidden_layers) if spec_of is not None else None
-            if compression is None:
-                model = LlamaForCausalLM(base)
-            else:
-                os.environ["KVFORGE_KERNELS"] = mode
-                config = KVForgeConfig.from_base_config(base, compression)
-                config._attn_implementation = "sdpa"
-                model = KVForgeForCausalLM(config)
-            model = model.to(device="cuda", dtype=torch.bfloat16).eval()
+            model = variant_model(base, spec_of, mode)
             with torch.no_grad():
                 timed_generate(model, ids, 3, 1, cache)  # warm-up at full size: kernels compiled, allocator primed
                 torch.cuda.reset_peak_memory_stats()
@@ -451,44 +461,31 @@ def run_max_batch_part(args) -> list[dict]:
     has it), and the cache bytes at that batch."""
     import gc
 
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from kvforge.models.configuration_kvforge import KVForgeConfig
-    from kvforge.models.modeling_kvforge import KVForgeForCausalLM
+    from transformers import LlamaConfig
 
     base = LlamaConfig(**SMOLLM2)
     base._attn_implementation = "sdpa"
+    def fits(model, cache, batch):
+        ids = torch.randint(3, base.vocab_size, (batch, args.gen_prompt), device="cuda")
+        try:
+            with torch.no_grad():
+                timed_generate(model, ids, 4, 1, cache)
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            del ids
+            gc.collect()
+            torch.cuda.empty_cache()
+
     rows = []
     for name, spec_of, mode, cache in (GENERATE_VARIANTS[v] for v in args.gen_variants):
         if cache == "transformers":
             continue  # a compiled static step recompiles per batch: the dynamic-cache row stands for the original
-        torch.manual_seed(0)
-        compression = spec_of(base.num_hidden_layers) if spec_of is not None else None
-        if compression is None:
-            model = LlamaForCausalLM(base)
-        else:
-            os.environ["KVFORGE_KERNELS"] = mode
-            config = KVForgeConfig.from_base_config(base, compression)
-            config._attn_implementation = "sdpa"
-            model = KVForgeForCausalLM(config)
-        model = model.to(device="cuda", dtype=torch.bfloat16).eval()
-
-        def fits(batch):
-            ids = torch.randint(3, base.vocab_size, (batch, args.gen_prompt), device="cuda")
-            try:
-                with torch.no_grad():
-                    timed_generate(model, ids, 4, 1, cache)
-                return True
-            except torch.cuda.OutOfMemoryError:
-                return False
-            finally:
-                del ids
-                gc.collect()
-                torch.cuda.empty_cache()
-
-        batch, tried = largest_batch(fits)
+        model = variant_model(base, spec_of, mode)
+        batch, tried = largest_batch(functools.partial(fits, model, cache))
         per_sequence = (model.config.kv_cache_bytes(args.gen_prompt + 3, dtype=torch.bfloat16)
-                        if compression is not None else 2 * base.num_hidden_layers * base.num_key_value_heads
+                        if spec_of is not None else 2 * base.num_hidden_layers * base.num_key_value_heads
                         * base.head_dim * 2 * (args.gen_prompt + 3))
         rows.append(dict(model=name, prompt=args.gen_prompt, largest_batch=batch, tried=tried,
                          cache_bytes_per_sequence=per_sequence, cache_gib_at_largest=batch * per_sequence / 2 ** 30))
