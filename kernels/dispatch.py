@@ -109,7 +109,8 @@ def _pre_rope_latent(reference: Callable) -> Callable:
         fits = (
             query.shape[3] == 1 and not need_probs and not dropout and absorb is not False
             and _plain_linear(k_up, v_up) and _is_power_of_2(query.shape[-1])  # Triton's aranges need 2^n
-            and k_up.weight.dtype == query.dtype and _cache_dtypes_fit(query, k_latent, v_latent, k_scale, v_scale, True)
+            and k_up.weight.dtype == query.dtype
+            and _cache_dtypes_fit(query, k_latent, v_latent, k_scale, v_scale, packed=True)
             and not (k_latent.dtype == torch.uint8 and k_latent.shape[-1] > MAX_PACKED_HALF_RANK)
             and not (torch.is_grad_enabled() and (query.requires_grad or k_up.weight.requires_grad))
         )

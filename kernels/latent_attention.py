@@ -332,7 +332,8 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     block_s = block_s or (32 if wide else 64)
     num_stages = num_stages or (2 if wide else 3)
     block_h, block_c = _next_power_of_2(heads), _next_power_of_2(kv_heads * (dim // 2))
-    block_rk, block_rv = _next_power_of_2(k_rank // (2 if packed else 1)), _next_power_of_2(v_rank // (2 if packed else 1))
+    # Tiles cover the stored columns: half the ranks when packed.
+    block_rk, block_rv = _next_power_of_2(k_latent.shape[2]), _next_power_of_2(v_latent.shape[2])
     # Key ranks up to 128 keep U_k's two tiles for the whole program (the measured configurations); larger ones
     # (the 50% model's 8-bit latents: up to 192) read it in chunks of 64 rows per tile. chunk_rk: tests force it.
     chunk_rk = block_rk if packed else chunk_rk or (block_rk if block_rk <= 128 else 64)
@@ -357,8 +358,8 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
         v_scale.stride(0) if has_scales else 0, v_scale.stride(1) if has_scales else 0,
         slots, heads, group, kv_heads, k_rank, v_rank, per_split, splits, float(scaling),
         HALF=dim // 2, BLOCK_H=block_h, BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_RK=block_rk, BLOCK_RV=block_rv,
-        HAS_K_BIAS=k_bias is not None, HAS_SCALES=has_scales, CHUNK_RK=chunk_rk, PACKED=packed, num_warps=num_warps,
-        num_stages=num_stages,
+        HAS_K_BIAS=k_bias is not None, HAS_SCALES=has_scales, CHUNK_RK=chunk_rk, PACKED=packed,
+        num_warps=num_warps, num_stages=num_stages,
     )
     mixed = torch.empty(batch, heads, v_rank, device=query.device, dtype=query.dtype)  # sum_s p_s c_s per head
     _merge_splits_kernel[(heads, batch)](acc, stats_max, stats_sum, mixed, splits, heads, v_rank, BLOCK_H=block_h,

@@ -51,6 +51,11 @@ ATTENTION_TYPES = ("global", "window")
 KV_PROJ_TYPES = ("dense", "low_rank", "merged_heads")
 ROPE_LAYOUTS = ("pre_rope_latent", "partial")
 CACHE_BITS = (4, 8)  # besides None (the model's dtype)
+
+
+def cache_rank_step(cache_bits: int | None) -> int:
+    """What a latent rank cached in `cache_bits` must be a multiple of: 2 for 4 bits (two values per byte), else 1."""
+    return 2 if cache_bits == 4 else 1
 SUPPORTED_BASE_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
@@ -373,8 +378,7 @@ class LayerSpec:
 
     @property
     def rank_step(self) -> int:
-        """What latent ranks must be a multiple of: 2 for a 4-bit cache (two values per byte), else 1."""
-        return 2 if self.cache_bits == 4 else 1
+        return cache_rank_step(self.cache_bits)
 
     def kv_cache_scale_bytes_per_token(self, dtype) -> int:
         """Bytes of the per-token scales of a low-bit cache: one scale in `dtype` per cached tensor and slot."""

@@ -1878,7 +1878,8 @@ def check_cached_decoding(model: KVForgeForCausalLM, new_tokens: int = 32, seed:
     # At generate()'s positions (counting real tokens): a low-bit cache of rotated keys rounds them after RoPE, so
     # the logits depend on absolute positions, not only on relative ones as they do in the model's own dtype.
     positions = (full_mask.long().cumsum(-1) - 1).masked_fill(full_mask == 0, 1)
-    logits = model(input_ids=sequences, attention_mask=full_mask, position_ids=positions, use_cache=False).logits.float()
+    logits = model(input_ids=sequences, attention_mask=full_mask, position_ids=positions,
+                   use_cache=False).logits.float()
     logits = logits[:, max(lengths) - 1:-1]  # the positions that chose each new token
     chosen = sequences[:, max(lengths):]
     margin = logits.max(-1).values - logits.gather(-1, chosen[..., None])[..., 0]  # [rows, new_tokens], >= 0

@@ -37,9 +37,9 @@ calibration error (surgery.SurgerySettings).
 Free-form layouts: `layout("G W W<1 W ...")` or `custom([...])` with one dict of LayerSpec fields per layer.
 
 Every preset takes `cache_bits` (8 or 4: each layer that caches something holds int8 or 4-bit values with
-per-token scales, LayerSpec.cache_bits); `low_rank` also spends its budget on the bytes that buys, the others apply it to the layout
-they build (`standard` with `cache_bits: 8` is the original model with an 8-bit KV cache: half the bytes, no
-surgery).
+per-token scales, LayerSpec.cache_bits); `low_rank` also spends its budget on the bytes that buys, the others apply
+it to the layout they build (`standard` with `cache_bits: 8` is the original model with an 8-bit KV cache: half the
+bytes, no surgery).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 from kvforge.suggest import did_you_mean
 
-from .configuration_kvforge import Geometry, head_dim_of
+from .configuration_kvforge import Geometry, cache_rank_step, head_dim_of
 
 PAPER_LAYERS = 24  # the depth of the MixAttention paper's models, whose layouts the MA presets scale
 
@@ -240,14 +240,16 @@ def low_rank(num_layers: int, num_kv_heads: int, head_dim: int, budget: float = 
     # less one 16-bit scale per cached tensor (two of them in either layout). A 4-bit cache's dims are even.
     per_16_bits = 1 if cache_bits is None else 16 // cache_bits
     elements = per_16_bits * (math.floor(budget * dense) - (0 if cache_bits is None else 2))
-    step = 2 if cache_bits == 4 else 1
+    step = cache_rank_step(cache_bits)
     if rope == "pre_rope_latent":
-        rank = min(num_kv_heads * head_dim, max(step, elements // 2 // step * step))  # 4 bits at 50%: full rank
+        # At most full rank: 4 bits at 50% would buy more.
+        rank = min(num_kv_heads * head_dim, max(step, elements // 2 // step * step))
         layer = {"kv_proj": "low_rank", "rope": rope, "k_rank": rank, "v_rank": rank}
     elif rope == "partial":
         if not isinstance(rope_shared, bool):
             raise PresetError(f"preset 'low-rank': rope_shared must be true or false, got {rope_shared!r}")
-        joint = (2 if rope_shared else 1) * num_kv_heads * head_dim + (0 if rope_shared else num_kv_heads * (head_dim - rope_dims))
+        joint = (2 * num_kv_heads * head_dim if rope_shared  # the widest joint latent the spec allows
+                 else num_kv_heads * (head_dim - rope_dims) + num_kv_heads * head_dim)
         kv_rank = min(joint, (elements - (1 if rope_shared else num_kv_heads) * rope_dims) // step * step)
         if kv_rank < 1:
             raise PresetError(f"preset 'low-rank': a budget of {budget} ({elements} elements per layer) "
