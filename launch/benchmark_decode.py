@@ -25,6 +25,10 @@ their values): the original Llama (transformers, SDPA) against the low-rank 50% 
 (docs/results/exports-cpu/lr50.compress.json) with KVFORGE_KERNELS=off and =auto; decode tokens/s from the
 time of generate(N + 1 tokens) minus generate(1 token), and the cache bytes each allocates.
 
+Its rows (GENERATE_VARIANTS, --gen-variants) also cover the 25% and 12.5% recipes' low-bit caches, window and
+MixAttention layouts, and the GQA kernel on dense caches; --profile N adds a torch.profiler table per row.
+Part `max-batch`: the largest batch each row's generate() fits at --gen-prompt tokens.
+
 Timings: triton.testing.do_bench medians (kernel part); CUDA-synchronized wall clock, median of --repeats
 (generate part). Needs CUDA.
 """
@@ -47,6 +51,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 LR50_SPEC = REPO / "docs" / "results" / "exports-cpu" / "lr50.compress.json"
 LR25_INT8_SPEC = REPO / "docs" / "results" / "int8-cache-cpu" / "b0.25-8.json"
+LR12_INT4_SPEC = REPO / "docs" / "results" / "int8-cache-cpu" / "b0.125-4-balanced.json"
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
                rms_norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
@@ -70,6 +75,9 @@ def parse_args(argv=None):
     parser.add_argument("--gen-variants", nargs="*", default=list(GENERATE_VARIANTS), choices=tuple(GENERATE_VARIANTS),
                         help="generate part: which rows (GENERATE_VARIANTS)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="generate part: also profile a generate() of N new tokens per row (torch.profiler; the "
+                             "ops by device time, prefill included, in the JSON's 'profile')")
     parser.add_argument("--json", type=Path, default=None)
     return parser.parse_args(argv)
 
@@ -293,15 +301,16 @@ def timed_generate(model, ids, new_tokens: int, repeats: int, cache: str | None 
     asks for transformers' StaticCache, whose decode step generate() compiles itself (torch.compile, once per
     shape: the warm-up call pays it); None: the model's default (dynamic) cache."""
     times, out = [], None
+    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)  # a CPU run: profiled_generate's test
     for _ in range(repeats):
         kwargs = {"cache": model.static_cache(ids.shape[1] + new_tokens)} if cache == "kvforge" else \
             {"cache_implementation": "static"} if cache == "transformers" else {}
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, return_dict_in_generate=True,
                              pad_token_id=0, **kwargs)
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times), out
 
@@ -323,11 +332,39 @@ def lr25_bf16_spec(num_layers: int) -> dict:
     return {**spec, "layers": [{k: v for k, v in layer.items() if k != "cache_bits"} for layer in spec["layers"]]}
 
 
-def lr25_int8_aligned_spec(num_layers: int) -> dict:
-    """lr25-int8 with every rank rounded to a multiple of 16 (int8 rows on 16-byte boundaries): what odd ranks cost."""
-    spec = lr25_int8_spec(num_layers)
-    return {**spec, "layers": [{**layer, **{k: max(16, round(layer[k] / 16) * 16) for k in ("k_rank", "v_rank")}}
+def ranks_rounded(spec: dict, multiple: int) -> dict:
+    """`spec` with every latent rank rounded to the nearest multiple of `multiple` (at least one): about the same
+    bytes, with cache rows on 16-byte boundaries when `multiple` is 16 bytes' worth of cached values."""
+    return {**spec, "layers": [{**layer, **{k: max(multiple, round(layer[k] / multiple) * multiple)
+                                            for k in ("k_rank", "v_rank") if layer.get(k)}}
                                for layer in spec["layers"]]}
+
+
+def lr25_int8_aligned_spec(num_layers: int) -> dict:
+    """lr25-int8 with every rank rounded to a multiple of 16 (int8 rows on 16-byte boundaries): what odd ranks cost
+    (session 12: 1.85x faster at B=32, S=16k)."""
+    return ranks_rounded(lr25_int8_spec(num_layers), 16)
+
+
+def lr12_int4_spec(num_layers: int) -> dict:
+    """The low-rank 12.5% spec with 4-bit latents of docs/results/int8-cache-cpu (greedy even ranks, channels
+    balanced): the cache form of configs/recovery/lowrank-12-int4-long.yaml (+9.5% on the GPU, session 12)."""
+    return json.loads(LR12_INT4_SPEC.read_text())["spec"]
+
+
+def lr12_int4_aligned_spec(num_layers: int) -> dict:
+    """lr12-int4 with ranks rounded to multiples of 32: packed rows of rank / 2 bytes on 16-byte boundaries."""
+    return ranks_rounded(lr12_int4_spec(num_layers), 32)
+
+
+def standard_spec(num_layers: int, cache_bits: int | None = None):
+    """The original layout as a kvforge model (dense GQA layers), its K and V in `cache_bits` if given."""
+    from kvforge.models.presets import PRESETS
+
+    spec = PRESETS["standard"](num_layers)
+    for layer in spec.layers:
+        layer.cache_bits = cache_bits
+    return spec
 
 
 def mixattention_spec(num_layers: int):
@@ -363,6 +400,21 @@ GENERATE_VARIANTS = {
     "mixattention-static": ("mixattention-ma (W=252, 4 sinks), static cache + CUDA graph", mixattention_spec, "auto",
                             "kvforge"),
     "window-static": ("every layer window 1,024, static cache + CUDA graph", window_spec, "auto", "kvforge"),
+    # The 12.5% recipe's cache (4-bit latents), with its greedy ranks and with rows on 16-byte boundaries.
+    "lr12-int4-static": ("lr12 in 4 bits, Triton reading packed bytes, static cache + CUDA graph", lr12_int4_spec,
+                         "auto", "kvforge"),
+    "lr12-int4-aligned-static": ("lr12 in 4 bits, ranks multiples of 32, Triton, static cache + CUDA graph",
+                                 lr12_int4_aligned_spec, "auto", "kvforge"),
+    # The GQA kernel (kernels/gqa_decode.py) on dense and window caches: not yet measured in generate(), so only
+    # KVFORGE_KERNELS=triton sends work to it; the same layouts' PyTorch rows are window-static and standard-static.
+    "window-triton-static": ("every layer window 1,024, Triton GQA kernel, static cache + CUDA graph", window_spec,
+                             "triton", "kvforge"),
+    "standard-static": ("original layout in kvforge (PyTorch SDPA), static cache + CUDA graph", standard_spec, "auto",
+                        "kvforge"),
+    "standard-triton-static": ("original layout in kvforge, Triton GQA kernel, static cache + CUDA graph",
+                               standard_spec, "triton", "kvforge"),
+    "standard-int8-triton-static": ("original layout, K and V in int8 (50%), Triton GQA kernel, static + graph",
+                                    functools.partial(standard_spec, cache_bits=8), "triton", "kvforge"),
 }
 
 
@@ -418,10 +470,26 @@ def run_generate_part(args) -> list[dict]:
             print(f"B={batch:4d} {name:40s} decode {row['decode_tokens_per_s']:9.0f} tok/s "
                   f"({row['ms_per_step']:.2f} ms/step)  prefill {prefill:.2f} s  "
                   f"cache {row['cache_bytes'] / 2 ** 30:.2f} GiB  peak {row['peak_memory_gib']:.1f} GiB", flush=True)
+            if args.profile:
+                row["profile"] = profiled_generate(model, ids, args.profile, cache)
+                print(row["profile"], flush=True)
             del model, out
             torch.cuda.empty_cache()
     os.environ.pop("KVFORGE_KERNELS", None)
     return rows
+
+
+def profiled_generate(model, ids, new_tokens: int, cache: str | None, rows: int = 25) -> str:
+    """torch.profiler's ops by self device time (CPU time on a CPU) over one generate() of `new_tokens`, as a table.
+    The prefill is in it too: decode-step kernels are the ones called new_tokens - 1 times per layer. Kernels
+    replayed from a CUDA graph are traced like launched ones."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ids.is_cuda else [])
+    with torch.no_grad(), profile(activities=activities) as prof:
+        timed_generate(model, ids, new_tokens, 1, cache)
+    sort = "self_device_time_total" if ids.is_cuda else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60)
 
 
 def largest_batch(fits, start: int = 8, limit: int = 4096) -> tuple[int, list[tuple[int, bool]]]:

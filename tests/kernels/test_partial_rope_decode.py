@@ -237,22 +237,3 @@ def test_every_generate_row_of_the_decode_benchmark_builds_a_valid_smollm2_spec(
     assert [layer["k_rank"] for layer in bf16] == [layer["k_rank"] for layer in int8]
     assert any(layer["k_rank"] % 16 for layer in int8)
     assert all(layer["k_rank"] % 16 == layer["v_rank"] % 16 == 0 for layer in aligned)
-
-
-@pytest.mark.parametrize("largest, limit", [(77, 4096), (1, 4096), (0, 4096), (5000, 4096), (8, 4096), (300, 300),
-                                            (1000, 4096), (3, 4096)])
-def test_the_decode_benchmark_finds_the_largest_batch_that_fits(largest, limit):
-    """`--part max-batch` (issue 12: the largest batch at 32k context) searches batches by running generate() and
-    catching out-of-memory: doubling, then bisection to within 1/32 below the true largest, never above it, in few
-    tries (each is a full generate() on the GPU)."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "launch" / "benchmark_decode.py"
-    spec = importlib.util.spec_from_file_location("benchmark_decode", path)
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
-    found, tried = benchmark.largest_batch(lambda batch: batch <= largest, limit=limit)
-    expected = min(largest, limit)
-    assert found <= expected and found >= expected - max(1, expected // 32)
-    assert all(fitted == (batch <= largest) for batch, fitted in tried) and len(tried) <= 20
