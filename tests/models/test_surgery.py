@@ -8,7 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from kvforge.models.calibration import CalibrationError, CalibrationStatistics, collect_statistics
-from kvforge.models.configuration_kvforge import CompressionSpecError
+from kvforge.models.configuration_kvforge import CompressionSpecError, LayerSpec, aligned_rank_step
 from kvforge.models.modeling_kvforge import dequantize_slots, partial_rope_dims, quantize_slots
 from kvforge.models.surgery import (
     CompressionConfig, SurgeryError, SurgerySettings, compress, measure_generate_kv_bytes,
@@ -17,7 +17,7 @@ from kvforge.models.surgery.head_merging import head_groups
 from kvforge.models.surgery.linalg import discarded_energy, factorize, rank_for_energy, scale_pairs
 from kvforge.models.surgery.low_rank import (balanced_for_rounding, nope_dim_index, rope_dim_index,
                                               select_rope_pairs)
-from kvforge.models.surgery.rank_allocation import BudgetError, RankCandidate, allocate_ranks
+from kvforge.models.surgery.rank_allocation import BudgetError, RankCandidate, allocate_ranks, rank_step
 from kvforge.models.surgery.shared_attention import spans_by_count, spans_by_threshold
 
 LAYERS, HEADS, KV_HEADS, HEAD_DIM, HIDDEN = 4, 6, 3, 8, 48
@@ -344,12 +344,12 @@ def test_greedy_budget_fraction_through_compress_is_met_exactly():
     model = tiny()
     spec = [{"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 12, "v_rank": 12}] * LAYERS
     original = LAYERS * 2 * KV_DIMS * 2  # bf16 bytes per token
+    any_rank = {**QUIET, "rank_allocation": "greedy", "rank_multiple": 1}  # every byte spendable
     for fraction in (0.5, 0.25, 0.125):
-        result = compress(model, {"layers": spec}, rows(),
-                          settings={**QUIET, "rank_allocation": "greedy", "budget_fraction": fraction})
+        result = compress(model, {"layers": spec}, rows(), settings={**any_rank, "budget_fraction": fraction})
         assert result.report["spec_kv_bytes_per_token"] == original * fraction
     # The default greedy budget is the spec's own total: ranks move, the total does not.
-    result = compress(model, {"layers": spec}, rows(), settings={**QUIET, "rank_allocation": "greedy"})
+    result = compress(model, {"layers": spec}, rows(), settings=any_rank)
     assert sum(l.k_rank + l.v_rank for l in result.spec.layers) == LAYERS * 24
 
 
@@ -361,8 +361,8 @@ def test_greedy_budget_buys_twice_the_directions_with_an_8_bit_cache_and_four_ti
     directions = {}
     for bits in (None, 8, 4):
         layer = {"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 12, "v_rank": 12, "cache_bits": bits}
-        result = compress(model, {"layers": [layer] * LAYERS}, rows(),
-                          settings={**QUIET, "rank_allocation": "greedy", "budget_fraction": 0.25})
+        result = compress(model, {"layers": [layer] * LAYERS}, rows(), settings={
+            **QUIET, "rank_allocation": "greedy", "budget_fraction": 0.25, "rank_multiple": 1})
         assert result.report["spec_kv_bytes_per_token"] == original * 0.25
         assert all(l.cache_bits == bits for l in result.spec.layers)
         directions[bits] = sum(l.k_rank + l.v_rank for l in result.spec.layers)
@@ -370,6 +370,45 @@ def test_greedy_budget_buys_twice_the_directions_with_an_8_bit_cache_and_four_ti
     assert directions[8] == 2 * directions[None] - scales
     assert directions[4] == 4 * directions[None] - 2 * scales
     assert all(l.k_rank % 2 == l.v_rank % 2 == 0 for l in result.spec.layers)
+
+
+def test_auto_rank_multiple_keeps_cached_rows_on_16_bytes_and_a_narrow_matrix_keeps_the_format_step():
+    assert [aligned_rank_step(bits, "bfloat16") for bits in (None, 8, 4)] == [8, 16, 32]
+    assert aligned_rank_step(None, "float32") == 4 and aligned_rank_step(None, torch.float16) == 8
+
+    def step(bits, width, multiple, dtype="bfloat16"):
+        return rank_step(LayerSpec(kv_proj="low_rank", rope="pre_rope_latent", k_rank=2, v_rank=2, cache_bits=bits),
+                         width, SurgerySettings(rank_multiple=multiple, cache_dtype=dtype))
+
+    assert [step(bits, 192, "auto") for bits in (None, 8, 4)] == [8, 16, 32]
+    assert step(None, 192, "auto", "float32") == 4
+    assert step(4, 192, 3) == 6 and step(8, 192, 1) == 1  # with the format's step; 1: as before
+    assert step(4, 24, "auto") == 2 and step(8, 12, 16) == 1  # no aligned rank fits: the format's step
+
+
+@pytest.mark.parametrize("allocation", ["greedy", "energy"])
+def test_ranks_in_a_rank_multiple_stay_within_the_budget(allocation):
+    model = tiny()
+    spec = {"layers": [{"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 12, "v_rank": 12}] * LAYERS}
+    statistics = compress(model, spec, rows(), settings=QUIET).statistics
+    budget = {"budget_fraction": 0.5} if allocation == "greedy" else {"energy_threshold": 0.9}
+    original = LAYERS * 2 * KV_DIMS * 2  # bf16 bytes per token
+    ranks = {}
+    for multiple in ("auto", 8, 1):
+        result = compress(model, spec, statistics=statistics,
+                          settings={**QUIET, "rank_allocation": allocation, "rank_multiple": multiple, **budget})
+        ranks[multiple] = [(l.k_rank, l.v_rank) for l in result.spec.layers]
+        assert result.report["settings"]["rank_multiple"] == multiple
+        if allocation == "greedy":  # within the budget, short of it by less than one step of 8 bf16 directions
+            assert original * 0.5 - 8 * 2 < result.report["spec_kv_bytes_per_token"] <= original * 0.5
+    assert ranks["auto"] == ranks[8] and all(r % 8 == 0 for layer in ranks[8] for r in layer)
+    assert any(r % 8 for layer in ranks[1] for r in layer)  # the multiple is what moved them
+
+
+@pytest.mark.parametrize("bad", [0, -16, 2.5, "16 bytes", True])
+def test_a_bad_rank_multiple_is_a_clear_error(bad):
+    with pytest.raises(SurgeryError, match=r"rank_multiple=.* is not 'auto' or a positive integer"):
+        SurgerySettings.from_dict({"rank_multiple": bad})
 
 
 def test_budget_below_the_fixed_part_of_the_cache_is_a_clear_error():

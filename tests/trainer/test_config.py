@@ -240,7 +240,7 @@ def test_the_compression_section_is_parsed_once_and_written_back_as_given(monkey
     launcher.check_model_and_compression(cfg)
     assert len(parses) == 1
     written = {"calibration": {"source": "stdlib-docstrings", "tokens": 65536, "seq_len": 2048}, "preset": "low-rank",
-               "arguments": {"budget": 0.25}, "surgery": {"rank_allocation": "greedy"}}
+               "arguments": {"budget": 0.25}, "surgery": {"rank_allocation": "greedy", "rank_multiple": 1}}
     assert to_dict(cfg)["compression"] == written
     save_resolved(cfg, tmp_path / "config.yaml")
     assert to_dict(load_config(tmp_path / "config.yaml"))["compression"] == written
