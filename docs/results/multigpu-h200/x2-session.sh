@@ -26,8 +26,8 @@ K=${K:-$HOME/kvgpu}
 R=docs/results
 FIRST0=${FIRST0-lowrank-12-int4-long}
 FIRST1=${FIRST1-}
-QUEUE=${QUEUE-lowrank-12-int4-long-unbalanced finetuned-original-corpus-long partial-rope-50 partial-rope-12-int8 \
-window-lowrank-12}
+QUEUE=${QUEUE-lowrank-25-int8-long-aligned lowrank-12-int4-long-aligned lowrank-12-int4-long-unbalanced \
+finetuned-original-corpus-long partial-rope-50 partial-rope-12-int8 window-lowrank-12}
 MULTIGPU1=${MULTIGPU1:-}
 MULTIGPU2=${MULTIGPU2:-}
 SAMPLER_ATTENTION=${SAMPLER_ATTENTION-}
