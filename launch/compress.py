@@ -166,9 +166,11 @@ def calibration_statistics(model, tokenizer, separator: int, *, model_key: dict,
 
 
 def eval_rows(tokenizer, separator: int, source: str, seq_len: int, count: int):
-    from kvforge.trainer.data import build_packed_datasets
+    from kvforge.trainer.evaluation import eval_split
 
-    packed = build_packed_datasets({"source": source, "seq_len": seq_len}, tokenizer, separator)
+    # eval_split, as launch/evaluate.py reads held-out text: a folder of plain files without a suffix (Debian's
+    # fortunes) is staged as .txt links; the data layer's default eval fraction, so the rows stay what they were.
+    packed, _, _ = eval_split(source, tokenizer, separator, seq_len=seq_len, eval_fraction=0.05)
     if packed.eval.shape[0] < count:
         raise SystemExit(f"error: the eval split of {source!r} has {packed.eval.shape[0]} rows of {seq_len} tokens, "
                          f"fewer than --eval-rows {count}")

@@ -749,3 +749,21 @@ def test_shared_rotary_key_surgery_beats_the_heads_mean_and_decodes_like_its_for
                               return_dict_in_generate=True)
         full = fitted(out.sequences[:, :-1]).logits[:, 11:]
     assert torch.equal(out.sequences[:, 12:], full.argmax(-1))
+
+
+def test_compress_launcher_reads_held_out_plain_text_folders_as_evaluate_does(tmp_path, monkeypatch):
+    """--eval-source of a folder of suffixless text files (Debian's fortunes): staged as .txt links, the same rows
+    as the same files named .txt (it failed with "contains no .txt... files" before)."""
+    from kvforge.models.loading import load_tokenizer
+
+    monkeypatch.setenv("KVFORGE_CACHE", str(tmp_path / "cache"))
+    launcher = _compress_launcher()
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
+    plain, suffixed = tmp_path / "plain", tmp_path / "suffixed"
+    plain.mkdir(), suffixed.mkdir()
+    for i in range(40):
+        text = f"Fortune {i}: " + " ".join(f"word{i * 7 + j}" for j in range(300)) + "\n"
+        (plain / f"file{i}").write_text(text)
+        (suffixed / f"file{i}.txt").write_text(text)
+    rows = [launcher.eval_rows(tokenizer, tokenizer.eos_token_id, str(folder), 64, 2) for folder in (plain, suffixed)]
+    assert rows[0].shape == (2, 64) and torch.equal(rows[0], rows[1])
