@@ -1,15 +1,14 @@
 #!/bin/bash
 # One session on a 2-H200 host (nvidia-h200-x2) as one background pipeline, both GPUs busy throughout, the most
-# needed runs first (whatever the device time leaves undone is what comes last). The order since session 12:
+# needed runs first (whatever the device time leaves undone is what comes last). The order since session 13:
 #   B: issue 14's 2-GPU runs (MULTIGPU2; none by default since issue 14 closed), then compare.py (tables; each
 #      export against the trained model);
-#   A: on GPU 0, FIRST0: 4-bit latents at 12.5% for 1,500 steps (issue 10's 12.5% target: windows beside 8-bit
-#      latents reached +11.0% in session 11 but lost passkey at 4k; after surgery on the CPU 4-bit latents start at
-#      +97% balanced, where those started at +140%). On GPU 1: FIRST1 (none by default), issue 12's decode rows
-#      (DECODE_ARGS: where the 8-bit 25% model's decode time goes; the 32k window rows whose prefill ran out of
-#      memory), issue 11's plain PyTorch loop on the trainer's batch (launch/benchmark_loss.py, ~2 min). Then
-#      both GPUs take recipes from one shared QUEUE, each the next one when it is free (session 11's fixed
-#      per-GPU queues left GPU 0 idle for its last 7 minutes);
+#   A: on GPU 0, FIRST0: the 12.5% recipe on 4,096-token rows (issue 10: 4-bit latents met +10% in session 12,
+#      +9.5%, but lost 2 of 20 passkeys at 4k, a length they never trained at). On GPU 1: FIRST1 (none by default),
+#      issue 12's decode rows (DECODE_ARGS: the original on the same machine, 16-byte-aligned ranks at 25% and 12.5%,
+#      the GQA kernel on window and dense caches, the latent kernel alone, one profiled row), then issue 11's
+#      compiled-crash rows (COMPILE_DEBUG: two steps with CUDA_LAUNCH_BLOCKING=1, so the error names its kernel).
+#      Then both GPUs take recipes from one shared QUEUE, each the next one when it is free;
 #   C: the teacher sampler's speed with each attention path (SAMPLER_ATTENTION, none by default: measured in
 #      session 11), on GPU 1.
 # Recipe runs are where a session's minutes go (3-10 min each), so they come after the few short runs that close
@@ -19,27 +18,36 @@
 # DONE" is this script's last line; the sub-pipelines log to $K/pipeline-gpu*.log and $K/multigpu/).
 # Env: FIRST0 (a recipe first on GPU 0, followed by its DeepSeek-V3 export when it is partial-rope-shared-25), FIRST1
 # (a recipe first on GPU 1), QUEUE (recipes, shared), MULTIGPU1/2 (multigpu-h200/run.sh's runs), REXTRA (overrides for
-# the recovery runs only), DECODE_ARGS (launch/benchmark_decode.py's; empty: no decode rows), SAMPLER_ATTENTION,
-# MAX_BATCH_VARIANTS (the largest batch at 32k, on GPU 1 once the queue is empty; empty: none).
+# the recovery runs only), DECODE_ARGS (launch/benchmark_decode.py's; empty: no decode rows), COMPILE_DEBUG (recipes;
+# empty: none), LOSS_ROWS (1: the plain-loop loss rows), SAMPLER_ATTENTION, MAX_BATCH_VARIANTS (the largest batch at
+# 32k, on GPU 1 once the queue is empty; empty: none).
 set -u
 K=${K:-$HOME/kvgpu}
 R=docs/results
-FIRST0=${FIRST0-lowrank-12-int4-long}
+FIRST0=${FIRST0-lowrank-12-int4-long-4k}
 FIRST1=${FIRST1-}
-QUEUE=${QUEUE-lowrank-25-int8-long-aligned lowrank-12-int4-long-aligned lowrank-12-int4-long-unbalanced \
-finetuned-original-corpus-long partial-rope-50 partial-rope-12-int8 window-lowrank-12}
+# Session 12 ran every recipe of issue 10 at least once; these answer what it left open: whether 16-byte-aligned
+# ranks (1.85x decode at 25% int8) cost quality after training, and the bf16 window layout that crashed compiled.
+QUEUE=${QUEUE-lowrank-12-int4-long-aligned lowrank-25-int8-long-aligned window-lowrank-12}
 MULTIGPU1=${MULTIGPU1:-}
 MULTIGPU2=${MULTIGPU2:-}
 SAMPLER_ATTENTION=${SAMPLER_ATTENTION-}
-MAX_BATCH_VARIANTS=${MAX_BATCH_VARIANTS-original lr50-static lr25-int8-static mixattention-static}
-# The 8-bit 25% model decoded at 0.98x the original at B=32, S=16k in session 11 (the 50% bf16 one at 1.57x): the
-# same cache through the PyTorch reference, the same ranks in bf16, and ranks on 16-byte boundaries say whether the
-# kernel's int8 path, or the odd ranks, cost it. Then the window and MixAttention layouts at 32k (their prefill ran
-# out of memory in session 11; fixed since) against 4k, whose window layers should decode in the same time.
-DECODE_ARGS=${DECODE_ARGS-"--gen-batch 32 --gen-prompt 16384 --gen-variants lr25-int8-static lr25-int8-torch-static \
-lr25-bf16-static lr25-int8-aligned-static lr50-static --repeats 3|\
---gen-batch 32 --gen-prompt 32768 --gen-variants window-static mixattention-static original-static --repeats 3|\
---gen-batch 128 --gen-prompt 4096 --gen-variants lr25-int8-aligned-static lr25-bf16-static --repeats 3"}
+LOSS_ROWS=${LOSS_ROWS-}
+COMPILE_DEBUG=${COMPILE_DEBUG-window-lowrank-12 partial-rope-50}
+MAX_BATCH_VARIANTS=${MAX_BATCH_VARIANTS-original lr50-static lr25-int8-aligned-static lr12-int4-aligned-static \
+window-static}
+# Session 12: ranks on 16-byte boundaries took the 25% int8 model from 0.96x to 1.78x the original at B=32, S=16k,
+# still far under 0.8 x the byte ratio (3.2x) and at 0.2 TB/s of cache read. Now: the original rows on this machine,
+# the 12.5% cache (4 bits) with greedy and aligned ranks, the GQA kernel on dense caches (bf16 and int8: the plain
+# original with an int8 cache scores +0.1% at 50%) and on window rings, the latent kernel alone at the same shapes
+# (is the step's time in the kernel?) and one profiled generate() of the aligned 25% model.
+DECODE_ARGS=${DECODE_ARGS-"--gen-batch 32 --gen-prompt 16384 --gen-variants original original-static \
+lr25-int8-aligned-static lr12-int4-static lr12-int4-aligned-static standard-int8-triton-static --repeats 3|\
+--gen-batch 128 --gen-prompt 4096 --gen-variants original-static lr25-int8-aligned-static lr12-int4-aligned-static \
+standard-triton-static standard-int8-triton-static window-static window-triton-static --repeats 3|\
+--part kernel --batch 32 128 --context 4096 16384 --k-rank 48 --v-rank 96|\
+--gen-batch 32 --gen-prompt 16384 --gen-variants lr25-int8-aligned-static --repeats 1 --profile 16|\
+--gen-batch 32 --gen-prompt 32768 --gen-variants window-triton-static --repeats 3"}
 stamp() { echo "$(date +%T) $*"; }
 mkdir -p "$K/results"
 
@@ -103,10 +111,25 @@ max_batch() {  # gpu: issue 12's largest batch that fits at 32k context, per lay
 }
 
 loss_rows() {  # gpu: issue 11's plain PyTorch loop on the trainer's batch (16 x 2,048), next to the recipe rows
-  [ -f "$K/results/loss-plain-loop.json" ] && return 0
+  [ -n "$LOSS_ROWS" ] && [ ! -f "$K/results/loss-plain-loop.json" ] || return 0
   stamp "plain-loop loss rows on GPU $1"
   CUDA_VISIBLE_DEVICES=$1 python3 launch/benchmark_loss.py --json "$K/results/loss-plain-loop.json" \
     > "$K/results/loss-plain-loop.log" 2>&1 || stamp "loss rows FAILED"
+}
+
+compile_debug() {  # gpu: issue 11's compiled runs that died at their first evaluation (CUBLAS_STATUS_EXECUTION_FAILED
+  # in lm_head, sessions 11 and 12), two steps with every launch synchronous, so the error names the kernel that failed
+  local r
+  for r in $COMPILE_DEBUG; do
+    [ -f "$K/results/$r.compile-debug.log" ] && continue
+    stamp "compile debug $r on GPU $1"
+    CUDA_VISIBLE_DEVICES=$1 CUDA_LAUNCH_BLOCKING=1 TORCH_SHOW_CPP_STACKTRACES=1 /tmp/site/bin/deepspeed --num_gpus 1 \
+      --master_port 29515 launch/train.py --config configs/recovery/$r.yaml run.output_dir=$K/runs/$r-compile-debug \
+      model.name=$K/SmolLM2-135M-Instruct.Q4_1.gguf "eval.heldout=[$K/fortunes]" training.compile=true \
+      training.max_steps=2 training.warmup_steps=1 training.eval_every=1 > "$K/results/$r.compile-debug.log" 2>&1 \
+      && stamp "compile debug $r: no crash" || stamp "compile debug $r: crashed (its log names the kernel)"
+    rm -rf "$K/runs/$r-compile-debug"
+  done
 }
 
 sampler() {  # the teacher sampler at 1,024 x 2,048 with each attention path, on GPU 1 (benchmarks/profile_sampler.py)
@@ -129,7 +152,8 @@ fi
 stamp "A: ${FIRST0:+$FIRST0 on GPU 0; }${MULTIGPU1:+$MULTIGPU1, }${FIRST1:+$FIRST1, }decode rows on GPU 1; then $QUEUE on both"
 [ -f "$K/queue" ] || tr ' ' '\n' <<< "$QUEUE" | grep . > "$K/queue"  # a restarted pipeline resumes the queue
 { recovery 0 29512 "$FIRST0"; mla_export 0; worker 0 29512; } &
-{ multigpu 1 "$MULTIGPU1"; recovery 1 29513 "$FIRST1"; decode 1; loss_rows 1; worker 1 29513; max_batch 1; } &
+{ multigpu 1 "$MULTIGPU1"; recovery 1 29513 "$FIRST1"; decode 1; compile_debug 1; loss_rows 1; worker 1 29513
+  max_batch 1; } &
 wait
 if [ -n "$MULTIGPU1$MULTIGPU2" ]; then  # again, with the 1-GPU runs
   python3 $R/multigpu-h200/compare.py "$K/multigpu" > "$K/multigpu/compare.txt" 2>&1
