@@ -31,9 +31,17 @@ def prompts():
     return ids, mask
 
 
-def test_static_generate_equals_dynamic_generate():
+@pytest.mark.parametrize("layers, atol", [
+    ([layer for layer in EVERY_METHOD if "cache_bits" not in layer], 1e-5),
+    # The two caches compute each step's K/V through differently shaped attention (float noise of ~1e-6), and a
+    # low-bit cache rounds them: a value that falls on a rounding boundary lands one level apart in the two, which
+    # moves this tiny model's logits (scale ~0.6) by up to ~1e-3 (seen: one such flip at step 8 of 12, on one
+    # machine and not another; each low-bit layer alone stays within 4e-6). A wrong slot or scale moves them ~0.1.
+    (EVERY_METHOD, 3e-3),
+], ids=["full-precision caches", "every method with 8- and 4-bit caches"])
+def test_static_generate_equals_dynamic_generate(layers, atol):
     """12 new tokens after a 9-token prompt: window layers (5 + 2 sinks) wrap their rings several times."""
-    model = build(EVERY_METHOD)
+    model = build(layers)
     ids, mask = prompts()
     runs, caches = {}, {}
     for static in (False, True):
@@ -44,7 +52,7 @@ def test_static_generate_equals_dynamic_generate():
                                           pad_token_id=0)
     assert torch.equal(runs[True].sequences, runs[False].sequences)
     for static_logits, dynamic_logits in zip(runs[True].logits, runs[False].logits):
-        torch.testing.assert_close(static_logits, dynamic_logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(static_logits, dynamic_logits, rtol=1e-5, atol=atol)
     assert caches[True].get_seq_length() == caches[False].get_seq_length() == 20
     assert torch.equal(caches[True].valid_counts, caches[False].valid_counts)
 
