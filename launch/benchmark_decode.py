@@ -359,12 +359,12 @@ def lr12_int4_aligned_spec(num_layers: int) -> dict:
 
 def standard_spec(num_layers: int, cache_bits: int | None = None):
     """The original layout as a kvforge model (dense GQA layers), its K and V in `cache_bits` if given."""
-    from kvforge.models.presets import PRESETS
+    from transformers import LlamaConfig
 
-    spec = PRESETS["standard"](num_layers)
-    for layer in spec.layers:
-        layer.cache_bits = cache_bits
-    return spec
+    from kvforge.models.presets import build_preset
+
+    arguments = {} if cache_bits is None else {"cache_bits": cache_bits}  # build_preset applies it to every layer
+    return build_preset("standard", LlamaConfig(**{**SMOLLM2, "num_hidden_layers": num_layers}), **arguments)
 
 
 def mixattention_spec(num_layers: int):
