@@ -1,23 +1,20 @@
 """launch/benchmark_decode.py is a GPU benchmark; what can go wrong before a GPU runs it is checked here, on the CPU:
 every generate() row builds a valid model of SmolLM2's geometry, the rounded-rank rows keep their bytes, the
-profiler table and the max-batch search work."""
+partial-RoPE kernel rows compute, the profiler table and the max-batch search work."""
 
-import importlib.util
-from pathlib import Path
+import os
+import time
 
 import pytest
 import torch
+from launch_scripts import load_launch_script
 
 from kvforge.models.configuration_kvforge import KVForgeConfig
 
 
 @pytest.fixture(scope="module")
 def benchmark():
-    path = Path(__file__).resolve().parents[2] / "launch" / "benchmark_decode.py"
-    spec = importlib.util.spec_from_file_location("benchmark_decode", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_launch_script("benchmark_decode")
 
 
 def smollm2_config(benchmark, spec_of):
@@ -28,12 +25,21 @@ def smollm2_config(benchmark, spec_of):
 
 
 def test_every_generate_row_is_a_valid_smollm2_model(benchmark):
-    """A bad spec (an odd 4-bit rank, a rank above the width) would otherwise fail on the GPU, in device time."""
+    """Each `--gen-variants` row's compression spec is valid for SmolLM2's architecture (an odd 4-bit rank or a rank
+    above the width would otherwise fail on the GPU, in device time); the diagnostic rows of the 8-bit 25% model
+    change only what they say."""
+    layers = {}
     for name, (_, spec_of, mode, cache) in benchmark.GENERATE_VARIANTS.items():
         assert mode in (None, "auto", "off", "triton") and cache in (None, "kvforge", "transformers"), name
         if spec_of is not None:
             config = smollm2_config(benchmark, spec_of)
             assert 0 < config.kv_cache_bytes(4096, dtype=torch.bfloat16) <= 2 * 30 * 3 * 64 * 2 * 4096, name
+            layers[name] = config.compression["layers"]
+    int8, bf16, aligned = layers["lr25-int8-static"], layers["lr25-bf16-static"], layers["lr25-int8-aligned-static"]
+    assert all(layer["cache_bits"] == 8 for layer in int8) and not any("cache_bits" in layer for layer in bf16)
+    assert [layer["k_rank"] for layer in bf16] == [layer["k_rank"] for layer in int8]
+    assert any(layer["k_rank"] % 16 for layer in int8)
+    assert all(layer["k_rank"] % 16 == layer["v_rank"] % 16 == 0 for layer in aligned)
 
 
 @pytest.mark.parametrize("rounded, greedy, multiple, bits", [
@@ -45,6 +51,26 @@ def test_rounded_rank_rows_put_cache_rows_on_16_bytes_at_about_the_same_bytes(be
         assert all(rank % multiple == 0 and rank * bits // 8 % 16 == 0 for rank in (layer.k_rank, layer.v_rank))
     a, o = (c.kv_cache_bytes(4096, dtype=torch.bfloat16) for c in (aligned, original))
     assert abs(a / o - 1) < 0.05
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the kernel runs tensors on CPU through Triton's interpreter")
+def test_the_partial_rope_kernel_rows_compute_on_cpu(benchmark):
+    """The partial-RoPE part with a CPU timer, float16, tiny shapes: its cases, byte counts and error check are
+    right before a GPU ever runs them."""
+    def timings(fn):
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3, (time.perf_counter() - start) * 1e3
+
+    args = benchmark.parse_args(["--part", "partial", "--batch", "2", "--context", "40", "--kv-rank", "24",
+                                 "--rope-dims", "8"])
+    rows, error = benchmark.run_partial_rope_kernel_part(args, 1e12, device="cpu", timings=timings,
+                                                         dtype=torch.float16)
+    assert error < 5e-3
+    assert [row["rope_heads"] for row in rows] == [3, 1]
+    assert rows[0]["cache_bytes"] == 2 * 40 * ((24 + 3 * 8) * 2 + 1)
+    assert all(row["triton_partial_graph_GBps"] > 0 for row in rows)
 
 
 def test_the_profiler_table_of_a_generate_call(benchmark):

@@ -7,12 +7,12 @@ stock class's own cache, that cache's bytes against the kvforge spec. Layouts wi
 refused naming the layer and field, and written as the kvforge class under --format auto.
 """
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from launch_scripts import load_launch_script
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers.masking_utils import sliding_window_overlay
 
@@ -21,7 +21,6 @@ from kvforge.models.modeling_kvforge import KVForgeForCausalLM, visibility_mask
 from kvforge.models.presets import build_preset
 from kvforge.models.stock import expected_stock_bytes, left_padded_batch, plan, stock_cache_bytes, to_stock
 
-REPO = Path(__file__).resolve().parents[2]
 VOCAB = 49152  # the real tokenizer's (saved with the source model, as a user's directory would be)
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, vocab_size=VOCAB, max_position_embeddings=256, initializer_range=0.1, tie_word_embeddings=True)
@@ -68,10 +67,7 @@ def layers_config(layers, **overrides) -> KVForgeConfig:
 
 def export_cli(argv, capsys):
     """launch/export.py main() in this process: (exit code, parsed stdout or None, stderr)."""
-    spec = importlib.util.spec_from_file_location("kvforge_launch_export", REPO / "launch" / "export.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    code = module.main([str(a) for a in argv])
+    code = load_launch_script("export").main([str(a) for a in argv])
     out, err = capsys.readouterr()
     # The JSON summary is the last thing printed (a library may log a line before it).
     return code, (json.loads(out[out.rindex("\n{\n") + 1 if "\n{\n" in out else 0:]) if code == 0 else None), err
@@ -401,9 +397,7 @@ def test_launch_evaluate_scores_the_deepseek_export_as_the_kvforge_export(tmp_pa
     text.mkdir()
     for i in range(8):
         (text / f"doc{i}.txt").write_text(f"Document {i}: " + " ".join(f"word{j * i % 17}" for j in range(60)))
-    spec = importlib.util.spec_from_file_location("kvforge_launch_evaluate", REPO / "launch" / "evaluate.py")
-    evaluate = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(evaluate)
+    evaluate = load_launch_script("evaluate")
     perplexity = {}
     for format in ("stock", "kvforge"):
         out = tmp_path / f"{format}.json"

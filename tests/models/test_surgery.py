@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from launch_scripts import load_launch_script
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from kvforge.models.calibration import CalibrationError, CalibrationStatistics, collect_statistics
@@ -610,19 +611,8 @@ def test_generate_kv_bytes_are_measured_from_the_cache_and_match_the_spec():
     assert measured["bytes_per_token"] == result.model.config.kv_cache_bytes_per_token("float32", num_tokens=23)
 
 
-def _compress_launcher():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "launch" / "compress.py"
-    spec = importlib.util.spec_from_file_location("kvforge_launch_compress", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_compress_launcher_rejects_bad_specs_clearly(tmp_path):
-    launcher = _compress_launcher()
+    launcher = load_launch_script("compress")
     config = tiny(layers=6).config
     with pytest.raises(SystemExit, match="does not exist"):
         launcher.load_spec_section(str(tmp_path / "missing.yaml"), {})
@@ -649,7 +639,7 @@ def test_compress_launcher_rejects_bad_specs_clearly(tmp_path):
 def test_compress_launcher_measures_the_cache_on_a_copy_and_leaves_the_weights_alone():
     from kvforge.models.surgery.measure import measure_original_kv_bytes
 
-    launcher = _compress_launcher()
+    launcher = load_launch_script("compress")
     model = tiny(layers=2)
     before = {name: p.detach().clone() for name, p in model.state_dict().items()}
     measured = launcher.measured_in(torch.bfloat16, measure_original_kv_bytes, model, torch.randint(3, 64, (1, 9)))
@@ -757,7 +747,7 @@ def test_compress_launcher_reads_held_out_plain_text_folders_as_evaluate_does(tm
     from kvforge.models.loading import load_tokenizer
 
     monkeypatch.setenv("KVFORGE_CACHE", str(tmp_path / "cache"))
-    launcher = _compress_launcher()
+    launcher = load_launch_script("compress")
     tokenizer = load_tokenizer("smollm2-135m-instruct")
     plain, suffixed = tmp_path / "plain", tmp_path / "suffixed"
     plain.mkdir(), suffixed.mkdir()

@@ -1,13 +1,9 @@
 """Fixtures of the trainer tests that start launch/train.py in-process."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch.distributed as dist
+from launch_scripts import load_launch_script
 from ports import free_port
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -22,10 +18,7 @@ def launcher():
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}.items():
             mp.setenv(key, value)
         mp.delenv("KVFORGE_FAULT", raising=False)
-        spec = importlib.util.spec_from_file_location("kvforge_launch_train", REPO / "launch/train.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        yield module.main
+        yield load_launch_script("train").main
 
 
 def pytest_sessionfinish(session, exitstatus):

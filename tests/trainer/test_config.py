@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from launch_scripts import load_launch_script
 
 from kvforge.trainer.config import DEFAULT_DEEPSPEED, ConfigError, load_config, resolve_deepspeed, to_dict
 
@@ -225,7 +226,6 @@ def test_compression_keys_and_the_two_budget_spellings_fail_in_load_config_namin
 def test_the_compression_section_is_parsed_once_and_written_back_as_given(monkeypatch, tmp_path):
     """load_config parses the section into a CompressionConfig; the launcher's early check (and the trainer) take that
     object, and config.yaml keeps the section as the file gave it (a resume signature never changes with a parse)."""
-    import importlib.util
 
     from kvforge.models.loading import config_for
     from kvforge.models.surgery import CompressionConfig
@@ -236,10 +236,7 @@ def test_the_compression_section_is_parsed_once_and_written_back_as_given(monkey
     monkeypatch.setattr(CompressionConfig, "from_section",
                         classmethod(lambda cls, section: parses.append(section) or original(cls, section)))
     cfg = load_config(REPO / "configs/recovery/lowrank-25.yaml")
-    spec = importlib.util.spec_from_file_location("kvforge_launch_train", REPO / "launch/train.py")
-    launcher = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(launcher)
-    launcher.check_model_and_compression(cfg)
+    load_launch_script("train").check_model_and_compression(cfg)
     assert len(parses) == 1
     written = {"calibration": {"source": "stdlib-docstrings", "tokens": 65536, "seq_len": 2048}, "preset": "low-rank",
                "arguments": {"budget": 0.25}, "surgery": {"rank_allocation": "greedy", "rank_multiple": 1}}

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from launch_scripts import load_launch_script
 from kvforge.trainer import data
 from kvforge.trainer.data import DataError, Document
 
@@ -215,7 +216,6 @@ def test_pack_corpus_makes_one_document_per_file_that_the_data_layer_reads(tmp_p
     """launch/pack_corpus.py: files by extension, .gz decompressed, short, non-UTF-8 and repeated texts left out; the
     .xz output, decompressed, is a jsonl source like any other."""
     import gzip
-    import importlib.util
     import lzma
 
     docs = tmp_path / "docs"
@@ -227,10 +227,7 @@ def test_pack_corpus_makes_one_document_per_file_that_the_data_layer_reads(tmp_p
     (docs / "d.txt").write_text("too short")
     (docs / "e.pod").write_bytes(b"\xff\xfe" + long.encode())
     (docs / "f.html").write_text("<p>" + long)  # not an extension it keeps
-    repo = __import__("pathlib").Path(__file__).resolve().parents[2]
-    spec = importlib.util.spec_from_file_location("kvforge_pack_corpus", repo / "launch" / "pack_corpus.py")
-    pack = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(pack)
+    pack = load_launch_script("pack_corpus")
     out = tmp_path / "corpus.jsonl.xz"
     assert pack.main([str(docs), "--out", str(out)]) == 0
     rows = [json.loads(line) for line in lzma.open(out, "rt")]

@@ -3,7 +3,6 @@ transformers' own loss, chunked == unchunked, across ranks, and (real_model) the
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import multiprocessing
@@ -14,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from launch_scripts import load_launch_script
 
 from kvforge.trainer import evaluation
 from kvforge.trainer.evaluation import evaluate_perplexity
@@ -181,10 +181,7 @@ def test_distributed_sums_over_ranks():
 
 
 def _launcher():
-    spec = importlib.util.spec_from_file_location("kvforge_launch_evaluate", REPO / "launch" / "evaluate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_launch_script("evaluate")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -432,10 +429,7 @@ def test_plain_text_folder_is_staged_and_suffixed_sources_are_left_alone(tmp_pat
 
 
 def _plot_launcher():
-    spec = importlib.util.spec_from_file_location("kvforge_launch_plot", REPO / "launch" / "plot_results.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_launch_script("plot_results")
 
 
 def _fake_result(path: Path, label: str, role: str, perplexity: float, kv: float, passkey: dict) -> Path:
