@@ -480,16 +480,43 @@ def run_generate_part(args) -> list[dict]:
 
 
 def profiled_generate(model, ids, new_tokens: int, cache: str | None, rows: int = 25) -> str:
-    """torch.profiler's ops by self device time (CPU time on a CPU) over one generate() of `new_tokens`, as a table.
-    The prefill is in it too: decode-step kernels are the ones called new_tokens - 1 times per layer. Kernels
-    replayed from a CUDA graph are traced like launched ones."""
+    """torch.profiler over the decode steps of one generate() of `new_tokens` (the prefill is left out: the
+    profiler starts when the first token's logits reach the logits processors), as a header and a table of ops by
+    self device time (CPU time on a CPU). The header splits the step's wall time into device work and the rest:
+    wall ms per step, the device's kernel time per step (summed self times: graph-replayed kernels are traced like
+    launched ones), and the ratio, so a step whose time is not the kernels' shows as such."""
     from torch.profiler import ProfilerActivity, profile
+    from transformers import LogitsProcessor, LogitsProcessorList
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ids.is_cuda else [])
-    with torch.no_grad(), profile(activities=activities) as prof:
-        timed_generate(model, ids, new_tokens, 1, cache)
+    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
+    prof = profile(activities=activities)
+    started = []
+
+    class StartAfterPrefill(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            if not started:
+                sync()
+                prof.start()
+                started.append(time.perf_counter())
+            return scores
+
+    kwargs = {"cache": model.static_cache(ids.shape[1] + new_tokens)} if cache == "kvforge" else \
+        {"cache_implementation": "static"} if cache == "transformers" else {}
+    with torch.no_grad():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                       logits_processor=LogitsProcessorList([StartAfterPrefill()]), **kwargs)
+        sync()
+    wall = time.perf_counter() - started[0]
+    prof.stop()
+    steps = new_tokens - 1  # the profiled part: every decode step (and the last token's logits processing)
+    events = prof.key_averages()
+    device_us = sum(event.self_device_time_total for event in events) if ids.is_cuda else 0.0
     sort = "self_device_time_total" if ids.is_cuda else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=60)
+    header = (f"decode steps profiled: {steps}; wall {wall / steps * 1e3:.3f} ms/step (profiler on); device kernels "
+              f"{device_us / steps / 1e3:.3f} ms/step ({device_us / 1e6 / wall:.0%} of the wall time)\n")
+    return header + events.table(sort_by=sort, row_limit=rows, max_name_column_width=60)
 
 
 def largest_batch(fits, start: int = 8, limit: int = 4096) -> tuple[int, list[tuple[int, bool]]]:

@@ -79,8 +79,12 @@ def test_the_profiler_table_of_a_generate_call(benchmark):
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=8)
     model = LlamaForCausalLM(config).eval()
-    table = benchmark.profiled_generate(model, torch.randint(3, 64, (2, 5)), 3, None)
+    table = benchmark.profiled_generate(model, torch.randint(3, 64, (2, 5)), 4, None, rows=500)
     assert "aten::" in table and "Self CPU" in table
+    assert table.startswith("decode steps profiled: 3; wall ")
+    # The prefill is left out: one attention call per layer and decode step (2 x 3), none for the prompt.
+    attention = next(line for line in table.splitlines() if line.strip().startswith("aten::scaled_dot_product_att"))
+    assert attention.split()[-1] == "6"
 
 
 @pytest.mark.parametrize("largest, limit", [(77, 4096), (1, 4096), (0, 4096), (5000, 4096), (8, 4096), (300, 300),

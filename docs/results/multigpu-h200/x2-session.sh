@@ -33,20 +33,24 @@ MULTIGPU1=${MULTIGPU1:-}
 MULTIGPU2=${MULTIGPU2:-}
 SAMPLER_ATTENTION=${SAMPLER_ATTENTION-}
 LOSS_ROWS=${LOSS_ROWS-}
-COMPILE_DEBUG=${COMPILE_DEBUG-window-lowrank-12 partial-rope-50}
+# The two layouts whose compiled runs crashed, as they ran, then the first with 16-byte-aligned ranks (the guess:
+# odd bf16 ranks meet a kernel that assumes aligned strides).
+COMPILE_DEBUG=${COMPILE_DEBUG-window-lowrank-12 partial-rope-50 window-lowrank-12@compression.surgery.rank_multiple=auto}
 MAX_BATCH_VARIANTS=${MAX_BATCH_VARIANTS-original lr50-static lr25-int8-aligned-static lr12-int4-aligned-static \
 window-static}
 # Session 12: ranks on 16-byte boundaries took the 25% int8 model from 0.96x to 1.78x the original at B=32, S=16k,
-# still far under 0.8 x the byte ratio (3.2x) and at 0.2 TB/s of cache read. Now: the original rows on this machine,
-# the 12.5% cache (4 bits) with greedy and aligned ranks, the GQA kernel on dense caches (bf16 and int8: the plain
-# original with an int8 cache scores +0.1% at 50%) and on window rings, the latent kernel alone at the same shapes
-# (is the step's time in the kernel?) and one profiled generate() of the aligned 25% model.
-DECODE_ARGS=${DECODE_ARGS-"--gen-batch 32 --gen-prompt 16384 --gen-variants original original-static \
+# still far under 0.8 x the byte ratio (3.2x) and at 0.2 TB/s of cache read; a window model whose attention reads
+# 0.7 GiB took 8.4 ms per step. So first (session 13) two profiled generate() calls, decode steps only, which split
+# the step into device kernels and the rest; then the original rows on this machine, the 12.5% cache (4 bits) with
+# greedy and aligned ranks, the GQA kernel on dense caches (bf16 and int8: the plain original with an int8 cache
+# scores +0.1% at 50%) and on window rings, and the latent kernel alone at the same shapes.
+DECODE_ARGS=${DECODE_ARGS-"--gen-batch 32 --gen-prompt 16384 --gen-variants lr25-int8-aligned-static window-static \
+--repeats 1 --profile 16|\
+--gen-batch 32 --gen-prompt 16384 --gen-variants original original-static \
 lr25-int8-aligned-static lr12-int4-static lr12-int4-aligned-static standard-int8-triton-static --repeats 3|\
+--part kernel --batch 32 128 --context 4096 16384 --k-rank 48 --v-rank 96|\
 --gen-batch 128 --gen-prompt 4096 --gen-variants original-static lr25-int8-aligned-static lr12-int4-aligned-static \
 standard-triton-static standard-int8-triton-static window-static window-triton-static --repeats 3|\
---part kernel --batch 32 128 --context 4096 16384 --k-rank 48 --v-rank 96|\
---gen-batch 32 --gen-prompt 16384 --gen-variants lr25-int8-aligned-static --repeats 1 --profile 16|\
 --gen-batch 32 --gen-prompt 32768 --gen-variants window-triton-static --repeats 3"}
 stamp() { echo "$(date +%T) $*"; }
 mkdir -p "$K/results"
@@ -119,15 +123,19 @@ loss_rows() {  # gpu: issue 11's plain PyTorch loop on the trainer's batch (16 x
 
 compile_debug() {  # gpu: issue 11's compiled runs that died at their first evaluation (CUBLAS_STATUS_EXECUTION_FAILED
   # in lm_head, sessions 11 and 12), two steps with every launch synchronous, so the error names the kernel that failed
-  local r
-  for r in $COMPILE_DEBUG; do
-    [ -f "$K/results/$r.compile-debug.log" ] && continue
-    stamp "compile debug $r on GPU $1"
+  # An entry is a recipe, or recipe@key=value for one override (the log is named by the whole entry).
+  local entry r override name
+  for entry in $COMPILE_DEBUG; do
+    r=${entry%%@*}; override=; [ "$entry" != "$r" ] && override=${entry#*@}
+    name=${entry//[@=]/-}
+    [ -f "$K/results/$name.compile-debug.log" ] && continue
+    stamp "compile debug $entry on GPU $1"
     CUDA_VISIBLE_DEVICES=$1 CUDA_LAUNCH_BLOCKING=1 TORCH_SHOW_CPP_STACKTRACES=1 /tmp/site/bin/deepspeed --num_gpus 1 \
       --master_port 29515 launch/train.py --config configs/recovery/$r.yaml run.output_dir=$K/runs/$r-compile-debug \
       model.name=$K/SmolLM2-135M-Instruct.Q4_1.gguf "eval.heldout=[$K/fortunes]" training.compile=true \
-      training.max_steps=2 training.warmup_steps=1 training.eval_every=1 > "$K/results/$r.compile-debug.log" 2>&1 \
-      && stamp "compile debug $r: no crash" || stamp "compile debug $r: crashed (its log names the kernel)"
+      training.max_steps=2 training.warmup_steps=1 training.eval_every=1 $override \
+      > "$K/results/$name.compile-debug.log" 2>&1 \
+      && stamp "compile debug $entry: no crash" || stamp "compile debug $entry: crashed (its log names the kernel)"
     rm -rf "$K/runs/$r-compile-debug"
   done
 }
