@@ -102,26 +102,31 @@ if triton is not None:
         slots, heads, group, kv_heads, k_rank, v_rank, slots_per_split, splits, scaling,
         HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
         BLOCK_RK: tl.constexpr, BLOCK_RV: tl.constexpr, HAS_K_BIAS: tl.constexpr, HAS_SCALES: tl.constexpr,
-        CHUNK_RK: tl.constexpr, PACKED: tl.constexpr,
+        CHUNK_RK: tl.constexpr, PACKED: tl.constexpr, KV_PER_PROGRAM: tl.constexpr, STAT_H: tl.constexpr,
     ):
         # PACKED (a 4-bit cache): BLOCK_RK / BLOCK_RV cover half the ranks, one byte holding ranks 2j and 2j + 1;
         # the even and odd ranks are two tiles, each with its own rows of U_k and its own value accumulator.
+        # A program serves KV_PER_PROGRAM KV heads (program_id(2) picks which): their query heads are its BLOCK_H
+        # rows and their HALF-wide column groups its BLOCK_C columns. STAT_H: query heads per row in ACC/MAX/SUM.
         split = tl.program_id(0)
         row = tl.program_id(1)
+        first_kv = tl.program_id(2) * KV_PER_PROGRAM
         dtype = Q.dtype.element_ty
 
-        offs_h = tl.arange(0, BLOCK_H)
-        offs_c = tl.arange(0, BLOCK_C)  # column c: KV head c // HALF, frequency pair c % HALF
+        offs_h = tl.arange(0, BLOCK_H)  # the program's query heads: first_kv * group + offs_h
+        offs_c = tl.arange(0, BLOCK_C)  # column c: KV head first_kv + c // HALF, frequency pair c % HALF
         offs_p = tl.arange(0, HALF)
         offs_rk = tl.arange(0, BLOCK_RK)
         offs_rv = tl.arange(0, BLOCK_RV)
-        col_head = offs_c // HALF
+        col_head = first_kv + offs_c // HALF
         col_pair = offs_c % HALF
-        col_ok = col_head < kv_heads
+        col_ok = (offs_c // HALF < KV_PER_PROGRAM) & (col_head < kv_heads)
+        head = first_kv * group + offs_h
+        head_ok = (offs_h < KV_PER_PROGRAM * group) & (head < heads)
 
         # Block-diagonal query halves [BLOCK_H, BLOCK_C]: head h keeps its dims in its KV head's columns.
-        own = (col_head[None, :] == (offs_h // group)[:, None]) & (offs_h < heads)[:, None]
-        q_ptr = Q + row * stride_qb + offs_h[:, None] * (2 * HALF) + col_pair[None, :]
+        own = (col_head[None, :] == (head // group)[:, None]) & head_ok[:, None] & col_ok[None, :]
+        q_ptr = Q + row * stride_qb + head[:, None] * (2 * HALF) + col_pair[None, :]
         q_lo = tl.load(q_ptr, mask=own, other=0.0)
         q_hi = tl.load(q_ptr + HALF, mask=own, other=0.0)
 
@@ -219,14 +224,14 @@ if triton is not None:
                     c_v = dequantized_tile(c_v, v_scale).to(dtype)
                 acc = acc * alpha[:, None] + tl.dot(p.to(dtype), c_v)
 
-        stat = (row * splits + split) * BLOCK_H + offs_h  # max / sum [B, splits, BLOCK_H]; acc adds its ranks
+        stat = (row * splits + split) * STAT_H + head  # max / sum [B, splits, STAT_H]; acc adds its ranks
         if PACKED:  # back in rank order: [.., 2 * BLOCK_RV], the even ranks then the odd ones interleaved
-            tl.store(ACC + stat[:, None] * (2 * BLOCK_RV) + 2 * offs_rv[None, :], acc)
-            tl.store(ACC + stat[:, None] * (2 * BLOCK_RV) + 2 * offs_rv[None, :] + 1, acc_odd)
+            tl.store(ACC + stat[:, None] * (2 * BLOCK_RV) + 2 * offs_rv[None, :], acc, mask=head_ok[:, None])
+            tl.store(ACC + stat[:, None] * (2 * BLOCK_RV) + 2 * offs_rv[None, :] + 1, acc_odd, mask=head_ok[:, None])
         else:
-            tl.store(ACC + stat[:, None] * BLOCK_RV + offs_rv[None, :], acc)
-        tl.store(MAX + stat, running_max)
-        tl.store(SUM + stat, running_sum)
+            tl.store(ACC + stat[:, None] * BLOCK_RV + offs_rv[None, :], acc, mask=head_ok[:, None])
+        tl.store(MAX + stat, running_max, mask=head_ok)
+        tl.store(SUM + stat, running_sum, mask=head_ok)
 
 
     @triton.jit
@@ -294,7 +299,8 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
                             inv_freq, rope_scaling: float, scaling: float, *, max_position: int | None = None,
                             block_s: int | None = None, num_splits: int | None = None, num_warps: int = 4,
                             num_stages: int | None = None, k_scale: torch.Tensor | None = None,
-                            v_scale: torch.Tensor | None = None, chunk_rk: int | None = None) -> torch.Tensor:
+                            v_scale: torch.Tensor | None = None, chunk_rk: int | None = None,
+                            kv_per_program: int | None = None) -> torch.Tensor:
     """One decode step of attention over a pre-RoPE latent cache.
 
     query [B, K, G, D] (rotated); k_latent [B, S, Rk], v_latent [B, S, Rv]; k_weight [K * D, Rk] and
@@ -305,6 +311,10 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     A low-bit cache: int8 k_latent / v_latent (8 bits), or uint8 [B, S, Rk / 2] / [B, S, Rv / 2] holding two 4-bit
     values per byte (modeling_kvforge.quantize_slots), with their scales k_scale, v_scale [B, S, 1] in query.dtype
     (the kernel reads the bytes and dequantizes them in registers).
+    kv_per_program: KV heads one program serves (default: all of them, the measured configuration of
+    benchmarks/NOTES.md). Fewer (1: a program per KV head) leave each program 1/K of the key columns and query rows,
+    so far fewer registers (offline ptxas for sm_90: see benchmarks/kernel_resources.py), at the price of reading
+    each latent tile once per program from L2 and K x the latent PV product.
     Returns out [B, K, G, Dv] in query.dtype.
     """
     if triton is None:
@@ -331,25 +341,28 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     wide = query.element_size() > 2
     block_s = block_s or (32 if wide else 64)
     num_stages = num_stages or (2 if wide else 3)
-    block_h, block_c = _next_power_of_2(heads), _next_power_of_2(kv_heads * (dim // 2))
+    kv_per_program = min(kv_per_program or kv_heads, kv_heads)
+    head_programs = -(-kv_heads // kv_per_program)
+    block_h, block_c = _next_power_of_2(kv_per_program * group), _next_power_of_2(kv_per_program * (dim // 2))
+    stat_h = _next_power_of_2(heads)
     # Tiles cover the stored columns: half the ranks when packed.
     block_rk, block_rv = _next_power_of_2(k_latent.shape[2]), _next_power_of_2(v_latent.shape[2])
     # Key ranks up to 128 keep U_k's two tiles for the whole program (the measured configurations); larger ones
     # (the 50% model's 8-bit latents: up to 192) read it in chunks of 64 rows per tile. chunk_rk: tests force it.
     chunk_rk = block_rk if packed else chunk_rk or (block_rk if block_rk <= 128 else 64)
-    splits = num_splits or _num_splits(batch, slots, block_s, query.device)
+    splits = num_splits or _num_splits(batch * head_programs, slots, block_s, query.device)
     per_split = -(-slots // splits)
     per_split = -(-per_split // block_s) * block_s  # whole tiles, so only the last split has a ragged end
     splits = -(-slots // per_split)
 
     acc_width = 2 * block_rv if packed else block_rv  # ranks in order, the packed even / odd ones interleaved
-    acc = torch.empty(batch, splits, block_h, acc_width, device=query.device, dtype=torch.float32)
-    stats_max = torch.empty(batch, splits, block_h, device=query.device, dtype=torch.float32)
+    acc = torch.empty(batch, splits, stat_h, acc_width, device=query.device, dtype=torch.float32)
+    stats_max = torch.empty(batch, splits, stat_h, device=query.device, dtype=torch.float32)
     stats_sum = torch.empty_like(stats_max)
     has_scales = k_scale is not None
     k_scale = k_scale if has_scales else k_weight  # unread placeholders without scales
     v_scale = v_scale if has_scales else k_weight
-    _latent_decode_kernel[(splits, batch)](
+    _latent_decode_kernel[(splits, batch, head_programs)](
         query, k_latent, v_latent, k_weight, k_bias if k_bias is not None else k_weight, positions, valid, table,
         k_scale, v_scale, acc, stats_max, stats_sum,
         query.stride(0), k_latent.stride(0), k_latent.stride(1), v_latent.stride(0), v_latent.stride(1),
@@ -359,10 +372,10 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
         slots, heads, group, kv_heads, k_rank, v_rank, per_split, splits, float(scaling),
         HALF=dim // 2, BLOCK_H=block_h, BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_RK=block_rk, BLOCK_RV=block_rv,
         HAS_K_BIAS=k_bias is not None, HAS_SCALES=has_scales, CHUNK_RK=chunk_rk, PACKED=packed,
-        num_warps=num_warps, num_stages=num_stages,
+        KV_PER_PROGRAM=kv_per_program, STAT_H=stat_h, num_warps=num_warps, num_stages=num_stages,
     )
     mixed = torch.empty(batch, heads, v_rank, device=query.device, dtype=query.dtype)  # sum_s p_s c_s per head
-    _merge_splits_kernel[(heads, batch)](acc, stats_max, stats_sum, mixed, splits, heads, v_rank, BLOCK_H=block_h,
+    _merge_splits_kernel[(heads, batch)](acc, stats_max, stats_sum, mixed, splits, heads, v_rank, BLOCK_H=stat_h,
                                          BLOCK_RV=acc_width, BLOCK_SPLITS=_next_power_of_2(splits, at_least=2))
     mixed = mixed.view(batch, kv_heads, group, v_rank)
     up = v_weight.view(kv_heads, -1, v_rank)  # [K, Dv, Rv]

@@ -10,7 +10,8 @@ decode token per row, B rows x S cached positions:
                   transformers runs for the uncompressed model
     torch_latent  modeling_kvforge's PyTorch path over the latents (rebuilds and rotates every key; its cos/sin
                   tables prebuilt, as the model shares them across layers)
-    triton_latent kernels/latent_attention.py over the same latents
+    triton_latent kernels/latent_attention.py over the same latents (--cache-bits: read as int8 or packed 4-bit
+                  bytes with their scales; one column per --kv-per-program, triton_latent_kv<n>)
 with the bytes each must read (the floor at the device's copy bandwidth) and the kernel's error against the
 float64 reference. Ranks default to the mean of the low-rank 50% SmolLM2 export (k 48, v 144: 192 of the
 original's 384 numbers per token and layer). Then the same layer over a partial-RoPE joint latent (MHA2MLA;
@@ -67,6 +68,12 @@ def parse_args(argv=None):
     parser.add_argument("--context", type=int, nargs="*", default=None, help="kernel part: cached positions")
     parser.add_argument("--k-rank", type=int, default=48)
     parser.add_argument("--v-rank", type=int, default=144)
+    parser.add_argument("--cache-bits", type=int, choices=(16, 8, 4), default=16,
+                        help="kernel part: latents in bf16, int8 or packed 4 bits (per-slot bf16 scales), as a "
+                             "cache_bits model stores them")
+    parser.add_argument("--kv-per-program", type=int, nargs="*", default=[0], metavar="N",
+                        help="kernel part: one triton_latent column per value: KV heads per program (0: all, the "
+                             "kernel's default; 1: a program per KV head)")
     parser.add_argument("--kv-rank", type=int, default=128, help="partial-RoPE joint latent rank")
     parser.add_argument("--rope-dims", type=int, default=16, help="partial-RoPE rotary key dims per head")
     parser.add_argument("--gen-batch", type=int, nargs="*", default=[32, 128])
@@ -86,43 +93,64 @@ def parse_args(argv=None):
 # Kernel part
 
 
-def kernel_case(batch, context, k_rank, v_rank, seed=0, kv_heads=3, group=3, dim=64, dtype=torch.bfloat16):
+def kernel_case(batch, context, k_rank, v_rank, seed=0, kv_heads=3, group=3, dim=64, dtype=torch.bfloat16,
+                device="cuda"):
     from torch import nn
 
     from kvforge.models.modeling_kvforge import KeyRotary
 
-    g = torch.Generator(device="cuda").manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
 
     def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, device="cuda") * scale).to(dtype)
+        return (torch.randn(*shape, generator=g, device=device) * scale).to(dtype)
 
-    k_up = nn.Linear(k_rank, kv_heads * dim, bias=False, device="cuda", dtype=dtype)
-    v_up = nn.Linear(v_rank, kv_heads * dim, bias=False, device="cuda", dtype=dtype)
+    k_up = nn.Linear(k_rank, kv_heads * dim, bias=False, device=device, dtype=dtype)
+    v_up = nn.Linear(v_rank, kv_heads * dim, bias=False, device=device, dtype=dtype)
     with torch.no_grad():
         k_up.weight.copy_(rand(kv_heads * dim, k_rank, scale=k_rank ** -0.5))
         v_up.weight.copy_(rand(kv_heads * dim, v_rank, scale=v_rank ** -0.5))
-    positions = torch.arange(context, device="cuda")[None].expand(batch, -1).contiguous()
-    inv_freq = 1.0 / (100000.0 ** (torch.arange(0, dim, 2, device="cuda").float() / dim))
+    positions = torch.arange(context, device=device)[None].expand(batch, -1).contiguous()
+    inv_freq = 1.0 / (100000.0 ** (torch.arange(0, dim, 2, device=device).float() / dim))
     rotary = KeyRotary(positions, inv_freq, 1.0, dtype)
     rotary.tables()  # built once per step and shared by the layers in the model
     return dict(query=rand(batch, kv_heads, group, 1, dim), k_latent=rand(batch, context, k_rank),
                 v_latent=rand(batch, context, v_rank), k_up=k_up, v_up=v_up, key_rotary=rotary,
-                mask=torch.ones(batch, 1, 1, 1, context, dtype=torch.bool, device="cuda"), scaling=dim ** -0.5,
+                mask=torch.ones(batch, 1, 1, 1, context, dtype=torch.bool, device=device), scaling=dim ** -0.5,
                 full_k=rand(batch, kv_heads, context, dim), full_v=rand(batch, kv_heads, context, dim))
 
 
-def run_kernel_part(args, copy_bandwidth: float) -> list[dict]:
+def run_kernel_part(args, copy_bandwidth: float, device="cuda", timings=None, dtype=torch.bfloat16):
+    """Rows of sdpa_full, torch_latent and triton_latent (one column per --kv-per-program) and the kernels' largest
+    relative error against float64. `device`, `timings`, `dtype`: the CPU test of this code (Triton's interpreter,
+    float16)."""
     import torch.nn.functional as F
-    import triton.testing
 
     from kvforge.kernels.latent_attention import latent_decode_attention
     from kvforge.models.modeling_kvforge import KeyRotary, pre_rope_latent_attention
 
-    def triton_latent(c):
+    from kvforge.models.modeling_kvforge import dequantize_slots, quantize_slots
+
+    def low_bit(c):
+        """The case's latents as a cache_bits model stores them (k_q, v_q, scales), and their dequantized values
+        for the PyTorch rows, so every row attends over the same numbers."""
+        if args.cache_bits == 16:
+            return c
+        (k_q, k_scale), (v_q, v_scale) = (quantize_slots(c[n], 1, args.cache_bits) for n in ("k_latent", "v_latent"))
+        return dict(c, k_q=k_q, v_q=v_q, k_scale=k_scale, v_scale=v_scale, k_latent=dequantize_slots(k_q, k_scale),
+                    v_latent=dequantize_slots(v_q, v_scale))
+
+    def triton_latent(c, kv_per_program=0):
         r = c["key_rotary"]
-        return latent_decode_attention(c["query"][:, :, :, 0], c["k_latent"], c["v_latent"], c["k_up"].weight, None,
+        quantized = "k_q" in c
+        return latent_decode_attention(c["query"][:, :, :, 0], c["k_q" if quantized else "k_latent"],
+                                       c["v_q" if quantized else "v_latent"], c["k_up"].weight, None,
                                        c["v_up"].weight, None, r.positions, c["mask"][:, 0, 0, 0], r.inv_freq,
-                                       r.scaling, c["scaling"], max_position=r.max_position())
+                                       r.scaling, c["scaling"], max_position=r.max_position(),
+                                       k_scale=c.get("k_scale"), v_scale=c.get("v_scale"),
+                                       kv_per_program=kv_per_program or None)
+
+    kernels = [(f"triton_latent{f'_kv{n}' if n else ''}", functools.partial(triton_latent, kv_per_program=n))
+               for n in args.kv_per_program]
 
     def torch_latent(c):
         return pre_rope_latent_attention(c["query"], c["k_latent"], c["v_latent"], c["k_up"], c["v_up"],
@@ -134,16 +162,19 @@ def run_kernel_part(args, copy_bandwidth: float) -> list[dict]:
                                               scale=c["scaling"], enable_gqa=True)
 
     # Correctness on the device: float64 reference on a small case, fresh inputs.
-    small = kernel_case(4, 3000, args.k_rank, args.v_rank, seed=1)
+    small_batch, small_context = (4, 3000) if device == "cuda" else (2, 100)
+    small = low_bit(kernel_case(small_batch, small_context, args.k_rank, args.v_rank, seed=1, dtype=dtype,
+                                device=device))
     with torch.no_grad():
         ref, _ = pre_rope_latent_attention(
             small["query"].double(), small["k_latent"].double(), small["v_latent"].double(),
             copy.deepcopy(small["k_up"]).double(), copy.deepcopy(small["v_up"]).double(),
             KeyRotary(small["key_rotary"].positions, small["key_rotary"].inv_freq, 1.0, torch.float64),
             small["mask"], small["scaling"])
-        out = triton_latent(small)
-    error = ((out.double() - ref[:, :, :, 0]).norm() / ref.norm()).item()
-    print(f"kernel vs float64 reference (B=4, S=3000, bf16 inputs): relative error {error:.2e}")
+        error = max(((fn(small).double() - ref[:, :, :, 0]).norm() / ref.norm()).item() for _, fn in kernels)
+    print(f"kernel vs float64 reference (B={small_batch}, S={small_context}, {dtype} queries, {args.cache_bits}-bit "
+          f"latents, every "
+          f"--kv-per-program): largest relative error {error:.2e}")
 
     batches = args.batch or [1, 8, 64, 256]
     contexts = args.context or [1024, 4096, 16384]
@@ -153,34 +184,35 @@ def run_kernel_part(args, copy_bandwidth: float) -> list[dict]:
             full_bytes = 2 * batch * 3 * context * 64 * 2
             if full_bytes > 24e9:
                 continue
-            c = kernel_case(batch, context, args.k_rank, args.v_rank)
-            latent_bytes = batch * context * ((args.k_rank + args.v_rank) * 2 + 8 + 1)  # + position, mask
+            c = low_bit(kernel_case(batch, context, args.k_rank, args.v_rank, dtype=dtype, device=device))
+            # Latents (bf16: 2 bytes per rank; 8 bits: 1 and a 2-byte scale per slot and tensor; 4 bits: half),
+            # + an int64 position and a mask byte per slot.
+            per_slot = {16: (args.k_rank + args.v_rank) * 2, 8: args.k_rank + args.v_rank + 4,
+                        4: (args.k_rank + args.v_rank) // 2 + 4}[args.cache_bits]
+            latent_bytes = batch * context * (per_slot + 8 + 1)
             row = dict(batch=batch, context=context, k_rank=args.k_rank, v_rank=args.v_rank,
-                       full_cache_bytes=full_bytes, latent_bytes=latent_bytes)
+                       cache_bits=args.cache_bits, full_cache_bytes=full_bytes, latent_bytes=latent_bytes)
             with torch.no_grad():
-                for name, fn in (("sdpa_full", sdpa_full), ("torch_latent", torch_latent),
-                                 ("triton_latent", triton_latent)):
-                    try:
-                        ms = triton.testing.do_bench(lambda fn=fn, c=c: fn(c), warmup=25, rep=100, return_mode="median")
-                        # Replayed as a CUDA graph: the GPU's time without Python's launch overhead.
-                        graph_ms = triton.testing.do_bench_cudagraph(lambda fn=fn, c=c: fn(c), rep=100,
-                                                                     return_mode="median")
-                    except torch.OutOfMemoryError:
-                        ms = graph_ms = float("nan")
+                for name, fn in [("sdpa_full", sdpa_full), ("torch_latent", torch_latent)] + kernels:
+                    # Eager, and replayed as a CUDA graph: the GPU's time without Python's launch overhead.
+                    ms, graph_ms = (timings or cuda_timings)(lambda fn=fn, c=c: fn(c))
                     row[f"{name}_us"] = ms * 1e3
                     row[f"{name}_graph_us"] = graph_ms * 1e3
             row["full_floor_us"] = full_bytes / copy_bandwidth * 1e6
             row["latent_floor_us"] = latent_bytes / copy_bandwidth * 1e6
-            row["triton_graph_TBps"] = latent_bytes / (row["triton_latent_graph_us"] * 1e-6) / 1e12
             row["sdpa_graph_TBps"] = full_bytes / (row["sdpa_full_graph_us"] * 1e-6) / 1e12
+            line = (f"B={batch:4d} S={context:6d} eager/graph us: sdpa_full {row['sdpa_full_us']:8.1f} "
+                    f"{row['sdpa_full_graph_us']:8.1f} ({row['sdpa_graph_TBps']:.2f} TB/s)  torch_latent "
+                    f"{row['torch_latent_us']:8.1f} {row['torch_latent_graph_us']:8.1f}")
+            for name, _ in kernels:
+                tbps = latent_bytes / (row[f"{name}_graph_us"] * 1e-6) / 1e12
+                row[name.replace("triton_latent", "triton_graph_TBps")] = tbps  # triton_graph_TBps[_kv<n>]
+                line += f"  {name} {row[f'{name}_us']:8.1f} {row[f'{name}_graph_us']:8.1f} ({tbps:.2f} TB/s)"
             rows.append(row)
-            print(f"B={batch:4d} S={context:6d} eager/graph us: sdpa_full {row['sdpa_full_us']:8.1f} "
-                  f"{row['sdpa_full_graph_us']:8.1f} ({row['sdpa_graph_TBps']:.2f} TB/s)  torch_latent "
-                  f"{row['torch_latent_us']:8.1f} {row['torch_latent_graph_us']:8.1f}  triton_latent "
-                  f"{row['triton_latent_us']:8.1f} {row['triton_latent_graph_us']:8.1f} "
-                  f"({row['triton_graph_TBps']:.2f} TB/s; floor {row['latent_floor_us']:.1f})", flush=True)
+            print(f"{line}; latent floor {row['latent_floor_us']:.1f} us", flush=True)
             c.clear()
-            torch.cuda.empty_cache()
+            if device == "cuda":
+                torch.cuda.empty_cache()
     return rows, error
 
 

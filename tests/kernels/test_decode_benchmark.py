@@ -53,19 +53,37 @@ def test_rounded_rank_rows_put_cache_rows_on_16_bytes_at_about_the_same_bytes(be
     assert abs(a / o - 1) < 0.05
 
 
+def cpu_timings(fn):
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3, (time.perf_counter() - start) * 1e3
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="the kernel runs tensors on CPU through Triton's interpreter")
+@pytest.mark.parametrize("bits, per_slot", [(8, 16 + 32 + 4), (4, (16 + 32) // 2 + 4)])
+def test_the_latent_kernel_rows_compute_on_cpu_for_low_bit_latents_and_each_program_split(benchmark, bits,
+                                                                                          per_slot):
+    """The latent kernel part with a CPU timer, float16, tiny shapes, int8 / packed 4-bit latents and both
+    --kv-per-program choices: its error check covers every kernel column, its bytes count what a low-bit cache
+    stores, before a GPU ever runs it."""
+    args = benchmark.parse_args(["--part", "kernel", "--batch", "2", "--context", "40", "--k-rank", "16",
+                                 "--v-rank", "32", "--cache-bits", str(bits), "--kv-per-program", "0", "1"])
+    rows, error = benchmark.run_kernel_part(args, 1e12, device="cpu", timings=cpu_timings, dtype=torch.float16)
+    assert error < 5e-3
+    (row,) = rows
+    assert row["latent_bytes"] == 2 * 40 * (per_slot + 8 + 1) and row["cache_bits"] == bits
+    assert row["triton_graph_TBps"] > 0 and row["triton_graph_TBps_kv1"] > 0
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                     reason="the kernel runs tensors on CPU through Triton's interpreter")
 def test_the_partial_rope_kernel_rows_compute_on_cpu(benchmark):
     """The partial-RoPE part with a CPU timer, float16, tiny shapes: its cases, byte counts and error check are
     right before a GPU ever runs them."""
-    def timings(fn):
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3, (time.perf_counter() - start) * 1e3
-
     args = benchmark.parse_args(["--part", "partial", "--batch", "2", "--context", "40", "--kv-rank", "24",
                                  "--rope-dims", "8"])
-    rows, error = benchmark.run_partial_rope_kernel_part(args, 1e12, device="cpu", timings=timings,
+    rows, error = benchmark.run_partial_rope_kernel_part(args, 1e12, device="cpu", timings=cpu_timings,
                                                          dtype=torch.float16)
     assert error < 5e-3
     assert [row["rope_heads"] for row in rows] == [3, 1]

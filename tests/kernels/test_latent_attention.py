@@ -76,16 +76,18 @@ def kernel(c, **options):
     dict(batch=3, kv_heads=2, group=1, dim=16, slots=5, k_rank=7, v_rank=9),  # fewer slots than one tile
 ])
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_kernel_equals_the_float64_reference(shape, num_splits):
+@pytest.mark.parametrize("kv_per_program", [None, 1, 2])  # all KV heads in one program; one; 2 of 3 (a ragged last)
+def test_kernel_equals_the_float64_reference(shape, num_splits, kv_per_program):
     for seed in range(2):  # fresh inputs each time
         c = case(**shape, seed=seed)
-        out = kernel(c, block_s=16, num_splits=num_splits)
+        out = kernel(c, block_s=16, num_splits=num_splits, kv_per_program=kv_per_program)
         assert out.shape == c["query"][:, :, :, 0].shape and torch.isfinite(out).all()
         assert relative_error(out, reference(c)) < 1e-5
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float16, 5e-3)])
-def test_8_bit_latents_read_as_int8_equal_the_float64_reference(dtype, tolerance):
+@pytest.mark.parametrize("kv_per_program", [None, 1])
+def test_8_bit_latents_read_as_int8_equal_the_float64_reference(dtype, tolerance, kv_per_program):
     """An 8-bit cache hands the kernel int8 latents and per-slot scales: it must give what the reference gives on the
     same int8 values dequantized in float64 (the rounding itself is the model's, not the kernel's)."""
     from kvforge.models.modeling_kvforge import quantize_slots
@@ -95,7 +97,7 @@ def test_8_bit_latents_read_as_int8_equal_the_float64_reference(dtype, tolerance
         (k_q, k_scale), (v_q, v_scale) = quantize_slots(c["k_latent"], 1), quantize_slots(c["v_latent"], 1)
         exact = dict(c, k_latent=k_q.double() * k_scale.double(), v_latent=v_q.double() * v_scale.double())
         out = kernel(dict(c, k_latent=k_q, v_latent=v_q), block_s=16, num_splits=num_splits, k_scale=k_scale,
-                     v_scale=v_scale)
+                     v_scale=v_scale, kv_per_program=kv_per_program)
         assert relative_error(out, reference(exact)) < tolerance
 
 
@@ -116,8 +118,9 @@ def test_4_bit_latents_read_as_packed_bytes_equal_the_float64_reference(shape, d
         (k_q, k_scale), (v_q, v_scale) = quantize_slots(c["k_latent"], 1, 4), quantize_slots(c["v_latent"], 1, 4)
         assert k_q.dtype == torch.uint8 and k_q.shape[-1] == c["k_latent"].shape[-1] // 2
         exact = dict(c, k_latent=dequantize_slots(k_q, k_scale.double()), v_latent=dequantize_slots(v_q, v_scale.double()))
+        # One program per KV head with the splits (kv_per_program 1), all KV heads in one without them.
         out = kernel(dict(c, k_latent=k_q, v_latent=v_q), block_s=16, num_splits=num_splits, k_scale=k_scale,
-                     v_scale=v_scale)
+                     v_scale=v_scale, kv_per_program=1 if num_splits > 1 else None)
         assert relative_error(out, reference(exact)) < tolerance
 
 
@@ -148,7 +151,7 @@ def test_large_key_ranks_read_the_up_projection_in_chunks(cache_bits):
 
     for shape, chunk in ((dict(k_rank=150, v_rank=40, slots=40), None), (dict(k_rank=40, v_rank=24, slots=40), 16)):
         c = case(**shape, seed=11)
-        options = dict(block_s=16, num_splits=2, chunk_rk=chunk)
+        options = dict(block_s=16, num_splits=2, chunk_rk=chunk, kv_per_program=1 if chunk else None)
         if cache_bits:
             (k_q, k_scale), (v_q, v_scale) = quantize_slots(c["k_latent"], 1), quantize_slots(c["v_latent"], 1)
             out = kernel(dict(c, k_latent=k_q, v_latent=v_q), k_scale=k_scale, v_scale=v_scale, **options)

@@ -1,0 +1,113 @@
+"""Registers, spills and shared memory of the pre-RoPE latent decode kernel for an H100/H200 (sm_90), compiled on
+a machine without a GPU: Triton lowers the kernel to PTX and its bundled ptxas assembles the cubin, whose resource
+usage cuobjdump reads. A proxy that needs no device time: a kernel at 227 registers per thread runs two 4-warp
+programs per SM, one that spills reads its own stack from memory. Timings still come from the GPU
+(launch/benchmark_decode.py --part kernel); this says which configurations are worth timing.
+
+    python benchmarks/kernel_resources.py            # the SmolLM2 layer: 9 query heads, 3 KV heads, head_dim 64
+
+The Triton here is the one this machine has (requirements.lock); the GPU image's may allocate a few registers
+differently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default the GPU runs with; silences a warning
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kvforge.kernels import latent_attention  # noqa: E402
+
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def compile_latent_kernel(*, cache: str, k_rank: int, v_rank: int, kv_per_program: int, block_s: int,
+                          num_warps: int, num_stages: int, kv_heads: int = 3, group: int = 3, dim: int = 64,
+                          capability: int = 90):
+    """The kernel as latent_decode_attention would launch it for bf16 queries and a `cache` of bf16, int8 or int4
+    latents, compiled for `capability`; returns Triton's compiled kernel (its .asm["cubin"], .metadata)."""
+    fn = latent_attention._latent_decode_kernel
+    packed = cache == "int4"
+    k_cols, v_cols = (k_rank // 2, v_rank // 2) if packed else (k_rank, v_rank)
+    block_rk = latent_attention._next_power_of_2(k_cols)
+    constants = dict(
+        HALF=dim // 2, BLOCK_H=latent_attention._next_power_of_2(kv_per_program * group),
+        BLOCK_C=latent_attention._next_power_of_2(kv_per_program * dim // 2), BLOCK_S=block_s, BLOCK_RK=block_rk,
+        BLOCK_RV=latent_attention._next_power_of_2(v_cols), HAS_K_BIAS=False, HAS_SCALES=cache != "bf16",
+        CHUNK_RK=block_rk if packed or block_rk <= 128 else 64, PACKED=packed, KV_PER_PROGRAM=kv_per_program,
+        STAT_H=latent_attention._next_power_of_2(kv_heads * group))
+    latent = {"bf16": "*bf16", "int8": "*i8", "int4": "*u8"}[cache]
+    pointers = dict(Q="*bf16", K_LATENT=latent, V_LATENT=latent, K_WEIGHT="*bf16", K_BIAS="*bf16", POSITIONS="*i64",
+                    VALID="*u8", ROPE="*fp32", K_SCALE="*bf16", V_SCALE="*bf16", ACC="*fp32", MAX="*fp32", SUM="*fp32")
+    signature, attrs = {}, {}
+    for index, name in enumerate(fn.arg_names):
+        if name in constants:
+            signature[name] = "constexpr"
+            continue
+        signature[name] = pointers.get(name, "fp32" if name == "scaling" else "i32")
+        # What Triton's launcher specialises on at run time: 16-byte-aligned pointers and row strides (a cache
+        # whose rows are 16-byte aligned: surgery's rank_multiple), per-slot scale strides of 1.
+        if name in pointers or (name.startswith("stride") and name not in ("stride_kss", "stride_vss")):
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn, signature, constexprs=constants, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", capability, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+def resources(kernel) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([str(CUOBJDUMP), "-res-usage", cubin.name], capture_output=True, text=True,
+                               check=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
+    if found is None:
+        raise RuntimeError(f"cuobjdump printed no resource usage:\n{usage}")
+    return dict(registers=int(found[1]), stack_bytes=int(found[2]), shared_bytes=kernel.metadata.shared)
+
+
+def programs_per_sm(registers: int, shared: int, num_warps: int) -> int:
+    """Resident programs per Hopper SM: 64K registers (allocated per warp in units of 256), 227 KiB of shared
+    memory, 64 warps."""
+    per_warp = -(-registers * 32 // 256) * 256
+    return min(65536 // (per_warp * num_warps), (227 * 1024) // max(shared, 1), 64 // num_warps)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--caches", nargs="*", default=["bf16", "int8", "int4"])
+    parser.add_argument("--kv-per-program", type=int, nargs="*", default=[3, 1])
+    parser.add_argument("--block-s", type=int, nargs="*", default=[32, 64, 128])
+    parser.add_argument("--num-warps", type=int, nargs="*", default=[4])
+    parser.add_argument("--num-stages", type=int, default=3)
+    args = parser.parse_args(argv)
+    # The aligned 25% int8 model's median layer (48 / 96), its 12.5% 4-bit one (96 / 224), the kernel rows' bf16.
+    ranks = {"bf16": (48, 96), "int8": (48, 96), "int4": (96, 224)}
+    print(f"triton {triton.__version__}, sm_90, bf16 queries; k / v ranks per cache: {ranks}")
+    print("| cache | KV heads per program | block_s | warps | registers | stack (spills) | shared KiB | programs/SM |")
+    print("|---|---|---|---|---|---|---|---|")
+    for cache, per_program, block_s, warps in itertools.product(args.caches, args.kv_per_program, args.block_s,
+                                                               args.num_warps):
+        kernel = compile_latent_kernel(cache=cache, k_rank=ranks[cache][0], v_rank=ranks[cache][1],
+                                       kv_per_program=per_program, block_s=block_s, num_warps=warps,
+                                       num_stages=args.num_stages)
+        r = resources(kernel)
+        print(f"| {cache} | {per_program} | {block_s} | {warps} | {r['registers']} | {r['stack_bytes']} | "
+              f"{r['shared_bytes'] / 1024:.0f} | {programs_per_sm(r['registers'], r['shared_bytes'], warps)} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
