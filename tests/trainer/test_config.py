@@ -184,7 +184,8 @@ def test_the_teacher_computes_in_the_training_precision_unless_told():
                                               ("lowrank-12-int8-long", 0.125), ("window-lowrank-12-int8-long", None),
                                               ("lowrank-12-int4-long", 0.125), ("lowrank-12-int4-long-unbalanced", 0.125),
                                               ("lowrank-12-int4-long-4k", 0.125), ("lowrank-12-int4-long-aligned", 0.125),
-                                              ("lowrank-25-int8-long-aligned", 0.25),
+                                              ("lowrank-25-int8-long-aligned", 0.25), ("lowrank-25-int8-8min", 0.25),
+                                              ("lowrank-12-int4-4k-8min", 0.125),
                                               ("partial-rope-50", 0.5),
                                               ("partial-rope-12-int8", 0.125)])
 def test_every_recovery_recipe_compresses_smollm2_as_it_says(recipe, fraction, monkeypatch, tmp_path):
