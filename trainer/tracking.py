@@ -9,6 +9,7 @@ checkpoint's trainer state, and `wandb.init(id=..., resume="allow")` picks it up
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import uuid
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .. import atomic
+from .config import ConfigError
 
 RUN_ID_FILE = "wandb_run_id.txt"
 
@@ -32,6 +34,20 @@ def wandb_mode(requested: str) -> str:
     if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
         return "online"
     return "offline"
+
+
+def check_wandb_installed(requested: str) -> None:
+    """Fail at once, not after the model and data are built, when the run would log to W&B without wandb installed.
+
+    Raises:
+        ConfigError: `requested` (logging.wandb) resolves to online or offline and the wandb package is missing.
+    """
+    mode = wandb_mode(requested)
+    if mode == "disabled" or importlib.util.find_spec("wandb") is not None:
+        return
+    shown = repr(requested) if requested == mode else f"{requested!r} (resolved to {mode!r})"
+    raise ConfigError(f"logging.wandb={shown} needs the wandb package, which is not installed: pip install wandb "
+                      "(it is in requirements.lock), or set logging.wandb=disabled")
 
 
 def read_metrics(run_dir: str | os.PathLike, key: str) -> dict[int, dict]:

@@ -49,7 +49,7 @@ from .export_run import write_hf_model
 from .losses import HiddenStateLoss, distillation_loss_parts
 from .runtime import FAULT_ENV, Faults, Preemption, compile_in_place, init_distributed, on_rank0_first
 from .stages import plan_stages, stage_at, start_stage, start_stage_from_checkpoint
-from .tracking import RunLogger
+from .tracking import RunLogger, check_wandb_installed
 
 # The student's submodule computing the loss from its hidden states (losses.HiddenStateLoss; no parameters).
 HIDDEN_STATE_LOSS = "kvforge_hidden_state_loss"
@@ -548,6 +548,7 @@ def train(cfg: Config) -> TrainResult:
             the first step wherever the input allows it.
         TrainingStopped: `training.max_bad_steps` non-finite steps in a row (after saving a checkpoint).
     """
+    check_wandb_installed(cfg.logging.wandb)  # on every rank, before minutes of model loading and sampling
     from tqdm.auto import tqdm
 
     from .data import check_epochs, describe_epochs, epoch_metrics, source_epochs, train_batch

@@ -130,8 +130,10 @@ compile_debug() {  # gpu: issue 11's compiled runs that died at their first eval
     name=${entry//[@=]/-}
     [ -f "$K/results/$name.compile-debug.log" ] && continue
     stamp "compile debug $entry on GPU $1"
-    CUDA_VISIBLE_DEVICES=$1 CUDA_LAUNCH_BLOCKING=1 TORCH_SHOW_CPP_STACKTRACES=1 /tmp/site/bin/deepspeed --num_gpus 1 \
-      --master_port 29515 launch/train.py --config configs/recovery/$r.yaml run.output_dir=$K/runs/$r-compile-debug \
+    # WANDB_MODE as run.sh sets it: the device image has no wandb (logging.wandb=auto reads it).
+    CUDA_VISIBLE_DEVICES=$1 CUDA_LAUNCH_BLOCKING=1 TORCH_SHOW_CPP_STACKTRACES=1 WANDB_MODE=${WANDB_MODE:-disabled} \
+      /tmp/site/bin/deepspeed --num_gpus 1 --master_port 29515 launch/train.py --config configs/recovery/$r.yaml \
+      run.output_dir=$K/runs/$r-compile-debug \
       model.name=$K/SmolLM2-135M-Instruct.Q4_1.gguf "eval.heldout=[$K/fortunes]" training.compile=true \
       training.max_steps=2 training.warmup_steps=1 training.eval_every=1 $override \
       > "$K/results/$name.compile-debug.log" 2>&1 \
