@@ -11,6 +11,12 @@ for f in "$K"/pipeline-gpu*.log; do [ -f "$f" ] && { echo "== $f"; tail -4 "$f";
 for f in "$K"/multigpu/*.log; do [ -f "$f" ] && { echo "== $f"; tr '\r' '\n' < "$f" | grep -a "step .*: eval\|teacher: \|Error\|error" | tail -3 | cut -c1-300
   tr '\r' '\n' < "$f" | grep -a "tok_s=" | tail -1 | cut -c1-200; }; done
 nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
+# A run still going (or cut off by the device time, as session 13's last suite was): its metrics so far.
+for m in "$K"/runs/*/metrics.jsonl; do
+  [ -f "$m" ] || continue
+  r=$(basename "$(dirname "$m")")
+  [ -f "$K/results/$r.metrics.jsonl" ] || cp "$m" "$K/results/$r.metrics.partial.jsonl"
+done
 # One file (a call brings back at most 8): results, and the multi-GPU runs without their weights and logits.
 (cd "$K" && tar czf "$OUT/results.tgz" --exclude='*.safetensors' --exclude='*.pt' --exclude='*.bin' \
   --exclude='checkpoints' results $(ls -d multigpu pipeline*.log 2>/dev/null))
