@@ -134,6 +134,19 @@ def _pre_rope_latent(reference: Callable) -> Callable:
     return attend
 
 
+# The last decode mask given to the GQA kernel and its rows as bytes: every layer of a slot layout gets the same mask
+# tensor in a step (SlotPlan.mask), so the bool -> uint8 copy runs once per step and layout, not once per layer.
+# Held by identity: a new step's mask is a new tensor (the old one, referenced here, cannot be mistaken for it).
+_LAST_VALID: list = [None, None]
+
+
+def _valid_bytes(mask: torch.Tensor) -> torch.Tensor:
+    """mask [B or 1, 1, 1, 1, S] bool -> [B or 1, S] uint8, contiguous (what gqa_decode_attention reads)."""
+    if _LAST_VALID[0] is not mask:
+        _LAST_VALID[:] = [mask, mask[:, 0, 0, 0, :].to(torch.uint8).contiguous()]
+    return _LAST_VALID[1]
+
+
 def _kv(reference: Callable) -> Callable:
     @functools.wraps(reference)
     def attend(query, key, value, mask, scaling, *, need_probs=False, dropout=0.0, use_sdpa=False, causal=False,
@@ -151,7 +164,7 @@ def _kv(reference: Callable) -> Callable:
 
         def kernel():
             out = gqa_decode_attention(query[:, :, :, 0].contiguous(), key, value, None, scaling,
-                                       valid=mask[:, 0, 0, 0, :], k_scale=k_scale, v_scale=v_scale)
+                                       valid=_valid_bytes(mask), k_scale=k_scale, v_scale=v_scale)
             return out[:, :, :, None], None
 
         if not (use_unmeasured_triton(query) and fits):

@@ -92,11 +92,11 @@ class KVForgeRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # Llama's x * rsqrt(mean(x^2) + eps) in float32, rounded to the input dtype before the weight; through
+        # F.rms_norm, one fused kernel on CUDA instead of five elementwise ops and a reduction per norm.
         input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+        normed = F.rms_norm(hidden_states.to(torch.float32), hidden_states.shape[-1:], eps=self.variance_epsilon)
+        return self.weight * normed.to(input_dtype)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
@@ -254,6 +254,7 @@ class SlotPlan:
     # static decode (KVForgeCache(static=True), one new token): the slot each row's token goes to, [B] or [1] long;
     # attendable slots are the layout's whole storage, its mask from token_index (nothing read back to the host)
     static_slot: torch.Tensor | None = None
+    static_rows: torch.Tensor | None = None  # arange(B) beside a [B] static_slot (the ring's per-row writes)
     max_position: int | None = None  # a bound on key_positions known without reading the device
     # Every row's T new tokens are real and nothing is cached (a training step, or a prefill without padding):
     # every row has the same mask, so one row of it serves the batch.
@@ -401,14 +402,15 @@ class SlotLayout:
         if self.is_ring:
             q = query_index[:, 0].clamp_min(0)
             static_slot = torch.where(q < self.sinks, q, self.sinks + (q - self.sinks).remainder(self.window))  # [B]
+            rows = torch.arange(q.shape[0], device=q.device)  # once per step and layout, for every layer's writes
         else:
-            static_slot = self.length_on_device  # [1]
-        _write_static_slot(self.token_index, 1, static_slot, query_index)
-        _write_static_slot(self.positions, 1, static_slot, query_positions)
+            static_slot, rows = self.length_on_device, None  # [1]
+        _write_static_slot(self.token_index, 1, static_slot, query_index, rows)
+        _write_static_slot(self.positions, 1, static_slot, query_positions, rows)
         mask = visibility_mask(query_index, self.token_index, self.window, self.sinks)
         return SlotPlan(self.window, self.sinks, query_index, self.token_index, self.positions, mask,
                         cached_slots=self.capacity, capacity=self.capacity, static_slot=static_slot,
-                        max_position=self.max_cache_len)
+                        static_rows=rows, max_position=self.max_cache_len)
 
     def commit(self, plan: SlotPlan, query_positions: torch.Tensor) -> None:
         """After a forward (static decode steps write in their plan; KVForgeCache.static_decode advances them)."""
@@ -448,15 +450,18 @@ def _grow_slots(tensor: torch.Tensor | None, capacity: int, slot_dim: int, like:
     return grown
 
 
-def _write_static_slot(storage: torch.Tensor, slot_dim: int, slot: torch.Tensor, new: torch.Tensor) -> None:
-    """One new token per row (new has 1 along slot_dim) into slot[b] of row b ([B]), or into slot[0] of every row
-    ([1]), with device indices only."""
+def _write_static_slot(storage: torch.Tensor, slot_dim: int, slot: torch.Tensor, new: torch.Tensor,
+                       rows: torch.Tensor | None = None) -> None:
+    """One new token per row (new has 1 along slot_dim) into slot[b] of row b ([B]; rows: arange(B), shared by a
+    step's writes), or into slot[0] of every row ([1]), with device indices only: one kernel that touches only the
+    written entries. (scatter_ with an index expanded over the other dims copied the whole storage to a temporary
+    and back, twice per write on CPU in bf16: a ring's full size per layer and step.)"""
     if slot.shape[0] == 1:
         storage.index_copy_(slot_dim, slot, new)
         return
-    index_shape = [1] * storage.dim()
-    index_shape[0] = slot.shape[0]
-    storage.scatter_(slot_dim, slot.view(index_shape).expand(new.shape), new)
+    if rows is None:
+        rows = torch.arange(slot.shape[0], device=slot.device)
+    storage.movedim(slot_dim, 1).index_put_((rows, slot), new.movedim(slot_dim, 1).select(1, 0))
 
 
 def _write_slots(storage: torch.Tensor, slot_dim: int, plan: SlotPlan, new: torch.Tensor) -> None:
@@ -496,12 +501,15 @@ def _rounded_levels(x: torch.Tensor, slot_dim: int, bits: int) -> tuple[torch.Te
     2^(bits-1) - 1]."""
     reduce = [d for d in range(1, x.dim()) if d != slot_dim]
     x = x.detach()
-    amax = x.float().abs().amax(dim=reduce, keepdim=True)
+    # max |x| in one reduction (no float32 copy of x: the largest magnitude is one of x's values, exact in its dtype).
+    amax = torch.linalg.vector_norm(x, float("inf"), dim=reduce, keepdim=True)
     top = (1 << (bits - 1)) - 1
     # The scale is rounded to x's dtype before dividing by it, so stored and recomputed values agree exactly;
-    # the clamp keeps an all-zero slot at 0 (not 0/0).
-    scale = (amax / top).clamp_min(torch.finfo(x.dtype).tiny).to(x.dtype)
-    return torch.round(x.float() / scale.float()).clamp_(-top, top), scale
+    # the clamp keeps an all-zero slot at 0 (not 0/0). Ops on a 16-bit dtype compute in float32 and round once, so
+    # this is (float(amax) / top).clamp_min(tiny) rounded to x's dtype, as before.
+    scale = (amax / top).clamp_min(torch.finfo(x.dtype).tiny)
+    # x / float32 scale promotes to float32: float(x) / float(scale) in one kernel, no float32 copy of x.
+    return torch.round(x / scale.float()).clamp_(-top, top), scale
 
 
 def quantize_slots(x: torch.Tensor, slot_dim: int, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -588,7 +596,7 @@ class LayerStorage:
             stored = _grow_slots(self.tensors.get(name), plan.capacity, slot_dim, value)
             self.tensors[name] = stored
             if plan.static_slot is not None:  # static decode: write in place, attend over the whole storage
-                _write_static_slot(stored, slot_dim, plan.static_slot, value)
+                _write_static_slot(stored, slot_dim, plan.static_slot, value, plan.static_rows)
                 attendable[name] = stored
                 continue
             if plan.is_ring:
@@ -924,6 +932,14 @@ def kv_attention(query, key, value, mask, scaling, *, need_probs=False, dropout=
     if k_scale is not None:
         key, value = dequantize_slots(key, k_scale), dequantize_slots(value, v_scale)
     batch, heads, group, length, dim = query.shape
+    if use_sdpa and not need_probs and length == 1 and not causal and mask.shape[1] == mask.shape[2] == 1:
+        # One new token (decode) under one mask row for every head (a PyramidKV cache's per-head masks take the
+        # path below): a kv head's G query heads are G queries over the same keys, so SDPA takes them as the query
+        # length of K heads: no copy of the keys and values expanded to H
+        # heads (which read and wrote H/K times the whole cache per layer and step).
+        out = F.scaled_dot_product_attention(query.view(batch, heads, group, dim), key, value, attn_mask=mask[:, 0],
+                                             dropout_p=dropout, scale=scaling)
+        return out.view(batch, heads, group, length, -1), None
     if use_sdpa and not need_probs:
         query = query.reshape(batch, heads * group, length, dim)
         if causal:
