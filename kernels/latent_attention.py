@@ -236,11 +236,12 @@ if triton is not None:
 
     @triton.jit
     def _merge_splits_kernel(
-        ACC, MAX, SUM, OUT,  # acc [B, splits, BLOCK_H, BLOCK_RV], max / sum [B, splits, BLOCK_H]; out [B, H, Rv]
-        splits, heads, v_rank,
+        ACC, MAX, SUM, OUT,  # acc [B, splits, BLOCK_H, BLOCK_RV], max / sum [B, splits, BLOCK_H]; out [K, B, G, Rv]
+        splits, batch, group, v_rank,
         BLOCK_H: tl.constexpr, BLOCK_RV: tl.constexpr, BLOCK_SPLITS: tl.constexpr,
     ):
-        """Flash-decoding's second stage, per (row, head): weights exp(m_split - m); fully masked splits weigh 0."""
+        """Flash-decoding's second stage, per (row, head): weights exp(m_split - m); fully masked splits weigh 0.
+        Written KV head first, so that the value up-projection is one batched GEMM per KV head over B x G rows."""
         head = tl.program_id(0)
         row = tl.program_id(1)
         offs_split = tl.arange(0, BLOCK_SPLITS)
@@ -253,8 +254,8 @@ if triton is not None:
         weight = tl.where(split_max == float("-inf"), 0.0, tl.exp(split_max - overall))
         acc = tl.load(ACC + stat[:, None] * BLOCK_RV + offs_rv[None, :], mask=split_ok[:, None], other=0.0)
         mixed = tl.sum(acc * weight[:, None], axis=0) / tl.sum(split_sum * weight, axis=0)
-        tl.store(OUT + (row * heads + head) * v_rank + offs_rv, mixed.to(OUT.dtype.element_ty),
-                 mask=offs_rv < v_rank)
+        out_row = ((head // group) * batch + row) * group + head % group
+        tl.store(OUT + out_row * v_rank + offs_rv, mixed.to(OUT.dtype.element_ty), mask=offs_rv < v_rank)
 
 
 def rope_table(inv_freq: torch.Tensor, scaling: float, positions: int) -> torch.Tensor:
@@ -286,13 +287,24 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _num_splits(batch: int, slots: int, block_s: int, device: torch.device) -> int:
-    """Enough programs to fill the GPU twice over, never a split shorter than four tiles."""
+# Launch settings latent_decode_attention takes when its caller gives none. Benchmarks set them to compare
+# configurations end to end (launch/benchmark_decode.py --latent-kernel); the values are the measured defaults.
+#   kv_per_program: KV heads per program (None: all of them);
+#   programs_per_sm: the programs the slot splits aim at, per SM. Two fill an SM once at the kernel's measured
+#     occupancy (two programs per SM, benchmarks/kernel_resources.py), but a grid just over one wave (B=32 at 16k:
+#     9 splits, 288 programs for 264 places) runs a second, nearly empty wave as long as the first; more programs
+#     make that tail a smaller share.
+LAUNCH_DEFAULTS = dict(kv_per_program=None, programs_per_sm=2)
+
+
+def _num_splits(programs: int, slots: int, block_s: int, device: torch.device, programs_per_sm: int = 2) -> int:
+    """Splits of the slot axis so that programs x splits reach programs_per_sm per SM, never a split shorter than
+    four tiles."""
     if device.type == "cuda":
-        target = 2 * _multiprocessors(device)
+        target = programs_per_sm * _multiprocessors(device)
     else:
         target = 1  # the interpreter runs programs one after another
-    return max(1, min(-(-target // batch), -(-slots // (4 * block_s)), 128))
+    return max(1, min(-(-target // programs), -(-slots // (4 * block_s)), 128))
 
 
 def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weight, v_bias, positions, valid,
@@ -300,7 +312,7 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
                             block_s: int | None = None, num_splits: int | None = None, num_warps: int = 4,
                             num_stages: int | None = None, k_scale: torch.Tensor | None = None,
                             v_scale: torch.Tensor | None = None, chunk_rk: int | None = None,
-                            kv_per_program: int | None = None) -> torch.Tensor:
+                            kv_per_program: int | None = None, programs_per_sm: int | None = None) -> torch.Tensor:
     """One decode step of attention over a pre-RoPE latent cache.
 
     query [B, K, G, D] (rotated); k_latent [B, S, Rk], v_latent [B, S, Rv]; k_weight [K * D, Rk] and
@@ -314,7 +326,8 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     kv_per_program: KV heads one program serves (default: all of them, the measured configuration of
     benchmarks/NOTES.md). Fewer (1: a program per KV head) leave each program 1/K of the key columns and query rows,
     so far fewer registers (offline ptxas for sm_90: see benchmarks/kernel_resources.py), at the price of reading
-    each latent tile once per program from L2 and K x the latent PV product.
+    each latent tile once per program from L2 and K x the latent PV product. programs_per_sm: what the slot splits
+    aim at (num_splits overrides it). Both default to LAUNCH_DEFAULTS.
     Returns out [B, K, G, Dv] in query.dtype.
     """
     if triton is None:
@@ -341,7 +354,7 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     wide = query.element_size() > 2
     block_s = block_s or (32 if wide else 64)
     num_stages = num_stages or (2 if wide else 3)
-    kv_per_program = min(kv_per_program or kv_heads, kv_heads)
+    kv_per_program = min(kv_per_program or LAUNCH_DEFAULTS["kv_per_program"] or kv_heads, kv_heads)
     head_programs = -(-kv_heads // kv_per_program)
     block_h, block_c = _next_power_of_2(kv_per_program * group), _next_power_of_2(kv_per_program * (dim // 2))
     stat_h = _next_power_of_2(heads)
@@ -350,7 +363,8 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     # Key ranks up to 128 keep U_k's two tiles for the whole program (the measured configurations); larger ones
     # (the 50% model's 8-bit latents: up to 192) read it in chunks of 64 rows per tile. chunk_rk: tests force it.
     chunk_rk = block_rk if packed else chunk_rk or (block_rk if block_rk <= 128 else 64)
-    splits = num_splits or _num_splits(batch * head_programs, slots, block_s, query.device)
+    splits = num_splits or _num_splits(batch * head_programs, slots, block_s, query.device,
+                                       programs_per_sm or LAUNCH_DEFAULTS["programs_per_sm"])
     per_split = -(-slots // splits)
     per_split = -(-per_split // block_s) * block_s  # whole tiles, so only the last split has a ragged end
     splits = -(-slots // per_split)
@@ -374,15 +388,25 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
         HAS_K_BIAS=k_bias is not None, HAS_SCALES=has_scales, CHUNK_RK=chunk_rk, PACKED=packed,
         KV_PER_PROGRAM=kv_per_program, STAT_H=stat_h, num_warps=num_warps, num_stages=num_stages,
     )
-    mixed = torch.empty(batch, heads, v_rank, device=query.device, dtype=query.dtype)  # sum_s p_s c_s per head
-    _merge_splits_kernel[(heads, batch)](acc, stats_max, stats_sum, mixed, splits, heads, v_rank, BLOCK_H=stat_h,
-                                         BLOCK_RV=acc_width, BLOCK_SPLITS=_next_power_of_2(splits, at_least=2))
-    mixed = mixed.view(batch, kv_heads, group, v_rank)
-    up = v_weight.view(kv_heads, -1, v_rank)  # [K, Dv, Rv]
-    out = torch.matmul(mixed, up.transpose(-1, -2))  # [B, K, G, Dv]
-    if v_bias is not None:
-        out = out + v_bias.view(kv_heads, 1, -1)
-    return out
+    return merged_values(acc, stats_max, stats_sum, v_weight, v_bias, kv_heads, group, v_rank, query.dtype)
 
 
-__all__ = ["available", "latent_decode_attention", "rope_table"]
+def merged_values(acc, stats_max, stats_sum, v_weight, v_bias, kv_heads: int, group: int, v_rank: int,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """A latent decode kernel's splits merged (acc [B, splits, H', W] with H' >= H heads and W >= v_rank latent
+    columns, max / sum [B, splits, H']), then the value up-projection: out [B, K, G, Dv] in `dtype`. Shared by
+    this file's kernel and partial_rope_decode.py's: both accumulate p @ latent and apply U_v once per head."""
+    batch, splits, padded_heads, width = acc.shape
+    # sum_s p_s c_s per head, KV head first: [K, B * G, Rv]
+    mixed = torch.empty(kv_heads, batch * group, v_rank, device=acc.device, dtype=dtype)
+    _merge_splits_kernel[(kv_heads * group, batch)](acc, stats_max, stats_sum, mixed, splits, batch, group, v_rank,
+                                                    BLOCK_H=padded_heads, BLOCK_RV=width,
+                                                    BLOCK_SPLITS=_next_power_of_2(splits, at_least=2))
+    up = v_weight.view(kv_heads, -1, v_rank).transpose(1, 2)  # [K, Rv, Dv]: U_v per KV head, no copy
+    # One batched GEMM (the bias added in it): a matmul of [B, K, G, Rv] by [K, Rv, Dv] would first copy the
+    # weight B times to broadcast it over the batch.
+    out = torch.bmm(mixed, up) if v_bias is None else torch.baddbmm(v_bias.view(kv_heads, 1, -1), mixed, up)
+    return out.view(kv_heads, batch, group, -1).transpose(0, 1)  # [B, K, G, Dv]
+
+
+__all__ = ["available", "latent_decode_attention", "merged_values", "rope_table"]

@@ -50,7 +50,7 @@ try:
     import triton.language as tl
 
     # flash-decoding's second stage (same [B, splits, H, R] layout) and the steps the decode kernels share
-    from .latent_attention import _merge_splits_kernel, online_softmax_tile, split_slots
+    from .latent_attention import merged_values, online_softmax_tile, split_slots
 except ImportError:  # CPU-only install: the PyTorch reference serves
     triton = None
 
@@ -256,15 +256,8 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
         HAS_VALID=valid is not None, LENGTH_IN_MEMORY=length is not None, num_warps=num_warps,
         num_stages=num_stages,
     )
-    mixed = torch.empty(batch, heads, rank, device=kv_latent.device, dtype=query_rope.dtype)  # sum_c p_c c_c
-    _merge_splits_kernel[(heads, batch)](acc, stats_max, stats_sum, mixed, splits, heads, rank,
-                                         BLOCK_H=padded_heads, BLOCK_RV=block_r,
-                                         BLOCK_SPLITS=_next_power_of_2(splits, at_least=2))
-    # U_v once per query head: [B, K, G, R] x [K, R, Dv].
-    out = torch.matmul(mixed.view(batch, kv_heads, group, rank), v_weight.view(kv_heads, -1, rank).transpose(-1, -2))
-    if v_bias is not None:  # sum_c p_c = 1: the bias passes through once
-        out = out + v_bias.view(kv_heads, 1, -1)
-    return out
+    # U_v once per query head (sum_c p_c = 1: the bias passes through once).
+    return merged_values(acc, stats_max, stats_sum, v_weight, v_bias, kv_heads, group, rank, query_rope.dtype)
 
 
 __all__ = ["available", "fits", "partial_rope_decode_attention", "MAX_RANK", "MAX_ROPE_COLUMNS"]

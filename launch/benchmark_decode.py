@@ -11,7 +11,8 @@ decode token per row, B rows x S cached positions:
     torch_latent  modeling_kvforge's PyTorch path over the latents (rebuilds and rotates every key; its cos/sin
                   tables prebuilt, as the model shares them across layers)
     triton_latent kernels/latent_attention.py over the same latents (--cache-bits: read as int8 or packed 4-bit
-                  bytes with their scales; one column per --kv-per-program, triton_latent_kv<n>)
+                  bytes with their scales; one column per --kv-per-program and --programs-per-sm pair,
+                  triton_latent_kv<n>_pps<p>)
 with the bytes each must read (the floor at the device's copy bandwidth) and the kernel's error against the
 float64 reference. Ranks default to the mean of the low-rank 50% SmolLM2 export (k 48, v 144: 192 of the
 original's 384 numbers per token and layer). Then the same layer over a partial-RoPE joint latent (MHA2MLA;
@@ -72,8 +73,14 @@ def parse_args(argv=None):
                         help="kernel part: latents in bf16, int8 or packed 4 bits (per-slot bf16 scales), as a "
                              "cache_bits model stores them")
     parser.add_argument("--kv-per-program", type=int, nargs="*", default=[0], metavar="N",
-                        help="kernel part: one triton_latent column per value: KV heads per program (0: all, the "
-                             "kernel's default; 1: a program per KV head)")
+                        help="kernel part: one triton_latent column per value: KV heads per program (0: the "
+                             "kernel's default, all; 1: a program per KV head)")
+    parser.add_argument("--programs-per-sm", type=int, nargs="*", default=[0], metavar="N",
+                        help="kernel part: and per value: the programs the slot splits aim at per SM (0: the "
+                             "kernel's default)")
+    parser.add_argument("--latent-kernel", nargs="*", default=[], metavar="KEY=N",
+                        help="generate part: the latent kernel's launch settings for every row "
+                             "(kernels/latent_attention.py LAUNCH_DEFAULTS: kv_per_program, programs_per_sm)")
     parser.add_argument("--kv-rank", type=int, default=128, help="partial-RoPE joint latent rank")
     parser.add_argument("--rope-dims", type=int, default=16, help="partial-RoPE rotary key dims per head")
     parser.add_argument("--gen-batch", type=int, nargs="*", default=[32, 128])
@@ -139,7 +146,7 @@ def run_kernel_part(args, copy_bandwidth: float, device="cuda", timings=None, dt
         return dict(c, k_q=k_q, v_q=v_q, k_scale=k_scale, v_scale=v_scale, k_latent=dequantize_slots(k_q, k_scale),
                     v_latent=dequantize_slots(v_q, v_scale))
 
-    def triton_latent(c, kv_per_program=0):
+    def triton_latent(c, kv_per_program=0, programs_per_sm=0):
         r = c["key_rotary"]
         quantized = "k_q" in c
         return latent_decode_attention(c["query"][:, :, :, 0], c["k_q" if quantized else "k_latent"],
@@ -147,10 +154,12 @@ def run_kernel_part(args, copy_bandwidth: float, device="cuda", timings=None, dt
                                        c["v_up"].weight, None, r.positions, c["mask"][:, 0, 0, 0], r.inv_freq,
                                        r.scaling, c["scaling"], max_position=r.max_position(),
                                        k_scale=c.get("k_scale"), v_scale=c.get("v_scale"),
-                                       kv_per_program=kv_per_program or None)
+                                       kv_per_program=kv_per_program or None,
+                                       programs_per_sm=programs_per_sm or None)
 
-    kernels = [(f"triton_latent{f'_kv{n}' if n else ''}", functools.partial(triton_latent, kv_per_program=n))
-               for n in args.kv_per_program]
+    kernels = [(f"triton_latent{f'_kv{n}' if n else ''}{f'_pps{p}' if p else ''}",
+                functools.partial(triton_latent, kv_per_program=n, programs_per_sm=p))
+               for n in args.kv_per_program for p in args.programs_per_sm]
 
     def torch_latent(c):
         return pre_rope_latent_attention(c["query"], c["k_latent"], c["v_latent"], c["k_up"], c["v_up"],
@@ -475,11 +484,26 @@ def variant_model(base, spec_of, mode: str | None):
     return model.to(device="cuda", dtype=torch.bfloat16).eval()
 
 
+def latent_launch_settings(pairs: list[str]) -> dict:
+    """--latent-kernel KEY=N ... -> LAUNCH_DEFAULTS entries, each key checked."""
+    from kvforge.kernels.latent_attention import LAUNCH_DEFAULTS
+
+    settings = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        if key not in LAUNCH_DEFAULTS or not value.isdigit():
+            raise SystemExit(f"--latent-kernel {pair!r}: expected KEY=N with KEY one of {sorted(LAUNCH_DEFAULTS)}")
+        settings[key] = int(value)
+    return settings
+
+
 def run_generate_part(args) -> list[dict]:
     from transformers import LlamaConfig
 
+    from kvforge.kernels import latent_attention
     from kvforge.models.modeling_kvforge import generated_cache
 
+    latent_attention.LAUNCH_DEFAULTS.update(latent_launch_settings(args.latent_kernel))
     base = LlamaConfig(**SMOLLM2)
     base._attn_implementation = "sdpa"
     rows = []
@@ -495,6 +519,7 @@ def run_generate_part(args) -> list[dict]:
                 total, out = timed_generate(model, ids, args.gen_new + 1, args.repeats, cache)
             decode = total - prefill
             row = dict(model=name, batch=batch, prompt=args.gen_prompt, new_tokens=args.gen_new,
+                       latent_kernel=dict(latent_attention.LAUNCH_DEFAULTS),
                        prefill_s=prefill, decode_s=decode, decode_tokens_per_s=batch * args.gen_new / decode,
                        ms_per_step=decode / args.gen_new * 1e3, cache_bytes=cache_bytes(generated_cache(out)),
                        peak_memory_gib=torch.cuda.max_memory_allocated() / 2 ** 30)

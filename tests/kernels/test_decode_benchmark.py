@@ -68,12 +68,20 @@ def test_the_latent_kernel_rows_compute_on_cpu_for_low_bit_latents_and_each_prog
     --kv-per-program choices: its error check covers every kernel column, its bytes count what a low-bit cache
     stores, before a GPU ever runs it."""
     args = benchmark.parse_args(["--part", "kernel", "--batch", "2", "--context", "40", "--k-rank", "16",
-                                 "--v-rank", "32", "--cache-bits", str(bits), "--kv-per-program", "0", "1"])
+                                 "--v-rank", "32", "--cache-bits", str(bits), "--kv-per-program", "0", "1",
+                                 "--programs-per-sm", "0", "8"])
     rows, error = benchmark.run_kernel_part(args, 1e12, device="cpu", timings=cpu_timings, dtype=torch.float16)
     assert error < 5e-3
     (row,) = rows
     assert row["latent_bytes"] == 2 * 40 * (per_slot + 8 + 1) and row["cache_bits"] == bits
-    assert row["triton_graph_TBps"] > 0 and row["triton_graph_TBps_kv1"] > 0
+    assert all(row[f"triton_graph_TBps{suffix}"] > 0 for suffix in ("", "_pps8", "_kv1", "_kv1_pps8"))
+
+
+def test_latent_kernel_launch_settings_are_checked(benchmark):
+    assert benchmark.latent_launch_settings(["kv_per_program=1", "programs_per_sm=8"]) == dict(
+        kv_per_program=1, programs_per_sm=8)
+    with pytest.raises(SystemExit, match="'kv_per_progam=1': expected KEY=N with KEY one of"):
+        benchmark.latent_launch_settings(["kv_per_progam=1"])
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",

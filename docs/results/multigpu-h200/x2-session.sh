@@ -42,18 +42,27 @@ COMPILE_DEBUG=${COMPILE_DEBUG-window-lowrank-12 partial-rope-50 window-lowrank-1
 MAX_BATCH_VARIANTS=${MAX_BATCH_VARIANTS-original lr50-static lr25-int8-aligned-static lr12-int4-aligned-static \
 window-static}
 # Session 13's profile: the latent kernel is 7.7 of 12.8 ms of kernels per step (B=32, S=16k, lr25-int8 aligned),
-# ~1,000 small kernels the rest. So first the kernel alone on the generate rows' int8 and 4-bit caches with one
-# program per KV head against all heads in one (kv_per_program: 220 -> 160 registers offline), then the profile
-# again (and the int8 GQA row, twice the bf16 one's time at half its bytes), then the generate rows.
+# ~1,000 small kernels the rest (since cut by a quarter per layer, CPU-counted). So first the kernel alone on the
+# generate rows' int8 and 4-bit caches: one program per KV head against all heads in one (kv_per_program: 220 -> 160
+# registers offline), 8 programs per SM against 2 (a grid just over one wave runs a nearly empty second one); then
+# the profile again (and the int8 GQA row, twice the bf16 one's time at half its bytes); then the generate rows, with
+# the kernel's defaults and with the two settings.
 DECODE_ARGS=${DECODE_ARGS-"--part kernel --batch 32 128 --context 4096 16384 --k-rank 48 --v-rank 96 --cache-bits 8 \
---kv-per-program 0 1|\
---part kernel --batch 32 128 --context 4096 16384 --k-rank 96 --v-rank 224 --cache-bits 4 --kv-per-program 0 1|\
+--kv-per-program 0 1 --programs-per-sm 0 8|\
+--part kernel --batch 32 128 --context 4096 16384 --k-rank 96 --v-rank 224 --cache-bits 4 --kv-per-program 0 1 \
+--programs-per-sm 0 8|\
 --gen-batch 32 --gen-prompt 16384 --gen-variants lr25-int8-aligned-static standard-int8-triton-static --repeats 1 \
 --profile 16|\
 --gen-batch 32 --gen-prompt 16384 --gen-variants original-static lr25-int8-aligned-static lr12-int4-aligned-static \
 --repeats 3|\
 --gen-batch 128 --gen-prompt 4096 --gen-variants original-static lr25-int8-aligned-static lr12-int4-aligned-static \
-standard-triton-static --repeats 3"}
+standard-triton-static --repeats 3|\
+--gen-batch 32 --gen-prompt 16384 --gen-variants lr25-int8-aligned-static lr12-int4-aligned-static --repeats 3 \
+--latent-kernel kv_per_program=1 programs_per_sm=8|\
+--gen-batch 32 --gen-prompt 16384 --gen-variants lr25-int8-aligned-static lr12-int4-aligned-static --repeats 3 \
+--latent-kernel programs_per_sm=8|\
+--gen-batch 128 --gen-prompt 4096 --gen-variants lr25-int8-aligned-static lr12-int4-aligned-static --repeats 3 \
+--latent-kernel kv_per_program=1 programs_per_sm=8"}
 stamp() { echo "$(date +%T) $*"; }
 mkdir -p "$K/results"
 
