@@ -9,7 +9,7 @@ all (and, measured on an H200 at 1,024 x 2,048, cuDNN's masked kernel took 732 u
 
 Flash-decoding: program (row, KV head, split) reads its split's slots once, for all G query heads of that KV head
 at once (the heads are the rows of one [G, D] x [D, BLOCK_S] product, G padded to 16 for tl.dot), with an online
-softmax; a few PyTorch ops merge the splits. Empty splits (past `length`) return max -inf, sum 0.
+softmax; latent_attention.py's merge kernel merges the splits. Empty splits (past `length`) return max -inf, sum 0.
 
 Imports triton inside `try`: without it `available()` says False and the caller keeps its PyTorch path.
 """
@@ -24,7 +24,8 @@ try:
     import triton
     import triton.language as tl
 
-    from .latent_attention import dequantized_tile, online_softmax_tile, split_slots  # the steps decode kernels share
+    # the steps decode kernels share, and flash-decoding's second stage
+    from .latent_attention import _merge_splits_kernel, dequantized_tile, online_softmax_tile, split_slots
 except ImportError:  # CPU-only install
     triton = None
 
@@ -145,8 +146,10 @@ def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.
         HEAD_DIM=D, BLOCK_G=block_g, BLOCK_S=block_s,
         LENGTH_IN_MEMORY=length is not None, HAS_VALID=valid is not None, HAS_SCALES=has_scales,
     )
-    acc, m, total = acc[:, :, :G], m[:, :, :G], total[:, :, :G]
-    # Merge the splits: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s (empty splits weigh 0).
-    weight = torch.exp(m - m.amax(dim=1, keepdim=True))  # [BH, splits, G]
-    out = (acc * weight[..., None]).sum(dim=1) / (total * weight).sum(dim=1)[..., None]
-    return out.view(B, Hkv, G, D).to(query.dtype)
+    # Merge the splits in one kernel (was nine PyTorch ops per layer): out = sum_s e^(m_s - M) acc_s /
+    # sum_s e^(m_s - M) l_s, empty splits weighing 0. Each (row, KV head) is a "row" of G heads to the merge kernel,
+    # so it writes [B * Hkv, G, D] in order.
+    out = torch.empty(B, Hkv, G, D, device=query.device, dtype=query.dtype)
+    _merge_splits_kernel[(G, B * Hkv)](acc, m, total, out, splits, B * Hkv, G, D, BLOCK_H=block_g, BLOCK_RV=D,
+                                       BLOCK_SPLITS=triton.next_power_of_2(max(splits, 2)))
+    return out

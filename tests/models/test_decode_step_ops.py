@@ -104,12 +104,12 @@ WINDOW = {"attention": "window", "window": 8, "sinks": 2}
 @pytest.mark.parametrize("layers, kernels, bound", [
     # pre-RoPE latents in int8 through the latent Triton kernel (55 before: float copies and two abs / amax passes in
     # the quantizing of each latent, five ops per RMSNorm)
-    ([PRE_INT8, PRE_INT8], "triton", 43),
+    ([PRE_INT8, PRE_INT8], "triton", 42),
     # window ring, dense K / V, PyTorch (SDPA over K heads, the G query heads as the query length; 43 before: K and V
     # expanded to the query heads, ring writes through scatter_'s temporary copies of the whole ring)
     ([WINDOW, WINDOW], "off", 31),
     # window ring, dense K / V, the GQA Triton kernel (47 before; its merge of splits is 9 ops in gqa_decode.py)
-    ([WINDOW, WINDOW], "triton", 37),
+    ([WINDOW, WINDOW], "triton", 10),
 ], ids=["pre-rope-int8-triton", "window-sdpa", "window-gqa-triton"])
 def test_decode_step_kernels_per_layer(layers, kernels, bound, monkeypatch):
     monkeypatch.setenv("KVFORGE_KERNELS", kernels)
