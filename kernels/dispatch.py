@@ -3,7 +3,7 @@ reference from modeling_kvforge.py (which the kernels' tests hold them equal to)
 
 modeling_kvforge.attention_function(representation) asks `fused_attention(representation, reference)` for
 the function to call; the answer has the reference's signature and decides per call, so the modeling code
-never changes when a kernel is added. A kernel serves only what it implements (today: one decode token over a
+never changes when a kernel is added. `fused_slot_write` does the same for a static cache's low-bit write. A kernel serves only what it implements (today: one decode token over a
 pre-RoPE latent cache, kernels/latent_attention.py, over a dense / merged-heads / window-ring cache,
 kernels/gqa_decode.py, or over a partial-RoPE joint latent with a rotary key per KV head or one shared by all,
 kernels/partial_rope_decode.py; no gradients, no dropout, no attention probabilities asked for); anything else
@@ -29,7 +29,8 @@ from typing import Callable
 import torch
 
 from .gqa_decode import fits_head_dim, gqa_decode_attention
-from .latent_attention import MAX_PACKED_HALF_RANK, OutOfResources, available, latent_decode_attention
+from .latent_attention import (MAX_PACKED_HALF_RANK, OutOfResources, available, latent_decode_attention,
+                               quantize_into_slot)
 from .partial_rope_decode import fits as fits_partial_rope
 from .partial_rope_decode import partial_rope_decode_attention
 
@@ -220,4 +221,20 @@ def fused_attention(representation: str, reference: Callable) -> Callable:
     return reference if wrap is None else wrap(reference)
 
 
-__all__ = ["fused_attention", "kernel_mode", "use_triton", "MODES"]
+def fused_slot_write(reference: Callable) -> Callable:
+    """modeling_kvforge.quantize_into_static_slot (one new token per row rounded to 8 or 4 bits and written into its
+    static-cache slot: ~10 small kernels per cached tensor) as one Triton launch where it applies: a latent
+    [B, 1, R] written along dim 1. The same bytes either way; no tl.dot, so float32 stays exact."""
+    @functools.wraps(reference)
+    def write(value, stored, scales, slot_dim, slot, rows, bits):
+        fits = (value.dim() == 3 and slot_dim == 1 and value.shape[1] == 1 and bits in (4, 8)
+                and stored.dim() == 3 and stored.stride(-1) == 1 and scales.dtype == value.dtype
+                and not (bits == 4 and value.shape[-1] % 2))
+        if use_triton(value, float32_exact=True) and fits:
+            return quantize_into_slot(value, stored, scales, slot, bits)
+        return reference(value, stored, scales, slot_dim, slot, rows, bits)
+
+    return write
+
+
+__all__ = ["fused_attention", "fused_slot_write", "kernel_mode", "use_triton", "MODES"]

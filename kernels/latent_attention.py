@@ -258,6 +258,68 @@ if triton is not None:
         tl.store(OUT + out_row * v_rank + offs_rv, mixed.to(OUT.dtype.element_ty), mask=offs_rv < v_rank)
 
 
+if triton is not None:
+
+    @triton.jit
+    def _quantize_into_slot_kernel(
+        X, STORE, SCALE, SLOT,  # x [B, 1, R] (the new token), store [B, S, R] int8 or [B, S, R / 2] uint8, scale [B, S, 1]
+        stride_xb, stride_sb, stride_ss, stride_cb, stride_cs,
+        cols, top, tiny,
+        SLOT_PER_ROW: tl.constexpr, PACKED: tl.constexpr, BFLOAT16: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        """One row's new token rounded to `bits` and written into its slot, as modeling_kvforge.quantize_slots and
+        two slot writes do it, bit for bit: scale = max|x| / top rounded to x's dtype (at least `tiny`), levels =
+        round-half-even(x / scale) in float32 with an IEEE division, int8 values or two 4-bit ones per byte (the
+        even position in the low nibble)."""
+        row = tl.program_id(0)
+        slot = tl.load(SLOT + row) if SLOT_PER_ROW else tl.load(SLOT)
+        dtype = X.dtype.element_ty
+        offs = tl.arange(0, BLOCK)
+        x_row = X + row * stride_xb
+        if PACKED:  # byte j holds values 2j and 2j + 1
+            ok = offs < cols // 2
+            even = tl.load(x_row + 2 * offs, mask=ok, other=0.0).to(tl.float32)
+            odd = tl.load(x_row + 2 * offs + 1, mask=ok, other=0.0).to(tl.float32)
+            amax = tl.maximum(tl.max(tl.abs(even), axis=0), tl.max(tl.abs(odd), axis=0))
+        else:
+            ok = offs < cols
+            even = tl.load(x_row + offs, mask=ok, other=0.0).to(tl.float32)
+            amax = tl.max(tl.abs(even), axis=0)
+        scale = tl.math.div_rn(amax, top)
+        if BFLOAT16:  # to the nearest bfloat16, ties to even, as torch rounds (Triton's interpreter truncates .to())
+            bits = scale.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            scale = bits.to(tl.float32, bitcast=True)
+        else:
+            scale = scale.to(dtype).to(tl.float32)
+        scale = tl.maximum(scale, tiny)
+        # (y + 1.5 * 2^23) - 1.5 * 2^23 rounds a float32 |y| < 2^22 to the nearest integer, ties to even: torch.round
+        magic: tl.constexpr = 12582912.0
+        level = tl.minimum(tl.maximum((tl.math.div_rn(even, scale) + magic) - magic, -top), top).to(tl.int8)
+        if PACKED:
+            high = tl.minimum(tl.maximum((tl.math.div_rn(odd, scale) + magic) - magic, -top), top).to(tl.int8)
+            level = ((level & 0xF) | (high << 4)).to(tl.uint8, bitcast=True)
+        tl.store(STORE + row * stride_sb + slot * stride_ss + offs, level, mask=ok)
+        tl.store(SCALE + row * stride_cb + slot * stride_cs, scale.to(dtype))
+
+
+def quantize_into_slot(value: torch.Tensor, stored: torch.Tensor, scales: torch.Tensor, slot: torch.Tensor,
+                       bits: int) -> None:
+    """A static decode step's write of a low-bit latent cache in one launch: value [B, 1, R] (R even for 4 bits)
+    rounded to `bits` into stored[b, slot[b]] (int8 [B, S, R], or uint8 [B, S, R / 2] for 4 bits) and its scale
+    into scales[b, slot[b], 0] ([B, S, 1], value's dtype); slot [B] or [1] (every row's) on the device. The same
+    bytes as modeling_kvforge.quantize_slots and two slot writes (tests/kernels/test_quantize_into_slot.py)."""
+    batch, _, cols = value.shape
+    packed = bits == 4
+    value = value.contiguous()
+    _quantize_into_slot_kernel[(batch,)](
+        value, stored, scales, slot, value.stride(0), stored.stride(0), stored.stride(1), scales.stride(0),
+        scales.stride(1), cols, float((1 << (bits - 1)) - 1), float(torch.finfo(value.dtype).tiny),
+        SLOT_PER_ROW=slot.shape[0] > 1, PACKED=packed, BFLOAT16=value.dtype == torch.bfloat16,
+        BLOCK=_next_power_of_2(cols // 2 if packed else cols, at_least=2),
+    )
+
+
 def rope_table(inv_freq: torch.Tensor, scaling: float, positions: int) -> torch.Tensor:
     """[P, D] float32 with P >= positions: cos(p * inv_freq) * scaling in the first D/2 columns, sin in the rest,
     the angles computed as the model's rotary embedding computes them. Kept on the inv_freq tensor (grown by
@@ -409,4 +471,4 @@ def merged_values(acc, stats_max, stats_sum, v_weight, v_bias, kv_heads: int, gr
     return out.view(kv_heads, batch, group, -1).transpose(0, 1)  # [B, K, G, Dv]
 
 
-__all__ = ["available", "latent_decode_attention", "merged_values", "rope_table"]
+__all__ = ["available", "latent_decode_attention", "merged_values", "quantize_into_slot", "rope_table"]

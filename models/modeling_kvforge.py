@@ -49,7 +49,7 @@ from .pyramid import PyramidKV, PyramidSettings
 # rewrites this line to the relative import transformers bundles; without them (a plain save_pretrained copy,
 # kvforge absent) every attention call takes the PyTorch references below.
 try:
-    from kvforge.kernels.dispatch import fused_attention
+    from kvforge.kernels.dispatch import fused_attention, fused_slot_write
     # Early transformers 5.x (seen with 5.0.0; 5.10 copies them all) copies only the files that a local
     # directory's modeling file imports itself, not what those import: every kernel file that dispatch needs is
     # named here, or such an export does not load there.
@@ -57,7 +57,7 @@ try:
     from kvforge.kernels.gqa_decode import available as _gqa_kernel_available  # noqa: F401
     from kvforge.kernels.partial_rope_decode import available as _partial_rope_kernel_available  # noqa: F401
 except ImportError:
-    fused_attention = None
+    fused_attention = fused_slot_write = None
 
 try:  # transformers' init helpers skip tensors already loaded from a checkpoint
     from transformers import initialization as hf_init
@@ -522,6 +522,20 @@ def quantize_slots(x: torch.Tensor, slot_dim: int, bits: int = 8) -> tuple[torch
     return values, scale
 
 
+def quantize_into_static_slot(value: torch.Tensor, stored: torch.Tensor, scales: torch.Tensor, slot_dim: int,
+                              slot: torch.Tensor, rows: torch.Tensor | None, bits: int) -> None:
+    """A static decode step's low-bit write: the new token (1 along slot_dim) rounded by quantize_slots, its values
+    and scale written into slot[b] of row b (_write_static_slot). kernels/dispatch.py's fused_slot_write runs it as
+    one kernel where it applies."""
+    values, scale = quantize_slots(value, slot_dim, bits)
+    _write_static_slot(stored, slot_dim, slot, values, rows)
+    _write_static_slot(scales, slot_dim, slot, scale, rows)
+
+
+_quantize_into_static_slot = (fused_slot_write(quantize_into_static_slot) if fused_slot_write is not None
+                              else quantize_into_static_slot)
+
+
 def dequantize_slots(values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     if values.dtype == torch.uint8:  # 4 bits, two per byte: shifts on int8 sign-extend each nibble
         packed = values.view(torch.int8)
@@ -584,6 +598,17 @@ class LayerStorage:
         are the values that `fake_quantize` gives the same tokens without a cache)."""
         if self.cache_bits is None:
             return self._write(plan, new)
+        if plan.static_slot is not None and all(
+                name in self.tensors and self.tensors[name].shape[self.slot_dims[name]] >= plan.capacity for name in new):
+            # static decode into storage the prefill allocated: round and write in place (one kernel per tensor
+            # where the dispatch has one), then attend over the whole storage as _write's static branch does
+            attendable = {}
+            for name, value in new.items():
+                stored, scales = self.tensors[name], self.tensors[name + SCALE_SUFFIX]
+                _quantize_into_static_slot(value, stored, scales, self.slot_dims[name], plan.static_slot,
+                                           plan.static_rows, self.cache_bits)
+                attendable[name], attendable[name + SCALE_SUFFIX] = stored, scales
+            return DequantizedSlots(attendable)
         packed = {}
         for name, value in new.items():
             packed[name], packed[name + SCALE_SUFFIX] = quantize_slots(value, self.slot_dims[name], self.cache_bits)

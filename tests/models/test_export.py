@@ -148,7 +148,7 @@ def test_trained_run_round_trips_into_a_process_without_kvforge(trained_run, tmp
     assert {"modeling_kvforge.py", "configuration_kvforge.py", "pyramid.py", "dispatch.py", "latent_attention.py",
             "model.safetensors", "tokenizer.json", "generation_config.json", "README.md",
             EXPORT_MANIFEST} <= set(os.listdir(out))
-    assert "    from .dispatch import fused_attention\n" in (out / "modeling_kvforge.py").read_text()
+    assert "    from .dispatch import fused_attention, fused_slot_write\n" in (out / "modeling_kvforge.py").read_text()
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"] == {"AutoConfig": "configuration_kvforge.KVForgeConfig",
                                   "AutoModelForCausalLM": "modeling_kvforge.KVForgeForCausalLM"}
