@@ -465,9 +465,18 @@ def evaluate(engine, rows: torch.Tensor, cfg: Config, rank: int, world: int, dev
 
     shard = eval_shard(rows, cfg.training.eval_batches * cfg.eval.batch_size, rank, world)
     engine.eval()
-    result = evaluate_perplexity(engine.module, shard, cfg.eval.batch_size, device, distributed=world > 1)
+    with eager_even_if_compiled():
+        result = evaluate_perplexity(engine.module, shard, cfg.eval.batch_size, device, distributed=world > 1)
     engine.train()
     return result
+
+
+def eager_even_if_compiled():
+    """A context in which compiled modules run eagerly (torch.compiler.set_stance, torch >= 2.6). Evaluation runs so:
+    under no_grad, compiled layers would trace and compile a second set of graphs, 44-60 s of a GPU recipe's
+    startup in session 13 (the step-0 evaluation), for evaluations that take about a second."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return set_stance("force_eager") if set_stance is not None else contextlib.nullcontext()
 
 
 def skips_nonfinite_steps_itself(engine) -> bool:

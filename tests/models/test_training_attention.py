@@ -290,6 +290,36 @@ def test_layers_compiled_one_at_a_time_compile_once_not_per_forward():
             torch._dynamo.reset()
 
 
+def test_the_trainers_evaluation_runs_compiled_layers_eagerly():
+    """Evaluation under no_grad would compile a second graph per compiled layer (the step-0 evaluation of a GPU
+    recipe took 44-60 s, almost all of it compiling, session 13); trainer.train.evaluate runs them eagerly."""
+    import math
+
+    from torch._dynamo.utils import counters
+
+    from kvforge.trainer.config import Config
+    from kvforge.trainer.runtime import compile_in_place
+    from kvforge.trainer.train import evaluate
+
+    model = build([PRE, WINDOW]).train()
+    rows = torch.randint(0, 100, (4, 16))
+
+    class Engine:
+        module = model
+        eval, train = model.eval, model.train
+
+    torch._dynamo.reset()
+    counters.clear()
+    compile_in_place(model, "layers", backend="eager")
+    result = evaluate(Engine(), rows, Config(), 0, 1, "cpu")
+    assert math.isfinite(result["perplexity"]) and model.training
+    assert counters["stats"]["unique_graphs"] == 0
+    with torch.no_grad():  # the same forward outside evaluate: compiled
+        model.eval()(input_ids=rows[:2], use_cache=False)
+    assert counters["stats"]["unique_graphs"] > 0
+    torch._dynamo.reset()
+
+
 def test_padding_or_a_cache_keeps_the_full_mask():
     model = build(SPECS["dense"], "sdpa")
     ids, mask = inputs(padded=True)
