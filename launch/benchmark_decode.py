@@ -78,6 +78,11 @@ def parse_args(argv=None):
     parser.add_argument("--programs-per-sm", type=int, nargs="*", default=[0], metavar="N",
                         help="kernel part: and per value: the programs the slot splits aim at per SM (0: the "
                              "kernel's default)")
+    parser.add_argument("--via-export", type=Path, default=None, metavar="DIR",
+                        help="generate part: each kvforge row's model is exported with kvforge's exporter into "
+                             "DIR/<variant> and timed as AutoModelForCausalLM.from_pretrained(..., "
+                             "trust_remote_code=True) loads it (the bundled modeling and kernel files), as a user "
+                             "runs it; --latent-kernel does not reach that copy")
     parser.add_argument("--latent-kernel", nargs="*", default=[], metavar="KEY=N",
                         help="generate part: the latent kernel's launch settings for every row "
                              "(kernels/latent_attention.py LAUNCH_DEFAULTS: kv_per_program, programs_per_sm)")
@@ -484,6 +489,25 @@ def variant_model(base, spec_of, mode: str | None):
     return model.to(device="cuda", dtype=torch.bfloat16).eval()
 
 
+def exported_copy(model, out_dir: Path):
+    """`model` (a KVForgeForCausalLM) written by kvforge's exporter (verified, code bundled) and loaded back the
+    way a user loads it: plain transformers with trust_remote_code, on the model's device and dtype."""
+    from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+    from kvforge.models.export import export_model
+
+    dtype = str(model.dtype).removeprefix("torch.")
+    export_model(model, None, out_dir, dtype=dtype, overwrite=True)
+    auto_map = json.loads((Path(out_dir) / "config.json").read_text())["auto_map"]
+    # The directory's own classes, as AutoModelForCausalLM(trust_remote_code=True) resolves them in a process
+    # without kvforge; here kvforge's import has registered its classes for the same config type, which the Auto
+    # classes would pick instead.
+    config_class, model_class = (get_class_from_dynamic_module(auto_map[key], str(out_dir))
+                                 for key in ("AutoConfig", "AutoModelForCausalLM"))
+    loaded = model_class.from_pretrained(out_dir, config=config_class.from_pretrained(out_dir), dtype=model.dtype)
+    return loaded.to(model.device).eval()
+
+
 def latent_launch_settings(pairs: list[str]) -> dict:
     """--latent-kernel KEY=N ... -> LAUNCH_DEFAULTS entries, each key checked."""
     from kvforge.kernels.latent_attention import LAUNCH_DEFAULTS
@@ -510,8 +534,12 @@ def run_generate_part(args) -> list[dict]:
     for batch in args.gen_batch:
         ids = torch.randint(3, base.vocab_size, (batch, args.gen_prompt), device="cuda",
                             generator=torch.Generator(device="cuda").manual_seed(0))
-        for name, spec_of, mode, cache in (GENERATE_VARIANTS[v] for v in args.gen_variants):
+        for variant in args.gen_variants:
+            name, spec_of, mode, cache = GENERATE_VARIANTS[variant]
             model = variant_model(base, spec_of, mode)
+            via_export = args.via_export is not None and spec_of is not None
+            if via_export:
+                model = exported_copy(model, args.via_export / variant)
             with torch.no_grad():
                 timed_generate(model, ids, 3, 1, cache)  # warm-up at full size: kernels compiled, allocator primed
                 torch.cuda.reset_peak_memory_stats()
@@ -519,7 +547,7 @@ def run_generate_part(args) -> list[dict]:
                 total, out = timed_generate(model, ids, args.gen_new + 1, args.repeats, cache)
             decode = total - prefill
             row = dict(model=name, batch=batch, prompt=args.gen_prompt, new_tokens=args.gen_new,
-                       latent_kernel=dict(latent_attention.LAUNCH_DEFAULTS),
+                       latent_kernel=dict(latent_attention.LAUNCH_DEFAULTS), via_export=via_export,
                        prefill_s=prefill, decode_s=decode, decode_tokens_per_s=batch * args.gen_new / decode,
                        ms_per_step=decode / args.gen_new * 1e3, cache_bytes=cache_bytes(generated_cache(out)),
                        peak_memory_gib=torch.cuda.max_memory_allocated() / 2 ** 30)

@@ -77,6 +77,27 @@ def test_the_latent_kernel_rows_compute_on_cpu_for_low_bit_latents_and_each_prog
     assert all(row[f"triton_graph_TBps{suffix}"] > 0 for suffix in ("", "_pps8", "_kv1", "_kv1_pps8"))
 
 
+def test_an_exported_copy_is_the_bundled_code_and_decodes_as_the_model_did(benchmark, tmp_path, monkeypatch):
+    """--via-export times what a user loads: the exporter's directory through plain transformers with
+    trust_remote_code (the bundled modeling file, not kvforge's), decoding the same tokens with the static cache."""
+    from kvforge.models.configuration_kvforge import KVForgeConfig
+    from kvforge.models.modeling_kvforge import KVForgeForCausalLM
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    layer = {"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 12, "v_rank": 10, "cache_bits": 8}
+    torch.manual_seed(0)
+    config = KVForgeConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=16, vocab_size=128, max_position_embeddings=256, num_hidden_layers=2,
+                           initializer_range=0.1, compression={"layers": [layer, layer]})
+    model = KVForgeForCausalLM(config).eval()
+    copy = benchmark.exported_copy(model, tmp_path / "lr")
+    assert type(copy).__module__.startswith("transformers_modules") and type(copy) is not KVForgeForCausalLM
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    runs = [m.generate(ids, attention_mask=torch.ones_like(ids), cache=m.static_cache(7 + 4, cuda_graphs=False),
+                       max_new_tokens=4, do_sample=False, pad_token_id=0) for m in (model, copy)]
+    assert torch.equal(runs[0], runs[1])
+
+
 def test_latent_kernel_launch_settings_are_checked(benchmark):
     assert benchmark.latent_launch_settings(["kv_per_program=1", "programs_per_sm=8"]) == dict(
         kv_per_program=1, programs_per_sm=8)

@@ -46,7 +46,8 @@ window-static}
 # generate rows' int8 and 4-bit caches: one program per KV head against all heads in one (kv_per_program: 220 -> 160
 # registers offline), 8 programs per SM against 2 (a grid just over one wave runs a nearly empty second one); then
 # the profile again (and the int8 GQA row, twice the bf16 one's time at half its bytes); then the generate rows, with
-# the kernel's defaults and with the two settings.
+# the kernel's defaults, through an exported directory as a user loads it (issue 12's entry point), and with the two
+# settings.
 DECODE_ARGS=${DECODE_ARGS-"--part kernel --batch 32 128 --context 4096 16384 --k-rank 48 --v-rank 96 --cache-bits 8 \
 --kv-per-program 0 1 --programs-per-sm 0 8|\
 --part kernel --batch 32 128 --context 4096 16384 --k-rank 96 --v-rank 224 --cache-bits 4 --kv-per-program 0 1 \
@@ -57,6 +58,8 @@ DECODE_ARGS=${DECODE_ARGS-"--part kernel --batch 32 128 --context 4096 16384 --k
 --repeats 3|\
 --gen-batch 128 --gen-prompt 4096 --gen-variants original-static lr25-int8-aligned-static lr12-int4-aligned-static \
 standard-triton-static --repeats 3|\
+--gen-batch 32 --gen-prompt 16384 --gen-variants lr25-int8-aligned-static lr12-int4-aligned-static --repeats 3 \
+--via-export /tmp/kv-decode-exports|\
 --gen-batch 32 --gen-prompt 16384 --gen-variants lr25-int8-aligned-static lr12-int4-aligned-static --repeats 3 \
 --latent-kernel kv_per_program=1 programs_per_sm=8|\
 --gen-batch 32 --gen-prompt 16384 --gen-variants lr25-int8-aligned-static lr12-int4-aligned-static --repeats 3 \
