@@ -144,8 +144,10 @@ compile_debug() {  # gpu: issue 11's compiled runs that died at their first eval
     name=${entry//[@=]/-}
     [ -f "$K/results/$name.compile-debug.log" ] && continue
     stamp "compile debug $entry on GPU $1"
-    # WANDB_MODE as run.sh sets it: the device image has no wandb (logging.wandb=auto reads it).
+    # run.sh's environment: no wandb on the device image (logging.wandb=auto reads WANDB_MODE), and the cache that
+    # holds the tracked teacher samples (session 13's compile-debug runs, without it, sampled 8M tokens for 230 s).
     CUDA_VISIBLE_DEVICES=$1 CUDA_LAUNCH_BLOCKING=1 TORCH_SHOW_CPP_STACKTRACES=1 WANDB_MODE=${WANDB_MODE:-disabled} \
+      KVFORGE_CACHE=$K/cache HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
       /tmp/site/bin/deepspeed --num_gpus 1 --master_port 29515 launch/train.py --config configs/recovery/$r.yaml \
       run.output_dir=$K/runs/$r-compile-debug \
       model.name=$K/SmolLM2-135M-Instruct.Q4_1.gguf "eval.heldout=[$K/fortunes]" training.compile=true \
