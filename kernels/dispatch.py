@@ -3,11 +3,11 @@ reference from modeling_kvforge.py (which the kernels' tests hold them equal to)
 
 modeling_kvforge.attention_function(representation) asks `fused_attention(representation, reference)` for
 the function to call; the answer has the reference's signature and decides per call, so the modeling code
-never changes when a kernel is added. `fused_slot_write` does the same for a static cache's low-bit write. A kernel serves only what it implements (today: one decode token over a
-pre-RoPE latent cache, kernels/latent_attention.py, over a dense / merged-heads / window-ring cache,
-kernels/gqa_decode.py, or over a partial-RoPE joint latent with a rotary key per KV head or one shared by all,
-kernels/partial_rope_decode.py; no gradients, no dropout, no attention probabilities asked for); anything else
-goes to the reference.
+never changes when a kernel is added; `fused_slot_write` does the same for a static cache's low-bit write. A
+kernel serves only what it implements (today: one decode token over a pre-RoPE latent cache,
+kernels/latent_attention.py, over a dense / merged-heads / window-ring cache, kernels/gqa_decode.py, or over a
+partial-RoPE joint latent with a rotary key per KV head or one shared by all, kernels/partial_rope_decode.py; no
+gradients, no dropout, no attention probabilities asked for); anything else goes to the reference.
 
 KVFORGE_KERNELS (read per call):
     auto   (default) Triton on CUDA tensors in bf16 / fp16, PyTorch elsewhere

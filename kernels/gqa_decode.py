@@ -25,7 +25,7 @@ try:
     import triton.language as tl
 
     # the steps decode kernels share, and flash-decoding's second stage
-    from .latent_attention import _merge_splits_kernel, dequantized_tile, online_softmax_tile, split_slots
+    from .latent_attention import dequantized_tile, merge_splits, online_softmax_tile, split_slots
 except ImportError:  # CPU-only install
     triton = None
 
@@ -147,9 +147,7 @@ def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.
         LENGTH_IN_MEMORY=length is not None, HAS_VALID=valid is not None, HAS_SCALES=has_scales,
     )
     # Merge the splits in one kernel (was nine PyTorch ops per layer): out = sum_s e^(m_s - M) acc_s /
-    # sum_s e^(m_s - M) l_s, empty splits weighing 0. Each (row, KV head) is a "row" of G heads to the merge kernel,
-    # so it writes [B * Hkv, G, D] in order.
+    # sum_s e^(m_s - M) l_s, empty splits weighing 0. Each (row, KV head) is a row of G heads to the merge.
     out = torch.empty(B, Hkv, G, D, device=query.device, dtype=query.dtype)
-    _merge_splits_kernel[(G, B * Hkv)](acc, m, total, out, splits, B * Hkv, G, D, BLOCK_H=block_g, BLOCK_RV=D,
-                                       BLOCK_SPLITS=triton.next_power_of_2(max(splits, 2)))
+    merge_splits(acc, m, total, out.view(B * Hkv, G, D), G, G)
     return out

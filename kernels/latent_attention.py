@@ -257,12 +257,16 @@ if triton is not None:
         out_row = ((head // group) * batch + row) * group + head % group
         tl.store(OUT + out_row * v_rank + offs_rv, mixed.to(OUT.dtype.element_ty), mask=offs_rv < v_rank)
 
-
-if triton is not None:
+    @triton.jit
+    def _rounded_level(x, scale, top):
+        """round-half-even(x / scale) clamped to [-top, top], as int8: an IEEE division, then (y + 1.5 * 2^23) -
+        1.5 * 2^23, which rounds a float32 |y| < 2^22 to the nearest integer, ties to even, as torch.round does."""
+        magic: tl.constexpr = 12582912.0
+        return tl.minimum(tl.maximum((tl.math.div_rn(x, scale) + magic) - magic, -top), top).to(tl.int8)
 
     @triton.jit
     def _quantize_into_slot_kernel(
-        X, STORE, SCALE, SLOT,  # x [B, 1, R] (the new token), store [B, S, R] int8 or [B, S, R / 2] uint8, scale [B, S, 1]
+        X, STORE, SCALE, SLOT,  # x [B, 1, R] new token; store [B, S, R] int8 / [B, S, R / 2] uint8; scale [B, S, 1]
         stride_xb, stride_sb, stride_ss, stride_cb, stride_cs,
         cols, top, tiny,
         SLOT_PER_ROW: tl.constexpr, PACKED: tl.constexpr, BFLOAT16: tl.constexpr, BLOCK: tl.constexpr,
@@ -293,12 +297,9 @@ if triton is not None:
         else:
             scale = scale.to(dtype).to(tl.float32)
         scale = tl.maximum(scale, tiny)
-        # (y + 1.5 * 2^23) - 1.5 * 2^23 rounds a float32 |y| < 2^22 to the nearest integer, ties to even: torch.round
-        magic: tl.constexpr = 12582912.0
-        level = tl.minimum(tl.maximum((tl.math.div_rn(even, scale) + magic) - magic, -top), top).to(tl.int8)
+        level = _rounded_level(even, scale, top)
         if PACKED:
-            high = tl.minimum(tl.maximum((tl.math.div_rn(odd, scale) + magic) - magic, -top), top).to(tl.int8)
-            level = ((level & 0xF) | (high << 4)).to(tl.uint8, bitcast=True)
+            level = ((level & 0xF) | (_rounded_level(odd, scale, top) << 4)).to(tl.uint8, bitcast=True)
         tl.store(STORE + row * stride_sb + slot * stride_ss + offs, level, mask=ok)
         tl.store(SCALE + row * stride_cb + slot * stride_cs, scale.to(dtype))
 
@@ -453,17 +454,25 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     return merged_values(acc, stats_max, stats_sum, v_weight, v_bias, kv_heads, group, v_rank, query.dtype)
 
 
+def merge_splits(acc, stats_max, stats_sum, out: torch.Tensor, heads: int, group: int) -> None:
+    """Flash-decoding's second stage for a decode kernel's partial results: acc [R, splits, H', W] (H' >= heads,
+    W >= out's last dim), max / sum [R, splits, H'], merged per row and head into out [heads / group, R, group, Wo]
+    (KV head first; a kernel whose rows are (row, KV head) pairs passes group = heads and gets [R, heads, Wo])."""
+    rows, splits, padded_heads, width = acc.shape
+    _merge_splits_kernel[(heads, rows)](acc, stats_max, stats_sum, out, splits, rows, group, out.shape[-1],
+                                        BLOCK_H=padded_heads, BLOCK_RV=width,
+                                        BLOCK_SPLITS=_next_power_of_2(splits, at_least=2))
+
+
 def merged_values(acc, stats_max, stats_sum, v_weight, v_bias, kv_heads: int, group: int, v_rank: int,
                   dtype: torch.dtype) -> torch.Tensor:
     """A latent decode kernel's splits merged (acc [B, splits, H', W] with H' >= H heads and W >= v_rank latent
     columns, max / sum [B, splits, H']), then the value up-projection: out [B, K, G, Dv] in `dtype`. Shared by
     this file's kernel and partial_rope_decode.py's: both accumulate p @ latent and apply U_v once per head."""
-    batch, splits, padded_heads, width = acc.shape
+    batch = acc.shape[0]
     # sum_s p_s c_s per head, KV head first: [K, B * G, Rv]
     mixed = torch.empty(kv_heads, batch * group, v_rank, device=acc.device, dtype=dtype)
-    _merge_splits_kernel[(kv_heads * group, batch)](acc, stats_max, stats_sum, mixed, splits, batch, group, v_rank,
-                                                    BLOCK_H=padded_heads, BLOCK_RV=width,
-                                                    BLOCK_SPLITS=_next_power_of_2(splits, at_least=2))
+    merge_splits(acc, stats_max, stats_sum, mixed, kv_heads * group, group)
     up = v_weight.view(kv_heads, -1, v_rank).transpose(1, 2)  # [K, Rv, Dv]: U_v per KV head, no copy
     # One batched GEMM (the bias added in it): a matmul of [B, K, G, Rv] by [K, Rv, Dv] would first copy the
     # weight B times to broadcast it over the batch.
@@ -471,4 +480,4 @@ def merged_values(acc, stats_max, stats_sum, v_weight, v_bias, kv_heads: int, gr
     return out.view(kv_heads, batch, group, -1).transpose(0, 1)  # [B, K, G, Dv]
 
 
-__all__ = ["available", "latent_decode_attention", "merged_values", "quantize_into_slot", "rope_table"]
+__all__ = ["available", "latent_decode_attention", "merge_splits", "merged_values", "quantize_into_slot", "rope_table"]

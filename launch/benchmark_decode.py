@@ -187,8 +187,7 @@ def run_kernel_part(args, copy_bandwidth: float, device="cuda", timings=None, dt
             small["mask"], small["scaling"])
         error = max(((fn(small).double() - ref[:, :, :, 0]).norm() / ref.norm()).item() for _, fn in kernels)
     print(f"kernel vs float64 reference (B={small_batch}, S={small_context}, {dtype} queries, {args.cache_bits}-bit "
-          f"latents, every "
-          f"--kv-per-program): largest relative error {error:.2e}")
+          f"latents, every kernel column): largest relative error {error:.2e}")
 
     batches = args.batch or [1, 8, 64, 256]
     contexts = args.context or [1024, 4096, 16384]
@@ -341,6 +340,14 @@ def copy_bandwidth_bytes_per_s() -> float:
 # generate() part
 
 
+def cache_arguments(model, ids, new_tokens: int, cache: str | None) -> dict:
+    """generate()'s cache arguments for a GENERATE_VARIANTS row's cache mode (see timed_generate): a fresh one per
+    call."""
+    if cache == "kvforge":
+        return {"cache": model.static_cache(ids.shape[1] + new_tokens)}
+    return {"cache_implementation": "static"} if cache == "transformers" else {}
+
+
 def timed_generate(model, ids, new_tokens: int, repeats: int, cache: str | None = None) -> tuple[float, object]:
     """Median seconds of generate(). cache="kvforge" passes a fresh KVForgeCache(static=True) per call, so every
     call pays its CUDA graph capture (in the first decode step), as a user's call would; cache="transformers"
@@ -349,8 +356,7 @@ def timed_generate(model, ids, new_tokens: int, repeats: int, cache: str | None 
     times, out = [], None
     sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)  # a CPU run: profiled_generate's test
     for _ in range(repeats):
-        kwargs = {"cache": model.static_cache(ids.shape[1] + new_tokens)} if cache == "kvforge" else \
-            {"cache_implementation": "static"} if cache == "transformers" else {}
+        kwargs = cache_arguments(model, ids, new_tokens, cache)
         sync()
         start = time.perf_counter()
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
@@ -586,12 +592,11 @@ def profiled_generate(model, ids, new_tokens: int, cache: str | None, rows: int 
                 started.append(time.perf_counter())
             return scores
 
-    kwargs = {"cache": model.static_cache(ids.shape[1] + new_tokens)} if cache == "kvforge" else \
-        {"cache_implementation": "static"} if cache == "transformers" else {}
     with torch.no_grad():
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                        min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                       logits_processor=LogitsProcessorList([StartAfterPrefill()]), **kwargs)
+                       logits_processor=LogitsProcessorList([StartAfterPrefill()]),
+                       **cache_arguments(model, ids, new_tokens, cache))
         sync()
     wall = time.perf_counter() - started[0]
     prof.stop()

@@ -451,16 +451,14 @@ def _grow_slots(tensor: torch.Tensor | None, capacity: int, slot_dim: int, like:
 
 
 def _write_static_slot(storage: torch.Tensor, slot_dim: int, slot: torch.Tensor, new: torch.Tensor,
-                       rows: torch.Tensor | None = None) -> None:
-    """One new token per row (new has 1 along slot_dim) into slot[b] of row b ([B]; rows: arange(B), shared by a
-    step's writes), or into slot[0] of every row ([1]), with device indices only: one kernel that touches only the
-    written entries. (scatter_ with an index expanded over the other dims copied the whole storage to a temporary
-    and back, twice per write on CPU in bf16: a ring's full size per layer and step.)"""
+                       rows: torch.Tensor | None) -> None:
+    """One new token per row (new has 1 along slot_dim) into slot[b] of row b ([B]; rows: arange(B), the plan's
+    static_rows, made once per step), or into slot[0] of every row ([1]; rows None), with device indices only: one
+    kernel that touches only the written entries. (scatter_ with an index expanded over the other dims copied the
+    whole storage to a temporary and back, twice per write on CPU in bf16: a ring's full size per layer and step.)"""
     if slot.shape[0] == 1:
         storage.index_copy_(slot_dim, slot, new)
         return
-    if rows is None:
-        rows = torch.arange(slot.shape[0], device=slot.device)
     storage.movedim(slot_dim, 1).index_put_((rows, slot), new.movedim(slot_dim, 1).select(1, 0))
 
 
@@ -598,8 +596,9 @@ class LayerStorage:
         are the values that `fake_quantize` gives the same tokens without a cache)."""
         if self.cache_bits is None:
             return self._write(plan, new)
-        if plan.static_slot is not None and all(
-                name in self.tensors and self.tensors[name].shape[self.slot_dims[name]] >= plan.capacity for name in new):
+        allocated = all(name in self.tensors and self.tensors[name].shape[self.slot_dims[name]] >= plan.capacity
+                        for name in new)
+        if plan.static_slot is not None and allocated:
             # static decode into storage the prefill allocated: round and write in place (one kernel per tensor
             # where the dispatch has one), then attend over the whole storage as _write's static branch does
             attendable = {}
@@ -960,8 +959,8 @@ def kv_attention(query, key, value, mask, scaling, *, need_probs=False, dropout=
     if use_sdpa and not need_probs and length == 1 and not causal and mask.shape[1] == mask.shape[2] == 1:
         # One new token (decode) under one mask row for every head (a PyramidKV cache's per-head masks take the
         # path below): a kv head's G query heads are G queries over the same keys, so SDPA takes them as the query
-        # length of K heads: no copy of the keys and values expanded to H
-        # heads (which read and wrote H/K times the whole cache per layer and step).
+        # length of K heads, with no copy of the keys and values expanded to H heads (which read and wrote H/K
+        # times the whole cache per layer and step).
         out = F.scaled_dot_product_attention(query.view(batch, heads, group, dim), key, value, attn_mask=mask[:, 0],
                                              dropout_p=dropout, scale=scaling)
         return out.view(batch, heads, group, length, -1), None
