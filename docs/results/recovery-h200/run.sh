@@ -13,7 +13,7 @@ set -u
 K=${K:-$HOME/kvgpu}
 export RES=$K/results  # exported: a BEFORE command may write there
 mkdir -p "$RES"
-export KVFORGE_CACHE=$K/cache PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export KVFORGE_CACHE=$K/cache PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export WANDB_MODE=${WANDB_MODE:-disabled}  # the device image has no wandb
 GGUF=$K/SmolLM2-135M-Instruct.Q4_1.gguf
 PROSE=$K/fortunes
