@@ -15,14 +15,38 @@ from .config import Config, ConfigError
 from .export_run import consolidate_checkpoint
 from .runtime import compile_in_place
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on norms, biases and embeddings (the usual GPT recipe)."""
-    decay, no_decay = [], []
+# ZeRO-1/2 pack each optimizer group's parameters back to back in one flat buffer and make every parameter a view
+# into it, so a parameter whose 16-bit size is not a multiple of 16 bytes (a latent projection's bias with a greedy
+# rank, e.g. 37 values) shifts every later one off 16-byte alignment. torch.compile per decoder layer compiles the
+# first layers' graph from their (aligned) parameters, treats parameters as static inputs whose alignment it never
+# checks again, and runs the later layers' misaligned ones through kernels that assume alignment: "CUDA driver error:
+# misaligned address" in the first compiled step (session 14; the first crashes surfaced as
+# CUBLAS_STATUS_EXECUTION_FAILED). Such a parameter gets an optimizer group, hence a flat buffer, of its own.
+ALIGN_ELEMENTS = 8  # 16 bytes of a 16-bit parameter
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float | None = None) -> list[dict]:
+    """The trainable parameters as optimizer groups: no weight decay on norms, biases and embeddings (the usual GPT
+    recipe; `weight_decay` None: groups without the key, for an optimizer that DeepSpeed's config defines), and each
+    parameter whose size is not a multiple of ALIGN_ELEMENTS in a group of its own (see above)."""
+    decay, no_decay, unaligned = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "embed" in name or "norm" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decays = not (p.ndim < 2 or "embed" in name or "norm" in name)
+        if p.numel() % ALIGN_ELEMENTS:
+            unaligned.append(([p], decays))
+        else:
+            (decay if decays else no_decay).append(p)
+    groups = [(decay, True), (no_decay, False), *unaligned]
+    if weight_decay is None:
+        return [{"params": params} for params, _ in groups if params]
+    return [{"params": params, "weight_decay": weight_decay if decays else 0.0} for params, decays in groups if params]
+
+
+def misaligned_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of the trainable parameters whose storage does not start on a 16-byte boundary."""
+    return [name for name, p in model.named_parameters() if p.requires_grad and p.data_ptr() % 16]
 
 
 # Each stage trains its own set of parameters, with its own optimizer and schedule, on its own DeepSpeed engine:
@@ -144,8 +168,13 @@ def start_stage(model: torch.nn.Module, stage: Stage, new: set[str], cfg: Config
         optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
                                       eps=t.eps, fused=device.type == "cuda")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
-                                           model_parameters=None if optimizer else model.parameters())
+                                           model_parameters=None if optimizer else param_groups(model))
     if t.compile:
+        misaligned = misaligned_parameters(engine.module)
+        if misaligned:  # param_groups' layout is what prevents this; a DeepSpeed that packs otherwise would not
+            raise RuntimeError(f"training.compile=true: {len(misaligned)} parameters start off a 16-byte boundary "
+                               f"in DeepSpeed's buffers ({', '.join(misaligned[:3])}, ...), where compiled kernels "
+                               "assume alignment; set training.compile=false")
         compile_in_place(engine.module, t.compile_scope, engine)  # names and checkpoints unchanged
     return engine
 

@@ -229,3 +229,34 @@ def test_two_ranks_stage_into_a_frozen_stage_and_export(tmp_path):
     boundary = weights_at(run_dir, 3, zero_stage=2)
     exported = dict(KVForgeForCausalLM.from_pretrained(run_dir / "hf_model").named_parameters())
     assert {name for name, p in exported.items() if not torch.equal(p.detach(), boundary[name])} == new
+
+
+def test_zero_buffers_start_every_parameter_on_a_16_byte_boundary():
+    """ZeRO-2 packs an optimizer group's parameters back to back: a bias of 12 bf16 values (24 bytes) would put every
+    later parameter off alignment, which compiled layers assume (session 14's "misaligned address"). param_groups
+    gives such a parameter a group of its own; the packing DeepSpeed makes of one plain group shows the fault."""
+    import deepspeed
+
+    from kvforge.trainer.runtime import init_distributed
+    from kvforge.trainer.stages import misaligned_parameters, param_groups
+
+    init_distributed()
+    config = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}, "zero_optimization": {"stage": 2}}
+
+    def engine(groups_of):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 12), torch.nn.LayerNorm(12), torch.nn.Linear(12, 16),
+                                    torch.nn.LayerNorm(16))
+        optimizer = torch.optim.AdamW(groups_of(model), lr=1e-3)
+        built, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        return built
+
+    packed_as_one = engine(lambda model: model.parameters())
+    # Offsets in values: 0.bias ends at 204, so 1.weight starts 8 bytes off, 1.bias (216) on, then 2.weight (228)
+    # and every later one off.
+    assert misaligned_parameters(packed_as_one.module) == ["1.weight", "2.weight", "2.bias", "3.weight", "3.bias"]
+    aligned = engine(lambda model: param_groups(model, 0.1))
+    assert misaligned_parameters(aligned.module) == []
+    groups = param_groups(aligned.module, 0.1)
+    assert [(len(g["params"]), g["weight_decay"]) for g in groups] == [(2, 0.1), (3, 0.0), (1, 0.0), (1, 0.0), (1, 0.0)]
+    assert [(len(g["params"]), "weight_decay" in g) for g in param_groups(aligned.module)][0] == (2, False)
