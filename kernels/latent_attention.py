@@ -351,16 +351,20 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 # Launch settings latent_decode_attention takes when its caller gives none. Benchmarks set them to compare
-# configurations end to end (launch/benchmark_decode.py --latent-kernel); the values are the measured defaults.
-#   kv_per_program: KV heads per program (None: all of them);
-#   programs_per_sm: the programs the slot splits aim at, per SM. Two fill an SM once at the kernel's measured
-#     occupancy (two programs per SM, benchmarks/kernel_resources.py), but a grid just over one wave (B=32 at 16k:
-#     9 splits, 288 programs for 264 places) runs a second, nearly empty wave as long as the first; more programs
-#     make that tail a smaller share.
-LAUNCH_DEFAULTS = dict(kv_per_program=None, programs_per_sm=2)
+# configurations end to end (launch/benchmark_decode.py --latent-kernel); the values are the measured defaults
+# (docs/results/decode-h200/README.md, session 14, one H200).
+#   kv_per_program: KV heads per program (None: all of them). One per program frees registers (220 -> 160 offline)
+#     but rebuilds keys from every latent tile once per head: measured 1.7-2.7x slower than all heads in one.
+#   programs_per_sm: the programs the slot splits aim at, per SM. Two fill an SM once at the kernel's occupancy
+#     (two programs per SM, benchmarks/kernel_resources.py), but a grid just over one wave (B=32 at 16k: 9 splits,
+#     288 programs for 264 places) runs a second, nearly empty wave as long as the first; at eight that tail is a
+#     small share: generate() of the aligned 25% and 12.5% models at B=32 x 16k went from 12.0 and 11.0 to 10.3 and
+#     9.0 ms per step. The kernel alone (8-bit, ranks 48/96): 0.40-0.48 -> 0.56-0.58 TB/s from 32 x 16k and
+#     128 x 4k up, 7% slower at 32 x 4k; 4-bit (96/224): 15% faster at 32 x 16k, 2-11% slower elsewhere.
+LAUNCH_DEFAULTS = dict(kv_per_program=None, programs_per_sm=8)
 
 
-def _num_splits(programs: int, slots: int, block_s: int, device: torch.device, programs_per_sm: int = 2) -> int:
+def _num_splits(programs: int, slots: int, block_s: int, device: torch.device, programs_per_sm: int) -> int:
     """Splits of the slot axis so that programs x splits reach programs_per_sm per SM, never a split shorter than
     four tiles."""
     if device.type == "cuda":
