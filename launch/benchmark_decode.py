@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import itertools
 import json
 import os
 import platform
@@ -78,6 +79,12 @@ def parse_args(argv=None):
     parser.add_argument("--programs-per-sm", type=int, nargs="*", default=[0], metavar="N",
                         help="kernel part: and per value: the programs the slot splits aim at per SM (0: the "
                              "kernel's default)")
+    parser.add_argument("--block-s", type=int, nargs="*", default=[0], metavar="N",
+                        help="kernel part: and per value: slots per tile (0: the kernel's choice)")
+    parser.add_argument("--num-warps", type=int, nargs="*", default=[0], metavar="N",
+                        help="kernel part: and per value: warps per program (0: the kernel's default)")
+    parser.add_argument("--num-stages", type=int, nargs="*", default=[0], metavar="N",
+                        help="kernel part: and per value: software-pipelining stages (0: the kernel's choice)")
     parser.add_argument("--via-export", type=Path, default=None, metavar="DIR",
                         help="generate part: each kvforge row's model is exported with kvforge's exporter into "
                              "DIR/<variant> and timed as AutoModelForCausalLM.from_pretrained(..., "
@@ -151,20 +158,25 @@ def run_kernel_part(args, copy_bandwidth: float, device="cuda", timings=None, dt
         return dict(c, k_q=k_q, v_q=v_q, k_scale=k_scale, v_scale=v_scale, k_latent=dequantize_slots(k_q, k_scale),
                     v_latent=dequantize_slots(v_q, v_scale))
 
-    def triton_latent(c, kv_per_program=0, programs_per_sm=0):
+    def triton_latent(c, settings):
         r = c["key_rotary"]
         quantized = "k_q" in c
         return latent_decode_attention(c["query"][:, :, :, 0], c["k_q" if quantized else "k_latent"],
                                        c["v_q" if quantized else "v_latent"], c["k_up"].weight, None,
                                        c["v_up"].weight, None, r.positions, c["mask"][:, 0, 0, 0], r.inv_freq,
                                        r.scaling, c["scaling"], max_position=r.max_position(),
-                                       k_scale=c.get("k_scale"), v_scale=c.get("v_scale"),
-                                       kv_per_program=kv_per_program or None,
-                                       programs_per_sm=programs_per_sm or None)
+                                       k_scale=c.get("k_scale"), v_scale=c.get("v_scale"), **settings)
 
-    kernels = [(f"triton_latent{f'_kv{n}' if n else ''}{f'_pps{p}' if p else ''}",
-                functools.partial(triton_latent, kv_per_program=n, programs_per_sm=p))
-               for n in args.kv_per_program for p in args.programs_per_sm]
+    # One column per combination of the launch settings asked for; a column is named by its settings other than
+    # the kernel's own choice (0), e.g. triton_latent_kv1_pps8.
+    sweep = {"kv": ("kv_per_program", args.kv_per_program), "pps": ("programs_per_sm", args.programs_per_sm),
+             "bs": ("block_s", args.block_s), "w": ("num_warps", args.num_warps), "st": ("num_stages", args.num_stages)}
+    kernels = []
+    for values in itertools.product(*(options for _, options in sweep.values())):
+        chosen = {tag: value for tag, value in zip(sweep, values) if value}
+        name = "triton_latent" + "".join(f"_{tag}{value}" for tag, value in chosen.items())
+        kernels.append((name, functools.partial(triton_latent, settings={sweep[tag][0]: value
+                                                                          for tag, value in chosen.items()})))
 
     def torch_latent(c):
         return pre_rope_latent_attention(c["query"], c["k_latent"], c["v_latent"], c["k_up"], c["v_up"],
@@ -219,10 +231,11 @@ def run_kernel_part(args, copy_bandwidth: float, device="cuda", timings=None, dt
                     f"{row['torch_latent_us']:8.1f} {row['torch_latent_graph_us']:8.1f}")
             for name, _ in kernels:
                 tbps = latent_bytes / (row[f"{name}_graph_us"] * 1e-6) / 1e12
-                row[name.replace("triton_latent", "triton_graph_TBps")] = tbps  # triton_graph_TBps[_kv<n>]
+                row[name.replace("triton_latent", "triton_graph_TBps")] = tbps  # triton_graph_TBps[_kv1_pps8...]
                 line += f"  {name} {row[f'{name}_us']:8.1f} {row[f'{name}_graph_us']:8.1f} ({tbps:.2f} TB/s)"
+            row["triton_best"] = min((name for name, _ in kernels), key=lambda name: row[f"{name}_graph_us"])
             rows.append(row)
-            print(f"{line}; latent floor {row['latent_floor_us']:.1f} us", flush=True)
+            print(f"{line}; latent floor {row['latent_floor_us']:.1f} us; fastest {row['triton_best']}", flush=True)
             c.clear()
             if device == "cuda":
                 torch.cuda.empty_cache()

@@ -64,17 +64,19 @@ def cpu_timings(fn):
 @pytest.mark.parametrize("bits, per_slot", [(8, 16 + 32 + 4), (4, (16 + 32) // 2 + 4)])
 def test_the_latent_kernel_rows_compute_on_cpu_for_low_bit_latents_and_each_program_split(benchmark, bits,
                                                                                           per_slot):
-    """The latent kernel part with a CPU timer, float16, tiny shapes, int8 / packed 4-bit latents and both
-    --kv-per-program choices: its error check covers every kernel column, its bytes count what a low-bit cache
+    """The latent kernel part with a CPU timer, float16, tiny shapes, int8 / packed 4-bit latents and a sweep of
+    launch settings (one column per combination): its error check covers every kernel column, its bytes count what a low-bit cache
     stores, before a GPU ever runs it."""
     args = benchmark.parse_args(["--part", "kernel", "--batch", "2", "--context", "40", "--k-rank", "16",
                                  "--v-rank", "32", "--cache-bits", str(bits), "--kv-per-program", "0", "1",
-                                 "--programs-per-sm", "0", "8"])
+                                 "--programs-per-sm", "0", "8", "--block-s", "0", "16"])
     rows, error = benchmark.run_kernel_part(args, 1e12, device="cpu", timings=cpu_timings, dtype=torch.float16)
     assert error < 5e-3
     (row,) = rows
     assert row["latent_bytes"] == 2 * 40 * (per_slot + 8 + 1) and row["cache_bits"] == bits
-    assert all(row[f"triton_graph_TBps{suffix}"] > 0 for suffix in ("", "_pps8", "_kv1", "_kv1_pps8"))
+    columns = ("", "_bs16", "_pps8", "_pps8_bs16", "_kv1", "_kv1_bs16", "_kv1_pps8", "_kv1_pps8_bs16")
+    assert all(row[f"triton_graph_TBps{suffix}"] > 0 for suffix in columns)
+    assert row["triton_best"] in {f"triton_latent{suffix}" for suffix in columns}
 
 
 def test_an_exported_copy_is_the_bundled_code_and_decodes_as_the_model_did(benchmark, tmp_path, monkeypatch):
