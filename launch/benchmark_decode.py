@@ -197,7 +197,15 @@ def run_kernel_part(args, copy_bandwidth: float, device="cuda", timings=None, dt
             copy.deepcopy(small["k_up"]).double(), copy.deepcopy(small["v_up"]).double(),
             KeyRotary(small["key_rotary"].positions, small["key_rotary"].inv_freq, 1.0, torch.float64),
             small["mask"], small["scaling"])
-        error = max(((fn(small).double() - ref[:, :, :, 0]).norm() / ref.norm()).item() for _, fn in kernels)
+        errors, refused = [], []
+        for name, fn in kernels:
+            try:
+                errors.append(((fn(small).double() - ref[:, :, :, 0]).norm() / ref.norm()).item())
+            except Exception as e:  # a swept tile too big for the GPU (Triton's OutOfResources): not a column
+                refused.append(name)
+                print(f"{name}: refused ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+        kernels = [(name, fn) for name, fn in kernels if name not in refused]
+        error = max(errors)
     print(f"kernel vs float64 reference (B={small_batch}, S={small_context}, {dtype} queries, {args.cache_bits}-bit "
           f"latents, every kernel column): largest relative error {error:.2e}")
 

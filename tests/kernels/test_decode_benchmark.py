@@ -65,8 +65,8 @@ def cpu_timings(fn):
 def test_the_latent_kernel_rows_compute_on_cpu_for_low_bit_latents_and_each_program_split(benchmark, bits,
                                                                                           per_slot):
     """The latent kernel part with a CPU timer, float16, tiny shapes, int8 / packed 4-bit latents and a sweep of
-    launch settings (one column per combination): its error check covers every kernel column, its bytes count what a low-bit cache
-    stores, before a GPU ever runs it."""
+    launch settings (one column per combination): its error check covers every kernel column, its bytes count what
+    a low-bit cache stores, before a GPU ever runs it."""
     args = benchmark.parse_args(["--part", "kernel", "--batch", "2", "--context", "40", "--k-rank", "16",
                                  "--v-rank", "32", "--cache-bits", str(bits), "--kv-per-program", "0", "1",
                                  "--programs-per-sm", "0", "8", "--block-s", "0", "16"])

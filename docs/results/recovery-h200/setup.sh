@@ -1,10 +1,12 @@
 #!/bin/bash
 # Brings the real model, the held-out prose, the training corpora and kvforge's dependencies to the device machine
 # (no network there; the working tree and what a call carries: 64 MiB together), then starts run.sh (or PIPELINE)
-# in the background. Three calls to the warm machine, back to back:
+# in the background. Four calls to the warm machine, back to back (since session 14 the tracked tree, ~23 MB, leaves
+# room for one part of the model per call and no corpus beside it):
 #   1. carry [.whl, .gpu/gguf.part00]:                                                      ... setup.sh part00
-#   2. carry [.gpu/gguf.part01, .gpu/debian-prose.jsonl.xz]:                                 ... setup.sh stage
-#   3. carry [.gpu/gguf.part02, .gpu/debian-docs.jsonl.xz, .gpu/fortunes]:                    ... setup.sh start
+#   2. carry [.gpu/gguf.part01]:                                                            ... setup.sh stage
+#   3. carry [.gpu/debian-prose.jsonl.xz, .gpu/debian-docs.jsonl.xz]:                        ... setup.sh stage
+#   4. carry [.gpu/gguf.part02, .gpu/fortunes]:                                             ... setup.sh start
 # part00 and stage keep every carried .gpu file in $K/carried; start (or `assemble`: everything but starting the
 # pipeline, for a call that runs something else after it) takes each from .gpu/ or from there. Optional: the
 # corpora (the recipes that name them); the teacher samples are tracked (else the first run samples them). .whl holds cp312 wheels (deepspeed, omegaconf, datasets, gguf, hjson, pydantic...: `pip download
@@ -31,7 +33,7 @@ stage)
 start|assemble)
   for part in gguf.part00 gguf.part01 gguf.part02; do cat "$(carried $part)"; done > "$K/SmolLM2-135M-Instruct.Q4_1.gguf"
   echo "a1231443440b107ff29f02bdb38c9d0a  $K/SmolLM2-135M-Instruct.Q4_1.gguf" | md5sum -c || exit 1
-  # The held-out prose (call 3 carries it: with the tracked samples below, call 1 has no room left for it).
+  # The held-out prose (the last call carries it: with the tracked samples below, call 1 has no room left for it).
   [ -d .gpu/fortunes ] && { rm -rf "$K/fortunes" && cp -r .gpu/fortunes "$K/fortunes"; }
   [ -d "$K/fortunes" ] || { echo "no held-out prose: carry .gpu/fortunes in this call"; exit 1; }
   # The teacher samples (poll.sh with SAVE_SAMPLES=1 brings them back): the runs find them in the cache instead of
