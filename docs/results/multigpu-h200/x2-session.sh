@@ -35,7 +35,7 @@ QUEUE=${QUEUE-lowrank-25-int8-long-aligned window-lowrank-12 partial-rope-50}
 MULTIGPU1=${MULTIGPU1:-}
 MULTIGPU2=${MULTIGPU2:-}
 SAMPLER_ATTENTION=${SAMPLER_ATTENTION-}
-LOSS_ROWS=${LOSS_ROWS-}
+LOSS_ROWS=${LOSS_ROWS-1}  # issue 11: the plain PyTorch loop on the trainer's batch, never yet on the H200 beside the recipes
 # The recipe whose greedy ranks crashed compiled ("misaligned address", session 14), two steps: no crash expected
 # now that ZeRO's buffers keep every parameter aligned (trainer/stages.py).
 COMPILE_DEBUG=${COMPILE_DEBUG-window-lowrank-12}
