@@ -98,6 +98,10 @@ def parse_args(argv=None):
     parser.add_argument("--gen-batch", type=int, nargs="*", default=[32, 128])
     parser.add_argument("--gen-prompt", type=int, default=4096)
     parser.add_argument("--gen-new", type=int, default=64)
+    parser.add_argument("--prefill-chunk", type=int, default=0, metavar="N",
+                        help="generate and max-batch parts: prefill the prompt N tokens at a time (generate()'s "
+                             "prefill_chunk_size), as a server does with long prompts, so that the prefill's "
+                             "activations, not only the cache, stop growing with batch x prompt (0: one pass)")
     parser.add_argument("--gen-variants", nargs="*", default=list(GENERATE_VARIANTS), choices=tuple(GENERATE_VARIANTS),
                         help="generate part: which rows (GENERATE_VARIANTS)")
     parser.add_argument("--repeats", type=int, default=3)
@@ -369,15 +373,19 @@ def cache_arguments(model, ids, new_tokens: int, cache: str | None) -> dict:
     return {"cache_implementation": "static"} if cache == "transformers" else {}
 
 
-def timed_generate(model, ids, new_tokens: int, repeats: int, cache: str | None = None) -> tuple[float, object]:
+def timed_generate(model, ids, new_tokens: int, repeats: int, cache: str | None = None,
+                   prefill_chunk: int = 0) -> tuple[float, object]:
     """Median seconds of generate(). cache="kvforge" passes a fresh KVForgeCache(static=True) per call, so every
     call pays its CUDA graph capture (in the first decode step), as a user's call would; cache="transformers"
     asks for transformers' StaticCache, whose decode step generate() compiles itself (torch.compile, once per
-    shape: the warm-up call pays it); None: the model's default (dynamic) cache."""
+    shape: the warm-up call pays it); None: the model's default (dynamic) cache. prefill_chunk: generate()'s
+    prefill_chunk_size (0: the prompt in one forward)."""
     times, out = [], None
     sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)  # a CPU run: profiled_generate's test
     for _ in range(repeats):
         kwargs = cache_arguments(model, ids, new_tokens, cache)
+        if prefill_chunk:
+            kwargs["prefill_chunk_size"] = prefill_chunk
         sync()
         start = time.perf_counter()
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
@@ -568,10 +576,10 @@ def run_generate_part(args) -> list[dict]:
             if via_export:
                 model = exported_copy(model, args.via_export / variant)
             with torch.no_grad():
-                timed_generate(model, ids, 3, 1, cache)  # warm-up at full size: kernels compiled, allocator primed
+                timed_generate(model, ids, 3, 1, cache, args.prefill_chunk)  # warm-up at full size: kernels compiled
                 torch.cuda.reset_peak_memory_stats()
-                prefill, _ = timed_generate(model, ids, 1, args.repeats, cache)
-                total, out = timed_generate(model, ids, args.gen_new + 1, args.repeats, cache)
+                prefill, _ = timed_generate(model, ids, 1, args.repeats, cache, args.prefill_chunk)
+                total, out = timed_generate(model, ids, args.gen_new + 1, args.repeats, cache, args.prefill_chunk)
             decode = total - prefill
             row = dict(model=name, batch=batch, prompt=args.gen_prompt, new_tokens=args.gen_new,
                        latent_kernel=dict(latent_attention.LAUNCH_DEFAULTS), via_export=via_export,
@@ -675,7 +683,7 @@ def run_max_batch_part(args) -> list[dict]:
         ids = torch.randint(3, base.vocab_size, (batch, args.gen_prompt), device="cuda")
         try:
             with torch.no_grad():
-                timed_generate(model, ids, 4, 1, cache)
+                timed_generate(model, ids, 4, 1, cache, args.prefill_chunk)
             return True
         except torch.cuda.OutOfMemoryError:
             return False
@@ -693,9 +701,11 @@ def run_max_batch_part(args) -> list[dict]:
         per_sequence = (model.config.kv_cache_bytes(args.gen_prompt + 3, dtype=torch.bfloat16)
                         if spec_of is not None else 2 * base.num_hidden_layers * base.num_key_value_heads
                         * base.head_dim * 2 * (args.gen_prompt + 3))
-        rows.append(dict(model=name, prompt=args.gen_prompt, largest_batch=batch, tried=tried,
-                         cache_bytes_per_sequence=per_sequence, cache_gib_at_largest=batch * per_sequence / 2 ** 30))
-        print(f"{name:60s} largest batch {batch:5d} at {args.gen_prompt} tokens "
+        rows.append(dict(model=name, prompt=args.gen_prompt, prefill_chunk=args.prefill_chunk, largest_batch=batch,
+                         tried=tried, cache_bytes_per_sequence=per_sequence,
+                         cache_gib_at_largest=batch * per_sequence / 2 ** 30))
+        print(f"{name:60s} largest batch {batch:5d} at {args.gen_prompt} tokens"
+              f"{f' (prefill in chunks of {args.prefill_chunk})' if args.prefill_chunk else ''} "
               f"(cache {rows[-1]['cache_gib_at_largest']:.1f} GiB; tried {tried})", flush=True)
         del model
         gc.collect()

@@ -146,3 +146,30 @@ def test_the_decode_benchmark_finds_the_largest_batch_that_fits(benchmark, large
     expected = min(largest, limit)
     assert found <= expected and found >= expected - max(1, expected // 32)
     assert all(fitted == (batch <= largest) for batch, fitted in tried) and len(tried) <= 20
+
+
+@pytest.mark.parametrize("cache", [None, "kvforge"])
+def test_a_prompt_prefilled_in_chunks_decodes_the_same_tokens(benchmark, cache):
+    """--prefill-chunk (the max-batch rows at 32k: the prefill's activations would otherwise bound the batch before
+    the cache does) hands generate() prefill_chunk_size; kvforge's caches, dynamic and static, take the prompt in
+    chunks and decode what one pass decodes, for every kind of layer at once."""
+    from kvforge.models.configuration_kvforge import KVForgeConfig
+    from kvforge.models.modeling_kvforge import KVForgeForCausalLM
+
+    layers = [{"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 12, "v_rank": 10, "cache_bits": 8},
+              {"attention": "window", "window": 8, "sinks": 2}, {}]
+    torch.manual_seed(0)
+    config = KVForgeConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                           head_dim=16, vocab_size=128, max_position_embeddings=256, num_hidden_layers=3,
+                           initializer_range=0.1, compression={"layers": layers})
+    model = KVForgeForCausalLM(config).eval()
+    ids = torch.randint(3, 128, (2, 21), generator=torch.Generator().manual_seed(0))
+    widths = []  # tokens per forward of the decoder
+    model.model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+                                          with_kwargs=True)
+    _, whole = benchmark.timed_generate(model, ids, 5, 1, cache)
+    assert widths == [21, 1, 1, 1, 1]
+    widths.clear()
+    _, chunked = benchmark.timed_generate(model, ids, 5, 1, cache, prefill_chunk=8)
+    assert widths == [8, 8, 5, 1, 1, 1, 1]
+    assert torch.equal(whole.sequences, chunked.sequences)

@@ -7,8 +7,8 @@
 #      1,000 missed +10% by 0.3 points). On GPU 1: FIRST1 (none by default), issue 12's decode rows (DECODE_ARGS:
 #      the latent kernel's tile settings swept on int8 and 4-bit caches, the aligned generate rows against the
 #      original on the same machine, through exported directories), issue 11's compiled-crash row (COMPILE_DEBUG:
-#      two steps with CUDA_LAUNCH_BLOCKING=1, so an error names its kernel), then the largest batch at 32k
-#      (MAX_BATCH_VARIANTS).
+#      two steps with CUDA_LAUNCH_BLOCKING=1, so an error names its kernel) and the plain-loop loss rows
+#      (LOSS_ROWS); GPU 1 ends with the largest batch at 32k (MAX_BATCH_VARIANTS).
 #      Then both GPUs take recipes from one shared QUEUE, each the next one when it is free;
 #   C: the teacher sampler's speed with each attention path (SAMPLER_ATTENTION, none by default: measured in
 #      session 11), on GPU 1.
@@ -21,7 +21,7 @@
 # (a recipe first on GPU 1), QUEUE (recipes, shared), MULTIGPU1/2 (multigpu-h200/run.sh's runs), REXTRA (overrides for
 # the recovery runs only), DECODE_ARGS (launch/benchmark_decode.py's; empty: no decode rows), COMPILE_DEBUG (recipes;
 # empty: none), LOSS_ROWS (1: the plain-loop loss rows), SAMPLER_ATTENTION, MAX_BATCH_VARIANTS (the largest batch at
-# 32k, on GPU 1 before the queue; empty: none).
+# 32k, on GPU 1 once the queue is empty; empty: none).
 set -u
 K=${K:-$HOME/kvgpu}
 R=docs/results
@@ -39,8 +39,10 @@ LOSS_ROWS=${LOSS_ROWS-1}  # issue 11: the plain PyTorch loop on the trainer's ba
 # The recipe whose greedy ranks crashed compiled ("misaligned address", session 14), two steps: no crash expected
 # now that ZeRO's buffers keep every parameter aligned (trainer/stages.py).
 COMPILE_DEBUG=${COMPILE_DEBUG-window-lowrank-12}
-# Original and lr50 were measured in session 14 (108 and 140 at 32k); the aligned rows and windows were not reached.
-MAX_BATCH_VARIANTS=${MAX_BATCH_VARIANTS-lr25-int8-aligned-static lr12-int4-aligned-static window-static}
+# Session 14 measured the original at 108 and lr50 at 140 (1.3x for half the bytes) with the 32k prompt prefilled
+# in one pass, whose activations grow with batch x prompt; now prefilled 4,096 tokens at a time (--prefill-chunk),
+# as a server does, so that the cache is what fills the GPU. Last on GPU 1: each row searches with 32k prefills.
+MAX_BATCH_VARIANTS=${MAX_BATCH_VARIANTS-original lr25-int8-aligned-static lr12-int4-aligned-static}
 # Session 14 made eight programs per SM the latent kernel's default (3.03x the original at B=32 x 16k for 25%) and
 # found one program per KV head slower. The tile settings (slots per tile, warps, pipelining stages) were chosen on
 # bf16 latents: first a sweep of them on the int8 and 4-bit caches the recipes use; then the generate rows at
@@ -110,7 +112,7 @@ max_batch() {  # gpu: issue 12's largest batch that fits at 32k context, per lay
   [ -n "$MAX_BATCH_VARIANTS" ] && [ ! -f "$K/results/max-batch.json" ] || return 0
   stamp "largest batches at 32k on GPU $1: $MAX_BATCH_VARIANTS"
   read -r -a variants <<< "$MAX_BATCH_VARIANTS"
-  CUDA_VISIBLE_DEVICES=$1 python3 launch/benchmark_decode.py --part max-batch --gen-prompt 32768 \
+  CUDA_VISIBLE_DEVICES=$1 python3 launch/benchmark_decode.py --part max-batch --gen-prompt 32768 --prefill-chunk 4096 \
     --gen-variants "${variants[@]}" --json "$K/results/max-batch.json" > "$K/results/max-batch.log" 2>&1 \
     || stamp "max-batch FAILED"
 }
@@ -165,8 +167,8 @@ fi
 stamp "A: ${FIRST0:+$FIRST0 on GPU 0; }${MULTIGPU1:+$MULTIGPU1, }${FIRST1:+$FIRST1, }decode rows on GPU 1; then $QUEUE on both"
 [ -f "$K/queue" ] || tr ' ' '\n' <<< "$QUEUE" | grep . > "$K/queue"  # a restarted pipeline resumes the queue
 { recovery 0 29512 "$FIRST0"; mla_export 0; worker 0 29512; } &
-{ multigpu 1 "$MULTIGPU1"; recovery 1 29513 "$FIRST1"; decode 1; compile_debug 1; max_batch 1; loss_rows 1
-  worker 1 29513; } &
+{ multigpu 1 "$MULTIGPU1"; recovery 1 29513 "$FIRST1"; decode 1; compile_debug 1; loss_rows 1; worker 1 29513
+  max_batch 1; } &
 wait
 if [ -n "$MULTIGPU1$MULTIGPU2" ]; then  # again, with the 1-GPU runs
   python3 $R/multigpu-h200/compare.py "$K/multigpu" > "$K/multigpu/compare.txt" 2>&1
