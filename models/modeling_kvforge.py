@@ -1761,6 +1761,12 @@ class KVForgeModel(KVForgePreTrainedModel):
             source = cache.layouts[layout] if cache is not None else SlotLayout(*layout)
             plans[layout] = source.plan(query_index, position_ids, writes=cache is not None, no_padding=no_padding)
             plans[layout].rotary = rotary
+            if cache is None:
+                # What the first layer would otherwise build lazily for the rest (the SDPA mask, the keys' RoPE
+                # tables), built here, so that every layer meets the same plan: layers compiled one at a time
+                # (training.compile_scope=layers) then share one graph instead of giving the first its own.
+                plans[layout].sdpa_mask()
+                plans[layout].key_rotary().tables()
 
         handoff = LayerHandoff()
         hidden_states = inputs_embeds

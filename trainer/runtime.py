@@ -200,11 +200,12 @@ def compile_in_place(model: torch.nn.Module, scope: str, engine: Any = None, **o
     scope "layers": each decoder layer. The layers run one code object, so dynamo compiles it for the first layer
     and the next ones reuse the graph while their guards hold; a layer of another kind (window, latent rank, KV
     reader) adds a graph (a stock 30-layer Llama: 1 graph). Latent ranks, which greedy allocation makes different in
-    nearly every layer, do not: parameter shapes are left dynamic, so the second rank seen makes the rank symbolic
-    and every later layer reuses that graph (with static parameter shapes, lowrank-50's 30 ranks compiled ~170 s
-    before its first steps on the H200, session 9). The graphs may still number more than dynamo's default
-    recompile limit (8), past which it would run the remaining layers eagerly without saying so, so the limit is
-    raised to cover one graph per layer and mode (train, eval). `options` go to torch.compile (tests: backend="eager").
+    nearly every layer, do not: the dimensions that differ between layers are dynamic from the first trace
+    (mark_varying_dims_dynamic), so all ranks share one symbolic graph (with static parameter shapes, lowrank-50's
+    30 ranks compiled ~170 s before its first steps on the H200, session 9). The graphs may still number more than
+    dynamo's default recompile limit (8), past which it would run the remaining layers eagerly without saying so,
+    so the limit is raised to cover one graph per layer and mode (train, eval). `options` go to torch.compile
+    (tests: backend="eager").
     """
     if scope == "model":
         (engine if engine is not None else model).compile(**options)
@@ -217,5 +218,25 @@ def compile_in_place(model: torch.nn.Module, scope: str, engine: Any = None, **o
     # the second flag, other parameters by the first.
     dynamo_config.force_parameter_static_shapes = False
     dynamo_config.force_nn_module_property_static_shapes = False
+    mark_varying_dims_dynamic(layers)
     for layer in layers:
         layer.compile(**options)
+
+
+def mark_varying_dims_dynamic(layers: list[torch.nn.Module]) -> None:
+    """Marks each parameter dimension whose size differs between layers (a latent rank) as dynamic before the first
+    trace, so the first layer's graph is already the symbolic one that the later layers reuse: otherwise dynamo
+    compiles the first layer with static sizes and recompiles symbolically at the second rank it meets (two forward
+    and backward compiles instead of one). maybe_mark_dynamic: a dimension the graph needs static stays static."""
+    import torch._dynamo
+
+    sizes: dict[str, set[tuple[int, ...]]] = {}
+    for layer in layers:
+        for name, p in layer.named_parameters():
+            sizes.setdefault(name, set()).add(tuple(p.shape))
+    for layer in layers:
+        for name, p in layer.named_parameters():
+            shapes = sizes[name]
+            for dim in range(p.ndim):
+                if len({shape[dim] for shape in shapes if len(shape) == p.ndim}) > 1:
+                    torch._dynamo.maybe_mark_dynamic(p, dim)
