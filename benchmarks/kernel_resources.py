@@ -34,8 +34,8 @@ CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuob
 
 
 def compile_latent_kernel(*, cache: str, k_rank: int, v_rank: int, kv_per_program: int, block_s: int,
-                          num_warps: int, num_stages: int, kv_heads: int = 3, group: int = 3, dim: int = 64,
-                          capability: int = 90):
+                          num_warps: int, num_stages: int, prefetch: bool = False, kv_heads: int = 3, group: int = 3,
+                          dim: int = 64, capability: int = 90):
     """The kernel as latent_decode_attention would launch it for bf16 queries and a `cache` of bf16, int8 or int4
     latents, compiled for `capability`; returns Triton's compiled kernel (its .asm["cubin"], .metadata)."""
     fn = latent_attention._latent_decode_kernel
@@ -47,7 +47,7 @@ def compile_latent_kernel(*, cache: str, k_rank: int, v_rank: int, kv_per_progra
         BLOCK_C=latent_attention._next_power_of_2(kv_per_program * dim // 2), BLOCK_S=block_s, BLOCK_RK=block_rk,
         BLOCK_RV=latent_attention._next_power_of_2(v_cols), HAS_K_BIAS=False, HAS_SCALES=cache != "bf16",
         CHUNK_RK=block_rk if packed or block_rk <= 128 else 64, PACKED=packed, KV_PER_PROGRAM=kv_per_program,
-        STAT_H=latent_attention._next_power_of_2(kv_heads * group))
+        STAT_H=latent_attention._next_power_of_2(kv_heads * group), PREFETCH=prefetch)
     latent = {"bf16": "*bf16", "int8": "*i8", "int4": "*u8"}[cache]
     pointers = dict(Q="*bf16", K_LATENT=latent, V_LATENT=latent, K_WEIGHT="*bf16", K_BIAS="*bf16", POSITIONS="*i64",
                     VALID="*u8", ROPE="*fp32", K_SCALE="*bf16", V_SCALE="*bf16", ACC="*fp32", MAX="*fp32", SUM="*fp32")
@@ -92,19 +92,21 @@ def main(argv=None):
     parser.add_argument("--block-s", type=int, nargs="*", default=[32, 64, 128])
     parser.add_argument("--num-warps", type=int, nargs="*", default=[4])
     parser.add_argument("--num-stages", type=int, default=3)
+    parser.add_argument("--prefetch", type=int, nargs="*", default=[0], choices=(0, 1))
     args = parser.parse_args(argv)
     # The aligned 25% int8 model's median layer (48 / 96), its 12.5% 4-bit one (96 / 224), the kernel rows' bf16.
     ranks = {"bf16": (48, 96), "int8": (48, 96), "int4": (96, 224)}
     print(f"triton {triton.__version__}, sm_90, bf16 queries; k / v ranks per cache: {ranks}")
-    print("| cache | KV heads per program | block_s | warps | registers | stack (spills) | shared KiB | programs/SM |")
-    print("|---|---|---|---|---|---|---|---|")
-    for cache, per_program, block_s, warps in itertools.product(args.caches, args.kv_per_program, args.block_s,
-                                                               args.num_warps):
+    print("| cache | KV heads per program | block_s | warps | prefetch | registers | stack (spills) | shared KiB | "
+          "programs/SM |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for cache, per_program, block_s, warps, prefetch in itertools.product(
+            args.caches, args.kv_per_program, args.block_s, args.num_warps, args.prefetch):
         kernel = compile_latent_kernel(cache=cache, k_rank=ranks[cache][0], v_rank=ranks[cache][1],
                                        kv_per_program=per_program, block_s=block_s, num_warps=warps,
-                                       num_stages=args.num_stages)
+                                       num_stages=args.num_stages, prefetch=bool(prefetch))
         r = resources(kernel)
-        print(f"| {cache} | {per_program} | {block_s} | {warps} | {r['registers']} | {r['stack_bytes']} | "
+        print(f"| {cache} | {per_program} | {block_s} | {warps} | {prefetch} | {r['registers']} | {r['stack_bytes']} | "
               f"{r['shared_bytes'] / 1024:.0f} | {programs_per_sm(r['registers'], r['shared_bytes'], warps)} |",
               flush=True)
 

@@ -78,6 +78,19 @@ if triton is not None:
         return dequantized_tile((byte << 4) >> 4, scale), dequantized_tile(byte >> 4, scale)
 
     @triton.jit
+    def key_tile(K_LATENT, K_SCALE, row, offs_s, s_ok, offs_rk, rk_ok, stride_kb, stride_ks, stride_ksb, stride_kss,
+                 HAS_SCALES: tl.constexpr):
+        """One tile's key latents as stored [BLOCK_S, cols] (bytes of a low-bit cache, not yet dequantized) and
+        their scales [BLOCK_S] (ones without scales)."""
+        k_tile = tl.load(K_LATENT + row * stride_kb + offs_s[:, None] * stride_ks + offs_rk[None, :],
+                         mask=s_ok[:, None] & rk_ok[None, :], other=0)
+        if HAS_SCALES:
+            k_scale = tl.load(K_SCALE + row * stride_ksb + offs_s * stride_kss, mask=s_ok, other=0.0)
+        else:
+            k_scale = tl.full(offs_s.shape, 1.0, tl.float32)
+        return k_tile, k_scale
+
+    @triton.jit
     def online_softmax_tile(scores, running_max, running_sum):
         """One tile of flash attention's online softmax over scores [rows, BLOCK_S] (fp32, masked = -inf):
         the new running max, the factor that rescales what the tiles before accumulated, the tile's weights,
@@ -103,6 +116,7 @@ if triton is not None:
         HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
         BLOCK_RK: tl.constexpr, BLOCK_RV: tl.constexpr, HAS_K_BIAS: tl.constexpr, HAS_SCALES: tl.constexpr,
         CHUNK_RK: tl.constexpr, PACKED: tl.constexpr, KV_PER_PROGRAM: tl.constexpr, STAT_H: tl.constexpr,
+        PREFETCH: tl.constexpr,
     ):
         # PACKED (a 4-bit cache): BLOCK_RK / BLOCK_RV cover half the ranks, one byte holding ranks 2j and 2j + 1;
         # the even and odd ranks are two tiles, each with its own rows of U_k and its own value accumulator.
@@ -159,12 +173,37 @@ if triton is not None:
 
         start = split * slots_per_split
         end = tl.minimum(start + slots_per_split, slots)
+        rv_ok = offs_rv < v_cols
+        if PREFETCH:  # the first tile's keys; each iteration then loads the next tile's before computing
+            offs_s = start + tl.arange(0, BLOCK_S)
+            next_k, next_k_scale = key_tile(K_LATENT, K_SCALE, row, offs_s, offs_s < end, offs_rk, rk_ok, stride_kb,
+                                            stride_ks, stride_ksb, stride_kss, HAS_SCALES)
         for tile in range(start, end, BLOCK_S):
             offs_s = tile + tl.arange(0, BLOCK_S)
             s_ok = offs_s < end
-            if HAS_SCALES:  # low-bit latents: their bytes read, dequantized in registers
+            if PREFETCH:
+                # This tile's keys were loaded in the previous iteration: issue the next tile's now, so their latency
+                # hides behind this tile's dots (Triton's pipeliner does not take loads that are dequantized before
+                # the dot). Only the keys: holding the values too spills (benchmarks/kernel_resources.py).
+                k_tile, k_scale = next_k, next_k_scale
+                offs_next = offs_s + BLOCK_S
+                next_k, next_k_scale = key_tile(K_LATENT, K_SCALE, row, offs_next, offs_next < end, offs_rk, rk_ok,
+                                                stride_kb, stride_ks, stride_ksb, stride_kss, HAS_SCALES)
+            elif HAS_SCALES:  # low-bit latents: their bytes read, dequantized in registers
                 k_scale = tl.load(K_SCALE + row * stride_ksb + offs_s * stride_kss, mask=s_ok, other=0.0)
-            if PACKED:
+            if PREFETCH:
+                if PACKED:
+                    c_even, c_odd = unpacked_tiles(k_tile, k_scale)
+                    c_even, c_odd = c_even.to(dtype), c_odd.to(dtype)
+                    key_lo = tl.dot(c_even, w_lo) + tl.dot(c_odd, w_lo_odd)  # [BLOCK_S, BLOCK_C] float32
+                    key_hi = tl.dot(c_even, w_hi) + tl.dot(c_odd, w_hi_odd)
+                else:
+                    c_k = k_tile
+                    if HAS_SCALES:
+                        c_k = dequantized_tile(c_k, k_scale).to(dtype)
+                    key_lo = tl.dot(c_k, w_lo)  # [BLOCK_S, BLOCK_C] float32
+                    key_hi = tl.dot(c_k, w_hi)
+            elif PACKED:
                 packed = tl.load(K_LATENT + row * stride_kb + offs_s[:, None] * stride_ks + offs_rk[None, :],
                                  mask=s_ok[:, None] & rk_ok[None, :], other=0)
                 c_even, c_odd = unpacked_tiles(packed, k_scale)
@@ -212,7 +251,7 @@ if triton is not None:
 
             running_max, alpha, p, running_sum = online_softmax_tile(scores, running_max, running_sum)
             c_v = tl.load(V_LATENT + row * stride_vb + offs_s[:, None] * stride_vs + offs_rv[None, :],
-                          mask=s_ok[:, None] & (offs_rv[None, :] < v_cols), other=0)
+                          mask=s_ok[:, None] & rv_ok[None, :], other=0)
             if HAS_SCALES:
                 v_scale = tl.load(V_SCALE + row * stride_vsb + offs_s * stride_vss, mask=s_ok, other=0.0)
             if PACKED:
@@ -361,7 +400,11 @@ def _multiprocessors(device: torch.device) -> int:
 #     small share: generate() of the aligned 25% and 12.5% models at B=32 x 16k went from 12.0 and 11.0 to 10.3 and
 #     9.0 ms per step. The kernel alone (8-bit, ranks 48/96): 0.40-0.48 -> 0.56-0.58 TB/s from 32 x 16k and
 #     128 x 4k up, 7% slower at 32 x 4k; 4-bit (96/224): 15% faster at 32 x 16k, 2-11% slower elsewhere.
-LAUNCH_DEFAULTS = dict(kv_per_program=None, programs_per_sm=8)
+#   prefetch: each iteration issues the next tile's key latents' loads before this tile's dots (a register double
+#     buffer), since Triton's software pipelining may not take loads that are dequantized before the dot: without
+#     it every tile may wait on its own loads, at two programs per SM. Offline (sm_90, ranks 48/96, 64-slot tiles):
+#     int8 220 -> 252 registers, no spill; prefetching the values too spilled 880 bytes. Not yet timed: off.
+LAUNCH_DEFAULTS = dict(kv_per_program=None, programs_per_sm=8, prefetch=0)
 
 
 def _num_splits(programs: int, slots: int, block_s: int, device: torch.device, programs_per_sm: int) -> int:
@@ -379,7 +422,8 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
                             block_s: int | None = None, num_splits: int | None = None, num_warps: int = 4,
                             num_stages: int | None = None, k_scale: torch.Tensor | None = None,
                             v_scale: torch.Tensor | None = None, chunk_rk: int | None = None,
-                            kv_per_program: int | None = None, programs_per_sm: int | None = None) -> torch.Tensor:
+                            kv_per_program: int | None = None, programs_per_sm: int | None = None,
+                            prefetch: int | None = None) -> torch.Tensor:
     """One decode step of attention over a pre-RoPE latent cache.
 
     query [B, K, G, D] (rotated); k_latent [B, S, Rk], v_latent [B, S, Rv]; k_weight [K * D, Rk] and
@@ -394,7 +438,8 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     benchmarks/NOTES.md). Fewer (1: a program per KV head) leave each program 1/K of the key columns and query rows,
     so far fewer registers (offline ptxas for sm_90: see benchmarks/kernel_resources.py), at the price of reading
     each latent tile once per program from L2 and K x the latent PV product. programs_per_sm: what the slot splits
-    aim at (num_splits overrides it). Both default to LAUNCH_DEFAULTS.
+    aim at (num_splits overrides it). prefetch (1: on): the next tile's loads issued before this tile's dots, where
+    U_k is held whole (a 4-bit cache, or key ranks up to 128). All three default to LAUNCH_DEFAULTS.
     Returns out [B, K, G, Dv] in query.dtype.
     """
     if triton is None:
@@ -430,6 +475,8 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     # Key ranks up to 128 keep U_k's two tiles for the whole program (the measured configurations); larger ones
     # (the 50% model's 8-bit latents: up to 192) read it in chunks of 64 rows per tile. chunk_rk: tests force it.
     chunk_rk = block_rk if packed else chunk_rk or (block_rk if block_rk <= 128 else 64)
+    prefetch = LAUNCH_DEFAULTS["prefetch"] if prefetch is None else prefetch
+    prefetch = bool(prefetch) and chunk_rk == block_rk  # the chunked path loads U_k and c_k per chunk instead
     splits = num_splits or _num_splits(batch * head_programs, slots, block_s, query.device,
                                        programs_per_sm or LAUNCH_DEFAULTS["programs_per_sm"])
     per_split = -(-slots // splits)
@@ -453,7 +500,7 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
         slots, heads, group, kv_heads, k_rank, v_rank, per_split, splits, float(scaling),
         HALF=dim // 2, BLOCK_H=block_h, BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_RK=block_rk, BLOCK_RV=block_rv,
         HAS_K_BIAS=k_bias is not None, HAS_SCALES=has_scales, CHUNK_RK=chunk_rk, PACKED=packed,
-        KV_PER_PROGRAM=kv_per_program, STAT_H=stat_h, num_warps=num_warps, num_stages=num_stages,
+        KV_PER_PROGRAM=kv_per_program, STAT_H=stat_h, PREFETCH=prefetch, num_warps=num_warps, num_stages=num_stages,
     )
     return merged_values(acc, stats_max, stats_sum, v_weight, v_bias, kv_heads, group, v_rank, query.dtype)
 

@@ -85,6 +85,9 @@ def parse_args(argv=None):
                         help="kernel part: and per value: warps per program (0: the kernel's default)")
     parser.add_argument("--num-stages", type=int, nargs="*", default=[0], metavar="N",
                         help="kernel part: and per value: software-pipelining stages (0: the kernel's choice)")
+    parser.add_argument("--prefetch", type=int, nargs="*", default=[0], metavar="N", choices=(0, 1),
+                        help="kernel part: and per value: 1, the next tile's loads issued before this tile's dots "
+                             "(0: the kernel's default)")
     parser.add_argument("--via-export", type=Path, default=None, metavar="DIR",
                         help="generate part: each kvforge row's model is exported with kvforge's exporter into "
                              "DIR/<variant> and timed as AutoModelForCausalLM.from_pretrained(..., "
@@ -92,7 +95,8 @@ def parse_args(argv=None):
                              "runs it; --latent-kernel does not reach that copy")
     parser.add_argument("--latent-kernel", nargs="*", default=[], metavar="KEY=N",
                         help="generate part: the latent kernel's launch settings for every row "
-                             "(kernels/latent_attention.py LAUNCH_DEFAULTS: kv_per_program, programs_per_sm)")
+                             "(kernels/latent_attention.py LAUNCH_DEFAULTS: kv_per_program, programs_per_sm, "
+                             "prefetch)")
     parser.add_argument("--kv-rank", type=int, default=128, help="partial-RoPE joint latent rank")
     parser.add_argument("--rope-dims", type=int, default=16, help="partial-RoPE rotary key dims per head")
     parser.add_argument("--gen-batch", type=int, nargs="*", default=[32, 128])
@@ -174,7 +178,8 @@ def run_kernel_part(args, copy_bandwidth: float, device="cuda", timings=None, dt
     # One column per combination of the launch settings asked for; a column is named by its settings other than
     # the kernel's own choice (0), e.g. triton_latent_kv1_pps8.
     sweep = {"kv": ("kv_per_program", args.kv_per_program), "pps": ("programs_per_sm", args.programs_per_sm),
-             "bs": ("block_s", args.block_s), "w": ("num_warps", args.num_warps), "st": ("num_stages", args.num_stages)}
+             "bs": ("block_s", args.block_s), "w": ("num_warps", args.num_warps), "st": ("num_stages", args.num_stages),
+             "pf": ("prefetch", args.prefetch)}
     kernels = []
     for values in itertools.product(*(options for _, options in sweep.values())):
         chosen = {tag: value for tag, value in zip(sweep, values) if value}

@@ -77,17 +77,18 @@ def kernel(c, **options):
 ])
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("kv_per_program", [None, 1, 2])  # all KV heads in one program; one; 2 of 3 (a ragged last)
-def test_kernel_equals_the_float64_reference(shape, num_splits, kv_per_program):
+@pytest.mark.parametrize("prefetch", [0, 1])  # the next tile's loads issued before this tile's dots, or not
+def test_kernel_equals_the_float64_reference(shape, num_splits, kv_per_program, prefetch):
     for seed in range(2):  # fresh inputs each time
         c = case(**shape, seed=seed)
-        out = kernel(c, block_s=16, num_splits=num_splits, kv_per_program=kv_per_program)
+        out = kernel(c, block_s=16, num_splits=num_splits, kv_per_program=kv_per_program, prefetch=prefetch)
         assert out.shape == c["query"][:, :, :, 0].shape and torch.isfinite(out).all()
         assert relative_error(out, reference(c)) < 1e-5
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float16, 5e-3)])
-@pytest.mark.parametrize("kv_per_program", [None, 1])
-def test_8_bit_latents_read_as_int8_equal_the_float64_reference(dtype, tolerance, kv_per_program):
+@pytest.mark.parametrize("kv_per_program, prefetch", [(None, 0), (1, 0), (None, 1)])
+def test_8_bit_latents_read_as_int8_equal_the_float64_reference(dtype, tolerance, kv_per_program, prefetch):
     """An 8-bit cache hands the kernel int8 latents and per-slot scales: it must give what the reference gives on the
     same int8 values dequantized in float64 (the rounding itself is the model's, not the kernel's)."""
     from kvforge.models.modeling_kvforge import quantize_slots
@@ -97,7 +98,7 @@ def test_8_bit_latents_read_as_int8_equal_the_float64_reference(dtype, tolerance
         (k_q, k_scale), (v_q, v_scale) = quantize_slots(c["k_latent"], 1), quantize_slots(c["v_latent"], 1)
         exact = dict(c, k_latent=k_q.double() * k_scale.double(), v_latent=v_q.double() * v_scale.double())
         out = kernel(dict(c, k_latent=k_q, v_latent=v_q), block_s=16, num_splits=num_splits, k_scale=k_scale,
-                     v_scale=v_scale, kv_per_program=kv_per_program)
+                     v_scale=v_scale, kv_per_program=kv_per_program, prefetch=prefetch)
         assert relative_error(out, reference(exact)) < tolerance
 
 
@@ -108,7 +109,8 @@ def test_8_bit_latents_read_as_int8_equal_the_float64_reference(dtype, tolerance
     dict(k_rank=190, v_rank=150, slots=40),  # the largest ranks held whole (a 4-bit 12.5% model's value ranks)
 ])
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float16, 5e-3)])
-def test_4_bit_latents_read_as_packed_bytes_equal_the_float64_reference(shape, dtype, tolerance):
+@pytest.mark.parametrize("prefetch", [0, 1])
+def test_4_bit_latents_read_as_packed_bytes_equal_the_float64_reference(shape, dtype, tolerance, prefetch):
     """A 4-bit cache hands the kernel uint8 latents, two values per byte, and per-slot scales: it must give what the
     reference gives on the same values dequantized in float64."""
     from kvforge.models.modeling_kvforge import dequantize_slots, quantize_slots
@@ -120,7 +122,7 @@ def test_4_bit_latents_read_as_packed_bytes_equal_the_float64_reference(shape, d
         exact = dict(c, k_latent=dequantize_slots(k_q, k_scale.double()), v_latent=dequantize_slots(v_q, v_scale.double()))
         # One program per KV head with the splits (kv_per_program 1), all KV heads in one without them.
         out = kernel(dict(c, k_latent=k_q, v_latent=v_q), block_s=16, num_splits=num_splits, k_scale=k_scale,
-                     v_scale=v_scale, kv_per_program=1 if num_splits > 1 else None)
+                     v_scale=v_scale, kv_per_program=1 if num_splits > 1 else None, prefetch=prefetch)
         assert relative_error(out, reference(exact)) < tolerance
 
 

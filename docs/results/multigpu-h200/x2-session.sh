@@ -45,16 +45,20 @@ COMPILE_DEBUG=${COMPILE_DEBUG-window-lowrank-12}
 MAX_BATCH_VARIANTS=${MAX_BATCH_VARIANTS-original lr25-int8-aligned-static lr12-int4-aligned-static}
 # Session 14 made eight programs per SM the latent kernel's default (3.03x the original at B=32 x 16k for 25%) and
 # found one program per KV head slower. The tile settings (slots per tile, warps, pipelining stages) were chosen on
-# bf16 latents: first a sweep of them on the int8 and 4-bit caches the recipes use; then the generate rows at
-# B=128 x 4k with the new default (not measured there) and at B=32 x 16k through exported directories.
+# bf16 latents, and the loads of a low-bit tile (dequantized before its dot) may not be pipelined at all: first a
+# sweep of the tile settings with and without the kernel's new register prefetch of the next tile, on the int8
+# and 4-bit caches the recipes use; then the generate rows at B=128 x 4k with the new default (not measured
+# there), at B=32 x 16k through exported directories, and with the prefetch.
 DECODE_ARGS=${DECODE_ARGS-"--part kernel --batch 32 128 --context 16384 4096 --k-rank 48 --v-rank 96 --cache-bits 8 \
---block-s 0 32 128 --num-warps 0 8 --num-stages 0 2 4|\
+--block-s 0 32 128 --num-warps 0 8 --num-stages 0 2 4 --prefetch 0 1|\
 --part kernel --batch 32 128 --context 16384 4096 --k-rank 96 --v-rank 224 --cache-bits 4 \
---block-s 0 32 128 --num-warps 0 8 --num-stages 0 2 4|\
+--block-s 0 32 128 --num-warps 0 8 --num-stages 0 2 4 --prefetch 0 1|\
 --gen-batch 128 --gen-prompt 4096 --gen-variants original-static lr25-int8-aligned-static lr12-int4-aligned-static \
 standard-triton-static --repeats 3|\
 --gen-batch 32 --gen-prompt 16384 --gen-variants original-static lr25-int8-aligned-static lr12-int4-aligned-static \
---repeats 3 --via-export /tmp/kv-decode-exports"}
+--repeats 3 --via-export /tmp/kv-decode-exports|\
+--gen-batch 32 --gen-prompt 16384 --gen-variants lr25-int8-aligned-static lr12-int4-aligned-static --repeats 3 \
+--latent-kernel prefetch=1"}
 stamp() { echo "$(date +%T) $*"; }
 mkdir -p "$K/results"
 
