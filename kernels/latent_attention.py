@@ -82,12 +82,12 @@ if triton is not None:
                  HAS_SCALES: tl.constexpr):
         """One tile's key latents as stored [BLOCK_S, cols] (bytes of a low-bit cache, not yet dequantized) and
         their scales [BLOCK_S] (ones without scales)."""
-        k_tile = tl.load(K_LATENT + row * stride_kb + offs_s[:, None] * stride_ks + offs_rk[None, :],
-                         mask=s_ok[:, None] & rk_ok[None, :], other=0)
         if HAS_SCALES:
             k_scale = tl.load(K_SCALE + row * stride_ksb + offs_s * stride_kss, mask=s_ok, other=0.0)
         else:
             k_scale = tl.full(offs_s.shape, 1.0, tl.float32)
+        k_tile = tl.load(K_LATENT + row * stride_kb + offs_s[:, None] * stride_ks + offs_rk[None, :],
+                         mask=s_ok[:, None] & rk_ok[None, :], other=0)
         return k_tile, k_scale
 
     @triton.jit
@@ -189,30 +189,18 @@ if triton is not None:
                 offs_next = offs_s + BLOCK_S
                 next_k, next_k_scale = key_tile(K_LATENT, K_SCALE, row, offs_next, offs_next < end, offs_rk, rk_ok,
                                                 stride_kb, stride_ks, stride_ksb, stride_kss, HAS_SCALES)
-            elif HAS_SCALES:  # low-bit latents: their bytes read, dequantized in registers
+            elif PACKED or CHUNK_RK == BLOCK_RK:  # U_k held whole: this tile's keys loaded whole, now
+                k_tile, k_scale = key_tile(K_LATENT, K_SCALE, row, offs_s, s_ok, offs_rk, rk_ok, stride_kb, stride_ks,
+                                           stride_ksb, stride_kss, HAS_SCALES)
+            elif HAS_SCALES:  # the chunked path below loads its keys chunk by chunk
                 k_scale = tl.load(K_SCALE + row * stride_ksb + offs_s * stride_kss, mask=s_ok, other=0.0)
-            if PREFETCH:
-                if PACKED:
-                    c_even, c_odd = unpacked_tiles(k_tile, k_scale)
-                    c_even, c_odd = c_even.to(dtype), c_odd.to(dtype)
-                    key_lo = tl.dot(c_even, w_lo) + tl.dot(c_odd, w_lo_odd)  # [BLOCK_S, BLOCK_C] float32
-                    key_hi = tl.dot(c_even, w_hi) + tl.dot(c_odd, w_hi_odd)
-                else:
-                    c_k = k_tile
-                    if HAS_SCALES:
-                        c_k = dequantized_tile(c_k, k_scale).to(dtype)
-                    key_lo = tl.dot(c_k, w_lo)  # [BLOCK_S, BLOCK_C] float32
-                    key_hi = tl.dot(c_k, w_hi)
-            elif PACKED:
-                packed = tl.load(K_LATENT + row * stride_kb + offs_s[:, None] * stride_ks + offs_rk[None, :],
-                                 mask=s_ok[:, None] & rk_ok[None, :], other=0)
-                c_even, c_odd = unpacked_tiles(packed, k_scale)
+            if PACKED:  # low-bit latents: their bytes read, dequantized in registers
+                c_even, c_odd = unpacked_tiles(k_tile, k_scale)
                 c_even, c_odd = c_even.to(dtype), c_odd.to(dtype)
                 key_lo = tl.dot(c_even, w_lo) + tl.dot(c_odd, w_lo_odd)  # [BLOCK_S, BLOCK_C] float32
                 key_hi = tl.dot(c_even, w_hi) + tl.dot(c_odd, w_hi_odd)
             elif CHUNK_RK == BLOCK_RK:
-                c_k = tl.load(K_LATENT + row * stride_kb + offs_s[:, None] * stride_ks + offs_rk[None, :],
-                              mask=s_ok[:, None] & rk_ok[None, :], other=0)
+                c_k = k_tile
                 if HAS_SCALES:
                     c_k = dequantized_tile(c_k, k_scale).to(dtype)
                 key_lo = tl.dot(c_k, w_lo)  # [BLOCK_S, BLOCK_C] float32

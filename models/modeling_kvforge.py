@@ -1651,6 +1651,11 @@ class KVForgeModel(KVForgePreTrainedModel):
         self.norm = KVForgeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = KVForgeRotaryEmbedding(config)
         self.layer_layouts = [layer.layout for layer in spec.layers]  # (window, sinks) per layer
+        # The layouts whose layers rotate keys at attention time (their own pre-RoPE latents or, kv_from, their
+        # producer's): only their plans need the keys' RoPE tables.
+        self.key_rotary_layouts = {
+            layer.layout for layer in spec.layers
+            if (spec.layers[layer.kv_from] if layer.kv_from is not None else layer).representation == "pre_rope_latent"}
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -1766,7 +1771,8 @@ class KVForgeModel(KVForgePreTrainedModel):
                 # tables), built here, so that every layer meets the same plan: layers compiled one at a time
                 # (training.compile_scope=layers) then share one graph instead of giving the first its own.
                 plans[layout].sdpa_mask()
-                plans[layout].key_rotary().tables()
+                if layout in self.key_rotary_layouts:
+                    plans[layout].key_rotary().tables()
 
         handoff = LayerHandoff()
         hidden_states = inputs_embeds
@@ -1892,8 +1898,7 @@ LOW_BIT_DECODING_TOLERANCE = {8: 0.05, 4: 0.25}
 def decoding_tolerance(config, dtype: torch.dtype) -> float:
     """The largest margin check_cached_decoding allows for a model of `config` run in `dtype`."""
     tolerance = DECODING_TOLERANCE.get(dtype, 0.25)
-    spec = getattr(config, "compression_spec", None)
-    bits = [layer.cache_bits for layer in (spec.layers if spec is not None else ()) if layer.cache_bits is not None]
+    bits = [layer.cache_bits for layer in config.compression_spec.layers if layer.cache_bits is not None]
     if bits and dtype != torch.float64:
         tolerance = max(tolerance, LOW_BIT_DECODING_TOLERANCE[min(bits)])
     return tolerance
