@@ -223,6 +223,22 @@ def compile_in_place(model: torch.nn.Module, scope: str, engine: Any = None, **o
         layer.compile(**options)
 
 
+def compile_summary() -> str:
+    """What torch.compile has cost this process so far: graphs and seconds per phase, from dynamo's own counters
+    (private, so read defensively). The first step's time says how long compiling took; this says where it went
+    (tracing, AOT autograd, inductor's codegen, waiting on Triton's compile workers) and how many graphs."""
+    try:
+        from torch._dynamo.utils import calculate_time_spent, counters
+        graphs = counters["stats"]["unique_graphs"]
+        seconds = calculate_time_spent()
+    except (ImportError, AttributeError, KeyError) as err:  # a torch that renamed them
+        return f"unavailable ({type(err).__name__}: {err})"
+    phases = ["entire_frame_compile", "entire_backward_compile", "backend_compile", "inductor_compile", "code_gen",
+              "async_compile.wait"]
+    parts = ", ".join(f"{name} {seconds[name]:.1f}s" for name in phases if name in seconds)
+    return f"{graphs} graph(s); {parts}"
+
+
 def mark_varying_dims_dynamic(layers: list[torch.nn.Module]) -> None:
     """Marks each parameter dimension whose size differs between layers (a latent rank) as dynamic before the first
     trace, so the first layer's graph is already the symbolic one that the later layers reuse: otherwise dynamo

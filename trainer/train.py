@@ -47,7 +47,8 @@ from .config import (Config, check_deepspeed_config, resolve_deepspeed, save_res
 from .data import DataError
 from .export_run import write_hf_model
 from .losses import HiddenStateLoss, distillation_loss_parts
-from .runtime import FAULT_ENV, Faults, Preemption, compile_in_place, init_distributed, on_rank0_first
+from .runtime import (FAULT_ENV, Faults, Preemption, compile_in_place, compile_summary, init_distributed,
+                      on_rank0_first)
 from .stages import plan_stages, stage_at, start_stage, start_stage_from_checkpoint
 from .tracking import RunLogger, check_wandb_installed
 
@@ -696,6 +697,7 @@ def train(cfg: Config) -> TrainResult:
         log(f"peak GPU memory before training: {peak_memory_gib(device):.1f} GiB (model building, teacher "
             "samples, step-0 eval); train/peak_memory_gib counts from here")
         torch.cuda.reset_peak_memory_stats(device)
+    first_step = step  # where this process starts (a resumed run compiles again)
     bar = tqdm(total=t.max_steps, initial=step, disable=rank != 0, desc="train", dynamic_ncols=True)
     engine.train()
     try:
@@ -796,6 +798,8 @@ def train(cfg: Config) -> TrainResult:
                 if peak:
                     metrics["train/mfu"] = flops_tok * tok_s / (peak * world)
                 logger.log(metrics, step=step)
+            if step == first_step + 1 and t.compile:
+                log(f"step {step}: {elapsed:.1f} s, compiling included; compile: {compile_summary()}")
             bar.set_postfix(loss=f"{loss_mean:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:,.0f}")
             bar.update(1)
 

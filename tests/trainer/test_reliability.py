@@ -17,6 +17,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -257,6 +258,10 @@ def test_a_compiled_student_and_teacher_train_as_the_eager_ones(launcher, tmp_pa
         runs[variant] = metrics(run_dir)
         graphs = counters["stats"]["unique_graphs"]
         assert (graphs > 0) == (variant != "eager"), (variant, graphs)  # compiled means dynamo made graphs
+        # The first step's log line says what compiling cost and how many graphs it made.
+        said = re.search(r"step 1: [0-9.]+ s, compiling included; compile: (\d+) graph", outcome.out + outcome.err)
+        assert (said is not None) == (variant != "eager"), (variant, outcome.err[-2000:])
+        assert said is None or int(said.group(1)) == graphs, (said.group(0), graphs)
     for variant in ("model", "layers"):
         assert sorted(runs[variant]) == [1, 2, 3], variant
         for step, record in runs[variant].items():
