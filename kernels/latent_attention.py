@@ -407,7 +407,7 @@ def _num_splits(programs: int, slots: int, block_s: int, device: torch.device, p
 
 def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weight, v_bias, positions, valid,
                             inv_freq, rope_scaling: float, scaling: float, *, max_position: int | None = None,
-                            block_s: int | None = None, num_splits: int | None = None, num_warps: int = 4,
+                            block_s: int | None = None, num_splits: int | None = None, num_warps: int | None = None,
                             num_stages: int | None = None, k_scale: torch.Tensor | None = None,
                             v_scale: torch.Tensor | None = None, chunk_rk: int | None = None,
                             kv_per_program: int | None = None, programs_per_sm: int | None = None,
@@ -450,9 +450,13 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
         max_position = int(positions.max())
     table = rope_table(inv_freq, float(rope_scaling), max_position + 1)
 
-    # Measured best for bf16/fp16 (benchmarks/NOTES.md); fp32 tiles take twice the shared memory, so less.
+    # Measured best for bf16/fp16 (benchmarks/NOTES.md); fp32 tiles take twice the shared memory, so less. A 4-bit
+    # cache unpacks each tile's nibbles before its dots: 128-slot tiles over 8 warps were the fastest of the 36
+    # settings swept on an H200 at every shape measured (B 32 / 128 x S 4k / 16k, ranks 96 / 224), 21-26% under
+    # 64-slot tiles over 4 warps (docs/results/decode-h200/README.md, session 15); 8-bit latents were best as before.
     wide = query.element_size() > 2
-    block_s = block_s or (32 if wide else 64)
+    block_s = block_s or (32 if wide else 128 if packed else 64)
+    num_warps = num_warps or (8 if packed and not wide else 4)
     num_stages = num_stages or (2 if wide else 3)
     kv_per_program = min(kv_per_program or LAUNCH_DEFAULTS["kv_per_program"] or kv_heads, kv_heads)
     head_programs = -(-kv_heads // kv_per_program)
