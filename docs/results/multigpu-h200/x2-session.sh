@@ -3,12 +3,11 @@
 # needed runs first (whatever the device time leaves undone is what comes last). The order since session 13:
 #   B: issue 14's 2-GPU runs (MULTIGPU2; none by default since issue 14 closed), then compare.py (tables; each
 #      export against the trained model);
-#   A: on GPU 0, FIRST0: the 12.5% recipe in issue 10's 8 minutes (1,200 aligned steps since session 14, whose
-#      1,000 missed +10% by 0.3 points). On GPU 1: FIRST1 (none by default), issue 12's decode rows (DECODE_ARGS:
-#      the latent kernel's tile settings swept on int8 and 4-bit caches, the aligned generate rows against the
-#      original on the same machine, through exported directories), issue 11's compiled-crash row (COMPILE_DEBUG:
-#      two steps with CUDA_LAUNCH_BLOCKING=1, so an error names its kernel) and the plain-loop loss rows
-#      (LOSS_ROWS); GPU 1 ends with the largest batch at 32k (MAX_BATCH_VARIANTS).
+#   A: on GPU 0, FIRST0: the 25% recipe in issue 10's 8 minutes from a cold compile cache; on GPU 1, FIRST1: the
+#      12.5% one. Then on GPU 1 issue 12's decode rows (DECODE_ARGS: the 4-bit kernel's new tiles through exported
+#      directories), issue 11's compiled-crash rows (COMPILE_DEBUG: two steps with CUDA_LAUNCH_BLOCKING=1, so an
+#      error names its kernel; none by default) and the plain-loop loss rows (LOSS_ROWS; off by default); GPU 1
+#      ends with the largest batch at 32k (MAX_BATCH_VARIANTS).
 #      Then both GPUs take recipes from one shared QUEUE, each the next one when it is free;
 #   C: the teacher sampler's speed with each attention path (SAMPLER_ATTENTION, none by default: measured in
 #      session 11), on GPU 1.
@@ -25,40 +24,30 @@
 set -u
 K=${K:-$HOME/kvgpu}
 R=docs/results
-FIRST0=${FIRST0-lowrank-12-int4-4k-8min}
-FIRST1=${FIRST1-}
-# Session 14: 25% met its targets in 452 s with a warm compile cache (lowrank-25-int8-long-aligned), 1,000 steps
-# missed by 0.3-0.4 points at 12.5% and 25%. So FIRST0 is the 12.5% recipe on 1,200 steps, and the queue first runs
-# the 25% recipe of record from a cold compile cache (its wall as a fresh machine has it), then window-lowrank-12
-# compiled (its greedy ranks crashed compiled until parameters were kept aligned) and partial-rope-50.
-QUEUE=${QUEUE-lowrank-25-int8-long-aligned window-lowrank-12 partial-rope-50}
+FIRST0=${FIRST0-lowrank-25-int8-8min}
+FIRST1=${FIRST1-lowrank-12-int4-4k-8min}
+# Session 15: the 25% recipe of record kept +5% from a cold compile cache (+4.2%) but took 559 s, 105 s of it its
+# first step compiling the whole model (compile_scope: model); per-layer compiles took ~20 s. So both 8-minute
+# recipes now compile one layer at a time, and run first, one per GPU, each from a cold cache: the 25% recipe of
+# record's 1,500 steps (lowrank-25-int8-8min) and the 12.5% recipe on 1,400 steps. Nothing is queued after them:
+# the decode rows follow on GPU 1.
+QUEUE=${QUEUE-}
 MULTIGPU1=${MULTIGPU1:-}
 MULTIGPU2=${MULTIGPU2:-}
 SAMPLER_ATTENTION=${SAMPLER_ATTENTION-}
-LOSS_ROWS=${LOSS_ROWS-1}  # issue 11: the plain PyTorch loop on the trainer's batch, never yet on the H200 beside the recipes
-# The recipe whose greedy ranks crashed compiled ("misaligned address", session 14), two steps: no crash expected
-# now that ZeRO's buffers keep every parameter aligned (trainer/stages.py).
-COMPILE_DEBUG=${COMPILE_DEBUG-window-lowrank-12}
+LOSS_ROWS=${LOSS_ROWS-}  # issue 11: the plain PyTorch loop on the trainer's batch (measured in session 15)
+COMPILE_DEBUG=${COMPILE_DEBUG-}  # issue 11's compiled crash: gone in session 15
 # Session 14 measured the original at 108 and lr50 at 140 (1.3x for half the bytes) with the 32k prompt prefilled
 # in one pass, whose activations grow with batch x prompt; now prefilled 4,096 tokens at a time (--prefill-chunk),
-# as a server does, so that the cache is what fills the GPU. Last on GPU 1: each row searches with 32k prefills.
+# as a server does, so that the cache is what fills the GPU. Session 15 ran out of device time before its first
+# row. Last on GPU 1: each row searches with 32k prefills.
 MAX_BATCH_VARIANTS=${MAX_BATCH_VARIANTS-original lr25-int8-aligned-static lr12-int4-aligned-static}
-# Session 14 made eight programs per SM the latent kernel's default (3.03x the original at B=32 x 16k for 25%) and
-# found one program per KV head slower. The tile settings (slots per tile, warps, pipelining stages) were chosen on
-# bf16 latents, and the loads of a low-bit tile (dequantized before its dot) may not be pipelined at all: first a
-# sweep of the tile settings with and without the kernel's new register prefetch of the next tile, on the int8
-# and 4-bit caches the recipes use; then the generate rows at B=128 x 4k with the new default (not measured
-# there), at B=32 x 16k through exported directories, and with the prefetch.
-DECODE_ARGS=${DECODE_ARGS-"--part kernel --batch 32 128 --context 16384 4096 --k-rank 48 --v-rank 96 --cache-bits 8 \
---block-s 0 32 128 --num-warps 0 8 --num-stages 0 2 4 --prefetch 0 1|\
---part kernel --batch 32 128 --context 16384 4096 --k-rank 96 --v-rank 224 --cache-bits 4 \
---block-s 0 32 128 --num-warps 0 8 --num-stages 0 2 4 --prefetch 0 1|\
---gen-batch 128 --gen-prompt 4096 --gen-variants original-static lr25-int8-aligned-static lr12-int4-aligned-static \
-standard-triton-static --repeats 3|\
---gen-batch 32 --gen-prompt 16384 --gen-variants original-static lr25-int8-aligned-static lr12-int4-aligned-static \
+# Session 15's sweep made 128-slot tiles over 8 warps the 4-bit kernel's default (21-26% faster alone); these rows
+# time it through exported directories, at both shapes of issue 12.
+DECODE_ARGS=${DECODE_ARGS-"--gen-batch 32 --gen-prompt 16384 --gen-variants original-static lr12-int4-aligned-static \
 --repeats 3 --via-export /tmp/kv-decode-exports|\
---gen-batch 32 --gen-prompt 16384 --gen-variants lr25-int8-aligned-static lr12-int4-aligned-static --repeats 3 \
---latent-kernel prefetch=1"}
+--gen-batch 128 --gen-prompt 4096 --gen-variants original-static lr12-int4-aligned-static --repeats 3 \
+--via-export /tmp/kv-decode-exports"}
 stamp() { echo "$(date +%T) $*"; }
 mkdir -p "$K/results"
 
