@@ -71,6 +71,9 @@ class TrainerState:
     # key; compared key by key so a mismatch names what changed. Empty in checkpoints from before it.
     signature: dict[str, Any] = field(default_factory=dict)
     data_digest: Optional[str] = None  # of the packed training rows: the batches a resume would read
+    # The optimizer's parameter groups by name (stages.optimizer_layout), which ZeRO's saved state is laid out by.
+    # Empty in checkpoints from before it.
+    optimizer_groups: list[list[str]] = field(default_factory=list)
 
 
 def step_dir_name(step: int) -> str:
@@ -454,12 +457,53 @@ def _short(signature: dict[str, Any], key: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def load(engine, ckpt_dir: Path) -> TrainerState:
-    """Load a verified, compatible checkpoint into the engine and restore this rank's RNG (collective)."""
+# What a resume says when the optimizer state cannot go into this run's optimizer.
+RESTART_ADVICE = ("export it (launch/export.py --model <its run directory>) and start a new run from the exported "
+                  "model (its weights, a fresh optimizer), or start over (a new run.output_dir, or "
+                  "checkpoint.resume=never)")
+
+
+def check_optimizer_groups(ckpt_dir: Path, state: TrainerState, groups: list[list[str]]) -> None:
+    """Raises CheckpointError when the checkpoint's optimizer groups (recorded since they are) differ from `groups`,
+    this run's, naming the first difference; DeepSpeed would fail on the flat buffers' sizes without saying why."""
+    if not state.optimizer_groups or state.optimizer_groups == groups:
+        return
+    saved = state.optimizer_groups
+    index = next((i for i, (a, b) in enumerate(zip(saved, groups)) if a != b), min(len(saved), len(groups)))
+    what = (f"group {index} holds {_first_names(saved[index])} there and {_first_names(groups[index])} here"
+            if index < min(len(saved), len(groups)) else f"{len(saved)} groups there, {len(groups)} here")
+    raise CheckpointError(f"checkpoint {ckpt_dir} cannot be resumed by this run: its optimizer state is laid out in "
+                          f"other parameter groups ({what}), as a different kvforge version or set of trainable "
+                          f"parameters groups them; {RESTART_ADVICE}")
+
+
+def _first_names(names: list[str], limit: int = 3) -> str:
+    shown = ", ".join(names[:limit])
+    return f"[{shown}{', ...' if len(names) > limit else ''}] ({len(names)} parameters)"
+
+
+def load(engine, ckpt_dir: Path, groups: Optional[list[list[str]]] = None) -> TrainerState:
+    """Load a verified, compatible checkpoint into the engine and restore this rank's RNG (collective). `groups`: this
+    run's optimizer groups by name (stages.optimizer_layout), checked against the checkpoint's first.
+
+    Raises:
+        CheckpointError: the optimizer groups differ, or DeepSpeed could not load the optimizer state into this
+            engine (a checkpoint from before kvforge recorded its groups, e.g. before it gave every parameter whose
+            length is not a multiple of 8 values a group of its own).
+    """
     ckpt_dir = Path(ckpt_dir)
     state = read_state(ckpt_dir)
-    load_path, _ = engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name, load_module_strict=True,
-                                          load_optimizer_states=True, load_lr_scheduler_states=False)
+    if groups is not None:
+        check_optimizer_groups(ckpt_dir, state, groups)
+    try:
+        load_path, _ = engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name, load_module_strict=True,
+                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+    except (RuntimeError, ValueError, KeyError, IndexError) as err:
+        raise CheckpointError(
+            f"DeepSpeed could not load checkpoint {ckpt_dir} into this run's optimizer ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''}). A checkpoint written before kvforge recorded its "
+            "optimizer groups (before 2026-11-30, when every parameter whose length is not a multiple of 8 values "
+            f"got a group of its own) cannot continue with its optimizer state: {RESTART_ADVICE}") from err
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {ckpt_dir}")
     set_rng_state(torch.load(ckpt_dir / f"rng_rank{_rank()}.pt", weights_only=False))

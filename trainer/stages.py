@@ -44,6 +44,13 @@ def param_groups(model: torch.nn.Module, weight_decay: float | None = None) -> l
     return [{"params": params, "weight_decay": weight_decay if decays else 0.0} for params, decays in groups if params]
 
 
+def optimizer_layout(model: torch.nn.Module) -> list[list[str]]:
+    """The names of param_groups' groups, in order: what a checkpoint's optimizer state is laid out by (ZeRO keeps
+    one flat buffer per group), so a resume can tell a layout it cannot load before DeepSpeed tries."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    return [[names[id(p)] for p in group["params"]] for group in param_groups(model)]
+
+
 def misaligned_parameters(model: torch.nn.Module) -> list[str]:
     """Names of the trainable parameters whose storage does not start on a 16-byte boundary."""
     return [name for name, p in model.named_parameters() if p.requires_grad and p.data_ptr() % 16]

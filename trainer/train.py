@@ -49,7 +49,7 @@ from .export_run import write_hf_model
 from .losses import HiddenStateLoss, distillation_loss_parts
 from .runtime import (FAULT_ENV, Faults, Preemption, compile_in_place, compile_summary, init_distributed,
                       on_rank0_first)
-from .stages import plan_stages, stage_at, start_stage, start_stage_from_checkpoint
+from .stages import optimizer_layout, plan_stages, stage_at, start_stage, start_stage_from_checkpoint
 from .tracking import RunLogger, check_wandb_installed
 
 # The student's submodule computing the loss from its hidden states (losses.HiddenStateLoss; no parameters).
@@ -648,7 +648,8 @@ def train(cfg: Config) -> TrainResult:
     # A run that starts from step 0 is a new W&B run; a resumed one continues its checkpoint's.
     wandb_id = uuid.uuid4().hex[:12]
     if resumed is not None:
-        state = ckpt.read_state(resume_from) if from_previous_stage else ckpt.load(engine, resume_from)
+        state = (ckpt.read_state(resume_from) if from_previous_stage
+                 else ckpt.load(engine, resume_from, optimizer_layout(engine.module)))
         step, tokens_seen = state.step, state.tokens_seen
         skipped_steps, bad_in_a_row = state.skipped_steps, state.bad_steps_in_a_row
         wandb_id = state.wandb_run_id or wandb_id
@@ -666,7 +667,8 @@ def train(cfg: Config) -> TrainResult:
         state = ckpt.TrainerState(step=step, tokens_seen=tokens_seen, world_size=world,
                                   wandb_run_id=logger.run_id, config_fingerprint=fingerprint, metrics=metrics,
                                   skipped_steps=skipped_steps, bad_steps_in_a_row=bad_in_a_row,
-                                  signature=signature, data_digest=digest)
+                                  signature=signature, data_digest=digest,
+                                  optimizer_groups=optimizer_layout(engine.module))
         crash = faults.fires("crash_in_save", step, rank)
         return ckpt.save(engine, ckpt_root, state, cfg.checkpoint.keep_last,
                          before_commit=(lambda: os.kill(os.getpid(), signal.SIGKILL)) if crash else None)

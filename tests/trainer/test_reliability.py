@@ -204,6 +204,32 @@ def test_resume_with_a_different_compression_spec_names_what_changed(launcher, r
     assert "compression: {}" in (run_dir / "config.yaml").read_text()
 
 
+def test_a_checkpoint_whose_optimizer_groups_differ_is_refused_in_one_line(launcher, tmp_path, monkeypatch):
+    """ZeRO lays a checkpoint's optimizer state out by the optimizer's parameter groups. A checkpoint from a kvforge
+    that grouped them otherwise (before every parameter whose length is not a multiple of 8 values got a group of
+    its own) is refused in one line that says what to do, not with DeepSpeed's error about its alignment setting:
+    before DeepSpeed is asked where the checkpoint records its groups, after it fails where it does not."""
+    from kvforge.trainer import stages, train
+
+    steps = ["checkpoint.save_every=2", "training.eval_every=0"]
+    with monkeypatch.context() as old:  # the grouping of before: by weight decay only
+        old.setattr(stages, "ALIGN_ELEMENTS", 1)
+        recorded = run_in_process(launcher, tmp_path / "recorded", "training.max_steps=2", *steps, config=COMPRESSED)
+        old.setattr(train, "optimizer_layout", lambda module: [])  # and no groups in the checkpoint, as then
+        unrecorded = run_in_process(launcher, tmp_path / "unrecorded", "training.max_steps=2", *steps,
+                                    config=COMPRESSED)
+    assert recorded.rc == 0 and unrecorded.rc == 0, (recorded, unrecorded)
+    outcome = run_in_process(launcher, tmp_path / "recorded", "training.max_steps=4", *steps, config=COMPRESSED)
+    assert_one_line_error(outcome, "cannot be resumed by this run: its optimizer state is laid out in other "
+                                   "parameter groups (group 1 holds", "launch/export.py")
+    outcome = run_in_process(launcher, tmp_path / "unrecorded", "training.max_steps=4", *steps, config=COMPRESSED)
+    assert_one_line_error(outcome, "DeepSpeed could not load checkpoint", "launch/export.py", "checkpoint.resume=never")
+    # This kvforge's own checkpoints record their groups and resume.
+    run_in_process(launcher, tmp_path / "now", "training.max_steps=2", *steps, config=COMPRESSED)
+    outcome = run_in_process(launcher, tmp_path / "now", "training.max_steps=4", *steps, config=COMPRESSED)
+    assert outcome.rc == 0 and "resumed from" in outcome.out + outcome.err, outcome
+
+
 # ---------------------------------------------------------------------------------------------------
 # Non-finite losses
 
