@@ -169,6 +169,10 @@ class TrainingConfig:
     grad_clip: float = 1.0
     precision: str = "bf16"
     gradient_checkpointing: bool = False
+    # The policy with gradient_checkpointing: recompute one decoder layer in N in the backward (1: every layer, the
+    # least memory; 2: every other one, about half the activations kept for half the recompute; ...). The layers in
+    # between keep their activations. Memory against speed, per model and batch.
+    gradient_checkpointing_every: int = 1
     # torch.compile the student (through its DeepSpeed engine) and the teacher, in place: parameter names and
     # checkpoints are unchanged, the losses equal eager ones to float rounding (tests/trainer/test_reliability.py).
     # The first steps pay the compilation; whether it pays after that is measured per model and device.
@@ -523,6 +527,7 @@ def validate(cfg: Config) -> None:
         "eval.batch_size": cfg.eval.batch_size,
         "checkpoint.keep_last": cfg.checkpoint.keep_last,
         "training.max_bad_steps": t.max_bad_steps,
+        "training.gradient_checkpointing_every": t.gradient_checkpointing_every,
     }
     for key, value in positive.items():
         if value <= 0:

@@ -13,7 +13,7 @@ import torch
 from . import checkpoint as ckpt
 from .config import Config, ConfigError
 from .export_run import consolidate_checkpoint
-from .runtime import compile_in_place
+from .runtime import compile_in_place, decoder_layers
 
 # ZeRO-1/2 pack each optimizer group's parameters back to back in one flat buffer and make every parameter a view
 # into it, so a parameter whose 16-bit size is not a multiple of 16 bytes (a latent projection's bias with a greedy
@@ -49,6 +49,17 @@ def optimizer_layout(model: torch.nn.Module) -> list[list[str]]:
     one flat buffer per group), so a resume can tell a layout it cannot load before DeepSpeed tries."""
     names = {id(p): name for name, p in model.named_parameters()}
     return [[names[id(p)] for p in group["params"]] for group in param_groups(model)]
+
+
+def checkpoint_layers(model: torch.nn.Module, every: int) -> list[int]:
+    """Gradient checkpointing of one decoder layer in `every` (layers 0, every, 2 * every, ...): transformers'
+    checkpointing switched on for the model, then off again in the layers between (each of its
+    GradientCheckpointingLayers reads its own flag at every call). Returns the checkpointed layers' indices."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = decoder_layers(model)
+    for index, layer in enumerate(layers):
+        layer.gradient_checkpointing = index % every == 0
+    return [index for index in range(len(layers)) if index % every == 0]
 
 
 def misaligned_parameters(model: torch.nn.Module) -> list[str]:
@@ -168,7 +179,9 @@ def start_stage(model: torch.nn.Module, stage: Stage, new: set[str], cfg: Config
         log(f"stage {stage.index + 1}/{len(t.stages)}: steps {stage.start + 1}-{stage.end} train {stage.train}: "
             f"{len(trained)} tensors, {numel:,} parameters, peak lr {stage.lr:g}")
     if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpointed = checkpoint_layers(model, t.gradient_checkpointing_every)
+        log(f"gradient checkpointing: {len(checkpointed)} of {len(decoder_layers(model))} decoder layers "
+            f"(training.gradient_checkpointing_every={t.gradient_checkpointing_every})")
     model.config.use_cache = False
     optimizer = None
     if "optimizer" not in ds_config:

@@ -423,15 +423,27 @@ def test_gradients_reach_every_parameter(method):
         assert param.grad.abs().sum() > 0, f"{name} has an all-zero gradient"
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("every", [1, 2])
+def test_gradient_checkpointing_gives_the_same_gradients(every):
+    """Checkpointing every layer, or one in `every` (the trainer's training.gradient_checkpointing_every): the
+    checkpointed layers run their attention again in the backward, the others once, and the gradients are those
+    without checkpointing."""
+    from kvforge.trainer.stages import checkpoint_layers
+
     ids, _ = padded_batch(lengths=(9, 9))
-    grads = []
+    grads, calls = [], []
     for checkpointing in (False, True):
         model = build(COMBINED, attn_implementation="eager").train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            assert checkpoint_layers(model, every) == list(range(0, len(model.model.layers), every))
+        counts = [0] * len(model.model.layers)
+        for index, layer in enumerate(model.model.layers):
+            layer.self_attn.register_forward_hook(lambda *_, index=index: counts.__setitem__(index, counts[index] + 1))
         model(ids, labels=ids).loss.backward()
         grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+        calls.append(counts)
+    assert calls[0] == [1] * len(calls[0])
+    assert calls[1] == [2 if index % every == 0 else 1 for index in range(len(calls[1]))]
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-6, rtol=1e-5, msg=name)
 
