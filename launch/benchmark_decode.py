@@ -467,6 +467,23 @@ def window_spec(num_layers: int):
     return PRESETS["sliding-window"](num_layers, window=1024)
 
 
+def recipe_spec(recipe: str, num_layers: int) -> dict:
+    """The compression of configs/recovery/<recipe>.yaml as the model has it before surgery: its preset at its
+    arguments (uniform ranks; surgery's greedy ones need the real model's statistics), or its explicit layers."""
+    from transformers import LlamaConfig
+
+    from kvforge.models.presets import build_preset
+    from kvforge.trainer.config import load_config
+
+    compression = load_config(REPO / "configs" / "recovery" / f"{recipe}.yaml").compression
+    if compression.layers:
+        if len(compression.layers) != num_layers:
+            raise ValueError(f"recipe {recipe} has {len(compression.layers)} layers, the model {num_layers}")
+        return {"layers": [layer.to_dict() for layer in compression.layers]}
+    base = LlamaConfig(**{**SMOLLM2, "num_hidden_layers": num_layers})
+    return build_preset(compression.preset, base, **dict(compression.arguments))
+
+
 # name -> (what the row is, the compression spec of num_layers (None: the original), KVFORGE_KERNELS, cache)
 GENERATE_VARIANTS = {
     "original": ("original (transformers Llama, SDPA)", None, None, None),
@@ -497,6 +514,17 @@ GENERATE_VARIANTS = {
                              "triton", "kvforge"),
     "standard-static": ("original layout in kvforge (PyTorch SDPA), static cache + CUDA graph", standard_spec, "auto",
                         "kvforge"),
+    # The other layouts of issue 10's recipes, at their presets' uniform ranks; the partial-RoPE and GQA kernels
+    # serve CUDA tensors when asked (KVFORGE_KERNELS=triton, kernels/dispatch.py).
+    "partial-rope-25-static": ("partial-rope-25 (per-head partial RoPE, 25%), Triton, static cache + CUDA graph",
+                               functools.partial(recipe_spec, "partial-rope-25"), "triton", "kvforge"),
+    "partial-rope-50-static": ("partial-rope-50 (per-head partial RoPE, 50%), Triton, static cache + CUDA graph",
+                               functools.partial(recipe_spec, "partial-rope-50"), "triton", "kvforge"),
+    "merged-heads-static": ("merged-heads-33 (3 -> 1 KV heads), Triton GQA kernel, static cache + CUDA graph",
+                            functools.partial(recipe_spec, "merged-heads-33"), "triton", "kvforge"),
+    "window-lowrank-12-static": ("window-lowrank-12 (windows of 1,020 + 4 sinks beside latents), Triton, static "
+                                 "cache + CUDA graph", functools.partial(recipe_spec, "window-lowrank-12"), "triton",
+                                 "kvforge"),
     "standard-triton-static": ("original layout in kvforge, Triton GQA kernel, static cache + CUDA graph",
                                standard_spec, "triton", "kvforge"),
     "standard-int8-triton-static": ("original layout, K and V in int8 (50%), Triton GQA kernel, static + graph",

@@ -43,11 +43,14 @@ COMPILE_DEBUG=${COMPILE_DEBUG-}  # issue 11's compiled crash: gone in session 15
 # row. Last on GPU 1: each row searches with 32k prefills.
 MAX_BATCH_VARIANTS=${MAX_BATCH_VARIANTS-original lr25-int8-aligned-static lr12-int4-aligned-static}
 # Session 15's sweep made 128-slot tiles over 8 warps the 4-bit kernel's default (21-26% faster alone); these rows
-# time it through exported directories, at both shapes of issue 12.
+# time it through exported directories, at both shapes of issue 12; then the recipes' other layouts (partial RoPE at
+# 25% and 50%, merged heads, windows beside latents), never yet timed through generate().
 DECODE_ARGS=${DECODE_ARGS-"--gen-batch 32 --gen-prompt 16384 --gen-variants original-static lr12-int4-aligned-static \
 --repeats 3 --via-export /tmp/kv-decode-exports|\
 --gen-batch 128 --gen-prompt 4096 --gen-variants original-static lr12-int4-aligned-static --repeats 3 \
---via-export /tmp/kv-decode-exports"}
+--via-export /tmp/kv-decode-exports|\
+--gen-batch 32 --gen-prompt 16384 --gen-variants partial-rope-25-static partial-rope-50-static merged-heads-static \
+window-lowrank-12-static --repeats 3"}
 stamp() { echo "$(date +%T) $*"; }
 mkdir -p "$K/results"
 
