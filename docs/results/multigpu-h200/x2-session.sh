@@ -44,8 +44,13 @@ COMPILE_DEBUG=${COMPILE_DEBUG-}  # issue 11's compiled crash: gone in session 15
 MAX_BATCH_VARIANTS=${MAX_BATCH_VARIANTS-original lr25-int8-aligned-static lr12-int4-aligned-static}
 # Session 15's sweep made 128-slot tiles over 8 warps the 4-bit kernel's default (21-26% faster alone); these rows
 # time it through exported directories, at both shapes of issue 12; then the recipes' other layouts (partial RoPE at
-# 25% and 50%, merged heads, windows beside latents), never yet timed through generate().
-DECODE_ARGS=${DECODE_ARGS-"--gen-batch 32 --gen-prompt 16384 --gen-variants original-static lr12-int4-aligned-static \
+# 25% and 50%, merged heads, windows beside latents), never yet timed through generate(). First, the latent kernel
+# alone with its low-bit integers made float by two adds instead of the conversion unit (int8_magic; the SASS of the
+# int8 kernel held 97 I2F, a quarter-rate instruction), against the default, on both caches.
+DECODE_ARGS=${DECODE_ARGS-"--part kernel --batch 32 128 --context 16384 4096 --k-rank 48 --v-rank 96 --cache-bits 8 \
+--int8-magic 0 1|\
+--part kernel --batch 32 128 --context 16384 4096 --k-rank 96 --v-rank 224 --cache-bits 4 --int8-magic 0 1|\
+--gen-batch 32 --gen-prompt 16384 --gen-variants original-static lr12-int4-aligned-static \
 --repeats 3 --via-export /tmp/kv-decode-exports|\
 --gen-batch 128 --gen-prompt 4096 --gen-variants original-static lr12-int4-aligned-static --repeats 3 \
 --via-export /tmp/kv-decode-exports|\
