@@ -35,8 +35,7 @@ CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuob
 
 def compile_latent_kernel(*, cache: str, k_rank: int, v_rank: int, kv_per_program: int, block_s: int,
                           num_warps: int, num_stages: int, prefetch: bool = False, int8_magic: bool = False,
-                          kv_heads: int = 3, group: int = 3,
-                          dim: int = 64, capability: int = 90):
+                          kv_heads: int = 3, group: int = 3, dim: int = 64, capability: int = 90):
     """The kernel as latent_decode_attention would launch it for bf16 queries and a `cache` of bf16, int8 or int4
     latents, compiled for `capability`; returns Triton's compiled kernel (its .asm["cubin"], .metadata)."""
     fn = latent_attention._latent_decode_kernel

@@ -482,6 +482,7 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     chunk_rk = block_rk if packed else chunk_rk or (block_rk if block_rk <= 128 else 64)
     prefetch = LAUNCH_DEFAULTS["prefetch"] if prefetch is None else prefetch
     prefetch = bool(prefetch) and chunk_rk == block_rk  # the chunked path loads U_k and c_k per chunk instead
+    int8_magic = bool(LAUNCH_DEFAULTS["int8_magic"] if int8_magic is None else int8_magic)
     splits = num_splits or _num_splits(batch * head_programs, slots, block_s, query.device,
                                        programs_per_sm or LAUNCH_DEFAULTS["programs_per_sm"])
     per_split = -(-slots // splits)
@@ -505,8 +506,7 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
         slots, heads, group, kv_heads, k_rank, v_rank, per_split, splits, float(scaling),
         HALF=dim // 2, BLOCK_H=block_h, BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_RK=block_rk, BLOCK_RV=block_rv,
         HAS_K_BIAS=k_bias is not None, HAS_SCALES=has_scales, CHUNK_RK=chunk_rk, PACKED=packed,
-        KV_PER_PROGRAM=kv_per_program, STAT_H=stat_h, PREFETCH=prefetch,
-        INT8_MAGIC=bool(LAUNCH_DEFAULTS["int8_magic"] if int8_magic is None else int8_magic), num_warps=num_warps,
+        KV_PER_PROGRAM=kv_per_program, STAT_H=stat_h, PREFETCH=prefetch, INT8_MAGIC=int8_magic, num_warps=num_warps,
         num_stages=num_stages,
     )
     return merged_values(acc, stats_max, stats_sum, v_weight, v_bias, kv_heads, group, v_rank, query.dtype)

@@ -499,11 +499,14 @@ def load(engine, ckpt_dir: Path, groups: Optional[list[list[str]]] = None) -> Tr
         load_path, _ = engine.load_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name, load_module_strict=True,
                                               load_optimizer_states=True, load_lr_scheduler_states=False)
     except (RuntimeError, ValueError, KeyError, IndexError) as err:
+        # Groups recorded and equal: the cause is elsewhere, so no guess about it.
+        why = ("" if state.optimizer_groups else
+               " A checkpoint written before kvforge recorded its optimizer groups (before 2026-11-30, when every "
+               "parameter whose length is not a multiple of 8 values got a group of its own) cannot continue with "
+               "its optimizer state.")
         raise CheckpointError(
             f"DeepSpeed could not load checkpoint {ckpt_dir} into this run's optimizer ({type(err).__name__}: "
-            f"{str(err).splitlines()[0] if str(err) else ''}). A checkpoint written before kvforge recorded its "
-            "optimizer groups (before 2026-11-30, when every parameter whose length is not a multiple of 8 values "
-            f"got a group of its own) cannot continue with its optimizer state: {RESTART_ADVICE}") from err
+            f"{str(err).splitlines()[0] if str(err) else ''}).{why} To go on: {RESTART_ADVICE}") from err
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {ckpt_dir}")
     set_rng_state(torch.load(ckpt_dir / f"rng_rank{_rank()}.pt", weights_only=False))
