@@ -6,6 +6,7 @@ import os
 import time
 
 import pytest
+from kernel_generation import tiny_model
 import torch
 from launch_scripts import load_launch_script
 
@@ -82,16 +83,11 @@ def test_the_latent_kernel_rows_compute_on_cpu_for_low_bit_latents_and_each_prog
 def test_an_exported_copy_is_the_bundled_code_and_decodes_as_the_model_did(benchmark, tmp_path, monkeypatch):
     """--via-export times what a user loads: the exporter's directory through plain transformers with
     trust_remote_code (the bundled modeling file, not kvforge's), decoding the same tokens with the static cache."""
-    from kvforge.models.configuration_kvforge import KVForgeConfig
     from kvforge.models.modeling_kvforge import KVForgeForCausalLM
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     layer = {"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 12, "v_rank": 10, "cache_bits": 8}
-    torch.manual_seed(0)
-    config = KVForgeConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                           head_dim=16, vocab_size=128, max_position_embeddings=256, num_hidden_layers=2,
-                           initializer_range=0.1, compression={"layers": [layer, layer]})
-    model = KVForgeForCausalLM(config).eval()
+    model = tiny_model([layer, layer])
     copy = benchmark.exported_copy(model, tmp_path / "lr")
     assert type(copy).__module__.startswith("transformers_modules") and type(copy) is not KVForgeForCausalLM
     ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(0))
@@ -153,16 +149,9 @@ def test_a_prompt_prefilled_in_chunks_decodes_the_same_tokens(benchmark, cache):
     """--prefill-chunk (the max-batch rows at 32k: the prefill's activations would otherwise bound the batch before
     the cache does) hands generate() prefill_chunk_size; kvforge's caches, dynamic and static, take the prompt in
     chunks and decode what one pass decodes, for every kind of layer at once."""
-    from kvforge.models.configuration_kvforge import KVForgeConfig
-    from kvforge.models.modeling_kvforge import KVForgeForCausalLM
-
     layers = [{"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 12, "v_rank": 10, "cache_bits": 8},
               {"attention": "window", "window": 8, "sinks": 2}, {}]
-    torch.manual_seed(0)
-    config = KVForgeConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                           head_dim=16, vocab_size=128, max_position_embeddings=256, num_hidden_layers=3,
-                           initializer_range=0.1, compression={"layers": layers})
-    model = KVForgeForCausalLM(config).eval()
+    model = tiny_model(layers)
     ids = torch.randint(3, 128, (2, 21), generator=torch.Generator().manual_seed(0))
     widths = []  # tokens per forward of the decoder
     model.model.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),

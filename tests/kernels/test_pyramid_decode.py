@@ -6,11 +6,9 @@ those lengths and must decode what the PyTorch path decodes over the same caches
 import os
 
 import pytest
-from kernel_generation import record_kernel_calls
+from kernel_generation import record_kernel_calls, tiny_model
 import torch
 
-from kvforge.models.configuration_kvforge import KVForgeConfig
-from kvforge.models.modeling_kvforge import KVForgeForCausalLM
 from kvforge.models.pyramid import PyramidSettings, layer_budgets, new_pyramid_cache
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
@@ -26,11 +24,7 @@ KERNELS = ("gqa_decode_attention", "latent_decode_attention", "partial_rope_deco
 
 
 def test_ragged_pyramid_budgets_decode_through_the_kernels_as_through_pytorch(monkeypatch):
-    torch.manual_seed(0)
-    config = KVForgeConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                           head_dim=16, vocab_size=128, max_position_embeddings=256, num_hidden_layers=len(LAYERS),
-                           initializer_range=0.1, compression={"layers": LAYERS})
-    model = KVForgeForCausalLM(config).eval()
+    model = tiny_model(LAYERS)
     ids = torch.randint(3, 128, (2, 61), generator=torch.Generator().manual_seed(1))
     attention_mask = torch.ones_like(ids)
     attention_mask[1, :7] = 0  # left padding in row 1

@@ -6,6 +6,7 @@ rounding ties and an all-zero token; and a static generate() with the kernel equ
 import os
 
 import pytest
+from kernel_generation import tiny_model
 import torch
 
 from kvforge.kernels import dispatch
@@ -57,15 +58,8 @@ def test_the_dispatch_sends_a_latent_write_to_the_kernel_and_anything_else_to_th
 
 @pytest.mark.parametrize("cache_bits", [8, 4])
 def test_static_generate_with_the_fused_write_equals_generate_without_it(cache_bits, monkeypatch):
-    from kvforge.models.configuration_kvforge import KVForgeConfig
-    from kvforge.models.modeling_kvforge import KVForgeForCausalLM
-
     layer = {"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 12, "v_rank": 10, "cache_bits": cache_bits}
-    torch.manual_seed(0)
-    config = KVForgeConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                           head_dim=16, vocab_size=128, max_position_embeddings=256, num_hidden_layers=2,
-                           initializer_range=0.1, compression={"layers": [layer, dict(layer, k_rank=8)]})
-    model = KVForgeForCausalLM(config).eval()
+    model = tiny_model([layer, dict(layer, k_rank=8)])
     ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(cache_bits))
     mask = torch.ones_like(ids)
     mask[0, :2] = 0
