@@ -174,13 +174,38 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def write_profile(profiler, path: Path, device: torch.device, rows: int = 40) -> None:
-    """The profiled step's ops by their own device time (CPU time off a GPU), and by total time."""
+def write_profile(profiler, path: Path, device: torch.device, wall_s: float, rows: int = 40) -> None:
+    """The profiled step's ops by their own device time (CPU time off a GPU), by total time, and by their own
+    CPU time, under a header that sets the step's wall time against the time the GPU was busy (the union of
+    its kernels' intervals): the difference is the host-side gap, the time the GPU waited for Python."""
     own = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     total = "device_time_total" if device.type == "cuda" else "cpu_time_total"
     averages = profiler.key_averages()
-    path.write_text(f"sorted by {own}\n{averages.table(sort_by=own, row_limit=rows)}\n\n"
-                    f"sorted by {total}\n{averages.table(sort_by=total, row_limit=rows)}\n")
+    header = f"step wall time {wall_s * 1e3:.1f} ms (profiler included)"
+    if device.type == "cuda":
+        events = profiler.events()
+        busy_us = busy_time_us(e.time_range for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        launches = sum(e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx") for e in events)
+        header += (f"; GPU busy {busy_us / 1e3:.1f} ms ({busy_us / 1e4 / wall_s:.0f}% of the wall), "
+                   f"{launches} kernel launches")
+    path.write_text(f"{header}\n\nsorted by {own}\n{averages.table(sort_by=own, row_limit=rows)}\n\n"
+                    f"sorted by {total}\n{averages.table(sort_by=total, row_limit=rows)}\n\n"
+                    f"sorted by self_cpu_time_total (the host's side)\n"
+                    f"{averages.table(sort_by='self_cpu_time_total', row_limit=rows)}\n")
+
+
+def busy_time_us(intervals) -> float:
+    """The length of the union of (start, end) intervals (the profiler's time ranges, in microseconds):
+    kernels on several streams overlap, so their durations summed would overstate the busy time."""
+    busy, end = 0.0, float("-inf")
+    for start, stop in sorted((r.start, r.end) for r in intervals):
+        if start > end:
+            busy += stop - start
+            end = stop
+        elif stop > end:
+            busy += stop - end
+            end = stop
+    return busy
 
 
 def compress_for_training(cfg: Config, run_dir: Path, rank: int, log=print) -> Path:
@@ -752,7 +777,7 @@ def train(cfg: Config) -> TrainResult:
             elapsed = time.perf_counter() - started
             if profiler is not None:
                 profiler.__exit__(None, None, None)
-                write_profile(profiler, run_dir / f"profile_step{step}.txt", device)
+                write_profile(profiler, run_dir / f"profile_step{step}.txt", device, elapsed)
                 profiler = None
                 log(f"step {step}: profiled ({run_dir / f'profile_step{step}.txt'}); its time includes the profiler's")
 

@@ -3,24 +3,26 @@
 # needed runs first (whatever the device time leaves undone is what comes last). The order since session 13:
 #   B: issue 14's 2-GPU runs (MULTIGPU2; none by default since issue 14 closed), then compare.py (tables; each
 #      export against the trained model);
-#   A: on GPU 0, FIRST0: the 25% recipe in issue 10's 8 minutes from a cold compile cache; on GPU 1, FIRST1: the
-#      12.5% one. Then on GPU 1 issue 12's decode rows (DECODE_ARGS: the 4-bit kernel's new tiles through exported
-#      directories), issue 11's compiled-crash rows (COMPILE_DEBUG: two steps with CUDA_LAUNCH_BLOCKING=1, so an
-#      error names its kernel; none by default) and the plain-loop loss rows (LOSS_ROWS; off by default); GPU 1
-#      ends with the largest batch at 32k (MAX_BATCH_VARIANTS).
+#   A: (the embedded model converted once, before any timed run) on GPU 0, FIRST0: the 25% recipe in issue 10's 8
+#      minutes from a cold compile cache, then the largest batches and the step profiles; on GPU 1, FIRST1: the
+#      12.5% one. Then on GPU 1 issue 12's decode rows (DECODE_ARGS: kernel A/B rows and rows through exported
+#      directories), issue 11's compiled-crash rows (COMPILE_DEBUG: two steps with CUDA_LAUNCH_BLOCKING=1, so an error names its
+#      kernel; none by default) and the plain-loop loss rows (LOSS_ROWS; off by default). GPU 0's largest batch at
+#      32k (MAX_BATCH_VARIANTS) is a memory search, so it runs beside the decode timings; then PROFILES.
 #      Then both GPUs take recipes from one shared QUEUE, each the next one when it is free;
 #   C: the teacher sampler's speed with each attention path (SAMPLER_ATTENTION, none by default: measured in
 #      session 11), on GPU 1.
 # Recipe runs are where a session's minutes go (3-10 min each), so they come after the few short runs that close
 # things.
 # Started by `PIPELINE=docs/results/multigpu-h200/x2-session.sh bash docs/results/recovery-h200/setup.sh start`
-# (after `setup.sh part00` and two `setup.sh stage` calls), so it runs from $K/repo and logs to $K/pipeline.log; poll.sh follows it (its "ALL
-# DONE" is this script's last line; the sub-pipelines log to $K/pipeline-gpu*.log and $K/multigpu/).
+# (after `setup.sh part00` and two `setup.sh stage` calls), so it runs from $K/repo and logs to $K/pipeline.log;
+# poll.sh follows it (its "ALL DONE" is this script's last line; the sub-pipelines log to $K/pipeline-gpu*.log and
+# $K/multigpu/).
 # Env: FIRST0 (a recipe first on GPU 0, followed by its DeepSeek-V3 export when it is partial-rope-shared-25), FIRST1
 # (a recipe first on GPU 1), QUEUE (recipes, shared), MULTIGPU1/2 (multigpu-h200/run.sh's runs), REXTRA (overrides for
 # the recovery runs only), DECODE_ARGS (launch/benchmark_decode.py's; empty: no decode rows), COMPILE_DEBUG (recipes;
 # empty: none), LOSS_ROWS (1: the plain-loop loss rows), SAMPLER_ATTENTION, MAX_BATCH_VARIANTS (the largest batch at
-# 32k, on GPU 1 once the queue is empty; empty: none).
+# 32k, on GPU 0 after FIRST0; empty: none), PROFILES (recipes whose step 30 is profiled; empty: none).
 set -u
 K=${K:-$HOME/kvgpu}
 R=docs/results
@@ -29,18 +31,23 @@ FIRST1=${FIRST1-lowrank-12-int4-4k-8min}
 # Session 15: the 25% recipe of record kept +5% from a cold compile cache (+4.2%) but took 559 s, 105 s of it its
 # first step compiling the whole model (compile_scope: model); per-layer compiles took ~20 s. So both 8-minute
 # recipes now compile one layer at a time, and run first, one per GPU, each from a cold cache: the 25% recipe of
-# record's 1,500 steps (lowrank-25-int8-8min) and the 12.5% recipe on 1,400 steps. Nothing is queued after them:
-# the decode rows follow on GPU 1.
-QUEUE=${QUEUE-}
+# record's 1,500 steps (lowrank-25-int8-8min) and the 12.5% recipe on 1,400 steps. Session 16 queues, last, the
+# 12.5% recipe at a higher peak learning rate (GPU 0, after the largest batches and the profile).
+QUEUE=${QUEUE-lowrank-12-int4-4k-8min-lr5e-4}
 MULTIGPU1=${MULTIGPU1:-}
 MULTIGPU2=${MULTIGPU2:-}
 SAMPLER_ATTENTION=${SAMPLER_ATTENTION-}
 LOSS_ROWS=${LOSS_ROWS-}  # issue 11: the plain PyTorch loop on the trainer's batch (measured in session 15)
 COMPILE_DEBUG=${COMPILE_DEBUG-}  # issue 11's compiled crash: gone in session 15
+# Session 16: where a compiled per-layer step's wall time goes beyond its GPU time (the last profile, session 6, had
+# 417 ms of wall against 238 ms of GPU time): each recipe here trains 40 steps on GPU 0, its step 30
+# profiled (KVFORGE_PROFILE_STEP; the report's header: wall, GPU busy, kernel launches; then the ops by device and
+# by host time).
+PROFILES=${PROFILES-lowrank-12-int4-4k-8min}
 # Session 14 measured the original at 108 and lr50 at 140 (1.3x for half the bytes) with the 32k prompt prefilled
 # in one pass, whose activations grow with batch x prompt; now prefilled 4,096 tokens at a time (--prefill-chunk),
 # as a server does, so that the cache is what fills the GPU. Session 15 ran out of device time before its first
-# row. Last on GPU 1: each row searches with 32k prefills.
+# row. Session 16: on GPU 0 after FIRST0, beside GPU 1's decode rows (each row searches with 32k prefills).
 MAX_BATCH_VARIANTS=${MAX_BATCH_VARIANTS-original lr25-int8-aligned-static lr12-int4-aligned-static}
 # Session 15's sweep made 128-slot tiles over 8 warps the 4-bit kernel's default (21-26% faster alone); these rows
 # time it through exported directories, at both shapes of issue 12; then the recipes' other layouts (partial RoPE at
@@ -148,6 +155,23 @@ compile_debug() {  # gpu: issue 11's compiled runs that died at their first eval
   done
 }
 
+profiles() {  # gpu: PROFILES, 40 steps each, step 30 profiled, no evaluation, checkpoint or export
+  local r
+  for r in $PROFILES; do
+    [ -f "$K/results/$r.profile.txt" ] && continue
+    stamp "profile $r on GPU $1"
+    CUDA_VISIBLE_DEVICES=$1 KVFORGE_PROFILE_STEP=30 WANDB_MODE=${WANDB_MODE:-disabled} KVFORGE_CACHE=$K/cache \
+      HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \
+      /tmp/site/bin/deepspeed --num_gpus 1 --master_port 29516 launch/train.py --config configs/recovery/$r.yaml \
+      run.output_dir=$K/runs/$r-profile model.name=$K/SmolLM2-135M-Instruct.Q4_1.gguf "eval.heldout=[$K/fortunes]" \
+      training.max_steps=40 training.eval_every=0 eval.at_start=false checkpoint.export_hf=false \
+      > "$K/results/$r.profile.log" 2>&1 || stamp "profile $r FAILED"
+    cp "$K/runs/$r-profile/profile_step30.txt" "$K/results/$r.profile.txt" 2>/dev/null
+    cp "$K/runs/$r-profile/metrics.jsonl" "$K/results/$r.profile.metrics.jsonl" 2>/dev/null
+    rm -rf "$K/runs/$r-profile"
+  done
+}
+
 sampler() {  # the teacher sampler at 1,024 x 2,048 with each attention path, on GPU 1 (benchmarks/profile_sampler.py)
   local a
   for a in $SAMPLER_ATTENTION; do
@@ -166,10 +190,19 @@ if [ -n "$MULTIGPU2" ]; then
   cat "$K/multigpu/compare.txt"
 fi
 stamp "A: ${FIRST0:+$FIRST0 on GPU 0; }${MULTIGPU1:+$MULTIGPU1, }${FIRST1:+$FIRST1, }decode rows on GPU 1; then $QUEUE on both"
+# The embedded GGUF made a Hugging Face directory once per machine (~25 s; what a hub download is for a user),
+# before the timed runs: both first recipes would otherwise start with it, one of them waiting on the other's lock.
+if [ ! -f "$K/results/model-conversion.log" ]; then
+  start=$(date +%s)
+  KVFORGE_CACHE=$K/cache HF_HUB_OFFLINE=1 python3 -c "import sys; from pathlib import Path
+from kvforge.models.loading import gguf_model_dir; print(gguf_model_dir(Path(sys.argv[1])))" \
+    "$K/SmolLM2-135M-Instruct.Q4_1.gguf" \
+    > "$K/results/model-conversion.log" 2>&1 || stamp "model conversion FAILED"
+  stamp "model converted in $(( $(date +%s) - start )) s: $(tail -1 "$K/results/model-conversion.log")"
+fi
 [ -f "$K/queue" ] || tr ' ' '\n' <<< "$QUEUE" | grep . > "$K/queue"  # a restarted pipeline resumes the queue
-{ recovery 0 29512 "$FIRST0"; mla_export 0; worker 0 29512; } &
-{ multigpu 1 "$MULTIGPU1"; recovery 1 29513 "$FIRST1"; decode 1; compile_debug 1; loss_rows 1; worker 1 29513
-  max_batch 1; } &
+{ recovery 0 29512 "$FIRST0"; mla_export 0; max_batch 0; profiles 0; worker 0 29512; } &
+{ multigpu 1 "$MULTIGPU1"; recovery 1 29513 "$FIRST1"; decode 1; compile_debug 1; loss_rows 1; worker 1 29513; } &
 wait
 if [ -n "$MULTIGPU1$MULTIGPU2" ]; then  # again, with the 1-GPU runs
   python3 $R/multigpu-h200/compare.py "$K/multigpu" > "$K/multigpu/compare.txt" 2>&1
