@@ -464,12 +464,16 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     table = rope_table(inv_freq, float(rope_scaling), max_position + 1)
 
     # Measured best for bf16/fp16 (benchmarks/NOTES.md); fp32 tiles take twice the shared memory, so less. A 4-bit
-    # cache unpacks each tile's nibbles before its dots: 128-slot tiles over 8 warps were the fastest of the 36
-    # settings swept on an H200 at every shape measured (B 32 / 128 x S 4k / 16k, ranks 96 / 224), 21-26% under
-    # 64-slot tiles over 4 warps (docs/results/decode-h200/README.md, session 15); 8-bit latents were best as before.
+    # cache unpacks each tile's nibbles before its dots, and what suits it depends on the ranks (H200,
+    # docs/results/decode-h200/README.md): at key ranks of 96 (values 224) 128-slot tiles over 8 warps were the
+    # fastest of 36 settings at every shape, 21-26% under 64-slot tiles over 4 warps (session 15, the kernel alone);
+    # at the 12.5% recipe's key ranks of 32-64 (values 96-160) the same change made generate() 16-25% slower
+    # (session 16: 8.86 -> 11.07 ms per step at B=32 x 16k, 9.39 -> 10.89 at B=128 x 4k). So the wide tiles only
+    # from key rank 96 up; 8-bit latents were best at 64 over 4 at every rank measured.
     wide = query.element_size() > 2
-    block_s = block_s or (32 if wide else 128 if packed else 64)
-    num_warps = num_warps or (8 if packed and not wide else 4)
+    wide_tiles = packed and not wide and k_rank >= 96
+    block_s = block_s or (32 if wide else 128 if wide_tiles else 64)
+    num_warps = num_warps or (8 if wide_tiles else 4)
     num_stages = num_stages or (2 if wide else 3)
     kv_per_program = min(kv_per_program or LAUNCH_DEFAULTS["kv_per_program"] or kv_heads, kv_heads)
     head_programs = -(-kv_heads // kv_per_program)

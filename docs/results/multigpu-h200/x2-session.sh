@@ -194,10 +194,11 @@ stamp "A: ${FIRST0:+$FIRST0 on GPU 0; }${MULTIGPU1:+$MULTIGPU1, }${FIRST1:+$FIRS
 # before the timed runs: both first recipes would otherwise start with it, one of them waiting on the other's lock.
 if [ ! -f "$K/results/model-conversion.log" ]; then
   start=$(date +%s)
-  KVFORGE_CACHE=$K/cache HF_HUB_OFFLINE=1 python3 -c "import sys; from pathlib import Path
+  # From /tmp: in the repo's folder the tree's own kvforge/ (the namespace mapping) would shadow /tmp/kv/kvforge
+  # (session 16's conversion failed on it, and each first run converted the model itself).
+  (cd /tmp && KVFORGE_CACHE=$K/cache HF_HUB_OFFLINE=1 python3 -c "import sys; from pathlib import Path
 from kvforge.models.loading import gguf_model_dir; print(gguf_model_dir(Path(sys.argv[1])))" \
-    "$K/SmolLM2-135M-Instruct.Q4_1.gguf" \
-    > "$K/results/model-conversion.log" 2>&1 || stamp "model conversion FAILED"
+    "$K/SmolLM2-135M-Instruct.Q4_1.gguf") > "$K/results/model-conversion.log" 2>&1 || stamp "model conversion FAILED"
   stamp "model converted in $(( $(date +%s) - start )) s: $(tail -1 "$K/results/model-conversion.log")"
 fi
 [ -f "$K/queue" ] || tr ' ' '\n' <<< "$QUEUE" | grep . > "$K/queue"  # a restarted pipeline resumes the queue
