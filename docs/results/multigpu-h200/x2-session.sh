@@ -167,7 +167,7 @@ profiles() {  # gpu: PROFILES, 40 steps each, step 30 profiled, no evaluation, c
       training.max_steps=40 training.eval_every=0 eval.at_start=false checkpoint.export_hf=false \
       > "$K/results/$r.profile.log" 2>&1 || stamp "profile $r FAILED"
     cp "$K/runs/$r-profile/profile_step30.txt" "$K/results/$r.profile.txt" 2>/dev/null
-    cp "$K/runs/$r-profile/metrics.jsonl" "$K/results/$r.profile.metrics.jsonl" 2>/dev/null
+    cp "$K/runs/$r-profile/metrics.jsonl" "$K/results/$r.profile.steps.jsonl" 2>/dev/null  # not *.metrics.jsonl: no table row
     rm -rf "$K/runs/$r-profile"
   done
 }
