@@ -14,6 +14,7 @@ from . import checkpoint as ckpt
 from .config import Config, ConfigError
 from .export_run import consolidate_checkpoint
 from .runtime import compile_in_place, decoder_layers
+from .zero_checks import fuse_gradient_checks
 
 # ZeRO-1/2 pack each optimizer group's parameters back to back in one flat buffer and make every parameter a view
 # into it, so a parameter whose 16-bit size is not a multiple of 16 bytes (a latent projection's bias with a greedy
@@ -189,6 +190,8 @@ def start_stage(model: torch.nn.Module, stage: Stage, new: set[str], cfg: Config
                                       eps=t.eps, fused=device.type == "cuda")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
                                            model_parameters=None if optimizer else param_groups(model))
+    if cfg.deepspeed.fused_gradient_checks and fuse_gradient_checks(engine.optimizer, log):
+        log("gradient checks: ZeRO's inf/NaN test and gradient norm fused over all tensors (trainer/zero_checks.py)")
     if t.compile:
         misaligned = misaligned_parameters(engine.module)
         if misaligned:  # param_groups' layout is what prevents this; a DeepSpeed that packs otherwise would not
