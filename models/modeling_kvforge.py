@@ -279,13 +279,16 @@ class SlotPlan:
         """The mask SDPA needs for this layout and step, decided once for all its layers: (mask [B or 1, 1, 1, T,
         S], causal); None with causal.
 
-        Without padding (no_padding) one mask row serves the batch; and if no window cuts into the T tokens it is
-        the plain causal mask, for which SDPA takes is_causal instead (the flash kernel: no [T, S] mask at all).
+        Without padding (no_padding) one mask row serves the batch; and if nothing is cached and no window cuts
+        into the T tokens it is the plain causal mask, for which SDPA takes is_causal instead (the flash kernel: no
+        [T, S] mask at all).
         Kept on the plan, which lives one forward, rather than in a table keyed by id(plan): under torch.compile
         of single layers an id() becomes a guard on the object, which fails on every new forward's plan.
         """
         if self._sdpa_mask is None:
-            if self.no_padding and (self.window is None or self.window >= self.query_index.shape[1]):
+            # is_causal aligns the mask's corner top left: right only with nothing cached (T == S).
+            if (self.no_padding and self.cached_slots == 0
+                    and (self.window is None or self.window >= self.query_index.shape[1])):
                 self._sdpa_mask = (None, True)
             else:
                 self._sdpa_mask = (self.mask, False)
@@ -323,6 +326,9 @@ class SlotLayout:
         self.positions: torch.Tensor | None = None  # [B, C] long
         self.length = 0  # global: slots written so far (== cache sequence length)
         self.length_on_device: torch.Tensor | None = None  # static global layout: `length` as a [1] tensor
+        # Whether slot i holds the same token in every row whenever the attention mask has no padding: true for the
+        # global layout (slot = column), false once slots are chosen per row (PyramidKV's compacted layouts).
+        self.rows_alike = True
 
     @property
     def is_ring(self) -> bool:
@@ -346,8 +352,13 @@ class SlotLayout:
             )
         if self.static and num_new == 1 and self.token_index is not None:
             return self._static_decode_plan(query_index, query_positions)
-        # One new token stays per row: a decode kernel reads one mask row per batch row.
-        shared = no_padding and num_new > 1 and self.token_index is None
+        # One new token stays per row: a decode kernel reads one mask row per batch row. Several new tokens with no
+        # padding anywhere (the attention mask covers the cached columns too) see the same keys in every row, so
+        # one mask row serves the batch: on an empty layout, and on a global one whose rows are alike (a chunked
+        # prefill's later chunks, whose per-row mask was [B, 1, 1, T, S]: 128 MiB per row for 4,096 new tokens
+        # over 32k).
+        shared = no_padding and num_new > 1 and (
+            self.token_index is None or (not self.is_ring and self.rows_alike))
         if not self.is_ring:
             start = self.length
             needed = start + num_new

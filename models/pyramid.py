@@ -396,6 +396,7 @@ class PyramidKV:
             layout.token_index[:, :keep] = key_index.gather(1, first)
             layout.positions[:, :keep] = base.positions[:, :slots_now].gather(1, first)
             layout.length = keep
+            layout.rows_alike = False  # each row keeps its own tokens
             cache.layouts[group.key] = layout
             for member in group.members + group.observers:
                 cache.layers[member].layout = layout

@@ -12,6 +12,7 @@ from kvforge.models.configuration_kvforge import KVForgeConfig
 from kvforge.models.modeling_kvforge import (
     KVForgeCache,
     KVForgeForCausalLM,
+    SlotLayout,
     dequantize_slots,
     fake_quantize,
     partial_rope_attention,
@@ -405,6 +406,48 @@ def test_chunked_prefill_and_decode_match_one_pass():
     chunked = torch.cat(pieces, dim=1)
     real = mask.bool()
     assert (chunked[real] - full[real]).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("method", ["combined", "int8", "int4"])
+@pytest.mark.parametrize("static", [False, True])
+def test_chunked_prefill_without_padding_shares_one_mask_row_and_matches_one_pass(method, static, monkeypatch):
+    """Chunks of a prompt with no padding: every later chunk of a global layout attends under one mask row for the
+    batch ([1, 1, 1, T, S], not [B, ...]: 128 MiB per row for 4,096 new tokens over 32k), offset so that chunk
+    token t sees the cache and its own first t tokens (SDPA's is_causal would align the corner top left), and the
+    logits are one forward's; with padding the rows keep their own masks."""
+    plans = []
+    plan = SlotLayout.plan
+
+    def recorded(self, *args, **kwargs):
+        made = plan(self, *args, **kwargs)
+        plans.append((self.is_ring, made))
+        return made
+
+    monkeypatch.setattr(SlotLayout, "plan", recorded)
+    model = build(METHODS[method])
+    ids = torch.randint(1, 128, (3, 16), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits
+        cache, pieces, start = KVForgeCache(model.config, static=static, max_cache_len=16), [], 0
+        plans.clear()
+        for size in (6, 5, 1, 4):
+            end = start + size
+            pieces.append(model(ids[:, start:end], attention_mask=torch.ones(3, end, dtype=torch.long),
+                                past_key_values=cache, use_cache=True).logits)
+            start = end
+    assert (torch.cat(pieces, dim=1) - full).abs().max() <= TOL
+    later = [p for ring, p in plans if not ring and p.cached_slots > 0 and p.query_index.shape[1] > 1]
+    assert later and all(p.mask.shape[0] == 1 and p.sdpa_mask() == (p.mask, False) for p in later)
+    # A padded batch's later chunks: one mask per row.
+    ids, mask = padded_batch(lengths=(12, 9), seed=4)
+    plans.clear()
+    with torch.no_grad():
+        cache = KVForgeCache(model.config)
+        for start, end in ((0, 7), (7, 12)):
+            model(ids[:, start:end], attention_mask=mask[:, :end], position_ids=positions_from_mask(mask)[:, start:end],
+                  past_key_values=cache, use_cache=True)
+    later = [p for ring, p in plans if not ring and p.cached_slots > 0]
+    assert later and all(p.mask.shape[0] == 2 for p in later)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -334,11 +334,16 @@ def test_padding_or_a_cache_keeps_the_full_mask():
     plan = mk.SlotLayout(3, 1).plan(full_index, torch.arange(ids.shape[1]).expand(3, -1), no_padding=True)
     got, causal = plan.sdpa_mask()
     assert got.shape[0] == 1 and not causal  # a window of 3 cuts into 14 tokens
-    layout = mk.SlotLayout(None, 0)  # a cache that holds tokens: each row's own mask, whatever the padding
+    # A cache that holds tokens (a later prefill chunk): never is_causal, whose corner would sit top left; one mask
+    # row when no token, cached or new, is padding (the model's no_padding covers the whole attention mask), each
+    # row's own otherwise.
+    layout = mk.SlotLayout(None, 0)
     layout.commit(layout.plan(full_index[:, :4], torch.arange(4).expand(3, -1)), torch.arange(4).expand(3, -1))
-    plan = layout.plan(full_index[:, 4:] + 4, torch.arange(4, 14).expand(3, -1), no_padding=True)
-    got, causal = plan.sdpa_mask()
-    assert got.shape == (3, 1, 1, 10, 14) and not causal
+    for no_padding, rows in ((True, 1), (False, 3)):
+        plan = layout.plan(full_index[:, 4:] + 4, torch.arange(4, 14).expand(3, -1), no_padding=no_padding)
+        got, causal = plan.sdpa_mask()
+        assert got.shape == (rows, 1, 1, 10, 14) and not causal
+        assert torch.equal(got[0, 0, 0], torch.arange(14)[None, :] <= torch.arange(4, 14)[:, None])
     with torch.no_grad():  # and the model's own uses of it agree with eager (the big test covers gradients)
         eager = build(SPECS["dense"], "eager")(ids, attention_mask=mask).logits
         assert ((model(ids, attention_mask=mask).logits - eager) * mask[..., None]).abs().max() <= TOL

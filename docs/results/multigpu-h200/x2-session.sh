@@ -26,43 +26,39 @@
 set -u
 K=${K:-$HOME/kvgpu}
 R=docs/results
-FIRST0=${FIRST0-lowrank-25-int8-8min}
-FIRST1=${FIRST1-lowrank-12-int4-4k-8min}
-# Session 15: the 25% recipe of record kept +5% from a cold compile cache (+4.2%) but took 559 s, 105 s of it its
-# first step compiling the whole model (compile_scope: model); per-layer compiles took ~20 s. So both 8-minute
-# recipes now compile one layer at a time, and run first, one per GPU, each from a cold cache: the 25% recipe of
-# record's 1,500 steps (lowrank-25-int8-8min) and the 12.5% recipe on 1,400 steps. Session 16 queues, last, the
-# 12.5% recipe at a higher peak learning rate (GPU 0, after the largest batches and the profile).
-QUEUE=${QUEUE-lowrank-12-int4-4k-8min-lr5e-4}
+FIRST0=${FIRST0-lowrank-12-int4-4k-greedy-8min}
+FIRST1=${FIRST1-lowrank-25-int8-8min}
+# Session 16: the 25% recipe of record met issue 10 from a cold start (477 s, +4.3%); the aligned 12.5% recipe scored
+# +10.3% at 1,000-1,400 steps alike (455 s), 0.3 points over. Session 17 runs first, one per GPU, from cold caches:
+# the 12.5% recipe whose 1,500 steps scored +8.8% (greedy ranks), compiled one layer at a time for the 8 minutes;
+# and the 25% recipe again, now with the fused ZeRO gradient checks (trainer/zero_checks.py): its step speed
+# against session 16's 134.9k tokens/s is their first GPU measurement, its score the check that nothing else moved.
+QUEUE=${QUEUE-}
 MULTIGPU1=${MULTIGPU1:-}
 MULTIGPU2=${MULTIGPU2:-}
 SAMPLER_ATTENTION=${SAMPLER_ATTENTION-}
 LOSS_ROWS=${LOSS_ROWS-}  # issue 11: the plain PyTorch loop on the trainer's batch (measured in session 15)
 COMPILE_DEBUG=${COMPILE_DEBUG-}  # issue 11's compiled crash: gone in session 15
-# Session 16: where a compiled per-layer step's wall time goes beyond its GPU time (the last profile, session 6, had
-# 417 ms of wall against 238 ms of GPU time): each recipe here trains 40 steps on GPU 0, its step 30
-# profiled (KVFORGE_PROFILE_STEP; the report's header: wall, GPU busy, kernel launches; then the ops by device and
-# by host time).
+# Where a compiled per-layer step's wall time goes beyond its GPU time (session 16: 279.8 ms of wall against 165.2 ms
+# busy, 59%, ~5,100 of 8,517 launches in DeepSpeed's per-tensor overflow check, since fused): each recipe here trains
+# 40 steps on GPU 0, its step 30 profiled (KVFORGE_PROFILE_STEP; the report's header: wall, GPU busy, kernel launches;
+# then the ops by device and by host time). Session 17: the same recipe, with the fused checks.
 PROFILES=${PROFILES-lowrank-12-int4-4k-8min}
-# Session 14 measured the original at 108 and lr50 at 140 (1.3x for half the bytes) with the 32k prompt prefilled
-# in one pass, whose activations grow with batch x prompt; now prefilled 4,096 tokens at a time (--prefill-chunk),
-# as a server does, so that the cache is what fills the GPU. Session 15 ran out of device time before its first
-# row. Session 16: on GPU 0 after FIRST0, beside GPU 1's decode rows (each row searches with 32k prefills).
+# The largest batch at 32k, prompts prefilled 4,096 tokens at a time (--prefill-chunk) as a server does. Session 16:
+# original 92, lr25 176, lr12 204, the compressed models' cache a small part of the memory at that batch: every later
+# prefill chunk held a [B, 1, 1, 4096, S] mask (128 MiB per row as bool, more as SDPA's float bias). Since, one mask
+# row serves a batch without padding; session 17 measures the same rows again, on GPU 0 after FIRST0.
 MAX_BATCH_VARIANTS=${MAX_BATCH_VARIANTS-original lr25-int8-aligned-static lr12-int4-aligned-static}
-# Session 15's sweep made 128-slot tiles over 8 warps the 4-bit kernel's default (21-26% faster alone); these rows
-# time it through exported directories, at both shapes of issue 12; then the recipes' other layouts (partial RoPE at
-# 25% and 50%, merged heads, windows beside latents), never yet timed through generate(). First, the latent kernel
-# alone with its low-bit integers made float by two adds instead of the conversion unit (int8_magic; the SASS of the
-# int8 kernel held 97 I2F, a quarter-rate instruction), against the default, on both caches.
-DECODE_ARGS=${DECODE_ARGS-"--part kernel --batch 32 128 --context 16384 4096 --k-rank 48 --v-rank 96 --cache-bits 8 \
---int8-magic 0 1|\
---part kernel --batch 32 128 --context 16384 4096 --k-rank 96 --v-rank 224 --cache-bits 4 --int8-magic 0 1|\
---gen-batch 32 --gen-prompt 16384 --gen-variants original-static lr12-int4-aligned-static \
---repeats 3 --via-export /tmp/kv-decode-exports|\
---gen-batch 128 --gen-prompt 4096 --gen-variants original-static lr12-int4-aligned-static --repeats 3 \
---via-export /tmp/kv-decode-exports|\
+# Session 16: the 4-bit kernel's 128-slot tiles slowed the 12.5% model's generate() 16-25% (its key ranks are 32-64);
+# they are kept since only from key rank 96. Session 17's rows: both compressed models of record through exported
+# directories at B=32 x 16k (the 4-bit one back on 64-slot tiles); the layouts that met the end-to-end target at
+# B=32 x 16k in process, now through exported directories; and every layout at B=128 x 4k.
+DECODE_ARGS=${DECODE_ARGS-"--gen-batch 32 --gen-prompt 16384 --gen-variants original-static lr25-int8-aligned-static \
+lr12-int4-aligned-static --repeats 3 --via-export /tmp/kv-decode-exports|\
 --gen-batch 32 --gen-prompt 16384 --gen-variants partial-rope-25-static partial-rope-50-static merged-heads-static \
-window-lowrank-12-static --repeats 3"}
+window-lowrank-12-static --repeats 3 --via-export /tmp/kv-decode-exports|\
+--gen-batch 128 --gen-prompt 4096 --gen-variants original-static lr12-int4-aligned-static partial-rope-25-static \
+partial-rope-50-static merged-heads-static window-lowrank-12-static --repeats 3"}
 stamp() { echo "$(date +%T) $*"; }
 mkdir -p "$K/results"
 
