@@ -112,3 +112,18 @@ def test_only_zero_1_and_2_get_fused_checks(world_of_one):
     model = tiny_model()
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config=config)
     assert not fuse_gradient_checks(engine.optimizer)
+
+
+def test_a_failing_self_test_leaves_deepspeeds_methods_and_says_why(world_of_one, monkeypatch):
+    def refuses(device):
+        raise RuntimeError("_foreach_norm: no such overload")
+
+    monkeypatch.setattr(zero_checks, "self_test", refuses)
+    messages = []
+    model = tiny_model()
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters()), config={
+        "train_micro_batch_size_per_gpu": 4, "bf16": {"enabled": True}, "zero_optimization": {"stage": 2},
+        "steps_per_print": 10 ** 9})
+    assert not fuse_gradient_checks(engine.optimizer, messages.append)
+    assert messages == ["fused gradient checks: off, RuntimeError: _foreach_norm: no such overload on cpu"]
+    assert "get_grad_norm_direct" not in vars(engine.optimizer)
