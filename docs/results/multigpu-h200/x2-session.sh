@@ -3,12 +3,12 @@
 # needed runs first (whatever the device time leaves undone is what comes last). The order since session 13:
 #   B: issue 14's 2-GPU runs (MULTIGPU2; none by default since issue 14 closed), then compare.py (tables; each
 #      export against the trained model);
-#   A: (the embedded model converted once, before any timed run) on GPU 0, FIRST0: the 25% recipe in issue 10's 8
-#      minutes from a cold compile cache, then the largest batches and the step profiles; on GPU 1, FIRST1: the
-#      12.5% one. Then on GPU 1 issue 12's decode rows (DECODE_ARGS: kernel A/B rows and rows through exported
-#      directories), issue 11's compiled-crash rows (COMPILE_DEBUG: two steps with CUDA_LAUNCH_BLOCKING=1, so an error names its
-#      kernel; none by default) and the plain-loop loss rows (LOSS_ROWS; off by default). GPU 0's largest batch at
-#      32k (MAX_BATCH_VARIANTS) is a memory search, so it runs beside the decode timings; then PROFILES.
+#   A: (the embedded model converted once, before any timed run) FIRST0 on GPU 0 and FIRST1 on GPU 1, each from a
+#      cold compile cache: issue 10's 8-minute recipes (below). Then on GPU 0 the step profiles (PROFILES) and the
+#      largest batch at 32k (MAX_BATCH_VARIANTS: a memory search, so beside the decode timings); on GPU 1 issue 12's
+#      decode rows (DECODE_ARGS), issue 11's compiled-crash rows (COMPILE_DEBUG: two steps with
+#      CUDA_LAUNCH_BLOCKING=1, so an error names its kernel; none by default) and the plain-loop loss rows
+#      (LOSS_ROWS; off by default).
 #      Then both GPUs take recipes from one shared QUEUE, each the next one when it is free;
 #   C: the teacher sampler's speed with each attention path (SAMPLER_ATTENTION, none by default: measured in
 #      session 11), on GPU 1.
@@ -22,7 +22,7 @@
 # (a recipe first on GPU 1), QUEUE (recipes, shared), MULTIGPU1/2 (multigpu-h200/run.sh's runs), REXTRA (overrides for
 # the recovery runs only), DECODE_ARGS (launch/benchmark_decode.py's; empty: no decode rows), COMPILE_DEBUG (recipes;
 # empty: none), LOSS_ROWS (1: the plain-loop loss rows), SAMPLER_ATTENTION, MAX_BATCH_VARIANTS (the largest batch at
-# 32k, on GPU 0 after FIRST0; empty: none), PROFILES (recipes whose step 30 is profiled; empty: none).
+# 32k, on GPU 0 after the profiles; empty: none), PROFILES (recipes whose step 30 is profiled; empty: none).
 set -u
 K=${K:-$HOME/kvgpu}
 R=docs/results
@@ -47,7 +47,7 @@ PROFILES=${PROFILES-lowrank-12-int4-4k-8min}
 # The largest batch at 32k, prompts prefilled 4,096 tokens at a time (--prefill-chunk) as a server does. Session 16:
 # original 92, lr25 176, lr12 204, the compressed models' cache a small part of the memory at that batch: every later
 # prefill chunk held a [B, 1, 1, 4096, S] mask (128 MiB per row as bool, more as SDPA's float bias). Since, one mask
-# row serves a batch without padding; session 17 measures the same rows again, on GPU 0 after FIRST0.
+# row serves a batch without padding; session 17 measures the same rows again, on GPU 0 after the profile.
 MAX_BATCH_VARIANTS=${MAX_BATCH_VARIANTS-original lr25-int8-aligned-static lr12-int4-aligned-static}
 # Session 16: the 4-bit kernel's 128-slot tiles slowed the 12.5% model's generate() 16-25% (its key ranks are 32-64);
 # they are kept since only from key rank 96. Session 17's rows: both compressed models of record through exported
@@ -163,7 +163,8 @@ profiles() {  # gpu: PROFILES, 40 steps each, step 30 profiled, no evaluation, c
       training.max_steps=40 training.eval_every=0 eval.at_start=false checkpoint.export_hf=false \
       > "$K/results/$r.profile.log" 2>&1 || stamp "profile $r FAILED"
     cp "$K/runs/$r-profile/profile_step30.txt" "$K/results/$r.profile.txt" 2>/dev/null
-    cp "$K/runs/$r-profile/metrics.jsonl" "$K/results/$r.profile.steps.jsonl" 2>/dev/null  # not *.metrics.jsonl: no table row
+    # not named *.metrics.jsonl: benchmarks/training_table.py would take these 40 steps for the recipe's run
+    cp "$K/runs/$r-profile/metrics.jsonl" "$K/results/$r.profile.steps.jsonl" 2>/dev/null
     rm -rf "$K/runs/$r-profile"
   done
 }
@@ -198,7 +199,7 @@ from kvforge.models.loading import gguf_model_dir; print(gguf_model_dir(Path(sys
   stamp "model converted in $(( $(date +%s) - start )) s: $(tail -1 "$K/results/model-conversion.log")"
 fi
 [ -f "$K/queue" ] || tr ' ' '\n' <<< "$QUEUE" | grep . > "$K/queue"  # a restarted pipeline resumes the queue
-{ recovery 0 29512 "$FIRST0"; mla_export 0; max_batch 0; profiles 0; worker 0 29512; } &
+{ recovery 0 29512 "$FIRST0"; mla_export 0; profiles 0; max_batch 0; worker 0 29512; } &
 { multigpu 1 "$MULTIGPU1"; recovery 1 29513 "$FIRST1"; decode 1; compile_debug 1; loss_rows 1; worker 1 29513; } &
 wait
 if [ -n "$MULTIGPU1$MULTIGPU2" ]; then  # again, with the 1-GPU runs
