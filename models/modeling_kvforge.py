@@ -958,8 +958,8 @@ def kv_attention(query, key, value, mask, scaling, *, need_probs=False, dropout=
     query [B, K, G, T, D] (rotated); key [B, K, S, D], value [B, K, S, Dv] (keys rotated); mask [B or 1, 1, 1,
     T, S]. causal=True promises that the mask is the plain causal one (T == S, no padding, no window in reach):
     SDPA then takes is_causal and no mask, and GQA as is. Without it SDPA gets the boolean mask and key / value
-    expanded to H heads: not every fused kernel that takes a mask takes GQA, and the math fallback would hold the
-    [T, S] scores. Either way no [T, S] score matrix is held (on an H200 both run cuDNN's fused attention,
+    expanded to H heads (not every fused kernel that takes a mask takes GQA, and the math fallback would hold the
+    [T, S] scores), or, under one mask for the batch, each KV head's G query heads as G x T rows of one head. Either way no [T, S] score matrix is held (on an H200 both run cuDNN's fused attention,
     docs/TRAINING.md); the explicit softmax below is the reference and serves need_probs.
     An 8-bit cache (cache_bits) gives int8 key and value with their scales k_scale, v_scale [B, 1, S, 1].
     Returns out [B, K, G, T, Dv] and probs [B, K, G, T, S] (pre-dropout; None unless need_probs).
@@ -980,6 +980,13 @@ def kv_attention(query, key, value, mask, scaling, *, need_probs=False, dropout=
         if causal:
             out = F.scaled_dot_product_attention(query, key, value, is_causal=True, dropout_p=dropout, scale=scaling,
                                                  enable_gqa=group > 1)
+        elif group > 1 and mask.shape[0] == mask.shape[1] == mask.shape[2] == 1:
+            # One mask row for the batch (no padding): each KV head's G query heads become G x T query rows over its
+            # keys and values as they are, under the mask tiled G times along the rows (once for the batch), rather
+            # than every row's keys and values expanded to H heads (at 32k slots ~72 MiB per batch row for SmolLM2).
+            rows = mask[0, 0, 0].expand(group, -1, -1).reshape(1, 1, group * length, -1)
+            out = F.scaled_dot_product_attention(query.reshape(batch, heads, group * length, dim), key, value,
+                                                 attn_mask=rows, dropout_p=dropout, scale=scaling)
         else:
             if group > 1:  # [B, K, S, D] -> [B, H, S, D], head h reading kv head h // G
                 key = key[:, :, None].expand(-1, -1, group, -1, -1).reshape(batch, heads * group, *key.shape[2:])

@@ -183,7 +183,7 @@ def count_calls(monkeypatch, owner, name):
 
 def test_a_training_step_uses_flash_friendly_sdpa_and_materialises_only_shared_probabilities(monkeypatch):
     """Without padding: global layers call SDPA with is_causal and no mask, window layers with one row of mask
-    for the whole batch; the explicit softmax runs only in layers whose probabilities a probs_from layer reads;
+    for the whole batch (tiled over each KV head's query heads); the explicit softmax runs only in layers whose probabilities a probs_from layer reads;
     a kv_from reader reuses its producer's up-projected K / V (k_up / v_up run once per producer)."""
     layers = SPECS["kv_sharing"]
     model = build(layers, "sdpa").train()
@@ -202,7 +202,10 @@ def test_a_training_step_uses_flash_friendly_sdpa_and_materialises_only_shared_p
     assert len(sdpa) == len(attending) - len(probs_sources)  # layers 1 and 3
     global_call, window_call = sdpa  # layer 1 reads layer 0 (global), layer 3 reads layer 2 (window 5)
     assert global_call["is_causal"] and "attn_mask" not in global_call
-    assert window_call["attn_mask"].shape == (1, 1, ids.shape[1], ids.shape[1])
+    # The window layer's one mask row serves the batch, tiled over a KV head's G query heads (G x T query rows of
+    # one head), and its keys are the KV heads' own, not expanded to every query head.
+    group = model.config.num_attention_heads // model.config.num_key_value_heads
+    assert window_call["attn_mask"].shape == (1, 1, group * ids.shape[1], ids.shape[1])
     assert up_calls == {0: 2, 2: 2}  # one k_up and one v_up call each, whatever reads them
 
 
@@ -236,7 +239,8 @@ def test_a_prefill_without_padding_through_a_cache_builds_no_per_row_mask(monkey
         logits = model(ids, attention_mask=ones if attention_mask == "ones" else None, cache=cache).logits
     global_call, window_call = sdpa
     assert global_call["is_causal"] and "attn_mask" not in global_call
-    assert window_call["attn_mask"].shape == (1, 1, length, length)
+    group = model.config.num_attention_heads // model.config.num_key_value_heads  # the row tiled over G heads
+    assert window_call["attn_mask"].shape == (1, 1, group * length, length)
     assert shapes == [(1, 1, 1, length, length)]  # the window layout's row; the global layout needs none
 
     padded_ids, padded = F.pad(ids, (1, 0)), F.pad(ones, (1, 0))
