@@ -138,6 +138,27 @@ def test_nan_loss_on_one_rank_skips_the_step_on_every_rank(reference):
         == [(1, 0), (2, 1), (3, 1)]
 
 
+def test_in_bf16_with_the_fused_checks_a_nan_on_one_rank_is_skipped_on_every_rank(tmp_path):
+    """bf16 sends a non-finite step through ZeRO's own checks (fp32 runs skip it in the trainer), here the fused
+    ones (trainer/zero_checks.py; tests/trainer/test_zero_checks.py tests each alone): rank 1's NaN gradients must
+    stop the update on both ranks, which only rank 1's check can see before the ranks agree."""
+    run_dir = tmp_path / "run"
+    output = launch(run_dir, "training.precision=bf16", "training.max_steps=3", "checkpoint.save_every=1",
+                    "checkpoint.keep_last=3", "training.eval_every=0", "checkpoint.export_hf=false",
+                    fault=NAN_ON_RANK1)
+    assert "gradient checks: ZeRO's inf/NaN test and gradient norm fused over all tensors" in output  # rank 0 logs
+    assert "fused gradient checks:" not in output  # neither refused nor replaced by DeepSpeed's own
+    assert "step 2: skipped, non-finite loss on rank(s) 1" in output
+    root = run_dir / "checkpoints"
+    counters = [model_states(root / ckpt.step_dir_name(s)) for s in (1, 2, 3)]
+    assert [(c["global_steps"], c["skipped_steps"]) for c in counters] == [(1, 0), (2, 1), (3, 1)]
+    for rank in (0, 1):
+        files = [root / ckpt.step_dir_name(s) / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for s in (1, 2)]
+        before, skipped = (torch.load(f, weights_only=False, map_location="cpu")["optimizer_state_dict"] for f in files)
+        masters = "single_partition_of_fp32_groups"
+        assert all(torch.equal(a, b) for a, b in zip(before[masters], skipped[masters])), rank
+
+
 def test_sigterm_to_the_ranks_saves_a_checkpoint_on_every_rank_and_exits_zero(preempted):
     run_dir, returncode, output = preempted
     assert returncode == 0, output[-4000:]
