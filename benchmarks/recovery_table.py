@@ -80,7 +80,8 @@ def row_of(run: dict, original: dict, baseline: dict | None) -> dict:
         if run["seconds"] is not None and run["seconds"] > EIGHT_MINUTES:
             verdicts.append(f"{run['seconds']} s > 8 min")
     return {
-        "recipe": run["recipe"], "folder": run["folder"], "kv_bytes": kv.get("bytes_per_token"), "kv_fraction": fraction,
+        "recipe": run["recipe"], "folder": run["folder"], "kv_bytes": kv.get("bytes_per_token"),
+        "kv_fraction": fraction,
         "after_surgery": after_surgery, "perplexity": perplexity, "change": change,
         "vs_baseline": perplexity / baseline["perplexity"]["perplexity"] - 1 if baseline else None,
         "passkey": keys, "steps": steps, "tokens": tokens, "epochs": epochs, "seconds": run["seconds"],
@@ -111,8 +112,7 @@ def main(argv=None) -> int:
         target = f" (+{r['target']:.0%})" if r["target"] is not None else ""
         baseline = f"{r['vs_baseline']:+.1%}" if r["vs_baseline"] is not None else "-"
         keys = "/".join(str(r["passkey"].get(length, "-")) for length in ("2048", "4096", "8192"))
-        epochs = ", ".join(f"{Path(name).stem.removesuffix('.jsonl')} {value:.2f}"
-                           for name, value in sorted(r["epochs"].items())) or "-"
+        epochs = ", ".join(f"{Path(name).stem} {value:.2f}" for name, value in sorted(r["epochs"].items())) or "-"
         wall = f"{r['seconds']} s" if r["seconds"] is not None else "-"
         print(f"| {r['recipe']} | {kv} | {surgery} | {r['perplexity']:.2f} | {r['change']:+.1%}{target} | {baseline} | "
               f"{keys} | {r['steps']:,}, {r['tokens'] / 1e6:.1f}M | {epochs} | {wall} | {r['verdict']} | "

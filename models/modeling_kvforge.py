@@ -959,8 +959,9 @@ def kv_attention(query, key, value, mask, scaling, *, need_probs=False, dropout=
     T, S]. causal=True promises that the mask is the plain causal one (T == S, no padding, no window in reach):
     SDPA then takes is_causal and no mask, and GQA as is. Without it SDPA gets the boolean mask and key / value
     expanded to H heads (not every fused kernel that takes a mask takes GQA, and the math fallback would hold the
-    [T, S] scores), or, under one mask for the batch, each KV head's G query heads as G x T rows of one head. Either way no [T, S] score matrix is held (on an H200 both run cuDNN's fused attention,
-    docs/TRAINING.md); the explicit softmax below is the reference and serves need_probs.
+    [T, S] scores), or, under one mask for the batch, each KV head's G query heads as G x T rows of one head.
+    Either way no [T, S] score matrix is held (on an H200 both run cuDNN's fused attention, docs/TRAINING.md); the
+    explicit softmax below is the reference and serves need_probs.
     An 8-bit cache (cache_bits) gives int8 key and value with their scales k_scale, v_scale [B, 1, S, 1].
     Returns out [B, K, G, T, Dv] and probs [B, K, G, T, S] (pre-dropout; None unless need_probs).
     """

@@ -42,7 +42,7 @@ def fuse_gradient_checks(optimizer, log: Callable[[str], None] = print) -> bool:
         return False
     if optimizer.cpu_offload or optimizer.model_parallel_rank != 0 or _model_parallel(optimizer):
         return False
-    device = torch.device(optimizer.device) if not isinstance(optimizer.device, torch.device) else optimizer.device
+    device = torch.device(optimizer.device)  # a name ("cuda:0") or a device
     try:
         problem = self_test(device)
     except Exception as error:  # e.g. a PyTorch whose _foreach_norm refuses these arguments
