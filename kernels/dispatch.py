@@ -72,6 +72,11 @@ def use_unmeasured_triton(tensor: torch.Tensor) -> bool:
 _TOO_BIG: set[tuple] = set()
 
 
+# Never traced by torch.compile (a compiled static decode step, KVForgeCache(compile_step=True)): there the step's
+# PyTorch ops are compiled around each kernel launch, which runs as it does uncompiled (a graph break), so a compiled
+# step launches the kernels these files test, whatever Dynamo's support for user Triton kernels in the installed
+# torch. Reached only where a kernel applies, so a compiled training forward (never one) has no break from it.
+@torch.compiler.disable
 def _kernel_or_reference(name: str, shape: tuple, kernel: Callable, reference: Callable):
     """kernel(), or reference() where Triton found the kernel too big for this GPU at this shape (warned once)."""
     if (name, shape) in _TOO_BIG:
@@ -221,6 +226,11 @@ def fused_attention(representation: str, reference: Callable) -> Callable:
     return reference if wrap is None else wrap(reference)
 
 
+@torch.compiler.disable  # as _kernel_or_reference: launched as uncompiled inside a compiled decode step
+def _launch_slot_write(value, stored, scales, slot, bits):
+    return quantize_into_slot(value, stored, scales, slot, bits)
+
+
 def fused_slot_write(reference: Callable) -> Callable:
     """modeling_kvforge.quantize_into_static_slot (one new token per row rounded to 8 or 4 bits and written into its
     static-cache slot: ~10 small kernels per cached tensor) as one Triton launch where it applies: a latent
@@ -231,7 +241,7 @@ def fused_slot_write(reference: Callable) -> Callable:
                 and stored.dim() == 3 and stored.stride(-1) == 1 and scales.dtype == value.dtype
                 and not (bits == 4 and value.shape[-1] % 2))
         if use_triton(value, float32_exact=True) and fits:
-            return quantize_into_slot(value, stored, scales, slot, bits)
+            return _launch_slot_write(value, stored, scales, slot, bits)
         return reference(value, stored, scales, slot_dim, slot, rows, bits)
 
     return write

@@ -111,6 +111,11 @@ def parse_args(argv=None):
                              "activations, not only the cache, stop growing with batch x prompt (0: one pass)")
     parser.add_argument("--gen-variants", nargs="*", default=list(GENERATE_VARIANTS), choices=tuple(GENERATE_VARIANTS),
                         help="generate part: which rows (GENERATE_VARIANTS)")
+    parser.add_argument("--batch-start", type=int, default=8, metavar="B",
+                        help="max-batch part: the first batch tried (doubled until one does not fit, then bisected)")
+    parser.add_argument("--compile-step", action="store_true",
+                        help="generate part: kvforge's static-cache rows compile their decode step "
+                             "(KVForgeCache(compile_step=True): torch.compile before the CUDA graph)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="generate part: also profile a generate() of N new tokens per row (torch.profiler; the "
@@ -376,15 +381,16 @@ def copy_bandwidth_bytes_per_s() -> float:
 def cache_arguments(model, ids, new_tokens: int, cache: str | None) -> dict:
     """generate()'s cache arguments for a GENERATE_VARIANTS row's cache mode (see timed_generate): a fresh one per
     call."""
-    if cache == "kvforge":
-        return {"cache": model.static_cache(ids.shape[1] + new_tokens)}
+    if cache in ("kvforge", "kvforge-compiled"):
+        return {"cache": model.static_cache(ids.shape[1] + new_tokens, compile_step=cache == "kvforge-compiled")}
     return {"cache_implementation": "static"} if cache == "transformers" else {}
 
 
 def timed_generate(model, ids, new_tokens: int, repeats: int, cache: str | None = None,
                    prefill_chunk: int = 0) -> tuple[float, object]:
     """Median seconds of generate(). cache="kvforge" passes a fresh KVForgeCache(static=True) per call, so every
-    call pays its CUDA graph capture (in the first decode step), as a user's call would; cache="transformers"
+    call pays its CUDA graph capture (in the first decode step), as a user's call would ("kvforge-compiled": with
+    compile_step=True, the step compiled once per model, in the warm-up call, and captured per call); cache="transformers"
     asks for transformers' StaticCache, whose decode step generate() compiles itself (torch.compile, once per
     shape: the warm-up call pays it); None: the model's default (dynamic) cache. prefill_chunk: generate()'s
     prefill_chunk_size (0: the prompt in one forward)."""
@@ -607,6 +613,8 @@ def run_generate_part(args) -> list[dict]:
                             generator=torch.Generator(device="cuda").manual_seed(0))
         for variant in args.gen_variants:
             name, spec_of, mode, cache = GENERATE_VARIANTS[variant]
+            if args.compile_step and cache == "kvforge":
+                name, cache = name + ", compiled step", "kvforge-compiled"
             model = variant_model(base, spec_of, mode)
             via_export = args.via_export is not None and spec_of is not None
             if via_export:
@@ -618,6 +626,7 @@ def run_generate_part(args) -> list[dict]:
                 total, out = timed_generate(model, ids, args.gen_new + 1, args.repeats, cache, args.prefill_chunk)
             decode = total - prefill
             row = dict(model=name, batch=batch, prompt=args.gen_prompt, new_tokens=args.gen_new,
+                       compile_step=cache == "kvforge-compiled",
                        latent_kernel=dict(latent_attention.LAUNCH_DEFAULTS), via_export=via_export,
                        prefill_s=prefill, decode_s=decode, decode_tokens_per_s=batch * args.gen_new / decode,
                        ms_per_step=decode / args.gen_new * 1e3, cache_bytes=cache_bytes(generated_cache(out)),
@@ -715,25 +724,28 @@ def run_max_batch_part(args) -> list[dict]:
 
     base = LlamaConfig(**SMOLLM2)
     base._attn_implementation = "sdpa"
-    def fits(model, cache, batch):
+    def fits(model, cache, name, batch):
         ids = torch.randint(3, base.vocab_size, (batch, args.gen_prompt), device="cuda")
         try:
             with torch.no_grad():
                 timed_generate(model, ids, 4, 1, cache, args.prefill_chunk)
-            return True
+            fitted = True
         except torch.cuda.OutOfMemoryError:
-            return False
+            fitted = False
         finally:
             del ids
             gc.collect()
             torch.cuda.empty_cache()
+        # each attempt as it ends: a search cut short (a session's device time) still leaves its bounds in the log
+        print(f"  {name}: batch {batch} {'fits' if fitted else 'out of memory'}", flush=True)
+        return fitted
 
     rows = []
     for name, spec_of, mode, cache in (GENERATE_VARIANTS[v] for v in args.gen_variants):
         if cache == "transformers":
             continue  # a compiled static step recompiles per batch: the dynamic-cache row stands for the original
         model = variant_model(base, spec_of, mode)
-        batch, tried = largest_batch(functools.partial(fits, model, cache))
+        batch, tried = largest_batch(functools.partial(fits, model, cache, name), start=args.batch_start)
         per_sequence = (model.config.kv_cache_bytes(args.gen_prompt + 3, dtype=torch.bfloat16)
                         if spec_of is not None else 2 * base.num_hidden_layers * base.num_key_value_heads
                         * base.head_dim * 2 * (args.gen_prompt + 3))

@@ -72,6 +72,12 @@ logger = logging.get_logger(__name__)
 # diverges from uncached decoding. forward() accepts both; generate() gets the cache under this one.
 CACHE_ARGUMENT = "cache" if "cache" in getattr(generation_utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
 
+# How far a compiled static decode step's hidden states may sit from the uncompiled step's, relative to their norm,
+# on its first call (KVForgeModel._decode_step). In float32 the two differ by float noise, or by one rounding level
+# of a low-bit cache where a value falls on a boundary (~1e-4 relative); in bf16 / fp16 by fused kernels rounding once
+# where eager ops round at each op. A wrong slot, a stale cache or a dropped term moves them by O(1).
+COMPILED_STEP_TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+
 
 def _one_cache(cache, past_key_values):
     """The cache passed under either name (see CACHE_ARGUMENT); two different caches are a caller's bug."""
@@ -670,7 +676,7 @@ class KVForgeCache(Cache):
     """
 
     def __init__(self, config: KVForgeConfig, max_cache_len: int | None = None, pyramid=None, static: bool = False,
-                 cuda_graphs: bool = True):
+                 cuda_graphs: bool = True, compile_step: bool = False):
         """pyramid: PyramidKV settings (PyramidSettings or a mapping); None applies the config's
         `compression.inference.pyramid` if it has one, False keeps every token even then.
 
@@ -679,15 +685,23 @@ class KVForgeCache(Cache):
         a decode step can be captured as a CUDA graph or compiled (its tensors never move). Decode tokens must be
         real (generate() appends ones to the attention mask); no PyramidKV, no beam reordering. On a GPU the step
         is captured as one CUDA graph on its first use and replayed after (`cuda_graphs=False`: run eagerly).
+        compile_step=True (static only): the step's PyTorch ops are compiled with torch.compile first (Inductor fuses
+        the norms, RoPE, activations and casts that a CUDA graph still replays one kernel each; the Triton decode
+        kernels launch between the compiled parts); the first compiled step of a model is checked against the
+        uncompiled one, and a failure or disagreement decodes uncompiled from then on (KVForgeModel._decode_step).
         """
         spec = config.compression_spec
         settings = spec.pyramid if pyramid is None else (pyramid or None)
+        if compile_step and not static:
+            raise ValueError("KVForgeCache(compile_step=True) needs static=True: only a static cache's decode step has "
+                             "the fixed shapes a compiled step needs")
         if static and (max_cache_len is None or settings is not None):
             raise ValueError("KVForgeCache(static=True) needs max_cache_len (prompt + new tokens) and no PyramidKV "
                              f"(got max_cache_len={max_cache_len}, pyramid={'on' if settings is not None else 'off'})")
         self.pyramid = PyramidKV(PyramidSettings.from_any(settings), spec.layers) if settings is not None else None
         self.static = static
         self.cuda_graphs = cuda_graphs
+        self.compile_step = compile_step
         self._decode_graph = None
         self.layouts: dict[tuple, SlotLayout] = {}
         storages = []
@@ -1409,8 +1423,15 @@ def attention_function(kernel: str) -> Callable:
     that runs a Triton kernel where one applies (KVFORGE_KERNELS chooses; see kernels/dispatch.py) and the
     reference otherwise.
     """
-    reference = ATTENTION_FUNCTIONS[kernel]
-    return reference if fused_attention is None else fused_attention(kernel, reference)
+    return _SERVED_ATTENTION[kernel]
+
+
+# Resolved once: a plain dict read per call, which Dynamo follows in a compiled step without tracing the dispatch's
+# lru_cache (whose answer it would otherwise rebuild per trace, warning that it ignores the cache).
+_SERVED_ATTENTION: dict[str, Callable] = {
+    kernel: reference if fused_attention is None else fused_attention(kernel, reference)
+    for kernel, reference in ATTENTION_FUNCTIONS.items()
+}
 
 
 # ================================================================================================
@@ -1610,6 +1631,25 @@ class KVForgeAttention(nn.Module):
 # ================================================================================================
 
 
+def mark_varying_dims_dynamic(layers: list[nn.Module]) -> None:
+    """Marks each parameter dimension whose size differs between layers (a latent rank) as dynamic before the first
+    trace, so the first layer's graph is already the symbolic one that the later layers reuse (compiled one layer at
+    a time in training, or a compiled decode step): otherwise Dynamo compiles the first layer with static sizes and
+    recompiles symbolically at the second rank it meets. maybe_mark_dynamic: a dimension the graph needs static
+    stays static."""
+    sizes: dict[str, set[tuple[int, ...]]] = {}
+    for layer in layers:
+        for name, p in layer.named_parameters():
+            sizes.setdefault(name, set()).add(tuple(p.shape))
+    for layer in layers:
+        for name, p in layer.named_parameters():
+            shapes = sizes[name]
+            for dim in range(p.ndim):
+                if len({shape[dim] for shape in shapes if len(shape) == p.ndim}) > 1:
+                    torch._dynamo.maybe_mark_dynamic(p, dim)
+
+
+
 class KVForgeDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: KVForgeConfig, layer_idx: int, spec=None):
         super().__init__()
@@ -1676,6 +1716,9 @@ class KVForgeModel(KVForgePreTrainedModel):
             layer.layout for layer in spec.layers
             if (spec.layers[layer.kv_from] if layer.kv_from is not None else layer).representation == "pre_rope_latent"}
         self.gradient_checkpointing = False
+        # KVForgeCache(compile_step=True)'s compiled decode step: None until a first call builds and checks it, False
+        # once compiling failed (see _decode_step).
+        self._compiled_decode_step: Callable | bool | None = None
         self.post_init()
 
     def forward(
@@ -1743,7 +1786,7 @@ class KVForgeModel(KVForgePreTrainedModel):
         if (cache is not None and cache.static and cache.is_initialized and length == 1 and not output_attentions
                 and not output_hidden_states):
             # One token into a static cache: a step with no host sync and fixed shapes (a CUDA graph on a GPU).
-            hidden_states = cache.static_decode(self._static_decode_step, inputs_embeds, position_ids, new_valid)
+            hidden_states = cache.static_decode(self._decode_step(cache), inputs_embeds, position_ids, new_valid)
         else:
             hidden_states, plans = self._run_layers(inputs_embeds, position_ids, new_valid, cache, no_padding,
                                                     output_attentions, all_hidden if output_hidden_states else None,
@@ -1785,13 +1828,14 @@ class KVForgeModel(KVForgePreTrainedModel):
             source = cache.layouts[layout] if cache is not None else SlotLayout(*layout)
             plans[layout] = source.plan(query_index, position_ids, writes=cache is not None, no_padding=no_padding)
             plans[layout].rotary = rotary
+            # What the first layer would otherwise build lazily for the rest (the keys' RoPE tables; without a cache
+            # the SDPA mask), built here, so that every layer meets the same plan: layers compiled one at a time
+            # (training.compile_scope=layers, a compiled decode step) then share one graph instead of giving the
+            # first its own.
+            if layout in self.key_rotary_layouts:
+                plans[layout].key_rotary().tables()
             if cache is None:
-                # What the first layer would otherwise build lazily for the rest (the SDPA mask, the keys' RoPE
-                # tables), built here, so that every layer meets the same plan: layers compiled one at a time
-                # (training.compile_scope=layers) then share one graph instead of giving the first its own.
                 plans[layout].sdpa_mask()
-                if layout in self.key_rotary_layouts:
-                    plans[layout].key_rotary().tables()
 
         handoff = LayerHandoff()
         hidden_states = inputs_embeds
@@ -1819,14 +1863,58 @@ class KVForgeModel(KVForgePreTrainedModel):
         as a CUDA graph, then moves the cache's counters)."""
         return self._run_layers(inputs_embeds, position_ids, new_valid, cache, False, False)[0]
 
+    def _decode_step(self, cache: KVForgeCache) -> Callable:
+        """The static decode step `cache` asks for: `_static_decode_step`, or with `cache.compile_step` that step
+        through torch.compile, compiled once per model (Dynamo recompiles by itself for new shapes). The first
+        compiled call is checked against the uncompiled step on the same inputs (both write the same token into the
+        same slots, so running the two is harmless); if compiling fails or the two disagree beyond what fused
+        rounding explains, one warning, and this model decodes uncompiled from then on."""
+        if not cache.compile_step or self._compiled_decode_step is False:
+            return self._static_decode_step
+        if self._compiled_decode_step is not None:
+            return self._compiled_decode_step
+        return self._checked_compiled_step
+
+    def _checked_compiled_step(self, inputs_embeds, position_ids, new_valid, cache):
+        # Surgery gives layers their own ranks: with parameter shapes static, each layer's rank pair would be a graph
+        # of its own, past Dynamo's 8 per function, after which it runs the rest uncompiled without saying so
+        # (SmolLM2's 25% model has ~8 pairs). The dims that differ are dynamic from the first trace instead, and the
+        # settings that let parameters be dynamic hold while the step runs (Dynamo reads them when it traces).
+        mark_varying_dims_dynamic(list(self.layers))
+        settings = torch._dynamo.config.patch(
+            force_parameter_static_shapes=False, force_nn_module_property_static_shapes=False,
+            recompile_limit=max(torch._dynamo.config.recompile_limit, 2 * len(self.layers) + 8))
+        compiled = settings(torch.compile(self._static_decode_step))
+        expected = self._static_decode_step(inputs_embeds, position_ids, new_valid, cache)
+        try:
+            got = compiled(inputs_embeds, position_ids, new_valid, cache)
+        except Exception as error:  # any compiler failure leaves the uncompiled step, which works
+            self._compiled_decode_step = False
+            logger.warning("compiling the static decode step failed (%s: %s); decoding uncompiled",
+                           type(error).__name__, error)
+            return expected
+        # Relative to the hidden states' size: a fused kernel rounds once where eager ops round each time (bf16:
+        # ~1e-3 per layer); a wrong slot, a stale cache or a dropped term moves them by O(1).
+        error = ((got.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-12)).item()
+        tolerance = COMPILED_STEP_TOLERANCE.get(expected.dtype, 5e-2)
+        if not error <= tolerance:
+            self._compiled_decode_step = False
+            logger.warning("the compiled static decode step disagrees with the uncompiled one (relative difference "
+                           "%.2e > %.0e); decoding uncompiled", error, tolerance)
+            return expected
+        self._compiled_decode_step = compiled
+        return got
+
 
 class KVForgeForCausalLM(KVForgePreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
-    def static_cache(self, max_cache_len: int, cuda_graphs: bool = True) -> KVForgeCache:
+    def static_cache(self, max_cache_len: int, cuda_graphs: bool = True, compile_step: bool = False) -> KVForgeCache:
         """A preallocated cache for `generate(..., cache=model.static_cache(prompt + new tokens))`: decode steps
-        without host syncs, one CUDA graph on a GPU (KVForgeCache(static=True))."""
-        return KVForgeCache(self.config, max_cache_len=max_cache_len, static=True, cuda_graphs=cuda_graphs)
+        without host syncs, one CUDA graph on a GPU (KVForgeCache(static=True)); compile_step=True compiles the
+        step's PyTorch ops first."""
+        return KVForgeCache(self.config, max_cache_len=max_cache_len, static=True, cuda_graphs=cuda_graphs,
+                            compile_step=compile_step)
 
     def __init__(self, config: KVForgeConfig):
         super().__init__(config)
@@ -1888,10 +1976,17 @@ class KVForgeForCausalLM(KVForgePreTrainedModel, GenerationMixin):
             return
         if generation_config.use_cache is False:
             return
+        if generation_config.cache_implementation == "static":
+            # transformers' convention for a preallocated cache with a compiled decode step (disable_compile: not
+            # compiled), met by KVForgeCache(static=True): each layer's own representation, preallocated.
+            model_kwargs[CACHE_ARGUMENT] = KVForgeCache(
+                self.config, max_cache_len=max_cache_length, static=True,
+                compile_step=not getattr(generation_config, "disable_compile", False))
+            return
         if generation_config.cache_implementation not in (None, "dynamic"):
             raise ValueError(
                 f"cache_implementation={generation_config.cache_implementation!r} is not supported: KVForge models "
-                f"generate with their own KVForgeCache; leave cache_implementation unset"
+                f"generate with their own KVForgeCache, dynamic (the default) or static (\"static\")"
             )
         model_kwargs[CACHE_ARGUMENT] = KVForgeCache(self.config, max_cache_len=max_cache_length)
 

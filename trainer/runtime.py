@@ -21,6 +21,7 @@ import torch.distributed as dist
 from ..models.calibration import CalibrationError
 from ..models.configuration_kvforge import CompressionSpecError
 from ..models.loading import ModelLoadError
+from ..models.modeling_kvforge import mark_varying_dims_dynamic
 from ..models.presets import PresetError
 from ..models.surgery import SurgeryError
 from .checkpoint import CheckpointError
@@ -237,22 +238,3 @@ def compile_summary() -> str:
               "async_compile.wait"]
     parts = ", ".join(f"{name} {seconds[name]:.1f}s" for name in phases if name in seconds)
     return f"{graphs} graph(s); {parts}"
-
-
-def mark_varying_dims_dynamic(layers: list[torch.nn.Module]) -> None:
-    """Marks each parameter dimension whose size differs between layers (a latent rank) as dynamic before the first
-    trace, so the first layer's graph is already the symbolic one that the later layers reuse: otherwise dynamo
-    compiles the first layer with static sizes and recompiles symbolically at the second rank it meets (two forward
-    and backward compiles instead of one). maybe_mark_dynamic: a dimension the graph needs static stays static."""
-    import torch._dynamo
-
-    sizes: dict[str, set[tuple[int, ...]]] = {}
-    for layer in layers:
-        for name, p in layer.named_parameters():
-            sizes.setdefault(name, set()).add(tuple(p.shape))
-    for layer in layers:
-        for name, p in layer.named_parameters():
-            shapes = sizes[name]
-            for dim in range(p.ndim):
-                if len({shape[dim] for shape in shapes if len(shape) == p.ndim}) > 1:
-                    torch._dynamo.maybe_mark_dynamic(p, dim)

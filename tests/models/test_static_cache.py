@@ -4,7 +4,9 @@ Greedy generate() with the static cache equals generate() with the default one f
 partial RoPE, merged heads, window rings with sinks that wrap, kv_from and probs_from readers, 8-bit caches) with
 left padding;
 its decode step traces as one graph with no breaks and, compiled, runs step after step without recompiling (what a
-CUDA graph needs: no host sync, no shape or host value that changes per step); bad settings are one-line errors."""
+CUDA graph needs: no host sync, no shape or host value that changes per step); compile_step=True decodes the same
+tokens through Inductor, and falls back to the uncompiled step when compiling fails or disagrees; bad settings are
+one-line errors."""
 
 import pytest
 import torch
@@ -82,6 +84,75 @@ def test_the_decode_step_is_one_graph_and_compiles_once():
     torch._dynamo.reset()
 
 
+# Latents of two rank pairs in 8 bits, a window ring over latents, a kv_from reader: the compiled step meets rank
+# dims that differ between layers, the fused slot write and two layouts.
+COMPILED = [{**PRE, "cache_bits": 8}, {**WINDOW, **PRE, "k_rank": 8}, {"kv_from": 0}]
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("kernels", ["off", "triton"])
+def test_a_compiled_decode_step_generates_what_the_uncompiled_one_does(kernels, monkeypatch, fresh_dynamo):
+    """KVForgeCache(compile_step=True): the step through torch.compile (Inductor on this CPU), with the PyTorch
+    attention or the Triton kernels (interpreted) launched between compiled parts; also what generate(...,
+    cache_implementation="static") builds (transformers' convention: a static cache, a compiled step)."""
+    monkeypatch.setenv("KVFORGE_KERNELS", kernels)
+    model = build(COMPILED)
+    ids, mask = prompts()
+    runs = {}
+    for compiled in (False, True):
+        with torch.no_grad():
+            runs[compiled] = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                            cache=model.static_cache(9 + 6, compile_step=compiled),
+                                            return_dict_in_generate=True, output_logits=True, pad_token_id=0)
+    assert callable(model.model._compiled_decode_step)  # compiled, checked, kept
+    assert torch.equal(runs[True].sequences, runs[False].sequences)
+    for compiled_logits, logits in zip(runs[True].logits, runs[False].logits):
+        torch.testing.assert_close(compiled_logits, logits, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                             cache_implementation="static", return_dict_in_generate=True, pad_token_id=0)
+    cache = out.past_key_values if getattr(out, "past_key_values", None) is not None else out.cache
+    assert cache.static and cache.compile_step
+    assert torch.equal(out.sequences, runs[False].sequences)
+
+
+@pytest.mark.parametrize("failure", ["raises", "disagrees"])
+def test_a_compiled_step_that_fails_or_disagrees_leaves_the_uncompiled_one(failure, monkeypatch, fresh_dynamo,
+                                                                         caplog):
+    """Whatever the installed compiler does, generate() decodes what the uncompiled step decodes: a compile error,
+    or a compiled step off by more than fused rounding (here 1% of the hidden states), is one warning and the
+    model's uncompiled step from then on."""
+    model = build(COMPILED)
+    ids, mask = prompts()
+    with torch.no_grad():
+        expected = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                  cache=model.static_cache(15), pad_token_id=0)
+
+    def broken_compile(step, **kwargs):
+        def run(*args):
+            if failure == "raises":
+                raise RuntimeError("backend compiler failed")
+            return step(*args) * 1.01
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    with torch.no_grad(), caplog.at_level("WARNING"):
+        for _ in range(2):  # the second generate() does not try again
+            got = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                 cache=model.static_cache(15, compile_step=True), pad_token_id=0)
+            assert torch.equal(got, expected)
+    assert model.model._compiled_decode_step is False
+    warnings = [r.getMessage() for r in caplog.records if "decoding uncompiled" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert ("backend compiler failed" if failure == "raises" else "relative difference 1.00e-02") in warnings[0]
+
+
 def test_forward_reads_the_device_only_to_learn_a_prefills_padding(monkeypatch):
     """forward() with an attention_mask asks the device whether any token is padding (so that a prefill without any
     shares one mask row across the batch), but never in a one-token step: a CUDA graph cannot read the device."""
@@ -115,3 +186,5 @@ def test_bad_settings_are_one_line_errors():
         KVForgeCache(config, static=True)
     with pytest.raises(ValueError, match="no PyramidKV"):
         KVForgeCache(config, max_cache_len=8, static=True, pyramid={"budget": 4})
+    with pytest.raises(ValueError, match=r"compile_step=True\) needs static=True"):
+        KVForgeCache(config, compile_step=True)
