@@ -1869,13 +1869,17 @@ class KVForgeModel(KVForgePreTrainedModel):
         compiled call is checked against the uncompiled step on the same inputs (both write the same token into the
         same slots, so running the two is harmless); if compiling fails or the two disagree beyond what fused
         rounding explains, one warning, and this model decodes uncompiled from then on."""
-        if not cache.compile_step or self._compiled_decode_step is False:
-            return self._static_decode_step
-        if self._compiled_decode_step is not None:
-            return self._compiled_decode_step
-        return self._checked_compiled_step
+        return self._compiled_step if cache.compile_step else self._static_decode_step
 
-    def _checked_compiled_step(self, inputs_embeds, position_ids, new_valid, cache):
+    def _compiled_step(self, inputs_embeds, position_ids, new_valid, cache):
+        # Resolved per call: KVForgeCache._graph_step runs one step object twice, a warm-up (where the first call
+        # compiles and checks, reading the device) and the capture (where nothing may read the device).
+        if self._compiled_decode_step is None:
+            return self._compile_checked_step(inputs_embeds, position_ids, new_valid, cache)
+        step = self._compiled_decode_step or self._static_decode_step
+        return step(inputs_embeds, position_ids, new_valid, cache)
+
+    def _compile_checked_step(self, inputs_embeds, position_ids, new_valid, cache):
         # Surgery gives layers their own ranks: with parameter shapes static, each layer's rank pair would be a graph
         # of its own, past Dynamo's 8 per function, after which it runs the rest uncompiled without saying so
         # (SmolLM2's 25% model has ~8 pairs). The dims that differ are dynamic from the first trace instead, and the

@@ -122,6 +122,38 @@ def test_a_compiled_decode_step_generates_what_the_uncompiled_one_does(kernels, 
     assert torch.equal(out.sequences, runs[False].sequences)
 
 
+def test_the_compiled_step_reads_the_device_only_on_its_first_call(monkeypatch, fresh_dynamo):
+    """KVForgeCache._graph_step runs one step object twice: a warm-up, where the first compiled call compiles and
+    checks itself against the uncompiled step (reading the difference back), then the CUDA graph capture, where
+    nothing may read the device. The same object's second call must go straight to the compiled step."""
+    model = build(COMPILED)
+    ids, mask = prompts()
+    cache = model.static_cache(16, compile_step=True)
+    reads = []
+
+    def recording(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            reads.append(name)
+            return original(self, *args, **kwargs)
+        return read
+
+    with torch.no_grad():
+        model(ids, attention_mask=mask, cache=cache)
+        step = model.model._decode_step(cache)
+        inputs = (model.model.embed_tokens(torch.full((3, 1), 7)), torch.full((3, 1), 9),
+                  torch.ones(3, 1, dtype=torch.bool), cache)
+        first = step(*inputs)  # the warm-up: compiles, checks
+        assert callable(model.model._compiled_decode_step)
+        with monkeypatch.context() as patch:
+            for name in ("__bool__", "__int__", "__float__", "item", "tolist"):
+                patch.setattr(torch.Tensor, name, recording(name))
+            second = step(*inputs)  # the capture
+        assert reads == []
+        torch.testing.assert_close(second, first, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("failure", ["raises", "disagrees"])
 def test_a_compiled_step_that_fails_or_disagrees_leaves_the_uncompiled_one(failure, monkeypatch, fresh_dynamo,
                                                                          caplog):
