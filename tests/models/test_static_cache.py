@@ -8,6 +8,8 @@ CUDA graph needs: no host sync, no shape or host value that changes per step); c
 tokens through Inductor, and falls back to the uncompiled step when compiling fails or disagrees; bad settings are
 one-line errors."""
 
+import contextlib
+
 import pytest
 import torch
 from test_modeling_kvforge import build
@@ -84,6 +86,26 @@ def test_the_decode_step_is_one_graph_and_compiles_once():
     torch._dynamo.reset()
 
 
+@contextlib.contextmanager
+def device_reads(monkeypatch):
+    """While open, records each Tensor method that reads a device value back to the host (what a CUDA graph
+    capture forbids)."""
+    reads = []
+
+    def recording(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            reads.append(name)
+            return original(self, *args, **kwargs)
+        return read
+
+    with monkeypatch.context() as patch:
+        for name in ("__bool__", "__int__", "__float__", "item", "tolist"):
+            patch.setattr(torch.Tensor, name, recording(name))
+        yield reads
+
+
 # Latents of two rank pairs in 8 bits, a window ring over latents, a kv_from reader: the compiled step meets rank
 # dims that differ between layers, the fused slot write and two layouts.
 COMPILED = [{**PRE, "cache_bits": 8}, {**WINDOW, **PRE, "k_rank": 8}, {"kv_from": 0}]
@@ -129,16 +151,6 @@ def test_the_compiled_step_reads_the_device_only_on_its_first_call(monkeypatch, 
     model = build(COMPILED)
     ids, mask = prompts()
     cache = model.static_cache(16, compile_step=True)
-    reads = []
-
-    def recording(name):
-        original = getattr(torch.Tensor, name)
-
-        def read(self, *args, **kwargs):
-            reads.append(name)
-            return original(self, *args, **kwargs)
-        return read
-
     with torch.no_grad():
         model(ids, attention_mask=mask, cache=cache)
         step = model.model._decode_step(cache)
@@ -146,9 +158,7 @@ def test_the_compiled_step_reads_the_device_only_on_its_first_call(monkeypatch, 
                   torch.ones(3, 1, dtype=torch.bool), cache)
         first = step(*inputs)  # the warm-up: compiles, checks
         assert callable(model.model._compiled_decode_step)
-        with monkeypatch.context() as patch:
-            for name in ("__bool__", "__int__", "__float__", "item", "tolist"):
-                patch.setattr(torch.Tensor, name, recording(name))
+        with device_reads(monkeypatch) as reads:
             second = step(*inputs)  # the capture
         assert reads == []
         torch.testing.assert_close(second, first, rtol=1e-5, atol=1e-5)
@@ -191,19 +201,7 @@ def test_forward_reads_the_device_only_to_learn_a_prefills_padding(monkeypatch):
     model = build(EVERY_METHOD)
     ids, mask = prompts()
     cache = model.static_cache(16, cuda_graphs=False)
-    reads = []
-
-    def recording(name):
-        original = getattr(torch.Tensor, name)
-
-        def read(self, *args, **kwargs):
-            reads.append(name)
-            return original(self, *args, **kwargs)
-        return read
-
-    with torch.no_grad(), monkeypatch.context() as patch:
-        for name in ("__bool__", "__int__", "__float__", "item", "tolist"):
-            patch.setattr(torch.Tensor, name, recording(name))
+    with torch.no_grad(), device_reads(monkeypatch) as reads:
         model(ids, attention_mask=torch.ones_like(mask), cache=cache)
         assert reads
         reads.clear()
