@@ -626,12 +626,15 @@ def run_generate_part(args) -> list[dict]:
                 total, out = timed_generate(model, ids, args.gen_new + 1, args.repeats, cache, args.prefill_chunk)
             decode = total - prefill
             row = dict(model=name, batch=batch, prompt=args.gen_prompt, new_tokens=args.gen_new,
-                       compile_step=cache == "kvforge-compiled",
+                       # compiled, and kept after its first-call check (a fallback to the uncompiled step says so)
+                       compile_step=callable(getattr(getattr(model, "model", None), "_compiled_decode_step", None)),
                        latent_kernel=dict(latent_attention.LAUNCH_DEFAULTS), via_export=via_export,
                        prefill_s=prefill, decode_s=decode, decode_tokens_per_s=batch * args.gen_new / decode,
                        ms_per_step=decode / args.gen_new * 1e3, cache_bytes=cache_bytes(generated_cache(out)),
                        peak_memory_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
             rows.append(row)
+            if cache == "kvforge-compiled" and not row["compile_step"]:
+                print(f"B={batch:4d} {name}: the compiled step fell back to the uncompiled one (see the warning)")
             print(f"B={batch:4d} {name:40s} decode {row['decode_tokens_per_s']:9.0f} tok/s "
                   f"({row['ms_per_step']:.2f} ms/step)  prefill {prefill:.2f} s  "
                   f"cache {row['cache_bytes'] / 2 ** 30:.2f} GiB  peak {row['peak_memory_gib']:.1f} GiB", flush=True)
