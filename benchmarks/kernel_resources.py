@@ -34,7 +34,7 @@ CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuob
 
 
 def compile_latent_kernel(*, cache: str, k_rank: int, v_rank: int, kv_per_program: int, block_s: int,
-                          num_warps: int, num_stages: int, prefetch: bool = False, int8_magic: bool = False,
+                          num_warps: int, num_stages: int, prefetch: bool = False,
                           kv_heads: int = 3, group: int = 3, dim: int = 64, capability: int = 90):
     """The kernel as latent_decode_attention would launch it for bf16 queries and a `cache` of bf16, int8 or int4
     latents, compiled for `capability`; returns Triton's compiled kernel (its .asm["cubin"], .metadata)."""
@@ -47,7 +47,7 @@ def compile_latent_kernel(*, cache: str, k_rank: int, v_rank: int, kv_per_progra
         BLOCK_C=latent_attention._next_power_of_2(kv_per_program * dim // 2), BLOCK_S=block_s, BLOCK_RK=block_rk,
         BLOCK_RV=latent_attention._next_power_of_2(v_cols), HAS_K_BIAS=False, HAS_SCALES=cache != "bf16",
         CHUNK_RK=block_rk if packed or block_rk <= 128 else 64, PACKED=packed, KV_PER_PROGRAM=kv_per_program,
-        STAT_H=latent_attention._next_power_of_2(kv_heads * group), PREFETCH=prefetch, INT8_MAGIC=int8_magic)
+        STAT_H=latent_attention._next_power_of_2(kv_heads * group), PREFETCH=prefetch)
     latent = {"bf16": "*bf16", "int8": "*i8", "int4": "*u8"}[cache]
     pointers = dict(Q="*bf16", K_LATENT=latent, V_LATENT=latent, K_WEIGHT="*bf16", K_BIAS="*bf16", POSITIONS="*i64",
                     VALID="*u8", ROPE="*fp32", K_SCALE="*bf16", V_SCALE="*bf16", ACC="*fp32", MAX="*fp32", SUM="*fp32")

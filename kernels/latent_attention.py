@@ -66,27 +66,17 @@ if triton is not None:
         return start, tl.minimum(start + slots_per_split, length)
 
     @triton.jit
-    def int8_as_float32(values, MAGIC: tl.constexpr):
-        """int8 values as float32, exactly. MAGIC: without the conversion unit, v + 0x4B400000 being the bit pattern
-        of the float 1.5 * 2^23 + v (|v| < 2^22), from which 1.5 * 2^23 is subtracted: an integer add and a float
-        add where `.to(tl.float32)` is an I2F, which Hopper issues at a quarter of the float32 rate."""
-        if MAGIC:
-            magic: tl.constexpr = 12582912.0  # 1.5 * 2^23, whose bits are 0x4B400000
-            return (values.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - magic
-        return values.to(tl.float32)
+    def dequantized_tile(values, scale):
+        """An 8-bit cache's tile [rows, cols] of int8 values times its rows' scales [rows], in float32. (Making the
+        integers float by two adds instead of the conversion unit measured no faster on an H200, session 16.)"""
+        return values.to(tl.float32) * scale.to(tl.float32)[:, None]
 
     @triton.jit
-    def dequantized_tile(values, scale, MAGIC: tl.constexpr = False):
-        """An 8-bit cache's tile [rows, cols] of int8 values times its rows' scales [rows], in float32
-        (int8_as_float32's MAGIC)."""
-        return int8_as_float32(values, MAGIC) * scale.to(tl.float32)[:, None]
-
-    @triton.jit
-    def unpacked_tiles(packed, scale, MAGIC: tl.constexpr = False):
+    def unpacked_tiles(packed, scale):
         """A 4-bit cache's tile [rows, cols] of bytes (two's-complement nibbles, the even position low): its even
         and odd positions' values times the rows' scales [rows], each [rows, cols] in float32."""
         byte = packed.to(tl.int8, bitcast=True)
-        return dequantized_tile((byte << 4) >> 4, scale, MAGIC), dequantized_tile(byte >> 4, scale, MAGIC)
+        return dequantized_tile((byte << 4) >> 4, scale), dequantized_tile(byte >> 4, scale)
 
     @triton.jit
     def key_tile(K_LATENT, K_SCALE, row, offs_s, s_ok, offs_rk, rk_ok, stride_kb, stride_ks, stride_ksb, stride_kss,
@@ -127,7 +117,7 @@ if triton is not None:
         HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
         BLOCK_RK: tl.constexpr, BLOCK_RV: tl.constexpr, HAS_K_BIAS: tl.constexpr, HAS_SCALES: tl.constexpr,
         CHUNK_RK: tl.constexpr, PACKED: tl.constexpr, KV_PER_PROGRAM: tl.constexpr, STAT_H: tl.constexpr,
-        PREFETCH: tl.constexpr, INT8_MAGIC: tl.constexpr,
+        PREFETCH: tl.constexpr,
     ):
         # PACKED (a 4-bit cache): BLOCK_RK / BLOCK_RV cover half the ranks, one byte holding ranks 2j and 2j + 1;
         # the even and odd ranks are two tiles, each with its own rows of U_k and its own value accumulator.
@@ -206,14 +196,14 @@ if triton is not None:
             elif HAS_SCALES:  # the chunked path below loads its keys chunk by chunk
                 k_scale = tl.load(K_SCALE + row * stride_ksb + offs_s * stride_kss, mask=s_ok, other=0.0)
             if PACKED:  # low-bit latents: their bytes read, dequantized in registers
-                c_even, c_odd = unpacked_tiles(k_tile, k_scale, INT8_MAGIC)
+                c_even, c_odd = unpacked_tiles(k_tile, k_scale)
                 c_even, c_odd = c_even.to(dtype), c_odd.to(dtype)
                 key_lo = tl.dot(c_even, w_lo) + tl.dot(c_odd, w_lo_odd)  # [BLOCK_S, BLOCK_C] float32
                 key_hi = tl.dot(c_even, w_hi) + tl.dot(c_odd, w_hi_odd)
             elif CHUNK_RK == BLOCK_RK:
                 c_k = k_tile
                 if HAS_SCALES:
-                    c_k = dequantized_tile(c_k, k_scale, INT8_MAGIC).to(dtype)
+                    c_k = dequantized_tile(c_k, k_scale).to(dtype)
                 key_lo = tl.dot(c_k, w_lo)  # [BLOCK_S, BLOCK_C] float32
                 key_hi = tl.dot(c_k, w_hi)
             else:
@@ -225,7 +215,7 @@ if triton is not None:
                     c_k = tl.load(K_LATENT + row * stride_kb + offs_s[:, None] * stride_ks + offs_r[None, :],
                                   mask=s_ok[:, None] & r_ok[None, :], other=0)
                     if HAS_SCALES:
-                        c_k = dequantized_tile(c_k, k_scale, INT8_MAGIC).to(dtype)
+                        c_k = dequantized_tile(c_k, k_scale).to(dtype)
                     w_ptr = K_WEIGHT + w_cols + offs_r[:, None]
                     w_lo = tl.load(w_ptr, mask=r_ok[:, None] & col_ok[None, :], other=0.0)
                     w_hi = tl.load(w_ptr + HALF * k_rank, mask=r_ok[:, None] & col_ok[None, :], other=0.0)
@@ -254,12 +244,12 @@ if triton is not None:
             if HAS_SCALES:
                 v_scale = tl.load(V_SCALE + row * stride_vsb + offs_s * stride_vss, mask=s_ok, other=0.0)
             if PACKED:
-                v_even, v_odd = unpacked_tiles(c_v, v_scale, INT8_MAGIC)
+                v_even, v_odd = unpacked_tiles(c_v, v_scale)
                 acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v_even.to(dtype))
                 acc_odd = acc_odd * alpha[:, None] + tl.dot(p.to(dtype), v_odd.to(dtype))
             else:
                 if HAS_SCALES:
-                    c_v = dequantized_tile(c_v, v_scale, INT8_MAGIC).to(dtype)
+                    c_v = dequantized_tile(c_v, v_scale).to(dtype)
                 acc = acc * alpha[:, None] + tl.dot(p.to(dtype), c_v)
 
         stat = (row * splits + split) * STAT_H + head  # max / sum [B, splits, STAT_H]; acc adds its ranks
@@ -403,7 +393,7 @@ def _multiprocessors(device: torch.device) -> int:
 #     buffer), since Triton's software pipelining may not take loads that are dequantized before the dot: without
 #     it every tile may wait on its own loads, at two programs per SM. Offline (sm_90, ranks 48/96, 64-slot tiles):
 #     int8 220 -> 252 registers, no spill; prefetching the values too spilled 880 bytes. Not yet timed: off.
-LAUNCH_DEFAULTS = dict(kv_per_program=None, programs_per_sm=8, prefetch=0, int8_magic=0)
+LAUNCH_DEFAULTS = dict(kv_per_program=None, programs_per_sm=8, prefetch=0)
 
 
 def _num_splits(programs: int, slots: int, block_s: int, device: torch.device, programs_per_sm: int) -> int:
@@ -422,7 +412,7 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
                             num_stages: int | None = None, k_scale: torch.Tensor | None = None,
                             v_scale: torch.Tensor | None = None, chunk_rk: int | None = None,
                             kv_per_program: int | None = None, programs_per_sm: int | None = None,
-                            prefetch: int | None = None, int8_magic: int | None = None) -> torch.Tensor:
+                            prefetch: int | None = None) -> torch.Tensor:
     """One decode step of attention over a pre-RoPE latent cache.
 
     query [B, K, G, D] (rotated); k_latent [B, S, Rk], v_latent [B, S, Rv]; k_weight [K * D, Rk] and
@@ -438,9 +428,7 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     so far fewer registers (offline ptxas for sm_90: see benchmarks/kernel_resources.py), at the price of reading
     each latent tile once per program from L2 and K x the latent PV product. programs_per_sm: what the slot splits
     aim at (num_splits overrides it). prefetch (1: on): the next tile's loads issued before this tile's dots, where
-    U_k is held whole (a 4-bit cache, or key ranks up to 128). int8_magic (1: on): a low-bit cache's integers made
-    float32 by an integer and a float add instead of the conversion unit (`int8_as_float32`; the same values). All
-    four default to LAUNCH_DEFAULTS.
+    U_k is held whole (a 4-bit cache, or key ranks up to 128). All three default to LAUNCH_DEFAULTS.
     Returns out [B, K, G, Dv] in query.dtype.
     """
     if triton is None:
@@ -486,7 +474,6 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     chunk_rk = block_rk if packed else chunk_rk or (block_rk if block_rk <= 128 else 64)
     prefetch = LAUNCH_DEFAULTS["prefetch"] if prefetch is None else prefetch
     prefetch = bool(prefetch) and chunk_rk == block_rk  # the chunked path loads U_k and c_k per chunk instead
-    int8_magic = bool(LAUNCH_DEFAULTS["int8_magic"] if int8_magic is None else int8_magic)
     splits = num_splits or _num_splits(batch * head_programs, slots, block_s, query.device,
                                        programs_per_sm or LAUNCH_DEFAULTS["programs_per_sm"])
     per_split = -(-slots // splits)
@@ -510,8 +497,7 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
         slots, heads, group, kv_heads, k_rank, v_rank, per_split, splits, float(scaling),
         HALF=dim // 2, BLOCK_H=block_h, BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_RK=block_rk, BLOCK_RV=block_rv,
         HAS_K_BIAS=k_bias is not None, HAS_SCALES=has_scales, CHUNK_RK=chunk_rk, PACKED=packed,
-        KV_PER_PROGRAM=kv_per_program, STAT_H=stat_h, PREFETCH=prefetch, INT8_MAGIC=int8_magic, num_warps=num_warps,
-        num_stages=num_stages,
+        KV_PER_PROGRAM=kv_per_program, STAT_H=stat_h, PREFETCH=prefetch, num_warps=num_warps, num_stages=num_stages,
     )
     return merged_values(acc, stats_max, stats_sum, v_weight, v_bias, kv_heads, group, v_rank, query.dtype)
 

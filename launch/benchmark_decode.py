@@ -88,9 +88,6 @@ def parse_args(argv=None):
     parser.add_argument("--prefetch", type=int, nargs="*", default=[0], metavar="N", choices=(0, 1),
                         help="kernel part: and per value: 1, the next tile's loads issued before this tile's dots "
                              "(0: the kernel's default)")
-    parser.add_argument("--int8-magic", type=int, nargs="*", default=[0], metavar="N", choices=(0, 1),
-                        help="kernel part: and per value: 1, a low-bit cache's integers made float32 by two adds "
-                             "instead of the conversion unit (0: the kernel's default)")
     parser.add_argument("--via-export", type=Path, default=None, metavar="DIR",
                         help="generate part: each kvforge row's model is exported with kvforge's exporter into "
                              "DIR/<variant> and timed as AutoModelForCausalLM.from_pretrained(..., "
@@ -187,7 +184,7 @@ def run_kernel_part(args, copy_bandwidth: float, device="cuda", timings=None, dt
     # the kernel's own choice (0), e.g. triton_latent_kv1_pps8.
     sweep = {"kv": ("kv_per_program", args.kv_per_program), "pps": ("programs_per_sm", args.programs_per_sm),
              "bs": ("block_s", args.block_s), "w": ("num_warps", args.num_warps), "st": ("num_stages", args.num_stages),
-             "pf": ("prefetch", args.prefetch), "im": ("int8_magic", args.int8_magic)}
+             "pf": ("prefetch", args.prefetch)}
     kernels = []
     for values in itertools.product(*(options for _, options in sweep.values())):
         chosen = {tag: value for tag, value in zip(sweep, values) if value}

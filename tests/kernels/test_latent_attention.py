@@ -127,22 +127,6 @@ def test_4_bit_latents_read_as_packed_bytes_equal_the_float64_reference(shape, d
         assert relative_error(out, reference(exact)) < tolerance
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_low_bit_latents_made_float_by_adds_are_the_same_values(bits):
-    """int8_magic: the cache's integers made float32 by an integer and a float add (no conversion unit) give the
-    conversion's output bit for bit, every int8 level and nibble included."""
-    from kvforge.models.modeling_kvforge import quantize_slots
-
-    c = case(dtype=torch.float32, slots=40, k_rank=16, v_rank=32, seed=3)
-    # Latents spanning every level: after rounding, each column holds -127..127 (8 bits) or -7..7 (4 bits).
-    levels = torch.arange(-127, 128, dtype=torch.float32) if bits == 8 else torch.arange(-7, 8, dtype=torch.float32)
-    c["k_latent"] = levels[torch.arange(40 * 16) % len(levels)].view(1, 40, 16).expand(2, 40, 16).contiguous()
-    (k_q, k_scale), (v_q, v_scale) = quantize_slots(c["k_latent"], 1, bits), quantize_slots(c["v_latent"], 1, bits)
-    outs = [kernel(dict(c, k_latent=k_q, v_latent=v_q), block_s=16, num_splits=2, k_scale=k_scale, v_scale=v_scale,
-                   int8_magic=magic) for magic in (0, 1)]
-    assert torch.equal(outs[0], outs[1])
-
-
 def test_a_4_bit_key_latent_above_what_the_kernel_holds_is_refused_and_the_dispatch_keeps_it_on_pytorch(
         monkeypatch, kernel_calls):
     from kvforge.models.modeling_kvforge import quantize_slots
