@@ -53,14 +53,15 @@ MAX_BATCH_START=${MAX_BATCH_START-192}  # session 17: lr25 fitted 416 (lr12 shou
 # meet the target; lr25 3.05x (3.2x wanted), lr12 3.29x (6.4x): their steps spend ~5 ms in ~1,000 small kernels a
 # CUDA graph replays one by one. Session 18 times the compiled step (--compile-step: torch.compile fuses them; the
 # Triton kernels launch between compiled parts): the latent models and partial RoPE at both shapes, the other
-# layouts at B=32 x 16k, then one profiled row (the compiled step's kernels, against session 13's profile).
+# layouts at B=32 x 16k, then one row profiled compiled and uncompiled (the same session's A/B of the step's kernels).
 DECODE_ARGS=${DECODE_ARGS-"--gen-batch 32 --gen-prompt 16384 --gen-variants original-static lr25-int8-aligned-static \
 lr12-int4-aligned-static partial-rope-25-static --repeats 3 --compile-step --via-export /tmp/kv-decode-exports|\
 --gen-batch 128 --gen-prompt 4096 --gen-variants original-static lr25-int8-aligned-static lr12-int4-aligned-static \
 partial-rope-25-static --repeats 3 --compile-step|\
 --gen-batch 32 --gen-prompt 16384 --gen-variants partial-rope-50-static merged-heads-static window-lowrank-12-static \
 --repeats 3 --compile-step|\
---gen-batch 32 --gen-prompt 16384 --gen-variants lr25-int8-aligned-static --repeats 2 --compile-step --profile 16"}
+--gen-batch 32 --gen-prompt 16384 --gen-variants lr25-int8-aligned-static --repeats 2 --compile-step --profile 16|\
+--gen-batch 32 --gen-prompt 16384 --gen-variants lr25-int8-aligned-static --repeats 2 --profile 16"}
 stamp() { echo "$(date +%T) $*"; }
 mkdir -p "$K/results"
 
