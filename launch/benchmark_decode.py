@@ -387,10 +387,10 @@ def timed_generate(model, ids, new_tokens: int, repeats: int, cache: str | None 
                    prefill_chunk: int = 0) -> tuple[float, object]:
     """Median seconds of generate(). cache="kvforge" passes a fresh KVForgeCache(static=True) per call, so every
     call pays its CUDA graph capture (in the first decode step), as a user's call would ("kvforge-compiled": with
-    compile_step=True, the step compiled once per model, in the warm-up call, and captured per call); cache="transformers"
-    asks for transformers' StaticCache, whose decode step generate() compiles itself (torch.compile, once per
-    shape: the warm-up call pays it); None: the model's default (dynamic) cache. prefill_chunk: generate()'s
-    prefill_chunk_size (0: the prompt in one forward)."""
+    compile_step=True, the step compiled once per model, in the warm-up call, and captured per call);
+    cache="transformers" asks for transformers' StaticCache, whose decode step generate() compiles itself
+    (torch.compile, once per shape: the warm-up call pays it); None: the model's default (dynamic) cache.
+    prefill_chunk: generate()'s prefill_chunk_size (0: the prompt in one forward)."""
     times, out = [], None
     sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)  # a CPU run: profiled_generate's test
     for _ in range(repeats):
