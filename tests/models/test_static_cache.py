@@ -147,10 +147,12 @@ def test_a_compiled_decode_step_generates_what_the_uncompiled_one_does(kernels, 
 def test_the_compiled_step_reads_the_device_only_on_its_first_call(monkeypatch, fresh_dynamo):
     """KVForgeCache._graph_step runs one step object twice: a warm-up, where the first compiled call compiles and
     checks itself against the uncompiled step (reading the difference back), then the CUDA graph capture, where
-    nothing may read the device. The same object's second call must go straight to the compiled step."""
+    nothing may read the device. The same object's second call must go straight to the compiled step, with no
+    recompile."""
     model = build(COMPILED)
     ids, mask = prompts()
     cache = model.static_cache(16, compile_step=True)
+    counters.clear()
     with torch.no_grad():
         model(ids, attention_mask=mask, cache=cache)
         step = model.model._decode_step(cache)
@@ -158,9 +160,13 @@ def test_the_compiled_step_reads_the_device_only_on_its_first_call(monkeypatch, 
                   torch.ones(3, 1, dtype=torch.bool), cache)
         first = step(*inputs)  # the warm-up: compiles, checks
         assert callable(model.model._compiled_decode_step)
+        graphs = counters["stats"]["unique_graphs"]
+        assert graphs > 0
         with device_reads(monkeypatch) as reads:
             second = step(*inputs)  # the capture
         assert reads == []
+        # Nor does it compile again (a compile inside a capture would run the compiler's own device work there).
+        assert counters["stats"]["unique_graphs"] == graphs
         torch.testing.assert_close(second, first, rtol=1e-5, atol=1e-5)
 
 
