@@ -1631,12 +1631,24 @@ class KVForgeAttention(nn.Module):
 # ================================================================================================
 
 
+def layers_compile_settings(layers: list[nn.Module]) -> dict:
+    """Prepares decoder layers of different ranks to share one compiled graph (compiled one layer at a time in
+    training, or a compiled decode step) and returns the Dynamo settings that must hold while they are traced.
+
+    Surgery gives layers their own ranks: with parameter shapes static, each rank would be a graph of its own, past
+    Dynamo's 8 per function, after which it runs the rest uncompiled without saying so (SmolLM2's 25% model has ~8
+    rank pairs). So parameters may be dynamic (nn.Linear weights are governed by the second flag, other parameters
+    by the first), the dims that differ between layers are marked dynamic before the first trace (otherwise the
+    first layer compiles with static sizes and the second rank recompiles symbolically), and the recompile limit
+    covers one graph per layer and mode (train, eval) for the layer kinds that remain."""
+    mark_varying_dims_dynamic(layers)
+    return dict(force_parameter_static_shapes=False, force_nn_module_property_static_shapes=False,
+                recompile_limit=max(torch._dynamo.config.recompile_limit, 2 * len(layers) + 8))
+
+
 def mark_varying_dims_dynamic(layers: list[nn.Module]) -> None:
     """Marks each parameter dimension whose size differs between layers (a latent rank) as dynamic before the first
-    trace, so the first layer's graph is already the symbolic one that the later layers reuse (compiled one layer at
-    a time in training, or a compiled decode step): otherwise Dynamo compiles the first layer with static sizes and
-    recompiles symbolically at the second rank it meets. maybe_mark_dynamic: a dimension the graph needs static
-    stays static."""
+    trace. maybe_mark_dynamic: a dimension the graph needs static stays static."""
     sizes: dict[str, set[tuple[int, ...]]] = {}
     for layer in layers:
         for name, p in layer.named_parameters():
@@ -1647,7 +1659,6 @@ def mark_varying_dims_dynamic(layers: list[nn.Module]) -> None:
             for dim in range(p.ndim):
                 if len({shape[dim] for shape in shapes if len(shape) == p.ndim}) > 1:
                     torch._dynamo.maybe_mark_dynamic(p, dim)
-
 
 
 class KVForgeDecoderLayer(GradientCheckpointingLayer):
@@ -1880,14 +1891,9 @@ class KVForgeModel(KVForgePreTrainedModel):
         return step(inputs_embeds, position_ids, new_valid, cache)
 
     def _compile_checked_step(self, inputs_embeds, position_ids, new_valid, cache):
-        # Surgery gives layers their own ranks: with parameter shapes static, each layer's rank pair would be a graph
-        # of its own, past Dynamo's 8 per function, after which it runs the rest uncompiled without saying so
-        # (SmolLM2's 25% model has ~8 pairs). The dims that differ are dynamic from the first trace instead, and the
-        # settings that let parameters be dynamic hold while the step runs (Dynamo reads them when it traces).
-        mark_varying_dims_dynamic(list(self.layers))
-        settings = torch._dynamo.config.patch(
-            force_parameter_static_shapes=False, force_nn_module_property_static_shapes=False,
-            recompile_limit=max(torch._dynamo.config.recompile_limit, 2 * len(self.layers) + 8))
+        # The settings hold while the step runs: Dynamo reads them when it traces, which a new shape can make it do
+        # again at any later call.
+        settings = torch._dynamo.config.patch(**layers_compile_settings(list(self.layers)))
         compiled = settings(torch.compile(self._static_decode_step))
         expected = self._static_decode_step(inputs_embeds, position_ids, new_valid, cache)
         try:
@@ -1899,12 +1905,12 @@ class KVForgeModel(KVForgePreTrainedModel):
             return expected
         # Relative to the hidden states' size: a fused kernel rounds once where eager ops round each time (bf16:
         # ~1e-3 per layer); a wrong slot, a stale cache or a dropped term moves them by O(1).
-        error = ((got.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-12)).item()
+        difference = ((got.float() - expected.float()).norm() / expected.float().norm().clamp_min(1e-12)).item()
         tolerance = COMPILED_STEP_TOLERANCE.get(expected.dtype, 5e-2)
-        if not error <= tolerance:
+        if not difference <= tolerance:
             self._compiled_decode_step = False
             logger.warning("the compiled static decode step disagrees with the uncompiled one (relative difference "
-                           "%.2e > %.0e); decoding uncompiled", error, tolerance)
+                           "%.2e > %.0e); decoding uncompiled", difference, tolerance)
             return expected
         self._compiled_decode_step = compiled
         return got

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from ..models.calibration import CalibrationError
 from ..models.configuration_kvforge import CompressionSpecError
 from ..models.loading import ModelLoadError
-from ..models.modeling_kvforge import mark_varying_dims_dynamic
+from ..models.modeling_kvforge import layers_compile_settings
 from ..models.presets import PresetError
 from ..models.surgery import SurgeryError
 from .checkpoint import CheckpointError
@@ -202,7 +202,7 @@ def compile_in_place(model: torch.nn.Module, scope: str, engine: Any = None, **o
     and the next ones reuse the graph while their guards hold; a layer of another kind (window, latent rank, KV
     reader) adds a graph (a stock 30-layer Llama: 1 graph). Latent ranks, which greedy allocation makes different in
     nearly every layer, do not: the dimensions that differ between layers are dynamic from the first trace
-    (mark_varying_dims_dynamic), so all ranks share one symbolic graph (with static parameter shapes, lowrank-50's
+    (layers_compile_settings), so all ranks share one symbolic graph (with static parameter shapes, lowrank-50's
     30 ranks compiled ~170 s before its first steps on the H200, session 9). The graphs may still number more than
     dynamo's default recompile limit (8), past which it would run the remaining layers eagerly without saying so,
     so the limit is raised to cover one graph per layer and mode (train, eval). `options` go to torch.compile
@@ -214,12 +214,9 @@ def compile_in_place(model: torch.nn.Module, scope: str, engine: Any = None, **o
     layers = decoder_layers(model)
     import torch._dynamo.config as dynamo_config
 
-    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 2 * len(layers) + 8)
-    # Process-wide (dynamo reads them when it first traces, after this returns); nn.Linear weights are governed by
-    # the second flag, other parameters by the first.
-    dynamo_config.force_parameter_static_shapes = False
-    dynamo_config.force_nn_module_property_static_shapes = False
-    mark_varying_dims_dynamic(layers)
+    # Process-wide: dynamo reads them when it first traces, after this returns.
+    for name, value in layers_compile_settings(layers).items():
+        setattr(dynamo_config, name, value)
     for layer in layers:
         layer.compile(**options)
 
