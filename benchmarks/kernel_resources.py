@@ -34,7 +34,8 @@ CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuob
 
 
 def compile_latent_kernel(*, cache: str, k_rank: int, v_rank: int, kv_per_program: int, block_s: int,
-                          num_warps: int, num_stages: int, prefetch: bool = False,
+                          num_warps: int, num_stages: int, prefetch: bool = False, split: bool = False,
+                          slot_rows: bool = False,
                           kv_heads: int = 3, group: int = 3, dim: int = 64, capability: int = 90):
     """The kernel as latent_decode_attention would launch it for bf16 queries and a `cache` of bf16, int8 or int4
     latents, compiled for `capability`; returns Triton's compiled kernel (its .asm["cubin"], .metadata)."""
@@ -42,11 +43,16 @@ def compile_latent_kernel(*, cache: str, k_rank: int, v_rank: int, kv_per_progra
     packed = cache == "int4"
     k_cols, v_cols = (k_rank // 2, v_rank // 2) if packed else (k_rank, v_rank)
     block_rk = latent_attention._next_power_of_2(k_cols)
+    chunk_rk = block_rk if packed or block_rk <= 128 else 64
+    # split: the key columns and value ranks each in two power-of-two tiles where one would be padded
+    block_c, block_c2 = latent_attention.tile_widths(kv_per_program * dim // 2, split and chunk_rk == block_rk,
+                                                     multiple=dim // 2)
+    block_rv, block_rv2 = latent_attention.tile_widths(v_cols, split)
     constants = dict(
-        HALF=dim // 2, BLOCK_H=latent_attention._next_power_of_2(kv_per_program * group),
-        BLOCK_C=latent_attention._next_power_of_2(kv_per_program * dim // 2), BLOCK_S=block_s, BLOCK_RK=block_rk,
-        BLOCK_RV=latent_attention._next_power_of_2(v_cols), HAS_K_BIAS=False, HAS_SCALES=cache != "bf16",
-        CHUNK_RK=block_rk if packed or block_rk <= 128 else 64, PACKED=packed, KV_PER_PROGRAM=kv_per_program,
+        HALF=dim // 2, BLOCK_H=latent_attention._next_power_of_2(kv_per_program * group), BLOCK_C=block_c,
+        BLOCK_C2=block_c2, BLOCK_S=block_s, BLOCK_RK=block_rk, BLOCK_RV=block_rv, BLOCK_RV2=block_rv2,
+        ACC_WIDTH=latent_attention._next_power_of_2(v_cols) * (2 if packed else 1), SLOT_ROWS=slot_rows,
+        HAS_K_BIAS=False, HAS_SCALES=cache != "bf16", CHUNK_RK=chunk_rk, PACKED=packed, KV_PER_PROGRAM=kv_per_program,
         STAT_H=latent_attention._next_power_of_2(kv_heads * group), PREFETCH=prefetch)
     latent = {"bf16": "*bf16", "int8": "*i8", "int4": "*u8"}[cache]
     pointers = dict(Q="*bf16", K_LATENT=latent, V_LATENT=latent, K_WEIGHT="*bf16", K_BIAS="*bf16", POSITIONS="*i64",
@@ -75,7 +81,10 @@ def resources(kernel) -> dict:
     found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
     if found is None:
         raise RuntimeError(f"cuobjdump printed no resource usage:\n{usage}")
-    return dict(registers=int(found[1]), stack_bytes=int(found[2]), shared_bytes=kernel.metadata.shared)
+    # Hopper's warpgroup MMAs (64+ rows per product) against the warp-level ones (16 rows) in the PTX
+    ptx = kernel.asm["ptx"]
+    return dict(registers=int(found[1]), stack_bytes=int(found[2]), shared_bytes=kernel.metadata.shared,
+                wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"))
 
 
 def programs_per_sm(registers: int, shared: int, num_warps: int) -> int:
@@ -93,21 +102,33 @@ def main(argv=None):
     parser.add_argument("--num-warps", type=int, nargs="*", default=[4])
     parser.add_argument("--num-stages", type=int, default=3)
     parser.add_argument("--prefetch", type=int, nargs="*", default=[0], choices=(0, 1))
+    parser.add_argument("--split", type=int, nargs="*", default=[0], choices=(0, 1),
+                        help="1: key columns and value ranks in two tiles where one would be padded")
+    parser.add_argument("--slot-rows", type=int, nargs="*", default=[0], choices=(0, 1),
+                        help="1: the slots as the rows of the score and value products")
+    parser.add_argument("--ranks", type=int, nargs=2, default=None, metavar=("K", "V"),
+                        help="key and value ranks for every cache (default: per cache, below)")
     args = parser.parse_args(argv)
-    # The aligned 25% int8 model's median layer (48 / 96), its 12.5% 4-bit one (96 / 224), the kernel rows' bf16.
+    # The kernel rows' ranks (48 / 96) for bf16 and int8, a 4-bit one of 96 / 224; the aligned 25% int8 model's
+    # commonest layer is 48 / 144, the aligned 12.5% 4-bit one's 64 / 128 (--ranks).
     ranks = {"bf16": (48, 96), "int8": (48, 96), "int4": (96, 224)}
+    if args.ranks:
+        ranks = dict.fromkeys(ranks, tuple(args.ranks))
     print(f"triton {triton.__version__}, sm_90, bf16 queries; k / v ranks per cache: {ranks}")
-    print("| cache | KV heads per program | block_s | warps | prefetch | registers | stack (spills) | shared KiB | "
-          "programs/SM |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for cache, per_program, block_s, warps, prefetch in itertools.product(
-            args.caches, args.kv_per_program, args.block_s, args.num_warps, args.prefetch):
+    print("| cache | KV heads per program | block_s | warps | prefetch | split | slot rows | registers | "
+          "stack (spills) | shared KiB | programs/SM | MMAs: warpgroup / warp |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for cache, per_program, block_s, warps, prefetch, split, slot_rows in itertools.product(
+            args.caches, args.kv_per_program, args.block_s, args.num_warps, args.prefetch, args.split,
+            args.slot_rows):
         kernel = compile_latent_kernel(cache=cache, k_rank=ranks[cache][0], v_rank=ranks[cache][1],
                                        kv_per_program=per_program, block_s=block_s, num_warps=warps,
-                                       num_stages=args.num_stages, prefetch=bool(prefetch))
+                                       num_stages=args.num_stages, prefetch=bool(prefetch), split=bool(split),
+                                       slot_rows=bool(slot_rows))
         r = resources(kernel)
-        print(f"| {cache} | {per_program} | {block_s} | {warps} | {prefetch} | {r['registers']} | {r['stack_bytes']} | "
-              f"{r['shared_bytes'] / 1024:.0f} | {programs_per_sm(r['registers'], r['shared_bytes'], warps)} |",
+        print(f"| {cache} | {per_program} | {block_s} | {warps} | {prefetch} | {split} | {slot_rows} | "
+              f"{r['registers']} | {r['stack_bytes']} | {r['shared_bytes'] / 1024:.0f} | "
+              f"{programs_per_sm(r['registers'], r['shared_bytes'], warps)} | {r['wgmma']} / {r['mma_sync']} |",
               flush=True)
 
 

@@ -104,6 +104,133 @@ if triton is not None:
         return tile_max, alpha, p, running_sum * alpha + tl.sum(p, axis=1)
 
     @triton.jit
+    def online_softmax_slot_rows(scores, running_max, running_sum):
+        """online_softmax_tile for scores laid out [BLOCK_S, heads] (slots as rows): the same four results, the
+        softmax taken down each column."""
+        tile_max = tl.maximum(running_max, tl.max(scores, axis=0))
+        safe_max = tl.where(tile_max == float("-inf"), 0.0, tile_max)
+        alpha = tl.exp(running_max - safe_max)
+        p = tl.exp(scores - safe_max[None, :])
+        return tile_max, alpha, p, running_sum * alpha + tl.sum(p, axis=0)
+
+    @triton.jit
+    def _column_group(Q, K_WEIGHT, K_BIAS, row, stride_qb, first_kv, kv_heads, k_rank, head, head_ok, group, offs_rk,
+                      rk_ok, FIRST: tl.constexpr, COLS: tl.constexpr, HALF: tl.constexpr, KV_PER_PROGRAM: tl.constexpr,
+                      PACKED: tl.constexpr, HAS_K_BIAS: tl.constexpr, HOLD_WEIGHT: tl.constexpr):
+        """What one group of key columns needs for the whole program: the program's columns FIRST .. FIRST + COLS
+        (column c: KV head first_kv + c // HALF, frequency pair c % HALF; masked past the program's KV heads). The
+        block-diagonal query halves [BLOCK_H, COLS] (head h keeps its dims in its KV head's columns, so one product
+        gives every head's scores without expanding heads), U_k transposed into the same columns per half
+        [BLOCK_RK, COLS] (k_up.weight row kv * D + pair [+ HALF], column r; a 4-bit cache's even and odd ranks as
+        two tiles each; HOLD_WEIGHT: else not loaded), the key bias's halves [COLS] (zeros without), and the
+        weight's column offsets and mask for a caller that reads U_k in chunks."""
+        offs_c = FIRST + tl.arange(0, COLS)
+        col_head = first_kv + offs_c // HALF
+        col_pair = offs_c % HALF
+        col_ok = (offs_c // HALF < KV_PER_PROGRAM) & (col_head < kv_heads)
+        own = (col_head[None, :] == (head // group)[:, None]) & head_ok[:, None] & col_ok[None, :]
+        q_ptr = Q + row * stride_qb + head[:, None] * (2 * HALF) + col_pair[None, :]
+        q_lo = tl.load(q_ptr, mask=own, other=0.0)
+        q_hi = tl.load(q_ptr + HALF, mask=own, other=0.0)
+        w_cols = (col_head[None, :] * (2 * HALF) + col_pair[None, :]) * k_rank
+        w_ok = rk_ok[:, None] & col_ok[None, :]
+        if PACKED:  # U_k's even and odd rows, for the even and odd ranks
+            w_ptr = K_WEIGHT + w_cols + 2 * offs_rk[:, None]
+            w_lo_odd = tl.load(w_ptr + 1, mask=w_ok, other=0.0)
+            w_hi_odd = tl.load(w_ptr + 1 + HALF * k_rank, mask=w_ok, other=0.0)
+        else:
+            w_ptr = K_WEIGHT + w_cols + offs_rk[:, None]
+        if HOLD_WEIGHT:
+            w_lo = tl.load(w_ptr, mask=w_ok, other=0.0)
+            w_hi = tl.load(w_ptr + HALF * k_rank, mask=w_ok, other=0.0)
+        else:  # the caller reads U_k in chunks
+            w_lo = tl.zeros([1], tl.float32)
+            w_hi = w_lo
+        if not PACKED:  # unused
+            w_lo_odd, w_hi_odd = w_lo, w_hi
+        if HAS_K_BIAS:
+            bias_ptr = K_BIAS + col_head * (2 * HALF) + col_pair
+            b_lo = tl.load(bias_ptr, mask=col_ok, other=0.0).to(tl.float32)
+            b_hi = tl.load(bias_ptr + HALF, mask=col_ok, other=0.0).to(tl.float32)
+        else:
+            b_lo = tl.zeros([COLS], tl.float32)
+            b_hi = b_lo
+        return q_lo, q_hi, w_lo, w_hi, w_lo_odd, w_hi_odd, b_lo, b_hi, w_cols, col_ok
+
+    @triton.jit
+    def _rebuilt_keys(c_even, c_odd, w_lo, w_hi, w_lo_odd, w_hi_odd, PACKED: tl.constexpr):
+        """One tile's keys in one column group, before RoPE: c_k @ U_k^T per half, [BLOCK_S, COLS] in float32 (a
+        4-bit cache: its even and odd ranks' products summed)."""
+        key_lo = tl.dot(c_even, w_lo)
+        key_hi = tl.dot(c_even, w_hi)
+        if PACKED:
+            key_lo += tl.dot(c_odd, w_lo_odd)
+            key_hi += tl.dot(c_odd, w_hi_odd)
+        return key_lo, key_hi
+
+    @triton.jit
+    def _rotated_scores(key_lo, key_hi, b_lo, b_hi, cos_half, sin_half, q_lo, q_hi, HAS_K_BIAS: tl.constexpr,
+                        BLOCK_S: tl.constexpr, COLS: tl.constexpr, HALF: tl.constexpr, SLOT_ROWS: tl.constexpr):
+        """One column group's share of a tile's scores [BLOCK_H, BLOCK_S] (SLOT_ROWS: [BLOCK_S, BLOCK_H], from the
+        query halves given transposed, [COLS, BLOCK_H]): the keys' bias added and RoPE applied in float32 (the
+        reference rotates in the cache's dtype: this is a little more exact), then the block-diagonal query's
+        product. cos/sin [BLOCK_S, HALF] are the same for every KV head: repeated across the columns."""
+        if HAS_K_BIAS:
+            key_lo += b_lo[None, :]
+            key_hi += b_hi[None, :]
+        cos = tl.reshape(tl.broadcast_to(cos_half[:, None, :], (BLOCK_S, COLS // HALF, HALF)), (BLOCK_S, COLS))
+        sin = tl.reshape(tl.broadcast_to(sin_half[:, None, :], (BLOCK_S, COLS // HALF, HALF)), (BLOCK_S, COLS))
+        rot_lo = (key_lo * cos - key_hi * sin).to(q_lo.dtype)
+        rot_hi = (key_hi * cos + key_lo * sin).to(q_lo.dtype)
+        if SLOT_ROWS:  # the rotated keys as the left operand, in the rows their product left them in
+            scores = tl.dot(rot_lo, q_lo) + tl.dot(rot_hi, q_hi)
+        else:
+            scores = tl.dot(q_lo, tl.trans(rot_lo)) + tl.dot(q_hi, tl.trans(rot_hi))
+        return scores
+
+    @triton.jit
+    def _accumulated_values(acc, acc_odd, p, alpha, V_LATENT, v_scale, row, offs_s, s_ok, offs_rv, rv_ok, stride_vb,
+                            stride_vs, HAS_SCALES: tl.constexpr, PACKED: tl.constexpr, SLOT_ROWS: tl.constexpr):
+        """One tile of value latents (stored columns offs_rv) added to the running acc [BLOCK_H, cols] (a 4-bit
+        cache: the even ranks' acc and the odd ones' acc_odd), rescaled by alpha: acc * alpha + p @ c_v.
+        SLOT_ROWS: p [BLOCK_S, BLOCK_H] and the accumulators transposed, [cols, BLOCK_H]: acc + c_v^T @ p."""
+        dtype = p.dtype
+        c_v = tl.load(V_LATENT + row * stride_vb + offs_s[:, None] * stride_vs + offs_rv[None, :],
+                      mask=s_ok[:, None] & rv_ok[None, :], other=0)
+        if PACKED:
+            v_even, v_odd = unpacked_tiles(c_v, v_scale)
+            if SLOT_ROWS:
+                acc = acc * alpha[None, :] + tl.dot(tl.trans(v_even.to(dtype)), p)
+                acc_odd = acc_odd * alpha[None, :] + tl.dot(tl.trans(v_odd.to(dtype)), p)
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p, v_even.to(dtype))
+                acc_odd = acc_odd * alpha[:, None] + tl.dot(p, v_odd.to(dtype))
+        else:
+            if HAS_SCALES:
+                c_v = dequantized_tile(c_v, v_scale).to(dtype)
+            if SLOT_ROWS:
+                acc = acc * alpha[None, :] + tl.dot(tl.trans(c_v), p)
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p, c_v)
+        return acc, acc_odd
+
+    @triton.jit
+    def _store_values(ACC, stat, acc, acc_odd, offs_rv, head_ok, ACC_WIDTH: tl.constexpr, PACKED: tl.constexpr,
+                      SLOT_ROWS: tl.constexpr):
+        """A program's value accumulators into ACC rows of ACC_WIDTH columns in rank order: stored column j is rank
+        j, or (PACKED) ranks 2j and 2j + 1, the even and odd accumulators interleaved back. SLOT_ROWS: the
+        accumulators are [cols, BLOCK_H]."""
+        if SLOT_ROWS:
+            columns = stat[None, :] * ACC_WIDTH + (2 if PACKED else 1) * offs_rv[:, None]
+            ok = head_ok[None, :]
+        else:
+            columns = stat[:, None] * ACC_WIDTH + (2 if PACKED else 1) * offs_rv[None, :]
+            ok = head_ok[:, None]
+        tl.store(ACC + columns, acc, mask=ok)
+        if PACKED:
+            tl.store(ACC + columns + 1, acc_odd, mask=ok)
+
+    @triton.jit
     def _latent_decode_kernel(
         Q, K_LATENT, V_LATENT, K_WEIGHT, K_BIAS, POSITIONS, VALID, ROPE,  # inputs
         K_SCALE, V_SCALE,  # a low-bit cache's scales [B, S, 1] (HAS_SCALES), else unused
@@ -114,67 +241,69 @@ if triton is not None:
         stride_pb, stride_mb,  # positions [B, S], valid [B, S]
         stride_ksb, stride_kss, stride_vsb, stride_vss,  # k_scale, v_scale [B, S, 1]
         slots, heads, group, kv_heads, k_rank, v_rank, slots_per_split, splits, scaling,
-        HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
-        BLOCK_RK: tl.constexpr, BLOCK_RV: tl.constexpr, HAS_K_BIAS: tl.constexpr, HAS_SCALES: tl.constexpr,
+        HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_C2: tl.constexpr,
+        BLOCK_S: tl.constexpr, BLOCK_RK: tl.constexpr, BLOCK_RV: tl.constexpr, BLOCK_RV2: tl.constexpr,
+        ACC_WIDTH: tl.constexpr, SLOT_ROWS: tl.constexpr, HAS_K_BIAS: tl.constexpr, HAS_SCALES: tl.constexpr,
         CHUNK_RK: tl.constexpr, PACKED: tl.constexpr, KV_PER_PROGRAM: tl.constexpr, STAT_H: tl.constexpr,
         PREFETCH: tl.constexpr,
     ):
         # PACKED (a 4-bit cache): BLOCK_RK / BLOCK_RV cover half the ranks, one byte holding ranks 2j and 2j + 1;
         # the even and odd ranks are two tiles, each with its own rows of U_k and its own value accumulator.
         # A program serves KV_PER_PROGRAM KV heads (program_id(2) picks which): their query heads are its BLOCK_H
-        # rows and their HALF-wide column groups its BLOCK_C columns. STAT_H: query heads per row in ACC/MAX/SUM.
+        # rows and their HALF-wide column groups its key columns: BLOCK_C of them, then BLOCK_C2 more when
+        # BLOCK_C2 > 0 (two power-of-two tiles where one would be padded: SmolLM2's 3 x 32 as 64 + 32, not 128).
+        # Likewise the value latent's stored columns: BLOCK_RV, then BLOCK_RV2 more (a rank of 144 as 128 + 16, not
+        # 256), each with its own accumulator. STAT_H: query heads per row in ACC/MAX/SUM; ACC_WIDTH: ACC's columns.
         split = tl.program_id(0)
         row = tl.program_id(1)
         first_kv = tl.program_id(2) * KV_PER_PROGRAM
         dtype = Q.dtype.element_ty
 
         offs_h = tl.arange(0, BLOCK_H)  # the program's query heads: first_kv * group + offs_h
-        offs_c = tl.arange(0, BLOCK_C)  # column c: KV head first_kv + c // HALF, frequency pair c % HALF
         offs_p = tl.arange(0, HALF)
         offs_rk = tl.arange(0, BLOCK_RK)
         offs_rv = tl.arange(0, BLOCK_RV)
-        col_head = first_kv + offs_c // HALF
-        col_pair = offs_c % HALF
-        col_ok = (offs_c // HALF < KV_PER_PROGRAM) & (col_head < kv_heads)
         head = first_kv * group + offs_h
         head_ok = (offs_h < KV_PER_PROGRAM * group) & (head < heads)
 
-        # Block-diagonal query halves [BLOCK_H, BLOCK_C]: head h keeps its dims in its KV head's columns.
-        own = (col_head[None, :] == (head // group)[:, None]) & head_ok[:, None] & col_ok[None, :]
-        q_ptr = Q + row * stride_qb + head[:, None] * (2 * HALF) + col_pair[None, :]
-        q_lo = tl.load(q_ptr, mask=own, other=0.0)
-        q_hi = tl.load(q_ptr + HALF, mask=own, other=0.0)
-
-        # U_k transposed into the same columns, per half: k_up.weight row (kv * D + pair [+ HALF]), column r. Held for
-        # the whole program when it fits (CHUNK_RK == BLOCK_RK); large key ranks read it in CHUNK_RK-row chunks per
-        # tile instead (two [BLOCK_RK, BLOCK_C] tiles of 256 x 128 need 128 KiB of shared memory in bf16).
+        # U_k is held for the whole program when it fits (CHUNK_RK == BLOCK_RK); large key ranks read it in
+        # CHUNK_RK-row chunks per tile instead (two [BLOCK_RK, BLOCK_C] tiles of 256 x 128 need 128 KiB of shared
+        # memory in bf16), with one column group only.
         k_cols = k_rank // 2 if PACKED else k_rank  # the latent's stored columns
         v_cols = v_rank // 2 if PACKED else v_rank
         rk_ok = offs_rk < k_cols
-        w_cols = (col_head[None, :] * (2 * HALF) + col_pair[None, :]) * k_rank
-        if PACKED:  # U_k's even and odd rows, for the even and odd ranks
-            w_ptr = K_WEIGHT + w_cols + 2 * offs_rk[:, None]
-            w_lo = tl.load(w_ptr, mask=rk_ok[:, None] & col_ok[None, :], other=0.0)
-            w_hi = tl.load(w_ptr + HALF * k_rank, mask=rk_ok[:, None] & col_ok[None, :], other=0.0)
-            w_lo_odd = tl.load(w_ptr + 1, mask=rk_ok[:, None] & col_ok[None, :], other=0.0)
-            w_hi_odd = tl.load(w_ptr + 1 + HALF * k_rank, mask=rk_ok[:, None] & col_ok[None, :], other=0.0)
-        elif CHUNK_RK == BLOCK_RK:
-            w_ptr = K_WEIGHT + w_cols + offs_rk[:, None]
-            w_lo = tl.load(w_ptr, mask=rk_ok[:, None] & col_ok[None, :], other=0.0)
-            w_hi = tl.load(w_ptr + HALF * k_rank, mask=rk_ok[:, None] & col_ok[None, :], other=0.0)
-        if HAS_K_BIAS:
-            bias_ptr = K_BIAS + col_head * (2 * HALF) + col_pair
-            b_lo = tl.load(bias_ptr, mask=col_ok, other=0.0).to(tl.float32)
-            b_hi = tl.load(bias_ptr + HALF, mask=col_ok, other=0.0).to(tl.float32)
+        q_lo, q_hi, w_lo, w_hi, w_lo_odd, w_hi_odd, b_lo, b_hi, w_cols, col_ok = _column_group(
+            Q, K_WEIGHT, K_BIAS, row, stride_qb, first_kv, kv_heads, k_rank, head, head_ok, group, offs_rk, rk_ok,
+            0, BLOCK_C, HALF, KV_PER_PROGRAM, PACKED, HAS_K_BIAS, PACKED or CHUNK_RK == BLOCK_RK)
+        if BLOCK_C2 > 0:
+            q2_lo, q2_hi, w2_lo, w2_hi, w2_lo_odd, w2_hi_odd, b2_lo, b2_hi, _, _ = _column_group(
+                Q, K_WEIGHT, K_BIAS, row, stride_qb, first_kv, kv_heads, k_rank, head, head_ok, group, offs_rk, rk_ok,
+                BLOCK_C, BLOCK_C2, HALF, KV_PER_PROGRAM, PACKED, HAS_K_BIAS, True)
+        if SLOT_ROWS:  # the query halves as the right operand of the score product, [columns, BLOCK_H]
+            q_lo, q_hi = tl.trans(q_lo), tl.trans(q_hi)
+            if BLOCK_C2 > 0:
+                q2_lo, q2_hi = tl.trans(q2_lo), tl.trans(q2_hi)
 
         running_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
         running_sum = tl.zeros([BLOCK_H], tl.float32)
-        acc = tl.zeros([BLOCK_H, BLOCK_RV], tl.float32)
-        acc_odd = tl.zeros([BLOCK_H, BLOCK_RV], tl.float32)  # PACKED: the odd value ranks
+        if SLOT_ROWS:  # every product with the slots as its rows: the accumulators transposed
+            acc = tl.zeros([BLOCK_RV, BLOCK_H], tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_H, BLOCK_RV], tl.float32)
+        acc_odd = tl.zeros_like(acc)  # PACKED: the odd value ranks
+        if BLOCK_RV2 > 0:  # the value columns past BLOCK_RV
+            offs_rv2 = BLOCK_RV + tl.arange(0, BLOCK_RV2)
+            if SLOT_ROWS:
+                acc2 = tl.zeros([BLOCK_RV2, BLOCK_H], tl.float32)
+            else:
+                acc2 = tl.zeros([BLOCK_H, BLOCK_RV2], tl.float32)
+            acc2_odd = tl.zeros_like(acc2)
 
         start = split * slots_per_split
         end = tl.minimum(start + slots_per_split, slots)
         rv_ok = offs_rv < v_cols
+        if BLOCK_RV2 > 0:
+            rv2_ok = offs_rv2 < v_cols
         if PREFETCH:  # the first tile's keys; each iteration then loads the next tile's before computing
             offs_s = start + tl.arange(0, BLOCK_S)
             next_k, next_k_scale = key_tile(K_LATENT, K_SCALE, row, offs_s, offs_s < end, offs_rk, rk_ok, stride_kb,
@@ -198,14 +327,13 @@ if triton is not None:
             if PACKED:  # low-bit latents: their bytes read, dequantized in registers
                 c_even, c_odd = unpacked_tiles(k_tile, k_scale)
                 c_even, c_odd = c_even.to(dtype), c_odd.to(dtype)
-                key_lo = tl.dot(c_even, w_lo) + tl.dot(c_odd, w_lo_odd)  # [BLOCK_S, BLOCK_C] float32
-                key_hi = tl.dot(c_even, w_hi) + tl.dot(c_odd, w_hi_odd)
             elif CHUNK_RK == BLOCK_RK:
-                c_k = k_tile
+                c_even = k_tile
                 if HAS_SCALES:
-                    c_k = dequantized_tile(c_k, k_scale).to(dtype)
-                key_lo = tl.dot(c_k, w_lo)  # [BLOCK_S, BLOCK_C] float32
-                key_hi = tl.dot(c_k, w_hi)
+                    c_even = dequantized_tile(c_even, k_scale).to(dtype)
+                c_odd = c_even  # unused
+            if PACKED or CHUNK_RK == BLOCK_RK:
+                key_lo, key_hi = _rebuilt_keys(c_even, c_odd, w_lo, w_hi, w_lo_odd, w_hi_odd, PACKED)
             else:
                 key_lo = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
                 key_hi = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
@@ -221,43 +349,49 @@ if triton is not None:
                     w_hi = tl.load(w_ptr + HALF * k_rank, mask=r_ok[:, None] & col_ok[None, :], other=0.0)
                     key_lo += tl.dot(c_k, w_lo)
                     key_hi += tl.dot(c_k, w_hi)
-            if HAS_K_BIAS:
-                key_lo += b_lo[None, :]
-                key_hi += b_hi[None, :]
-            # RoPE in float32 (the reference rotates in the cache's dtype: this is a little more exact).
-            # cos/sin are the same for every KV head: gather [BLOCK_S, HALF] once, repeat across the columns.
+            # cos/sin gathered once per tile from the [positions, D] table (L2-resident), shared by the groups.
             position = tl.load(POSITIONS + row * stride_pb + offs_s, mask=s_ok, other=0)
             rope_ptr = ROPE + position[:, None] * (2 * HALF) + offs_p[None, :]
-            cos = tl.reshape(tl.broadcast_to(tl.load(rope_ptr)[:, None, :], (BLOCK_S, BLOCK_C // HALF, HALF)),
-                             (BLOCK_S, BLOCK_C))
-            sin = tl.reshape(tl.broadcast_to(tl.load(rope_ptr + HALF)[:, None, :], (BLOCK_S, BLOCK_C // HALF, HALF)),
-                             (BLOCK_S, BLOCK_C))
-            rot_lo = (key_lo * cos - key_hi * sin).to(dtype)
-            rot_hi = (key_hi * cos + key_lo * sin).to(dtype)
-            scores = tl.dot(q_lo, tl.trans(rot_lo)) + tl.dot(q_hi, tl.trans(rot_hi))  # [BLOCK_H, BLOCK_S]
+            cos_half = tl.load(rope_ptr)
+            sin_half = tl.load(rope_ptr + HALF)
+            scores = _rotated_scores(key_lo, key_hi, b_lo, b_hi, cos_half, sin_half, q_lo, q_hi, HAS_K_BIAS, BLOCK_S,
+                                     BLOCK_C, HALF, SLOT_ROWS)
+            if BLOCK_C2 > 0:
+                key_lo, key_hi = _rebuilt_keys(c_even, c_odd, w2_lo, w2_hi, w2_lo_odd, w2_hi_odd, PACKED)
+                scores += _rotated_scores(key_lo, key_hi, b2_lo, b2_hi, cos_half, sin_half, q2_lo, q2_hi, HAS_K_BIAS,
+                                          BLOCK_S, BLOCK_C2, HALF, SLOT_ROWS)
             valid = tl.load(VALID + row * stride_mb + offs_s, mask=s_ok, other=0) != 0
-            scores = tl.where(valid[None, :], scores * scaling, float("-inf"))
-
-            running_max, alpha, p, running_sum = online_softmax_tile(scores, running_max, running_sum)
-            c_v = tl.load(V_LATENT + row * stride_vb + offs_s[:, None] * stride_vs + offs_rv[None, :],
-                          mask=s_ok[:, None] & rv_ok[None, :], other=0)
+            if SLOT_ROWS:
+                scores = tl.where(valid[:, None], scores * scaling, float("-inf"))
+                running_max, alpha, p, running_sum = online_softmax_slot_rows(scores, running_max, running_sum)
+            else:
+                scores = tl.where(valid[None, :], scores * scaling, float("-inf"))
+                running_max, alpha, p, running_sum = online_softmax_tile(scores, running_max, running_sum)
             if HAS_SCALES:
                 v_scale = tl.load(V_SCALE + row * stride_vsb + offs_s * stride_vss, mask=s_ok, other=0.0)
-            if PACKED:
-                v_even, v_odd = unpacked_tiles(c_v, v_scale)
-                acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v_even.to(dtype))
-                acc_odd = acc_odd * alpha[:, None] + tl.dot(p.to(dtype), v_odd.to(dtype))
             else:
-                if HAS_SCALES:
-                    c_v = dequantized_tile(c_v, v_scale).to(dtype)
-                acc = acc * alpha[:, None] + tl.dot(p.to(dtype), c_v)
+                v_scale = running_sum  # unread
+            p = p.to(dtype)
+            # The odd accumulators are reassigned only when PACKED: otherwise they would ride the loop unused.
+            if PACKED:
+                acc, acc_odd = _accumulated_values(acc, acc_odd, p, alpha, V_LATENT, v_scale, row, offs_s, s_ok,
+                                                   offs_rv, rv_ok, stride_vb, stride_vs, HAS_SCALES, PACKED, SLOT_ROWS)
+            else:
+                acc, _unused = _accumulated_values(acc, acc_odd, p, alpha, V_LATENT, v_scale, row, offs_s, s_ok,
+                                                   offs_rv, rv_ok, stride_vb, stride_vs, HAS_SCALES, PACKED, SLOT_ROWS)
+            if BLOCK_RV2 > 0 and PACKED:
+                acc2, acc2_odd = _accumulated_values(acc2, acc2_odd, p, alpha, V_LATENT, v_scale, row, offs_s, s_ok,
+                                                     offs_rv2, rv2_ok, stride_vb, stride_vs, HAS_SCALES, PACKED,
+                                                     SLOT_ROWS)
+            elif BLOCK_RV2 > 0:
+                acc2, _unused = _accumulated_values(acc2, acc2_odd, p, alpha, V_LATENT, v_scale, row, offs_s, s_ok,
+                                                    offs_rv2, rv2_ok, stride_vb, stride_vs, HAS_SCALES, PACKED,
+                                                    SLOT_ROWS)
 
         stat = (row * splits + split) * STAT_H + head  # max / sum [B, splits, STAT_H]; acc adds its ranks
-        if PACKED:  # back in rank order: [.., 2 * BLOCK_RV], the even ranks then the odd ones interleaved
-            tl.store(ACC + stat[:, None] * (2 * BLOCK_RV) + 2 * offs_rv[None, :], acc, mask=head_ok[:, None])
-            tl.store(ACC + stat[:, None] * (2 * BLOCK_RV) + 2 * offs_rv[None, :] + 1, acc_odd, mask=head_ok[:, None])
-        else:
-            tl.store(ACC + stat[:, None] * BLOCK_RV + offs_rv[None, :], acc, mask=head_ok[:, None])
+        _store_values(ACC, stat, acc, acc_odd, offs_rv, head_ok, ACC_WIDTH, PACKED, SLOT_ROWS)
+        if BLOCK_RV2 > 0:
+            _store_values(ACC, stat, acc2, acc2_odd, offs_rv2, head_ok, ACC_WIDTH, PACKED, SLOT_ROWS)
         tl.store(MAX + stat, running_max, mask=head_ok)
         tl.store(SUM + stat, running_sum, mask=head_ok)
 
@@ -280,7 +414,9 @@ if triton is not None:
         split_sum = tl.load(SUM + stat, mask=split_ok, other=0.0)
         overall = tl.max(split_max, axis=0)  # finite: every row has a visible slot
         weight = tl.where(split_max == float("-inf"), 0.0, tl.exp(split_max - overall))
-        acc = tl.load(ACC + stat[:, None] * BLOCK_RV + offs_rv[None, :], mask=split_ok[:, None], other=0.0)
+        # Columns past v_rank may never have been written (a kernel's tiles narrower than ACC): not read.
+        acc = tl.load(ACC + stat[:, None] * BLOCK_RV + offs_rv[None, :],
+                      mask=split_ok[:, None] & (offs_rv < v_rank)[None, :], other=0.0)
         mixed = tl.sum(acc * weight[:, None], axis=0) / tl.sum(split_sum * weight, axis=0)
         out_row = ((head // group) * batch + row) * group + head % group
         tl.store(OUT + out_row * v_rank + offs_rv, mixed.to(OUT.dtype.element_ty), mask=offs_rv < v_rank)
@@ -393,7 +529,34 @@ def _multiprocessors(device: torch.device) -> int:
 #     buffer), since Triton's software pipelining may not take loads that are dequantized before the dot: without
 #     it every tile may wait on its own loads, at two programs per SM. Offline (sm_90, ranks 48/96, 64-slot tiles):
 #     int8 220 -> 252 registers, no spill; prefetching the values too spilled 880 bytes. Not yet timed: off.
-LAUNCH_DEFAULTS = dict(kv_per_program=None, programs_per_sm=8, prefetch=0)
+#   split_columns: a program's key columns (KV heads x D/2, each half) as two power-of-two tiles where one would be
+#     padded: SmolLM2's 3 x 32 as 64 + 32 rather than 128, so a quarter less of the key rebuild's products, of the
+#     rotation's float32 work and of the score product, for twice the dots (narrower ones). Not yet timed: off.
+#   split_values: the value latent's columns likewise (the aligned 25% model's value ranks of 144-176 as 128 + 16..64
+#     rather than 256): less of the value tiles' loads, dequantization and product. Not yet timed: off.
+#   slot_rows: the score and value products with the tile's slots as their rows (scores [BLOCK_S, H], the value
+#     accumulators [Rv, H]) rather than the query heads (M = 16 rows for SmolLM2's 9 heads). The rotated keys then
+#     enter the score product as its left operand, in the rows their rebuild left them in, where the other way
+#     round they were transposed through shared memory every tile ([BLOCK_S, 128] twice); only the probabilities
+#     (BLOCK_S x 16) take that trip, and every product has 64 or more rows (Hopper's warpgroup MMA wants 64).
+#     Not yet timed: off.
+LAUNCH_DEFAULTS = dict(kv_per_program=None, programs_per_sm=8, prefetch=0, split_columns=0, split_values=0,
+                       slot_rows=0)
+
+
+def tile_widths(width: int, split: bool, multiple: int = 1) -> tuple[int, int]:
+    """Power-of-two tile widths covering `width` columns: one tile, or (split) the largest power of two <= width
+    and a second for the rest where the two together are narrower than the one (3 KV heads x 32 key columns:
+    64 + 32 against 128; a value rank of 144: 128 + 16 against 256). Both stay multiples of `multiple` (a KV head's
+    D/2 columns never straddle two tiles) and at least 16 wide (tl.dot's least); 0: no second tile."""
+    whole = _next_power_of_2(width)
+    if not split or width < 16:
+        return whole, 0
+    first = 1 << (width.bit_length() - 1)
+    second = _next_power_of_2(width - first) if width > first else 0
+    if second == 0 or first + second >= whole or first % multiple or second % multiple:
+        return whole, 0
+    return first, second
 
 
 def _num_splits(programs: int, slots: int, block_s: int, device: torch.device, programs_per_sm: int) -> int:
@@ -412,7 +575,8 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
                             num_stages: int | None = None, k_scale: torch.Tensor | None = None,
                             v_scale: torch.Tensor | None = None, chunk_rk: int | None = None,
                             kv_per_program: int | None = None, programs_per_sm: int | None = None,
-                            prefetch: int | None = None) -> torch.Tensor:
+                            prefetch: int | None = None, split_columns: int | None = None,
+                            split_values: int | None = None, slot_rows: int | None = None) -> torch.Tensor:
     """One decode step of attention over a pre-RoPE latent cache.
 
     query [B, K, G, D] (rotated); k_latent [B, S, Rk], v_latent [B, S, Rv]; k_weight [K * D, Rk] and
@@ -428,7 +592,11 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     so far fewer registers (offline ptxas for sm_90: see benchmarks/kernel_resources.py), at the price of reading
     each latent tile once per program from L2 and K x the latent PV product. programs_per_sm: what the slot splits
     aim at (num_splits overrides it). prefetch (1: on): the next tile's loads issued before this tile's dots, where
-    U_k is held whole (a 4-bit cache, or key ranks up to 128). All three default to LAUNCH_DEFAULTS.
+    U_k is held whole (a 4-bit cache, or key ranks up to 128). split_columns (1: on): a program's key columns as
+    two power-of-two tiles where one would be padded (tile_widths), where U_k is held whole; split_values: the
+    value latent's columns likewise; slot_rows (1: on): the tile's slots as the rows of the score and value
+    products, so the rotated keys feed the score product from the registers their own product left them in. All
+    default to LAUNCH_DEFAULTS.
     Returns out [B, K, G, Dv] in query.dtype.
     """
     if triton is None:
@@ -465,7 +633,7 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     num_stages = num_stages or (2 if wide else 3)
     kv_per_program = min(kv_per_program or LAUNCH_DEFAULTS["kv_per_program"] or kv_heads, kv_heads)
     head_programs = -(-kv_heads // kv_per_program)
-    block_h, block_c = _next_power_of_2(kv_per_program * group), _next_power_of_2(kv_per_program * (dim // 2))
+    block_h = _next_power_of_2(kv_per_program * group)
     stat_h = _next_power_of_2(heads)
     # Tiles cover the stored columns: half the ranks when packed.
     block_rk, block_rv = _next_power_of_2(k_latent.shape[2]), _next_power_of_2(v_latent.shape[2])
@@ -474,13 +642,20 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     chunk_rk = block_rk if packed else chunk_rk or (block_rk if block_rk <= 128 else 64)
     prefetch = LAUNCH_DEFAULTS["prefetch"] if prefetch is None else prefetch
     prefetch = bool(prefetch) and chunk_rk == block_rk  # the chunked path loads U_k and c_k per chunk instead
+    split_columns = LAUNCH_DEFAULTS["split_columns"] if split_columns is None else split_columns
+    split_values = LAUNCH_DEFAULTS["split_values"] if split_values is None else split_values
+    block_c, block_c2 = tile_widths(kv_per_program * (dim // 2), bool(split_columns) and chunk_rk == block_rk,
+                                    multiple=dim // 2)
+    block_rv, block_rv2 = tile_widths(v_latent.shape[2], bool(split_values))
+    slot_rows = LAUNCH_DEFAULTS["slot_rows"] if slot_rows is None else slot_rows
     splits = num_splits or _num_splits(batch * head_programs, slots, block_s, query.device,
                                        programs_per_sm or LAUNCH_DEFAULTS["programs_per_sm"])
     per_split = -(-slots // splits)
     per_split = -(-per_split // block_s) * block_s  # whole tiles, so only the last split has a ragged end
     splits = -(-slots // per_split)
 
-    acc_width = 2 * block_rv if packed else block_rv  # ranks in order, the packed even / odd ones interleaved
+    # Ranks in order (the packed even / odd ones interleaved), as wide as merge_splits needs: a power of two.
+    acc_width = _next_power_of_2(v_latent.shape[2]) * (2 if packed else 1)
     acc = torch.empty(batch, splits, stat_h, acc_width, device=query.device, dtype=torch.float32)
     stats_max = torch.empty(batch, splits, stat_h, device=query.device, dtype=torch.float32)
     stats_sum = torch.empty_like(stats_max)
@@ -495,7 +670,8 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
         k_scale.stride(0) if has_scales else 0, k_scale.stride(1) if has_scales else 0,
         v_scale.stride(0) if has_scales else 0, v_scale.stride(1) if has_scales else 0,
         slots, heads, group, kv_heads, k_rank, v_rank, per_split, splits, float(scaling),
-        HALF=dim // 2, BLOCK_H=block_h, BLOCK_C=block_c, BLOCK_S=block_s, BLOCK_RK=block_rk, BLOCK_RV=block_rv,
+        HALF=dim // 2, BLOCK_H=block_h, BLOCK_C=block_c, BLOCK_C2=block_c2, BLOCK_S=block_s, BLOCK_RK=block_rk,
+        BLOCK_RV=block_rv, BLOCK_RV2=block_rv2, ACC_WIDTH=acc_width, SLOT_ROWS=bool(slot_rows),
         HAS_K_BIAS=k_bias is not None, HAS_SCALES=has_scales, CHUNK_RK=chunk_rk, PACKED=packed,
         KV_PER_PROGRAM=kv_per_program, STAT_H=stat_h, PREFETCH=prefetch, num_warps=num_warps, num_stages=num_stages,
     )

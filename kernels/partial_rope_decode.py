@@ -50,7 +50,7 @@ try:
     import triton.language as tl
 
     # flash-decoding's second stage (same [B, splits, H, R] layout) and the steps the decode kernels share
-    from .latent_attention import merged_values, online_softmax_tile, split_slots
+    from .latent_attention import merged_values, online_softmax_slot_rows, online_softmax_tile, split_slots
 except ImportError:  # CPU-only install: the PyTorch reference serves
     triton = None
 
@@ -102,8 +102,10 @@ if triton is not None:
         stride_valid_b,  # valid [B or 1, C] (uint8), slots contiguous; 0 for one row shared by all
         slots, heads, rank, rope_group, rope_heads, block_rope_heads, padded_heads, slots_per_split, splits, scaling,
         ROPE_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-        BLOCK_S: tl.constexpr, HAS_VALID: tl.constexpr, LENGTH_IN_MEMORY: tl.constexpr,
+        BLOCK_S: tl.constexpr, HAS_VALID: tl.constexpr, LENGTH_IN_MEMORY: tl.constexpr, SLOT_ROWS: tl.constexpr,
     ):
+        # SLOT_ROWS: every product with the tile's slots as its rows (scores [BLOCK_S, BLOCK_H], the accumulator
+        # [BLOCK_R, BLOCK_H]), so each has 64+ rows for Hopper's warpgroup MMA rather than BLOCK_H (16) of them.
         head_block = tl.program_id(0)
         split = tl.program_id(1)
         row = tl.program_id(2).to(tl.int64)  # row * stride_lb passes 2^31 at B=256, C=32k, R=512
@@ -130,7 +132,11 @@ if triton is not None:
 
         running_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
         running_sum = tl.zeros([BLOCK_H], tl.float32)
-        acc = tl.zeros([BLOCK_H, BLOCK_R], tl.float32)
+        if SLOT_ROWS:
+            acc = tl.zeros([BLOCK_R, BLOCK_H], tl.float32)
+            q_lat, q_rope = tl.trans(q_lat), tl.trans(q_rope)
+        else:
+            acc = tl.zeros([BLOCK_H, BLOCK_R], tl.float32)
 
         start, end = split_slots(LENGTH, slots, split, slots_per_split, LENGTH_IN_MEMORY)
         for tile in range(start, end, BLOCK_S):
@@ -143,14 +149,22 @@ if triton is not None:
                           mask=visible[:, None] & r_ok[None, :], other=0.0)
             rope = tl.load(rope_base + offs_s[:, None] * stride_krs, mask=visible[:, None] & col_ok[None, :],
                            other=0.0)
-            scores = tl.dot(q_lat, tl.trans(lat)) + tl.dot(q_rope, tl.trans(rope))  # [BLOCK_H, BLOCK_S], fp32
-            scores = tl.where(visible[None, :], scores * scaling, float("-inf"))
-
-            running_max, alpha, p, running_sum = online_softmax_tile(scores, running_max, running_sum)
-            acc = acc * alpha[:, None] + tl.dot(p.to(dtype), lat)  # the latent doubles as the value
+            if SLOT_ROWS:
+                scores = tl.dot(lat, q_lat) + tl.dot(rope, q_rope)  # [BLOCK_S, BLOCK_H], fp32
+                scores = tl.where(visible[:, None], scores * scaling, float("-inf"))
+                running_max, alpha, p, running_sum = online_softmax_slot_rows(scores, running_max, running_sum)
+                acc = acc * alpha[None, :] + tl.dot(tl.trans(lat), p.to(dtype))  # the latent doubles as the value
+            else:
+                scores = tl.dot(q_lat, tl.trans(lat)) + tl.dot(q_rope, tl.trans(rope))  # [BLOCK_H, BLOCK_S], fp32
+                scores = tl.where(visible[None, :], scores * scaling, float("-inf"))
+                running_max, alpha, p, running_sum = online_softmax_tile(scores, running_max, running_sum)
+                acc = acc * alpha[:, None] + tl.dot(p.to(dtype), lat)  # the latent doubles as the value
 
         stat = (row * splits + split) * padded_heads + offs_h
-        tl.store(ACC + stat[:, None] * BLOCK_R + offs_r[None, :], acc)
+        if SLOT_ROWS:
+            tl.store(ACC + stat[None, :] * BLOCK_R + offs_r[:, None], acc)
+        else:
+            tl.store(ACC + stat[:, None] * BLOCK_R + offs_r[None, :], acc)
         tl.store(MAX + stat, running_max)
         tl.store(SUM + stat, running_sum)
 
@@ -158,6 +172,12 @@ if triton is not None:
 @functools.lru_cache(maxsize=None)
 def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# Launch settings the kernel takes when its caller gives none; benchmarks set them (launch/benchmark_decode.py).
+#   slot_rows: the score and value products with the tile's slots as their rows (latent_attention.py's
+#     LAUNCH_DEFAULTS says why). Not yet timed: off.
+LAUNCH_DEFAULTS = dict(slot_rows=0)
 
 
 def num_splits(programs_per_split: int, slots: int, block_s: int, device: torch.device) -> int:
@@ -170,7 +190,8 @@ def num_splits(programs_per_split: int, slots: int, block_s: int, device: torch.
 def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_weight, v_weight, v_bias,
                                   scaling: float, *, valid=None, length=None, block_s: int | None = None,
                                   block_h: int | None = None, splits: int | None = None,
-                                  num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+                                  num_warps: int | None = None, num_stages: int | None = None,
+                                  slot_rows: int | None = None) -> torch.Tensor:
     """One decode step of attention over a partial-RoPE joint-latent cache.
 
     Args:
@@ -186,6 +207,7 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
         length: optional 1-element integer device tensor, 1 <= length <= C: slots past it are never read, so one
             CUDA graph serves every position.
         block_s, block_h, splits, num_warps, num_stages: tiling (defaults: untuned guesses, see the module doc).
+        slot_rows: 1, the slots as the rows of every product (default: LAUNCH_DEFAULTS).
     Returns [B, K, G, Dv] in query_rope's dtype.
     Raises ValueError on shapes `fits` refuses or that disagree with one another.
     """
@@ -253,7 +275,8 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
         slots, heads, rank, heads // rope_heads, rope_heads, block_rope_heads, padded_heads, per_split, splits,
         float(scaling),
         ROPE_DIM=rope_dim, BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_S=block_s,
-        HAS_VALID=valid is not None, LENGTH_IN_MEMORY=length is not None, num_warps=num_warps,
+        HAS_VALID=valid is not None, LENGTH_IN_MEMORY=length is not None,
+        SLOT_ROWS=bool(LAUNCH_DEFAULTS["slot_rows"] if slot_rows is None else slot_rows), num_warps=num_warps,
         num_stages=num_stages,
     )
     # U_v once per query head (sum_c p_c = 1: the bias passes through once).

@@ -88,6 +88,15 @@ def parse_args(argv=None):
     parser.add_argument("--prefetch", type=int, nargs="*", default=[0], metavar="N", choices=(0, 1),
                         help="kernel part: and per value: 1, the next tile's loads issued before this tile's dots "
                              "(0: the kernel's default)")
+    parser.add_argument("--split-columns", type=int, nargs="*", default=[0], metavar="N", choices=(0, 1),
+                        help="kernel part: and per value: 1, a program's key columns as two power-of-two groups "
+                             "where one would be padded (0: the kernel's default)")
+    parser.add_argument("--split-values", type=int, nargs="*", default=[0], metavar="N", choices=(0, 1),
+                        help="kernel part: and per value: 1, the value latent's columns as two power-of-two tiles "
+                             "where one would be padded")
+    parser.add_argument("--slot-rows", type=int, nargs="*", default=[0], metavar="N", choices=(0, 1),
+                        help="kernel and partial parts: and per value: 1, the tile's slots as the rows of the score "
+                             "and value products (both kernels' LAUNCH_DEFAULTS)")
     parser.add_argument("--via-export", type=Path, default=None, metavar="DIR",
                         help="generate part: each kvforge row's model is exported with kvforge's exporter into "
                              "DIR/<variant> and timed as AutoModelForCausalLM.from_pretrained(..., "
@@ -96,7 +105,10 @@ def parse_args(argv=None):
     parser.add_argument("--latent-kernel", nargs="*", default=[], metavar="KEY=N",
                         help="generate part: the latent kernel's launch settings for every row "
                              "(kernels/latent_attention.py LAUNCH_DEFAULTS: kv_per_program, programs_per_sm, "
-                             "prefetch)")
+                             "prefetch, split_columns)")
+    parser.add_argument("--partial-kernel", nargs="*", default=[], metavar="KEY=N",
+                        help="generate part: the partial-RoPE kernel's launch settings for every row "
+                             "(kernels/partial_rope_decode.py LAUNCH_DEFAULTS: slot_rows)")
     parser.add_argument("--kv-rank", type=int, default=128, help="partial-RoPE joint latent rank")
     parser.add_argument("--rope-dims", type=int, default=16, help="partial-RoPE rotary key dims per head")
     parser.add_argument("--gen-batch", type=int, nargs="*", default=[32, 128])
@@ -184,7 +196,8 @@ def run_kernel_part(args, copy_bandwidth: float, device="cuda", timings=None, dt
     # the kernel's own choice (0), e.g. triton_latent_kv1_pps8.
     sweep = {"kv": ("kv_per_program", args.kv_per_program), "pps": ("programs_per_sm", args.programs_per_sm),
              "bs": ("block_s", args.block_s), "w": ("num_warps", args.num_warps), "st": ("num_stages", args.num_stages),
-             "pf": ("prefetch", args.prefetch)}
+             "pf": ("prefetch", args.prefetch), "sc": ("split_columns", args.split_columns),
+             "sv": ("split_values", args.split_values), "sr": ("slot_rows", args.slot_rows)}
     kernels = []
     for values in itertools.product(*(options for _, options in sweep.values())):
         chosen = {tag: value for tag, value in zip(sweep, values) if value}
@@ -309,10 +322,14 @@ def run_partial_rope_kernel_part(args, copy_bandwidth: float, device="cuda", tim
     from kvforge.kernels.partial_rope_decode import partial_rope_decode_attention
     from kvforge.models.modeling_kvforge import partial_rope_attention
 
-    def triton_partial(c):
+    def triton_partial(c, slot_rows=None):
         return partial_rope_decode_attention(c["query_rope"][:, :, :, 0], c["query_nope"][:, :, :, 0], c["k_rope"],
                                              c["kv_latent"], c["k_up"].weight, c["v_up"].weight, c["v_up"].bias,
-                                             c["scaling"], valid=c["mask"][:, 0, 0, 0])
+                                             c["scaling"], valid=c["mask"][:, 0, 0, 0], slot_rows=slot_rows)
+
+    # one column per --slot-rows value: triton_partial (the kernel's default), triton_partial_sr1
+    kernels = [("triton_partial" + (f"_sr{value}" if value else ""),
+                functools.partial(triton_partial, slot_rows=value or None)) for value in args.slot_rows]
 
     def torch_partial(c):
         return partial_rope_attention(*[c[k] for k in PARTIAL_ARGS])[0][:, :, :, 0]
@@ -328,8 +345,8 @@ def run_partial_rope_kernel_part(args, copy_bandwidth: float, device="cuda", tim
                 small["query_rope"].double(), small["query_nope"].double(), small["k_rope"].double(),
                 small["kv_latent"].double(), copy.deepcopy(small["k_up"]).double(),
                 copy.deepcopy(small["v_up"]).double(), small["mask"], small["scaling"], absorb=True)
-            out = triton_partial(small)
-        error = max(error, ((out.double() - ref[:, :, :, 0]).norm() / ref.norm()).item())
+            for _, fn in kernels:
+                error = max(error, ((fn(small).double() - ref[:, :, :, 0]).norm() / ref.norm()).item())
     print(f"partial-RoPE kernel vs float64 reference (B={small_batch}, S={small_context}, {dtype}, Kr = 3 and 1): "
           f"relative error {error:.2e}")
 
@@ -344,15 +361,15 @@ def run_partial_rope_kernel_part(args, copy_bandwidth: float, device="cuda", tim
                            rope_heads=rope_heads, cache_bytes=cache_bytes,
                            floor_us=cache_bytes / copy_bandwidth * 1e6)
                 with torch.no_grad():
-                    for name, fn in (("torch_partial", torch_partial), ("triton_partial", triton_partial)):
+                    for name, fn in [("torch_partial", torch_partial)] + kernels:
                         ms, graph_ms = timings(lambda fn=fn, c=c: fn(c))
                         row[f"{name}_us"], row[f"{name}_graph_us"] = ms * 1e3, graph_ms * 1e3
                         row[f"{name}_graph_GBps"] = cache_bytes / (graph_ms * 1e-3) / 1e9
                 rows.append(row)
-                print(f"B={batch:4d} S={context:6d} Kr={rope_heads} eager/graph us: torch_partial "
-                      f"{row['torch_partial_us']:8.1f} {row['torch_partial_graph_us']:8.1f}  triton_partial "
-                      f"{row['triton_partial_us']:8.1f} {row['triton_partial_graph_us']:8.1f} "
-                      f"({row['triton_partial_graph_GBps']:.0f} GB/s; floor {row['floor_us']:.1f} us)", flush=True)
+                print(f"B={batch:4d} S={context:6d} Kr={rope_heads} eager/graph us: " + "  ".join(
+                    f"{name} {row[f'{name}_us']:8.1f} {row[f'{name}_graph_us']:8.1f} "
+                    f"({row[f'{name}_graph_GBps']:.0f} GB/s)" for name in ["torch_partial"] + [n for n, _ in kernels])
+                    + f"; floor {row['floor_us']:.1f} us", flush=True)
                 c.clear()
                 if device == "cuda":
                     torch.cuda.empty_cache()
@@ -582,15 +599,17 @@ def exported_copy(model, out_dir: Path):
     return loaded.to(model.device).eval()
 
 
-def latent_launch_settings(pairs: list[str]) -> dict:
-    """--latent-kernel KEY=N ... -> LAUNCH_DEFAULTS entries, each key checked."""
+def launch_settings(pairs: list[str], option: str = "--latent-kernel", defaults: dict | None = None) -> dict:
+    """--latent-kernel KEY=N ... -> entries of `defaults` (the latent kernel's LAUNCH_DEFAULTS unless given; the
+    partial-RoPE kernel's for --partial-kernel), each key checked."""
     from kvforge.kernels.latent_attention import LAUNCH_DEFAULTS
 
+    defaults = LAUNCH_DEFAULTS if defaults is None else defaults
     settings = {}
     for pair in pairs:
         key, _, value = pair.partition("=")
-        if key not in LAUNCH_DEFAULTS or not value.isdigit():
-            raise SystemExit(f"--latent-kernel {pair!r}: expected KEY=N with KEY one of {sorted(LAUNCH_DEFAULTS)}")
+        if key not in defaults or not value.isdigit():
+            raise SystemExit(f"{option} {pair!r}: expected KEY=N with KEY one of {sorted(defaults)}")
         settings[key] = int(value)
     return settings
 
@@ -598,10 +617,12 @@ def latent_launch_settings(pairs: list[str]) -> dict:
 def run_generate_part(args) -> list[dict]:
     from transformers import LlamaConfig
 
-    from kvforge.kernels import latent_attention
+    from kvforge.kernels import latent_attention, partial_rope_decode
     from kvforge.models.modeling_kvforge import generated_cache
 
-    latent_attention.LAUNCH_DEFAULTS.update(latent_launch_settings(args.latent_kernel))
+    latent_attention.LAUNCH_DEFAULTS.update(launch_settings(args.latent_kernel))
+    partial_rope_decode.LAUNCH_DEFAULTS.update(launch_settings(args.partial_kernel, "--partial-kernel",
+                                                                      partial_rope_decode.LAUNCH_DEFAULTS))
     base = LlamaConfig(**SMOLLM2)
     base._attn_implementation = "sdpa"
     rows = []
@@ -625,7 +646,8 @@ def run_generate_part(args) -> list[dict]:
             row = dict(model=name, batch=batch, prompt=args.gen_prompt, new_tokens=args.gen_new,
                        # compiled, and kept after its first-call check (a fallback to the uncompiled step says so)
                        compile_step=callable(getattr(getattr(model, "model", None), "_compiled_decode_step", None)),
-                       latent_kernel=dict(latent_attention.LAUNCH_DEFAULTS), via_export=via_export,
+                       latent_kernel=dict(latent_attention.LAUNCH_DEFAULTS),
+                       partial_kernel=dict(partial_rope_decode.LAUNCH_DEFAULTS), via_export=via_export,
                        prefill_s=prefill, decode_s=decode, decode_tokens_per_s=batch * args.gen_new / decode,
                        ms_per_step=decode / args.gen_new * 1e3, cache_bytes=cache_bytes(generated_cache(out)),
                        peak_memory_gib=torch.cuda.max_memory_allocated() / 2 ** 30)

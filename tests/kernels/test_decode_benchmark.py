@@ -70,12 +70,12 @@ def test_the_latent_kernel_rows_compute_on_cpu_for_low_bit_latents_and_each_prog
     a low-bit cache stores, before a GPU ever runs it."""
     args = benchmark.parse_args(["--part", "kernel", "--batch", "2", "--context", "40", "--k-rank", "16",
                                  "--v-rank", "32", "--cache-bits", str(bits), "--kv-per-program", "0", "1",
-                                 "--block-s", "0", "16", "--prefetch", "0", "1"])
+                                 "--split-columns", "0", "1", "--slot-rows", "0", "1"])
     rows, error = benchmark.run_kernel_part(args, 1e12, device="cpu", timings=cpu_timings, dtype=torch.float16)
     assert error < 5e-3
     (row,) = rows
     assert row["latent_bytes"] == 2 * 40 * (per_slot + 8 + 1) and row["cache_bits"] == bits
-    columns = [f"{kv}{bs}{pf}" for kv in ("", "_kv1") for bs in ("", "_bs16") for pf in ("", "_pf1")]
+    columns = [f"{kv}{sc}{sr}" for kv in ("", "_kv1") for sc in ("", "_sc1") for sr in ("", "_sr1")]
     assert all(row[f"triton_graph_TBps{suffix}"] > 0 for suffix in columns)
     assert row["triton_best"] in {f"triton_latent{suffix}" for suffix in columns}
 
@@ -97,10 +97,17 @@ def test_an_exported_copy_is_the_bundled_code_and_decodes_as_the_model_did(bench
 
 
 def test_latent_kernel_launch_settings_are_checked(benchmark):
-    assert benchmark.latent_launch_settings(["kv_per_program=1", "programs_per_sm=8"]) == dict(
+    assert benchmark.launch_settings(["kv_per_program=1", "programs_per_sm=8"]) == dict(
         kv_per_program=1, programs_per_sm=8)
     with pytest.raises(SystemExit, match="'kv_per_progam=1': expected KEY=N with KEY one of"):
-        benchmark.latent_launch_settings(["kv_per_progam=1"])
+        benchmark.launch_settings(["kv_per_progam=1"])
+    from kvforge.kernels import partial_rope_decode
+
+    assert benchmark.launch_settings(["slot_rows=1"], "--partial-kernel", partial_rope_decode.LAUNCH_DEFAULTS) == dict(
+        slot_rows=1)
+    with pytest.raises(SystemExit, match=r"--partial-kernel 'prefetch=1': expected KEY=N with KEY one of "
+                                         r"\['slot_rows'\]"):
+        benchmark.launch_settings(["prefetch=1"], "--partial-kernel", partial_rope_decode.LAUNCH_DEFAULTS)
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
@@ -109,13 +116,13 @@ def test_the_partial_rope_kernel_rows_compute_on_cpu(benchmark):
     """The partial-RoPE part with a CPU timer, float16, tiny shapes: its cases, byte counts and error check are
     right before a GPU ever runs them."""
     args = benchmark.parse_args(["--part", "partial", "--batch", "2", "--context", "40", "--kv-rank", "24",
-                                 "--rope-dims", "8"])
+                                 "--rope-dims", "8", "--slot-rows", "0", "1"])
     rows, error = benchmark.run_partial_rope_kernel_part(args, 1e12, device="cpu", timings=cpu_timings,
                                                          dtype=torch.float16)
     assert error < 5e-3
     assert [row["rope_heads"] for row in rows] == [3, 1]
     assert rows[0]["cache_bytes"] == 2 * 40 * ((24 + 3 * 8) * 2 + 1)
-    assert all(row["triton_partial_graph_GBps"] > 0 for row in rows)
+    assert all(row["triton_partial_graph_GBps"] > 0 and row["triton_partial_sr1_graph_GBps"] > 0 for row in rows)
 
 
 def test_the_profiler_table_of_a_generate_call(benchmark):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from kvforge.kernels import dispatch
-from kvforge.kernels.latent_attention import available, latent_decode_attention
+from kvforge.kernels.latent_attention import available, latent_decode_attention, tile_widths
 from kvforge.models.modeling_kvforge import KeyRotary, pre_rope_latent_attention
 
 # triton is a test dependency: its absence fails here rather than skipping every kernel test.
@@ -70,48 +70,71 @@ def kernel(c, **options):
                                    c["mask"][:, 0, 0, 0], r.inv_freq, r.scaling, c["scaling"], **options)
 
 
+SPLIT = dict(split_columns=1, split_values=1)
+
+
+def test_tiles_split_into_two_powers_of_two_only_where_that_is_narrower():
+    assert tile_widths(96, split=True, multiple=32) == (64, 32)  # SmolLM2's key columns: 3 KV heads x 32 pairs
+    assert tile_widths(96, split=False, multiple=32) == (128, 0)
+    assert tile_widths(48, split=True, multiple=16) == (32, 16)
+    assert tile_widths(192, split=True, multiple=64) == (128, 64)  # 3 KV heads of 128 dims
+    assert tile_widths(224, split=True, multiple=32) == (256, 0)  # 128 + 128: no narrower
+    assert tile_widths(64, split=True, multiple=32) == (64, 0)  # already a power of two
+    assert tile_widths(24, split=True, multiple=8) == (32, 0)  # 16 + 16: dots need 16 columns
+    assert tile_widths(144, split=True) == (128, 16)  # a value rank
+    assert tile_widths(176, split=True) == (128, 64)
+    assert tile_widths(40, split=True) == (32, 16)
+
+
 @pytest.mark.parametrize("shape", [
     dict(),  # SmolLM2-like grouping: 3 KV heads x 3 query heads, ragged ranks, biases
+    dict(dim=32, slots=90),  # 3 KV heads x 16 pairs: two column groups (32 + 16) when split
     dict(kv_heads=1, group=4, dim=32, slots=130, k_rank=16, v_rank=16, bias=False),
     dict(batch=3, kv_heads=2, group=1, dim=16, slots=5, k_rank=7, v_rank=9),  # fewer slots than one tile
 ])
 @pytest.mark.parametrize("num_splits", [1, 3])
-# All KV heads in one program; one; 2 of 3 (a ragged last); all with the next tile's keys loaded before this
-# tile's dots (prefetch).
-@pytest.mark.parametrize("kv_per_program, prefetch", [(None, 0), (1, 0), (2, 0), (None, 1)])
-def test_kernel_equals_the_float64_reference(shape, num_splits, kv_per_program, prefetch):
+# All KV heads in one program (the default); one; 2 of 3 (a ragged last); the next tile's keys loaded before this
+# tile's dots; the key columns and value ranks each in two tiles where one would be padded (split); the slots as the
+# rows of every product (slot_rows), with the rest.
+@pytest.mark.parametrize("options", [
+    {}, dict(kv_per_program=1), dict(kv_per_program=2), dict(prefetch=1), SPLIT, dict(SPLIT, prefetch=1),
+    dict(slot_rows=1), dict(SPLIT, slot_rows=1), dict(slot_rows=1, kv_per_program=2, prefetch=1)], ids=str)
+def test_kernel_equals_the_float64_reference(shape, num_splits, options):
     for seed in range(2):  # fresh inputs each time
         c = case(**shape, seed=seed)
-        out = kernel(c, block_s=16, num_splits=num_splits, kv_per_program=kv_per_program, prefetch=prefetch)
+        out = kernel(c, block_s=16, num_splits=num_splits, **options)
         assert out.shape == c["query"][:, :, :, 0].shape and torch.isfinite(out).all()
         assert relative_error(out, reference(c)) < 1e-5
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float16, 5e-3)])
-@pytest.mark.parametrize("kv_per_program, prefetch", [(None, 0), (1, 0), (None, 1)])
-def test_8_bit_latents_read_as_int8_equal_the_float64_reference(dtype, tolerance, kv_per_program, prefetch):
+@pytest.mark.parametrize("options", [{}, dict(kv_per_program=1), dict(prefetch=1), SPLIT, dict(SPLIT, slot_rows=1)],
+                         ids=str)
+def test_8_bit_latents_read_as_int8_equal_the_float64_reference(dtype, tolerance, options):
     """An 8-bit cache hands the kernel int8 latents and per-slot scales: it must give what the reference gives on the
     same int8 values dequantized in float64 (the rounding itself is the model's, not the kernel's)."""
     from kvforge.models.modeling_kvforge import quantize_slots
 
     for num_splits in (1, 3):
-        c = case(dtype=dtype, slots=70, seed=7 + num_splits)
+        c = case(dtype=dtype, dim=32, slots=70, seed=7 + num_splits)
         (k_q, k_scale), (v_q, v_scale) = quantize_slots(c["k_latent"], 1), quantize_slots(c["v_latent"], 1)
         exact = dict(c, k_latent=k_q.double() * k_scale.double(), v_latent=v_q.double() * v_scale.double())
         out = kernel(dict(c, k_latent=k_q, v_latent=v_q), block_s=16, num_splits=num_splits, k_scale=k_scale,
-                     v_scale=v_scale, kv_per_program=kv_per_program, prefetch=prefetch)
+                     v_scale=v_scale, **options)
         assert relative_error(out, reference(exact)) < tolerance
 
 
 @pytest.mark.parametrize("shape", [
     dict(slots=70),  # ragged even ranks (24, 40), biases
+    dict(dim=32, slots=70),  # two column groups when split
     dict(kv_heads=1, group=4, dim=32, slots=130, k_rank=16, v_rank=16, bias=False),
     dict(batch=3, kv_heads=2, group=1, dim=16, slots=5, k_rank=10, v_rank=34),  # fewer slots than one tile
     dict(k_rank=190, v_rank=150, slots=40),  # the largest ranks held whole (a 4-bit 12.5% model's value ranks)
 ])
-@pytest.mark.parametrize("dtype, tolerance, prefetch", [(torch.float32, 1e-5, 0), (torch.float16, 5e-3, 0),
-                                                        (torch.float32, 1e-5, 1)])
-def test_4_bit_latents_read_as_packed_bytes_equal_the_float64_reference(shape, dtype, tolerance, prefetch):
+@pytest.mark.parametrize("dtype, tolerance, options", [
+    (torch.float32, 1e-5, {}), (torch.float16, 5e-3, {}), (torch.float32, 1e-5, dict(prefetch=1)),
+    (torch.float16, 5e-3, SPLIT), (torch.float32, 1e-5, dict(SPLIT, slot_rows=1))], ids=str)
+def test_4_bit_latents_read_as_packed_bytes_equal_the_float64_reference(shape, dtype, tolerance, options):
     """A 4-bit cache hands the kernel uint8 latents, two values per byte, and per-slot scales: it must give what the
     reference gives on the same values dequantized in float64."""
     from kvforge.models.modeling_kvforge import dequantize_slots, quantize_slots
@@ -123,7 +146,7 @@ def test_4_bit_latents_read_as_packed_bytes_equal_the_float64_reference(shape, d
         exact = dict(c, k_latent=dequantize_slots(k_q, k_scale.double()), v_latent=dequantize_slots(v_q, v_scale.double()))
         # One program per KV head with the splits (kv_per_program 1), all KV heads in one without them.
         out = kernel(dict(c, k_latent=k_q, v_latent=v_q), block_s=16, num_splits=num_splits, k_scale=k_scale,
-                     v_scale=v_scale, kv_per_program=1 if num_splits > 1 else None, prefetch=prefetch)
+                     v_scale=v_scale, kv_per_program=1 if num_splits > 1 else None, **options)
         assert relative_error(out, reference(exact)) < tolerance
 
 
@@ -228,11 +251,15 @@ def test_a_kernel_too_big_for_the_gpu_falls_back_to_the_reference_once(monkeypat
     torch.testing.assert_close(again, expected)
 
 
-@pytest.mark.parametrize("cache_bits", [None, 8, 4])
-def test_generate_with_the_kernel_equals_generate_without(monkeypatch, kernel_calls, cache_bits):
+@pytest.mark.parametrize("cache_bits, slot_rows", [(None, 0), (8, 0), (4, 0), (8, 1), (4, 1)])
+def test_generate_with_the_kernel_equals_generate_without(monkeypatch, kernel_calls, cache_bits, slot_rows):
     """A tiny model with latent layers (a global owner, a window layer, a kv_from reader), batch 2 with left
     padding, decoding past the window: same tokens and logits with KVFORGE_KERNELS=triton and =off; with a low-bit
-    cache the kernel is handed the stored bytes (int8, or uint8 packing two 4-bit values), never a dequantized copy."""
+    cache the kernel is handed the stored bytes (int8, or uint8 packing two 4-bit values), never a dequantized copy.
+    Also with the kernel's products laid out with the slots as rows (its launch default slot_rows)."""
+    from kvforge.kernels import latent_attention
+
+    monkeypatch.setitem(latent_attention.LAUNCH_DEFAULTS, "slot_rows", slot_rows)
     low_rank = {"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 12, "v_rank": 10, "cache_bits": cache_bits}
     runs = generate_with_and_without_kernels(
         monkeypatch,

@@ -20,19 +20,18 @@
 # $K/multigpu/).
 # Env: FIRST0 (a recipe first on GPU 0, followed by its DeepSeek-V3 export when it is partial-rope-shared-25), FIRST1
 # (a recipe first on GPU 1), QUEUE (recipes, shared), MULTIGPU1/2 (multigpu-h200/run.sh's runs), REXTRA (overrides for
-# the recovery runs only), DECODE_ARGS (launch/benchmark_decode.py's; empty: no decode rows), COMPILE_DEBUG (recipes;
+# the recovery runs only), DECODE_ARGS (launch/benchmark_decode.py's, GPU 1; empty: no decode rows), DECODE_ARGS0 (the
+# same on GPU 0, before its batch search), COMPILE_DEBUG (recipes;
 # empty: none), LOSS_ROWS (1: the plain-loop loss rows), SAMPLER_ATTENTION, MAX_BATCH_VARIANTS (the largest batch at
 # 32k, on GPU 0 after the profiles; empty: none; MAX_BATCH_START: its first batch), PROFILES (recipes whose step 30
 # is profiled; empty: none).
 set -u
 K=${K:-$HOME/kvgpu}
 R=docs/results
-FIRST0=${FIRST0-lowrank-12-int4-4k-greedy-8min}
+FIRST0=${FIRST0-}
 FIRST1=${FIRST1-}
-# Session 17: the greedy 12.5% recipe met issue 10 in 434 s (+9.2%, 0.3 points inside the target; session 13's
-# uncompiled run: +8.8%), the 25% recipe +4.5% in 403 s with the fused gradient checks. Session 18 runs the 12.5%
-# recipe a third time on GPU 0, from a cold cache, to show the margin is not one run's luck; GPU 1 starts on the
-# decode rows at once.
+# Session 17: the greedy 12.5% recipe met issue 10 in 434 s (+9.2%), which closed it. Session 18 is decode rows only
+# (random weights: started by `setup.sh bench`, one call, no model), on both GPUs.
 QUEUE=${QUEUE-}
 MULTIGPU1=${MULTIGPU1:-}
 MULTIGPU2=${MULTIGPU2:-}
@@ -49,6 +48,21 @@ PROFILES=${PROFILES-}
 # session's end. Session 18: lr12 alone, from 192, on GPU 0 after its recipe.
 MAX_BATCH_VARIANTS=${MAX_BATCH_VARIANTS-lr12-int4-aligned-static}
 MAX_BATCH_START=${MAX_BATCH_START-192}  # session 17: lr25 fitted 416 (lr12 should fit more), the search from 8 ran out
+# GPU 0's decode rows (DECODE_ARGS0, the same form as DECODE_ARGS; logs decode0-<n>), before its batch search.
+# Session 18: the latent kernels restructured on the CPU, not yet timed (kernels/latent_attention.py LAUNCH_DEFAULTS:
+# split_columns, split_values, slot_rows; partial_rope_decode.py's slot_rows): each alone against the default, the
+# kernel alone at the 25% model's commonest layer (int8, ranks 48 / 144) and the 12.5% one's (4 bits, 64 / 128),
+# the partial-RoPE kernel, then generate() in process with all of them against none, at B=32 x 16k.
+DECODE_ARGS0=${DECODE_ARGS0-"--part kernel --batch 32 64 128 --context 4096 16384 --k-rank 48 --v-rank 144 \
+--cache-bits 8 --split-columns 0 1 --split-values 0 1 --slot-rows 0 1|\
+--part kernel --batch 32 64 128 --context 4096 16384 --k-rank 64 --v-rank 128 --cache-bits 4 --split-columns 0 1 \
+--slot-rows 0 1|\
+--part partial --batch 32 64 128 --context 4096 16384 --slot-rows 0 1|\
+--gen-batch 32 --gen-prompt 16384 --gen-variants lr25-int8-aligned-static lr12-int4-aligned-static \
+partial-rope-25-static --repeats 3 --compile-step --latent-kernel split_columns=1 split_values=1 slot_rows=1 \
+--partial-kernel slot_rows=1|\
+--gen-batch 32 --gen-prompt 16384 --gen-variants lr25-int8-aligned-static lr12-int4-aligned-static \
+partial-rope-25-static --repeats 3 --compile-step"}
 # Session 17 (exported directories, B=32 x 16k): partial RoPE 3.42x, merged heads 5.53x, windows beside latents 3.75x
 # meet the target; lr25 3.05x (3.2x wanted), lr12 3.29x (6.4x): their steps spend ~5 ms in ~1,000 small kernels a
 # CUDA graph replays one by one. Session 18 times the compiled step (--compile-step: torch.compile fuses them; the
@@ -102,16 +116,17 @@ multigpu() {  # gpu runs: issue 14's 1-GPU runs named, on one GPU (multigpu-h200
   [ -n "$2" ] && EXTRA= PHASE=1 ONLY="$2" ONE_GPU=$1 bash $R/multigpu-h200/run.sh
 }
 
-decode() {  # gpu: issue 12's missing rows, one launch/benchmark_decode.py run per "|"-separated argument set
-  local gpu=$1 i=0 set
-  IFS='|' read -r -a sets <<< "$DECODE_ARGS"
+decode() {  # gpu [argument sets [name]]: issue 12's missing rows, one launch/benchmark_decode.py run per
+  # "|"-separated argument set (default DECODE_ARGS), logged as <name>-<n> (default decode); `--part` in a set wins
+  local gpu=$1 sets_arg=${2-$DECODE_ARGS} name=${3:-decode} i=0 set
+  IFS='|' read -r -a sets <<< "$sets_arg"
   for set in "${sets[@]}"; do
     i=$((i + 1))
-    [ -f "$K/results/decode-$i.json" ] && continue
-    stamp "decode rows $i: $set"
+    [ -f "$K/results/$name-$i.json" ] && continue
+    stamp "$name rows $i on GPU $gpu: $set"
     read -r -a args <<< "$set"
     CUDA_VISIBLE_DEVICES=$gpu python3 launch/benchmark_decode.py --part generate "${args[@]}" \
-      --json "$K/results/decode-$i.json" > "$K/results/decode-$i.log" 2>&1 || stamp "decode $i FAILED"
+      --json "$K/results/$name-$i.json" > "$K/results/$name-$i.log" 2>&1 || stamp "$name $i FAILED"
   done
 }
 
@@ -120,7 +135,8 @@ max_batch() {  # gpu: issue 12's largest batch that fits at 32k context, per lay
   stamp "largest batches at 32k on GPU $1: $MAX_BATCH_VARIANTS"
   read -r -a variants <<< "$MAX_BATCH_VARIANTS"
   CUDA_VISIBLE_DEVICES=$1 python3 launch/benchmark_decode.py --part max-batch --gen-prompt 32768 --prefill-chunk 4096 \
-    --gen-variants "${variants[@]}" --json "$K/results/max-batch.json" > "$K/results/max-batch.log" 2>&1 \
+    --batch-start "$MAX_BATCH_START" --gen-variants "${variants[@]}" --json "$K/results/max-batch.json" \
+    > "$K/results/max-batch.log" 2>&1 \
     || stamp "max-batch FAILED"
 }
 
@@ -192,7 +208,7 @@ fi
 stamp "A: ${FIRST0:+$FIRST0 on GPU 0; }${MULTIGPU1:+$MULTIGPU1, }${FIRST1:+$FIRST1, }decode rows on GPU 1; then $QUEUE on both"
 # The embedded GGUF made a Hugging Face directory once per machine (~25 s; what a hub download is for a user),
 # before the timed runs: both first recipes would otherwise start with it, one of them waiting on the other's lock.
-if [ ! -f "$K/results/model-conversion.log" ]; then
+if [ -n "$FIRST0$FIRST1$QUEUE$PROFILES$COMPILE_DEBUG" ] && [ ! -f "$K/results/model-conversion.log" ]; then
   start=$(date +%s)
   # From /tmp: in the repo's folder the tree's own kvforge/ (the namespace mapping) would shadow /tmp/kv/kvforge
   # (session 16's conversion failed on it, and each first run converted the model itself).
@@ -202,7 +218,8 @@ from kvforge.models.loading import gguf_model_dir; print(gguf_model_dir(Path(sys
   stamp "model converted in $(( $(date +%s) - start )) s: $(tail -1 "$K/results/model-conversion.log")"
 fi
 [ -f "$K/queue" ] || tr ' ' '\n' <<< "$QUEUE" | grep . > "$K/queue"  # a restarted pipeline resumes the queue
-{ recovery 0 29512 "$FIRST0"; mla_export 0; profiles 0; max_batch 0; worker 0 29512; } &
+{ recovery 0 29512 "$FIRST0"; mla_export 0; profiles 0; decode 0 "$DECODE_ARGS0" decode0; max_batch 0
+  worker 0 29512; } &
 { multigpu 1 "$MULTIGPU1"; recovery 1 29513 "$FIRST1"; decode 1; compile_debug 1; loss_rows 1; worker 1 29513; } &
 wait
 if [ -n "$MULTIGPU1$MULTIGPU2" ]; then  # again, with the 1-GPU runs

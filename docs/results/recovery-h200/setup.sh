@@ -8,6 +8,8 @@
 #   2. carry [.gpu/gguf.part01]:                                                            ... setup.sh stage
 #   3. carry [.whl, .gpu/debian-prose.jsonl.xz, .gpu/debian-docs.jsonl.xz]:                  ... setup.sh stage
 #   4. carry [.gpu/gguf.part02, .gpu/fortunes]:                                             ... setup.sh start
+# A session of decode rows only (random weights: no model, prose or corpora) needs one call instead:
+#   carry [.whl]:                                                           PIPELINE=... setup.sh bench
 # stage (part00: its old name) installs carried wheels and keeps every carried .gpu file in $K/carried; start (or
 # `assemble`: everything but starting the pipeline, for a call that runs something else after it) takes each from
 # .gpu/ or from there. Optional: the corpora (the recipes that name them); the teacher samples are tracked (else the
@@ -31,7 +33,31 @@ install_wheels() {  # the call that carries .whl installs kvforge's dependencies
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 }
 
+copy_repo() {  # kvforge from a copy of the tree that later calls (which resync the working tree) leave alone
+  rm -rf "$K/repo" && mkdir -p "$K/repo" || exit 1
+  cp -r trainer models kernels launch configs kvforge docs benchmarks "$K/repo/" || exit 1
+  mkdir -p /tmp/kv/kvforge
+  local d
+  for d in trainer models kernels; do ln -sfn "$K/repo/$d" /tmp/kv/kvforge/$d; done
+  cp "$K/repo"/kvforge/*.py /tmp/kv/kvforge/
+}
+
+start_pipeline() {
+  export PYTHONPATH=/tmp/site:/tmp/kv TORCH_CUDA_ARCH_LIST=9.0
+  # The whole background list redirected, not only its last command: otherwise the subshell keeps this call's
+  # stdout open and a caller reading it (`setup.sh start | tail`) waits for the pipeline to end (it cost a
+  # 300 s call once).
+  # PIPELINE: the script to start (run.sh, or a session script that runs several, e.g. multigpu-h200/x2-session.sh).
+  (cd "$K/repo" && setsid nohup bash "${PIPELINE:-docs/results/recovery-h200/run.sh}") > "$K/pipeline.log" 2>&1 \
+    < /dev/null &
+  sleep 2; echo started
+}
+
 case "$1" in
+bench)  # one call, carrying .whl: the wheels, the tree, the pipeline; no model or corpora (decode rows only)
+  install_wheels || exit 1
+  copy_repo
+  start_pipeline ;;
 part00|stage)
   install_wheels || exit 1
   keep ;;
@@ -56,17 +82,7 @@ start|assemble)
     [ -n "$packed" ] && xz -dc "$packed" > "$HOME/kvforge-data/$corpus.jsonl"
   done
   ls -la "$HOME/kvforge-data"
-  # kvforge from a copy of the tree that later calls (which resync the working tree) leave alone.
-  rm -rf "$K/repo" && mkdir -p "$K/repo" && cp -r trainer models kernels launch configs kvforge docs benchmarks "$K/repo/" || exit 1
-  mkdir -p /tmp/kv/kvforge
-  for d in trainer models kernels; do ln -sfn "$K/repo/$d" /tmp/kv/kvforge/$d; done
-  cp "$K/repo"/kvforge/*.py /tmp/kv/kvforge/
+  copy_repo
   [ "$1" = assemble ] && { echo assembled; exit 0; }
-  export PYTHONPATH=/tmp/site:/tmp/kv TORCH_CUDA_ARCH_LIST=9.0
-  # The whole background list redirected, not only its last command: otherwise the subshell keeps this call's
-  # stdout open and a caller reading it (`setup.sh start | tail`) waits for the pipeline to end (it cost a
-  # 300 s call once).
-  # PIPELINE: the script to start (run.sh, or a session script that runs several, e.g. multigpu-h200/x2-session.sh).
-  (cd "$K/repo" && setsid nohup bash "${PIPELINE:-docs/results/recovery-h200/run.sh}") > "$K/pipeline.log" 2>&1 < /dev/null &
-  sleep 2; echo started ;;
+  start_pipeline ;;
 esac
