@@ -199,6 +199,10 @@ sampler() {  # the teacher sampler at 1,024 x 2,048 with each attention path, on
   done
 }
 
+# The machine and the software, as run.sh records them (a session without recipe runs has no run.sh).
+[ -f "$K/results/env.txt" ] || { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+} > "$K/results/env.txt" 2>&1
 stamp "B: ${MULTIGPU2:-no 2-GPU runs}"
 if [ -n "$MULTIGPU2" ]; then
   EXTRA= PHASE=2 ONLY="$MULTIGPU2" bash $R/multigpu-h200/run.sh
