@@ -540,8 +540,8 @@ def _multiprocessors(device: torch.device) -> int:
 #     round they were transposed through shared memory every tile ([BLOCK_S, 128] twice); only the probabilities
 #     (BLOCK_S x 16) take that trip, and every product has 64 or more rows (Hopper's warpgroup MMA wants 64).
 #     Not yet timed: off.
-LAUNCH_DEFAULTS = dict(kv_per_program=None, programs_per_sm=8, prefetch=0, split_columns=0, split_values=0,
-                       slot_rows=0)
+LAUNCH_DEFAULTS = dict(kv_per_program=None, programs_per_sm=8, prefetch=0, split_columns=1, split_values=None,
+                       slot_rows=None)
 
 
 def tile_widths(width: int, split: bool, multiple: int = 1) -> tuple[int, int]:
@@ -644,10 +644,16 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     prefetch = bool(prefetch) and chunk_rk == block_rk  # the chunked path loads U_k and c_k per chunk instead
     split_columns = LAUNCH_DEFAULTS["split_columns"] if split_columns is None else split_columns
     split_values = LAUNCH_DEFAULTS["split_values"] if split_values is None else split_values
+    slot_rows = LAUNCH_DEFAULTS["slot_rows"] if slot_rows is None else slot_rows
+    # None: by cache. Both on for 8-bit latents, where together they were the fastest of eight layouts at every
+    # shape (H200, session 18: 10-12% under the default of before), each alone slower; off for 4-bit ones (slot rows
+    # 15-20% slower there) and bf16 ones (not measured).
+    int8 = k_latent.dtype == torch.int8
+    split_values = int8 if split_values is None else split_values
+    slot_rows = int8 if slot_rows is None else slot_rows
     block_c, block_c2 = tile_widths(kv_per_program * (dim // 2), bool(split_columns) and chunk_rk == block_rk,
                                     multiple=dim // 2)
     block_rv, block_rv2 = tile_widths(v_latent.shape[2], bool(split_values))
-    slot_rows = LAUNCH_DEFAULTS["slot_rows"] if slot_rows is None else slot_rows
     splits = num_splits or _num_splits(batch * head_programs, slots, block_s, query.device,
                                        programs_per_sm or LAUNCH_DEFAULTS["programs_per_sm"])
     per_split = -(-slots // splits)

@@ -177,7 +177,7 @@ def _multiprocessors(device: torch.device) -> int:
 # Launch settings the kernel takes when its caller gives none; benchmarks set them (launch/benchmark_decode.py).
 #   slot_rows: the score and value products with the tile's slots as their rows (latent_attention.py's
 #     LAUNCH_DEFAULTS says why). Not yet timed: off.
-LAUNCH_DEFAULTS = dict(slot_rows=0)
+LAUNCH_DEFAULTS = dict(slot_rows=1)
 
 
 def num_splits(programs_per_split: int, slots: int, block_s: int, device: torch.device) -> int:
