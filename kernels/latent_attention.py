@@ -16,9 +16,12 @@ registers and never writes them. One program serves every head of a row over one
         online softmax; acc += p @ c_v[tile]             values stay latent and are shared by all heads: one
                                                           product for all H heads; U_v is applied once, at the end
 
-so device memory sees each latent once (plus one position and one mask byte per slot). Splits of the slot
-axis (flash-decoding) keep the GPU busy at small batch; their partial results are merged by a second kernel, and
-out_h = acc_h @ U_v[h // G]^T + b_v, exact since sum_s p_s (U_v c_s + b_v) = U_v (sum_s p_s c_s) + b_v.
+so device memory sees each latent once (plus one position and one mask byte per slot). For 8-bit latents the
+products run transposed by default, the slots as their rows (score^T = key @ Q_bd^T, acc^T += c_v^T @ p^T:
+LAUNCH_DEFAULTS' slot_rows), and the key columns and value ranks in two power-of-two tiles where one would be padded.
+Splits of the slot axis (flash-decoding) keep the GPU busy at small batch; their partial results are merged by a
+second kernel, and out_h = acc_h @ U_v[h // G]^T + b_v, exact since sum_s p_s (U_v c_s + b_v) =
+U_v (sum_s p_s c_s) + b_v.
 
 Measured choices (benchmarks/NOTES.md): one program per row and split rather than per KV head (the latent
 tiles and the rotations were computed once per KV head: 3x the work for SmolLM2), and a cos/sin table rather
@@ -531,15 +534,20 @@ def _multiprocessors(device: torch.device) -> int:
 #     int8 220 -> 252 registers, no spill; prefetching the values too spilled 880 bytes. Not yet timed: off.
 #   split_columns: a program's key columns (KV heads x D/2, each half) as two power-of-two tiles where one would be
 #     padded: SmolLM2's 3 x 32 as 64 + 32 rather than 128, so a quarter less of the key rebuild's products, of the
-#     rotation's float32 work and of the score product, for twice the dots (narrower ones). Not yet timed: off.
+#     rotation's float32 work and of the score product, for twice the dots (narrower ones). Alone, on the kernel
+#     (H200, session 18, B x S from 32 x 4k to 128 x 16k): 3-7% faster for 8-bit ranks 48 / 144 and 4-bit 64 / 128.
 #   split_values: the value latent's columns likewise (the aligned 25% model's value ranks of 144-176 as 128 + 16..64
-#     rather than 256): less of the value tiles' loads, dequantization and product. Not yet timed: off.
+#     rather than 256): less of the value tiles' loads, dequantization and product. Alone 33-54% slower (8-bit).
 #   slot_rows: the score and value products with the tile's slots as their rows (scores [BLOCK_S, H], the value
 #     accumulators [Rv, H]) rather than the query heads (M = 16 rows for SmolLM2's 9 heads). The rotated keys then
 #     enter the score product as its left operand, in the rows their rebuild left them in, where the other way
 #     round they were transposed through shared memory every tile ([BLOCK_S, 128] twice); only the probabilities
 #     (BLOCK_S x 16) take that trip, and every product has 64 or more rows (Hopper's warpgroup MMA wants 64).
-#     Not yet timed: off.
+#     Alone 17-31% slower (8-bit), 4-20% slower (4-bit).
+#   With all three, 8-bit latents were the fastest of the eight layouts at all six shapes: 10-12% under the old
+#     layout (192.5 -> 171.4 us at 32 x 16k, 0.56 -> 0.63 TB/s); generate() of the exported 25% model at B=32 x 16k
+#     went from 9.71 to 8.54 ms per step with the compiled step. None (the default of the last two): by cache, on for
+#     8-bit latents, off for 4-bit and bf16 ones (docs/results/decode-h200/README.md, session 18).
 LAUNCH_DEFAULTS = dict(kv_per_program=None, programs_per_sm=8, prefetch=0, split_columns=1, split_values=None,
                        slot_rows=None)
 
@@ -645,9 +653,8 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     split_columns = LAUNCH_DEFAULTS["split_columns"] if split_columns is None else split_columns
     split_values = LAUNCH_DEFAULTS["split_values"] if split_values is None else split_values
     slot_rows = LAUNCH_DEFAULTS["slot_rows"] if slot_rows is None else slot_rows
-    # None: by cache. Both on for 8-bit latents, where together they were the fastest of eight layouts at every
-    # shape (H200, session 18: 10-12% under the default of before), each alone slower; off for 4-bit ones (slot rows
-    # 15-20% slower there) and bf16 ones (not measured).
+    # None: by cache (LAUNCH_DEFAULTS says why): on for 8-bit latents, off for 4-bit (measured slower) and bf16 ones
+    # (not measured).
     int8 = k_latent.dtype == torch.int8
     split_values = int8 if split_values is None else split_values
     slot_rows = int8 if slot_rows is None else slot_rows
