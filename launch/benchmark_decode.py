@@ -11,8 +11,8 @@ decode token per row, B rows x S cached positions:
     torch_latent  modeling_kvforge's PyTorch path over the latents (rebuilds and rotates every key; its cos/sin
                   tables prebuilt, as the model shares them across layers)
     triton_latent kernels/latent_attention.py over the same latents (--cache-bits: read as int8 or packed 4-bit
-                  bytes with their scales; one column per --kv-per-program and --programs-per-sm pair,
-                  triton_latent_kv<n>_pps<p>)
+                  bytes with their scales; one column per combination of the launch settings swept, KERNEL_SWEEP,
+                  e.g. triton_latent_kv1_sr0)
 with the bytes each must read (the floor at the device's copy bandwidth) and the kernel's error against the
 float64 reference. Ranks default to the mean of the low-rank 50% SmolLM2 export (k 48, v 144: 192 of the
 original's 384 numbers per token and layer). Then the same layer over a partial-RoPE joint latent (MHA2MLA;
@@ -61,6 +61,39 @@ SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hi
                rope_parameters={"rope_type": "default", "rope_theta": 100000.0})
 
 
+# (flag, latent_decode_attention's argument, column tag, what the values mean): --kernel part sweeps. Binary layout
+# choices take 0 (off) or 1 (on); a value of 0 elsewhere means the kernel's own choice.
+KERNEL_SWEEP = [
+    ("--kv-per-program", "kv_per_program", "kv", "KV heads per program (1: a program per KV head; 0: all)"),
+    ("--programs-per-sm", "programs_per_sm", "pps", "the programs the slot splits aim at per SM"),
+    ("--block-s", "block_s", "bs", "slots per tile (the partial part too)"),
+    ("--num-warps", "num_warps", "w", "warps per program (the partial part too)"),
+    ("--num-stages", "num_stages", "st", "software-pipelining stages"),
+    ("--prefetch", "prefetch", "pf", "1: the next tile's loads issued before this tile's dots, 0: not"),
+    ("--split-columns", "split_columns", "sc", "1: a program's key columns as two power-of-two tiles where one "
+     "would be padded, 0: one tile"),
+    ("--split-values", "split_values", "sv", "1: the value latent's columns likewise, 0: one tile"),
+    ("--slot-rows", "slot_rows", "sr", "1: the tile's slots as the rows of the score and value products, 0: the "
+     "query heads (the partial part too)"),
+]
+BINARY_SETTINGS = {"prefetch", "split_columns", "split_values", "slot_rows"}
+
+
+def kernel_columns(args, arguments=None) -> list[tuple[str, dict]]:
+    """(name, settings) per combination of the KERNEL_SWEEP values given (of `arguments` only, if named), named by
+    the settings given, e.g. triton_latent_kv1_sr0; the kernel's own choice for the rest (unset, or 0 for a
+    non-binary setting)."""
+    sweep = [(tag, argument, getattr(args, argument)) for _, argument, tag, _ in KERNEL_SWEEP
+             if arguments is None or argument in arguments]
+    columns = []
+    for values in itertools.product(*(options for _, _, options in sweep)):
+        chosen = [(tag, argument, value) for (tag, argument, _), value in zip(sweep, values)
+                  if value is not None and (value or argument in BINARY_SETTINGS)]
+        columns.append(("triton_latent" + "".join(f"_{tag}{value}" for tag, _, value in chosen),
+                        {argument: value for _, argument, value in chosen}))
+    return columns
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=("kernel", "partial", "generate", "max-batch", "both"), default="both",
@@ -73,30 +106,12 @@ def parse_args(argv=None):
     parser.add_argument("--cache-bits", type=int, choices=(16, 8, 4), default=16,
                         help="kernel part: latents in bf16, int8 or packed 4 bits (per-slot bf16 scales), as a "
                              "cache_bits model stores them")
-    parser.add_argument("--kv-per-program", type=int, nargs="*", default=[0], metavar="N",
-                        help="kernel part: one triton_latent column per value: KV heads per program (0: the "
-                             "kernel's default, all; 1: a program per KV head)")
-    parser.add_argument("--programs-per-sm", type=int, nargs="*", default=[0], metavar="N",
-                        help="kernel part: and per value: the programs the slot splits aim at per SM (0: the "
-                             "kernel's default)")
-    parser.add_argument("--block-s", type=int, nargs="*", default=[0], metavar="N",
-                        help="kernel part: and per value: slots per tile (0: the kernel's choice)")
-    parser.add_argument("--num-warps", type=int, nargs="*", default=[0], metavar="N",
-                        help="kernel part: and per value: warps per program (0: the kernel's default)")
-    parser.add_argument("--num-stages", type=int, nargs="*", default=[0], metavar="N",
-                        help="kernel part: and per value: software-pipelining stages (0: the kernel's choice)")
-    parser.add_argument("--prefetch", type=int, nargs="*", default=[0], metavar="N", choices=(0, 1),
-                        help="kernel part: and per value: 1, the next tile's loads issued before this tile's dots "
-                             "(0: the kernel's default)")
-    parser.add_argument("--split-columns", type=int, nargs="*", default=[0], metavar="N", choices=(0, 1),
-                        help="kernel part: and per value: 1, a program's key columns as two power-of-two groups "
-                             "where one would be padded (0: the kernel's default)")
-    parser.add_argument("--split-values", type=int, nargs="*", default=[0], metavar="N", choices=(0, 1),
-                        help="kernel part: and per value: 1, the value latent's columns as two power-of-two tiles "
-                             "where one would be padded")
-    parser.add_argument("--slot-rows", type=int, nargs="*", default=[0], metavar="N", choices=(0, 1),
-                        help="kernel and partial parts: and per value: 1, the tile's slots as the rows of the score "
-                             "and value products (both kernels' LAUNCH_DEFAULTS)")
+    # The latent kernel's launch settings: one triton_latent column per combination of the values given (the
+    # partial part takes --slot-rows too). Unset: the kernel's own choice.
+    for flag, argument, _, what in KERNEL_SWEEP:
+        parser.add_argument(flag, type=int, nargs="*", default=[None], metavar="N",
+                            choices=(0, 1) if argument in BINARY_SETTINGS else None,
+                            help=f"kernel part: one column per value: {what}")
     parser.add_argument("--via-export", type=Path, default=None, metavar="DIR",
                         help="generate part: each kvforge row's model is exported with kvforge's exporter into "
                              "DIR/<variant> and timed as AutoModelForCausalLM.from_pretrained(..., "
@@ -192,18 +207,7 @@ def run_kernel_part(args, copy_bandwidth: float, device="cuda", timings=None, dt
                                        r.scaling, c["scaling"], max_position=r.max_position(),
                                        k_scale=c.get("k_scale"), v_scale=c.get("v_scale"), **settings)
 
-    # One column per combination of the launch settings asked for; a column is named by its settings other than
-    # the kernel's own choice (0), e.g. triton_latent_kv1_pps8.
-    sweep = {"kv": ("kv_per_program", args.kv_per_program), "pps": ("programs_per_sm", args.programs_per_sm),
-             "bs": ("block_s", args.block_s), "w": ("num_warps", args.num_warps), "st": ("num_stages", args.num_stages),
-             "pf": ("prefetch", args.prefetch), "sc": ("split_columns", args.split_columns),
-             "sv": ("split_values", args.split_values), "sr": ("slot_rows", args.slot_rows)}
-    kernels = []
-    for values in itertools.product(*(options for _, options in sweep.values())):
-        chosen = {tag: value for tag, value in zip(sweep, values) if value}
-        name = "triton_latent" + "".join(f"_{tag}{value}" for tag, value in chosen.items())
-        kernels.append((name, functools.partial(triton_latent, settings={sweep[tag][0]: value
-                                                                          for tag, value in chosen.items()})))
+    kernels = [(name, functools.partial(triton_latent, settings=settings)) for name, settings in kernel_columns(args)]
 
     def torch_latent(c):
         return pre_rope_latent_attention(c["query"], c["k_latent"], c["v_latent"], c["k_up"], c["v_up"],
@@ -322,14 +326,15 @@ def run_partial_rope_kernel_part(args, copy_bandwidth: float, device="cuda", tim
     from kvforge.kernels.partial_rope_decode import partial_rope_decode_attention
     from kvforge.models.modeling_kvforge import partial_rope_attention
 
-    def triton_partial(c, slot_rows=None):
+    def triton_partial(c, settings):
         return partial_rope_decode_attention(c["query_rope"][:, :, :, 0], c["query_nope"][:, :, :, 0], c["k_rope"],
                                              c["kv_latent"], c["k_up"].weight, c["v_up"].weight, c["v_up"].bias,
-                                             c["scaling"], valid=c["mask"][:, 0, 0, 0], slot_rows=slot_rows)
+                                             c["scaling"], valid=c["mask"][:, 0, 0, 0], **settings)
 
-    # one column per --slot-rows value: triton_partial (the kernel's default), triton_partial_sr1
-    kernels = [("triton_partial" + (f"_sr{value}" if value else ""),
-                functools.partial(triton_partial, slot_rows=value or None)) for value in args.slot_rows]
+    # One column per combination of --slot-rows, --block-s and --num-warps given, as the latent part names them:
+    # triton_partial (the kernel's choices), triton_partial_sr0, triton_partial_bs32_w8_sr1, ...
+    kernels = [(name.replace("triton_latent", "triton_partial"), functools.partial(triton_partial, settings=settings))
+               for name, settings in kernel_columns(args, ("block_s", "num_warps", "slot_rows"))]
 
     def torch_partial(c):
         return partial_rope_attention(*[c[k] for k in PARTIAL_ARGS])[0][:, :, :, 0]

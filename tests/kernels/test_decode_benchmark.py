@@ -75,7 +75,8 @@ def test_the_latent_kernel_rows_compute_on_cpu_for_low_bit_latents_and_each_prog
     assert error < 5e-3
     (row,) = rows
     assert row["latent_bytes"] == 2 * 40 * (per_slot + 8 + 1) and row["cache_bits"] == bits
-    columns = [f"{kv}{sc}{sr}" for kv in ("", "_kv1") for sc in ("", "_sc1") for sr in ("", "_sr1")]
+    # 0 is the kernel's own choice for a count (no tag), off for a layout choice (_sc0)
+    columns = [f"{kv}{sc}{sr}" for kv in ("", "_kv1") for sc in ("_sc0", "_sc1") for sr in ("_sr0", "_sr1")]
     assert all(row[f"triton_graph_TBps{suffix}"] > 0 for suffix in columns)
     assert row["triton_best"] in {f"triton_latent{suffix}" for suffix in columns}
 
@@ -116,13 +117,14 @@ def test_the_partial_rope_kernel_rows_compute_on_cpu(benchmark):
     """The partial-RoPE part with a CPU timer, float16, tiny shapes: its cases, byte counts and error check are
     right before a GPU ever runs them."""
     args = benchmark.parse_args(["--part", "partial", "--batch", "2", "--context", "40", "--kv-rank", "24",
-                                 "--rope-dims", "8", "--slot-rows", "0", "1"])
+                                 "--rope-dims", "8", "--slot-rows", "0", "1", "--block-s", "0", "16"])
     rows, error = benchmark.run_partial_rope_kernel_part(args, 1e12, device="cpu", timings=cpu_timings,
                                                          dtype=torch.float16)
     assert error < 5e-3
     assert [row["rope_heads"] for row in rows] == [3, 1]
     assert rows[0]["cache_bytes"] == 2 * 40 * ((24 + 3 * 8) * 2 + 1)
-    assert all(row["triton_partial_graph_GBps"] > 0 and row["triton_partial_sr1_graph_GBps"] > 0 for row in rows)
+    columns = ["triton_partial_sr0", "triton_partial_sr1", "triton_partial_bs16_sr0", "triton_partial_bs16_sr1"]
+    assert all(row[f"{column}_graph_GBps"] > 0 for row in rows for column in columns)
 
 
 def test_the_profiler_table_of_a_generate_call(benchmark):

@@ -30,8 +30,8 @@ K=${K:-$HOME/kvgpu}
 R=docs/results
 FIRST0=${FIRST0-}
 FIRST1=${FIRST1-}
-# Session 17: the greedy 12.5% recipe met issue 10 in 434 s (+9.2%), which closed it. Session 18 is decode rows only
-# (random weights: started by `setup.sh bench`, one call, no model), on both GPUs.
+# Session 17: the greedy 12.5% recipe met issue 10 in 434 s (+9.2%), which closed it. Sessions 18 and 19: decode rows
+# only (random weights: started by `setup.sh bench`, one call, no model), on both GPUs.
 QUEUE=${QUEUE-}
 MULTIGPU1=${MULTIGPU1:-}
 MULTIGPU2=${MULTIGPU2:-}
@@ -47,35 +47,26 @@ PROFILES=${PROFILES-}
 # one mask row per later prefill chunk: original 92, lr25 416 (4.5x); lr12's search, started at 8, was cut by the
 # session's end. Session 18: lr12 alone, from 192, on GPU 0 after its recipe.
 MAX_BATCH_VARIANTS=${MAX_BATCH_VARIANTS-lr12-int4-aligned-static}
-MAX_BATCH_START=${MAX_BATCH_START-192}  # session 17: lr25 fitted 416 (lr12 should fit more), the search from 8 ran out
+# Session 18: lr12 fitted 576 rows and not 672 (from 192; the machine was released before the bisection ended).
+MAX_BATCH_START=${MAX_BATCH_START-576}
 # GPU 0's decode rows (DECODE_ARGS0, the same form as DECODE_ARGS; logs decode0-<n>), before its batch search.
-# Session 18: the latent kernels restructured on the CPU, not yet timed (kernels/latent_attention.py LAUNCH_DEFAULTS:
-# split_columns, split_values, slot_rows; partial_rope_decode.py's slot_rows): each alone against the default, the
-# kernel alone at the 25% model's commonest layer (int8, ranks 48 / 144) and the 12.5% one's (4 bits, 64 / 128),
-# the partial-RoPE kernel, then generate() in process with all of them against none, at B=32 x 16k.
-DECODE_ARGS0=${DECODE_ARGS0-"--part kernel --batch 32 64 128 --context 4096 16384 --k-rank 48 --v-rank 144 \
---cache-bits 8 --split-columns 0 1 --split-values 0 1 --slot-rows 0 1|\
---part kernel --batch 32 64 128 --context 4096 16384 --k-rank 64 --v-rank 128 --cache-bits 4 --split-columns 0 1 \
---slot-rows 0 1|\
---part partial --batch 32 64 128 --context 4096 16384 --slot-rows 0 1|\
---gen-batch 32 --gen-prompt 16384 --gen-variants lr25-int8-aligned-static lr12-int4-aligned-static \
-partial-rope-25-static --repeats 3 --compile-step --latent-kernel split_columns=1 split_values=1 slot_rows=1 \
---partial-kernel slot_rows=1|\
---gen-batch 32 --gen-prompt 16384 --gen-variants lr25-int8-aligned-static lr12-int4-aligned-static \
-partial-rope-25-static --repeats 3 --compile-step"}
-# Session 17 (exported directories, B=32 x 16k): partial RoPE 3.42x, merged heads 5.53x, windows beside latents 3.75x
-# meet the target; lr25 3.05x (3.2x wanted), lr12 3.29x (6.4x): their steps spend ~5 ms in ~1,000 small kernels a
-# CUDA graph replays one by one. Session 18 times the compiled step (--compile-step: torch.compile fuses them; the
-# Triton kernels launch between compiled parts): the latent models and partial RoPE at both shapes, the other
-# layouts at B=32 x 16k, then one row profiled compiled and uncompiled (the same session's A/B of the step's kernels).
-DECODE_ARGS=${DECODE_ARGS-"--gen-batch 32 --gen-prompt 16384 --gen-variants original-static lr25-int8-aligned-static \
-lr12-int4-aligned-static partial-rope-25-static --repeats 3 --compile-step --via-export /tmp/kv-decode-exports|\
---gen-batch 128 --gen-prompt 4096 --gen-variants original-static lr25-int8-aligned-static lr12-int4-aligned-static \
-partial-rope-25-static --repeats 3 --compile-step|\
---gen-batch 32 --gen-prompt 16384 --gen-variants partial-rope-50-static merged-heads-static window-lowrank-12-static \
---repeats 3 --compile-step|\
---gen-batch 32 --gen-prompt 16384 --gen-variants lr25-int8-aligned-static --repeats 2 --compile-step --profile 16|\
---gen-batch 32 --gen-prompt 16384 --gen-variants lr25-int8-aligned-static --repeats 2 --profile 16"}
+# Session 18 measured the new kernel layouts (8-bit latents: split tiles + slot rows 10-12% faster, the defaults
+# since; 4-bit: the key split only; partial RoPE: slot rows, 58-59% of copy at 128 x 16k). Session 19: the layouts
+# for bf16 latents (the 50% model's; their default is still the old layout) and for 4-bit value ranks that split
+# (160), and the partial-RoPE kernel's tiles under slot rows (its tile sizes were never tuned: 60% is one point off).
+DECODE_ARGS0=${DECODE_ARGS0-"--part kernel --batch 32 128 --context 4096 16384 --k-rank 48 --v-rank 144 \
+--cache-bits 16 --split-values 0 1 --slot-rows 0 1|\
+--part kernel --batch 32 128 --context 4096 16384 --k-rank 64 --v-rank 160 --cache-bits 4 --split-values 0 1|\
+--part partial --batch 64 128 --context 4096 16384 --slot-rows 1 --block-s 0 32 128 --num-warps 0 4 8"}
+# Session 18 (exported directories, compiled step, the new kernel defaults): lr25 3.47x at B=32 x 16k (target 3.2x
+# met), 3.03x at B=128 x 4k (5% short); lr12 3.85x / 3.15x (6.4x wanted); partial RoPE 25% 5.09x / 4.15x; merged
+# heads 7.06x; windows 4.08x. Session 19: the rows of issue 12's table not yet taken through exported directories
+# with the compiled step (B=128 x 4k for partial RoPE 50%, merged heads, windows), and the 50% bf16 model.
+DECODE_ARGS=${DECODE_ARGS-"--gen-batch 128 --gen-prompt 4096 --gen-variants original-static lr25-int8-aligned-static \
+partial-rope-50-static merged-heads-static window-lowrank-12-static --repeats 3 --compile-step \
+--via-export /tmp/kv-decode-exports|\
+--gen-batch 32 --gen-prompt 16384 --gen-variants original-static lr50-static partial-rope-50-static \
+merged-heads-static window-lowrank-12-static --repeats 3 --compile-step --via-export /tmp/kv-decode-exports"}
 stamp() { echo "$(date +%T) $*"; }
 mkdir -p "$K/results"
 
