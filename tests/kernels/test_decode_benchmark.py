@@ -171,3 +171,26 @@ def test_a_prompt_prefilled_in_chunks_decodes_the_same_tokens(benchmark, cache):
     _, chunked = benchmark.timed_generate(model, ids, 5, 1, cache, prefill_chunk=8)
     assert widths == [8, 8, 5, 1, 1, 1, 1]
     assert torch.equal(whole.sequences, chunked.sequences)
+
+
+def test_the_gpu_session_script_asks_only_for_rows_the_benchmark_takes(benchmark):
+    """x2-session.sh's default decode rows (DECODE_ARGS, DECODE_ARGS0: "|"-separated argument sets) parse as
+    benchmark_decode's arguments, their variants exist and their kernel settings are known: a typo would otherwise
+    surface only on the GPU, after the session's minutes are spent."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from kvforge.kernels import partial_rope_decode
+
+    script = (Path(__file__).resolve().parents[2] / "docs/results/multigpu-h200/x2-session.sh").read_text()
+    for name in ("DECODE_ARGS", "DECODE_ARGS0"):
+        found = re.search(rf'^{name}=\$\{{{name}-"(.*?)"\}}', script, re.S | re.M)
+        assert found, f"{name} has no default in x2-session.sh"
+        for argument_set in found[1].replace("\\\n", "").split("|"):
+            args = benchmark.parse_args(["--part", "generate"] + shlex.split(argument_set))
+            benchmark.launch_settings(args.latent_kernel)
+            benchmark.launch_settings(args.partial_kernel, "--partial-kernel", partial_rope_decode.LAUNCH_DEFAULTS)
+            assert args.part in ("generate", "kernel", "partial", "max-batch")
+    variants = re.search(r'^MAX_BATCH_VARIANTS=\$\{MAX_BATCH_VARIANTS-(.*?)\}', script, re.M)[1].split()
+    assert set(variants) <= set(benchmark.GENERATE_VARIANTS)
