@@ -92,4 +92,11 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # The process group's native threads stopped before the interpreter tears down (a CI run once saw a bad-input
+    # exit end in "terminate called without an active exception", rc -6 for 2). Only here: a main() called in
+    # process keeps its group, since DeepSpeed keeps its backend after a group is destroyed (tests/trainer/conftest.py).
+    from kvforge.trainer.runtime import shutdown_distributed
+
+    shutdown_distributed()
+    sys.exit(code)

@@ -65,6 +65,13 @@ def init_distributed() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def shutdown_distributed() -> None:
+    """Destroys this process's group, if it has one: for a process about to exit (launch/train.py), so that the
+    group's native threads stop before the interpreter's teardown rather than during it."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _free_port() -> int:
     import socket
 
