@@ -35,10 +35,14 @@ CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuob
 
 def compile_latent_kernel(*, cache: str, k_rank: int, v_rank: int, kv_per_program: int, block_s: int,
                           num_warps: int, num_stages: int, prefetch: bool = False, split: bool = False,
-                          slot_rows: bool = False,
-                          kv_heads: int = 3, group: int = 3, dim: int = 64, capability: int = 90):
+                          slot_rows: bool = False, word_loads: bool = False, merged_halves: bool = False,
+                          kv_heads: int = 3, group: int = 3, dim: int = 64, batch: int = 32, slots: int = 16384,
+                          splits: int = 32, capability: int = 90):
     """The kernel as latent_decode_attention would launch it for bf16 queries and a `cache` of bf16, int8 or int4
-    latents, compiled for `capability`; returns Triton's compiled kernel (its .asm["cubin"], .metadata)."""
+    latents at batch x slots in `splits` splits, compiled for `capability`; returns Triton's compiled kernel (its
+    .asm["cubin"], .asm["ptx"], .metadata). The integer arguments are specialised as Triton's launcher does at run
+    time: multiples of 16 known to be so, ones made constants (without that, the compiler cannot prove a 16-byte
+    row aligned and reads int8 tiles a byte at a time: 2,013 instructions per tile where 1,493 run)."""
     fn = latent_attention._latent_decode_kernel
     packed = cache == "int4"
     k_cols, v_cols = (k_rank // 2, v_rank // 2) if packed else (k_rank, v_rank)
@@ -53,19 +57,28 @@ def compile_latent_kernel(*, cache: str, k_rank: int, v_rank: int, kv_per_progra
         BLOCK_C2=block_c2, BLOCK_S=block_s, BLOCK_RK=block_rk, BLOCK_RV=block_rv, BLOCK_RV2=block_rv2,
         ACC_WIDTH=latent_attention._next_power_of_2(v_cols) * (2 if packed else 1), SLOT_ROWS=slot_rows,
         HAS_K_BIAS=False, HAS_SCALES=cache != "bf16", CHUNK_RK=chunk_rk, PACKED=packed, KV_PER_PROGRAM=kv_per_program,
-        STAT_H=latent_attention._next_power_of_2(kv_heads * group), PREFETCH=prefetch)
+        STAT_H=latent_attention._next_power_of_2(kv_heads * group), PREFETCH=prefetch,
+        WORD_LOADS=word_loads and cache == "int8" and not prefetch,
+        MERGED_HALVES=merged_halves and slot_rows and not packed)
     latent = {"bf16": "*bf16", "int8": "*i8", "int4": "*u8"}[cache]
     pointers = dict(Q="*bf16", K_LATENT=latent, V_LATENT=latent, K_WEIGHT="*bf16", K_BIAS="*bf16", POSITIONS="*i64",
                     VALID="*u8", ROPE="*fp32", K_SCALE="*bf16", V_SCALE="*bf16", ACC="*fp32", MAX="*fp32", SUM="*fp32")
+    heads, per_split = kv_heads * group, -(-slots // splits)
+    ints = dict(stride_qb=heads * dim, stride_kb=slots * k_cols, stride_ks=k_cols, stride_vb=slots * v_cols,
+                stride_vs=v_cols, stride_pb=slots, stride_mb=slots, stride_ksb=slots, stride_kss=1, stride_vsb=slots,
+                stride_vss=1, slots=slots, heads=heads, group=group, kv_heads=kv_heads, k_rank=k_rank, v_rank=v_rank,
+                slots_per_split=per_split, splits=splits)
     signature, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):
         if name in constants:
             signature[name] = "constexpr"
             continue
+        if ints.get(name) == 1:  # Triton's launcher makes an integer argument of 1 a constant
+            signature[name], constants[name] = "constexpr", 1
+            continue
         signature[name] = pointers.get(name, "fp32" if name == "scaling" else "i32")
-        # What Triton's launcher specialises on at run time: 16-byte-aligned pointers and row strides (a cache
-        # whose rows are 16-byte aligned: surgery's rank_multiple), per-slot scale strides of 1.
-        if name in pointers or (name.startswith("stride") and name not in ("stride_kss", "stride_vss")):
+        # ... and marks pointers (allocations are 16-byte aligned) and integers that are multiples of 16
+        if name in pointers or ints.get(name, 1) % 16 == 0:
             attrs[(index,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn, signature, constexprs=constants, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32),
@@ -84,7 +97,28 @@ def resources(kernel) -> dict:
     # Hopper's warpgroup MMAs (64+ rows per product) against the warp-level ones (16 rows) in the PTX
     ptx = kernel.asm["ptx"]
     return dict(registers=int(found[1]), stack_bytes=int(found[2]), shared_bytes=kernel.metadata.shared,
-                wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"))
+                wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"),
+                instructions=loop_instructions(kernel))
+
+
+def loop_instructions(kernel) -> int:
+    """SASS instructions in the kernel's longest loop body (the per-tile loop): from the first instruction after the
+    last backward branch's target to that branch."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        sass = subprocess.run([str(CUOBJDUMP), "-sass", cubin.name], capture_output=True, text=True,
+                              check=True).stdout
+    address = {}  # instruction offset -> line index
+    lines = [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]
+    for index, line in enumerate(lines):
+        address[int(re.match(r"\s+/\*([0-9a-f]+)\*/", line)[1], 16)] = index
+    longest = 0
+    for index, line in enumerate(lines):
+        branch = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", line)
+        if branch and int(branch[1], 16) in address and address[int(branch[1], 16)] < index:
+            longest = max(longest, index - address[int(branch[1], 16)] + 1)
+    return longest
 
 
 def programs_per_sm(registers: int, shared: int, num_warps: int) -> int:
@@ -106,6 +140,10 @@ def main(argv=None):
                         help="1: key columns and value ranks in two tiles where one would be padded")
     parser.add_argument("--slot-rows", type=int, nargs="*", default=[0], choices=(0, 1),
                         help="1: the slots as the rows of the score and value products")
+    parser.add_argument("--word-loads", type=int, nargs="*", default=[0], choices=(0, 1),
+                        help="1: 8-bit latents read as 32-bit words and made float16 in registers")
+    parser.add_argument("--merged-halves", type=int, nargs="*", default=[0], choices=(0, 1),
+                        help="1: a column group's halves in one key product and one score product (slot rows)")
     parser.add_argument("--ranks", type=int, nargs=2, default=None, metavar=("K", "V"),
                         help="key and value ranks for every cache (default: per cache, below)")
     args = parser.parse_args(argv)
@@ -115,21 +153,22 @@ def main(argv=None):
     if args.ranks:
         ranks = dict.fromkeys(ranks, tuple(args.ranks))
     print(f"triton {triton.__version__}, sm_90, bf16 queries; k / v ranks per cache: {ranks}")
-    print("| cache | KV heads per program | block_s | warps | prefetch | split | slot rows | registers | "
-          "stack (spills) | shared KiB | programs/SM | MMAs: warpgroup / warp |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for cache, per_program, block_s, warps, prefetch, split, slot_rows in itertools.product(
+    print("| cache | KV heads per program | block_s | warps | prefetch | split | slot rows | word loads | merged "
+          "halves | registers | stack (spills) | shared KiB | programs/SM | MMAs: warpgroup / warp | loop "
+          "instructions |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for cache, per_program, block_s, warps, prefetch, split, slot_rows, words, merged in itertools.product(
             args.caches, args.kv_per_program, args.block_s, args.num_warps, args.prefetch, args.split,
-            args.slot_rows):
+            args.slot_rows, args.word_loads, args.merged_halves):
         kernel = compile_latent_kernel(cache=cache, k_rank=ranks[cache][0], v_rank=ranks[cache][1],
                                        kv_per_program=per_program, block_s=block_s, num_warps=warps,
                                        num_stages=args.num_stages, prefetch=bool(prefetch), split=bool(split),
-                                       slot_rows=bool(slot_rows))
+                                       slot_rows=bool(slot_rows), word_loads=bool(words), merged_halves=bool(merged))
         r = resources(kernel)
-        print(f"| {cache} | {per_program} | {block_s} | {warps} | {prefetch} | {split} | {slot_rows} | "
-              f"{r['registers']} | {r['stack_bytes']} | {r['shared_bytes'] / 1024:.0f} | "
-              f"{programs_per_sm(r['registers'], r['shared_bytes'], warps)} | {r['wgmma']} / {r['mma_sync']} |",
-              flush=True)
+        print(f"| {cache} | {per_program} | {block_s} | {warps} | {prefetch} | {split} | {slot_rows} | {words} | "
+              f"{merged} | {r['registers']} | {r['stack_bytes']} | {r['shared_bytes'] / 1024:.0f} | "
+              f"{programs_per_sm(r['registers'], r['shared_bytes'], warps)} | {r['wgmma']} / {r['mma_sync']} | "
+              f"{r['instructions']} |", flush=True)
 
 
 if __name__ == "__main__":

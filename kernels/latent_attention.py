@@ -34,6 +34,7 @@ This file is copied flat beside modeling_kvforge.py in an exported directory; it
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -80,6 +81,47 @@ if triton is not None:
         and odd positions' values times the rows' scales [rows], each [rows, cols] in float32."""
         byte = packed.to(tl.int8, bitcast=True)
         return dequantized_tile((byte << 4) >> 4, scale), dequantized_tile(byte >> 4, scale)
+
+    # Triton's interpreter (TRITON_INTERPRET=1: the CPU tests) runs no inline PTX; words_to_halves takes its bytes
+    # apart by shifts there.
+    INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+    @triton.jit
+    def latent_words(LATENT, row, offs_s, s_ok, cols, stride_b, stride_s, FIRST: tl.constexpr, WIDTH: tl.constexpr):
+        """An 8-bit latent tile's stored columns FIRST .. FIRST + WIDTH as int32 words [BLOCK_S, WIDTH / 4], four
+        columns each, the lowest in the low byte (the launcher checks that strides and cols are multiples of 4)."""
+        offs_w = FIRST // 4 + tl.arange(0, WIDTH // 4)
+        words = LATENT.to(tl.pointer_type(tl.int32))
+        return tl.load(words + row * (stride_b // 4) + offs_s[:, None] * (stride_s // 4) + offs_w[None, :],
+                       mask=s_ok[:, None] & (offs_w < cols // 4)[None, :], other=0)
+
+    @triton.jit
+    def words_to_halves(words):
+        """latent_words' [rows, n] words as the float16 values of their int8 bytes [rows, 4n], in column order, exact:
+        each byte, its sign bit flipped (v + 128), is permuted into the low mantissa byte of 1024.0 (0x6400), two
+        per register, and 1152.0 subtracted from both at once. A tile's bytes never sit one per register, which is
+        what Triton's own int8 conversion costs in byte permutes (benchmarks/kernel_resources.py)."""
+        if INTERPRETED:
+            b0 = ((words << 24) >> 24).to(tl.float16)
+            b1 = ((words << 16) >> 24).to(tl.float16)
+            b2 = ((words << 8) >> 24).to(tl.float16)
+            b3 = (words >> 24).to(tl.float16)
+        else:
+            b0, b1, b2, b3 = tl.inline_asm_elementwise(
+                "{ .reg .b32 t, a, b, c;\n"
+                "mov.b32 c, 0x64806480;\n"
+                "xor.b32 t, $4, 0x80808080;\n"
+                "prmt.b32 a, t, 0x64646464, 0x5140;\n"
+                "prmt.b32 b, t, 0x64646464, 0x5342;\n"
+                "sub.f16x2 a, a, c;\n"
+                "sub.f16x2 b, b, c;\n"
+                "mov.b32 {$0, $1}, a;\n"
+                "mov.b32 {$2, $3}, b; }",
+                "=h,=h,=h,=h,r", [words], dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True,
+                pack=1)
+        # [rows, n, 2, 2] with [.., i, j] = byte 2i + j, flattened in that order
+        halves = tl.join(tl.join(b0, b2), tl.join(b1, b3))
+        return tl.reshape(halves, (words.shape[0], 4 * words.shape[1]))
 
     @triton.jit
     def key_tile(K_LATENT, K_SCALE, row, offs_s, s_ok, offs_rk, rk_ok, stride_kb, stride_ks, stride_ksb, stride_kss,
@@ -172,12 +214,17 @@ if triton is not None:
         return key_lo, key_hi
 
     @triton.jit
-    def _rotated_scores(key_lo, key_hi, b_lo, b_hi, cos_half, sin_half, q_lo, q_hi, HAS_K_BIAS: tl.constexpr,
-                        BLOCK_S: tl.constexpr, COLS: tl.constexpr, HALF: tl.constexpr, SLOT_ROWS: tl.constexpr):
+    def _rotated_scores(key_lo, key_hi, b_lo, b_hi, cos_half, sin_half, q_lo, q_hi, key_scale,
+                        HAS_K_BIAS: tl.constexpr, BLOCK_S: tl.constexpr, COLS: tl.constexpr, HALF: tl.constexpr,
+                        SLOT_ROWS: tl.constexpr, SCALED_KEYS: tl.constexpr):
         """One column group's share of a tile's scores [BLOCK_H, BLOCK_S] (SLOT_ROWS: [BLOCK_S, BLOCK_H], from the
         query halves given transposed, [COLS, BLOCK_H]): the keys' bias added and RoPE applied in float32 (the
         reference rotates in the cache's dtype: this is a little more exact), then the block-diagonal query's
-        product. cos/sin [BLOCK_S, HALF] are the same for every KV head: repeated across the columns."""
+        product. cos/sin [BLOCK_S, HALF] are the same for every KV head: repeated across the columns. SCALED_KEYS:
+        the keys times their slots' scales [BLOCK_S] first (latents not yet scaled, and a bias that must not be)."""
+        if SCALED_KEYS:
+            key_lo *= key_scale[:, None]
+            key_hi *= key_scale[:, None]
         if HAS_K_BIAS:
             key_lo += b_lo[None, :]
             key_hi += b_hi[None, :]
@@ -192,14 +239,49 @@ if triton is not None:
         return scores
 
     @triton.jit
+    def _merged_halves(w_lo, w_hi, q_lo, q_hi, BLOCK_RK: tl.constexpr, COLS: tl.constexpr, BLOCK_H: tl.constexpr):
+        """A column group's U_k halves interleaved column by column, [BLOCK_RK, 2 * COLS], and its (transposed) query
+        halves likewise, [2 * COLS, BLOCK_H]: one key product and one score product per group instead of two each."""
+        w = tl.reshape(tl.join(w_lo, w_hi), (BLOCK_RK, 2 * COLS))
+        q = tl.reshape(tl.permute(tl.join(q_lo, q_hi), (0, 2, 1)), (2 * COLS, BLOCK_H))
+        return w, q
+
+    @triton.jit
+    def _merged_rotated_scores(c_k, w, q, b_lo, b_hi, cos_half, sin_half, key_scale, HAS_K_BIAS: tl.constexpr,
+                               BLOCK_S: tl.constexpr, COLS: tl.constexpr, HALF: tl.constexpr,
+                               SCALED_KEYS: tl.constexpr):
+        """_rebuilt_keys then _rotated_scores (SLOT_ROWS) over _merged_halves' interleaved columns: the key product's
+        [BLOCK_S, 2 * COLS] split into its halves in registers (no layout change), rotated, joined back."""
+        key_lo, key_hi = tl.split(tl.reshape(tl.dot(c_k, w), (BLOCK_S, COLS, 2)))
+        if SCALED_KEYS:
+            key_lo *= key_scale[:, None]
+            key_hi *= key_scale[:, None]
+        if HAS_K_BIAS:
+            key_lo += b_lo[None, :]
+            key_hi += b_hi[None, :]
+        cos = tl.reshape(tl.broadcast_to(cos_half[:, None, :], (BLOCK_S, COLS // HALF, HALF)), (BLOCK_S, COLS))
+        sin = tl.reshape(tl.broadcast_to(sin_half[:, None, :], (BLOCK_S, COLS // HALF, HALF)), (BLOCK_S, COLS))
+        rot_lo = (key_lo * cos - key_hi * sin).to(q.dtype)
+        rot_hi = (key_hi * cos + key_lo * sin).to(q.dtype)
+        return tl.dot(tl.reshape(tl.join(rot_lo, rot_hi), (BLOCK_S, 2 * COLS)), q)
+
+    @triton.jit
     def _accumulated_values(acc, acc_odd, p, alpha, V_LATENT, v_scale, row, offs_s, s_ok, offs_rv, rv_ok, stride_vb,
-                            stride_vs, HAS_SCALES: tl.constexpr, PACKED: tl.constexpr, SLOT_ROWS: tl.constexpr):
-        """One tile of value latents (stored columns offs_rv) added to the running acc [BLOCK_H, cols] (a 4-bit
-        cache: the even ranks' acc and the odd ones' acc_odd), rescaled by alpha: acc * alpha + p @ c_v.
-        SLOT_ROWS: p [BLOCK_S, BLOCK_H] and the accumulators transposed, [cols, BLOCK_H]: acc + c_v^T @ p."""
+                            stride_vs, v_cols, HAS_SCALES: tl.constexpr, PACKED: tl.constexpr,
+                            SLOT_ROWS: tl.constexpr, WORD_LOADS: tl.constexpr, FIRST: tl.constexpr,
+                            WIDTH: tl.constexpr):
+        """One tile of value latents (stored columns offs_rv = FIRST .. FIRST + WIDTH) added to the running acc
+        [BLOCK_H, cols] (a 4-bit cache: the even ranks' acc and the odd ones' acc_odd), rescaled by alpha:
+        acc * alpha + p @ c_v. SLOT_ROWS: p [BLOCK_S, BLOCK_H] and the accumulators transposed, [cols, BLOCK_H]:
+        acc + c_v^T @ p. WORD_LOADS: 8-bit latents read as words and made float16, times their scales in float16 (p
+        is float16 then)."""
         dtype = p.dtype
-        c_v = tl.load(V_LATENT + row * stride_vb + offs_s[:, None] * stride_vs + offs_rv[None, :],
-                      mask=s_ok[:, None] & rv_ok[None, :], other=0)
+        if WORD_LOADS:
+            c_v = words_to_halves(latent_words(V_LATENT, row, offs_s, s_ok, v_cols, stride_vb, stride_vs, FIRST, WIDTH))
+            c_v = c_v * v_scale.to(tl.float16)[:, None]
+        else:
+            c_v = tl.load(V_LATENT + row * stride_vb + offs_s[:, None] * stride_vs + offs_rv[None, :],
+                          mask=s_ok[:, None] & rv_ok[None, :], other=0)
         if PACKED:
             v_even, v_odd = unpacked_tiles(c_v, v_scale)
             if SLOT_ROWS:
@@ -209,7 +291,7 @@ if triton is not None:
                 acc = acc * alpha[:, None] + tl.dot(p, v_even.to(dtype))
                 acc_odd = acc_odd * alpha[:, None] + tl.dot(p, v_odd.to(dtype))
         else:
-            if HAS_SCALES:
+            if HAS_SCALES and not WORD_LOADS:
                 c_v = dequantized_tile(c_v, v_scale).to(dtype)
             if SLOT_ROWS:
                 acc = acc * alpha[None, :] + tl.dot(tl.trans(c_v), p)
@@ -248,7 +330,7 @@ if triton is not None:
         BLOCK_S: tl.constexpr, BLOCK_RK: tl.constexpr, BLOCK_RV: tl.constexpr, BLOCK_RV2: tl.constexpr,
         ACC_WIDTH: tl.constexpr, SLOT_ROWS: tl.constexpr, HAS_K_BIAS: tl.constexpr, HAS_SCALES: tl.constexpr,
         CHUNK_RK: tl.constexpr, PACKED: tl.constexpr, KV_PER_PROGRAM: tl.constexpr, STAT_H: tl.constexpr,
-        PREFETCH: tl.constexpr,
+        PREFETCH: tl.constexpr, WORD_LOADS: tl.constexpr, MERGED_HALVES: tl.constexpr,
     ):
         # PACKED (a 4-bit cache): BLOCK_RK / BLOCK_RV cover half the ranks, one byte holding ranks 2j and 2j + 1;
         # the even and odd ranks are two tiles, each with its own rows of U_k and its own value accumulator.
@@ -257,6 +339,10 @@ if triton is not None:
         # BLOCK_C2 > 0 (two power-of-two tiles where one would be padded: SmolLM2's 3 x 32 as 64 + 32, not 128).
         # Likewise the value latent's stored columns: BLOCK_RV, then BLOCK_RV2 more (a rank of 144 as 128 + 16, not
         # 256), each with its own accumulator. STAT_H: query heads per row in ACC/MAX/SUM; ACC_WIDTH: ACC's columns.
+        # WORD_LOADS (8-bit latents, U_k held whole, no prefetch): the latents read as 32-bit words and made float16
+        # in registers (words_to_halves), U_k in float16; each slot's key scale multiplies its scores rather than its
+        # latents ((s c) U = s (c U)), its value scale its float16 values. MERGED_HALVES (SLOT_ROWS, U_k held whole,
+        # not PACKED): each column group's two halves in one key product and one score product.
         split = tl.program_id(0)
         row = tl.program_id(1)
         first_kv = tl.program_id(2) * KV_PER_PROGRAM
@@ -282,10 +368,18 @@ if triton is not None:
             q2_lo, q2_hi, w2_lo, w2_hi, w2_lo_odd, w2_hi_odd, b2_lo, b2_hi, _, _ = _column_group(
                 Q, K_WEIGHT, K_BIAS, row, stride_qb, first_kv, kv_heads, k_rank, head, head_ok, group, offs_rk, rk_ok,
                 BLOCK_C, BLOCK_C2, HALF, KV_PER_PROGRAM, PACKED, HAS_K_BIAS, True)
+        if WORD_LOADS:  # the latents' integers are exact in float16, and U_k's values keep more bits there
+            w_lo, w_hi = w_lo.to(tl.float16), w_hi.to(tl.float16)
+            if BLOCK_C2 > 0:
+                w2_lo, w2_hi = w2_lo.to(tl.float16), w2_hi.to(tl.float16)
         if SLOT_ROWS:  # the query halves as the right operand of the score product, [columns, BLOCK_H]
             q_lo, q_hi = tl.trans(q_lo), tl.trans(q_hi)
             if BLOCK_C2 > 0:
                 q2_lo, q2_hi = tl.trans(q2_lo), tl.trans(q2_hi)
+        if MERGED_HALVES:
+            w_merged, q_merged = _merged_halves(w_lo, w_hi, q_lo, q_hi, BLOCK_RK, BLOCK_C, BLOCK_H)
+            if BLOCK_C2 > 0:
+                w2_merged, q2_merged = _merged_halves(w2_lo, w2_hi, q2_lo, q2_hi, BLOCK_RK, BLOCK_C2, BLOCK_H)
 
         running_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
         running_sum = tl.zeros([BLOCK_H], tl.float32)
@@ -322,6 +416,9 @@ if triton is not None:
                 offs_next = offs_s + BLOCK_S
                 next_k, next_k_scale = key_tile(K_LATENT, K_SCALE, row, offs_next, offs_next < end, offs_rk, rk_ok,
                                                 stride_kb, stride_ks, stride_ksb, stride_kss, HAS_SCALES)
+            elif WORD_LOADS:
+                k_scale = tl.load(K_SCALE + row * stride_ksb + offs_s * stride_kss, mask=s_ok, other=0.0)
+                k_tile = latent_words(K_LATENT, row, offs_s, s_ok, k_cols, stride_kb, stride_ks, 0, BLOCK_RK)
             elif PACKED or CHUNK_RK == BLOCK_RK:  # U_k held whole: this tile's keys loaded whole, now
                 k_tile, k_scale = key_tile(K_LATENT, K_SCALE, row, offs_s, s_ok, offs_rk, rk_ok, stride_kb, stride_ks,
                                            stride_ksb, stride_kss, HAS_SCALES)
@@ -330,12 +427,17 @@ if triton is not None:
             if PACKED:  # low-bit latents: their bytes read, dequantized in registers
                 c_even, c_odd = unpacked_tiles(k_tile, k_scale)
                 c_even, c_odd = c_even.to(dtype), c_odd.to(dtype)
+            elif WORD_LOADS:  # the key scales go onto the scores
+                c_even = words_to_halves(k_tile)
+                c_odd = c_even  # unused
             elif CHUNK_RK == BLOCK_RK:
                 c_even = k_tile
                 if HAS_SCALES:
                     c_even = dequantized_tile(c_even, k_scale).to(dtype)
                 c_odd = c_even  # unused
-            if PACKED or CHUNK_RK == BLOCK_RK:
+            if MERGED_HALVES:
+                key_lo, key_hi = c_even, c_odd  # unused: the merged products rebuild the keys below
+            elif PACKED or CHUNK_RK == BLOCK_RK:
                 key_lo, key_hi = _rebuilt_keys(c_even, c_odd, w_lo, w_hi, w_lo_odd, w_hi_odd, PACKED)
             else:
                 key_lo = tl.zeros([BLOCK_S, BLOCK_C], tl.float32)
@@ -357,39 +459,60 @@ if triton is not None:
             rope_ptr = ROPE + position[:, None] * (2 * HALF) + offs_p[None, :]
             cos_half = tl.load(rope_ptr)
             sin_half = tl.load(rope_ptr + HALF)
-            scores = _rotated_scores(key_lo, key_hi, b_lo, b_hi, cos_half, sin_half, q_lo, q_hi, HAS_K_BIAS, BLOCK_S,
-                                     BLOCK_C, HALF, SLOT_ROWS)
-            if BLOCK_C2 > 0:
-                key_lo, key_hi = _rebuilt_keys(c_even, c_odd, w2_lo, w2_hi, w2_lo_odd, w2_hi_odd, PACKED)
-                scores += _rotated_scores(key_lo, key_hi, b2_lo, b2_hi, cos_half, sin_half, q2_lo, q2_hi, HAS_K_BIAS,
-                                          BLOCK_S, BLOCK_C2, HALF, SLOT_ROWS)
+            # WORD_LOADS: each slot's key scale multiplies its scores ((s c) U = s (c U)), or where a key bias (which
+            # it must not scale) is added, the keys before it.
+            if WORD_LOADS and HAS_K_BIAS:
+                key_scale = k_scale.to(tl.float32)
+            else:
+                key_scale = scaling  # unread
+            if MERGED_HALVES:
+                scores = _merged_rotated_scores(c_even, w_merged, q_merged, b_lo, b_hi, cos_half, sin_half, key_scale,
+                                                HAS_K_BIAS, BLOCK_S, BLOCK_C, HALF, WORD_LOADS and HAS_K_BIAS)
+                if BLOCK_C2 > 0:
+                    scores += _merged_rotated_scores(c_even, w2_merged, q2_merged, b2_lo, b2_hi, cos_half, sin_half,
+                                                     key_scale, HAS_K_BIAS, BLOCK_S, BLOCK_C2, HALF,
+                                                     WORD_LOADS and HAS_K_BIAS)
+            else:
+                scores = _rotated_scores(key_lo, key_hi, b_lo, b_hi, cos_half, sin_half, q_lo, q_hi, key_scale,
+                                         HAS_K_BIAS, BLOCK_S, BLOCK_C, HALF, SLOT_ROWS, WORD_LOADS and HAS_K_BIAS)
+                if BLOCK_C2 > 0:
+                    key_lo, key_hi = _rebuilt_keys(c_even, c_odd, w2_lo, w2_hi, w2_lo_odd, w2_hi_odd, PACKED)
+                    scores += _rotated_scores(key_lo, key_hi, b2_lo, b2_hi, cos_half, sin_half, q2_lo, q2_hi,
+                                              key_scale, HAS_K_BIAS, BLOCK_S, BLOCK_C2, HALF, SLOT_ROWS,
+                                              WORD_LOADS and HAS_K_BIAS)
             valid = tl.load(VALID + row * stride_mb + offs_s, mask=s_ok, other=0) != 0
+            if WORD_LOADS and not HAS_K_BIAS:
+                slot_scaling = k_scale.to(tl.float32) * scaling
+            else:
+                slot_scaling = tl.full([BLOCK_S], scaling, tl.float32)
             if SLOT_ROWS:
-                scores = tl.where(valid[:, None], scores * scaling, float("-inf"))
+                scores = tl.where(valid[:, None], scores * slot_scaling[:, None], float("-inf"))
                 running_max, alpha, p, running_sum = online_softmax_slot_rows(scores, running_max, running_sum)
             else:
-                scores = tl.where(valid[None, :], scores * scaling, float("-inf"))
+                scores = tl.where(valid[None, :], scores * slot_scaling[None, :], float("-inf"))
                 running_max, alpha, p, running_sum = online_softmax_tile(scores, running_max, running_sum)
             if HAS_SCALES:
                 v_scale = tl.load(V_SCALE + row * stride_vsb + offs_s * stride_vss, mask=s_ok, other=0.0)
             else:
                 v_scale = running_sum  # unread
-            p = p.to(dtype)
+            p = p.to(tl.float16 if WORD_LOADS else dtype)
             # The odd accumulators are reassigned only when PACKED: otherwise they would ride the loop unused.
             if PACKED:
                 acc, acc_odd = _accumulated_values(acc, acc_odd, p, alpha, V_LATENT, v_scale, row, offs_s, s_ok,
-                                                   offs_rv, rv_ok, stride_vb, stride_vs, HAS_SCALES, PACKED, SLOT_ROWS)
+                                                   offs_rv, rv_ok, stride_vb, stride_vs, v_cols, HAS_SCALES, PACKED,
+                                                   SLOT_ROWS, WORD_LOADS, 0, BLOCK_RV)
             else:
                 acc, _unused = _accumulated_values(acc, acc_odd, p, alpha, V_LATENT, v_scale, row, offs_s, s_ok,
-                                                   offs_rv, rv_ok, stride_vb, stride_vs, HAS_SCALES, PACKED, SLOT_ROWS)
+                                                   offs_rv, rv_ok, stride_vb, stride_vs, v_cols, HAS_SCALES, PACKED,
+                                                   SLOT_ROWS, WORD_LOADS, 0, BLOCK_RV)
             if BLOCK_RV2 > 0 and PACKED:
                 acc2, acc2_odd = _accumulated_values(acc2, acc2_odd, p, alpha, V_LATENT, v_scale, row, offs_s, s_ok,
-                                                     offs_rv2, rv2_ok, stride_vb, stride_vs, HAS_SCALES, PACKED,
-                                                     SLOT_ROWS)
+                                                     offs_rv2, rv2_ok, stride_vb, stride_vs, v_cols, HAS_SCALES,
+                                                     PACKED, SLOT_ROWS, WORD_LOADS, BLOCK_RV, BLOCK_RV2)
             elif BLOCK_RV2 > 0:
                 acc2, _unused = _accumulated_values(acc2, acc2_odd, p, alpha, V_LATENT, v_scale, row, offs_s, s_ok,
-                                                    offs_rv2, rv2_ok, stride_vb, stride_vs, HAS_SCALES, PACKED,
-                                                    SLOT_ROWS)
+                                                    offs_rv2, rv2_ok, stride_vb, stride_vs, v_cols, HAS_SCALES,
+                                                    PACKED, SLOT_ROWS, WORD_LOADS, BLOCK_RV, BLOCK_RV2)
 
         stat = (row * splits + split) * STAT_H + head  # max / sum [B, splits, STAT_H]; acc adds its ranks
         _store_values(ACC, stat, acc, acc_odd, offs_rv, head_ok, ACC_WIDTH, PACKED, SLOT_ROWS)
@@ -548,8 +671,16 @@ def _multiprocessors(device: torch.device) -> int:
 #     layout (192.5 -> 171.4 us at 32 x 16k, 0.56 -> 0.63 TB/s); generate() of the exported 25% model at B=32 x 16k
 #     went from 9.71 to 8.54 ms per step with the compiled step. None (the default of the last two): by cache, on for
 #     8-bit latents, off for 4-bit and bf16 ones (docs/results/decode-h200/README.md, session 18).
+#   word_loads: 8-bit latents read as 32-bit words and made float16 by byte permutes and one subtraction per two
+#     values (words_to_halves, exact), the key scales applied to the scores and the value scales to float16 values.
+#     Offline (sm_90, ranks 48 / 144, the defaults above): Triton's own int8 conversion puts each byte in its own
+#     register (364 byte permutes and 104 int-to-float conversions per tile per warp, 255 registers and an 80-byte
+#     spill); with word loads and merged halves, 1,493 -> 960 instructions per tile, 206 registers, no spill.
+#   merged_halves: each column group's U_k halves interleaved, so the keys' rebuild and the score are one product
+#     each per group (9 -> 5 waited tensor-core groups per tile offline). Slot rows only.
+#   Neither is timed on a GPU yet: off.
 LAUNCH_DEFAULTS = dict(kv_per_program=None, programs_per_sm=8, prefetch=0, split_columns=1, split_values=None,
-                       slot_rows=None)
+                       slot_rows=None, word_loads=0, merged_halves=0)
 
 
 def tile_widths(width: int, split: bool, multiple: int = 1) -> tuple[int, int]:
@@ -584,7 +715,8 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
                             v_scale: torch.Tensor | None = None, chunk_rk: int | None = None,
                             kv_per_program: int | None = None, programs_per_sm: int | None = None,
                             prefetch: int | None = None, split_columns: int | None = None,
-                            split_values: int | None = None, slot_rows: int | None = None) -> torch.Tensor:
+                            split_values: int | None = None, slot_rows: int | None = None,
+                            word_loads: int | None = None, merged_halves: int | None = None) -> torch.Tensor:
     """One decode step of attention over a pre-RoPE latent cache.
 
     query [B, K, G, D] (rotated); k_latent [B, S, Rk], v_latent [B, S, Rv]; k_weight [K * D, Rk] and
@@ -603,8 +735,10 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     U_k is held whole (a 4-bit cache, or key ranks up to 128). split_columns (1: on): a program's key columns as
     two power-of-two tiles where one would be padded (tile_widths), where U_k is held whole; split_values: the
     value latent's columns likewise; slot_rows (1: on): the tile's slots as the rows of the score and value
-    products, so the rotated keys feed the score product from the registers their own product left them in. All
-    default to LAUNCH_DEFAULTS.
+    products, so the rotated keys feed the score product from the registers their own product left them in;
+    word_loads (1: on): 8-bit latents read as 32-bit words and made float16 in registers, where U_k is held whole and
+    ranks and strides are multiples of 4; merged_halves (1: on): with slot rows, where U_k is held whole and the cache
+    is not 4-bit, one key product and one score product per column group. All default to LAUNCH_DEFAULTS.
     Returns out [B, K, G, Dv] in query.dtype.
     """
     if triton is None:
@@ -658,8 +792,16 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     int8 = k_latent.dtype == torch.int8
     split_values = int8 if split_values is None else split_values
     slot_rows = int8 if slot_rows is None else slot_rows
-    block_c, block_c2 = tile_widths(kv_per_program * (dim // 2), bool(split_columns) and chunk_rk == block_rk,
-                                    multiple=dim // 2)
+    word_loads = LAUNCH_DEFAULTS["word_loads"] if word_loads is None else word_loads
+    merged_halves = LAUNCH_DEFAULTS["merged_halves"] if merged_halves is None else merged_halves
+    whole = chunk_rk == block_rk  # U_k held for the whole program
+    # Words of 4 bytes: every row of both latents must start on a 4-byte boundary.
+    # 16-bit queries only: float16 keys and values would cost a float32 model its precision.
+    word_loads = bool(word_loads) and int8 and whole and not prefetch and not wide and all(
+        n % 4 == 0 for n in (k_rank, v_rank, k_latent.stride(0), k_latent.stride(1), v_latent.stride(0),
+                             v_latent.stride(1), k_latent.data_ptr(), v_latent.data_ptr()))
+    merged_halves = bool(merged_halves) and bool(slot_rows) and whole and not packed
+    block_c, block_c2 = tile_widths(kv_per_program * (dim // 2), bool(split_columns) and whole, multiple=dim // 2)
     block_rv, block_rv2 = tile_widths(v_latent.shape[2], bool(split_values))
     splits = num_splits or _num_splits(batch * head_programs, slots, block_s, query.device,
                                        programs_per_sm or LAUNCH_DEFAULTS["programs_per_sm"])
@@ -686,7 +828,8 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
         HALF=dim // 2, BLOCK_H=block_h, BLOCK_C=block_c, BLOCK_C2=block_c2, BLOCK_S=block_s, BLOCK_RK=block_rk,
         BLOCK_RV=block_rv, BLOCK_RV2=block_rv2, ACC_WIDTH=acc_width, SLOT_ROWS=bool(slot_rows),
         HAS_K_BIAS=k_bias is not None, HAS_SCALES=has_scales, CHUNK_RK=chunk_rk, PACKED=packed,
-        KV_PER_PROGRAM=kv_per_program, STAT_H=stat_h, PREFETCH=prefetch, num_warps=num_warps, num_stages=num_stages,
+        KV_PER_PROGRAM=kv_per_program, STAT_H=stat_h, PREFETCH=prefetch, WORD_LOADS=word_loads,
+        MERGED_HALVES=merged_halves, num_warps=num_warps, num_stages=num_stages,
     )
     return merged_values(acc, stats_max, stats_sum, v_weight, v_bias, kv_heads, group, v_rank, query.dtype)
 

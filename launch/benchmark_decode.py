@@ -75,8 +75,12 @@ KERNEL_SWEEP = [
     ("--split-values", "split_values", "sv", "1: the value latent's columns likewise, 0: one tile"),
     ("--slot-rows", "slot_rows", "sr", "1: the tile's slots as the rows of the score and value products, 0: the "
      "query heads (the partial part too)"),
+    ("--word-loads", "word_loads", "wl", "1: 8-bit latents read as 32-bit words and made float16 in registers, 0: "
+     "Triton's int8 loads and conversion"),
+    ("--merged-halves", "merged_halves", "mh", "1: a key column group's two halves in one key product and one score "
+     "product (slot rows), 0: two each"),
 ]
-BINARY_SETTINGS = {"prefetch", "split_columns", "split_values", "slot_rows"}
+BINARY_SETTINGS = {"prefetch", "split_columns", "split_values", "slot_rows", "word_loads", "merged_halves"}
 
 
 def kernel_columns(args, arguments=None) -> list[tuple[str, dict]]:
@@ -96,8 +100,10 @@ def kernel_columns(args, arguments=None) -> list[tuple[str, dict]]:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("kernel", "partial", "generate", "max-batch", "both"), default="both",
-                        help="kernel: both kernel tables; partial: only the partial-RoPE one; max-batch: the largest "
+    parser.add_argument("--part", choices=("kernel", "latent", "partial", "generate", "max-batch", "both"),
+                        default="both",
+                        help="kernel: both kernel tables; latent: only the pre-RoPE latent one; partial: only the "
+                             "partial-RoPE one; max-batch: the largest "
                              "batch generate() fits with --gen-prompt tokens, per --gen-variants row")
     parser.add_argument("--batch", type=int, nargs="*", default=None, help="kernel part: rows (default: a sweep)")
     parser.add_argument("--context", type=int, nargs="*", default=None, help="kernel part: cached positions")
@@ -235,10 +241,12 @@ def run_kernel_part(args, copy_bandwidth: float, device="cuda", timings=None, dt
             except Exception as e:  # a swept tile too big for the GPU (Triton's OutOfResources): not a column
                 refused.append(name)
                 print(f"{name}: refused ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+        column_errors = dict(zip([name for name, _ in kernels if name not in refused], errors))
         kernels = [(name, fn) for name, fn in kernels if name not in refused]
         error = max(errors)
     print(f"kernel vs float64 reference (B={small_batch}, S={small_context}, {dtype} queries, {args.cache_bits}-bit "
-          f"latents, every kernel column): largest relative error {error:.2e}")
+          f"latents, every kernel column): largest relative error {error:.2e} ("
+          + ", ".join(f"{name} {e:.2e}" for name, e in column_errors.items()) + ")")
 
     batches = args.batch or [1, 8, 64, 256]
     contexts = args.context or [1024, 4096, 16384]
@@ -799,7 +807,7 @@ def main(argv=None) -> int:
     print(f"{device}; torch {torch.__version__}; device copy {bandwidth / 1e12:.2f} TB/s (read + write)")
     result = dict(device=device, torch=torch.__version__, python=platform.python_version(),
                   copy_TBps=bandwidth / 1e12, command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
-    if args.part in ("kernel", "both"):
+    if args.part in ("kernel", "latent", "both"):
         result["kernel"], result["kernel_relative_error"] = run_kernel_part(args, bandwidth)
     if args.part in ("kernel", "partial", "both"):
         result["kernel_partial_rope"], result["kernel_partial_rope_relative_error"] = run_partial_rope_kernel_part(

@@ -15,6 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from shared_memory import held_open  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -46,8 +47,8 @@ def remove_deepspeed_shared_memory_buffers():
     """DeepSpeed's CPU all-reduce maps a 66 MB buffer per rank in /dev/shm and never unlinks it; the trainer's
     ranks unlink theirs at exit (trainer/runtime.py), but ranks the fault tests kill cannot, nor can the tests'
     own in-process engines. Before both, a full run of this suite left 226 of them, 15 GB of RAM, and later tests
-    ran out of memory. Each test removes the buffers that appeared while it ran (its ranks have exited by then)."""
-    import os
+    ran out of memory. Each test removes the buffers that appeared while it ran and that no live process holds
+    (its own ranks have exited by then; another process's may still be running)."""
 
     def buffers() -> set[str]:
         try:
@@ -57,7 +58,10 @@ def remove_deepspeed_shared_memory_buffers():
 
     before = buffers()
     yield
-    for name in buffers() - before:
+    appeared = buffers() - before
+    if not appeared:
+        return
+    for name in appeared - held_open(SHARED_MEMORY):
         try:
             os.unlink(os.path.join(SHARED_MEMORY, name))
         except OSError:

@@ -13,7 +13,7 @@ from kernel_generation import (assert_kernel_serves_decode_only, assert_same_gen
 import torch
 from torch import nn
 
-from kvforge.kernels import dispatch
+from kvforge.kernels import dispatch, latent_attention
 from kvforge.kernels.latent_attention import available, latent_decode_attention, tile_widths
 from kvforge.models.modeling_kvforge import KeyRotary, pre_rope_latent_attention
 
@@ -95,10 +95,11 @@ def test_tiles_split_into_two_powers_of_two_only_where_that_is_narrower():
 @pytest.mark.parametrize("num_splits", [1, 3])
 # All KV heads in one program (the default); one; 2 of 3 (a ragged last); the next tile's keys loaded before this
 # tile's dots; the key columns and value ranks each in two tiles where one would be padded (split); the slots as the
-# rows of every product (slot_rows), with the rest.
+# rows of every product (slot_rows), with the rest; each column group's halves in one product (merged_halves).
 @pytest.mark.parametrize("options", [
     {}, dict(kv_per_program=1), dict(kv_per_program=2), dict(prefetch=1), SPLIT, dict(SPLIT, prefetch=1),
-    dict(slot_rows=1), dict(SPLIT, slot_rows=1), dict(slot_rows=1, kv_per_program=2, prefetch=1)], ids=str)
+    dict(slot_rows=1), dict(SPLIT, slot_rows=1), dict(slot_rows=1, kv_per_program=2, prefetch=1),
+    dict(slot_rows=1, merged_halves=1), dict(SPLIT, slot_rows=1, merged_halves=1, kv_per_program=2)], ids=str)
 def test_kernel_equals_the_float64_reference(shape, num_splits, options):
     for seed in range(2):  # fresh inputs each time
         c = case(**shape, seed=seed)
@@ -124,6 +125,58 @@ def test_8_bit_latents_read_as_int8_equal_the_float64_reference(dtype, tolerance
         assert relative_error(out, reference(exact)) < tolerance
 
 
+class LaunchSpy:
+    """Stands in for the latent kernel during a test: records each launch's WORD_LOADS, then launches."""
+
+    def __init__(self, monkeypatch):
+        self.kernel, self.word_loads = latent_attention._latent_decode_kernel, []
+        monkeypatch.setattr(latent_attention, "_latent_decode_kernel", self)
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.word_loads.append(kwargs["WORD_LOADS"])
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+@pytest.mark.parametrize("shape", [
+    dict(dim=32, k_rank=24, v_rank=40),  # ragged ranks: the last word of a tile masked, two column groups
+    dict(kv_heads=1, group=4, dim=32, slots=130, k_rank=16, v_rank=16, bias=False),
+    dict(k_rank=48, v_rank=144, slots=50),  # the aligned 25% model's commonest layer, 128 + 16 value columns
+])
+@pytest.mark.parametrize("options", [dict(word_loads=1), dict(SPLIT, slot_rows=1, word_loads=1),
+                                     dict(SPLIT, slot_rows=1, word_loads=1, merged_halves=1)], ids=str)
+def test_8_bit_latents_read_as_words_equal_the_float64_reference(monkeypatch, shape, options):
+    """word_loads: the int8 latents read four to a 32-bit word and made float16 in registers, the key scales applied
+    to the scores. In the interpreter the bytes come apart by shifts where the GPU permutes them; the order of the
+    values and every scale are what this checks. The launch must take the word path (ranks multiples of 4)."""
+    from kvforge.models.modeling_kvforge import quantize_slots
+
+    spy = LaunchSpy(monkeypatch)
+    for num_splits in (1, 3):
+        c = case(dtype=torch.float16, **shape, seed=11 + num_splits)
+        (k_q, k_scale), (v_q, v_scale) = quantize_slots(c["k_latent"], 1), quantize_slots(c["v_latent"], 1)
+        exact = dict(c, k_latent=k_q.double() * k_scale.double(), v_latent=v_q.double() * v_scale.double())
+        out = kernel(dict(c, k_latent=k_q, v_latent=v_q), block_s=16, num_splits=num_splits, k_scale=k_scale,
+                     v_scale=v_scale, **options)
+        assert relative_error(out, reference(exact)) < 5e-3
+    assert spy.word_loads == [True, True]
+
+
+def test_word_loads_fall_back_where_a_row_does_not_start_on_a_word(monkeypatch):
+    """A key rank of 10 puts rows 10 bytes apart: the launch reads bytes as before, and still right."""
+    from kvforge.models.modeling_kvforge import quantize_slots
+
+    spy = LaunchSpy(monkeypatch)
+
+    c = case(dtype=torch.float16, k_rank=10, v_rank=34, slots=40, seed=3)
+    (k_q, k_scale), (v_q, v_scale) = quantize_slots(c["k_latent"], 1), quantize_slots(c["v_latent"], 1)
+    exact = dict(c, k_latent=k_q.double() * k_scale.double(), v_latent=v_q.double() * v_scale.double())
+    out = kernel(dict(c, k_latent=k_q, v_latent=v_q), block_s=16, k_scale=k_scale, v_scale=v_scale, word_loads=1)
+    assert relative_error(out, reference(exact)) < 5e-3
+    assert spy.word_loads == [False]
+
+
 @pytest.mark.parametrize("shape", [
     dict(slots=70),  # ragged even ranks (24, 40), biases
     dict(dim=32, slots=70),  # two column groups when split
@@ -143,7 +196,8 @@ def test_4_bit_latents_read_as_packed_bytes_equal_the_float64_reference(shape, d
         c = case(**shape, dtype=dtype, seed=13 + num_splits)
         (k_q, k_scale), (v_q, v_scale) = quantize_slots(c["k_latent"], 1, 4), quantize_slots(c["v_latent"], 1, 4)
         assert k_q.dtype == torch.uint8 and k_q.shape[-1] == c["k_latent"].shape[-1] // 2
-        exact = dict(c, k_latent=dequantize_slots(k_q, k_scale.double()), v_latent=dequantize_slots(v_q, v_scale.double()))
+        exact = dict(c, k_latent=dequantize_slots(k_q, k_scale.double()),
+                     v_latent=dequantize_slots(v_q, v_scale.double()))
         # One program per KV head with the splits (kv_per_program 1), all KV heads in one without them.
         out = kernel(dict(c, k_latent=k_q, v_latent=v_q), block_s=16, num_splits=num_splits, k_scale=k_scale,
                      v_scale=v_scale, kv_per_program=1 if num_splits > 1 else None, **options)
