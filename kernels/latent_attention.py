@@ -669,18 +669,20 @@ def _multiprocessors(device: torch.device) -> int:
 #     Alone 17-31% slower (8-bit), 4-20% slower (4-bit).
 #   With all three, 8-bit latents were the fastest of the eight layouts at all six shapes: 10-12% under the old
 #     layout (192.5 -> 171.4 us at 32 x 16k, 0.56 -> 0.63 TB/s); generate() of the exported 25% model at B=32 x 16k
-#     went from 9.71 to 8.54 ms per step with the compiled step. None (the default of the last two): by cache, on for
+#     went from 9.71 to 8.54 ms per step with the compiled step. None (split_values' and slot_rows' default): on for
 #     8-bit latents, off for 4-bit and bf16 ones (docs/results/decode-h200/README.md, session 18).
 #   word_loads: 8-bit latents read as 32-bit words and made float16 by byte permutes and one subtraction per two
 #     values (words_to_halves, exact), the key scales applied to the scores and the value scales to float16 values.
 #     Offline (sm_90, ranks 48 / 144, the defaults above): Triton's own int8 conversion puts each byte in its own
 #     register (364 byte permutes and 104 int-to-float conversions per tile per warp, 255 registers and an 80-byte
-#     spill); with word loads and merged halves, 1,493 -> 960 instructions per tile, 206 registers, no spill.
+#     spill); word loads make it 1,079 instructions per tile instead of 1,493, 217 registers, no spill. On an H200
+#     (session 19, ranks 48 / 144, six shapes from 32 x 4k to 128 x 16k): 5.6-7.4% faster at each (173.2 -> 161.8
+#     us at 32 x 16k, 170.3 -> 160.8 at 128 x 4k): the kernel waits more than it issues. On.
 #   merged_halves: each column group's U_k halves interleaved, so the keys' rebuild and the score are one product
-#     each per group (9 -> 5 waited tensor-core groups per tile offline). Slot rows only.
-#   Neither is timed on a GPU yet: off.
+#     each per group (9 -> 5 waited tensor-core groups per tile offline, 202 registers with word loads). Measured
+#     the same or up to 5% slower with or without word loads (session 19): off.
 LAUNCH_DEFAULTS = dict(kv_per_program=None, programs_per_sm=8, prefetch=0, split_columns=1, split_values=None,
-                       slot_rows=None, word_loads=0, merged_halves=0)
+                       slot_rows=None, word_loads=1, merged_halves=0)
 
 
 def tile_widths(width: int, split: bool, multiple: int = 1) -> tuple[int, int]:
