@@ -214,14 +214,13 @@ if triton is not None:
         return key_lo, key_hi
 
     @triton.jit
-    def _rotated_scores(key_lo, key_hi, b_lo, b_hi, cos_half, sin_half, q_lo, q_hi, key_scale,
-                        HAS_K_BIAS: tl.constexpr, BLOCK_S: tl.constexpr, COLS: tl.constexpr, HALF: tl.constexpr,
-                        SLOT_ROWS: tl.constexpr, SCALED_KEYS: tl.constexpr):
-        """One column group's share of a tile's scores [BLOCK_H, BLOCK_S] (SLOT_ROWS: [BLOCK_S, BLOCK_H], from the
-        query halves given transposed, [COLS, BLOCK_H]): the keys' bias added and RoPE applied in float32 (the
-        reference rotates in the cache's dtype: this is a little more exact), then the block-diagonal query's
-        product. cos/sin [BLOCK_S, HALF] are the same for every KV head: repeated across the columns. SCALED_KEYS:
-        the keys times their slots' scales [BLOCK_S] first (latents not yet scaled, and a bias that must not be)."""
+    def _rotated_keys(key_lo, key_hi, b_lo, b_hi, cos_half, sin_half, key_scale, dtype: tl.constexpr,
+                      HAS_K_BIAS: tl.constexpr, BLOCK_S: tl.constexpr, COLS: tl.constexpr, HALF: tl.constexpr,
+                      SCALED_KEYS: tl.constexpr):
+        """One column group's keys [BLOCK_S, COLS] per half, ready for the score product in `dtype`: the bias added
+        and RoPE applied in float32 (the reference rotates in the cache's dtype: this is a little more exact).
+        cos/sin [BLOCK_S, HALF] are the same for every KV head: repeated across the columns. SCALED_KEYS: the keys
+        times their slots' scales [BLOCK_S] first (latents not yet scaled, and a bias that must not be)."""
         if SCALED_KEYS:
             key_lo *= key_scale[:, None]
             key_hi *= key_scale[:, None]
@@ -230,8 +229,16 @@ if triton is not None:
             key_hi += b_hi[None, :]
         cos = tl.reshape(tl.broadcast_to(cos_half[:, None, :], (BLOCK_S, COLS // HALF, HALF)), (BLOCK_S, COLS))
         sin = tl.reshape(tl.broadcast_to(sin_half[:, None, :], (BLOCK_S, COLS // HALF, HALF)), (BLOCK_S, COLS))
-        rot_lo = (key_lo * cos - key_hi * sin).to(q_lo.dtype)
-        rot_hi = (key_hi * cos + key_lo * sin).to(q_lo.dtype)
+        return (key_lo * cos - key_hi * sin).to(dtype), (key_hi * cos + key_lo * sin).to(dtype)
+
+    @triton.jit
+    def _rotated_scores(key_lo, key_hi, b_lo, b_hi, cos_half, sin_half, q_lo, q_hi, key_scale,
+                        HAS_K_BIAS: tl.constexpr, BLOCK_S: tl.constexpr, COLS: tl.constexpr, HALF: tl.constexpr,
+                        SLOT_ROWS: tl.constexpr, SCALED_KEYS: tl.constexpr):
+        """One column group's share of a tile's scores [BLOCK_H, BLOCK_S] (SLOT_ROWS: [BLOCK_S, BLOCK_H], from the
+        query halves given transposed, [COLS, BLOCK_H]): _rotated_keys, then the block-diagonal query's product."""
+        rot_lo, rot_hi = _rotated_keys(key_lo, key_hi, b_lo, b_hi, cos_half, sin_half, key_scale, q_lo.dtype,
+                                       HAS_K_BIAS, BLOCK_S, COLS, HALF, SCALED_KEYS)
         if SLOT_ROWS:  # the rotated keys as the left operand, in the rows their product left them in
             scores = tl.dot(rot_lo, q_lo) + tl.dot(rot_hi, q_hi)
         else:
@@ -253,16 +260,8 @@ if triton is not None:
         """_rebuilt_keys then _rotated_scores (SLOT_ROWS) over _merged_halves' interleaved columns: the key product's
         [BLOCK_S, 2 * COLS] split into its halves in registers (no layout change), rotated, joined back."""
         key_lo, key_hi = tl.split(tl.reshape(tl.dot(c_k, w), (BLOCK_S, COLS, 2)))
-        if SCALED_KEYS:
-            key_lo *= key_scale[:, None]
-            key_hi *= key_scale[:, None]
-        if HAS_K_BIAS:
-            key_lo += b_lo[None, :]
-            key_hi += b_hi[None, :]
-        cos = tl.reshape(tl.broadcast_to(cos_half[:, None, :], (BLOCK_S, COLS // HALF, HALF)), (BLOCK_S, COLS))
-        sin = tl.reshape(tl.broadcast_to(sin_half[:, None, :], (BLOCK_S, COLS // HALF, HALF)), (BLOCK_S, COLS))
-        rot_lo = (key_lo * cos - key_hi * sin).to(q.dtype)
-        rot_hi = (key_hi * cos + key_lo * sin).to(q.dtype)
+        rot_lo, rot_hi = _rotated_keys(key_lo, key_hi, b_lo, b_hi, cos_half, sin_half, key_scale, q.dtype,
+                                       HAS_K_BIAS, BLOCK_S, COLS, HALF, SCALED_KEYS)
         return tl.dot(tl.reshape(tl.join(rot_lo, rot_hi), (BLOCK_S, 2 * COLS)), q)
 
     @triton.jit
