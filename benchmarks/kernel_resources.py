@@ -36,6 +36,7 @@ CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuob
 def compile_latent_kernel(*, cache: str, k_rank: int, v_rank: int, kv_per_program: int, block_s: int,
                           num_warps: int, num_stages: int, prefetch: bool = False, split: bool = False,
                           slot_rows: bool = False, word_loads: bool = False, merged_halves: bool = False,
+                          half_rope_table: bool = False, max_registers: int | None = None,
                           kv_heads: int = 3, group: int = 3, dim: int = 64, batch: int = 32, slots: int = 16384,
                           splits: int = 32, capability: int = 90):
     """The kernel as latent_decode_attention would launch it for bf16 queries and a `cache` of bf16, int8 or int4
@@ -62,7 +63,8 @@ def compile_latent_kernel(*, cache: str, k_rank: int, v_rank: int, kv_per_progra
         MERGED_HALVES=merged_halves and slot_rows and not packed)
     latent = {"bf16": "*bf16", "int8": "*i8", "int4": "*u8"}[cache]
     pointers = dict(Q="*bf16", K_LATENT=latent, V_LATENT=latent, K_WEIGHT="*bf16", K_BIAS="*bf16", POSITIONS="*i64",
-                    VALID="*u8", ROPE="*fp32", K_SCALE="*bf16", V_SCALE="*bf16", ACC="*fp32", MAX="*fp32", SUM="*fp32")
+                    VALID="*u8", ROPE="*fp16" if half_rope_table else "*fp32", K_SCALE="*bf16", V_SCALE="*bf16",
+                    ACC="*fp32", MAX="*fp32", SUM="*fp32")
     heads, per_split = kv_heads * group, -(-slots // splits)
     ints = dict(stride_qb=heads * dim, stride_kb=slots * k_cols, stride_ks=k_cols, stride_vb=slots * v_cols,
                 stride_vs=v_cols, stride_pb=slots, stride_mb=slots, stride_ksb=slots, stride_kss=1, stride_vsb=slots,
@@ -82,7 +84,7 @@ def compile_latent_kernel(*, cache: str, k_rank: int, v_rank: int, kv_per_progra
             attrs[(index,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn, signature, constexprs=constants, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", capability, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
+                          options=dict(num_warps=num_warps, num_stages=num_stages, maxnreg=max_registers))
 
 
 def resources(kernel) -> dict:
@@ -144,6 +146,10 @@ def main(argv=None):
                         help="1: 8-bit latents read as 32-bit words and made float16 in registers")
     parser.add_argument("--merged-halves", type=int, nargs="*", default=[0], choices=(0, 1),
                         help="1: a column group's halves in one key product and one score product (slot rows)")
+    parser.add_argument("--half-rope-table", type=int, nargs="*", default=[0], choices=(0, 1),
+                        help="1: the cos/sin table in float16")
+    parser.add_argument("--max-registers", type=int, nargs="*", default=[0],
+                        help="a cap on registers per thread (0: ptxas's choice)")
     parser.add_argument("--ranks", type=int, nargs=2, default=None, metavar=("K", "V"),
                         help="key and value ranks for every cache (default: per cache, below)")
     args = parser.parse_args(argv)
@@ -154,19 +160,21 @@ def main(argv=None):
         ranks = dict.fromkeys(ranks, tuple(args.ranks))
     print(f"triton {triton.__version__}, sm_90, bf16 queries; k / v ranks per cache: {ranks}")
     print("| cache | KV heads per program | block_s | warps | prefetch | split | slot rows | word loads | merged "
-          "halves | registers | stack (spills) | shared KiB | programs/SM | MMAs: warpgroup / warp | loop "
-          "instructions |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for cache, per_program, block_s, warps, prefetch, split, slot_rows, words, merged in itertools.product(
+          "halves | half rope table | register cap | registers | stack (spills) | shared KiB | programs/SM | MMAs: "
+          "warpgroup / warp | loop instructions |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for cache, per_program, block_s, warps, prefetch, split, slot_rows, words, merged, half, cap in itertools.product(
             args.caches, args.kv_per_program, args.block_s, args.num_warps, args.prefetch, args.split,
-            args.slot_rows, args.word_loads, args.merged_halves):
+            args.slot_rows, args.word_loads, args.merged_halves, args.half_rope_table, args.max_registers):
         kernel = compile_latent_kernel(cache=cache, k_rank=ranks[cache][0], v_rank=ranks[cache][1],
                                        kv_per_program=per_program, block_s=block_s, num_warps=warps,
                                        num_stages=args.num_stages, prefetch=bool(prefetch), split=bool(split),
-                                       slot_rows=bool(slot_rows), word_loads=bool(words), merged_halves=bool(merged))
+                                       slot_rows=bool(slot_rows), word_loads=bool(words), merged_halves=bool(merged),
+                                       half_rope_table=bool(half), max_registers=cap or None)
         r = resources(kernel)
         print(f"| {cache} | {per_program} | {block_s} | {warps} | {prefetch} | {split} | {slot_rows} | {words} | "
-              f"{merged} | {r['registers']} | {r['stack_bytes']} | {r['shared_bytes'] / 1024:.0f} | "
+              f"{merged} | {half} | {cap or ''} | {r['registers']} | {r['stack_bytes']} | "
+              f"{r['shared_bytes'] / 1024:.0f} | "
               f"{programs_per_sm(r['registers'], r['shared_bytes'], warps)} | {r['wgmma']} / {r['mma_sync']} | "
               f"{r['instructions']} |", flush=True)
 

@@ -456,8 +456,8 @@ if triton is not None:
             # cos/sin gathered once per tile from the [positions, D] table (L2-resident), shared by the groups.
             position = tl.load(POSITIONS + row * stride_pb + offs_s, mask=s_ok, other=0)
             rope_ptr = ROPE + position[:, None] * (2 * HALF) + offs_p[None, :]
-            cos_half = tl.load(rope_ptr)
-            sin_half = tl.load(rope_ptr + HALF)
+            cos_half = tl.load(rope_ptr).to(tl.float32)  # a float16 table (half_rope_table) rotates in float32 too
+            sin_half = tl.load(rope_ptr + HALF).to(tl.float32)
             # WORD_LOADS: each slot's key scale multiplies its scores ((s c) U = s (c U)), or where a key bias (which
             # it must not scale) is added, the keys before it.
             if WORD_LOADS and HAS_K_BIAS:
@@ -610,17 +610,21 @@ def quantize_into_slot(value: torch.Tensor, stored: torch.Tensor, scales: torch.
     )
 
 
-def rope_table(inv_freq: torch.Tensor, scaling: float, positions: int) -> torch.Tensor:
-    """[P, D] float32 with P >= positions: cos(p * inv_freq) * scaling in the first D/2 columns, sin in the rest,
-    the angles computed as the model's rotary embedding computes them. Kept on the inv_freq tensor (grown by
-    doubling), so a model's layers share one table, and a replaced inv_freq (dynamic RoPE types) gets its own."""
-    table = getattr(inv_freq, "_kvforge_rope_table", None)
-    if table is None or table.shape[0] < positions or getattr(inv_freq, "_kvforge_rope_scaling", None) != scaling:
+def rope_table(inv_freq: torch.Tensor, scaling: float, positions: int,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[P, D] in `dtype` with P >= positions: cos(p * inv_freq) * scaling in the first D/2 columns, sin in the rest,
+    the angles computed in float32 as the model's rotary embedding computes them. Kept on the inv_freq tensor (one
+    per dtype, grown by doubling), so a model's layers share one table, and a replaced inv_freq (dynamic RoPE
+    types) gets its own."""
+    tables = getattr(inv_freq, "_kvforge_rope_tables", None)
+    if tables is None or getattr(inv_freq, "_kvforge_rope_scaling", None) != scaling:
+        tables = inv_freq._kvforge_rope_tables = {}
+        inv_freq._kvforge_rope_scaling = scaling
+    table = tables.get(dtype)
+    if table is None or table.shape[0] < positions:
         size = max(1024, 1 << (positions - 1).bit_length())
         angles = torch.arange(size, device=inv_freq.device, dtype=torch.float32)[:, None] * inv_freq.float()[None, :]
-        table = torch.cat((angles.cos() * scaling, angles.sin() * scaling), dim=1).contiguous()
-        inv_freq._kvforge_rope_table = table
-        inv_freq._kvforge_rope_scaling = scaling
+        table = tables[dtype] = torch.cat((angles.cos() * scaling, angles.sin() * scaling), dim=1).to(dtype)
     return table
 
 
@@ -680,8 +684,12 @@ def _multiprocessors(device: torch.device) -> int:
 #   merged_halves: each column group's U_k halves interleaved, so the keys' rebuild and the score are one product
 #     each per group (9 -> 5 waited tensor-core groups per tile offline, 202 registers with word loads). Measured
 #     the same or up to 5% slower with or without word loads (session 19): off.
+#   half_rope_table, max_registers: occupancy. Two programs fit an SM (with word loads: 217 registers per thread and
+#     80 KiB of shared memory, offline). A float16 cos/sin table (values in [-1, 1]: 11 bits, where the reference
+#     rotates in bf16's 8) takes it to 72 KiB, and with registers capped at 168 (a 120-byte spill) three programs
+#     fit (benchmarks/kernel_resources.py --word-loads 1 --half-rope-table 0 1 --max-registers 0 168). Not timed: off.
 LAUNCH_DEFAULTS = dict(kv_per_program=None, programs_per_sm=8, prefetch=0, split_columns=1, split_values=None,
-                       slot_rows=None, word_loads=1, merged_halves=0)
+                       slot_rows=None, word_loads=1, merged_halves=0, half_rope_table=0, max_registers=None)
 
 
 def tile_widths(width: int, split: bool, multiple: int = 1) -> tuple[int, int]:
@@ -717,7 +725,8 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
                             kv_per_program: int | None = None, programs_per_sm: int | None = None,
                             prefetch: int | None = None, split_columns: int | None = None,
                             split_values: int | None = None, slot_rows: int | None = None,
-                            word_loads: int | None = None, merged_halves: int | None = None) -> torch.Tensor:
+                            word_loads: int | None = None, merged_halves: int | None = None,
+                            half_rope_table: int | None = None, max_registers: int | None = None) -> torch.Tensor:
     """One decode step of attention over a pre-RoPE latent cache.
 
     query [B, K, G, D] (rotated); k_latent [B, S, Rk], v_latent [B, S, Rv]; k_weight [K * D, Rk] and
@@ -739,7 +748,9 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     products, so the rotated keys feed the score product from the registers their own product left them in;
     word_loads (1: on): 8-bit latents read as 32-bit words and made float16 in registers, where U_k is held whole and
     ranks and strides are multiples of 4; merged_halves (1: on): with slot rows, where U_k is held whole and the cache
-    is not 4-bit, one key product and one score product per column group. All default to LAUNCH_DEFAULTS.
+    is not 4-bit, one key product and one score product per column group; half_rope_table (1: on): the cos/sin
+    table in float16; max_registers: a cap on registers per thread (ptxas spills past it). All default to
+    LAUNCH_DEFAULTS.
     Returns out [B, K, G, Dv] in query.dtype.
     """
     if triton is None:
@@ -760,7 +771,9 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     valid = valid.contiguous().view(torch.uint8)  # bytes, not Triton's i1 (whose loads misread a bool mask on GPU)
     if max_position is None:
         max_position = int(positions.max())
-    table = rope_table(inv_freq, float(rope_scaling), max_position + 1)
+    half_rope_table = LAUNCH_DEFAULTS["half_rope_table"] if half_rope_table is None else half_rope_table
+    table = rope_table(inv_freq, float(rope_scaling), max_position + 1,
+                       torch.float16 if half_rope_table else torch.float32)
 
     # Measured best for bf16/fp16 (benchmarks/NOTES.md); fp32 tiles take twice the shared memory, so less. A 4-bit
     # cache unpacks each tile's nibbles before its dots, and what suits it depends on the ranks (H200,
@@ -831,6 +844,8 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
         HAS_K_BIAS=k_bias is not None, HAS_SCALES=has_scales, CHUNK_RK=chunk_rk, PACKED=packed,
         KV_PER_PROGRAM=kv_per_program, STAT_H=stat_h, PREFETCH=prefetch, WORD_LOADS=word_loads,
         MERGED_HALVES=merged_halves, num_warps=num_warps, num_stages=num_stages,
+        # Triton's own option: None leaves the allocation to ptxas
+        maxnreg=max_registers or LAUNCH_DEFAULTS["max_registers"],
     )
     return merged_values(acc, stats_max, stats_sum, v_weight, v_bias, kv_heads, group, v_rank, query.dtype)
 

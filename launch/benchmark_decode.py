@@ -79,8 +79,11 @@ KERNEL_SWEEP = [
      "Triton's int8 loads and conversion"),
     ("--merged-halves", "merged_halves", "mh", "1: a key column group's two halves in one key product and one score "
      "product (slot rows), 0: two each"),
+    ("--half-rope-table", "half_rope_table", "hr", "1: the cos/sin table in float16, 0: float32"),
+    ("--max-registers", "max_registers", "mr", "a cap on registers per thread (ptxas spills past it)"),
 ]
-BINARY_SETTINGS = {"prefetch", "split_columns", "split_values", "slot_rows", "word_loads", "merged_halves"}
+BINARY_SETTINGS = {"prefetch", "split_columns", "split_values", "slot_rows", "word_loads", "merged_halves",
+                   "half_rope_table"}
 
 
 def kernel_columns(args, arguments=None) -> list[tuple[str, dict]]:

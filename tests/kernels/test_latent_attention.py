@@ -163,6 +163,34 @@ def test_8_bit_latents_read_as_words_equal_the_float64_reference(monkeypatch, sh
     assert spy.word_loads == [True, True]
 
 
+@pytest.mark.parametrize("cache_bits", [None, 8])
+def test_a_float16_rope_table_stays_within_half_precision_error(cache_bits):
+    """half_rope_table: cos/sin read as float16 (rotation still in float32), against the float64 reference."""
+    from kvforge.models.modeling_kvforge import quantize_slots
+
+    c = case(dtype=torch.float16, dim=32, slots=70, seed=5)
+    options = {}
+    if cache_bits:
+        (k_q, k_scale), (v_q, v_scale) = quantize_slots(c["k_latent"], 1), quantize_slots(c["v_latent"], 1)
+        exact = dict(c, k_latent=k_q.double() * k_scale.double(), v_latent=v_q.double() * v_scale.double())
+        c, options = dict(c, k_latent=k_q, v_latent=v_q), dict(k_scale=k_scale, v_scale=v_scale)
+    else:
+        exact = c
+    out = kernel(c, block_s=16, num_splits=2, half_rope_table=1, **options)
+    assert relative_error(out, reference(exact)) < 5e-3
+
+
+def test_rope_tables_are_kept_per_dtype_and_grow():
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 16, 2).float() / 16))
+    single = latent_attention.rope_table(inv_freq, 1.0, 100)
+    half = latent_attention.rope_table(inv_freq, 1.0, 100, torch.float16)
+    assert single.dtype == torch.float32 and half.dtype == torch.float16 and half.shape == single.shape
+    assert latent_attention.rope_table(inv_freq, 1.0, 100) is single  # kept
+    assert torch.equal(half, single.half())
+    assert latent_attention.rope_table(inv_freq, 1.0, 3000, torch.float16).shape[0] >= 3000  # grown
+    assert latent_attention.rope_table(inv_freq, 2.0, 100) is not single  # a new scaling: new tables
+
+
 def test_word_loads_fall_back_where_a_row_does_not_start_on_a_word(monkeypatch):
     """A key rank of 10 puts rows 10 bytes apart: the launch reads bytes as before, and still right."""
     from kvforge.models.modeling_kvforge import quantize_slots
