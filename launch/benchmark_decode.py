@@ -15,7 +15,8 @@ decode token per row, B rows x S cached positions:
                   e.g. triton_latent_kv1_sr0)
 with the bytes each must read (the floor at the device's copy bandwidth) and each kernel column's error against
 the float64 reference (`--part latent`: this table alone). Ranks default to the mean of the low-rank 50% SmolLM2
-export (k 48, v 144: 192 of the original's 384 numbers per token and layer). Then the same layer over a partial-RoPE joint latent (MHA2MLA;
+export (k 48, v 144: 192 of the original's 384 numbers per token and layer). Then the same layer over a
+partial-RoPE joint latent (MHA2MLA;
 --kv-rank R, --rope-dims Dr rotary key dims per head, default 128 and 16: 176 of 384 numbers per token), with
 a rotary key per KV head (Kr = 3) and one shared by all heads (Kr = 1, DeepSeek MLA's layout):
     torch_partial   modeling_kvforge's partial_rope_attention, absorbed (what KVFORGE_KERNELS=off runs)
