@@ -265,11 +265,10 @@ if triton is not None:
         return tl.dot(tl.reshape(tl.join(rot_lo, rot_hi), (BLOCK_S, 2 * COLS)), q)
 
     @triton.jit
-    def _accumulated_values(acc, acc_odd, p, alpha, V_LATENT, v_scale, row, offs_s, s_ok, offs_rv, rv_ok, stride_vb,
-                            stride_vs, v_cols, HAS_SCALES: tl.constexpr, PACKED: tl.constexpr,
-                            SLOT_ROWS: tl.constexpr, WORD_LOADS: tl.constexpr, FIRST: tl.constexpr,
-                            WIDTH: tl.constexpr):
-        """One tile of value latents (stored columns offs_rv = FIRST .. FIRST + WIDTH) added to the running acc
+    def _accumulated_values(acc, acc_odd, p, alpha, V_LATENT, v_scale, row, offs_s, s_ok, stride_vb, stride_vs,
+                            v_cols, HAS_SCALES: tl.constexpr, PACKED: tl.constexpr, SLOT_ROWS: tl.constexpr,
+                            WORD_LOADS: tl.constexpr, FIRST: tl.constexpr, WIDTH: tl.constexpr):
+        """One tile of value latents (stored columns FIRST .. FIRST + WIDTH, of v_cols) added to the running acc
         [BLOCK_H, cols] (a 4-bit cache: the even ranks' acc and the odd ones' acc_odd), rescaled by alpha:
         acc * alpha + p @ c_v. SLOT_ROWS: p [BLOCK_S, BLOCK_H] and the accumulators transposed, [cols, BLOCK_H]:
         acc + c_v^T @ p. WORD_LOADS: 8-bit latents read as words and made float16, times their scales in float16 (p
@@ -279,8 +278,9 @@ if triton is not None:
             c_v = words_to_halves(latent_words(V_LATENT, row, offs_s, s_ok, v_cols, stride_vb, stride_vs, FIRST, WIDTH))
             c_v = c_v * v_scale.to(tl.float16)[:, None]
         else:
+            offs_rv = FIRST + tl.arange(0, WIDTH)
             c_v = tl.load(V_LATENT + row * stride_vb + offs_s[:, None] * stride_vs + offs_rv[None, :],
-                          mask=s_ok[:, None] & rv_ok[None, :], other=0)
+                          mask=s_ok[:, None] & (offs_rv < v_cols)[None, :], other=0)
         if PACKED:
             v_even, v_odd = unpacked_tiles(c_v, v_scale)
             if SLOT_ROWS:
@@ -397,9 +397,6 @@ if triton is not None:
 
         start = split * slots_per_split
         end = tl.minimum(start + slots_per_split, slots)
-        rv_ok = offs_rv < v_cols
-        if BLOCK_RV2 > 0:
-            rv2_ok = offs_rv2 < v_cols
         if PREFETCH:  # the first tile's keys; each iteration then loads the next tile's before computing
             offs_s = start + tl.arange(0, BLOCK_S)
             next_k, next_k_scale = key_tile(K_LATENT, K_SCALE, row, offs_s, offs_s < end, offs_rk, rk_ok, stride_kb,
@@ -498,20 +495,20 @@ if triton is not None:
             # The odd accumulators are reassigned only when PACKED: otherwise they would ride the loop unused.
             if PACKED:
                 acc, acc_odd = _accumulated_values(acc, acc_odd, p, alpha, V_LATENT, v_scale, row, offs_s, s_ok,
-                                                   offs_rv, rv_ok, stride_vb, stride_vs, v_cols, HAS_SCALES, PACKED,
-                                                   SLOT_ROWS, WORD_LOADS, 0, BLOCK_RV)
+                                                   stride_vb, stride_vs, v_cols, HAS_SCALES, PACKED, SLOT_ROWS,
+                                                   WORD_LOADS, 0, BLOCK_RV)
             else:
                 acc, _unused = _accumulated_values(acc, acc_odd, p, alpha, V_LATENT, v_scale, row, offs_s, s_ok,
-                                                   offs_rv, rv_ok, stride_vb, stride_vs, v_cols, HAS_SCALES, PACKED,
-                                                   SLOT_ROWS, WORD_LOADS, 0, BLOCK_RV)
+                                                   stride_vb, stride_vs, v_cols, HAS_SCALES, PACKED, SLOT_ROWS,
+                                                   WORD_LOADS, 0, BLOCK_RV)
             if BLOCK_RV2 > 0 and PACKED:
                 acc2, acc2_odd = _accumulated_values(acc2, acc2_odd, p, alpha, V_LATENT, v_scale, row, offs_s, s_ok,
-                                                     offs_rv2, rv2_ok, stride_vb, stride_vs, v_cols, HAS_SCALES,
-                                                     PACKED, SLOT_ROWS, WORD_LOADS, BLOCK_RV, BLOCK_RV2)
+                                                     stride_vb, stride_vs, v_cols, HAS_SCALES, PACKED, SLOT_ROWS,
+                                                     WORD_LOADS, BLOCK_RV, BLOCK_RV2)
             elif BLOCK_RV2 > 0:
                 acc2, _unused = _accumulated_values(acc2, acc2_odd, p, alpha, V_LATENT, v_scale, row, offs_s, s_ok,
-                                                    offs_rv2, rv2_ok, stride_vb, stride_vs, v_cols, HAS_SCALES,
-                                                    PACKED, SLOT_ROWS, WORD_LOADS, BLOCK_RV, BLOCK_RV2)
+                                                    stride_vb, stride_vs, v_cols, HAS_SCALES, PACKED, SLOT_ROWS,
+                                                    WORD_LOADS, BLOCK_RV, BLOCK_RV2)
 
         stat = (row * splits + split) * STAT_H + head  # max / sum [B, splits, STAT_H]; acc adds its ranks
         _store_values(ACC, stat, acc, acc_odd, offs_rv, head_ok, ACC_WIDTH, PACKED, SLOT_ROWS)
