@@ -87,12 +87,16 @@ def compile_latent_kernel(*, cache: str, k_rank: int, v_rank: int, kv_per_progra
                           options=dict(num_warps=num_warps, num_stages=num_stages, maxnreg=max_registers))
 
 
-def resources(kernel) -> dict:
+def cuobjdump(kernel, flag: str) -> str:
+    """What cuobjdump `flag` (-res-usage, -sass) prints for the kernel's cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(kernel.asm["cubin"])
         cubin.flush()
-        usage = subprocess.run([str(CUOBJDUMP), "-res-usage", cubin.name], capture_output=True, text=True,
-                               check=True).stdout
+        return subprocess.run([str(CUOBJDUMP), flag, cubin.name], capture_output=True, text=True, check=True).stdout
+
+
+def resources(kernel) -> dict:
+    usage = cuobjdump(kernel, "-res-usage")
     found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
     if found is None:
         raise RuntimeError(f"cuobjdump printed no resource usage:\n{usage}")
@@ -100,26 +104,21 @@ def resources(kernel) -> dict:
     ptx = kernel.asm["ptx"]
     return dict(registers=int(found[1]), stack_bytes=int(found[2]), shared_bytes=kernel.metadata.shared,
                 wgmma=ptx.count("wgmma.mma_async"), mma_sync=ptx.count("mma.sync"),
-                instructions=loop_instructions(kernel))
+                instructions=loop_instructions(cuobjdump(kernel, "-sass")))
 
 
-def loop_instructions(kernel) -> int:
-    """SASS instructions in the kernel's longest loop body (the per-tile loop): from the first instruction after the
-    last backward branch's target to that branch."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(kernel.asm["cubin"])
-        cubin.flush()
-        sass = subprocess.run([str(CUOBJDUMP), "-sass", cubin.name], capture_output=True, text=True,
-                              check=True).stdout
-    address = {}  # instruction offset -> line index
-    lines = [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", line)]
-    for index, line in enumerate(lines):
-        address[int(re.match(r"\s+/\*([0-9a-f]+)\*/", line)[1], 16)] = index
+def loop_instructions(sass: str) -> int:
+    """SASS instructions in the longest loop body (the per-tile loop): from a backward branch's target to the
+    branch, both included."""
+    instructions = [(int(found[1], 16), line) for line in sass.splitlines()
+                    if (found := re.match(r"\s+/\*([0-9a-f]{4,})\*/", line))]
+    index_of = {offset: index for index, (offset, _) in enumerate(instructions)}
     longest = 0
-    for index, line in enumerate(lines):
+    for index, (_, line) in enumerate(instructions):
         branch = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", line)
-        if branch and int(branch[1], 16) in address and address[int(branch[1], 16)] < index:
-            longest = max(longest, index - address[int(branch[1], 16)] + 1)
+        target = index_of.get(int(branch[1], 16)) if branch else None
+        if target is not None and target < index:
+            longest = max(longest, index - target + 1)
     return longest
 
 
