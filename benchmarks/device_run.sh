@@ -8,4 +8,4 @@ cp kvforge/*.py /tmp/kv/kvforge/
 export PYTHONPATH=/tmp/kv
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
-python3 "$@"
+${WRAP:-} python3 "$@"  # WRAP: a profiler before python3 (benchmarks/ncu_latent.py)

@@ -37,6 +37,7 @@ def compile_latent_kernel(*, cache: str, k_rank: int, v_rank: int, kv_per_progra
                           num_warps: int, num_stages: int, prefetch: bool = False, split: bool = False,
                           slot_rows: bool = False, word_loads: bool = False, merged_halves: bool = False,
                           half_rope_table: bool = False, max_registers: int | None = None,
+                          prefetch_slots: bool = False,
                           kv_heads: int = 3, group: int = 3, dim: int = 64, batch: int = 32, slots: int = 16384,
                           splits: int = 32, capability: int = 90):
     """The kernel as latent_decode_attention would launch it for bf16 queries and a `cache` of bf16, int8 or int4
@@ -60,7 +61,7 @@ def compile_latent_kernel(*, cache: str, k_rank: int, v_rank: int, kv_per_progra
         HAS_K_BIAS=False, HAS_SCALES=cache != "bf16", CHUNK_RK=chunk_rk, PACKED=packed, KV_PER_PROGRAM=kv_per_program,
         STAT_H=latent_attention._next_power_of_2(kv_heads * group), PREFETCH=prefetch,
         WORD_LOADS=word_loads and cache == "int8" and not prefetch,
-        MERGED_HALVES=merged_halves and slot_rows and not packed)
+        MERGED_HALVES=merged_halves and slot_rows and not packed, PREFETCH_SLOTS=prefetch_slots)
     latent = {"bf16": "*bf16", "int8": "*i8", "int4": "*u8"}[cache]
     pointers = dict(Q="*bf16", K_LATENT=latent, V_LATENT=latent, K_WEIGHT="*bf16", K_BIAS="*bf16", POSITIONS="*i64",
                     VALID="*u8", ROPE="*fp16" if half_rope_table else "*fp32", K_SCALE="*bf16", V_SCALE="*bf16",
@@ -147,6 +148,8 @@ def main(argv=None):
                         help="1: a column group's halves in one key product and one score product (slot rows)")
     parser.add_argument("--half-rope-table", type=int, nargs="*", default=[0], choices=(0, 1),
                         help="1: the cos/sin table in float16")
+    parser.add_argument("--prefetch-slots", type=int, nargs="*", default=[0], choices=(0, 1),
+                        help="1: each tile's positions, mask and scales loaded a tile ahead")
     parser.add_argument("--max-registers", type=int, nargs="*", default=[0],
                         help="a cap on registers per thread (0: ptxas's choice)")
     parser.add_argument("--ranks", type=int, nargs=2, default=None, metavar=("K", "V"),
@@ -159,20 +162,22 @@ def main(argv=None):
         ranks = dict.fromkeys(ranks, tuple(args.ranks))
     print(f"triton {triton.__version__}, sm_90, bf16 queries; k / v ranks per cache: {ranks}")
     print("| cache | KV heads per program | block_s | warps | prefetch | split | slot rows | word loads | merged "
-          "halves | half rope table | register cap | registers | stack (spills) | shared KiB | programs/SM | MMAs: "
-          "warpgroup / warp | loop instructions |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for cache, per_program, block_s, warps, prefetch, split, slot_rows, words, merged, half, cap in itertools.product(
-            args.caches, args.kv_per_program, args.block_s, args.num_warps, args.prefetch, args.split,
-            args.slot_rows, args.word_loads, args.merged_halves, args.half_rope_table, args.max_registers):
+          "halves | half rope table | slots a tile ahead | register cap | registers | stack (spills) | shared KiB | "
+          "programs/SM | MMAs: warpgroup / warp | loop instructions |")
+    print("|---" * 18 + "|")
+    for cache, per_program, block_s, warps, prefetch, split, slot_rows, words, merged, half, ahead, cap in (
+            itertools.product(args.caches, args.kv_per_program, args.block_s, args.num_warps, args.prefetch,
+                              args.split, args.slot_rows, args.word_loads, args.merged_halves, args.half_rope_table,
+                              args.prefetch_slots, args.max_registers)):
         kernel = compile_latent_kernel(cache=cache, k_rank=ranks[cache][0], v_rank=ranks[cache][1],
                                        kv_per_program=per_program, block_s=block_s, num_warps=warps,
                                        num_stages=args.num_stages, prefetch=bool(prefetch), split=bool(split),
                                        slot_rows=bool(slot_rows), word_loads=bool(words), merged_halves=bool(merged),
-                                       half_rope_table=bool(half), max_registers=cap or None)
+                                       half_rope_table=bool(half), max_registers=cap or None,
+                                       prefetch_slots=bool(ahead))
         r = resources(kernel)
         print(f"| {cache} | {per_program} | {block_s} | {warps} | {prefetch} | {split} | {slot_rows} | {words} | "
-              f"{merged} | {half} | {cap or ''} | {r['registers']} | {r['stack_bytes']} | "
+              f"{merged} | {half} | {ahead} | {cap or ''} | {r['registers']} | {r['stack_bytes']} | "
               f"{r['shared_bytes'] / 1024:.0f} | "
               f"{programs_per_sm(r['registers'], r['shared_bytes'], warps)} | {r['wgmma']} / {r['mma_sync']} | "
               f"{r['instructions']} |", flush=True)

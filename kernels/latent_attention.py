@@ -124,17 +124,25 @@ if triton is not None:
         return tl.reshape(halves, (words.shape[0], 4 * words.shape[1]))
 
     @triton.jit
-    def key_tile(K_LATENT, K_SCALE, row, offs_s, s_ok, offs_rk, rk_ok, stride_kb, stride_ks, stride_ksb, stride_kss,
-                 HAS_SCALES: tl.constexpr):
-        """One tile's key latents as stored [BLOCK_S, cols] (bytes of a low-bit cache, not yet dequantized) and
-        their scales [BLOCK_S] (ones without scales)."""
+    def key_tile(K_LATENT, row, offs_s, s_ok, offs_rk, rk_ok, stride_kb, stride_ks):
+        """One tile's key latents as stored [BLOCK_S, cols] (bytes of a low-bit cache, not yet dequantized)."""
+        return tl.load(K_LATENT + row * stride_kb + offs_s[:, None] * stride_ks + offs_rk[None, :],
+                       mask=s_ok[:, None] & rk_ok[None, :], other=0)
+
+    @triton.jit
+    def slot_values(POSITIONS, VALID, K_SCALE, V_SCALE, row, offs_s, s_ok, stride_pb, stride_mb, stride_ksb,
+                    stride_kss, stride_vsb, stride_vss, HAS_SCALES: tl.constexpr):
+        """One tile's values per slot [BLOCK_S]: RoPE positions, visibility bytes (nonzero: visible), and a low-bit
+        cache's key and value scales (ones without scales)."""
+        position = tl.load(POSITIONS + row * stride_pb + offs_s, mask=s_ok, other=0)
+        visible = tl.load(VALID + row * stride_mb + offs_s, mask=s_ok, other=0)
         if HAS_SCALES:
             k_scale = tl.load(K_SCALE + row * stride_ksb + offs_s * stride_kss, mask=s_ok, other=0.0)
+            v_scale = tl.load(V_SCALE + row * stride_vsb + offs_s * stride_vss, mask=s_ok, other=0.0)
         else:
             k_scale = tl.full(offs_s.shape, 1.0, tl.float32)
-        k_tile = tl.load(K_LATENT + row * stride_kb + offs_s[:, None] * stride_ks + offs_rk[None, :],
-                         mask=s_ok[:, None] & rk_ok[None, :], other=0)
-        return k_tile, k_scale
+            v_scale = k_scale
+        return position, visible, k_scale, v_scale
 
     @triton.jit
     def online_softmax_tile(scores, running_max, running_sum):
@@ -330,6 +338,7 @@ if triton is not None:
         ACC_WIDTH: tl.constexpr, SLOT_ROWS: tl.constexpr, HAS_K_BIAS: tl.constexpr, HAS_SCALES: tl.constexpr,
         CHUNK_RK: tl.constexpr, PACKED: tl.constexpr, KV_PER_PROGRAM: tl.constexpr, STAT_H: tl.constexpr,
         PREFETCH: tl.constexpr, WORD_LOADS: tl.constexpr, MERGED_HALVES: tl.constexpr,
+        PREFETCH_SLOTS: tl.constexpr,
     ):
         # PACKED (a 4-bit cache): BLOCK_RK / BLOCK_RV cover half the ranks, one byte holding ranks 2j and 2j + 1;
         # the even and odd ranks are two tiles, each with its own rows of U_k and its own value accumulator.
@@ -399,27 +408,43 @@ if triton is not None:
         end = tl.minimum(start + slots_per_split, slots)
         if PREFETCH:  # the first tile's keys; each iteration then loads the next tile's before computing
             offs_s = start + tl.arange(0, BLOCK_S)
-            next_k, next_k_scale = key_tile(K_LATENT, K_SCALE, row, offs_s, offs_s < end, offs_rk, rk_ok, stride_kb,
-                                            stride_ks, stride_ksb, stride_kss, HAS_SCALES)
+            next_k = key_tile(K_LATENT, row, offs_s, offs_s < end, offs_rk, rk_ok, stride_kb, stride_ks)
+        if PREFETCH_SLOTS:  # likewise the first tile's values per slot
+            offs_s = start + tl.arange(0, BLOCK_S)
+            next_slots = slot_values(POSITIONS, VALID, K_SCALE, V_SCALE, row, offs_s, offs_s < end, stride_pb,
+                                     stride_mb, stride_ksb, stride_kss, stride_vsb, stride_vss, HAS_SCALES)
         for tile in range(start, end, BLOCK_S):
             offs_s = tile + tl.arange(0, BLOCK_S)
             s_ok = offs_s < end
+            # Every load a tile needs is issued before its first dot (their latencies overlap one another's), and
+            # with PREFETCH_SLOTS the values per slot a tile ahead: their consumers come early in the tile's chain
+            # (the positions feed the cos/sin gather, itself a second wait on L2), which Triton's pipeliner leaves
+            # alone, and at two programs per SM each such wait stalled the tile (Nsight Compute, session 20).
+            if PREFETCH_SLOTS:
+                position, visible, k_scale, v_scale = next_slots
+                offs_next = offs_s + BLOCK_S
+                next_slots = slot_values(POSITIONS, VALID, K_SCALE, V_SCALE, row, offs_next, offs_next < end,
+                                         stride_pb, stride_mb, stride_ksb, stride_kss, stride_vsb, stride_vss,
+                                         HAS_SCALES)
+            else:
+                position, visible, k_scale, v_scale = slot_values(POSITIONS, VALID, K_SCALE, V_SCALE, row, offs_s, s_ok,
+                                                                  stride_pb, stride_mb, stride_ksb, stride_kss,
+                                                                  stride_vsb, stride_vss, HAS_SCALES)
+            # cos/sin gathered once per tile from the [positions, D] table (L2-resident), shared by the groups.
+            rope_ptr = ROPE + position[:, None] * (2 * HALF) + offs_p[None, :]
+            cos_half = tl.load(rope_ptr).to(tl.float32)  # a float16 table (half_rope_table) rotates in float32 too
+            sin_half = tl.load(rope_ptr + HALF).to(tl.float32)
             if PREFETCH:
                 # This tile's keys were loaded in the previous iteration: issue the next tile's now, so their latency
                 # hides behind this tile's dots (Triton's pipeliner does not take loads that are dequantized before
                 # the dot). Only the keys: holding the values too spills (benchmarks/kernel_resources.py).
-                k_tile, k_scale = next_k, next_k_scale
+                k_tile = next_k
                 offs_next = offs_s + BLOCK_S
-                next_k, next_k_scale = key_tile(K_LATENT, K_SCALE, row, offs_next, offs_next < end, offs_rk, rk_ok,
-                                                stride_kb, stride_ks, stride_ksb, stride_kss, HAS_SCALES)
+                next_k = key_tile(K_LATENT, row, offs_next, offs_next < end, offs_rk, rk_ok, stride_kb, stride_ks)
             elif WORD_LOADS:
-                k_scale = tl.load(K_SCALE + row * stride_ksb + offs_s * stride_kss, mask=s_ok, other=0.0)
                 k_tile = latent_words(K_LATENT, row, offs_s, s_ok, k_cols, stride_kb, stride_ks, 0, BLOCK_RK)
             elif PACKED or CHUNK_RK == BLOCK_RK:  # U_k held whole: this tile's keys loaded whole, now
-                k_tile, k_scale = key_tile(K_LATENT, K_SCALE, row, offs_s, s_ok, offs_rk, rk_ok, stride_kb, stride_ks,
-                                           stride_ksb, stride_kss, HAS_SCALES)
-            elif HAS_SCALES:  # the chunked path below loads its keys chunk by chunk
-                k_scale = tl.load(K_SCALE + row * stride_ksb + offs_s * stride_kss, mask=s_ok, other=0.0)
+                k_tile = key_tile(K_LATENT, row, offs_s, s_ok, offs_rk, rk_ok, stride_kb, stride_ks)
             if PACKED:  # low-bit latents: their bytes read, dequantized in registers
                 c_even, c_odd = unpacked_tiles(k_tile, k_scale)
                 c_even, c_odd = c_even.to(dtype), c_odd.to(dtype)
@@ -450,11 +475,6 @@ if triton is not None:
                     w_hi = tl.load(w_ptr + HALF * k_rank, mask=r_ok[:, None] & col_ok[None, :], other=0.0)
                     key_lo += tl.dot(c_k, w_lo)
                     key_hi += tl.dot(c_k, w_hi)
-            # cos/sin gathered once per tile from the [positions, D] table (L2-resident), shared by the groups.
-            position = tl.load(POSITIONS + row * stride_pb + offs_s, mask=s_ok, other=0)
-            rope_ptr = ROPE + position[:, None] * (2 * HALF) + offs_p[None, :]
-            cos_half = tl.load(rope_ptr).to(tl.float32)  # a float16 table (half_rope_table) rotates in float32 too
-            sin_half = tl.load(rope_ptr + HALF).to(tl.float32)
             # WORD_LOADS: each slot's key scale multiplies its scores ((s c) U = s (c U)), or where a key bias (which
             # it must not scale) is added, the keys before it.
             if WORD_LOADS and HAS_K_BIAS:
@@ -476,7 +496,7 @@ if triton is not None:
                     scores += _rotated_scores(key_lo, key_hi, b2_lo, b2_hi, cos_half, sin_half, q2_lo, q2_hi,
                                               key_scale, HAS_K_BIAS, BLOCK_S, BLOCK_C2, HALF, SLOT_ROWS,
                                               WORD_LOADS and HAS_K_BIAS)
-            valid = tl.load(VALID + row * stride_mb + offs_s, mask=s_ok, other=0) != 0
+            valid = visible != 0
             if WORD_LOADS and not HAS_K_BIAS:
                 slot_scaling = k_scale.to(tl.float32) * scaling
             else:
@@ -487,10 +507,6 @@ if triton is not None:
             else:
                 scores = tl.where(valid[None, :], scores * slot_scaling[None, :], float("-inf"))
                 running_max, alpha, p, running_sum = online_softmax_tile(scores, running_max, running_sum)
-            if HAS_SCALES:
-                v_scale = tl.load(V_SCALE + row * stride_vsb + offs_s * stride_vss, mask=s_ok, other=0.0)
-            else:
-                v_scale = running_sum  # unread
             p = p.to(tl.float16 if WORD_LOADS else dtype)
             # The odd accumulators are reassigned only when PACKED: otherwise they would ride the loop unused.
             if PACKED:
@@ -684,9 +700,20 @@ def _multiprocessors(device: torch.device) -> int:
 #   half_rope_table, max_registers: occupancy. Two programs fit an SM (with word loads: 217 registers per thread and
 #     80 KiB of shared memory, offline). A float16 cos/sin table (values in [-1, 1]: 11 bits, where the reference
 #     rotates in bf16's 8) takes it to 72 KiB, and with registers capped at 168 (a 120-byte spill) three programs
-#     fit (benchmarks/kernel_resources.py --word-loads 1 --half-rope-table 0 1 --max-registers 0 168). Not timed: off.
+#     fit (benchmarks/kernel_resources.py --word-loads 1 --half-rope-table 0 1 --max-registers 0 168). On an H200
+#     (session 20, six shapes): the table alone 0-3% faster (within run-to-run spread); the cap gave three programs
+#     per SM (Nsight Compute: 17% occupancy, not 12%) but each warp waited longer (9.0 cycles per instruction, not
+#     6.8): 4-25% slower at five shapes, 13% faster at 128 x 16k only. Both off.
+#   prefetch_slots: each tile's positions, mask bytes and scales loaded one tile ahead (registers carried through
+#     the loop), and every load of a tile issued before its first dot. Nsight Compute on the 8-bit kernel (session
+#     20, 32 x 16k): the latent tiles already come through Triton's pipeliner (cp.async, num_stages 3), but these
+#     small loads did not, and the positions feed the cos/sin gather: 31% of the warps' stall samples waited on
+#     them (long scoreboard), at two programs of four warps per SM. Ahead: 20% of samples, 10-12% faster at all
+#     six shapes (163.7 -> 144.3 us at 32 x 16k, 162.2 -> 142.9 at 128 x 4k; 0.62-0.80 TB/s). On 4-bit (64 / 128)
+#     and bf16 (48 / 144) latents it was 13-16% slower. None: on for 8-bit latents only.
 LAUNCH_DEFAULTS = dict(kv_per_program=None, programs_per_sm=8, prefetch=0, split_columns=1, split_values=None,
-                       slot_rows=None, word_loads=1, merged_halves=0, half_rope_table=0, max_registers=None)
+                       slot_rows=None, word_loads=1, merged_halves=0, half_rope_table=0, max_registers=None,
+                       prefetch_slots=None)
 
 
 def tile_widths(width: int, split: bool, multiple: int = 1) -> tuple[int, int]:
@@ -723,7 +750,8 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
                             prefetch: int | None = None, split_columns: int | None = None,
                             split_values: int | None = None, slot_rows: int | None = None,
                             word_loads: int | None = None, merged_halves: int | None = None,
-                            half_rope_table: int | None = None, max_registers: int | None = None) -> torch.Tensor:
+                            half_rope_table: int | None = None, max_registers: int | None = None,
+                            prefetch_slots: int | None = None) -> torch.Tensor:
     """One decode step of attention over a pre-RoPE latent cache.
 
     query [B, K, G, D] (rotated); k_latent [B, S, Rk], v_latent [B, S, Rv]; k_weight [K * D, Rk] and
@@ -746,8 +774,8 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     word_loads (1: on): 8-bit latents read as 32-bit words and made float16 in registers, where U_k is held whole and
     ranks and strides are multiples of 4; merged_halves (1: on): with slot rows, where U_k is held whole and the cache
     is not 4-bit, one key product and one score product per column group; half_rope_table (1: on): the cos/sin
-    table in float16; max_registers: a cap on registers per thread (ptxas spills past it). All default to
-    LAUNCH_DEFAULTS.
+    table in float16; max_registers: a cap on registers per thread (ptxas spills past it); prefetch_slots (1: on):
+    each tile's positions, mask bytes and scales loaded one tile ahead. All default to LAUNCH_DEFAULTS.
     Returns out [B, K, G, Dv] in query.dtype.
     """
     if triton is None:
@@ -799,10 +827,12 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     split_values = LAUNCH_DEFAULTS["split_values"] if split_values is None else split_values
     slot_rows = LAUNCH_DEFAULTS["slot_rows"] if slot_rows is None else slot_rows
     # None: by cache (LAUNCH_DEFAULTS says why): on for 8-bit latents, off for 4-bit (measured slower) and bf16 ones
-    # (not measured).
+    # (split_values, slot_rows: not measured; prefetch_slots: measured slower).
     int8 = k_latent.dtype == torch.int8
     split_values = int8 if split_values is None else split_values
     slot_rows = int8 if slot_rows is None else slot_rows
+    prefetch_slots = LAUNCH_DEFAULTS["prefetch_slots"] if prefetch_slots is None else prefetch_slots
+    prefetch_slots = int8 if prefetch_slots is None else prefetch_slots
     word_loads = LAUNCH_DEFAULTS["word_loads"] if word_loads is None else word_loads
     merged_halves = LAUNCH_DEFAULTS["merged_halves"] if merged_halves is None else merged_halves
     whole = chunk_rk == block_rk  # U_k held for the whole program
@@ -840,7 +870,7 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
         BLOCK_RV=block_rv, BLOCK_RV2=block_rv2, ACC_WIDTH=acc_width, SLOT_ROWS=bool(slot_rows),
         HAS_K_BIAS=k_bias is not None, HAS_SCALES=has_scales, CHUNK_RK=chunk_rk, PACKED=packed,
         KV_PER_PROGRAM=kv_per_program, STAT_H=stat_h, PREFETCH=prefetch, WORD_LOADS=word_loads,
-        MERGED_HALVES=merged_halves, num_warps=num_warps, num_stages=num_stages,
+        MERGED_HALVES=merged_halves, PREFETCH_SLOTS=bool(prefetch_slots), num_warps=num_warps, num_stages=num_stages,
         # Triton's own option: None leaves the allocation to ptxas
         maxnreg=max_registers or LAUNCH_DEFAULTS["max_registers"],
     )

@@ -71,6 +71,8 @@ KERNEL_SWEEP = [
     ("--num-warps", "num_warps", "w", "warps per program (the partial part too)"),
     ("--num-stages", "num_stages", "st", "software-pipelining stages"),
     ("--prefetch", "prefetch", "pf", "1: the next tile's loads issued before this tile's dots, 0: not"),
+    ("--prefetch-slots", "prefetch_slots", "ps", "1: the next tile's positions, mask and scales loaded a tile ahead, "
+     "0: with the tile"),
     ("--split-columns", "split_columns", "sc", "1: a program's key columns as two power-of-two tiles where one "
      "would be padded, 0: one tile"),
     ("--split-values", "split_values", "sv", "1: the value latent's columns likewise, 0: one tile"),
@@ -83,8 +85,8 @@ KERNEL_SWEEP = [
     ("--half-rope-table", "half_rope_table", "hr", "1: the cos/sin table in float16, 0: float32"),
     ("--max-registers", "max_registers", "mr", "a cap on registers per thread (ptxas spills past it)"),
 ]
-BINARY_SETTINGS = {"prefetch", "split_columns", "split_values", "slot_rows", "word_loads", "merged_halves",
-                   "half_rope_table"}
+BINARY_SETTINGS = {"prefetch", "prefetch_slots", "split_columns", "split_values", "slot_rows", "word_loads",
+                   "merged_halves", "half_rope_table"}
 
 
 def kernel_columns(args, arguments=None) -> list[tuple[str, dict]]:
