@@ -627,17 +627,18 @@ def rope_table(inv_freq: torch.Tensor, scaling: float, positions: int,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """[P, D] in `dtype` with P >= positions: cos(p * inv_freq) * scaling in the first D/2 columns, sin in the rest,
     the angles computed in float32 as the model's rotary embedding computes them. Kept on the inv_freq tensor (one
-    per dtype, grown by doubling), so a model's layers share one table, and a replaced inv_freq (dynamic RoPE
-    types) gets its own."""
-    tables = getattr(inv_freq, "_kvforge_rope_tables", None)
-    if tables is None or getattr(inv_freq, "_kvforge_rope_scaling", None) != scaling:
-        tables = inv_freq._kvforge_rope_tables = {}
-        inv_freq._kvforge_rope_scaling = scaling
-    table = tables.get(dtype)
+    per scaling and dtype, grown by doubling), so a model's layers share one table, and a replaced inv_freq
+    (dynamic RoPE types) gets its own. A table outgrown stays allocated (less than the new one, in all): a CUDA
+    graph captured with it (a kept static cache's decode step, KVForgeCache.reset) reads it by address."""
+    tables = inv_freq.__dict__.setdefault("_kvforge_rope_tables", {})
+    key = (scaling, dtype)
+    table = tables.get(key)
     if table is None or table.shape[0] < positions:
+        if table is not None:
+            inv_freq.__dict__.setdefault("_kvforge_outgrown_rope_tables", []).append(table)
         size = max(1024, 1 << (positions - 1).bit_length())
         angles = torch.arange(size, device=inv_freq.device, dtype=torch.float32)[:, None] * inv_freq.float()[None, :]
-        table = tables[dtype] = torch.cat((angles.cos() * scaling, angles.sin() * scaling), dim=1).to(dtype)
+        table = tables[key] = torch.cat((angles.cos() * scaling, angles.sin() * scaling), dim=1).to(dtype)
     return table
 
 

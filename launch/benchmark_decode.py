@@ -152,6 +152,10 @@ def parse_args(argv=None):
     parser.add_argument("--compile-step", action="store_true",
                         help="generate part: kvforge's static-cache rows compile their decode step "
                              "(KVForgeCache(compile_step=True): torch.compile before the CUDA graph)")
+    parser.add_argument("--fresh-cache", action="store_true",
+                        help="generate part: a new KVForgeCache per generate() call, each capturing its CUDA graph "
+                             "(default: one per cache length, reset() between calls, as transformers keeps its "
+                             "StaticCache: the median of 3 repeats is then a replayed call's)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="generate part: also profile a generate() of N new tokens per row (torch.profiler; the "
@@ -411,26 +415,35 @@ def copy_bandwidth_bytes_per_s() -> float:
 # generate() part
 
 
-def cache_arguments(model, ids, new_tokens: int, cache: str | None) -> dict:
+def cache_arguments(model, ids, new_tokens: int, cache: str | None, kept: dict | None = None) -> dict:
     """generate()'s cache arguments for a GENERATE_VARIANTS row's cache mode (see timed_generate): a fresh one per
-    call."""
+    call, or with `kept` (a dict the caller keeps per model) one per cache length, reset before each later call."""
     if cache in ("kvforge", "kvforge-compiled"):
-        return {"cache": model.static_cache(ids.shape[1] + new_tokens, compile_step=cache == "kvforge-compiled")}
+        length = ids.shape[1] + new_tokens
+        if kept is not None and length in kept:
+            kept[length].reset()
+            return {"cache": kept[length]}
+        made = model.static_cache(length, compile_step=cache == "kvforge-compiled")
+        if kept is not None:
+            kept[length] = made
+        return {"cache": made}
     return {"cache_implementation": "static"} if cache == "transformers" else {}
 
 
 def timed_generate(model, ids, new_tokens: int, repeats: int, cache: str | None = None,
-                   prefill_chunk: int = 0) -> tuple[float, object]:
-    """Median seconds of generate(). cache="kvforge" passes a fresh KVForgeCache(static=True) per call, so every
-    call pays its CUDA graph capture (in the first decode step), as a user's call would ("kvforge-compiled": with
-    compile_step=True, the step compiled once per model, in the warm-up call, and captured per call);
-    cache="transformers" asks for transformers' StaticCache, whose decode step generate() compiles itself
-    (torch.compile, once per shape: the warm-up call pays it); None: the model's default (dynamic) cache.
-    prefill_chunk: generate()'s prefill_chunk_size (0: the prompt in one forward)."""
-    times, out = [], None
+                   prefill_chunk: int = 0, kept: dict | None = None) -> tuple[float, object]:
+    """Median seconds of generate(). cache="kvforge" passes a KVForgeCache(static=True): a fresh one per call, so
+    every call pays its CUDA graph capture (in the first decode step), or with `kept` one per cache length kept
+    across calls and reset() before each (as transformers keeps its StaticCache, and a server its cache): the
+    first call captures, later ones replay, and every call must generate the same tokens ("kvforge-compiled":
+    with compile_step=True, the step compiled once per model, in the warm-up call); cache="transformers" asks for
+    transformers' StaticCache, whose decode step generate() compiles itself (torch.compile, once per shape: the
+    warm-up call pays it) and which generate() keeps on the model and resets; None: the model's default (dynamic)
+    cache. prefill_chunk: generate()'s prefill_chunk_size (0: the prompt in one forward)."""
+    times, out, first = [], None, None
     sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)  # a CPU run: profiled_generate's test
     for _ in range(repeats):
-        kwargs = cache_arguments(model, ids, new_tokens, cache)
+        kwargs = cache_arguments(model, ids, new_tokens, cache, kept)
         if prefill_chunk:
             kwargs["prefill_chunk_size"] = prefill_chunk
         sync()
@@ -440,6 +453,13 @@ def timed_generate(model, ids, new_tokens: int, repeats: int, cache: str | None 
                              pad_token_id=0, **kwargs)
         sync()
         times.append(time.perf_counter() - start)
+        if first is None:
+            first = out.sequences
+        elif kept is not None and cache in ("kvforge", "kvforge-compiled") and not torch.equal(out.sequences, first):
+            # greedy on the same prompts: a reused cache read stale state (transformers' own cache is not checked:
+            # its repeats decoded other tokens on random weights, whose near-tied logits its kernels break apart)
+            raise RuntimeError(f"generate() with a {'kept and reset' if kept is not None else 'fresh'} {cache} cache "
+                               "gave other tokens than its first call on the same prompts")
     return statistics.median(times), out
 
 
@@ -657,16 +677,19 @@ def run_generate_part(args) -> list[dict]:
             if via_export:
                 model = exported_copy(model, args.via_export / variant)
             with torch.no_grad():
+                kept = None if args.fresh_cache else {}
                 timed_generate(model, ids, 3, 1, cache, args.prefill_chunk)  # warm-up at full size: kernels compiled
                 torch.cuda.reset_peak_memory_stats()
-                prefill, _ = timed_generate(model, ids, 1, args.repeats, cache, args.prefill_chunk)
-                total, out = timed_generate(model, ids, args.gen_new + 1, args.repeats, cache, args.prefill_chunk)
+                prefill, _ = timed_generate(model, ids, 1, args.repeats, cache, args.prefill_chunk, kept)
+                total, out = timed_generate(model, ids, args.gen_new + 1, args.repeats, cache, args.prefill_chunk,
+                                            kept)
             decode = total - prefill
             row = dict(model=name, batch=batch, prompt=args.gen_prompt, new_tokens=args.gen_new,
                        # compiled, and kept after its first-call check (a fallback to the uncompiled step says so)
                        compile_step=callable(getattr(getattr(model, "model", None), "_compiled_decode_step", None)),
                        latent_kernel=dict(latent_attention.LAUNCH_DEFAULTS),
                        partial_kernel=dict(partial_rope_decode.LAUNCH_DEFAULTS), via_export=via_export,
+                       cache_kept=kept is not None,
                        prefill_s=prefill, decode_s=decode, decode_tokens_per_s=batch * args.gen_new / decode,
                        ms_per_step=decode / args.gen_new * 1e3, cache_bytes=cache_bytes(generated_cache(out)),
                        peak_memory_gib=torch.cuda.max_memory_allocated() / 2 ** 30)

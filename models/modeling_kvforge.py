@@ -332,6 +332,7 @@ class SlotLayout:
         self.positions: torch.Tensor | None = None  # [B, C] long
         self.length = 0  # global: slots written so far (== cache sequence length)
         self.length_on_device: torch.Tensor | None = None  # static global layout: `length` as a [1] tensor
+        self.written = False  # a forward has committed tokens (a static layout cleared in place holds none)
         # Whether slot i holds the same token in every row whenever the attention mask has no padding: true for the
         # global layout (slot = column), false once slots are chosen per row (PyramidKV's compacted layouts).
         self.rows_alike = True
@@ -343,6 +344,18 @@ class SlotLayout:
     @property
     def capacity(self) -> int:
         return 0 if self.token_index is None else self.token_index.shape[1]
+
+    def clear(self) -> None:
+        """A static layout emptied in place: its tensors keep their addresses (a captured decode graph reads them)
+        and hold what a fresh layout's would, every slot empty."""
+        if self.token_index is not None:
+            self.token_index.fill_(-1)
+            self.positions.zero_()
+        if self.length_on_device is not None:
+            self.length_on_device.zero_()
+        self.length = 0
+        self.written = False
+        self.rows_alike = True
 
     def plan(self, query_index: torch.Tensor, query_positions: torch.Tensor, writes: bool = True,
              no_padding: bool = False) -> SlotPlan:
@@ -356,7 +369,7 @@ class SlotLayout:
                 f"the cache holds batch size {self.token_index.shape[0]} but this forward has batch size {batch}; "
                 f"start a new KVForgeCache for a new batch"
             )
-        if self.static and num_new == 1 and self.token_index is not None:
+        if self.static and num_new == 1 and self.written:
             return self._static_decode_plan(query_index, query_positions)
         # One new token stays per row: a decode kernel reads one mask row per batch row. Several new tokens with no
         # padding anywhere (the attention mask covers the cached columns too) see the same keys in every row, so
@@ -435,10 +448,13 @@ class SlotLayout:
         self.positions = _grow_slots(self.positions, plan.capacity, 1, query_positions, fill=0)
         _write_slots(self.token_index, 1, plan, plan.query_index)
         _write_slots(self.positions, 1, plan, query_positions)
+        self.written = True
         if not self.is_ring:
             self.length = plan.start + plan.query_index.shape[1]
-            if self.static:
+            if self.static and self.length_on_device is None:
                 self.length_on_device = torch.tensor([self.length], device=self.token_index.device)
+            elif self.static:  # in place, as every static tensor (SlotLayout.clear)
+                self.length_on_device.fill_(self.length)
 
     def select_batch(self, indices: torch.Tensor) -> None:
         if self.token_index is not None:
@@ -450,6 +466,8 @@ class SlotLayout:
         self.length = min(self.length, length)
         if self.token_index is not None:
             self.token_index[:, self.length:] = -1
+        if self.length_on_device is not None:  # a static layout's next decode step writes there
+            self.length_on_device.fill_(self.length)
 
 
 def _grow_slots(tensor: torch.Tensor | None, capacity: int, slot_dim: int, like: torch.Tensor,
@@ -831,7 +849,7 @@ class KVForgeCache(Cache):
 
     @property
     def is_initialized(self) -> bool:
-        return self.valid_counts is not None
+        return self.valid_counts is not None and self._seq_length > 0
 
     @property
     def is_croppable(self) -> bool:
@@ -847,6 +865,21 @@ class KVForgeCache(Cache):
         return [False] * len(self.layers)
 
     def reset(self) -> None:
+        """Empties the cache for the next generate(). A static cache that holds tokens is emptied in place: its
+        storage zeroed, its slots marked empty, its counters zeroed, every tensor where it was, so the decode step
+        it captured as a CUDA graph replays for the next batch of the same size instead of being captured again
+        (transformers reuses its StaticCache across generate() calls the same way). Other caches drop their
+        tensors."""
+        if self.static and self.valid_counts is not None:
+            for storage in self.layers:
+                for tensor in storage.tensors.values():
+                    tensor.zero_()  # as fresh storage holds: never stale values under a masked slot's zero weight
+            for layout in self.layouts.values():
+                layout.clear()
+            self.valid_counts.zero_()
+            self._seq_length = 0
+            return
+        self._decode_graph = None  # it read the tensors dropped below
         if self.pyramid is not None:  # back to the layouts before compaction, and a PyramidKV that observes again
             self.pyramid = PyramidKV(self.pyramid.settings, self.layer_specs)
             self.layouts = {key: layout for key, layout in self.layouts.items() if key[0] != "pyramid"}
@@ -866,6 +899,7 @@ class KVForgeCache(Cache):
             layout.select_batch(indices)
         if self.valid_counts is not None:
             self.valid_counts = self.valid_counts[indices]
+        self._decode_graph = None  # it read the tensors just replaced
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)

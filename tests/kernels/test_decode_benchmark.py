@@ -194,3 +194,33 @@ def test_the_gpu_session_script_asks_only_for_rows_the_benchmark_takes(benchmark
             assert args.part in ("generate", "kernel", "latent", "partial", "max-batch")
     variants = re.search(r'^MAX_BATCH_VARIANTS=\$\{MAX_BATCH_VARIANTS-(.*?)\}', script, re.M)[1].split()
     assert set(variants) <= set(benchmark.GENERATE_VARIANTS)
+
+
+def test_a_kept_static_cache_is_reset_reused_and_checked(benchmark, monkeypatch):
+    """The generate rows keep one static cache per length across calls (reset() between them, as transformers keeps
+    its StaticCache): each later call replays what the first captured, and must give the first call's tokens."""
+    model = tiny_model([{"kv_proj": "low_rank", "rope": "pre_rope_latent", "k_rank": 12, "v_rank": 10,
+                         "cache_bits": 8}, {"attention": "window", "window": 8, "sinks": 2}])
+    ids = torch.randint(3, 128, (2, 21), generator=torch.Generator().manual_seed(0))
+    made = []
+    static_cache = model.static_cache
+    monkeypatch.setattr(model, "static_cache", lambda *args, **kwargs: made.append(static_cache(*args, **kwargs))
+                        or made[-1])
+    kept = {}
+    _, out = benchmark.timed_generate(model, ids, 5, 3, "kvforge", kept=kept)
+    assert len(made) == 1 and kept == {26: made[0]}
+    _, fresh = benchmark.timed_generate(model, ids, 5, 1, "kvforge")
+    assert torch.equal(out.sequences, fresh.sequences)
+    generate = model.generate
+    calls = []
+
+    def drifting(*args, **kwargs):  # a second call that decodes something else
+        result = generate(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            result.sequences[0, -1] += 1
+        return result
+
+    monkeypatch.setattr(model, "generate", drifting)
+    with pytest.raises(RuntimeError, match="kept and reset kvforge cache gave other tokens"):
+        benchmark.timed_generate(model, ids, 5, 2, "kvforge", kept=kept)

@@ -191,8 +191,14 @@ def test_rope_tables_are_kept_per_dtype_and_grow():
     assert single.dtype == torch.float32 and half.dtype == torch.float16 and half.shape == single.shape
     assert latent_attention.rope_table(inv_freq, 1.0, 100) is single  # kept
     assert torch.equal(half, single.half())
-    assert latent_attention.rope_table(inv_freq, 1.0, 3000, torch.float16).shape[0] >= 3000  # grown
-    assert latent_attention.rope_table(inv_freq, 2.0, 100) is not single  # a new scaling: new tables
+    small = half.clone()
+    grown = latent_attention.rope_table(inv_freq, 1.0, 3000, torch.float16)
+    assert grown.shape[0] >= 3000 and torch.equal(grown[:small.shape[0]], small)
+    # outgrown, still held (a captured graph may read it by address) and unchanged
+    assert any(t is half for t in inv_freq._kvforge_outgrown_rope_tables) and torch.equal(half, small)
+    double = latent_attention.rope_table(inv_freq, 2.0, 100)
+    assert double is not single and torch.equal(double, 2 * single)  # a new scaling: its own tables
+    assert latent_attention.rope_table(inv_freq, 1.0, 100) is single  # the first scaling's kept beside it
 
 
 def test_word_loads_fall_back_where_a_row_does_not_start_on_a_word(monkeypatch):

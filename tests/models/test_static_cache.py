@@ -118,6 +118,68 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+def static_tensors(cache: KVForgeCache) -> dict[str, int]:
+    """Where each tensor a captured decode step reads lives: storage, slot bookkeeping, counters."""
+    where = {"valid_counts": cache.valid_counts.data_ptr()}
+    for i, storage in enumerate(cache.layers):
+        where.update({f"layer {i} {name}": t.data_ptr() for name, t in storage.tensors.items()})
+    for key, layout in cache.layouts.items():
+        for name in ("token_index", "positions", "length_on_device"):
+            if getattr(layout, name) is not None:
+                where[f"{key} {name}"] = getattr(layout, name).data_ptr()
+    return where
+
+
+def test_a_reset_static_cache_generates_again_in_place():
+    """KVForgeCache.reset() on a static cache: the next generate() (new prompts, other padding) gives what a fresh
+    static cache gives, with every tensor where it was (a CUDA graph captured in the first call replays them by
+    address in the next: on a GPU a moved tensor would be read stale, not refused)."""
+    model = build(EVERY_METHOD)
+    ids, mask = prompts()
+    cache = model.static_cache(9 + 12)
+    kwargs = dict(max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_logits=True,
+                  pad_token_id=0)
+    with torch.no_grad():
+        model.generate(ids, attention_mask=mask, cache=cache, **kwargs)
+        where = static_tensors(cache)
+        cache.reset()
+        assert cache.get_seq_length() == 0 and not cache.is_initialized
+        ids = torch.randint(3, 100, ids.shape, generator=torch.Generator().manual_seed(2))
+        mask = torch.ones_like(ids)
+        mask[0, :4] = 0
+        again = model.generate(ids, attention_mask=mask, cache=cache, **kwargs)
+        fresh = model.generate(ids, attention_mask=mask, cache=model.static_cache(9 + 12), **kwargs)
+    assert static_tensors(cache) == where
+    assert torch.equal(again.sequences, fresh.sequences)
+    for again_logits, fresh_logits in zip(again.logits, fresh.logits):
+        # the low-bit layers' rounding boundaries, as in test_static_generate_equals_dynamic_generate
+        torch.testing.assert_close(again_logits, fresh_logits, rtol=1e-5, atol=3e-3)
+    assert cache.get_seq_length() == 20  # 9 + 12 - 1: the last token is never fed back
+
+
+def test_a_cropped_static_cache_decodes_where_a_dynamic_one_does():
+    """crop() (assisted decoding's rollback) on a static cache: its next decode steps write the slots after the
+    kept tokens (the step's slot index lives on the device), so that decoding can fill the cache to its capacity
+    again (the slot order itself does not change attention: a step that kept counting from before the crop ran
+    past the storage), and attend as a dynamic cache's do."""
+    model = build([PRE, {**PRE, "cache_bits": 8}, {"kv_from": 0}])
+    ids, mask = prompts()
+    outputs = {}
+    with torch.no_grad():
+        for static in (False, True):
+            cache = model.static_cache(9 + 6) if static else KVForgeCache(model.config)
+            model(ids, attention_mask=mask, cache=cache)
+            for step in range(3):
+                model(torch.full((3, 1), 7 + step), attention_mask=torch.ones(3, 10 + step, dtype=torch.long),
+                      cache=cache)
+            cache.crop(10)  # keeps the prompt and the first new token
+            outputs[static] = [model(torch.full((3, 1), 20 + step), cache=cache,
+                                     attention_mask=torch.ones(3, 11 + step, dtype=torch.long)).logits
+                               for step in range(5)]  # to the capacity, 9 + 6
+    for static_logits, dynamic_logits in zip(outputs[True], outputs[False]):
+        torch.testing.assert_close(static_logits, dynamic_logits, rtol=1e-5, atol=3e-3)
+
+
 @pytest.mark.parametrize("kernels", ["off", "triton"])
 def test_a_compiled_decode_step_generates_what_the_uncompiled_one_does(kernels, monkeypatch, fresh_dynamo):
     """KVForgeCache(compile_step=True): the step through torch.compile (Inductor on this CPU), with the PyTorch
