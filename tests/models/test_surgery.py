@@ -746,9 +746,12 @@ def test_compress_launcher_reads_held_out_plain_text_folders_as_evaluate_does(tm
     as the same files named .txt (it failed with "contains no .txt... files" before)."""
     from kvforge.models.loading import load_tokenizer
 
+    # The tokenizer first, from the cache every test shares: under the KVFORGE_CACHE below, an empty folder, it would
+    # convert the embedded GGUF model again (~25 s) only to read the same tokenizer. The staging this test checks
+    # reads KVFORGE_CACHE when eval_rows runs.
+    tokenizer = load_tokenizer("smollm2-135m-instruct")
     monkeypatch.setenv("KVFORGE_CACHE", str(tmp_path / "cache"))
     launcher = load_launch_script("compress")
-    tokenizer = load_tokenizer("smollm2-135m-instruct")
     plain, suffixed = tmp_path / "plain", tmp_path / "suffixed"
     plain.mkdir(), suffixed.mkdir()
     for i in range(40):
