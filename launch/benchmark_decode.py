@@ -653,7 +653,9 @@ def launch_settings(pairs: list[str], option: str = "--latent-kernel", defaults:
     return settings
 
 
-def run_generate_part(args) -> list[dict]:
+def run_generate_part(args, save_rows=None) -> list[dict]:
+    """generate() rows per --gen-batch and --gen-variants; save_rows(rows) after each (a run cut short by its time
+    limit keeps the rows it finished)."""
     from transformers import LlamaConfig
 
     from kvforge.kernels import latent_attention, partial_rope_decode
@@ -694,6 +696,8 @@ def run_generate_part(args) -> list[dict]:
                        ms_per_step=decode / args.gen_new * 1e3, cache_bytes=cache_bytes(generated_cache(out)),
                        peak_memory_gib=torch.cuda.max_memory_allocated() / 2 ** 30)
             rows.append(row)
+            if save_rows is not None:
+                save_rows(rows)
             if cache == "kvforge-compiled" and not row["compile_step"]:
                 print(f"B={batch:4d} {name}: the compiled step fell back to the uncompiled one (see the warning)")
             print(f"B={batch:4d} {name:40s} decode {row['decode_tokens_per_s']:9.0f} tok/s "
@@ -836,17 +840,22 @@ def main(argv=None) -> int:
     print(f"{device}; torch {torch.__version__}; device copy {bandwidth / 1e12:.2f} TB/s (read + write)")
     result = dict(device=device, torch=torch.__version__, python=platform.python_version(),
                   copy_TBps=bandwidth / 1e12, command=" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
+
+    def save(what: dict) -> None:  # whole or not at all: a time limit may stop the run while it writes
+        if args.json:
+            partial = args.json.with_name(args.json.name + ".partial")
+            partial.write_text(json.dumps(what, indent=1))
+            os.replace(partial, args.json)
     if args.part in ("kernel", "latent", "both"):
         result["kernel"], result["kernel_relative_error"] = run_kernel_part(args, bandwidth)
     if args.part in ("kernel", "partial", "both"):
         result["kernel_partial_rope"], result["kernel_partial_rope_relative_error"] = run_partial_rope_kernel_part(
             args, bandwidth)
     if args.part in ("generate", "both"):
-        result["generate"] = run_generate_part(args)
+        result["generate"] = run_generate_part(args, lambda rows: save(dict(result, generate=rows)))
     if args.part == "max-batch":
         result["max_batch"] = run_max_batch_part(args)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
+    save(result)
     return 0
 
 
