@@ -420,7 +420,7 @@ def _modeling_module(obj):
 
 
 def new_pyramid_cache(model, settings: Any = None, *, max_cache_len: Optional[int] = None, **overrides: Any):
-    """A KVForgeCache for `model` that applies PyramidKV, for `model.generate(..., past_key_values=cache)`.
+    """A KVForgeCache for `model` that applies PyramidKV, for `model.generate(..., cache=cache)`.
 
     settings: PyramidSettings or a mapping; None takes `compression.inference.pyramid` from the model's config.
     overrides: individual settings (budget=..., schedule=...) on top. (A model whose config holds a default

@@ -144,7 +144,7 @@ def test_a_budget_covering_the_prompt_changes_nothing():
     ids = prompt(40)
     reference = model.generate(ids, max_new_tokens=8, do_sample=False)
     cache = new_pyramid_cache(model, budget=40, schedule="uniform")
-    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False, past_key_values=cache), reference)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False, cache=cache), reference)
     assert cache.pyramid.compacted and cache.pyramid.kept == {}  # scored, nothing dropped
 
 
@@ -157,11 +157,11 @@ def test_compacted_decode_equals_attention_over_the_kept_tokens(layers, kv_heads
     model = tiny_model(layers, kv_heads=kv_heads)
     ids = prompt(60)
     cache = new_pyramid_cache(model, budget=20, window=4, sinks=2, schedule="uniform", max_cache_len=61)
-    first = model(ids, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+    first = model(ids, cache=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
     layout = cache.layouts[("pyramid", 0)]
     kept, positions = layout.token_index[0, :layout.length], layout.positions[0, :layout.length]
     assert len(kept) == 20 and kept[:2].tolist() == [0, 1] and kept[-4:].tolist() == [56, 57, 58, 59]
-    step = model(first, past_key_values=cache, use_cache=True, attention_mask=torch.ones(1, 61, dtype=torch.long))
+    step = model(first, cache=cache, use_cache=True, attention_mask=torch.ones(1, 61, dtype=torch.long))
     reference = model(torch.cat([ids[:, kept], first], 1),
                       position_ids=torch.cat([positions, torch.tensor([60])])[None], use_cache=False)
     torch.testing.assert_close(step.logits[0, -1], reference.logits[0, -1], atol=1e-5, rtol=1e-5)
@@ -178,13 +178,13 @@ def test_selection_follows_the_window_attention_of_each_kv_head():
     scores = probs[:, :, -window:].sum(2).view(1, 2, 2, 50).sum(2)  # [B, K, S]: heads 0,1 -> kv 0; 2,3 -> kv 1
     cache = new_pyramid_cache(model, budget=keep, window=window, sinks=sinks, pooling="none",
                               schedule="uniform")
-    model(ids, past_key_values=cache, use_cache=True)
+    model(ids, cache=cache, use_cache=True)
     key = cache.layers[0].tensors["key"]  # [B, K, C, D]
     for head in range(2):
         top = scores[0, head, sinks:50 - window].topk(keep - window - sinks).indices + sinks
         expected = sorted([0, 1] + top.tolist() + list(range(46, 50)))
         full = KVForgeCache(model.config)
-        model(ids, past_key_values=full, use_cache=True)
+        model(ids, cache=full, use_cache=True)
         torch.testing.assert_close(key[0, head, :keep], full.layers[0].tensors["key"][0, head, expected])
     assert not torch.equal(key[0, 0, :keep], key[0, 1, :keep])  # the heads chose differently
 
@@ -194,7 +194,7 @@ def test_memory_is_freed_per_layer_as_the_schedule_says():
     ids = prompt(120)
     new_tokens = 6
     cache = new_pyramid_cache(model, budget=40, window=8, sinks=4, max_cache_len=120 + new_tokens)
-    model.generate(ids, max_new_tokens=new_tokens, do_sample=False, past_key_values=cache)
+    model.generate(ids, max_new_tokens=new_tokens, do_sample=False, cache=cache)
     budgets = layer_budgets(PyramidSettings(budget=40), 4)
     per_token = 2 * 2 * 16 * 4  # K and V, 2 kv heads, head_dim 16, fp32
     for layer, budget in enumerate(budgets):
@@ -203,7 +203,7 @@ def test_memory_is_freed_per_layer_as_the_schedule_says():
         assert sum(t.numel() * t.element_size() for t in tensors.values()) == (budget + new_tokens) * per_token
     assert cache.cache_bytes() == (sum(budgets) + 4 * new_tokens) * per_token
     full = KVForgeCache(model.config, max_cache_len=120 + new_tokens)
-    model.generate(ids, max_new_tokens=new_tokens, do_sample=False, past_key_values=full)
+    model.generate(ids, max_new_tokens=new_tokens, do_sample=False, cache=full)
     assert full.cache_bytes() == 4 * (120 + new_tokens) * per_token
     assert cache.get_seq_length() == full.get_seq_length() == 120 + new_tokens - 1  # positions keep counting
 
@@ -214,7 +214,7 @@ def test_shared_caches_compact_once_for_their_readers():
                         LOW_RANK, {"kv_from": 4}])
     ids = prompt(64)
     cache = new_pyramid_cache(model, budget=24, window=4, sinks=2, schedule="uniform", max_cache_len=70)
-    out = model.generate(ids, max_new_tokens=6, do_sample=False, past_key_values=cache)
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, cache=cache)
     assert out.shape == (1, 70)
     assert cache.pyramid.kept == {0: 24, 4: 24}
     assert cache.layers[0].tensors["key"].shape[2] == cache.layers[2].tensors["value"].shape[2] == 24 + 6
@@ -232,10 +232,10 @@ def test_left_padded_batch_selects_per_row_as_each_row_alone():
         ids[i, 50 - len(row):], mask[i, 50 - len(row):] = row, 1
     settings = dict(budget=20, window=4, sinks=2, pooling="none", schedule="uniform")
     batch_cache = new_pyramid_cache(model, **settings)
-    model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, past_key_values=batch_cache)
+    model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, cache=batch_cache)
     for i, row in enumerate(rows):
         alone = new_pyramid_cache(model, **settings)
-        model.generate(row[None], max_new_tokens=3, do_sample=False, past_key_values=alone)
+        model.generate(row[None], max_new_tokens=3, do_sample=False, cache=alone)
         for layer in (0, 1):
             batch_layout, alone_layout = batch_cache.layers[layer].layout, alone.layers[layer].layout
             assert torch.equal(batch_layout.token_index[i, :20], alone_layout.token_index[0, :20])
@@ -245,7 +245,7 @@ def test_a_pyramid_cache_leaves_the_model_and_other_caches_alone():
     model = tiny_model([{}, {}])
     ids = prompt(30)
     reference = model.generate(ids, max_new_tokens=5, do_sample=False)
-    model.generate(ids, max_new_tokens=5, do_sample=False, past_key_values=new_pyramid_cache(model, budget=12,
+    model.generate(ids, max_new_tokens=5, do_sample=False, cache=new_pyramid_cache(model, budget=12,
                                                                                             window=4, sinks=2))
     assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False), reference)
 
@@ -254,13 +254,13 @@ def test_reset_undoes_the_compaction_and_crop_is_refused_after_it():
     model = tiny_model([{}, {}])
     ids = prompt(30)
     cache = new_pyramid_cache(model, budget=12, window=4, sinks=2)
-    first = model.generate(ids, max_new_tokens=5, do_sample=False, past_key_values=cache)
+    first = model.generate(ids, max_new_tokens=5, do_sample=False, cache=cache)
     assert cache.pyramid.compacted and not cache.is_croppable
     with pytest.raises(ValueError, match="cannot crop a cache compacted by PyramidKV"):
         cache.crop(-1)
     cache.reset()
     assert not cache.pyramid.compacted and not any(key[0] == "pyramid" for key in cache.layouts)
-    assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False, past_key_values=cache), first)
+    assert torch.equal(model.generate(ids, max_new_tokens=5, do_sample=False, cache=cache), first)
 
 
 def test_refuses_models_without_global_layers_and_missing_settings():
@@ -277,7 +277,7 @@ def test_config_default_is_used_when_no_settings_are_given():
                                 "inference": {"pyramid": {"budget": 16, "schedule": "uniform", "window": 4}}}
     cache = new_pyramid_cache(model)
     assert (cache.pyramid.settings.budget, cache.pyramid.settings.window) == (16, 4)
-    model.generate(prompt(40), max_new_tokens=2, do_sample=False, past_key_values=cache)
+    model.generate(prompt(40), max_new_tokens=2, do_sample=False, cache=cache)
     assert cache.pyramid.kept == {0: 16, 1: 16}
     assert math.isclose(cache.kv_bytes_per_token(), cache.cache_bytes() / 41)
 
@@ -289,7 +289,7 @@ def test_plain_generate_applies_the_export_time_default():
     explicit = tiny_model([{}, {}])
     ids = prompt(40)
     cache = new_pyramid_cache(explicit, **settings)
-    expected = explicit.generate(ids, max_new_tokens=6, do_sample=False, past_key_values=cache)
+    expected = explicit.generate(ids, max_new_tokens=6, do_sample=False, cache=cache)
 
     model = tiny_model([{}, {}])
     model.config.compression = {**model.config.compression, "inference": {"pyramid": settings}}
@@ -298,5 +298,5 @@ def test_plain_generate_applies_the_export_time_default():
     assert out.past_key_values.pyramid.kept == {0: 16, 1: 16}
     assert all(t.shape[2] < ids.shape[1] for _, name, t in out.past_key_values.named_tensors() if name == "key")
     full = model.generate(ids, max_new_tokens=6, do_sample=False,
-                          past_key_values=KVForgeCache(model.config, pyramid=False))
+                          cache=KVForgeCache(model.config, pyramid=False))
     assert torch.equal(full, tiny_model([{}, {}]).generate(ids, max_new_tokens=6, do_sample=False))
