@@ -60,7 +60,7 @@ def compile_latent_kernel(*, cache: str, k_rank: int, v_rank: int, kv_per_progra
         ACC_WIDTH=latent_attention._next_power_of_2(v_cols) * (2 if packed else 1), SLOT_ROWS=slot_rows,
         HAS_K_BIAS=False, HAS_SCALES=cache != "bf16", CHUNK_RK=chunk_rk, PACKED=packed, KV_PER_PROGRAM=kv_per_program,
         STAT_H=latent_attention._next_power_of_2(kv_heads * group), PREFETCH=prefetch,
-        WORD_LOADS=word_loads and cache == "int8" and not prefetch,
+        WORD_LOADS=word_loads and cache in ("int8", "int4") and not prefetch,
         MERGED_HALVES=merged_halves and slot_rows and not packed, PREFETCH_SLOTS=prefetch_slots)
     latent = {"bf16": "*bf16", "int8": "*i8", "int4": "*u8"}[cache]
     pointers = dict(Q="*bf16", K_LATENT=latent, V_LATENT=latent, K_WEIGHT="*bf16", K_BIAS="*bf16", POSITIONS="*i64",

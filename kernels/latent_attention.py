@@ -124,6 +124,43 @@ if triton is not None:
         return tl.reshape(halves, (words.shape[0], 4 * words.shape[1]))
 
     @triton.jit
+    def nibbles_to_halves(words):
+        """A 4-bit latent's words [rows, n] (latent_words: four bytes each, byte j holding rank 2j in its low nibble
+        and rank 2j + 1 in its high one, two's complement) as the float16 values of their even and odd ranks, each
+        [rows, 4n] in byte order, exact: every nibble's sign bit flipped (v + 8), two nibbles masked into the low
+        mantissa bits of 1024.0 (0x6400) per register by one lop3, and 1032.0 subtracted from both at once."""
+        if INTERPRETED:
+            lo0, hi0 = ((words << 28) >> 28).to(tl.float16), ((words << 24) >> 28).to(tl.float16)
+            lo1, hi1 = ((words << 20) >> 28).to(tl.float16), ((words << 16) >> 28).to(tl.float16)
+            lo2, hi2 = ((words << 12) >> 28).to(tl.float16), ((words << 8) >> 28).to(tl.float16)
+            lo3, hi3 = ((words << 4) >> 28).to(tl.float16), (words >> 28).to(tl.float16)
+        else:
+            lo0, lo1, lo2, lo3, hi0, hi1, hi2, hi3 = tl.inline_asm_elementwise(
+                "{ .reg .b32 t, s, a, b, c, d, m;\n"
+                "mov.b32 m, 0x64086408;\n"
+                "xor.b32 t, $8, 0x88888888;\n"
+                "lop3.b32 a, t, 0x000F000F, 0x64006400, 0xEA;\n"  # (t & mask) | 1024.0: the low nibbles of bytes 0, 2
+                "shr.u32 s, t, 8;\n"
+                "lop3.b32 b, s, 0x000F000F, 0x64006400, 0xEA;\n"  # of bytes 1, 3
+                "shr.u32 s, t, 4;\n"
+                "lop3.b32 c, s, 0x000F000F, 0x64006400, 0xEA;\n"  # the high nibbles of bytes 0, 2
+                "shr.u32 s, t, 12;\n"
+                "lop3.b32 d, s, 0x000F000F, 0x64006400, 0xEA;\n"  # of bytes 1, 3
+                "sub.f16x2 a, a, m;\n"
+                "sub.f16x2 b, b, m;\n"
+                "sub.f16x2 c, c, m;\n"
+                "sub.f16x2 d, d, m;\n"
+                "mov.b32 {$0, $2}, a;\n"
+                "mov.b32 {$1, $3}, b;\n"
+                "mov.b32 {$4, $6}, c;\n"
+                "mov.b32 {$5, $7}, d; }",
+                "=h,=h,=h,=h,=h,=h,=h,=h,r", [words], dtype=(tl.float16,) * 8, is_pure=True, pack=1)
+        # as words_to_halves: [rows, n, 2, 2] with [.., i, j] = byte 2i + j, flattened in that order
+        even = tl.reshape(tl.join(tl.join(lo0, lo2), tl.join(lo1, lo3)), (words.shape[0], 4 * words.shape[1]))
+        odd = tl.reshape(tl.join(tl.join(hi0, hi2), tl.join(hi1, hi3)), (words.shape[0], 4 * words.shape[1]))
+        return even, odd
+
+    @triton.jit
     def key_tile(K_LATENT, row, offs_s, s_ok, offs_rk, rk_ok, stride_kb, stride_ks):
         """One tile's key latents as stored [BLOCK_S, cols] (bytes of a low-bit cache, not yet dequantized)."""
         return tl.load(K_LATENT + row * stride_kb + offs_s[:, None] * stride_ks + offs_rk[None, :],
@@ -282,7 +319,12 @@ if triton is not None:
         acc + c_v^T @ p. WORD_LOADS: 8-bit latents read as words and made float16, times their scales in float16 (p
         is float16 then)."""
         dtype = p.dtype
-        if WORD_LOADS:
+        if WORD_LOADS and PACKED:
+            v_even, v_odd = nibbles_to_halves(latent_words(V_LATENT, row, offs_s, s_ok, v_cols, stride_vb, stride_vs,
+                                                           FIRST, WIDTH))
+            half_scale = v_scale.to(tl.float16)[:, None]
+            v_even, v_odd = v_even * half_scale, v_odd * half_scale
+        elif WORD_LOADS:
             c_v = words_to_halves(latent_words(V_LATENT, row, offs_s, s_ok, v_cols, stride_vb, stride_vs, FIRST, WIDTH))
             c_v = c_v * v_scale.to(tl.float16)[:, None]
         else:
@@ -290,7 +332,8 @@ if triton is not None:
             c_v = tl.load(V_LATENT + row * stride_vb + offs_s[:, None] * stride_vs + offs_rv[None, :],
                           mask=s_ok[:, None] & (offs_rv < v_cols)[None, :], other=0)
         if PACKED:
-            v_even, v_odd = unpacked_tiles(c_v, v_scale)
+            if not WORD_LOADS:
+                v_even, v_odd = unpacked_tiles(c_v, v_scale)
             if SLOT_ROWS:
                 acc = acc * alpha[None, :] + tl.dot(tl.trans(v_even.to(dtype)), p)
                 acc_odd = acc_odd * alpha[None, :] + tl.dot(tl.trans(v_odd.to(dtype)), p)
@@ -380,6 +423,10 @@ if triton is not None:
             w_lo, w_hi = w_lo.to(tl.float16), w_hi.to(tl.float16)
             if BLOCK_C2 > 0:
                 w2_lo, w2_hi = w2_lo.to(tl.float16), w2_hi.to(tl.float16)
+            if PACKED:  # U_k's rows for the odd ranks
+                w_lo_odd, w_hi_odd = w_lo_odd.to(tl.float16), w_hi_odd.to(tl.float16)
+                if BLOCK_C2 > 0:
+                    w2_lo_odd, w2_hi_odd = w2_lo_odd.to(tl.float16), w2_hi_odd.to(tl.float16)
         if SLOT_ROWS:  # the query halves as the right operand of the score product, [columns, BLOCK_H]
             q_lo, q_hi = tl.trans(q_lo), tl.trans(q_hi)
             if BLOCK_C2 > 0:
@@ -445,7 +492,9 @@ if triton is not None:
                 k_tile = latent_words(K_LATENT, row, offs_s, s_ok, k_cols, stride_kb, stride_ks, 0, BLOCK_RK)
             elif PACKED or CHUNK_RK == BLOCK_RK:  # U_k held whole: this tile's keys loaded whole, now
                 k_tile = key_tile(K_LATENT, row, offs_s, s_ok, offs_rk, rk_ok, stride_kb, stride_ks)
-            if PACKED:  # low-bit latents: their bytes read, dequantized in registers
+            if PACKED and WORD_LOADS:  # the nibbles as float16 integers; the key scales go onto the scores
+                c_even, c_odd = nibbles_to_halves(k_tile)
+            elif PACKED:  # low-bit latents: their bytes read, dequantized in registers
                 c_even, c_odd = unpacked_tiles(k_tile, k_scale)
                 c_even, c_odd = c_even.to(dtype), c_odd.to(dtype)
             elif WORD_LOADS:  # the key scales go onto the scores
@@ -694,7 +743,11 @@ def _multiprocessors(device: torch.device) -> int:
 #     register (364 byte permutes and 104 int-to-float conversions per tile per warp, 255 registers and an 80-byte
 #     spill); word loads make it 1,079 instructions per tile instead of 1,493, 217 registers, no spill. On an H200
 #     (session 19, ranks 48 / 144, six shapes from 32 x 4k to 128 x 16k): 5.6-7.4% faster at each (173.2 -> 161.8
-#     us at 32 x 16k, 170.3 -> 160.8 at 128 x 4k): the kernel waits more than it issues. On.
+#     us at 32 x 16k, 170.3 -> 160.8 at 128 x 4k): the kernel waits more than it issues. On for 8-bit latents.
+#     4-bit latents (nibbles_to_halves: eight values per word by three shifts, four lop3 and four float16x2
+#     subtractions, exact) were built in session 20 after its GPU time: offline (ranks 64 / 128, 64-slot tiles over
+#     4 warps) 1,375 -> 1,202 instructions per tile, 255 -> 248 registers, the 8-byte spill gone; not timed, so None
+#     leaves them off for 4-bit (1 turns them on).
 #   merged_halves: each column group's U_k halves interleaved, so the keys' rebuild and the score are one product
 #     each per group (9 -> 5 waited tensor-core groups per tile offline, 202 registers with word loads). Measured
 #     the same or up to 5% slower with or without word loads (session 19): off.
@@ -713,7 +766,7 @@ def _multiprocessors(device: torch.device) -> int:
 #     six shapes (163.7 -> 144.3 us at 32 x 16k, 162.2 -> 142.9 at 128 x 4k; 0.62-0.80 TB/s). On 4-bit (64 / 128)
 #     and bf16 (48 / 144) latents it was 13-16% slower. None: on for 8-bit latents only.
 LAUNCH_DEFAULTS = dict(kv_per_program=None, programs_per_sm=8, prefetch=0, split_columns=1, split_values=None,
-                       slot_rows=None, word_loads=1, merged_halves=0, half_rope_table=0, max_registers=None,
+                       slot_rows=None, word_loads=None, merged_halves=0, half_rope_table=0, max_registers=None,
                        prefetch_slots=None)
 
 
@@ -772,11 +825,12 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     two power-of-two tiles where one would be padded (tile_widths), where U_k is held whole; split_values: the
     value latent's columns likewise; slot_rows (1: on): the tile's slots as the rows of the score and value
     products, so the rotated keys feed the score product from the registers their own product left them in;
-    word_loads (1: on): 8-bit latents read as 32-bit words and made float16 in registers, where U_k is held whole and
-    ranks and strides are multiples of 4; merged_halves (1: on): with slot rows, where U_k is held whole and the cache
-    is not 4-bit, one key product and one score product per column group; half_rope_table (1: on): the cos/sin
-    table in float16; max_registers: a cap on registers per thread (ptxas spills past it); prefetch_slots (1: on):
-    each tile's positions, mask bytes and scales loaded one tile ahead. All default to LAUNCH_DEFAULTS.
+    word_loads (1: on): 8- or 4-bit latents read as 32-bit words and made float16 in registers, where U_k is held
+    whole and stored columns and strides are multiples of 4; merged_halves (1: on): with slot rows, where U_k is
+    held whole and the cache is not 4-bit, one key product and one score product per column group; half_rope_table
+    (1: on): the cos/sin table in float16; max_registers: a cap on registers per thread (ptxas spills past it);
+    prefetch_slots (1: on): each tile's positions, mask bytes and scales loaded one tile ahead. All default to
+    LAUNCH_DEFAULTS.
     Returns out [B, K, G, Dv] in query.dtype.
     """
     if triton is None:
@@ -835,13 +889,14 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     prefetch_slots = LAUNCH_DEFAULTS["prefetch_slots"] if prefetch_slots is None else prefetch_slots
     prefetch_slots = int8 if prefetch_slots is None else prefetch_slots
     word_loads = LAUNCH_DEFAULTS["word_loads"] if word_loads is None else word_loads
+    word_loads = int8 if word_loads is None else word_loads
     merged_halves = LAUNCH_DEFAULTS["merged_halves"] if merged_halves is None else merged_halves
     whole = chunk_rk == block_rk  # U_k held for the whole program
-    # Words of 4 bytes: every row of both latents must start on a 4-byte boundary.
-    # 16-bit queries only: float16 keys and values would cost a float32 model its precision.
-    word_loads = bool(word_loads) and int8 and whole and not prefetch and not wide and all(
-        n % 4 == 0 for n in (k_rank, v_rank, k_latent.stride(0), k_latent.stride(1), v_latent.stride(0),
-                             v_latent.stride(1), k_latent.data_ptr(), v_latent.data_ptr()))
+    # Words of 4 bytes: every row of both latents must start on a 4-byte boundary and hold whole words (4-bit: ranks
+    # multiples of 8). 16-bit queries only: float16 keys and values would cost a float32 model its precision.
+    word_loads = bool(word_loads) and (int8 or packed) and whole and not prefetch and not wide and all(
+        n % 4 == 0 for n in (k_latent.shape[2], v_latent.shape[2], k_latent.stride(0), k_latent.stride(1),
+                             v_latent.stride(0), v_latent.stride(1), k_latent.data_ptr(), v_latent.data_ptr()))
     merged_halves = bool(merged_halves) and bool(slot_rows) and whole and not packed
     block_c, block_c2 = tile_widths(kv_per_program * (dim // 2), bool(split_columns) and whole, multiple=dim // 2)
     block_rv, block_rv2 = tile_widths(v_latent.shape[2], bool(split_values))

@@ -78,8 +78,8 @@ KERNEL_SWEEP = [
     ("--split-values", "split_values", "sv", "1: the value latent's columns likewise, 0: one tile"),
     ("--slot-rows", "slot_rows", "sr", "1: the tile's slots as the rows of the score and value products, 0: the "
      "query heads (the partial part too)"),
-    ("--word-loads", "word_loads", "wl", "1: 8-bit latents read as 32-bit words and made float16 in registers, 0: "
-     "Triton's int8 loads and conversion"),
+    ("--word-loads", "word_loads", "wl", "1: 8- or 4-bit latents read as 32-bit words and made float16 in registers, "
+     "0: Triton's byte loads and conversion"),
     ("--merged-halves", "merged_halves", "mh", "1: a key column group's two halves in one key product and one score "
      "product (slot rows), 0: two each"),
     ("--half-rope-table", "half_rope_table", "hr", "1: the cos/sin table in float16, 0: float32"),

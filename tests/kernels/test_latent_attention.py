@@ -243,6 +243,31 @@ def test_4_bit_latents_read_as_packed_bytes_equal_the_float64_reference(shape, d
         assert relative_error(out, reference(exact)) < tolerance
 
 
+@pytest.mark.parametrize("shape", [
+    dict(slots=70),  # ranks 24 / 40: 12 and 20 bytes, the last word of a tile masked; biases
+    dict(kv_heads=1, group=4, dim=32, slots=130, k_rank=16, v_rank=16, bias=False),
+])
+@pytest.mark.parametrize("options", [dict(word_loads=1), dict(SPLIT, slot_rows=1, word_loads=1, prefetch_slots=1)],
+                         ids=str)
+def test_4_bit_latents_read_as_words_equal_the_float64_reference(monkeypatch, shape, options):
+    """word_loads on a 4-bit cache: each word's eight nibbles made float16 (even ranks from the low nibbles, odd
+    from the high ones), the key scales on the scores. The interpreter takes the nibbles apart by shifts where the
+    GPU masks them; which nibble is which rank, signs and scales are what this checks. The launch must take the
+    word path (stored columns multiples of 4)."""
+    from kvforge.models.modeling_kvforge import dequantize_slots, quantize_slots
+
+    spy = LaunchSpy(monkeypatch)
+    for num_splits in (1, 3):
+        c = case(**shape, dtype=torch.float16, seed=17 + num_splits)
+        (k_q, k_scale), (v_q, v_scale) = quantize_slots(c["k_latent"], 1, 4), quantize_slots(c["v_latent"], 1, 4)
+        exact = dict(c, k_latent=dequantize_slots(k_q, k_scale.double()),
+                     v_latent=dequantize_slots(v_q, v_scale.double()))
+        out = kernel(dict(c, k_latent=k_q, v_latent=v_q), block_s=16, num_splits=num_splits, k_scale=k_scale,
+                     v_scale=v_scale, **options)
+        assert relative_error(out, reference(exact)) < 5e-3
+    assert spy.word_loads == [True, True]
+
+
 def test_a_4_bit_key_latent_above_what_the_kernel_holds_is_refused_and_the_dispatch_keeps_it_on_pytorch(
         monkeypatch, kernel_calls):
     from kvforge.models.modeling_kvforge import quantize_slots

@@ -54,10 +54,14 @@ MAX_BATCH_START=${MAX_BATCH_START-576}
 # since; 4-bit: the key split only; partial RoPE: slot rows, 58-59% of copy at 128 x 16k). Session 19 (3 device
 # minutes) measured word loads (8-bit: 5.6-7.4% faster, the default since). Session 20 (one H200): the occupancy
 # settings (no gain: off) and prefetch_slots (8-bit 10-12% faster, the default since; 4-bit and bf16 slower). Next:
+# word loads for 4-bit latents (built after session 20's GPU time: 13% fewer instructions offline; the 12.5% model's
+# 6.4x needs its kernel about twice as fast);
 # the layouts for bf16 latents (the 50% model's; their default is still the old layout) and for 4-bit value ranks
 # that split (160), and the partial-RoPE kernel's tiles under slot rows (its tile sizes were never tuned: 60% is one
 # point off).
-DECODE_ARGS0=${DECODE_ARGS0-"--part kernel --batch 32 128 --context 4096 16384 --k-rank 48 --v-rank 144 \
+DECODE_ARGS0=${DECODE_ARGS0-"--part latent --batch 32 128 --context 4096 16384 --k-rank 64 --v-rank 128 \
+--cache-bits 4 --word-loads 0 1 --split-values 0 1|\
+--part kernel --batch 32 128 --context 4096 16384 --k-rank 48 --v-rank 144 \
 --cache-bits 16 --split-values 0 1 --slot-rows 0 1|\
 --part kernel --batch 32 128 --context 4096 16384 --k-rank 64 --v-rank 160 --cache-bits 4 --split-values 0 1|\
 --part partial --batch 64 128 --context 4096 16384 --slot-rows 1 --block-s 0 32 128 --num-warps 0 4 8"}
