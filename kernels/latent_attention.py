@@ -838,6 +838,13 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     batch, kv_heads, group, dim = query.shape
     heads = kv_heads * group
     packed = k_latent.dtype == torch.uint8  # 4 bits, two per byte
+    int8 = k_latent.dtype == torch.int8
+
+    def setting(name: str, given):
+        """A launch setting: the caller's, else LAUNCH_DEFAULTS'; None there means by cache (LAUNCH_DEFAULTS says
+        why): on for 8-bit latents, off for 4-bit and bf16 ones."""
+        value = LAUNCH_DEFAULTS[name] if given is None else given
+        return int8 if value is None else value
     slots, k_rank = k_latent.shape[1], k_latent.shape[2] * (2 if packed else 1)
     v_rank = v_latent.shape[2] * (2 if packed else 1)
     if packed and k_rank > 2 * MAX_PACKED_HALF_RANK:
@@ -851,7 +858,7 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     valid = valid.contiguous().view(torch.uint8)  # bytes, not Triton's i1 (whose loads misread a bool mask on GPU)
     if max_position is None:
         max_position = int(positions.max())
-    half_rope_table = LAUNCH_DEFAULTS["half_rope_table"] if half_rope_table is None else half_rope_table
+    half_rope_table = setting("half_rope_table", half_rope_table)
     table = rope_table(inv_freq, float(rope_scaling), max_position + 1,
                        torch.float16 if half_rope_table else torch.float32)
 
@@ -876,21 +883,13 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     # Key ranks up to 128 keep U_k's two tiles for the whole program (the measured configurations); larger ones
     # (the 50% model's 8-bit latents: up to 192) read it in chunks of 64 rows per tile. chunk_rk: tests force it.
     chunk_rk = block_rk if packed else chunk_rk or (block_rk if block_rk <= 128 else 64)
-    prefetch = LAUNCH_DEFAULTS["prefetch"] if prefetch is None else prefetch
-    prefetch = bool(prefetch) and chunk_rk == block_rk  # the chunked path loads U_k and c_k per chunk instead
-    split_columns = LAUNCH_DEFAULTS["split_columns"] if split_columns is None else split_columns
-    split_values = LAUNCH_DEFAULTS["split_values"] if split_values is None else split_values
-    slot_rows = LAUNCH_DEFAULTS["slot_rows"] if slot_rows is None else slot_rows
-    # None: by cache (LAUNCH_DEFAULTS says why): on for 8-bit latents, off for 4-bit (measured slower) and bf16 ones
-    # (split_values, slot_rows: not measured; prefetch_slots: measured slower).
-    int8 = k_latent.dtype == torch.int8
-    split_values = int8 if split_values is None else split_values
-    slot_rows = int8 if slot_rows is None else slot_rows
-    prefetch_slots = LAUNCH_DEFAULTS["prefetch_slots"] if prefetch_slots is None else prefetch_slots
-    prefetch_slots = int8 if prefetch_slots is None else prefetch_slots
-    word_loads = LAUNCH_DEFAULTS["word_loads"] if word_loads is None else word_loads
-    word_loads = int8 if word_loads is None else word_loads
-    merged_halves = LAUNCH_DEFAULTS["merged_halves"] if merged_halves is None else merged_halves
+    prefetch = bool(setting("prefetch", prefetch)) and chunk_rk == block_rk  # the chunked path loads U_k per chunk
+    split_columns = setting("split_columns", split_columns)
+    split_values = setting("split_values", split_values)
+    slot_rows = setting("slot_rows", slot_rows)
+    prefetch_slots = setting("prefetch_slots", prefetch_slots)
+    word_loads = setting("word_loads", word_loads)
+    merged_halves = setting("merged_halves", merged_halves)
     whole = chunk_rk == block_rk  # U_k held for the whole program
     # Words of 4 bytes: every row of both latents must start on a 4-byte boundary and hold whole words (4-bit: ranks
     # multiples of 8). 16-bit queries only: float16 keys and values would cost a float32 model its precision.

@@ -458,8 +458,8 @@ def timed_generate(model, ids, new_tokens: int, repeats: int, cache: str | None 
         elif kept is not None and cache in ("kvforge", "kvforge-compiled") and not torch.equal(out.sequences, first):
             # greedy on the same prompts: a reused cache read stale state (transformers' own cache is not checked:
             # its repeats decoded other tokens on random weights, whose near-tied logits its kernels break apart)
-            raise RuntimeError(f"generate() with a {'kept and reset' if kept is not None else 'fresh'} {cache} cache "
-                               "gave other tokens than its first call on the same prompts")
+            raise RuntimeError(f"generate() with a kept and reset {cache} cache gave other tokens than its first "
+                               "call on the same prompts")
     return statistics.median(times), out
 
 
