@@ -785,9 +785,10 @@ def tile_widths(width: int, split: bool, multiple: int = 1) -> tuple[int, int]:
     return first, second
 
 
-def _num_splits(programs: int, slots: int, block_s: int, device: torch.device, programs_per_sm: int) -> int:
-    """Splits of the slot axis so that programs x splits reach programs_per_sm per SM, never a split shorter than
-    four tiles."""
+def slot_splits(programs: int, slots: int, block_s: int, device: torch.device, programs_per_sm: int) -> int:
+    """Splits of the slot axis (flash-decoding) so that programs x splits reach programs_per_sm per SM, never a
+    split shorter than four tiles, at most 128 (the merge reads every split's partial result). Both decode
+    kernels take theirs from here."""
     if device.type == "cuda":
         target = programs_per_sm * _multiprocessors(device)
     else:
@@ -899,7 +900,7 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     merged_halves = bool(merged_halves) and bool(slot_rows) and whole and not packed
     block_c, block_c2 = tile_widths(kv_per_program * (dim // 2), bool(split_columns) and whole, multiple=dim // 2)
     block_rv, block_rv2 = tile_widths(v_latent.shape[2], bool(split_values))
-    splits = num_splits or _num_splits(batch * head_programs, slots, block_s, query.device,
+    splits = num_splits or slot_splits(batch * head_programs, slots, block_s, query.device,
                                        programs_per_sm or LAUNCH_DEFAULTS["programs_per_sm"])
     per_split = -(-slots // splits)
     per_split = -(-per_split // block_s) * block_s  # whole tiles, so only the last split has a ragged end

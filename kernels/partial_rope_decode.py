@@ -39,11 +39,9 @@ only torch, triton and its sibling kernel files.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from .latent_attention import available
+from .latent_attention import available, slot_splits
 
 try:
     import triton
@@ -103,6 +101,7 @@ if triton is not None:
         slots, heads, rank, rope_group, rope_heads, block_rope_heads, padded_heads, slots_per_split, splits, scaling,
         ROPE_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
         BLOCK_S: tl.constexpr, HAS_VALID: tl.constexpr, LENGTH_IN_MEMORY: tl.constexpr, SLOT_ROWS: tl.constexpr,
+        PREFETCH_SLOTS: tl.constexpr,
     ):
         # SLOT_ROWS: every product with the tile's slots as its rows (scores [BLOCK_S, BLOCK_H], the accumulator
         # [BLOCK_R, BLOCK_H]), so each has 64+ rows for Hopper's warpgroup MMA rather than BLOCK_H (16) of them.
@@ -139,11 +138,20 @@ if triton is not None:
             acc = tl.zeros([BLOCK_H, BLOCK_R], tl.float32)
 
         start, end = split_slots(LENGTH, slots, split, slots_per_split, LENGTH_IN_MEMORY)
+        valid_base = VALID + row * stride_valid_b
+        if HAS_VALID and PREFETCH_SLOTS:
+            ahead = start + tl.arange(0, BLOCK_S)
+            next_valid = tl.load(valid_base + ahead, mask=ahead < end, other=0)
         for tile in range(start, end, BLOCK_S):
             offs_s = tile + tl.arange(0, BLOCK_S)
             visible = offs_s < end
             if HAS_VALID:
-                visible = visible & (tl.load(VALID + row * stride_valid_b + offs_s, mask=visible, other=0) != 0)
+                if PREFETCH_SLOTS:  # this tile's bytes came with the last; the next tile's are asked for now
+                    visible = visible & (next_valid != 0)
+                    ahead = offs_s + BLOCK_S
+                    next_valid = tl.load(valid_base + ahead, mask=ahead < end, other=0)
+                else:
+                    visible = visible & (tl.load(valid_base + offs_s, mask=visible, other=0) != 0)
             # Masked slots are never loaded (nor their bytes moved): left padding, a ring's empty slots.
             lat = tl.load(LATENT + row * stride_lb + offs_s[:, None] * stride_ls + offs_r[None, :],
                           mask=visible[:, None] & r_ok[None, :], other=0.0)
@@ -169,30 +177,24 @@ if triton is not None:
         tl.store(SUM + stat, running_sum)
 
 
-@functools.lru_cache(maxsize=None)
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 # Launch settings the kernel takes when its caller gives none; benchmarks set them (launch/benchmark_decode.py).
 #   slot_rows: the score and value products with the tile's slots as their rows (latent_attention.py's
 #     LAUNCH_DEFAULTS says why). H200, session 18: 7-21% faster at every shape from 32 x 4k to 128 x 16k, rank 128 and
 #     Kr = 3 or 1 (2.31 -> 2.47 and 2.08 -> 2.52 TB/s at 128 x 16k, 58-59% of the copy bandwidth).
-LAUNCH_DEFAULTS = dict(slot_rows=1)
-
-
-def num_splits(programs_per_split: int, slots: int, block_s: int, device: torch.device) -> int:
-    """Splits of the slot axis: enough programs to fill the GPU twice over (B = 1 at 32k slots: 128 splits),
-    never a split shorter than four tiles, at most 256 (the merge reads every split's partial result)."""
-    target = 2 * _multiprocessors(device) if device.type == "cuda" else 1  # the interpreter runs programs in turn
-    return max(1, min(-(-target // programs_per_split), -(-slots // (4 * block_s)), 256))
+#   programs_per_sm: the programs the slot splits aim at, per SM (latent_attention.slot_splits). Two until measured
+#     otherwise; at B=64 x 4k two give 5 splits of 13 tiles, 320 programs, each waiting on its loads in turn.
+#   prefetch_slots: 1: the next tile's mask bytes loaded a tile ahead, so the tile's latent and rotary loads, which
+#     the mask gates, do not wait for them first (the latent kernel's prefetch_slots, 10-12% there); 0: with the
+#     tile (measured as the default until session 21).
+LAUNCH_DEFAULTS = dict(slot_rows=1, programs_per_sm=2, prefetch_slots=0)
 
 
 def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_weight, v_weight, v_bias,
                                   scaling: float, *, valid=None, length=None, block_s: int | None = None,
                                   block_h: int | None = None, splits: int | None = None,
                                   num_warps: int | None = None, num_stages: int | None = None,
-                                  slot_rows: int | None = None) -> torch.Tensor:
+                                  slot_rows: int | None = None, programs_per_sm: int | None = None,
+                                  prefetch_slots: int | None = None) -> torch.Tensor:
     """One decode step of attention over a partial-RoPE joint-latent cache.
 
     Args:
@@ -208,7 +210,8 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
         length: optional 1-element integer device tensor, 1 <= length <= C: slots past it are never read, so one
             CUDA graph serves every position.
         block_s, block_h, splits, num_warps, num_stages: tiling (defaults: untuned guesses, see the module doc).
-        slot_rows: 1, the slots as the rows of every product (default: LAUNCH_DEFAULTS).
+        slot_rows, programs_per_sm, prefetch_slots: LAUNCH_DEFAULTS' settings (which says what each does), theirs
+            when not given.
     Returns [B, K, G, Dv] in query_rope's dtype.
     Raises ValueError on shapes `fits` refuses or that disagree with one another.
     """
@@ -257,7 +260,10 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
     block_c = _next_power_of_2(block_rope_heads * rope_dim)
     head_blocks = -(-heads // block_h)
     padded_heads = head_blocks * block_h
-    splits = splits or num_splits(batch * head_blocks, slots, block_s, kv_latent.device)
+    settings = {name: LAUNCH_DEFAULTS[name] if given is None else given for name, given in
+                (("slot_rows", slot_rows), ("programs_per_sm", programs_per_sm), ("prefetch_slots", prefetch_slots))}
+    splits = splits or slot_splits(batch * head_blocks, slots, block_s, kv_latent.device,
+                                   settings["programs_per_sm"])
     per_split = -(-slots // splits)
     per_split = -(-per_split // block_s) * block_s  # whole tiles: only the last split has a ragged end
     splits = -(-slots // per_split)
@@ -277,7 +283,7 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
         float(scaling),
         ROPE_DIM=rope_dim, BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_S=block_s,
         HAS_VALID=valid is not None, LENGTH_IN_MEMORY=length is not None,
-        SLOT_ROWS=bool(LAUNCH_DEFAULTS["slot_rows"] if slot_rows is None else slot_rows), num_warps=num_warps,
+        SLOT_ROWS=bool(settings["slot_rows"]), PREFETCH_SLOTS=bool(settings["prefetch_slots"]), num_warps=num_warps,
         num_stages=num_stages,
     )
     # U_v once per query head (sum_c p_c = 1: the bias passes through once).

@@ -66,13 +66,13 @@ SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hi
 # choices take 0 (off) or 1 (on); a value of 0 elsewhere means the kernel's own choice.
 KERNEL_SWEEP = [
     ("--kv-per-program", "kv_per_program", "kv", "KV heads per program (1: a program per KV head; 0: all)"),
-    ("--programs-per-sm", "programs_per_sm", "pps", "the programs the slot splits aim at per SM"),
+    ("--programs-per-sm", "programs_per_sm", "pps", "the programs the slot splits aim at per SM (the partial part too)"),
     ("--block-s", "block_s", "bs", "slots per tile (the partial part too)"),
     ("--num-warps", "num_warps", "w", "warps per program (the partial part too)"),
-    ("--num-stages", "num_stages", "st", "software-pipelining stages"),
+    ("--num-stages", "num_stages", "st", "software-pipelining stages (the partial part too)"),
     ("--prefetch", "prefetch", "pf", "1: the next tile's loads issued before this tile's dots, 0: not"),
     ("--prefetch-slots", "prefetch_slots", "ps", "1: the next tile's positions, mask and scales loaded a tile ahead, "
-     "0: with the tile"),
+     "0: with the tile (the partial part too: its mask bytes)"),
     ("--split-columns", "split_columns", "sc", "1: a program's key columns as two power-of-two tiles where one "
      "would be padded, 0: one tile"),
     ("--split-values", "split_values", "sv", "1: the value latent's columns likewise, 0: one tile"),
@@ -119,7 +119,7 @@ def parse_args(argv=None):
                         help="kernel part: latents in bf16, int8 or packed 4 bits (per-slot bf16 scales), as a "
                              "cache_bits model stores them")
     # The latent kernel's launch settings: one triton_latent column per combination of the values given (the
-    # partial part takes --slot-rows too). Unset: the kernel's own choice.
+    # partial part takes those of PARTIAL_SWEEP). Unset: the kernel's own choice.
     for flag, argument, _, what in KERNEL_SWEEP:
         parser.add_argument(flag, type=int, nargs="*", default=[None], metavar="N",
                             choices=(0, 1) if argument in BINARY_SETTINGS else None,
@@ -135,7 +135,8 @@ def parse_args(argv=None):
                              "prefetch, split_columns)")
     parser.add_argument("--partial-kernel", nargs="*", default=[], metavar="KEY=N",
                         help="generate part: the partial-RoPE kernel's launch settings for every row "
-                             "(kernels/partial_rope_decode.py LAUNCH_DEFAULTS: slot_rows)")
+                             "(kernels/partial_rope_decode.py LAUNCH_DEFAULTS: slot_rows, programs_per_sm, "
+                             "prefetch_slots)")
     parser.add_argument("--kv-rank", type=int, default=128, help="partial-RoPE joint latent rank")
     parser.add_argument("--rope-dims", type=int, default=16, help="partial-RoPE rotary key dims per head")
     parser.add_argument("--gen-batch", type=int, nargs="*", default=[32, 128])
@@ -322,6 +323,8 @@ def partial_rope_case(batch, context, kv_rank, rope_dims, rope_heads, seed=0, kv
                 scaling=dim ** -0.5)
 
 
+# The KERNEL_SWEEP settings the partial-RoPE kernel takes.
+PARTIAL_SWEEP = ("programs_per_sm", "block_s", "num_warps", "num_stages", "prefetch_slots", "slot_rows")
 PARTIAL_ARGS = ("query_rope", "query_nope", "k_rope", "kv_latent", "k_up", "v_up", "mask", "scaling")
 
 
@@ -349,10 +352,10 @@ def run_partial_rope_kernel_part(args, copy_bandwidth: float, device="cuda", tim
                                              c["kv_latent"], c["k_up"].weight, c["v_up"].weight, c["v_up"].bias,
                                              c["scaling"], valid=c["mask"][:, 0, 0, 0], **settings)
 
-    # One column per combination of --slot-rows, --block-s and --num-warps given, as the latent part names them:
+    # One column per combination of the PARTIAL_SWEEP settings given, as the latent part names them:
     # triton_partial (the kernel's choices), triton_partial_sr0, triton_partial_bs32_w8_sr1, ...
     kernels = [(name.replace("triton_latent", "triton_partial"), functools.partial(triton_partial, settings=settings))
-               for name, settings in kernel_columns(args, ("block_s", "num_warps", "slot_rows"))]
+               for name, settings in kernel_columns(args, PARTIAL_SWEEP)]
 
     def torch_partial(c):
         return partial_rope_attention(*[c[k] for k in PARTIAL_ARGS])[0][:, :, :, 0]

@@ -90,18 +90,19 @@ def kernel(c, **options):
     dict(kv_heads=20, group=1, rope_dim=4, nope_dim=4, rank=16, slots=21),  # MHA, 20 rope heads: blocks of 16 + 4
     dict(kv_heads=1, group=4, rope_dim=8, nope_dim=0, rank=20, slots=33),  # every dim rotary: q_nope empty
 ])
-@pytest.mark.parametrize("splits", [1, 3])
+# prefetch_slots: the mask bytes loaded a tile ahead, across split ends (3 splits) and ragged last tiles
+@pytest.mark.parametrize("splits, prefetch_slots", [(1, 0), (3, 1)])
 @pytest.mark.parametrize("slot_rows", [0, 1])  # the products with the heads or the slots as their rows
-def test_kernel_equals_the_float64_reference(shape, splits, slot_rows):
+def test_kernel_equals_the_float64_reference(shape, splits, prefetch_slots, slot_rows):
     c = case(**shape, seed=splits)
-    out = kernel(c, block_s=16, block_h=16, splits=splits, slot_rows=slot_rows)
+    out = kernel(c, block_s=16, block_h=16, splits=splits, slot_rows=slot_rows, prefetch_slots=prefetch_slots)
     assert out.shape == c["query_rope"].shape[:3] + (c["v_up"].weight.shape[0] // c["query_rope"].shape[1],)
     assert torch.isfinite(out).all()
     assert relative_error(out, reference(c)) < 1e-5
 
 
-@pytest.mark.parametrize("slot_rows", [0, 1])
-def test_masked_slots_and_slots_past_the_length_are_never_read(slot_rows):
+@pytest.mark.parametrize("slot_rows, prefetch_slots", [(0, 0), (1, 0), (1, 1)])
+def test_masked_slots_and_slots_past_the_length_are_never_read(slot_rows, prefetch_slots):
     """NaN in every invalid slot and past a length read from a tensor (one CUDA graph for every position); a mask
     of one row shared by the batch; a whole split past the length (empty)."""
     c = case(kv_heads=2, group=2, rank=20, slots=64, seed=7)
@@ -112,7 +113,8 @@ def test_masked_slots_and_slots_past_the_length_are_never_read(slot_rows):
     hidden[length:] = True
     c["kv_latent"][:, hidden] = float("nan")
     c["k_rope"][:, :, hidden] = float("nan")
-    out = kernel(c, length=torch.tensor([length]), block_s=16, splits=4, slot_rows=slot_rows)
+    out = kernel(c, length=torch.tensor([length]), block_s=16, splits=4, slot_rows=slot_rows,
+                 prefetch_slots=prefetch_slots)
     assert torch.isfinite(out).all()
     assert relative_error(out, expected) < 1e-5
 
