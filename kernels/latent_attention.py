@@ -785,15 +785,18 @@ def tile_widths(width: int, split: bool, multiple: int = 1) -> tuple[int, int]:
     return first, second
 
 
-def slot_splits(programs: int, slots: int, block_s: int, device: torch.device, programs_per_sm: int) -> int:
-    """Splits of the slot axis (flash-decoding) so that programs x splits reach programs_per_sm per SM, never a
-    split shorter than four tiles, at most 128 (the merge reads every split's partial result). Both decode
-    kernels take theirs from here."""
+def slot_splits(programs: int, slots: int, block_s: int, device: torch.device, programs_per_sm: int,
+                whole_waves: bool = False) -> int:
+    """Splits of the slot axis (flash-decoding) so that programs x splits reach programs_per_sm per SM (whole_waves:
+    stay within it, so that a grid of one wave when programs_per_sm is what an SM holds at once never spills a
+    second, nearly empty one), never a split shorter than four tiles, at most 128 (the merge reads every split's
+    partial result). Both decode kernels take theirs from here."""
     if device.type == "cuda":
         target = programs_per_sm * _multiprocessors(device)
     else:
         target = 1  # the interpreter runs programs one after another
-    return max(1, min(-(-target // programs), -(-slots // (4 * block_s)), 128))
+    wanted = target // programs if whole_waves else -(-target // programs)
+    return max(1, min(wanted, -(-slots // (4 * block_s)), 128))
 
 
 def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weight, v_bias, positions, valid,

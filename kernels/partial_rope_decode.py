@@ -181,12 +181,19 @@ if triton is not None:
 #   slot_rows: the score and value products with the tile's slots as their rows (latent_attention.py's
 #     LAUNCH_DEFAULTS says why). H200, session 18: 7-21% faster at every shape from 32 x 4k to 128 x 16k, rank 128 and
 #     Kr = 3 or 1 (2.31 -> 2.47 and 2.08 -> 2.52 TB/s at 128 x 16k, 58-59% of the copy bandwidth).
-#   programs_per_sm: the programs the slot splits aim at, per SM (latent_attention.slot_splits). Two until measured
-#     otherwise; at B=64 x 4k two give 5 splits of 13 tiles, 320 programs, each waiting on its loads in turn.
 #   prefetch_slots: 1: the next tile's mask bytes loaded a tile ahead, so the tile's latent and rotary loads, which
-#     the mask gates, do not wait for them first (the latent kernel's prefetch_slots, 10-12% there); 0: with the
-#     tile (measured as the default until session 21).
-LAUNCH_DEFAULTS = dict(slot_rows=1, programs_per_sm=2, prefetch_slots=0)
+#     the mask gates, do not wait on them first (the latent kernel's prefetch_slots). H200, session 21, rank 128 + 16
+#     rotary dims, B x S from 64 x 4k to 128 x 16k, Kr = 3 and 1: 3-17% faster at all eight shapes, at 2 and at 8
+#     programs per SM.
+#   programs_per_sm, whole_waves: the slot splits aim at programs_per_sm per SM, and with whole_waves stay within
+#     it (latent_attention.slot_splits). An SM holds four of this kernel's programs at once (rank 128: 107
+#     registers a thread, 57 KiB of shared memory; Nsight Compute), so four, whole, is one full wave: B=128 takes 4
+#     splits, 512 programs for 528 places, where 2 per SM left a quarter of them empty and 8, rounded up, made 9
+#     splits, 1,152 programs, whose third wave ran nearly empty.
+#     Session 21, with prefetch_slots: at least as fast as 8 per SM rounded up at all eight shapes (0.94x its time,
+#     geometric mean; 128 x 16k Kr = 3 260 -> 220 us, 79% of the copy bandwidth; 64 x 4k 54 -> 50 us, 43%, where
+#     the call's other kernels take a third of its time). Three stages, 32- or 128-slot tiles, 8 warps: no better.
+LAUNCH_DEFAULTS = dict(slot_rows=1, programs_per_sm=4, prefetch_slots=1, whole_waves=1)
 
 
 def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_weight, v_weight, v_bias,
@@ -194,7 +201,7 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
                                   block_h: int | None = None, splits: int | None = None,
                                   num_warps: int | None = None, num_stages: int | None = None,
                                   slot_rows: int | None = None, programs_per_sm: int | None = None,
-                                  prefetch_slots: int | None = None) -> torch.Tensor:
+                                  prefetch_slots: int | None = None, whole_waves: int | None = None) -> torch.Tensor:
     """One decode step of attention over a partial-RoPE joint-latent cache.
 
     Args:
@@ -210,7 +217,7 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
         length: optional 1-element integer device tensor, 1 <= length <= C: slots past it are never read, so one
             CUDA graph serves every position.
         block_s, block_h, splits, num_warps, num_stages: tiling (defaults: untuned guesses, see the module doc).
-        slot_rows, programs_per_sm, prefetch_slots: LAUNCH_DEFAULTS' settings (which says what each does), theirs
+        slot_rows, programs_per_sm, prefetch_slots, whole_waves: LAUNCH_DEFAULTS' settings (which says what each does), theirs
             when not given.
     Returns [B, K, G, Dv] in query_rope's dtype.
     Raises ValueError on shapes `fits` refuses or that disagree with one another.
@@ -261,9 +268,10 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
     head_blocks = -(-heads // block_h)
     padded_heads = head_blocks * block_h
     settings = {name: LAUNCH_DEFAULTS[name] if given is None else given for name, given in
-                (("slot_rows", slot_rows), ("programs_per_sm", programs_per_sm), ("prefetch_slots", prefetch_slots))}
+                (("slot_rows", slot_rows), ("programs_per_sm", programs_per_sm), ("prefetch_slots", prefetch_slots),
+                 ("whole_waves", whole_waves))}
     splits = splits or slot_splits(batch * head_blocks, slots, block_s, kv_latent.device,
-                                   settings["programs_per_sm"])
+                                   settings["programs_per_sm"], bool(settings["whole_waves"]))
     per_split = -(-slots // splits)
     per_split = -(-per_split // block_s) * block_s  # whole tiles: only the last split has a ragged end
     splits = -(-slots // per_split)

@@ -191,3 +191,20 @@ def test_generate_with_a_shared_rotary_key_equals_generate_without(monkeypatch, 
                       {}], num_attention_heads=4)
     assert len(kernel_calls) == 9  # 9 decode steps x 1 shared-rotary layer
     assert_same_generation(runs)
+
+
+def test_slot_splits_fill_whole_waves_on_a_gpu(monkeypatch):
+    """The splits both decode kernels take, for an H200's 132 SMs (no GPU needed: only the count is read)."""
+    from kvforge.kernels import latent_attention
+
+    monkeypatch.setattr(latent_attention, "_multiprocessors", lambda device: 132)
+    gpu = torch.device("cuda")
+    # B=128 rows, one head block: four programs per SM held within is 4 splits (512 programs for 528 places);
+    # reached, 8 per SM is 9 splits (1,152 programs: a third wave)
+    assert latent_attention.slot_splits(128, 16384, 64, gpu, 4, whole_waves=True) == 4
+    assert latent_attention.slot_splits(128, 16384, 64, gpu, 8) == 9
+    assert latent_attention.slot_splits(64, 4096, 64, gpu, 4, whole_waves=True) == 8
+    assert latent_attention.slot_splits(64, 1000, 64, gpu, 4, whole_waves=True) == 4  # no split under four tiles
+    assert latent_attention.slot_splits(1024, 16384, 64, gpu, 4, whole_waves=True) == 1  # more rows than places
+    assert latent_attention.slot_splits(1, 1 << 20, 64, gpu, 4, whole_waves=True) == 128  # the merge's cap
+    assert latent_attention.slot_splits(128, 16384, 64, torch.device("cpu"), 4, whole_waves=True) == 1
