@@ -46,37 +46,30 @@ PROFILES=${PROFILES-}
 # The largest batch at 32k, prompts prefilled 4,096 tokens at a time (--prefill-chunk) as a server does. Session 17,
 # one mask row per later prefill chunk: original 92, lr25 416 (4.5x); lr12's search, started at 8, was cut by the
 # session's end. Session 18: lr12 alone, from 192, on GPU 0 after its recipe.
-MAX_BATCH_VARIANTS=${MAX_BATCH_VARIANTS-lr12-int4-aligned-static}
 # Session 18: lr12 fitted 576 rows and not 672 (from 192; the machine was released before the bisection ended).
+# Next: that bisection, then the partial-RoPE 25% and merged-heads models (session 21: the fastest layouts), from 576.
+MAX_BATCH_VARIANTS=${MAX_BATCH_VARIANTS-lr12-int4-aligned-static partial-rope-25-static merged-heads-static}
 MAX_BATCH_START=${MAX_BATCH_START-576}
 # GPU 0's decode rows (DECODE_ARGS0, the same form as DECODE_ARGS; logs decode0-<n>), before its batch search.
 # Session 18 measured the new kernel layouts (8-bit latents: split tiles + slot rows 10-12% faster, the defaults
 # since; 4-bit: the key split only; partial RoPE: slot rows, 58-59% of copy at 128 x 16k). Session 19 (3 device
 # minutes) measured word loads (8-bit: 5.6-7.4% faster, the default since). Session 20 (one H200): the occupancy
-# settings (no gain: off) and prefetch_slots (8-bit 10-12% faster, the default since; 4-bit and bf16 slower). Next:
-# word loads for 4-bit latents (built after session 20's GPU time: 13% fewer instructions offline; the 12.5% model's
-# 6.4x needs its kernel about twice as fast);
-# the layouts for bf16 latents (the 50% model's; their default is still the old layout) and for 4-bit value ranks
-# that split (160), and the partial-RoPE kernel's tiles under slot rows (its tile sizes were never tuned: 60% is one
-# point off).
-DECODE_ARGS0=${DECODE_ARGS0-"--part latent --batch 32 128 --context 4096 16384 --k-rank 64 --v-rank 128 \
---cache-bits 4 --word-loads 0 1 --split-values 0 1|\
---part kernel --batch 32 128 --context 4096 16384 --k-rank 48 --v-rank 144 \
+# settings (no gain: off) and prefetch_slots (8-bit 10-12% faster, the default since; 4-bit and bf16 slower).
+# Session 21 (one H200): word loads for 4-bit latents 3-5% slower (off); the partial-RoPE kernel's mask a tile ahead
+# and whole waves of 4 programs per SM (68-79% of copy at 16k, the defaults since; tiles, warps, stages no better).
+# Next: the layouts for bf16 latents (the 50% model's; their default is still the old layout) and for 4-bit value
+# ranks that split (160).
+DECODE_ARGS0=${DECODE_ARGS0-"--part kernel --batch 32 128 --context 4096 16384 --k-rank 48 --v-rank 144 \
 --cache-bits 16 --split-values 0 1 --slot-rows 0 1|\
---part kernel --batch 32 128 --context 4096 16384 --k-rank 64 --v-rank 160 --cache-bits 4 --split-values 0 1|\
---part partial --batch 64 128 --context 4096 16384 --slot-rows 1 --block-s 0 32 128 --num-warps 0 4 8"}
+--part kernel --batch 32 128 --context 4096 16384 --k-rank 64 --v-rank 160 --cache-bits 4 --split-values 0 1"}
 # Session 18 (exported directories, compiled step, the new kernel defaults): lr25 3.47x at B=32 x 16k (target 3.2x
 # met), 3.03x at B=128 x 4k (5% short); lr12 3.85x / 3.15x (6.4x wanted); partial RoPE 25% 5.09x / 4.15x; merged
-# heads 7.06x; windows 4.08x. Next: the rows of issue 12's table not yet taken through exported directories with
-# the compiled step (B=128 x 4k for partial RoPE 50%, merged heads, windows), and the 50% bf16 model; lr25 at
-# B=128 x 4k again with word loads (estimated 3.1x from the kernel alone). Session 20: with the static cache kept and
-# reset across generate() calls (the benchmark's default since), lr25 3.95x at 128 x 4k and 4.4x at 32 x 16k (the
-# latter against session 18's original: this session's was cut by the time limit). Next: every row again that way.
-DECODE_ARGS=${DECODE_ARGS-"--gen-batch 32 --gen-prompt 16384 --gen-variants original-static lr12-int4-aligned-static \
-lr50-static partial-rope-50-static merged-heads-static window-lowrank-12-static --repeats 3 --compile-step \
---via-export /tmp/kv-decode-exports|\
---gen-batch 128 --gen-prompt 4096 --gen-variants lr12-int4-aligned-static partial-rope-50-static \
-merged-heads-static window-lowrank-12-static --repeats 3 --compile-step --via-export /tmp/kv-decode-exports"}
+# heads 7.06x; windows 4.08x. Session 20: with the static cache kept and reset across generate() calls (the
+# benchmark's default since), lr25 3.95x at 128 x 4k and 4.4x at 32 x 16k. Session 21: every layout again that way
+# (one H200): all but lr12 (4.5x / 3.6x of 6.4x) meet the target at both shapes. Next: where the fastest one's step
+# goes (partial-rope-25 at 128 x 4k: 3.80 ms; its kernel's share not measured), profiled.
+DECODE_ARGS=${DECODE_ARGS-"--gen-batch 128 --gen-prompt 4096 --gen-variants partial-rope-25-static --repeats 3 \
+--compile-step --profile 16"}
 stamp() { echo "$(date +%T) $*"; }
 mkdir -p "$K/results"
 
