@@ -765,9 +765,13 @@ def _multiprocessors(device: torch.device) -> int:
 #     them (long scoreboard), at two programs of four warps per SM. Ahead: 20% of samples, 10-12% faster at all
 #     six shapes (163.7 -> 144.3 us at 32 x 16k, 162.2 -> 142.9 at 128 x 4k; 0.62-0.80 TB/s). On 4-bit (64 / 128)
 #     and bf16 (48 / 144) latents it was 13-16% slower. None: on for 8-bit latents only.
+#   whole_waves: the slot splits held within programs_per_sm per SM rather than reaching it (slot_splits): with
+#     programs_per_sm what an SM holds at once, a grid of whole waves, never a nearly empty last one. The
+#     partial-RoPE kernel's default since session 21 (at its four programs per SM, 0.94x the time of 8 rounded up);
+#     not timed here (two programs per SM hold): off.
 LAUNCH_DEFAULTS = dict(kv_per_program=None, programs_per_sm=8, prefetch=0, split_columns=1, split_values=None,
                        slot_rows=None, word_loads=None, merged_halves=0, half_rope_table=0, max_registers=None,
-                       prefetch_slots=None)
+                       prefetch_slots=None, whole_waves=0)
 
 
 def tile_widths(width: int, split: bool, multiple: int = 1) -> tuple[int, int]:
@@ -809,7 +813,7 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
                             split_values: int | None = None, slot_rows: int | None = None,
                             word_loads: int | None = None, merged_halves: int | None = None,
                             half_rope_table: int | None = None, max_registers: int | None = None,
-                            prefetch_slots: int | None = None) -> torch.Tensor:
+                            prefetch_slots: int | None = None, whole_waves: int | None = None) -> torch.Tensor:
     """One decode step of attention over a pre-RoPE latent cache.
 
     query [B, K, G, D] (rotated); k_latent [B, S, Rk], v_latent [B, S, Rv]; k_weight [K * D, Rk] and
@@ -833,8 +837,8 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     whole and stored columns and strides are multiples of 4; merged_halves (1: on): with slot rows, where U_k is
     held whole and the cache is not 4-bit, one key product and one score product per column group; half_rope_table
     (1: on): the cos/sin table in float16; max_registers: a cap on registers per thread (ptxas spills past it);
-    prefetch_slots (1: on): each tile's positions, mask bytes and scales loaded one tile ahead. All default to
-    LAUNCH_DEFAULTS.
+    prefetch_slots (1: on): each tile's positions, mask bytes and scales loaded one tile ahead; whole_waves (1: on):
+    the slot splits held within programs_per_sm per SM. All default to LAUNCH_DEFAULTS.
     Returns out [B, K, G, Dv] in query.dtype.
     """
     if triton is None:
@@ -904,7 +908,8 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     block_c, block_c2 = tile_widths(kv_per_program * (dim // 2), bool(split_columns) and whole, multiple=dim // 2)
     block_rv, block_rv2 = tile_widths(v_latent.shape[2], bool(split_values))
     splits = num_splits or slot_splits(batch * head_programs, slots, block_s, query.device,
-                                       programs_per_sm or LAUNCH_DEFAULTS["programs_per_sm"])
+                                       programs_per_sm or LAUNCH_DEFAULTS["programs_per_sm"],
+                                       bool(setting("whole_waves", whole_waves)))
     per_split = -(-slots // splits)
     per_split = -(-per_split // block_s) * block_s  # whole tiles, so only the last split has a ragged end
     splits = -(-slots // per_split)

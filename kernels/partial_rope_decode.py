@@ -31,10 +31,10 @@ Bytes per slot and row: R + Kr x Dr cache elements and one mask byte; that is th
 value). A head block covering fewer heads than H re-reads the latent per block (from L2 when the blocks of one
 split run together: the head block is the fastest grid axis for that reason), but only its own rope heads.
 
-Tile sizes and warps below are guesses from the tile's register / shared-memory size, untuned; the products'
-orientation (LAUNCH_DEFAULTS) is measured. Imports triton inside `try`: without it `available()` says False and
-the caller keeps PyTorch. This file is copied flat beside modeling_kvforge.py in an exported directory; it imports
-only torch, triton and its sibling kernel files.
+Tile sizes and warps below were first guessed from the tile's register / shared-memory size; on an H200 (session
+21, rank 128) 32- or 128-slot tiles and 8 warps were no faster. The launch settings (LAUNCH_DEFAULTS) are measured.
+Imports triton inside `try`: without it `available()` says False and the caller keeps PyTorch. This file is copied
+flat beside modeling_kvforge.py in an exported directory; it imports only torch, triton and its sibling kernel files.
 """
 
 from __future__ import annotations
@@ -218,8 +218,8 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
         length: optional 1-element integer device tensor, 1 <= length <= C: slots past it are never read, so one
             CUDA graph serves every position.
         block_s, block_h, splits, num_warps, num_stages: tiling (defaults: untuned guesses, see the module doc).
-        slot_rows, programs_per_sm, prefetch_slots, whole_waves: LAUNCH_DEFAULTS' settings (which says what each does), theirs
-            when not given.
+        slot_rows, programs_per_sm, prefetch_slots, whole_waves: launch settings (LAUNCH_DEFAULTS says what each
+            does and holds the ones not given).
     Returns [B, K, G, Dv] in query_rope's dtype.
     Raises ValueError on shapes `fits` refuses or that disagree with one another.
     """
@@ -264,7 +264,8 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
         valid = valid.view(torch.uint8) if valid.dtype == torch.bool else valid.to(torch.uint8)
 
     block_r = _next_power_of_2(rank)
-    # The latent tile [BLOCK_S, BLOCK_R] held at most ~32 KiB per pipeline stage (untuned).
+    # The latent tile [BLOCK_S, BLOCK_R] held at most ~32 KiB per pipeline stage (rank 128: 64 slots, the
+    # fastest of 32, 64 and 128 on an H200).
     block_s = block_s or max(16, min(64, 32768 // (block_r * kv_latent.element_size())))
     block_rope_heads = rope_heads_per_block(heads, rope_heads, block_h)
     block_c = _next_power_of_2(block_rope_heads * rope_dim)

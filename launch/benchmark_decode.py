@@ -66,7 +66,8 @@ SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hi
 # choices take 0 (off) or 1 (on); a value of 0 elsewhere means the kernel's own choice.
 KERNEL_SWEEP = [
     ("--kv-per-program", "kv_per_program", "kv", "KV heads per program (1: a program per KV head; 0: all)"),
-    ("--programs-per-sm", "programs_per_sm", "pps", "the programs the slot splits aim at per SM (the partial part too)"),
+    ("--programs-per-sm", "programs_per_sm", "pps", "the programs the slot splits aim at per SM (the partial part "
+     "too)"),
     ("--block-s", "block_s", "bs", "slots per tile (the partial part too)"),
     ("--num-warps", "num_warps", "w", "warps per program (the partial part too)"),
     ("--num-stages", "num_stages", "st", "software-pipelining stages (the partial part too)"),
@@ -83,8 +84,8 @@ KERNEL_SWEEP = [
     ("--merged-halves", "merged_halves", "mh", "1: a key column group's two halves in one key product and one score "
      "product (slot rows), 0: two each"),
     ("--half-rope-table", "half_rope_table", "hr", "1: the cos/sin table in float16, 0: float32"),
-    ("--whole-waves", "whole_waves", "ww", "1: the slot splits stay within --programs-per-sm, 0: reach it (partial "
-     "part only)"),
+    ("--whole-waves", "whole_waves", "ww", "1: the slot splits stay within --programs-per-sm, 0: reach it (the "
+     "partial part too)"),
     ("--max-registers", "max_registers", "mr", "a cap on registers per thread (ptxas spills past it)"),
 ]
 BINARY_SETTINGS = {"prefetch", "prefetch_slots", "split_columns", "split_values", "slot_rows", "word_loads",

@@ -31,7 +31,9 @@ R=docs/results
 FIRST0=${FIRST0-}
 FIRST1=${FIRST1-}
 # Session 17: the greedy 12.5% recipe met issue 10 in 434 s (+9.2%), which closed it. Sessions 18 and 19: decode rows
-# only (random weights: started by `setup.sh bench`, one call, no model), on both GPUs.
+# only (random weights: started by `setup.sh bench`, one call, no model), on both GPUs. Sessions 20-21: one H200,
+# decode rows. Next recipe: partial-rope-25-long (the fastest-decoding 25% layout, never trained with the corpus
+# recipe that brought pre-RoPE low rank from +34% to +4.3%): QUEUE=partial-rope-25-long with `setup.sh stage`.
 QUEUE=${QUEUE-}
 MULTIGPU1=${MULTIGPU1:-}
 MULTIGPU2=${MULTIGPU2:-}
@@ -57,9 +59,12 @@ MAX_BATCH_START=${MAX_BATCH_START-576}
 # settings (no gain: off) and prefetch_slots (8-bit 10-12% faster, the default since; 4-bit and bf16 slower).
 # Session 21 (one H200): word loads for 4-bit latents 3-5% slower (off); the partial-RoPE kernel's mask a tile ahead
 # and whole waves of 4 programs per SM (68-79% of copy at 16k, the defaults since; tiles, warps, stages no better).
-# Next: the layouts for bf16 latents (the 50% model's; their default is still the old layout) and for 4-bit value
-# ranks that split (160).
-DECODE_ARGS0=${DECODE_ARGS0-"--part kernel --batch 32 128 --context 4096 16384 --k-rank 48 --v-rank 144 \
+# Next: whole waves for the 8-bit latent kernel (two programs per SM hold; built after session 21's GPU time), the
+# layouts for bf16 latents (the 50% model's; their default is still the old layout) and for 4-bit value ranks that
+# split (160).
+DECODE_ARGS0=${DECODE_ARGS0-"--part latent --batch 32 64 128 --context 4096 16384 --k-rank 48 --v-rank 144 \
+--cache-bits 8 --programs-per-sm 0 2 --whole-waves 0 1|\
+--part kernel --batch 32 128 --context 4096 16384 --k-rank 48 --v-rank 144 \
 --cache-bits 16 --split-values 0 1 --slot-rows 0 1|\
 --part kernel --batch 32 128 --context 4096 16384 --k-rank 64 --v-rank 160 --cache-bits 4 --split-values 0 1"}
 # Session 18 (exported directories, compiled step, the new kernel defaults): lr25 3.47x at B=32 x 16k (target 3.2x
