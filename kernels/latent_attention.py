@@ -609,6 +609,56 @@ if triton is not None:
         tl.store(OUT + out_row * v_rank + offs_rv, mixed.to(OUT.dtype.element_ty), mask=offs_rv < v_rank)
 
     @triton.jit
+    def _merged_values_kernel(
+        ACC, MAX, SUM, UP, BIAS, OUT,  # acc, max, sum: _merge_splits_kernel's; up [K, Dv, Rv]; bias [K, Dv]
+        # out [B, K, G, Dv]
+        splits, group, v_rank, v_dim, stride_uk, stride_ob, stride_ok,
+        BLOCK_H: tl.constexpr, BLOCK_RV: tl.constexpr, BLOCK_SPLITS: tl.constexpr, BLOCK_G: tl.constexpr,
+        BLOCK_DV: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ):
+        """_merge_splits_kernel and the value up-projection in one, per (KV head, row): the group's merged latents
+        [G, Rv], rounded to the output's dtype as the GEMM's input would be, times U_v^T [Rv, Dv] plus the bias,
+        written [B, K, G, Dv]. Where the two-step path writes the latents, reads them back in a batched GEMM, and
+        first copies the bias over the GEMM's output."""
+        kv = tl.program_id(0)
+        row = tl.program_id(1)
+        dtype = OUT.dtype.element_ty
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_split = tl.arange(0, BLOCK_SPLITS)
+        offs_rv = tl.arange(0, BLOCK_RV)
+        offs_dv = tl.arange(0, BLOCK_DV)
+        g_ok = offs_g < group
+        rv_ok = offs_rv < v_rank
+        dv_ok = offs_dv < v_dim
+        heads = kv * group + offs_g
+        stats = (row * splits + offs_split)[:, None] * BLOCK_H + heads[None, :]  # [BLOCK_SPLITS, BLOCK_G]
+        stats_ok = (offs_split < splits)[:, None] & g_ok[None, :]
+        split_max = tl.load(MAX + stats, mask=stats_ok, other=float("-inf"))
+        split_sum = tl.load(SUM + stats, mask=stats_ok, other=0.0)
+        overall = tl.max(split_max, axis=0)  # finite for a real head: every row has a visible slot
+        overall = tl.where(g_ok, overall, 0.0)
+        weight = tl.where(split_max == float("-inf"), 0.0, tl.exp(split_max - overall[None, :]))
+        total = tl.sum(split_sum * weight, axis=0)
+        total = tl.where(g_ok, total, 1.0)
+        mixed = tl.zeros([BLOCK_G, BLOCK_RV], tl.float32)
+        for split in range(0, splits):
+            stat = (row * splits + split) * BLOCK_H + heads
+            split_weight = tl.load(MAX + stat, mask=g_ok, other=float("-inf"))
+            split_weight = tl.where(split_weight == float("-inf"), 0.0, tl.exp(split_weight - overall))
+            # Columns past v_rank may never have been written (a kernel's tiles narrower than ACC): not read.
+            acc = tl.load(ACC + stat[:, None] * BLOCK_RV + offs_rv[None, :], mask=g_ok[:, None] & rv_ok[None, :],
+                          other=0.0)
+            mixed += acc * split_weight[:, None]
+        mixed = (mixed / total[:, None]).to(dtype)
+        up = tl.load(UP + kv * stride_uk + offs_dv[None, :] * v_rank + offs_rv[:, None],
+                     mask=rv_ok[:, None] & dv_ok[None, :], other=0.0)  # U_v^T [BLOCK_RV, BLOCK_DV]
+        out = tl.dot(mixed, up)  # fp32
+        if HAS_BIAS:
+            out += tl.load(BIAS + kv * v_dim + offs_dv, mask=dv_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(OUT + row * stride_ob + kv * stride_ok + offs_g[:, None] * v_dim + offs_dv[None, :], out.to(dtype),
+                 mask=g_ok[:, None] & dv_ok[None, :])
+
+    @triton.jit
     def _rounded_level(x, scale, top):
         """round-half-even(x / scale) clamped to [-top, top], as int8: an IEEE division, then (y + 1.5 * 2^23) -
         1.5 * 2^23, which rounds a float32 |y| < 2^22 to the nearest integer, ties to even, as torch.round does."""
@@ -694,6 +744,9 @@ def rope_table(inv_freq: torch.Tensor, scaling: float, positions: int,
 # A 4-bit latent's U_k is held whole (four [half rank, columns] tiles, the size of the two whole tiles of an
 # unpacked rank of 2x this): up to 2 x 128 ranks, enough for every K/V width up to 256.
 MAX_PACKED_HALF_RANK = 128
+# merged_values(fused=True) holds U_v^T for one KV head as one tile [acc width, Dv] (64 KiB in 16 bits at this size);
+# wider ones take the merge kernel and a GEMM.
+MAX_FUSED_VALUE_TILE = 32768
 
 
 def _next_power_of_2(n: int, at_least: int = 16) -> int:
@@ -765,13 +818,16 @@ def _multiprocessors(device: torch.device) -> int:
 #     them (long scoreboard), at two programs of four warps per SM. Ahead: 20% of samples, 10-12% faster at all
 #     six shapes (163.7 -> 144.3 us at 32 x 16k, 162.2 -> 142.9 at 128 x 4k; 0.62-0.80 TB/s). On 4-bit (64 / 128)
 #     and bf16 (48 / 144) latents it was 13-16% slower. None: on for 8-bit latents only.
+#   fused_values: the splits' merge and the value up-projection in one kernel (merged_values(fused=True)) rather
+#     than the merge kernel, then a batched GEMM whose bias is first copied over its output: two kernels fewer per
+#     call. Built after session 21's GPU time: off until timed.
 #   whole_waves: the slot splits held within programs_per_sm per SM rather than reaching it (slot_splits): with
 #     programs_per_sm what an SM holds at once, a grid of whole waves, never a nearly empty last one. The
 #     partial-RoPE kernel's default since session 21 (at its four programs per SM, 0.94x the time of 8 rounded up);
 #     not timed here (two programs per SM hold): off.
 LAUNCH_DEFAULTS = dict(kv_per_program=None, programs_per_sm=8, prefetch=0, split_columns=1, split_values=None,
                        slot_rows=None, word_loads=None, merged_halves=0, half_rope_table=0, max_registers=None,
-                       prefetch_slots=None, whole_waves=0)
+                       prefetch_slots=None, whole_waves=0, fused_values=0)
 
 
 def tile_widths(width: int, split: bool, multiple: int = 1) -> tuple[int, int]:
@@ -813,7 +869,8 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
                             split_values: int | None = None, slot_rows: int | None = None,
                             word_loads: int | None = None, merged_halves: int | None = None,
                             half_rope_table: int | None = None, max_registers: int | None = None,
-                            prefetch_slots: int | None = None, whole_waves: int | None = None) -> torch.Tensor:
+                            prefetch_slots: int | None = None, whole_waves: int | None = None,
+                            fused_values: int | None = None) -> torch.Tensor:
     """One decode step of attention over a pre-RoPE latent cache.
 
     query [B, K, G, D] (rotated); k_latent [B, S, Rk], v_latent [B, S, Rv]; k_weight [K * D, Rk] and
@@ -838,7 +895,8 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     held whole and the cache is not 4-bit, one key product and one score product per column group; half_rope_table
     (1: on): the cos/sin table in float16; max_registers: a cap on registers per thread (ptxas spills past it);
     prefetch_slots (1: on): each tile's positions, mask bytes and scales loaded one tile ahead; whole_waves (1: on):
-    the slot splits held within programs_per_sm per SM. All default to LAUNCH_DEFAULTS.
+    the slot splits held within programs_per_sm per SM; fused_values (1: on): the splits' merge and U_v in one
+    kernel. All default to LAUNCH_DEFAULTS.
     Returns out [B, K, G, Dv] in query.dtype.
     """
     if triton is None:
@@ -938,7 +996,8 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
         # Triton's own option: None leaves the allocation to ptxas
         maxnreg=max_registers or LAUNCH_DEFAULTS["max_registers"],
     )
-    return merged_values(acc, stats_max, stats_sum, v_weight, v_bias, kv_heads, group, v_rank, query.dtype)
+    return merged_values(acc, stats_max, stats_sum, v_weight, v_bias, kv_heads, group, v_rank, query.dtype,
+                         fused=bool(setting("fused_values", fused_values)))
 
 
 def merge_splits(acc, stats_max, stats_sum, out: torch.Tensor, heads: int, group: int) -> None:
@@ -952,11 +1011,23 @@ def merge_splits(acc, stats_max, stats_sum, out: torch.Tensor, heads: int, group
 
 
 def merged_values(acc, stats_max, stats_sum, v_weight, v_bias, kv_heads: int, group: int, v_rank: int,
-                  dtype: torch.dtype) -> torch.Tensor:
+                  dtype: torch.dtype, fused: bool = False) -> torch.Tensor:
     """A latent decode kernel's splits merged (acc [B, splits, H', W] with H' >= H heads and W >= v_rank latent
     columns, max / sum [B, splits, H']), then the value up-projection: out [B, K, G, Dv] in `dtype`. Shared by
-    this file's kernel and partial_rope_decode.py's: both accumulate p @ latent and apply U_v once per head."""
+    this file's kernel and partial_rope_decode.py's: both accumulate p @ latent and apply U_v once per head.
+    fused: both in one kernel (_merged_values_kernel), where U_v's rows fit one tile; else the merge kernel and a
+    batched GEMM."""
     batch = acc.shape[0]
+    v_dim = v_weight.shape[0] // kv_heads
+    if fused and acc.shape[-1] * _next_power_of_2(v_dim) <= MAX_FUSED_VALUE_TILE:
+        out = torch.empty(batch, kv_heads, group, v_dim, device=acc.device, dtype=dtype)
+        up = v_weight.contiguous().view(kv_heads, v_dim, v_rank)
+        _merged_values_kernel[(kv_heads, batch)](
+            acc, stats_max, stats_sum, up, v_bias if v_bias is not None else up, out,
+            acc.shape[1], group, v_rank, v_dim, up.stride(0), out.stride(0), out.stride(1),
+            BLOCK_H=acc.shape[2], BLOCK_RV=acc.shape[3], BLOCK_SPLITS=_next_power_of_2(acc.shape[1], at_least=2),
+            BLOCK_G=_next_power_of_2(group), BLOCK_DV=_next_power_of_2(v_dim), HAS_BIAS=v_bias is not None)
+        return out
     # sum_s p_s c_s per head, KV head first: [K, B * G, Rv]
     mixed = torch.empty(kv_heads, batch * group, v_rank, device=acc.device, dtype=dtype)
     merge_splits(acc, stats_max, stats_sum, mixed, kv_heads * group, group)

@@ -194,7 +194,9 @@ if triton is not None:
 #     Session 21, with prefetch_slots: at least as fast as 8 per SM rounded up at all eight shapes (0.94x its time,
 #     geometric mean; 128 x 16k Kr = 3 260 -> 220 us, 79% of the copy bandwidth; 64 x 4k 54 -> 50 us, 43%, where
 #     the call's other kernels take a third of its time). Three stages, 32- or 128-slot tiles, 8 warps: no better.
-LAUNCH_DEFAULTS = dict(slot_rows=1, programs_per_sm=4, prefetch_slots=1, whole_waves=1)
+#   fused_values: the splits' merge and U_v in one kernel (latent_attention.py's LAUNCH_DEFAULTS says more); built
+#     after session 21's GPU time: off until timed.
+LAUNCH_DEFAULTS = dict(slot_rows=1, programs_per_sm=4, prefetch_slots=1, whole_waves=1, fused_values=0)
 
 
 def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_weight, v_weight, v_bias,
@@ -202,7 +204,8 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
                                   block_h: int | None = None, splits: int | None = None,
                                   num_warps: int | None = None, num_stages: int | None = None,
                                   slot_rows: int | None = None, programs_per_sm: int | None = None,
-                                  prefetch_slots: int | None = None, whole_waves: int | None = None) -> torch.Tensor:
+                                  prefetch_slots: int | None = None, whole_waves: int | None = None,
+                                  fused_values: int | None = None) -> torch.Tensor:
     """One decode step of attention over a partial-RoPE joint-latent cache.
 
     Args:
@@ -217,9 +220,9 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
             every row keeps at least one (below `length`).
         length: optional 1-element integer device tensor, 1 <= length <= C: slots past it are never read, so one
             CUDA graph serves every position.
-        block_s, block_h, splits, num_warps, num_stages: tiling (defaults: untuned guesses, see the module doc).
-        slot_rows, programs_per_sm, prefetch_slots, whole_waves: launch settings (LAUNCH_DEFAULTS says what each
-            does and holds the ones not given).
+        block_s, block_h, splits, num_warps, num_stages: tiling (defaults: see the module doc).
+        slot_rows, programs_per_sm, prefetch_slots, whole_waves, fused_values: launch settings (LAUNCH_DEFAULTS says
+            what each does and holds the ones not given).
     Returns [B, K, G, Dv] in query_rope's dtype.
     Raises ValueError on shapes `fits` refuses or that disagree with one another.
     """
@@ -273,7 +276,7 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
     padded_heads = head_blocks * block_h
     settings = {name: LAUNCH_DEFAULTS[name] if given is None else given for name, given in
                 (("slot_rows", slot_rows), ("programs_per_sm", programs_per_sm), ("prefetch_slots", prefetch_slots),
-                 ("whole_waves", whole_waves))}
+                 ("whole_waves", whole_waves), ("fused_values", fused_values))}
     splits = splits or slot_splits(batch * head_blocks, slots, block_s, kv_latent.device,
                                    settings["programs_per_sm"], bool(settings["whole_waves"]))
     per_split = -(-slots // splits)
@@ -299,7 +302,8 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
         num_stages=num_stages,
     )
     # U_v once per query head (sum_c p_c = 1: the bias passes through once).
-    return merged_values(acc, stats_max, stats_sum, v_weight, v_bias, kv_heads, group, rank, query_rope.dtype)
+    return merged_values(acc, stats_max, stats_sum, v_weight, v_bias, kv_heads, group, rank, query_rope.dtype,
+                         fused=bool(settings["fused_values"]))
 
 
 __all__ = ["available", "fits", "partial_rope_decode_attention", "MAX_RANK", "MAX_ROPE_COLUMNS"]

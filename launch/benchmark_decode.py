@@ -84,12 +84,14 @@ KERNEL_SWEEP = [
     ("--merged-halves", "merged_halves", "mh", "1: a key column group's two halves in one key product and one score "
      "product (slot rows), 0: two each"),
     ("--half-rope-table", "half_rope_table", "hr", "1: the cos/sin table in float16, 0: float32"),
+    ("--fused-values", "fused_values", "fv", "1: the splits' merge and the value up-projection in one kernel, 0: the "
+     "merge kernel and a GEMM (the partial part too)"),
     ("--whole-waves", "whole_waves", "ww", "1: the slot splits stay within --programs-per-sm, 0: reach it (the "
      "partial part too)"),
     ("--max-registers", "max_registers", "mr", "a cap on registers per thread (ptxas spills past it)"),
 ]
 BINARY_SETTINGS = {"prefetch", "prefetch_slots", "split_columns", "split_values", "slot_rows", "word_loads",
-                   "merged_halves", "half_rope_table", "whole_waves"}
+                   "merged_halves", "half_rope_table", "whole_waves", "fused_values"}
 
 
 def kernel_columns(args, arguments=None) -> list[tuple[str, dict]]:
@@ -328,7 +330,7 @@ def partial_rope_case(batch, context, kv_rank, rope_dims, rope_heads, seed=0, kv
 
 # The KERNEL_SWEEP settings the partial-RoPE kernel takes.
 PARTIAL_SWEEP = ("programs_per_sm", "whole_waves", "block_s", "num_warps", "num_stages", "prefetch_slots",
-                 "slot_rows")
+                 "slot_rows", "fused_values")
 PARTIAL_ARGS = ("query_rope", "query_nope", "k_rope", "kv_latent", "k_up", "v_up", "mask", "scaling")
 
 

@@ -97,12 +97,14 @@ def test_tiles_split_into_two_powers_of_two_only_where_that_is_narrower():
 # tile's dots; the key columns and value ranks each in two tiles where one would be padded (split); the slots as the
 # rows of every product (slot_rows), with the rest; each column group's halves in one product (merged_halves); each
 # tile's positions and mask loaded a tile ahead (prefetch_slots: a tile's values paired with the wrong tile's
-# positions or mask would miss the reference).
+# positions or mask would miss the reference); the splits' merge and U_v in one kernel (fused_values), also over the
+# value ranks' two tiles.
 @pytest.mark.parametrize("options", [
     {}, dict(kv_per_program=1), dict(kv_per_program=2), dict(prefetch=1), SPLIT, dict(SPLIT, prefetch=1),
     dict(slot_rows=1), dict(SPLIT, slot_rows=1), dict(slot_rows=1, kv_per_program=2, prefetch=1),
     dict(slot_rows=1, merged_halves=1), dict(SPLIT, slot_rows=1, merged_halves=1, kv_per_program=2),
-    dict(prefetch_slots=1), dict(SPLIT, slot_rows=1, prefetch=1, prefetch_slots=1, kv_per_program=2)], ids=str)
+    dict(prefetch_slots=1), dict(SPLIT, slot_rows=1, prefetch=1, prefetch_slots=1, kv_per_program=2),
+    dict(fused_values=1), dict(SPLIT, slot_rows=1, prefetch_slots=1, fused_values=1)], ids=str)
 def test_kernel_equals_the_float64_reference(shape, num_splits, options):
     for seed in range(2):  # fresh inputs each time
         c = case(**shape, seed=seed)
@@ -225,7 +227,7 @@ def test_word_loads_fall_back_where_a_row_does_not_start_on_a_word(monkeypatch):
 @pytest.mark.parametrize("dtype, tolerance, options", [
     (torch.float32, 1e-5, {}), (torch.float16, 5e-3, {}), (torch.float32, 1e-5, dict(prefetch=1)),
     (torch.float16, 5e-3, SPLIT), (torch.float32, 1e-5, dict(SPLIT, slot_rows=1)),
-    (torch.float32, 1e-5, dict(prefetch=1, prefetch_slots=1))], ids=str)
+    (torch.float32, 1e-5, dict(prefetch=1, prefetch_slots=1)), (torch.float16, 5e-3, dict(fused_values=1))], ids=str)
 def test_4_bit_latents_read_as_packed_bytes_equal_the_float64_reference(shape, dtype, tolerance, options):
     """A 4-bit cache hands the kernel uint8 latents, two values per byte, and per-slot scales: it must give what the
     reference gives on the same values dequantized in float64."""

@@ -90,12 +90,14 @@ def kernel(c, **options):
     dict(kv_heads=20, group=1, rope_dim=4, nope_dim=4, rank=16, slots=21),  # MHA, 20 rope heads: blocks of 16 + 4
     dict(kv_heads=1, group=4, rope_dim=8, nope_dim=0, rank=20, slots=33),  # every dim rotary: q_nope empty
 ])
-# prefetch_slots: the mask bytes loaded a tile ahead, across split ends (3 splits) and ragged last tiles
-@pytest.mark.parametrize("splits, prefetch_slots", [(1, 0), (3, 1)])
+# prefetch_slots: the mask bytes loaded a tile ahead, across split ends (3 splits) and ragged last tiles;
+# fused_values: the splits' merge and U_v in one kernel
+@pytest.mark.parametrize("splits, prefetch_slots, fused_values", [(1, 0, 0), (3, 1, 0), (3, 1, 1)])
 @pytest.mark.parametrize("slot_rows", [0, 1])  # the products with the heads or the slots as their rows
-def test_kernel_equals_the_float64_reference(shape, splits, prefetch_slots, slot_rows):
+def test_kernel_equals_the_float64_reference(shape, splits, prefetch_slots, fused_values, slot_rows):
     c = case(**shape, seed=splits)
-    out = kernel(c, block_s=16, block_h=16, splits=splits, slot_rows=slot_rows, prefetch_slots=prefetch_slots)
+    out = kernel(c, block_s=16, block_h=16, splits=splits, slot_rows=slot_rows, prefetch_slots=prefetch_slots,
+                 fused_values=fused_values)
     assert out.shape == c["query_rope"].shape[:3] + (c["v_up"].weight.shape[0] // c["query_rope"].shape[1],)
     assert torch.isfinite(out).all()
     assert relative_error(out, reference(c)) < 1e-5

@@ -59,11 +59,13 @@ MAX_BATCH_START=${MAX_BATCH_START-576}
 # settings (no gain: off) and prefetch_slots (8-bit 10-12% faster, the default since; 4-bit and bf16 slower).
 # Session 21 (one H200): word loads for 4-bit latents 3-5% slower (off); the partial-RoPE kernel's mask a tile ahead
 # and whole waves of 4 programs per SM (68-79% of copy at 16k, the defaults since; tiles, warps, stages no better).
-# Next: whole waves for the 8-bit latent kernel (two programs per SM hold; built after session 21's GPU time), the
-# layouts for bf16 latents (the 50% model's; their default is still the old layout) and for 4-bit value ranks that
-# split (160).
-DECODE_ARGS0=${DECODE_ARGS0-"--part latent --batch 32 64 128 --context 4096 16384 --k-rank 48 --v-rank 144 \
---cache-bits 8 --programs-per-sm 0 2 --whole-waves 0 1|\
+# Next, built after session 21's GPU time: the splits' merge and U_v in one kernel (fused_values, both kernels: two
+# launches fewer; at 4k the partial kernel's call is a third other kernels) and whole waves for the 8-bit latent
+# kernel (two programs per SM hold); then the layouts for bf16 latents (the 50% model's; their default is still the
+# old layout) and for 4-bit value ranks that split (160).
+DECODE_ARGS0=${DECODE_ARGS0-"--part partial --batch 64 128 --context 4096 16384 --fused-values 0 1|\
+--part latent --batch 32 64 128 --context 4096 16384 --k-rank 48 --v-rank 144 \
+--cache-bits 8 --programs-per-sm 0 2 --whole-waves 0 1 --fused-values 0 1|\
 --part kernel --batch 32 128 --context 4096 16384 --k-rank 48 --v-rank 144 \
 --cache-bits 16 --split-values 0 1 --slot-rows 0 1|\
 --part kernel --batch 32 128 --context 4096 16384 --k-rank 64 --v-rank 160 --cache-bits 4 --split-values 0 1"}
