@@ -106,11 +106,12 @@ def test_tiles_split_into_two_powers_of_two_only_where_that_is_narrower():
     dict(prefetch_slots=1), dict(SPLIT, slot_rows=1, prefetch=1, prefetch_slots=1, kv_per_program=2),
     dict(fused_values=1), dict(SPLIT, slot_rows=1, prefetch_slots=1, fused_values=1)], ids=str)
 def test_kernel_equals_the_float64_reference(shape, num_splits, options):
-    for seed in range(2):  # fresh inputs each time
-        c = case(**shape, seed=seed)
-        out = kernel(c, block_s=16, num_splits=num_splits, **options)
-        assert out.shape == c["query"][:, :, :, 0].shape and torch.isfinite(out).all()
-        assert relative_error(out, reference(c)) < 1e-5
+    # Fresh inputs for each case, and each shape and options meet both seeds' inputs: seed 0 with one split, seed 1
+    # with three (one kernel launch per case: the interpreter runs each for ~0.25 s on CPU).
+    c = case(**shape, seed={1: 0, 3: 1}[num_splits])
+    out = kernel(c, block_s=16, num_splits=num_splits, **options)
+    assert out.shape == c["query"][:, :, :, 0].shape and torch.isfinite(out).all()
+    assert relative_error(out, reference(c)) < 1e-5
 
 
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float16, 5e-3)])
