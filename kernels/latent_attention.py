@@ -632,24 +632,23 @@ if triton is not None:
         dv_ok = offs_dv < v_dim
         heads = kv * group + offs_g
         stats = (row * splits + offs_split)[:, None] * BLOCK_H + heads[None, :]  # [BLOCK_SPLITS, BLOCK_G]
-        stats_ok = (offs_split < splits)[:, None] & g_ok[None, :]
-        split_max = tl.load(MAX + stats, mask=stats_ok, other=float("-inf"))
-        split_sum = tl.load(SUM + stats, mask=stats_ok, other=0.0)
+        split_max = tl.load(MAX + stats, mask=(offs_split < splits)[:, None] & g_ok[None, :], other=float("-inf"))
         overall = tl.max(split_max, axis=0)  # finite for a real head: every row has a visible slot
         overall = tl.where(g_ok, overall, 0.0)
-        weight = tl.where(split_max == float("-inf"), 0.0, tl.exp(split_max - overall[None, :]))
-        total = tl.sum(split_sum * weight, axis=0)
-        total = tl.where(g_ok, total, 1.0)
+        # Each split's weight exp(m_split - m) once, for its share of both the sum and the latents; fully masked
+        # splits weigh 0.
+        total = tl.zeros([BLOCK_G], tl.float32)
         mixed = tl.zeros([BLOCK_G, BLOCK_RV], tl.float32)
         for split in range(0, splits):
             stat = (row * splits + split) * BLOCK_H + heads
             split_weight = tl.load(MAX + stat, mask=g_ok, other=float("-inf"))
             split_weight = tl.where(split_weight == float("-inf"), 0.0, tl.exp(split_weight - overall))
+            total += tl.load(SUM + stat, mask=g_ok, other=0.0) * split_weight
             # Columns past v_rank may never have been written (a kernel's tiles narrower than ACC): not read.
             acc = tl.load(ACC + stat[:, None] * BLOCK_RV + offs_rv[None, :], mask=g_ok[:, None] & rv_ok[None, :],
                           other=0.0)
             mixed += acc * split_weight[:, None]
-        mixed = (mixed / total[:, None]).to(dtype)
+        mixed = (mixed / tl.where(g_ok, total, 1.0)[:, None]).to(dtype)
         up = tl.load(UP + kv * stride_uk + offs_dv[None, :] * v_rank + offs_rv[:, None],
                      mask=rv_ok[:, None] & dv_ok[None, :], other=0.0)  # U_v^T [BLOCK_RV, BLOCK_DV]
         out = tl.dot(mixed, up)  # fp32

@@ -136,12 +136,10 @@ def parse_args(argv=None):
                              "runs it; --latent-kernel does not reach that copy")
     parser.add_argument("--latent-kernel", nargs="*", default=[], metavar="KEY=N",
                         help="generate part: the latent kernel's launch settings for every row "
-                             "(kernels/latent_attention.py LAUNCH_DEFAULTS: kv_per_program, programs_per_sm, "
-                             "prefetch, split_columns)")
+                             "(the keys of kernels/latent_attention.py's LAUNCH_DEFAULTS)")
     parser.add_argument("--partial-kernel", nargs="*", default=[], metavar="KEY=N",
                         help="generate part: the partial-RoPE kernel's launch settings for every row "
-                             "(kernels/partial_rope_decode.py LAUNCH_DEFAULTS: slot_rows, programs_per_sm, "
-                             "prefetch_slots)")
+                             "(the keys of kernels/partial_rope_decode.py's LAUNCH_DEFAULTS)")
     parser.add_argument("--kv-rank", type=int, default=128, help="partial-RoPE joint latent rank")
     parser.add_argument("--rope-dims", type=int, default=16, help="partial-RoPE rotary key dims per head")
     parser.add_argument("--gen-batch", type=int, nargs="*", default=[32, 128])
