@@ -22,7 +22,7 @@ import yaml
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results" / "recovery-h200"
 # The folders in the order their runs happened (the top level holds the first runs).
 ORDER = [".", "lr3e-4", "staged", "instructed", "shared-rotary", "corpus", "int8/first-machine", "int8",
-         "session11", "session12", "session13", "session14", "session15", "session16", "session17"]
+         "session11", "session12", "session13", "session14", "session15", "session16", "session17", "session22"]
 FIRST_MEASURED_STEP = 6  # steps 1-5 hold the compile and the allocator's warm-up
 
 

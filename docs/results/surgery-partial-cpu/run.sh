@@ -10,3 +10,8 @@ run partial50-aware --spec low-rank --budget 0.5 --arg rope=partial --arg rope_d
 run partial50-pca --spec low-rank --budget 0.5 --arg rope=partial --arg rope_dims=16 --surgery init=pca
 run pre50-doc --spec low-rank --budget 0.5
 echo "$(date +%T) done"
+# Session 22: the cache in 8 bits (twice the elements in the same bytes, less the scales'), rotary dims per head swept
+run partial25-int8-r16 --spec low-rank --budget 0.25 --arg rope=partial --arg rope_dims=16 --arg cache_bits=8
+run partial25-int8-r32 --spec low-rank --budget 0.25 --arg rope=partial --arg rope_dims=32 --arg cache_bits=8
+run partial25-int8-r48 --spec low-rank --budget 0.25 --arg rope=partial --arg rope_dims=48 --arg cache_bits=8
+run pre25-int8 --spec low-rank --budget 0.25 --arg cache_bits=8
