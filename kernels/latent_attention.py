@@ -768,7 +768,8 @@ def _multiprocessors(device: torch.device) -> int:
 #     288 programs for 264 places) runs a second, nearly empty wave as long as the first; at eight that tail is a
 #     small share: generate() of the aligned 25% and 12.5% models at B=32 x 16k went from 12.0 and 11.0 to 10.3 and
 #     9.0 ms per step. The kernel alone (8-bit, ranks 48/96): 0.40-0.48 -> 0.56-0.58 TB/s from 32 x 16k and
-#     128 x 4k up, 7% slower at 32 x 4k; 4-bit (96/224): 15% faster at 32 x 16k, 2-11% slower elsewhere.
+#     128 x 4k up, 7% slower at 32 x 4k; 4-bit (96/224): 15% faster at 32 x 16k, 2-11% slower elsewhere. Since
+#     session 22 8-bit latents take two in whole waves (whole_waves, below), which has neither tail.
 #   prefetch: each iteration issues the next tile's key latents' loads before this tile's dots (a register double
 #     buffer), since Triton's software pipelining may not take loads that are dequantized before the dot: without
 #     it every tile may wait on its own loads, at two programs per SM. Offline (sm_90, ranks 48/96, 64-slot tiles):
@@ -819,14 +820,22 @@ def _multiprocessors(device: torch.device) -> int:
 #     and bf16 (48 / 144) latents it was 13-16% slower. None: on for 8-bit latents only.
 #   fused_values: the splits' merge and the value up-projection in one kernel (merged_values(fused=True)) rather
 #     than the merge kernel, then a batched GEMM whose bias is first copied over its output: two kernels fewer per
-#     call. Built after session 21's GPU time: off until timed.
+#     call. H200, session 22, 8-bit ranks 48 / 144 at two programs per SM in whole waves: the same time within 1% at
+#     B = 64 and 128, 1-3% slower at B = 32 (40.4 -> 41.7 us at 32 x 4k): off here. The partial-RoPE kernel's
+#     default (its call is shorter, and the two launches a larger share of it: 3-9% faster there).
 #   whole_waves: the slot splits held within programs_per_sm per SM rather than reaching it (slot_splits): with
-#     programs_per_sm what an SM holds at once, a grid of whole waves, never a nearly empty last one. The
-#     partial-RoPE kernel's default since session 21 (at its four programs per SM, 0.94x the time of 8 rounded up);
-#     not timed here (two programs per SM hold): off.
-LAUNCH_DEFAULTS = dict(kv_per_program=None, programs_per_sm=8, prefetch=0, split_columns=1, split_values=None,
+#     programs_per_sm what an SM holds at once, a grid of whole waves, never a nearly empty last one.
+#     H200, session 22, 8-bit ranks 48 / 144: two programs per SM (what an SM holds) in whole waves against eight
+#     rounded up (session 17's default): 3-10% faster at all six shapes from 32 x 4k to 128 x 16k (44.1 -> 40.4 us
+#     at 32 x 4k, 142.8 -> 136.5 at 128 x 4k, 561.1 -> 504.7 at 128 x 16k; 0.67-0.85 TB/s). Two rounded up was
+#     the slowest (up to 1.5x: a second wave nearly empty), and whole waves at eight gain only at 128 x 16k (8%).
+#     None (programs_per_sm's and whole_waves' default): two per SM in whole waves for 8-bit latents; eight,
+#     rounded up, for 4-bit and bf16 ones (not timed with whole waves).
+LAUNCH_DEFAULTS = dict(kv_per_program=None, programs_per_sm=None, prefetch=0, split_columns=1, split_values=None,
                        slot_rows=None, word_loads=None, merged_halves=0, half_rope_table=0, max_registers=None,
-                       prefetch_slots=None, whole_waves=0, fused_values=0)
+                       prefetch_slots=None, whole_waves=None, fused_values=0)
+# programs_per_sm when LAUNCH_DEFAULTS leaves it to the cache: 8-bit latents, the others
+PROGRAMS_PER_SM = {True: 2, False: 8}
 
 
 def tile_widths(width: int, split: bool, multiple: int = 1) -> tuple[int, int]:
@@ -964,8 +973,8 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     merged_halves = bool(merged_halves) and bool(slot_rows) and whole and not packed
     block_c, block_c2 = tile_widths(kv_per_program * (dim // 2), bool(split_columns) and whole, multiple=dim // 2)
     block_rv, block_rv2 = tile_widths(v_latent.shape[2], bool(split_values))
-    splits = num_splits or slot_splits(batch * head_programs, slots, block_s, query.device,
-                                       programs_per_sm or LAUNCH_DEFAULTS["programs_per_sm"],
+    programs_per_sm = programs_per_sm or LAUNCH_DEFAULTS["programs_per_sm"] or PROGRAMS_PER_SM[int8]
+    splits = num_splits or slot_splits(batch * head_programs, slots, block_s, query.device, programs_per_sm,
                                        bool(setting("whole_waves", whole_waves)))
     per_split = -(-slots // splits)
     per_split = -(-per_split // block_s) * block_s  # whole tiles, so only the last split has a ragged end
