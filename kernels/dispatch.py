@@ -183,30 +183,33 @@ def _kv(reference: Callable) -> Callable:
 def _partial(reference: Callable) -> Callable:
     @functools.wraps(reference)
     def attend(query_rope, query_nope, k_rope, kv_latent, k_up, v_up, mask, scaling, *, need_probs=False,
-               dropout=0.0, absorb=None):
+               dropout=0.0, absorb=None, k_rope_scale=None, kv_latent_scale=None):
         batch, kv_heads, group, length, rope_dim = query_rope.shape
         fits = (
             length == 1 and not need_probs and not dropout and absorb is not False and _plain_linear(k_up, v_up)
             and fits_partial_rope(kv_heads * group, kv_heads, k_rope.shape[1], kv_latent.shape[-1], rope_dim)
-            and k_up.weight.dtype == v_up.weight.dtype == query_rope.dtype == query_nope.dtype == k_rope.dtype
-            == kv_latent.dtype
+            and k_up.weight.dtype == v_up.weight.dtype == query_rope.dtype == query_nope.dtype
+            and _cache_dtypes_fit(query_rope, k_rope, kv_latent, k_rope_scale, kv_latent_scale)
             and not (torch.is_grad_enabled() and (query_rope.requires_grad or query_nope.requires_grad
                                                   or k_up.weight.requires_grad or v_up.weight.requires_grad))
         )
 
         def pytorch():
             return reference(query_rope, query_nope, k_rope, kv_latent, k_up, v_up, mask, scaling,
-                             need_probs=need_probs, dropout=dropout, absorb=absorb)
+                             need_probs=need_probs, dropout=dropout, absorb=absorb, k_rope_scale=k_rope_scale,
+                             kv_latent_scale=kv_latent_scale)
 
         def kernel():
             out = partial_rope_decode_attention(query_rope[:, :, :, 0], query_nope[:, :, :, 0], k_rope, kv_latent,
                                                 k_up.weight, v_up.weight, v_up.bias, scaling,
-                                                valid=mask[:, 0, 0, 0, :])
+                                                valid=mask[:, 0, 0, 0, :], k_rope_scale=k_rope_scale,
+                                                kv_latent_scale=kv_latent_scale)
             return out[:, :, :, None], None
 
         if not (use_unmeasured_triton(query_rope) and fits):
             return pytorch()
-        shape = (query_rope.dtype, tuple(query_rope.shape[1:]), tuple(k_rope.shape[1:2]), kv_latent.shape[-1])
+        shape = (query_rope.dtype, kv_latent.dtype, tuple(query_rope.shape[1:]), tuple(k_rope.shape[1:2]),
+                 kv_latent.shape[-1])
         return _kernel_or_reference("partial-RoPE", shape, kernel, pytorch)
 
     return attend

@@ -92,23 +92,29 @@ if triton is not None:
     @triton.jit
     def _partial_rope_decode_kernel(
         Q_LAT, Q_ROPE, LATENT, K_ROPE, VALID, LENGTH,  # inputs
+        LATENT_SCALE, ROPE_SCALE,  # an 8-bit cache's scales (HAS_SCALES): [B, C, 1] and [B, 1, C, 1]; else unused
         ACC, MAX, SUM,  # outputs, per split: acc [B, splits, H_pad, BLOCK_R], max / sum [B, splits, H_pad]
         stride_qlb, stride_qlk, stride_qlg,  # q_lat [K, B, G, R] (KV head first, as its GEMM leaves it), R contiguous
         stride_qrb, stride_qrh,  # q_rope [B, H, Dr], Dr contiguous
         stride_lb, stride_ls,  # latent [B, C, R], R contiguous
         stride_krb, stride_krh, stride_krs,  # k_rope [B, Kr, C, Dr], Dr contiguous
         stride_valid_b,  # valid [B or 1, C] (uint8), slots contiguous; 0 for one row shared by all
+        stride_lsb, stride_lss, stride_rsb, stride_rss,  # the scales' row and slot strides
         slots, heads, group, rank, rope_group, rope_heads, block_rope_heads, padded_heads, slots_per_split, splits,
         scaling, ROPE_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
         BLOCK_S: tl.constexpr, HAS_VALID: tl.constexpr, LENGTH_IN_MEMORY: tl.constexpr, SLOT_ROWS: tl.constexpr,
-        PREFETCH_SLOTS: tl.constexpr,
+        PREFETCH_SLOTS: tl.constexpr, HAS_SCALES: tl.constexpr,
     ):
         # SLOT_ROWS: every product with the tile's slots as its rows (scores [BLOCK_S, BLOCK_H], the accumulator
         # [BLOCK_R, BLOCK_H]), so each has 64+ rows for Hopper's warpgroup MMA rather than BLOCK_H (16) of them.
+        # HAS_SCALES (an 8-bit cache): the int8 latent and rotary keys enter the products in the queries' dtype
+        # (exact: |v| <= 127), and each slot's scales multiply what the products give rather than the tiles: its
+        # latent scale its latent score and its weight in the value sum ((s c) q = s (c q)), its rotary scale its
+        # rotary score.
         head_block = tl.program_id(0)
         split = tl.program_id(1)
         row = tl.program_id(2).to(tl.int64)  # row * stride_lb passes 2^31 at B=256, C=32k, R=512
-        dtype = LATENT.dtype.element_ty
+        dtype = Q_LAT.dtype.element_ty
 
         offs_h = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
         offs_r = tl.arange(0, BLOCK_R)
@@ -155,18 +161,35 @@ if triton is not None:
                     visible = visible & (tl.load(valid_base + offs_s, mask=visible, other=0) != 0)
             # Masked slots are never loaded (nor their bytes moved): left padding, a ring's empty slots.
             lat = tl.load(LATENT + row * stride_lb + offs_s[:, None] * stride_ls + offs_r[None, :],
-                          mask=visible[:, None] & r_ok[None, :], other=0.0)
+                          mask=visible[:, None] & r_ok[None, :], other=0).to(dtype)
             rope = tl.load(rope_base + offs_s[:, None] * stride_krs, mask=visible[:, None] & col_ok[None, :],
-                           other=0.0)
+                           other=0).to(dtype)
+            if HAS_SCALES:
+                lat_scale = tl.load(LATENT_SCALE + row * stride_lsb + offs_s * stride_lss, mask=visible,
+                                    other=0.0).to(tl.float32)
+                rope_scale = tl.load(ROPE_SCALE + row * stride_rsb + offs_s * stride_rss, mask=visible,
+                                     other=0.0).to(tl.float32)
             if SLOT_ROWS:
-                scores = tl.dot(lat, q_lat) + tl.dot(rope, q_rope)  # [BLOCK_S, BLOCK_H], fp32
+                if HAS_SCALES:
+                    scores = (tl.dot(lat, q_lat) * lat_scale[:, None]
+                              + tl.dot(rope, q_rope) * rope_scale[:, None])  # [BLOCK_S, BLOCK_H], fp32
+                else:
+                    scores = tl.dot(lat, q_lat) + tl.dot(rope, q_rope)
                 scores = tl.where(visible[:, None], scores * scaling, float("-inf"))
                 running_max, alpha, p, running_sum = online_softmax_slot_rows(scores, running_max, running_sum)
+                if HAS_SCALES:
+                    p = p * lat_scale[:, None]  # the running sum keeps the unscaled weights
                 acc = acc * alpha[None, :] + tl.dot(tl.trans(lat), p.to(dtype))  # the latent doubles as the value
             else:
-                scores = tl.dot(q_lat, tl.trans(lat)) + tl.dot(q_rope, tl.trans(rope))  # [BLOCK_H, BLOCK_S], fp32
+                if HAS_SCALES:
+                    scores = (tl.dot(q_lat, tl.trans(lat)) * lat_scale[None, :]
+                              + tl.dot(q_rope, tl.trans(rope)) * rope_scale[None, :])  # [BLOCK_H, BLOCK_S], fp32
+                else:
+                    scores = tl.dot(q_lat, tl.trans(lat)) + tl.dot(q_rope, tl.trans(rope))
                 scores = tl.where(visible[None, :], scores * scaling, float("-inf"))
                 running_max, alpha, p, running_sum = online_softmax_tile(scores, running_max, running_sum)
+                if HAS_SCALES:
+                    p = p * lat_scale[None, :]
                 acc = acc * alpha[:, None] + tl.dot(p.to(dtype), lat)  # the latent doubles as the value
 
         stat = (row * splits + split) * padded_heads + offs_h
@@ -194,9 +217,10 @@ if triton is not None:
 #     Session 21, with prefetch_slots: at least as fast as 8 per SM rounded up at all eight shapes (0.94x its time,
 #     geometric mean; 128 x 16k Kr = 3 260 -> 220 us, 79% of the copy bandwidth; 64 x 4k 54 -> 50 us, 43%, where
 #     the call's other kernels take a third of its time). Three stages, 32- or 128-slot tiles, 8 warps: no better.
-#   fused_values: the splits' merge and U_v in one kernel (latent_attention.py's LAUNCH_DEFAULTS says more); built
-#     after session 21's GPU time: off until timed.
-LAUNCH_DEFAULTS = dict(slot_rows=1, programs_per_sm=4, prefetch_slots=1, whole_waves=1, fused_values=0)
+#   fused_values: the splits' merge and U_v in one kernel (latent_attention.py's LAUNCH_DEFAULTS says more). H200,
+#     session 22, rank 128 + 16 rotary dims: faster at all eight shapes, most at 4k where the call is short (64 x 4k
+#     Kr = 3 45.6 -> 42.3 us, 51% of the copy bandwidth; 128 x 4k 70.5 -> 64.5, 67%; 128 x 16k 210.7 -> 205.3, 85%).
+LAUNCH_DEFAULTS = dict(slot_rows=1, programs_per_sm=4, prefetch_slots=1, whole_waves=1, fused_values=1)
 
 
 def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_weight, v_weight, v_bias,
@@ -205,7 +229,8 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
                                   num_warps: int | None = None, num_stages: int | None = None,
                                   slot_rows: int | None = None, programs_per_sm: int | None = None,
                                   prefetch_slots: int | None = None, whole_waves: int | None = None,
-                                  fused_values: int | None = None) -> torch.Tensor:
+                                  fused_values: int | None = None, k_rope_scale: torch.Tensor | None = None,
+                                  kv_latent_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step of attention over a partial-RoPE joint-latent cache.
 
     Args:
@@ -213,6 +238,9 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
         k_rope: [B, Kr, C, Dr] rotated keys' rotary dims, Kr = K (one per KV head) or 1 (shared by all heads);
             Dr contiguous (a slice of a larger buffer is fine).
         kv_latent: [B, C, R], R contiguous.
+        k_rope_scale, kv_latent_scale: an 8-bit cache (cache_bits: 8): k_rope and kv_latent are then int8 and these
+            their scales, [B, 1, C, 1] and [B, C, 1] in the queries' dtype (modeling_kvforge.quantize_slots: one per
+            slot over every head's dims); the kernel reads the int8 values and never makes a dequantized copy.
         k_weight: [K * Dn, R] (k_up.weight; k_up's bias, if any, is left out: q_nope . b is the same for every
             slot, so softmax ignores it, as the reference's absorbed form does).
         v_weight: [K * Dv, R], v_bias: [K * Dv] or None (v_up's).
@@ -246,6 +274,17 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
         raise ValueError(f"k_rope with {rope_heads} heads (1 or K = {kv_heads}), rank {rank} (at most {MAX_RANK}) "
                          f"and Dr {rope_dim} in blocks of {block_h} heads: not a shape the kernel serves; use "
                          "partial_rope_attention")
+    has_scales = k_rope_scale is not None or kv_latent_scale is not None
+    if has_scales and not (
+            k_rope_scale is not None and kv_latent_scale is not None
+            and k_rope.dtype == kv_latent.dtype == torch.int8
+            and k_rope_scale.dtype == kv_latent_scale.dtype == query_rope.dtype
+            and k_rope_scale.shape == (batch, 1, slots, 1) and kv_latent_scale.shape == (batch, slots, 1)):
+        raise ValueError(
+            "an 8-bit cache takes int8 k_rope and kv_latent with both scales, [B, 1, C, 1] and [B, C, 1] in the "
+            f"queries' dtype {query_rope.dtype}; got k_rope {k_rope.dtype}, kv_latent {kv_latent.dtype}, scales "
+            f"{None if k_rope_scale is None else (k_rope_scale.dtype, tuple(k_rope_scale.shape))} and "
+            f"{None if kv_latent_scale is None else (kv_latent_scale.dtype, tuple(kv_latent_scale.shape))}")
     if kv_latent.stride(-1) != 1:
         kv_latent = kv_latent.contiguous()
     if k_rope.stride(-1) != 1:
@@ -290,16 +329,20 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
     stats_sum = torch.empty_like(stats_max)
     _partial_rope_decode_kernel[(head_blocks, splits, batch)](
         q_lat, q_rope, kv_latent, k_rope, valid if valid is not None else kv_latent,
-        length if length is not None else kv_latent, acc, stats_max, stats_sum,
+        length if length is not None else kv_latent,
+        kv_latent_scale if has_scales else q_rope, k_rope_scale if has_scales else q_rope,  # unread placeholders
+        acc, stats_max, stats_sum,
         q_lat.stride(1), q_lat.stride(0), q_lat.stride(2), q_rope.stride(0), q_rope.stride(1),
         kv_latent.stride(0), kv_latent.stride(1), k_rope.stride(0), k_rope.stride(1), k_rope.stride(2),
         (valid.stride(0) if valid.shape[0] > 1 else 0) if valid is not None else 0,
+        *((kv_latent_scale.stride(0), kv_latent_scale.stride(1), k_rope_scale.stride(0), k_rope_scale.stride(2))
+          if has_scales else (0, 0, 0, 0)),
         slots, heads, group, rank, heads // rope_heads, rope_heads, block_rope_heads, padded_heads, per_split, splits,
         float(scaling),
         ROPE_DIM=rope_dim, BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_S=block_s,
         HAS_VALID=valid is not None, LENGTH_IN_MEMORY=length is not None,
-        SLOT_ROWS=bool(settings["slot_rows"]), PREFETCH_SLOTS=bool(settings["prefetch_slots"]), num_warps=num_warps,
-        num_stages=num_stages,
+        SLOT_ROWS=bool(settings["slot_rows"]), PREFETCH_SLOTS=bool(settings["prefetch_slots"]),
+        HAS_SCALES=has_scales, num_warps=num_warps, num_stages=num_stages,
     )
     # U_v once per query head (sum_c p_c = 1: the bias passes through once).
     return merged_values(acc, stats_max, stats_sum, v_weight, v_bias, kv_heads, group, rank, query_rope.dtype,

@@ -121,8 +121,8 @@ def parse_args(argv=None):
     parser.add_argument("--k-rank", type=int, default=48)
     parser.add_argument("--v-rank", type=int, default=144)
     parser.add_argument("--cache-bits", type=int, choices=(16, 8, 4), default=16,
-                        help="kernel part: latents in bf16, int8 or packed 4 bits (per-slot bf16 scales), as a "
-                             "cache_bits model stores them")
+                        help="kernel and latent parts: latents in bf16, int8 or packed 4 bits (per-slot bf16 "
+                             "scales), as a cache_bits model stores them; partial part: 16 or 8")
     # The latent kernel's launch settings: one triton_latent column per combination of the values given (the
     # partial part takes those of PARTIAL_SWEEP). Unset: the kernel's own choice.
     for flag, argument, _, what in KERNEL_SWEEP:
@@ -304,9 +304,12 @@ def run_kernel_part(args, copy_bandwidth: float, device="cuda", timings=None, dt
 
 
 def partial_rope_case(batch, context, kv_rank, rope_dims, rope_heads, seed=0, kv_heads=3, group=3, dim=64,
-                      dtype=torch.bfloat16, device="cuda"):
-    """partial_rope_attention's arguments for one decode token: k_rope [B, rope_heads, S, Dr], latent [B, S, R]."""
+                      dtype=torch.bfloat16, device="cuda", cache_bits=16):
+    """partial_rope_attention's arguments for one decode token: k_rope [B, rope_heads, S, Dr], latent [B, S, R]; with
+    cache_bits 8, both int8 with their scales (k_rope_scale, kv_latent_scale), as a cache_bits: 8 layer holds them."""
     from torch import nn
+
+    from kvforge.models.modeling_kvforge import quantize_slots
 
     g = torch.Generator(device=device).manual_seed(seed)
 
@@ -319,11 +322,28 @@ def partial_rope_case(batch, context, kv_rank, rope_dims, rope_heads, seed=0, kv
         k_up.weight.copy_(rand(*k_up.weight.shape, scale=kv_rank ** -0.5))
         v_up.weight.copy_(rand(*v_up.weight.shape, scale=kv_rank ** -0.5))
         v_up.bias.copy_(rand(*v_up.bias.shape, scale=0.1))
-    return dict(query_rope=rand(batch, kv_heads, group, 1, rope_dims),
+    case = dict(query_rope=rand(batch, kv_heads, group, 1, rope_dims),
                 query_nope=rand(batch, kv_heads, group, 1, dim - rope_dims),
                 k_rope=rand(batch, rope_heads, context, rope_dims), kv_latent=rand(batch, context, kv_rank),
                 k_up=k_up, v_up=v_up, mask=torch.ones(batch, 1, 1, 1, context, dtype=torch.bool, device=device),
                 scaling=dim ** -0.5)
+    if cache_bits == 8:
+        case["k_rope"], case["k_rope_scale"] = quantize_slots(case["k_rope"], 2)
+        case["kv_latent"], case["kv_latent_scale"] = quantize_slots(case["kv_latent"], 1)
+    elif cache_bits != 16:
+        raise ValueError(f"the partial part takes --cache-bits 16 or 8, not {cache_bits}")
+    return case
+
+
+PARTIAL_SCALES = ("k_rope_scale", "kv_latent_scale")
+
+
+def partial_cache_bytes(batch: int, context: int, kv_rank: int, rope_dims: int, rope_heads: int,
+                        cache_bits: int) -> int:
+    """The bytes the partial-RoPE kernel must read: each slot's latent and rotary keys, an 8-bit cache's two
+    bf16 scales, and its mask byte."""
+    elements = kv_rank + rope_heads * rope_dims
+    return batch * context * ((elements + 2 * 2 if cache_bits == 8 else 2 * elements) + 1)
 
 
 # The KERNEL_SWEEP settings the partial-RoPE kernel takes.
@@ -351,10 +371,13 @@ def run_partial_rope_kernel_part(args, copy_bandwidth: float, device="cuda", tim
     from kvforge.kernels.partial_rope_decode import partial_rope_decode_attention
     from kvforge.models.modeling_kvforge import partial_rope_attention
 
+    def scales(c):
+        return {name: c[name] for name in PARTIAL_SCALES if name in c}
+
     def triton_partial(c, settings):
         return partial_rope_decode_attention(c["query_rope"][:, :, :, 0], c["query_nope"][:, :, :, 0], c["k_rope"],
                                              c["kv_latent"], c["k_up"].weight, c["v_up"].weight, c["v_up"].bias,
-                                             c["scaling"], valid=c["mask"][:, 0, 0, 0], **settings)
+                                             c["scaling"], valid=c["mask"][:, 0, 0, 0], **settings, **scales(c))
 
     # One column per combination of the PARTIAL_SWEEP settings given, as the latent part names them:
     # triton_partial (the kernel's choices), triton_partial_sr0, triton_partial_bs32_w8_sr1, ...
@@ -362,33 +385,38 @@ def run_partial_rope_kernel_part(args, copy_bandwidth: float, device="cuda", tim
                for name, settings in kernel_columns(args, PARTIAL_SWEEP)]
 
     def torch_partial(c):
-        return partial_rope_attention(*[c[k] for k in PARTIAL_ARGS])[0][:, :, :, 0]
+        return partial_rope_attention(*[c[k] for k in PARTIAL_ARGS], **scales(c))[0][:, :, :, 0]
+
+    def dequantized(c, name):  # float64, as the cache's values and scales give them
+        value = c[name].double()
+        return value * c[name + "_scale"].double() if name + "_scale" in c else value
 
     kv_heads = 3
     error = 0.0
     small_batch, small_context = (4, 3000) if device == "cuda" else (2, 100)
     for rope_heads in (kv_heads, 1):
         small = partial_rope_case(small_batch, small_context, args.kv_rank, args.rope_dims, rope_heads, seed=1,
-                                  dtype=dtype, device=device)
+                                  dtype=dtype, device=device, cache_bits=args.cache_bits)
         with torch.no_grad():
             ref, _ = partial_rope_attention(
-                small["query_rope"].double(), small["query_nope"].double(), small["k_rope"].double(),
-                small["kv_latent"].double(), copy.deepcopy(small["k_up"]).double(),
+                small["query_rope"].double(), small["query_nope"].double(), dequantized(small, "k_rope"),
+                dequantized(small, "kv_latent"), copy.deepcopy(small["k_up"]).double(),
                 copy.deepcopy(small["v_up"]).double(), small["mask"], small["scaling"], absorb=True)
             for _, fn in kernels:
                 error = max(error, ((fn(small).double() - ref[:, :, :, 0]).norm() / ref.norm()).item())
-    print(f"partial-RoPE kernel vs float64 reference (B={small_batch}, S={small_context}, {dtype}, Kr = 3 and 1): "
-          f"relative error {error:.2e}")
+    print(f"partial-RoPE kernel vs float64 reference (B={small_batch}, S={small_context}, {dtype}, "
+          f"{args.cache_bits}-bit cache, Kr = 3 and 1): relative error {error:.2e}")
 
     rows = []
     for batch in args.batch or [1, 8, 64, 256]:
         for context in args.context or [1024, 4096, 16384, 32768]:
             for rope_heads in (kv_heads, 1):
                 c = partial_rope_case(batch, context, args.kv_rank, args.rope_dims, rope_heads, dtype=dtype,
-                                      device=device)
-                cache_bytes = batch * context * ((args.kv_rank + rope_heads * args.rope_dims) * 2 + 1)
+                                      device=device, cache_bits=args.cache_bits)
+                cache_bytes = partial_cache_bytes(batch, context, args.kv_rank, args.rope_dims, rope_heads,
+                                                  args.cache_bits)
                 row = dict(batch=batch, context=context, kv_rank=args.kv_rank, rope_dims=args.rope_dims,
-                           rope_heads=rope_heads, cache_bytes=cache_bytes,
+                           rope_heads=rope_heads, cache_bits=args.cache_bits, cache_bytes=cache_bytes,
                            floor_us=cache_bytes / copy_bandwidth * 1e6)
                 with torch.no_grad():
                     for name, fn in [("torch_partial", torch_partial)] + kernels:
@@ -553,6 +581,18 @@ def recipe_spec(recipe: str, num_layers: int) -> dict:
     return build_preset(compression.preset, base, **dict(compression.arguments))
 
 
+def aligned_recipe_spec(recipe: str, num_layers: int, multiple: int = 16):
+    """recipe_spec with each latent rank rounded to the nearest multiple of `multiple` (at least one), as surgery's
+    rank_multiple: auto leaves a low-bit recipe's trained ranks (16-byte rows), where the preset's uniform rank of
+    the budget need not be one (partial-rope-25-int8-long: 92 -> 96)."""
+    spec = recipe_spec(recipe, num_layers)
+    for layer in spec.layers:
+        for name in ("k_rank", "v_rank", "kv_rank"):
+            if getattr(layer, name) is not None:
+                setattr(layer, name, max(multiple, round(getattr(layer, name) / multiple) * multiple))
+    return spec
+
+
 # name -> (what the row is, the compression spec of num_layers (None: the original), KVFORGE_KERNELS, cache)
 GENERATE_VARIANTS = {
     "original": ("original (transformers Llama, SDPA)", None, None, None),
@@ -587,6 +627,10 @@ GENERATE_VARIANTS = {
     # serve CUDA tensors when asked (KVFORGE_KERNELS=triton, kernels/dispatch.py).
     "partial-rope-25-static": ("partial-rope-25 (per-head partial RoPE, 25%), Triton, static cache + CUDA graph",
                                functools.partial(recipe_spec, "partial-rope-25"), "triton", "kvforge"),
+    "partial-rope-25-int8-static": ("partial-rope-25-int8-long (8-bit partial RoPE, 32 rotary dims per head, latent "
+                                    "96), Triton reading int8, static cache + CUDA graph",
+                                    functools.partial(aligned_recipe_spec, "partial-rope-25-int8-long"), "triton",
+                                    "kvforge"),
     "partial-rope-50-static": ("partial-rope-50 (per-head partial RoPE, 50%), Triton, static cache + CUDA graph",
                                functools.partial(recipe_spec, "partial-rope-50"), "triton", "kvforge"),
     "merged-heads-static": ("merged-heads-33 (3 -> 1 KV heads), Triton GQA kernel, static cache + CUDA graph",

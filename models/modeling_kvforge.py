@@ -1123,7 +1123,7 @@ def pre_rope_latent_attention(query, k_latent, v_latent, k_up, v_up, key_rotary,
 
 
 def partial_rope_attention(query_rope, query_nope, k_rope, kv_latent, k_up, v_up, mask, scaling, *,
-                           need_probs=False, dropout=0.0, absorb=None):
+                           need_probs=False, dropout=0.0, absorb=None, k_rope_scale=None, kv_latent_scale=None):
     """Partial-RoPE joint-latent cache (MHA2MLA), and its shared-rotary form (DeepSeek MLA).
 
     query_rope [B, K, G, T, Dr] (rotated), query_nope [B, K, G, T, Dn]; k_rope [B, K, S, Dr] (rotated, cached
@@ -1131,8 +1131,11 @@ def partial_rope_attention(query_rope, query_nope, k_rope, kv_latent, k_up, v_up
     [B, S, R]; k_up: R -> K*Dn, v_up: R -> K*D (the producer's modules).
     score = q_rope . k_rope + q_nope . (U_k c). Absorbed form (default for one query token): fold U_k into
     the query, attend over the latent, then apply U_v once -- exact, and the non-rotary keys are never
-    materialized.
+    materialized. An 8-bit cache (cache_bits) gives int8 k_rope and kv_latent with their scales k_rope_scale
+    [B, 1, S, 1] and kv_latent_scale [B, S, 1].
     """
+    if kv_latent_scale is not None:
+        k_rope, kv_latent = dequantize_slots(k_rope, k_rope_scale), dequantize_slots(kv_latent, kv_latent_scale)
     batch, heads, group, length, _ = query_rope.shape
     slots = kv_latent.shape[1]
     absorb = ((length == 1) if absorb is None else absorb) and _is_plain_linear(k_up, v_up)
@@ -1292,6 +1295,15 @@ class PreRopeLatent(CacheRepresentation):
             v_scale=v_scale)
 
 
+def _latent_cache(tensors) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """A partial-RoPE cache's k_rope and kv_latent as it holds them, with a low-bit cache's scales as keyword
+    arguments of partial_rope_attention (none in the model's dtype): a kernel reads the integers themselves."""
+    if isinstance(tensors, DequantizedSlots):
+        (k_rope, k_rope_scale), (kv_latent, kv_latent_scale) = tensors.stored("k_rope"), tensors.stored("kv_latent")
+        return k_rope, kv_latent, {"k_rope_scale": k_rope_scale, "kv_latent_scale": kv_latent_scale}
+    return tensors["k_rope"], tensors["kv_latent"], {}
+
+
 class PartialRopeLatent(CacheRepresentation):
     """kv_latent [B, C, R] + k_rope [B, K, C, Dr] (rotated): rope_index [K, Dr/2] keeps, per kv head, the frequency
     pairs that stay rotary; the other key dims and the values come from the joint latent (MHA2MLA)."""
@@ -1327,11 +1339,12 @@ class PartialRopeLatent(CacheRepresentation):
     def attend(self, shared, query, cos, sin, plan, scaling, need_probs, dropout, use_sdpa):
         if query.shape[3] > 1:
             return super().attend(shared, query, cos, sin, plan, scaling, need_probs, dropout, use_sdpa)
-        t, producer = shared.tensors, shared.producer
+        producer = shared.producer
+        k_rope, kv_latent, scales = _latent_cache(shared.tensors)
         rope_dims, nope_dims = partial_rope_dims(producer.rope_index, query.shape[-1])
         return attention_function(self.kernel)(
-            _gather_dims(_rotated(query, cos, sin), rope_dims), _gather_dims(query, nope_dims), t["k_rope"],
-            t["kv_latent"], producer.k_up, producer.v_up, plan.mask, scaling, need_probs=need_probs, dropout=dropout)
+            _gather_dims(_rotated(query, cos, sin), rope_dims), _gather_dims(query, nope_dims), k_rope, kv_latent,
+            producer.k_up, producer.v_up, plan.mask, scaling, need_probs=need_probs, dropout=dropout, **scales)
 
 
 class SharedRopeLatent(CacheRepresentation):
@@ -1391,10 +1404,11 @@ class SharedRopeLatent(CacheRepresentation):
         if query.shape[3] > 1:
             return super().attend(shared, query, cos, sin, plan, scaling, need_probs, dropout, use_sdpa)
         query_nope, query_rope = self._split_query(shared, query, cos, sin)
-        t, producer = shared.tensors, shared.producer
-        return attention_function(self.kernel)(query_rope, query_nope, t["k_rope"], t["kv_latent"], producer.k_up,
+        producer = shared.producer
+        k_rope, kv_latent, scales = _latent_cache(shared.tensors)
+        return attention_function(self.kernel)(query_rope, query_nope, k_rope, kv_latent, producer.k_up,
                                                producer.v_up, plan.mask, scaling, need_probs=need_probs,
-                                               dropout=dropout)
+                                               dropout=dropout, **scales)
 
 
 class Values(CacheRepresentation):

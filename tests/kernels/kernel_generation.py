@@ -64,21 +64,22 @@ def assert_same_generation(runs) -> None:
 
 
 class KernelCalls(list):
-    """Each call's first argument's shape; `dtypes`: each call's second argument's dtype (the cache's)."""
+    """Each call's first argument's shape; `dtypes`: each call's cache dtype (record_kernel_calls' cache_arg)."""
 
     def __init__(self):
         super().__init__()
         self.dtypes = []
 
 
-def record_kernel_calls(monkeypatch, kernel: str) -> KernelCalls:
-    """Patches dispatch.<kernel> (the name the dispatch calls) to record each call."""
+def record_kernel_calls(monkeypatch, kernel: str, cache_arg: int = 1) -> KernelCalls:
+    """Patches dispatch.<kernel> (the name the dispatch calls) to record each call; args[cache_arg] is a cached
+    tensor, whose dtype says whether the kernel was handed a low-bit cache as it is stored."""
     calls = KernelCalls()
     real = getattr(dispatch, kernel)
 
     def recording(*args, **kwargs):
         calls.append(args[0].shape)
-        calls.dtypes.append(args[1].dtype)
+        calls.dtypes.append(args[cache_arg].dtype)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(dispatch, kernel, recording)

@@ -114,17 +114,21 @@ def test_latent_kernel_launch_settings_are_checked(benchmark):
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                     reason="the kernel runs tensors on CPU through Triton's interpreter")
-def test_the_partial_rope_kernel_rows_compute_on_cpu(benchmark):
+@pytest.mark.parametrize("cache_bits, sweep, columns, slot_bytes", [
+    (16, ["--block-s", "0", "16"], ["triton_partial_sr0", "triton_partial_sr1", "triton_partial_bs16_sr0",
+                                    "triton_partial_bs16_sr1"], (24 + 3 * 8) * 2 + 1),
+    (8, [], ["triton_partial_sr0", "triton_partial_sr1"], 24 + 3 * 8 + 2 * 2 + 1),  # int8 values, 2 bf16 scales
+])
+def test_the_partial_rope_kernel_rows_compute_on_cpu(benchmark, cache_bits, sweep, columns, slot_bytes):
     """The partial-RoPE part with a CPU timer, float16, tiny shapes: its cases, byte counts and error check are
-    right before a GPU ever runs them."""
+    right before a GPU ever runs them; an 8-bit cache's rows hand the kernel int8 values with their scales."""
     args = benchmark.parse_args(["--part", "partial", "--batch", "2", "--context", "40", "--kv-rank", "24",
-                                 "--rope-dims", "8", "--slot-rows", "0", "1", "--block-s", "0", "16"])
+                                 "--rope-dims", "8", "--slot-rows", "0", "1", "--cache-bits", str(cache_bits), *sweep])
     rows, error = benchmark.run_partial_rope_kernel_part(args, 1e12, device="cpu", timings=cpu_timings,
                                                          dtype=torch.float16)
     assert error < 5e-3
     assert [row["rope_heads"] for row in rows] == [3, 1]
-    assert rows[0]["cache_bytes"] == 2 * 40 * ((24 + 3 * 8) * 2 + 1)
-    columns = ["triton_partial_sr0", "triton_partial_sr1", "triton_partial_bs16_sr0", "triton_partial_bs16_sr1"]
+    assert rows[0]["cache_bytes"] == 2 * 40 * slot_bytes
     assert all(row[f"{column}_graph_GBps"] > 0 for row in rows for column in columns)
 
 

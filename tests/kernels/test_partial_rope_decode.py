@@ -17,7 +17,7 @@ from torch import nn
 
 from kvforge.kernels import dispatch
 from kvforge.kernels.partial_rope_decode import available, fits, partial_rope_decode_attention, rope_heads_per_block
-from kvforge.models.modeling_kvforge import ATTENTION_FUNCTIONS, partial_rope_attention
+from kvforge.models.modeling_kvforge import ATTENTION_FUNCTIONS, partial_rope_attention, quantize_slots
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="kernel tests run tensors on CPU through Triton's interpreter")
@@ -121,6 +121,26 @@ def test_masked_slots_and_slots_past_the_length_are_never_read(slot_rows, prefet
     assert relative_error(out, expected) < 1e-5
 
 
+@pytest.mark.parametrize("shape", [dict(), dict(rope_heads=1, rope_dim=6, nope_dim=10, rank=40, slots=70)])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float16, 5e-3)])
+@pytest.mark.parametrize("slot_rows", [0, 1])
+def test_an_8_bit_cache_is_read_as_stored(shape, dtype, tolerance, slot_rows):
+    """int8 k_rope and kv_latent with their per-slot scales (quantize_slots, as a cache_bits: 8 layer stores them)
+    against the reference on the same values dequantized in float64; every slot's scales differ, so a scale applied
+    to the wrong slot, left off the value sum, or put on the running sum fails."""
+    c = case(**shape, dtype=dtype, seed=5)
+    (k_rope, k_rope_scale), (kv_latent, kv_latent_scale) = quantize_slots(c["k_rope"], 2), quantize_slots(
+        c["kv_latent"], 1)
+    expected = reference(dict(c, k_rope=k_rope.double() * k_rope_scale.double(),
+                              kv_latent=kv_latent.double() * kv_latent_scale.double()))
+    out = kernel(dict(c, k_rope=k_rope, kv_latent=kv_latent), block_s=16, splits=3, slot_rows=slot_rows,
+                 k_rope_scale=k_rope_scale, kv_latent_scale=kv_latent_scale)
+    assert relative_error(out, expected) < tolerance
+    with pytest.raises(ValueError, match=r"an 8-bit cache takes int8 k_rope and kv_latent with both scales"):
+        kernel(dict(c, k_rope=k_rope, kv_latent=kv_latent), k_rope_scale=k_rope_scale,
+               kv_latent_scale=kv_latent_scale[:, :-1])
+
+
 def test_half_precision_inputs_stay_within_half_precision_error():
     c = case(rope_heads=1, rank=32, slots=48, dtype=torch.float16, seed=3)
     assert relative_error(kernel(c, block_s=16, splits=2), reference(c)) < 5e-3
@@ -171,27 +191,33 @@ def test_dispatch_runs_the_kernel_only_where_it_applies(monkeypatch, kernel_call
     assert len(kernel_calls) == 1
 
 
-def test_generate_with_the_kernel_equals_generate_without(monkeypatch, kernel_calls):
+@pytest.mark.parametrize("cache_bits", [None, 8])
+def test_generate_with_the_kernel_equals_generate_without(monkeypatch, cache_bits):
     """A tiny model with partial-RoPE layers (a global owner, a window layer, a kv_from reader), batch 2 with left
-    padding, decoding past the window: the same tokens and logits with KVFORGE_KERNELS=triton and =off."""
-    partial = {"kv_proj": "low_rank", "rope": "partial", "kv_rank": 12, "rope_dims": 4}
+    padding, decoding past the window: the same tokens and logits with KVFORGE_KERNELS=triton and =off; with an
+    8-bit cache the kernel is handed the int8 rotary keys and latents."""
+    calls = record_kernel_calls(monkeypatch, "partial_rope_decode_attention", cache_arg=2)
+    partial = {"kv_proj": "low_rank", "rope": "partial", "kv_rank": 12, "rope_dims": 4, "cache_bits": cache_bits}
     runs = generate_with_and_without_kernels(
         monkeypatch,
         [partial, {"kv_from": 0}, {**partial, "rope_dims": 6, "attention": "window", "window": 8, "sinks": 2}],
         num_attention_heads=6)
-    assert len(kernel_calls) == 9 * 3  # 9 decode steps x 3 layers attending over a partial-RoPE cache
+    assert len(calls) == 9 * 3  # 9 decode steps x 3 layers attending over a partial-RoPE cache
+    assert set(calls.dtypes) == {torch.int8 if cache_bits else torch.float32}
     assert_same_generation(runs)
 
 
 
 @pytest.mark.skipif("partial_shared" not in ATTENTION_FUNCTIONS,
                     reason="the shared-rotary layout (rope_shared) is not in this modeling file yet")
-def test_generate_with_a_shared_rotary_key_equals_generate_without(monkeypatch, kernel_calls):
-    """DeepSeek MLA's layout (one rotary key for every head, Kr = 1) through its own representation name."""
+def test_generate_with_a_shared_rotary_key_equals_generate_without(monkeypatch):
+    """DeepSeek MLA's layout (one rotary key for every head, Kr = 1) through its own representation name, its cache
+    in 8 bits (the per-head layout's test covers both formats)."""
+    calls = record_kernel_calls(monkeypatch, "partial_rope_decode_attention", cache_arg=2)
     runs = generate_with_and_without_kernels(
-        monkeypatch, [{"kv_proj": "low_rank", "rope": "partial", "rope_shared": True, "kv_rank": 16, "rope_dims": 8},
-                      {}], num_attention_heads=4)
-    assert len(kernel_calls) == 9  # 9 decode steps x 1 shared-rotary layer
+        monkeypatch, [{"kv_proj": "low_rank", "rope": "partial", "rope_shared": True, "kv_rank": 16, "rope_dims": 8,
+                       "cache_bits": 8}, {}], num_attention_heads=4)
+    assert len(calls) == 9 and set(calls.dtypes) == {torch.int8}  # 9 decode steps x 1 shared-rotary layer
     assert_same_generation(runs)
 
 
