@@ -348,7 +348,7 @@ def partial_cache_bytes(batch: int, context: int, kv_rank: int, rope_dims: int, 
 
 # The KERNEL_SWEEP settings the partial-RoPE kernel takes.
 PARTIAL_SWEEP = ("programs_per_sm", "whole_waves", "block_s", "num_warps", "num_stages", "prefetch_slots",
-                 "slot_rows", "fused_values")
+                 "slot_rows", "fused_values", "word_loads")
 PARTIAL_ARGS = ("query_rope", "query_nope", "k_rope", "kv_latent", "k_up", "v_up", "mask", "scaling")
 
 
@@ -572,7 +572,9 @@ def recipe_spec(recipe: str, num_layers: int) -> dict:
     from kvforge.models.presets import build_preset
     from kvforge.trainer.config import load_config
 
-    compression = load_config(REPO / "configs" / "recovery" / f"{recipe}.yaml").compression
+    # Only the compression is read: the recipe's data mix (corpora packed on the training machine) is dropped, so
+    # that its paths need not exist where the benchmark runs.
+    compression = load_config(REPO / "configs" / "recovery" / f"{recipe}.yaml", ["data.mix=[]"]).compression
     if compression.layers:
         if len(compression.layers) != num_layers:
             raise ValueError(f"recipe {recipe} has {len(compression.layers)} layers, the model {num_layers}")

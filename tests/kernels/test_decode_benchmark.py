@@ -25,10 +25,12 @@ def smollm2_config(benchmark, spec_of):
     return KVForgeConfig.from_base_config(base, spec_of(base.num_hidden_layers))
 
 
-def test_every_generate_row_is_a_valid_smollm2_model(benchmark):
+def test_every_generate_row_is_a_valid_smollm2_model(benchmark, monkeypatch, tmp_path):
     """Each `--gen-variants` row's compression spec is valid for SmolLM2's architecture (an odd 4-bit rank or a rank
-    above the width would otherwise fail on the GPU, in device time); the diagnostic rows of the 8-bit 25% model
-    change only what they say."""
+    above the width would otherwise fail on the GPU, in device time), also where the recipes' packed corpora are
+    absent (a GPU machine: a fresh HOME here); the diagnostic rows of the 8-bit 25% model change only what they
+    say."""
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/kvforge-data
     layers = {}
     for name, (_, spec_of, mode, cache) in benchmark.GENERATE_VARIANTS.items():
         assert mode in (None, "auto", "off", "triton") and cache in (None, "kvforge", "transformers"), name
@@ -41,6 +43,9 @@ def test_every_generate_row_is_a_valid_smollm2_model(benchmark):
     assert [layer["k_rank"] for layer in bf16] == [layer["k_rank"] for layer in int8]
     assert any(layer["k_rank"] % 16 for layer in int8)
     assert all(layer["k_rank"] % 16 == layer["v_rank"] % 16 == 0 for layer in aligned)
+    # the 8-bit partial-RoPE recipe's preset rank (92) on 16-byte rows, as its surgery leaves them
+    assert {(layer["kv_rank"], layer["rope_dims"], layer["cache_bits"])
+            for layer in layers["partial-rope-25-int8-static"]} == {(96, 32, 8)}
 
 
 @pytest.mark.parametrize("rounded, greedy, multiple, bits", [
@@ -108,7 +113,7 @@ def test_latent_kernel_launch_settings_are_checked(benchmark):
         slot_rows=1)
     with pytest.raises(SystemExit, match=r"--partial-kernel 'prefetch=1': expected KEY=N with KEY one of "
                                          r"\['fused_values', 'prefetch_slots', 'programs_per_sm', 'slot_rows', "
-                                         r"'whole_waves'\]"):
+                                         r"'whole_waves', 'word_loads'\]"):
         benchmark.launch_settings(["prefetch=1"], "--partial-kernel", partial_rope_decode.LAUNCH_DEFAULTS)
 
 
