@@ -48,8 +48,7 @@ try:
     import triton.language as tl
 
     # flash-decoding's second stage (same [B, splits, H, R] layout) and the steps the decode kernels share
-    from .latent_attention import (latent_words, merged_values, online_softmax_slot_rows, online_softmax_tile,
-                                   split_slots, words_to_halves)
+    from .latent_attention import merged_values, online_softmax_slot_rows, online_softmax_tile, split_slots
 except ImportError:  # CPU-only install: the PyTorch reference serves
     triton = None
 
@@ -104,21 +103,18 @@ if triton is not None:
         slots, heads, group, rank, rope_group, rope_heads, block_rope_heads, padded_heads, slots_per_split, splits,
         scaling, ROPE_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
         BLOCK_S: tl.constexpr, HAS_VALID: tl.constexpr, LENGTH_IN_MEMORY: tl.constexpr, SLOT_ROWS: tl.constexpr,
-        PREFETCH_SLOTS: tl.constexpr, HAS_SCALES: tl.constexpr, WORD_LOADS: tl.constexpr,
+        PREFETCH_SLOTS: tl.constexpr, HAS_SCALES: tl.constexpr,
     ):
         # SLOT_ROWS: every product with the tile's slots as its rows (scores [BLOCK_S, BLOCK_H], the accumulator
         # [BLOCK_R, BLOCK_H]), so each has 64+ rows for Hopper's warpgroup MMA rather than BLOCK_H (16) of them.
         # HAS_SCALES (an 8-bit cache): the int8 latent and rotary keys enter the products in the queries' dtype
         # (exact: |v| <= 127), and each slot's scales multiply what the products give rather than the tiles: its
         # latent scale its latent score and its weight in the value sum ((s c) q = s (c q)), its rotary scale its
-        # rotary score. WORD_LOADS (8 bits, 16-bit queries): the int8 tiles read as 32-bit words and made float16 by
-        # byte permutes (latent_attention.words_to_halves, exact), so the products run in float16 (the queries and
-        # weights converted once per program): Triton's own int8 conversion takes each byte through its own register
-        # and a float32 conversion.
+        # rotary score.
         head_block = tl.program_id(0)
         split = tl.program_id(1)
         row = tl.program_id(2).to(tl.int64)  # row * stride_lb passes 2^31 at B=256, C=32k, R=512
-        dtype = tl.float16 if WORD_LOADS else Q_LAT.dtype.element_ty  # the products' operands
+        dtype = Q_LAT.dtype.element_ty
 
         offs_h = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
         offs_r = tl.arange(0, BLOCK_R)
@@ -133,19 +129,12 @@ if triton is not None:
 
         q_lat = tl.load(Q_LAT + row * stride_qlb + (offs_h // group)[:, None] * stride_qlk
                         + (offs_h % group)[:, None] * stride_qlg + offs_r[None, :],
-                        mask=h_ok[:, None] & r_ok[None, :], other=0.0).to(dtype)
+                        mask=h_ok[:, None] & r_ok[None, :], other=0.0)
         # Block-diagonal rotary query [BLOCK_H, BLOCK_C]: head h fills only its rope head's Dr columns.
         own = (col_head[None, :] == (offs_h // rope_group)[:, None]) & h_ok[:, None] & col_ok[None, :]
         q_rope = tl.load(Q_ROPE + row * stride_qrb + offs_h[:, None] * stride_qrh + col_dim[None, :], mask=own,
-                         other=0.0).to(dtype)
-        if WORD_LOADS:  # the rotary columns four at a time: word w holds columns 4w .. 4w + 3 of one rope head
-            offs_w = tl.arange(0, BLOCK_C // 4)
-            word_head = first_rope_head + (4 * offs_w) // ROPE_DIM
-            word_ok = ((4 * offs_w) // ROPE_DIM < block_rope_heads) & (word_head < rope_heads)
-            rope_base = (K_ROPE.to(tl.pointer_type(tl.int32)) + row * (stride_krb // 4)
-                         + word_head.to(tl.int64)[None, :] * (stride_krh // 4) + (offs_w % (ROPE_DIM // 4))[None, :])
-        else:
-            rope_base = K_ROPE + row * stride_krb + col_head.to(tl.int64)[None, :] * stride_krh + col_dim[None, :]
+                         other=0.0)
+        rope_base = K_ROPE + row * stride_krb + col_head.to(tl.int64)[None, :] * stride_krh + col_dim[None, :]
 
         running_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
         running_sum = tl.zeros([BLOCK_H], tl.float32)
@@ -171,16 +160,10 @@ if triton is not None:
                 else:
                     visible = visible & (tl.load(valid_base + offs_s, mask=visible, other=0) != 0)
             # Masked slots are never loaded (nor their bytes moved): left padding, a ring's empty slots.
-            if WORD_LOADS:
-                lat = words_to_halves(latent_words(LATENT, row, offs_s, visible, rank, stride_lb, stride_ls, 0,
-                                                   BLOCK_R))
-                rope = words_to_halves(tl.load(rope_base + offs_s[:, None] * (stride_krs // 4),
-                                               mask=visible[:, None] & word_ok[None, :], other=0))
-            else:
-                lat = tl.load(LATENT + row * stride_lb + offs_s[:, None] * stride_ls + offs_r[None, :],
-                              mask=visible[:, None] & r_ok[None, :], other=0).to(dtype)
-                rope = tl.load(rope_base + offs_s[:, None] * stride_krs, mask=visible[:, None] & col_ok[None, :],
-                               other=0).to(dtype)
+            lat = tl.load(LATENT + row * stride_lb + offs_s[:, None] * stride_ls + offs_r[None, :],
+                          mask=visible[:, None] & r_ok[None, :], other=0).to(dtype)
+            rope = tl.load(rope_base + offs_s[:, None] * stride_krs, mask=visible[:, None] & col_ok[None, :],
+                           other=0).to(dtype)
             if HAS_SCALES:
                 lat_scale = tl.load(LATENT_SCALE + row * stride_lsb + offs_s * stride_lss, mask=visible,
                                     other=0.0).to(tl.float32)
@@ -237,11 +220,12 @@ if triton is not None:
 #   fused_values: the splits' merge and U_v in one kernel (latent_attention.py's LAUNCH_DEFAULTS says more). H200,
 #     session 22, rank 128 + 16 rotary dims: faster at all eight shapes, most at 4k where the call is short (64 x 4k
 #     Kr = 3 45.6 -> 42.3 us, 51% of the copy bandwidth; 128 x 4k 70.5 -> 64.5, 67%; 128 x 16k 210.7 -> 205.3, 85%).
-#   word_loads: an 8-bit cache's tiles read as words and made float16 in registers (the module's kernel says how),
-#     where the cache's rows hold whole words and the queries are 16-bit. Built after session 22's first 8-bit
-#     timing (Triton's own conversion, rank 96 + 3 x 32 rotary dims: 17-21% of the copy bandwidth, 128 x 16k Kr = 3
-#     458.9 us); the latent kernel's word loads were 5.6-7.4% faster there (session 19). On until measured otherwise.
-LAUNCH_DEFAULTS = dict(slot_rows=1, programs_per_sm=4, prefetch_slots=1, whole_waves=1, fused_values=1, word_loads=1)
+#   An 8-bit cache (HAS_SCALES), session 22, rank 96 + 3 x 32 rotary dims (partial-rope-25-int8-long's layout): these
+#     settings, 17-21% of the copy bandwidth (128 x 16k, Kr = 3: 461.6 us; 128 x 4k 129.9 us). Tried there and
+#     removed: int8 tiles read as words and made float16 by byte permutes (as latent_attention's word_loads), 762
+#     instructions per tile against 1,795 offline, yet 1.9-2.2x slower at Kr = 3 and within 10% at Kr = 1; three
+#     programs per SM, faster at Kr = 1 only. `docs/results/decode-h200/README.md`, session 22.
+LAUNCH_DEFAULTS = dict(slot_rows=1, programs_per_sm=4, prefetch_slots=1, whole_waves=1, fused_values=1)
 
 
 def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_weight, v_weight, v_bias,
@@ -250,8 +234,7 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
                                   num_warps: int | None = None, num_stages: int | None = None,
                                   slot_rows: int | None = None, programs_per_sm: int | None = None,
                                   prefetch_slots: int | None = None, whole_waves: int | None = None,
-                                  fused_values: int | None = None, word_loads: int | None = None,
-                                  k_rope_scale: torch.Tensor | None = None,
+                                  fused_values: int | None = None, k_rope_scale: torch.Tensor | None = None,
                                   kv_latent_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step of attention over a partial-RoPE joint-latent cache.
 
@@ -271,8 +254,8 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
         length: optional 1-element integer device tensor, 1 <= length <= C: slots past it are never read, so one
             CUDA graph serves every position.
         block_s, block_h, splits, num_warps, num_stages: tiling (defaults: see the module doc).
-        slot_rows, programs_per_sm, prefetch_slots, whole_waves, fused_values, word_loads: launch settings
-            (LAUNCH_DEFAULTS says what each does and holds the ones not given).
+        slot_rows, programs_per_sm, prefetch_slots, whole_waves, fused_values: launch settings (LAUNCH_DEFAULTS says
+            what each does and holds the ones not given).
     Returns [B, K, G, Dv] in query_rope's dtype.
     Raises ValueError on shapes `fits` refuses or that disagree with one another.
     """
@@ -337,12 +320,7 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
     padded_heads = head_blocks * block_h
     settings = {name: LAUNCH_DEFAULTS[name] if given is None else given for name, given in
                 (("slot_rows", slot_rows), ("programs_per_sm", programs_per_sm), ("prefetch_slots", prefetch_slots),
-                 ("whole_waves", whole_waves), ("fused_values", fused_values), ("word_loads", word_loads))}
-    # Words of 4 bytes: every latent row and every rope head's row must start on a 4-byte boundary and hold whole
-    # words; 16-bit queries only (float16 products would cost a float32 model its precision).
-    word_loads = bool(settings["word_loads"]) and has_scales and query_rope.element_size() == 2 and all(
-        n % 4 == 0 for n in (rank, rope_dim, kv_latent.stride(0), kv_latent.stride(1), k_rope.stride(0),
-                             k_rope.stride(1), k_rope.stride(2), kv_latent.data_ptr(), k_rope.data_ptr()))
+                 ("whole_waves", whole_waves), ("fused_values", fused_values))}
     splits = splits or slot_splits(batch * head_blocks, slots, block_s, kv_latent.device,
                                    settings["programs_per_sm"], bool(settings["whole_waves"]))
     per_split = -(-slots // splits)
@@ -369,7 +347,7 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
         ROPE_DIM=rope_dim, BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_S=block_s,
         HAS_VALID=valid is not None, LENGTH_IN_MEMORY=length is not None,
         SLOT_ROWS=bool(settings["slot_rows"]), PREFETCH_SLOTS=bool(settings["prefetch_slots"]),
-        HAS_SCALES=has_scales, WORD_LOADS=word_loads, num_warps=num_warps, num_stages=num_stages,
+        HAS_SCALES=has_scales, num_warps=num_warps, num_stages=num_stages,
     )
     # U_v once per query head (sum_c p_c = 1: the bias passes through once).
     return merged_values(acc, stats_max, stats_sum, v_weight, v_bias, kv_heads, group, rank, query_rope.dtype,
