@@ -32,8 +32,8 @@ FIRST0=${FIRST0-}
 FIRST1=${FIRST1-}
 # Session 17: the greedy 12.5% recipe met issue 10 in 434 s (+9.2%), which closed it. Sessions 18 and 19: decode rows
 # only (random weights: started by `setup.sh bench`, one call, no model), on both GPUs. Sessions 20-21: one H200,
-# decode rows. Next recipe: partial-rope-25-long (the fastest-decoding 25% layout, never trained with the corpus
-# recipe that brought pre-RoPE low rank from +34% to +4.3%): QUEUE=partial-rope-25-long with `setup.sh stage`.
+# decode rows. Session 22 (one H200, run.sh): partial-rope-25-int8-long, +10.6% in 473 s (bf16 partial RoPE: +87%).
+# Queued: partial-rope-25-long (the bf16 layout with the long recipe), QUEUE=partial-rope-25-long with `setup.sh stage`.
 QUEUE=${QUEUE-}
 MULTIGPU1=${MULTIGPU1:-}
 MULTIGPU2=${MULTIGPU2:-}
@@ -59,13 +59,12 @@ MAX_BATCH_START=${MAX_BATCH_START-576}
 # settings (no gain: off) and prefetch_slots (8-bit 10-12% faster, the default since; 4-bit and bf16 slower).
 # Session 21 (one H200): word loads for 4-bit latents 3-5% slower (off); the partial-RoPE kernel's mask a tile ahead
 # and whole waves of 4 programs per SM (68-79% of copy at 16k, the defaults since; tiles, warps, stages no better).
-# Next, built after session 21's GPU time: the splits' merge and U_v in one kernel (fused_values, both kernels: two
-# launches fewer; at 4k the partial kernel's call is a third other kernels) and whole waves for the 8-bit latent
-# kernel (two programs per SM hold); then the layouts for bf16 latents (the 50% model's; their default is still the
-# old layout) and for 4-bit value ranks that split (160).
-DECODE_ARGS0=${DECODE_ARGS0-"--part partial --batch 64 128 --context 4096 16384 --fused-values 0 1|\
---part latent --batch 32 64 128 --context 4096 16384 --k-rank 48 --v-rank 144 \
---cache-bits 8 --programs-per-sm 0 2 --whole-waves 0 1 --fused-values 0 1|\
+# Session 22 (one H200): fused values (the partial kernel's default since: faster at all eight shapes) and whole
+# waves of two programs per SM (the 8-bit latent kernel's default since: 3-10% faster); the 8-bit partial-RoPE kernel
+# at 16-21% of copy. Next: that kernel again (its baseline; a faster design is not built), then the layouts for bf16 latents (the 50% model's; their default is still the old layout) and for 4-bit value
+# ranks that split (160).
+DECODE_ARGS0=${DECODE_ARGS0-"--part partial --batch 64 128 --context 4096 16384 --kv-rank 96 --rope-dims 32 \
+--cache-bits 8 --programs-per-sm 3 4|\
 --part kernel --batch 32 128 --context 4096 16384 --k-rank 48 --v-rank 144 \
 --cache-bits 16 --split-values 0 1 --slot-rows 0 1|\
 --part kernel --batch 32 128 --context 4096 16384 --k-rank 64 --v-rank 160 --cache-bits 4 --split-values 0 1"}
