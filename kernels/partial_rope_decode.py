@@ -221,7 +221,7 @@ if triton is not None:
 #     session 22, rank 128 + 16 rotary dims: faster at all eight shapes, most at 4k where the call is short (64 x 4k
 #     Kr = 3 45.6 -> 42.3 us, 51% of the copy bandwidth; 128 x 4k 70.5 -> 64.5, 67%; 128 x 16k 210.7 -> 205.3, 85%).
 #   An 8-bit cache (HAS_SCALES), session 22, rank 96 + 3 x 32 rotary dims (partial-rope-25-int8-long's layout): these
-#     settings, 17-21% of the copy bandwidth (128 x 16k, Kr = 3: 461.6 us; 128 x 4k 129.9 us). Tried there and
+#     settings, 16-21% of the copy bandwidth (128 x 16k, Kr = 3: 461.6 us; 128 x 4k 129.9 us). Tried there and
 #     removed: int8 tiles read as words and made float16 by byte permutes (as latent_attention's word_loads), 762
 #     instructions per tile against 1,795 offline, yet 1.9-2.2x slower at Kr = 3 and within 10% at Kr = 1; three
 #     programs per SM, faster at Kr = 1 only. `docs/results/decode-h200/README.md`, session 22.
