@@ -15,3 +15,5 @@ run partial25-int8-r16 --spec low-rank --budget 0.25 --arg rope=partial --arg ro
 run partial25-int8-r32 --spec low-rank --budget 0.25 --arg rope=partial --arg rope_dims=32 --arg cache_bits=8
 run partial25-int8-r48 --spec low-rank --budget 0.25 --arg rope=partial --arg rope_dims=48 --arg cache_bits=8
 run pre25-int8 --spec low-rank --budget 0.25 --arg cache_bits=8
+run partial25-int8-r24 --spec low-rank --budget 0.25 --arg rope=partial --arg rope_dims=24 --arg cache_bits=8
+run partial25-int8-r40 --spec low-rank --budget 0.25 --arg rope=partial --arg rope_dims=40 --arg cache_bits=8
