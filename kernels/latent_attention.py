@@ -834,8 +834,6 @@ def _multiprocessors(device: torch.device) -> int:
 LAUNCH_DEFAULTS = dict(kv_per_program=None, programs_per_sm=None, prefetch=0, split_columns=1, split_values=None,
                        slot_rows=None, word_loads=None, merged_halves=0, half_rope_table=0, max_registers=None,
                        prefetch_slots=None, whole_waves=None, fused_values=0)
-# programs_per_sm when LAUNCH_DEFAULTS leaves it to the cache: 8-bit latents, the others
-PROGRAMS_PER_SM = {True: 2, False: 8}
 
 
 def tile_widths(width: int, split: bool, multiple: int = 1) -> tuple[int, int]:
@@ -973,7 +971,8 @@ def latent_decode_attention(query, k_latent, v_latent, k_weight, k_bias, v_weigh
     merged_halves = bool(merged_halves) and bool(slot_rows) and whole and not packed
     block_c, block_c2 = tile_widths(kv_per_program * (dim // 2), bool(split_columns) and whole, multiple=dim // 2)
     block_rv, block_rv2 = tile_widths(v_latent.shape[2], bool(split_values))
-    programs_per_sm = programs_per_sm or LAUNCH_DEFAULTS["programs_per_sm"] or PROGRAMS_PER_SM[int8]
+    # None in LAUNCH_DEFAULTS: by cache, two for 8-bit latents and eight for the others (LAUNCH_DEFAULTS says why)
+    programs_per_sm = programs_per_sm or LAUNCH_DEFAULTS["programs_per_sm"] or (2 if int8 else 8)
     splits = num_splits or slot_splits(batch * head_programs, slots, block_s, query.device, programs_per_sm,
                                        bool(setting("whole_waves", whole_waves)))
     per_split = -(-slots // splits)
