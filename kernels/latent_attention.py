@@ -124,6 +124,26 @@ if triton is not None:
         return tl.reshape(halves, (words.shape[0], 4 * words.shape[1]))
 
     @triton.jit
+    def int8_to_halves(values):
+        """An int8 tile, any shape, as float16, exact: words_to_halves' permutes on the tile's own registers (four
+        bytes a register as loaded), so the tile keeps its layout and no byte sits in a register of its own.
+        Declared impure so that Triton converts the tile where it was loaded: a pure conversion it moves past the
+        layout change into the products' operand layout, where each byte sits apart (two to a register) and takes
+        a permute of its own, and a tile that feeds two products is converted twice (the partial-RoPE kernel's
+        latent, offline sm_90: 1,228 loop instructions per tile, 402 of them permutes; 667 impure)."""
+        if INTERPRETED:
+            return values.to(tl.float16)
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t, c;\n"
+            "mov.b32 c, 0x64806480;\n"
+            "xor.b32 t, $2, 0x80808080;\n"
+            "prmt.b32 $0, t, 0x64646464, 0x4140;\n"
+            "prmt.b32 $1, t, 0x64646464, 0x4342;\n"
+            "sub.f16x2 $0, $0, c;\n"
+            "sub.f16x2 $1, $1, c; }",
+            "=r,=r,r", [values], dtype=tl.float16, is_pure=False, pack=4)
+
+    @triton.jit
     def nibbles_to_halves(words):
         """A 4-bit latent's words [rows, n] (latent_words: four bytes each, byte j holding rank 2j in its low nibble
         and rank 2j + 1 in its high one, two's complement) as the float16 values of their even and odd ranks, each

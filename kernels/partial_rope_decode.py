@@ -48,7 +48,8 @@ try:
     import triton.language as tl
 
     # flash-decoding's second stage (same [B, splits, H, R] layout) and the steps the decode kernels share
-    from .latent_attention import merged_values, online_softmax_slot_rows, online_softmax_tile, split_slots
+    from .latent_attention import (int8_to_halves, merged_values, online_softmax_slot_rows, online_softmax_tile,
+                                   split_slots)
 except ImportError:  # CPU-only install: the PyTorch reference serves
     triton = None
 
@@ -103,7 +104,7 @@ if triton is not None:
         slots, heads, group, rank, rope_group, rope_heads, block_rope_heads, padded_heads, slots_per_split, splits,
         scaling, ROPE_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
         BLOCK_S: tl.constexpr, HAS_VALID: tl.constexpr, LENGTH_IN_MEMORY: tl.constexpr, SLOT_ROWS: tl.constexpr,
-        PREFETCH_SLOTS: tl.constexpr, HAS_SCALES: tl.constexpr,
+        PREFETCH_SLOTS: tl.constexpr, HAS_SCALES: tl.constexpr, HALF_PRODUCTS: tl.constexpr,
     ):
         # SLOT_ROWS: every product with the tile's slots as its rows (scores [BLOCK_S, BLOCK_H], the accumulator
         # [BLOCK_R, BLOCK_H]), so each has 64+ rows for Hopper's warpgroup MMA rather than BLOCK_H (16) of them.
@@ -136,6 +137,9 @@ if triton is not None:
                          other=0.0)
         rope_base = K_ROPE + row * stride_krb + col_head.to(tl.int64)[None, :] * stride_krh + col_dim[None, :]
 
+        if HALF_PRODUCTS:  # int8 tiles made float16 by int8_to_halves, beside 16-bit queries
+            dtype = tl.float16
+            q_lat, q_rope = q_lat.to(dtype), q_rope.to(dtype)
         running_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
         running_sum = tl.zeros([BLOCK_H], tl.float32)
         if SLOT_ROWS:
@@ -161,9 +165,13 @@ if triton is not None:
                     visible = visible & (tl.load(valid_base + offs_s, mask=visible, other=0) != 0)
             # Masked slots are never loaded (nor their bytes moved): left padding, a ring's empty slots.
             lat = tl.load(LATENT + row * stride_lb + offs_s[:, None] * stride_ls + offs_r[None, :],
-                          mask=visible[:, None] & r_ok[None, :], other=0).to(dtype)
+                          mask=visible[:, None] & r_ok[None, :], other=0)
             rope = tl.load(rope_base + offs_s[:, None] * stride_krs, mask=visible[:, None] & col_ok[None, :],
-                           other=0).to(dtype)
+                           other=0)
+            if HALF_PRODUCTS:  # exact: |v| <= 127 within float16's 11 bits
+                lat, rope = int8_to_halves(lat), int8_to_halves(rope)
+            else:
+                lat, rope = lat.to(dtype), rope.to(dtype)
             if HAS_SCALES:
                 lat_scale = tl.load(LATENT_SCALE + row * stride_lsb + offs_s * stride_lss, mask=visible,
                                     other=0.0).to(tl.float32)
@@ -225,7 +233,21 @@ if triton is not None:
 #     removed: int8 tiles read as words and made float16 by byte permutes (as latent_attention's word_loads), 762
 #     instructions per tile against 1,795 offline, yet 1.9-2.2x slower at Kr = 3 and within 10% at Kr = 1; three
 #     programs per SM, faster at Kr = 1 only. `docs/results/decode-h200/README.md`, session 22.
-LAUNCH_DEFAULTS = dict(slot_rows=1, programs_per_sm=4, prefetch_slots=1, whole_waves=1, fused_values=1)
+#   half_products: an 8-bit cache beside 16-bit queries: 1: every product in float16, the int8 tiles made float16 by
+#     byte permutes where they were loaded (latent_attention.int8_to_halves: three integer instructions and two
+#     float16x2 subtractions per four values, exact), the queries converted once; 0: the tiles converted to the
+#     queries' dtype by Triton, which converts in the products' operand layout (each byte a permute) and the latent
+#     twice (once per product). Offline (sm_90, the layout below): 1,367 -> 667 loop instructions per tile, 194 ->
+#     167 registers, so three programs fit an SM rather than two. H200, session 23, at three programs per SM
+#     against session 22's settings: 1.2-1.3x faster at all eight shapes from 64 x 4k to 128 x 16k (128 x 16k
+#     Kr = 3 454.2 -> 364.6 us, 26% of the copy bandwidth; Kr = 1 379.8 -> 296.9; 128 x 4k Kr = 3 127.3 -> 105.0).
+#     Three pipeline stages: no faster; 128-slot tiles over 8 warps: 1.1-1.5x slower. The same permutes with the
+#     heads as the rows, padded to 64 (one conversion into shared memory, read there by both products): 2x slower.
+#     What still separates it from the bf16 kernel's 85%: each converted tile goes through shared memory and back
+#     into registers for its two products (the bf16 tiles feed the tensor cores from shared memory as loaded).
+#   programs_per_sm None: three for an 8-bit cache with half_products (what an SM holds), four otherwise.
+LAUNCH_DEFAULTS = dict(slot_rows=1, programs_per_sm=None, prefetch_slots=1, whole_waves=1, fused_values=1,
+                       half_products=1)
 
 
 def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_weight, v_weight, v_bias,
@@ -234,7 +256,8 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
                                   num_warps: int | None = None, num_stages: int | None = None,
                                   slot_rows: int | None = None, programs_per_sm: int | None = None,
                                   prefetch_slots: int | None = None, whole_waves: int | None = None,
-                                  fused_values: int | None = None, k_rope_scale: torch.Tensor | None = None,
+                                  fused_values: int | None = None, half_products: int | None = None,
+                                  k_rope_scale: torch.Tensor | None = None,
                                   kv_latent_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step of attention over a partial-RoPE joint-latent cache.
 
@@ -254,8 +277,8 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
         length: optional 1-element integer device tensor, 1 <= length <= C: slots past it are never read, so one
             CUDA graph serves every position.
         block_s, block_h, splits, num_warps, num_stages: tiling (defaults: see the module doc).
-        slot_rows, programs_per_sm, prefetch_slots, whole_waves, fused_values: launch settings (LAUNCH_DEFAULTS says
-            what each does and holds the ones not given).
+        slot_rows, programs_per_sm, prefetch_slots, whole_waves, fused_values, half_products: launch settings
+            (LAUNCH_DEFAULTS says what each does and holds the ones not given).
     Returns [B, K, G, Dv] in query_rope's dtype.
     Raises ValueError on shapes `fits` refuses or that disagree with one another.
     """
@@ -320,9 +343,11 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
     padded_heads = head_blocks * block_h
     settings = {name: LAUNCH_DEFAULTS[name] if given is None else given for name, given in
                 (("slot_rows", slot_rows), ("programs_per_sm", programs_per_sm), ("prefetch_slots", prefetch_slots),
-                 ("whole_waves", whole_waves), ("fused_values", fused_values))}
-    splits = splits or slot_splits(batch * head_blocks, slots, block_s, kv_latent.device,
-                                   settings["programs_per_sm"], bool(settings["whole_waves"]))
+                 ("whole_waves", whole_waves), ("fused_values", fused_values), ("half_products", half_products))}
+    half_products = has_scales and query_rope.element_size() == 2 and bool(settings["half_products"])
+    programs_per_sm = settings["programs_per_sm"] or (3 if half_products else 4)
+    splits = splits or slot_splits(batch * head_blocks, slots, block_s, kv_latent.device, programs_per_sm,
+                                   bool(settings["whole_waves"]))
     per_split = -(-slots // splits)
     per_split = -(-per_split // block_s) * block_s  # whole tiles: only the last split has a ragged end
     splits = -(-slots // per_split)
@@ -347,7 +372,7 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
         ROPE_DIM=rope_dim, BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_S=block_s,
         HAS_VALID=valid is not None, LENGTH_IN_MEMORY=length is not None,
         SLOT_ROWS=bool(settings["slot_rows"]), PREFETCH_SLOTS=bool(settings["prefetch_slots"]),
-        HAS_SCALES=has_scales, num_warps=num_warps, num_stages=num_stages,
+        HAS_SCALES=has_scales, HALF_PRODUCTS=half_products, num_warps=num_warps, num_stages=num_stages,
     )
     # U_v once per query head (sum_c p_c = 1: the bias passes through once).
     return merged_values(acc, stats_max, stats_sum, v_weight, v_bias, kv_heads, group, rank, query_rope.dtype,

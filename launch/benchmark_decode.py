@@ -89,9 +89,13 @@ KERNEL_SWEEP = [
     ("--whole-waves", "whole_waves", "ww", "1: the slot splits stay within --programs-per-sm, 0: reach it (the "
      "partial part too)"),
     ("--max-registers", "max_registers", "mr", "a cap on registers per thread (ptxas spills past it)"),
+    ("--block-h", "block_h", "bh", "query heads per program (the partial part only)"),
+    ("--half-products", "half_products", "hp", "1: an 8-bit cache's tiles made float16 by byte permutes and every "
+     "product in float16, 0: Triton's conversion to the queries' dtype (the partial part only)"),
 ]
+PARTIAL_ONLY = ("block_h", "half_products")
 BINARY_SETTINGS = {"prefetch", "prefetch_slots", "split_columns", "split_values", "slot_rows", "word_loads",
-                   "merged_halves", "half_rope_table", "whole_waves", "fused_values"}
+                   "merged_halves", "half_rope_table", "whole_waves", "fused_values", "half_products"}
 
 
 def kernel_columns(args, arguments=None) -> list[tuple[str, dict]]:
@@ -227,7 +231,9 @@ def run_kernel_part(args, copy_bandwidth: float, device="cuda", timings=None, dt
                                        r.scaling, c["scaling"], max_position=r.max_position(),
                                        k_scale=c.get("k_scale"), v_scale=c.get("v_scale"), **settings)
 
-    kernels = [(name, functools.partial(triton_latent, settings=settings)) for name, settings in kernel_columns(args)]
+    latent_settings = [argument for _, argument, _, _ in KERNEL_SWEEP if argument not in PARTIAL_ONLY]
+    kernels = [(name, functools.partial(triton_latent, settings=settings))
+               for name, settings in kernel_columns(args, latent_settings)]
 
     def torch_latent(c):
         return pre_rope_latent_attention(c["query"], c["k_latent"], c["v_latent"], c["k_up"], c["v_up"],
@@ -348,7 +354,7 @@ def partial_cache_bytes(batch: int, context: int, kv_rank: int, rope_dims: int, 
 
 # The KERNEL_SWEEP settings the partial-RoPE kernel takes.
 PARTIAL_SWEEP = ("programs_per_sm", "whole_waves", "block_s", "num_warps", "num_stages", "prefetch_slots",
-                 "slot_rows", "fused_values")
+                 "slot_rows", "fused_values", *PARTIAL_ONLY)
 PARTIAL_ARGS = ("query_rope", "query_nope", "k_rope", "kv_latent", "k_up", "v_up", "mask", "scaling")
 
 

@@ -123,18 +123,20 @@ def test_masked_slots_and_slots_past_the_length_are_never_read(slot_rows, prefet
 
 @pytest.mark.parametrize("shape", [dict(), dict(rope_heads=1, rope_dim=6, nope_dim=10, rank=40, slots=70)])
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float16, 5e-3)])
-@pytest.mark.parametrize("slot_rows", [0, 1])
-def test_an_8_bit_cache_is_read_as_stored(shape, dtype, tolerance, slot_rows):
+@pytest.mark.parametrize("slot_rows, block_h, half_products", [(0, 16, 0), (1, 16, 0), (1, 16, 1), (0, 64, 1)])
+def test_an_8_bit_cache_is_read_as_stored(shape, dtype, tolerance, slot_rows, block_h, half_products):
     """int8 k_rope and kv_latent with their per-slot scales (quantize_slots, as a cache_bits: 8 layer stores them)
     against the reference on the same values dequantized in float64; every slot's scales differ, so a scale applied
-    to the wrong slot, left off the value sum, or put on the running sum fails."""
+    to the wrong slot, left off the value sum, or put on the running sum fails. half_products (float16 products,
+    float16 queries only) with the heads padded to 64 as the rows, and with the slots as the rows."""
     c = case(**shape, dtype=dtype, seed=5)
     (k_rope, k_rope_scale), (kv_latent, kv_latent_scale) = quantize_slots(c["k_rope"], 2), quantize_slots(
         c["kv_latent"], 1)
     expected = reference(dict(c, k_rope=k_rope.double() * k_rope_scale.double(),
                               kv_latent=kv_latent.double() * kv_latent_scale.double()))
     out = kernel(dict(c, k_rope=k_rope, kv_latent=kv_latent), block_s=16, splits=3, slot_rows=slot_rows,
-                 k_rope_scale=k_rope_scale, kv_latent_scale=kv_latent_scale)
+                 block_h=block_h, half_products=half_products, k_rope_scale=k_rope_scale,
+                 kv_latent_scale=kv_latent_scale)
     assert relative_error(out, expected) < tolerance
     with pytest.raises(ValueError, match=r"an 8-bit cache takes int8 k_rope and kv_latent with both scales"):
         kernel(dict(c, k_rope=k_rope, kv_latent=kv_latent), k_rope_scale=k_rope_scale,
