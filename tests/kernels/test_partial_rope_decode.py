@@ -143,6 +143,26 @@ def test_an_8_bit_cache_is_read_as_stored(shape, dtype, tolerance, slot_rows, bl
                kv_latent_scale=kv_latent_scale[:, :-1])
 
 
+@pytest.mark.parametrize("slot_rows", [0, 1])
+@pytest.mark.parametrize("query_factor, cache_factor", [(2.0 ** 18, 1.0), (1.0, 2.0 ** -18)])
+def test_an_8_bit_cache_keeps_its_float16_products_in_range(slot_rows, query_factor, cache_factor):
+    """bf16 queries past float16's 65,504, or latents so small that every weight x scale falls among float16's
+    subnormals: the kernel's float16 products (half_products) scale their operands by powers of two. Without that
+    the first case is NaN and the second 0.19 off. (U_v without its bias, which would hide the value sum; and
+    fused_values off: the interpreter's bf16 dots in the fused merge are unreliable.)"""
+    c = case(rope_heads=1, rank=32, slots=300, dtype=torch.bfloat16, seed=11)
+    c = dict(c, query_rope=c["query_rope"] * query_factor, query_nope=c["query_nope"] * query_factor,
+             k_rope=c["k_rope"] * cache_factor, kv_latent=c["kv_latent"] * cache_factor)
+    nn.init.zeros_(c["v_up"].bias)
+    (k_rope, k_rope_scale), (kv_latent, kv_latent_scale) = quantize_slots(c["k_rope"], 2), quantize_slots(
+        c["kv_latent"], 1)
+    expected = reference(dict(c, k_rope=k_rope.double() * k_rope_scale.double(),
+                              kv_latent=kv_latent.double() * kv_latent_scale.double()))
+    out = kernel(dict(c, k_rope=k_rope, kv_latent=kv_latent), block_s=16, splits=2, slot_rows=slot_rows,
+                 half_products=1, fused_values=0, k_rope_scale=k_rope_scale, kv_latent_scale=kv_latent_scale)
+    assert relative_error(out, expected) < 1e-2
+
+
 def test_half_precision_inputs_stay_within_half_precision_error():
     c = case(rope_heads=1, rank=32, slots=48, dtype=torch.float16, seed=3)
     assert relative_error(kernel(c, block_s=16, splits=2), reference(c)) < 5e-3
