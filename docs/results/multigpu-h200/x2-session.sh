@@ -49,8 +49,9 @@ PROFILES=${PROFILES-}
 # one mask row per later prefill chunk: original 92, lr25 416 (4.5x); lr12's search, started at 8, was cut by the
 # session's end. Session 18: lr12 alone, from 192, on GPU 0 after its recipe.
 # Session 18: lr12 fitted 576 rows and not 672 (from 192; the machine was released before the bisection ended).
-# Next: that bisection, then the partial-RoPE 25% and merged-heads models (session 21: the fastest layouts), from 576.
-MAX_BATCH_VARIANTS=${MAX_BATCH_VARIANTS-lr12-int4-aligned-static partial-rope-25-static merged-heads-static}
+# Session 23 (one H200): both 25% partial-RoPE layouts 432 (444 out of memory); lr12 648 out of memory, the search
+# stopped there. Next: merged heads, then lr12's bisection between 576 and 648, from 576.
+MAX_BATCH_VARIANTS=${MAX_BATCH_VARIANTS-merged-heads-static lr12-int4-aligned-static}
 MAX_BATCH_START=${MAX_BATCH_START-576}
 # GPU 0's decode rows (DECODE_ARGS0, the same form as DECODE_ARGS; logs decode0-<n>), before its batch search.
 # Session 18 measured the new kernel layouts (8-bit latents: split tiles + slot rows 10-12% faster, the defaults
