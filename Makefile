@@ -58,9 +58,13 @@ main: setup
 	HF_HUB_OFFLINE=1 $(PY) launch/generate.py --model $(RUN)/export --dtype bfloat16 --json $(RUN)/generate.json
 
 # Offline always: tests never download weights or data. Then the compatibility check below. The 25 slowest tests
-# are listed at the end: the suite's budget is ~15 minutes on CI's two cores.
+# are listed at the end: the suite's budget is ~15 minutes on CI's two cores. TEST_WORKERS pytest-xdist workers,
+# each taking whole files (the module fixtures that start DeepSpeed ranks are set up once per file); 0 runs the
+# suite in this process.
+TEST_WORKERS ?= 2
 test: setup
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q --durations=25
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q --durations=25 \
+		$(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadfile)
 	$(MAKE) --no-print-directory compat
 
 # Exported models under other transformers releases, each in a venv of its own without kvforge (.ci/compat.sh):
