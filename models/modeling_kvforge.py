@@ -1254,10 +1254,9 @@ class DenseKV(CacheRepresentation):
         if query.shape[3] > 1 or not isinstance(t, DequantizedSlots):
             return super().attend(shared, query, cos, sin, plan, scaling, need_probs, dropout, use_sdpa)
         # Decode over an 8-bit cache: the int8 keys and values and their scales, as the cache holds them.
-        (key, k_scale), (value, v_scale) = t.stored("key"), t.stored("value")
+        (key, value), scales = _as_stored(t, key="k_scale", value="v_scale")
         return attention_function(self.kernel)(_rotated(query, cos, sin), key, value, plan.mask, scaling,
-                                               need_probs=need_probs, dropout=dropout, use_sdpa=use_sdpa,
-                                               k_scale=k_scale, v_scale=v_scale)
+                                               need_probs=need_probs, dropout=dropout, use_sdpa=use_sdpa, **scales)
 
 
 class PreRopeLatent(CacheRepresentation):
@@ -1284,24 +1283,22 @@ class PreRopeLatent(CacheRepresentation):
     def attend(self, shared, query, cos, sin, plan, scaling, need_probs, dropout, use_sdpa):
         if query.shape[3] > 1:
             return super().attend(shared, query, cos, sin, plan, scaling, need_probs, dropout, use_sdpa)
-        t, producer = shared.tensors, shared.producer
-        if isinstance(t, DequantizedSlots):  # 8 bits: the int8 latents and their scales, as the cache holds them
-            (k_latent, k_scale), (v_latent, v_scale) = t.stored("k_latent"), t.stored("v_latent")
-        else:
-            (k_latent, v_latent), k_scale, v_scale = (t["k_latent"], t["v_latent"]), None, None
+        producer = shared.producer
+        (k_latent, v_latent), scales = _as_stored(shared.tensors, k_latent="k_scale", v_latent="v_scale")
         return attention_function(self.kernel)(
             _rotated(query, cos, sin), k_latent, v_latent, producer.k_up, producer.v_up, plan.key_rotary(),
-            plan.mask, scaling, need_probs=need_probs, dropout=dropout, use_sdpa=use_sdpa, k_scale=k_scale,
-            v_scale=v_scale)
+            plan.mask, scaling, need_probs=need_probs, dropout=dropout, use_sdpa=use_sdpa, **scales)
 
 
-def _latent_cache(tensors) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """A partial-RoPE cache's k_rope and kv_latent as it holds them, with a low-bit cache's scales as keyword
-    arguments of partial_rope_attention (none in the model's dtype): a kernel reads the integers themselves."""
+def _as_stored(tensors, **scale_keywords: str) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """A cache's tensors (the names given, in order) as it holds them, and a low-bit cache's scales as the
+    attention function's keyword arguments (scale_keywords: tensor name -> keyword; none in the model's dtype):
+    the decode kernels read the integers themselves."""
     if isinstance(tensors, DequantizedSlots):
-        (k_rope, k_rope_scale), (kv_latent, kv_latent_scale) = tensors.stored("k_rope"), tensors.stored("kv_latent")
-        return k_rope, kv_latent, {"k_rope_scale": k_rope_scale, "kv_latent_scale": kv_latent_scale}
-    return tensors["k_rope"], tensors["kv_latent"], {}
+        stored = [tensors.stored(name) for name in scale_keywords]
+        return [values for values, _ in stored], {keyword: scale for keyword, (_, scale) in
+                                                   zip(scale_keywords.values(), stored)}
+    return [tensors[name] for name in scale_keywords], {}
 
 
 class PartialRopeLatent(CacheRepresentation):
@@ -1340,7 +1337,7 @@ class PartialRopeLatent(CacheRepresentation):
         if query.shape[3] > 1:
             return super().attend(shared, query, cos, sin, plan, scaling, need_probs, dropout, use_sdpa)
         producer = shared.producer
-        k_rope, kv_latent, scales = _latent_cache(shared.tensors)
+        (k_rope, kv_latent), scales = _as_stored(shared.tensors, k_rope="k_rope_scale", kv_latent="kv_latent_scale")
         rope_dims, nope_dims = partial_rope_dims(producer.rope_index, query.shape[-1])
         return attention_function(self.kernel)(
             _gather_dims(_rotated(query, cos, sin), rope_dims), _gather_dims(query, nope_dims), k_rope, kv_latent,
@@ -1405,7 +1402,7 @@ class SharedRopeLatent(CacheRepresentation):
             return super().attend(shared, query, cos, sin, plan, scaling, need_probs, dropout, use_sdpa)
         query_nope, query_rope = self._split_query(shared, query, cos, sin)
         producer = shared.producer
-        k_rope, kv_latent, scales = _latent_cache(shared.tensors)
+        (k_rope, kv_latent), scales = _as_stored(shared.tensors, k_rope="k_rope_scale", kv_latent="kv_latent_scale")
         return attention_function(self.kernel)(query_rope, query_nope, k_rope, kv_latent, producer.k_up,
                                                producer.v_up, plan.mask, scaling, need_probs=need_probs,
                                                dropout=dropout, **scales)
