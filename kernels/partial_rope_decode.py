@@ -97,6 +97,20 @@ if triton is not None:
         return tl.exp2(14.0 - tl.ceil(tl.log2(tl.maximum(largest, 1e-30))))
 
     @triton.jit
+    def _converted_tiles(LATENT, rope_base, valid_base, row, offs_s, end, offs_r, r_ok, col_ok, stride_lb, stride_ls,
+                         stride_krs, dtype: tl.constexpr, HAS_VALID: tl.constexpr, HALF_PRODUCTS: tl.constexpr):
+        """The latent and rotary-key tiles of slots offs_s in the products' dtype (masked slots zero, never read)."""
+        visible = offs_s < end
+        if HAS_VALID:
+            visible = visible & (tl.load(valid_base + offs_s, mask=visible, other=0) != 0)
+        lat = tl.load(LATENT + row * stride_lb + offs_s[:, None] * stride_ls + offs_r[None, :],
+                      mask=visible[:, None] & r_ok[None, :], other=0)
+        rope = tl.load(rope_base + offs_s[:, None] * stride_krs, mask=visible[:, None] & col_ok[None, :], other=0)
+        if HALF_PRODUCTS:
+            return int8_to_halves(lat), int8_to_halves(rope)
+        return lat.to(dtype), rope.to(dtype)
+
+    @triton.jit
     def _partial_rope_decode_kernel(
         Q_LAT, Q_ROPE, LATENT, K_ROPE, VALID, LENGTH,  # inputs
         LATENT_SCALE, ROPE_SCALE,  # an 8-bit cache's scales (HAS_SCALES): [B, C, 1] and [B, 1, C, 1]; else unused
@@ -111,6 +125,7 @@ if triton is not None:
         scaling, ROPE_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
         BLOCK_S: tl.constexpr, HAS_VALID: tl.constexpr, LENGTH_IN_MEMORY: tl.constexpr, SLOT_ROWS: tl.constexpr,
         PREFETCH_SLOTS: tl.constexpr, HAS_SCALES: tl.constexpr, HALF_PRODUCTS: tl.constexpr,
+        CARRIED_TILES: tl.constexpr,
     ):
         # SLOT_ROWS: every product with the tile's slots as its rows (scores [BLOCK_S, BLOCK_H], the accumulator
         # [BLOCK_R, BLOCK_H]), so each has 64+ rows for Hopper's warpgroup MMA rather than BLOCK_H (16) of them.
@@ -175,6 +190,10 @@ if triton is not None:
                 largest = tl.maximum(largest, tl.load(LATENT_SCALE + row * stride_lsb + offs * stride_lss,
                                                       mask=offs < end, other=0.0).to(tl.float32))
             weight_scale = power_of_two_under(tl.max(largest))
+        if CARRIED_TILES:  # the first tile's; each iteration then converts the next one's
+            lat_next, rope_next = _converted_tiles(LATENT, rope_base, valid_base, row, start + tl.arange(0, BLOCK_S),
+                                                   end, offs_r, r_ok, col_ok, stride_lb, stride_ls, stride_krs,
+                                                   dtype, HAS_VALID, HALF_PRODUCTS)
         for tile in range(start, end, BLOCK_S):
             offs_s = tile + tl.arange(0, BLOCK_S)
             visible = offs_s < end
@@ -185,15 +204,21 @@ if triton is not None:
                     next_valid = tl.load(valid_base + ahead, mask=ahead < end, other=0)
                 else:
                     visible = visible & (tl.load(valid_base + offs_s, mask=visible, other=0) != 0)
-            # Masked slots are never loaded (nor their bytes moved): left padding, a ring's empty slots.
-            lat = tl.load(LATENT + row * stride_lb + offs_s[:, None] * stride_ls + offs_r[None, :],
-                          mask=visible[:, None] & r_ok[None, :], other=0)
-            rope = tl.load(rope_base + offs_s[:, None] * stride_krs, mask=visible[:, None] & col_ok[None, :],
-                           other=0)
-            if HALF_PRODUCTS:  # exact: |v| <= 127 within float16's 11 bits
-                lat, rope = int8_to_halves(lat), int8_to_halves(rope)
+            if CARRIED_TILES:
+                lat, rope = lat_next, rope_next
+                lat_next, rope_next = _converted_tiles(LATENT, rope_base, valid_base, row, offs_s + BLOCK_S, end,
+                                                       offs_r, r_ok, col_ok, stride_lb, stride_ls, stride_krs,
+                                                       dtype, HAS_VALID, HALF_PRODUCTS)
             else:
-                lat, rope = lat.to(dtype), rope.to(dtype)
+                # Masked slots are never loaded (nor their bytes moved): left padding, a ring's empty slots.
+                lat = tl.load(LATENT + row * stride_lb + offs_s[:, None] * stride_ls + offs_r[None, :],
+                              mask=visible[:, None] & r_ok[None, :], other=0)
+                rope = tl.load(rope_base + offs_s[:, None] * stride_krs, mask=visible[:, None] & col_ok[None, :],
+                               other=0)
+                if HALF_PRODUCTS:  # exact: |v| <= 127 within float16's 11 bits
+                    lat, rope = int8_to_halves(lat), int8_to_halves(rope)
+                else:
+                    lat, rope = lat.to(dtype), rope.to(dtype)
             if HAS_SCALES:
                 lat_scale = tl.load(LATENT_SCALE + row * stride_lsb + offs_s * stride_lss, mask=visible,
                                     other=0.0).to(tl.float32)
@@ -272,8 +297,15 @@ if triton is not None:
 #     Its float16 operands scaled by powers of two (the kernel's note on HAS_SCALES): 696 loop instructions offline,
 #     168 registers; the same speed on the H200 (128 x 16k Kr = 3: 361.8 us; float64 error unchanged, 2.2e-3).
 #   programs_per_sm None: three for an 8-bit cache with half_products (what an SM holds), four otherwise.
+#   carried_tiles: each iteration loads and converts the next tile, carried into the following iteration. Triton
+#     feeds a warpgroup product from shared memory only an operand that comes from a load or from a loop-carried
+#     value; a tile converted in the same iteration it reaches registers as the operand, through shared memory and
+#     back (above). Carried, each converted tile is stored to shared memory once and both products read it there
+#     (the value product through a transposed view). Offline (sm_90, 8-bit, rank 96 + 3 x 32): no ldmatrix left in
+#     the loop, 739 instructions per tile, but 219 registers (two programs per SM) and the loads no longer come
+#     through cp.async. Not yet timed: off.
 LAUNCH_DEFAULTS = dict(slot_rows=1, programs_per_sm=None, prefetch_slots=1, whole_waves=1, fused_values=1,
-                       half_products=1)
+                       half_products=1, carried_tiles=0)
 
 
 def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_weight, v_weight, v_bias,
@@ -283,7 +315,7 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
                                   slot_rows: int | None = None, programs_per_sm: int | None = None,
                                   prefetch_slots: int | None = None, whole_waves: int | None = None,
                                   fused_values: int | None = None, half_products: int | None = None,
-                                  k_rope_scale: torch.Tensor | None = None,
+                                  carried_tiles: int | None = None, k_rope_scale: torch.Tensor | None = None,
                                   kv_latent_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step of attention over a partial-RoPE joint-latent cache.
 
@@ -303,8 +335,8 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
         length: optional 1-element integer device tensor, 1 <= length <= C: slots past it are never read, so one
             CUDA graph serves every position.
         block_s, block_h, splits, num_warps, num_stages: tiling (defaults: see the module doc).
-        slot_rows, programs_per_sm, prefetch_slots, whole_waves, fused_values, half_products: launch settings
-            (LAUNCH_DEFAULTS says what each does and holds the ones not given).
+        slot_rows, programs_per_sm, prefetch_slots, whole_waves, fused_values, half_products, carried_tiles: launch
+            settings (LAUNCH_DEFAULTS says what each does and holds the ones not given).
     Returns [B, K, G, Dv] in query_rope's dtype.
     Raises ValueError on shapes `fits` refuses or that disagree with one another.
     """
@@ -369,7 +401,8 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
     padded_heads = head_blocks * block_h
     settings = {name: LAUNCH_DEFAULTS[name] if given is None else given for name, given in
                 (("slot_rows", slot_rows), ("programs_per_sm", programs_per_sm), ("prefetch_slots", prefetch_slots),
-                 ("whole_waves", whole_waves), ("fused_values", fused_values), ("half_products", half_products))}
+                 ("whole_waves", whole_waves), ("fused_values", fused_values), ("half_products", half_products),
+                 ("carried_tiles", carried_tiles))}
     half_products = has_scales and query_rope.element_size() == 2 and bool(settings["half_products"])
     programs_per_sm = settings["programs_per_sm"] or (3 if half_products else 4)
     splits = splits or slot_splits(batch * head_blocks, slots, block_s, kv_latent.device, programs_per_sm,
@@ -398,7 +431,8 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
         ROPE_DIM=rope_dim, BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_S=block_s,
         HAS_VALID=valid is not None, LENGTH_IN_MEMORY=length is not None,
         SLOT_ROWS=bool(settings["slot_rows"]), PREFETCH_SLOTS=bool(settings["prefetch_slots"]),
-        HAS_SCALES=has_scales, HALF_PRODUCTS=half_products, num_warps=num_warps, num_stages=num_stages,
+        HAS_SCALES=has_scales, HALF_PRODUCTS=half_products, CARRIED_TILES=bool(settings["carried_tiles"]),
+        num_warps=num_warps, num_stages=num_stages,
     )
     # U_v once per query head (sum_c p_c = 1: the bias passes through once).
     return merged_values(acc, stats_max, stats_sum, v_weight, v_bias, kv_heads, group, rank, query_rope.dtype,
