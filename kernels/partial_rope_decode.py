@@ -97,18 +97,24 @@ if triton is not None:
         return tl.exp2(14.0 - tl.ceil(tl.log2(tl.maximum(largest, 1e-30))))
 
     @triton.jit
-    def _converted_tiles(LATENT, rope_base, valid_base, row, offs_s, end, offs_r, r_ok, col_ok, stride_lb, stride_ls,
-                         stride_krs, dtype: tl.constexpr, HAS_VALID: tl.constexpr, HALF_PRODUCTS: tl.constexpr):
-        """The latent and rotary-key tiles of slots offs_s in the products' dtype (masked slots zero, never read)."""
-        visible = offs_s < end
-        if HAS_VALID:
-            visible = visible & (tl.load(valid_base + offs_s, mask=visible, other=0) != 0)
+    def _converted_tiles(LATENT, rope_base, row, offs_s, visible, offs_r, r_ok, col_ok, stride_lb, stride_ls,
+                         stride_krs, dtype: tl.constexpr, HALF_PRODUCTS: tl.constexpr):
+        """The latent and rotary-key tiles of slots offs_s in the products' dtype. Masked slots are never loaded
+        (nor their bytes moved: left padding, a ring's empty slots) and read as zero."""
         lat = tl.load(LATENT + row * stride_lb + offs_s[:, None] * stride_ls + offs_r[None, :],
                       mask=visible[:, None] & r_ok[None, :], other=0)
         rope = tl.load(rope_base + offs_s[:, None] * stride_krs, mask=visible[:, None] & col_ok[None, :], other=0)
-        if HALF_PRODUCTS:
+        if HALF_PRODUCTS:  # exact: |v| <= 127 within float16's 11 bits
             return int8_to_halves(lat), int8_to_halves(rope)
         return lat.to(dtype), rope.to(dtype)
+
+    @triton.jit
+    def _visible_slots(valid_base, offs_s, end, HAS_VALID: tl.constexpr):
+        """Which slots offs_s a row attends to: before the split's end and, with a mask, marked valid."""
+        visible = offs_s < end
+        if HAS_VALID:
+            visible = visible & (tl.load(valid_base + offs_s, mask=visible, other=0) != 0)
+        return visible
 
     @triton.jit
     def _partial_rope_decode_kernel(
@@ -191,9 +197,10 @@ if triton is not None:
                                                       mask=offs < end, other=0.0).to(tl.float32))
             weight_scale = power_of_two_under(tl.max(largest))
         if CARRIED_TILES:  # the first tile's; each iteration then converts the next one's
-            lat_next, rope_next = _converted_tiles(LATENT, rope_base, valid_base, row, start + tl.arange(0, BLOCK_S),
-                                                   end, offs_r, r_ok, col_ok, stride_lb, stride_ls, stride_krs,
-                                                   dtype, HAS_VALID, HALF_PRODUCTS)
+            ahead = start + tl.arange(0, BLOCK_S)
+            lat_next, rope_next = _converted_tiles(LATENT, rope_base, row, ahead,
+                                                   _visible_slots(valid_base, ahead, end, HAS_VALID), offs_r, r_ok,
+                                                   col_ok, stride_lb, stride_ls, stride_krs, dtype, HALF_PRODUCTS)
         for tile in range(start, end, BLOCK_S):
             offs_s = tile + tl.arange(0, BLOCK_S)
             visible = offs_s < end
@@ -206,19 +213,14 @@ if triton is not None:
                     visible = visible & (tl.load(valid_base + offs_s, mask=visible, other=0) != 0)
             if CARRIED_TILES:
                 lat, rope = lat_next, rope_next
-                lat_next, rope_next = _converted_tiles(LATENT, rope_base, valid_base, row, offs_s + BLOCK_S, end,
-                                                       offs_r, r_ok, col_ok, stride_lb, stride_ls, stride_krs,
-                                                       dtype, HAS_VALID, HALF_PRODUCTS)
+                ahead = offs_s + BLOCK_S
+                lat_next, rope_next = _converted_tiles(LATENT, rope_base, row, ahead,
+                                                       _visible_slots(valid_base, ahead, end, HAS_VALID), offs_r,
+                                                       r_ok, col_ok, stride_lb, stride_ls, stride_krs, dtype,
+                                                       HALF_PRODUCTS)
             else:
-                # Masked slots are never loaded (nor their bytes moved): left padding, a ring's empty slots.
-                lat = tl.load(LATENT + row * stride_lb + offs_s[:, None] * stride_ls + offs_r[None, :],
-                              mask=visible[:, None] & r_ok[None, :], other=0)
-                rope = tl.load(rope_base + offs_s[:, None] * stride_krs, mask=visible[:, None] & col_ok[None, :],
-                               other=0)
-                if HALF_PRODUCTS:  # exact: |v| <= 127 within float16's 11 bits
-                    lat, rope = int8_to_halves(lat), int8_to_halves(rope)
-                else:
-                    lat, rope = lat.to(dtype), rope.to(dtype)
+                lat, rope = _converted_tiles(LATENT, rope_base, row, offs_s, visible, offs_r, r_ok, col_ok, stride_lb,
+                                             stride_ls, stride_krs, dtype, HALF_PRODUCTS)
             if HAS_SCALES:
                 lat_scale = tl.load(LATENT_SCALE + row * stride_lsb + offs_s * stride_lss, mask=visible,
                                     other=0.0).to(tl.float32)
