@@ -1,0 +1,84 @@
+"""Registers, shared memory and loop instructions of the partial-RoPE decode kernel for an H100/H200 (sm_90),
+compiled on a machine without a GPU (kernel_resources.py's method and helpers; its docstring says how to compile
+with the GPU image's Triton, 3.6.0 in session 23, whose counts are the ones the results quote):
+
+    PYTHONPATH=/tmp/t36 python benchmarks/partial_kernel_resources.py          # session 23's table
+
+Rows: the trained 8-bit layout (rank 96 beside 3 x 32 rotary dims) with Triton's conversion, with half_products,
+with carried_tiles; and the bf16 layout of rank 128 beside 3 x 16. SmolLM2's 9 query heads in one block of 16,
+slot rows, the mask bytes a tile ahead, 64-slot tiles over 4 warps, two stages (the launch defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernel_resources import programs_per_sm, resources  # noqa: E402
+from kvforge.kernels import partial_rope_decode  # noqa: E402
+
+
+def compile_partial_kernel(*, bits: int, rank: int, rope_dim: int, half_products: bool = False,
+                           carried_tiles: bool = False, rope_heads: int = 3, block_s: int = 64, num_warps: int = 4,
+                           num_stages: int = 2, capability: int = 90):
+    """The kernel as partial_rope_decode_attention launches it for bf16 queries over a bf16 (bits 16) or int8
+    cache, integers specialised as Triton's launcher does (multiples of 16 marked so, the scales' slot stride of 1
+    a constant)."""
+    fn = partial_rope_decode._partial_rope_decode_kernel
+    constants = dict(ROPE_DIM=rope_dim, BLOCK_H=16, BLOCK_R=partial_rope_decode._next_power_of_2(rank),
+                     BLOCK_C=partial_rope_decode._next_power_of_2(rope_heads * rope_dim), BLOCK_S=block_s,
+                     HAS_VALID=True, LENGTH_IN_MEMORY=False, SLOT_ROWS=True, PREFETCH_SLOTS=True,
+                     HAS_SCALES=bits == 8, HALF_PRODUCTS=half_products and bits == 8, CARRIED_TILES=carried_tiles,
+                     stride_lss=1, stride_rss=1)
+    cache = "*i8" if bits == 8 else "*bf16"
+    pointers = dict(Q_LAT="*bf16", Q_ROPE="*bf16", LATENT=cache, K_ROPE=cache, VALID="*u8", LENGTH="*i32",
+                    LATENT_SCALE="*bf16", ROPE_SCALE="*bf16", ACC="*fp32", MAX="*fp32", SUM="*fp32")
+    # Integers that are multiples of 16 at SmolLM2's shapes (the launcher marks them so); the rest are not.
+    multiples_of_16 = {"rank", "slots", "padded_heads", "slots_per_split"}
+    signature, attrs = {}, {}
+    for index, name in enumerate(fn.arg_names):
+        if name in constants:
+            signature[name] = "constexpr"
+            continue
+        signature[name] = pointers.get(name, "fp32" if name == "scaling" else "i32")
+        if name in pointers or name in multiples_of_16 or (name.startswith("stride") and name != "stride_qlg"):
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return triton.compile(ASTSource(fn, signature, constexprs=constants, attrs=attrs),
+                          target=GPUTarget("cuda", capability, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages))
+
+
+ROWS = [  # (label, settings)
+    ("8-bit, Triton's conversion", dict(bits=8, rank=96, rope_dim=32)),
+    ("8-bit, half_products", dict(bits=8, rank=96, rope_dim=32, half_products=True)),
+    ("8-bit, half_products + carried_tiles", dict(bits=8, rank=96, rope_dim=32, half_products=True,
+                                                  carried_tiles=True)),
+    ("bf16, rank 128 + 3 x 16", dict(bits=16, rank=128, rope_dim=16)),
+]
+
+
+def main(argv=None):
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+    print(f"triton {triton.__version__}, sm_90, bf16 queries")
+    print("| layout | registers | stack (spills) | shared KiB | programs/SM | MMAs: warpgroup / warp | "
+          "loop instructions |")
+    print("|---" * 7 + "|")
+    for label, settings in ROWS:
+        r = resources(compile_partial_kernel(**settings))
+        print(f"| {label} | {r['registers']} | {r['stack_bytes']} | {r['shared_bytes'] / 1024:.0f} | "
+              f"{programs_per_sm(r['registers'], r['shared_bytes'], 4)} | {r['wgmma']} / {r['mma_sync']} | "
+              f"{r['instructions']} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
