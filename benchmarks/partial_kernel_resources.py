@@ -4,9 +4,9 @@ with the GPU image's Triton, 3.6.0 in session 23, whose counts are the ones the 
 
     PYTHONPATH=/tmp/t36 python benchmarks/partial_kernel_resources.py          # session 23's table
 
-Rows: the trained 8-bit layout (rank 96 beside 3 x 32 rotary dims) with Triton's conversion, with half_products,
-with carried_tiles; and the bf16 layout of rank 128 beside 3 x 16. SmolLM2's 9 query heads in one block of 16,
-slot rows, the mask bytes a tile ahead, 64-slot tiles over 4 warps, two stages (the launch defaults).
+Rows: the trained 8-bit layout (rank 96 beside 3 x 32 rotary dims) with Triton's conversion, with half_products
+over slot rows and over head rows (its default since session 24); and the bf16 layout of rank 128 beside 3 x 16.
+SmolLM2's 9 query heads in one block of 16, the mask bytes a tile ahead, 64-slot tiles over 4 warps, two stages.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from kvforge.kernels import partial_rope_decode  # noqa: E402
 
 
 def compile_partial_kernel(*, bits: int, rank: int, rope_dim: int, half_products: bool = False,
-                           carried_tiles: bool = False, rope_heads: int = 3, block_s: int = 64, num_warps: int = 4,
+                           slot_rows: bool = True, rope_heads: int = 3, block_s: int = 64, num_warps: int = 4,
                            num_stages: int = 2, capability: int = 90):
     """The kernel as partial_rope_decode_attention launches it for bf16 queries over a bf16 (bits 16) or int8
     cache, integers specialised as Triton's launcher does (multiples of 16 marked so, the scales' slot stride of 1
@@ -37,8 +37,8 @@ def compile_partial_kernel(*, bits: int, rank: int, rope_dim: int, half_products
     fn = partial_rope_decode._partial_rope_decode_kernel
     constants = dict(ROPE_DIM=rope_dim, BLOCK_H=16, BLOCK_R=partial_rope_decode._next_power_of_2(rank),
                      BLOCK_C=partial_rope_decode._next_power_of_2(rope_heads * rope_dim), BLOCK_S=block_s,
-                     HAS_VALID=True, LENGTH_IN_MEMORY=False, SLOT_ROWS=True, PREFETCH_SLOTS=True,
-                     HAS_SCALES=bits == 8, HALF_PRODUCTS=half_products and bits == 8, CARRIED_TILES=carried_tiles,
+                     HAS_VALID=True, LENGTH_IN_MEMORY=False, SLOT_ROWS=slot_rows, PREFETCH_SLOTS=True,
+                     HAS_SCALES=bits == 8, HALF_PRODUCTS=half_products and bits == 8,
                      stride_lss=1, stride_rss=1)
     cache = "*i8" if bits == 8 else "*bf16"
     pointers = dict(Q_LAT="*bf16", Q_ROPE="*bf16", LATENT=cache, K_ROPE=cache, VALID="*u8", LENGTH="*i32",
@@ -60,9 +60,8 @@ def compile_partial_kernel(*, bits: int, rank: int, rope_dim: int, half_products
 
 ROWS = [  # (label, settings)
     ("8-bit, Triton's conversion", dict(bits=8, rank=96, rope_dim=32)),
-    ("8-bit, half_products", dict(bits=8, rank=96, rope_dim=32, half_products=True)),
-    ("8-bit, half_products + carried_tiles", dict(bits=8, rank=96, rope_dim=32, half_products=True,
-                                                  carried_tiles=True)),
+    ("8-bit, half_products, slot rows", dict(bits=8, rank=96, rope_dim=32, half_products=True)),
+    ("8-bit, half_products, head rows", dict(bits=8, rank=96, rope_dim=32, half_products=True, slot_rows=False)),
     ("bf16, rank 128 + 3 x 16", dict(bits=16, rank=128, rope_dim=16)),
 ]
 

@@ -76,6 +76,22 @@ if triton is not None:
         return values.to(tl.float32) * scale.to(tl.float32)[:, None]
 
     @triton.jit
+    def power_of_two_under(largest):
+        """2^k with largest x 2^k in (2^13, 2^14]: scaled by it, values stay clear of float16's overflow (65,504) and
+        of its subnormals (under 2^-14, where precision goes), exactly in any float format."""
+        return tl.exp2(14.0 - tl.ceil(tl.log2(tl.maximum(largest, 1e-30))))
+
+    @triton.jit
+    def largest_scale(SCALES, stride, start, end):
+        """The largest of an 8-bit cache's per-slot scales SCALES[s * stride] over slots [start, end) (a split's),
+        read ahead of its tiles 1,024 at a time: 2 bytes a slot."""
+        largest = tl.zeros([1024], tl.float32)
+        for first in range(start, end, 1024):
+            offs = first + tl.arange(0, 1024)
+            largest = tl.maximum(largest, tl.load(SCALES + offs * stride, mask=offs < end, other=0.0).to(tl.float32))
+        return tl.max(largest)
+
+    @triton.jit
     def unpacked_tiles(packed, scale):
         """A 4-bit cache's tile [rows, cols] of bytes (two's-complement nibbles, the even position low): its even
         and odd positions' values times the rows' scales [rows], each [rows, cols] in float32."""

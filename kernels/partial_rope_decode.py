@@ -48,8 +48,8 @@ try:
     import triton.language as tl
 
     # flash-decoding's second stage (same [B, splits, H, R] layout) and the steps the decode kernels share
-    from .latent_attention import (int8_to_halves, merged_values, online_softmax_slot_rows, online_softmax_tile,
-                                   split_slots)
+    from .latent_attention import (int8_to_halves, largest_scale, merged_values, online_softmax_slot_rows,
+                                   online_softmax_tile, power_of_two_under, split_slots)
 except ImportError:  # CPU-only install: the PyTorch reference serves
     triton = None
 
@@ -91,12 +91,6 @@ def fits(heads: int, kv_heads: int, rope_heads: int, rank: int, rope_dim: int, b
 if triton is not None:
 
     @triton.jit
-    def power_of_two_under(largest):
-        """2^k with largest x 2^k in (2^13, 2^14]: scaled by it, values stay clear of float16's overflow (65,504) and
-        of its subnormals (under 2^-14, where precision goes), exactly in any float format."""
-        return tl.exp2(14.0 - tl.ceil(tl.log2(tl.maximum(largest, 1e-30))))
-
-    @triton.jit
     def _converted_tiles(LATENT, rope_base, row, offs_s, visible, offs_r, r_ok, col_ok, stride_lb, stride_ls,
                          stride_krs, dtype: tl.constexpr, HALF_PRODUCTS: tl.constexpr):
         """The latent and rotary-key tiles of slots offs_s in the products' dtype. Masked slots are never loaded
@@ -107,14 +101,6 @@ if triton is not None:
         if HALF_PRODUCTS:  # exact: |v| <= 127 within float16's 11 bits
             return int8_to_halves(lat), int8_to_halves(rope)
         return lat.to(dtype), rope.to(dtype)
-
-    @triton.jit
-    def _visible_slots(valid_base, offs_s, end, HAS_VALID: tl.constexpr):
-        """Which slots offs_s a row attends to: before the split's end and, with a mask, marked valid."""
-        visible = offs_s < end
-        if HAS_VALID:
-            visible = visible & (tl.load(valid_base + offs_s, mask=visible, other=0) != 0)
-        return visible
 
     @triton.jit
     def _partial_rope_decode_kernel(
@@ -131,7 +117,6 @@ if triton is not None:
         scaling, ROPE_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
         BLOCK_S: tl.constexpr, HAS_VALID: tl.constexpr, LENGTH_IN_MEMORY: tl.constexpr, SLOT_ROWS: tl.constexpr,
         PREFETCH_SLOTS: tl.constexpr, HAS_SCALES: tl.constexpr, HALF_PRODUCTS: tl.constexpr,
-        CARRIED_TILES: tl.constexpr,
     ):
         # SLOT_ROWS: every product with the tile's slots as its rows (scores [BLOCK_S, BLOCK_H], the accumulator
         # [BLOCK_R, BLOCK_H]), so each has 64+ rows for Hopper's warpgroup MMA rather than BLOCK_H (16) of them.
@@ -190,17 +175,7 @@ if triton is not None:
             ahead = start + tl.arange(0, BLOCK_S)
             next_valid = tl.load(valid_base + ahead, mask=ahead < end, other=0)
         if HAS_SCALES:
-            largest = tl.zeros([1024], tl.float32)
-            for first in range(start, end, 1024):
-                offs = first + tl.arange(0, 1024)
-                largest = tl.maximum(largest, tl.load(LATENT_SCALE + row * stride_lsb + offs * stride_lss,
-                                                      mask=offs < end, other=0.0).to(tl.float32))
-            weight_scale = power_of_two_under(tl.max(largest))
-        if CARRIED_TILES:  # the first tile's; each iteration then converts the next one's
-            ahead = start + tl.arange(0, BLOCK_S)
-            lat_next, rope_next = _converted_tiles(LATENT, rope_base, row, ahead,
-                                                   _visible_slots(valid_base, ahead, end, HAS_VALID), offs_r, r_ok,
-                                                   col_ok, stride_lb, stride_ls, stride_krs, dtype, HALF_PRODUCTS)
+            weight_scale = power_of_two_under(largest_scale(LATENT_SCALE + row * stride_lsb, stride_lss, start, end))
         for tile in range(start, end, BLOCK_S):
             offs_s = tile + tl.arange(0, BLOCK_S)
             visible = offs_s < end
@@ -211,16 +186,8 @@ if triton is not None:
                     next_valid = tl.load(valid_base + ahead, mask=ahead < end, other=0)
                 else:
                     visible = visible & (tl.load(valid_base + offs_s, mask=visible, other=0) != 0)
-            if CARRIED_TILES:
-                lat, rope = lat_next, rope_next
-                ahead = offs_s + BLOCK_S
-                lat_next, rope_next = _converted_tiles(LATENT, rope_base, row, ahead,
-                                                       _visible_slots(valid_base, ahead, end, HAS_VALID), offs_r,
-                                                       r_ok, col_ok, stride_lb, stride_ls, stride_krs, dtype,
-                                                       HALF_PRODUCTS)
-            else:
-                lat, rope = _converted_tiles(LATENT, rope_base, row, offs_s, visible, offs_r, r_ok, col_ok, stride_lb,
-                                             stride_ls, stride_krs, dtype, HALF_PRODUCTS)
+            lat, rope = _converted_tiles(LATENT, rope_base, row, offs_s, visible, offs_r, r_ok, col_ok, stride_lb,
+                                         stride_ls, stride_krs, dtype, HALF_PRODUCTS)
             if HAS_SCALES:
                 lat_scale = tl.load(LATENT_SCALE + row * stride_lsb + offs_s * stride_lss, mask=visible,
                                     other=0.0).to(tl.float32)
@@ -298,16 +265,16 @@ if triton is not None:
 #     into registers for its two products (the bf16 tiles feed the tensor cores from shared memory as loaded).
 #     Its float16 operands scaled by powers of two (the kernel's note on HAS_SCALES): 696 loop instructions offline,
 #     168 registers; the same speed on the H200 (128 x 16k Kr = 3: 361.8 us; float64 error unchanged, 2.2e-3).
+#   slot_rows None: the heads as the rows (16, mma.sync) for an 8-bit cache with half_products, the slots otherwise.
+#     H200, session 24, the layout above at three programs per SM: 10-20% faster than slot rows at all eight shapes
+#     (128 x 16k Kr = 3 360.9 -> 307.6 us, 31% of the copy bandwidth; Kr = 1 290.7 -> 233.6; 64 x 4k Kr = 3
+#     60.9 -> 55.2); offline the same 696 loop instructions, 148 registers against 168. 32- or 128-slot tiles, 8
+#     warps: no faster at Kr = 3. Each tile loaded and converted an iteration ahead and carried into the next
+#     (so that Triton feeds both products from shared memory): with slot rows an illegal memory access on the H200
+#     under Triton 3.6 (bf16 and 8-bit alike; correct in the interpreter), with head rows no faster. Removed.
 #   programs_per_sm None: three for an 8-bit cache with half_products (what an SM holds), four otherwise.
-#   carried_tiles: each iteration loads and converts the next tile, carried into the following iteration. Triton
-#     feeds a warpgroup product from shared memory only an operand that comes from a load or from a loop-carried
-#     value; a tile converted in the same iteration it reaches registers as the operand, through shared memory and
-#     back (above). Carried, each converted tile is stored to shared memory once and both products read it there
-#     (the value product through a transposed view). Offline (sm_90, 8-bit, rank 96 + 3 x 32): no ldmatrix left in
-#     the loop, 739 instructions per tile, but 219 registers (two programs per SM) and the loads no longer come
-#     through cp.async. Not yet timed: off.
-LAUNCH_DEFAULTS = dict(slot_rows=1, programs_per_sm=None, prefetch_slots=1, whole_waves=1, fused_values=1,
-                       half_products=1, carried_tiles=0)
+LAUNCH_DEFAULTS = dict(slot_rows=None, programs_per_sm=None, prefetch_slots=1, whole_waves=1, fused_values=1,
+                       half_products=1)
 
 
 def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_weight, v_weight, v_bias,
@@ -317,7 +284,7 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
                                   slot_rows: int | None = None, programs_per_sm: int | None = None,
                                   prefetch_slots: int | None = None, whole_waves: int | None = None,
                                   fused_values: int | None = None, half_products: int | None = None,
-                                  carried_tiles: int | None = None, k_rope_scale: torch.Tensor | None = None,
+                                  k_rope_scale: torch.Tensor | None = None,
                                   kv_latent_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step of attention over a partial-RoPE joint-latent cache.
 
@@ -337,7 +304,7 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
         length: optional 1-element integer device tensor, 1 <= length <= C: slots past it are never read, so one
             CUDA graph serves every position.
         block_s, block_h, splits, num_warps, num_stages: tiling (defaults: see the module doc).
-        slot_rows, programs_per_sm, prefetch_slots, whole_waves, fused_values, half_products, carried_tiles: launch
+        slot_rows, programs_per_sm, prefetch_slots, whole_waves, fused_values, half_products: launch
             settings (LAUNCH_DEFAULTS says what each does and holds the ones not given).
     Returns [B, K, G, Dv] in query_rope's dtype.
     Raises ValueError on shapes `fits` refuses or that disagree with one another.
@@ -403,10 +370,10 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
     padded_heads = head_blocks * block_h
     settings = {name: LAUNCH_DEFAULTS[name] if given is None else given for name, given in
                 (("slot_rows", slot_rows), ("programs_per_sm", programs_per_sm), ("prefetch_slots", prefetch_slots),
-                 ("whole_waves", whole_waves), ("fused_values", fused_values), ("half_products", half_products),
-                 ("carried_tiles", carried_tiles))}
+                 ("whole_waves", whole_waves), ("fused_values", fused_values), ("half_products", half_products))}
     half_products = has_scales and query_rope.element_size() == 2 and bool(settings["half_products"])
     programs_per_sm = settings["programs_per_sm"] or (3 if half_products else 4)
+    slot_rows = (not half_products) if settings["slot_rows"] is None else bool(settings["slot_rows"])
     splits = splits or slot_splits(batch * head_blocks, slots, block_s, kv_latent.device, programs_per_sm,
                                    bool(settings["whole_waves"]))
     per_split = -(-slots // splits)
@@ -432,8 +399,8 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
         float(scaling),
         ROPE_DIM=rope_dim, BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_S=block_s,
         HAS_VALID=valid is not None, LENGTH_IN_MEMORY=length is not None,
-        SLOT_ROWS=bool(settings["slot_rows"]), PREFETCH_SLOTS=bool(settings["prefetch_slots"]),
-        HAS_SCALES=has_scales, HALF_PRODUCTS=half_products, CARRIED_TILES=bool(settings["carried_tiles"]),
+        SLOT_ROWS=slot_rows, PREFETCH_SLOTS=bool(settings["prefetch_slots"]),
+        HAS_SCALES=has_scales, HALF_PRODUCTS=half_products,
         num_warps=num_warps, num_stages=num_stages,
     )
     # U_v once per query head (sum_c p_c = 1: the bias passes through once).

@@ -92,13 +92,10 @@ KERNEL_SWEEP = [
     ("--block-h", "block_h", "bh", "query heads per program (the partial part only)"),
     ("--half-products", "half_products", "hp", "1: an 8-bit cache's tiles made float16 by byte permutes and every "
      "product in float16, 0: Triton's conversion to the queries' dtype (the partial part only)"),
-    ("--carried-tiles", "carried_tiles", "ct", "1: each tile loaded and converted an iteration ahead, carried into the "
-     "next (the partial part only)"),
 ]
-PARTIAL_ONLY = ("block_h", "half_products", "carried_tiles")
+PARTIAL_ONLY = ("block_h", "half_products")
 BINARY_SETTINGS = {"prefetch", "prefetch_slots", "split_columns", "split_values", "slot_rows", "word_loads",
-                   "merged_halves", "half_rope_table", "whole_waves", "fused_values", "half_products",
-                   "carried_tiles"}
+                   "merged_halves", "half_rope_table", "whole_waves", "fused_values", "half_products"}
 
 
 def kernel_columns(args, arguments=None) -> list[tuple[str, dict]]:

@@ -91,22 +91,20 @@ def kernel(c, **options):
     dict(kv_heads=1, group=4, rope_dim=8, nope_dim=0, rank=20, slots=33),  # every dim rotary: q_nope empty
 ])
 # prefetch_slots: the mask bytes loaded a tile ahead, across split ends (3 splits) and ragged last tiles;
-# fused_values: the splits' merge and U_v in one kernel; carried_tiles: each tile loaded an iteration ahead
-@pytest.mark.parametrize("splits, prefetch_slots, fused_values, carried_tiles",
-                         [(1, 0, 0, 0), (3, 1, 0, 0), (3, 1, 1, 0), (3, 1, 1, 1)])
+# fused_values: the splits' merge and U_v in one kernel
+@pytest.mark.parametrize("splits, prefetch_slots, fused_values", [(1, 0, 0), (3, 1, 0), (3, 1, 1)])
 @pytest.mark.parametrize("slot_rows", [0, 1])  # the products with the heads or the slots as their rows
-def test_kernel_equals_the_float64_reference(shape, splits, prefetch_slots, fused_values, carried_tiles, slot_rows):
+def test_kernel_equals_the_float64_reference(shape, splits, prefetch_slots, fused_values, slot_rows):
     c = case(**shape, seed=splits)
     out = kernel(c, block_s=16, block_h=16, splits=splits, slot_rows=slot_rows, prefetch_slots=prefetch_slots,
-                 fused_values=fused_values, carried_tiles=carried_tiles)
+                 fused_values=fused_values)
     assert out.shape == c["query_rope"].shape[:3] + (c["v_up"].weight.shape[0] // c["query_rope"].shape[1],)
     assert torch.isfinite(out).all()
     assert relative_error(out, reference(c)) < 1e-5
 
 
-@pytest.mark.parametrize("slot_rows, prefetch_slots, carried_tiles", [(0, 0, 0), (1, 0, 0), (1, 1, 0), (1, 1, 1),
-                                                                     (0, 0, 1)])
-def test_masked_slots_and_slots_past_the_length_are_never_read(slot_rows, prefetch_slots, carried_tiles):
+@pytest.mark.parametrize("slot_rows, prefetch_slots", [(0, 0), (1, 0), (1, 1)])
+def test_masked_slots_and_slots_past_the_length_are_never_read(slot_rows, prefetch_slots):
     """NaN in every invalid slot and past a length read from a tensor (one CUDA graph for every position); a mask
     of one row shared by the batch; a whole split past the length (empty)."""
     c = case(kv_heads=2, group=2, rank=20, slots=64, seed=7)
@@ -118,27 +116,28 @@ def test_masked_slots_and_slots_past_the_length_are_never_read(slot_rows, prefet
     c["kv_latent"][:, hidden] = float("nan")
     c["k_rope"][:, :, hidden] = float("nan")
     out = kernel(c, length=torch.tensor([length]), block_s=16, splits=4, slot_rows=slot_rows,
-                 prefetch_slots=prefetch_slots, carried_tiles=carried_tiles)
+                 prefetch_slots=prefetch_slots)
     assert torch.isfinite(out).all()
     assert relative_error(out, expected) < 1e-5
 
 
 @pytest.mark.parametrize("shape", [dict(), dict(rope_heads=1, rope_dim=6, nope_dim=10, rank=40, slots=70)])
 @pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.float16, 5e-3)])
-@pytest.mark.parametrize("slot_rows, block_h, half_products, carried_tiles",
-                         [(0, 16, 0, 0), (1, 16, 0, 0), (1, 16, 1, 0), (0, 64, 1, 0), (1, 16, 1, 1)])
-def test_an_8_bit_cache_is_read_as_stored(shape, dtype, tolerance, slot_rows, block_h, half_products, carried_tiles):
+@pytest.mark.parametrize("slot_rows, block_h, half_products",
+                         [(0, 16, 0), (1, 16, 0), (1, 16, 1), (0, 16, 1), (0, 64, 1)])
+def test_an_8_bit_cache_is_read_as_stored(shape, dtype, tolerance, slot_rows, block_h, half_products):
     """int8 k_rope and kv_latent with their per-slot scales (quantize_slots, as a cache_bits: 8 layer stores them)
     against the reference on the same values dequantized in float64; every slot's scales differ, so a scale applied
     to the wrong slot, left off the value sum, or put on the running sum fails. half_products (float16 products,
-    float16 queries only) with the heads padded to 64 as the rows, and with the slots as the rows."""
+    float16 queries only) with the heads as the rows (16, the default for it, and padded to 64), and with the slots
+    as the rows."""
     c = case(**shape, dtype=dtype, seed=5)
     (k_rope, k_rope_scale), (kv_latent, kv_latent_scale) = quantize_slots(c["k_rope"], 2), quantize_slots(
         c["kv_latent"], 1)
     expected = reference(dict(c, k_rope=k_rope.double() * k_rope_scale.double(),
                               kv_latent=kv_latent.double() * kv_latent_scale.double()))
     out = kernel(dict(c, k_rope=k_rope, kv_latent=kv_latent), block_s=16, splits=3, slot_rows=slot_rows,
-                 block_h=block_h, half_products=half_products, carried_tiles=carried_tiles, k_rope_scale=k_rope_scale,
+                 block_h=block_h, half_products=half_products, k_rope_scale=k_rope_scale,
                  kv_latent_scale=kv_latent_scale)
     assert relative_error(out, expected) < tolerance
     with pytest.raises(ValueError, match=r"an 8-bit cache takes int8 k_rope and kv_latent with both scales"):
