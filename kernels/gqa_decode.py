@@ -11,6 +11,11 @@ Flash-decoding: program (row, KV head, split) reads its split's slots once, for 
 at once (the heads are the rows of one [G, D] x [D, BLOCK_S] product, G padded to 16 for tl.dot), with an online
 softmax; latent_attention.py's merge kernel merges the splits. Empty splits (past `length`) return max -inf, sum 0.
 
+An 8-bit cache (int8 keys and values, a scale per slot each) is read as stored: its tiles are made float16 where
+they are loaded and both products run in float16 (half_products; H200, session 24, 128-slot tiles: 38-47% of the
+copy bandwidth on its bytes, faster than the bf16 cache's 67-81% on twice the bytes; Triton's own conversion took
+twice the bf16 cache's time).
+
 Imports triton inside `try`: without it `available()` says False and the caller keeps its PyTorch path.
 """
 
@@ -25,7 +30,8 @@ try:
     import triton.language as tl
 
     # the steps decode kernels share, and flash-decoding's second stage
-    from .latent_attention import dequantized_tile, merge_splits, online_softmax_tile, split_slots
+    from .latent_attention import (dequantized_tile, int8_to_halves, largest_scale, merge_splits,
+                                   online_softmax_tile, power_of_two_under, split_slots)
 except ImportError:  # CPU-only install
     triton = None
 
@@ -47,7 +53,16 @@ if triton is not None:
         kv_heads, group, slots_per_split, scaling, slots,
         HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
         LENGTH_IN_MEMORY: tl.constexpr, HAS_VALID: tl.constexpr, HAS_SCALES: tl.constexpr,
+        HALF_PRODUCTS: tl.constexpr,
     ):
+        # HAS_SCALES (an 8-bit cache): each slot's scales multiply what the products give, not the tiles: its key
+        # scale its scores, its value scale its weight p. With HALF_PRODUCTS (16-bit queries) both products run in
+        # float16 on tiles made float16 where they were loaded (int8_to_halves, exact), the query converted once;
+        # their float16 operands are first scaled by powers of two (the query by its largest, the weights p x scale
+        # by the split's largest value scale) and what they sum scaled back, as in partial_rope_decode.py, so that
+        # a bf16 query past 65,504 does not overflow nor small weights fall among the subnormals. Otherwise each
+        # tile is dequantized in float32 and converted to the query's dtype (Triton's conversion: one byte permute
+        # per value in the products' operand layout; session 13 measured this path at twice the bf16 cache's time).
         row_head = tl.program_id(0)
         split = tl.program_id(1)
         num_splits = tl.num_programs(1)
@@ -60,6 +75,11 @@ if triton is not None:
                     mask=g[:, None] < group, other=0.0)
         k_base = K + b * stride_kb + h * stride_kh
         v_base = V + b * stride_vb + h * stride_vh
+        if HALF_PRODUCTS:
+            query_scale = power_of_two_under(tl.max(tl.abs(q.to(tl.float32))))
+            q = (q.to(tl.float32) * query_scale).to(tl.float16)
+            score_scale = scaling / query_scale  # exact: 2^-k
+            weight_scale = power_of_two_under(largest_scale(V_SCALE + b * stride_vsb, stride_vss, lo, hi))
         m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
         total = tl.zeros([BLOCK_G], dtype=tl.float32)
         acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
@@ -69,17 +89,28 @@ if triton is not None:
             if HAS_VALID:
                 valid = valid & (tl.load(VALID + b * stride_valid_b + s, mask=valid, other=0) != 0)
             k = tl.load(k_base + s[:, None].to(tl.int64) * stride_ks + d[None, :], mask=valid[:, None], other=0)
-            if HAS_SCALES:  # int8 keys and values: a byte per element read, dequantized in registers
-                k_scale = tl.load(K_SCALE + b * stride_ksb + s * stride_kss, mask=valid, other=0.0)
-                k = dequantized_tile(k, k_scale).to(q.dtype)
-            scores = tl.dot(q, tl.trans(k)) * scaling  # [BLOCK_G, BLOCK_S], fp32
+            if HALF_PRODUCTS:
+                k_scale = tl.load(K_SCALE + b * stride_ksb + s * stride_kss, mask=valid, other=0.0).to(tl.float32)
+                scores = tl.dot(q, tl.trans(int8_to_halves(k))) * (k_scale * score_scale)[None, :]
+            else:
+                if HAS_SCALES:  # int8 keys and values: a byte per element read, dequantized in registers
+                    k_scale = tl.load(K_SCALE + b * stride_ksb + s * stride_kss, mask=valid, other=0.0)
+                    k = dequantized_tile(k, k_scale).to(q.dtype)
+                scores = tl.dot(q, tl.trans(k)) * scaling  # [BLOCK_G, BLOCK_S], fp32
             scores = tl.where(valid[None, :], scores, float("-inf"))
             m, alpha, p, total = online_softmax_tile(scores, m, total)
             v = tl.load(v_base + s[:, None].to(tl.int64) * stride_vs + d[None, :], mask=valid[:, None], other=0)
-            if HAS_SCALES:
-                v_scale = tl.load(V_SCALE + b * stride_vsb + s * stride_vss, mask=valid, other=0.0)
-                v = dequantized_tile(v, v_scale).to(q.dtype)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            if HALF_PRODUCTS:  # the running sum keeps the unscaled weights
+                v_scale = tl.load(V_SCALE + b * stride_vsb + s * stride_vss, mask=valid, other=0.0).to(tl.float32)
+                weights = (p * (v_scale * weight_scale)[None, :]).to(tl.float16)
+                acc = acc * alpha[:, None] + tl.dot(weights, int8_to_halves(v))
+            else:
+                if HAS_SCALES:
+                    v_scale = tl.load(V_SCALE + b * stride_vsb + s * stride_vss, mask=valid, other=0.0)
+                    v = dequantized_tile(v, v_scale).to(q.dtype)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        if HALF_PRODUCTS:
+            acc = acc * (1.0 / weight_scale)
         out = (row_head * num_splits + split).to(tl.int64) * BLOCK_G + g
         keep = g < group
         tl.store(ACC + out[:, None] * HEAD_DIM + d[None, :], acc, mask=keep[:, None])
@@ -99,8 +130,9 @@ def decode_splits(rows: int, slots: int, block: int = 64, target_programs: int =
 
 def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                          length: torch.Tensor | None, scaling: float, valid: torch.Tensor | None = None,
-                         splits: int | None = None, block_s: int = 64, k_scale: torch.Tensor | None = None,
-                         v_scale: torch.Tensor | None = None) -> torch.Tensor:
+                         splits: int | None = None, block_s: int | None = None, k_scale: torch.Tensor | None = None,
+                         v_scale: torch.Tensor | None = None, half_products: int = 1, num_warps: int | None = None,
+                         num_stages: int | None = None) -> torch.Tensor:
     """softmax(q k^T * scaling) v over slots [0, length) of the cache, per row and query head.
 
     Args:
@@ -110,8 +142,11 @@ def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.
             None: all S slots.
         valid: optional [B or 1, S] boolean mask of the slots a row may attend to (padding, a window's ring);
             every row must keep at least one.
-        splits: slot-axis splits (default `decode_splits`).
+        splits: slot-axis splits (default `decode_splits`); block_s: slots per tile (default: 64, 128 for int8).
         k_scale, v_scale: an 8-bit cache's scales [B, 1, S, 1] in the query's dtype, with int8 keys and values.
+        half_products: with an 8-bit cache and 16-bit queries, 1: both products in float16 over tiles made float16
+            by byte permutes (the kernel's note says how their range is kept); 0: tiles dequantized in float32.
+        num_warps, num_stages: Triton's (default 4 and 2).
     Returns [B, Hkv, G, D] in the query's dtype.
     """
     B, Hkv, G, D = query.shape
@@ -121,6 +156,9 @@ def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.
     if not fits_head_dim(D) or query.stride(-1) != 1 or keys.stride(-1) != 1 or values.stride(-1) != 1:
         raise ValueError(f"head dim {D} must be a power of two >= 16, contiguous in query, keys and values")
     slots = keys.shape[2]
+    # 64-slot tiles for a 16-bit cache; 128 for an 8-bit one, whose 64-slot tiles bring too few bytes an iteration
+    # (H200, session 24: at 64 x 4k to 128 x 16k, 128-slot tiles 1.3-1.5x faster, 38-47% of the copy bandwidth).
+    block_s = block_s or (128 if keys.element_size() == 1 else 64)
     splits = splits or decode_splits(B * Hkv, slots, block_s)
     slots_per_split = math.ceil(math.ceil(slots / splits) / block_s) * block_s
     block_g = max(16, triton.next_power_of_2(G))
@@ -145,6 +183,8 @@ def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.
         Hkv, G, slots_per_split, scaling, slots,
         HEAD_DIM=D, BLOCK_G=block_g, BLOCK_S=block_s,
         LENGTH_IN_MEMORY=length is not None, HAS_VALID=valid is not None, HAS_SCALES=has_scales,
+        HALF_PRODUCTS=has_scales and query.element_size() == 2 and bool(half_products),
+        num_warps=num_warps or 4, num_stages=num_stages or 2,
     )
     # Merge the splits in one kernel (was nine PyTorch ops per layer): out = sum_s e^(m_s - M) acc_s /
     # sum_s e^(m_s - M) l_s, empty splits weighing 0. Each (row, KV head) is a row of G heads to the merge.

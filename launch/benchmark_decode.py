@@ -23,6 +23,10 @@ a rotary key per KV head (Kr = 3) and one shared by all heads (Kr = 1, DeepSeek 
     triton_partial  kernels/partial_rope_decode.py
 reading B x S x ((R + Kr x Dr) x 2 + 1) bytes (latent, rotary keys, mask); `--part partial` runs only these.
 
+Part `gqa`: the dense GQA kernel (kernels/gqa_decode.py: the original layout, merged heads, windows) against SDPA
+on the same bf16 cache, and over an 8-bit one (int8 keys and values, a scale per slot each; --half-products 0 1
+for both conversions), each at its fraction of the copy bandwidth on the bytes it reads.
+
 Part `generate`, SmolLM2-135M's architecture with random bf16 weights (decode speed does not depend on
 their values): the original Llama (transformers, SDPA) against the low-rank 50% spec
 (docs/results/exports-cpu/lr50.compress.json) with KVFORGE_KERNELS=off and =auto; decode tokens/s from the
@@ -91,7 +95,7 @@ KERNEL_SWEEP = [
     ("--max-registers", "max_registers", "mr", "a cap on registers per thread (ptxas spills past it)"),
     ("--block-h", "block_h", "bh", "query heads per program (the partial part only)"),
     ("--half-products", "half_products", "hp", "1: an 8-bit cache's tiles made float16 by byte permutes and every "
-     "product in float16, 0: Triton's conversion to the queries' dtype (the partial part only)"),
+     "product in float16, 0: Triton's conversion to the queries' dtype (the partial and gqa parts only)"),
 ]
 PARTIAL_ONLY = ("block_h", "half_products")
 BINARY_SETTINGS = {"prefetch", "prefetch_slots", "split_columns", "split_values", "slot_rows", "word_loads",
@@ -115,10 +119,10 @@ def kernel_columns(args, arguments=None) -> list[tuple[str, dict]]:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("kernel", "latent", "partial", "generate", "max-batch", "both"),
+    parser.add_argument("--part", choices=("kernel", "latent", "partial", "gqa", "generate", "max-batch", "both"),
                         default="both",
                         help="kernel: both kernel tables; latent: only the pre-RoPE latent one; partial: only the "
-                             "partial-RoPE one; max-batch: the largest "
+                             "partial-RoPE one; gqa: the dense GQA kernel's, bf16 and 8-bit; max-batch: the largest "
                              "batch generate() fits with --gen-prompt tokens, per --gen-variants row")
     parser.add_argument("--batch", type=int, nargs="*", default=None, help="kernel part: rows (default: a sweep)")
     parser.add_argument("--context", type=int, nargs="*", default=None, help="kernel part: cached positions")
@@ -437,6 +441,85 @@ def run_partial_rope_kernel_part(args, copy_bandwidth: float, device="cuda", tim
                 c.clear()
                 if device == "cuda":
                     torch.cuda.empty_cache()
+    return rows, error
+
+
+# The KERNEL_SWEEP settings the GQA kernel takes.
+GQA_SWEEP = ("block_s", "num_warps", "num_stages", "half_products")
+
+
+def run_gqa_kernel_part(args, copy_bandwidth: float, device="cuda", timings=cuda_timings, dtype=torch.bfloat16):
+    """Rows of SDPA and kernels/gqa_decode.py over a dense GQA cache of SmolLM2's shape (3 KV heads of 64, 3 query
+    heads each; a merged-heads or window layer is the same kernel), bf16 and 8-bit (int8 keys and values, a scale
+    per slot each: cache_bits 8 in the original layout), and the largest relative error against float64.
+    `device`, `timings`, `dtype`: the CPU test of this code (Triton's interpreter, float16)."""
+    import torch.nn.functional as F
+
+    from kvforge.kernels.gqa_decode import gqa_decode_attention
+    from kvforge.models.modeling_kvforge import quantize_slots
+
+    kv_heads, group, dim = 3, 3, 64
+
+    def case(batch, context, seed=0):
+        g = torch.Generator(device=device).manual_seed(seed)
+        keys, values = (torch.randn(batch, kv_heads, context, dim, generator=g, device=device).to(dtype)
+                        for _ in range(2))
+        (k_q, k_scale), (v_q, v_scale) = quantize_slots(keys, 2), quantize_slots(values, 2)
+        return dict(query=torch.randn(batch, kv_heads, group, dim, generator=g, device=device).to(dtype), keys=keys,
+                    values=values, k_q=k_q, v_q=v_q, k_scale=k_scale, v_scale=v_scale,
+                    valid=torch.ones(batch, context, dtype=torch.bool, device=device))
+
+    def sdpa(c):
+        b, k, g, d = c["query"].shape
+        return F.scaled_dot_product_attention(c["query"].reshape(b, k * g, 1, d), c["keys"], c["values"],
+                                              scale=dim ** -0.5, enable_gqa=True)
+
+    def gqa(c, bits, settings):
+        if bits == 16:
+            return gqa_decode_attention(c["query"], c["keys"], c["values"], None, dim ** -0.5, valid=c["valid"],
+                                        **settings)
+        return gqa_decode_attention(c["query"], c["k_q"], c["v_q"], None, dim ** -0.5, valid=c["valid"],
+                                    k_scale=c["k_scale"], v_scale=c["v_scale"], **settings)
+
+    # The bf16 cache at the kernel's choices, then the 8-bit one per combination of the settings swept, named as
+    # the other parts name them (triton_gqa_int8, triton_gqa_int8_bs128_hp1, ...).
+    columns = [("triton_gqa_bf16", 16, functools.partial(gqa, bits=16, settings={}))] + [
+        (name.replace("triton_latent", "triton_gqa_int8"), 8, functools.partial(gqa, bits=8, settings=settings))
+        for name, settings in kernel_columns(args, GQA_SWEEP)]
+    small_batch, small_context = (4, 3000) if device == "cuda" else (2, 100)
+    small = case(small_batch, small_context, seed=1)
+    error = 0.0
+    with torch.no_grad():
+        for name, bits, fn in columns:
+            k, v = ((small["keys"], small["values"]) if bits == 16 else
+                    (small["k_q"] * small["k_scale"].double(), small["v_q"] * small["v_scale"].double()))
+            q = small["query"].double().reshape(small_batch, kv_heads * group, 1, dim)
+            ref = torch.softmax(q @ k.double().repeat_interleave(group, 1).transpose(-1, -2) * dim ** -0.5, -1) \
+                @ v.double().repeat_interleave(group, 1)
+            error = max(error, ((fn(small).double().reshape(ref.shape) - ref).norm() / ref.norm()).item())
+    print(f"GQA kernel vs float64 reference (B={small_batch}, S={small_context}, {dtype} queries, bf16 and 8-bit "
+          f"caches): relative error {error:.2e}")
+
+    rows = []
+    for batch in args.batch or [64, 128]:
+        for context in args.context or [4096, 16384]:
+            c = case(batch, context)
+            # keys and values (bf16: 2 bytes a number; 8 bits: 1, and a 2-byte scale per slot each) + a mask byte
+            cache_bytes = {16: batch * context * (2 * kv_heads * dim * 2 + 1),
+                           8: batch * context * (2 * kv_heads * dim + 2 * 2 + 1)}
+            row = dict(batch=batch, context=context, bf16_bytes=cache_bytes[16], int8_bytes=cache_bytes[8])
+            with torch.no_grad():
+                for name, bits, fn in [("sdpa_full", 16, sdpa)] + columns:
+                    ms, graph_ms = timings(lambda fn=fn, c=c: fn(c))
+                    row[f"{name}_us"], row[f"{name}_graph_us"] = ms * 1e3, graph_ms * 1e3
+                    row[f"{name}_of_copy"] = cache_bytes[bits] / copy_bandwidth / (graph_ms * 1e-3)
+            rows.append(row)
+            print(f"B={batch:4d} S={context:6d} eager/graph us: " + "  ".join(
+                f"{name} {row[f'{name}_us']:8.1f} {row[f'{name}_graph_us']:8.1f} ({row[f'{name}_of_copy']:.0%} of copy)"
+                for name in ["sdpa_full"] + [n for n, _, _ in columns]), flush=True)
+            c.clear()
+            if device == "cuda":
+                torch.cuda.empty_cache()
     return rows, error
 
 
@@ -910,6 +993,8 @@ def main(argv=None) -> int:
     if args.part in ("kernel", "partial", "both"):
         result["kernel_partial_rope"], result["kernel_partial_rope_relative_error"] = run_partial_rope_kernel_part(
             args, bandwidth)
+    if args.part == "gqa":
+        result["kernel_gqa"], result["kernel_gqa_relative_error"] = run_gqa_kernel_part(args, bandwidth)
     if args.part in ("generate", "both"):
         result["generate"] = run_generate_part(args, lambda rows: save(dict(result, generate=rows)))
     if args.part == "max-batch":

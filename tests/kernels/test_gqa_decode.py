@@ -58,6 +58,28 @@ def test_int8_keys_and_values_with_per_slot_scales_match_their_dequantized_atten
         torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("query_factor, cache_factor", [(1.0, 1.0), (2.0 ** 18, 1.0), (1.0, 2.0 ** -18)])
+def test_an_8_bit_cache_beside_16_bit_queries_keeps_its_products_in_range(query_factor, cache_factor):
+    """bf16 queries with an 8-bit cache (the default half_products): both products run in float16, so a query past
+    65,504 would overflow and weights p x scale under 2^-14 lose their precision, unless the operands are scaled by
+    powers of two. (half_products=0 keeps bf16 dots, which Triton's interpreter gets wrong.)"""
+    from kvforge.models.modeling_kvforge import quantize_slots
+
+    torch.manual_seed(5)
+    B, Hkv, G, D, slots = 2, 3, 3, 32, 300
+    query = (torch.randn(B, Hkv, G, D) * query_factor).to(torch.bfloat16)
+    (k_q, k_scale), (v_q, v_scale) = (quantize_slots((torch.randn(B, Hkv, slots, D) * cache_factor).to(torch.bfloat16),
+                                                     2) for _ in range(2))
+    valid = torch.rand(B, slots) > 0.2
+    valid[:, 0] = True
+    out = gqa_decode_attention(query, k_q, v_q, None, 0.125 / query_factor, valid=valid, splits=3, block_s=16,
+                               k_scale=k_scale, v_scale=v_scale)
+    exact = reference(query, k_q.double() * k_scale.double(), v_q.double() * v_scale.double(), slots,
+                      0.125 / query_factor, valid)
+    assert out.dtype == torch.bfloat16
+    assert ((out.double() - exact).norm() / exact.norm()).item() < 1e-2
+
+
 def test_splits_cover_the_gpu_and_bad_shapes_are_refused():
     assert decode_splits(3072, 2048) == 1 and decode_splits(12, 2048) == 32 and decode_splits(12, 100) == 2
     query, cache = torch.randn(1, 3, 3, 24), torch.randn(1, 3, 8, 24)
