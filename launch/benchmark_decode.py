@@ -708,14 +708,15 @@ GENERATE_VARIANTS = {
                          "auto", "kvforge"),
     "lr12-int4-aligned-static": ("lr12 in 4 bits, ranks multiples of 32, Triton, static cache + CUDA graph",
                                  lr12_int4_aligned_spec, "auto", "kvforge"),
-    # The GQA kernel (kernels/gqa_decode.py) on dense and window caches: not yet measured in generate(), so only
-    # KVFORGE_KERNELS=triton sends work to it; the same layouts' PyTorch rows are window-static and standard-static.
+    # The GQA kernel (kernels/gqa_decode.py) on dense and window caches: not yet measured against kvforge's PyTorch
+    # path in one session, so only KVFORGE_KERNELS=triton sends work to it; the same layouts' PyTorch rows are
+    # window-static and standard-static (session 13: windows 17.8 ms per step in PyTorch, 6.9 with the kernel).
     "window-triton-static": ("every layer window 1,024, Triton GQA kernel, static cache + CUDA graph", window_spec,
                              "triton", "kvforge"),
     "standard-static": ("original layout in kvforge (PyTorch SDPA), static cache + CUDA graph", standard_spec, "auto",
                         "kvforge"),
-    # The other layouts of issue 10's recipes, at their presets' uniform ranks; the partial-RoPE and GQA kernels
-    # serve CUDA tensors when asked (KVFORGE_KERNELS=triton, kernels/dispatch.py).
+    # The other layouts of issue 10's recipes, at their presets' uniform ranks, with KVFORGE_KERNELS=triton: the GQA
+    # kernel serves CUDA tensors only when asked; the partial-RoPE kernel under auto too since session 24.
     "partial-rope-25-static": ("partial-rope-25 (per-head partial RoPE, 25%), Triton, static cache + CUDA graph",
                                functools.partial(recipe_spec, "partial-rope-25"), "triton", "kvforge"),
     "partial-rope-25-int8-static": ("partial-rope-25-int8-long (8-bit partial RoPE, 32 rotary dims per head, latent "

@@ -215,6 +215,19 @@ def test_dispatch_runs_the_kernel_only_where_it_applies(monkeypatch, kernel_call
     assert len(kernel_calls) == 1
 
 
+def test_the_kernel_is_measured_so_auto_serves_it_on_a_gpu(monkeypatch, kernel_calls):
+    """The partial-RoPE kernel takes the gate of measured kernels (use_triton: auto serves CUDA tensors), not that of
+    kernels still to be measured (use_unmeasured_triton: only KVFORGE_KERNELS=triton), which would leave a plain
+    generate() of an exported partial-RoPE model on the PyTorch path, 9-15x slower per layer."""
+    monkeypatch.setenv("KVFORGE_KERNELS", "triton")  # CPU tensors through the interpreter
+    monkeypatch.setattr(dispatch, "use_unmeasured_triton", lambda tensor: False)  # as auto on a GPU
+    attend = dispatch.fused_attention("partial", partial_rope_attention)
+    c = case(seed=5)
+    with torch.no_grad():
+        attend(*[c[k] for k in ARGS])
+    assert len(kernel_calls) == 1
+
+
 @pytest.mark.parametrize("cache_bits", [None, 8])
 def test_generate_with_the_kernel_equals_generate_without(monkeypatch, cache_bits):
     """A tiny model with partial-RoPE layers (a global owner, a window layer, a kv_from reader), batch 2 with left
