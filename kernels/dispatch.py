@@ -239,11 +239,14 @@ def _launch_slot_write(value, stored, scales, slot, bits):
 def fused_slot_write(reference: Callable) -> Callable:
     """modeling_kvforge.quantize_into_static_slot (one new token per row rounded to 8 or 4 bits and written into its
     static-cache slot: ~10 small kernels per cached tensor) as one Triton launch where it applies: a latent
-    [B, 1, R] written along dim 1. The same bytes either way; no tl.dot, so float32 stays exact."""
+    [B, 1, R] written along dim 1, or a head-major entry [B, H, 1, D] (dense keys and values, rotary keys: one scale
+    per slot over all heads) along dim 2. The same bytes either way; no tl.dot, so float32 stays exact."""
     @functools.wraps(reference)
     def write(value, stored, scales, slot_dim, slot, rows, bits):
-        fits = (value.dim() == 3 and slot_dim == 1 and value.shape[1] == 1 and bits in (4, 8)
-                and stored.dim() == 3 and stored.stride(-1) == 1 and scales.dtype == value.dtype
+        latent = value.dim() == 3 and slot_dim == 1 and stored.dim() == 3
+        head_major = value.dim() == 4 and slot_dim == 2 and stored.dim() == 4 and scales.shape[1] == 1
+        fits = ((latent or head_major) and value.shape[slot_dim] == 1 and bits in (4, 8)
+                and stored.stride(-1) == 1 and scales.dtype == value.dtype
                 and not (bits == 4 and value.shape[-1] % 2))
         if use_triton(value, float32_exact=True) and fits:
             return _launch_slot_write(value, stored, scales, slot, bits)

@@ -702,29 +702,32 @@ if triton is not None:
 
     @triton.jit
     def _quantize_into_slot_kernel(
-        X, STORE, SCALE, SLOT,  # x [B, 1, R] new token; store [B, S, R] int8 / [B, S, R / 2] uint8; scale [B, S, 1]
-        stride_xb, stride_sb, stride_ss, stride_cb, stride_cs,
-        cols, top, tiny,
-        SLOT_PER_ROW: tl.constexpr, PACKED: tl.constexpr, BFLOAT16: tl.constexpr, BLOCK: tl.constexpr,
+        X, STORE, SCALE, SLOT,  # x [B, H, 1, C] new token; store [B, H, S, C] int8 / [B, H, S, C / 2] uint8;
+        stride_xb, stride_xh, stride_sb, stride_sh, stride_ss, stride_cb, stride_cs,  # scale [B, 1, S, 1]
+        heads, cols, top, tiny,
+        SLOT_PER_ROW: tl.constexpr, PACKED: tl.constexpr, BFLOAT16: tl.constexpr, BLOCK_H: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         """One row's new token rounded to `bits` and written into its slot, as modeling_kvforge.quantize_slots and
-        two slot writes do it, bit for bit: scale = max|x| / top rounded to x's dtype (at least `tiny`), levels =
-        round-half-even(x / scale) in float32 with an IEEE division, int8 values or two 4-bit ones per byte (the
-        even position in the low nibble)."""
+        two slot writes do it, bit for bit: scale = max|x| over every head's columns / top rounded to x's dtype (at
+        least `tiny`), levels = round-half-even(x / scale) in float32 with an IEEE division, int8 values or two
+        4-bit ones per byte (the even position in the low nibble). A latent is one head (H = 1)."""
         row = tl.program_id(0)
         slot = tl.load(SLOT + row) if SLOT_PER_ROW else tl.load(SLOT)
         dtype = X.dtype.element_ty
-        offs = tl.arange(0, BLOCK)
-        x_row = X + row * stride_xb
+        head = tl.arange(0, BLOCK_H)[:, None]
+        offs = tl.arange(0, BLOCK)[None, :]
+        x_row = X + row * stride_xb + head * stride_xh
         if PACKED:  # byte j holds values 2j and 2j + 1
-            ok = offs < cols // 2
+            ok = (head < heads) & (offs < cols // 2)
             even = tl.load(x_row + 2 * offs, mask=ok, other=0.0).to(tl.float32)
             odd = tl.load(x_row + 2 * offs + 1, mask=ok, other=0.0).to(tl.float32)
-            amax = tl.maximum(tl.max(tl.abs(even), axis=0), tl.max(tl.abs(odd), axis=0))
+            amax = tl.maximum(tl.max(tl.max(tl.abs(even), axis=1), axis=0),
+                              tl.max(tl.max(tl.abs(odd), axis=1), axis=0))
         else:
-            ok = offs < cols
+            ok = (head < heads) & (offs < cols)
             even = tl.load(x_row + offs, mask=ok, other=0.0).to(tl.float32)
-            amax = tl.max(tl.abs(even), axis=0)
+            amax = tl.max(tl.max(tl.abs(even), axis=1), axis=0)
         scale = tl.math.div_rn(amax, top)
         if BFLOAT16:  # to the nearest bfloat16, ties to even, as torch rounds (Triton's interpreter truncates .to())
             bits = scale.to(tl.uint32, bitcast=True)
@@ -736,23 +739,32 @@ if triton is not None:
         level = _rounded_level(even, scale, top)
         if PACKED:
             level = ((level & 0xF) | (_rounded_level(odd, scale, top) << 4)).to(tl.uint8, bitcast=True)
-        tl.store(STORE + row * stride_sb + slot * stride_ss + offs, level, mask=ok)
+        tl.store(STORE + row * stride_sb + head * stride_sh + slot * stride_ss + offs, level, mask=ok)
         tl.store(SCALE + row * stride_cb + slot * stride_cs, scale.to(dtype))
 
 
 def quantize_into_slot(value: torch.Tensor, stored: torch.Tensor, scales: torch.Tensor, slot: torch.Tensor,
                        bits: int) -> None:
-    """A static decode step's write of a low-bit latent cache in one launch: value [B, 1, R] (R even for 4 bits)
-    rounded to `bits` into stored[b, slot[b]] (int8 [B, S, R], or uint8 [B, S, R / 2] for 4 bits) and its scale
-    into scales[b, slot[b], 0] ([B, S, 1], value's dtype); slot [B] or [1] (every row's) on the device. The same
-    bytes as modeling_kvforge.quantize_slots and two slot writes (tests/kernels/test_quantize_into_slot.py)."""
-    batch, _, cols = value.shape
+    """A static decode step's write of a low-bit cache entry in one launch: a latent's new token value [B, 1, R]
+    rounded to `bits` into stored[b, slot[b]] (int8 [B, S, R], or uint8 [B, S, R / 2] for 4 bits) and its scale into
+    scales[b, slot[b], 0] ([B, S, 1], value's dtype); or a head-major one's (dense keys and values, rotary keys),
+    value [B, H, 1, D] into stored[b, :, slot[b]] ([B, H, S, D or D / 2]) with one scale over all its heads into
+    scales[b, 0, slot[b], 0] ([B, 1, S, 1]). slot [B] or [1] (every row's) on the device; the last dim even for 4
+    bits. The same bytes as modeling_kvforge.quantize_slots and two slot writes
+    (tests/kernels/test_quantize_into_slot.py)."""
     packed = bits == 4
     value = value.contiguous()
-    _quantize_into_slot_kernel[(batch,)](
-        value, stored, scales, slot, value.stride(0), stored.stride(0), stored.stride(1), scales.stride(0),
-        scales.stride(1), cols, float((1 << (bits - 1)) - 1), float(torch.finfo(value.dtype).tiny),
-        SLOT_PER_ROW=slot.shape[0] > 1, PACKED=packed, BFLOAT16=value.dtype == torch.bfloat16,
+    if value.dim() == 3:  # a latent: one head
+        heads, cols = 1, value.shape[-1]
+        strides = (value.stride(0), 0, stored.stride(0), 0, stored.stride(1), scales.stride(0), scales.stride(1))
+    else:
+        heads, cols = value.shape[1], value.shape[-1]
+        strides = (value.stride(0), value.stride(1), stored.stride(0), stored.stride(1), stored.stride(2),
+                   scales.stride(0), scales.stride(2))
+    _quantize_into_slot_kernel[(value.shape[0],)](
+        value, stored, scales, slot, *strides, heads, cols, float((1 << (bits - 1)) - 1),
+        float(torch.finfo(value.dtype).tiny), SLOT_PER_ROW=slot.shape[0] > 1, PACKED=packed,
+        BFLOAT16=value.dtype == torch.bfloat16, BLOCK_H=_next_power_of_2(heads, at_least=1),
         BLOCK=_next_power_of_2(cols // 2 if packed else cols, at_least=2),
     )
 
