@@ -734,6 +734,8 @@ GENERATE_VARIANTS = {
                                standard_spec, "triton", "kvforge"),
     "standard-int8-triton-static": ("original layout, K and V in int8 (50%), Triton GQA kernel, static + graph",
                                     functools.partial(standard_spec, cache_bits=8), "triton", "kvforge"),
+    "standard-int8-static": ("original layout, K and V in int8 (50%), KVFORGE_KERNELS=auto, static + graph",
+                             functools.partial(standard_spec, cache_bits=8), "auto", "kvforge"),
 }
 
 

@@ -215,7 +215,7 @@ def test_the_gpu_session_script_asks_only_for_rows_the_benchmark_takes(benchmark
             args = benchmark.parse_args(["--part", "generate"] + shlex.split(argument_set))
             benchmark.launch_settings(args.latent_kernel)
             benchmark.launch_settings(args.partial_kernel, "--partial-kernel", partial_rope_decode.LAUNCH_DEFAULTS)
-            assert args.part in ("generate", "kernel", "latent", "partial", "max-batch")
+            assert args.part in ("generate", "kernel", "latent", "partial", "gqa", "max-batch")
     variants = re.search(r'^MAX_BATCH_VARIANTS=\$\{MAX_BATCH_VARIANTS-(.*?)\}', script, re.M)[1].split()
     assert set(variants) <= set(benchmark.GENERATE_VARIANTS)
 

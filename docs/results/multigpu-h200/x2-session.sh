@@ -50,8 +50,8 @@ PROFILES=${PROFILES-}
 # session's end. Session 18: lr12 alone, from 192, on GPU 0 after its recipe.
 # Session 18: lr12 fitted 576 rows and not 672 (from 192; the machine was released before the bisection ended).
 # Session 23 (one H200): both 25% partial-RoPE layouts 432 (444 out of memory); lr12 648 out of memory, the search
-# stopped there. Next: merged heads, then lr12's bisection between 576 and 648, from 576.
-MAX_BATCH_VARIANTS=${MAX_BATCH_VARIANTS-merged-heads-static lr12-int4-aligned-static}
+# stopped there. Session 24: merged heads 330 (338 out of memory). Next: lr12's bisection between 576 and 648.
+MAX_BATCH_VARIANTS=${MAX_BATCH_VARIANTS-lr12-int4-aligned-static}
 MAX_BATCH_START=${MAX_BATCH_START-576}
 # GPU 0's decode rows (DECODE_ARGS0, the same form as DECODE_ARGS; logs decode0-<n>), before its batch search.
 # Session 18 measured the new kernel layouts (8-bit latents: split tiles + slot rows 10-12% faster, the defaults
@@ -62,10 +62,11 @@ MAX_BATCH_START=${MAX_BATCH_START-576}
 # and whole waves of 4 programs per SM (68-79% of copy at 16k, the defaults since; tiles, warps, stages no better).
 # Session 22 (one H200): fused values (the partial kernel's default since: faster at all eight shapes) and whole
 # waves of two programs per SM (the 8-bit latent kernel's default since: 3-10% faster); the 8-bit partial-RoPE kernel
-# at 16-21% of copy. Next: that kernel again (its baseline; a faster design is not built), then the layouts for bf16 latents (the 50% model's; their default is still the old layout) and for 4-bit value
+# at 16-21% of copy. Sessions 23-24 (one H200): that kernel 1.4x faster (half products, then head rows: 20-31% of
+# copy); the 8-bit GQA kernel 1.6-1.9x faster (38-47%). Next: the GQA kernel's tiles over a bf16 cache (67-90%),
+# then the layouts for bf16 latents (the 50% model's; their default is still the old layout) and for 4-bit value
 # ranks that split (160).
-DECODE_ARGS0=${DECODE_ARGS0-"--part partial --batch 64 128 --context 4096 16384 --kv-rank 96 --rope-dims 32 \
---cache-bits 8 --programs-per-sm 3 4|\
+DECODE_ARGS0=${DECODE_ARGS0-"--part gqa --batch 64 128 --context 4096 16384 --block-s 64 128 --num-stages 2 3|\
 --part kernel --batch 32 128 --context 4096 16384 --k-rank 48 --v-rank 144 \
 --cache-bits 16 --split-values 0 1 --slot-rows 0 1|\
 --part kernel --batch 32 128 --context 4096 16384 --k-rank 64 --v-rank 160 --cache-bits 4 --split-values 0 1"}
@@ -74,9 +75,13 @@ DECODE_ARGS0=${DECODE_ARGS0-"--part partial --batch 64 128 --context 4096 16384 
 # heads 7.06x; windows 4.08x. Session 20: with the static cache kept and reset across generate() calls (the
 # benchmark's default since), lr25 3.95x at 128 x 4k and 4.4x at 32 x 16k. Session 21: every layout again that way
 # (one H200): all but lr12 (4.5x / 3.6x of 6.4x) meet the target at both shapes. Next: where the fastest one's step
-# goes (partial-rope-25 at 128 x 4k: 3.80 ms; its kernel's share not measured), profiled.
-DECODE_ARGS=${DECODE_ARGS-"--gen-batch 128 --gen-prompt 4096 --gen-variants partial-rope-25-static --repeats 3 \
---compile-step --profile 16"}
+# goes (partial-rope-25 at 128 x 4k: 3.80 ms; its kernel's share not measured), profiled. Session 24: the GQA kernel
+# (dense, merged heads, windows) still serves only KVFORGE_KERNELS=triton; the fused write of head-major 8-bit
+# entries (dense K / V, rotary keys) not yet timed. Next: kvforge's PyTorch path against the GQA kernel in one run
+# (auto against triton), which decides auto's choice, with the 8-bit rows the fused write changes.
+DECODE_ARGS=${DECODE_ARGS-"--gen-batch 128 --gen-prompt 4096 --gen-variants standard-static standard-triton-static \
+window-static window-triton-static standard-int8-static standard-int8-triton-static partial-rope-25-int8-static \
+--repeats 3 --compile-step --via-export /tmp/kv-decode-exports"}
 stamp() { echo "$(date +%T) $*"; }
 mkdir -p "$K/results"
 
