@@ -31,7 +31,7 @@ try:
 
     # the steps decode kernels share, and flash-decoding's second stage
     from .latent_attention import (dequantized_tile, int8_to_halves, largest_scale, merge_splits,
-                                   online_softmax_tile, power_of_two_under, split_slots)
+                                   online_softmax_tile, power_of_two_under, slot_splits, split_slots)
 except ImportError:  # CPU-only install
     triton = None
 
@@ -132,7 +132,8 @@ def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.
                          length: torch.Tensor | None, scaling: float, valid: torch.Tensor | None = None,
                          splits: int | None = None, block_s: int | None = None, k_scale: torch.Tensor | None = None,
                          v_scale: torch.Tensor | None = None, half_products: int = 1, num_warps: int | None = None,
-                         num_stages: int | None = None) -> torch.Tensor:
+                         num_stages: int | None = None, programs_per_sm: int | None = None,
+                         whole_waves: int = 0) -> torch.Tensor:
     """softmax(q k^T * scaling) v over slots [0, length) of the cache, per row and query head.
 
     Args:
@@ -147,6 +148,9 @@ def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.
         half_products: with an 8-bit cache and 16-bit queries, 1: both products in float16 over tiles made float16
             by byte permutes (the kernel's note says how their range is kept); 0: tiles dequantized in float32.
         num_warps, num_stages: Triton's (default 4 and 2).
+        programs_per_sm, whole_waves: given, the splits aim at that many programs per SM, and with whole_waves stay
+            within it (latent_attention.slot_splits, as the other decode kernels); None: `decode_splits`' 1,024
+            programs. Not yet timed against each other.
     Returns [B, Hkv, G, D] in the query's dtype.
     """
     B, Hkv, G, D = query.shape
@@ -159,7 +163,9 @@ def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.
     # 64-slot tiles for a 16-bit cache; 128 for an 8-bit one, whose 64-slot tiles bring too few bytes an iteration
     # (H200, session 24: at 64 x 4k to 128 x 16k, 128-slot tiles 1.3-1.5x faster, 38-47% of the copy bandwidth).
     block_s = block_s or (128 if keys.element_size() == 1 else 64)
-    splits = splits or decode_splits(B * Hkv, slots, block_s)
+    if not splits:
+        splits = (decode_splits(B * Hkv, slots, block_s) if programs_per_sm is None else
+                  slot_splits(B * Hkv, slots, block_s, query.device, programs_per_sm, bool(whole_waves)))
     slots_per_split = math.ceil(math.ceil(slots / splits) / block_s) * block_s
     block_g = max(16, triton.next_power_of_2(G))
     # Per (row, head, split): block_g rows of partial results, the first G written.

@@ -70,11 +70,11 @@ SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hi
 # choices take 0 (off) or 1 (on); a value of 0 elsewhere means the kernel's own choice.
 KERNEL_SWEEP = [
     ("--kv-per-program", "kv_per_program", "kv", "KV heads per program (1: a program per KV head; 0: all)"),
-    ("--programs-per-sm", "programs_per_sm", "pps", "the programs the slot splits aim at per SM (the partial part "
-     "too)"),
-    ("--block-s", "block_s", "bs", "slots per tile (the partial part too)"),
-    ("--num-warps", "num_warps", "w", "warps per program (the partial part too)"),
-    ("--num-stages", "num_stages", "st", "software-pipelining stages (the partial part too)"),
+    ("--programs-per-sm", "programs_per_sm", "pps", "the programs the slot splits aim at per SM (the partial "
+     "and gqa parts too)"),
+    ("--block-s", "block_s", "bs", "slots per tile (the partial and gqa parts too)"),
+    ("--num-warps", "num_warps", "w", "warps per program (the partial and gqa parts too)"),
+    ("--num-stages", "num_stages", "st", "software-pipelining stages (the partial and gqa parts too)"),
     ("--prefetch", "prefetch", "pf", "1: the next tile's loads issued before this tile's dots, 0: not"),
     ("--prefetch-slots", "prefetch_slots", "ps", "1: the next tile's positions, mask and scales loaded a tile ahead, "
      "0: with the tile (the partial part too: its mask bytes)"),
@@ -91,7 +91,7 @@ KERNEL_SWEEP = [
     ("--fused-values", "fused_values", "fv", "1: the splits' merge and the value up-projection in one kernel, 0: the "
      "merge kernel and a GEMM (the partial part too)"),
     ("--whole-waves", "whole_waves", "ww", "1: the slot splits stay within --programs-per-sm, 0: reach it (the "
-     "partial part too)"),
+     "partial and gqa parts too)"),
     ("--max-registers", "max_registers", "mr", "a cap on registers per thread (ptxas spills past it)"),
     ("--block-h", "block_h", "bh", "query heads per program (the partial part only)"),
     ("--half-products", "half_products", "hp", "1: an 8-bit cache's tiles made float16 by byte permutes and every "
@@ -444,8 +444,8 @@ def run_partial_rope_kernel_part(args, copy_bandwidth: float, device="cuda", tim
     return rows, error
 
 
-# The KERNEL_SWEEP settings the GQA kernel takes.
-GQA_SWEEP = ("block_s", "num_warps", "num_stages", "half_products")
+# The KERNEL_SWEEP settings the GQA kernel takes (half_products last: an 8-bit cache's only).
+GQA_SWEEP = ("programs_per_sm", "whole_waves", "block_s", "num_warps", "num_stages", "half_products")
 
 
 def run_gqa_kernel_part(args, copy_bandwidth: float, device="cuda", timings=cuda_timings, dtype=torch.bfloat16):
@@ -481,11 +481,12 @@ def run_gqa_kernel_part(args, copy_bandwidth: float, device="cuda", timings=cuda
         return gqa_decode_attention(c["query"], c["k_q"], c["v_q"], None, dim ** -0.5, valid=c["valid"],
                                     k_scale=c["k_scale"], v_scale=c["v_scale"], **settings)
 
-    # The bf16 cache at the kernel's choices, then the 8-bit one per combination of the settings swept, named as
-    # the other parts name them (triton_gqa_int8, triton_gqa_int8_bs128_hp1, ...).
-    columns = [("triton_gqa_bf16", 16, functools.partial(gqa, bits=16, settings={}))] + [
-        (name.replace("triton_latent", "triton_gqa_int8"), 8, functools.partial(gqa, bits=8, settings=settings))
-        for name, settings in kernel_columns(args, GQA_SWEEP)]
+    # The bf16 cache, then the 8-bit one, per combination of the settings swept (half products: the 8-bit cache's
+    # only), named as the other parts name them (triton_gqa_bf16_bs128, triton_gqa_int8_bs128_hp1, ...).
+    columns = [(name.replace("triton_latent", f"triton_gqa_{label}"), bits,
+                functools.partial(gqa, bits=bits, settings=settings))
+               for bits, label in ((16, "bf16"), (8, "int8"))
+               for name, settings in kernel_columns(args, GQA_SWEEP if bits == 8 else GQA_SWEEP[:-1])]
     small_batch, small_context = (4, 3000) if device == "cuda" else (2, 100)
     small = case(small_batch, small_context, seed=1)
     error = 0.0
