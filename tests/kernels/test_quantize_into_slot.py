@@ -109,3 +109,50 @@ def test_static_generate_with_the_fused_write_equals_generate_without_it(cache_b
         values = [dequantize_slots(run[1][(1, name)], run[1][(1, name + "_scale")]).float() for run in out.values()]
         scale = out["off"][1][(1, name + "_scale")].float()
         assert ((values[0] - values[1]).abs() <= scale * 1.01 + 1e-6).all()
+
+
+def test_an_8_bit_static_decode_step_issues_no_more_pytorch_ops_than_a_bf16_one(monkeypatch):
+    """Where the kernels serve a static decode step, a low-bit cache's step must not cost more small PyTorch kernels
+    than a 16-bit one: each unfused write (quantize_slots and two slot writes) added ~10 per tensor, layer and step.
+    The decode kernels are stubbed out (through Triton's interpreter they would issue ops of their own); every aten
+    op of a step is counted, over two decode steps, for a dense and a partial-RoPE model."""
+    import collections
+
+    from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    def outside_the_count(shape, dtype):
+        with _disable_current_modes():
+            return torch.zeros(shape, dtype=dtype)
+
+    monkeypatch.setattr(dispatch, "gqa_decode_attention",
+                        lambda query, *args, **kwargs: outside_the_count(query.shape, query.dtype))
+
+    def partial_rope(rope, nope, k_rope, latent, k_weight, v_weight, *args, **kwargs):
+        return outside_the_count(rope.shape[:3] + (v_weight.shape[0] // rope.shape[1],), rope.dtype)
+
+    monkeypatch.setattr(dispatch, "partial_rope_decode_attention", partial_rope)
+    monkeypatch.setattr(dispatch, "quantize_into_slot", lambda *args: None)
+    monkeypatch.setenv("KVFORGE_KERNELS", "triton")
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    ops = collections.defaultdict(dict)
+    for kind, layer in (("dense", {}), ("partial", PARTIAL)):
+        for bits in (None, 8):
+            model = tiny_model([dict(layer, cache_bits=bits)] * 2).to(torch.float16)
+            steps = []
+            for new_tokens in (2, 4):  # the difference: two decode steps
+                count = Count()
+                with torch.no_grad(), count:
+                    model.generate(ids, cache=model.static_cache(13, cuda_graphs=False), max_new_tokens=new_tokens,
+                                   do_sample=False, pad_token_id=0)
+                steps.append(count.ops)
+            ops[kind][bits] = steps[1] - steps[0]
+    assert all(ops[kind][8] <= ops[kind][None] for kind in ops), dict(ops)
