@@ -13,7 +13,7 @@ softmax; latent_attention.py's merge kernel merges the splits. Empty splits (pas
 
 An 8-bit cache (int8 keys and values, a scale per slot each) is read as stored: its tiles are made float16 where
 they are loaded and both products run in float16 (half_products; H200, session 24, 128-slot tiles: 38-47% of the
-copy bandwidth on its bytes, faster than the bf16 cache's 67-81% on twice the bytes; Triton's own conversion took
+copy bandwidth on its bytes, faster than the bf16 cache's 67-90% on twice the bytes; Triton's own conversion took
 twice the bf16 cache's time).
 
 Imports triton inside `try`: without it `available()` says False and the caller keeps its PyTorch path.
@@ -161,7 +161,7 @@ def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.
         raise ValueError(f"head dim {D} must be a power of two >= 16, contiguous in query, keys and values")
     slots = keys.shape[2]
     # 64-slot tiles for a 16-bit cache; 128 for an 8-bit one, whose 64-slot tiles bring too few bytes an iteration
-    # (H200, session 24: at 64 x 4k to 128 x 16k, 128-slot tiles 1.3-1.5x faster, 38-47% of the copy bandwidth).
+    # (H200, session 24: at 64 x 4k to 128 x 16k, 128-slot tiles 1.3-1.4x faster, 38-47% of the copy bandwidth).
     block_s = block_s or (128 if keys.element_size() == 1 else 64)
     if not splits:
         splits = (decode_splits(B * Hkv, slots, block_s) if programs_per_sm is None else
