@@ -157,10 +157,13 @@ def _kv(reference: Callable) -> Callable:
     @functools.wraps(reference)
     def attend(query, key, value, mask, scaling, *, need_probs=False, dropout=0.0, use_sdpa=False, causal=False,
                k_scale=None, v_scale=None):
+        packed = key.dtype == torch.uint8  # a 4-bit cache: two values a byte
         fits = (
             query.shape[3] == 1 and not need_probs and not dropout and not causal
-            and fits_head_dim(query.shape[-1]) and value.shape[-1] == query.shape[-1]
-            and _cache_dtypes_fit(query, key, value, k_scale, v_scale) and key.stride(-1) == 1 and value.stride(-1) == 1
+            and fits_head_dim(query.shape[-1], packed)
+            and value.shape[-1] == key.shape[-1] == query.shape[-1] // (2 if packed else 1)
+            and _cache_dtypes_fit(query, key, value, k_scale, v_scale, packed=True)
+            and key.stride(-1) == 1 and value.stride(-1) == 1
             and not (torch.is_grad_enabled() and query.requires_grad)
         )
 

@@ -11,6 +11,7 @@ Flash-decoding: program (row, KV head, split) reads its split's slots once, for 
 at once (the heads are the rows of one [G, D] x [D, BLOCK_S] product, G padded to 16 for tl.dot), with an online
 softmax; latent_attention.py's merge kernel merges the splits. Empty splits (past `length`) return max -inf, sum 0.
 
+A 4-bit cache is read as its bytes, each tile's even and odd dims as two tiles (not yet timed on a GPU).
 An 8-bit cache (int8 keys and values, a scale per slot each) is read as stored: its tiles are made float16 where
 they are loaded and both products run in float16 (half_products; H200, session 24, 128-slot tiles: 38-47% of the
 copy bandwidth on its bytes, faster than the bf16 cache's 67-90% on twice the bytes; Triton's own conversion took
@@ -31,7 +32,7 @@ try:
 
     # the steps decode kernels share, and flash-decoding's second stage
     from .latent_attention import (dequantized_tile, int8_to_halves, largest_scale, merge_splits,
-                                   online_softmax_tile, power_of_two_under, slot_splits, split_slots)
+                                   online_softmax_tile, power_of_two_under, slot_splits, split_slots, unpacked_tiles)
 except ImportError:  # CPU-only install
     triton = None
 
@@ -49,11 +50,11 @@ if triton is not None:
         stride_kb, stride_kh, stride_ks,  # keys [B, Hkv, S, D], D contiguous
         stride_vb, stride_vh, stride_vs,  # values likewise
         stride_valid_b,  # valid [B, S] (uint8), slots contiguous
-        stride_ksb, stride_kss, stride_vsb, stride_vss,  # an 8-bit cache's scales [B, 1, S, 1] (HAS_SCALES)
+        stride_ksb, stride_kss, stride_vsb, stride_vss,  # a low-bit cache's scales [B, 1, S, 1] (HAS_SCALES)
         kv_heads, group, slots_per_split, scaling, slots,
-        HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
+        HEAD_DIM: tl.constexpr, COLS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
         LENGTH_IN_MEMORY: tl.constexpr, HAS_VALID: tl.constexpr, HAS_SCALES: tl.constexpr,
-        HALF_PRODUCTS: tl.constexpr,
+        HALF_PRODUCTS: tl.constexpr, PACKED: tl.constexpr,
     ):
         # HAS_SCALES (an 8-bit cache): each slot's scales multiply what the products give, not the tiles: its key
         # scale its scores, its value scale its weight p. With HALF_PRODUCTS (16-bit queries) both products run in
@@ -63,6 +64,9 @@ if triton is not None:
         # a bf16 query past 65,504 does not overflow nor small weights fall among the subnormals. Otherwise each
         # tile is dequantized in float32 and converted to the query's dtype (Triton's conversion: one byte permute
         # per value in the products' operand layout; session 13 measured this path at twice the bf16 cache's time).
+        # PACKED (a 4-bit cache, COLS = HEAD_DIM / 2 bytes a slot, byte j holding dims 2j and 2j + 1 in its low and
+        # high nibble): each tile's even and odd dims are two tiles (unpacked_tiles, dequantized in float32), the
+        # query's even and odd dims two queries, and the value sum two accumulators, interleaved again when stored.
         row_head = tl.program_id(0)
         split = tl.program_id(1)
         num_splits = tl.num_programs(1)
@@ -70,9 +74,14 @@ if triton is not None:
         h = (row_head % kv_heads).to(tl.int64)
         lo, hi = split_slots(LENGTH, slots, split, slots_per_split, LENGTH_IN_MEMORY)
         g = tl.arange(0, BLOCK_G)
-        d = tl.arange(0, HEAD_DIM)
-        q = tl.load(Q + b * stride_qb + h * stride_qh + g[:, None] * stride_qg + d[None, :],
-                    mask=g[:, None] < group, other=0.0)
+        cols = tl.arange(0, COLS)  # a slot's stored columns: HEAD_DIM values, or HEAD_DIM / 2 bytes (PACKED)
+        q_rows = Q + b * stride_qb + h * stride_qh + g[:, None] * stride_qg
+        if PACKED:  # q: the even dims, q_odd: the odd ones
+            q = tl.load(q_rows + 2 * cols[None, :], mask=g[:, None] < group, other=0.0)
+            q_odd = tl.load(q_rows + 2 * cols[None, :] + 1, mask=g[:, None] < group, other=0.0)
+            acc_odd = tl.zeros([BLOCK_G, COLS], dtype=tl.float32)
+        else:
+            q = tl.load(q_rows + cols[None, :], mask=g[:, None] < group, other=0.0)
         k_base = K + b * stride_kb + h * stride_kh
         v_base = V + b * stride_vb + h * stride_vh
         if HALF_PRODUCTS:
@@ -82,14 +91,19 @@ if triton is not None:
             weight_scale = power_of_two_under(largest_scale(V_SCALE + b * stride_vsb, stride_vss, lo, hi))
         m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
         total = tl.zeros([BLOCK_G], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_G, HEAD_DIM], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_G, COLS], dtype=tl.float32)
         for start in range(lo, hi, BLOCK_S):
             s = start + tl.arange(0, BLOCK_S)
             valid = s < hi
             if HAS_VALID:
                 valid = valid & (tl.load(VALID + b * stride_valid_b + s, mask=valid, other=0) != 0)
-            k = tl.load(k_base + s[:, None].to(tl.int64) * stride_ks + d[None, :], mask=valid[:, None], other=0)
-            if HALF_PRODUCTS:
+            k = tl.load(k_base + s[:, None].to(tl.int64) * stride_ks + cols[None, :], mask=valid[:, None], other=0)
+            if PACKED:
+                k_scale = tl.load(K_SCALE + b * stride_ksb + s * stride_kss, mask=valid, other=0.0)
+                k_even, k_odd = unpacked_tiles(k, k_scale)
+                scores = tl.dot(q, tl.trans(k_even.to(q.dtype))) + tl.dot(q_odd, tl.trans(k_odd.to(q.dtype)))
+                scores = scores * scaling
+            elif HALF_PRODUCTS:
                 k_scale = tl.load(K_SCALE + b * stride_ksb + s * stride_kss, mask=valid, other=0.0).to(tl.float32)
                 scores = tl.dot(q, tl.trans(int8_to_halves(k))) * (k_scale * score_scale)[None, :]
             else:
@@ -99,8 +113,13 @@ if triton is not None:
                 scores = tl.dot(q, tl.trans(k)) * scaling  # [BLOCK_G, BLOCK_S], fp32
             scores = tl.where(valid[None, :], scores, float("-inf"))
             m, alpha, p, total = online_softmax_tile(scores, m, total)
-            v = tl.load(v_base + s[:, None].to(tl.int64) * stride_vs + d[None, :], mask=valid[:, None], other=0)
-            if HALF_PRODUCTS:  # the running sum keeps the unscaled weights
+            v = tl.load(v_base + s[:, None].to(tl.int64) * stride_vs + cols[None, :], mask=valid[:, None], other=0)
+            if PACKED:
+                v_scale = tl.load(V_SCALE + b * stride_vsb + s * stride_vss, mask=valid, other=0.0)
+                v_even, v_odd = unpacked_tiles(v, v_scale)
+                acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v_even.to(q.dtype))
+                acc_odd = acc_odd * alpha[:, None] + tl.dot(p.to(q.dtype), v_odd.to(q.dtype))
+            elif HALF_PRODUCTS:  # the running sum keeps the unscaled weights
                 v_scale = tl.load(V_SCALE + b * stride_vsb + s * stride_vss, mask=valid, other=0.0).to(tl.float32)
                 weights = (p * (v_scale * weight_scale)[None, :]).to(tl.float16)
                 acc = acc * alpha[:, None] + tl.dot(weights, int8_to_halves(v))
@@ -113,14 +132,19 @@ if triton is not None:
             acc = acc * (1.0 / weight_scale)
         out = (row_head * num_splits + split).to(tl.int64) * BLOCK_G + g
         keep = g < group
-        tl.store(ACC + out[:, None] * HEAD_DIM + d[None, :], acc, mask=keep[:, None])
+        if PACKED:
+            tl.store(ACC + out[:, None] * HEAD_DIM + 2 * cols[None, :], acc, mask=keep[:, None])
+            tl.store(ACC + out[:, None] * HEAD_DIM + 2 * cols[None, :] + 1, acc_odd, mask=keep[:, None])
+        else:
+            tl.store(ACC + out[:, None] * HEAD_DIM + cols[None, :], acc, mask=keep[:, None])
         tl.store(MAX + out, m, mask=keep)
         tl.store(SUM + out, total, mask=keep)
 
 
-def fits_head_dim(head_dim: int) -> bool:
-    """The head sizes the kernel takes: a power of two (tl.arange) of at least 16 (tl.dot)."""
-    return head_dim >= 16 and not head_dim & (head_dim - 1)
+def fits_head_dim(head_dim: int, packed: bool = False) -> bool:
+    """The head sizes the kernel takes: a power of two (tl.arange) of at least 16 (tl.dot); of at least 32 for a
+    4-bit cache (`packed`: its even and odd dims are products of half the width)."""
+    return head_dim >= (32 if packed else 16) and not head_dim & (head_dim - 1)
 
 
 def decode_splits(rows: int, slots: int, block: int = 64, target_programs: int = 1024) -> int:
@@ -144,7 +168,9 @@ def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.
         valid: optional [B or 1, S] boolean mask of the slots a row may attend to (padding, a window's ring);
             every row must keep at least one.
         splits: slot-axis splits (default `decode_splits`); block_s: slots per tile (default: 64, 128 for int8).
-        k_scale, v_scale: an 8-bit cache's scales [B, 1, S, 1] in the query's dtype, with int8 keys and values.
+        k_scale, v_scale: a low-bit cache's scales [B, 1, S, 1] in the query's dtype, with int8 keys and values (8
+            bits), or uint8 ones [B, Hkv, S, D / 2] holding two 4-bit values a byte (dims 2j and 2j + 1 of byte j in
+            its low and high nibble, two's complement: modeling_kvforge.quantize_slots).
         half_products: with an 8-bit cache and 16-bit queries, 1: both products in float16 over tiles made float16
             by byte permutes (the kernel's note says how their range is kept); 0: tiles dequantized in float32.
         num_warps, num_stages: Triton's (default 4 and 2).
@@ -154,14 +180,18 @@ def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.
     Returns [B, Hkv, G, D] in the query's dtype.
     """
     B, Hkv, G, D = query.shape
-    if keys.shape[:2] != (B, Hkv) or keys.shape != values.shape or keys.shape[-1] != D:
+    packed = keys.dtype == torch.uint8 and k_scale is not None
+    cols = D // 2 if packed else D
+    if keys.shape[:2] != (B, Hkv) or keys.shape != values.shape or keys.shape[-1] != cols:
         raise ValueError(f"query {tuple(query.shape)}, keys {tuple(keys.shape)} and values {tuple(values.shape)} "
-                         "must be [B, Hkv, G, D] and [B, Hkv, S, D]")
-    if not fits_head_dim(D) or query.stride(-1) != 1 or keys.stride(-1) != 1 or values.stride(-1) != 1:
-        raise ValueError(f"head dim {D} must be a power of two >= 16, contiguous in query, keys and values")
+                         f"must be [B, Hkv, G, D] and [B, Hkv, S, {'D / 2' if packed else 'D'}]")
+    if not fits_head_dim(D, packed) or query.stride(-1) != 1 or keys.stride(-1) != 1 or values.stride(-1) != 1:
+        raise ValueError(f"head dim {D} must be a power of two >= {32 if packed else 16}, contiguous in query, keys "
+                         "and values")
     slots = keys.shape[2]
     # 64-slot tiles for a 16-bit cache; 128 for an 8-bit one, whose 64-slot tiles bring too few bytes an iteration
-    # (H200, session 24: at 64 x 4k to 128 x 16k, 128-slot tiles 1.3-1.4x faster, 38-47% of the copy bandwidth).
+    # (H200, session 24: at 64 x 4k to 128 x 16k, 128-slot tiles 1.3-1.4x faster, 38-47% of the copy bandwidth),
+    # and for a 4-bit one (not yet timed).
     block_s = block_s or (128 if keys.element_size() == 1 else 64)
     if not splits:
         splits = (decode_splits(B * Hkv, slots, block_s) if programs_per_sm is None else
@@ -187,9 +217,9 @@ def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.
         k_scale.stride(0) if has_scales else 0, k_scale.stride(2) if has_scales else 0,
         v_scale.stride(0) if has_scales else 0, v_scale.stride(2) if has_scales else 0,
         Hkv, G, slots_per_split, scaling, slots,
-        HEAD_DIM=D, BLOCK_G=block_g, BLOCK_S=block_s,
+        HEAD_DIM=D, COLS=cols, BLOCK_G=block_g, BLOCK_S=block_s,
         LENGTH_IN_MEMORY=length is not None, HAS_VALID=valid is not None, HAS_SCALES=has_scales,
-        HALF_PRODUCTS=has_scales and query.element_size() == 2 and bool(half_products),
+        HALF_PRODUCTS=has_scales and not packed and query.element_size() == 2 and bool(half_products), PACKED=packed,
         num_warps=num_warps or 4, num_stages=num_stages or 2,
     )
     # Merge the splits in one kernel (was nine PyTorch ops per layer): out = sum_s e^(m_s - M) acc_s /

@@ -450,21 +450,23 @@ GQA_SWEEP = ("programs_per_sm", "whole_waves", "block_s", "num_warps", "num_stag
 
 def run_gqa_kernel_part(args, copy_bandwidth: float, device="cuda", timings=cuda_timings, dtype=torch.bfloat16):
     """Rows of SDPA and kernels/gqa_decode.py over a dense GQA cache of SmolLM2's shape (3 KV heads of 64, 3 query
-    heads each; a merged-heads or window layer is the same kernel), bf16 and 8-bit (int8 keys and values, a scale
-    per slot each: cache_bits 8 in the original layout), and the largest relative error against float64.
-    `device`, `timings`, `dtype`: the CPU test of this code (Triton's interpreter, float16)."""
+    heads each; a merged-heads or window layer is the same kernel), bf16 and low-bit (--cache-bits 8, the default
+    here, or 4: keys and values as a cache_bits layer stores them, a scale per slot each), and the largest relative
+    error against float64. `device`, `timings`, `dtype`: the CPU test of this code (Triton's interpreter, float16)."""
     import torch.nn.functional as F
 
     from kvforge.kernels.gqa_decode import gqa_decode_attention
-    from kvforge.models.modeling_kvforge import quantize_slots
+    from kvforge.models.modeling_kvforge import dequantize_slots, quantize_slots
 
     kv_heads, group, dim = 3, 3, 64
+    low_bits = args.cache_bits if args.cache_bits in (8, 4) else 8
+    low_label = f"int{low_bits}"
 
     def case(batch, context, seed=0):
         g = torch.Generator(device=device).manual_seed(seed)
         keys, values = (torch.randn(batch, kv_heads, context, dim, generator=g, device=device).to(dtype)
                         for _ in range(2))
-        (k_q, k_scale), (v_q, v_scale) = quantize_slots(keys, 2), quantize_slots(values, 2)
+        (k_q, k_scale), (v_q, v_scale) = quantize_slots(keys, 2, low_bits), quantize_slots(values, 2, low_bits)
         return dict(query=torch.randn(batch, kv_heads, group, dim, generator=g, device=device).to(dtype), keys=keys,
                     values=values, k_q=k_q, v_q=v_q, k_scale=k_scale, v_scale=v_scale,
                     valid=torch.ones(batch, context, dtype=torch.bool, device=device))
@@ -481,34 +483,37 @@ def run_gqa_kernel_part(args, copy_bandwidth: float, device="cuda", timings=cuda
         return gqa_decode_attention(c["query"], c["k_q"], c["v_q"], None, dim ** -0.5, valid=c["valid"],
                                     k_scale=c["k_scale"], v_scale=c["v_scale"], **settings)
 
-    # The bf16 cache, then the 8-bit one, per combination of the settings swept (half products: the 8-bit cache's
-    # only), named as the other parts name them (triton_gqa_bf16_bs128, triton_gqa_int8_bs128_hp1, ...).
+    # The bf16 cache, then the low-bit one, per combination of the settings swept (half products: the low-bit
+    # cache's only), named as the other parts name them (triton_gqa_bf16_bs128, triton_gqa_int8_bs128_hp1, ...).
     columns = [(name.replace("triton_latent", f"triton_gqa_{label}"), bits,
                 functools.partial(gqa, bits=bits, settings=settings))
-               for bits, label in ((16, "bf16"), (8, "int8"))
-               for name, settings in kernel_columns(args, GQA_SWEEP if bits == 8 else GQA_SWEEP[:-1])]
+               for bits, label in ((16, "bf16"), (low_bits, low_label))
+               for name, settings in kernel_columns(args, GQA_SWEEP if bits < 16 else GQA_SWEEP[:-1])]
     small_batch, small_context = (4, 3000) if device == "cuda" else (2, 100)
     small = case(small_batch, small_context, seed=1)
     error = 0.0
     with torch.no_grad():
         for name, bits, fn in columns:
             k, v = ((small["keys"], small["values"]) if bits == 16 else
-                    (small["k_q"] * small["k_scale"].double(), small["v_q"] * small["v_scale"].double()))
+                    (dequantize_slots(small["k_q"], small["k_scale"].double()),
+                     dequantize_slots(small["v_q"], small["v_scale"].double())))
             q = small["query"].double().reshape(small_batch, kv_heads * group, 1, dim)
             ref = torch.softmax(q @ k.double().repeat_interleave(group, 1).transpose(-1, -2) * dim ** -0.5, -1) \
                 @ v.double().repeat_interleave(group, 1)
             error = max(error, ((fn(small).double().reshape(ref.shape) - ref).norm() / ref.norm()).item())
-    print(f"GQA kernel vs float64 reference (B={small_batch}, S={small_context}, {dtype} queries, bf16 and 8-bit "
-          f"caches): relative error {error:.2e}")
+    print(f"GQA kernel vs float64 reference (B={small_batch}, S={small_context}, {dtype} queries, bf16 and "
+          f"{low_bits}-bit caches): relative error {error:.2e}")
 
     rows = []
     for batch in args.batch or [64, 128]:
         for context in args.context or [4096, 16384]:
             c = case(batch, context)
-            # keys and values (bf16: 2 bytes a number; 8 bits: 1, and a 2-byte scale per slot each) + a mask byte
+            # keys and values (bf16: 2 bytes a number; 8 / 4 bits: 1 / 0.5, and a 2-byte scale per slot each) + a
+            # mask byte
             cache_bytes = {16: batch * context * (2 * kv_heads * dim * 2 + 1),
-                           8: batch * context * (2 * kv_heads * dim + 2 * 2 + 1)}
-            row = dict(batch=batch, context=context, bf16_bytes=cache_bytes[16], int8_bytes=cache_bytes[8])
+                           low_bits: batch * context * (2 * kv_heads * dim * low_bits // 8 + 2 * 2 + 1)}
+            row = dict(batch=batch, context=context, bf16_bytes=cache_bytes[16],
+                       **{f"{low_label}_bytes": cache_bytes[low_bits]})
             with torch.no_grad():
                 for name, bits, fn in [("sdpa_full", 16, sdpa)] + columns:
                     ms, graph_ms = timings(lambda fn=fn, c=c: fn(c))

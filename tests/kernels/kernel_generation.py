@@ -31,20 +31,21 @@ def assert_kernel_serves_decode_only(monkeypatch, attend, args, kernel_calls):
     assert len(kernel_calls) == 1
 
 
-def tiny_model(layers, num_attention_heads=4) -> KVForgeForCausalLM:
-    """A tiny KVForge model of the given layer specs (2 KV heads of 16 dims, vocabulary 128), seed 0, in eval mode."""
+def tiny_model(layers, num_attention_heads=4, head_dim=16) -> KVForgeForCausalLM:
+    """A tiny KVForge model of the given layer specs (2 KV heads of head_dim dims, vocabulary 128), seed 0, in eval
+    mode."""
     torch.manual_seed(0)
     config = KVForgeConfig(hidden_size=64, intermediate_size=128, num_attention_heads=num_attention_heads,
-                           num_key_value_heads=2, head_dim=16, vocab_size=128, max_position_embeddings=256,
+                           num_key_value_heads=2, head_dim=head_dim, vocab_size=128, max_position_embeddings=256,
                            num_hidden_layers=len(layers), initializer_range=0.1, compression={"layers": layers})
     return KVForgeForCausalLM(config).eval()
 
 
-def generate_with_and_without_kernels(monkeypatch, layers, num_attention_heads):
+def generate_with_and_without_kernels(monkeypatch, layers, num_attention_heads, head_dim=16):
     """{"off": output, "triton": output} of generate() on one tiny model of the given layer specs (2 KV heads of
     16 dims), batch 2 with 4 tokens of left padding in row 1, 10 new tokens (past a window of 8), greedy, logits
     kept."""
-    model = tiny_model(layers, num_attention_heads)
+    model = tiny_model(layers, num_attention_heads, head_dim)
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     attention_mask = torch.ones_like(ids)
     attention_mask[1, :4] = 0

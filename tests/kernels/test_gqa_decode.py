@@ -40,21 +40,26 @@ def test_decode_attention_matches_softmax_attention(length, splits):
     torch.testing.assert_close(out.double(), reference(query, keys, values, length, 0.125), rtol=1e-5, atol=1e-5)
 
 
-def test_int8_keys_and_values_with_per_slot_scales_match_their_dequantized_attention():
-    """An 8-bit cache (cache_bits: 8) hands the kernel int8 keys and values with one scale per row and slot over
-    every head ([B, 1, S, 1]); the kernel must give attention over the same values dequantized in float64."""
-    from kvforge.models.modeling_kvforge import quantize_slots
+@pytest.mark.parametrize("bits", [8, 4])
+def test_low_bit_keys_and_values_with_per_slot_scales_match_their_dequantized_attention(bits):
+    """A low-bit cache (cache_bits: 8 or 4) hands the kernel its int8 keys and values, or their bytes holding two
+    4-bit values each, with one scale per row and slot over every head ([B, 1, S, 1]); the kernel must give
+    attention over the same values dequantized in float64 (every dim distinct, so a swapped nibble or an even dim
+    stored at an odd place fails)."""
+    from kvforge.models.modeling_kvforge import dequantize_slots, quantize_slots
 
     torch.manual_seed(3)
     B, Hkv, G, D, slots = 2, 3, 3, 32, 70
     query = torch.randn(B, Hkv, G, D)
-    (k_q, k_scale), (v_q, v_scale) = (quantize_slots(torch.randn(B, Hkv, slots, D) * 3, 2) for _ in range(2))
+    (k_q, k_scale), (v_q, v_scale) = (quantize_slots(torch.randn(B, Hkv, slots, D) * 3, 2, bits) for _ in range(2))
+    assert k_q.shape[-1] == (D if bits == 8 else D // 2)
     valid = torch.rand(B, slots) > 0.2
     valid[:, 0] = True
+    exact = reference(query, dequantize_slots(k_q.clone(), k_scale.double()),
+                      dequantize_slots(v_q.clone(), v_scale.double()), slots, 0.125, valid)
     for splits in (1, 3):
         out = gqa_decode_attention(query, k_q, v_q, None, 0.125, valid=valid, splits=splits, block_s=16,
                                    k_scale=k_scale, v_scale=v_scale)
-        exact = reference(query, k_q.double() * k_scale.double(), v_q.double() * v_scale.double(), slots, 0.125, valid)
         torch.testing.assert_close(out.double(), exact, rtol=1e-5, atol=1e-5)
 
 
@@ -111,18 +116,19 @@ def test_a_mask_of_valid_slots_is_obeyed_even_when_it_empties_whole_tiles(batch_
         gqa_decode_attention(query, keys, values, None, 0.25, valid=torch.ones(2, 69, dtype=torch.bool))
 
 
-@pytest.mark.parametrize("cache_bits", [None, 8])
+@pytest.mark.parametrize("cache_bits", [None, 8, 4])
 def test_generate_with_the_kernel_equals_generate_without(monkeypatch, cache_bits):
     """Dense, merged-heads, window-ring (with sinks) and kv_from layers, batch 2 with left padding, decoding past
     the window: the same tokens and logits with KVFORGE_KERNELS=triton and =off, the kernel serving every
-    layer's decode steps (a kv_from reader attends over its producer's cache too); with an 8-bit cache the kernel
-    is handed the int8 keys and values."""
+    layer's decode steps (a kv_from reader attends over its producer's cache too); with a low-bit cache the kernel
+    is handed the int8 keys and values, or their packed 4-bit bytes."""
     calls = record_kernel_calls(monkeypatch, "gqa_decode_attention")
     bits = {"cache_bits": cache_bits}
     runs = generate_with_and_without_kernels(
         monkeypatch,
         [bits, {"kv_proj": "merged_heads", "num_kv_heads": 1, **bits},
-         {"attention": "window", "window": 6, "sinks": 2, **bits}, {"kv_from": 0}], num_attention_heads=4)
+         {"attention": "window", "window": 6, "sinks": 2, **bits}, {"kv_from": 0}], num_attention_heads=4,
+        head_dim=32 if cache_bits == 4 else 16)  # a 4-bit cache's half-width products need 32 dims
     assert len(calls) == 9 * 4  # 9 decode steps x 4 layers
-    assert set(calls.dtypes) == {torch.int8 if cache_bits else torch.float32}
+    assert set(calls.dtypes) == {{None: torch.float32, 8: torch.int8, 4: torch.uint8}[cache_bits]}
     assert_same_generation(runs)
