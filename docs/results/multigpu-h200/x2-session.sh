@@ -64,10 +64,11 @@ MAX_BATCH_START=${MAX_BATCH_START-576}
 # waves of two programs per SM (the 8-bit latent kernel's default since: 3-10% faster); the 8-bit partial-RoPE kernel
 # at 16-21% of copy. Sessions 23-24 (one H200): that kernel 1.4x faster (half products, then head rows: 20-31% of
 # copy); the 8-bit GQA kernel 1.6-1.9x faster (38-47%). Next: the GQA kernel's tiles and waves (bf16 67-90%, 8-bit
-# 38-47%; its splits still aim at 1,024 programs), then the layouts for bf16 latents (the 50% model's; their default
+# 38-47%; its splits still aim at 1,024 programs) and its 4-bit path (never timed), then the layouts for bf16 latents (the 50% model's; their default
 # is still the old layout) and for 4-bit value ranks that split (160).
 DECODE_ARGS0=${DECODE_ARGS0-"--part gqa --batch 64 128 --context 4096 16384 --block-s 64 128 --programs-per-sm 0 3 4 \
 --whole-waves 1|\
+--part gqa --batch 64 128 --context 4096 16384 --cache-bits 4 --block-s 64 128|\
 --part kernel --batch 32 128 --context 4096 16384 --k-rank 48 --v-rank 144 \
 --cache-bits 16 --split-values 0 1 --slot-rows 0 1|\
 --part kernel --batch 32 128 --context 4096 16384 --k-rank 64 --v-rank 160 --cache-bits 4 --split-values 0 1"}
