@@ -24,8 +24,9 @@ a rotary key per KV head (Kr = 3) and one shared by all heads (Kr = 1, DeepSeek 
 reading B x S x ((R + Kr x Dr) x 2 + 1) bytes (latent, rotary keys, mask); `--part partial` runs only these.
 
 Part `gqa`: the dense GQA kernel (kernels/gqa_decode.py: the original layout, merged heads, windows) against SDPA
-on the same bf16 cache, and over an 8-bit one (int8 keys and values, a scale per slot each; --half-products 0 1
-for both conversions), each at its fraction of the copy bandwidth on the bytes it reads.
+on the same bf16 cache, and over a low-bit one (int8 keys and values, a scale per slot each, --half-products 0 1
+for both conversions; or with --cache-bits 4 their packed bytes), each at its fraction of the copy bandwidth on
+the bytes it reads.
 
 Part `generate`, SmolLM2-135M's architecture with random bf16 weights (decode speed does not depend on
 their values): the original Llama (transformers, SDPA) against the low-rank 50% spec
@@ -122,8 +123,9 @@ def parse_args(argv=None):
     parser.add_argument("--part", choices=("kernel", "latent", "partial", "gqa", "generate", "max-batch", "both"),
                         default="both",
                         help="kernel: both kernel tables; latent: only the pre-RoPE latent one; partial: only the "
-                             "partial-RoPE one; gqa: the dense GQA kernel's, bf16 and 8-bit; max-batch: the largest "
-                             "batch generate() fits with --gen-prompt tokens, per --gen-variants row")
+                             "partial-RoPE one; gqa: the dense GQA kernel's, bf16 and --cache-bits 8 (default) or "
+                             "4; max-batch: the largest batch generate() fits with --gen-prompt tokens, per "
+                             "--gen-variants row")
     parser.add_argument("--batch", type=int, nargs="*", default=None, help="kernel part: rows (default: a sweep)")
     parser.add_argument("--context", type=int, nargs="*", default=None, help="kernel part: cached positions")
     parser.add_argument("--k-rank", type=int, default=48)
@@ -456,7 +458,7 @@ def run_gqa_kernel_part(args, copy_bandwidth: float, device="cuda", timings=cuda
     import torch.nn.functional as F
 
     from kvforge.kernels.gqa_decode import gqa_decode_attention
-    from kvforge.models.modeling_kvforge import dequantize_slots, quantize_slots
+    from kvforge.models.modeling_kvforge import kv_attention, quantize_slots
 
     kv_heads, group, dim = 3, 3, 64
     low_bits = args.cache_bits if args.cache_bits in (8, 4) else 8
@@ -489,18 +491,23 @@ def run_gqa_kernel_part(args, copy_bandwidth: float, device="cuda", timings=cuda
                 functools.partial(gqa, bits=bits, settings=settings))
                for bits, label in ((16, "bf16"), (low_bits, low_label))
                for name, settings in kernel_columns(args, GQA_SWEEP if bits < 16 else GQA_SWEEP[:-1])]
+    def reference(c, bits):  # modeling_kvforge's attention in float64 over the values each cache holds
+        query, mask = c["query"].double()[:, :, :, None], c["valid"][:, None, None, None, :]
+        if bits == 16:
+            out, _ = kv_attention(query, c["keys"].double(), c["values"].double(), mask, dim ** -0.5)
+        else:
+            out, _ = kv_attention(query, c["k_q"], c["v_q"], mask, dim ** -0.5, k_scale=c["k_scale"].double(),
+                                  v_scale=c["v_scale"].double())
+        return out[:, :, :, 0]
+
     small_batch, small_context = (4, 3000) if device == "cuda" else (2, 100)
     small = case(small_batch, small_context, seed=1)
     error = 0.0
     with torch.no_grad():
+        references = {bits: reference(small, bits) for bits in (16, low_bits)}
         for name, bits, fn in columns:
-            k, v = ((small["keys"], small["values"]) if bits == 16 else
-                    (dequantize_slots(small["k_q"], small["k_scale"].double()),
-                     dequantize_slots(small["v_q"], small["v_scale"].double())))
-            q = small["query"].double().reshape(small_batch, kv_heads * group, 1, dim)
-            ref = torch.softmax(q @ k.double().repeat_interleave(group, 1).transpose(-1, -2) * dim ** -0.5, -1) \
-                @ v.double().repeat_interleave(group, 1)
-            error = max(error, ((fn(small).double().reshape(ref.shape) - ref).norm() / ref.norm()).item())
+            ref = references[bits]
+            error = max(error, ((fn(small).double() - ref).norm() / ref.norm()).item())
     print(f"GQA kernel vs float64 reference (B={small_batch}, S={small_context}, {dtype} queries, bf16 and "
           f"{low_bits}-bit caches): relative error {error:.2e}")
 
