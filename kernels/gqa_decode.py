@@ -98,34 +98,33 @@ if triton is not None:
             if HAS_VALID:
                 valid = valid & (tl.load(VALID + b * stride_valid_b + s, mask=valid, other=0) != 0)
             k = tl.load(k_base + s[:, None].to(tl.int64) * stride_ks + cols[None, :], mask=valid[:, None], other=0)
+            if HAS_SCALES:  # a low-bit cache: its bytes read, made float in registers
+                k_scale = tl.load(K_SCALE + b * stride_ksb + s * stride_kss, mask=valid, other=0.0).to(tl.float32)
             if PACKED:
-                k_scale = tl.load(K_SCALE + b * stride_ksb + s * stride_kss, mask=valid, other=0.0)
                 k_even, k_odd = unpacked_tiles(k, k_scale)
                 scores = tl.dot(q, tl.trans(k_even.to(q.dtype))) + tl.dot(q_odd, tl.trans(k_odd.to(q.dtype)))
                 scores = scores * scaling
             elif HALF_PRODUCTS:
-                k_scale = tl.load(K_SCALE + b * stride_ksb + s * stride_kss, mask=valid, other=0.0).to(tl.float32)
                 scores = tl.dot(q, tl.trans(int8_to_halves(k))) * (k_scale * score_scale)[None, :]
             else:
-                if HAS_SCALES:  # int8 keys and values: a byte per element read, dequantized in registers
-                    k_scale = tl.load(K_SCALE + b * stride_ksb + s * stride_kss, mask=valid, other=0.0)
+                if HAS_SCALES:
                     k = dequantized_tile(k, k_scale).to(q.dtype)
                 scores = tl.dot(q, tl.trans(k)) * scaling  # [BLOCK_G, BLOCK_S], fp32
             scores = tl.where(valid[None, :], scores, float("-inf"))
             m, alpha, p, total = online_softmax_tile(scores, m, total)
             v = tl.load(v_base + s[:, None].to(tl.int64) * stride_vs + cols[None, :], mask=valid[:, None], other=0)
-            if PACKED:
-                v_scale = tl.load(V_SCALE + b * stride_vsb + s * stride_vss, mask=valid, other=0.0)
-                v_even, v_odd = unpacked_tiles(v, v_scale)
-                acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v_even.to(q.dtype))
-                acc_odd = acc_odd * alpha[:, None] + tl.dot(p.to(q.dtype), v_odd.to(q.dtype))
-            elif HALF_PRODUCTS:  # the running sum keeps the unscaled weights
+            if HAS_SCALES:
                 v_scale = tl.load(V_SCALE + b * stride_vsb + s * stride_vss, mask=valid, other=0.0).to(tl.float32)
+            if PACKED:
+                v_even, v_odd = unpacked_tiles(v, v_scale)
+                weights = p.to(q.dtype)
+                acc = acc * alpha[:, None] + tl.dot(weights, v_even.to(q.dtype))
+                acc_odd = acc_odd * alpha[:, None] + tl.dot(weights, v_odd.to(q.dtype))
+            elif HALF_PRODUCTS:  # the running sum keeps the unscaled weights
                 weights = (p * (v_scale * weight_scale)[None, :]).to(tl.float16)
                 acc = acc * alpha[:, None] + tl.dot(weights, int8_to_halves(v))
             else:
                 if HAS_SCALES:
-                    v_scale = tl.load(V_SCALE + b * stride_vsb + s * stride_vss, mask=valid, other=0.0)
                     v = dequantized_tile(v, v_scale).to(q.dtype)
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         if HALF_PRODUCTS:
