@@ -55,8 +55,8 @@ def test_low_bit_keys_and_values_with_per_slot_scales_match_their_dequantized_at
     assert k_q.shape[-1] == (D if bits == 8 else D // 2)
     valid = torch.rand(B, slots) > 0.2
     valid[:, 0] = True
-    exact = reference(query, dequantize_slots(k_q.clone(), k_scale.double()),
-                      dequantize_slots(v_q.clone(), v_scale.double()), slots, 0.125, valid)
+    exact = reference(query, dequantize_slots(k_q, k_scale.double()),
+                      dequantize_slots(v_q, v_scale.double()), slots, 0.125, valid)
     for splits in (1, 3):
         out = gqa_decode_attention(query, k_q, v_q, None, 0.125, valid=valid, splits=splits, block_s=16,
                                    k_scale=k_scale, v_scale=v_scale)
