@@ -24,9 +24,10 @@ a rotary key per KV head (Kr = 3) and one shared by all heads (Kr = 1, DeepSeek 
 reading B x S x ((R + Kr x Dr) x 2 + 1) bytes (latent, rotary keys, mask); `--part partial` runs only these.
 
 Part `gqa`: the dense GQA kernel (kernels/gqa_decode.py: the original layout, merged heads, windows) against SDPA
-on the same bf16 cache, and over a low-bit one (int8 keys and values, a scale per slot each, --half-products 0 1
-for both conversions; or with --cache-bits 4 their packed bytes), each at its fraction of the copy bandwidth on
-the bytes it reads.
+and kvforge's PyTorch path (torch_kv: modeling_kvforge.kv_attention, what KVFORGE_KERNELS=off runs, with the
+decode mask) on the same bf16 cache, and over a low-bit one (int8 keys and values, a scale per slot each,
+--half-products 0 1 for both conversions; or with --cache-bits 4 their packed bytes), each at its fraction of the
+copy bandwidth on the bytes it reads.
 
 Part `generate`, SmolLM2-135M's architecture with random bf16 weights (decode speed does not depend on
 their values): the original Llama (transformers, SDPA) against the low-rank 50% spec
@@ -485,12 +486,24 @@ def run_gqa_kernel_part(args, copy_bandwidth: float, device="cuda", timings=cuda
         return gqa_decode_attention(c["query"], c["k_q"], c["v_q"], None, dim ** -0.5, valid=c["valid"],
                                     k_scale=c["k_scale"], v_scale=c["v_scale"], **settings)
 
-    # The bf16 cache, then the low-bit one, per combination of the settings swept (half products: the low-bit
-    # cache's only), named as the other parts name them (triton_gqa_bf16_bs128, triton_gqa_int8_bs128_hp1, ...).
-    columns = [(name.replace("triton_latent", f"triton_gqa_{label}"), bits,
-                functools.partial(gqa, bits=bits, settings=settings))
-               for bits, label in ((16, "bf16"), (low_bits, low_label))
-               for name, settings in kernel_columns(args, GQA_SWEEP if bits < 16 else GQA_SWEEP[:-1])]
+    def torch_kv(c, bits):  # what KVFORGE_KERNELS=off runs for a dense / merged-heads / window layer's decode step
+        query, mask = c["query"][:, :, :, None], c["valid"][:, None, None, None, :]
+        if bits == 16:
+            out, _ = kv_attention(query, c["keys"], c["values"], mask, dim ** -0.5, use_sdpa=True)
+        else:
+            out, _ = kv_attention(query, c["k_q"], c["v_q"], mask, dim ** -0.5, use_sdpa=True,
+                                  k_scale=c["k_scale"], v_scale=c["v_scale"])
+        return out[:, :, :, 0]
+
+    # kvforge's PyTorch path over each cache, then the kernel over the bf16 cache and the low-bit one, per
+    # combination of the settings swept (half products: the low-bit cache's only), named as the other parts name
+    # them (triton_gqa_bf16_bs128, triton_gqa_int8_bs128_hp1, ...).
+    columns = [(f"torch_kv_{label}", bits, functools.partial(torch_kv, bits=bits))
+               for bits, label in ((16, "bf16"), (low_bits, low_label))]
+    columns += [(name.replace("triton_latent", f"triton_gqa_{label}"), bits,
+                 functools.partial(gqa, bits=bits, settings=settings))
+                for bits, label in ((16, "bf16"), (low_bits, low_label))
+                for name, settings in kernel_columns(args, GQA_SWEEP if bits < 16 else GQA_SWEEP[:-1])]
     def reference(c, bits):  # modeling_kvforge's attention in float64 over the values each cache holds
         query, mask = c["query"].double()[:, :, :, None], c["valid"][:, None, None, None, :]
         if bits == 16:

@@ -140,20 +140,22 @@ def test_the_partial_rope_kernel_rows_compute_on_cpu(benchmark, cache_bits, swee
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                     reason="the kernel runs tensors on CPU through Triton's interpreter")
 def test_the_gqa_kernel_rows_compute_on_cpu(benchmark):
-    """The gqa part with a CPU timer, float16, tiny shapes: SDPA, the bf16 cache and the 8-bit one (or the 4-bit
-    one), each with its bytes and its error against float64, before a GPU runs them."""
+    """The gqa part with a CPU timer, float16, tiny shapes: SDPA, kvforge's PyTorch path and the kernel over the
+    bf16 cache and the 8-bit one (or the 4-bit one), each with its bytes and its error against float64, before a
+    GPU runs them."""
     args = benchmark.parse_args(["--part", "gqa", "--batch", "2", "--context", "40", "--half-products", "1",
                                  "--block-s", "0", "16", "--programs-per-sm", "0", "2"])
     rows, error = benchmark.run_gqa_kernel_part(args, 1e12, device="cpu", timings=cpu_timings, dtype=torch.float16)
     assert error < 5e-3
     assert (rows[0]["bf16_bytes"], rows[0]["int8_bytes"]) == (2 * 40 * (768 + 1), 2 * 40 * (384 + 4 + 1))
     assert all(rows[0][f"{name}_of_copy"] > 0 for name in (
-        "sdpa_full", "triton_gqa_bf16", "triton_gqa_bf16_pps2_bs16", "triton_gqa_int8_hp1", "triton_gqa_int8_bs16_hp1",
-        "triton_gqa_int8_pps2_bs16_hp1"))
+        "sdpa_full", "torch_kv_bf16", "torch_kv_int8", "triton_gqa_bf16", "triton_gqa_bf16_pps2_bs16",
+        "triton_gqa_int8_hp1", "triton_gqa_int8_bs16_hp1", "triton_gqa_int8_pps2_bs16_hp1"))
     assert not any("bf16" in name and "hp" in name for name in rows[0])  # half products: the 8-bit cache's only
     args = benchmark.parse_args(["--part", "gqa", "--batch", "2", "--context", "40", "--cache-bits", "4"])
     rows, error = benchmark.run_gqa_kernel_part(args, 1e12, device="cpu", timings=cpu_timings, dtype=torch.float16)
-    assert error < 5e-3 and rows[0]["int4_bytes"] == 2 * 40 * (192 + 4 + 1) and rows[0]["triton_gqa_int4_of_copy"] > 0
+    assert error < 5e-3 and rows[0]["int4_bytes"] == 2 * 40 * (192 + 4 + 1)
+    assert rows[0]["triton_gqa_int4_of_copy"] > 0 and rows[0]["torch_kv_int4_of_copy"] > 0
 
 
 def test_the_profiler_table_of_a_generate_call(benchmark):
