@@ -62,11 +62,6 @@ def use_triton(tensor: torch.Tensor, float32_exact: bool = False) -> bool:
     return False
 
 
-def use_unmeasured_triton(tensor: torch.Tensor) -> bool:
-    """`use_triton` for a kernel not yet measured on a GPU: there only when asked for (KVFORGE_KERNELS=triton)."""
-    return use_triton(tensor) and (kernel_mode() == "triton" or not tensor.is_cuda)
-
-
 # Kernels whose launch at some shape found no resources on this GPU (shared memory, registers): the reference serves
 # those shapes from then on, instead of a decode that crashes (kernel, shape).
 _TOO_BIG: set[tuple] = set()
@@ -176,7 +171,10 @@ def _kv(reference: Callable) -> Callable:
                                        valid=_valid_bytes(mask), k_scale=k_scale, v_scale=v_scale)
             return out[:, :, :, None], None
 
-        if not (use_unmeasured_triton(query) and fits):
+        # Measured (H200, session 25): 1.5-2.3x kvforge's PyTorch path per layer over a bf16 cache (whose SDPA call
+        # takes the decode mask), 8-15x over an 8-bit one and 18-20x over a 4-bit one, which PyTorch dequantizes
+        # whole; a compiled generate() step of the original layout 5.6 ms against 13.2 (B=128 x 4k).
+        if not (use_triton(query) and fits):
             return pytorch()
         return _kernel_or_reference("GQA", (query.dtype, key.dtype, tuple(query.shape[1:])), kernel, pytorch)
 
@@ -210,7 +208,7 @@ def _partial(reference: Callable) -> Callable:
             return out[:, :, :, None], None
 
         # Measured (H200, sessions 18-24): 9-15x the reference's speed at every shape from 64 x 4k to 128 x 16k,
-        # bf16 and 8-bit caches, so KVFORGE_KERNELS=auto serves it on the GPU.
+        # bf16 and 8-bit caches.
         if not (use_triton(query_rope) and fits):
             return pytorch()
         shape = (query_rope.dtype, kv_latent.dtype, tuple(query_rope.shape[1:]), tuple(k_rope.shape[1:2]),

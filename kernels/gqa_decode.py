@@ -166,16 +166,16 @@ def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.
             None: all S slots.
         valid: optional [B or 1, S] boolean mask of the slots a row may attend to (padding, a window's ring);
             every row must keep at least one.
-        splits: slot-axis splits (default `decode_splits`); block_s: slots per tile (default: 64, 128 for int8).
+        splits: slot-axis splits (default: from programs_per_sm); block_s: slots per tile (default 128).
         k_scale, v_scale: a low-bit cache's scales [B, 1, S, 1] in the query's dtype, with int8 keys and values (8
             bits), or uint8 ones [B, Hkv, S, D / 2] holding two 4-bit values a byte (dims 2j and 2j + 1 of byte j in
             its low and high nibble, two's complement: modeling_kvforge.quantize_slots).
         half_products: with an 8-bit cache and 16-bit queries, 1: both products in float16 over tiles made float16
             by byte permutes (the kernel's note says how their range is kept); 0: tiles dequantized in float32.
         num_warps, num_stages: Triton's (default 4 and 2).
-        programs_per_sm, whole_waves: given, the splits aim at that many programs per SM, and with whole_waves stay
-            within it (latent_attention.slot_splits, as the other decode kernels); None: `decode_splits`' 1,024
-            programs. Not yet timed against each other.
+        programs_per_sm, whole_waves: the splits aim at that many programs per SM, and with whole_waves stay
+            within it (latent_attention.slot_splits, as the other decode kernels); None: three per SM in whole
+            waves for a 16-bit cache, `decode_splits`' 1,024 programs for a low-bit one.
     Returns [B, Hkv, G, D] in the query's dtype.
     """
     B, Hkv, G, D = query.shape
@@ -188,10 +188,13 @@ def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.
         raise ValueError(f"head dim {D} must be a power of two >= {32 if packed else 16}, contiguous in query, keys "
                          "and values")
     slots = keys.shape[2]
-    # 64-slot tiles for a 16-bit cache; 128 for an 8-bit one, whose 64-slot tiles bring too few bytes an iteration
-    # (H200, session 24: at 64 x 4k to 128 x 16k, 128-slot tiles 1.3-1.4x faster, 38-47% of the copy bandwidth),
-    # and for a 4-bit one (not yet timed).
-    block_s = block_s or (128 if keys.element_size() == 1 else 64)
+    # 128-slot tiles: 64-slot ones bring too few bytes an iteration (H200, 64 x 4k to 128 x 16k: 8-bit caches
+    # 1.3-1.4x faster in session 24, 4-bit 1.5-1.6x and bf16 1.1-1.2x in session 25). A 16-bit cache's splits fill
+    # whole waves of three programs per SM (session 25: 81-98% of the copy bandwidth, against 67-90% at 1,024
+    # programs); a low-bit cache's keep 1,024 programs (three per SM were 10-25% slower for 8 bits).
+    block_s = block_s or 128
+    if programs_per_sm is None and keys.element_size() == 2:
+        programs_per_sm, whole_waves = 3, 1
     if not splits:
         splits = (decode_splits(B * Hkv, slots, block_s) if programs_per_sm is None else
                   slot_splits(B * Hkv, slots, block_s, query.device, programs_per_sm, bool(whole_waves)))

@@ -734,34 +734,29 @@ GENERATE_VARIANTS = {
                          "auto", "kvforge"),
     "lr12-int4-aligned-static": ("lr12 in 4 bits, ranks multiples of 32, Triton, static cache + CUDA graph",
                                  lr12_int4_aligned_spec, "auto", "kvforge"),
-    # The GQA kernel (kernels/gqa_decode.py) on dense and window caches: not yet measured against kvforge's PyTorch
-    # path in one session, so only KVFORGE_KERNELS=triton sends work to it; the same layouts' PyTorch rows are
-    # window-static and standard-static (session 13: windows 17.8 ms per step in PyTorch, 6.9 with the kernel).
-    "window-triton-static": ("every layer window 1,024, Triton GQA kernel, static cache + CUDA graph", window_spec,
-                             "triton", "kvforge"),
-    "standard-static": ("original layout in kvforge (PyTorch SDPA), static cache + CUDA graph", standard_spec, "auto",
-                        "kvforge"),
-    # The other layouts of issue 10's recipes, at their presets' uniform ranks, with KVFORGE_KERNELS=triton: the GQA
-    # kernel serves CUDA tensors only when asked; the partial-RoPE kernel under auto too since session 24.
-    "partial-rope-25-static": ("partial-rope-25 (per-head partial RoPE, 25%), Triton, static cache + CUDA graph",
-                               functools.partial(recipe_spec, "partial-rope-25"), "triton", "kvforge"),
-    "partial-rope-25-int8-static": ("partial-rope-25-int8-long (8-bit partial RoPE, 32 rotary dims per head, latent "
-                                    "96), Triton reading int8, static cache + CUDA graph",
-                                    functools.partial(aligned_recipe_spec, "partial-rope-25-int8-long"), "triton",
-                                    "kvforge"),
-    "partial-rope-50-static": ("partial-rope-50 (per-head partial RoPE, 50%), Triton, static cache + CUDA graph",
-                               functools.partial(recipe_spec, "partial-rope-50"), "triton", "kvforge"),
-    "merged-heads-static": ("merged-heads-33 (3 -> 1 KV heads), Triton GQA kernel, static cache + CUDA graph",
-                            functools.partial(recipe_spec, "merged-heads-33"), "triton", "kvforge"),
-    "window-lowrank-12-static": ("window-lowrank-12 (windows of 1,020 + 4 sinks beside latents), Triton, static "
-                                 "cache + CUDA graph", functools.partial(recipe_spec, "window-lowrank-12"), "triton",
-                                 "kvforge"),
-    "standard-triton-static": ("original layout in kvforge, Triton GQA kernel, static cache + CUDA graph",
-                               standard_spec, "triton", "kvforge"),
-    "standard-int8-triton-static": ("original layout, K and V in int8 (50%), Triton GQA kernel, static + graph",
-                                    functools.partial(standard_spec, cache_bits=8), "triton", "kvforge"),
-    "standard-int8-static": ("original layout, K and V in int8 (50%), KVFORGE_KERNELS=auto, static + graph",
+    # The GQA kernel (kernels/gqa_decode.py) serves dense, merged-heads and window layers under auto since session 25
+    # (13.2 ms a step for the original layout with kvforge's PyTorch path at B=128 x 4k, 5.6 with the kernel); the
+    # -torch rows are that PyTorch path (KVFORGE_KERNELS=off). Every row below runs auto's choice.
+    "standard-static": ("original layout in kvforge, static cache + CUDA graph", standard_spec, "auto", "kvforge"),
+    "standard-torch-static": ("original layout in kvforge, PyTorch (KVFORGE_KERNELS=off), static cache + CUDA graph",
+                              standard_spec, "off", "kvforge"),
+    "window-torch-static": ("every layer window 1,024, PyTorch (KVFORGE_KERNELS=off), static cache + CUDA graph",
+                            window_spec, "off", "kvforge"),
+    "standard-int8-static": ("original layout, K and V in int8 (50%), static cache + CUDA graph",
                              functools.partial(standard_spec, cache_bits=8), "auto", "kvforge"),
+    # The other layouts of issue 10's recipes, at their presets' uniform ranks.
+    "partial-rope-25-static": ("partial-rope-25 (per-head partial RoPE, 25%), static cache + CUDA graph",
+                               functools.partial(recipe_spec, "partial-rope-25"), "auto", "kvforge"),
+    "partial-rope-25-int8-static": ("partial-rope-25-int8-long (8-bit partial RoPE, 32 rotary dims per head, latent "
+                                    "96), static cache + CUDA graph",
+                                    functools.partial(aligned_recipe_spec, "partial-rope-25-int8-long"), "auto",
+                                    "kvforge"),
+    "partial-rope-50-static": ("partial-rope-50 (per-head partial RoPE, 50%), static cache + CUDA graph",
+                               functools.partial(recipe_spec, "partial-rope-50"), "auto", "kvforge"),
+    "merged-heads-static": ("merged-heads-33 (3 -> 1 KV heads), static cache + CUDA graph",
+                            functools.partial(recipe_spec, "merged-heads-33"), "auto", "kvforge"),
+    "window-lowrank-12-static": ("window-lowrank-12 (windows of 1,020 + 4 sinks beside latents), static cache + "
+                                 "CUDA graph", functools.partial(recipe_spec, "window-lowrank-12"), "auto", "kvforge"),
 }
 
 
