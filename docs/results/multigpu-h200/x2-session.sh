@@ -63,27 +63,28 @@ MAX_BATCH_START=${MAX_BATCH_START-576}
 # Session 22 (one H200): fused values (the partial kernel's default since: faster at all eight shapes) and whole
 # waves of two programs per SM (the 8-bit latent kernel's default since: 3-10% faster); the 8-bit partial-RoPE kernel
 # at 16-21% of copy. Sessions 23-24 (one H200): that kernel 1.4x faster (half products, then head rows: 20-31% of
-# copy); the 8-bit GQA kernel 1.6-1.9x faster (38-47%). Next: the GQA kernel's tiles and waves (bf16 67-90%, 8-bit
-# 38-47%; its splits still aim at 1,024 programs) and its 4-bit path (never timed), then the layouts for bf16 latents (the 50% model's; their default
-# is still the old layout) and for 4-bit value ranks that split (160).
-DECODE_ARGS0=${DECODE_ARGS0-"--part gqa --batch 64 128 --context 4096 16384 --block-s 64 128 --programs-per-sm 0 3 4 \
---whole-waves 1|\
---part gqa --batch 64 128 --context 4096 16384 --cache-bits 4 --block-s 64 128|\
---part kernel --batch 32 128 --context 4096 16384 --k-rank 48 --v-rank 144 \
+# copy); the 8-bit GQA kernel 1.6-1.9x faster (38-47%). Session 25 (one H200): the GQA kernel's tiles and waves
+# (bf16 81-98% of copy with 128-slot tiles in whole waves of 3 per SM, the default since; 8-bit 37-47%, 4-bit 18-21%).
+# Next: the layouts for bf16 latents (the 50% model's; their default is still the old layout) and for 4-bit value
+# ranks that split (160).
+DECODE_ARGS0=${DECODE_ARGS0-"--part kernel --batch 32 128 --context 4096 16384 --k-rank 48 --v-rank 144 \
 --cache-bits 16 --split-values 0 1 --slot-rows 0 1|\
 --part kernel --batch 32 128 --context 4096 16384 --k-rank 64 --v-rank 160 --cache-bits 4 --split-values 0 1"}
 # Session 18 (exported directories, compiled step, the new kernel defaults): lr25 3.47x at B=32 x 16k (target 3.2x
 # met), 3.03x at B=128 x 4k (5% short); lr12 3.85x / 3.15x (6.4x wanted); partial RoPE 25% 5.09x / 4.15x; merged
 # heads 7.06x; windows 4.08x. Session 20: with the static cache kept and reset across generate() calls (the
 # benchmark's default since), lr25 3.95x at 128 x 4k and 4.4x at 32 x 16k. Session 21: every layout again that way
-# (one H200): all but lr12 (4.5x / 3.6x of 6.4x) meet the target at both shapes. Next: where the fastest one's step
-# goes (partial-rope-25 at 128 x 4k: 3.80 ms; its kernel's share not measured), profiled. Session 24: the GQA kernel
-# (dense, merged heads, windows) still serves only KVFORGE_KERNELS=triton; the fused write of head-major 8-bit
-# entries (dense K / V, rotary keys) not yet timed. Next: kvforge's PyTorch path against the GQA kernel in one run
-# (auto against triton), which decides auto's choice, with the 8-bit rows the fused write changes.
-DECODE_ARGS=${DECODE_ARGS-"--gen-batch 128 --gen-prompt 4096 --gen-variants standard-static standard-triton-static \
-window-static window-triton-static standard-int8-static standard-int8-triton-static partial-rope-25-int8-static \
---repeats 3 --compile-step --via-export /tmp/kv-decode-exports"}
+# (one H200): all but lr12 (4.5x / 3.6x of 6.4x) meet the target at both shapes -- against the original under
+# transformers. Session 25 (one H200): auto serves the GQA kernel (the original layout in kvforge 5.29 / 5.02 ms a
+# step, against transformers' 25.89 / 29.24), the ring write's fix (windows 5.96 -> 3.33 ms); against kvforge's own
+# original only partial RoPE in bf16, merged heads and windows are faster (1.3-1.75x), the low-bit latent layouts
+# 0.74-0.93x. Next: every layout and the original in kvforge in one session at both shapes, on today's kernels.
+DECODE_ARGS=${DECODE_ARGS-"--gen-batch 128 --gen-prompt 4096 --gen-variants standard-static partial-rope-25-static \
+partial-rope-25-int8-static merged-heads-static lr25-int8-aligned-static lr12-int4-aligned-static \
+window-lowrank-12-static --repeats 3 --compile-step --via-export /tmp/kv-decode-exports|\
+--gen-batch 32 --gen-prompt 16384 --gen-variants standard-static partial-rope-25-static partial-rope-25-int8-static \
+merged-heads-static lr25-int8-aligned-static lr12-int4-aligned-static window-lowrank-12-static --repeats 3 \
+--compile-step --via-export /tmp/kv-decode-exports"}
 stamp() { echo "$(date +%T) $*"; }
 mkdir -p "$K/results"
 
