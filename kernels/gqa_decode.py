@@ -11,10 +11,11 @@ Flash-decoding: program (row, KV head, split) reads its split's slots once, for 
 at once (the heads are the rows of one [G, D] x [D, BLOCK_S] product, G padded to 16 for tl.dot), with an online
 softmax; latent_attention.py's merge kernel merges the splits. Empty splits (past `length`) return max -inf, sum 0.
 
-A 4-bit cache is read as its bytes, each tile's even and odd dims as two tiles (not yet timed on a GPU).
-An 8-bit cache (int8 keys and values, a scale per slot each) is read as stored: its tiles are made float16 where
-they are loaded and both products run in float16 (half_products; H200, session 24, 128-slot tiles: 38-47% of the
-copy bandwidth on its bytes, faster than the bf16 cache's 67-90% on twice the bytes; Triton's own conversion took
+A 4-bit cache is read as its bytes, each tile's even and odd dims as two tiles (H200, session 25: 18-21% of the
+copy bandwidth on its bytes, about the bf16 cache's time). An 8-bit cache (int8 keys and values, a scale per slot
+each) is read as stored: the score product in int8 on the keys' bytes (int8_scores), the value tiles made float16
+where they are loaded and that product in float16 (half_products; H200, session 25, 128-slot tiles: 43-56% of the
+copy bandwidth on its bytes, 0.87-0.94x the bf16 cache's time, which reads at 81-98%; Triton's own conversion took
 twice the bf16 cache's time).
 
 Imports triton inside `try`: without it `available()` says False and the caller keeps its PyTorch path.
@@ -54,7 +55,7 @@ if triton is not None:
         kv_heads, group, slots_per_split, scaling, slots,
         HEAD_DIM: tl.constexpr, COLS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
         LENGTH_IN_MEMORY: tl.constexpr, HAS_VALID: tl.constexpr, HAS_SCALES: tl.constexpr,
-        HALF_PRODUCTS: tl.constexpr, PACKED: tl.constexpr,
+        HALF_PRODUCTS: tl.constexpr, INT8_SCORES: tl.constexpr, PACKED: tl.constexpr,
     ):
         # HAS_SCALES (an 8-bit cache): each slot's scales multiply what the products give, not the tiles: its key
         # scale its scores, its value scale its weight p. With HALF_PRODUCTS (16-bit queries) both products run in
@@ -64,6 +65,10 @@ if triton is not None:
         # a bf16 query past 65,504 does not overflow nor small weights fall among the subnormals. Otherwise each
         # tile is dequantized in float32 and converted to the query's dtype (Triton's conversion: one byte permute
         # per value in the products' operand layout; session 13 measured this path at twice the bf16 cache's time).
+        # INT8_SCORES (with HALF_PRODUCTS): the score product in int8 x int8 -> int32 on the tile's bytes as loaded,
+        # with no conversion of the keys; the query rounded to int8 once, by a scale per query head (its largest
+        # |value| / 127), which with the slot's key scale multiplies what the product gives. The query's rounding
+        # adds an error of the order of the keys' own (0.4% of a head's largest value at most, per dim).
         # PACKED (a 4-bit cache, COLS = HEAD_DIM / 2 bytes a slot, byte j holding dims 2j and 2j + 1 in its low and
         # high nibble): each tile's even and odd dims are two tiles (unpacked_tiles, dequantized in float32), the
         # query's even and odd dims two queries, and the value sum two accumulators, interleaved again when stored.
@@ -84,10 +89,16 @@ if triton is not None:
             q = tl.load(q_rows + cols[None, :], mask=g[:, None] < group, other=0.0)
         k_base = K + b * stride_kb + h * stride_kh
         v_base = V + b * stride_vb + h * stride_vh
+        if INT8_SCORES:
+            q_steps = tl.maximum(tl.max(tl.abs(q.to(tl.float32)), axis=1), 1e-30) / 127.0  # [BLOCK_G]
+            q_levels = q.to(tl.float32) / q_steps[:, None]
+            q = (q_levels + tl.where(q_levels >= 0, 0.5, -0.5)).to(tl.int32).to(tl.int8)  # rounded half away
+            q_steps = q_steps * scaling
         if HALF_PRODUCTS:
-            query_scale = power_of_two_under(tl.max(tl.abs(q.to(tl.float32))))
-            q = (q.to(tl.float32) * query_scale).to(tl.float16)
-            score_scale = scaling / query_scale  # exact: 2^-k
+            if not INT8_SCORES:
+                query_scale = power_of_two_under(tl.max(tl.abs(q.to(tl.float32))))
+                q = (q.to(tl.float32) * query_scale).to(tl.float16)
+                score_scale = scaling / query_scale  # exact: 2^-k
             weight_scale = power_of_two_under(largest_scale(V_SCALE + b * stride_vsb, stride_vss, lo, hi))
         m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
         total = tl.zeros([BLOCK_G], dtype=tl.float32)
@@ -104,6 +115,9 @@ if triton is not None:
                 k_even, k_odd = unpacked_tiles(k, k_scale)
                 scores = tl.dot(q, tl.trans(k_even.to(q.dtype))) + tl.dot(q_odd, tl.trans(k_odd.to(q.dtype)))
                 scores = scores * scaling
+            elif INT8_SCORES:
+                scores = tl.dot(q, tl.trans(k), out_dtype=tl.int32).to(tl.float32)
+                scores = scores * q_steps[:, None] * k_scale[None, :]
             elif HALF_PRODUCTS:
                 scores = tl.dot(q, tl.trans(int8_to_halves(k))) * (k_scale * score_scale)[None, :]
             else:
@@ -156,7 +170,7 @@ def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.
                          splits: int | None = None, block_s: int | None = None, k_scale: torch.Tensor | None = None,
                          v_scale: torch.Tensor | None = None, half_products: int = 1, num_warps: int | None = None,
                          num_stages: int | None = None, programs_per_sm: int | None = None,
-                         whole_waves: int = 0) -> torch.Tensor:
+                         whole_waves: int = 0, int8_scores: int = 1) -> torch.Tensor:
     """softmax(q k^T * scaling) v over slots [0, length) of the cache, per row and query head.
 
     Args:
@@ -172,6 +186,10 @@ def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.
             its low and high nibble, two's complement: modeling_kvforge.quantize_slots).
         half_products: with an 8-bit cache and 16-bit queries, 1: both products in float16 over tiles made float16
             by byte permutes (the kernel's note says how their range is kept); 0: tiles dequantized in float32.
+        int8_scores: with half products, 1 (default): the score product in int8 on the keys' bytes, the query
+            rounded to int8 by a scale per head (H200, session 25, 128-slot tiles: 14-19% faster, 43-56% of the
+            copy bandwidth; on the CPU its error against unquantized attention 1.1-1.8% where the int8 cache's own
+            is 0.95-1.5%); 0: in float16 on keys made float16.
         num_warps, num_stages: Triton's (default 4 and 2).
         programs_per_sm, whole_waves: the splits aim at that many programs per SM, and with whole_waves stay
             within it (latent_attention.slot_splits, as the other decode kernels); None: three per SM in whole
@@ -209,6 +227,7 @@ def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.
             raise ValueError(f"valid {tuple(valid.shape)} must be [B or 1, S] = [{B} or 1, {slots}]")
         valid = valid.to(torch.uint8).contiguous()
     has_scales = k_scale is not None
+    half_products = has_scales and not packed and query.element_size() == 2 and bool(half_products)
     _gqa_decode_split_kernel[(B * Hkv, splits)](
         query, keys, values, length if length is not None else query, valid if valid is not None else query,
         k_scale if has_scales else query, v_scale if has_scales else query, acc, m, total,
@@ -221,7 +240,7 @@ def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.
         Hkv, G, slots_per_split, scaling, slots,
         HEAD_DIM=D, COLS=cols, BLOCK_G=block_g, BLOCK_S=block_s,
         LENGTH_IN_MEMORY=length is not None, HAS_VALID=valid is not None, HAS_SCALES=has_scales,
-        HALF_PRODUCTS=has_scales and not packed and query.element_size() == 2 and bool(half_products), PACKED=packed,
+        HALF_PRODUCTS=half_products, INT8_SCORES=half_products and bool(int8_scores), PACKED=packed,
         num_warps=num_warps or 4, num_stages=num_stages or 2,
     )
     # Merge the splits in one kernel (was nine PyTorch ops per layer): out = sum_s e^(m_s - M) acc_s /

@@ -98,10 +98,12 @@ KERNEL_SWEEP = [
     ("--block-h", "block_h", "bh", "query heads per program (the partial part only)"),
     ("--half-products", "half_products", "hp", "1: an 8-bit cache's tiles made float16 by byte permutes and every "
      "product in float16, 0: Triton's conversion to the queries' dtype (the partial and gqa parts only)"),
+    ("--int8-scores", "int8_scores", "is", "1: an 8-bit cache's score product in int8 on the keys' bytes, the query "
+     "rounded to int8 per head, 0: in float16 (the gqa part only)"),
 ]
 PARTIAL_ONLY = ("block_h", "half_products")
 BINARY_SETTINGS = {"prefetch", "prefetch_slots", "split_columns", "split_values", "slot_rows", "word_loads",
-                   "merged_halves", "half_rope_table", "whole_waves", "fused_values", "half_products"}
+                   "merged_halves", "half_rope_table", "whole_waves", "fused_values", "half_products", "int8_scores"}
 
 
 def kernel_columns(args, arguments=None) -> list[tuple[str, dict]]:
@@ -238,7 +240,8 @@ def run_kernel_part(args, copy_bandwidth: float, device="cuda", timings=None, dt
                                        r.scaling, c["scaling"], max_position=r.max_position(),
                                        k_scale=c.get("k_scale"), v_scale=c.get("v_scale"), **settings)
 
-    latent_settings = [argument for _, argument, _, _ in KERNEL_SWEEP if argument not in PARTIAL_ONLY]
+    latent_settings = [argument for _, argument, _, _ in KERNEL_SWEEP
+                       if argument not in PARTIAL_ONLY + GQA_LOW_BIT_SWEEP]
     kernels = [(name, functools.partial(triton_latent, settings=settings))
                for name, settings in kernel_columns(args, latent_settings)]
 
@@ -448,7 +451,8 @@ def run_partial_rope_kernel_part(args, copy_bandwidth: float, device="cuda", tim
 
 
 # The KERNEL_SWEEP settings the GQA kernel takes (half_products last: an 8-bit cache's only).
-GQA_SWEEP = ("programs_per_sm", "whole_waves", "block_s", "num_warps", "num_stages", "half_products")
+GQA_SWEEP = ("programs_per_sm", "whole_waves", "block_s", "num_warps", "num_stages")
+GQA_LOW_BIT_SWEEP = ("half_products", "int8_scores")  # the low-bit cache's columns only
 
 
 def run_gqa_kernel_part(args, copy_bandwidth: float, device="cuda", timings=cuda_timings, dtype=torch.bfloat16):
@@ -503,7 +507,7 @@ def run_gqa_kernel_part(args, copy_bandwidth: float, device="cuda", timings=cuda
     columns += [(name.replace("triton_latent", f"triton_gqa_{label}"), bits,
                  functools.partial(gqa, bits=bits, settings=settings))
                 for bits, label in ((16, "bf16"), (low_bits, low_label))
-                for name, settings in kernel_columns(args, GQA_SWEEP if bits < 16 else GQA_SWEEP[:-1])]
+                for name, settings in kernel_columns(args, GQA_SWEEP + (GQA_LOW_BIT_SWEEP if bits < 16 else ()))]
     def reference(c, bits):  # modeling_kvforge's attention in float64 over the values each cache holds
         query, mask = c["query"].double()[:, :, :, None], c["valid"][:, None, None, None, :]
         if bits == 16:

@@ -67,7 +67,7 @@ def test_low_bit_keys_and_values_with_per_slot_scales_match_their_dequantized_at
 
 @pytest.mark.parametrize("query_factor, cache_factor", [(1.0, 1.0), (2.0 ** 18, 1.0), (1.0, 2.0 ** -18)])
 def test_an_8_bit_cache_beside_16_bit_queries_keeps_its_products_in_range(query_factor, cache_factor):
-    """bf16 queries with an 8-bit cache (the default half_products): both products run in float16, so a query past
+    """bf16 queries with an 8-bit cache (half products, int8_scores=0): both products run in float16, so a query past
     65,504 would overflow and weights p x scale under 2^-14 lose their precision, unless the operands are scaled by
     powers of two. (half_products=0 keeps bf16 dots, which Triton's interpreter gets wrong.)"""
     from kvforge.models.modeling_kvforge import quantize_slots
@@ -80,11 +80,39 @@ def test_an_8_bit_cache_beside_16_bit_queries_keeps_its_products_in_range(query_
     valid = torch.rand(B, slots) > 0.2
     valid[:, 0] = True
     out = gqa_decode_attention(query, k_q, v_q, None, 0.125 / query_factor, valid=valid, splits=3, block_s=16,
-                               k_scale=k_scale, v_scale=v_scale)
+                               k_scale=k_scale, v_scale=v_scale, int8_scores=0)
     exact = reference(query, k_q.double() * k_scale.double(), v_q.double() * v_scale.double(), slots,
                       0.125 / query_factor, valid)
     assert out.dtype == torch.bfloat16
     assert ((out.double() - exact).norm() / exact.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("query_factor", [1.0, 2.0 ** 18])
+def test_int8_scores_over_an_8_bit_cache_stay_within_the_query_rounding(query_factor):
+    """int8_scores (the default with 16-bit queries): the score product in int8 on the keys' bytes, the query rounded to int8 by a scale per query
+    head. Against float64 attention over the cache's values with the exact query, the error is the query's rounding
+    (under 1%; a wrong scale, head or slot is off by O(1)); with a padded head (G = 3 of 16 rows) and a large query
+    (2^18: no float16 step sees it)."""
+    from kvforge.models.modeling_kvforge import quantize_slots
+
+    torch.manual_seed(7)
+    B, Hkv, G, D, slots = 2, 3, 3, 32, 300
+    query = (torch.randn(B, Hkv, G, D) * query_factor).to(torch.float16 if query_factor == 1.0 else torch.bfloat16)
+    (k_q, k_scale), (v_q, v_scale) = (quantize_slots(torch.randn(B, Hkv, slots, D).to(query.dtype) * 2, 2)
+                                      for _ in range(2))
+    valid = torch.rand(B, slots) > 0.2
+    valid[:, 0] = True
+    exact = reference(query, k_q.double() * k_scale.double(), v_q.double() * v_scale.double(), slots,
+                      0.125 / query_factor, valid)
+    for splits in (1, 3):
+        out = gqa_decode_attention(query, k_q, v_q, None, 0.125 / query_factor, valid=valid, splits=splits,
+                                   block_s=16, k_scale=k_scale, v_scale=v_scale)  # the default
+        error = ((out.double() - exact).norm() / exact.norm()).item()
+        assert 0 < error < 1e-2
+    # The same kernel in float16 products: the int8 query's rounding is the only difference between the two.
+    half = gqa_decode_attention(query, k_q, v_q, None, 0.125 / query_factor, valid=valid, splits=3, block_s=16,
+                                k_scale=k_scale, v_scale=v_scale, int8_scores=0)
+    assert ((half.double() - exact).norm() / exact.norm()).item() < error
 
 
 def test_splits_cover_the_gpu_and_bad_shapes_are_refused():
