@@ -262,8 +262,9 @@ class SlotPlan:
     static_slot: torch.Tensor | None = None
     static_rows: torch.Tensor | None = None  # arange(B) beside a [B] static_slot (the ring's per-row writes)
     max_position: int | None = None  # a bound on key_positions known without reading the device
-    # Every row's T new tokens are real and nothing is cached (a training step, or a prefill without padding):
-    # every row has the same mask, so one row of it serves the batch.
+    # Every row's T new tokens are real and every row sees the same keys (a training step, a prefill without
+    # padding, a later chunk of one on a global layout): every row has the same mask, so one row of it serves the
+    # batch.
     no_padding: bool = False
     _key_rotary: KeyRotary | None = field(default=None, repr=False)
     _sdpa_mask: tuple | None = field(default=None, repr=False)  # (mask, causal), see sdpa_mask
@@ -275,10 +276,11 @@ class SlotPlan:
     @property
     def mask(self) -> torch.Tensor:
         """[B, 1, 1, T, S] bool; with no_padding one row [1, 1, 1, T, S], built on first use (SDPA with is_causal
-        never needs it: at 32k tokens it would be 1 GiB)."""
+        never needs it: at 32k tokens it would be 1 GiB). Its keys may still hold empty slots (-1: a cleared static
+        ring's), the same in every row."""
         if self.built_mask is None:
             self.built_mask = visibility_mask(self.query_index[:1], self.key_index[:1], self.window, self.sinks,
-                                              padding=False)
+                                              padding=self.cached_slots > 0)
         return self.built_mask
 
     def sdpa_mask(self) -> tuple[torch.Tensor | None, bool]:
@@ -375,9 +377,10 @@ class SlotLayout:
         # padding anywhere (the attention mask covers the cached columns too) see the same keys in every row, so
         # one mask row serves the batch: on an empty layout, and on a global one whose rows are alike (a chunked
         # prefill's later chunks, whose per-row mask was [B, 1, 1, T, S]: 128 MiB per row for 4,096 new tokens
-        # over 32k).
+        # over 32k), and on a cleared static ring (a kept cache's next generate(): every slot empty in every row,
+        # where a per-row mask was [B, 1, 1, T, W + T], 68 GiB at 128 x 16k as SDPA's bf16 bias).
         shared = no_padding and num_new > 1 and (
-            self.token_index is None or (not self.is_ring and self.rows_alike))
+            self.token_index is None or not self.written or (not self.is_ring and self.rows_alike))
         if not self.is_ring:
             start = self.length
             needed = start + num_new

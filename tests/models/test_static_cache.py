@@ -15,7 +15,7 @@ import torch
 from test_modeling_kvforge import build
 from torch._dynamo.utils import counters
 
-from kvforge.models.modeling_kvforge import KVForgeCache
+from kvforge.models.modeling_kvforge import KVForgeCache, SlotLayout
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -155,6 +155,34 @@ def test_a_reset_static_cache_generates_again_in_place():
         # the low-bit layers' rounding boundaries, as in test_static_generate_equals_dynamic_generate
         torch.testing.assert_close(again_logits, fresh_logits, rtol=1e-5, atol=3e-3)
     assert cache.get_seq_length() == 20  # 9 + 12 - 1: the last token is never fed back
+
+
+def test_a_reset_static_caches_prefill_without_padding_shares_one_mask_row(monkeypatch):
+    """The next generate() on a reset static cache, no padding: its prefill attends under one mask row for the batch
+    in every layout, rings included, whose cleared slots are empty in every row alike (per row, a window's mask
+    was [B, 1, 1, T, W + T]: at 128 x 16k SDPA asked 68 GiB for it); the tokens are a fresh cache's."""
+    plans = []
+    plan = SlotLayout.plan
+
+    def recorded(self, *args, **kwargs):
+        made = plan(self, *args, **kwargs)
+        plans.append((self.is_ring, made))
+        return made
+
+    monkeypatch.setattr(SlotLayout, "plan", recorded)
+    model = build([layer for layer in EVERY_METHOD if "cache_bits" not in layer])
+    ids = torch.randint(3, 100, (3, 9), generator=torch.Generator().manual_seed(4))
+    kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    cache = model.static_cache(9 + 6)
+    with torch.no_grad():
+        model.generate(ids, cache=cache, **kwargs)
+        cache.reset()
+        plans.clear()
+        again = model.generate(ids, cache=cache, **kwargs)
+        prefills = [(ring, p) for ring, p in plans if p.query_index.shape[1] > 1]
+        fresh = model.generate(ids, cache=model.static_cache(9 + 6), **kwargs)
+    assert any(ring for ring, _ in prefills) and all(p.mask.shape[0] == 1 for _, p in prefills)
+    assert torch.equal(again, fresh)
 
 
 def test_a_cropped_static_cache_decodes_where_a_dynamic_one_does():
