@@ -29,7 +29,7 @@ from kvforge.kernels import partial_rope_decode  # noqa: E402
 
 
 def compile_partial_kernel(*, bits: int, rank: int, rope_dim: int, half_products: bool = False,
-                           slot_rows: bool = True, rope_heads: int = 3, block_s: int = 64, num_warps: int = 4,
+                           int8_scores: bool = False, slot_rows: bool = True, rope_heads: int = 3, block_s: int = 64, num_warps: int = 4,
                            num_stages: int = 2, capability: int = 90):
     """The kernel as partial_rope_decode_attention launches it for bf16 queries over a bf16 (bits 16) or int8
     cache, integers specialised as Triton's launcher does (multiples of 16 marked so, the scales' slot stride of 1
@@ -39,7 +39,7 @@ def compile_partial_kernel(*, bits: int, rank: int, rope_dim: int, half_products
                      BLOCK_C=partial_rope_decode._next_power_of_2(rope_heads * rope_dim), BLOCK_S=block_s,
                      HAS_VALID=True, LENGTH_IN_MEMORY=False, SLOT_ROWS=slot_rows, PREFETCH_SLOTS=True,
                      HAS_SCALES=bits == 8, HALF_PRODUCTS=half_products and bits == 8,
-                     stride_lss=1, stride_rss=1)
+                     INT8_SCORES=int8_scores and half_products and bits == 8, stride_lss=1, stride_rss=1)
     cache = "*i8" if bits == 8 else "*bf16"
     pointers = dict(Q_LAT="*bf16", Q_ROPE="*bf16", LATENT=cache, K_ROPE=cache, VALID="*u8", LENGTH="*i32",
                     LATENT_SCALE="*bf16", ROPE_SCALE="*bf16", ACC="*fp32", MAX="*fp32", SUM="*fp32")
@@ -62,6 +62,10 @@ ROWS = [  # (label, settings)
     ("8-bit, Triton's conversion", dict(bits=8, rank=96, rope_dim=32)),
     ("8-bit, half_products, slot rows", dict(bits=8, rank=96, rope_dim=32, half_products=True)),
     ("8-bit, half_products, head rows", dict(bits=8, rank=96, rope_dim=32, half_products=True, slot_rows=False)),
+    ("8-bit, half_products, head rows, int8 rotary scores",
+     dict(bits=8, rank=96, rope_dim=32, half_products=True, slot_rows=False, int8_scores=True)),
+    ("8-bit, half_products, slot rows, int8 rotary scores",
+     dict(bits=8, rank=96, rope_dim=32, half_products=True, int8_scores=True)),
     ("bf16, rank 128 + 3 x 16", dict(bits=16, rank=128, rope_dim=16)),
 ]
 

@@ -92,15 +92,21 @@ if triton is not None:
 
     @triton.jit
     def _converted_tiles(LATENT, rope_base, row, offs_s, visible, offs_r, r_ok, col_ok, stride_lb, stride_ls,
-                         stride_krs, dtype: tl.constexpr, HALF_PRODUCTS: tl.constexpr):
-        """The latent and rotary-key tiles of slots offs_s in the products' dtype. Masked slots are never loaded
-        (nor their bytes moved: left padding, a ring's empty slots) and read as zero."""
+                         stride_krs, dtype: tl.constexpr, HALF_PRODUCTS: tl.constexpr, INT8_SCORES: tl.constexpr):
+        """The latent and rotary-key tiles of slots offs_s in the products' dtype (INT8_SCORES: the rotary keys as
+        stored, int8). Masked slots are never loaded (nor their bytes moved: left padding, a ring's empty slots)
+        and read as zero."""
         lat = tl.load(LATENT + row * stride_lb + offs_s[:, None] * stride_ls + offs_r[None, :],
                       mask=visible[:, None] & r_ok[None, :], other=0)
         rope = tl.load(rope_base + offs_s[:, None] * stride_krs, mask=visible[:, None] & col_ok[None, :], other=0)
-        if HALF_PRODUCTS:  # exact: |v| <= 127 within float16's 11 bits
-            return int8_to_halves(lat), int8_to_halves(rope)
-        return lat.to(dtype), rope.to(dtype)
+        # One return (Triton 3.6 refuses returns of different types, even under constexpr branches).
+        if INT8_SCORES:
+            lat = int8_to_halves(lat)
+        elif HALF_PRODUCTS:  # exact: |v| <= 127 within float16's 11 bits
+            lat, rope = int8_to_halves(lat), int8_to_halves(rope)
+        else:
+            lat, rope = lat.to(dtype), rope.to(dtype)
+        return lat, rope
 
     @triton.jit
     def _partial_rope_decode_kernel(
@@ -117,6 +123,7 @@ if triton is not None:
         scaling, ROPE_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
         BLOCK_S: tl.constexpr, HAS_VALID: tl.constexpr, LENGTH_IN_MEMORY: tl.constexpr, SLOT_ROWS: tl.constexpr,
         PREFETCH_SLOTS: tl.constexpr, HAS_SCALES: tl.constexpr, HALF_PRODUCTS: tl.constexpr,
+        INT8_SCORES: tl.constexpr,
     ):
         # SLOT_ROWS: every product with the tile's slots as its rows (scores [BLOCK_S, BLOCK_H], the accumulator
         # [BLOCK_R, BLOCK_H]), so each has 64+ rows for Hopper's warpgroup MMA rather than BLOCK_H (16) of them.
@@ -128,6 +135,9 @@ if triton is not None:
         # scale, read ahead of the tiles at 2 bytes a slot) and what it sums scaled back: in float16 (HALF_PRODUCTS,
         # float16 queries) a bf16 query past 65,504 would overflow, and at 32k slots most weights p x scale would
         # fall among the subnormals (5e-3 relative error in a float64 simulation, against bf16's 1.5e-3).
+        # INT8_SCORES (with HALF_PRODUCTS): the rotary score product in int8 x int8 -> int32 on the rotary keys' bytes
+        # as loaded (never converted), the rotary query rounded to int8 once by a scale per head (its largest
+        # |value| / 127), which with the slot's rotary scale multiplies what the product gives.
         head_block = tl.program_id(0)
         split = tl.program_id(1)
         row = tl.program_id(2).to(tl.int64)  # row * stride_lb passes 2^31 at B=256, C=32k, R=512
@@ -161,6 +171,11 @@ if triton is not None:
             q_lat = (q_lat.to(tl.float32) * lat_query_scale).to(dtype)
             q_rope = (q_rope.to(tl.float32) * rope_query_scale).to(dtype)
             lat_score_scale, rope_score_scale = 1.0 / lat_query_scale, 1.0 / rope_query_scale  # exact: 2^-k
+        if INT8_SCORES:  # replaces the rotary query's power-of-two scaling above (per head: one scale a row)
+            rope_steps = tl.maximum(tl.max(tl.abs(q_rope.to(tl.float32)), axis=1), 1e-30)  # [BLOCK_H], scaled
+            q_levels = q_rope.to(tl.float32) * (127.0 / rope_steps)[:, None]
+            q_rope = (q_levels + tl.where(q_levels >= 0, 0.5, -0.5)).to(tl.int32).to(tl.int8)  # rounded half away
+            rope_steps = rope_steps * rope_score_scale / 127.0  # exact 2^-k undoes the scaling by rope_query_scale
         running_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
         running_sum = tl.zeros([BLOCK_H], tl.float32)
         if SLOT_ROWS:
@@ -187,14 +202,18 @@ if triton is not None:
                 else:
                     visible = visible & (tl.load(valid_base + offs_s, mask=visible, other=0) != 0)
             lat, rope = _converted_tiles(LATENT, rope_base, row, offs_s, visible, offs_r, r_ok, col_ok, stride_lb,
-                                         stride_ls, stride_krs, dtype, HALF_PRODUCTS)
+                                         stride_ls, stride_krs, dtype, HALF_PRODUCTS, INT8_SCORES)
             if HAS_SCALES:
                 lat_scale = tl.load(LATENT_SCALE + row * stride_lsb + offs_s * stride_lss, mask=visible,
                                     other=0.0).to(tl.float32)
                 rope_scale = tl.load(ROPE_SCALE + row * stride_rsb + offs_s * stride_rss, mask=visible,
                                      other=0.0).to(tl.float32)
             if SLOT_ROWS:
-                if HAS_SCALES:
+                if INT8_SCORES:
+                    scores = (tl.dot(lat, q_lat) * (lat_scale * lat_score_scale)[:, None]
+                              + tl.dot(rope, q_rope, out_dtype=tl.int32).to(tl.float32)
+                              * rope_scale[:, None] * rope_steps[None, :])
+                elif HAS_SCALES:
                     scores = (tl.dot(lat, q_lat) * (lat_scale * lat_score_scale)[:, None]
                               + tl.dot(rope, q_rope) * (rope_scale * rope_score_scale)[:, None])  # [BLOCK_S, BLOCK_H]
                 else:
@@ -205,7 +224,11 @@ if triton is not None:
                     p = p * (lat_scale * weight_scale)[:, None]  # the running sum keeps the unscaled weights
                 acc = acc * alpha[None, :] + tl.dot(tl.trans(lat), p.to(dtype))  # the latent doubles as the value
             else:
-                if HAS_SCALES:
+                if INT8_SCORES:
+                    scores = (tl.dot(q_lat, tl.trans(lat)) * (lat_scale * lat_score_scale)[None, :]
+                              + tl.dot(q_rope, tl.trans(rope), out_dtype=tl.int32).to(tl.float32)
+                              * rope_steps[:, None] * rope_scale[None, :])
+                elif HAS_SCALES:
                     scores = (tl.dot(q_lat, tl.trans(lat)) * (lat_scale * lat_score_scale)[None, :]
                               + tl.dot(q_rope, tl.trans(rope)) * (rope_scale * rope_score_scale)[None, :])
                 else:
@@ -273,8 +296,12 @@ if triton is not None:
 #     (so that Triton feeds both products from shared memory): with slot rows an illegal memory access on the H200
 #     under Triton 3.6 (bf16 and 8-bit alike; correct in the interpreter), with head rows no faster. Removed.
 #   programs_per_sm None: three for an 8-bit cache with half_products (what an SM holds), four otherwise.
+#   int8_scores: with half_products, 1: the rotary score product in int8 on the rotary keys' bytes (never converted),
+#     the rotary query rounded to int8 by a scale per head; 0: in float16. The latent is converted either way (it
+#     doubles as the value). The GQA kernel's int8 scores (its keys never converted) were 14-19% faster (session 25).
+#     Not yet timed here.
 LAUNCH_DEFAULTS = dict(slot_rows=None, programs_per_sm=None, prefetch_slots=1, whole_waves=1, fused_values=1,
-                       half_products=1)
+                       half_products=1, int8_scores=0)
 
 
 def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_weight, v_weight, v_bias,
@@ -284,7 +311,7 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
                                   slot_rows: int | None = None, programs_per_sm: int | None = None,
                                   prefetch_slots: int | None = None, whole_waves: int | None = None,
                                   fused_values: int | None = None, half_products: int | None = None,
-                                  k_rope_scale: torch.Tensor | None = None,
+                                  int8_scores: int | None = None, k_rope_scale: torch.Tensor | None = None,
                                   kv_latent_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step of attention over a partial-RoPE joint-latent cache.
 
@@ -304,8 +331,8 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
         length: optional 1-element integer device tensor, 1 <= length <= C: slots past it are never read, so one
             CUDA graph serves every position.
         block_s, block_h, splits, num_warps, num_stages: tiling (defaults: see the module doc).
-        slot_rows, programs_per_sm, prefetch_slots, whole_waves, fused_values, half_products: launch
-            settings (LAUNCH_DEFAULTS says what each does and holds the ones not given).
+        slot_rows, programs_per_sm, prefetch_slots, whole_waves, fused_values, half_products, int8_scores:
+            launch settings (LAUNCH_DEFAULTS says what each does and holds the ones not given).
     Returns [B, K, G, Dv] in query_rope's dtype.
     Raises ValueError on shapes `fits` refuses or that disagree with one another.
     """
@@ -370,7 +397,8 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
     padded_heads = head_blocks * block_h
     settings = {name: LAUNCH_DEFAULTS[name] if given is None else given for name, given in
                 (("slot_rows", slot_rows), ("programs_per_sm", programs_per_sm), ("prefetch_slots", prefetch_slots),
-                 ("whole_waves", whole_waves), ("fused_values", fused_values), ("half_products", half_products))}
+                 ("whole_waves", whole_waves), ("fused_values", fused_values), ("half_products", half_products),
+                 ("int8_scores", int8_scores))}
     half_products = has_scales and query_rope.element_size() == 2 and bool(settings["half_products"])
     programs_per_sm = settings["programs_per_sm"] or (3 if half_products else 4)
     slot_rows = (not half_products) if settings["slot_rows"] is None else bool(settings["slot_rows"])
@@ -401,6 +429,7 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
         HAS_VALID=valid is not None, LENGTH_IN_MEMORY=length is not None,
         SLOT_ROWS=slot_rows, PREFETCH_SLOTS=bool(settings["prefetch_slots"]),
         HAS_SCALES=has_scales, HALF_PRODUCTS=half_products,
+        INT8_SCORES=half_products and bool(settings["int8_scores"]) and block_c >= 32,  # an int8 MMA's 32 columns
         num_warps=num_warps, num_stages=num_stages,
     )
     # U_v once per query head (sum_c p_c = 1: the bias passes through once).

@@ -98,8 +98,8 @@ KERNEL_SWEEP = [
     ("--block-h", "block_h", "bh", "query heads per program (the partial part only)"),
     ("--half-products", "half_products", "hp", "1: an 8-bit cache's tiles made float16 by byte permutes and every "
      "product in float16, 0: Triton's conversion to the queries' dtype (the partial and gqa parts only)"),
-    ("--int8-scores", "int8_scores", "is", "1: an 8-bit cache's score product in int8 on the keys' bytes, the query "
-     "rounded to int8 per head, 0: in float16 (the gqa part only)"),
+    ("--int8-scores", "int8_scores", "is", "1: an 8-bit cache's score product in int8 on the keys' bytes (the partial "
+     "part: the rotary keys'), the query rounded to int8 per head, 0: in float16 (the gqa and partial parts only)"),
 ]
 PARTIAL_ONLY = ("block_h", "half_products")
 BINARY_SETTINGS = {"prefetch", "prefetch_slots", "split_columns", "split_values", "slot_rows", "word_loads",
@@ -364,7 +364,7 @@ def partial_cache_bytes(batch: int, context: int, kv_rank: int, rope_dims: int, 
 
 # The KERNEL_SWEEP settings the partial-RoPE kernel takes.
 PARTIAL_SWEEP = ("programs_per_sm", "whole_waves", "block_s", "num_warps", "num_stages", "prefetch_slots",
-                 "slot_rows", "fused_values", *PARTIAL_ONLY)
+                 "slot_rows", "fused_values", "int8_scores", *PARTIAL_ONLY)
 PARTIAL_ARGS = ("query_rope", "query_nope", "k_rope", "kv_latent", "k_up", "v_up", "mask", "scaling")
 
 

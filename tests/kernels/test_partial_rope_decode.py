@@ -146,6 +146,22 @@ def test_an_8_bit_cache_is_read_as_stored(shape, dtype, tolerance, slot_rows, bl
 
 
 @pytest.mark.parametrize("slot_rows", [0, 1])
+@pytest.mark.parametrize("shape", [dict(rope_dim=16), dict(rope_heads=1, rope_dim=32, nope_dim=10, rank=40, slots=70)])
+def test_int8_rotary_scores_stay_within_the_query_rounding(shape, slot_rows):
+    """int8_scores: the rotary score product in int8 on the rotary keys' bytes, the rotary query rounded to int8 by
+    a scale per head; against float64 attention over the cache's values with the exact queries the error is that
+    rounding's (a scale on the wrong head or slot is O(1) off), with per-head rotary keys and one shared by all."""
+    c = case(**shape, dtype=torch.float16, seed=6)
+    (k_rope, k_rope_scale), (kv_latent, kv_latent_scale) = quantize_slots(c["k_rope"], 2), quantize_slots(
+        c["kv_latent"], 1)
+    expected = reference(dict(c, k_rope=k_rope.double() * k_rope_scale.double(),
+                              kv_latent=kv_latent.double() * kv_latent_scale.double()))
+    out = kernel(dict(c, k_rope=k_rope, kv_latent=kv_latent), block_s=16, splits=3, slot_rows=slot_rows,
+                 int8_scores=1, k_rope_scale=k_rope_scale, kv_latent_scale=kv_latent_scale)
+    assert relative_error(out, expected) < 1e-2
+
+
+@pytest.mark.parametrize("slot_rows", [0, 1])
 @pytest.mark.parametrize("query_factor, cache_factor", [(2.0 ** 18, 1.0), (1.0, 2.0 ** -18)])
 def test_an_8_bit_cache_keeps_its_float16_products_in_range(slot_rows, query_factor, cache_factor):
     """bf16 queries past float16's 65,504, or latents so small that every weight x scale falls among float16's
