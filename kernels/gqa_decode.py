@@ -189,7 +189,7 @@ def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.
         int8_scores: with half products, 1 (default): the score product in int8 on the keys' bytes, the query
             rounded to int8 by a scale per head (H200, session 25, 128-slot tiles: 14-19% faster, 43-56% of the
             copy bandwidth; on the CPU its error against unquantized attention 1.1-1.8% where the int8 cache's own
-            is 0.95-1.5%); 0: in float16 on keys made float16.
+            is 0.95-1.5%; head dims of 32 or more, an int8 MMA's depth); 0: in float16 on keys made float16.
         num_warps, num_stages: Triton's (default 4 and 2).
         programs_per_sm, whole_waves: the splits aim at that many programs per SM, and with whole_waves stay
             within it (latent_attention.slot_splits, as the other decode kernels); None: three per SM in whole
@@ -240,7 +240,8 @@ def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.
         Hkv, G, slots_per_split, scaling, slots,
         HEAD_DIM=D, COLS=cols, BLOCK_G=block_g, BLOCK_S=block_s,
         LENGTH_IN_MEMORY=length is not None, HAS_VALID=valid is not None, HAS_SCALES=has_scales,
-        HALF_PRODUCTS=half_products, INT8_SCORES=half_products and bool(int8_scores), PACKED=packed,
+        HALF_PRODUCTS=half_products, INT8_SCORES=half_products and bool(int8_scores) and D >= 32,  # an int8 MMA's K
+        PACKED=packed,
         num_warps=num_warps or 4, num_stages=num_stages or 2,
     )
     # Merge the splits in one kernel (was nine PyTorch ops per layer): out = sum_s e^(m_s - M) acc_s /
