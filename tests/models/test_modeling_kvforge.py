@@ -408,13 +408,8 @@ def test_chunked_prefill_and_decode_match_one_pass():
     assert (chunked[real] - full[real]).abs().max() <= TOL
 
 
-@pytest.mark.parametrize("method", ["combined", "int8", "int4"])
-@pytest.mark.parametrize("static", [False, True])
-def test_chunked_prefill_without_padding_shares_one_mask_row_and_matches_one_pass(method, static, monkeypatch):
-    """Chunks of a prompt with no padding: every later chunk of a global layout attends under one mask row for the
-    batch ([1, 1, 1, T, S], not [B, ...]: 128 MiB per row for 4,096 new tokens over 32k), offset so that chunk
-    token t sees the cache and its own first t tokens (SDPA's is_causal would align the corner top left), and the
-    logits are one forward's; with padding the rows keep their own masks."""
+def record_plans(monkeypatch) -> list:
+    """Patches SlotLayout.plan to record (is_ring, plan) for every plan made from then on."""
     plans = []
     plan = SlotLayout.plan
 
@@ -424,6 +419,17 @@ def test_chunked_prefill_without_padding_shares_one_mask_row_and_matches_one_pas
         return made
 
     monkeypatch.setattr(SlotLayout, "plan", recorded)
+    return plans
+
+
+@pytest.mark.parametrize("method", ["combined", "int8", "int4"])
+@pytest.mark.parametrize("static", [False, True])
+def test_chunked_prefill_without_padding_shares_one_mask_row_and_matches_one_pass(method, static, monkeypatch):
+    """Chunks of a prompt with no padding: every later chunk of a global layout attends under one mask row for the
+    batch ([1, 1, 1, T, S], not [B, ...]: 128 MiB per row for 4,096 new tokens over 32k), offset so that chunk
+    token t sees the cache and its own first t tokens (SDPA's is_causal would align the corner top left), and the
+    logits are one forward's; with padding the rows keep their own masks."""
+    plans = record_plans(monkeypatch)
     model = build(METHODS[method])
     ids = torch.randint(1, 128, (3, 16), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():

@@ -12,10 +12,10 @@ import contextlib
 
 import pytest
 import torch
-from test_modeling_kvforge import build
+from test_modeling_kvforge import build, record_plans
 from torch._dynamo.utils import counters
 
-from kvforge.models.modeling_kvforge import KVForgeCache, SlotLayout
+from kvforge.models.modeling_kvforge import KVForgeCache
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -161,15 +161,7 @@ def test_a_reset_static_caches_prefill_without_padding_shares_one_mask_row(monke
     """The next generate() on a reset static cache, no padding: its prefill attends under one mask row for the batch
     in every layout, rings included, whose cleared slots are empty in every row alike (per row, a window's mask
     was [B, 1, 1, T, W + T]: at 128 x 16k SDPA asked 68 GiB for it); the tokens are a fresh cache's."""
-    plans = []
-    plan = SlotLayout.plan
-
-    def recorded(self, *args, **kwargs):
-        made = plan(self, *args, **kwargs)
-        plans.append((self.is_ring, made))
-        return made
-
-    monkeypatch.setattr(SlotLayout, "plan", recorded)
+    plans = record_plans(monkeypatch)
     model = build([layer for layer in EVERY_METHOD if "cache_bits" not in layer])
     ids = torch.randint(3, 100, (3, 9), generator=torch.Generator().manual_seed(4))
     kwargs = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0)
