@@ -171,8 +171,8 @@ def _kv(reference: Callable) -> Callable:
                                        valid=_valid_bytes(mask), k_scale=k_scale, v_scale=v_scale)
             return out[:, :, :, None], None
 
-        # Measured (H200, session 25): 1.5-2.3x kvforge's PyTorch path per layer over a bf16 cache (whose SDPA call
-        # takes the decode mask), 8-15x over an 8-bit one and 18-20x over a 4-bit one, which PyTorch dequantizes
+        # Measured (H200, session 25): 1.8-2.4x kvforge's PyTorch path per layer over a bf16 cache (whose SDPA call
+        # takes the decode mask), 14-17x over an 8-bit one and 18-20x over a 4-bit one, which PyTorch dequantizes
         # whole; a compiled generate() step of the original layout 5.6 ms against 13.2 (B=128 x 4k).
         if not (use_triton(query) and fits):
             return pytorch()

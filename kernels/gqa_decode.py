@@ -209,7 +209,7 @@ def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.
     # 128-slot tiles: 64-slot ones bring too few bytes an iteration (H200, 64 x 4k to 128 x 16k: 8-bit caches
     # 1.3-1.4x faster in session 24, 4-bit 1.5-1.6x and bf16 1.1-1.2x in session 25). A 16-bit cache's splits fill
     # whole waves of three programs per SM (session 25: 81-98% of the copy bandwidth, against 67-90% at 1,024
-    # programs); a low-bit cache's keep 1,024 programs (three per SM were 10-25% slower for 8 bits).
+    # programs); a low-bit cache's keep 1,024 programs (three per SM were 7-23% slower for 8 bits).
     block_s = block_s or 128
     if programs_per_sm is None and keys.element_size() == 2:
         programs_per_sm, whole_waves = 3, 1
