@@ -15,7 +15,7 @@ A 4-bit cache is read as its bytes, each tile's even and odd dims as two tiles (
 copy bandwidth on its bytes, about the bf16 cache's time). An 8-bit cache (int8 keys and values, a scale per slot
 each) is read as stored: the score product in int8 on the keys' bytes (int8_scores), the value tiles made float16
 where they are loaded and that product in float16 (half_products; H200, session 25, 128-slot tiles: 43-56% of the
-copy bandwidth on its bytes, 0.87-0.94x the bf16 cache's time, which reads at 81-98%; Triton's own conversion took
+copy bandwidth on its bytes, 0.85-0.94x the bf16 cache's time, which reads at 81-98%; Triton's own conversion took
 twice the bf16 cache's time).
 
 Imports triton inside `try`: without it `available()` says False and the caller keeps its PyTorch path.
