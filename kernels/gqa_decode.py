@@ -32,7 +32,7 @@ try:
     import triton.language as tl
 
     # the steps decode kernels share, and flash-decoding's second stage
-    from .latent_attention import (dequantized_tile, int8_to_halves, largest_scale, merge_splits,
+    from .latent_attention import (dequantized_tile, int8_rows, int8_to_halves, largest_scale, merge_splits,
                                    online_softmax_tile, power_of_two_under, slot_splits, split_slots, unpacked_tiles)
 except ImportError:  # CPU-only install
     triton = None
@@ -90,9 +90,7 @@ if triton is not None:
         k_base = K + b * stride_kb + h * stride_kh
         v_base = V + b * stride_vb + h * stride_vh
         if INT8_SCORES:
-            q_steps = tl.maximum(tl.max(tl.abs(q.to(tl.float32)), axis=1), 1e-30) / 127.0  # [BLOCK_G]
-            q_levels = q.to(tl.float32) / q_steps[:, None]
-            q = (q_levels + tl.where(q_levels >= 0, 0.5, -0.5)).to(tl.int32).to(tl.int8)  # rounded half away
+            q, q_steps = int8_rows(q.to(tl.float32))  # q_steps [BLOCK_G]
             q_steps = q_steps * scaling
         if HALF_PRODUCTS:
             if not INT8_SCORES:

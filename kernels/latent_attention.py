@@ -82,6 +82,15 @@ if triton is not None:
         return tl.exp2(14.0 - tl.ceil(tl.log2(tl.maximum(largest, 1e-30))))
 
     @triton.jit
+    def int8_rows(x):
+        """x [M, N] float32 -> its rows rounded to int8 (half away from zero) by one step a row, the row's largest
+        |value| / 127, and those steps [M] (an all-zero row: zeros, and a step of 1e-30 / 127). A decode kernel's
+        query for an int8 x int8 -> int32 score product over an int8 cache's bytes."""
+        largest = tl.maximum(tl.max(tl.abs(x), axis=1), 1e-30)
+        levels = x * (127.0 / largest)[:, None]
+        return (levels + tl.where(levels >= 0, 0.5, -0.5)).to(tl.int32).to(tl.int8), largest / 127.0
+
+    @triton.jit
     def largest_scale(SCALES, stride, start, end):
         """The largest of an 8-bit cache's per-slot scales SCALES[s * stride] over slots [start, end) (a split's),
         read ahead of its tiles 1,024 at a time: 2 bytes a slot."""

@@ -48,7 +48,7 @@ try:
     import triton.language as tl
 
     # flash-decoding's second stage (same [B, splits, H, R] layout) and the steps the decode kernels share
-    from .latent_attention import (int8_to_halves, largest_scale, merged_values, online_softmax_slot_rows,
+    from .latent_attention import (int8_rows, int8_to_halves, largest_scale, merged_values, online_softmax_slot_rows,
                                    online_softmax_tile, power_of_two_under, split_slots)
 except ImportError:  # CPU-only install: the PyTorch reference serves
     triton = None
@@ -171,11 +171,9 @@ if triton is not None:
             q_lat = (q_lat.to(tl.float32) * lat_query_scale).to(dtype)
             q_rope = (q_rope.to(tl.float32) * rope_query_scale).to(dtype)
             lat_score_scale, rope_score_scale = 1.0 / lat_query_scale, 1.0 / rope_query_scale  # exact: 2^-k
-        if INT8_SCORES:  # replaces the rotary query's power-of-two scaling above (per head: one scale a row)
-            rope_steps = tl.maximum(tl.max(tl.abs(q_rope.to(tl.float32)), axis=1), 1e-30)  # [BLOCK_H], scaled
-            q_levels = q_rope.to(tl.float32) * (127.0 / rope_steps)[:, None]
-            q_rope = (q_levels + tl.where(q_levels >= 0, 0.5, -0.5)).to(tl.int32).to(tl.int8)  # rounded half away
-            rope_steps = rope_steps * rope_score_scale / 127.0  # exact 2^-k undoes the scaling by rope_query_scale
+        if INT8_SCORES:  # the rotary query, as scaled above, in int8 by a step per head
+            q_rope, rope_steps = int8_rows(q_rope.to(tl.float32))  # rope_steps [BLOCK_H]
+            rope_steps = rope_steps * rope_score_scale  # exact 2^-k undoes the scaling by rope_query_scale
         running_max = tl.full([BLOCK_H], float("-inf"), tl.float32)
         running_sum = tl.zeros([BLOCK_H], tl.float32)
         if SLOT_ROWS:
