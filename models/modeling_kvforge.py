@@ -380,7 +380,7 @@ class SlotLayout:
         # over 32k), and on a cleared static ring (a kept cache's next generate(): every slot empty in every row,
         # where a per-row mask was [B, 1, 1, T, W + T], 68 GiB at 128 x 16k as SDPA's bf16 bias).
         shared = no_padding and num_new > 1 and (
-            self.token_index is None or not self.written or (not self.is_ring and self.rows_alike))
+            not self.written or (not self.is_ring and self.rows_alike))
         if not self.is_ring:
             start = self.length
             needed = start + num_new
