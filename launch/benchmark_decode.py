@@ -450,9 +450,9 @@ def run_partial_rope_kernel_part(args, copy_bandwidth: float, device="cuda", tim
     return rows, error
 
 
-# The KERNEL_SWEEP settings the GQA kernel takes (half_products last: an 8-bit cache's only).
+# The KERNEL_SWEEP settings the GQA kernel takes, and those only its low-bit cache's columns take.
 GQA_SWEEP = ("programs_per_sm", "whole_waves", "block_s", "num_warps", "num_stages")
-GQA_LOW_BIT_SWEEP = ("half_products", "int8_scores")  # the low-bit cache's columns only
+GQA_LOW_BIT_SWEEP = ("half_products", "int8_scores")
 
 
 def run_gqa_kernel_part(args, copy_bandwidth: float, device="cuda", timings=cuda_timings, dtype=torch.bfloat16):
@@ -490,13 +490,15 @@ def run_gqa_kernel_part(args, copy_bandwidth: float, device="cuda", timings=cuda
         return gqa_decode_attention(c["query"], c["k_q"], c["v_q"], None, dim ** -0.5, valid=c["valid"],
                                     k_scale=c["k_scale"], v_scale=c["v_scale"], **settings)
 
-    def torch_kv(c, bits):  # what KVFORGE_KERNELS=off runs for a dense / merged-heads / window layer's decode step
-        query, mask = c["query"][:, :, :, None], c["valid"][:, None, None, None, :]
-        if bits == 16:
-            out, _ = kv_attention(query, c["keys"], c["values"], mask, dim ** -0.5, use_sdpa=True)
-        else:
-            out, _ = kv_attention(query, c["k_q"], c["v_q"], mask, dim ** -0.5, use_sdpa=True,
-                                  k_scale=c["k_scale"], v_scale=c["v_scale"])
+    def torch_kv(c, bits, exact=False):
+        """modeling_kvforge.kv_attention over the cache of `bits`: what KVFORGE_KERNELS=off runs for a dense /
+        merged-heads / window layer's decode step (SDPA), or with `exact` its explicit softmax in float64 over the
+        values the cache holds (the reference)."""
+        cast = torch.Tensor.double if exact else (lambda t: t)
+        query, mask = cast(c["query"])[:, :, :, None], c["valid"][:, None, None, None, :]
+        cache = (dict(key=cast(c["keys"]), value=cast(c["values"])) if bits == 16 else
+                 dict(key=c["k_q"], value=c["v_q"], k_scale=cast(c["k_scale"]), v_scale=cast(c["v_scale"])))
+        out, _ = kv_attention(query, mask=mask, scaling=dim ** -0.5, use_sdpa=not exact, **cache)
         return out[:, :, :, 0]
 
     # kvforge's PyTorch path over each cache, then the kernel over the bf16 cache and the low-bit one, per
@@ -508,20 +510,12 @@ def run_gqa_kernel_part(args, copy_bandwidth: float, device="cuda", timings=cuda
                  functools.partial(gqa, bits=bits, settings=settings))
                 for bits, label in ((16, "bf16"), (low_bits, low_label))
                 for name, settings in kernel_columns(args, GQA_SWEEP + (GQA_LOW_BIT_SWEEP if bits < 16 else ()))]
-    def reference(c, bits):  # modeling_kvforge's attention in float64 over the values each cache holds
-        query, mask = c["query"].double()[:, :, :, None], c["valid"][:, None, None, None, :]
-        if bits == 16:
-            out, _ = kv_attention(query, c["keys"].double(), c["values"].double(), mask, dim ** -0.5)
-        else:
-            out, _ = kv_attention(query, c["k_q"], c["v_q"], mask, dim ** -0.5, k_scale=c["k_scale"].double(),
-                                  v_scale=c["v_scale"].double())
-        return out[:, :, :, 0]
 
     small_batch, small_context = (4, 3000) if device == "cuda" else (2, 100)
     small = case(small_batch, small_context, seed=1)
     error = 0.0
     with torch.no_grad():
-        references = {bits: reference(small, bits) for bits in (16, low_bits)}
+        references = {bits: torch_kv(small, bits, exact=True) for bits in (16, low_bits)}
         for name, bits, fn in columns:
             ref = references[bits]
             error = max(error, ((fn(small).double() - ref).norm() / ref.norm()).item())
