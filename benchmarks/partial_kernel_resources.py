@@ -29,8 +29,8 @@ from kvforge.kernels import partial_rope_decode  # noqa: E402
 
 
 def compile_partial_kernel(*, bits: int, rank: int, rope_dim: int, half_products: bool = False,
-                           int8_scores: bool = False, slot_rows: bool = True, rope_heads: int = 3, block_s: int = 64, num_warps: int = 4,
-                           num_stages: int = 2, capability: int = 90):
+                           int8_scores: bool = False, slot_rows: bool = True, rope_heads: int = 3, block_s: int = 64,
+                           num_warps: int = 4, num_stages: int = 2, capability: int = 90):
     """The kernel as partial_rope_decode_attention launches it for bf16 queries over a bf16 (bits 16) or int8
     cache, integers specialised as Triton's launcher does (multiples of 16 marked so, the scales' slot stride of 1
     a constant)."""

@@ -89,10 +89,10 @@ def test_an_8_bit_cache_beside_16_bit_queries_keeps_its_products_in_range(query_
 
 @pytest.mark.parametrize("query_factor", [1.0, 2.0 ** 18])
 def test_int8_scores_over_an_8_bit_cache_stay_within_the_query_rounding(query_factor):
-    """int8_scores (the default with 16-bit queries): the score product in int8 on the keys' bytes, the query rounded to int8 by a scale per query
-    head. Against float64 attention over the cache's values with the exact query, the error is the query's rounding
-    (under 1%; a wrong scale, head or slot is off by O(1)); with a padded head (G = 3 of 16 rows) and a large query
-    (2^18: no float16 step sees it)."""
+    """int8_scores (the default with 16-bit queries): the score product in int8 on the keys' bytes, the query rounded
+    to int8 by a scale per query head. Against float64 attention over the cache's values with the exact query, the
+    error is the query's rounding (under 1%; a wrong scale, head or slot is off by O(1)); with a padded head (G = 3
+    of 16 rows) and a large query (2^18: no float16 step sees it)."""
     from kvforge.models.modeling_kvforge import quantize_slots
 
     torch.manual_seed(7)
