@@ -188,7 +188,7 @@ def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.
             rounded to int8 by a scale per head (H200, session 25, 128-slot tiles: 14-19% faster, 43-56% of the
             copy bandwidth; on the CPU its error against unquantized attention 1.1-1.8% where the int8 cache's own
             is 0.95-1.5%; head dims of 32 or more, an int8 MMA's depth); 0: in float16 on keys made float16.
-        num_warps, num_stages: Triton's (default 4 and 2).
+        num_warps, num_stages: Triton's (default 4, and 3 stages for a 16-bit cache, 2 for a low-bit one).
         programs_per_sm, whole_waves: the splits aim at that many programs per SM, and with whole_waves stay
             within it (latent_attention.slot_splits, as the other decode kernels); None: three per SM in whole
             waves for a 16-bit cache, `decode_splits`' 1,024 programs for a low-bit one.
@@ -207,10 +207,13 @@ def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.
     # 128-slot tiles: 64-slot ones bring too few bytes an iteration (H200, 64 x 4k to 128 x 16k: 8-bit caches
     # 1.3-1.4x faster in session 24, 4-bit 1.5-1.6x and bf16 1.1-1.2x in session 25). A 16-bit cache's splits fill
     # whole waves of three programs per SM (session 25: 81-98% of the copy bandwidth, against 67-90% at 1,024
-    # programs); a low-bit cache's keep 1,024 programs (three per SM were 7-23% slower for 8 bits).
+    # programs); a low-bit cache's keep 1,024 programs (three per SM were 7-23% slower for 8 bits). Three pipeline
+    # stages for a 16-bit cache (session 26: 2-5% faster at all four shapes, 92-101% of copy; 8 bits: 4-19% slower).
     block_s = block_s or 128
-    if programs_per_sm is None and keys.element_size() == 2:
-        programs_per_sm, whole_waves = 3, 1
+    if keys.element_size() == 2:
+        num_stages = num_stages or 3
+        if programs_per_sm is None:
+            programs_per_sm, whole_waves = 3, 1
     if not splits:
         splits = (decode_splits(B * Hkv, slots, block_s) if programs_per_sm is None else
                   slot_splits(B * Hkv, slots, block_s, query.device, programs_per_sm, bool(whole_waves)))

@@ -296,10 +296,11 @@ if triton is not None:
 #   programs_per_sm None: three for an 8-bit cache with half_products (what an SM holds), four otherwise.
 #   int8_scores: with half_products, 1: the rotary score product in int8 on the rotary keys' bytes (never converted),
 #     the rotary query rounded to int8 by a scale per head; 0: in float16. The latent is converted either way (it
-#     doubles as the value). The GQA kernel's int8 scores (its keys never converted) were 14-19% faster (session 25).
-#     Not yet timed here.
+#     doubles as the value). H200, session 26, the layout above at its defaults: 13-17% faster at Kr = 3 at all four
+#     shapes from 64 x 4k to 128 x 16k (128 x 16k 308.9 -> 258.0 us, 38% of the copy bandwidth; 128 x 4k
+#     91.9 -> 78.8; 64 x 4k 54.7 -> 47.6), the same at Kr = 1 (0-2% faster: one rotary head is a small product).
 LAUNCH_DEFAULTS = dict(slot_rows=None, programs_per_sm=None, prefetch_slots=1, whole_waves=1, fused_values=1,
-                       half_products=1, int8_scores=0)
+                       half_products=1, int8_scores=1)
 
 
 def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_weight, v_weight, v_bias,
