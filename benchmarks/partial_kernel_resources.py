@@ -29,15 +29,20 @@ from kvforge.kernels import partial_rope_decode  # noqa: E402
 
 
 def compile_partial_kernel(*, bits: int, rank: int, rope_dim: int, half_products: bool = False,
-                           int8_scores: bool = False, slot_rows: bool = True, rope_heads: int = 3, block_s: int = 64,
+                           int8_scores: bool = False, split_columns: bool = False, prefetch_scales: bool = False,
+                           slot_rows: bool = True,
+                           rope_heads: int = 3, block_s: int = 64,
                            num_warps: int = 4, num_stages: int = 2, capability: int = 90):
     """The kernel as partial_rope_decode_attention launches it for bf16 queries over a bf16 (bits 16) or int8
     cache, integers specialised as Triton's launcher does (multiples of 16 marked so, the scales' slot stride of 1
     a constant)."""
     fn = partial_rope_decode._partial_rope_decode_kernel
-    constants = dict(ROPE_DIM=rope_dim, BLOCK_H=16, BLOCK_R=partial_rope_decode._next_power_of_2(rank),
+    block_r, block_r2 = partial_rope_decode.tile_widths(rank, split_columns)
+    constants = dict(ROPE_DIM=rope_dim, BLOCK_H=16, BLOCK_R=block_r, BLOCK_R2=block_r2,
+                     ACC_WIDTH=partial_rope_decode._next_power_of_2(rank),
                      BLOCK_C=partial_rope_decode._next_power_of_2(rope_heads * rope_dim), BLOCK_S=block_s,
                      HAS_VALID=True, LENGTH_IN_MEMORY=False, SLOT_ROWS=slot_rows, PREFETCH_SLOTS=True,
+                     PREFETCH_SCALES=prefetch_scales,
                      HAS_SCALES=bits == 8, HALF_PRODUCTS=half_products and bits == 8,
                      INT8_SCORES=int8_scores and half_products and bits == 8, stride_lss=1, stride_rss=1)
     cache = "*i8" if bits == 8 else "*bf16"
@@ -66,6 +71,10 @@ ROWS = [  # (label, settings)
      dict(bits=8, rank=96, rope_dim=32, half_products=True, slot_rows=False, int8_scores=True)),
     ("8-bit, half_products, slot rows, int8 rotary scores",
      dict(bits=8, rank=96, rope_dim=32, half_products=True, int8_scores=True)),
+    ("8-bit, half_products, head rows, int8 rotary scores, split columns (64 + 32)",
+     dict(bits=8, rank=96, rope_dim=32, half_products=True, slot_rows=False, int8_scores=True, split_columns=True)),
+    ("8-bit, the same, scales a tile ahead", dict(bits=8, rank=96, rope_dim=32, half_products=True, slot_rows=False,
+                                                  int8_scores=True, split_columns=True, prefetch_scales=True)),
     ("bf16, rank 128 + 3 x 16", dict(bits=16, rank=128, rope_dim=16)),
 ]
 

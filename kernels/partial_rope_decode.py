@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import torch
 
-from .latent_attention import available, slot_splits
+from .latent_attention import available, slot_splits, tile_widths
 
 try:
     import triton
@@ -91,28 +91,37 @@ def fits(heads: int, kv_heads: int, rope_heads: int, rank: int, rope_dim: int, b
 if triton is not None:
 
     @triton.jit
-    def _converted_tiles(LATENT, rope_base, row, offs_s, visible, offs_r, r_ok, col_ok, stride_lb, stride_ls,
-                         stride_krs, dtype: tl.constexpr, HALF_PRODUCTS: tl.constexpr, INT8_SCORES: tl.constexpr):
-        """The latent and rotary-key tiles of slots offs_s in the products' dtype (INT8_SCORES: the rotary keys as
-        stored, int8). Masked slots are never loaded (nor their bytes moved: left padding, a ring's empty slots)
-        and read as zero."""
+    def _latent_tile(LATENT, row, offs_s, visible, offs_r, r_ok, stride_lb, stride_ls, dtype: tl.constexpr,
+                     HALF_PRODUCTS: tl.constexpr):
+        """The latent tile of slots offs_s and columns offs_r in the products' dtype. Masked slots and columns are
+        never loaded (nor their bytes moved: left padding, a ring's empty slots) and read as zero."""
         lat = tl.load(LATENT + row * stride_lb + offs_s[:, None] * stride_ls + offs_r[None, :],
                       mask=visible[:, None] & r_ok[None, :], other=0)
-        rope = tl.load(rope_base + offs_s[:, None] * stride_krs, mask=visible[:, None] & col_ok[None, :], other=0)
         # One return (Triton 3.6 refuses returns of different types, even under constexpr branches).
-        if INT8_SCORES:
+        if HALF_PRODUCTS:  # exact: |v| <= 127 within float16's 11 bits
             lat = int8_to_halves(lat)
-        elif HALF_PRODUCTS:  # exact: |v| <= 127 within float16's 11 bits
-            lat, rope = int8_to_halves(lat), int8_to_halves(rope)
         else:
-            lat, rope = lat.to(dtype), rope.to(dtype)
-        return lat, rope
+            lat = lat.to(dtype)
+        return lat
+
+    @triton.jit
+    def _rope_tile(rope_base, offs_s, visible, col_ok, stride_krs, dtype: tl.constexpr, HALF_PRODUCTS: tl.constexpr,
+                   INT8_SCORES: tl.constexpr):
+        """The rotary keys' tile of slots offs_s in the products' dtype, or as stored (int8) for INT8_SCORES."""
+        rope = tl.load(rope_base + offs_s[:, None] * stride_krs, mask=visible[:, None] & col_ok[None, :], other=0)
+        if INT8_SCORES:
+            rope = rope
+        elif HALF_PRODUCTS:
+            rope = int8_to_halves(rope)
+        else:
+            rope = rope.to(dtype)
+        return rope
 
     @triton.jit
     def _partial_rope_decode_kernel(
         Q_LAT, Q_ROPE, LATENT, K_ROPE, VALID, LENGTH,  # inputs
         LATENT_SCALE, ROPE_SCALE,  # an 8-bit cache's scales (HAS_SCALES): [B, C, 1] and [B, 1, C, 1]; else unused
-        ACC, MAX, SUM,  # outputs, per split: acc [B, splits, H_pad, BLOCK_R], max / sum [B, splits, H_pad]
+        ACC, MAX, SUM,  # outputs, per split: acc [B, splits, H_pad, ACC_WIDTH], max / sum [B, splits, H_pad]
         stride_qlb, stride_qlk, stride_qlg,  # q_lat [K, B, G, R] (KV head first, as its GEMM leaves it), R contiguous
         stride_qrb, stride_qrh,  # q_rope [B, H, Dr], Dr contiguous
         stride_lb, stride_ls,  # latent [B, C, R], R contiguous
@@ -120,13 +129,17 @@ if triton is not None:
         stride_valid_b,  # valid [B or 1, C] (uint8), slots contiguous; 0 for one row shared by all
         stride_lsb, stride_lss, stride_rsb, stride_rss,  # the scales' row and slot strides
         slots, heads, group, rank, rope_group, rope_heads, block_rope_heads, padded_heads, slots_per_split, splits,
-        scaling, ROPE_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+        scaling, ROPE_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_R2: tl.constexpr,
+        ACC_WIDTH: tl.constexpr, BLOCK_C: tl.constexpr,
         BLOCK_S: tl.constexpr, HAS_VALID: tl.constexpr, LENGTH_IN_MEMORY: tl.constexpr, SLOT_ROWS: tl.constexpr,
-        PREFETCH_SLOTS: tl.constexpr, HAS_SCALES: tl.constexpr, HALF_PRODUCTS: tl.constexpr,
-        INT8_SCORES: tl.constexpr,
+        PREFETCH_SLOTS: tl.constexpr, PREFETCH_SCALES: tl.constexpr, HAS_SCALES: tl.constexpr,
+        HALF_PRODUCTS: tl.constexpr, INT8_SCORES: tl.constexpr,
     ):
         # SLOT_ROWS: every product with the tile's slots as its rows (scores [BLOCK_S, BLOCK_H], the accumulator
         # [BLOCK_R, BLOCK_H]), so each has 64+ rows for Hopper's warpgroup MMA rather than BLOCK_H (16) of them.
+        # BLOCK_R2 > 0 (split_columns): the latent's columns as two power-of-two tiles, BLOCK_R then BLOCK_R2 more,
+        # where one tile would be padded (a rank of 96 as 64 + 32, not 128): every per-column step of a tile (its
+        # conversion, both products, the accumulator's rescaling) on a quarter fewer columns, for twice the dots.
         # HAS_SCALES (an 8-bit cache): the int8 latent and rotary keys enter the products in the queries' dtype
         # (exact: |v| <= 127), and each slot's scales multiply what the products give rather than the tiles: its
         # latent scale its latent score and its weight in the value sum ((s c) q = s (c q)), its rotary scale its
@@ -154,9 +167,13 @@ if triton is not None:
         # Padding columns, and rope heads of no query head in this block, are never loaded.
         col_ok = (offs_c // ROPE_DIM < block_rope_heads) & (col_head < rope_heads)
 
-        q_lat = tl.load(Q_LAT + row * stride_qlb + (offs_h // group)[:, None] * stride_qlk
-                        + (offs_h % group)[:, None] * stride_qlg + offs_r[None, :],
-                        mask=h_ok[:, None] & r_ok[None, :], other=0.0)
+        q_lat_rows = (Q_LAT + row * stride_qlb + (offs_h // group)[:, None] * stride_qlk
+                      + (offs_h % group)[:, None] * stride_qlg)
+        q_lat = tl.load(q_lat_rows + offs_r[None, :], mask=h_ok[:, None] & r_ok[None, :], other=0.0)
+        if BLOCK_R2 > 0:
+            offs_r2 = BLOCK_R + tl.arange(0, BLOCK_R2)
+            r2_ok = offs_r2 < rank
+            q_lat2 = tl.load(q_lat_rows + offs_r2[None, :], mask=h_ok[:, None] & r2_ok[None, :], other=0.0)
         # Block-diagonal rotary query [BLOCK_H, BLOCK_C]: head h fills only its rope head's Dr columns.
         own = (col_head[None, :] == (offs_h // rope_group)[:, None]) & h_ok[:, None] & col_ok[None, :]
         q_rope = tl.load(Q_ROPE + row * stride_qrb + offs_h[:, None] * stride_qrh + col_dim[None, :], mask=own,
@@ -166,9 +183,14 @@ if triton is not None:
         if HALF_PRODUCTS:  # int8 tiles made float16 by int8_to_halves, beside 16-bit queries
             dtype = tl.float16
         if HAS_SCALES:
-            lat_query_scale = power_of_two_under(tl.max(tl.abs(q_lat.to(tl.float32))))
+            largest_lat = tl.max(tl.abs(q_lat.to(tl.float32)))
+            if BLOCK_R2 > 0:
+                largest_lat = tl.maximum(largest_lat, tl.max(tl.abs(q_lat2.to(tl.float32))))
+            lat_query_scale = power_of_two_under(largest_lat)
             rope_query_scale = power_of_two_under(tl.max(tl.abs(q_rope.to(tl.float32))))
             q_lat = (q_lat.to(tl.float32) * lat_query_scale).to(dtype)
+            if BLOCK_R2 > 0:
+                q_lat2 = (q_lat2.to(tl.float32) * lat_query_scale).to(dtype)
             q_rope = (q_rope.to(tl.float32) * rope_query_scale).to(dtype)
             lat_score_scale, rope_score_scale = 1.0 / lat_query_scale, 1.0 / rope_query_scale  # exact: 2^-k
         if INT8_SCORES:  # the rotary query, as scaled above, in int8 by a step per head
@@ -179,16 +201,27 @@ if triton is not None:
         if SLOT_ROWS:
             acc = tl.zeros([BLOCK_R, BLOCK_H], tl.float32)
             q_lat, q_rope = tl.trans(q_lat), tl.trans(q_rope)
+            if BLOCK_R2 > 0:
+                acc2 = tl.zeros([BLOCK_R2, BLOCK_H], tl.float32)
+                q_lat2 = tl.trans(q_lat2)
         else:
             acc = tl.zeros([BLOCK_H, BLOCK_R], tl.float32)
+            if BLOCK_R2 > 0:
+                acc2 = tl.zeros([BLOCK_H, BLOCK_R2], tl.float32)
 
         start, end = split_slots(LENGTH, slots, split, slots_per_split, LENGTH_IN_MEMORY)
         valid_base = VALID + row * stride_valid_b
         if HAS_VALID and PREFETCH_SLOTS:
             ahead = start + tl.arange(0, BLOCK_S)
             next_valid = tl.load(valid_base + ahead, mask=ahead < end, other=0)
+        lat_scales = LATENT_SCALE + row * stride_lsb
+        rope_scales = ROPE_SCALE + row * stride_rsb
         if HAS_SCALES:
-            weight_scale = power_of_two_under(largest_scale(LATENT_SCALE + row * stride_lsb, stride_lss, start, end))
+            weight_scale = power_of_two_under(largest_scale(lat_scales, stride_lss, start, end))
+            if PREFETCH_SCALES:
+                ahead = start + tl.arange(0, BLOCK_S)
+                next_lat_scale = tl.load(lat_scales + ahead * stride_lss, mask=ahead < end, other=0.0)
+                next_rope_scale = tl.load(rope_scales + ahead * stride_rss, mask=ahead < end, other=0.0)
         for tile in range(start, end, BLOCK_S):
             offs_s = tile + tl.arange(0, BLOCK_S)
             visible = offs_s < end
@@ -199,51 +232,79 @@ if triton is not None:
                     next_valid = tl.load(valid_base + ahead, mask=ahead < end, other=0)
                 else:
                     visible = visible & (tl.load(valid_base + offs_s, mask=visible, other=0) != 0)
-            lat, rope = _converted_tiles(LATENT, rope_base, row, offs_s, visible, offs_r, r_ok, col_ok, stride_lb,
-                                         stride_ls, stride_krs, dtype, HALF_PRODUCTS, INT8_SCORES)
+            lat = _latent_tile(LATENT, row, offs_s, visible, offs_r, r_ok, stride_lb, stride_ls, dtype, HALF_PRODUCTS)
+            if BLOCK_R2 > 0:
+                lat2 = _latent_tile(LATENT, row, offs_s, visible, offs_r2, r2_ok, stride_lb, stride_ls, dtype,
+                                    HALF_PRODUCTS)
+            rope = _rope_tile(rope_base, offs_s, visible, col_ok, stride_krs, dtype, HALF_PRODUCTS, INT8_SCORES)
             if HAS_SCALES:
-                lat_scale = tl.load(LATENT_SCALE + row * stride_lsb + offs_s * stride_lss, mask=visible,
-                                    other=0.0).to(tl.float32)
-                rope_scale = tl.load(ROPE_SCALE + row * stride_rsb + offs_s * stride_rss, mask=visible,
-                                     other=0.0).to(tl.float32)
+                if PREFETCH_SCALES:  # loaded with the last tile, masked slots' included: zeroed here (a never
+                    # written slot's scale may be anything, and 0 x NaN would reach the value sum)
+                    lat_scale = tl.where(visible, next_lat_scale.to(tl.float32), 0.0)
+                    rope_scale = tl.where(visible, next_rope_scale.to(tl.float32), 0.0)
+                    ahead = offs_s + BLOCK_S
+                    next_lat_scale = tl.load(lat_scales + ahead * stride_lss, mask=ahead < end, other=0.0)
+                    next_rope_scale = tl.load(rope_scales + ahead * stride_rss, mask=ahead < end, other=0.0)
+                else:
+                    lat_scale = tl.load(lat_scales + offs_s * stride_lss, mask=visible, other=0.0).to(tl.float32)
+                    rope_scale = tl.load(rope_scales + offs_s * stride_rss, mask=visible, other=0.0).to(tl.float32)
             if SLOT_ROWS:
+                lat_scores = tl.dot(lat, q_lat)  # [BLOCK_S, BLOCK_H]
+                if BLOCK_R2 > 0:
+                    lat_scores += tl.dot(lat2, q_lat2)
                 if INT8_SCORES:
-                    scores = (tl.dot(lat, q_lat) * (lat_scale * lat_score_scale)[:, None]
+                    scores = (lat_scores * (lat_scale * lat_score_scale)[:, None]
                               + tl.dot(rope, q_rope, out_dtype=tl.int32).to(tl.float32)
                               * rope_scale[:, None] * rope_steps[None, :])
                 elif HAS_SCALES:
-                    scores = (tl.dot(lat, q_lat) * (lat_scale * lat_score_scale)[:, None]
-                              + tl.dot(rope, q_rope) * (rope_scale * rope_score_scale)[:, None])  # [BLOCK_S, BLOCK_H]
+                    scores = (lat_scores * (lat_scale * lat_score_scale)[:, None]
+                              + tl.dot(rope, q_rope) * (rope_scale * rope_score_scale)[:, None])
                 else:
-                    scores = tl.dot(lat, q_lat) + tl.dot(rope, q_rope)
+                    scores = lat_scores + tl.dot(rope, q_rope)
                 scores = tl.where(visible[:, None], scores * scaling, float("-inf"))
                 running_max, alpha, p, running_sum = online_softmax_slot_rows(scores, running_max, running_sum)
                 if HAS_SCALES:
                     p = p * (lat_scale * weight_scale)[:, None]  # the running sum keeps the unscaled weights
-                acc = acc * alpha[None, :] + tl.dot(tl.trans(lat), p.to(dtype))  # the latent doubles as the value
+                p = p.to(dtype)
+                acc = acc * alpha[None, :] + tl.dot(tl.trans(lat), p)  # the latent doubles as the value
+                if BLOCK_R2 > 0:
+                    acc2 = acc2 * alpha[None, :] + tl.dot(tl.trans(lat2), p)
             else:
+                lat_scores = tl.dot(q_lat, tl.trans(lat))  # [BLOCK_H, BLOCK_S]
+                if BLOCK_R2 > 0:
+                    lat_scores += tl.dot(q_lat2, tl.trans(lat2))
                 if INT8_SCORES:
-                    scores = (tl.dot(q_lat, tl.trans(lat)) * (lat_scale * lat_score_scale)[None, :]
+                    scores = (lat_scores * (lat_scale * lat_score_scale)[None, :]
                               + tl.dot(q_rope, tl.trans(rope), out_dtype=tl.int32).to(tl.float32)
                               * rope_steps[:, None] * rope_scale[None, :])
                 elif HAS_SCALES:
-                    scores = (tl.dot(q_lat, tl.trans(lat)) * (lat_scale * lat_score_scale)[None, :]
+                    scores = (lat_scores * (lat_scale * lat_score_scale)[None, :]
                               + tl.dot(q_rope, tl.trans(rope)) * (rope_scale * rope_score_scale)[None, :])
                 else:
-                    scores = tl.dot(q_lat, tl.trans(lat)) + tl.dot(q_rope, tl.trans(rope))
+                    scores = lat_scores + tl.dot(q_rope, tl.trans(rope))
                 scores = tl.where(visible[None, :], scores * scaling, float("-inf"))
                 running_max, alpha, p, running_sum = online_softmax_tile(scores, running_max, running_sum)
                 if HAS_SCALES:
                     p = p * (lat_scale * weight_scale)[None, :]
-                acc = acc * alpha[:, None] + tl.dot(p.to(dtype), lat)  # the latent doubles as the value
+                p = p.to(dtype)
+                acc = acc * alpha[:, None] + tl.dot(p, lat)  # the latent doubles as the value
+                if BLOCK_R2 > 0:
+                    acc2 = acc2 * alpha[:, None] + tl.dot(p, lat2)
 
         if HAS_SCALES:
             acc = acc * (1.0 / weight_scale)
+            if BLOCK_R2 > 0:
+                acc2 = acc2 * (1.0 / weight_scale)
         stat = (row * splits + split) * padded_heads + offs_h
+        # Columns past BLOCK_R + BLOCK_R2 (< ACC_WIDTH) are never written; the merge reads only the first `rank`.
         if SLOT_ROWS:
-            tl.store(ACC + stat[None, :] * BLOCK_R + offs_r[:, None], acc)
+            tl.store(ACC + stat[None, :] * ACC_WIDTH + offs_r[:, None], acc)
+            if BLOCK_R2 > 0:
+                tl.store(ACC + stat[None, :] * ACC_WIDTH + offs_r2[:, None], acc2)
         else:
-            tl.store(ACC + stat[:, None] * BLOCK_R + offs_r[None, :], acc)
+            tl.store(ACC + stat[:, None] * ACC_WIDTH + offs_r[None, :], acc)
+            if BLOCK_R2 > 0:
+                tl.store(ACC + stat[:, None] * ACC_WIDTH + offs_r2[None, :], acc2)
         tl.store(MAX + stat, running_max)
         tl.store(SUM + stat, running_sum)
 
@@ -299,8 +360,19 @@ if triton is not None:
 #     doubles as the value). H200, session 26, the layout above at its defaults: 13-17% faster at Kr = 3 at all four
 #     shapes from 64 x 4k to 128 x 16k (128 x 16k 308.9 -> 258.0 us, 38% of the copy bandwidth; 128 x 4k
 #     91.9 -> 78.8; 64 x 4k 54.7 -> 47.6), the same at Kr = 1 (0-2% faster: one rotary head is a small product).
+#   split_columns: 1: the latent's columns as two power-of-two tiles where one would be padded (latent_attention's
+#     tile_widths: a rank of 96 as 64 + 32, not 128), so that a tile's conversion, both products and the
+#     accumulator's rescaling run on a quarter fewer columns, for twice the dots; 0: one tile. Offline (sm_90, the
+#     layout above with int8 rotary scores, head rows): 575 -> 585 loop instructions (fewer conversions and MMAs,
+#     more address and mask work), 40 -> 33 KiB of shared memory. H200, session 26: faster at all eight shapes from
+#     64 x 4k to 128 x 16k, 6-10% at Kr = 3 (128 x 16k 260.5 -> 234.5 us, 41% of the copy bandwidth; 128 x 4k
+#     80.3 -> 73.6) and 11-16% at Kr = 1 (128 x 16k 234.3 -> 201.8).
+#   prefetch_scales: an 8-bit cache's two scales per slot loaded a tile ahead, as the mask bytes (prefetch_slots),
+#     rather than with the tile, where each warp waited on them before its scores (Nsight Compute, session 26, 128 x
+#     4k: 28% of the warps' stall samples on long-scoreboard loads, a fifth of all at the tile's first use of its
+#     data; ten 2-byte scale loads a warp a tile). Not yet timed.
 LAUNCH_DEFAULTS = dict(slot_rows=None, programs_per_sm=None, prefetch_slots=1, whole_waves=1, fused_values=1,
-                       half_products=1, int8_scores=1)
+                       half_products=1, int8_scores=1, split_columns=1, prefetch_scales=0)
 
 
 def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_weight, v_weight, v_bias,
@@ -310,7 +382,9 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
                                   slot_rows: int | None = None, programs_per_sm: int | None = None,
                                   prefetch_slots: int | None = None, whole_waves: int | None = None,
                                   fused_values: int | None = None, half_products: int | None = None,
-                                  int8_scores: int | None = None, k_rope_scale: torch.Tensor | None = None,
+                                  int8_scores: int | None = None, split_columns: int | None = None,
+                                  prefetch_scales: int | None = None,
+                                  k_rope_scale: torch.Tensor | None = None,
                                   kv_latent_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step of attention over a partial-RoPE joint-latent cache.
 
@@ -330,7 +404,8 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
         length: optional 1-element integer device tensor, 1 <= length <= C: slots past it are never read, so one
             CUDA graph serves every position.
         block_s, block_h, splits, num_warps, num_stages: tiling (defaults: see the module doc).
-        slot_rows, programs_per_sm, prefetch_slots, whole_waves, fused_values, half_products, int8_scores:
+        slot_rows, programs_per_sm, prefetch_slots, whole_waves, fused_values, half_products, int8_scores,
+        split_columns, prefetch_scales:
             launch settings (LAUNCH_DEFAULTS says what each does and holds the ones not given).
     Returns [B, K, G, Dv] in query_rope's dtype.
     Raises ValueError on shapes `fits` refuses or that disagree with one another.
@@ -386,10 +461,10 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
         valid = valid.contiguous()
         valid = valid.view(torch.uint8) if valid.dtype == torch.bool else valid.to(torch.uint8)
 
-    block_r = _next_power_of_2(rank)
-    # The latent tile [BLOCK_S, BLOCK_R] held at most ~32 KiB per pipeline stage (rank 128: 64 slots, the
+    acc_width = _next_power_of_2(rank)
+    # The latent tile [BLOCK_S, acc_width] held at most ~32 KiB per pipeline stage (rank 128: 64 slots, the
     # fastest of 32, 64 and 128 on an H200).
-    block_s = block_s or max(16, min(64, 32768 // (block_r * kv_latent.element_size())))
+    block_s = block_s or max(16, min(64, 32768 // (acc_width * kv_latent.element_size())))
     block_rope_heads = rope_heads_per_block(heads, rope_heads, block_h)
     block_c = _next_power_of_2(block_rope_heads * rope_dim)
     head_blocks = -(-heads // block_h)
@@ -397,7 +472,9 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
     settings = {name: LAUNCH_DEFAULTS[name] if given is None else given for name, given in
                 (("slot_rows", slot_rows), ("programs_per_sm", programs_per_sm), ("prefetch_slots", prefetch_slots),
                  ("whole_waves", whole_waves), ("fused_values", fused_values), ("half_products", half_products),
-                 ("int8_scores", int8_scores))}
+                 ("int8_scores", int8_scores), ("split_columns", split_columns),
+                 ("prefetch_scales", prefetch_scales))}
+    block_r, block_r2 = tile_widths(rank, bool(settings["split_columns"]))
     half_products = has_scales and query_rope.element_size() == 2 and bool(settings["half_products"])
     programs_per_sm = settings["programs_per_sm"] or (3 if half_products else 4)
     slot_rows = (not half_products) if settings["slot_rows"] is None else bool(settings["slot_rows"])
@@ -406,10 +483,10 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
     per_split = -(-slots // splits)
     per_split = -(-per_split // block_s) * block_s  # whole tiles: only the last split has a ragged end
     splits = -(-slots // per_split)
-    num_warps = num_warps or (8 if block_h * block_r >= 8192 else 4)
+    num_warps = num_warps or (8 if block_h * acc_width >= 8192 else 4)
     num_stages = num_stages or 2
 
-    acc = torch.empty(batch, splits, padded_heads, block_r, device=kv_latent.device, dtype=torch.float32)
+    acc = torch.empty(batch, splits, padded_heads, acc_width, device=kv_latent.device, dtype=torch.float32)
     stats_max = torch.empty(batch, splits, padded_heads, device=kv_latent.device, dtype=torch.float32)
     stats_sum = torch.empty_like(stats_max)
     _partial_rope_decode_kernel[(head_blocks, splits, batch)](
@@ -424,9 +501,11 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
           if has_scales else (0, 0, 0, 0)),
         slots, heads, group, rank, heads // rope_heads, rope_heads, block_rope_heads, padded_heads, per_split, splits,
         float(scaling),
-        ROPE_DIM=rope_dim, BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_C=block_c, BLOCK_S=block_s,
+        ROPE_DIM=rope_dim, BLOCK_H=block_h, BLOCK_R=block_r, BLOCK_R2=block_r2, ACC_WIDTH=acc_width, BLOCK_C=block_c,
+        BLOCK_S=block_s,
         HAS_VALID=valid is not None, LENGTH_IN_MEMORY=length is not None,
         SLOT_ROWS=slot_rows, PREFETCH_SLOTS=bool(settings["prefetch_slots"]),
+        PREFETCH_SCALES=bool(settings["prefetch_scales"]),
         HAS_SCALES=has_scales, HALF_PRODUCTS=half_products,
         INT8_SCORES=half_products and bool(settings["int8_scores"]) and block_c >= 32,  # an int8 MMA's 32 columns
         num_warps=num_warps, num_stages=num_stages,

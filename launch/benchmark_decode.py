@@ -80,8 +80,8 @@ KERNEL_SWEEP = [
     ("--prefetch", "prefetch", "pf", "1: the next tile's loads issued before this tile's dots, 0: not"),
     ("--prefetch-slots", "prefetch_slots", "ps", "1: the next tile's positions, mask and scales loaded a tile ahead, "
      "0: with the tile (the partial part too: its mask bytes)"),
-    ("--split-columns", "split_columns", "sc", "1: a program's key columns as two power-of-two tiles where one "
-     "would be padded, 0: one tile"),
+    ("--split-columns", "split_columns", "sc", "1: a program's key columns (the partial part: its latent's) as two "
+     "power-of-two tiles where one would be padded, 0: one tile"),
     ("--split-values", "split_values", "sv", "1: the value latent's columns likewise, 0: one tile"),
     ("--slot-rows", "slot_rows", "sr", "1: the tile's slots as the rows of the score and value products, 0: the "
      "query heads (the partial part too)"),
@@ -96,14 +96,17 @@ KERNEL_SWEEP = [
      "partial and gqa parts too)"),
     ("--max-registers", "max_registers", "mr", "a cap on registers per thread (ptxas spills past it)"),
     ("--block-h", "block_h", "bh", "query heads per program (the partial part only)"),
+    ("--prefetch-scales", "prefetch_scales", "pc", "1: an 8-bit cache's scales loaded a tile ahead, 0: with the tile "
+     "(the partial part only)"),
     ("--half-products", "half_products", "hp", "1: an 8-bit cache's tiles made float16 by byte permutes and every "
      "product in float16, 0: Triton's conversion to the queries' dtype (the partial and gqa parts only)"),
     ("--int8-scores", "int8_scores", "is", "1: an 8-bit cache's score product in int8 on the keys' bytes (the partial "
      "part: the rotary keys'), the query rounded to int8 per head, 0: in float16 (the gqa and partial parts only)"),
 ]
-PARTIAL_ONLY = ("block_h", "half_products")
-BINARY_SETTINGS = {"prefetch", "prefetch_slots", "split_columns", "split_values", "slot_rows", "word_loads",
-                   "merged_halves", "half_rope_table", "whole_waves", "fused_values", "half_products", "int8_scores"}
+PARTIAL_ONLY = ("block_h", "half_products", "prefetch_scales")
+BINARY_SETTINGS = {"prefetch", "prefetch_slots", "prefetch_scales", "split_columns", "split_values", "slot_rows",
+                   "word_loads", "merged_halves", "half_rope_table", "whole_waves", "fused_values", "half_products",
+                   "int8_scores"}
 
 
 def kernel_columns(args, arguments=None) -> list[tuple[str, dict]]:
@@ -364,7 +367,7 @@ def partial_cache_bytes(batch: int, context: int, kv_rank: int, rope_dims: int, 
 
 # The KERNEL_SWEEP settings the partial-RoPE kernel takes.
 PARTIAL_SWEEP = ("programs_per_sm", "whole_waves", "block_s", "num_warps", "num_stages", "prefetch_slots",
-                 "slot_rows", "fused_values", "int8_scores", *PARTIAL_ONLY)
+                 "slot_rows", "fused_values", "int8_scores", "split_columns", *PARTIAL_ONLY)
 PARTIAL_ARGS = ("query_rope", "query_nope", "k_rope", "kv_latent", "k_up", "v_up", "mask", "scaling")
 
 

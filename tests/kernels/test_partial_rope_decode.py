@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from kvforge.kernels import dispatch
+from kvforge.kernels.latent_attention import tile_widths
 from kvforge.kernels.partial_rope_decode import available, fits, partial_rope_decode_attention, rope_heads_per_block
 from kvforge.models.modeling_kvforge import ATTENTION_FUNCTIONS, partial_rope_attention, quantize_slots
 
@@ -143,6 +144,51 @@ def test_an_8_bit_cache_is_read_as_stored(shape, dtype, tolerance, slot_rows, bl
     with pytest.raises(ValueError, match=r"an 8-bit cache takes int8 k_rope and kv_latent with both scales"):
         kernel(dict(c, k_rope=k_rope, kv_latent=kv_latent), k_rope_scale=k_rope_scale,
                kv_latent_scale=kv_latent_scale[:, :-1])
+
+
+@pytest.mark.parametrize("slot_rows", [0, 1])
+@pytest.mark.parametrize("prefetch_scales", [0, 1])
+def test_an_8_bit_cache_ignores_the_scales_of_masked_slots(prefetch_scales, slot_rows):
+    """prefetch_scales loads a tile's scales with the tile before it, masked slots' included: NaN scales (a never
+    written slot's may be anything) in the left padding, in scattered invalid slots and past a length read from a
+    tensor must not reach the result (0 x NaN would), across three splits whose tiles end mid-way."""
+    c = case(rank=40, slots=64, dtype=torch.float16, seed=12)
+    (k_rope, k_rope_scale), (kv_latent, kv_latent_scale) = quantize_slots(c["k_rope"], 2), quantize_slots(
+        c["kv_latent"], 1)
+    length = 53
+    expected = reference(dict(c, k_rope=k_rope[:, :, :length].double() * k_rope_scale[:, :, :length].double(),
+                              kv_latent=kv_latent[:, :length].double() * kv_latent_scale[:, :length].double(),
+                              mask=c["mask"][..., :length]))
+    hidden = ~c["mask"][:, 0, 0, 0]  # [B, C]
+    hidden[:, length:] = True
+    k_rope_scale[hidden[:, None, :, None].expand_as(k_rope_scale)] = float("nan")
+    kv_latent_scale[hidden[:, :, None]] = float("nan")
+    out = kernel(dict(c, k_rope=k_rope, kv_latent=kv_latent), length=torch.tensor([length]), block_s=16, splits=3,
+                 slot_rows=slot_rows, prefetch_scales=prefetch_scales, k_rope_scale=k_rope_scale,
+                 kv_latent_scale=kv_latent_scale)
+    assert torch.isfinite(out).all()
+    assert relative_error(out, expected) < 5e-3
+
+
+@pytest.mark.parametrize("slot_rows", [0, 1])
+@pytest.mark.parametrize("dtype, bits, tolerance", [(torch.float32, 16, 1e-5), (torch.float16, 8, 5e-3)])
+@pytest.mark.parametrize("rank, rope_heads", [(40, 1), (96, 2)])
+def test_split_latent_columns_equal_the_reference(rank, rope_heads, dtype, bits, tolerance, slot_rows):
+    """split_columns: a rank one tile would pad (40 as 32 + 16 rather than 64, 96 as 64 + 32 rather than 128) in
+    two tiles, each column's score, value sum and stored accumulator from its own tile; a column dropped, doubled or
+    stored at the other tile's offset fails. bf16-free: float32 over a 16-bit cache, float16 queries over an 8-bit
+    one (its half products and int8 rotary scores)."""
+    assert tile_widths(rank, True)[1] > 0  # the case splits
+    c = case(rope_heads=rope_heads, rank=rank, slots=70, dtype=dtype, seed=9)
+    scales = {}
+    if bits == 8:
+        (k_rope, scales["k_rope_scale"]), (kv_latent, scales["kv_latent_scale"]) = (
+            quantize_slots(c["k_rope"], 2), quantize_slots(c["kv_latent"], 1))
+        c = dict(c, k_rope=k_rope, kv_latent=kv_latent)
+    expected = reference(dict(c, k_rope=c["k_rope"].double() * scales.get("k_rope_scale", 1.0),
+                              kv_latent=c["kv_latent"].double() * scales.get("kv_latent_scale", 1.0)))
+    out = kernel(c, block_s=16, splits=3, slot_rows=slot_rows, split_columns=1, **scales)
+    assert relative_error(out, expected) < tolerance
 
 
 @pytest.mark.parametrize("slot_rows", [0, 1])
