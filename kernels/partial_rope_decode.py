@@ -371,8 +371,12 @@ if triton is not None:
 #     rather than with the tile, where each warp waited on them before its scores (Nsight Compute, session 26, 128 x
 #     4k: 28% of the warps' stall samples on long-scoreboard loads, a fifth of all at the tile's first use of its
 #     data; ten 2-byte scale loads a warp a tile). Not yet timed.
+#   max_registers: a cap on registers per thread (ptxas spills past it), for more programs per SM. The same profile:
+#     one wave of three programs per SM (160 registers), 2.9 warps per scheduler, none eligible 61% of cycles.
+#     Offline (sm_90, the layout above): 128 registers fit four programs an SM without a spill, 585 -> 613 loop
+#     instructions; programs_per_sm should then be 4. Not yet timed; None: no cap.
 LAUNCH_DEFAULTS = dict(slot_rows=None, programs_per_sm=None, prefetch_slots=1, whole_waves=1, fused_values=1,
-                       half_products=1, int8_scores=1, split_columns=1, prefetch_scales=0)
+                       half_products=1, int8_scores=1, split_columns=1, prefetch_scales=0, max_registers=None)
 
 
 def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_weight, v_weight, v_bias,
@@ -383,7 +387,7 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
                                   prefetch_slots: int | None = None, whole_waves: int | None = None,
                                   fused_values: int | None = None, half_products: int | None = None,
                                   int8_scores: int | None = None, split_columns: int | None = None,
-                                  prefetch_scales: int | None = None,
+                                  prefetch_scales: int | None = None, max_registers: int | None = None,
                                   k_rope_scale: torch.Tensor | None = None,
                                   kv_latent_scale: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step of attention over a partial-RoPE joint-latent cache.
@@ -405,7 +409,7 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
             CUDA graph serves every position.
         block_s, block_h, splits, num_warps, num_stages: tiling (defaults: see the module doc).
         slot_rows, programs_per_sm, prefetch_slots, whole_waves, fused_values, half_products, int8_scores,
-        split_columns, prefetch_scales:
+        split_columns, prefetch_scales, max_registers:
             launch settings (LAUNCH_DEFAULTS says what each does and holds the ones not given).
     Returns [B, K, G, Dv] in query_rope's dtype.
     Raises ValueError on shapes `fits` refuses or that disagree with one another.
@@ -473,7 +477,7 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
                 (("slot_rows", slot_rows), ("programs_per_sm", programs_per_sm), ("prefetch_slots", prefetch_slots),
                  ("whole_waves", whole_waves), ("fused_values", fused_values), ("half_products", half_products),
                  ("int8_scores", int8_scores), ("split_columns", split_columns),
-                 ("prefetch_scales", prefetch_scales))}
+                 ("prefetch_scales", prefetch_scales), ("max_registers", max_registers))}
     block_r, block_r2 = tile_widths(rank, bool(settings["split_columns"]))
     half_products = has_scales and query_rope.element_size() == 2 and bool(settings["half_products"])
     programs_per_sm = settings["programs_per_sm"] or (3 if half_products else 4)
@@ -508,7 +512,7 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
         PREFETCH_SCALES=bool(settings["prefetch_scales"]),
         HAS_SCALES=has_scales, HALF_PRODUCTS=half_products,
         INT8_SCORES=half_products and bool(settings["int8_scores"]) and block_c >= 32,  # an int8 MMA's 32 columns
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, maxnreg=settings["max_registers"],
     )
     # U_v once per query head (sum_c p_c = 1: the bias passes through once).
     return merged_values(acc, stats_max, stats_sum, v_weight, v_bias, kv_heads, group, rank, query_rope.dtype,

@@ -367,7 +367,7 @@ def partial_cache_bytes(batch: int, context: int, kv_rank: int, rope_dims: int, 
 
 # The KERNEL_SWEEP settings the partial-RoPE kernel takes.
 PARTIAL_SWEEP = ("programs_per_sm", "whole_waves", "block_s", "num_warps", "num_stages", "prefetch_slots",
-                 "slot_rows", "fused_values", "int8_scores", "split_columns", *PARTIAL_ONLY)
+                 "slot_rows", "fused_values", "int8_scores", "split_columns", "max_registers", *PARTIAL_ONLY)
 PARTIAL_ARGS = ("query_rope", "query_nope", "k_rope", "kv_latent", "k_up", "v_up", "mask", "scaling")
 
 

@@ -112,7 +112,8 @@ def test_latent_kernel_launch_settings_are_checked(benchmark):
     assert benchmark.launch_settings(["slot_rows=1"], "--partial-kernel", partial_rope_decode.LAUNCH_DEFAULTS) == dict(
         slot_rows=1)
     with pytest.raises(SystemExit, match=r"--partial-kernel 'prefetch=1': expected KEY=N with KEY one of "
-                                         r"\['fused_values', 'half_products', 'int8_scores', 'prefetch_scales', "
+                                         r"\['fused_values', 'half_products', 'int8_scores', 'max_registers', "
+                                         r"'prefetch_scales', "
                                          r"'prefetch_slots', 'programs_per_sm', 'slot_rows', 'split_columns', "
                                          r"'whole_waves'\]"):
         benchmark.launch_settings(["prefetch=1"], "--partial-kernel", partial_rope_decode.LAUNCH_DEFAULTS)
