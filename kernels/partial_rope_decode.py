@@ -354,7 +354,7 @@ if triton is not None:
 #     warps: no faster at Kr = 3. Each tile loaded and converted an iteration ahead and carried into the next
 #     (so that Triton feeds both products from shared memory): with slot rows an illegal memory access on the H200
 #     under Triton 3.6 (bf16 and 8-bit alike; correct in the interpreter), with head rows no faster. Removed.
-#   programs_per_sm None: three for an 8-bit cache with half_products (what an SM holds), four otherwise.
+#   programs_per_sm None: four (what an SM holds: for an 8-bit cache with half_products, with max_registers' cap).
 #   int8_scores: with half_products, 1: the rotary score product in int8 on the rotary keys' bytes (never converted),
 #     the rotary query rounded to int8 by a scale per head; 0: in float16. The latent is converted either way (it
 #     doubles as the value). H200, session 26, the layout above at its defaults: 13-17% faster at Kr = 3 at all four
@@ -370,13 +370,18 @@ if triton is not None:
 #   prefetch_scales: an 8-bit cache's two scales per slot loaded a tile ahead, as the mask bytes (prefetch_slots),
 #     rather than with the tile, where each warp waited on them before its scores (Nsight Compute, session 26, 128 x
 #     4k: 28% of the warps' stall samples on long-scoreboard loads, a fifth of all at the tile's first use of its
-#     data; ten 2-byte scale loads a warp a tile). Not yet timed.
+#     data; ten 2-byte scale loads a warp a tile). H200, session 26 (call 3), with the cap below: 1-9% faster at
+#     Kr = 1 (128 x 16k 189.4 -> 173.1 us; 64 x 16k 104.2 -> 95.7), 0.3-1.4% slower at Kr = 3. None: on for one
+#     rotary key shared by all heads.
 #   max_registers: a cap on registers per thread (ptxas spills past it), for more programs per SM. The same profile:
 #     one wave of three programs per SM (160 registers), 2.9 warps per scheduler, none eligible 61% of cycles.
 #     Offline (sm_90, the layout above): 128 registers fit four programs an SM without a spill, 585 -> 613 loop
-#     instructions; programs_per_sm should then be 4. Not yet timed; None: no cap.
+#     instructions. H200, session 26 (call 3), with programs_per_sm 4: 6-10% faster at Kr = 3 at all four shapes
+#     (128 x 16k 234.3 -> 211.3 us, 46% of the copy bandwidth; 128 x 4k 73.9 -> 66.8; 64 x 4k 45.5 -> 42.8), 3-6%
+#     at Kr = 1; the cap alone (three programs) 2-10% slower, four programs without it (a second wave) 1.3-1.4x
+#     slower at Kr = 3. None: 128 for an 8-bit cache with half_products, no cap otherwise.
 LAUNCH_DEFAULTS = dict(slot_rows=None, programs_per_sm=None, prefetch_slots=1, whole_waves=1, fused_values=1,
-                       half_products=1, int8_scores=1, split_columns=1, prefetch_scales=0, max_registers=None)
+                       half_products=1, int8_scores=1, split_columns=1, prefetch_scales=None, max_registers=None)
 
 
 def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_weight, v_weight, v_bias,
@@ -480,7 +485,9 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
                  ("prefetch_scales", prefetch_scales), ("max_registers", max_registers))}
     block_r, block_r2 = tile_widths(rank, bool(settings["split_columns"]))
     half_products = has_scales and query_rope.element_size() == 2 and bool(settings["half_products"])
-    programs_per_sm = settings["programs_per_sm"] or (3 if half_products else 4)
+    programs_per_sm = settings["programs_per_sm"] or 4
+    max_registers = settings["max_registers"] or (128 if half_products else None)
+    prefetch_scales = rope_heads == 1 if settings["prefetch_scales"] is None else bool(settings["prefetch_scales"])
     slot_rows = (not half_products) if settings["slot_rows"] is None else bool(settings["slot_rows"])
     splits = splits or slot_splits(batch * head_blocks, slots, block_s, kv_latent.device, programs_per_sm,
                                    bool(settings["whole_waves"]))
@@ -509,10 +516,10 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
         BLOCK_S=block_s,
         HAS_VALID=valid is not None, LENGTH_IN_MEMORY=length is not None,
         SLOT_ROWS=slot_rows, PREFETCH_SLOTS=bool(settings["prefetch_slots"]),
-        PREFETCH_SCALES=bool(settings["prefetch_scales"]),
+        PREFETCH_SCALES=has_scales and prefetch_scales,
         HAS_SCALES=has_scales, HALF_PRODUCTS=half_products,
         INT8_SCORES=half_products and bool(settings["int8_scores"]) and block_c >= 32,  # an int8 MMA's 32 columns
-        num_warps=num_warps, num_stages=num_stages, maxnreg=settings["max_registers"],
+        num_warps=num_warps, num_stages=num_stages, maxnreg=max_registers,
     )
     # U_v once per query head (sum_c p_c = 1: the bias passes through once).
     return merged_values(acc, stats_max, stats_sum, v_weight, v_bias, kv_heads, group, rank, query_rope.dtype,
