@@ -59,9 +59,23 @@ def test_rounded_rank_rows_put_cache_rows_on_16_bytes_at_about_the_same_bytes(be
     assert abs(a / o - 1) < 0.05
 
 
-def cpu_timings(fn):
+def test_l2_cold_cases_copy_the_tensors_until_they_outgrow_l2(benchmark):
+    """Copies of a case's tensors (distinct memory, the same values) until their bytes reach 8 L2 caches; modules
+    and other values shared; none where one case alone is that large."""
+    linear = torch.nn.Linear(2, 2)
+    case = dict(cache=torch.arange(1000, dtype=torch.float32), mask=torch.ones(1000, dtype=torch.bool), up=linear,
+                scaling=0.5)  # 5,000 bytes
+    cases = benchmark.l2_cold_cases(case, l2_bytes=2_000)  # 8 x 2,000 bytes: 4 cases
+    assert len(cases) == 4 and cases[0] is case
+    for copy in cases[1:]:
+        assert torch.equal(copy["cache"], case["cache"]) and copy["cache"].data_ptr() != case["cache"].data_ptr()
+        assert torch.equal(copy["mask"], case["mask"]) and copy["up"] is linear and copy["scaling"] == 0.5
+    assert benchmark.l2_cold_cases(case, l2_bytes=600) == [case]
+
+
+def cpu_timings(fn, case):
     start = time.perf_counter()
-    fn()
+    fn(case)
     return (time.perf_counter() - start) * 1e3, (time.perf_counter() - start) * 1e3
 
 
