@@ -208,7 +208,7 @@ def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.
     # 1.3-1.4x faster in session 24, 4-bit 1.5-1.6x and bf16 1.1-1.2x in session 25). A 16-bit cache's splits fill
     # whole waves of three programs per SM (session 25: 81-98% of the copy bandwidth, against 67-90% at 1,024
     # programs); a low-bit cache's keep 1,024 programs (three per SM were 7-23% slower for 8 bits). Three pipeline
-    # stages for a 16-bit cache (session 26: 2-5% faster at all four shapes, 92-101% of copy; 8 bits: 4-19% slower).
+    # stages for a 16-bit cache (session 26: 2-5% faster at all four shapes, 82-101% of copy; 8 bits: 3-19% slower).
     block_s = block_s or 128
     if keys.element_size() == 2:
         num_stages = num_stages or 3

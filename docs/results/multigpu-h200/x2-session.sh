@@ -65,11 +65,13 @@ MAX_BATCH_START=${MAX_BATCH_START-576}
 # at 16-21% of copy. Sessions 23-24 (one H200): that kernel 1.4x faster (half products, then head rows: 20-31% of
 # copy); the 8-bit GQA kernel 1.6-1.9x faster (38-47%). Session 25 (one H200): the GQA kernel's tiles and waves
 # (bf16 81-98% of copy with 128-slot tiles in whole waves of 3 per SM, the default since; 8-bit 37-47%, 4-bit 18-21%).
-# Next: the 8-bit partial-RoPE kernel's rotary score product in int8 (int8_scores, built after session 25's device
-# time: 696 -> 575 loop instructions offline; the GQA kernel's int8 scores were 14-19% faster), then the layouts for
-# bf16 latents (the 50% model's; their default is still the old layout) and for 4-bit value ranks that split (160).
-DECODE_ARGS0=${DECODE_ARGS0-"--part partial --batch 64 128 --context 4096 16384 --kv-rank 96 --rope-dims 32 \
---cache-bits 8 --int8-scores 0 1|\
+# Session 26 (one H200): the 8-bit partial-RoPE kernel 1.28-1.45x faster (int8 rotary scores, split columns, four
+# programs an SM under a 128-register cap: 28-46% of copy, the defaults since). Next: why the 8-bit GQA kernel takes
+# 110.8 us a layer inside generate() at 128 x 4k and 92.6 in its table (not L2: session 26's --l2 cold), both
+# original layouts' steps profiled side by side; then the layouts for bf16 latents (the 50% model's; their default
+# is still the old layout) and for 4-bit value ranks that split (160).
+DECODE_ARGS0=${DECODE_ARGS0-"--part generate --gen-batch 128 --gen-prompt 4096 --gen-variants standard-static \
+standard-int8-static --repeats 3 --compile-step --via-export /tmp/kv-decode-exports --profile 24|\
 --part kernel --batch 32 128 --context 4096 16384 --k-rank 48 --v-rank 144 \
 --cache-bits 16 --split-values 0 1 --slot-rows 0 1|\
 --part kernel --batch 32 128 --context 4096 16384 --k-rank 64 --v-rank 160 --cache-bits 4 --split-values 0 1"}
@@ -81,8 +83,9 @@ DECODE_ARGS0=${DECODE_ARGS0-"--part partial --batch 64 128 --context 4096 16384 
 # transformers. Session 25 (one H200): auto serves the GQA kernel (the original layout in kvforge 5.29 / 5.02 ms a
 # step, against transformers' 25.89 / 29.24), the ring write's fix (windows 5.96 -> 3.33 ms); against kvforge's own
 # original only partial RoPE in bf16, merged heads and windows are faster (1.3-1.75x), the low-bit latent layouts
-# 0.74-0.93x. Next: every layout and the original in kvforge in one session at both shapes, on today's kernels
-# (the 8-bit original layout's int8 scores and the ring write's index_put_ form not yet timed end to end).
+# 0.74-0.93x. Session 26 (one H200): the 8-bit partial-RoPE layout 1.10x / 1.05x kvforge's original (4.44 / 4.61
+# ms against 4.87 / 4.85), merged heads 1.58x / 1.70x, windows 1.97x / 1.47x; the pre-RoPE latent layouts were not
+# re-timed. Next: every layout and the original in kvforge in one session at both shapes, on today's kernels.
 DECODE_ARGS=${DECODE_ARGS-"--gen-batch 128 --gen-prompt 4096 --gen-variants standard-static standard-int8-static \
 window-static partial-rope-25-static \
 partial-rope-25-int8-static merged-heads-static lr25-int8-aligned-static lr12-int4-aligned-static \
