@@ -27,8 +27,9 @@ from kernel_resources import programs_per_sm, resources  # noqa: E402
 from kvforge.kernels import gqa_decode  # noqa: E402
 
 
-def compile_gqa_kernel(*, bits: int, half_products: bool = False, int8_scores: bool = False, block_s: int = 128,
-                       num_warps: int = 4, num_stages: int = 2, capability: int = 90):
+def compile_gqa_kernel(*, bits: int, half_products: bool = False, int8_scores: bool = False,
+                       prefetch_slots: bool = False, block_s: int = 128, num_warps: int = 4, num_stages: int = 2,
+                       capability: int = 90):
     """The kernel as gqa_decode_attention launches it for bf16 queries over a bf16 (bits 16), int8 or packed 4-bit
     cache under a generate() mask, integers specialised as Triton's launcher does (multiples of 16 marked so, the
     scales' slot stride of 1 a constant)."""
@@ -36,6 +37,7 @@ def compile_gqa_kernel(*, bits: int, half_products: bool = False, int8_scores: b
     constants = dict(HEAD_DIM=64, COLS=32 if bits == 4 else 64, BLOCK_G=16, BLOCK_S=block_s, LENGTH_IN_MEMORY=True,
                      HAS_VALID=True, HAS_SCALES=bits < 16, HALF_PRODUCTS=half_products and bits == 8,
                      INT8_SCORES=int8_scores and half_products and bits == 8, PACKED=bits == 4,
+                     PREFETCH_SLOTS=prefetch_slots,
                      stride_kss=1, stride_vss=1)
     cache = {8: "*i8", 4: "*u8", 16: "*bf16"}[bits]
     pointers = dict(Q="*bf16", K=cache, V=cache, LENGTH="*i32", VALID="*u8", K_SCALE="*bf16", V_SCALE="*bf16",
@@ -58,6 +60,8 @@ ROWS = [  # (label, settings)
     ("bf16", dict(bits=16)),
     ("8-bit, float16 products", dict(bits=8, half_products=True)),
     ("8-bit, int8 scores", dict(bits=8, half_products=True, int8_scores=True)),
+    ("8-bit, int8 scores, mask bytes and scales a tile ahead",
+     dict(bits=8, half_products=True, int8_scores=True, prefetch_slots=True)),
     ("4-bit (Triton's conversion)", dict(bits=4)),
 ]
 

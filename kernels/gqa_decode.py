@@ -55,7 +55,7 @@ if triton is not None:
         kv_heads, group, slots_per_split, scaling, slots,
         HEAD_DIM: tl.constexpr, COLS: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
         LENGTH_IN_MEMORY: tl.constexpr, HAS_VALID: tl.constexpr, HAS_SCALES: tl.constexpr,
-        HALF_PRODUCTS: tl.constexpr, INT8_SCORES: tl.constexpr, PACKED: tl.constexpr,
+        HALF_PRODUCTS: tl.constexpr, INT8_SCORES: tl.constexpr, PACKED: tl.constexpr, PREFETCH_SLOTS: tl.constexpr,
     ):
         # HAS_SCALES (an 8-bit cache): each slot's scales multiply what the products give, not the tiles: its key
         # scale its scores, its value scale its weight p. With HALF_PRODUCTS (16-bit queries) both products run in
@@ -72,6 +72,10 @@ if triton is not None:
         # PACKED (a 4-bit cache, COLS = HEAD_DIM / 2 bytes a slot, byte j holding dims 2j and 2j + 1 in its low and
         # high nibble): each tile's even and odd dims are two tiles (unpacked_tiles, dequantized in float32), the
         # query's even and odd dims two queries, and the value sum two accumulators, interleaved again when stored.
+        # PREFETCH_SLOTS: each tile's mask bytes and scales loaded with the tile before it (masked slots' scales
+        # zeroed when used: a never written slot's may be anything), so that the tile's key loads, which the mask
+        # gates, and its scores do not first wait on them (partial_rope_decode.py's prefetch_slots and
+        # prefetch_scales).
         row_head = tl.program_id(0)
         split = tl.program_id(1)
         num_splits = tl.num_programs(1)
@@ -101,14 +105,35 @@ if triton is not None:
         m = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
         total = tl.zeros([BLOCK_G], dtype=tl.float32)
         acc = tl.zeros([BLOCK_G, COLS], dtype=tl.float32)
+        valid_row = VALID + b * stride_valid_b
+        k_scales = K_SCALE + b * stride_ksb
+        v_scales = V_SCALE + b * stride_vsb
+        if PREFETCH_SLOTS:
+            ahead = lo + tl.arange(0, BLOCK_S)
+            if HAS_VALID:
+                next_valid = tl.load(valid_row + ahead, mask=ahead < hi, other=0)
+            if HAS_SCALES:
+                next_k_scale = tl.load(k_scales + ahead * stride_kss, mask=ahead < hi, other=0.0)
+                next_v_scale = tl.load(v_scales + ahead * stride_vss, mask=ahead < hi, other=0.0)
         for start in range(lo, hi, BLOCK_S):
             s = start + tl.arange(0, BLOCK_S)
             valid = s < hi
-            if HAS_VALID:
-                valid = valid & (tl.load(VALID + b * stride_valid_b + s, mask=valid, other=0) != 0)
+            if PREFETCH_SLOTS:  # this tile's mask bytes and scales came with the last; the next tile's asked for now
+                ahead = s + BLOCK_S
+                if HAS_VALID:
+                    valid = valid & (next_valid != 0)
+                    next_valid = tl.load(valid_row + ahead, mask=ahead < hi, other=0)
+                if HAS_SCALES:
+                    k_scale = tl.where(valid, next_k_scale.to(tl.float32), 0.0)
+                    v_scale = tl.where(valid, next_v_scale.to(tl.float32), 0.0)
+                    next_k_scale = tl.load(k_scales + ahead * stride_kss, mask=ahead < hi, other=0.0)
+                    next_v_scale = tl.load(v_scales + ahead * stride_vss, mask=ahead < hi, other=0.0)
+            else:
+                if HAS_VALID:
+                    valid = valid & (tl.load(valid_row + s, mask=valid, other=0) != 0)
+                if HAS_SCALES:  # a low-bit cache: its bytes read, made float in registers
+                    k_scale = tl.load(k_scales + s * stride_kss, mask=valid, other=0.0).to(tl.float32)
             k = tl.load(k_base + s[:, None].to(tl.int64) * stride_ks + cols[None, :], mask=valid[:, None], other=0)
-            if HAS_SCALES:  # a low-bit cache: its bytes read, made float in registers
-                k_scale = tl.load(K_SCALE + b * stride_ksb + s * stride_kss, mask=valid, other=0.0).to(tl.float32)
             if PACKED:
                 k_even, k_odd = unpacked_tiles(k, k_scale)
                 scores = tl.dot(q, tl.trans(k_even.to(q.dtype))) + tl.dot(q_odd, tl.trans(k_odd.to(q.dtype)))
@@ -125,8 +150,8 @@ if triton is not None:
             scores = tl.where(valid[None, :], scores, float("-inf"))
             m, alpha, p, total = online_softmax_tile(scores, m, total)
             v = tl.load(v_base + s[:, None].to(tl.int64) * stride_vs + cols[None, :], mask=valid[:, None], other=0)
-            if HAS_SCALES:
-                v_scale = tl.load(V_SCALE + b * stride_vsb + s * stride_vss, mask=valid, other=0.0).to(tl.float32)
+            if HAS_SCALES and not PREFETCH_SLOTS:
+                v_scale = tl.load(v_scales + s * stride_vss, mask=valid, other=0.0).to(tl.float32)
             if PACKED:
                 v_even, v_odd = unpacked_tiles(v, v_scale)
                 weights = p.to(q.dtype)
@@ -168,7 +193,7 @@ def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.
                          splits: int | None = None, block_s: int | None = None, k_scale: torch.Tensor | None = None,
                          v_scale: torch.Tensor | None = None, half_products: int = 1, num_warps: int | None = None,
                          num_stages: int | None = None, programs_per_sm: int | None = None,
-                         whole_waves: int = 0, int8_scores: int = 1) -> torch.Tensor:
+                         whole_waves: int = 0, int8_scores: int = 1, prefetch_slots: int = 0) -> torch.Tensor:
     """softmax(q k^T * scaling) v over slots [0, length) of the cache, per row and query head.
 
     Args:
@@ -188,6 +213,8 @@ def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.
             rounded to int8 by a scale per head (H200, session 25, 128-slot tiles: 14-19% faster, 43-56% of the
             copy bandwidth; on the CPU its error against unquantized attention 1.1-1.8% where the int8 cache's own
             is 0.95-1.5%; head dims of 32 or more, an int8 MMA's depth); 0: in float16 on keys made float16.
+        prefetch_slots: 1: each tile's mask bytes and scales loaded with the tile before it (the kernel's note);
+            0 (default): with the tile. Not yet timed.
         num_warps, num_stages: Triton's (default 4, and 3 stages for a 16-bit cache, 2 for a low-bit one).
         programs_per_sm, whole_waves: the splits aim at that many programs per SM, and with whole_waves stay
             within it (latent_attention.slot_splits, as the other decode kernels); None: three per SM in whole
@@ -242,7 +269,7 @@ def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.
         HEAD_DIM=D, COLS=cols, BLOCK_G=block_g, BLOCK_S=block_s,
         LENGTH_IN_MEMORY=length is not None, HAS_VALID=valid is not None, HAS_SCALES=has_scales,
         HALF_PRODUCTS=half_products, INT8_SCORES=half_products and bool(int8_scores) and D >= 32,  # an int8 MMA's K
-        PACKED=packed,
+        PACKED=packed, PREFETCH_SLOTS=bool(prefetch_slots),
         num_warps=num_warps or 4, num_stages=num_stages or 2,
     )
     # Merge the splits in one kernel (was nine PyTorch ops per layer): out = sum_s e^(m_s - M) acc_s /

@@ -80,7 +80,7 @@ KERNEL_SWEEP = [
     ("--num-stages", "num_stages", "st", "software-pipelining stages (the partial and gqa parts too)"),
     ("--prefetch", "prefetch", "pf", "1: the next tile's loads issued before this tile's dots, 0: not"),
     ("--prefetch-slots", "prefetch_slots", "ps", "1: the next tile's positions, mask and scales loaded a tile ahead, "
-     "0: with the tile (the partial part too: its mask bytes)"),
+     "0: with the tile (the partial part too: its mask bytes; the gqa part: its mask bytes and scales)"),
     ("--split-columns", "split_columns", "sc", "1: a program's key columns (the partial part: its latent's) as two "
      "power-of-two tiles where one would be padded, 0: one tile"),
     ("--split-values", "split_values", "sv", "1: the value latent's columns likewise, 0: one tile"),
@@ -488,7 +488,7 @@ def run_partial_rope_kernel_part(args, copy_bandwidth: float, device="cuda", tim
 
 
 # The KERNEL_SWEEP settings the GQA kernel takes, and those only its low-bit cache's columns take.
-GQA_SWEEP = ("programs_per_sm", "whole_waves", "block_s", "num_warps", "num_stages")
+GQA_SWEEP = ("programs_per_sm", "whole_waves", "block_s", "num_warps", "num_stages", "prefetch_slots")
 GQA_LOW_BIT_SWEEP = ("half_products", "int8_scores")
 
 

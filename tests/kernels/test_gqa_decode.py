@@ -115,6 +115,42 @@ def test_int8_scores_over_an_8_bit_cache_stay_within_the_query_rounding(query_fa
     assert ((half.double() - exact).norm() / exact.norm()).item() < error
 
 
+@pytest.mark.parametrize("bits", [16, 8, 4])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_mask_and_scales_a_tile_ahead_ignore_masked_slots(bits, splits):
+    """prefetch_slots: each tile's mask bytes and scales come with the tile before, masked slots' scales included:
+    NaN scales and values in the left padding, in scattered invalid slots and past a length read from a tensor must
+    not reach the result (0 x NaN would), across splits whose tiles end mid-way, over bf16-free 16-bit, 8-bit and
+    4-bit caches (8 bits: float16 queries, int8 scores)."""
+    from kvforge.models.modeling_kvforge import dequantize_slots, quantize_slots
+
+    torch.manual_seed(11)
+    B, Hkv, G, D, slots, length = 2, 3, 3, 32, 90, 77
+    dtype = torch.float16 if bits == 8 else torch.float32
+    query = torch.randn(B, Hkv, G, D).to(dtype)
+    keys, values = torch.randn(B, Hkv, slots, D).to(dtype), torch.randn(B, Hkv, slots, D).to(dtype)
+    valid = torch.rand(B, slots) > 0.3
+    valid[0, :20] = False
+    valid[:, 0] = False
+    valid[:, 30] = True
+    hidden = ~valid
+    hidden[:, length:] = True
+    if bits == 16:
+        scales, exact_keys, exact_values = {}, keys, values
+        keys[hidden[:, None, :, None].expand_as(keys)] = float("nan")
+    else:
+        (keys, k_scale), (values, v_scale) = quantize_slots(keys, 2, bits), quantize_slots(values, 2, bits)
+        exact_keys, exact_values = dequantize_slots(keys, k_scale.double()), dequantize_slots(values, v_scale.double())
+        for scale in (k_scale, v_scale):
+            scale[hidden[:, None, :, None]] = float("nan")
+        scales = dict(k_scale=k_scale, v_scale=v_scale)
+    exact = reference(query, exact_keys, exact_values, length, 0.125, valid)
+    out = gqa_decode_attention(query, keys, values, torch.tensor([length]), 0.125, valid=valid, splits=splits,
+                               block_s=16, prefetch_slots=1, **scales)
+    assert torch.isfinite(out).all()
+    assert ((out.double() - exact).norm() / exact.norm()).item() < (1e-2 if bits == 8 else 1e-5)
+
+
 def test_splits_cover_the_gpu_and_bad_shapes_are_refused():
     assert decode_splits(3072, 2048) == 1 and decode_splits(12, 2048) == 32 and decode_splits(12, 100) == 2
     query, cache = torch.randn(1, 3, 3, 24), torch.randn(1, 3, 8, 24)
