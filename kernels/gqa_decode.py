@@ -193,7 +193,8 @@ def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.
                          splits: int | None = None, block_s: int | None = None, k_scale: torch.Tensor | None = None,
                          v_scale: torch.Tensor | None = None, half_products: int = 1, num_warps: int | None = None,
                          num_stages: int | None = None, programs_per_sm: int | None = None,
-                         whole_waves: int = 0, int8_scores: int = 1, prefetch_slots: int = 0) -> torch.Tensor:
+                         whole_waves: int = 0, int8_scores: int = 1, prefetch_slots: int = 0,
+                         max_registers: int | None = None) -> torch.Tensor:
     """softmax(q k^T * scaling) v over slots [0, length) of the cache, per row and query head.
 
     Args:
@@ -215,6 +216,9 @@ def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.
             is 0.95-1.5%; head dims of 32 or more, an int8 MMA's depth); 0: in float16 on keys made float16.
         prefetch_slots: 1: each tile's mask bytes and scales loaded with the tile before it (the kernel's note);
             0 (default): with the tile. Not yet timed.
+        max_registers: a cap on registers per thread (ptxas spills past it), for more programs an SM: offline (sm_90,
+            the 8-bit cache with int8 scores and prefetch_slots) 128 registers fit four programs an SM rather than
+            three without a spill. Not yet timed; None: no cap.
         num_warps, num_stages: Triton's (default 4, and 3 stages for a 16-bit cache, 2 for a low-bit one).
         programs_per_sm, whole_waves: the splits aim at that many programs per SM, and with whole_waves stay
             within it (latent_attention.slot_splits, as the other decode kernels); None: three per SM in whole
@@ -270,7 +274,7 @@ def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.
         LENGTH_IN_MEMORY=length is not None, HAS_VALID=valid is not None, HAS_SCALES=has_scales,
         HALF_PRODUCTS=half_products, INT8_SCORES=half_products and bool(int8_scores) and D >= 32,  # an int8 MMA's K
         PACKED=packed, PREFETCH_SLOTS=bool(prefetch_slots),
-        num_warps=num_warps or 4, num_stages=num_stages or 2,
+        num_warps=num_warps or 4, num_stages=num_stages or 2, maxnreg=max_registers,
     )
     # Merge the splits in one kernel (was nine PyTorch ops per layer): out = sum_s e^(m_s - M) acc_s /
     # sum_s e^(m_s - M) l_s, empty splits weighing 0. Each (row, KV head) is a row of G heads to the merge.

@@ -488,7 +488,7 @@ def run_partial_rope_kernel_part(args, copy_bandwidth: float, device="cuda", tim
 
 
 # The KERNEL_SWEEP settings the GQA kernel takes, and those only its low-bit cache's columns take.
-GQA_SWEEP = ("programs_per_sm", "whole_waves", "block_s", "num_warps", "num_stages", "prefetch_slots")
+GQA_SWEEP = ("programs_per_sm", "whole_waves", "block_s", "num_warps", "num_stages", "prefetch_slots", "max_registers")
 GQA_LOW_BIT_SWEEP = ("half_products", "int8_scores")
 
 

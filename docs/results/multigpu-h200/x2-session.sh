@@ -70,9 +70,11 @@ MAX_BATCH_START=${MAX_BATCH_START-576}
 # 110.8 us a layer inside generate() at 128 x 4k and 92.6 in its table (not L2: session 26's --l2 cold), both
 # original layouts' steps profiled side by side; then the layouts for bf16 latents (the 50% model's; their default
 # is still the old layout) and for 4-bit value ranks that split (160).
-# The GQA kernel's mask bytes and scales a tile ahead (prefetch_slots, built after session 26's device time: the
-# 8-bit loop 717 -> 632 instructions offline) first.
-DECODE_ARGS0=${DECODE_ARGS0-"--part gqa --batch 64 128 --context 4096 16384 --prefetch-slots 0 1|\
+# The GQA kernel's mask bytes and scales a tile ahead and a 128-register cap for four programs an SM
+# (prefetch_slots, max_registers, built after session 26's device time: the 8-bit loop 717 -> 632 instructions
+# offline, 651 under the cap without a spill) first.
+DECODE_ARGS0=${DECODE_ARGS0-"--part gqa --batch 64 128 --context 4096 16384 --prefetch-slots 0 1 \
+--max-registers 0 128 --programs-per-sm 0 4 --whole-waves 1|\
 --part generate --gen-batch 128 --gen-prompt 4096 --gen-variants standard-static \
 standard-int8-static --repeats 3 --compile-step --via-export /tmp/kv-decode-exports --profile 24|\
 --part kernel --batch 32 128 --context 4096 16384 --k-rank 48 --v-rank 144 \
