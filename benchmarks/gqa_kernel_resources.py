@@ -2,10 +2,12 @@
 (sm_90), compiled on a machine without a GPU (kernel_resources.py's method and helpers; compile with the GPU
 image's Triton, 3.6.0 in session 25, whose counts the results quote):
 
-    PYTHONPATH=/tmp/t36 python benchmarks/gqa_kernel_resources.py          # session 25's table
+    PYTHONPATH=/tmp/t36 python benchmarks/gqa_kernel_resources.py          # sessions 25-26's table
 
 Rows: SmolLM2's head (64 dims, 3 query heads a KV head, padded to 16 rows) over a bf16 cache and over an 8-bit one
-with float16 products, and with its score product in int8 (int8_scores); 128-slot tiles over 4 warps, two stages.
+with float16 products, with its score product in int8 (int8_scores), then with its mask bytes and scales a tile
+ahead (prefetch_slots) and under a 128-register cap (max_registers; both session 26, untimed); 128-slot tiles over 4
+warps, two stages (bf16's three since session 26 are not this table's).
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from kvforge.kernels import gqa_decode  # noqa: E402
 
 
 def compile_gqa_kernel(*, bits: int, half_products: bool = False, int8_scores: bool = False,
-                       prefetch_slots: bool = False, block_s: int = 128, num_warps: int = 4, num_stages: int = 2,
-                       capability: int = 90):
+                       prefetch_slots: bool = False, max_registers: int | None = None, block_s: int = 128,
+                       num_warps: int = 4, num_stages: int = 2, capability: int = 90):
     """The kernel as gqa_decode_attention launches it for bf16 queries over a bf16 (bits 16), int8 or packed 4-bit
     cache under a generate() mask, integers specialised as Triton's launcher does (multiples of 16 marked so, the
     scales' slot stride of 1 a constant)."""
@@ -53,7 +55,7 @@ def compile_gqa_kernel(*, bits: int, half_products: bool = False, int8_scores: b
             attrs[(index,)] = [["tt.divisibility", 16]]
     return triton.compile(ASTSource(fn, signature, constexprs=constants, attrs=attrs),
                           target=GPUTarget("cuda", capability, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
+                          options=dict(num_warps=num_warps, num_stages=num_stages, maxnreg=max_registers))
 
 
 ROWS = [  # (label, settings)
@@ -62,6 +64,8 @@ ROWS = [  # (label, settings)
     ("8-bit, int8 scores", dict(bits=8, half_products=True, int8_scores=True)),
     ("8-bit, int8 scores, mask bytes and scales a tile ahead",
      dict(bits=8, half_products=True, int8_scores=True, prefetch_slots=True)),
+    ("8-bit, the same, 128 registers", dict(bits=8, half_products=True, int8_scores=True, prefetch_slots=True,
+                                            max_registers=128)),
     ("4-bit (Triton's conversion)", dict(bits=4)),
 ]
 

@@ -2,11 +2,13 @@
 compiled on a machine without a GPU (kernel_resources.py's method and helpers; its docstring says how to compile
 with the GPU image's Triton, 3.6.0 in session 23, whose counts are the ones the results quote):
 
-    PYTHONPATH=/tmp/t36 python benchmarks/partial_kernel_resources.py          # session 23's table
+    PYTHONPATH=/tmp/t36 python benchmarks/partial_kernel_resources.py          # sessions 23-26's table
 
 Rows: the trained 8-bit layout (rank 96 beside 3 x 32 rotary dims) with Triton's conversion, with half_products
-over slot rows and over head rows (its default since session 24); and the bf16 layout of rank 128 beside 3 x 16.
-SmolLM2's 9 query heads in one block of 16, the mask bytes a tile ahead, 64-slot tiles over 4 warps, two stages.
+over slot rows and over head rows (its default since session 24), then session 26's steps (int8 rotary scores,
+split columns, scales a tile ahead, the 128-register cap: the defaults since, less the scales for Kr = 3); and the
+bf16 layout of rank 128 beside 3 x 16. SmolLM2's 9 query heads in one block of 16, the mask bytes a tile ahead,
+64-slot tiles over 4 warps, two stages.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from kvforge.kernels import partial_rope_decode  # noqa: E402
 
 def compile_partial_kernel(*, bits: int, rank: int, rope_dim: int, half_products: bool = False,
                            int8_scores: bool = False, split_columns: bool = False, prefetch_scales: bool = False,
-                           slot_rows: bool = True,
+                           max_registers: int | None = None, slot_rows: bool = True,
                            rope_heads: int = 3, block_s: int = 64,
                            num_warps: int = 4, num_stages: int = 2, capability: int = 90):
     """The kernel as partial_rope_decode_attention launches it for bf16 queries over a bf16 (bits 16) or int8
@@ -60,7 +62,7 @@ def compile_partial_kernel(*, bits: int, rank: int, rope_dim: int, half_products
             attrs[(index,)] = [["tt.divisibility", 16]]
     return triton.compile(ASTSource(fn, signature, constexprs=constants, attrs=attrs),
                           target=GPUTarget("cuda", capability, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages))
+                          options=dict(num_warps=num_warps, num_stages=num_stages, maxnreg=max_registers))
 
 
 ROWS = [  # (label, settings)
@@ -75,6 +77,9 @@ ROWS = [  # (label, settings)
      dict(bits=8, rank=96, rope_dim=32, half_products=True, slot_rows=False, int8_scores=True, split_columns=True)),
     ("8-bit, the same, scales a tile ahead", dict(bits=8, rank=96, rope_dim=32, half_products=True, slot_rows=False,
                                                   int8_scores=True, split_columns=True, prefetch_scales=True)),
+    ("8-bit, head rows, int8 rotary scores, split columns, 128 registers (the defaults at Kr = 3)",
+     dict(bits=8, rank=96, rope_dim=32, half_products=True, slot_rows=False, int8_scores=True, split_columns=True,
+          max_registers=128)),
     ("bf16, rank 128 + 3 x 16", dict(bits=16, rank=128, rope_dim=16)),
 ]
 

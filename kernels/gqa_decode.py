@@ -219,7 +219,7 @@ def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.
         max_registers: a cap on registers per thread (ptxas spills past it), for more programs an SM: offline (sm_90,
             the 8-bit cache with int8 scores and prefetch_slots) 128 registers fit four programs an SM rather than
             three without a spill. Not yet timed; None: no cap.
-        num_warps, num_stages: Triton's (default 4, and 3 stages for a 16-bit cache, 2 for a low-bit one).
+        num_warps, num_stages: Triton's (default 4, and 3 stages for a 16-bit cache of heads up to 64 dims, else 2).
         programs_per_sm, whole_waves: the splits aim at that many programs per SM, and with whole_waves stay
             within it (latent_attention.slot_splits, as the other decode kernels); None: three per SM in whole
             waves for a 16-bit cache, `decode_splits`' 1,024 programs for a low-bit one.
@@ -239,10 +239,11 @@ def gqa_decode_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.
     # 1.3-1.4x faster in session 24, 4-bit 1.5-1.6x and bf16 1.1-1.2x in session 25). A 16-bit cache's splits fill
     # whole waves of three programs per SM (session 25: 81-98% of the copy bandwidth, against 67-90% at 1,024
     # programs); a low-bit cache's keep 1,024 programs (three per SM were 7-23% slower for 8 bits). Three pipeline
-    # stages for a 16-bit cache (session 26: 2-5% faster at all four shapes, 82-101% of copy; 8 bits: 3-19% slower).
+    # stages for a 16-bit cache of heads up to 64 dims (session 26, D = 64: 2-5% faster at all four shapes, 82-101%
+    # of copy; 8 bits: 3-19% slower); wider heads keep two (not timed: a stage of two 128 x 128 bf16 tiles is 64 KiB).
     block_s = block_s or 128
     if keys.element_size() == 2:
-        num_stages = num_stages or 3
+        num_stages = num_stages or (3 if D <= 64 else 2)
         if programs_per_sm is None:
             programs_per_sm, whole_waves = 3, 1
     if not splits:

@@ -109,12 +109,11 @@ if triton is not None:
                    INT8_SCORES: tl.constexpr):
         """The rotary keys' tile of slots offs_s in the products' dtype, or as stored (int8) for INT8_SCORES."""
         rope = tl.load(rope_base + offs_s[:, None] * stride_krs, mask=visible[:, None] & col_ok[None, :], other=0)
-        if INT8_SCORES:
-            rope = rope
-        elif HALF_PRODUCTS:
-            rope = int8_to_halves(rope)
-        else:
-            rope = rope.to(dtype)
+        if not INT8_SCORES:  # int8 scores take the bytes as loaded
+            if HALF_PRODUCTS:
+                rope = int8_to_halves(rope)
+            else:
+                rope = rope.to(dtype)
         return rope
 
     @triton.jit
