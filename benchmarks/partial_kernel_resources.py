@@ -84,13 +84,23 @@ ROWS = [  # (label, settings)
 ]
 
 
+# --cap-sweep: the 8-bit defaults (head rows, int8 rotary scores, split columns) at wider tiles, without and with the
+# 128-register cap: where the cap spills (the launcher caps only tiles of at most 128 latent and rotary columns).
+CAP_SWEEP = [(f"8-bit, rank {rank} + {heads} x {dim}{', 128 registers' if cap else ''}",
+              dict(bits=8, rank=rank, rope_dim=dim, rope_heads=heads, half_products=True, slot_rows=False,
+                   int8_scores=True, split_columns=True, max_registers=cap))
+             for rank, dim, heads in ((96, 32, 3), (192, 32, 3), (256, 64, 1)) for cap in (None, 128)]
+
+
 def main(argv=None):
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cap-sweep", action="store_true", help="the register cap's rows at wider tiles instead")
+    args = parser.parse_args(argv)
     print(f"triton {triton.__version__}, sm_90, bf16 queries")
     print("| layout | registers | stack (spills) | shared KiB | programs/SM | MMAs: warpgroup / warp | "
           "loop instructions |")
     print("|---" * 7 + "|")
-    for label, settings in ROWS:
+    for label, settings in CAP_SWEEP if args.cap_sweep else ROWS:
         r = resources(compile_partial_kernel(**settings))
         print(f"| {label} | {r['registers']} | {r['stack_bytes']} | {r['shared_bytes'] / 1024:.0f} | "
               f"{programs_per_sm(r['registers'], r['shared_bytes'], 4)} | {r['wgmma']} / {r['mma_sync']} | "

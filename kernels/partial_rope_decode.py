@@ -353,7 +353,7 @@ if triton is not None:
 #     warps: no faster at Kr = 3. Each tile loaded and converted an iteration ahead and carried into the next
 #     (so that Triton feeds both products from shared memory): with slot rows an illegal memory access on the H200
 #     under Triton 3.6 (bf16 and 8-bit alike; correct in the interpreter), with head rows no faster. Removed.
-#   programs_per_sm None: four (what an SM holds: for an 8-bit cache with half_products, with max_registers' cap).
+#   programs_per_sm None: four (what an SM holds), three for an 8-bit cache with half_products without a register cap.
 #   int8_scores: with half_products, 1: the rotary score product in int8 on the rotary keys' bytes (never converted),
 #     the rotary query rounded to int8 by a scale per head; 0: in float16. The latent is converted either way (it
 #     doubles as the value). H200, session 26, the layout above at its defaults: 13-17% faster at Kr = 3 at all four
@@ -378,7 +378,8 @@ if triton is not None:
 #     instructions. H200, session 26 (call 3), with programs_per_sm 4: 6-10% faster at Kr = 3 at all four shapes
 #     (128 x 16k 234.3 -> 211.3 us, 46% of the copy bandwidth; 128 x 4k 73.9 -> 66.8; 64 x 4k 45.5 -> 42.8), 3-6%
 #     at Kr = 1; the cap alone (three programs) 2-10% slower, four programs without it (a second wave) 1.3-1.4x
-#     slower at Kr = 3. None: 128 for an 8-bit cache with half_products, no cap otherwise.
+#     slower at Kr = 3. None: 128 for an 8-bit cache with half_products whose latent and rotary tiles are at most 128
+#     columns wide (where it was timed; wider ones spill under it), no cap otherwise.
 LAUNCH_DEFAULTS = dict(slot_rows=None, programs_per_sm=None, prefetch_slots=1, whole_waves=1, fused_values=1,
                        half_products=1, int8_scores=1, split_columns=1, prefetch_scales=None, max_registers=None)
 
@@ -484,8 +485,12 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
                  ("prefetch_scales", prefetch_scales), ("max_registers", max_registers))}
     block_r, block_r2 = tile_widths(rank, bool(settings["split_columns"]))
     half_products = has_scales and query_rope.element_size() == 2 and bool(settings["half_products"])
-    programs_per_sm = settings["programs_per_sm"] or 4
-    max_registers = settings["max_registers"] or (128 if half_products else None)
+    # The cap where it was timed: tiles of at most 128 latent and 128 rotary columns (rank 96 beside 3 x 32). Wider
+    # tiles spill under it (benchmarks/partial_kernel_resources.py --cap-sweep, sm_90: rank 192 beside 3 x 32, 72
+    # bytes; rank 256 beside 64, 272).
+    capped = half_products and acc_width <= 128 and block_c <= 128
+    max_registers = settings["max_registers"] or (128 if capped else None)
+    programs_per_sm = settings["programs_per_sm"] or (3 if half_products and not max_registers else 4)
     prefetch_scales = rope_heads == 1 if settings["prefetch_scales"] is None else bool(settings["prefetch_scales"])
     slot_rows = (not half_products) if settings["slot_rows"] is None else bool(settings["slot_rows"])
     splits = splits or slot_splits(batch * head_blocks, slots, block_s, kv_latent.device, programs_per_sm,

@@ -320,6 +320,35 @@ def test_generate_with_a_shared_rotary_key_equals_generate_without(monkeypatch):
     assert_same_generation(runs)
 
 
+@pytest.mark.parametrize("rank, rope_dim, bits, cap", [(96, 32, 8, 128), (192, 32, 8, None), (96, 32, 16, None)])
+def test_registers_are_capped_only_where_the_cap_was_timed(rank, rope_dim, bits, cap, monkeypatch):
+    """An 8-bit cache with half products gets the 128-register cap and four programs an SM where its tiles are at
+    most 128 latent and rotary columns wide (rank 96 beside 3 x 32, timed on an H200); a wider latent (192, which
+    spills under the cap offline) or a 16-bit cache launches uncapped."""
+    from kvforge.kernels import partial_rope_decode
+
+    launches = []
+    kernel_fn = partial_rope_decode._partial_rope_decode_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(kwargs)
+                return kernel_fn[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(partial_rope_decode, "_partial_rope_decode_kernel", Spy())
+    c = case(kv_heads=3, group=3, rope_dim=rope_dim, nope_dim=64 - rope_dim, rank=rank, slots=20,
+             dtype=torch.float16 if bits == 8 else torch.float32, seed=4)
+    scales = {}
+    if bits == 8:
+        (k_rope, scales["k_rope_scale"]), (kv_latent, scales["kv_latent_scale"]) = (
+            quantize_slots(c["k_rope"], 2), quantize_slots(c["kv_latent"], 1))
+        c = dict(c, k_rope=k_rope, kv_latent=kv_latent)
+    kernel(c, block_s=16, splits=1, **scales)
+    assert launches[0]["maxnreg"] == cap
+
+
 def test_slot_splits_fill_whole_waves_on_a_gpu(monkeypatch):
     """The splits both decode kernels take, for an H200's 132 SMs (no GPU needed: only the count is read)."""
     from kvforge.kernels import latent_attention
