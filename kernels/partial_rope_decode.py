@@ -365,7 +365,10 @@ if triton is not None:
 #     layout above with int8 rotary scores, head rows): 575 -> 585 loop instructions (fewer conversions and MMAs,
 #     more address and mask work), 40 -> 33 KiB of shared memory. H200, session 26: faster at all eight shapes from
 #     64 x 4k to 128 x 16k, 6-10% at Kr = 3 (128 x 16k 260.5 -> 234.5 us, 41% of the copy bandwidth; 128 x 4k
-#     80.3 -> 73.6) and 11-16% at Kr = 1 (128 x 16k 234.3 -> 201.8).
+#     80.3 -> 73.6) and 11-16% at Kr = 1 (128 x 16k 234.3 -> 201.8). None: on for an 8-bit cache with half_products
+#     (what was timed), off otherwise (a bf16 latent's split is untimed per kernel; session 26's generate() rows of
+#     the bf16 partial-rope-25, whose rank 48 split as 32 + 16 while this was on for every cache, took 4.10 / 4.14
+#     ms against session 21's 3.80 / 3.88 without it).
 #   prefetch_scales: an 8-bit cache's two scales per slot loaded a tile ahead, as the mask bytes (prefetch_slots),
 #     rather than with the tile, where each warp waited on them before its scores (Nsight Compute, session 26, 128 x
 #     4k: 28% of the warps' stall samples on long-scoreboard loads, a fifth of all at the tile's first use of its
@@ -381,7 +384,7 @@ if triton is not None:
 #     slower at Kr = 3. None: 128 for an 8-bit cache with half_products whose latent and rotary tiles are at most 128
 #     columns wide (where it was timed; wider ones spill under it), no cap otherwise.
 LAUNCH_DEFAULTS = dict(slot_rows=None, programs_per_sm=None, prefetch_slots=1, whole_waves=1, fused_values=1,
-                       half_products=1, int8_scores=1, split_columns=1, prefetch_scales=None, max_registers=None)
+                       half_products=1, int8_scores=1, split_columns=None, prefetch_scales=None, max_registers=None)
 
 
 def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_weight, v_weight, v_bias,
@@ -483,8 +486,9 @@ def partial_rope_decode_attention(query_rope, query_nope, k_rope, kv_latent, k_w
                  ("whole_waves", whole_waves), ("fused_values", fused_values), ("half_products", half_products),
                  ("int8_scores", int8_scores), ("split_columns", split_columns),
                  ("prefetch_scales", prefetch_scales), ("max_registers", max_registers))}
-    block_r, block_r2 = tile_widths(rank, bool(settings["split_columns"]))
     half_products = has_scales and query_rope.element_size() == 2 and bool(settings["half_products"])
+    split_columns = half_products if settings["split_columns"] is None else bool(settings["split_columns"])
+    block_r, block_r2 = tile_widths(rank, split_columns)
     # The cap where it was timed: tiles of at most 128 latent and 128 rotary columns (rank 96 beside 3 x 32). Wider
     # tiles spill under it (benchmarks/partial_kernel_resources.py --cap-sweep, sm_90: rank 192 beside 3 x 32, 72
     # bytes; rank 256 beside 64, 272).
