@@ -20,12 +20,10 @@ from pathlib import Path
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernel_resources import programs_per_sm, resources  # noqa: E402
+from kernel_resources import compile_marked, print_rows  # noqa: E402
 from kvforge.kernels import gqa_decode  # noqa: E402
 
 
@@ -44,19 +42,8 @@ def compile_gqa_kernel(*, bits: int, half_products: bool = False, int8_scores: b
     cache = {8: "*i8", 4: "*u8", 16: "*bf16"}[bits]
     pointers = dict(Q="*bf16", K=cache, V=cache, LENGTH="*i32", VALID="*u8", K_SCALE="*bf16", V_SCALE="*bf16",
                     ACC="*fp32", MAX="*fp32", SUM="*fp32")
-    signature, attrs = {}, {}
-    for index, name in enumerate(fn.arg_names):
-        if name in constants:
-            signature[name] = "constexpr"
-            continue
-        signature[name] = pointers.get(name, "fp32" if name == "scaling" else "i32")
-        if name in pointers or name in {"slots", "slots_per_split"} or (name.startswith("stride")
-                                                                         and name != "stride_qg"):
-            attrs[(index,)] = [["tt.divisibility", 16]]
-    return triton.compile(ASTSource(fn, signature, constexprs=constants, attrs=attrs),
-                          target=GPUTarget("cuda", capability, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages, maxnreg=max_registers))
-
+    return compile_marked(fn, constants, pointers, lambda name: name in {"slots", "slots_per_split"} or (
+        name.startswith("stride") and name != "stride_qg"), num_warps, num_stages, max_registers, capability)
 
 ROWS = [  # (label, settings)
     ("bf16", dict(bits=16)),
@@ -73,15 +60,7 @@ ROWS = [  # (label, settings)
 def main(argv=None):
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     print(f"triton {triton.__version__}, sm_90, bf16 queries, 128-slot tiles")
-    print("| cache | registers | stack (spills) | shared KiB | programs/SM | MMAs: warpgroup / warp | "
-          "loop instructions |")
-    print("|---" * 7 + "|")
-    for label, settings in ROWS:
-        r = resources(compile_gqa_kernel(**settings))
-        print(f"| {label} | {r['registers']} | {r['stack_bytes']} | {r['shared_bytes'] / 1024:.0f} | "
-              f"{programs_per_sm(r['registers'], r['shared_bytes'], 4)} | {r['wgmma']} / {r['mma_sync']} | "
-              f"{r['instructions']} |", flush=True)
-
+    print_rows(ROWS, compile_gqa_kernel, "cache")
 
 if __name__ == "__main__":
     main()

@@ -132,6 +132,38 @@ def programs_per_sm(registers: int, shared: int, num_warps: int) -> int:
     return min(65536 // (per_warp * num_warps), (227 * 1024) // max(shared, 1), 64 // num_warps)
 
 
+def compile_marked(fn, constants: dict, pointers: dict, multiple_of_16, num_warps: int, num_stages: int,
+                   max_registers: int | None = None, capability: int = 90):
+    """`fn` compiled for `capability` with `constants` as its constexprs, `pointers` (name -> Triton type) as its
+    pointer arguments, `scaling` fp32 and every other argument i32; pointers and the integers `multiple_of_16(name)`
+    names marked multiples of 16, as Triton's launcher marks them at run time. The decode kernels' scripts
+    (gqa_kernel_resources.py, partial_kernel_resources.py) build their launches on it."""
+    signature, attrs = {}, {}
+    for index, name in enumerate(fn.arg_names):
+        if name in constants:
+            signature[name] = "constexpr"
+            continue
+        signature[name] = pointers.get(name, "fp32" if name == "scaling" else "i32")
+        if name in pointers or multiple_of_16(name):
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return triton.compile(ASTSource(fn, signature, constexprs=constants, attrs=attrs),
+                          target=GPUTarget("cuda", capability, 32),
+                          options=dict(num_warps=num_warps, num_stages=num_stages, maxnreg=max_registers))
+
+
+def print_rows(rows, compile_kernel, first_column: str, num_warps: int = 4) -> None:
+    """One table row per (label, settings) of `rows`: compile_kernel(**settings)'s registers, spills, shared memory,
+    programs an SM (at `num_warps`), MMAs and loop instructions."""
+    print(f"| {first_column} | registers | stack (spills) | shared KiB | programs/SM | MMAs: warpgroup / warp | "
+          "loop instructions |")
+    print("|---" * 7 + "|")
+    for label, settings in rows:
+        r = resources(compile_kernel(**settings))
+        print(f"| {label} | {r['registers']} | {r['stack_bytes']} | {r['shared_bytes'] / 1024:.0f} | "
+              f"{programs_per_sm(r['registers'], r['shared_bytes'], num_warps)} | {r['wgmma']} / {r['mma_sync']} | "
+              f"{r['instructions']} |", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--caches", nargs="*", default=["bf16", "int8", "int4"])

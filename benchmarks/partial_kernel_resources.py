@@ -21,12 +21,10 @@ from pathlib import Path
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
 import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from kernel_resources import programs_per_sm, resources  # noqa: E402
+from kernel_resources import compile_marked, print_rows  # noqa: E402
 from kvforge.kernels import partial_rope_decode  # noqa: E402
 
 
@@ -52,18 +50,8 @@ def compile_partial_kernel(*, bits: int, rank: int, rope_dim: int, half_products
                     LATENT_SCALE="*bf16", ROPE_SCALE="*bf16", ACC="*fp32", MAX="*fp32", SUM="*fp32")
     # Integers that are multiples of 16 at SmolLM2's shapes (the launcher marks them so); the rest are not.
     multiples_of_16 = {"rank", "slots", "padded_heads", "slots_per_split"}
-    signature, attrs = {}, {}
-    for index, name in enumerate(fn.arg_names):
-        if name in constants:
-            signature[name] = "constexpr"
-            continue
-        signature[name] = pointers.get(name, "fp32" if name == "scaling" else "i32")
-        if name in pointers or name in multiples_of_16 or (name.startswith("stride") and name != "stride_qlg"):
-            attrs[(index,)] = [["tt.divisibility", 16]]
-    return triton.compile(ASTSource(fn, signature, constexprs=constants, attrs=attrs),
-                          target=GPUTarget("cuda", capability, 32),
-                          options=dict(num_warps=num_warps, num_stages=num_stages, maxnreg=max_registers))
-
+    return compile_marked(fn, constants, pointers, lambda name: name in multiples_of_16 or (
+        name.startswith("stride") and name != "stride_qlg"), num_warps, num_stages, max_registers, capability)
 
 ROWS = [  # (label, settings)
     ("8-bit, Triton's conversion", dict(bits=8, rank=96, rope_dim=32)),
@@ -97,15 +85,7 @@ def main(argv=None):
     parser.add_argument("--cap-sweep", action="store_true", help="the register cap's rows at wider tiles instead")
     args = parser.parse_args(argv)
     print(f"triton {triton.__version__}, sm_90, bf16 queries")
-    print("| layout | registers | stack (spills) | shared KiB | programs/SM | MMAs: warpgroup / warp | "
-          "loop instructions |")
-    print("|---" * 7 + "|")
-    for label, settings in CAP_SWEEP if args.cap_sweep else ROWS:
-        r = resources(compile_partial_kernel(**settings))
-        print(f"| {label} | {r['registers']} | {r['stack_bytes']} | {r['shared_bytes'] / 1024:.0f} | "
-              f"{programs_per_sm(r['registers'], r['shared_bytes'], 4)} | {r['wgmma']} / {r['mma_sync']} | "
-              f"{r['instructions']} |", flush=True)
-
+    print_rows(CAP_SWEEP if args.cap_sweep else ROWS, compile_partial_kernel, "layout")
 
 if __name__ == "__main__":
     main()
